@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""Golden fixtures from Hugging Face transformers: tiny random OPT and Llama checkpoints.
+
+For each model this writes <out>/<name>/ with config.json, *.safetensors (some sharded, some in
+f16 or bf16), sometimes a tokenizer.json, and expected.json holding, computed in float64 from the
+weights exactly as saved:
+  - "sequences": token lists of ragged lengths with every token's log-probability
+    (ln p(t_i | t_<i), i = 1..n-1);
+  - "texts": strings with their token ids and logprobs (models that ship a tokenizer);
+  - "greedy": a prompt and its greedy continuation.
+
+Weights are drawn so that logits are far from uniform (unit-variance embeddings, 1/sqrt(fan_in)
+matrices, norms around 1, small biases).
+
+Usage:
+  python3 scripts/make_fixtures.py --out tests/fixtures           # the committed fixtures
+  python3 scripts/make_fixtures.py --out /tmp/fx --random-shapes --seed 7   # fresh shapes
+Needs: pip install torch transformers
+"""
+import argparse
+import json
+import math
+import pathlib
+import random
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Shakespeare was baptized in the parish church of Stratford-upon-Avon in 1564.",
+    "Offloading weights to disk lets a small machine run a large model, slowly but surely.",
+    "Throughput matters more than latency for offline scoring of a whole dataset.",
+    "Numbers like 3.14159, 2048 and 1,000,000 appear in text too!",
+]
+TEXTS = [
+    "The lazy fox was baptized in 1564.",
+    "Offloading a large dataset: slowly, surely!",
+]
+VOCAB = 320
+
+
+def build_tokenizer(path):
+    """A byte-level BPE with a few hundred tokens, trained on CORPUS."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - 20, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["</s>"], show_progress=False)
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    tok.save(str(path))
+    return tok
+
+
+def scale_weights(model, gen):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and ("norm" in name or "layer_norm" in name) and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif p.dim() == 1:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif "embed_positions" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+            elif "embed_tokens" in name or "lm_head" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+
+
+def token_logprobs(model, ids):
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+    return [logp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+
+
+def make(out, name, config, cls, dtype, seed, tokenizer=False, shard=False):
+    d = pathlib.Path(out) / name
+    d.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    config._attn_implementation = "eager"
+    model = cls(config).float()
+    scale_weights(model, gen)
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": "100KB"} if shard else {}
+    model.save_pretrained(d, safe_serialization=True, **kwargs)
+    # Reload what was saved and compute in float64: references see the stored rounding.
+    ref = cls.from_pretrained(d, torch_dtype=torch.float64, attn_implementation="eager").eval()
+
+    rng = random.Random(seed)
+    max_len = min(config.max_position_embeddings, 40)
+    lengths = [2, 5, 17, max_len]
+    sequences = []
+    for n in lengths:
+        ids = [rng.randrange(config.vocab_size) for _ in range(n)]
+        sequences.append({"tokens": ids, "token_logprobs": token_logprobs(ref, ids)})
+    texts = []
+    if tokenizer:
+        tok = build_tokenizer(d / "tokenizer.json")
+        for t in TEXTS:
+            ids = tok.encode(t).ids
+            texts.append({"text": t, "tokens": ids, "token_logprobs": token_logprobs(ref, ids)})
+    prompt = sequences[2]["tokens"][:6]
+    with torch.no_grad():
+        g = ref.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    expected = {
+        "model": name,
+        "sequences": sequences,
+        "texts": texts,
+        "greedy": {"prompt": prompt, "new_tokens": g[0, len(prompt):].tolist()},
+    }
+    (d / "expected.json").write_text(json.dumps(expected) + "\n")
+    spread = [lp for s in sequences for lp in s["token_logprobs"]]
+    print(f"{name}: {sum(p.numel() for p in model.parameters())} params, logprob mean "
+          f"{sum(spread) / len(spread):.2f} (uniform would be {-math.log(config.vocab_size):.2f})")
+
+
+def fixed_models():
+    return [
+        ("opt-pre-ln-proj", OPTConfig(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, ffn_dim=96,
+            num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=48,
+            do_layer_norm_before=True, bos_token_id=0, eos_token_id=0, pad_token_id=1),
+         OPTForCausalLM, torch.float32, dict(tokenizer=True, shard=True)),
+        ("opt-post-ln", OPTConfig(
+            vocab_size=VOCAB, hidden_size=48, num_hidden_layers=3, ffn_dim=80,
+            num_attention_heads=3, max_position_embeddings=48, word_embed_proj_dim=40,
+            do_layer_norm_before=False, bos_token_id=0, eos_token_id=0, pad_token_id=1),
+         OPTForCausalLM, torch.float16, {}),
+        ("llama-gqa-untied", LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+            max_position_embeddings=64, rope_theta=500.0, tie_word_embeddings=False,
+            bos_token_id=0, eos_token_id=0),
+         LlamaForCausalLM, torch.bfloat16, dict(tokenizer=True)),
+        ("llama-tied", LlamaConfig(
+            vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=48,
+            rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
+         LlamaForCausalLM, torch.float32, {}),
+    ]
+
+
+def random_models(seed):
+    """Other shapes of both families, for checking against checkpoints not in the repo."""
+    r = random.Random(seed)
+    heads = r.choice([2, 3, 4])
+    kv = r.choice([h for h in range(1, heads + 1) if heads % h == 0])
+    head_dim = r.choice([8, 12, 16])
+    opt_heads = r.choice([2, 4])
+    opt_hidden = opt_heads * r.choice([8, 12, 16])
+    return [
+        (f"opt-random-{seed}", OPTConfig(
+            vocab_size=r.randrange(300, 400), hidden_size=opt_hidden,
+            num_hidden_layers=r.randrange(1, 4), ffn_dim=r.randrange(20, 120),
+            num_attention_heads=opt_heads, max_position_embeddings=r.randrange(40, 80),
+            word_embed_proj_dim=r.choice([opt_hidden, opt_hidden // 2]),
+            do_layer_norm_before=r.choice([True, False]), bos_token_id=0, eos_token_id=0,
+            pad_token_id=1),
+         OPTForCausalLM, r.choice([torch.float32, torch.float16]), dict(tokenizer=True)),
+        (f"llama-random-{seed}", LlamaConfig(
+            vocab_size=r.randrange(300, 400), hidden_size=r.randrange(16, 80),
+            intermediate_size=r.randrange(20, 120), num_hidden_layers=r.randrange(1, 4),
+            num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+            max_position_embeddings=r.randrange(40, 80), rope_theta=r.choice([1e4, 5e5, 100.0]),
+            tie_word_embeddings=r.choice([True, False]), bos_token_id=0, eos_token_id=0),
+         LlamaForCausalLM, r.choice([torch.float32, torch.bfloat16]), dict(tokenizer=True)),
+    ]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="tests/fixtures")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--random-shapes", action="store_true")
+    args = ap.parse_args()
+    models_ = random_models(args.seed) if args.random_shapes else fixed_models()
+    for i, (name, config, cls, dtype, opts) in enumerate(models_):
+        make(args.out, name, config, cls, dtype, seed=args.seed * 100 + i, **opts)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,671 @@
+//! GGUF v2/v3 files: metadata, tensor directory, and a [`WeightSource`] under Hugging Face names.
+//!
+//! Layout (little-endian): magic `GGUF`, version u32, tensor count u64, metadata count u64;
+//! metadata entries (key string, value type u32, value); tensor infos (name, n_dims u32,
+//! dims u64 x n_dims with the fastest-varying first, ggml type u32, offset u64); padding to
+//! `general.alignment` (default 32); the data section, which tensor offsets index.
+//!
+//! llama.cpp's converter permutes the rows of Q and K so that RoPE rotates adjacent pairs
+//! (GPT-J style). [`GgufWeights`] undoes that permutation on read, so its tensors equal
+//! Hugging Face's and the reference uses HF's rotate-half RoPE.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use super::config::{LlamaConfig, ModelConfig};
+use super::weights::{DType, TensorInfo, WeightSource};
+use crate::error::{Error, Result};
+use crate::quant::ggml::BlockFormat;
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GgufValue {
+    /// Any integer type, widened.
+    Int(i64),
+    /// An unsigned 64-bit integer too large for `Int`.
+    U64(u64),
+    /// f32 or f64, widened.
+    Float(f64),
+    /// A boolean.
+    Bool(bool),
+    /// A UTF-8 string.
+    String(String),
+    /// An array of values.
+    Array(Vec<GgufValue>),
+}
+
+impl GgufValue {
+    /// The value as an unsigned integer, if it is a non-negative integer.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            GgufValue::Int(i) => u64::try_from(i).ok(),
+            GgufValue::U64(u) => Some(u),
+            _ => None,
+        }
+    }
+    /// The value as a float, if numeric.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            GgufValue::Float(f) => Some(f),
+            GgufValue::Int(i) => Some(i as f64),
+            GgufValue::U64(u) => Some(u as f64),
+            _ => None,
+        }
+    }
+    /// The value as a string slice.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            GgufValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+    /// The value as an array.
+    pub fn as_array(&self) -> Option<&[GgufValue]> {
+        match self {
+            GgufValue::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// Where one tensor's data lies in the file.
+#[derive(Debug, Clone)]
+struct TensorEntry {
+    /// The element type, or the name of a ggml type ferrogen cannot read.
+    dtype: std::result::Result<DType, String>,
+    /// Row-major shape (GGUF's dims reversed).
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: usize,
+    len: usize,
+}
+
+/// A parsed, memory-mapped GGUF file.
+pub struct GgufFile {
+    path: PathBuf,
+    map: Mmap,
+    /// Format version (2 or 3).
+    pub version: u32,
+    /// All metadata entries by key.
+    pub metadata: BTreeMap<String, GgufValue>,
+    tensors: BTreeMap<String, TensorEntry>,
+}
+
+/// Bounds-checked little-endian reader over the file's bytes.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let Some(end) = end else {
+            return Err(Error::format(
+                self.path,
+                format!(
+                    "truncated: {what} needs {n} bytes at offset {}, file has {}",
+                    self.pos,
+                    self.bytes.len()
+                ),
+            ));
+        };
+        let s = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        let b = self.take(8, what)?;
+        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+    /// A count that claims `count` items of at least `min_size` bytes each must fit the file.
+    fn count(&mut self, what: &str, min_size: usize) -> Result<usize> {
+        let n = self.u64(what)?;
+        match usize::try_from(n) {
+            Ok(n) if n.saturating_mul(min_size) <= self.remaining() => Ok(n),
+            _ => Err(Error::format(
+                self.path,
+                format!(
+                    "{what} is {n}, more than the {} bytes left can hold",
+                    self.remaining()
+                ),
+            )),
+        }
+    }
+    fn string(&mut self, what: &str) -> Result<String> {
+        let n = self.count(what, 1)?;
+        let b = self.take(n, what)?;
+        String::from_utf8(b.to_vec())
+            .map_err(|_| Error::format(self.path, format!("{what} is not UTF-8")))
+    }
+    fn value(&mut self, ty: u32, depth: u32) -> Result<GgufValue> {
+        Ok(match ty {
+            0 => GgufValue::Int(i64::from(self.take(1, "u8")?[0])),
+            1 => GgufValue::Int(i64::from(self.take(1, "i8")?[0] as i8)),
+            2 => {
+                let b = self.take(2, "u16")?;
+                GgufValue::Int(i64::from(u16::from_le_bytes([b[0], b[1]])))
+            }
+            3 => {
+                let b = self.take(2, "i16")?;
+                GgufValue::Int(i64::from(i16::from_le_bytes([b[0], b[1]])))
+            }
+            4 => GgufValue::Int(i64::from(self.u32("u32")?)),
+            5 => GgufValue::Int(i64::from(self.u32("i32")? as i32)),
+            6 => GgufValue::Float(f64::from(f32::from_bits(self.u32("f32")?))),
+            7 => GgufValue::Bool(self.take(1, "bool")?[0] != 0),
+            8 => GgufValue::String(self.string("string")?),
+            9 => {
+                if depth > 2 {
+                    return Err(Error::format(self.path, "metadata arrays nested too deep"));
+                }
+                let elem = self.u32("array type")?;
+                let n = self.count("array length", 1)?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.value(elem, depth + 1)?);
+                }
+                GgufValue::Array(items)
+            }
+            10 => {
+                let v = self.u64("u64")?;
+                i64::try_from(v).map_or(GgufValue::U64(v), GgufValue::Int)
+            }
+            11 => GgufValue::Int(self.u64("i64")? as i64),
+            12 => GgufValue::Float(f64::from_bits(self.u64("f64")?)),
+            other => {
+                return Err(Error::format(
+                    self.path,
+                    format!("unknown metadata value type {other}"),
+                ))
+            }
+        })
+    }
+}
+
+/// ggml type ids ferrogen reads, and names for the common ones it does not.
+fn ggml_dtype(id: u32) -> std::result::Result<DType, String> {
+    Ok(match id {
+        0 => DType::F32,
+        1 => DType::F16,
+        2 => DType::Block(BlockFormat::Q4_0),
+        3 => DType::Block(BlockFormat::Q4_1),
+        8 => DType::Block(BlockFormat::Q8_0),
+        30 => DType::BF16,
+        6 => return Err("Q5_0".into()),
+        7 => return Err("Q5_1".into()),
+        10 => return Err("Q2_K".into()),
+        11 => return Err("Q3_K".into()),
+        12 => return Err("Q4_K".into()),
+        13 => return Err("Q5_K".into()),
+        14 => return Err("Q6_K".into()),
+        15 => return Err("Q8_K".into()),
+        other => return Err(format!("ggml type {other}")),
+    })
+}
+
+impl GgufFile {
+    /// Opens and validates a GGUF file: header, metadata, and every tensor's byte range.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        if len < 24 {
+            return Err(Error::format(
+                path,
+                format!("{len} bytes is too short for a GGUF header"),
+            ));
+        }
+        // SAFETY: read-only mapping; model files are assumed not to change while open.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (version, metadata, tensors) = parse(&map, path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            map,
+            version,
+            metadata,
+            tensors,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A metadata value by key.
+    pub fn get(&self, key: &str) -> Option<&GgufValue> {
+        self.metadata.get(key)
+    }
+
+    fn require_u64(&self, key: &str) -> Result<usize> {
+        self.get(key)
+            .and_then(GgufValue::as_u64)
+            .and_then(|v| usize::try_from(v).ok())
+            .ok_or_else(|| Error::config(&self.path, format!("missing or bad metadata `{key}`")))
+    }
+
+    fn optional_u64(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(_) => self.require_u64(key).map(Some),
+        }
+    }
+
+    /// The model configuration the metadata describes (llama architecture only).
+    pub fn model_config(&self) -> Result<ModelConfig> {
+        let arch = self
+            .get("general.architecture")
+            .and_then(GgufValue::as_str)
+            .ok_or_else(|| Error::config(&self.path, "missing `general.architecture`"))?;
+        if arch != "llama" {
+            return Err(Error::Unsupported {
+                what: format!("{}: GGUF architecture `{arch}`", self.path.display()),
+            });
+        }
+        if let Some(kind) = self
+            .get("llama.rope.scaling.type")
+            .and_then(GgufValue::as_str)
+        {
+            if kind != "none" {
+                return Err(Error::Unsupported {
+                    what: format!("{}: RoPE scaling `{kind}`", self.path.display()),
+                });
+            }
+        }
+        let embed = self
+            .tensors
+            .get("token_embd.weight")
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.path.clone(),
+                name: "token_embd.weight".into(),
+            })?;
+        let heads = self.require_u64("llama.attention.head_count")?;
+        let head_dim = self.optional_u64("llama.attention.key_length")?;
+        if let (Some(rot), Some(hd)) = (
+            self.optional_u64("llama.rope.dimension_count")?,
+            head_dim.or_else(|| Some(embed.shape.get(1)? / heads.max(1))),
+        ) {
+            if rot != hd {
+                return Err(Error::Unsupported {
+                    what: format!(
+                        "{}: partial RoPE ({rot} of {hd} dimensions)",
+                        self.path.display()
+                    ),
+                });
+            }
+        }
+        let float = |key: &str, default: f64| {
+            self.get(key)
+                .map(|v| {
+                    v.as_f64()
+                        .ok_or_else(|| Error::config(&self.path, format!("bad metadata `{key}`")))
+                })
+                .unwrap_or(Ok(default))
+        };
+        let token_id = |key: &str| {
+            self.get(key)
+                .and_then(GgufValue::as_u64)
+                .and_then(|v| u32::try_from(v).ok())
+        };
+        let config = LlamaConfig {
+            vocab_size: embed.shape[0],
+            hidden_size: self.require_u64("llama.embedding_length")?,
+            intermediate_size: self.require_u64("llama.feed_forward_length")?,
+            num_hidden_layers: self.require_u64("llama.block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: self.optional_u64("llama.attention.head_count_kv")?,
+            head_dim,
+            max_position_embeddings: self.require_u64("llama.context_length")?,
+            rms_norm_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-6)?,
+            rope_theta: float("llama.rope.freq_base", 10000.0)?,
+            rope_scaling: None,
+            tie_word_embeddings: !self.tensors.contains_key("output.weight"),
+            attention_bias: false,
+            mlp_bias: false,
+            hidden_act: "silu".into(),
+            bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
+            eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
+        };
+        let config = ModelConfig::Llama(config);
+        config.validate(&self.path)?;
+        Ok(config)
+    }
+}
+
+type Parsed = (
+    u32,
+    BTreeMap<String, GgufValue>,
+    BTreeMap<String, TensorEntry>,
+);
+
+fn parse(bytes: &[u8], path: &Path) -> Result<Parsed> {
+    let mut c = Cursor {
+        bytes,
+        pos: 0,
+        path,
+    };
+    if c.take(4, "magic")? != b"GGUF" {
+        return Err(Error::format(path, "not a GGUF file (bad magic)"));
+    }
+    let version = c.u32("version")?;
+    if !(2..=3).contains(&version) {
+        return Err(Error::format(
+            path,
+            format!("GGUF version {version} (supported: 2, 3)"),
+        ));
+    }
+    // A tensor info takes at least 8 (name) + 4 + 8 + 4 + 8 bytes; a metadata entry 8 + 4 + 1.
+    let n_tensors = c.count("tensor count", 32)?;
+    let n_kv = c.count("metadata count", 13)?;
+    let mut metadata = BTreeMap::new();
+    for _ in 0..n_kv {
+        let key = c.string("metadata key")?;
+        let ty = c.u32("metadata type")?;
+        let value = c.value(ty, 0)?;
+        metadata.insert(key, value);
+    }
+    let alignment = match metadata.get("general.alignment") {
+        None => 32,
+        Some(v) => match v.as_u64() {
+            Some(a) if a.is_power_of_two() && a <= 1 << 20 => a as usize,
+            _ => return Err(Error::format(path, "bad `general.alignment`")),
+        },
+    };
+
+    let mut infos = Vec::with_capacity(n_tensors);
+    for _ in 0..n_tensors {
+        let name = c.string("tensor name")?;
+        let n_dims = c.u32("tensor dims")? as usize;
+        if !(1..=4).contains(&n_dims) {
+            return Err(Error::format(
+                path,
+                format!("tensor `{name}` has {n_dims} dimensions (1 to 4 allowed)"),
+            ));
+        }
+        let mut dims = Vec::with_capacity(n_dims);
+        for _ in 0..n_dims {
+            let d = c.u64("tensor dim")?;
+            dims.push(usize::try_from(d).map_err(|_| {
+                Error::format(path, format!("tensor `{name}` dimension {d} too large"))
+            })?);
+        }
+        let ty = c.u32("tensor type")?;
+        let offset = c.u64("tensor offset")?;
+        infos.push((name, dims, ty, offset));
+    }
+    let data_start = c.pos.div_ceil(alignment) * alignment;
+    let data_len = bytes.len().saturating_sub(data_start);
+
+    let mut tensors = BTreeMap::new();
+    for (name, dims, ty, offset) in infos {
+        let shape: Vec<usize> = dims.iter().rev().copied().collect();
+        let numel = dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| Error::format(path, format!("tensor `{name}` size overflows")))?;
+        let dtype = match ggml_dtype(ty) {
+            Ok(d) => d,
+            Err(type_name) => {
+                // Kept so that reading it gives a precise error; harmless if never read.
+                let entry = TensorEntry {
+                    dtype: Err(type_name),
+                    shape,
+                    start: 0,
+                    len: 0,
+                };
+                tensors.insert(name, entry);
+                continue;
+            }
+        };
+        let len = dtype.bytes_for(numel).ok_or_else(|| {
+            Error::format(
+                path,
+                format!("tensor `{name}`: {numel} elements are not whole {dtype} blocks"),
+            )
+        })?;
+        let offset = usize::try_from(offset).unwrap_or(usize::MAX);
+        if offset % alignment != 0 {
+            return Err(Error::format(
+                path,
+                format!("tensor `{name}` offset {offset} is not aligned to {alignment}"),
+            ));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= data_len => {}
+            _ => {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor `{name}` ({len} bytes at data offset {offset}) runs past the end \
+                         of the file (data section is {data_len} bytes): truncated or corrupt"
+                    ),
+                ))
+            }
+        }
+        if tensors
+            .insert(
+                name.clone(),
+                TensorEntry {
+                    dtype: Ok(dtype),
+                    shape,
+                    start: data_start + offset,
+                    len,
+                },
+            )
+            .is_some()
+        {
+            return Err(Error::format(path, format!("tensor `{name}` listed twice")));
+        }
+    }
+    Ok((version, metadata, tensors))
+}
+
+/// How to turn a GGUF tensor back into its Hugging Face form.
+#[derive(Debug, Clone)]
+struct HfTensor {
+    gguf_name: String,
+    /// For Q and K: the number of heads whose rows llama.cpp interleaved.
+    unpermute_heads: Option<usize>,
+}
+
+/// The tensors of a llama GGUF file under Hugging Face names, with Q/K rows restored.
+pub struct GgufWeights {
+    file: GgufFile,
+    by_hf_name: BTreeMap<String, HfTensor>,
+}
+
+impl GgufWeights {
+    /// Wraps an opened file; `config` gives the head counts for undoing the Q/K permutation.
+    pub fn new(file: GgufFile, config: &ModelConfig) -> Result<Self> {
+        let ModelConfig::Llama(c) = config else {
+            return Err(Error::Unsupported {
+                what: format!("{}: GGUF for a non-llama model", file.path.display()),
+            });
+        };
+        let by_hf_name = file
+            .tensors
+            .keys()
+            .map(|g| {
+                let (hf, unpermute_heads) = hf_name(g, c.num_attention_heads, c.kv_heads());
+                (
+                    hf,
+                    HfTensor {
+                        gguf_name: g.clone(),
+                        unpermute_heads,
+                    },
+                )
+            })
+            .collect();
+        Ok(Self { file, by_hf_name })
+    }
+
+    /// The underlying file (metadata, tokenizer tables).
+    pub fn file(&self) -> &GgufFile {
+        &self.file
+    }
+}
+
+/// Maps a GGUF llama tensor name to its Hugging Face name (other names are kept as they are),
+/// with the head count whose permutation must be undone for Q and K.
+fn hf_name(gguf: &str, heads: usize, kv_heads: usize) -> (String, Option<usize>) {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return (f.to_string(), None);
+    }
+    let Some(rest) = gguf.strip_prefix("blk.") else {
+        return (gguf.to_string(), None);
+    };
+    let Some((layer, part)) = rest.split_once('.') else {
+        return (gguf.to_string(), None);
+    };
+    let (hf_part, unpermute) = match part {
+        "attn_norm.weight" => ("input_layernorm.weight", None),
+        "attn_q.weight" => ("self_attn.q_proj.weight", Some(heads)),
+        "attn_k.weight" => ("self_attn.k_proj.weight", Some(kv_heads)),
+        "attn_v.weight" => ("self_attn.v_proj.weight", None),
+        "attn_output.weight" => ("self_attn.o_proj.weight", None),
+        "ffn_norm.weight" => ("post_attention_layernorm.weight", None),
+        "ffn_gate.weight" => ("mlp.gate_proj.weight", None),
+        "ffn_up.weight" => ("mlp.up_proj.weight", None),
+        "ffn_down.weight" => ("mlp.down_proj.weight", None),
+        _ => return (gguf.to_string(), None),
+    };
+    (format!("model.layers.{layer}.{hf_part}"), unpermute)
+}
+
+/// Undoes llama.cpp's Q/K row permutation. Within each head of `head_dim` rows, HF row
+/// `j * head_dim/2 + i` (j in 0..2, i in 0..head_dim/2) was stored at GGUF row `2 * i + j`.
+/// Rows are moved whole, so this works for block-quantized rows too.
+pub fn unpermute_rows(bytes: &[u8], rows: usize, heads: usize) -> Option<Vec<u8>> {
+    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || bytes.len() % rows != 0 {
+        return None;
+    }
+    let row_bytes = bytes.len() / rows;
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    let mut out = vec![0u8; bytes.len()];
+    for h in 0..heads {
+        for r in 0..head_dim {
+            let (j, i) = (r / half, r % half);
+            let src = h * head_dim + 2 * i + j;
+            let dst = h * head_dim + r;
+            out[dst * row_bytes..(dst + 1) * row_bytes]
+                .copy_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
+        }
+    }
+    Some(out)
+}
+
+impl WeightSource for GgufWeights {
+    fn path(&self) -> &Path {
+        &self.file.path
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.by_hf_name.keys().cloned().collect()
+    }
+
+    fn info(&self, name: &str) -> Option<TensorInfo> {
+        let entry = &self.file.tensors[&self.by_hf_name.get(name)?.gguf_name];
+        Some(TensorInfo {
+            dtype: entry.dtype.clone().ok()?,
+            shape: entry.shape.clone(),
+        })
+    }
+
+    fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
+        let hf = self
+            .by_hf_name
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.file.path.clone(),
+                name: name.to_string(),
+            })?;
+        let entry = &self.file.tensors[&hf.gguf_name];
+        if let Err(type_name) = &entry.dtype {
+            return Err(Error::UnsupportedDType {
+                path: self.file.path.clone(),
+                name: hf.gguf_name.clone(),
+                dtype: type_name.clone(),
+            });
+        }
+        // In bounds: parse() checked every tensor's range against the file.
+        let raw = &self.file.map[entry.start..entry.start + entry.len];
+        match hf.unpermute_heads {
+            None => Ok(Cow::Borrowed(raw)),
+            Some(heads) => {
+                let rows = entry.shape.first().copied().unwrap_or(0);
+                unpermute_rows(raw, rows, heads)
+                    .map(Cow::Owned)
+                    .ok_or_else(|| {
+                        Error::format(
+                            &self.file.path,
+                            format!(
+                                "tensor `{}` has {rows} rows, not {heads} heads of an even width",
+                                hf.gguf_name
+                            ),
+                        )
+                    })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        // llama.cpp: w.reshape(heads, 2, hd/2, cols).swapaxes(1, 2).reshape(rows, cols)
+        let (heads, hd, cols) = (3, 8, 2);
+        let rows = heads * hd;
+        let hf: Vec<u8> = (0..rows * cols).map(|v| v as u8).collect();
+        let mut gguf = vec![0u8; hf.len()];
+        for h in 0..heads {
+            for j in 0..2 {
+                for i in 0..hd / 2 {
+                    let src = h * hd + j * hd / 2 + i; // HF row (h, j, i)
+                    let dst = h * hd + i * 2 + j; // after swapaxes: (h, i, j)
+                    gguf[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        assert_eq!(unpermute_rows(&gguf, rows, heads).unwrap(), hf);
+        assert!(unpermute_rows(&gguf, rows, 5).is_none());
+    }
+
+    #[test]
+    fn names_map_to_hugging_face() {
+        assert_eq!(
+            hf_name("blk.12.attn_k.weight", 9, 3),
+            (
+                "model.layers.12.self_attn.k_proj.weight".to_string(),
+                Some(3)
+            )
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_down.weight", 9, 3).0,
+            "model.layers.0.mlp.down_proj.weight"
+        );
+        assert_eq!(hf_name("rope_freqs.weight", 9, 3).0, "rope_freqs.weight");
+    }
+}

@@ -1,0 +1,149 @@
+//! The [`WeightSource`] trait: named tensors read lazily from memory-mapped model files.
+//!
+//! Both file formats present tensors under Hugging Face's names and in PyTorch's row-major
+//! `[out, in]` order, so architecture code never knows which format it reads.
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use half::{bf16, f16};
+
+use crate::error::{Error, Result};
+use crate::quant::ggml::{BlockFormat, BLOCK_LEN};
+
+/// The element type of a stored tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    /// IEEE single.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// A ggml block format (rows are whole blocks of 32).
+    Block(BlockFormat),
+}
+
+impl DType {
+    /// Bytes for `n` elements, or `None` when `n` cannot be stored in this type
+    /// (not a whole number of blocks) or overflows.
+    pub fn bytes_for(self, n: usize) -> Option<usize> {
+        match self {
+            DType::F32 => n.checked_mul(4),
+            DType::F16 | DType::BF16 => n.checked_mul(2),
+            DType::Block(b) => (n % BLOCK_LEN == 0).then(|| b.bytes_for(n)),
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DType::F32 => write!(f, "F32"),
+            DType::F16 => write!(f, "F16"),
+            DType::BF16 => write!(f, "BF16"),
+            DType::Block(b) => write!(f, "{b:?}"),
+        }
+    }
+}
+
+/// What a weight source knows about one tensor without reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Element type as stored.
+    pub dtype: DType,
+    /// Row-major shape, outermost first (`[out, in]` for a linear weight).
+    pub shape: Vec<usize>,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A set of named tensors backed by model files.
+pub trait WeightSource: Send + Sync {
+    /// The file or directory the tensors come from (used in messages).
+    fn path(&self) -> &Path;
+
+    /// All tensor names, sorted.
+    fn names(&self) -> Vec<String>;
+
+    /// Type and shape of `name`, or `None` if absent or of a type ferrogen cannot read.
+    fn info(&self, name: &str) -> Option<TensorInfo>;
+
+    /// The stored bytes of `name` in row-major order (borrowed from the mapping when possible).
+    fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>>;
+
+    /// Reads `name` as f32 (decoding exactly), checking that its shape is `expected`.
+    fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        // bytes() first: it names a missing tensor or an unsupported type precisely.
+        let bytes = self.bytes(name)?;
+        let info = self.info(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path().to_path_buf(),
+            name: name.to_string(),
+        })?;
+        if info.shape != expected {
+            return Err(Error::TensorShape {
+                path: self.path().to_path_buf(),
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: info.shape,
+            });
+        }
+        decode_to_f32(info.dtype, &bytes, info.numel()).ok_or_else(|| {
+            Error::format(
+                self.path(),
+                format!(
+                    "tensor `{name}` holds {} bytes, not what {} elements of {} need",
+                    bytes.len(),
+                    info.numel(),
+                    info.dtype
+                ),
+            )
+        })
+    }
+}
+
+/// Decodes `n` elements of `dtype` from little-endian `bytes`; `None` if the sizes disagree.
+pub fn decode_to_f32(dtype: DType, bytes: &[u8], n: usize) -> Option<Vec<f32>> {
+    if dtype.bytes_for(n)? != bytes.len() {
+        return None;
+    }
+    Some(match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        DType::Block(format) => {
+            let mut out = vec![0f32; n];
+            format.decode(bytes, &mut out);
+            out
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_checks_sizes() {
+        assert!(decode_to_f32(DType::F32, &[0; 7], 2).is_none());
+        assert!(decode_to_f32(DType::Block(BlockFormat::Q8_0), &[0; 34], 31).is_none());
+        let v = decode_to_f32(DType::BF16, &bf16::from_f32(1.5).to_le_bytes(), 1).unwrap();
+        assert_eq!(v, vec![1.5]);
+        let v = decode_to_f32(DType::F16, &f16::from_f32(-2.0).to_le_bytes(), 1).unwrap();
+        assert_eq!(v, vec![-2.0]);
+    }
+}

@@ -1,0 +1,62 @@
+//! Helpers shared by the integration tests: fixture paths and expected-value files.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The committed fixture models, made by scripts/make_fixtures.py.
+pub const FIXTURES: [&str; 4] = [
+    "opt-pre-ln-proj",
+    "opt-post-ln",
+    "llama-gqa-untied",
+    "llama-tied",
+];
+
+pub fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+#[derive(Deserialize)]
+pub struct Scored {
+    pub tokens: Vec<u32>,
+    pub token_logprobs: Vec<f64>,
+}
+
+#[derive(Deserialize)]
+pub struct ScoredText {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub token_logprobs: Vec<f64>,
+}
+
+#[derive(Deserialize)]
+pub struct Greedy {
+    pub prompt: Vec<u32>,
+    pub new_tokens: Vec<u32>,
+}
+
+/// A fixture's expected.json.
+#[derive(Deserialize)]
+pub struct Expected {
+    pub sequences: Vec<Scored>,
+    pub texts: Vec<ScoredText>,
+    pub greedy: Greedy,
+}
+
+pub fn expected(name: &str) -> Expected {
+    let path = fixture_dir(name).join("expected.json");
+    let text = std::fs::read_to_string(&path).expect("fixture expected.json");
+    serde_json::from_str(&text).expect("valid expected.json")
+}
+
+/// Largest absolute difference, asserting equal lengths.
+pub fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - y).abs())
+        .fold(0.0, f64::max)
+}
