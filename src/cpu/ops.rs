@@ -216,7 +216,7 @@ mod tests {
         assert_eq!(out.row(0).to_vec(), vec![5.0, 7.0]);
         // row 1: softmax([0, 1]) over v
         let p1 = 1.0 / (1.0 + 1f32.exp());
-        let expect = [p1 * 5.0 + (1.0 - p1) * (-1.0), p1 * 7.0 + (1.0 - p1) * 2.0];
+        let expect = [p1 * 5.0 + -(1.0 - p1), p1 * 7.0 + (1.0 - p1) * 2.0];
         for (a, b) in out.row(1).iter().zip(expect) {
             assert!((a - b).abs() < 1e-6);
         }

