@@ -138,7 +138,7 @@ impl<'a> Cursor<'a> {
             _ => Err(Error::format(
                 self.path,
                 format!(
-                    "{what} is {n}, more than the {} bytes left can hold",
+                    "truncated or corrupt: {what} is {n}, more than the {} bytes left can hold",
                     self.remaining()
                 ),
             )),

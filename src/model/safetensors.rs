@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata};
+use safetensors::SafeTensorError;
 use safetensors::SafeTensors;
 
 use super::weights::{DType, TensorInfo, WeightSource};
@@ -124,8 +125,16 @@ impl Shard {
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         // read_metadata validates the header: offsets contiguous, sizes = dtype x shape,
         // and header + data = file length.
-        let (header_len, metadata) = SafeTensors::read_metadata(&map)
-            .map_err(|e| Error::format(path, format!("bad safetensors header: {e}")))?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
+            let reason = match e {
+                SafeTensorError::MetadataIncompleteBuffer => {
+                    "the header's tensors do not cover the file exactly: truncated or corrupt"
+                        .to_string()
+                }
+                other => format!("bad safetensors header: {other}"),
+            };
+            Error::format(path, reason)
+        })?;
         Ok(Self {
             path: path.to_path_buf(),
             map,

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub mod gguf_writer;
+
 /// The committed fixture models, made by scripts/make_fixtures.py.
 pub const FIXTURES: [&str; 4] = [
     "opt-pre-ln-proj",

@@ -1,0 +1,174 @@
+//! Scores a JSONL dataset: per-record log-likelihood and perplexity (see DESIGN.md, "score").
+//!
+//! ```text
+//! cargo run --release --example score -- --model PATH --input IN.jsonl --output OUT.jsonl
+//!     [--per-token] [--backend reference|wgpu] [--batch-tokens N]
+//!     [--gpu-mem SIZE --cpu-mem SIZE --offload-dir DIR | --policy FILE.toml]
+//! ```
+//! `-` reads stdin / writes stdout. Exit status: 0 all records scored, 3 some failed, 2 usage or
+//! model error before any record was read, 1 an I/O error during the job.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use ferrogen::bytes::parse_size;
+use ferrogen::cpu::ReferenceModel;
+use ferrogen::model::ModelFiles;
+use ferrogen::score::{score_jsonl, ScoreOptions};
+use ferrogen::{Error, Result};
+
+struct Args {
+    model: PathBuf,
+    input: String,
+    output: String,
+    backend: Option<String>,
+    options: ScoreOptions,
+    memory_flags: Vec<String>,
+}
+
+fn parse_args() -> Result<Args> {
+    let (mut model, mut input, mut output, mut backend) = (None, None, None, None);
+    let mut options = ScoreOptions::default();
+    let mut memory_flags = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| Error::invalid(&flag, "expects a value"))
+        };
+        match flag.as_str() {
+            "--model" => model = Some(PathBuf::from(value()?)),
+            "--input" => input = Some(value()?),
+            "--output" => output = Some(value()?),
+            "--per-token" => options.per_token = true,
+            "--backend" => backend = Some(value()?),
+            "--batch-tokens" => {
+                options.batch_tokens =
+                    value()?.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                        Error::invalid("--batch-tokens", "expects a positive number")
+                    })?
+            }
+            "--gpu-mem" | "--cpu-mem" => {
+                parse_size(&value()?, &flag)?;
+                memory_flags.push(flag.clone());
+            }
+            "--offload-dir" | "--policy" => {
+                value()?;
+                memory_flags.push(flag.clone());
+            }
+            "-h" | "--help" => {
+                return Err(Error::invalid(
+                    "--help",
+                    "usage: score --model PATH --input IN.jsonl --output OUT.jsonl [--per-token] \
+                     [--backend reference|wgpu] [--batch-tokens N]",
+                ))
+            }
+            other => return Err(Error::invalid(other, "unknown flag (try --help)")),
+        }
+    }
+    Ok(Args {
+        model: model.ok_or_else(|| Error::invalid("--model", "is required"))?,
+        input: input.ok_or_else(|| Error::invalid("--input", "is required"))?,
+        output: output.ok_or_else(|| Error::invalid("--output", "is required"))?,
+        backend,
+        options,
+        memory_flags,
+    })
+}
+
+/// Everything that can fail before the first record is read (exit status 2).
+fn prepare(args: &Args) -> Result<(ModelFiles, ReferenceModel, Box<dyn Read>, Box<dyn Write>)> {
+    match args.backend.as_deref() {
+        None | Some("reference") => {}
+        Some("wgpu") => {
+            return Err(Error::NotBuilt {
+                what: "the wgpu backend (use --backend reference)".into(),
+            })
+        }
+        Some(other) => {
+            return Err(Error::invalid(
+                "--backend",
+                format!("`{other}` (choose reference or wgpu)"),
+            ))
+        }
+    }
+    if let Some(flag) = args.memory_flags.first() {
+        return Err(Error::NotBuilt {
+            what: format!("memory budgets and offloading ({flag})"),
+        });
+    }
+    let input: Box<dyn Read> = if args.input == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(File::open(&args.input).map_err(|e| Error::io(&args.input, e))?)
+    };
+    let files = ModelFiles::open(&args.model)?;
+    let model = ReferenceModel::load(&files)?;
+    let output: Box<dyn Write> = if args.output == "-" {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(File::create(&args.output).map_err(|e| Error::io(&args.output, e))?)
+    };
+    Ok((files, model, input, output))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (files, model, input, output) = match prepare(&args) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let tokenizer = files.tokenizer.as_ref().map_err(Clone::clone);
+    let result = score_jsonl(
+        &model,
+        tokenizer,
+        BufReader::new(input),
+        BufWriter::new(output),
+        &args.options,
+        |s| {
+            eprintln!(
+                "scored {} records ({} failed), {} tokens, {:.1} tokens/s",
+                s.scored,
+                s.failed,
+                s.tokens,
+                s.tokens_per_second()
+            )
+        },
+    );
+    match result {
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+        Ok(s) => {
+            eprintln!(
+                "done: {} records, {} scored, {} failed; {} tokens in {:.2} s = {:.1} tokens/s; \
+                 corpus perplexity {:.4} over {} scored tokens",
+                s.records,
+                s.scored,
+                s.failed,
+                s.tokens,
+                s.seconds,
+                s.tokens_per_second(),
+                s.corpus_ppl(),
+                s.scored_tokens
+            );
+            if s.failed > 0 {
+                ExitCode::from(3)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! Dataset scoring: JSONL records in, one JSONL result per record out, in input order.
+//!
+//! Input lines are `{"id": <string|number>, "text": "..."}` or `{"id": ..., "tokens": [int, ...]}`.
+//! Each result is `{"id", "scored_tokens": n-1, "logprob": sum_{i=1}^{n-1} ln p(t_i | t_<i),
+//! "ppl": exp(-logprob / scored_tokens)}` (plus `"token_logprobs"` on request), or
+//! `{"id", "error": reason}` for a record that cannot be scored; the job goes on after it.
+//! Records are scored in batches of about [`ScoreOptions::batch_tokens`] tokens, and each batch's
+//! results are written and flushed before the next is read, so an interrupted job keeps them.
+
+use std::io::{BufRead, Write};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::cpu::ReferenceModel;
+use crate::error::{Error, Result};
+use crate::model::{ModelConfig, TextTokenizer};
+
+/// Something that computes per-token log-probabilities for a batch of token sequences.
+pub trait Scorer {
+    /// The model's configuration (vocabulary and context limits).
+    fn config(&self) -> &ModelConfig;
+    /// For each sequence of `n >= 2` tokens, the `n - 1` values `ln p(t_i | t_<i)`.
+    fn token_logprobs(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>>;
+}
+
+impl Scorer for ReferenceModel {
+    fn config(&self) -> &ModelConfig {
+        ReferenceModel::config(self)
+    }
+    fn token_logprobs(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        ReferenceModel::token_logprobs(self, batch)
+    }
+}
+
+/// Options of a scoring job.
+#[derive(Debug, Clone)]
+pub struct ScoreOptions {
+    /// Also write every token's logprob.
+    pub per_token: bool,
+    /// Tokens per batch (a record longer than this forms a batch of its own).
+    pub batch_tokens: usize,
+    /// How often progress is reported.
+    pub progress_every: Duration,
+}
+
+impl Default for ScoreOptions {
+    fn default() -> Self {
+        Self {
+            per_token: false,
+            batch_tokens: 2048,
+            progress_every: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Counts of a job so far (also its final summary).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ScoreSummary {
+    /// Records read (lines that are not blank).
+    pub records: usize,
+    /// Records scored.
+    pub scored: usize,
+    /// Records answered with an error.
+    pub failed: usize,
+    /// Tokens run through the model.
+    pub tokens: usize,
+    /// Tokens scored (`n - 1` per record).
+    pub scored_tokens: usize,
+    /// Sum of all scored records' logprobs.
+    pub logprob: f64,
+    /// Wall time so far.
+    pub seconds: f64,
+}
+
+impl ScoreSummary {
+    /// Tokens through the model per second.
+    pub fn tokens_per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.tokens as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+    /// `exp(-sum logprob / sum scored tokens)` over all scored records.
+    pub fn corpus_ppl(&self) -> f64 {
+        (-self.logprob / self.scored_tokens.max(1) as f64).exp()
+    }
+}
+
+/// A parsed input record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// The record's id, echoed in its result.
+    pub id: Value,
+    /// What to score.
+    pub input: RecordInput,
+}
+
+/// A record's content.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordInput {
+    /// Text, to be tokenized.
+    Text(String),
+    /// Token ids.
+    Tokens(Vec<u32>),
+}
+
+/// A record that cannot be scored: its id (null if unreadable) and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordError {
+    /// The id, or `Value::Null`.
+    pub id: Value,
+    /// The reason, shown to the user.
+    pub reason: String,
+}
+
+/// Parses one input line.
+pub fn parse_record(line: &str) -> std::result::Result<Record, RecordError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Raw {
+        // Read through `value.get("id")` above; declared so that deny_unknown_fields accepts it.
+        #[serde(rename = "id")]
+        _id: Option<Value>,
+        text: Option<String>,
+        tokens: Option<Vec<Value>>,
+    }
+    let fail = |id: &Value, reason: String| RecordError {
+        id: id.clone(),
+        reason,
+    };
+    let value: Value = serde_json::from_str(line)
+        .map_err(|e| fail(&Value::Null, format!("malformed JSON: {e}")))?;
+    let id = value.get("id").cloned().unwrap_or(Value::Null);
+    let raw: Raw =
+        serde_json::from_value(value).map_err(|e| fail(&id, format!("bad record: {e}")))?;
+    match &id {
+        Value::String(_) | Value::Number(_) => {}
+        Value::Null => return Err(fail(&id, "record has no `id`".into())),
+        _ => return Err(fail(&id, "`id` must be a string or a number".into())),
+    }
+    let input = match (raw.text, raw.tokens) {
+        (Some(_), Some(_)) => return Err(fail(&id, "give `text` or `tokens`, not both".into())),
+        (None, None) => return Err(fail(&id, "record has neither `text` nor `tokens`".into())),
+        (Some(text), None) if text.is_empty() => return Err(fail(&id, "empty text".into())),
+        (Some(text), None) => RecordInput::Text(text),
+        (None, Some(tokens)) => RecordInput::Tokens(
+            tokens
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    t.as_u64()
+                        .and_then(|v| u32::try_from(v).ok())
+                        .ok_or_else(|| {
+                            fail(
+                                &id,
+                                format!("token {i} ({t}) is not a non-negative integer id"),
+                            )
+                        })
+                })
+                .collect::<std::result::Result<_, _>>()?,
+        ),
+    };
+    Ok(Record { id, input })
+}
+
+#[derive(Serialize)]
+struct ScoredLine<'a> {
+    id: &'a Value,
+    scored_tokens: usize,
+    logprob: f64,
+    ppl: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_logprobs: Option<&'a [f32]>,
+}
+
+#[derive(Serialize)]
+struct ErrorLine<'a> {
+    id: &'a Value,
+    error: &'a str,
+}
+
+/// One result awaiting output, in input order.
+enum Pending {
+    Failed(RecordError),
+    /// Scored as member `index` of the current batch.
+    InBatch {
+        id: Value,
+        index: usize,
+    },
+}
+
+/// Runs a scoring job from `input` to `output`; `progress` is called every
+/// [`ScoreOptions::progress_every`] with the counts so far. Returns the final summary.
+///
+/// Only I/O errors on `input` or `output` stop the job: every record-level problem becomes an
+/// error line.
+pub fn score_jsonl(
+    scorer: &dyn Scorer,
+    tokenizer: std::result::Result<&TextTokenizer, String>,
+    input: impl BufRead,
+    mut output: impl Write,
+    options: &ScoreOptions,
+    mut progress: impl FnMut(&ScoreSummary),
+) -> Result<ScoreSummary> {
+    let start = Instant::now();
+    let mut last_report = start;
+    let mut summary = ScoreSummary::default();
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut batch: Vec<Vec<u32>> = Vec::new();
+    let mut batch_len = 0;
+    let config = scorer.config().clone();
+    let io_err = |e: std::io::Error| Error::io("<output>", e);
+
+    let mut lines = input.lines().enumerate();
+    loop {
+        let next = lines.next();
+        let at_end = next.is_none();
+        if let Some((n, line)) = next {
+            let line = line.map_err(|e| Error::io(format!("<input line {}>", n + 1), e))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            summary.records += 1;
+            match prepare(&line, &tokenizer, &config) {
+                Ok((id, tokens)) => {
+                    batch_len += tokens.len();
+                    pending.push(Pending::InBatch {
+                        id,
+                        index: batch.len(),
+                    });
+                    batch.push(tokens);
+                }
+                Err(e) => pending.push(Pending::Failed(e)),
+            }
+        }
+        if batch_len >= options.batch_tokens || (at_end && !pending.is_empty()) {
+            let results = score_batch(scorer, &batch);
+            for p in pending.drain(..) {
+                write_result(&mut output, p, &batch, &results, options, &mut summary)
+                    .map_err(io_err)?;
+            }
+            output.flush().map_err(io_err)?;
+            batch.clear();
+            batch_len = 0;
+        }
+        summary.seconds = start.elapsed().as_secs_f64();
+        if last_report.elapsed() >= options.progress_every {
+            last_report = Instant::now();
+            progress(&summary);
+        }
+        if at_end {
+            return Ok(summary);
+        }
+    }
+}
+
+/// Parses, tokenizes and checks one line against the model's limits.
+fn prepare(
+    line: &str,
+    tokenizer: &std::result::Result<&TextTokenizer, String>,
+    config: &ModelConfig,
+) -> std::result::Result<(Value, Vec<u32>), RecordError> {
+    let record = parse_record(line)?;
+    let fail = |reason: String| RecordError {
+        id: record.id.clone(),
+        reason,
+    };
+    let tokens = match &record.input {
+        RecordInput::Tokens(t) => t.clone(),
+        RecordInput::Text(text) => match tokenizer {
+            Ok(tok) => tok.encode(text).map_err(|e| fail(e.to_string()))?,
+            Err(why) => return Err(fail(format!("cannot tokenize text: {why}"))),
+        },
+    };
+    if tokens.len() < 2 {
+        return Err(fail(format!(
+            "{} token(s): at least 2 are needed to score",
+            tokens.len()
+        )));
+    }
+    if let Some((position, &token)) = tokens
+        .iter()
+        .enumerate()
+        .find(|(_, &t)| t as usize >= config.vocab_size())
+    {
+        return Err(fail(
+            Error::TokenOutOfRange {
+                token,
+                position,
+                vocab_size: config.vocab_size(),
+            }
+            .to_string(),
+        ));
+    }
+    if tokens.len() > config.max_context() {
+        return Err(fail(
+            Error::SequenceTooLong {
+                len: tokens.len(),
+                max: config.max_context(),
+            }
+            .to_string(),
+        ));
+    }
+    Ok((record.id, tokens))
+}
+
+/// Scores a batch; if the batch as a whole fails, each record is retried alone so that the
+/// error lands on the record that caused it.
+fn score_batch(
+    scorer: &dyn Scorer,
+    batch: &[Vec<u32>],
+) -> Vec<std::result::Result<Vec<f32>, String>> {
+    if batch.is_empty() {
+        return Vec::new();
+    }
+    let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
+    match scorer.token_logprobs(&refs) {
+        Ok(all) => all.into_iter().map(Ok).collect(),
+        Err(_) => refs
+            .iter()
+            .map(|seq| {
+                scorer
+                    .token_logprobs(&[seq])
+                    .map(|mut v| v.remove(0))
+                    .map_err(|e| e.to_string())
+            })
+            .collect(),
+    }
+}
+
+fn write_result(
+    out: &mut impl Write,
+    pending: Pending,
+    batch: &[Vec<u32>],
+    results: &[std::result::Result<Vec<f32>, String>],
+    options: &ScoreOptions,
+    summary: &mut ScoreSummary,
+) -> std::io::Result<()> {
+    let line = match pending {
+        Pending::Failed(e) => {
+            summary.failed += 1;
+            serde_json::to_string(&ErrorLine {
+                id: &e.id,
+                error: &e.reason,
+            })
+        }
+        Pending::InBatch { id, index } => match &results[index] {
+            Err(reason) => {
+                summary.failed += 1;
+                serde_json::to_string(&ErrorLine {
+                    id: &id,
+                    error: reason,
+                })
+            }
+            Ok(lps) => {
+                let logprob: f64 = lps.iter().map(|&v| f64::from(v)).sum();
+                summary.scored += 1;
+                summary.tokens += batch[index].len();
+                summary.scored_tokens += lps.len();
+                summary.logprob += logprob;
+                serde_json::to_string(&ScoredLine {
+                    id: &id,
+                    scored_tokens: lps.len(),
+                    logprob,
+                    ppl: (-logprob / lps.len() as f64).exp(),
+                    token_logprobs: options.per_token.then_some(lps.as_slice()),
+                })
+            }
+        },
+    }
+    .map_err(std::io::Error::other)?;
+    writeln!(out, "{line}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn records_parse_or_explain() {
+        let r = parse_record(r#"{"id": 7, "tokens": [1, 2, 3]}"#).unwrap();
+        assert_eq!(r.id, json!(7));
+        assert_eq!(r.input, RecordInput::Tokens(vec![1, 2, 3]));
+        let r = parse_record(r#"{"id": "a", "text": "hi"}"#).unwrap();
+        assert_eq!(r.input, RecordInput::Text("hi".into()));
+
+        let cases = [
+            (r#"{"id": 1, "text": "x""#, Value::Null, "malformed JSON"),
+            (r#"{"text": "x"}"#, Value::Null, "no `id`"),
+            (r#"{"id": 1}"#, json!(1), "neither"),
+            (
+                r#"{"id": 1, "text": "a", "tokens": [1]}"#,
+                json!(1),
+                "not both",
+            ),
+            (r#"{"id": 1, "text": ""}"#, json!(1), "empty"),
+            (r#"{"id": 1, "tokens": [1, -2]}"#, json!(1), "token 1"),
+            (r#"{"id": 1, "tokens": [1, 2.5]}"#, json!(1), "token 1"),
+            (
+                r#"{"id": [1], "text": "x"}"#,
+                json!([1]),
+                "string or a number",
+            ),
+            (r#"{"id": 1, "txt": "x"}"#, json!(1), "unknown field"),
+            (r#"[1, 2]"#, Value::Null, "bad record"),
+        ];
+        for (line, id, reason) in cases {
+            let e = parse_record(line).unwrap_err();
+            assert_eq!(e.id, id, "{line}");
+            assert!(e.reason.contains(reason), "{line}: {}", e.reason);
+        }
+    }
+}

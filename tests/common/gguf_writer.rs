@@ -1,0 +1,180 @@
+//! A minimal GGUF v3 writer for tests: builds llama GGUF files from safetensors fixtures the way
+//! llama.cpp's converter does (Q/K rows permuted), so the reader can be checked end to end, and
+//! then corrupted on purpose.
+#![allow(dead_code)]
+
+use half::f16;
+
+/// A metadata value to write.
+pub enum Meta {
+    U32(u32),
+    F32(f32),
+    Bool(bool),
+    Str(String),
+    StrArray(Vec<String>),
+    I32Array(Vec<i32>),
+}
+
+/// A tensor to write: GGUF name, row-major shape, ggml type id and its encoded bytes.
+pub struct Tensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub ggml_type: u32,
+    pub data: Vec<u8>,
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+/// Serializes a GGUF v3 file with 32-byte alignment.
+pub fn write_gguf(meta: &[(&str, Meta)], tensors: &[Tensor]) -> Vec<u8> {
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((meta.len() as u64).to_le_bytes());
+    for (key, value) in meta {
+        put_str(&mut out, key);
+        match value {
+            Meta::U32(v) => {
+                out.extend(4u32.to_le_bytes());
+                out.extend(v.to_le_bytes());
+            }
+            Meta::F32(v) => {
+                out.extend(6u32.to_le_bytes());
+                out.extend(v.to_le_bytes());
+            }
+            Meta::Bool(v) => {
+                out.extend(7u32.to_le_bytes());
+                out.push(u8::from(*v));
+            }
+            Meta::Str(s) => {
+                out.extend(8u32.to_le_bytes());
+                put_str(&mut out, s);
+            }
+            Meta::StrArray(items) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(8u32.to_le_bytes());
+                out.extend((items.len() as u64).to_le_bytes());
+                for s in items {
+                    put_str(&mut out, s);
+                }
+            }
+            Meta::I32Array(items) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(5u32.to_le_bytes());
+                out.extend((items.len() as u64).to_le_bytes());
+                for v in items {
+                    out.extend(v.to_le_bytes());
+                }
+            }
+        }
+    }
+    let mut offset = 0u64;
+    for t in tensors {
+        put_str(&mut out, &t.name);
+        out.extend((t.shape.len() as u32).to_le_bytes());
+        for d in t.shape.iter().rev() {
+            out.extend((*d as u64).to_le_bytes());
+        }
+        out.extend(t.ggml_type.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+        offset += (t.data.len() as u64).div_ceil(32) * 32;
+    }
+    while out.len() % 32 != 0 {
+        out.push(0);
+    }
+    for t in tensors {
+        out.extend(&t.data);
+        while out.len() % 32 != 0 {
+            out.push(0);
+        }
+    }
+    out
+}
+
+/// llama.cpp's permutation of Q/K rows: within each head, HF row `j * hd/2 + i` goes to
+/// `2 * i + j` (a reshape `(heads, 2, hd/2, cols)` then swapping axes 1 and 2).
+pub fn permute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let hd = rows / heads;
+    let mut out = vec![0.0; data.len()];
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..hd / 2 {
+                let src = h * hd + j * hd / 2 + i;
+                let dst = h * hd + 2 * i + j;
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// Element encodings the writer supports.
+#[derive(Clone, Copy, Debug)]
+pub enum Encoding {
+    F32,
+    F16,
+    /// 8-bit blocks of 32 with an f16 scale: `d = max|x| / 127`, `q = round(x / d)`.
+    Q8_0,
+}
+
+impl Encoding {
+    pub fn ggml_type(self) -> u32 {
+        match self {
+            Encoding::F32 => 0,
+            Encoding::F16 => 1,
+            Encoding::Q8_0 => 8,
+        }
+    }
+
+    pub fn encode(self, data: &[f32]) -> Vec<u8> {
+        match self {
+            Encoding::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Encoding::F16 => data
+                .iter()
+                .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            Encoding::Q8_0 => data
+                .chunks(32)
+                .flat_map(|block| {
+                    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let d = f16::from_f32(amax / 127.0);
+                    let inv = if d.to_f32() == 0.0 {
+                        0.0
+                    } else {
+                        1.0 / d.to_f32()
+                    };
+                    let mut b = d.to_le_bytes().to_vec();
+                    b.extend(
+                        block
+                            .iter()
+                            .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8),
+                    );
+                    b
+                })
+                .collect(),
+        }
+    }
+
+    /// What the reader should decode `data` to after encoding.
+    pub fn round_trip(self, data: &[f32]) -> Vec<f32> {
+        match self {
+            Encoding::F32 => data.to_vec(),
+            Encoding::F16 => data.iter().map(|v| f16::from_f32(*v).to_f32()).collect(),
+            Encoding::Q8_0 => self
+                .encode(data)
+                .chunks(34)
+                .flat_map(|b| {
+                    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    b[2..]
+                        .iter()
+                        .map(move |&q| d * f32::from(q as i8))
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! GGUF reading end to end: a fixture converted to GGUF the way llama.cpp does it (Q/K rows
+//! permuted, tokenizer in metadata) must give Hugging Face's numbers; quantized tensors must
+//! decode exactly; broken files must fail with a clear error, never a panic.
+
+mod common;
+
+use common::gguf_writer::{permute_rows, write_gguf, Encoding, Meta, Tensor};
+use common::{expected, fixture_dir, max_abs_diff};
+use ferrogen::cpu::ReferenceModel;
+use ferrogen::model::{ModelConfig, ModelFiles, WeightSource};
+use ferrogen::Error;
+use proptest::prelude::*;
+
+const FIXTURE: &str = "llama-gqa-untied";
+
+/// The fixture's tokenizer.json vocabulary (by id) and merges.
+fn fixture_vocab() -> (Vec<String>, Vec<String>) {
+    let text = std::fs::read_to_string(fixture_dir(FIXTURE).join("tokenizer.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let vocab = json["model"]["vocab"].as_object().unwrap();
+    let mut tokens = vec![String::new(); vocab.len()];
+    for (tok, id) in vocab {
+        tokens[id.as_u64().unwrap() as usize] = tok.clone();
+    }
+    let merges = json["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| match m {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Array(pair) => format!(
+                "{} {}",
+                pair[0].as_str().unwrap(),
+                pair[1].as_str().unwrap()
+            ),
+            other => panic!("merge {other}"),
+        })
+        .collect();
+    (tokens, merges)
+}
+
+/// The fixture as GGUF tensors and metadata, 2-D weights in `encoding`.
+fn fixture_as_gguf(encoding: Encoding) -> (Vec<(&'static str, Meta)>, Vec<Tensor>) {
+    let files = ModelFiles::open(&fixture_dir(FIXTURE)).unwrap();
+    let ModelConfig::Llama(c) = &files.config else {
+        panic!()
+    };
+    let w = files.weights.as_ref();
+    let read = |name: &str| {
+        let info = w.info(name).unwrap();
+        (w.load_f32(name, &info.shape).unwrap(), info.shape)
+    };
+    let mut tensors = Vec::new();
+    let mut push = |gguf: String, hf: &str, permute_heads: Option<usize>| {
+        let (mut data, shape) = read(hf);
+        if let Some(heads) = permute_heads {
+            data = permute_rows(&data, shape[0], shape[1], heads);
+        }
+        let enc = if shape.len() == 1 {
+            Encoding::F32
+        } else {
+            encoding
+        };
+        tensors.push(Tensor {
+            name: gguf,
+            shape,
+            ggml_type: enc.ggml_type(),
+            data: enc.encode(&data),
+        });
+    };
+    push(
+        "token_embd.weight".into(),
+        "model.embed_tokens.weight",
+        None,
+    );
+    push("output_norm.weight".into(), "model.norm.weight", None);
+    push("output.weight".into(), "lm_head.weight", None);
+    for l in 0..c.num_hidden_layers {
+        let hf = |s: &str| format!("model.layers.{l}.{s}.weight");
+        let g = |s: &str| format!("blk.{l}.{s}.weight");
+        push(g("attn_norm"), &hf("input_layernorm"), None);
+        push(
+            g("attn_q"),
+            &hf("self_attn.q_proj"),
+            Some(c.num_attention_heads),
+        );
+        push(g("attn_k"), &hf("self_attn.k_proj"), Some(c.kv_heads()));
+        push(g("attn_v"), &hf("self_attn.v_proj"), None);
+        push(g("attn_output"), &hf("self_attn.o_proj"), None);
+        push(g("ffn_norm"), &hf("post_attention_layernorm"), None);
+        push(g("ffn_gate"), &hf("mlp.gate_proj"), None);
+        push(g("ffn_up"), &hf("mlp.up_proj"), None);
+        push(g("ffn_down"), &hf("mlp.down_proj"), None);
+    }
+    let (tokens, merges) = fixture_vocab();
+    let types = vec![1; tokens.len()];
+    let meta = vec![
+        ("general.architecture", Meta::Str("llama".into())),
+        (
+            "llama.context_length",
+            Meta::U32(c.max_position_embeddings as u32),
+        ),
+        ("llama.embedding_length", Meta::U32(c.hidden_size as u32)),
+        (
+            "llama.feed_forward_length",
+            Meta::U32(c.intermediate_size as u32),
+        ),
+        ("llama.block_count", Meta::U32(c.num_hidden_layers as u32)),
+        (
+            "llama.attention.head_count",
+            Meta::U32(c.num_attention_heads as u32),
+        ),
+        (
+            "llama.attention.head_count_kv",
+            Meta::U32(c.kv_heads() as u32),
+        ),
+        ("llama.attention.key_length", Meta::U32(c.head_dim() as u32)),
+        ("llama.rope.dimension_count", Meta::U32(c.head_dim() as u32)),
+        ("llama.rope.freq_base", Meta::F32(c.rope_theta as f32)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Meta::F32(c.rms_norm_eps as f32),
+        ),
+        ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
+        ("tokenizer.ggml.pre", Meta::Str("gpt2".into())),
+        ("tokenizer.ggml.tokens", Meta::StrArray(tokens)),
+        ("tokenizer.ggml.token_type", Meta::I32Array(types)),
+        ("tokenizer.ggml.merges", Meta::StrArray(merges)),
+        ("tokenizer.ggml.add_bos_token", Meta::Bool(false)),
+    ];
+    (meta, tensors)
+}
+
+fn write_temp(bytes: &[u8]) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".gguf").tempfile().unwrap();
+    std::io::Write::write_all(&mut f, bytes).unwrap();
+    f
+}
+
+fn fixture_gguf_bytes(encoding: Encoding) -> Vec<u8> {
+    let (meta, tensors) = fixture_as_gguf(encoding);
+    write_gguf(&meta, &tensors)
+}
+
+#[test]
+fn gguf_conversion_of_fixture_matches_transformers() {
+    let file = write_temp(&fixture_gguf_bytes(Encoding::F32));
+    let files = ModelFiles::open(file.path()).unwrap();
+    let model = ReferenceModel::load(&files).unwrap();
+    let exp = expected(FIXTURE);
+    for seq in &exp.sequences {
+        let got = model.token_logprobs(&[&seq.tokens]).unwrap();
+        let diff = max_abs_diff(&got[0], &seq.token_logprobs);
+        assert!(diff < 1e-4, "GGUF logprobs off by {diff}");
+    }
+    let tok = files.tokenizer().unwrap();
+    for t in &exp.texts {
+        assert_eq!(tok.encode(&t.text).unwrap(), t.tokens, "{:?}", t.text);
+    }
+}
+
+#[test]
+fn quantized_gguf_tensors_decode_exactly() {
+    let reference = ModelFiles::open(&fixture_dir(FIXTURE)).unwrap();
+    for encoding in [Encoding::F16, Encoding::Q8_0] {
+        let file = write_temp(&fixture_gguf_bytes(encoding));
+        let gguf = ModelFiles::open(file.path()).unwrap();
+        for name in reference.weights.names() {
+            let shape = reference.weights.info(&name).unwrap().shape;
+            let want = reference.weights.load_f32(&name, &shape).unwrap();
+            let want = if shape.len() == 1 {
+                want
+            } else {
+                encoding.round_trip(&want)
+            };
+            assert_eq!(
+                gguf.weights.load_f32(&name, &shape).unwrap(),
+                want,
+                "{encoding:?} {name}"
+            );
+        }
+    }
+}
+
+fn open_and_load(bytes: &[u8]) -> ferrogen::Result<()> {
+    let file = write_temp(bytes);
+    let files = ModelFiles::open(file.path())?;
+    ReferenceModel::load(&files).map(|_| ())
+}
+
+fn assert_format_error(bytes: &[u8], needle: &str) {
+    match open_and_load(bytes) {
+        Err(e @ Error::Format { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains(".gguf") && msg.contains(needle), "{msg}");
+        }
+        other => panic!("expected a format error with {needle:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn broken_headers_are_named() {
+    let good = fixture_gguf_bytes(Encoding::F32);
+    let mut magic = good.clone();
+    magic[..4].copy_from_slice(b"GGUX");
+    assert_format_error(&magic, "bad magic");
+
+    let mut version = good.clone();
+    version[4..8].copy_from_slice(&9u32.to_le_bytes());
+    assert_format_error(&version, "version 9");
+
+    // First metadata key length (after magic, version and the two counts) claims 2^40 bytes.
+    let mut key = good.clone();
+    key[24..32].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    assert_format_error(&key, "bytes left");
+
+    let mut count = good.clone();
+    count[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert_format_error(&count, "tensor count");
+
+    assert_format_error(&good[..good.len() - 40], "runs past the end");
+    assert_format_error(&good[..100], "truncated");
+    assert_format_error(&good[..10], "too short");
+}
+
+#[test]
+fn unsupported_tensor_type_and_missing_metadata_are_named() {
+    let (meta, mut tensors) = fixture_as_gguf(Encoding::F32);
+    let victim = tensors
+        .iter_mut()
+        .find(|t| t.name == "blk.1.ffn_up.weight")
+        .unwrap();
+    victim.ggml_type = 12; // Q4_K
+    match open_and_load(&write_gguf(&meta, &tensors)) {
+        Err(Error::UnsupportedDType { name, dtype, .. }) => {
+            assert_eq!(
+                (name.as_str(), dtype.as_str()),
+                ("blk.1.ffn_up.weight", "Q4_K")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let (meta, tensors) = fixture_as_gguf(Encoding::F32);
+    let meta: Vec<_> = meta
+        .into_iter()
+        .filter(|(k, _)| *k != "llama.block_count")
+        .collect();
+    let err = open_and_load(&write_gguf(&meta, &tensors)).unwrap_err();
+    assert!(
+        matches!(err, Error::Config { .. }) && err.to_string().contains("llama.block_count"),
+        "{err}"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Any truncation fails cleanly; random byte damage never panics or reads out of bounds.
+    #[test]
+    fn damaged_gguf_never_panics(cut in 0usize..100_000, flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+        let good = fixture_gguf_bytes(Encoding::F32);
+        let cut = cut % good.len();
+        prop_assert!(open_and_load(&good[..cut]).is_err());
+        let mut damaged = good.clone();
+        for (at, byte) in flips {
+            let at = at % damaged.len();
+            damaged[at] = byte;
+        }
+        let _ = open_and_load(&damaged);
+    }
+}
