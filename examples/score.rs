@@ -78,8 +78,16 @@ fn parse_args() -> Result<Args> {
     })
 }
 
-/// Everything that can fail before the first record is read (exit status 2).
-fn prepare(args: &Args) -> Result<(ModelFiles, ReferenceModel, Box<dyn Read>, Box<dyn Write>)> {
+/// A job ready to run: everything that can fail before the first record is read has succeeded.
+struct Job {
+    files: ModelFiles,
+    model: ReferenceModel,
+    input: Box<dyn Read>,
+    output: Box<dyn Write>,
+}
+
+/// Opens input, model and output (any failure here exits with status 2).
+fn prepare(args: &Args) -> Result<Job> {
     match args.backend.as_deref() {
         None | Some("reference") => {}
         Some("wgpu") => {
@@ -111,7 +119,12 @@ fn prepare(args: &Args) -> Result<(ModelFiles, ReferenceModel, Box<dyn Read>, Bo
     } else {
         Box::new(File::create(&args.output).map_err(|e| Error::io(&args.output, e))?)
     };
-    Ok((files, model, input, output))
+    Ok(Job {
+        files,
+        model,
+        input,
+        output,
+    })
 }
 
 fn main() -> ExitCode {
@@ -122,19 +135,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (files, model, input, output) = match prepare(&args) {
+    let job = match prepare(&args) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
-    let tokenizer = files.tokenizer.as_ref().map_err(Clone::clone);
+    let tokenizer = job.files.tokenizer.as_ref().map_err(Clone::clone);
     let result = score_jsonl(
-        &model,
+        &job.model,
         tokenizer,
-        BufReader::new(input),
-        BufWriter::new(output),
+        BufReader::new(job.input),
+        BufWriter::new(job.output),
         &args.options,
         |s| {
             eprintln!(

@@ -7,7 +7,7 @@ mod common;
 use common::gguf_writer::{permute_rows, write_gguf, Encoding, Meta, Tensor};
 use common::{expected, fixture_dir, max_abs_diff};
 use ferrogen::cpu::ReferenceModel;
-use ferrogen::model::{ModelConfig, ModelFiles, WeightSource};
+use ferrogen::model::{ModelConfig, ModelFiles};
 use ferrogen::Error;
 use proptest::prelude::*;
 

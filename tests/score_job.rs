@@ -1,0 +1,237 @@
+//! The scoring job and the `score` example: results against the Hugging Face fixtures, error
+//! records for bad lines, input order kept across batches, exit statuses.
+
+mod common;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{expected, fixture_dir};
+use ferrogen::cpu::ReferenceModel;
+use ferrogen::model::ModelFiles;
+use ferrogen::score::{score_jsonl, ScoreOptions};
+use serde_json::{json, Value};
+
+const FIXTURE: &str = "opt-pre-ln-proj";
+
+/// A dataset mixing good records (every fixture sequence and text) with bad ones.
+/// Returns the JSONL and, per record in order, `Some(expected token logprobs)` or `None`.
+fn mixed_dataset() -> (String, Vec<(Value, Option<Vec<f64>>)>) {
+    let exp = expected(FIXTURE);
+    let mut lines = Vec::new();
+    let mut want = Vec::new();
+    for (i, s) in exp.sequences.iter().enumerate() {
+        lines.push(json!({"id": i, "tokens": s.tokens}).to_string());
+        want.push((json!(i), Some(s.token_logprobs.clone())));
+        // a bad record after each good one, so errors interleave with batches
+        let (line, id) = match i {
+            0 => ("{\"id\": 100, \"tokens\": [1, 2,".to_string(), Value::Null),
+            1 => (
+                json!({"id": "oov", "tokens": [1, 99999]}).to_string(),
+                json!("oov"),
+            ),
+            2 => (
+                json!({"id": "long", "tokens": vec![1; 65]}).to_string(),
+                json!("long"),
+            ),
+            _ => (
+                json!({"id": "one", "tokens": [3]}).to_string(),
+                json!("one"),
+            ),
+        };
+        lines.push(line);
+        want.push((id, None));
+        lines.push(String::new()); // blank lines are not records
+    }
+    for (i, t) in exp.texts.iter().enumerate() {
+        let id = json!(format!("text-{i}"));
+        lines.push(json!({"id": id, "text": t.text}).to_string());
+        want.push((id, Some(t.token_logprobs.clone())));
+    }
+    lines.push(json!({"id": "empty", "text": ""}).to_string());
+    want.push((json!("empty"), None));
+    (lines.join("\n") + "\n", want)
+}
+
+fn check_output(output: &str, want: &[(Value, Option<Vec<f64>>)]) {
+    let lines: Vec<Value> = output
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), want.len(), "one result per record");
+    for (line, (id, lps)) in lines.iter().zip(want) {
+        assert_eq!(&line["id"], id, "{line}");
+        match lps {
+            None => assert!(
+                line["error"].as_str().is_some_and(|e| !e.is_empty()),
+                "{line}"
+            ),
+            Some(lps) => {
+                let n = lps.len();
+                assert_eq!(line["scored_tokens"], json!(n), "{line}");
+                let got: Vec<f64> = line["token_logprobs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect();
+                for (g, w) in got.iter().zip(lps) {
+                    assert!((g - w).abs() < 1e-4, "{id}: {g} vs {w}");
+                }
+                let logprob = line["logprob"].as_f64().unwrap();
+                let sum: f64 = lps.iter().sum();
+                assert!(
+                    (logprob - sum).abs() < 1e-4 * n as f64,
+                    "{logprob} vs {sum}"
+                );
+                let ppl = line["ppl"].as_f64().unwrap();
+                assert!((ppl - (-logprob / n as f64).exp()).abs() < 1e-9 * ppl);
+            }
+        }
+    }
+}
+
+#[test]
+fn job_scores_in_order_across_batches_with_error_records() {
+    let files = ModelFiles::open(&fixture_dir(FIXTURE)).unwrap();
+    let model = ReferenceModel::load(&files).unwrap();
+    let (input, want) = mixed_dataset();
+    for batch_tokens in [1, 25, 10_000] {
+        let mut out = Vec::new();
+        let options = ScoreOptions {
+            per_token: true,
+            batch_tokens,
+            ..ScoreOptions::default()
+        };
+        let summary = score_jsonl(
+            &model,
+            files.tokenizer.as_ref().map_err(Clone::clone),
+            input.as_bytes(),
+            &mut out,
+            &options,
+            |_| {},
+        )
+        .unwrap();
+        check_output(&String::from_utf8(out).unwrap(), &want);
+        let good = want.iter().filter(|w| w.1.is_some()).count();
+        assert_eq!(summary.records, want.len());
+        assert_eq!((summary.scored, summary.failed), (good, want.len() - good));
+    }
+}
+
+#[test]
+fn text_records_without_a_tokenizer_fail_alone() {
+    let files = ModelFiles::open(&fixture_dir("llama-tied")).unwrap();
+    assert!(files.tokenizer.is_err(), "fixture has no tokenizer.json");
+    let model = ReferenceModel::load(&files).unwrap();
+    let input = "{\"id\": 1, \"text\": \"hello\"}\n{\"id\": 2, \"tokens\": [4, 5, 6]}\n";
+    let mut out = Vec::new();
+    let summary = score_jsonl(
+        &model,
+        files.tokenizer.as_ref().map_err(Clone::clone),
+        input.as_bytes(),
+        &mut out,
+        &ScoreOptions::default(),
+        |_| {},
+    )
+    .unwrap();
+    let out = String::from_utf8(out).unwrap();
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("tokenizer.json"));
+    assert_eq!(lines[1]["scored_tokens"], json!(2));
+    assert_eq!((summary.scored, summary.failed), (1, 1));
+}
+
+/// The example binary, built by `cargo test` beside the test executables.
+fn score_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    profile_dir
+        .join("examples")
+        .join(format!("score{}", std::env::consts::EXE_SUFFIX))
+}
+
+#[test]
+fn score_example_follows_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, want) = mixed_dataset();
+    let in_path = dir.path().join("in.jsonl");
+    std::fs::File::create(&in_path)
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out_path = dir.path().join("out.jsonl");
+    let model = fixture_dir(FIXTURE);
+    let run = |extra: &[&str]| {
+        let mut cmd = Command::new(score_binary());
+        cmd.arg("--model").arg(&model);
+        cmd.arg("--input").arg(&in_path);
+        cmd.arg("--output").arg(&out_path);
+        cmd.args(extra);
+        cmd.output().unwrap()
+    };
+
+    let out = run(&["--per-token", "--backend", "reference"]);
+    assert_eq!(out.status.code(), Some(3), "some records fail");
+    check_output(&std::fs::read_to_string(&out_path).unwrap(), &want);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tokens/s") && stderr.contains("perplexity"),
+        "{stderr}"
+    );
+
+    // Only the good records: exit 0, and no per-token list without --per-token.
+    // (the good token records are the ones with numeric ids)
+    let good: String = input
+        .lines()
+        .filter(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["id"].is_number()))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&in_path, good).unwrap();
+    let out = run(&[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(&out_path)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(first.get("token_logprobs").is_none() && first.get("logprob").is_some());
+
+    for (args, needle) in [
+        (vec!["--bogus"], "--bogus"),
+        (vec!["--backend", "wgpu"], "not built yet"),
+        (vec!["--gpu-mem", "1GiB"], "not built yet"),
+        (vec!["--gpu-mem", "lots"], "--gpu-mem"),
+    ] {
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{args:?}"
+        );
+    }
+    let out = Command::new(score_binary())
+        .args(["--model", "/no/such/model", "--input"])
+        .arg(&in_path)
+        .arg("--output")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/model"));
+}
