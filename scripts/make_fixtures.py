@@ -162,7 +162,7 @@ def random_models(seed):
             pad_token_id=1),
          OPTForCausalLM, r.choice([torch.float32, torch.float16]), dict(tokenizer=True)),
         (f"llama-random-{seed}", LlamaConfig(
-            vocab_size=r.randrange(300, 400), hidden_size=r.randrange(16, 80),
+            vocab_size=r.randrange(300, 400), hidden_size=heads * r.choice([6, 10, 16, 20]),
             intermediate_size=r.randrange(20, 120), num_hidden_layers=r.randrange(1, 4),
             num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
             max_position_embeddings=r.randrange(40, 80), rope_theta=r.choice([1e4, 5e5, 100.0]),

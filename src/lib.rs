@@ -1,4 +1,42 @@
-//! ferrogen: throughput-oriented LLM inference with limited memory.
+//! # ferrogen
+//!
+//! Throughput-oriented LLM inference with limited memory: score a dataset or generate for
+//! thousands of prompts with a model that does not fit in GPU memory, or even in RAM.
+//!
+//! Data flows one way: model file -> weights -> placement -> plan -> executor -> results.
+//! What exists today is the foundation every later piece is tested against:
+//!
+//! - [`model`]: OPT and Llama configurations (Hugging Face `config.json` or GGUF metadata),
+//!   memory-mapped weight sources (safetensors, sharded or not; GGUF with F32/F16/BF16/Q8_0/
+//!   Q4_0/Q4_1 tensors), tokenizers, and each architecture's tensor list;
+//! - [`cpu`]: the f32 reference forward pass (ragged prefill, KV-cache decode, log-softmax,
+//!   greedy generation), checked against Hugging Face transformers;
+//! - [`score`]: the JSONL dataset-scoring job behind the `score` example.
+//!
+//! ```
+//! use ferrogen::cpu::ReferenceModel;
+//! use ferrogen::model::ModelFiles;
+//!
+//! # fn main() -> ferrogen::Result<()> {
+//! // A tiny random Llama checkpoint that ships with the tests.
+//! let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama-tied");
+//! let files = ModelFiles::open(std::path::Path::new(dir))?;
+//! let model = ReferenceModel::load(&files)?;
+//!
+//! // ln p(t_i | t_<i) for each of two sequences of different lengths, in one batch.
+//! let logprobs = model.token_logprobs(&[&[1, 17, 42, 7], &[3, 9]])?;
+//! assert_eq!(logprobs[0].len(), 3);
+//! let ppl = (-logprobs[0].iter().sum::<f32>() / 3.0).exp();
+//! assert!(ppl > 1.0);
+//!
+//! // Greedy continuation of a prompt.
+//! let new_tokens = model.generate_greedy(&[&[1, 17, 42]], 4, None)?;
+//! assert_eq!(new_tokens[0].len(), 4);
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
 pub mod bytes;
 pub mod cpu;
 pub mod error;
