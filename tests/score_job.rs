@@ -15,9 +15,11 @@ use serde_json::{json, Value};
 
 const FIXTURE: &str = "opt-pre-ln-proj";
 
+/// Per record in order: its id and `Some(expected token logprobs)`, or `None` for an error.
+type Expectations = Vec<(Value, Option<Vec<f64>>)>;
+
 /// A dataset mixing good records (every fixture sequence and text) with bad ones.
-/// Returns the JSONL and, per record in order, `Some(expected token logprobs)` or `None`.
-fn mixed_dataset() -> (String, Vec<(Value, Option<Vec<f64>>)>) {
+fn mixed_dataset() -> (String, Expectations) {
     let exp = expected(FIXTURE);
     let mut lines = Vec::new();
     let mut want = Vec::new();

@@ -163,12 +163,14 @@ pub fn causal_attention(
         let mut scores = qh.dot(&kh.t());
         scores *= scale;
         for (i, mut row) in scores.axis_iter_mut(Axis(0)).enumerate() {
+            // softmax over the visible keys 0..=past+i; masked keys get probability 0
             let visible = past + i + 1;
-            row.slice_mut(s![visible..]).fill(f32::NEG_INFINITY);
-            let max = row.fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            row.mapv_inplace(|x| (x - max).exp());
-            let sum = row.sum();
-            row /= sum;
+            row.slice_mut(s![visible..]).fill(0.0);
+            let mut seen = row.slice_mut(s![..visible]);
+            let max = seen.fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            seen.mapv_inplace(|x| (x - max).exp());
+            let sum = seen.sum();
+            seen /= sum;
         }
         out.slice_mut(s![.., h * d..(h + 1) * d])
             .assign(&scores.dot(&vh));
