@@ -142,10 +142,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let tokenizer = job.files.tokenizer.as_ref().map_err(Clone::clone);
     let result = score_jsonl(
         &job.model,
-        tokenizer,
+        job.files.tokenizer(),
         BufReader::new(job.input),
         BufWriter::new(job.output),
         &args.options,

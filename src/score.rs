@@ -199,7 +199,7 @@ enum Pending {
 /// error line.
 pub fn score_jsonl(
     scorer: &dyn Scorer,
-    tokenizer: std::result::Result<&TextTokenizer, String>,
+    tokenizer: Result<&TextTokenizer>,
     input: impl BufRead,
     mut output: impl Write,
     options: &ScoreOptions,
@@ -260,7 +260,7 @@ pub fn score_jsonl(
 /// Parses, tokenizes and checks one line against the model's limits.
 fn prepare(
     line: &str,
-    tokenizer: &std::result::Result<&TextTokenizer, String>,
+    tokenizer: &Result<&TextTokenizer>,
     config: &ModelConfig,
 ) -> std::result::Result<(Value, Vec<u32>), RecordError> {
     let record = parse_record(line)?;

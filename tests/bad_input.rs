@@ -5,47 +5,14 @@ mod common;
 
 use std::path::Path;
 
-use common::fixture_dir;
+use common::{copy_fixture, edit_safetensors, fixture_dir};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::model::ModelFiles;
 use ferrogen::Error;
 use proptest::prelude::*;
 
-/// A writable copy of a fixture directory.
-fn copy_fixture(name: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture_dir(name)).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-    }
-    dir
-}
-
 fn open_and_load(dir: &Path) -> ferrogen::Result<ReferenceModel> {
     ReferenceModel::load(&ModelFiles::open(dir)?)
-}
-
-/// Splits a safetensors file into its header JSON and data section.
-fn split_safetensors(bytes: &[u8]) -> (serde_json::Value, Vec<u8>) {
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    (header, bytes[8 + n..].to_vec())
-}
-
-fn join_safetensors(header: &serde_json::Value, data: &[u8]) -> Vec<u8> {
-    let h = header.to_string().into_bytes();
-    let mut out = (h.len() as u64).to_le_bytes().to_vec();
-    out.extend(h);
-    out.extend(data);
-    out
-}
-
-/// Rewrites `model.safetensors` of `dir` through `edit(header, data)`.
-fn edit_safetensors(dir: &Path, edit: impl FnOnce(&mut serde_json::Value, &mut Vec<u8>)) {
-    let path = dir.join("model.safetensors");
-    let (mut header, mut data) = split_safetensors(&std::fs::read(&path).unwrap());
-    edit(&mut header, &mut data);
-    std::fs::write(&path, join_safetensors(&header, &data)).unwrap();
 }
 
 fn expect_format(dir: &Path, needle: &str) {

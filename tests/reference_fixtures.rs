@@ -115,3 +115,25 @@ fn kv_cache_decode_equals_full_recompute() {
         }
     }
 }
+
+#[test]
+fn opt_checkpoint_without_model_prefix_loads() {
+    // Some OPT checkpoints name tensors `decoder.*` rather than transformers' `model.decoder.*`.
+    let name = "opt-post-ln";
+    let dir = common::copy_fixture(name);
+    common::edit_safetensors(dir.path(), |header, _| {
+        let renamed: serde_json::Map<String, serde_json::Value> = header
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.strip_prefix("model.").unwrap_or(k).to_string(), v.clone()))
+            .collect();
+        *header = serde_json::Value::Object(renamed);
+    });
+    let files = ModelFiles::open(dir.path()).unwrap();
+    assert_eq!(files.opt_prefix(), "");
+    let model = ReferenceModel::load(&files).unwrap();
+    let seq = &expected(name).sequences[3];
+    let got = model.token_logprobs(&[&seq.tokens]).unwrap();
+    assert!(max_abs_diff(&got[0], &seq.token_logprobs) < TOLERANCE);
+}

@@ -108,7 +108,7 @@ fn job_scores_in_order_across_batches_with_error_records() {
         };
         let summary = score_jsonl(
             &model,
-            files.tokenizer.as_ref().map_err(Clone::clone),
+            files.tokenizer(),
             input.as_bytes(),
             &mut out,
             &options,
@@ -131,7 +131,7 @@ fn text_records_without_a_tokenizer_fail_alone() {
     let mut out = Vec::new();
     let summary = score_jsonl(
         &model,
-        files.tokenizer.as_ref().map_err(Clone::clone),
+        files.tokenizer(),
         input.as_bytes(),
         &mut out,
         &ScoreOptions::default(),
