@@ -162,7 +162,12 @@ fn gguf_conversion_of_fixture_matches_transformers() {
 #[test]
 fn quantized_gguf_tensors_decode_exactly() {
     let reference = ModelFiles::open(&fixture_dir(FIXTURE)).unwrap();
-    for encoding in [Encoding::F16, Encoding::Q8_0] {
+    for encoding in [
+        Encoding::F16,
+        Encoding::Q8_0,
+        Encoding::Q4_0,
+        Encoding::Q4_1,
+    ] {
         let file = write_temp(&fixture_gguf_bytes(encoding));
         let gguf = ModelFiles::open(file.path()).unwrap();
         for name in reference.weights.names() {

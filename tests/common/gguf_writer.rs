@@ -119,6 +119,30 @@ pub enum Encoding {
     F16,
     /// 8-bit blocks of 32 with an f16 scale: `d = max|x| / 127`, `q = round(x / d)`.
     Q8_0,
+    /// 4-bit blocks of 32, symmetric: `d = max|x| / 7`, `q = clamp(round(x / d) + 8, 0, 15)`.
+    Q4_0,
+    /// 4-bit blocks of 32, asymmetric: `d = (max - min) / 15`, `m = min`, `q = round((x - m) / d)`.
+    Q4_1,
+}
+
+/// `1 / d`, or 0 for an all-zero block.
+fn inverse(d: f16) -> f32 {
+    if d.to_f32() == 0.0 {
+        0.0
+    } else {
+        1.0 / d.to_f32()
+    }
+}
+
+/// Packs 32 nibbles: byte j holds value j (low) and value j + 16 (high).
+fn pack_nibbles(q: &[u8]) -> Vec<u8> {
+    (0..16).map(|j| q[j] | (q[j + 16] << 4)).collect()
+}
+
+fn unpack_nibbles(b: &[u8]) -> Vec<f32> {
+    let lo = b.iter().map(|v| f32::from(v & 15));
+    let hi = b.iter().map(|v| f32::from(v >> 4));
+    lo.chain(hi).collect()
 }
 
 impl Encoding {
@@ -127,6 +151,8 @@ impl Encoding {
             Encoding::F32 => 0,
             Encoding::F16 => 1,
             Encoding::Q8_0 => 8,
+            Encoding::Q4_0 => 2,
+            Encoding::Q4_1 => 3,
         }
     }
 
@@ -142,17 +168,45 @@ impl Encoding {
                 .flat_map(|block| {
                     let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
                     let d = f16::from_f32(amax / 127.0);
-                    let inv = if d.to_f32() == 0.0 {
-                        0.0
-                    } else {
-                        1.0 / d.to_f32()
-                    };
+                    let inv = inverse(d);
                     let mut b = d.to_le_bytes().to_vec();
                     b.extend(
                         block
                             .iter()
                             .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8),
                     );
+                    b
+                })
+                .collect(),
+            Encoding::Q4_0 => data
+                .chunks(32)
+                .flat_map(|block| {
+                    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let d = f16::from_f32(amax / 7.0);
+                    let inv = inverse(d);
+                    let q: Vec<u8> = block
+                        .iter()
+                        .map(|v| ((v * inv).round() + 8.0).clamp(0.0, 15.0) as u8)
+                        .collect();
+                    let mut b = d.to_le_bytes().to_vec();
+                    b.extend(pack_nibbles(&q));
+                    b
+                })
+                .collect(),
+            Encoding::Q4_1 => data
+                .chunks(32)
+                .flat_map(|block| {
+                    let min = block.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+                    let max = block.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let (d, m) = (f16::from_f32((max - min) / 15.0), f16::from_f32(min));
+                    let inv = inverse(d);
+                    let q: Vec<u8> = block
+                        .iter()
+                        .map(|v| ((v - m.to_f32()) * inv).round().clamp(0.0, 15.0) as u8)
+                        .collect();
+                    let mut b = d.to_le_bytes().to_vec();
+                    b.extend(m.to_le_bytes());
+                    b.extend(pack_nibbles(&q));
                     b
                 })
                 .collect(),
@@ -173,6 +227,25 @@ impl Encoding {
                         .iter()
                         .map(move |&q| d * f32::from(q as i8))
                         .collect::<Vec<_>>()
+                })
+                .collect(),
+            Encoding::Q4_0 => self
+                .encode(data)
+                .chunks(18)
+                .flat_map(|b| {
+                    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    unpack_nibbles(&b[2..])
+                        .into_iter()
+                        .map(move |q| d * (q - 8.0))
+                })
+                .collect(),
+            Encoding::Q4_1 => self
+                .encode(data)
+                .chunks(20)
+                .flat_map(|b| {
+                    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
+                    unpack_nibbles(&b[4..]).into_iter().map(move |q| d * q + m)
                 })
                 .collect(),
         }
