@@ -10,6 +10,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use ferrogen::cli::{required, Flags};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::model::ModelFiles;
 use ferrogen::{Error, Result};
@@ -34,29 +35,19 @@ fn gemm_gflops(n: usize) -> f64 {
 fn run() -> Result<()> {
     let (mut model, mut text) = (None, None);
     let (mut tokens, mut chunk, mut runs) = (2048usize, 512usize, 5usize);
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let mut value = || {
-            args.next()
-                .ok_or_else(|| Error::invalid(&flag, "expects a value"))
-        };
-        let number = |v: String, name: &str| {
-            v.parse::<usize>()
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or_else(|| Error::invalid(name, "expects a positive number"))
-        };
+    let mut flags = Flags::from_env();
+    while let Some(flag) = flags.next_flag() {
         match flag.as_str() {
-            "--model" => model = Some(PathBuf::from(value()?)),
-            "--text" => text = Some(PathBuf::from(value()?)),
-            "--tokens" => tokens = number(value()?, "--tokens")?,
-            "--chunk" => chunk = number(value()?, "--chunk")?,
-            "--runs" => runs = number(value()?, "--runs")?,
+            "--model" => model = Some(PathBuf::from(flags.value(&flag)?)),
+            "--text" => text = Some(PathBuf::from(flags.value(&flag)?)),
+            "--tokens" => tokens = flags.positive(&flag)?,
+            "--chunk" => chunk = flags.positive(&flag)?,
+            "--runs" => runs = flags.positive(&flag)?,
             other => return Err(Error::invalid(other, "unknown flag")),
         }
     }
-    let model = model.ok_or_else(|| Error::invalid("--model", "is required"))?;
-    let text = text.ok_or_else(|| Error::invalid("--text", "is required"))?;
+    let model = required(model, "--model")?;
+    let text = required(text, "--text")?;
     let files = ModelFiles::open(&model)?;
     let t = Instant::now();
     let reference = ReferenceModel::load(&files)?;

@@ -6,33 +6,24 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use ferrogen::cli::{required, Flags};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::model::ModelFiles;
 use ferrogen::{Error, Result};
 
 fn run() -> Result<()> {
-    let mut model = None;
-    let mut prompt = None;
-    let mut max_new = 16usize;
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let mut value = || {
-            args.next()
-                .ok_or_else(|| Error::invalid(&flag, "expects a value"))
-        };
+    let (mut model, mut prompt, mut max_new) = (None, None, 16usize);
+    let mut flags = Flags::from_env();
+    while let Some(flag) = flags.next_flag() {
         match flag.as_str() {
-            "--model" => model = Some(PathBuf::from(value()?)),
-            "--prompt" => prompt = Some(value()?),
-            "--max-new-tokens" => {
-                max_new = value()?
-                    .parse()
-                    .map_err(|_| Error::invalid("--max-new-tokens", "expects a whole number"))?
-            }
+            "--model" => model = Some(PathBuf::from(flags.value(&flag)?)),
+            "--prompt" => prompt = Some(flags.value(&flag)?),
+            "--max-new-tokens" => max_new = flags.parse(&flag)?,
             other => return Err(Error::invalid(other, "unknown flag (see the file's doc)")),
         }
     }
-    let model = model.ok_or_else(|| Error::invalid("--model", "is required"))?;
-    let prompt = prompt.ok_or_else(|| Error::invalid("--prompt", "is required"))?;
+    let model = required(model, "--model")?;
+    let prompt = required(prompt, "--prompt")?;
     let files = ModelFiles::open(&model)?;
     let tokenizer = files.tokenizer()?;
     let reference = ReferenceModel::load(&files)?;

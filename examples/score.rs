@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ferrogen::bytes::parse_size;
+use ferrogen::cli::{required, Flags};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::model::ModelFiles;
 use ferrogen::score::{score_jsonl, ScoreOptions};
@@ -32,31 +33,22 @@ fn parse_args() -> Result<Args> {
     let (mut model, mut input, mut output, mut backend) = (None, None, None, None);
     let mut options = ScoreOptions::default();
     let mut memory_flags = Vec::new();
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let mut value = || {
-            args.next()
-                .ok_or_else(|| Error::invalid(&flag, "expects a value"))
-        };
+    let mut flags = Flags::from_env();
+    while let Some(flag) = flags.next_flag() {
         match flag.as_str() {
-            "--model" => model = Some(PathBuf::from(value()?)),
-            "--input" => input = Some(value()?),
-            "--output" => output = Some(value()?),
+            "--model" => model = Some(PathBuf::from(flags.value(&flag)?)),
+            "--input" => input = Some(flags.value(&flag)?),
+            "--output" => output = Some(flags.value(&flag)?),
             "--per-token" => options.per_token = true,
-            "--backend" => backend = Some(value()?),
-            "--batch-tokens" => {
-                options.batch_tokens =
-                    value()?.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
-                        Error::invalid("--batch-tokens", "expects a positive number")
-                    })?
-            }
+            "--backend" => backend = Some(flags.value(&flag)?),
+            "--batch-tokens" => options.batch_tokens = flags.positive(&flag)?,
             "--gpu-mem" | "--cpu-mem" => {
-                parse_size(&value()?, &flag)?;
-                memory_flags.push(flag.clone());
+                parse_size(&flags.value(&flag)?, &flag)?;
+                memory_flags.push(flag);
             }
             "--offload-dir" | "--policy" => {
-                value()?;
-                memory_flags.push(flag.clone());
+                flags.value(&flag)?;
+                memory_flags.push(flag);
             }
             "-h" | "--help" => {
                 return Err(Error::invalid(
@@ -69,9 +61,9 @@ fn parse_args() -> Result<Args> {
         }
     }
     Ok(Args {
-        model: model.ok_or_else(|| Error::invalid("--model", "is required"))?,
-        input: input.ok_or_else(|| Error::invalid("--input", "is required"))?,
-        output: output.ok_or_else(|| Error::invalid("--output", "is required"))?,
+        model: required(model, "--model")?,
+        input: required(input, "--input")?,
+        output: required(output, "--output")?,
         backend,
         options,
         memory_flags,

@@ -38,6 +38,7 @@
 #![warn(missing_docs)]
 
 pub mod bytes;
+pub mod cli;
 pub mod cpu;
 pub mod error;
 pub mod model;
