@@ -128,6 +128,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// No policy fits the memory budgets.
+    #[error("no policy fits: {detail}")]
+    Infeasible {
+        /// The tier that is short: `GPU`, `CPU` or `disk`.
+        tier: String,
+        /// By how many bytes it is short (for the smallest batch).
+        short_bytes: u64,
+        /// A sentence for the user.
+        detail: String,
+    },
+
     /// A feature that exists in the interface but is not built yet.
     #[error("{what} is not built yet")]
     NotBuilt {

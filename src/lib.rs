@@ -42,6 +42,7 @@ pub mod cli;
 pub mod cpu;
 pub mod error;
 pub mod model;
+pub mod policy;
 pub mod quant;
 pub mod score;
 

@@ -3,6 +3,7 @@
 //! A model path is either a directory as Hugging Face saves it (`config.json`, `*.safetensors`,
 //! optionally `tokenizer.json`) or a single `.gguf` file. [`ModelFiles::open`] reads either.
 
+pub mod builtin;
 pub mod config;
 pub mod gguf;
 pub mod llama;

@@ -1,0 +1,562 @@
+//! FlexGen's cost model, generalized to every [`ModelConfig`], to fp16 or 4-bit weights and
+//! cache, to activations split across tiers, and to CPU attention delegation.
+//!
+//! Every time term and memory peak is a [`Linear`] form over the nine placement fractions
+//! `x = [wg, wc, wn, cg, cc, cn, hg, hc, hn]` (weights, KV cache and activations on GPU, CPU,
+//! disk). The same forms are evaluated for a given [`Policy`] ([`CostModel::predict`]) and handed
+//! to the LP ([`crate::policy::search`]), so the formulas exist once.
+//!
+//! Notation (per decoder layer): `l` layers, `s` prompt length, `n` generated tokens,
+//! `bls = gbs * nb` sequences per block, `c = s + n/2` the average decode context,
+//! `Bw` weight bytes, `Bkv` KV bytes per token (keys and values), `Bh` activation bytes per token,
+//! `Flin` linear-layer FLOPs per token, `Fatt` attention FLOPs per token per context position.
+//! The embedding and output head are spread over the layers (`Bw += head/l`, `Flin += 2*V*d/l`),
+//! which keeps every term per-layer and linear. Overlapped, a layer costs
+//! `max(ctog + dtoc, gtoc + ctod, comp)` (FlexGen's code); without overlap, the sum of the terms.
+//! `T = l * Tpre + l * (n - 1) * Tgen`, and throughput is `bls * n / T` generated tokens per second.
+
+use serde::Serialize;
+
+use super::hardware::{HardwareProfile, GIB};
+use super::policy::{Policy, QuantConfig};
+use crate::model::ModelConfig;
+
+/// Index of each placement fraction in a [`Linear`] form.
+pub mod x {
+    /// Weights on GPU, CPU, disk.
+    pub const WG: usize = 0;
+    /// Weights in CPU RAM.
+    pub const WC: usize = 1;
+    /// Weights on disk.
+    pub const WN: usize = 2;
+    /// KV cache on GPU.
+    pub const CG: usize = 3;
+    /// KV cache in CPU RAM.
+    pub const CC: usize = 4;
+    /// KV cache on disk.
+    pub const CN: usize = 5;
+    /// Activations on GPU.
+    pub const HG: usize = 6;
+    /// Activations in CPU RAM.
+    pub const HC: usize = 7;
+    /// Activations on disk.
+    pub const HN: usize = 8;
+    /// Number of placement fractions.
+    pub const COUNT: usize = 9;
+}
+
+/// `constant + sum_i coef[i] * x[i]` over the placement fractions.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Linear {
+    /// The part that does not depend on placement.
+    pub constant: f64,
+    /// Coefficients of `x`.
+    pub coef: [f64; x::COUNT],
+}
+
+impl Linear {
+    fn constant(c: f64) -> Self {
+        Self {
+            constant: c,
+            ..Self::default()
+        }
+    }
+    /// `scale * sum of the given fractions`.
+    fn of(scale: f64, fractions: &[usize]) -> Self {
+        let mut l = Self::default();
+        for &i in fractions {
+            l.coef[i] += scale;
+        }
+        l
+    }
+    /// Value at placement `x`.
+    pub fn eval(&self, x: &[f64; x::COUNT]) -> f64 {
+        self.constant + self.coef.iter().zip(x).map(|(c, v)| c * v).sum::<f64>()
+    }
+}
+
+impl std::ops::Add for Linear {
+    type Output = Linear;
+    fn add(mut self, o: Linear) -> Linear {
+        self.constant += o.constant;
+        for (a, b) in self.coef.iter_mut().zip(o.coef) {
+            *a += b;
+        }
+        self
+    }
+}
+
+/// Prompt and generation lengths of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Workload {
+    /// Prompt tokens per sequence (`s`).
+    pub prompt_len: usize,
+    /// Generated tokens per sequence (`n`).
+    pub gen_len: usize,
+}
+
+/// A model's sizes as the cost model needs them (element counts; bytes depend on compression).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelShape {
+    /// Decoder layers.
+    pub layers: usize,
+    /// Residual width.
+    pub hidden: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Width of all query heads (`heads * head_dim`).
+    pub q_width: usize,
+    /// Width of all key (or value) heads (`kv_heads * head_dim`).
+    pub kv_width: usize,
+    /// FFN hidden width.
+    pub ffn: usize,
+    /// FFN activations alive at once per token (OPT: fc1's output; SwiGLU: gate and up).
+    pub ffn_live: usize,
+    /// Weight values of one decoder layer.
+    pub layer_values: f64,
+    /// Weight values outside the layers (embeddings, output head, final norm).
+    pub head_values: f64,
+    /// Output-projection multiply-adds per token (`vocab * embed_dim`).
+    pub head_macs: f64,
+}
+
+impl ModelShape {
+    /// Sizes of `config`.
+    pub fn of(config: &ModelConfig) -> Self {
+        match config {
+            ModelConfig::Opt(c) => {
+                let (h, f, e) = (c.hidden_size as f64, c.ffn_dim as f64, c.embed_dim() as f64);
+                // q, k, v, out (+ biases), fc1, fc2 (+ biases), two LayerNorms
+                let layer = 4.0 * h * h + 4.0 * h + 2.0 * h * f + f + h + 4.0 * h;
+                let proj = if c.has_projections() {
+                    2.0 * h * e
+                } else {
+                    0.0
+                };
+                let positions = (c.max_position_embeddings + 2) as f64 * h;
+                Self {
+                    layers: c.num_hidden_layers,
+                    hidden: c.hidden_size,
+                    heads: c.num_attention_heads,
+                    q_width: c.hidden_size,
+                    kv_width: c.hidden_size,
+                    ffn: c.ffn_dim,
+                    ffn_live: 1,
+                    layer_values: layer,
+                    head_values: c.vocab_size as f64 * e + positions + proj + 2.0 * h,
+                    head_macs: c.vocab_size as f64 * e,
+                }
+            }
+            ModelConfig::Llama(c) => {
+                let h = c.hidden_size as f64;
+                let (qw, kvw) = (
+                    (c.num_attention_heads * c.head_dim()) as f64,
+                    (c.kv_heads() * c.head_dim()) as f64,
+                );
+                let f = c.intermediate_size as f64;
+                // q, k, v, o, gate, up, down, two RMSNorms
+                let layer = h * qw + 2.0 * h * kvw + qw * h + 3.0 * h * f + 2.0 * h;
+                let tables = if c.tie_word_embeddings { 1.0 } else { 2.0 };
+                Self {
+                    layers: c.num_hidden_layers,
+                    hidden: c.hidden_size,
+                    heads: c.num_attention_heads,
+                    q_width: qw as usize,
+                    kv_width: kvw as usize,
+                    ffn: c.intermediate_size,
+                    ffn_live: 2,
+                    layer_values: layer,
+                    head_values: tables * c.vocab_size as f64 * h + h,
+                    head_macs: c.vocab_size as f64 * h,
+                }
+            }
+        }
+    }
+}
+
+/// Seconds per layer of each term of one phase (prefill or one decode step).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct PhaseTimes {
+    /// CPU -> GPU transfers.
+    pub ctog: f64,
+    /// GPU -> CPU transfers.
+    pub gtoc: f64,
+    /// Disk -> CPU reads.
+    pub dtoc: f64,
+    /// CPU -> disk writes.
+    pub ctod: f64,
+    /// Compute (GPU matrix products, attention on GPU or CPU, dequantization).
+    pub comp: f64,
+    /// The layer's time: overlapped `max(ctog + dtoc, gtoc + ctod, comp)`, else the sum.
+    pub layer: f64,
+}
+
+/// The cost model's forms for one phase.
+#[derive(Debug, Clone, Copy)]
+pub struct PhaseTerms {
+    /// CPU -> GPU seconds per layer.
+    pub ctog: Linear,
+    /// GPU -> CPU seconds per layer.
+    pub gtoc: Linear,
+    /// Disk -> CPU seconds per layer.
+    pub dtoc: Linear,
+    /// CPU -> disk seconds per layer.
+    pub ctod: Linear,
+    /// Compute seconds per layer.
+    pub comp: Linear,
+}
+
+impl PhaseTerms {
+    /// The forms whose maximum is the layer time when I/O overlaps compute.
+    pub fn overlapped(&self) -> [Linear; 3] {
+        [self.ctog + self.dtoc, self.gtoc + self.ctod, self.comp]
+    }
+
+    fn times(&self, x: &[f64; x::COUNT], overlap: bool) -> PhaseTimes {
+        let e = |l: &Linear| l.eval(x);
+        let (ctog, gtoc, dtoc, ctod, comp) = (
+            e(&self.ctog),
+            e(&self.gtoc),
+            e(&self.dtoc),
+            e(&self.ctod),
+            e(&self.comp),
+        );
+        let layer = if overlap {
+            (ctog + dtoc).max(gtoc + ctod).max(comp)
+        } else {
+            ctog + gtoc + dtoc + ctod + comp
+        };
+        PhaseTimes {
+            ctog,
+            gtoc,
+            dtoc,
+            ctod,
+            comp,
+            layer,
+        }
+    }
+}
+
+/// Everything that does not vary with placement: batch sizes and flags.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Batching {
+    /// Sequences per GPU batch.
+    pub gpu_batch_size: usize,
+    /// GPU batches per block.
+    pub num_gpu_batches: usize,
+    /// Decode attention on the CPU for the CPU/disk part of the cache.
+    pub cpu_cache_compute: bool,
+    /// 4-bit weights.
+    pub compress_weight: bool,
+    /// 4-bit KV cache.
+    pub compress_cache: bool,
+    /// The 4-bit format.
+    pub quant: QuantConfig,
+    /// Fraction of attention computed.
+    pub attn_sparsity: f64,
+}
+
+impl Batching {
+    /// The batching part of a policy.
+    pub fn of(p: &Policy) -> Self {
+        Self {
+            gpu_batch_size: p.gpu_batch_size,
+            num_gpu_batches: p.num_gpu_batches,
+            cpu_cache_compute: p.cpu_cache_compute,
+            compress_weight: p.compress_weight,
+            compress_cache: p.compress_cache,
+            quant: p.quant,
+            attn_sparsity: p.attn_sparsity,
+        }
+    }
+}
+
+/// All forms for one [`Batching`]: time terms per phase and memory peaks per tier (bytes).
+#[derive(Debug, Clone, Copy)]
+pub struct Terms {
+    /// Prefill, per layer.
+    pub prefill: PhaseTerms,
+    /// One decode step, per layer.
+    pub decode: PhaseTerms,
+    /// GPU bytes at the prefill and decode peaks.
+    pub gpu_peak: [Linear; 2],
+    /// CPU bytes at the prefill and decode peaks.
+    pub cpu_peak: [Linear; 2],
+    /// Disk bytes.
+    pub disk: Linear,
+}
+
+/// A policy's predicted performance, with the per-term breakdown and peak bytes per tier.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prediction {
+    /// Generated tokens per second over the whole job (`bls * n / T`).
+    pub throughput_tok_s: f64,
+    /// Total prefill seconds (`l * Tpre`).
+    pub prefill_s: f64,
+    /// Total decode seconds (`l * (n - 1) * Tgen`).
+    pub decode_s: f64,
+    /// Per-layer prefill terms.
+    pub prefill: PhaseTimes,
+    /// Per-layer terms of one decode step.
+    pub decode: PhaseTimes,
+    /// Peak GPU bytes.
+    pub gpu_peak_bytes: f64,
+    /// Peak CPU bytes.
+    pub cpu_peak_bytes: f64,
+    /// Disk bytes.
+    pub disk_bytes: f64,
+}
+
+/// The cost model of one model on one machine for one workload.
+#[derive(Debug, Clone)]
+pub struct CostModel {
+    /// Model sizes.
+    pub shape: ModelShape,
+    /// Machine.
+    pub hardware: HardwareProfile,
+    /// Prompt and generation lengths.
+    pub workload: Workload,
+}
+
+/// Bytes per activation or uncompressed weight/cache value (fp16, as FlexGen runs).
+const FP16: f64 = 2.0;
+
+impl CostModel {
+    /// A cost model for `config` on `hardware` running `workload`.
+    pub fn new(config: &ModelConfig, hardware: HardwareProfile, workload: Workload) -> Self {
+        Self {
+            shape: ModelShape::of(config),
+            hardware,
+            workload,
+        }
+    }
+
+    /// The linear forms of every term and peak for one batching choice.
+    pub fn terms(&self, b: &Batching) -> Terms {
+        use x::*;
+        let m = &self.shape;
+        let hw = &self.hardware;
+        let (s, n) = (
+            self.workload.prompt_len as f64,
+            self.workload.gen_len as f64,
+        );
+        let l = m.layers as f64;
+        let (gbs, nb) = (b.gpu_batch_size as f64, b.num_gpu_batches as f64);
+        let bls = gbs * nb;
+        let c = s + n / 2.0; // average decode context
+        let bw = |gib_s: f64| gib_s * GIB; // bytes per second
+        let (ctog_bw, gtoc_bw, gtoc_cache_bw) = (
+            bw(hw.cpu_to_gpu_gib_s),
+            bw(hw.gpu_to_cpu_gib_s),
+            bw(hw.gpu_to_cpu_cache_gib_s),
+        );
+        let (dtoc_bw, ctod_bw, ctod_cache_bw) = (
+            bw(hw.disk_to_cpu_gib_s()),
+            bw(hw.cpu_to_disk_gib_s),
+            bw(hw.cpu_to_disk_cache_gib_s),
+        );
+        let dequant_rate = hw.gpu_dequant_gvalues_s * 1e9;
+
+        // Bytes: weights and cache in fp16 or 4-bit groups; activations in fp16.
+        let value_bytes = |compressed: bool| {
+            if compressed {
+                b.quant.bytes_per_value()
+            } else {
+                FP16
+            }
+        };
+        let w_values = m.layer_values + m.head_values / l; // per layer, head spread over layers
+        let bw_layer = w_values * value_bytes(b.compress_weight); // Bw
+        let kv_values = 2.0 * m.kv_width as f64; // keys and values, per token per layer
+        let bkv = kv_values * value_bytes(b.compress_cache); // Bkv
+        let bh = m.hidden as f64 * FP16; // Bh
+                                         // Flin = 2 * matrix values (+ the output head spread over layers); Fatt = 4 * q_width
+        let flin = 2.0 * m.layer_values + 2.0 * m.head_macs / l;
+        let fatt = 4.0 * m.q_width as f64 * b.attn_sparsity;
+        let ccc = b.cpu_cache_compute;
+        // Weight dequantization runs once per GPU batch per layer: nb * values / rate.
+        let dequant_w = if b.compress_weight {
+            nb * w_values / dequant_rate
+        } else {
+            0.0
+        };
+        // The cache part attended on the GPU: all of it without delegation, else cg only.
+        let gpu_cache: &[usize] = if ccc { &[CG] } else { &[CG, CC, CN] };
+        let dequant_kv_per_value = if b.compress_cache {
+            1.0 / dequant_rate
+        } else {
+            0.0
+        };
+
+        // Linear layers of one phase: each of the nb GPU batches multiplies `tokens` rows per
+        // sequence, and reads the layer's weights from GPU memory at least once:
+        // nb * max(gbs * tokens * Flin / mm, Bw / bw_gpu)
+        let matmul = |tokens: f64, tflops: f64| {
+            nb * (gbs * tokens * flin / (tflops * 1e12)).max(bw_layer / bw(hw.gpu_memory_gib_s))
+        };
+
+        let prefill = PhaseTerms {
+            // ctog = (Bw (wc + wn) + Bh s bls (hc + hn)) / bw_ctog
+            ctog: Linear::of(bw_layer / ctog_bw, &[WC, WN])
+                + Linear::of(bh * s * bls / ctog_bw, &[HC, HN]),
+            // gtoc = Bkv s bls (cc + cn) / bw_gtoc_cache + Bh s bls (hc + hn) / bw_gtoc
+            gtoc: Linear::of(bkv * s * bls / gtoc_cache_bw, &[CC, CN])
+                + Linear::of(bh * s * bls / gtoc_bw, &[HC, HN]),
+            // dtoc = (Bw wn + Bh s bls hn) / bw_dtoc
+            dtoc: Linear::of(bw_layer / dtoc_bw, &[WN]) + Linear::of(bh * s * bls / dtoc_bw, &[HN]),
+            // ctod = Bkv s bls cn / bw_ctod_cache + Bh s bls hn / bw_ctod
+            ctod: Linear::of(bkv * s * bls / ctod_cache_bw, &[CN])
+                + Linear::of(bh * s * bls / ctod_bw, &[HN]),
+            // comp = nb max(gbs s Flin / mm_p, Bw / bw_gpu) + bls s^2 Fatt / bmm_p + dequant
+            // (FlexGen counts the full s x s attention square, and its fitted bmm rate assumes it)
+            comp: Linear::constant(
+                matmul(s, hw.gpu_matmul_tflops_prefill)
+                    + bls * s * s * fatt / (hw.gpu_attention_tflops_prefill * 1e12)
+                    + dequant_w,
+            ),
+        };
+
+        let attn_gpu = bls * c * fatt / (hw.gpu_attention_tflops_decode * 1e12);
+        let attn_cpu = bls * c * fatt / (hw.cpu_attention_tflops * 1e12);
+        let decode = PhaseTerms {
+            // ctog = (Bw (wc + wn) + Bh bls (hc + hn)) / bw_ctog
+            //        [+ Bkv c bls (cc + cn) / bw_ctog without CPU attention: the cache moves]
+            ctog: Linear::of(bw_layer / ctog_bw, &[WC, WN])
+                + Linear::of(bh * bls / ctog_bw, &[HC, HN])
+                + Linear::of(if ccc { 0.0 } else { bkv * c * bls / ctog_bw }, &[CC, CN]),
+            // gtoc = Bh bls (hc + hn) / bw_gtoc + Bkv bls (cc + cn) / bw_gtoc_cache (new entries)
+            gtoc: Linear::of(bh * bls / gtoc_bw, &[HC, HN])
+                + Linear::of(bkv * bls / gtoc_cache_bw, &[CC, CN]),
+            // dtoc = (Bkv c bls cn + Bh bls hn + Bw wn) / bw_dtoc
+            dtoc: Linear::of(bkv * c * bls / dtoc_bw, &[CN])
+                + Linear::of(bh * bls / dtoc_bw, &[HN])
+                + Linear::of(bw_layer / dtoc_bw, &[WN]),
+            // ctod = (Bkv bls cn + Bh bls hn) / bw_ctod
+            ctod: Linear::of(bkv * bls / ctod_bw, &[CN]) + Linear::of(bh * bls / ctod_bw, &[HN]),
+            // comp = nb max(gbs Flin / mm_g, Bw / bw_gpu) + bls c Fatt / bmm_g (GPU part of cache)
+            //        + bls c Fatt / cpu (CPU part, with delegation) + dequantization
+            comp: Linear::constant(matmul(1.0, hw.gpu_matmul_tflops_decode) + dequant_w)
+                + Linear::of(attn_gpu, gpu_cache)
+                + Linear::of(if ccc { attn_cpu } else { 0.0 }, &[CC, CN])
+                + Linear::of(bls * c * kv_values * dequant_kv_per_value, gpu_cache),
+        };
+
+        // Working set of one GPU batch (fp16): attention stage (input, q, k, v, scores) or
+        // FFN stage (input, live FFN activations), whichever is larger.
+        let (h, qw, kvw) = (m.hidden as f64, m.q_width as f64, m.kv_width as f64);
+        let heads = m.heads as f64;
+        let ffn_live = (m.ffn * m.ffn_live) as f64;
+        let work_prefill =
+            FP16 * gbs * (s * (h + qw + 2.0 * kvw) + heads * s * s).max(s * (h + ffn_live));
+        let work_decode = FP16 * gbs * (h + qw + 2.0 * kvw + heads * (s + n) + ffn_live);
+        let total_w = bw_layer * l;
+        let cache_all = bkv * (s + n) * bls * l;
+        let streamed_w = Linear::of(2.0 * bw_layer, &[WC, WN]); // two layers in flight
+
+        let gpu_prefill = Linear::of(total_w, &[WG])
+            + Linear::of(bh * s * bls, &[HG])
+            + Linear::of(cache_all, &[CG])
+            + streamed_w
+            + Linear::of(bh * s * gbs, &[HC, HN])
+            + Linear::constant(work_prefill);
+        let gpu_decode = Linear::of(total_w, &[WG])
+            + Linear::of(bh * bls, &[HG])
+            + Linear::of(cache_all, &[CG])
+            + streamed_w
+            + Linear::of(bh * gbs, &[HC, HN])
+            + Linear::constant(work_decode)
+            // without delegation, one batch's CPU/disk cache is double-buffered on the GPU
+            + Linear::of(if ccc { 0.0 } else { 2.0 * bkv * (s + n) * gbs }, &[CC, CN]);
+        let cpu_prefill = Linear::of(total_w, &[WC])
+            + Linear::of(bh * s * bls, &[HC])
+            + Linear::of(cache_all, &[CC])
+            + Linear::of(bw_layer, &[WN]) // disk weights staged through RAM
+            + Linear::of(bkv * s * gbs, &[CN])
+            + Linear::of(bh * s * gbs, &[HN]);
+        let cpu_decode = Linear::of(total_w, &[WC])
+            + Linear::of(bh * bls, &[HC])
+            + Linear::of(cache_all, &[CC])
+            + Linear::of(bw_layer, &[WN])
+            + Linear::of(bkv * (s + n) * gbs, &[CN])
+            + Linear::of(bh * gbs, &[HN])
+            // CPU attention scores of one batch, f32
+            + Linear::constant(if ccc { 4.0 * gbs * heads * (s + n) } else { 0.0 });
+        let disk = Linear::of(total_w, &[WN])
+            + Linear::of(cache_all, &[CN])
+            + Linear::of(bh * s * bls, &[HN]);
+
+        Terms {
+            prefill,
+            decode,
+            gpu_peak: [gpu_prefill, gpu_decode],
+            cpu_peak: [cpu_prefill, cpu_decode],
+            disk,
+        }
+    }
+
+    /// Total seconds `T = l * Tpre + l * (n - 1) * Tgen` from per-layer times.
+    pub fn total_seconds(&self, t_prefill: f64, t_decode: f64) -> (f64, f64) {
+        let l = self.shape.layers as f64;
+        let steps = self.workload.gen_len.saturating_sub(1) as f64;
+        (l * t_prefill, l * steps * t_decode)
+    }
+
+    /// The prediction for a policy (whether or not it fits the profile's memory).
+    pub fn predict(&self, policy: &Policy) -> Prediction {
+        let (w, c, a) = (policy.weights(), policy.cache(), policy.activations());
+        let xs = [
+            w.gpu, w.cpu, w.disk, c.gpu, c.cpu, c.disk, a.gpu, a.cpu, a.disk,
+        ];
+        self.predict_at(&Batching::of(policy), &xs, policy.overlap)
+    }
+
+    /// The prediction at placement `xs` for one batching choice.
+    pub fn predict_at(&self, b: &Batching, xs: &[f64; x::COUNT], overlap: bool) -> Prediction {
+        let terms = self.terms(b);
+        let prefill = terms.prefill.times(xs, overlap);
+        let decode = terms.decode.times(xs, overlap);
+        let (prefill_s, decode_s) = self.total_seconds(prefill.layer, decode.layer);
+        let bls = (b.gpu_batch_size * b.num_gpu_batches) as f64;
+        let peak = |p: &[Linear; 2]| p[0].eval(xs).max(p[1].eval(xs));
+        Prediction {
+            throughput_tok_s: bls * self.workload.gen_len as f64 / (prefill_s + decode_s),
+            prefill_s,
+            decode_s,
+            prefill,
+            decode,
+            gpu_peak_bytes: peak(&terms.gpu_peak),
+            cpu_peak_bytes: peak(&terms.cpu_peak),
+            disk_bytes: terms.disk.eval(xs),
+        }
+    }
+}
+
+impl Prediction {
+    /// A human-readable breakdown: totals, per-layer terms of both phases, peaks per tier.
+    pub fn table(&self, hardware: &HardwareProfile) -> String {
+        let gib = |b: f64| b / GIB;
+        let row = |name: &str, t: &PhaseTimes| {
+            format!(
+                "{name:<8} {:>10.4} {:>10.4} {:>10.4} {:>10.4} {:>10.4} {:>10.4}\n",
+                t.ctog, t.gtoc, t.dtoc, t.ctod, t.comp, t.layer
+            )
+        };
+        let mut out = format!(
+            "predicted throughput: {:.3} tokens/s (prefill {:.2} s + decode {:.2} s)\n\
+             per layer, seconds:   ctog       gtoc       dtoc       ctod       comp      layer\n",
+            self.throughput_tok_s, self.prefill_s, self.decode_s
+        );
+        out += &row("prefill", &self.prefill);
+        out += &row("decode", &self.decode);
+        out += &format!(
+            "peak memory: GPU {:.2} / {:.2} GiB, CPU {:.2} / {:.2} GiB, disk {:.2} / {:.2} GiB\n",
+            gib(self.gpu_peak_bytes),
+            gib(hardware.gpu_memory.0 as f64),
+            gib(self.cpu_peak_bytes),
+            gib(hardware.cpu_memory.0 as f64),
+            gib(self.disk_bytes),
+            gib(hardware.disk_space.0 as f64),
+        );
+        out
+    }
+}

@@ -1,0 +1,236 @@
+//! [`HardwareProfile`]: the bandwidths, compute rates and capacities the cost model runs on.
+//!
+//! Units: bandwidths in GiB/s (2^30 bytes per second, FlexGen's "GB"), compute in TFLOP/s
+//! (10^12), capacities as sizes (`"15GiB"` or a byte count).
+
+use std::path::Path;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::bytes::{format_size, parse_size};
+use crate::error::{Error, Result};
+
+/// A byte count that TOML may give as `"15GiB"` or as an integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&format_size(self.0).replace(' ', ""))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(v) => Ok(ByteSize(v)),
+            Raw::Text(t) => parse_size(&t, "size")
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Measured disk-to-CPU read bandwidth for one read size and thread count (LLM in a Flash
+/// models flash reads this way: throughput grows with chunk size and parallelism).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRead {
+    /// Bytes per read request.
+    pub chunk_bytes: u64,
+    /// Concurrent reader threads.
+    pub threads: usize,
+    /// Measured GiB/s.
+    pub gib_s: f64,
+}
+
+/// A machine as the cost model sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HardwareProfile {
+    /// What the profile describes.
+    pub name: String,
+    /// CPU -> GPU copy (weights, activations, and the KV cache when attention runs on the GPU).
+    pub cpu_to_gpu_gib_s: f64,
+    /// GPU -> CPU copy of activations.
+    pub gpu_to_cpu_gib_s: f64,
+    /// GPU -> CPU copy of KV-cache entries (strided, often slower).
+    pub gpu_to_cpu_cache_gib_s: f64,
+    /// CPU -> disk writes of activations and decode-time cache.
+    pub cpu_to_disk_gib_s: f64,
+    /// CPU -> disk writes of the prefill KV cache.
+    pub cpu_to_disk_cache_gib_s: f64,
+    /// Disk -> CPU read bandwidth by read size and thread count.
+    pub disk_read: Vec<DiskRead>,
+    /// Read size the executor issues.
+    pub io_chunk_bytes: u64,
+    /// Reader threads the executor runs.
+    pub io_threads: usize,
+    /// GPU matrix products at prefill shapes.
+    pub gpu_matmul_tflops_prefill: f64,
+    /// GPU matrix products at decode shapes.
+    pub gpu_matmul_tflops_decode: f64,
+    /// GPU attention (batched products) at prefill.
+    pub gpu_attention_tflops_prefill: f64,
+    /// GPU attention at decode.
+    pub gpu_attention_tflops_decode: f64,
+    /// CPU attention over a CPU-resident KV cache (FlexGen's `cpu_flops`).
+    pub cpu_attention_tflops: f64,
+    /// GPU memory bandwidth: a matrix product reads its weights at least once per GPU batch.
+    pub gpu_memory_gib_s: f64,
+    /// Dequantization of 4-bit groups on the GPU, in billions of values per second.
+    pub gpu_dequant_gvalues_s: f64,
+    /// GPU memory the run may use.
+    pub gpu_memory: ByteSize,
+    /// CPU RAM the run may use.
+    pub cpu_memory: ByteSize,
+    /// Disk space the run may use.
+    pub disk_space: ByteSize,
+    /// Free-form provenance (how and when the figures were measured, their spread).
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
+/// Bytes per GiB.
+pub const GIB: f64 = (1u64 << 30) as f64;
+
+impl HardwareProfile {
+    /// Reads and validates a profile TOML file.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let profile: Self = toml::from_str(&text)
+            .map_err(|e| Error::config(path, format!("bad hardware profile: {e}")))?;
+        profile.validate(path)?;
+        Ok(profile)
+    }
+
+    /// The profile as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a profile always serializes")
+    }
+
+    /// Every rate must be positive and finite; there must be at least one disk-read row.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let rates = [
+            ("cpu_to_gpu_gib_s", self.cpu_to_gpu_gib_s),
+            ("gpu_to_cpu_gib_s", self.gpu_to_cpu_gib_s),
+            ("gpu_to_cpu_cache_gib_s", self.gpu_to_cpu_cache_gib_s),
+            ("cpu_to_disk_gib_s", self.cpu_to_disk_gib_s),
+            ("cpu_to_disk_cache_gib_s", self.cpu_to_disk_cache_gib_s),
+            ("gpu_matmul_tflops_prefill", self.gpu_matmul_tflops_prefill),
+            ("gpu_matmul_tflops_decode", self.gpu_matmul_tflops_decode),
+            (
+                "gpu_attention_tflops_prefill",
+                self.gpu_attention_tflops_prefill,
+            ),
+            (
+                "gpu_attention_tflops_decode",
+                self.gpu_attention_tflops_decode,
+            ),
+            ("cpu_attention_tflops", self.cpu_attention_tflops),
+            ("gpu_memory_gib_s", self.gpu_memory_gib_s),
+            ("gpu_dequant_gvalues_s", self.gpu_dequant_gvalues_s),
+        ];
+        for (name, v) in rates {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::config(
+                    path,
+                    format!("`{name}` = {v} must be positive"),
+                ));
+            }
+        }
+        if self.disk_read.is_empty() {
+            return Err(Error::config(path, "`disk_read` needs at least one row"));
+        }
+        if let Some(row) = self
+            .disk_read
+            .iter()
+            .find(|r| !(r.gib_s.is_finite() && r.gib_s > 0.0) || r.threads == 0)
+        {
+            return Err(Error::config(path, format!("bad disk_read row {row:?}")));
+        }
+        Ok(())
+    }
+
+    /// Disk -> CPU bandwidth (GiB/s) for the executor's reads: the best measured row whose read
+    /// size and thread count do not exceed `io_chunk_bytes` and `io_threads`; if none qualifies,
+    /// the row with the smallest read size (the most conservative).
+    pub fn disk_to_cpu_gib_s(&self) -> f64 {
+        let usable = self
+            .disk_read
+            .iter()
+            .filter(|r| r.chunk_bytes <= self.io_chunk_bytes && r.threads <= self.io_threads)
+            .map(|r| r.gib_s)
+            .fold(None, |best: Option<f64>, v| {
+                Some(best.map_or(v, |b| b.max(v)))
+            });
+        usable.unwrap_or_else(|| {
+            self.disk_read
+                .iter()
+                .min_by_key(|r| (r.chunk_bytes, r.threads))
+                .map_or(f64::MIN_POSITIVE, |r| r.gib_s)
+        })
+    }
+
+    /// The same profile with other memory budgets (e.g. `--gpu-mem`, `--cpu-mem`).
+    pub fn with_capacities(mut self, gpu: u64, cpu: u64, disk: u64) -> Self {
+        self.gpu_memory = ByteSize(gpu);
+        self.cpu_memory = ByteSize(cpu);
+        self.disk_space = ByteSize(disk);
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn t4() -> HardwareProfile {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/policies/t4-flexgen.toml");
+        HardwareProfile::from_toml_file(Path::new(path)).unwrap()
+    }
+
+    #[test]
+    fn t4_profile_reads_and_round_trips() {
+        let p = t4();
+        assert_eq!(p.gpu_memory, ByteSize(15 << 30));
+        assert!((p.disk_to_cpu_gib_s() - 0.473).abs() < 1e-12);
+        let back: HardwareProfile = toml::from_str(&p.to_toml()).unwrap();
+        assert_eq!(back, p);
+    }
+
+    #[test]
+    fn disk_rate_follows_the_executors_read_size() {
+        let mut p = t4();
+        p.disk_read = vec![
+            DiskRead {
+                chunk_bytes: 64 << 10,
+                threads: 1,
+                gib_s: 0.5,
+            },
+            DiskRead {
+                chunk_bytes: 4 << 20,
+                threads: 1,
+                gib_s: 1.2,
+            },
+            DiskRead {
+                chunk_bytes: 4 << 20,
+                threads: 4,
+                gib_s: 1.6,
+            },
+        ];
+        p.io_chunk_bytes = 4 << 20;
+        p.io_threads = 1;
+        assert_eq!(p.disk_to_cpu_gib_s(), 1.2);
+        p.io_threads = 8;
+        assert_eq!(p.disk_to_cpu_gib_s(), 1.6);
+        p.io_chunk_bytes = 4096;
+        assert_eq!(p.disk_to_cpu_gib_s(), 0.5);
+    }
+}

@@ -1,0 +1,13 @@
+//! Placement policies and how to choose them: [`Policy`], [`HardwareProfile`], the cost model
+//! ([`cost`]) and the LP search ([`search`]).
+
+pub mod cost;
+pub mod hardware;
+#[allow(clippy::module_inception)]
+pub mod policy;
+pub mod search;
+
+pub use cost::{CostModel, Prediction, Workload};
+pub use hardware::{ByteSize, DiskRead, HardwareProfile};
+pub use policy::{Policy, QuantConfig, TierSplit};
+pub use search::{search, SearchOptions, SearchResult};

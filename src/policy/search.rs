@@ -1,0 +1,274 @@
+//! Policy search: batch sizes and flags enumerated outside, placement solved as an LP.
+//!
+//! For each `(gbs, nb, cpu_cache_compute)` the LP over `x = [wg, wc, wn, cg, cc, cn, hg, hc, hn]`
+//! with per-layer times `Tpre, Tgen` is
+//! ```text
+//! minimise   (l * Tpre + l * (n - 1) * Tgen) / bls
+//! subject to wg + wc + wn = 1,  cg + cc + cn = 1,  hg + hc + hn = 1,  0 <= x <= 1
+//!            Tpre >= ctog + dtoc,  Tpre >= gtoc + ctod,  Tpre >= comp      (prefill forms)
+//!            Tgen >= ctog + dtoc,  Tgen >= gtoc + ctod,  Tgen >= comp      (decode forms)
+//!            GPU peak (prefill, decode) <= GPU memory; CPU peaks <= CPU memory; disk <= disk
+//! ```
+//! solved with good_lp's pure-Rust microlp backend. The grid is enumerated in full (stopping a
+//! row only where memory runs out, which only grows with gbs and nb), so more memory or more
+//! bandwidth can never lower the best prediction.
+
+use good_lp::{microlp, variable, Expression, ProblemVariables, Solution, SolverModel, Variable};
+use serde::Serialize;
+
+use super::cost::{x, Batching, CostModel, Linear, Prediction};
+use super::hardware::GIB;
+use super::policy::{Policy, QuantConfig};
+use crate::error::{Error, Result};
+
+/// Choices the search does not make itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchOptions {
+    /// Store weights in 4-bit groups.
+    pub compress_weight: bool,
+    /// Store the KV cache in 4-bit groups.
+    pub compress_cache: bool,
+    /// GPU batch sizes to try.
+    pub gpu_batch_sizes: Vec<usize>,
+    /// Numbers of GPU batches per block to try.
+    pub num_gpu_batches: Vec<usize>,
+}
+
+/// 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 1.5x them) up to `max`.
+pub fn batch_grid(max: usize) -> Vec<usize> {
+    let mut v = vec![1, 2, 3];
+    let mut p = 4;
+    while p <= max {
+        v.push(p);
+        if p * 3 / 2 <= max {
+            v.push(p * 3 / 2);
+        }
+        p *= 2;
+    }
+    v.retain(|&b| b <= max);
+    v
+}
+
+impl Default for SearchOptions {
+    fn default() -> Self {
+        Self {
+            compress_weight: false,
+            compress_cache: false,
+            gpu_batch_sizes: batch_grid(512),
+            num_gpu_batches: batch_grid(64),
+        }
+    }
+}
+
+/// The best policy found, with its prediction.
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchResult {
+    /// The chosen policy.
+    pub policy: Policy,
+    /// Its prediction (throughput, breakdown, peaks).
+    pub prediction: Prediction,
+    /// LPs solved.
+    pub lps_solved: usize,
+}
+
+/// Bytes are scaled to GiB inside the LP to keep its numbers well conditioned.
+const BYTES_SCALE: f64 = 1.0 / GIB;
+
+fn expr(l: &Linear, xs: &[Variable; x::COUNT], scale: f64) -> Expression {
+    let mut e = Expression::from(l.constant * scale);
+    for (c, v) in l.coef.iter().zip(xs) {
+        if *c != 0.0 {
+            e += *v * (c * scale);
+        }
+    }
+    e
+}
+
+/// The best placement for one batching choice, or `None` when nothing fits.
+fn solve_placement(model: &CostModel, b: &Batching) -> Option<[f64; x::COUNT]> {
+    let terms = model.terms(b);
+    let hw = &model.hardware;
+    let mut vars = ProblemVariables::new();
+    let xs: [Variable; x::COUNT] = std::array::from_fn(|_| vars.add(variable().min(0).max(1)));
+    let t_pre = vars.add(variable().min(0));
+    let t_gen = vars.add(variable().min(0));
+    let l = model.shape.layers as f64;
+    let steps = model.workload.gen_len.saturating_sub(1) as f64;
+    let bls = (b.gpu_batch_size * b.num_gpu_batches) as f64;
+    let objective = (l / bls) * t_pre + (l * steps / bls) * t_gen;
+    let mut problem = vars.minimise(objective).using(microlp);
+    for kind in [x::WG, x::CG, x::HG] {
+        problem = problem.with((xs[kind] + xs[kind + 1] + xs[kind + 2]).eq(1));
+    }
+    for form in terms.prefill.overlapped() {
+        problem = problem.with(expr(&form, &xs, 1.0).leq(t_pre));
+    }
+    for form in terms.decode.overlapped() {
+        problem = problem.with(expr(&form, &xs, 1.0).leq(t_gen));
+    }
+    let caps = [
+        (terms.gpu_peak.to_vec(), hw.gpu_memory.0),
+        (terms.cpu_peak.to_vec(), hw.cpu_memory.0),
+        (vec![terms.disk], hw.disk_space.0),
+    ];
+    for (peaks, cap) in caps {
+        for p in peaks {
+            problem = problem.with(expr(&p, &xs, BYTES_SCALE).leq(cap as f64 * BYTES_SCALE));
+        }
+    }
+    let solution = problem.solve().ok()?;
+    Some(xs.map(|v| solution.value(v).clamp(0.0, 1.0)))
+}
+
+/// Turns LP fractions into a policy (percentages, tiny solver noise removed).
+fn to_policy(b: &Batching, xs: &[f64; x::COUNT]) -> Policy {
+    let pct = |v: f64| {
+        let p = v * 100.0;
+        if p.abs() < 1e-7 {
+            0.0
+        } else {
+            p.min(100.0)
+        }
+    };
+    let pair = |g: f64, c: f64| {
+        let (g, c) = (pct(g), pct(c));
+        (g, c.min(100.0 - g))
+    };
+    let (wg, wc) = pair(xs[x::WG], xs[x::WC]);
+    let (cg, cc) = pair(xs[x::CG], xs[x::CC]);
+    let (hg, hc) = pair(xs[x::HG], xs[x::HC]);
+    Policy {
+        gpu_batch_size: b.gpu_batch_size,
+        num_gpu_batches: b.num_gpu_batches,
+        w_gpu_percent: wg,
+        w_cpu_percent: wc,
+        cache_gpu_percent: cg,
+        cache_cpu_percent: cc,
+        act_gpu_percent: hg,
+        act_cpu_percent: hc,
+        overlap: true,
+        sep_layer: true,
+        pin_weight: true,
+        // delegation means nothing when the whole cache is on the GPU
+        cpu_cache_compute: b.cpu_cache_compute && cg < 100.0,
+        attn_sparsity: b.attn_sparsity,
+        compress_weight: b.compress_weight,
+        compress_cache: b.compress_cache,
+        quant: b.quant,
+    }
+}
+
+/// Finds the policy with the highest predicted throughput that fits the profile's memory.
+pub fn search(model: &CostModel, options: &SearchOptions) -> Result<SearchResult> {
+    let mut best: Option<(f64, Batching, [f64; x::COUNT])> = None;
+    let mut lps = 0;
+    let batching = |gbs, nb, ccc| Batching {
+        gpu_batch_size: gbs,
+        num_gpu_batches: nb,
+        cpu_cache_compute: ccc,
+        compress_weight: options.compress_weight,
+        compress_cache: options.compress_cache,
+        quant: QuantConfig::default(),
+        attn_sparsity: 1.0,
+    };
+    for ccc in [false, true] {
+        for &gbs in &options.gpu_batch_sizes {
+            let mut any = false;
+            for &nb in &options.num_gpu_batches {
+                let b = batching(gbs, nb, ccc);
+                lps += 1;
+                let Some(xs) = solve_placement(model, &b) else {
+                    break; // memory only grows with nb
+                };
+                any = true;
+                let throughput = model.predict_at(&b, &xs, true).throughput_tok_s;
+                if best.as_ref().is_none_or(|(t, ..)| throughput > *t) {
+                    best = Some((throughput, b, xs));
+                }
+            }
+            if !any {
+                break; // nor does it shrink with gbs
+            }
+        }
+    }
+    let Some((_, b, xs)) = best else {
+        return Err(shortfall(model, &batching(1, 1, true)));
+    };
+    let policy = to_policy(&b, &xs);
+    Ok(SearchResult {
+        prediction: model.predict(&policy),
+        policy,
+        lps_solved: lps,
+    })
+}
+
+/// Why even the smallest batch does not fit: the LP with a slack per tier (minimising the
+/// relative shortfall) says which tier is short and by how many bytes.
+fn shortfall(model: &CostModel, b: &Batching) -> Error {
+    let terms = model.terms(b);
+    let hw = &model.hardware;
+    let mut vars = ProblemVariables::new();
+    let xs: [Variable; x::COUNT] = std::array::from_fn(|_| vars.add(variable().min(0).max(1)));
+    let slack: [Variable; 3] = std::array::from_fn(|_| vars.add(variable().min(0)));
+    let caps = [hw.gpu_memory.0, hw.cpu_memory.0, hw.disk_space.0].map(|c| c as f64 * BYTES_SCALE);
+    let objective: Expression = slack
+        .iter()
+        .zip(caps)
+        .map(|(s, c)| *s * (1.0 / c.max(1e-9)))
+        .sum();
+    let mut problem = vars.minimise(objective).using(microlp);
+    for kind in [x::WG, x::CG, x::HG] {
+        problem = problem.with((xs[kind] + xs[kind + 1] + xs[kind + 2]).eq(1));
+    }
+    let tiers = [
+        ("GPU", terms.gpu_peak.to_vec()),
+        ("CPU", terms.cpu_peak.to_vec()),
+        ("disk", vec![terms.disk]),
+    ];
+    for (i, (_, peaks)) in tiers.iter().enumerate() {
+        for p in peaks {
+            problem = problem.with(expr(p, &xs, BYTES_SCALE).leq(caps[i] + slack[i]));
+        }
+    }
+    let short = match problem.solve() {
+        Ok(sol) => slack.map(|s| sol.value(s) / BYTES_SCALE),
+        Err(_) => [f64::NAN; 3],
+    };
+    let (i, bytes) = short
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, b)| (i, *b))
+        .unwrap_or((0, f64::NAN));
+    Error::Infeasible {
+        tier: tiers[i].0.to_string(),
+        short_bytes: if bytes.is_finite() {
+            bytes.ceil() as u64
+        } else {
+            0
+        },
+        detail: format!(
+            "even 1 sequence per batch does not fit: the {} tier is short by {:.3} GiB \
+             (budgets: GPU {:.2} GiB, CPU {:.2} GiB, disk {:.2} GiB)",
+            tiers[i].0,
+            bytes / GIB,
+            hw.gpu_memory.0 as f64 / GIB,
+            hw.cpu_memory.0 as f64 / GIB,
+            hw.disk_space.0 as f64 / GIB,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_has_the_usual_batch_sizes() {
+        assert_eq!(
+            batch_grid(64),
+            vec![1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+        );
+        assert_eq!(batch_grid(5), vec![1, 2, 3, 4]);
+    }
+}
