@@ -39,14 +39,17 @@ fn run() -> Result<()> {
             other => return Err(Error::invalid(other, "unknown flag (see the file's doc)")),
         }
     }
-    let config: ModelConfig = match (model, config) {
-        (Some(path), None) => ModelFiles::open(&path)?.config,
-        (None, Some(name)) => builtin_config(&name).ok_or_else(|| {
-            Error::invalid(
-                "--config",
-                format!("`{name}`: choose one of {}", BUILTIN_NAMES.join(", ")),
-            )
-        })?,
+    let (config, model_name): (ModelConfig, String) = match (model, config) {
+        (Some(path), None) => (ModelFiles::open(&path)?.config, path.display().to_string()),
+        (None, Some(name)) => (
+            builtin_config(&name).ok_or_else(|| {
+                Error::invalid(
+                    "--config",
+                    format!("`{name}`: choose one of {}", BUILTIN_NAMES.join(", ")),
+                )
+            })?,
+            name,
+        ),
         _ => {
             return Err(Error::invalid(
                 "--model/--config",
@@ -74,7 +77,19 @@ fn run() -> Result<()> {
     };
     let seconds = started.elapsed().as_secs_f64();
     if let Some(path) = save {
-        std::fs::write(&path, policy.to_toml()).map_err(|e| Error::io(&path, e))?;
+        let header = format!(
+            "# {} policy for {} on \"{}\", prompt {} / generate {} tokens:\n\
+             # predicted {:.3} tokens/s (prefill {:.1} s, decode {:.1} s)\n",
+            if lps > 0 { "searched" } else { "evaluated" },
+            model_name,
+            model.hardware.name,
+            workload.prompt_len,
+            workload.gen_len,
+            prediction.throughput_tok_s,
+            prediction.prefill_s,
+            prediction.decode_s,
+        );
+        std::fs::write(&path, header + &policy.to_toml()).map_err(|e| Error::io(&path, e))?;
     }
     if json {
         let out = serde_json::json!({

@@ -188,3 +188,30 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn saved_policies_load_and_fit_the_t4() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        // t4-<model>-s512-n32[-4bit].toml, searched on the T4 profile
+        let Some(model) = name
+            .strip_prefix("t4-")
+            .and_then(|r| r.split("-s512").next())
+            .filter(|_| name.contains("-s512-n32"))
+        else {
+            continue;
+        };
+        let policy = Policy::from_toml_file(&path).unwrap();
+        let cost = CostModel::new(&builtin_config(model).unwrap(), t4(), PAPER);
+        let p = cost.predict(&policy);
+        let hw = t4();
+        assert!(p.gpu_peak_bytes <= hw.gpu_memory.0 as f64 * (1.0 + 1e-6), "{name}");
+        assert!(p.cpu_peak_bytes <= hw.cpu_memory.0 as f64 * (1.0 + 1e-6), "{name}");
+        assert!(p.throughput_tok_s > 0.0);
+        checked += 1;
+    }
+    assert_eq!(checked, 6, "three FlexGen settings, fp16 and 4-bit");
+}

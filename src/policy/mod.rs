@@ -1,6 +1,7 @@
 //! Placement policies and how to choose them: [`Policy`], [`HardwareProfile`], the cost model
 //! ([`cost`]) and the LP search ([`search`]).
 
+pub mod calibrate;
 pub mod cost;
 pub mod hardware;
 #[allow(clippy::module_inception)]

@@ -1,0 +1,174 @@
+//! Measures this machine and writes a HardwareProfile (TOML) for the cost model.
+//!
+//! ```text
+//! cargo run --release --example calibrate -- [--offload-dir DIR] [--output FILE.toml]
+//!     [--base PROFILE.toml] [--gpu-mem SIZE] [--cpu-mem SIZE] [--disk SIZE] [--quick]
+//! ```
+//! Disk reads use O_DIRECT on a scratch file in the offload directory (64 KiB to 8 MiB reads,
+//! 1 to 8 threads), then writes, memory copies, and CPU matrix-product and attention rates.
+//! Until the WebGPU backend exists, the GPU rows come from `--base` or, without it, from the CPU
+//! measurements (on lavapipe the "GPU" is these CPU cores). Takes under 60 s.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use ferrogen::bytes::{format_size, parse_size};
+use ferrogen::cli::Flags;
+use ferrogen::policy::calibrate::{
+    available_memory_bytes, free_disk_bytes, measure_cpu_attention, measure_disk_reads,
+    measure_matmul, measure_memcpy, write_scratch, write_text, Measured,
+};
+use ferrogen::policy::hardware::GIB;
+use ferrogen::policy::{ByteSize, HardwareProfile};
+use ferrogen::{Error, Result};
+
+fn run() -> Result<()> {
+    let mut dir = std::env::temp_dir();
+    let (mut output, mut base) = ("-".to_string(), None);
+    let (mut gpu_mem, mut cpu_mem, mut disk) = (None, None, None);
+    let mut quick = false;
+    let mut flags = Flags::from_env();
+    while let Some(flag) = flags.next_flag() {
+        match flag.as_str() {
+            "--offload-dir" => dir = PathBuf::from(flags.value(&flag)?),
+            "--output" => output = flags.value(&flag)?,
+            "--base" => base = Some(PathBuf::from(flags.value(&flag)?)),
+            "--gpu-mem" => gpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
+            "--cpu-mem" => cpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
+            "--disk" => disk = Some(parse_size(&flags.value(&flag)?, &flag)?),
+            "--quick" => quick = true,
+            other => return Err(Error::invalid(other, "unknown flag (see the file's doc)")),
+        }
+    }
+    let started = Instant::now();
+    let trials = if quick { 2 } else { 3 };
+    let mut notes = vec![format!(
+        "measured by `calibrate` on {} cores; medians of {trials} trials, spreads in these notes",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    )];
+    let mut note = |what: &str, m: &Measured, unit: &str| {
+        let line = format!("{what}: {m} {unit}");
+        eprintln!("{line}");
+        notes.push(line);
+    };
+
+    let file_size = if quick { 128u64 << 20 } else { 512 << 20 };
+    let (scratch, write) = write_scratch(&dir, file_size, trials)?;
+    if !scratch.direct {
+        eprintln!(
+            "warning: {} refuses O_DIRECT; reads drop the page cache instead",
+            dir.display()
+        );
+    }
+    note("disk write, 4 MiB O_DIRECT", &write, "GiB/s");
+    let chunks = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 8 << 20];
+    let threads = [1, 2, 4, 8];
+    let rows = measure_disk_reads(&scratch, &chunks, &threads, file_size / 2, trials)?;
+    for (row, m) in &rows {
+        note(
+            &format!(
+                "disk read, {} x {} threads",
+                format_size(row.chunk_bytes),
+                row.threads
+            ),
+            m,
+            "GiB/s",
+        );
+    }
+    drop(scratch);
+    let best = rows
+        .iter()
+        .max_by(|a, b| a.0.gib_s.total_cmp(&b.0.gib_s))
+        .map(|(r, _)| *r)
+        .ok_or_else(|| Error::invalid("calibrate", "no disk measurement"))?;
+
+    let memcpy = measure_memcpy(256 << 20, trials);
+    note("memory copy", &memcpy, "GiB/s");
+    let mm_prefill = measure_matmul(512, 2048, 2048, trials);
+    note("CPU f32 matmul 512x2048x2048", &mm_prefill, "TFLOP/s");
+    let mm_decode = measure_matmul(8, 2048, 2048, trials);
+    note("CPU f32 matmul 8x2048x2048", &mm_decode, "TFLOP/s");
+    let attention = measure_cpu_attention(32, 128, 2048, trials);
+    note(
+        "CPU decode attention, 32 heads x 128 x 2048",
+        &attention,
+        "TFLOP/s",
+    );
+
+    let available = available_memory_bytes().unwrap_or(8 << 30);
+    let free = free_disk_bytes(&dir).unwrap_or(16 << 30);
+    let mut profile = match &base {
+        Some(path) => {
+            notes.push(format!("GPU rows and capacities from {}", path.display()));
+            HardwareProfile::from_toml_file(path)?
+        }
+        None => {
+            notes.push(
+                "no GPU backend yet: GPU rows are the CPU measurements (as on lavapipe); \
+                 capacities default to 25% (GPU) and 50% (CPU) of MemAvailable, 50% of free disk"
+                    .into(),
+            );
+            HardwareProfile {
+                name: String::new(),
+                cpu_to_gpu_gib_s: memcpy.median,
+                gpu_to_cpu_gib_s: memcpy.median,
+                gpu_to_cpu_cache_gib_s: memcpy.median,
+                cpu_to_disk_gib_s: 0.0,
+                cpu_to_disk_cache_gib_s: 0.0,
+                disk_read: Vec::new(),
+                io_chunk_bytes: 0,
+                io_threads: 0,
+                gpu_matmul_tflops_prefill: mm_prefill.median,
+                gpu_matmul_tflops_decode: mm_decode.median,
+                gpu_attention_tflops_prefill: mm_prefill.median,
+                gpu_attention_tflops_decode: attention.median,
+                cpu_attention_tflops: 0.0,
+                gpu_memory_gib_s: memcpy.median,
+                // dequantizing reads ~0.56 and writes 2 bytes per value
+                gpu_dequant_gvalues_s: memcpy.median * GIB / 2.6 / 1e9,
+                gpu_memory: ByteSize(available / 4),
+                cpu_memory: ByteSize(available / 2),
+                disk_space: ByteSize(free / 2),
+                notes: Vec::new(),
+            }
+        }
+    };
+    profile.name = format!("calibrated: {}", hostname());
+    profile.cpu_to_disk_gib_s = write.median;
+    profile.cpu_to_disk_cache_gib_s = write.median;
+    profile.disk_read = rows.iter().map(|(r, _)| *r).collect();
+    profile.io_chunk_bytes = best.chunk_bytes;
+    profile.io_threads = best.threads;
+    profile.cpu_attention_tflops = attention.median;
+    if let Some(v) = gpu_mem {
+        profile.gpu_memory = ByteSize(v);
+    }
+    if let Some(v) = cpu_mem {
+        profile.cpu_memory = ByteSize(v);
+    }
+    if let Some(v) = disk {
+        profile.disk_space = ByteSize(v);
+    }
+    notes.push(format!("took {:.1} s", started.elapsed().as_secs_f64()));
+    profile.notes = notes;
+    profile.validate(std::path::Path::new("<calibrated>"))?;
+    write_text(&output, &profile.to_toml())?;
+    eprintln!("calibration took {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map_or_else(|_| "this machine".into(), |h| h.trim().to_string())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
