@@ -208,8 +208,14 @@ fn saved_policies_load_and_fit_the_t4() {
         let cost = CostModel::new(&builtin_config(model).unwrap(), t4(), PAPER);
         let p = cost.predict(&policy);
         let hw = t4();
-        assert!(p.gpu_peak_bytes <= hw.gpu_memory.0 as f64 * (1.0 + 1e-6), "{name}");
-        assert!(p.cpu_peak_bytes <= hw.cpu_memory.0 as f64 * (1.0 + 1e-6), "{name}");
+        assert!(
+            p.gpu_peak_bytes <= hw.gpu_memory.0 as f64 * (1.0 + 1e-6),
+            "{name}"
+        );
+        assert!(
+            p.cpu_peak_bytes <= hw.cpu_memory.0 as f64 * (1.0 + 1e-6),
+            "{name}"
+        );
         assert!(p.throughput_tok_s > 0.0);
         checked += 1;
     }
