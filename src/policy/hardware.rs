@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::bytes::{format_size, parse_size};
+use crate::bytes::parse_size;
 use crate::error::{Error, Result};
 
 /// A byte count that TOML may give as `"15GiB"` or as an integer.
@@ -16,7 +16,16 @@ pub struct ByteSize(pub u64);
 
 impl Serialize for ByteSize {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(&format_size(self.0).replace(' ', ""))
+        // Exact: the largest binary unit that divides the count, else plain bytes.
+        let v = self.0;
+        let text = [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")]
+            .iter()
+            .find(|(shift, _)| v != 0 && v % (1u64 << shift) == 0)
+            .map_or_else(
+                || v.to_string(),
+                |(shift, unit)| format!("{}{unit}", v >> shift),
+            );
+        s.serialize_str(&text)
     }
 }
 
@@ -203,6 +212,16 @@ mod tests {
         assert!((p.disk_to_cpu_gib_s() - 0.473).abs() < 1e-12);
         let back: HardwareProfile = toml::from_str(&p.to_toml()).unwrap();
         assert_eq!(back, p);
+    }
+
+    #[test]
+    fn sizes_serialize_exactly() {
+        for v in [0u64, 1, 1023, 1 << 10, 1500 << 30, (1 << 30) + 1, 3 << 40] {
+            let text =
+                toml::to_string(&std::collections::BTreeMap::from([("v", ByteSize(v))])).unwrap();
+            let back: std::collections::BTreeMap<String, ByteSize> = toml::from_str(&text).unwrap();
+            assert_eq!(back["v"], ByteSize(v), "{text}");
+        }
     }
 
     #[test]
