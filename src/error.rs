@@ -139,6 +139,13 @@ pub enum Error {
         detail: String,
     },
 
+    /// No usable WebGPU adapter or device.
+    #[error("no WebGPU device: {reason}")]
+    NoAdapter {
+        /// Why, and what to do.
+        reason: String,
+    },
+
     /// A feature that exists in the interface but is not built yet.
     #[error("{what} is not built yet")]
     NotBuilt {

@@ -41,6 +41,7 @@ pub mod bytes;
 pub mod cli;
 pub mod cpu;
 pub mod error;
+pub mod gpu;
 pub mod model;
 pub mod policy;
 pub mod quant;

@@ -1,0 +1,171 @@
+//! The WebGPU device: adapter choice, limits and features.
+//!
+//! Environment:
+//! - `FERROGEN_ADAPTER=text`: use the first adapter whose name contains `text` (case-insensitive);
+//! - `FERROGEN_GPU_FALLBACK=1`: ignore shader-f16 and subgroups, as if the adapter lacked them.
+
+use crate::error::{Error, Result};
+
+/// Whether the adapter is a CPU rasterizer (lavapipe, SwiftShader, WARP) or a real GPU: kernels
+/// pick their variant by this (see `../shared/anchors.md`: barriers and workgroup memory cost
+/// much on a CPU adapter and pay on a GPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterKind {
+    /// A software adapter running on CPU cores.
+    Cpu,
+    /// A discrete, integrated or virtual GPU.
+    Gpu,
+}
+
+/// Optional features the kernels can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuFeatures {
+    /// `enable f16;` in WGSL.
+    pub shader_f16: bool,
+    /// Subgroup operations.
+    pub subgroups: bool,
+}
+
+/// A device and queue with what is known about them.
+pub struct GpuContext {
+    /// The device.
+    pub device: wgpu::Device,
+    /// Its queue.
+    pub queue: wgpu::Queue,
+    /// Adapter name, backend, driver.
+    pub info: wgpu::AdapterInfo,
+    /// Limits granted (the adapter's own).
+    pub limits: wgpu::Limits,
+    /// Features enabled.
+    pub features: GpuFeatures,
+    /// CPU adapter or GPU.
+    pub kind: AdapterKind,
+}
+
+/// Preference among adapters: discrete > integrated > virtual > CPU > other; native APIs over GL.
+fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
+    let device = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 4,
+        wgpu::DeviceType::IntegratedGpu => 3,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 1,
+        wgpu::DeviceType::Other => 0,
+    };
+    let api = u8::from(info.backend != wgpu::Backend::Gl);
+    (device, api)
+}
+
+impl GpuContext {
+    /// Opens the best adapter (or the one `FERROGEN_ADAPTER` names) headless.
+    pub fn new() -> Result<Self> {
+        // Native APIs (Vulkan, Metal, DX12) first; GL only when they offer nothing, since
+        // probing GL drags in windowing-system setup that headless machines lack.
+        let mut adapters = Vec::new();
+        for backends in [wgpu::Backends::PRIMARY, wgpu::Backends::GL] {
+            let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+            desc.backends &= backends;
+            if desc.backends.is_empty() {
+                continue;
+            }
+            let instance = wgpu::Instance::new(desc);
+            adapters = pollster::block_on(instance.enumerate_adapters(backends));
+            if !adapters.is_empty() {
+                break;
+            }
+        }
+        let names: Vec<String> = adapters
+            .iter()
+            .map(|a| {
+                let i = a.get_info();
+                format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type)
+            })
+            .collect();
+        let wanted = std::env::var("FERROGEN_ADAPTER")
+            .ok()
+            .filter(|s| !s.is_empty());
+        let adapter = match &wanted {
+            Some(text) => adapters
+                .into_iter()
+                .find(|a| {
+                    a.get_info()
+                        .name
+                        .to_lowercase()
+                        .contains(&text.to_lowercase())
+                })
+                .ok_or_else(|| Error::NoAdapter {
+                    reason: format!(
+                        "FERROGEN_ADAPTER={text} matches none of: {}",
+                        if names.is_empty() {
+                            "(no adapters)".into()
+                        } else {
+                            names.join(", ")
+                        }
+                    ),
+                })?,
+            None => adapters
+                .into_iter()
+                .max_by_key(|a| rank(&a.get_info()))
+                .ok_or_else(|| Error::NoAdapter {
+                    reason: "no WebGPU adapter found (install a Vulkan driver; on Debian \
+                             without a GPU, `apt-get install mesa-vulkan-drivers` for lavapipe)"
+                        .into(),
+                })?,
+        };
+        let info = adapter.get_info();
+        let fallback = std::env::var("FERROGEN_GPU_FALLBACK").as_deref() == Ok("1");
+        let available = adapter.features();
+        let features = GpuFeatures {
+            shader_f16: !fallback && available.contains(wgpu::Features::SHADER_F16),
+            subgroups: !fallback && available.contains(wgpu::Features::SUBGROUP),
+        };
+        let mut required = wgpu::Features::empty();
+        if features.shader_f16 {
+            required |= wgpu::Features::SHADER_F16;
+        }
+        if features.subgroups {
+            required |= wgpu::Features::SUBGROUP;
+        }
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("ferrogen"),
+            required_features: required,
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| Error::NoAdapter {
+            reason: format!("{}: device request failed: {e}", info.name),
+        })?;
+        let kind = if info.device_type == wgpu::DeviceType::Cpu {
+            AdapterKind::Cpu
+        } else {
+            AdapterKind::Gpu
+        };
+        Ok(Self {
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            kind,
+        })
+    }
+
+    /// The largest storage-buffer binding, in bytes (128 MiB on lavapipe).
+    pub fn max_binding_bytes(&self) -> u64 {
+        u64::from(self.limits.max_storage_buffer_binding_size)
+    }
+
+    /// One line describing the adapter.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {:?}, driver {}), f16 {}, subgroups {}, max binding {} MiB",
+            self.info.name,
+            self.info.backend,
+            self.info.device_type,
+            self.info.driver,
+            self.features.shader_f16,
+            self.features.subgroups,
+            self.max_binding_bytes() >> 20
+        )
+    }
+}

@@ -1,0 +1,3 @@
+//! Kernels, one family per file, each with its WGSL source in `shaders/`.
+
+pub mod matmul;

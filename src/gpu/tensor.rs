@@ -1,0 +1,107 @@
+//! f32 tensors in device storage buffers: upload, download, and poisoned outputs for tests.
+
+use wgpu::util::DeviceExt;
+
+use super::context::GpuContext;
+use crate::error::{Error, Result};
+
+/// A row-major f32 tensor in one storage buffer.
+pub struct GpuTensor {
+    /// The buffer (storage, copy source and destination).
+    pub buffer: wgpu::Buffer,
+    /// Row-major shape.
+    pub shape: Vec<usize>,
+}
+
+const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+impl GpuTensor {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    fn check_fits(ctx: &GpuContext, bytes: u64) -> Result<()> {
+        if bytes > ctx.max_binding_bytes() {
+            return Err(Error::invalid(
+                "tensor",
+                format!(
+                    "{bytes} bytes exceed the adapter's {}-byte storage binding",
+                    ctx.max_binding_bytes()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Uploads `data` (row-major `shape`).
+    pub fn upload(ctx: &GpuContext, data: &[f32], shape: &[usize]) -> Result<Self> {
+        if shape.iter().product::<usize>() != data.len() {
+            return Err(Error::invalid(
+                "tensor",
+                format!("{} values for shape {shape:?}", data.len()),
+            ));
+        }
+        // wgpu rejects empty storage bindings: keep one element at least.
+        let padded;
+        let contents: &[f32] = if data.is_empty() {
+            padded = [0f32];
+            &padded
+        } else {
+            data
+        };
+        Self::check_fits(ctx, (contents.len() * 4) as u64)?;
+        let buffer = ctx
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: bytemuck::cast_slice(contents),
+                usage: USAGE,
+            });
+        Ok(Self {
+            buffer,
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// An output tensor filled with NaN, so that any element a kernel fails to write shows.
+    pub fn poisoned(ctx: &GpuContext, shape: &[usize]) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        Self::upload(ctx, &vec![f32::NAN; n], shape)
+    }
+
+    /// Copies the tensor back to the host (blocks until the queue is idle).
+    pub fn download(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        let bytes = (self.numel().max(1) * 4) as u64;
+        let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("download"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(&self.buffer, 0, &staging, 0, bytes);
+        ctx.queue.submit([encoder.finish()]);
+        let slice = staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        ctx.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::invalid("gpu", format!("poll failed: {e}")))?;
+        rx.recv()
+            .map_err(|_| Error::invalid("gpu", "map callback dropped"))?
+            .map_err(|e| Error::invalid("gpu", format!("map failed: {e}")))?;
+        let view = slice
+            .get_mapped_range()
+            .map_err(|e| Error::invalid("gpu", format!("mapped range: {e}")))?;
+        let mut out: Vec<f32> = bytemuck::cast_slice(&view).to_vec();
+        drop(view);
+        staging.unmap();
+        out.truncate(self.numel());
+        Ok(out)
+    }
+}
