@@ -152,7 +152,7 @@ impl GpuContext {
 
     /// The largest storage-buffer binding, in bytes (128 MiB on lavapipe).
     pub fn max_binding_bytes(&self) -> u64 {
-        u64::from(self.limits.max_storage_buffer_binding_size)
+        self.limits.max_storage_buffer_binding_size
     }
 
     /// One line describing the adapter.
