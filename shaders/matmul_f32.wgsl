@@ -1,5 +1,6 @@
-// y = x W^T (+ nothing): x [m, k] row-major, W [n, k] row-major (PyTorch's Linear layout),
-// y [m, n] row-major.
+// y = x W^T: x [m, k] row-major, W [n, k] row-major (PyTorch's Linear layout); output element
+// (row, col) goes to y[row * y_stride + y_offset + col], so a W split by rows (for bindings
+// larger than the device allows) writes its own columns of a wider y.
 //
 // Indexing: invocation (gx, gy) owns the 4 x 4 output tile rows 4*gy .. 4*gy+3 and columns
 // 4*gx .. 4*gx+3. For each kk in 0..k it loads x[row, kk] for its 4 rows and W[col, kk] for its
@@ -7,7 +8,7 @@
 // (the fast shape on CPU adapters, see anchors.md). Rows and columns past m and n read a
 // clamped (valid) address and are never stored.
 
-struct Dims { m: u32, k: u32, n: u32, pad: u32 }
+struct Dims { m: u32, k: u32, n: u32, y_stride: u32, y_offset: u32, pad0: u32, pad1: u32, pad2: u32 }
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read> w: array<f32>;
@@ -40,7 +41,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         if (row < dims.m) {
             for (var c = 0u; c < 4u; c++) {
                 if (col0 + c < dims.n) {
-                    y[row * dims.n + col0 + c] = acc[r][c];
+                    y[row * dims.y_stride + dims.y_offset + col0 + c] = acc[r][c];
                 }
             }
         }

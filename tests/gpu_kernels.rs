@@ -7,9 +7,16 @@
 
 use std::sync::OnceLock;
 
+use ferrogen::cpu::ops::{self, HeadLayout};
+use ferrogen::gpu::kernels::attention::{Attention, RowInfo};
+use ferrogen::gpu::kernels::elementwise::{Elementwise, Op};
+use ferrogen::gpu::kernels::embedding::Embedding;
+use ferrogen::gpu::kernels::logprob::Logprob;
 use ferrogen::gpu::kernels::matmul::MatmulF32;
-use ferrogen::gpu::{GpuContext, GpuTensor};
-use ndarray::Array2;
+use ferrogen::gpu::kernels::norm::Norm;
+use ferrogen::gpu::kernels::rope::{self, Rope};
+use ferrogen::gpu::{GpuContext, GpuIndices, GpuTensor};
+use ndarray::{s, Array1, Array2};
 use proptest::prelude::*;
 
 fn gpu() -> Option<&'static GpuContext> {
@@ -45,7 +52,7 @@ fn matmul(ctx: &GpuContext, m: usize, k: usize, n: usize, seed: u64) -> (Vec<f32
     let x = GpuTensor::upload(ctx, &xv, &[m, k]).unwrap();
     let w = GpuTensor::upload(ctx, &wv, &[n, k]).unwrap();
     let y = GpuTensor::poisoned(ctx, &[m, n]).unwrap();
-    MatmulF32::new(ctx).run(ctx, &x, &w, &y).unwrap();
+    MatmulF32::new(ctx).run(ctx, &x, &w, &y, 0).unwrap();
     let got = y.download(ctx).unwrap();
     let xa = Array2::from_shape_vec((m, k), xv).unwrap();
     let wa = Array2::from_shape_vec((n, k), wv).unwrap();
@@ -79,5 +86,203 @@ proptest! {
         let Some(ctx) = gpu() else { return Ok(()) };
         let (got, want) = matmul(ctx, m, k, n, seed);
         assert_close(&got, &want, k);
+    }
+}
+
+fn close(got: &[f32], want: &[f32], tol: f32, what: &str) -> Result<(), TestCaseError> {
+    prop_assert_eq!(got.len(), want.len(), "{}", what);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        prop_assert!(
+            (g - w).abs() <= tol * w.abs().max(1.0),
+            "{} [{}]: {} vs {}",
+            what,
+            i,
+            g,
+            w
+        );
+    }
+    Ok(())
+}
+
+fn up(ctx: &GpuContext, data: &[f32], shape: &[usize]) -> GpuTensor {
+    GpuTensor::upload(ctx, data, shape).unwrap()
+}
+
+/// erf in f64 by its Maclaurin series (|x| < 6 here), for the GELU reference.
+fn erf64(x: f64) -> f64 {
+    if x.abs() > 5.5 {
+        return x.signum();
+    }
+    let (mut term, mut sum, mut n) = (x, x, 0.0);
+    while term.abs() > 1e-17 * sum.abs().max(1e-300) {
+        n += 1.0;
+        term *= -x * x / n;
+        sum += term / (2.0 * n + 1.0);
+    }
+    2.0 / std::f64::consts::PI.sqrt() * sum
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    #[test]
+    fn matmul_writes_its_columns_of_a_wider_output(m in 1usize..40, k in 1usize..50, n in 1usize..40, offset in 0usize..9, seed in any::<u64>()) {
+        let Some(ctx) = gpu() else { return Ok(()) };
+        let total = n + offset + 3;
+        let (xv, wv) = (random(m * k, seed), random(n * k, seed ^ 5));
+        let y = GpuTensor::upload(ctx, &vec![7.0; m * total], &[m, total]).unwrap();
+        MatmulF32::new(ctx).run(ctx, &up(ctx, &xv, &[m, k]), &up(ctx, &wv, &[n, k]), &y, offset).unwrap();
+        let got = y.download(ctx).unwrap();
+        let want = Array2::from_shape_vec((m, k), xv).unwrap().dot(&Array2::from_shape_vec((n, k), wv).unwrap().t());
+        for r in 0..m {
+            for c in 0..total {
+                let g = got[r * total + c];
+                if c < offset || c >= offset + n {
+                    prop_assert_eq!(g, 7.0, "untouched column {}", c);
+                } else {
+                    prop_assert!((g - want[[r, c - offset]]).abs() <= 1e-5 * k as f32);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn elementwise_ops_match_cpu(n in 1usize..3000, width_seed in 1usize..50, seed in any::<u64>()) {
+        let Some(ctx) = gpu() else { return Ok(()) };
+        let ew = Elementwise::new(ctx).unwrap();
+        let (a, b) = (random(n, seed), random(n, seed ^ 9));
+        let width = (1..=width_seed).rev().find(|w| n % w == 0).unwrap_or(1);
+        let bias = random(width, seed ^ 3);
+        for op in [Op::Add, Op::AddBias, Op::Relu, Op::Gelu, Op::SiluMul] {
+            let at = up(ctx, &a, &[n]);
+            let want: Vec<f32> = match op {
+                Op::Add => a.iter().zip(&b).map(|(x, y)| x + y).collect(),
+                Op::AddBias => a.iter().enumerate().map(|(i, x)| x + bias[i % width]).collect(),
+                Op::Relu => a.iter().map(|x| x.max(0.0)).collect(),
+                Op::Gelu => a.iter().map(|&x| {
+                    let x = f64::from(x);
+                    (0.5 * x * (1.0 + erf64(x / std::f64::consts::SQRT_2))) as f32
+                }).collect(),
+                Op::SiluMul => {
+                    let mut g = Array2::from_shape_vec((1, n), a.clone()).unwrap();
+                    ops::silu_mul(&mut g, &Array2::from_shape_vec((1, n), b.clone()).unwrap());
+                    g.into_raw_vec_and_offset().0
+                }
+            };
+            match op {
+                Op::Relu | Op::Gelu => ew.unary(ctx, op, &at).unwrap(),
+                Op::AddBias => ew.binary(ctx, op, &at, &up(ctx, &bias, &[width])).unwrap(),
+                _ => ew.binary(ctx, op, &at, &up(ctx, &b, &[n])).unwrap(),
+            }
+            close(&at.download(ctx).unwrap(), &want, 1e-6, &format!("{op:?}"))?;
+        }
+    }
+
+    #[test]
+    fn norms_match_cpu(rows in 1usize..20, width in 1usize..300, seed in any::<u64>()) {
+        let Some(ctx) = gpu() else { return Ok(()) };
+        let norm = Norm::new(ctx);
+        let (x, w, b) = (random(rows * width, seed), random(width, seed ^ 1), random(width, seed ^ 2));
+        let xa = Array2::from_shape_vec((rows, width), x.clone()).unwrap();
+        let (wa, ba) = (Array1::from_vec(w.clone()), Array1::from_vec(b.clone()));
+        let y = GpuTensor::poisoned(ctx, &[rows, width]).unwrap();
+        norm.layer_norm(ctx, &up(ctx, &x, &[rows, width]), &up(ctx, &w, &[width]), &up(ctx, &b, &[width]), &y, 1e-5).unwrap();
+        let want = ops::layer_norm(xa.view(), &wa, &ba, 1e-5).into_raw_vec_and_offset().0;
+        close(&y.download(ctx).unwrap(), &want, 1e-4, "layer_norm")?;
+        let y = GpuTensor::poisoned(ctx, &[rows, width]).unwrap();
+        norm.rms_norm(ctx, &up(ctx, &x, &[rows, width]), &up(ctx, &w, &[width]), &y, 1e-6).unwrap();
+        let want = ops::rms_norm(xa.view(), &wa, 1e-6).into_raw_vec_and_offset().0;
+        close(&y.download(ctx).unwrap(), &want, 1e-4, "rms_norm")?;
+    }
+
+    #[test]
+    fn embedding_gathers_rows_and_positions(vocab in 1usize..60, width in 1usize..70, rows in 1usize..40, seed in any::<u64>()) {
+        let Some(ctx) = gpu() else { return Ok(()) };
+        let table = random(vocab * width, seed);
+        let positions = random((rows + 2) * width, seed ^ 4);
+        let ids: Vec<u32> = (0..rows).map(|r| ((r * 7 + seed as usize % 13) % vocab) as u32).collect();
+        let pos: Vec<u32> = (0..rows as u32).rev().collect();
+        let y = GpuTensor::poisoned(ctx, &[rows, width]).unwrap();
+        Embedding::new(ctx).run(ctx, &up(ctx, &table, &[vocab, width]),
+            Some((&up(ctx, &positions, &[rows + 2, width]), 2)),
+            &GpuIndices::upload(ctx, &ids), &GpuIndices::upload(ctx, &pos), &y).unwrap();
+        let want: Vec<f32> = (0..rows).flat_map(|r| (0..width).map(move |j| (r, j)))
+            .map(|(r, j)| table[ids[r] as usize * width + j] + positions[(pos[r] as usize + 2) * width + j])
+            .collect();
+        close(&y.download(ctx).unwrap(), &want, 0.0, "embedding")?;
+    }
+
+    #[test]
+    fn rope_matches_cpu(rows in 1usize..20, heads in 1usize..5, half in 1usize..40, base in prop::sample::select(vec![100.0f64, 1e4, 5e5]), seed in any::<u64>()) {
+        let Some(ctx) = gpu() else { return Ok(()) };
+        let d = 2 * half;
+        let positions: Vec<usize> = (0..rows).map(|r| r * 37 + (seed % 4000) as usize).collect();
+        let x = random(rows * heads * d, seed);
+        let (cos, sin) = rope::tables(&positions, d, base);
+        let xt = up(ctx, &x, &[rows, heads * d]);
+        Rope::new(ctx).run(ctx, &xt, &up(ctx, &cos, &[rows, half]), &up(ctx, &sin, &[rows, half]), d).unwrap();
+        let mut want = Array2::from_shape_vec((rows, heads * d), x).unwrap();
+        ops::Rope::new(&positions, d, base).apply(want.view_mut(), d);
+        close(&xt.download(ctx).unwrap(), &want.into_raw_vec_and_offset().0, 1e-6, "rope")?;
+    }
+
+    /// A ragged batch of sequences, each with a cached prefix, GQA, against the CPU reference.
+    #[test]
+    fn attention_matches_cpu(
+        seqs in prop::collection::vec((0usize..12, 1usize..9), 1..4),
+        kv_heads in 1usize..3, group in 1usize..4, head_dim in prop::sample::select(vec![1usize, 8, 24, 64]),
+        seed in any::<u64>(),
+    ) {
+        let Some(ctx) = gpu() else { return Ok(()) };
+        let layout = HeadLayout { heads: kv_heads * group, kv_heads, head_dim };
+        let (qw, kvw) = (layout.heads * head_dim, kv_heads * head_dim);
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        // cache rows: each sequence's past + new rows, sequences one after another
+        let cache_rows: usize = seqs.iter().map(|(p, t)| p + t).sum();
+        let q_rows: usize = seqs.iter().map(|(_, t)| t).sum();
+        let (k, v) = (random(cache_rows * kvw, seed), random(cache_rows * kvw, seed ^ 7));
+        let q = random(q_rows * qw, seed ^ 11);
+        let mut infos = Vec::new();
+        let mut want = Vec::new();
+        let (mut first, mut qr) = (0usize, 0usize);
+        for &(past, t) in &seqs {
+            for i in 0..t {
+                infos.push(RowInfo { first: first as u32, visible: (past + i + 1) as u32 });
+            }
+            let qa = Array2::from_shape_vec((q_rows, qw), q.clone()).unwrap();
+            let ka = Array2::from_shape_vec((cache_rows, kvw), k.clone()).unwrap();
+            let va = Array2::from_shape_vec((cache_rows, kvw), v.clone()).unwrap();
+            let o = ops::causal_attention(
+                qa.slice(s![qr..qr + t, ..]),
+                ka.slice(s![first..first + past + t, ..]),
+                va.slice(s![first..first + past + t, ..]),
+                past, layout, scale);
+            want.extend(o.into_raw_vec_and_offset().0);
+            first += past + t;
+            qr += t;
+        }
+        let o = GpuTensor::poisoned(ctx, &[q_rows, qw]).unwrap();
+        Attention::new(ctx).run(ctx, &up(ctx, &q, &[q_rows, qw]), &up(ctx, &k, &[cache_rows, kvw]),
+            &up(ctx, &v, &[cache_rows, kvw]), &Attention::upload_info(ctx, &infos), &o, layout, scale).unwrap();
+        close(&o.download(ctx).unwrap(), &want, 1e-5, "attention")?;
+    }
+
+    #[test]
+    fn logprobs_and_argmax_match_cpu(rows in 1usize..10, vocab in 1usize..3000, seed in any::<u64>()) {
+        let Some(ctx) = gpu() else { return Ok(()) };
+        let logits: Vec<f32> = random(rows * vocab, seed).iter().map(|v| v * 20.0).collect();
+        let targets: Vec<u32> = (0..rows).map(|r| ((r * 31 + 5) % vocab) as u32).collect();
+        let lt = up(ctx, &logits, &[rows, vocab]);
+        let lp = Logprob::new(ctx);
+        let out = GpuTensor::poisoned(ctx, &[rows]).unwrap();
+        lp.target_logprob(ctx, &lt, &GpuIndices::upload(ctx, &targets), &out).unwrap();
+        let la = Array2::from_shape_vec((rows, vocab), logits).unwrap();
+        let want: Vec<f32> = (0..rows).map(|r| ops::log_softmax_at(la.row(r), targets[r] as usize)).collect();
+        close(&out.download(ctx).unwrap(), &want, 2e-5, "target logprob")?;
+        let am = GpuTensor::poisoned(ctx, &[rows]).unwrap();
+        lp.argmax(ctx, &lt, &am).unwrap();
+        let got: Vec<usize> = am.download(ctx).unwrap().iter().map(|v| v.to_bits() as usize).collect();
+        let want: Vec<usize> = (0..rows).map(|r| ops::argmax(la.row(r))).collect();
+        prop_assert_eq!(got, want);
     }
 }

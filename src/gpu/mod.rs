@@ -10,7 +10,18 @@ pub mod tensor;
 use wgpu::util::DeviceExt;
 
 pub use context::{AdapterKind, GpuContext, GpuFeatures};
-pub use tensor::GpuTensor;
+pub use tensor::{GpuIndices, GpuTensor};
+
+/// Most workgroups along one dispatch axis (WebGPU's default limit).
+const MAX_GROUPS_PER_AXIS: usize = 65535;
+
+/// A dispatch of `groups` workgroups as a 2-d grid `[x, y, 1]` with `x <= 65535`; kernels
+/// recover the linear workgroup index as `wid.y * num_workgroups.x + wid.x` and skip the excess.
+pub fn grid(groups: usize) -> [u32; 3] {
+    let groups = groups.max(1);
+    let y = groups.div_ceil(MAX_GROUPS_PER_AXIS);
+    [groups.div_ceil(y) as u32, y as u32, 1]
+}
 
 /// A compiled compute pipeline (bind group 0, bindings in declaration order).
 pub struct Pipeline {
@@ -19,8 +30,9 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Compiles `source`'s `main` entry point.
-    pub fn new(ctx: &GpuContext, label: &str, source: &str) -> Self {
+    /// Compiles the entry point `entry` of `source`.
+    pub fn new(ctx: &GpuContext, source: &str, entry: &str) -> Self {
+        let label = entry;
         let module = ctx
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -33,7 +45,7 @@ impl Pipeline {
                 label: Some(label),
                 layout: None,
                 module: &module,
-                entry_point: Some("main"),
+                entry_point: Some(entry),
                 compilation_options: Default::default(),
                 cache: None,
             });
@@ -42,7 +54,7 @@ impl Pipeline {
     }
 
     /// Runs one dispatch of `workgroups` with `buffers` bound at 0, 1, 2, ... and a uniform
-    /// block of `params` bound after them.
+    /// block of `params` (padded to 16 bytes) bound after them.
     pub fn dispatch(
         &self,
         ctx: &GpuContext,
@@ -50,11 +62,14 @@ impl Pipeline {
         params: &[u32],
         workgroups: [u32; 3],
     ) {
+        // Uniform blocks are sized in 16-byte steps; unused trailing words are zero.
+        let mut padded = params.to_vec();
+        padded.resize(params.len().div_ceil(4).max(1) * 4, 0);
         let uniform = ctx
             .device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("params"),
-                contents: bytemuck::cast_slice(params),
+                contents: bytemuck::cast_slice(&padded),
                 usage: wgpu::BufferUsages::UNIFORM,
             });
         let mut entries: Vec<wgpu::BindGroupEntry> = buffers
@@ -82,5 +97,19 @@ impl Pipeline {
             pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
         }
         ctx.queue.submit([encoder.finish()]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grids_cover_every_workgroup() {
+        for groups in [0usize, 1, 65535, 65536, 200_000, 10_000_000] {
+            let [x, y, _] = grid(groups);
+            assert!(x as usize <= MAX_GROUPS_PER_AXIS);
+            assert!(x as usize * y as usize >= groups.max(1));
+        }
     }
 }

@@ -105,3 +105,29 @@ impl GpuTensor {
         Ok(out)
     }
 }
+
+/// u32 data (token ids, positions, per-row attention info) in a storage buffer.
+pub struct GpuIndices {
+    /// The buffer.
+    pub buffer: wgpu::Buffer,
+    /// Number of values.
+    pub len: usize,
+}
+
+impl GpuIndices {
+    /// Uploads `data` (an empty slice becomes one zero, as empty bindings are invalid).
+    pub fn upload(ctx: &GpuContext, data: &[u32]) -> Self {
+        let contents: &[u32] = if data.is_empty() { &[0] } else { data };
+        let buffer = ctx
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("indices"),
+                contents: bytemuck::cast_slice(contents),
+                usage: wgpu::BufferUsages::STORAGE,
+            });
+        Self {
+            buffer,
+            len: data.len(),
+        }
+    }
+}

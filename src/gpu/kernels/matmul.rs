@@ -20,7 +20,7 @@ impl MatmulF32 {
     /// Compiles the kernel.
     pub fn new(ctx: &GpuContext) -> Self {
         Self {
-            pipeline: Pipeline::new(ctx, "matmul_f32", SOURCE),
+            pipeline: Pipeline::new(ctx, SOURCE, "main"),
         }
     }
 
@@ -30,18 +30,25 @@ impl MatmulF32 {
         [n.div_ceil(span) as u32, m.div_ceil(span) as u32, 1]
     }
 
-    /// Computes `y = x W^T` into the poison-able output `y`.
-    pub fn run(&self, ctx: &GpuContext, x: &GpuTensor, w: &GpuTensor, y: &GpuTensor) -> Result<()> {
-        let (&[m, k], &[n, k2], &[m2, n2]) =
+    /// Computes `x W^T` into columns `y_offset .. y_offset + n` of `y [m, total]`.
+    pub fn run(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        y: &GpuTensor,
+        y_offset: usize,
+    ) -> Result<()> {
+        let (&[m, k], &[n, k2], &[m2, total]) =
             (x.shape.as_slice(), w.shape.as_slice(), y.shape.as_slice())
         else {
             return Err(Error::invalid("matmul", "x, W and y must be 2-d"));
         };
-        if k != k2 || m != m2 || n != n2 {
+        if k != k2 || m != m2 || y_offset + n > total {
             return Err(Error::invalid(
                 "matmul",
                 format!(
-                    "shapes x {:?}, W {:?}, y {:?} do not agree",
+                    "shapes x {:?}, W {:?}, y {:?} (column offset {y_offset}) do not agree",
                     x.shape, w.shape, y.shape
                 ),
             ));
@@ -49,7 +56,7 @@ impl MatmulF32 {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let dims = [m as u32, k as u32, n as u32, 0];
+        let dims = [m, k, n, total, y_offset].map(|v| v as u32);
         self.pipeline.dispatch(
             ctx,
             &[&x.buffer, &w.buffer, &y.buffer],

@@ -1,0 +1,72 @@
+// Per row of logits [rows, vocab] (one 64-wide workgroup per row, row = wid.y * nwg.x + wid.x):
+//   target_logprob: out[r] = logits[r, target[r]] - (max + ln sum_j exp(logits[r, j] - max))
+//   argmax:         out[r] = index of the largest logit (the first, on ties), as f32 bits
+// Strided partial results per invocation, then tree reductions in workgroup memory.
+
+struct Params { rows: u32, vocab: u32, pad0: u32, pad1: u32 }
+
+@group(0) @binding(0) var<storage, read> logits: array<f32>;
+@group(0) @binding(1) var<storage, read> targets: array<u32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<uniform> params: Params;
+
+var<workgroup> best: array<f32, 64>;
+var<workgroup> where_: array<u32, 64>;
+
+// Max over the workgroup with its (smallest) index.
+fn workgroup_argmax(v: f32, at: u32, lid: u32) {
+    best[lid] = v;
+    where_[lid] = at;
+    workgroupBarrier();
+    for (var stride = 32u; stride > 0u; stride >>= 1u) {
+        if (lid < stride) {
+            let ov = best[lid + stride];
+            let oi = where_[lid + stride];
+            if (ov > best[lid] || (ov == best[lid] && oi < where_[lid])) {
+                best[lid] = ov;
+                where_[lid] = oi;
+            }
+        }
+        workgroupBarrier();
+    }
+}
+
+@compute @workgroup_size(64)
+fn target_logprob(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let row = wid.y * nwg.x + wid.x;
+    if (row >= params.rows) { return; }
+    let lid = lid3.x;
+    let base = row * params.vocab;
+    var m = -3.0e38;
+    for (var j = lid; j < params.vocab; j += 64u) { m = max(m, logits[base + j]); }
+    workgroup_argmax(m, 0u, lid);
+    let mx = best[0];
+    workgroupBarrier();
+    var s = 0.0;
+    for (var j = lid; j < params.vocab; j += 64u) { s += exp(logits[base + j] - mx); }
+    best[lid] = s;
+    workgroupBarrier();
+    for (var stride = 32u; stride > 0u; stride >>= 1u) {
+        if (lid < stride) { best[lid] += best[lid + stride]; }
+        workgroupBarrier();
+    }
+    if (lid == 0u) { out[row] = logits[base + targets[row]] - mx - log(best[0]); }
+}
+
+@compute @workgroup_size(64)
+fn argmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_id) lid3: vec3<u32>) {
+    _ = arrayLength(&targets);
+    let row = wid.y * nwg.x + wid.x;
+    if (row >= params.rows) { return; }
+    let lid = lid3.x;
+    let base = row * params.vocab;
+    var m = -3.0e38;
+    var at = 0u;
+    for (var j = lid; j < params.vocab; j += 64u) {
+        if (logits[base + j] > m) { m = logits[base + j]; at = j; }
+    }
+    workgroup_argmax(m, at, lid);
+    if (lid == 0u) { out[row] = bitcast<f32>(where_[0]); }
+}
