@@ -216,7 +216,7 @@ fn score_example_follows_the_contract() {
 
     for (args, needle) in [
         (vec!["--bogus"], "--bogus"),
-        (vec!["--backend", "wgpu"], "not built yet"),
+        (vec!["--backend", "cuda"], "--backend"),
         (vec!["--gpu-mem", "1GiB"], "not built yet"),
         (vec!["--gpu-mem", "lots"], "--gpu-mem"),
     ] {

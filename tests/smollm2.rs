@@ -162,3 +162,31 @@ fn britannica_perplexity_matches_transformers() {
         "per-token logprobs differ from HF by up to {worst}"
     );
 }
+
+#[test]
+fn wgpu_backend_matches_reference_on_britannica() {
+    let Some(m) = smollm2() else { return };
+    let ctx = match ferrogen::gpu::GpuContext::new() {
+        Ok(ctx) => ctx,
+        Err(e) if std::env::var("FERROGEN_SKIP_GPU").as_deref() == Ok("1") => {
+            eprintln!("FERROGEN_SKIP_GPU=1: skipping ({e})");
+            return;
+        }
+        Err(e) => panic!("{e} (or set FERROGEN_SKIP_GPU=1)"),
+    };
+    let gpu = ferrogen::gpu::model::GpuModel::load(ctx, &m.files).unwrap();
+    let ids = &reference().britannica.tokens[..256];
+    let got = &gpu.token_logprobs(&[ids]).unwrap()[0];
+    let want = &m.model.token_logprobs(&[ids]).unwrap()[0];
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("wgpu vs reference, 256 britannica tokens: worst per-token diff {worst:.2e}");
+    assert!(worst < 1e-3, "{worst}");
+    let tok = m.files.tokenizer().unwrap();
+    let prompt = tok.encode("The capital of France is").unwrap();
+    let out = gpu.generate_greedy(&[&prompt], 3, None).unwrap();
+    assert_eq!(tok.decode(&out[0]).unwrap(), " Paris.\n");
+}

@@ -5,6 +5,7 @@
 
 pub mod context;
 pub mod kernels;
+pub mod model;
 pub mod tensor;
 
 use wgpu::util::DeviceExt;

@@ -66,6 +66,23 @@ impl GpuTensor {
         })
     }
 
+    /// A zero-filled tensor (wgpu zero-initializes new buffers).
+    pub fn zeros(ctx: &GpuContext, shape: &[usize]) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        let bytes = (n.max(1) * 4) as u64;
+        Self::check_fits(ctx, bytes)?;
+        let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: bytes,
+            usage: USAGE,
+            mapped_at_creation: false,
+        });
+        Ok(Self {
+            buffer,
+            shape: shape.to_vec(),
+        })
+    }
+
     /// An output tensor filled with NaN, so that any element a kernel fails to write shows.
     pub fn poisoned(ctx: &GpuContext, shape: &[usize]) -> Result<Self> {
         let n: usize = shape.iter().product();

@@ -3,8 +3,10 @@
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Pipeline};
 
-/// WGSL source.
+/// WGSL source (any k).
 pub const SOURCE: &str = include_str!("../../../shaders/matmul_f32.wgsl");
+/// WGSL source for k a multiple of 4 (vec4 loads along k).
+pub const SOURCE_VEC4: &str = include_str!("../../../shaders/matmul_f32_vec4.wgsl");
 
 /// Outputs per invocation along each axis (the register tile is `TILE x TILE`).
 const TILE: usize = 4;
@@ -13,14 +15,16 @@ const WORKGROUP: usize = 8;
 
 /// The f32 matrix product `x [m, k] . W [n, k]^T -> y [m, n]`.
 pub struct MatmulF32 {
-    pipeline: Pipeline,
+    scalar: Pipeline,
+    vec4: Pipeline,
 }
 
 impl MatmulF32 {
     /// Compiles the kernel.
     pub fn new(ctx: &GpuContext) -> Self {
         Self {
-            pipeline: Pipeline::new(ctx, SOURCE, "main"),
+            scalar: Pipeline::new(ctx, SOURCE, "main"),
+            vec4: Pipeline::new(ctx, SOURCE_VEC4, "main"),
         }
     }
 
@@ -57,7 +61,8 @@ impl MatmulF32 {
             return Ok(());
         }
         let dims = [m, k, n, total, y_offset].map(|v| v as u32);
-        self.pipeline.dispatch(
+        let pipeline = if k % 4 == 0 { &self.vec4 } else { &self.scalar };
+        pipeline.dispatch(
             ctx,
             &[&x.buffer, &w.buffer, &y.buffer],
             &dims,
