@@ -56,7 +56,8 @@ fn matmul(ctx: &GpuContext, m: usize, k: usize, n: usize, seed: u64) -> (Vec<f32
     let got = y.download(ctx).unwrap();
     let xa = Array2::from_shape_vec((m, k), xv).unwrap();
     let wa = Array2::from_shape_vec((n, k), wv).unwrap();
-    let want = xa.dot(&wa.t()).into_raw_vec_and_offset().0;
+    // logical (row-major) order: `dot` may return column-major storage (e.g. when k = 1)
+    let want = xa.dot(&wa.t()).iter().copied().collect();
     (got, want)
 }
 
@@ -166,7 +167,7 @@ proptest! {
                 Op::SiluMul => {
                     let mut g = Array2::from_shape_vec((1, n), a.clone()).unwrap();
                     ops::silu_mul(&mut g, &Array2::from_shape_vec((1, n), b.clone()).unwrap());
-                    g.into_raw_vec_and_offset().0
+                    g.iter().copied().collect::<Vec<f32>>()
                 }
             };
             match op {
@@ -187,11 +188,11 @@ proptest! {
         let (wa, ba) = (Array1::from_vec(w.clone()), Array1::from_vec(b.clone()));
         let y = GpuTensor::poisoned(ctx, &[rows, width]).unwrap();
         norm.layer_norm(ctx, &up(ctx, &x, &[rows, width]), &up(ctx, &w, &[width]), &up(ctx, &b, &[width]), &y, 1e-5).unwrap();
-        let want = ops::layer_norm(xa.view(), &wa, &ba, 1e-5).into_raw_vec_and_offset().0;
+        let want = ops::layer_norm(xa.view(), &wa, &ba, 1e-5).iter().copied().collect::<Vec<f32>>();
         close(&y.download(ctx).unwrap(), &want, 1e-4, "layer_norm")?;
         let y = GpuTensor::poisoned(ctx, &[rows, width]).unwrap();
         norm.rms_norm(ctx, &up(ctx, &x, &[rows, width]), &up(ctx, &w, &[width]), &y, 1e-6).unwrap();
-        let want = ops::rms_norm(xa.view(), &wa, 1e-6).into_raw_vec_and_offset().0;
+        let want = ops::rms_norm(xa.view(), &wa, 1e-6).iter().copied().collect::<Vec<f32>>();
         close(&y.download(ctx).unwrap(), &want, 1e-4, "rms_norm")?;
     }
 
@@ -223,7 +224,7 @@ proptest! {
         Rope::new(ctx).run(ctx, &xt, &up(ctx, &cos, &[rows, half]), &up(ctx, &sin, &[rows, half]), d).unwrap();
         let mut want = Array2::from_shape_vec((rows, heads * d), x).unwrap();
         ops::Rope::new(&positions, d, base).apply(want.view_mut(), d);
-        close(&xt.download(ctx).unwrap(), &want.into_raw_vec_and_offset().0, 1e-6, "rope")?;
+        close(&xt.download(ctx).unwrap(), &want.iter().copied().collect::<Vec<f32>>(), 1e-6, "rope")?;
     }
 
     /// A ragged batch of sequences, each with a cached prefix, GQA, against the CPU reference.
@@ -257,7 +258,7 @@ proptest! {
                 ka.slice(s![first..first + past + t, ..]),
                 va.slice(s![first..first + past + t, ..]),
                 past, layout, scale);
-            want.extend(o.into_raw_vec_and_offset().0);
+            want.extend(o.iter().copied().collect::<Vec<f32>>());
             first += past + t;
             qr += t;
         }
