@@ -10,7 +10,6 @@
 //! measurements (on lavapipe the "GPU" is these CPU cores). Takes under 60 s.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Instant;
 
 use ferrogen::bytes::{format_size, parse_size};
@@ -163,12 +162,6 @@ fn hostname() -> String {
         .map_or_else(|_| "this machine".into(), |h| h.trim().to_string())
 }
 
-fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(2)
-        }
-    }
+fn main() -> std::process::ExitCode {
+    ferrogen::cli::exit_status(run())
 }

@@ -4,7 +4,6 @@
 //!  [--max-new-tokens 16]`
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use ferrogen::cli::{required, Flags};
 use ferrogen::cpu::ReferenceModel;
@@ -33,12 +32,6 @@ fn run() -> Result<()> {
     Ok(())
 }
 
-fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(2)
-        }
-    }
+fn main() -> std::process::ExitCode {
+    ferrogen::cli::exit_status(run())
 }

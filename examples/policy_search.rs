@@ -9,7 +9,6 @@
 //! llama-3-8b). `--evaluate` predicts a given policy instead of searching.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Instant;
 
 use ferrogen::cli::{required, Flags};
@@ -115,12 +114,6 @@ fn run() -> Result<()> {
     Ok(())
 }
 
-fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(2)
-        }
-    }
+fn main() -> std::process::ExitCode {
+    ferrogen::cli::exit_status(run())
 }

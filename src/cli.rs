@@ -56,6 +56,17 @@ impl Flags {
     }
 }
 
+/// The exit status of an example's `run()`: 0, or the error on stderr and status 2.
+pub fn exit_status(result: Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
 /// The value of a required flag, or an error naming it.
 pub fn required<T>(value: Option<T>, flag: &str) -> Result<T> {
     value.ok_or_else(|| Error::invalid(flag, "is required"))

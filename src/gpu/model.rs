@@ -116,6 +116,14 @@ struct Kernels {
     logprob: Logprob,
 }
 
+/// What every layer's attention of one forward call shares.
+struct AttentionStep<'a> {
+    batch: &'a [&'a [u32]],
+    slots: &'a [usize],
+    info: &'a GpuIndices,
+    layout: HeadLayout,
+}
+
 /// Per-layer KV caches of one batch on the device.
 pub struct GpuKvCache {
     layers: Vec<(GpuTensor, GpuTensor)>,
@@ -386,20 +394,13 @@ impl GpuModel {
                     let vn = self.linear(&h, &l.v)?;
                     k.rope.run(ctx, &q, &cos, &sin, hd)?;
                     k.rope.run(ctx, &kn, &cos, &sin, hd)?;
-                    self.append(cache, li, batch, slots, &kn, &vn);
-                    let a = GpuTensor::zeros(ctx, &q.shape)?;
-                    let (kc, vc) = &cache.layers[li];
-                    k.attention.run(
-                        ctx,
-                        &q,
-                        kc,
-                        vc,
-                        &info,
-                        &a,
+                    let step = AttentionStep {
+                        batch,
+                        slots,
+                        info: &info,
                         layout,
-                        1.0 / (hd as f32).sqrt(),
-                    )?;
-                    let o = self.linear(&a, &l.o)?;
+                    };
+                    let o = self.attend(cache, li, &step, [&q, &kn, &vn], &l.o)?;
                     k.elementwise.binary(ctx, Op::Add, &x, &o)?;
                     let h = GpuTensor::zeros(ctx, &x.shape)?;
                     k.norm
@@ -470,20 +471,13 @@ impl GpuModel {
                     let q = self.linear(&h, &l.q)?;
                     let kn = self.linear(&h, &l.k)?;
                     let vn = self.linear(&h, &l.v)?;
-                    self.append(cache, li, batch, slots, &kn, &vn);
-                    let a = GpuTensor::zeros(ctx, &q.shape)?;
-                    let (kc, vc) = &cache.layers[li];
-                    k.attention.run(
-                        ctx,
-                        &q,
-                        kc,
-                        vc,
-                        &info,
-                        &a,
+                    let step = AttentionStep {
+                        batch,
+                        slots,
+                        info: &info,
                         layout,
-                        1.0 / (hd as f32).sqrt(),
-                    )?;
-                    let o = self.linear(&a, &l.out)?;
+                    };
+                    let o = self.attend(cache, li, &step, [&q, &kn, &vn], &l.out)?;
                     k.elementwise.binary(ctx, Op::Add, &x, &o)?;
                     if !pre {
                         x = norm(&l.ln1, &x)?;
@@ -514,6 +508,26 @@ impl GpuModel {
             cache.slots[slot].2 += seq.len();
         }
         Ok(hidden)
+    }
+
+    /// Appends the new keys and values to `layer`'s caches, attends with the queries, and
+    /// applies the output projection: `out(attention(q, K, V))`.
+    fn attend(
+        &self,
+        cache: &GpuKvCache,
+        layer: usize,
+        step: &AttentionStep,
+        [q, k, v]: [&GpuTensor; 3],
+        out: &GpuLinear,
+    ) -> Result<GpuTensor> {
+        self.append(cache, layer, step.batch, step.slots, k, v);
+        let a = GpuTensor::zeros(&self.ctx, &q.shape)?;
+        let (kc, vc) = &cache.layers[layer];
+        let scale = 1.0 / (step.layout.head_dim as f32).sqrt();
+        self.kernels
+            .attention
+            .run(&self.ctx, q, kc, vc, step.info, &a, step.layout, scale)?;
+        self.linear(&a, out)
     }
 
     fn copy(&self, x: &GpuTensor) -> Result<GpuTensor> {
