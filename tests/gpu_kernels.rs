@@ -13,9 +13,12 @@ use ferrogen::gpu::kernels::elementwise::{Elementwise, Op};
 use ferrogen::gpu::kernels::embedding::Embedding;
 use ferrogen::gpu::kernels::logprob::Logprob;
 use ferrogen::gpu::kernels::matmul::MatmulF32;
+use ferrogen::gpu::kernels::matmul_q::{GpuPackedWeight, MatmulQ, PackedWeight};
 use ferrogen::gpu::kernels::norm::Norm;
 use ferrogen::gpu::kernels::rope::{self, Rope};
 use ferrogen::gpu::{GpuContext, GpuIndices, GpuTensor};
+use ferrogen::quant::ggml::BlockFormat;
+use ferrogen::quant::group4::Group4;
 use ndarray::{s, Array1, Array2};
 use proptest::prelude::*;
 
@@ -285,5 +288,51 @@ proptest! {
         let got: Vec<usize> = am.download(ctx).unwrap().iter().map(|v| v.to_bits() as usize).collect();
         let want: Vec<usize> = (0..rows).map(|r| ops::argmax(la.row(r))).collect();
         prop_assert_eq!(got, want);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// Quantized weights (FlexGen 4-bit, GGUF Q4_0, Q4_1, Q8_0), dequantized in the kernel,
+    /// against ndarray on the same weights decoded on the host.
+    #[test]
+    fn quantized_matmul_matches_dequantized_reference(
+        m in 1usize..24, blocks in 1usize..5, extra in 0usize..31, n in 1usize..40,
+        format in 0usize..4, seed in any::<u64>(),
+    ) {
+        let Some(ctx) = gpu() else { return Ok(()) };
+        let packed = match format {
+            0 => {
+                // FlexGen groups of 64 along k; k need not be a multiple of the group
+                let k = blocks * 32 + extra;
+                let w = random(n * k, seed);
+                PackedWeight::from_group4(&Group4::quantize(&w, &[n, k], 1, 64).unwrap()).unwrap()
+            }
+            f => {
+                let format = [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0][f - 1];
+                let k = blocks * 32;
+                let mut bytes: Vec<u8> = random(n * format.bytes_for(k), seed).iter().map(|v| (v * 127.0) as i8 as u8).collect();
+                for b in bytes.chunks_exact_mut(format.block_bytes()) {
+                    let d = half::f16::from_f32(0.01 + f32::from(b[3] % 16) * 0.002);
+                    b[..2].copy_from_slice(&d.to_le_bytes());
+                    if format == BlockFormat::Q4_1 {
+                        let m = half::f16::from_f32(f32::from(b[4] % 9) * -0.01);
+                        b[2..4].copy_from_slice(&m.to_le_bytes());
+                    }
+                }
+                PackedWeight::from_ggml(format, &bytes, n, k).unwrap()
+            }
+        };
+        let k = packed.k;
+        let w = packed.dequantize();
+        let xv = random(m * k, seed ^ 77);
+        let x = up(ctx, &xv, &[m, k]);
+        let y = GpuTensor::poisoned(ctx, &[m, n]).unwrap();
+        MatmulQ::new(ctx).run(ctx, &x, &GpuPackedWeight::upload(ctx, packed).unwrap(), &y, 0).unwrap();
+        let want: Vec<f32> = Array2::from_shape_vec((m, k), xv).unwrap()
+            .dot(&Array2::from_shape_vec((n, k), w).unwrap().t()).iter().copied().collect();
+        let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+        close(&y.download(ctx).unwrap(), &want, 1e-5 * k as f32 * scale, "quantized matmul")?;
     }
 }

@@ -6,6 +6,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod logprob;
 pub mod matmul;
+pub mod matmul_q;
 pub mod norm;
 pub mod rope;
 
