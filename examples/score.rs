@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! cargo run --release --example score -- --model PATH --input IN.jsonl --output OUT.jsonl
-//!     [--per-token] [--backend reference|wgpu] [--batch-tokens N]   (default: reference,
-//!     until the wgpu kernels are tuned)
+//!     [--per-token] [--backend reference|wgpu] [--compress-weight] [--batch-tokens N]
+//!     (default backend: reference, until the wgpu kernels are tuned; on wgpu, GGUF Q4_0/Q4_1/Q8_0
+//!     weights run natively, and --compress-weight requantizes to FlexGen's 4-bit groups)
 //!     [--gpu-mem SIZE --cpu-mem SIZE --offload-dir DIR | --policy FILE.toml]
 //! ```
 //! `-` reads stdin / writes stdout. Exit status: 0 all records scored, 3 some failed, 2 usage or
@@ -17,7 +18,7 @@ use std::process::ExitCode;
 use ferrogen::bytes::parse_size;
 use ferrogen::cli::{required, Flags};
 use ferrogen::cpu::ReferenceModel;
-use ferrogen::gpu::model::GpuModel;
+use ferrogen::gpu::model::{GpuModel, WeightFormat};
 use ferrogen::gpu::GpuContext;
 use ferrogen::model::ModelFiles;
 use ferrogen::score::{score_jsonl, ScoreOptions, Scorer};
@@ -30,12 +31,15 @@ struct Args {
     backend: Option<String>,
     options: ScoreOptions,
     memory_flags: Vec<String>,
+    /// FlexGen 4-bit weights on the wgpu backend.
+    compress_weight: bool,
 }
 
 fn parse_args() -> Result<Args> {
     let (mut model, mut input, mut output, mut backend) = (None, None, None, None);
     let mut options = ScoreOptions::default();
     let mut memory_flags = Vec::new();
+    let mut compress_weight = false;
     let mut flags = Flags::from_env();
     while let Some(flag) = flags.next_flag() {
         match flag.as_str() {
@@ -43,6 +47,7 @@ fn parse_args() -> Result<Args> {
             "--input" => input = Some(flags.value(&flag)?),
             "--output" => output = Some(flags.value(&flag)?),
             "--per-token" => options.per_token = true,
+            "--compress-weight" => compress_weight = true,
             "--backend" => backend = Some(flags.value(&flag)?),
             "--batch-tokens" => options.batch_tokens = flags.positive(&flag)?,
             "--gpu-mem" | "--cpu-mem" => {
@@ -70,6 +75,7 @@ fn parse_args() -> Result<Args> {
         backend,
         options,
         memory_flags,
+        compress_weight,
     })
 }
 
@@ -106,16 +112,17 @@ fn prepare(args: &Args) -> Result<Job> {
         Box::new(File::open(&args.input).map_err(|e| Error::io(&args.input, e))?)
     };
     let files = ModelFiles::open(&args.model)?;
+    let format = if args.compress_weight {
+        WeightFormat::Group4
+    } else {
+        WeightFormat::Native
+    };
     let model: Box<dyn Scorer> = match backend {
-        Some("reference") => Box::new(ReferenceModel::load(&files)?),
-        Some(_) => Box::new(GpuModel::load(GpuContext::new()?, &files)?),
-        None => match GpuContext::new() {
-            Ok(ctx) => Box::new(GpuModel::load(ctx, &files)?),
-            Err(e) => {
-                eprintln!("note: {e}; scoring with the CPU reference");
-                Box::new(ReferenceModel::load(&files)?)
-            }
-        },
+        Some("wgpu") => Box::new(GpuModel::load(GpuContext::new()?, &files, format)?),
+        _ if args.compress_weight => {
+            return Err(Error::invalid("--compress-weight", "needs --backend wgpu"))
+        }
+        _ => Box::new(ReferenceModel::load(&files)?),
     };
     let output: Box<dyn Write> = if args.output == "-" {
         Box::new(std::io::stdout())

@@ -8,7 +8,7 @@ mod common;
 
 use common::{expected, fixture_dir, max_abs_diff, FIXTURES};
 use ferrogen::cpu::ReferenceModel;
-use ferrogen::gpu::model::GpuModel;
+use ferrogen::gpu::model::{GpuModel, WeightFormat};
 use ferrogen::gpu::GpuContext;
 use ferrogen::model::ModelFiles;
 
@@ -28,7 +28,7 @@ fn fixtures_match_reference_and_transformers() {
     let Some(_) = context() else { return };
     for name in FIXTURES {
         let files = ModelFiles::open(&fixture_dir(name)).unwrap();
-        let gpu = GpuModel::load(context().unwrap(), &files).unwrap();
+        let gpu = GpuModel::load(context().unwrap(), &files, WeightFormat::F32).unwrap();
         let reference = ReferenceModel::load(&files).unwrap();
         let exp = expected(name);
         let batch: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
@@ -51,5 +51,65 @@ fn fixtures_match_reference_and_transformers() {
             .generate_greedy(&[&g.prompt], g.new_tokens.len(), None)
             .unwrap();
         assert_eq!(out[0], g.new_tokens, "{name} greedy");
+    }
+}
+
+/// Weights as `--compress-weight` sees them: every linear weight through FlexGen's 4-bit
+/// groups (64 along the input dimension) and back; embeddings and the output head untouched.
+struct Group4Weights<'a>(&'a dyn ferrogen::model::WeightSource);
+
+impl ferrogen::model::WeightSource for Group4Weights<'_> {
+    fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+    fn names(&self) -> Vec<String> {
+        self.0.names()
+    }
+    fn info(&self, name: &str) -> Option<ferrogen::model::TensorInfo> {
+        self.0.info(name)
+    }
+    fn bytes(&self, name: &str) -> ferrogen::Result<std::borrow::Cow<'_, [u8]>> {
+        self.0.bytes(name)
+    }
+    fn load_f32(&self, name: &str, shape: &[usize]) -> ferrogen::Result<Vec<f32>> {
+        let v = self.0.load_f32(name, shape)?;
+        if shape.len() != 2 || name.contains("embed") || name.contains("lm_head") {
+            return Ok(v);
+        }
+        Ok(ferrogen::quant::group4::Group4::quantize(&v, shape, 1, 64)?.dequantize())
+    }
+}
+
+#[test]
+fn compressed_weights_match_reference_on_the_same_quantized_weights() {
+    let Some(_) = context() else { return };
+    for name in FIXTURES {
+        let files = ModelFiles::open(&fixture_dir(name)).unwrap();
+        let gpu = GpuModel::load(context().unwrap(), &files, WeightFormat::Group4).unwrap();
+        let source = Group4Weights(files.weights.as_ref());
+        let reference =
+            ReferenceModel::from_source(&files.config, &source, files.opt_prefix()).unwrap();
+        let exp = expected(name);
+        let batch: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
+        let got = gpu.token_logprobs(&batch).unwrap();
+        let want = reference.token_logprobs(&batch).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            let worst = g
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-3, "{name}: {worst}");
+        }
+        // and the compression is real: the logprobs moved away from the unquantized ones
+        let plain = ReferenceModel::load(&files)
+            .unwrap()
+            .token_logprobs(&batch)
+            .unwrap();
+        assert!(got
+            .iter()
+            .flatten()
+            .zip(plain.iter().flatten())
+            .any(|(a, b)| (a - b).abs() > 1e-3));
     }
 }

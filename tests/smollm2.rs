@@ -174,7 +174,12 @@ fn wgpu_backend_matches_reference_on_britannica() {
         }
         Err(e) => panic!("{e} (or set FERROGEN_SKIP_GPU=1)"),
     };
-    let gpu = ferrogen::gpu::model::GpuModel::load(ctx, &m.files).unwrap();
+    let gpu = ferrogen::gpu::model::GpuModel::load(
+        ctx,
+        &m.files,
+        ferrogen::gpu::model::WeightFormat::Native,
+    )
+    .unwrap();
     let ids = &reference().britannica.tokens[..256];
     let got = &gpu.token_logprobs(&[ids]).unwrap()[0];
     let want = &m.model.token_logprobs(&[ids]).unwrap()[0];

@@ -11,6 +11,7 @@ use super::kernels::elementwise::{Elementwise, Op};
 use super::kernels::embedding::Embedding;
 use super::kernels::logprob::Logprob;
 use super::kernels::matmul::MatmulF32;
+use super::kernels::matmul_q::{GpuPackedWeight, MatmulQ, PackedWeight};
 use super::kernels::norm::Norm;
 use super::kernels::rope::{self, Rope};
 use super::{GpuContext, GpuIndices, GpuTensor};
@@ -18,15 +19,35 @@ use crate::cpu::ops::HeadLayout;
 use crate::error::{Error, Result};
 use crate::model::llama::LlamaSpec;
 use crate::model::opt::{self, OptSpec, LAYER_NORM_EPS, POSITION_OFFSET};
-use crate::model::{ModelConfig, ModelFiles, TensorSpec, WeightSource};
+use crate::model::{DType, ModelConfig, ModelFiles, TensorSpec, WeightSource};
+use crate::quant::group4::Group4;
 
 /// Rows of logits computed at once when scoring.
 const LOGIT_ROWS: usize = 128;
 
+/// How linear-layer weights are held on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// Decoded to f32.
+    F32,
+    /// As the file stores them: GGUF Q4_0/Q4_1/Q8_0 blocks run natively (repacked losslessly,
+    /// never requantized); f32/f16/bf16 tensors decoded to f32.
+    #[default]
+    Native,
+    /// FlexGen's 4-bit groups of 64 along the input dimension (`--compress-weight`).
+    Group4,
+}
+
+/// One row range of a linear weight on the device.
+enum WeightPart {
+    F32(GpuTensor),
+    Packed(GpuPackedWeight),
+}
+
 /// A linear layer's weight `[out, in]`, split by rows into bindings the device accepts.
 pub struct GpuLinear {
     /// `(rows of W, first output column)` per part.
-    parts: Vec<(GpuTensor, usize)>,
+    parts: Vec<(WeightPart, usize)>,
     bias: Option<GpuTensor>,
     out: usize,
 }
@@ -34,19 +55,78 @@ pub struct GpuLinear {
 impl GpuLinear {
     fn load(
         ctx: &GpuContext,
+        format: WeightFormat,
         weight: &TensorSpec,
         bias: Option<&TensorSpec>,
         source: &dyn WeightSource,
     ) -> Result<Self> {
-        let data = weight.load_f32(source)?;
         let (out, inp) = (weight.shape[0], weight.shape[1]);
-        // rows per part: as many as fit one binding
-        let rows_per_part = ((ctx.max_binding_bytes() as usize) / (4 * inp.max(1))).max(1);
+        let stored = source.info(&weight.name).map(|i| i.dtype);
+        let block = match (format, stored) {
+            (WeightFormat::Native, Some(DType::Block(b))) => Some(b),
+            _ => None,
+        };
+        // bytes per row on the device, and rows per part: as many as fit one binding
+        let row_bytes = match (block, format) {
+            (Some(b), _) => b.bytes_for(inp),
+            (None, WeightFormat::Group4) => inp.div_ceil(64) * 32,
+            _ => 4 * inp,
+        };
+        let rows_per_part = ((ctx.max_binding_bytes() as usize) / row_bytes.max(1)).max(1);
         let mut parts = Vec::new();
+        let raw;
+        let data;
+        let (raw_bytes, values): (&[u8], &[f32]) = match block {
+            Some(_) => {
+                let found = source
+                    .info(&weight.name)
+                    .map(|i| i.shape)
+                    .unwrap_or_default();
+                if found != weight.shape {
+                    return Err(Error::TensorShape {
+                        path: source.path().to_path_buf(),
+                        name: weight.name.clone(),
+                        expected: weight.shape.clone(),
+                        found,
+                    });
+                }
+                raw = source.bytes(&weight.name)?;
+                (&raw[..], &[])
+            }
+            None => {
+                data = weight.load_f32(source)?;
+                (&[], &data[..])
+            }
+        };
         let mut row = 0;
         while row < out {
             let rows = rows_per_part.min(out - row);
-            let part = GpuTensor::upload(ctx, &data[row * inp..(row + rows) * inp], &[rows, inp])?;
+            let part = match (block, format) {
+                (Some(b), _) => {
+                    let bytes = &raw_bytes[row * b.bytes_for(inp)..(row + rows) * b.bytes_for(inp)];
+                    WeightPart::Packed(GpuPackedWeight::upload(
+                        ctx,
+                        PackedWeight::from_ggml(b, bytes, rows, inp)?,
+                    )?)
+                }
+                (None, WeightFormat::Group4) => {
+                    let q = Group4::quantize(
+                        &values[row * inp..(row + rows) * inp],
+                        &[rows, inp],
+                        1,
+                        64,
+                    )?;
+                    WeightPart::Packed(GpuPackedWeight::upload(
+                        ctx,
+                        PackedWeight::from_group4(&q)?,
+                    )?)
+                }
+                _ => WeightPart::F32(GpuTensor::upload(
+                    ctx,
+                    &values[row * inp..(row + rows) * inp],
+                    &[rows, inp],
+                )?),
+            };
             parts.push((part, row));
             row += rows;
         }
@@ -55,6 +135,20 @@ impl GpuLinear {
             None => None,
         };
         Ok(Self { parts, bias, out })
+    }
+
+    /// Bytes of weights on the device.
+    pub fn device_bytes(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|(p, _)| match p {
+                WeightPart::F32(t) => 4 * t.numel(),
+                WeightPart::Packed(w) => {
+                    (w.meta.rows * w.meta.padded_k * w.meta.bits as usize) / 8
+                        + 4 * w.meta.rows * (w.meta.padded_k / w.meta.group)
+                }
+            })
+            .sum()
     }
 }
 
@@ -108,6 +202,7 @@ enum Arch {
 /// The compiled kernels a model uses.
 struct Kernels {
     matmul: MatmulF32,
+    matmul_q: MatmulQ,
     elementwise: Elementwise,
     norm: Norm,
     embedding: Embedding,
@@ -151,11 +246,13 @@ pub struct GpuModel {
 }
 
 impl GpuModel {
-    /// Uploads every weight of an opened model (decoded to f32).
-    pub fn load(ctx: GpuContext, files: &ModelFiles) -> Result<Self> {
+    /// Uploads every weight of an opened model, linear weights in `format` (norms, biases and
+    /// the embedding table used for lookups are f32).
+    pub fn load(ctx: GpuContext, files: &ModelFiles, format: WeightFormat) -> Result<Self> {
         let source = files.weights.as_ref();
         let kernels = Kernels {
             matmul: MatmulF32::new(&ctx),
+            matmul_q: MatmulQ::new(&ctx),
             elementwise: Elementwise::new(&ctx)?,
             norm: Norm::new(&ctx),
             embedding: Embedding::new(&ctx),
@@ -163,7 +260,8 @@ impl GpuModel {
             attention: Attention::new(&ctx),
             logprob: Logprob::new(&ctx),
         };
-        let lin = |w: &TensorSpec, b: Option<&TensorSpec>| GpuLinear::load(&ctx, w, b, source);
+        let lin =
+            |w: &TensorSpec, b: Option<&TensorSpec>| GpuLinear::load(&ctx, format, w, b, source);
         let (embed_spec, output_spec, arch) = match &files.config {
             ModelConfig::Llama(c) => {
                 if c.head_dim() > super::kernels::attention::MAX_HEAD_DIM {
@@ -243,7 +341,15 @@ impl GpuModel {
             }
         };
         let embed = vector(&ctx, &embed_spec, source)?;
-        let output = lin(&output_spec, None)?;
+        // The output projection keeps the file's precision under --compress-weight: 4-bit
+        // logits over a large vocabulary cost far more accuracy than any layer (SmolLM2's GGUF
+        // keeps it in Q8_0 for the same reason).
+        let output_format = if format == WeightFormat::Group4 {
+            WeightFormat::Native
+        } else {
+            format
+        };
+        let output = GpuLinear::load(&ctx, output_format, &output_spec, None, source)?;
         Ok(Self {
             config: files.config.clone(),
             kernels,
@@ -293,7 +399,10 @@ impl GpuModel {
         let rows = x.shape[0];
         let y = GpuTensor::zeros(&self.ctx, &[rows, l.out])?;
         for (part, offset) in &l.parts {
-            self.kernels.matmul.run(&self.ctx, x, part, &y, *offset)?;
+            match part {
+                WeightPart::F32(w) => self.kernels.matmul.run(&self.ctx, x, w, &y, *offset)?,
+                WeightPart::Packed(w) => self.kernels.matmul_q.run(&self.ctx, x, w, &y, *offset)?,
+            }
         }
         if let Some(b) = &l.bias {
             self.kernels
