@@ -60,3 +60,11 @@ fn silu_mul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     let i = index(wid, nwg, lid);
     if (i < params.n) { let g = a[i]; a[i] = g / (1.0 + exp(-g)) * b[i]; }
 }
+
+// a[i] = b[i] (a copy, for measuring the device's memory bandwidth)
+@compute @workgroup_size(256)
+fn copy(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = index(wid, nwg, lid);
+    if (i < params.n) { a[i] = b[i]; }
+}

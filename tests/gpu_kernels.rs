@@ -157,10 +157,11 @@ proptest! {
         let (a, b) = (random(n, seed), random(n, seed ^ 9));
         let width = (1..=width_seed).rev().find(|w| n % w == 0).unwrap_or(1);
         let bias = random(width, seed ^ 3);
-        for op in [Op::Add, Op::AddBias, Op::Relu, Op::Gelu, Op::SiluMul] {
+        for op in [Op::Add, Op::AddBias, Op::Relu, Op::Gelu, Op::SiluMul, Op::Copy] {
             let at = up(ctx, &a, &[n]);
             let want: Vec<f32> = match op {
                 Op::Add => a.iter().zip(&b).map(|(x, y)| x + y).collect(),
+                Op::Copy => b.clone(),
                 Op::AddBias => a.iter().enumerate().map(|(i, x)| x + bias[i % width]).collect(),
                 Op::Relu => a.iter().map(|x| x.max(0.0)).collect(),
                 Op::Gelu => a.iter().map(|&x| {

@@ -150,6 +150,14 @@ impl GpuContext {
         })
     }
 
+    /// Blocks until all submitted work has finished.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::invalid("gpu", format!("waiting for the device: {e}")))
+    }
+
     /// The largest storage-buffer binding, in bytes (128 MiB on lavapipe).
     pub fn max_binding_bytes(&self) -> u64 {
         self.limits.max_storage_buffer_binding_size

@@ -20,10 +20,19 @@ pub enum Op {
     Gelu,
     /// `a = silu(a) * b`.
     SiluMul,
+    /// `a = b`.
+    Copy,
 }
 
 impl Op {
-    const ALL: [Op; 5] = [Op::Add, Op::AddBias, Op::Relu, Op::Gelu, Op::SiluMul];
+    const ALL: [Op; 6] = [
+        Op::Add,
+        Op::AddBias,
+        Op::Relu,
+        Op::Gelu,
+        Op::SiluMul,
+        Op::Copy,
+    ];
     fn entry(self) -> &'static str {
         match self {
             Op::Add => "add",
@@ -31,6 +40,7 @@ impl Op {
             Op::Relu => "relu",
             Op::Gelu => "gelu",
             Op::SiluMul => "silu_mul",
+            Op::Copy => "copy",
         }
     }
 }
@@ -70,7 +80,7 @@ impl Elementwise {
     pub fn binary(&self, ctx: &GpuContext, op: Op, a: &GpuTensor, b: &GpuTensor) -> Result<()> {
         let n = a.numel();
         match op {
-            Op::Add | Op::SiluMul => expect_len(b, n, "element-wise operand")?,
+            Op::Add | Op::SiluMul | Op::Copy => expect_len(b, n, "element-wise operand")?,
             Op::AddBias if b.numel() > 0 && n % b.numel() == 0 => {}
             Op::AddBias => expect_len(b, n, "bias")?,
             Op::Relu | Op::Gelu => {
