@@ -6,17 +6,20 @@
 //! ```
 //! Disk reads use O_DIRECT on a scratch file in the offload directory (64 KiB to 8 MiB reads,
 //! 1 to 8 threads), then writes, memory copies, and CPU matrix-product and attention rates.
-//! Until the WebGPU backend exists, the GPU rows come from `--base` or, without it, from the CPU
-//! measurements (on lavapipe the "GPU" is these CPU cores). Takes under 60 s.
+//! GPU rows (upload, download, matmul and attention rates, memory bandwidth, 4-bit decode rate)
+//! are measured on the WebGPU device; with `--base` they come from that profile instead, and
+//! without any adapter from the CPU measurements. A real GPU needs `--gpu-mem` (wgpu does not
+//! report memory sizes). Takes under 60 s.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use ferrogen::bytes::{format_size, parse_size};
 use ferrogen::cli::Flags;
+use ferrogen::gpu::{AdapterKind, GpuContext};
 use ferrogen::policy::calibrate::{
     available_memory_bytes, free_disk_bytes, measure_cpu_attention, measure_disk_reads,
-    measure_matmul, measure_memcpy, write_scratch, write_text, Measured,
+    measure_gpu, measure_matmul, measure_memcpy, write_scratch, write_text, Measured,
 };
 use ferrogen::policy::hardware::GIB;
 use ferrogen::policy::{ByteSize, HardwareProfile};
@@ -97,14 +100,97 @@ fn run() -> Result<()> {
 
     let available = available_memory_bytes().unwrap_or(8 << 30);
     let free = free_disk_bytes(&dir).unwrap_or(16 << 30);
-    let mut profile = match &base {
-        Some(path) => {
+    let gpu = match &base {
+        Some(_) => None,
+        None => match GpuContext::new() {
+            Ok(ctx) => {
+                let rates = measure_gpu(&ctx, trials)?;
+                let kind = ctx.kind;
+                Some((rates, kind))
+            }
+            Err(e) => {
+                eprintln!("no WebGPU device ({e}): GPU rows will be the CPU measurements");
+                None
+            }
+        },
+    };
+    if let Some((g, _)) = &gpu {
+        note("wgpu upload", &g.upload_gib_s, "GiB/s");
+        note("wgpu download", &g.download_gib_s, "GiB/s");
+        note(
+            "wgpu f32 matmul 512x2048x2048",
+            &g.matmul_prefill_tflops,
+            "TFLOP/s",
+        );
+        note(
+            "wgpu f32 matmul 8x2048x2048",
+            &g.matmul_decode_tflops,
+            "TFLOP/s",
+        );
+        note(
+            "wgpu causal attention, 256 tokens, 8 x 64",
+            &g.attention_prefill_tflops,
+            "TFLOP/s",
+        );
+        note(
+            "wgpu decode attention, 32 x 8 x 64 over 1024",
+            &g.attention_decode_tflops,
+            "TFLOP/s",
+        );
+        note("wgpu copy kernel (read + write)", &g.memory_gib_s, "GiB/s");
+        note(
+            "wgpu 4-bit matvec decode",
+            &g.dequant_gvalues_s,
+            "Gvalues/s",
+        );
+    }
+    let mut profile = match (&base, &gpu) {
+        (Some(path), _) => {
             notes.push(format!("GPU rows and capacities from {}", path.display()));
             HardwareProfile::from_toml_file(path)?
         }
-        None => {
+        (None, Some((g, kind))) => {
+            let gpu_memory = match (gpu_mem, kind) {
+                (Some(v), _) => v,
+                (None, AdapterKind::Cpu) => available / 4,
+                (None, AdapterKind::Gpu) => {
+                    return Err(Error::invalid(
+                        "--gpu-mem",
+                        "is required with a real GPU (wgpu does not report its memory size)",
+                    ))
+                }
+            };
             notes.push(
-                "no GPU backend yet: GPU rows are the CPU measurements (as on lavapipe); \
+                "capacities default to 25% (a CPU adapter's GPU tier) and 50% (CPU) of \
+                 MemAvailable, 50% of free disk"
+                    .into(),
+            );
+            HardwareProfile {
+                name: String::new(),
+                cpu_to_gpu_gib_s: g.upload_gib_s.median,
+                gpu_to_cpu_gib_s: g.download_gib_s.median,
+                gpu_to_cpu_cache_gib_s: g.download_gib_s.median,
+                cpu_to_disk_gib_s: 0.0,
+                cpu_to_disk_cache_gib_s: 0.0,
+                disk_read: Vec::new(),
+                io_chunk_bytes: 0,
+                io_threads: 0,
+                gpu_matmul_tflops_prefill: g.matmul_prefill_tflops.median,
+                gpu_matmul_tflops_decode: g.matmul_decode_tflops.median,
+                gpu_attention_tflops_prefill: g.attention_prefill_tflops.median,
+                gpu_attention_tflops_decode: g.attention_decode_tflops.median,
+                cpu_attention_tflops: 0.0,
+                gpu_memory_gib_s: g.memory_gib_s.median / 2.0,
+                gpu_dequant_gvalues_s: g.dequant_gvalues_s.median,
+                gpu_memory: ByteSize(gpu_memory),
+                cpu_memory: ByteSize(available / 2),
+                disk_space: ByteSize(free / 2),
+                notes: Vec::new(),
+            }
+        }
+        (None, None) => {
+            notes.push(
+                "no WebGPU device: GPU rows are the CPU measurements (as on lavapipe); \
                  capacities default to 25% (GPU) and 50% (CPU) of MemAvailable, 50% of free disk"
                     .into(),
             );

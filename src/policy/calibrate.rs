@@ -272,6 +272,138 @@ pub fn measure_cpu_attention(
     Measured::of(rates)
 }
 
+/// What the WebGPU device measures: transfers, kernel rates and memory bandwidth.
+#[derive(Debug, Clone)]
+pub struct GpuRates {
+    /// Adapter description.
+    pub adapter: String,
+    /// Host -> device, GiB/s.
+    pub upload_gib_s: Measured,
+    /// Device -> host, GiB/s.
+    pub download_gib_s: Measured,
+    /// f32 matrix product 512 x 2048 x 2048, TFLOP/s.
+    pub matmul_prefill_tflops: Measured,
+    /// f32 matrix product 8 x 2048 x 2048, TFLOP/s.
+    pub matmul_decode_tflops: Measured,
+    /// Causal attention, one sequence of 256 tokens, 8 heads of 64, TFLOP/s.
+    pub attention_prefill_tflops: Measured,
+    /// Decode attention, 32 sequences x 8 heads of 64 over 1024 cached tokens, TFLOP/s.
+    pub attention_decode_tflops: Measured,
+    /// Copy kernel, GiB/s of bytes read + written.
+    pub memory_gib_s: Measured,
+    /// 4-bit matrix-vector 2048 x 2048: billions of weight values decoded per second.
+    pub dequant_gvalues_s: Measured,
+}
+
+/// Measures the WebGPU device (`trials` timed runs each, after a warm-up).
+pub fn measure_gpu(ctx: &crate::gpu::GpuContext, trials: usize) -> Result<GpuRates> {
+    use crate::cpu::ops::HeadLayout;
+    use crate::gpu::kernels::attention::{Attention, RowInfo};
+    use crate::gpu::kernels::elementwise::{Elementwise, Op};
+    use crate::gpu::kernels::matmul::MatmulF32;
+    use crate::gpu::kernels::matmul_q::{GpuPackedWeight, MatmulQ, PackedWeight};
+    use crate::gpu::GpuTensor;
+    use crate::quant::group4::Group4;
+
+    let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<Vec<f64>> {
+        f()?;
+        (0..trials.max(1))
+            .map(|_| {
+                let t = Instant::now();
+                f()?;
+                ctx.wait()?;
+                Ok(t.elapsed().as_secs_f64())
+            })
+            .collect()
+    };
+    let rate =
+        |work: f64, secs: Vec<f64>| Measured::of(secs.into_iter().map(|s| work / s).collect());
+
+    let n = 16 << 20; // 64 MiB of f32
+    let host = vec![1f32; n];
+    let big = GpuTensor::zeros(ctx, &[n])?;
+    let upload = timed(&mut || {
+        ctx.queue
+            .write_buffer(&big.buffer, 0, bytemuck::cast_slice(&host));
+        ctx.queue.submit([]);
+        Ok(())
+    })?;
+    let download = timed(&mut || big.download(ctx).map(|_| ()))?;
+    let ew = Elementwise::new(ctx)?;
+    let other = GpuTensor::zeros(ctx, &[n])?;
+    let copy = timed(&mut || ew.binary(ctx, Op::Copy, &big, &other))?;
+
+    let kn = 2048;
+    let w: Vec<f32> = (0..kn * kn)
+        .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    let wt = GpuTensor::upload(ctx, &w, &[kn, kn])?;
+    let mm = MatmulF32::new(ctx);
+    let matmul = |m: usize| -> Result<Measured> {
+        let x = GpuTensor::zeros(ctx, &[m, kn])?;
+        let y = GpuTensor::zeros(ctx, &[m, kn])?;
+        let secs = timed(&mut || mm.run(ctx, &x, &wt, &y, 0))?;
+        Ok(rate(2.0 * (m * kn * kn) as f64 / 1e12, secs))
+    };
+    let (mm_prefill, mm_decode) = (matmul(512)?, matmul(8)?);
+    let q = GpuPackedWeight::upload(
+        ctx,
+        PackedWeight::from_group4(&Group4::quantize(&w, &[kn, kn], 1, 64)?)?,
+    )?;
+    let x1 = GpuTensor::zeros(ctx, &[1, kn])?;
+    let y1 = GpuTensor::zeros(ctx, &[1, kn])?;
+    let mq = MatmulQ::new(ctx);
+    let dequant = rate(
+        (kn * kn) as f64 / 1e9,
+        timed(&mut || mq.run(ctx, &x1, &q, &y1, 0))?,
+    );
+
+    let attention = Attention::new(ctx);
+    let layout = HeadLayout {
+        heads: 8,
+        kv_heads: 8,
+        head_dim: 64,
+    };
+    let attend = |rows: usize, infos: Vec<RowInfo>, cache_rows: usize| -> Result<Vec<f64>> {
+        let q = GpuTensor::zeros(ctx, &[rows, 512])?;
+        let k = GpuTensor::zeros(ctx, &[cache_rows, 512])?;
+        let o = GpuTensor::zeros(ctx, &[rows, 512])?;
+        let info = Attention::upload_info(ctx, &infos);
+        timed(&mut || attention.run(ctx, &q, &k, &k, &info, &o, layout, 0.125))
+    };
+    // prefill: 256 tokens of one sequence, causal: sum over rows of (row + 1) keys
+    let prefill_infos = (0..256)
+        .map(|r| RowInfo {
+            first: 0,
+            visible: r + 1,
+        })
+        .collect();
+    let prefill_flops = 4.0 * 64.0 * 8.0 * (256.0 * 257.0 / 2.0);
+    let attn_prefill = rate(prefill_flops / 1e12, attend(256, prefill_infos, 256)?);
+    // decode: 32 sequences, one new token each, 1024 cached tokens
+    let decode_infos = (0..32)
+        .map(|s| RowInfo {
+            first: s * 1024,
+            visible: 1024,
+        })
+        .collect();
+    let decode_flops = 4.0 * 64.0 * 8.0 * 1024.0 * 32.0;
+    let attn_decode = rate(decode_flops / 1e12, attend(32, decode_infos, 32 * 1024)?);
+
+    let bytes = (n * 4) as f64 / GIB;
+    Ok(GpuRates {
+        adapter: ctx.describe(),
+        upload_gib_s: rate(bytes, upload),
+        download_gib_s: rate(bytes, download),
+        matmul_prefill_tflops: mm_prefill,
+        matmul_decode_tflops: mm_decode,
+        attention_prefill_tflops: attn_prefill,
+        attention_decode_tflops: attn_decode,
+        memory_gib_s: rate(2.0 * bytes, copy),
+        dequant_gvalues_s: dequant,
+    })
+}
+
 /// Free bytes on the file system holding `dir`.
 pub fn free_disk_bytes(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
