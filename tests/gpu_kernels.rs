@@ -11,6 +11,7 @@ use ferrogen::cpu::ops::{self, HeadLayout};
 use ferrogen::gpu::kernels::attention::{Attention, RowInfo};
 use ferrogen::gpu::kernels::elementwise::{Elementwise, Op};
 use ferrogen::gpu::kernels::embedding::Embedding;
+use ferrogen::gpu::kernels::kv_quant::{GpuQ4Cache, KvQuant, Q4Layout};
 use ferrogen::gpu::kernels::logprob::Logprob;
 use ferrogen::gpu::kernels::matmul::MatmulF32;
 use ferrogen::gpu::kernels::matmul_q::{GpuPackedWeight, MatmulQ, PackedWeight};
@@ -335,5 +336,67 @@ proptest! {
             .dot(&Array2::from_shape_vec((n, k), w).unwrap().t()).iter().copied().collect();
         let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
         close(&y.download(ctx).unwrap(), &want, 1e-5 * k as f32 * scale, "quantized matmul")?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// New rows stored into a 4-bit cache at their positions come back within half a step
+    /// (plus the f16 rounding of the group minimum), and attention over the 4-bit cache equals
+    /// the CPU attention over the decoded values.
+    #[test]
+    fn q4_cache_round_trips_and_attends(
+        seqs in prop::collection::vec((0usize..6, 1usize..6), 1..3),
+        kv_heads in 1usize..3, group in 1usize..3, head_dim in prop::sample::select(vec![1usize, 8, 24, 64]),
+        seed in any::<u64>(),
+    ) {
+        let Some(ctx) = gpu() else { return Ok(()) };
+        let layout = HeadLayout { heads: kv_heads * group, kv_heads, head_dim };
+        let (qw, kvw) = (layout.heads * head_dim, kv_heads * head_dim);
+        let cache_rows: usize = seqs.iter().map(|(p, t)| p + t).sum();
+        let ql = Q4Layout::new(kv_heads, head_dim);
+        let (kc, vc) = (GpuQ4Cache::new(ctx, cache_rows, ql).unwrap(), GpuQ4Cache::new(ctx, cache_rows, ql).unwrap());
+        // store every row of every sequence (past and new) at its position
+        let (k, v) = (random(cache_rows * kvw, seed), random(cache_rows * kvw, seed ^ 3));
+        let mut store_info = Vec::new();
+        let mut first = 0;
+        for &(p, t) in &seqs {
+            for pos in 0..p + t {
+                store_info.push(RowInfo { first: first as u32, visible: (pos + 1) as u32 });
+            }
+            first += p + t;
+        }
+        let kq = KvQuant::new(ctx);
+        let info = Attention::upload_info(ctx, &store_info);
+        kq.store(ctx, &up(ctx, &k, &[cache_rows, kvw]), &info, &kc).unwrap();
+        kq.store(ctx, &up(ctx, &v, &[cache_rows, kvw]), &info, &vc).unwrap();
+        let (kd, ksteps) = kc.download(ctx).unwrap();
+        let (vd, _) = vc.download(ctx).unwrap();
+        for (i, (a, b)) in k.iter().zip(&kd).enumerate() {
+            prop_assert!((a - b).abs() <= ksteps[i] / 2.0 + 1e-3 * a.abs().max(1e-3), "{} -> {}, step {}", a, b, ksteps[i]);
+        }
+        // attention of the new rows over the quantized cache
+        let q_rows: usize = seqs.iter().map(|(_, t)| t).sum();
+        let q = random(q_rows * qw, seed ^ 11);
+        let mut infos = Vec::new();
+        let mut want = Vec::new();
+        let (mut first, mut qr) = (0usize, 0usize);
+        let qa = Array2::from_shape_vec((q_rows, qw), q.clone()).unwrap();
+        let ka = Array2::from_shape_vec((cache_rows, kvw), kd).unwrap();
+        let va = Array2::from_shape_vec((cache_rows, kvw), vd).unwrap();
+        for &(past, t) in &seqs {
+            for i in 0..t {
+                infos.push(RowInfo { first: first as u32, visible: (past + i + 1) as u32 });
+            }
+            let o = ops::causal_attention(qa.slice(s![qr..qr + t, ..]), ka.slice(s![first..first + past + t, ..]),
+                va.slice(s![first..first + past + t, ..]), past, layout, 0.5);
+            want.extend(o.iter().copied());
+            first += past + t;
+            qr += t;
+        }
+        let o = GpuTensor::poisoned(ctx, &[q_rows, qw]).unwrap();
+        kq.attend(ctx, &up(ctx, &q, &[q_rows, qw]), &kc, &vc, &Attention::upload_info(ctx, &infos), &o, layout, 0.5).unwrap();
+        close(&o.download(ctx).unwrap(), &want, 1e-5, "q4 attention")?;
     }
 }

@@ -91,36 +91,40 @@ impl GpuTensor {
 
     /// Copies the tensor back to the host (blocks until the queue is idle).
     pub fn download(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
-        let bytes = (self.numel().max(1) * 4) as u64;
-        let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("download"),
-            size: bytes,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut encoder = ctx.device.create_command_encoder(&Default::default());
-        encoder.copy_buffer_to_buffer(&self.buffer, 0, &staging, 0, bytes);
-        ctx.queue.submit([encoder.finish()]);
-        let slice = staging.slice(..);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        ctx.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::invalid("gpu", format!("poll failed: {e}")))?;
-        rx.recv()
-            .map_err(|_| Error::invalid("gpu", "map callback dropped"))?
-            .map_err(|e| Error::invalid("gpu", format!("map failed: {e}")))?;
-        let view = slice
-            .get_mapped_range()
-            .map_err(|e| Error::invalid("gpu", format!("mapped range: {e}")))?;
-        let mut out: Vec<f32> = bytemuck::cast_slice(&view).to_vec();
-        drop(view);
-        staging.unmap();
-        out.truncate(self.numel());
-        Ok(out)
+        let words = download_words(ctx, &self.buffer, self.numel())?;
+        Ok(words.into_iter().map(f32::from_bits).collect())
     }
+}
+
+/// Copies the first `count` 32-bit words of a storage buffer back to the host.
+pub fn download_words(ctx: &GpuContext, buffer: &wgpu::Buffer, count: usize) -> Result<Vec<u32>> {
+    let bytes = (count.max(1) * 4) as u64;
+    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("download"),
+        size: bytes,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+    ctx.queue.submit([encoder.finish()]);
+    let slice = staging.slice(..);
+    let (tx, rx) = std::sync::mpsc::channel();
+    slice.map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    ctx.wait()?;
+    rx.recv()
+        .map_err(|_| Error::invalid("gpu", "map callback dropped"))?
+        .map_err(|e| Error::invalid("gpu", format!("map failed: {e}")))?;
+    let view = slice
+        .get_mapped_range()
+        .map_err(|e| Error::invalid("gpu", format!("mapped range: {e}")))?;
+    let mut out: Vec<u32> = bytemuck::cast_slice(&view).to_vec();
+    drop(view);
+    staging.unmap();
+    out.truncate(count);
+    Ok(out)
 }
 
 /// u32 data (token ids, positions, per-row attention info) in a storage buffer.

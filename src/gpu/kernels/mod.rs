@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod embedding;
+pub mod kv_quant;
 pub mod logprob;
 pub mod matmul;
 pub mod matmul_q;

@@ -1,0 +1,249 @@
+//! The 4-bit KV cache: quantizing new rows into it and attending against it
+//! (`shaders/kv_quant.wgsl`, `shaders/attention_q4.wgsl`; layout documented there).
+
+use half::f16;
+
+use super::attention::MAX_HEAD_DIM;
+use crate::cpu::ops::HeadLayout;
+use crate::error::{Error, Result};
+use crate::gpu::tensor::download_words;
+use crate::gpu::{grid, GpuContext, GpuIndices, GpuTensor, Pipeline};
+
+/// WGSL source of the quantizer.
+pub const QUANTIZE_SOURCE: &str = include_str!("../../../shaders/kv_quant.wgsl");
+/// WGSL source of the attention kernel over a 4-bit cache.
+pub const ATTENTION_SOURCE: &str = include_str!("../../../shaders/attention_q4.wgsl");
+
+/// How one cache row is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Q4Layout {
+    /// Key/value heads per row.
+    pub kv_heads: usize,
+    /// Values per head.
+    pub head_dim: usize,
+    /// `head_dim` rounded up to a multiple of 8.
+    pub padded: usize,
+    /// Values per group: the largest multiple of 8 that is at most 64 and divides `padded`
+    /// (64 = FlexGen's group for head_dim 64 or 128); groups never straddle heads.
+    pub group: usize,
+}
+
+impl Q4Layout {
+    /// The layout for `kv_heads` heads of `head_dim`.
+    pub fn new(kv_heads: usize, head_dim: usize) -> Self {
+        let padded = head_dim.div_ceil(8) * 8;
+        let group = (1..=8)
+            .rev()
+            .map(|m| 8 * m)
+            .find(|g| padded % g == 0)
+            .unwrap_or(8);
+        Self {
+            kv_heads,
+            head_dim,
+            padded,
+            group,
+        }
+    }
+    fn width(&self) -> usize {
+        self.kv_heads * self.padded
+    }
+    /// u32 code words per row.
+    pub fn words_per_row(&self) -> usize {
+        self.width() / 8
+    }
+    /// Groups (and scale words) per row.
+    pub fn groups_per_row(&self) -> usize {
+        self.width() / self.group
+    }
+    /// Bytes per cached token (codes and scales).
+    pub fn bytes_per_row(&self) -> usize {
+        4 * (self.words_per_row() + self.groups_per_row())
+    }
+}
+
+/// One layer's keys (or values) in 4-bit groups on the device.
+pub struct GpuQ4Cache {
+    codes: wgpu::Buffer,
+    scales: wgpu::Buffer,
+    /// Rows of capacity.
+    pub rows: usize,
+    /// Row layout.
+    pub layout: Q4Layout,
+}
+
+impl GpuQ4Cache {
+    /// A zeroed cache of `rows` rows.
+    pub fn new(ctx: &GpuContext, rows: usize, layout: Q4Layout) -> Result<Self> {
+        let buffer = |words: usize| -> Result<wgpu::Buffer> {
+            let bytes = (words.max(1) * 4) as u64;
+            if bytes > ctx.max_binding_bytes() {
+                return Err(Error::invalid(
+                    "KV cache",
+                    "a layer's cache exceeds one binding",
+                ));
+            }
+            Ok(ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("q4 cache"),
+                size: bytes,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            }))
+        };
+        Ok(Self {
+            codes: buffer(rows * layout.words_per_row())?,
+            scales: buffer(rows * layout.groups_per_row())?,
+            rows,
+            layout,
+        })
+    }
+
+    /// The cache decoded to f32 `[rows, kv_heads * head_dim]` (for tests and inspection),
+    /// with the step of each value's group.
+    pub fn download(&self, ctx: &GpuContext) -> Result<(Vec<f32>, Vec<f32>)> {
+        let l = self.layout;
+        let codes = download_words(ctx, &self.codes, self.rows * l.words_per_row())?;
+        let scales = download_words(ctx, &self.scales, self.rows * l.groups_per_row())?;
+        let mut values = Vec::with_capacity(self.rows * l.kv_heads * l.head_dim);
+        let mut steps = Vec::with_capacity(values.capacity());
+        for r in 0..self.rows {
+            for h in 0..l.kv_heads {
+                for e in 0..l.head_dim {
+                    let c = h * l.padded + e;
+                    let word = codes[r * l.words_per_row() + c / 8];
+                    let s = scales[r * l.groups_per_row() + c / l.group];
+                    let (step, min) = (
+                        f16::from_bits(s as u16).to_f32(),
+                        f16::from_bits((s >> 16) as u16).to_f32(),
+                    );
+                    values.push(((word >> (4 * (c % 8))) & 15) as f32 * step + min);
+                    steps.push(step);
+                }
+            }
+        }
+        Ok((values, steps))
+    }
+}
+
+/// Quantizing into, and attending against, 4-bit caches.
+pub struct KvQuant {
+    quantize: Pipeline,
+    attention: Pipeline,
+}
+
+impl KvQuant {
+    /// Compiles both kernels.
+    pub fn new(ctx: &GpuContext) -> Self {
+        Self {
+            quantize: Pipeline::new(ctx, QUANTIZE_SOURCE, "main"),
+            attention: Pipeline::new(ctx, ATTENTION_SOURCE, "main"),
+        }
+    }
+
+    /// Quantizes the rows of `src [rows, kv_heads * head_dim]` into cache rows
+    /// `info[i].first + info[i].visible - 1` (the rows' own positions).
+    pub fn store(
+        &self,
+        ctx: &GpuContext,
+        src: &GpuTensor,
+        info: &GpuIndices,
+        cache: &GpuQ4Cache,
+    ) -> Result<()> {
+        let l = cache.layout;
+        let rows = src.numel() / (l.kv_heads * l.head_dim).max(1);
+        if rows * l.kv_heads * l.head_dim != src.numel() || info.len != 2 * rows {
+            return Err(Error::invalid(
+                "KV cache",
+                "rows to store disagree with the layout",
+            ));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let params = [rows, l.kv_heads, l.head_dim, l.padded, l.group].map(|v| v as u32);
+        self.quantize.dispatch(
+            ctx,
+            &[&src.buffer, &info.buffer, &cache.codes, &cache.scales],
+            &params,
+            grid((rows * l.groups_per_row()).div_ceil(64)),
+        );
+        Ok(())
+    }
+
+    /// Causal attention of `q` against 4-bit caches `k`, `v` (see [`super::attention`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        &self,
+        ctx: &GpuContext,
+        q: &GpuTensor,
+        k: &GpuQ4Cache,
+        v: &GpuQ4Cache,
+        info: &GpuIndices,
+        o: &GpuTensor,
+        layout: HeadLayout,
+        scale: f32,
+    ) -> Result<()> {
+        let l = k.layout;
+        if layout.head_dim > MAX_HEAD_DIM
+            || layout.kv_heads != l.kv_heads
+            || layout.head_dim != l.head_dim
+            || v.layout != l
+            || layout.heads % layout.kv_heads != 0
+        {
+            return Err(Error::invalid(
+                "attention",
+                format!("layout {layout:?} does not fit the cache {l:?}"),
+            ));
+        }
+        let rows = q.numel() / (layout.heads * layout.head_dim);
+        if info.len != 2 * rows || o.numel() != q.numel() {
+            return Err(Error::invalid(
+                "attention",
+                "queries, output and row info disagree",
+            ));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let params = [
+            rows as u32,
+            layout.heads as u32,
+            layout.kv_heads as u32,
+            layout.head_dim as u32,
+            scale.to_bits(),
+            l.padded as u32,
+            l.group as u32,
+        ];
+        self.attention.dispatch(
+            ctx,
+            &[
+                &q.buffer,
+                &k.codes,
+                &k.scales,
+                &v.codes,
+                &v.scales,
+                &info.buffer,
+                &o.buffer,
+            ],
+            &params,
+            grid((rows * layout.heads).div_ceil(64)),
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_group_within_heads() {
+        assert_eq!(Q4Layout::new(3, 64).group, 64);
+        assert_eq!(Q4Layout::new(1, 128).group, 64);
+        assert_eq!(Q4Layout::new(2, 24).group, 24);
+        assert_eq!(Q4Layout::new(2, 96).group, 48);
+        let l = Q4Layout::new(3, 1);
+        assert_eq!((l.padded, l.group), (8, 8));
+        // FlexGen's 36 bytes per 64 values
+        assert_eq!(Q4Layout::new(1, 64).bytes_per_row(), 36);
+    }
+}
