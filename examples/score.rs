@@ -2,9 +2,10 @@
 //!
 //! ```text
 //! cargo run --release --example score -- --model PATH --input IN.jsonl --output OUT.jsonl
-//!     [--per-token] [--backend reference|wgpu] [--compress-weight] [--batch-tokens N]
+//!     [--per-token] [--backend reference|wgpu] [--compress-weight] [--compress-cache]
+//!     [--batch-tokens N]
 //!     (default backend: reference, until the wgpu kernels are tuned; on wgpu, GGUF Q4_0/Q4_1/Q8_0
-//!     weights run natively, and --compress-weight requantizes to FlexGen's 4-bit groups)
+//!     weights run natively; --compress-weight / --compress-cache use FlexGen's 4-bit groups)
 //!     [--gpu-mem SIZE --cpu-mem SIZE --offload-dir DIR | --policy FILE.toml]
 //! ```
 //! `-` reads stdin / writes stdout. Exit status: 0 all records scored, 3 some failed, 2 usage or
@@ -18,7 +19,7 @@ use std::process::ExitCode;
 use ferrogen::bytes::parse_size;
 use ferrogen::cli::{required, Flags};
 use ferrogen::cpu::ReferenceModel;
-use ferrogen::gpu::model::{GpuModel, WeightFormat};
+use ferrogen::gpu::model::{GpuModel, GpuOptions, WeightFormat};
 use ferrogen::gpu::GpuContext;
 use ferrogen::model::ModelFiles;
 use ferrogen::score::{score_jsonl, ScoreOptions, Scorer};
@@ -33,13 +34,15 @@ struct Args {
     memory_flags: Vec<String>,
     /// FlexGen 4-bit weights on the wgpu backend.
     compress_weight: bool,
+    /// FlexGen 4-bit KV cache on the wgpu backend.
+    compress_cache: bool,
 }
 
 fn parse_args() -> Result<Args> {
     let (mut model, mut input, mut output, mut backend) = (None, None, None, None);
     let mut options = ScoreOptions::default();
     let mut memory_flags = Vec::new();
-    let mut compress_weight = false;
+    let (mut compress_weight, mut compress_cache) = (false, false);
     let mut flags = Flags::from_env();
     while let Some(flag) = flags.next_flag() {
         match flag.as_str() {
@@ -48,6 +51,7 @@ fn parse_args() -> Result<Args> {
             "--output" => output = Some(flags.value(&flag)?),
             "--per-token" => options.per_token = true,
             "--compress-weight" => compress_weight = true,
+            "--compress-cache" => compress_cache = true,
             "--backend" => backend = Some(flags.value(&flag)?),
             "--batch-tokens" => options.batch_tokens = flags.positive(&flag)?,
             "--gpu-mem" | "--cpu-mem" => {
@@ -76,6 +80,7 @@ fn parse_args() -> Result<Args> {
         options,
         memory_flags,
         compress_weight,
+        compress_cache,
     })
 }
 
@@ -112,15 +117,21 @@ fn prepare(args: &Args) -> Result<Job> {
         Box::new(File::open(&args.input).map_err(|e| Error::io(&args.input, e))?)
     };
     let files = ModelFiles::open(&args.model)?;
-    let format = if args.compress_weight {
-        WeightFormat::Group4
-    } else {
-        WeightFormat::Native
+    let options = GpuOptions {
+        weights: if args.compress_weight {
+            WeightFormat::Group4
+        } else {
+            WeightFormat::Native
+        },
+        compress_cache: args.compress_cache,
     };
     let model: Box<dyn Scorer> = match backend {
-        Some("wgpu") => Box::new(GpuModel::load(GpuContext::new()?, &files, format)?),
-        _ if args.compress_weight => {
-            return Err(Error::invalid("--compress-weight", "needs --backend wgpu"))
+        Some("wgpu") => Box::new(GpuModel::load(GpuContext::new()?, &files, options)?),
+        _ if args.compress_weight || args.compress_cache => {
+            return Err(Error::invalid(
+                "--compress-weight/--compress-cache",
+                "need --backend wgpu",
+            ))
         }
         _ => Box::new(ReferenceModel::load(&files)?),
     };

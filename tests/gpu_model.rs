@@ -8,7 +8,7 @@ mod common;
 
 use common::{expected, fixture_dir, max_abs_diff, FIXTURES};
 use ferrogen::cpu::ReferenceModel;
-use ferrogen::gpu::model::{GpuModel, WeightFormat};
+use ferrogen::gpu::model::{GpuModel, GpuOptions, WeightFormat};
 use ferrogen::gpu::GpuContext;
 use ferrogen::model::ModelFiles;
 
@@ -28,7 +28,15 @@ fn fixtures_match_reference_and_transformers() {
     let Some(_) = context() else { return };
     for name in FIXTURES {
         let files = ModelFiles::open(&fixture_dir(name)).unwrap();
-        let gpu = GpuModel::load(context().unwrap(), &files, WeightFormat::F32).unwrap();
+        let gpu = GpuModel::load(
+            context().unwrap(),
+            &files,
+            GpuOptions {
+                weights: WeightFormat::F32,
+                compress_cache: false,
+            },
+        )
+        .unwrap();
         let reference = ReferenceModel::load(&files).unwrap();
         let exp = expected(name);
         let batch: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
@@ -85,7 +93,15 @@ fn compressed_weights_match_reference_on_the_same_quantized_weights() {
     let Some(_) = context() else { return };
     for name in FIXTURES {
         let files = ModelFiles::open(&fixture_dir(name)).unwrap();
-        let gpu = GpuModel::load(context().unwrap(), &files, WeightFormat::Group4).unwrap();
+        let gpu = GpuModel::load(
+            context().unwrap(),
+            &files,
+            GpuOptions {
+                weights: WeightFormat::Group4,
+                compress_cache: false,
+            },
+        )
+        .unwrap();
         let source = Group4Weights(files.weights.as_ref());
         let reference =
             ReferenceModel::from_source(&files.config, &source, files.opt_prefix()).unwrap();

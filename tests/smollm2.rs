@@ -177,7 +177,7 @@ fn wgpu_backend_matches_reference_on_britannica() {
     let gpu = ferrogen::gpu::model::GpuModel::load(
         ctx,
         &m.files,
-        ferrogen::gpu::model::WeightFormat::Native,
+        ferrogen::gpu::model::GpuOptions::default(),
     )
     .unwrap();
     let ids = &reference().britannica.tokens[..256];

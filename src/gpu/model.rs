@@ -9,6 +9,7 @@
 use super::kernels::attention::{Attention, RowInfo};
 use super::kernels::elementwise::{Elementwise, Op};
 use super::kernels::embedding::Embedding;
+use super::kernels::kv_quant::{GpuQ4Cache, KvQuant, Q4Layout};
 use super::kernels::logprob::Logprob;
 use super::kernels::matmul::MatmulF32;
 use super::kernels::matmul_q::{GpuPackedWeight, MatmulQ, PackedWeight};
@@ -36,6 +37,15 @@ pub enum WeightFormat {
     Native,
     /// FlexGen's 4-bit groups of 64 along the input dimension (`--compress-weight`).
     Group4,
+}
+
+/// How a model is held on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GpuOptions {
+    /// Linear-layer weights.
+    pub weights: WeightFormat,
+    /// Keep the KV cache in FlexGen's 4-bit groups along head_dim (`--compress-cache`).
+    pub compress_cache: bool,
 }
 
 /// One row range of a linear weight on the device.
@@ -201,6 +211,7 @@ enum Arch {
 
 /// The compiled kernels a model uses.
 struct Kernels {
+    kv_quant: KvQuant,
     matmul: MatmulF32,
     matmul_q: MatmulQ,
     elementwise: Elementwise,
@@ -219,9 +230,15 @@ struct AttentionStep<'a> {
     layout: HeadLayout,
 }
 
+/// Keys and values of one layer: f32 rows, or 4-bit groups.
+enum LayerCache {
+    F32(GpuTensor, GpuTensor),
+    Q4(GpuQ4Cache, GpuQ4Cache),
+}
+
 /// Per-layer KV caches of one batch on the device.
 pub struct GpuKvCache {
-    layers: Vec<(GpuTensor, GpuTensor)>,
+    layers: Vec<LayerCache>,
     /// `(first row, capacity, rows filled)` per sequence.
     slots: Vec<(usize, usize, usize)>,
     width: usize,
@@ -237,6 +254,7 @@ impl GpuKvCache {
 /// A model resident on the device.
 pub struct GpuModel {
     ctx: GpuContext,
+    options: GpuOptions,
     config: ModelConfig,
     kernels: Kernels,
     embed: GpuTensor,
@@ -248,9 +266,11 @@ pub struct GpuModel {
 impl GpuModel {
     /// Uploads every weight of an opened model, linear weights in `format` (norms, biases and
     /// the embedding table used for lookups are f32).
-    pub fn load(ctx: GpuContext, files: &ModelFiles, format: WeightFormat) -> Result<Self> {
+    pub fn load(ctx: GpuContext, files: &ModelFiles, options: GpuOptions) -> Result<Self> {
+        let format = options.weights;
         let source = files.weights.as_ref();
         let kernels = Kernels {
+            kv_quant: KvQuant::new(&ctx),
             matmul: MatmulF32::new(&ctx),
             matmul_q: MatmulQ::new(&ctx),
             elementwise: Elementwise::new(&ctx)?,
@@ -351,6 +371,7 @@ impl GpuModel {
         };
         let output = GpuLinear::load(&ctx, output_format, &output_spec, None, source)?;
         Ok(Self {
+            options,
             config: files.config.clone(),
             kernels,
             embed,
@@ -370,6 +391,22 @@ impl GpuModel {
         &self.config
     }
 
+    /// Attention heads of the model.
+    fn head_layout(&self) -> HeadLayout {
+        match &self.config {
+            ModelConfig::Llama(c) => HeadLayout {
+                heads: c.num_attention_heads,
+                kv_heads: c.kv_heads(),
+                head_dim: c.head_dim(),
+            },
+            ModelConfig::Opt(c) => HeadLayout {
+                heads: c.num_attention_heads,
+                kv_heads: c.num_attention_heads,
+                head_dim: c.head_dim(),
+            },
+        }
+    }
+
     /// An empty cache for sequences that will hold at most `capacities[i]` tokens.
     pub fn new_cache(&self, capacities: &[usize]) -> Result<GpuKvCache> {
         let width = self.config.kv_width();
@@ -380,12 +417,23 @@ impl GpuModel {
             slots.push((first, cap, 0));
             first += cap;
         }
+        let q4 = Q4Layout::new(
+            width / self.head_layout().head_dim,
+            self.head_layout().head_dim,
+        );
         let layers = (0..self.config.num_layers())
             .map(|_| {
-                Ok((
-                    GpuTensor::zeros(&self.ctx, &[total.max(1), width])?,
-                    GpuTensor::zeros(&self.ctx, &[total.max(1), width])?,
-                ))
+                Ok(if self.options.compress_cache {
+                    LayerCache::Q4(
+                        GpuQ4Cache::new(&self.ctx, total.max(1), q4)?,
+                        GpuQ4Cache::new(&self.ctx, total.max(1), q4)?,
+                    )
+                } else {
+                    LayerCache::F32(
+                        GpuTensor::zeros(&self.ctx, &[total.max(1), width])?,
+                        GpuTensor::zeros(&self.ctx, &[total.max(1), width])?,
+                    )
+                })
             })
             .collect::<Result<_>>()?;
         Ok(GpuKvCache {
@@ -629,13 +677,38 @@ impl GpuModel {
         [q, k, v]: [&GpuTensor; 3],
         out: &GpuLinear,
     ) -> Result<GpuTensor> {
-        self.append(cache, layer, step.batch, step.slots, k, v);
         let a = GpuTensor::zeros(&self.ctx, &q.shape)?;
-        let (kc, vc) = &cache.layers[layer];
         let scale = 1.0 / (step.layout.head_dim as f32).sqrt();
-        self.kernels
-            .attention
-            .run(&self.ctx, q, kc, vc, step.info, &a, step.layout, scale)?;
+        match &cache.layers[layer] {
+            LayerCache::F32(kc, vc) => {
+                self.append(kc, vc, cache, step.batch, step.slots, k, v);
+                self.kernels.attention.run(
+                    &self.ctx,
+                    q,
+                    kc,
+                    vc,
+                    step.info,
+                    &a,
+                    step.layout,
+                    scale,
+                )?;
+            }
+            LayerCache::Q4(kc, vc) => {
+                // the rows' info names their own cache positions: quantize them there
+                self.kernels.kv_quant.store(&self.ctx, k, step.info, kc)?;
+                self.kernels.kv_quant.store(&self.ctx, v, step.info, vc)?;
+                self.kernels.kv_quant.attend(
+                    &self.ctx,
+                    q,
+                    kc,
+                    vc,
+                    step.info,
+                    &a,
+                    step.layout,
+                    scale,
+                )?;
+            }
+        }
         self.linear(&a, out)
     }
 
@@ -648,17 +721,18 @@ impl GpuModel {
     }
 
     /// Copies each sequence's new key and value rows into its cache slot in `layer`.
+    #[allow(clippy::too_many_arguments)]
     fn append(
         &self,
+        kc: &GpuTensor,
+        vc: &GpuTensor,
         cache: &GpuKvCache,
-        layer: usize,
         batch: &[&[u32]],
         slots: &[usize],
         k: &GpuTensor,
         v: &GpuTensor,
     ) {
         let row_bytes = (cache.width * 4) as u64;
-        let (kc, vc) = &cache.layers[layer];
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
         let mut src_row = 0u64;
         for (seq, &slot) in batch.iter().zip(slots) {
