@@ -129,3 +129,73 @@ fn compressed_weights_match_reference_on_the_same_quantized_weights() {
             .any(|(a, b)| (a - b).abs() > 1e-3));
     }
 }
+
+/// Decoding through the device KV cache (f32 or 4-bit) in uneven chunks, all sequences in one
+/// ragged batch per step, gives the logprobs of one prefill.
+#[test]
+fn device_cache_decode_equals_prefill() {
+    let Some(_) = context() else { return };
+    for compress_cache in [false, true] {
+        for name in FIXTURES {
+            let files = ModelFiles::open(&fixture_dir(name)).unwrap();
+            let options = GpuOptions {
+                weights: WeightFormat::F32,
+                compress_cache,
+            };
+            let gpu = GpuModel::load(context().unwrap(), &files, options).unwrap();
+            let exp = expected(name);
+            let seqs: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
+            let full = gpu.token_logprobs(&seqs).unwrap();
+            let mut cache = gpu
+                .new_cache(&seqs.iter().map(|s| s.len()).collect::<Vec<_>>())
+                .unwrap();
+            let mut got: Vec<Vec<f32>> = vec![Vec::new(); seqs.len()];
+            let mut done = vec![0usize; seqs.len()];
+            let mut step = 0;
+            while done.iter().zip(&seqs).any(|(d, s)| *d < s.len()) {
+                let chunk = if step == 0 { 3 } else { 1 + step % 2 };
+                // the live sequences only, each continuing its own cache slot
+                let live: Vec<usize> = (0..seqs.len())
+                    .filter(|&i| done[i] < seqs[i].len())
+                    .collect();
+                let parts: Vec<&[u32]> = live
+                    .iter()
+                    .map(|&i| &seqs[i][done[i]..(done[i] + chunk).min(seqs[i].len())])
+                    .collect();
+                let hidden = gpu.forward_slots(&parts, &mut cache, &live).unwrap();
+                let (mut rows, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+                let mut row = 0;
+                for (&i, part) in live.iter().zip(&parts) {
+                    for j in 0..part.len() {
+                        if done[i] + j + 1 < seqs[i].len() {
+                            rows.push(row);
+                            targets.push(seqs[i][done[i] + j + 1]);
+                            owner.push(i);
+                        }
+                        row += 1;
+                    }
+                    done[i] += part.len();
+                }
+                for (lp, i) in gpu
+                    .target_logprobs(&hidden, &rows, &targets)
+                    .unwrap()
+                    .into_iter()
+                    .zip(owner)
+                {
+                    got[i].push(lp);
+                }
+                step += 1;
+            }
+            for (i, g) in got.iter().enumerate() {
+                assert_eq!(g.len(), full[i].len(), "{name}: every token scored");
+                for (a, b) in g.iter().zip(&full[i]) {
+                    let tol = 1e-4 * b.abs().max(1.0);
+                    assert!(
+                        (a - b).abs() < tol,
+                        "{name} (4-bit cache {compress_cache}) seq {i}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -470,8 +470,9 @@ impl GpuModel {
         self.forward_slots(batch, cache, &slots)
     }
 
-    /// [`GpuModel::forward`] for sequences `slots[i]` of the cache only.
-    fn forward_slots(
+    /// [`GpuModel::forward`] for sequences `slots[i]` of the cache only (`batch[i]` continues
+    /// sequence `slots[i]`): the others stay as they are.
+    pub fn forward_slots(
         &self,
         batch: &[&[u32]],
         cache: &mut GpuKvCache,
@@ -781,6 +782,30 @@ impl GpuModel {
             out.extend(res.download(ctx)?);
         }
         Ok(out)
+    }
+
+    /// `ln p(targets[i])` under the logits of row `rows[i]` of `hidden` (from
+    /// [`GpuModel::forward`]).
+    pub fn target_logprobs(
+        &self,
+        hidden: &GpuTensor,
+        rows: &[usize],
+        targets: &[u32],
+    ) -> Result<Vec<f32>> {
+        if rows.len() != targets.len() {
+            return Err(Error::invalid("targets", "one target per row"));
+        }
+        if let Some(&t) = targets
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size())
+        {
+            return Err(Error::TokenOutOfRange {
+                token: t,
+                position: 0,
+                vocab_size: self.config.vocab_size(),
+            });
+        }
+        self.reduce_logits(hidden, rows, Some(targets))
     }
 
     /// For each sequence of `n >= 2` tokens, `ln p(t_i | t_<i)` for `i = 1..n`.
