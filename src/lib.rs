@@ -37,6 +37,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod bytes;
 pub mod cli;
 pub mod cpu;

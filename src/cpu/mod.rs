@@ -166,14 +166,7 @@ impl ReferenceModel {
             return Ok(outputs);
         }
         let hidden = self.forward(prompts, &mut caches)?;
-        let last_rows: Vec<usize> = prompts
-            .iter()
-            .scan(0, |end, p| {
-                *end += p.len();
-                Some(*end - 1)
-            })
-            .collect();
-        let mut next = self.argmax_rows(&hidden, &last_rows);
+        let mut next = self.argmax_rows(&hidden, &crate::batch::last_rows(prompts));
         // Parallel vectors over the unfinished sequences.
         let mut active: Vec<usize> = (0..prompts.len()).collect();
         for step in 1..=max_new_tokens {

@@ -819,21 +819,9 @@ impl GpuModel {
         }
         let mut cache = self.new_cache(&batch.iter().map(|s| s.len()).collect::<Vec<_>>())?;
         let hidden = self.forward(batch, &mut cache)?;
-        let mut rows = Vec::new();
-        let mut targets = Vec::new();
-        let mut start = 0;
-        for seq in batch {
-            rows.extend(start..start + seq.len() - 1);
-            targets.extend_from_slice(&seq[1..]);
-            start += seq.len();
-        }
+        let (rows, targets) = crate::batch::scoring_rows(batch);
         let flat = self.reduce_logits(&hidden, &rows, Some(&targets))?;
-        let mut out = Vec::with_capacity(batch.len());
-        let mut at = 0;
-        for seq in batch {
-            out.push(flat[at..at + seq.len() - 1].to_vec());
-            at += seq.len() - 1;
-        }
+        let out = crate::batch::split_per_sequence(&flat, batch);
         Ok(out)
     }
 
@@ -854,13 +842,7 @@ impl GpuModel {
             .collect();
         let mut cache = self.new_cache(&caps)?;
         let hidden = self.forward(prompts, &mut cache)?;
-        let last: Vec<usize> = prompts
-            .iter()
-            .scan(0, |end, p| {
-                *end += p.len();
-                Some(*end - 1)
-            })
-            .collect();
+        let last = crate::batch::last_rows(prompts);
         let mut next: Vec<u32> = self
             .reduce_logits(&hidden, &last, None)?
             .iter()
