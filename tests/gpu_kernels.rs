@@ -13,7 +13,7 @@ use ferrogen::gpu::kernels::elementwise::{Elementwise, Op};
 use ferrogen::gpu::kernels::embedding::Embedding;
 use ferrogen::gpu::kernels::kv_quant::{GpuQ4Cache, KvQuant, Q4Layout};
 use ferrogen::gpu::kernels::logprob::Logprob;
-use ferrogen::gpu::kernels::matmul::MatmulF32;
+use ferrogen::gpu::kernels::matmul::{MatmulF32, MatmulVariant};
 use ferrogen::gpu::kernels::matmul_q::{GpuPackedWeight, MatmulQ, PackedWeight};
 use ferrogen::gpu::kernels::norm::Norm;
 use ferrogen::gpu::kernels::rope::{self, Rope};
@@ -51,12 +51,21 @@ fn random(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn matmul(ctx: &GpuContext, m: usize, k: usize, n: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+fn matmul(
+    ctx: &GpuContext,
+    variant: MatmulVariant,
+    m: usize,
+    k: usize,
+    n: usize,
+    seed: u64,
+) -> (Vec<f32>, Vec<f32>) {
     let (xv, wv) = (random(m * k, seed), random(n * k, seed + 1));
     let x = GpuTensor::upload(ctx, &xv, &[m, k]).unwrap();
     let w = GpuTensor::upload(ctx, &wv, &[n, k]).unwrap();
     let y = GpuTensor::poisoned(ctx, &[m, n]).unwrap();
-    MatmulF32::new(ctx).run(ctx, &x, &w, &y, 0).unwrap();
+    MatmulF32::with_variant(ctx, variant)
+        .run(ctx, &x, &w, &y, 0)
+        .unwrap();
     let got = y.download(ctx).unwrap();
     let xa = Array2::from_shape_vec((m, k), xv).unwrap();
     let wa = Array2::from_shape_vec((n, k), wv).unwrap();
@@ -77,9 +86,11 @@ fn assert_close(got: &[f32], want: &[f32], k: usize) {
 #[test]
 fn matmul_decode_and_prefill_shapes() {
     let Some(ctx) = gpu() else { return };
-    for (m, k, n) in [(1, 576, 192), (8, 64, 1536), (37, 33, 65), (128, 96, 130)] {
-        let (got, want) = matmul(ctx, m, k, n, 7);
-        assert_close(&got, &want, k);
+    for variant in [MatmulVariant::Register, MatmulVariant::Tiled] {
+        for (m, k, n) in [(1, 576, 192), (8, 64, 1536), (37, 33, 65), (128, 96, 130)] {
+            let (got, want) = matmul(ctx, variant, m, k, n, 7);
+            assert_close(&got, &want, k);
+        }
     }
 }
 
@@ -89,8 +100,10 @@ proptest! {
     #[test]
     fn matmul_matches_ndarray(m in 1usize..70, k in 1usize..100, n in 1usize..70, seed in any::<u64>()) {
         let Some(ctx) = gpu() else { return Ok(()) };
-        let (got, want) = matmul(ctx, m, k, n, seed);
-        assert_close(&got, &want, k);
+        for variant in [MatmulVariant::Register, MatmulVariant::Tiled] {
+            let (got, want) = matmul(ctx, variant, m, k, n, seed);
+            assert_close(&got, &want, k);
+        }
     }
 }
 
@@ -135,17 +148,20 @@ proptest! {
         let Some(ctx) = gpu() else { return Ok(()) };
         let total = n + offset + 3;
         let (xv, wv) = (random(m * k, seed), random(n * k, seed ^ 5));
-        let y = GpuTensor::upload(ctx, &vec![7.0; m * total], &[m, total]).unwrap();
-        MatmulF32::new(ctx).run(ctx, &up(ctx, &xv, &[m, k]), &up(ctx, &wv, &[n, k]), &y, offset).unwrap();
-        let got = y.download(ctx).unwrap();
-        let want = Array2::from_shape_vec((m, k), xv).unwrap().dot(&Array2::from_shape_vec((n, k), wv).unwrap().t());
-        for r in 0..m {
-            for c in 0..total {
-                let g = got[r * total + c];
-                if c < offset || c >= offset + n {
-                    prop_assert_eq!(g, 7.0, "untouched column {}", c);
-                } else {
-                    prop_assert!((g - want[[r, c - offset]]).abs() <= 1e-5 * k as f32);
+        let want = Array2::from_shape_vec((m, k), xv.clone()).unwrap()
+            .dot(&Array2::from_shape_vec((n, k), wv.clone()).unwrap().t());
+        for variant in [MatmulVariant::Register, MatmulVariant::Tiled] {
+            let y = GpuTensor::upload(ctx, &vec![7.0; m * total], &[m, total]).unwrap();
+            MatmulF32::with_variant(ctx, variant).run(ctx, &up(ctx, &xv, &[m, k]), &up(ctx, &wv, &[n, k]), &y, offset).unwrap();
+            let got = y.download(ctx).unwrap();
+            for r in 0..m {
+                for c in 0..total {
+                    let g = got[r * total + c];
+                    if c < offset || c >= offset + n {
+                        prop_assert_eq!(g, 7.0, "untouched column {}", c);
+                    } else {
+                        prop_assert!((g - want[[r, c - offset]]).abs() <= 1e-5 * k as f32);
+                    }
                 }
             }
         }

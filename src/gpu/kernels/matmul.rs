@@ -1,12 +1,33 @@
 //! f32 linear layer `y = x W^T` (see `shaders/matmul_f32.wgsl` for the indexing).
 
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, GpuTensor, Pipeline};
+use crate::gpu::{AdapterKind, GpuContext, GpuTensor, Pipeline};
 
 /// WGSL source (any k).
 pub const SOURCE: &str = include_str!("../../../shaders/matmul_f32.wgsl");
 /// WGSL source for k a multiple of 4 (vec4 loads along k).
 pub const SOURCE_VEC4: &str = include_str!("../../../shaders/matmul_f32_vec4.wgsl");
+/// WGSL source of the workgroup-tiled variant for real GPUs.
+pub const SOURCE_TILED: &str = include_str!("../../../shaders/matmul_f32_tiled.wgsl");
+
+/// Which f32 kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatmulVariant {
+    /// Register tiles, no workgroup memory or barriers (fast on CPU adapters such as lavapipe).
+    Register,
+    /// Workgroup-memory tiles with barriers (the classic GPU kernel).
+    Tiled,
+}
+
+impl MatmulVariant {
+    /// The variant suited to an adapter kind.
+    pub fn for_adapter(kind: AdapterKind) -> Self {
+        match kind {
+            AdapterKind::Cpu => MatmulVariant::Register,
+            AdapterKind::Gpu => MatmulVariant::Tiled,
+        }
+    }
+}
 
 /// Outputs per invocation along each axis (the register tile is `TILE x TILE`).
 const TILE: usize = 4;
@@ -15,16 +36,25 @@ const WORKGROUP: usize = 8;
 
 /// The f32 matrix product `x [m, k] . W [n, k]^T -> y [m, n]`.
 pub struct MatmulF32 {
+    variant: MatmulVariant,
     scalar: Pipeline,
     vec4: Pipeline,
+    tiled: Pipeline,
 }
 
 impl MatmulF32 {
-    /// Compiles the kernel.
+    /// Compiles the kernels, running the variant suited to the adapter.
     pub fn new(ctx: &GpuContext) -> Self {
+        Self::with_variant(ctx, MatmulVariant::for_adapter(ctx.kind))
+    }
+
+    /// Compiles the kernels, running `variant` (tests run both on any adapter).
+    pub fn with_variant(ctx: &GpuContext, variant: MatmulVariant) -> Self {
         Self {
+            variant,
             scalar: Pipeline::new(ctx, SOURCE, "main"),
             vec4: Pipeline::new(ctx, SOURCE_VEC4, "main"),
+            tiled: Pipeline::new(ctx, SOURCE_TILED, "main"),
         }
     }
 
@@ -61,13 +91,20 @@ impl MatmulF32 {
             return Ok(());
         }
         let dims = [m, k, n, total, y_offset].map(|v| v as u32);
-        let pipeline = if k % 4 == 0 { &self.vec4 } else { &self.scalar };
-        pipeline.dispatch(
-            ctx,
-            &[&x.buffer, &w.buffer, &y.buffer],
-            &dims,
-            Self::workgroups(m, n),
-        );
+        let buffers = [&x.buffer, &w.buffer, &y.buffer];
+        match self.variant {
+            // 64 x 64 outputs per 16 x 16 workgroup
+            MatmulVariant::Tiled => self.tiled.dispatch(
+                ctx,
+                &buffers,
+                &dims,
+                [n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1],
+            ),
+            MatmulVariant::Register => {
+                let pipeline = if k % 4 == 0 { &self.vec4 } else { &self.scalar };
+                pipeline.dispatch(ctx, &buffers, &dims, Self::workgroups(m, n));
+            }
+        }
         Ok(())
     }
 }
