@@ -4,13 +4,18 @@
 //! thousands of prompts with a model that does not fit in GPU memory, or even in RAM.
 //!
 //! Data flows one way: model file -> weights -> placement -> plan -> executor -> results.
-//! What exists today is the foundation every later piece is tested against:
+//! What exists today:
 //!
-//! - [`model`]: OPT and Llama configurations (Hugging Face `config.json` or GGUF metadata),
-//!   memory-mapped weight sources (safetensors, sharded or not; GGUF with F32/F16/BF16/Q8_0/
-//!   Q4_0/Q4_1 tensors), tokenizers, and each architecture's tensor list;
+//! - [`model`]: OPT and Llama configurations (Hugging Face `config.json` or GGUF metadata, plus
+//!   built-in shapes), memory-mapped weight sources (safetensors, sharded or not; GGUF with
+//!   F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors), tokenizers, and each architecture's tensor list;
 //! - [`cpu`]: the f32 reference forward pass (ragged prefill, KV-cache decode, log-softmax,
-//!   greedy generation), checked against Hugging Face transformers;
+//!   greedy generation), checked against Hugging Face transformers: the oracle for everything;
+//! - [`gpu`]: the WebGPU backend (wgpu): kernels and a whole-model forward with f32, native GGUF
+//!   or FlexGen 4-bit weights and an f32 or 4-bit KV cache on the device;
+//! - [`quant`]: GGUF block formats and FlexGen's 4-bit group format;
+//! - [`policy`]: `Policy`, `HardwareProfile` and its calibration, FlexGen's cost model
+//!   generalized, and the LP policy search;
 //! - [`score`]: the JSONL dataset-scoring job behind the `score` example.
 //!
 //! ```
