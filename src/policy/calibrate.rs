@@ -1,4 +1,4 @@
-//! Measuring this machine for a [`HardwareProfile`]: disk reads with O_DIRECT by read size and
+//! Measuring this machine for a [`HardwareProfile`](super::HardwareProfile): disk reads with O_DIRECT by read size and
 //! thread count, disk writes, memory copies, and CPU matrix-product and attention rates.
 //!
 //! Every figure is the median of several trials, reported with its spread (min-max), because

@@ -4,7 +4,7 @@
 //! Every time term and memory peak is a [`Linear`] form over the nine placement fractions
 //! `x = [wg, wc, wn, cg, cc, cn, hg, hc, hn]` (weights, KV cache and activations on GPU, CPU,
 //! disk). The same forms are evaluated for a given [`Policy`] ([`CostModel::predict`]) and handed
-//! to the LP ([`crate::policy::search`]), so the formulas exist once.
+//! to the LP ([`crate::policy::search()`]), so the formulas exist once.
 //!
 //! Notation (per decoder layer): `l` layers, `s` prompt length, `n` generated tokens,
 //! `bls = gbs * nb` sequences per block, `c = s + n/2` the average decode context,

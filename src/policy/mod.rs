@@ -1,5 +1,5 @@
 //! Placement policies and how to choose them: [`Policy`], [`HardwareProfile`], the cost model
-//! ([`cost`]) and the LP search ([`search`]).
+//! ([`cost`]) and the LP search ([`search`](mod@search)).
 
 pub mod calibrate;
 pub mod cost;
