@@ -1,6 +1,20 @@
 //! Row bookkeeping of ragged batches, shared by the backends: a batch of sequences runs as their
 //! tokens stacked into one matrix, sequence after sequence.
 
+use crate::error::{Error, Result};
+
+/// Every sequence must have 2 tokens at least to be scored (one context, one target).
+pub fn check_scorable(batch: &[&[u32]]) -> Result<()> {
+    match batch.iter().find(|s| s.len() < 2) {
+        Some(short) => Err(Error::SequenceTooShort {
+            len: short.len(),
+            needed: 2,
+            what: "score a sequence",
+        }),
+        None => Ok(()),
+    }
+}
+
 /// The row of each sequence's last token in the stacked batch.
 pub fn last_rows(batch: &[&[u32]]) -> Vec<usize> {
     batch

@@ -15,7 +15,7 @@ pub use kv_cache::KvCache;
 use kv_cache::RaggedBatch;
 use ops::{causal_attention, HeadLayout, Linear};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::llama::LlamaSpec;
 use crate::model::opt::OptSpec;
 use crate::model::{ModelConfig, ModelFiles, TensorSpec, WeightSource};
@@ -112,13 +112,7 @@ impl ReferenceModel {
     /// For each sequence of `n` tokens, `ln p(t_i | t_<i)` for `i = 1..n` (`n - 1` values),
     /// computed in one prefill of the whole batch.
     pub fn token_logprobs(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
-        if let Some(short) = batch.iter().find(|s| s.len() < 2) {
-            return Err(Error::SequenceTooShort {
-                len: short.len(),
-                needed: 2,
-                what: "score a sequence",
-            });
-        }
+        crate::batch::check_scorable(batch)?;
         let mut caches: Vec<KvCache> = batch.iter().map(|_| self.new_cache()).collect();
         let hidden = self.forward(batch, &mut caches)?;
         let mut start = 0;

@@ -810,13 +810,7 @@ impl GpuModel {
 
     /// For each sequence of `n >= 2` tokens, `ln p(t_i | t_<i)` for `i = 1..n`.
     pub fn token_logprobs(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
-        if let Some(short) = batch.iter().find(|s| s.len() < 2) {
-            return Err(Error::SequenceTooShort {
-                len: short.len(),
-                needed: 2,
-                what: "score a sequence",
-            });
-        }
+        crate::batch::check_scorable(batch)?;
         let mut cache = self.new_cache(&batch.iter().map(|s| s.len()).collect::<Vec<_>>())?;
         let hidden = self.forward(batch, &mut cache)?;
         let (rows, targets) = crate::batch::scoring_rows(batch);
