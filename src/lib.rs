@@ -51,6 +51,7 @@ pub mod gpu;
 pub mod model;
 pub mod policy;
 pub mod quant;
+pub mod schedule;
 pub mod score;
 
 pub use error::{Error, Result};
