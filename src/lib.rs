@@ -53,5 +53,6 @@ pub mod policy;
 pub mod quant;
 pub mod schedule;
 pub mod score;
+pub mod storage;
 
 pub use error::{Error, Result};

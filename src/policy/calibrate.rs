@@ -14,6 +14,7 @@ use ndarray::Array2;
 
 use super::hardware::{DiskRead, GIB};
 use crate::error::{Error, Result};
+use crate::storage::offload::{drop_cache, AlignedBuf};
 
 /// Median and spread of repeated measurements.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,35 +49,6 @@ impl std::fmt::Display for Measured {
     }
 }
 
-/// O_DIRECT needs buffers, offsets and lengths aligned to the device block; 4 KiB covers all.
-const ALIGN: usize = 4096;
-
-/// A zeroed buffer of `len` bytes starting at an `ALIGN`-aligned address (no unsafe: a larger
-/// Vec, sliced at the first aligned byte).
-struct AlignedBuf {
-    storage: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        let storage = vec![0u8; len + ALIGN];
-        let start = storage.as_ptr().align_offset(ALIGN);
-        Self {
-            storage,
-            start,
-            len,
-        }
-    }
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + self.len]
-    }
-    fn as_ref(&self) -> &[u8] {
-        &self.storage[self.start..self.start + self.len]
-    }
-}
-
 /// A scratch file in the offload directory, removed on drop.
 pub struct ScratchFile {
     path: PathBuf,
@@ -92,12 +64,14 @@ impl Drop for ScratchFile {
 }
 
 fn open_direct(path: &Path, write: bool) -> std::io::Result<File> {
-    let mut o = OpenOptions::new();
-    o.read(true);
     if write {
-        o.write(true).create(true).truncate(true);
+        crate::storage::offload::open_direct(path, true)
+    } else {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
     }
-    o.custom_flags(libc::O_DIRECT).open(path)
 }
 
 /// Writes a `len`-byte scratch file in `dir` in 4 MiB O_DIRECT writes (falling back to
@@ -134,15 +108,6 @@ pub fn write_scratch(dir: &Path, len: u64, trials: usize) -> Result<(ScratchFile
     }
     let scratch = ScratchFile { path, direct, len };
     Ok((scratch, Measured::of(rates)))
-}
-
-/// Drops the file's pages from the page cache (for buffered fallback reads).
-fn drop_cache(file: &File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open.
-    unsafe {
-        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
-    }
 }
 
 /// Reads `bytes` of the scratch file with `threads` threads issuing `chunk`-byte reads, each
