@@ -83,7 +83,7 @@ pub fn write_scratch(dir: &Path, len: u64, trials: usize) -> Result<(ScratchFile
     let chunk = 4 << 20;
     let len = len.div_ceil(chunk as u64) * chunk as u64;
     let mut buf = AlignedBuf::new(chunk);
-    for (i, b) in buf.as_mut().iter_mut().enumerate() {
+    for (i, b) in buf.bytes_mut().iter_mut().enumerate() {
         *b = (i * 31 % 251) as u8; // incompressible enough
     }
     let mut direct = true;
@@ -99,7 +99,7 @@ pub fn write_scratch(dir: &Path, len: u64, trials: usize) -> Result<(ScratchFile
         let t = Instant::now();
         let mut off = 0;
         while off < len {
-            file.write_all_at(buf.as_ref(), off)
+            file.write_all_at(buf.bytes(), off)
                 .map_err(|e| Error::io(&path, e))?;
             off += chunk as u64;
         }
@@ -137,7 +137,7 @@ fn read_once(scratch: &ScratchFile, chunk: usize, threads: usize, bytes: u64) ->
                     let base = i as u64 * region;
                     let mut off = 0;
                     while off < per_thread {
-                        file.read_exact_at(buf.as_mut(), base + off)
+                        file.read_exact_at(buf.bytes_mut(), base + off)
                             .map_err(|e| Error::io(&scratch.path, e))?;
                         off += chunk as u64;
                     }

@@ -38,11 +38,11 @@ impl AlignedBuf {
         }
     }
     /// Its bytes.
-    pub fn as_mut(&mut self) -> &mut [u8] {
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
         &mut self.storage[self.start..self.start + self.len]
     }
     /// Its bytes.
-    pub fn as_ref(&self) -> &[u8] {
+    pub fn bytes(&self) -> &[u8] {
         &self.storage[self.start..self.start + self.len]
     }
     /// Length in bytes.
@@ -185,13 +185,13 @@ impl OffloadFile {
             let b = (a + staging.len() as u64).min(align_up(end)).min(self.len);
             let n = (b - a) as usize;
             self.file
-                .read_exact_at(&mut staging.as_mut()[..n], a)
+                .read_exact_at(&mut staging.bytes_mut()[..n], a)
                 .map_err(|e| Error::io(&self.path, e))?;
             let lo = offset.max(a);
             let hi = end.min(b);
             sink(
                 (lo - offset) as usize,
-                &staging.as_ref()[(lo - a) as usize..(hi - a) as usize],
+                &staging.bytes()[(lo - a) as usize..(hi - a) as usize],
             )?;
             a = b;
         }
@@ -218,13 +218,13 @@ impl OffloadFile {
             if lo > a || hi < b {
                 // a partial window: keep the bytes around the range
                 self.file
-                    .read_exact_at(&mut staging.as_mut()[..n], a)
+                    .read_exact_at(&mut staging.bytes_mut()[..n], a)
                     .map_err(|e| Error::io(&self.path, e))?;
             }
-            staging.as_mut()[(lo - a) as usize..(hi - a) as usize]
+            staging.bytes_mut()[(lo - a) as usize..(hi - a) as usize]
                 .copy_from_slice(&src[(lo - offset) as usize..(hi - offset) as usize]);
             self.file
-                .write_all_at(&staging.as_ref()[..n], a)
+                .write_all_at(&staging.bytes()[..n], a)
                 .map_err(|e| Error::io(&self.path, e))?;
             a = b;
         }
