@@ -49,17 +49,19 @@ pub struct GpuOptions {
 }
 
 /// One row range of a linear weight on the device.
-enum WeightPart {
+#[derive(Clone)]
+pub(crate) enum WeightPart {
     F32(GpuTensor),
     Packed(GpuPackedWeight),
 }
 
 /// A linear layer's weight `[out, in]`, split by rows into bindings the device accepts.
+#[derive(Clone)]
 pub struct GpuLinear {
     /// `(rows of W, first output column)` per part.
-    parts: Vec<(WeightPart, usize)>,
-    bias: Option<GpuTensor>,
-    out: usize,
+    pub(crate) parts: Vec<(WeightPart, usize)>,
+    pub(crate) bias: Option<GpuTensor>,
+    pub(crate) out: usize,
 }
 
 impl GpuLinear {
@@ -166,47 +168,127 @@ fn vector(ctx: &GpuContext, spec: &TensorSpec, source: &dyn WeightSource) -> Res
     GpuTensor::upload(ctx, &spec.load_f32(source)?, &spec.shape)
 }
 
-struct LlamaLayer {
-    input_layernorm: GpuTensor,
-    q: GpuLinear,
-    k: GpuLinear,
-    v: GpuLinear,
-    o: GpuLinear,
-    post_attention_layernorm: GpuTensor,
-    gate: GpuLinear,
-    up: GpuLinear,
-    down: GpuLinear,
+/// OPT's LayerNorm parameters.
+#[derive(Clone)]
+pub(crate) struct OptNorm {
+    pub weight: GpuTensor,
+    pub bias: GpuTensor,
 }
 
-struct OptNorm {
-    weight: GpuTensor,
-    bias: GpuTensor,
+impl OptNorm {
+    pub(crate) fn load(
+        ctx: &GpuContext,
+        n: &opt::LayerNorm,
+        source: &dyn WeightSource,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: vector(ctx, &n.weight, source)?,
+            bias: vector(ctx, &n.bias, source)?,
+        })
+    }
 }
 
-struct OptLayer {
-    ln1: OptNorm,
-    q: GpuLinear,
-    k: GpuLinear,
-    v: GpuLinear,
-    out: GpuLinear,
-    ln2: OptNorm,
-    fc1: GpuLinear,
-    fc2: GpuLinear,
-}
-
-#[allow(clippy::large_enum_variant)] // one per model: the size difference costs nothing
-enum Arch {
+/// The attention half of a layer: norm, projections.
+#[derive(Clone)]
+pub(crate) enum AttnWeights {
     Llama {
-        layers: Vec<LlamaLayer>,
         norm: GpuTensor,
+        q: GpuLinear,
+        k: GpuLinear,
+        v: GpuLinear,
+        o: GpuLinear,
     },
+    Opt {
+        ln: OptNorm,
+        q: GpuLinear,
+        k: GpuLinear,
+        v: GpuLinear,
+        out: GpuLinear,
+    },
+}
+
+/// The MLP half of a layer.
+#[derive(Clone)]
+pub(crate) enum MlpWeights {
+    Llama {
+        norm: GpuTensor,
+        gate: GpuLinear,
+        up: GpuLinear,
+        down: GpuLinear,
+    },
+    Opt {
+        ln: OptNorm,
+        fc1: GpuLinear,
+        fc2: GpuLinear,
+    },
+}
+
+/// What turns embedded tokens into the first layer's input.
+#[derive(Clone)]
+pub(crate) enum InputWeights {
+    Llama,
     Opt {
         positions: GpuTensor,
         project_in: Option<GpuLinear>,
-        project_out: Option<GpuLinear>,
-        final_norm: Option<OptNorm>,
-        layers: Vec<OptLayer>,
     },
+}
+
+/// What turns the last layer's output into the rows the output projection reads.
+#[derive(Clone)]
+pub(crate) enum HeadWeights {
+    Llama {
+        norm: GpuTensor,
+    },
+    Opt {
+        final_norm: Option<OptNorm>,
+        project_out: Option<GpuLinear>,
+    },
+}
+
+impl AttnWeights {
+    /// The linear layers, in a fixed order.
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut GpuLinear> {
+        match self {
+            AttnWeights::Llama { q, k, v, o, .. } => vec![q, k, v, o],
+            AttnWeights::Opt { q, k, v, out, .. } => vec![q, k, v, out],
+        }
+    }
+}
+
+impl MlpWeights {
+    /// The linear layers, in a fixed order.
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut GpuLinear> {
+        match self {
+            MlpWeights::Llama { gate, up, down, .. } => vec![gate, up, down],
+            MlpWeights::Opt { fc1, fc2, .. } => vec![fc1, fc2],
+        }
+    }
+}
+
+impl InputWeights {
+    /// The linear layers, in a fixed order.
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut GpuLinear> {
+        match self {
+            InputWeights::Opt {
+                project_in: Some(p),
+                ..
+            } => vec![p],
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl HeadWeights {
+    /// The linear layers, in a fixed order.
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut GpuLinear> {
+        match self {
+            HeadWeights::Opt {
+                project_out: Some(p),
+                ..
+            } => vec![p],
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// The compiled kernels a model uses.
@@ -222,18 +304,35 @@ struct Kernels {
     logprob: Logprob,
 }
 
-/// What every layer's attention of one forward call shares.
-struct AttentionStep<'a> {
-    batch: &'a [&'a [u32]],
-    slots: &'a [usize],
-    info: &'a GpuIndices,
-    layout: HeadLayout,
-}
-
-/// Keys and values of one layer: f32 rows, or 4-bit groups.
-enum LayerCache {
+/// Keys and values of one layer for a set of sequences: f32 rows, or 4-bit groups.
+pub(crate) enum LayerCache {
     F32(GpuTensor, GpuTensor),
     Q4(GpuQ4Cache, GpuQ4Cache),
+}
+
+impl LayerCache {
+    /// The buffers holding the rows, with bytes per row: keys then values (codes and scales
+    /// separately for 4-bit caches). A row range of the cache is the same range of each.
+    pub(crate) fn segments(&self) -> Vec<(&wgpu::Buffer, u64)> {
+        match self {
+            LayerCache::F32(k, v) => {
+                let w = (k.shape[1] * 4) as u64;
+                vec![(&k.buffer, w), (&v.buffer, w)]
+            }
+            LayerCache::Q4(k, v) => {
+                let (c, s) = (
+                    (k.layout.words_per_row() * 4) as u64,
+                    (k.layout.groups_per_row() * 4) as u64,
+                );
+                vec![
+                    (k.codes(), c),
+                    (k.scales(), s),
+                    (v.codes(), c),
+                    (v.scales(), s),
+                ]
+            }
+        }
+    }
 }
 
 /// Per-layer KV caches of one batch on the device.
@@ -241,7 +340,6 @@ pub struct GpuKvCache {
     layers: Vec<LayerCache>,
     /// `(first row, capacity, rows filled)` per sequence.
     slots: Vec<(usize, usize, usize)>,
-    width: usize,
 }
 
 impl GpuKvCache {
@@ -251,24 +349,47 @@ impl GpuKvCache {
     }
 }
 
-/// A model resident on the device.
-pub struct GpuModel {
-    ctx: GpuContext,
-    options: GpuOptions,
-    config: ModelConfig,
-    kernels: Kernels,
-    embed: GpuTensor,
-    /// The output projection: the embedding (tied) or lm_head, as a linear layer.
-    output: GpuLinear,
-    arch: Arch,
+/// The rows of one forward call: new tokens of several sequences, stacked, with where each
+/// sequence's keys and values live in the cache.
+pub(crate) struct RowBatch {
+    pub rows: usize,
+    pub ids: Vec<u32>,
+    ids_gpu: GpuIndices,
+    pos: GpuIndices,
+    positions: Vec<u32>,
+    info: GpuIndices,
+    rope: Option<(GpuTensor, GpuTensor)>,
+    /// `(first new row, first cache row, rows)` per sequence.
+    appends: Vec<(usize, usize, usize)>,
 }
 
-impl GpuModel {
-    /// Uploads every weight of an opened model, linear weights in `format` (norms, biases and
-    /// the embedding table used for lookups are f32).
-    pub fn load(ctx: GpuContext, files: &ModelFiles, options: GpuOptions) -> Result<Self> {
-        let format = options.weights;
-        let source = files.weights.as_ref();
+/// Where one sequence's new tokens go in a cache.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CacheSlot {
+    pub first: usize,
+    pub capacity: usize,
+    pub filled: usize,
+}
+
+/// A model's recipe on a device: the configuration, options and compiled kernels, with one
+/// method per unit of the forward pass. Weights are passed in, so the same code runs resident
+/// models ([`GpuModel`]) and streamed ones (`crate::exec`).
+pub(crate) struct GpuRunner {
+    pub ctx: GpuContext,
+    pub options: GpuOptions,
+    pub config: ModelConfig,
+    kernels: Kernels,
+}
+
+impl GpuRunner {
+    pub(crate) fn new(ctx: GpuContext, config: &ModelConfig, options: GpuOptions) -> Result<Self> {
+        if let ModelConfig::Llama(c) = config {
+            if c.head_dim() > super::kernels::attention::MAX_HEAD_DIM {
+                return Err(Error::Unsupported {
+                    what: format!("head_dim {} on the wgpu backend", c.head_dim()),
+                });
+            }
+        }
         let kernels = Kernels {
             kv_quant: KvQuant::new(&ctx),
             matmul: MatmulF32::new(&ctx),
@@ -280,119 +401,16 @@ impl GpuModel {
             attention: Attention::new(&ctx),
             logprob: Logprob::new(&ctx),
         };
-        let lin =
-            |w: &TensorSpec, b: Option<&TensorSpec>| GpuLinear::load(&ctx, format, w, b, source);
-        let (embed_spec, output_spec, arch) = match &files.config {
-            ModelConfig::Llama(c) => {
-                if c.head_dim() > super::kernels::attention::MAX_HEAD_DIM {
-                    return Err(Error::Unsupported {
-                        what: format!("head_dim {} on the wgpu backend", c.head_dim()),
-                    });
-                }
-                let spec = LlamaSpec::new(c);
-                let layers = spec
-                    .layers
-                    .iter()
-                    .map(|l| {
-                        Ok(LlamaLayer {
-                            input_layernorm: vector(&ctx, &l.input_layernorm, source)?,
-                            q: lin(&l.q_proj, None)?,
-                            k: lin(&l.k_proj, None)?,
-                            v: lin(&l.v_proj, None)?,
-                            o: lin(&l.o_proj, None)?,
-                            post_attention_layernorm: vector(
-                                &ctx,
-                                &l.post_attention_layernorm,
-                                source,
-                            )?,
-                            gate: lin(&l.gate_proj, None)?,
-                            up: lin(&l.up_proj, None)?,
-                            down: lin(&l.down_proj, None)?,
-                        })
-                    })
-                    .collect::<Result<_>>()?;
-                let output = spec
-                    .lm_head
-                    .clone()
-                    .unwrap_or_else(|| spec.embed_tokens.clone());
-                let arch = Arch::Llama {
-                    layers,
-                    norm: vector(&ctx, &spec.norm, source)?,
-                };
-                (spec.embed_tokens, output, arch)
-            }
-            ModelConfig::Opt(c) => {
-                let spec = OptSpec::new(c, files.opt_prefix());
-                let norm = |n: &opt::LayerNorm| -> Result<OptNorm> {
-                    Ok(OptNorm {
-                        weight: vector(&ctx, &n.weight, source)?,
-                        bias: vector(&ctx, &n.bias, source)?,
-                    })
-                };
-                let olin = |l: &opt::Linear| lin(&l.weight, l.bias.as_ref());
-                let layers = spec
-                    .layers
-                    .iter()
-                    .map(|l| {
-                        Ok(OptLayer {
-                            ln1: norm(&l.self_attn_layer_norm)?,
-                            q: olin(&l.q_proj)?,
-                            k: olin(&l.k_proj)?,
-                            v: olin(&l.v_proj)?,
-                            out: olin(&l.out_proj)?,
-                            ln2: norm(&l.final_layer_norm)?,
-                            fc1: olin(&l.fc1)?,
-                            fc2: olin(&l.fc2)?,
-                        })
-                    })
-                    .collect::<Result<_>>()?;
-                let arch = Arch::Opt {
-                    positions: vector(&ctx, &spec.embed_positions, source)?,
-                    project_in: spec.project_in.as_ref().map(|w| lin(w, None)).transpose()?,
-                    project_out: spec
-                        .project_out
-                        .as_ref()
-                        .map(|w| lin(w, None))
-                        .transpose()?,
-                    final_norm: spec.final_layer_norm.as_ref().map(norm).transpose()?,
-                    layers,
-                };
-                (spec.embed_tokens.clone(), spec.embed_tokens, arch)
-            }
-        };
-        let embed = vector(&ctx, &embed_spec, source)?;
-        // The output projection keeps the file's precision under --compress-weight: 4-bit
-        // logits over a large vocabulary cost far more accuracy than any layer (SmolLM2's GGUF
-        // keeps it in Q8_0 for the same reason).
-        let output_format = if format == WeightFormat::Group4 {
-            WeightFormat::Native
-        } else {
-            format
-        };
-        let output = GpuLinear::load(&ctx, output_format, &output_spec, None, source)?;
         Ok(Self {
-            options,
-            config: files.config.clone(),
-            kernels,
-            embed,
-            output,
-            arch,
             ctx,
+            options,
+            config: config.clone(),
+            kernels,
         })
     }
 
-    /// The device.
-    pub fn context(&self) -> &GpuContext {
-        &self.ctx
-    }
-
-    /// The model's configuration.
-    pub fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
     /// Attention heads of the model.
-    fn head_layout(&self) -> HeadLayout {
+    pub(crate) fn head_layout(&self) -> HeadLayout {
         match &self.config {
             ModelConfig::Llama(c) => HeadLayout {
                 heads: c.num_attention_heads,
@@ -407,43 +425,333 @@ impl GpuModel {
         }
     }
 
-    /// An empty cache for sequences that will hold at most `capacities[i]` tokens.
-    pub fn new_cache(&self, capacities: &[usize]) -> Result<GpuKvCache> {
-        let width = self.config.kv_width();
-        let total: usize = capacities.iter().sum();
-        let mut slots = Vec::with_capacity(capacities.len());
-        let mut first = 0;
-        for &cap in capacities {
-            slots.push((first, cap, 0));
-            first += cap;
-        }
-        let q4 = Q4Layout::new(
-            width / self.head_layout().head_dim,
-            self.head_layout().head_dim,
-        );
-        let layers = (0..self.config.num_layers())
-            .map(|_| {
-                Ok(if self.options.compress_cache {
-                    LayerCache::Q4(
-                        GpuQ4Cache::new(&self.ctx, total.max(1), q4)?,
-                        GpuQ4Cache::new(&self.ctx, total.max(1), q4)?,
-                    )
-                } else {
-                    LayerCache::F32(
-                        GpuTensor::zeros(&self.ctx, &[total.max(1), width])?,
-                        GpuTensor::zeros(&self.ctx, &[total.max(1), width])?,
-                    )
-                })
-            })
-            .collect::<Result<_>>()?;
-        Ok(GpuKvCache {
-            layers,
-            slots,
-            width,
+    /// An empty cache of `rows` rows for one layer.
+    pub(crate) fn layer_cache(&self, rows: usize) -> Result<LayerCache> {
+        let layout = self.head_layout();
+        Ok(if self.options.compress_cache {
+            let q4 = Q4Layout::new(layout.kv_heads, layout.head_dim);
+            LayerCache::Q4(
+                GpuQ4Cache::new(&self.ctx, rows.max(1), q4)?,
+                GpuQ4Cache::new(&self.ctx, rows.max(1), q4)?,
+            )
+        } else {
+            let width = self.config.kv_width();
+            LayerCache::F32(
+                GpuTensor::zeros(&self.ctx, &[rows.max(1), width])?,
+                GpuTensor::zeros(&self.ctx, &[rows.max(1), width])?,
+            )
         })
     }
 
-    fn linear(&self, x: &GpuTensor, l: &GpuLinear) -> Result<GpuTensor> {
+    /// Bytes per cached token of one layer.
+    pub(crate) fn cache_bytes_per_row(&self) -> u64 {
+        let layout = self.head_layout();
+        if self.options.compress_cache {
+            Q4Layout::new(layout.kv_heads, layout.head_dim).bytes_per_row() as u64 * 2
+        } else {
+            (self.config.kv_width() * 4 * 2) as u64
+        }
+    }
+
+    /// Checks a batch of new tokens against their cache slots and uploads the per-row data.
+    pub(crate) fn row_batch(&self, batch: &[&[u32]], slots: &[CacheSlot]) -> Result<RowBatch> {
+        let ctx = &self.ctx;
+        let vocab = self.config.vocab_size();
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut infos = Vec::new();
+        let mut appends = Vec::new();
+        for (seq, slot) in batch.iter().zip(slots) {
+            if seq.is_empty() {
+                return Err(Error::SequenceTooShort {
+                    len: 0,
+                    needed: 1,
+                    what: "run the model",
+                });
+            }
+            if slot.filled + seq.len() > slot.capacity.min(self.config.max_context()) {
+                return Err(Error::SequenceTooLong {
+                    len: slot.filled + seq.len(),
+                    max: slot.capacity.min(self.config.max_context()),
+                });
+            }
+            appends.push((ids.len(), slot.first + slot.filled, seq.len()));
+            for (i, &t) in seq.iter().enumerate() {
+                if t as usize >= vocab {
+                    return Err(Error::TokenOutOfRange {
+                        token: t,
+                        position: slot.filled + i,
+                        vocab_size: vocab,
+                    });
+                }
+                ids.push(t);
+                positions.push((slot.filled + i) as u32);
+                infos.push(RowInfo {
+                    first: slot.first as u32,
+                    visible: (slot.filled + i + 1) as u32,
+                });
+            }
+        }
+        let rows = ids.len();
+        let rope = match &self.config {
+            ModelConfig::Llama(c) => {
+                let hd = c.head_dim();
+                let abs: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
+                let (cos, sin) = rope::tables(&abs, hd, c.rope_theta);
+                Some((
+                    GpuTensor::upload(ctx, &cos, &[rows, hd / 2])?,
+                    GpuTensor::upload(ctx, &sin, &[rows, hd / 2])?,
+                ))
+            }
+            ModelConfig::Opt(_) => None,
+        };
+        Ok(RowBatch {
+            rows,
+            ids_gpu: GpuIndices::upload(ctx, &ids),
+            pos: GpuIndices::upload(ctx, &positions),
+            ids,
+            positions,
+            info: Attention::upload_info(ctx, &infos),
+            rope,
+            appends,
+        })
+    }
+
+    /// Looks the rows' tokens up in an f32 embedding table on the device.
+    pub(crate) fn gather(&self, table: &GpuTensor, rb: &RowBatch) -> Result<GpuTensor> {
+        let e = GpuTensor::zeros(&self.ctx, &[rb.rows, table.shape[1]])?;
+        self.kernels
+            .embedding
+            .run(&self.ctx, table, None, &rb.ids_gpu, &rb.pos, &e)?;
+        Ok(e)
+    }
+
+    /// Embedded tokens `e` -> the first layer's input (OPT: `project_in`, learned positions).
+    pub(crate) fn input(&self, w: &InputWeights, e: GpuTensor, rb: &RowBatch) -> Result<GpuTensor> {
+        let InputWeights::Opt {
+            positions,
+            project_in,
+        } = w
+        else {
+            return Ok(e);
+        };
+        let ctx = &self.ctx;
+        let x = match project_in {
+            Some(p) => self.linear(&e, p)?,
+            None => e,
+        };
+        // learned positions: gather rows pos + 2 of the position table and add them
+        let p = GpuTensor::zeros(ctx, &x.shape)?;
+        let shifted: Vec<u32> = rb
+            .positions
+            .iter()
+            .map(|&q| q + POSITION_OFFSET as u32)
+            .collect();
+        self.kernels.embedding.run(
+            ctx,
+            positions,
+            None,
+            &GpuIndices::upload(ctx, &shifted),
+            &rb.pos,
+            &p,
+        )?;
+        self.kernels.elementwise.binary(ctx, Op::Add, &x, &p)?;
+        Ok(x)
+    }
+
+    fn opt_norm(&self, n: &OptNorm, input: &GpuTensor) -> Result<GpuTensor> {
+        let y = GpuTensor::zeros(&self.ctx, &input.shape)?;
+        self.kernels
+            .norm
+            .layer_norm(&self.ctx, input, &n.weight, &n.bias, &y, LAYER_NORM_EPS)?;
+        Ok(y)
+    }
+
+    fn rms_norm(&self, weight: &GpuTensor, input: &GpuTensor) -> Result<GpuTensor> {
+        let ModelConfig::Llama(c) = &self.config else {
+            return Err(Error::invalid("model", "RMSNorm outside a Llama model"));
+        };
+        let y = GpuTensor::zeros(&self.ctx, &input.shape)?;
+        self.kernels
+            .norm
+            .rms_norm(&self.ctx, input, weight, &y, c.rms_norm_eps as f32)?;
+        Ok(y)
+    }
+
+    fn opt_pre_norm(&self) -> bool {
+        matches!(&self.config, ModelConfig::Opt(c) if c.do_layer_norm_before)
+    }
+
+    /// `x + attention(x)` (OPT post-LN: the norm after the residual), appending the rows' keys
+    /// and values to `cache`.
+    pub(crate) fn attention(
+        &self,
+        w: &AttnWeights,
+        x: GpuTensor,
+        cache: &LayerCache,
+        rb: &RowBatch,
+    ) -> Result<GpuTensor> {
+        let k = &self.kernels;
+        match w {
+            AttnWeights::Llama {
+                norm,
+                q,
+                k: kw,
+                v,
+                o,
+            } => {
+                let h = self.rms_norm(norm, &x)?;
+                let (qt, kt, vt) = (
+                    self.linear(&h, q)?,
+                    self.linear(&h, kw)?,
+                    self.linear(&h, v)?,
+                );
+                if let Some((cos, sin)) = &rb.rope {
+                    let hd = self.head_layout().head_dim;
+                    k.rope.run(&self.ctx, &qt, cos, sin, hd)?;
+                    k.rope.run(&self.ctx, &kt, cos, sin, hd)?;
+                }
+                let a = self.attend(cache, rb, [&qt, &kt, &vt], o)?;
+                k.elementwise.binary(&self.ctx, Op::Add, &x, &a)?;
+                Ok(x)
+            }
+            AttnWeights::Opt {
+                ln,
+                q,
+                k: kw,
+                v,
+                out,
+            } => {
+                let pre = self.opt_pre_norm();
+                let h = if pre {
+                    self.opt_norm(ln, &x)?
+                } else {
+                    x.clone()
+                };
+                let (qt, kt, vt) = (
+                    self.linear(&h, q)?,
+                    self.linear(&h, kw)?,
+                    self.linear(&h, v)?,
+                );
+                let a = self.attend(cache, rb, [&qt, &kt, &vt], out)?;
+                k.elementwise.binary(&self.ctx, Op::Add, &x, &a)?;
+                if pre {
+                    Ok(x)
+                } else {
+                    self.opt_norm(ln, &x)
+                }
+            }
+        }
+    }
+
+    /// `x + mlp(x)` (OPT post-LN: the norm after the residual).
+    pub(crate) fn mlp(&self, w: &MlpWeights, x: GpuTensor) -> Result<GpuTensor> {
+        let (ctx, k) = (&self.ctx, &self.kernels);
+        match w {
+            MlpWeights::Llama {
+                norm,
+                gate,
+                up,
+                down,
+            } => {
+                let h = self.rms_norm(norm, &x)?;
+                let (g, u) = (self.linear(&h, gate)?, self.linear(&h, up)?);
+                k.elementwise.binary(ctx, Op::SiluMul, &g, &u)?;
+                let d = self.linear(&g, down)?;
+                k.elementwise.binary(ctx, Op::Add, &x, &d)?;
+                Ok(x)
+            }
+            MlpWeights::Opt { ln, fc1, fc2 } => {
+                let pre = self.opt_pre_norm();
+                let h = if pre {
+                    self.opt_norm(ln, &x)?
+                } else {
+                    x.clone()
+                };
+                let f = self.linear(&h, fc1)?;
+                k.elementwise.unary(ctx, Op::Relu, &f)?;
+                let d = self.linear(&f, fc2)?;
+                k.elementwise.binary(ctx, Op::Add, &x, &d)?;
+                if pre {
+                    Ok(x)
+                } else {
+                    self.opt_norm(ln, &x)
+                }
+            }
+        }
+    }
+
+    /// The last layer's output -> the rows the output projection reads.
+    pub(crate) fn head(&self, w: &HeadWeights, x: GpuTensor) -> Result<GpuTensor> {
+        match w {
+            HeadWeights::Llama { norm } => self.rms_norm(norm, &x),
+            HeadWeights::Opt {
+                final_norm,
+                project_out,
+            } => {
+                let x = match final_norm {
+                    Some(n) => self.opt_norm(n, &x)?,
+                    None => x,
+                };
+                match project_out {
+                    Some(p) => self.linear(&x, p),
+                    None => Ok(x),
+                }
+            }
+        }
+    }
+
+    /// Appends the new keys and values to the cache, attends with the queries, and applies
+    /// the output projection: `out(attention(q, K, V))`.
+    fn attend(
+        &self,
+        cache: &LayerCache,
+        rb: &RowBatch,
+        [q, k, v]: [&GpuTensor; 3],
+        out: &GpuLinear,
+    ) -> Result<GpuTensor> {
+        let a = GpuTensor::zeros(&self.ctx, &q.shape)?;
+        let layout = self.head_layout();
+        let scale = 1.0 / (layout.head_dim as f32).sqrt();
+        match cache {
+            LayerCache::F32(kc, vc) => {
+                let row_bytes = (kc.shape[1] * 4) as u64;
+                let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+                for &(src, dst, n) in &rb.appends {
+                    let (src, dst, n) = (src as u64, dst as u64, n as u64);
+                    enc.copy_buffer_to_buffer(
+                        &k.buffer,
+                        src * row_bytes,
+                        &kc.buffer,
+                        dst * row_bytes,
+                        n * row_bytes,
+                    );
+                    enc.copy_buffer_to_buffer(
+                        &v.buffer,
+                        src * row_bytes,
+                        &vc.buffer,
+                        dst * row_bytes,
+                        n * row_bytes,
+                    );
+                }
+                self.ctx.queue.submit([enc.finish()]);
+                self.kernels
+                    .attention
+                    .run(&self.ctx, q, kc, vc, &rb.info, &a, layout, scale)?;
+            }
+            LayerCache::Q4(kc, vc) => {
+                // the rows' info names their own cache positions: quantize them there
+                self.kernels.kv_quant.store(&self.ctx, k, &rb.info, kc)?;
+                self.kernels.kv_quant.store(&self.ctx, v, &rb.info, vc)?;
+                self.kernels
+                    .kv_quant
+                    .attend(&self.ctx, q, kc, vc, &rb.info, &a, layout, scale)?;
+            }
+        }
+        self.linear(&a, out)
+    }
+
+    pub(crate) fn linear(&self, x: &GpuTensor, l: &GpuLinear) -> Result<GpuTensor> {
         let rows = x.shape[0];
         let y = GpuTensor::zeros(&self.ctx, &[rows, l.out])?;
         for (part, offset) in &l.parts {
@@ -458,6 +766,200 @@ impl GpuModel {
                 .binary(&self.ctx, Op::AddBias, &y, b)?;
         }
         Ok(y)
+    }
+
+    /// Logits-derived values for hidden rows, a chunk at a time: target logprobs when `targets`
+    /// is given, else argmax ids (as f32 bits).
+    pub(crate) fn reduce_logits(
+        &self,
+        output: &GpuLinear,
+        hidden: &GpuTensor,
+        row_ids: &[usize],
+        targets: Option<&[u32]>,
+    ) -> Result<Vec<f32>> {
+        let ctx = &self.ctx;
+        let width = hidden.shape[1];
+        if let Some(t) = targets {
+            if t.len() != row_ids.len() {
+                return Err(Error::invalid("targets", "one target per row"));
+            }
+            if let Some(&bad) = t.iter().find(|&&t| t as usize >= self.config.vocab_size()) {
+                return Err(Error::TokenOutOfRange {
+                    token: bad,
+                    position: 0,
+                    vocab_size: self.config.vocab_size(),
+                });
+            }
+        }
+        let mut out = Vec::with_capacity(row_ids.len());
+        let all = hidden.download(ctx)?; // small next to the logits: rows x width
+        for (ci, chunk) in row_ids.chunks(LOGIT_ROWS).enumerate() {
+            let rows: Vec<f32> = chunk
+                .iter()
+                .flat_map(|&r| all[r * width..(r + 1) * width].iter().copied())
+                .collect();
+            let h = GpuTensor::upload(ctx, &rows, &[chunk.len(), width])?;
+            let logits = self.linear(&h, output)?;
+            let res = GpuTensor::zeros(ctx, &[chunk.len()])?;
+            match targets {
+                Some(t) => {
+                    let t = &t[ci * LOGIT_ROWS..ci * LOGIT_ROWS + chunk.len()];
+                    self.kernels.logprob.target_logprob(
+                        ctx,
+                        &logits,
+                        &GpuIndices::upload(ctx, t),
+                        &res,
+                    )?
+                }
+                None => self.kernels.logprob.argmax(ctx, &logits, &res)?,
+            }
+            out.extend(res.download(ctx)?);
+        }
+        Ok(out)
+    }
+}
+
+/// One transformer layer's weights.
+struct LayerWeights {
+    attn: AttnWeights,
+    mlp: MlpWeights,
+}
+
+/// A model resident on the device.
+pub struct GpuModel {
+    runner: GpuRunner,
+    /// The f32 embedding table for lookups.
+    embed: GpuTensor,
+    input: InputWeights,
+    layers: Vec<LayerWeights>,
+    head: HeadWeights,
+    /// The output projection: the embedding (tied) or lm_head, as a linear layer.
+    output: GpuLinear,
+}
+
+impl GpuModel {
+    /// Uploads every weight of an opened model, linear weights in `options.weights` (norms,
+    /// biases and the embedding table used for lookups are f32).
+    pub fn load(ctx: GpuContext, files: &ModelFiles, options: GpuOptions) -> Result<Self> {
+        let runner = GpuRunner::new(ctx, &files.config, options)?;
+        let ctx = &runner.ctx;
+        let format = options.weights;
+        let source = files.weights.as_ref();
+        let lin =
+            |w: &TensorSpec, b: Option<&TensorSpec>| GpuLinear::load(ctx, format, w, b, source);
+        let (embed_spec, output_spec, input, layers, head) = match &files.config {
+            ModelConfig::Llama(c) => {
+                let spec = LlamaSpec::new(c);
+                let layers = spec
+                    .layers
+                    .iter()
+                    .map(|l| {
+                        Ok(LayerWeights {
+                            attn: AttnWeights::Llama {
+                                norm: vector(ctx, &l.input_layernorm, source)?,
+                                q: lin(&l.q_proj, None)?,
+                                k: lin(&l.k_proj, None)?,
+                                v: lin(&l.v_proj, None)?,
+                                o: lin(&l.o_proj, None)?,
+                            },
+                            mlp: MlpWeights::Llama {
+                                norm: vector(ctx, &l.post_attention_layernorm, source)?,
+                                gate: lin(&l.gate_proj, None)?,
+                                up: lin(&l.up_proj, None)?,
+                                down: lin(&l.down_proj, None)?,
+                            },
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+                let output = spec
+                    .lm_head
+                    .clone()
+                    .unwrap_or_else(|| spec.embed_tokens.clone());
+                let head = HeadWeights::Llama {
+                    norm: vector(ctx, &spec.norm, source)?,
+                };
+                (spec.embed_tokens, output, InputWeights::Llama, layers, head)
+            }
+            ModelConfig::Opt(c) => {
+                let spec = OptSpec::new(c, files.opt_prefix());
+                let norm = |n: &opt::LayerNorm| OptNorm::load(ctx, n, source);
+                let olin = |l: &opt::Linear| lin(&l.weight, l.bias.as_ref());
+                let layers = spec
+                    .layers
+                    .iter()
+                    .map(|l| {
+                        Ok(LayerWeights {
+                            attn: AttnWeights::Opt {
+                                ln: norm(&l.self_attn_layer_norm)?,
+                                q: olin(&l.q_proj)?,
+                                k: olin(&l.k_proj)?,
+                                v: olin(&l.v_proj)?,
+                                out: olin(&l.out_proj)?,
+                            },
+                            mlp: MlpWeights::Opt {
+                                ln: norm(&l.final_layer_norm)?,
+                                fc1: olin(&l.fc1)?,
+                                fc2: olin(&l.fc2)?,
+                            },
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+                let input = InputWeights::Opt {
+                    positions: vector(ctx, &spec.embed_positions, source)?,
+                    project_in: spec.project_in.as_ref().map(|w| lin(w, None)).transpose()?,
+                };
+                let head = HeadWeights::Opt {
+                    final_norm: spec.final_layer_norm.as_ref().map(norm).transpose()?,
+                    project_out: spec
+                        .project_out
+                        .as_ref()
+                        .map(|w| lin(w, None))
+                        .transpose()?,
+                };
+                (
+                    spec.embed_tokens.clone(),
+                    spec.embed_tokens,
+                    input,
+                    layers,
+                    head,
+                )
+            }
+        };
+        let embed = vector(ctx, &embed_spec, source)?;
+        let output = GpuLinear::load(ctx, output_format(format), &output_spec, None, source)?;
+        Ok(Self {
+            embed,
+            input,
+            layers,
+            head,
+            output,
+            runner,
+        })
+    }
+
+    /// The device.
+    pub fn context(&self) -> &GpuContext {
+        &self.runner.ctx
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.runner.config
+    }
+
+    /// An empty cache for sequences that will hold at most `capacities[i]` tokens.
+    pub fn new_cache(&self, capacities: &[usize]) -> Result<GpuKvCache> {
+        let total: usize = capacities.iter().sum();
+        let mut slots = Vec::with_capacity(capacities.len());
+        let mut first = 0;
+        for &cap in capacities {
+            slots.push((first, cap, 0));
+            first += cap;
+        }
+        let layers = (0..self.runner.config.num_layers())
+            .map(|_| self.runner.layer_cache(total))
+            .collect::<Result<_>>()?;
+        Ok(GpuKvCache { layers, slots })
     }
 
     /// Runs each sequence's new tokens (`batch[i]`, appended to sequence `i` of `cache`) and
@@ -478,310 +980,35 @@ impl GpuModel {
         cache: &mut GpuKvCache,
         slots: &[usize],
     ) -> Result<GpuTensor> {
-        let ctx = &self.ctx;
-        let vocab = self.config.vocab_size();
         if slots.iter().any(|&s| s >= cache.slots.len()) || slots.len() != batch.len() {
             return Err(Error::invalid(
                 "cache",
                 "batch rows name slots the cache lacks",
             ));
         }
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
-        let mut infos = Vec::new();
-        for (seq, &slot) in batch.iter().zip(slots) {
-            let (first, capacity, filled) = cache.slots[slot];
-            if seq.is_empty() {
-                return Err(Error::SequenceTooShort {
-                    len: 0,
-                    needed: 1,
-                    what: "run the model",
-                });
-            }
-            if filled + seq.len() > capacity.min(self.config.max_context()) {
-                return Err(Error::SequenceTooLong {
-                    len: filled + seq.len(),
-                    max: capacity.min(self.config.max_context()),
-                });
-            }
-            for (i, &t) in seq.iter().enumerate() {
-                if t as usize >= vocab {
-                    return Err(Error::TokenOutOfRange {
-                        token: t,
-                        position: filled + i,
-                        vocab_size: vocab,
-                    });
+        let homes: Vec<CacheSlot> = slots
+            .iter()
+            .map(|&s| {
+                let (first, capacity, filled) = cache.slots[s];
+                CacheSlot {
+                    first,
+                    capacity,
+                    filled,
                 }
-                ids.push(t);
-                positions.push((filled + i) as u32);
-                infos.push(RowInfo {
-                    first: first as u32,
-                    visible: (filled + i + 1) as u32,
-                });
-            }
+            })
+            .collect();
+        let r = &self.runner;
+        let rb = r.row_batch(batch, &homes)?;
+        let mut x = r.input(&self.input, r.gather(&self.embed, &rb)?, &rb)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            x = r.attention(&layer.attn, x, &cache.layers[l], &rb)?;
+            x = r.mlp(&layer.mlp, x)?;
         }
-        let rows = ids.len();
-        let ids = GpuIndices::upload(ctx, &ids);
-        let pos = GpuIndices::upload(ctx, &positions);
-        let info = Attention::upload_info(ctx, &infos);
-        let k = &self.kernels;
-
-        let hidden = match &self.arch {
-            Arch::Llama { layers, norm } => {
-                let ModelConfig::Llama(c) = &self.config else {
-                    unreachable!("arch matches config")
-                };
-                let eps = c.rms_norm_eps as f32;
-                let hd = c.head_dim();
-                let layout = HeadLayout {
-                    heads: c.num_attention_heads,
-                    kv_heads: c.kv_heads(),
-                    head_dim: hd,
-                };
-                let abs_pos: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
-                let (cos, sin) = rope::tables(&abs_pos, hd, c.rope_theta);
-                let cos = GpuTensor::upload(ctx, &cos, &[rows, hd / 2])?;
-                let sin = GpuTensor::upload(ctx, &sin, &[rows, hd / 2])?;
-                let x = GpuTensor::zeros(ctx, &[rows, c.hidden_size])?;
-                k.embedding.run(ctx, &self.embed, None, &ids, &pos, &x)?;
-                for (li, l) in layers.iter().enumerate() {
-                    let h = GpuTensor::zeros(ctx, &x.shape)?;
-                    k.norm.rms_norm(ctx, &x, &l.input_layernorm, &h, eps)?;
-                    let q = self.linear(&h, &l.q)?;
-                    let kn = self.linear(&h, &l.k)?;
-                    let vn = self.linear(&h, &l.v)?;
-                    k.rope.run(ctx, &q, &cos, &sin, hd)?;
-                    k.rope.run(ctx, &kn, &cos, &sin, hd)?;
-                    let step = AttentionStep {
-                        batch,
-                        slots,
-                        info: &info,
-                        layout,
-                    };
-                    let o = self.attend(cache, li, &step, [&q, &kn, &vn], &l.o)?;
-                    k.elementwise.binary(ctx, Op::Add, &x, &o)?;
-                    let h = GpuTensor::zeros(ctx, &x.shape)?;
-                    k.norm
-                        .rms_norm(ctx, &x, &l.post_attention_layernorm, &h, eps)?;
-                    let gate = self.linear(&h, &l.gate)?;
-                    let up = self.linear(&h, &l.up)?;
-                    k.elementwise.binary(ctx, Op::SiluMul, &gate, &up)?;
-                    let d = self.linear(&gate, &l.down)?;
-                    k.elementwise.binary(ctx, Op::Add, &x, &d)?;
-                }
-                let out = GpuTensor::zeros(ctx, &x.shape)?;
-                k.norm.rms_norm(ctx, &x, norm, &out, eps)?;
-                out
-            }
-            Arch::Opt {
-                positions: pos_table,
-                project_in,
-                project_out,
-                final_norm,
-                layers,
-            } => {
-                let ModelConfig::Opt(c) = &self.config else {
-                    unreachable!("arch matches config")
-                };
-                let hd = c.head_dim();
-                let layout = HeadLayout {
-                    heads: c.num_attention_heads,
-                    kv_heads: c.num_attention_heads,
-                    head_dim: hd,
-                };
-                let e = GpuTensor::zeros(ctx, &[rows, c.embed_dim()])?;
-                k.embedding.run(ctx, &self.embed, None, &ids, &pos, &e)?;
-                let x = match project_in {
-                    Some(p) => self.linear(&e, p)?,
-                    None => e,
-                };
-                // learned positions: gather rows pos + 2 of the position table and add them
-                let p = GpuTensor::zeros(ctx, &x.shape)?;
-                k.embedding.run(
-                    ctx,
-                    pos_table,
-                    None,
-                    &GpuIndices::upload(
-                        ctx,
-                        &positions
-                            .iter()
-                            .map(|&q| q + POSITION_OFFSET as u32)
-                            .collect::<Vec<_>>(),
-                    ),
-                    &pos,
-                    &p,
-                )?;
-                k.elementwise.binary(ctx, Op::Add, &x, &p)?;
-                let norm = |n: &OptNorm, input: &GpuTensor| -> Result<GpuTensor> {
-                    let y = GpuTensor::zeros(ctx, &input.shape)?;
-                    k.norm
-                        .layer_norm(ctx, input, &n.weight, &n.bias, &y, LAYER_NORM_EPS)?;
-                    Ok(y)
-                };
-                let pre = c.do_layer_norm_before;
-                let mut x = x;
-                for (li, l) in layers.iter().enumerate() {
-                    let h = if pre {
-                        norm(&l.ln1, &x)?
-                    } else {
-                        self.copy(&x)?
-                    };
-                    let q = self.linear(&h, &l.q)?;
-                    let kn = self.linear(&h, &l.k)?;
-                    let vn = self.linear(&h, &l.v)?;
-                    let step = AttentionStep {
-                        batch,
-                        slots,
-                        info: &info,
-                        layout,
-                    };
-                    let o = self.attend(cache, li, &step, [&q, &kn, &vn], &l.out)?;
-                    k.elementwise.binary(ctx, Op::Add, &x, &o)?;
-                    if !pre {
-                        x = norm(&l.ln1, &x)?;
-                    }
-                    let h = if pre {
-                        norm(&l.ln2, &x)?
-                    } else {
-                        self.copy(&x)?
-                    };
-                    let f = self.linear(&h, &l.fc1)?;
-                    k.elementwise.unary(ctx, Op::Relu, &f)?;
-                    let d = self.linear(&f, &l.fc2)?;
-                    k.elementwise.binary(ctx, Op::Add, &x, &d)?;
-                    if !pre {
-                        x = norm(&l.ln2, &x)?;
-                    }
-                }
-                if let Some(n) = final_norm {
-                    x = norm(n, &x)?;
-                }
-                match project_out {
-                    Some(p) => self.linear(&x, p)?,
-                    None => x,
-                }
-            }
-        };
+        let hidden = r.head(&self.head, x)?;
         for (&slot, seq) in slots.iter().zip(batch) {
             cache.slots[slot].2 += seq.len();
         }
         Ok(hidden)
-    }
-
-    /// Appends the new keys and values to `layer`'s caches, attends with the queries, and
-    /// applies the output projection: `out(attention(q, K, V))`.
-    fn attend(
-        &self,
-        cache: &GpuKvCache,
-        layer: usize,
-        step: &AttentionStep,
-        [q, k, v]: [&GpuTensor; 3],
-        out: &GpuLinear,
-    ) -> Result<GpuTensor> {
-        let a = GpuTensor::zeros(&self.ctx, &q.shape)?;
-        let scale = 1.0 / (step.layout.head_dim as f32).sqrt();
-        match &cache.layers[layer] {
-            LayerCache::F32(kc, vc) => {
-                self.append(kc, vc, cache, step.batch, step.slots, k, v);
-                self.kernels.attention.run(
-                    &self.ctx,
-                    q,
-                    kc,
-                    vc,
-                    step.info,
-                    &a,
-                    step.layout,
-                    scale,
-                )?;
-            }
-            LayerCache::Q4(kc, vc) => {
-                // the rows' info names their own cache positions: quantize them there
-                self.kernels.kv_quant.store(&self.ctx, k, step.info, kc)?;
-                self.kernels.kv_quant.store(&self.ctx, v, step.info, vc)?;
-                self.kernels.kv_quant.attend(
-                    &self.ctx,
-                    q,
-                    kc,
-                    vc,
-                    step.info,
-                    &a,
-                    step.layout,
-                    scale,
-                )?;
-            }
-        }
-        self.linear(&a, out)
-    }
-
-    fn copy(&self, x: &GpuTensor) -> Result<GpuTensor> {
-        let y = GpuTensor::zeros(&self.ctx, &x.shape)?;
-        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(&x.buffer, 0, &y.buffer, 0, (x.numel() * 4) as u64);
-        self.ctx.queue.submit([enc.finish()]);
-        Ok(y)
-    }
-
-    /// Copies each sequence's new key and value rows into its cache slot in `layer`.
-    #[allow(clippy::too_many_arguments)]
-    fn append(
-        &self,
-        kc: &GpuTensor,
-        vc: &GpuTensor,
-        cache: &GpuKvCache,
-        batch: &[&[u32]],
-        slots: &[usize],
-        k: &GpuTensor,
-        v: &GpuTensor,
-    ) {
-        let row_bytes = (cache.width * 4) as u64;
-        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-        let mut src_row = 0u64;
-        for (seq, &slot) in batch.iter().zip(slots) {
-            let (first, _, filled) = cache.slots[slot];
-            let dst = (first + filled) as u64 * row_bytes;
-            let bytes = seq.len() as u64 * row_bytes;
-            enc.copy_buffer_to_buffer(&k.buffer, src_row * row_bytes, &kc.buffer, dst, bytes);
-            enc.copy_buffer_to_buffer(&v.buffer, src_row * row_bytes, &vc.buffer, dst, bytes);
-            src_row += seq.len() as u64;
-        }
-        self.ctx.queue.submit([enc.finish()]);
-    }
-
-    /// Logits-derived values for hidden rows, a chunk at a time: target logprobs when `targets`
-    /// is given, else argmax ids (as f32 bits).
-    fn reduce_logits(
-        &self,
-        hidden: &GpuTensor,
-        row_ids: &[usize],
-        targets: Option<&[u32]>,
-    ) -> Result<Vec<f32>> {
-        let ctx = &self.ctx;
-        let width = hidden.shape[1];
-        let mut out = Vec::with_capacity(row_ids.len());
-        let all = hidden.download(ctx)?; // small next to the logits: rows x width
-        for (ci, chunk) in row_ids.chunks(LOGIT_ROWS).enumerate() {
-            let rows: Vec<f32> = chunk
-                .iter()
-                .flat_map(|&r| all[r * width..(r + 1) * width].iter().copied())
-                .collect();
-            let h = GpuTensor::upload(ctx, &rows, &[chunk.len(), width])?;
-            let logits = self.linear(&h, &self.output)?;
-            let res = GpuTensor::zeros(ctx, &[chunk.len()])?;
-            match targets {
-                Some(t) => {
-                    let t = &t[ci * LOGIT_ROWS..ci * LOGIT_ROWS + chunk.len()];
-                    self.kernels.logprob.target_logprob(
-                        ctx,
-                        &logits,
-                        &GpuIndices::upload(ctx, t),
-                        &res,
-                    )?
-                }
-                None => self.kernels.logprob.argmax(ctx, &logits, &res)?,
-            }
-            out.extend(res.download(ctx)?);
-        }
-        Ok(out)
     }
 
     /// `ln p(targets[i])` under the logits of row `rows[i]` of `hidden` (from
@@ -792,20 +1019,17 @@ impl GpuModel {
         rows: &[usize],
         targets: &[u32],
     ) -> Result<Vec<f32>> {
-        if rows.len() != targets.len() {
-            return Err(Error::invalid("targets", "one target per row"));
-        }
-        if let Some(&t) = targets
+        self.runner
+            .reduce_logits(&self.output, hidden, rows, Some(targets))
+    }
+
+    fn argmax(&self, hidden: &GpuTensor, rows: &[usize]) -> Result<Vec<u32>> {
+        Ok(self
+            .runner
+            .reduce_logits(&self.output, hidden, rows, None)?
             .iter()
-            .find(|&&t| t as usize >= self.config.vocab_size())
-        {
-            return Err(Error::TokenOutOfRange {
-                token: t,
-                position: 0,
-                vocab_size: self.config.vocab_size(),
-            });
-        }
-        self.reduce_logits(hidden, rows, Some(targets))
+            .map(|v| v.to_bits())
+            .collect())
     }
 
     /// For each sequence of `n >= 2` tokens, `ln p(t_i | t_<i)` for `i = 1..n`.
@@ -814,9 +1038,8 @@ impl GpuModel {
         let mut cache = self.new_cache(&batch.iter().map(|s| s.len()).collect::<Vec<_>>())?;
         let hidden = self.forward(batch, &mut cache)?;
         let (rows, targets) = crate::batch::scoring_rows(batch);
-        let flat = self.reduce_logits(&hidden, &rows, Some(&targets))?;
-        let out = crate::batch::split_per_sequence(&flat, batch);
-        Ok(out)
+        let flat = self.target_logprobs(&hidden, &rows, &targets)?;
+        Ok(crate::batch::split_per_sequence(&flat, batch))
     }
 
     /// Greedy generation of up to `max_new_tokens` per prompt, stopping a sequence after `stop`.
@@ -830,18 +1053,14 @@ impl GpuModel {
         if max_new_tokens == 0 {
             return Ok(outputs);
         }
+        let max_context = self.config().max_context();
         let caps: Vec<usize> = prompts
             .iter()
-            .map(|p| (p.len() + max_new_tokens).min(self.config.max_context()))
+            .map(|p| (p.len() + max_new_tokens).min(max_context))
             .collect();
         let mut cache = self.new_cache(&caps)?;
         let hidden = self.forward(prompts, &mut cache)?;
-        let last = crate::batch::last_rows(prompts);
-        let mut next: Vec<u32> = self
-            .reduce_logits(&hidden, &last, None)?
-            .iter()
-            .map(|v| v.to_bits())
-            .collect();
+        let mut next = self.argmax(&hidden, &crate::batch::last_rows(prompts))?;
         let mut done = vec![false; prompts.len()];
         for step in 1..=max_new_tokens {
             for (i, &t) in next.iter().enumerate() {
@@ -859,18 +1078,29 @@ impl GpuModel {
             let tokens: Vec<[u32; 1]> = live.iter().map(|&i| [next[i]]).collect();
             let batch: Vec<&[u32]> = tokens.iter().map(|t| t.as_slice()).collect();
             let hidden = self.forward_slots(&batch, &mut cache, &live)?;
-            let ids = self.reduce_logits(&hidden, &(0..live.len()).collect::<Vec<_>>(), None)?;
+            let ids = self.argmax(&hidden, &(0..live.len()).collect::<Vec<_>>())?;
             for (j, &i) in live.iter().enumerate() {
-                next[i] = ids[j].to_bits();
+                next[i] = ids[j];
             }
         }
         Ok(outputs)
     }
 }
 
+/// The output projection keeps the file's precision under --compress-weight: 4-bit logits over
+/// a large vocabulary cost far more accuracy than any layer (SmolLM2's GGUF keeps it in Q8_0
+/// for the same reason).
+pub(crate) fn output_format(format: WeightFormat) -> WeightFormat {
+    if format == WeightFormat::Group4 {
+        WeightFormat::Native
+    } else {
+        format
+    }
+}
+
 impl crate::score::Scorer for GpuModel {
     fn config(&self) -> &ModelConfig {
-        &self.config
+        &self.runner.config
     }
     fn token_logprobs(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
         GpuModel::token_logprobs(self, batch)

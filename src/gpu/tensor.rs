@@ -5,7 +5,8 @@ use wgpu::util::DeviceExt;
 use super::context::GpuContext;
 use crate::error::{Error, Result};
 
-/// A row-major f32 tensor in one storage buffer.
+/// A row-major f32 tensor in one storage buffer (cloning shares the buffer).
+#[derive(Clone)]
 pub struct GpuTensor {
     /// The buffer (storage, copy source and destination).
     pub buffer: wgpu::Buffer,
@@ -108,6 +109,13 @@ pub fn download_words(ctx: &GpuContext, buffer: &wgpu::Buffer, count: usize) -> 
     let mut encoder = ctx.device.create_command_encoder(&Default::default());
     encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
     ctx.queue.submit([encoder.finish()]);
+    let mut out: Vec<u32> = bytemuck::pod_collect_to_vec(&map_read(ctx, &staging)?);
+    out.truncate(count);
+    Ok(out)
+}
+
+/// Maps a `MAP_READ` buffer once the queue has finished writing it and copies it out.
+pub fn map_read(ctx: &GpuContext, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
     let slice = staging.slice(..);
     let (tx, rx) = std::sync::mpsc::channel();
     slice.map_async(wgpu::MapMode::Read, move |r| {
@@ -120,10 +128,9 @@ pub fn download_words(ctx: &GpuContext, buffer: &wgpu::Buffer, count: usize) -> 
     let view = slice
         .get_mapped_range()
         .map_err(|e| Error::invalid("gpu", format!("mapped range: {e}")))?;
-    let mut out: Vec<u32> = bytemuck::cast_slice(&view).to_vec();
+    let out = view.to_vec();
     drop(view);
     staging.unmap();
-    out.truncate(count);
     Ok(out)
 }
 

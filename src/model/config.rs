@@ -356,6 +356,14 @@ impl ModelConfig {
         }
     }
 
+    /// Width of the MLP's intermediate layer.
+    pub fn intermediate_size(&self) -> usize {
+        match self {
+            ModelConfig::Opt(c) => c.ffn_dim,
+            ModelConfig::Llama(c) => c.intermediate_size,
+        }
+    }
+
     /// Width of one cached key (or value) row: heads x head_dim of the K/V projection.
     pub fn kv_width(&self) -> usize {
         match self {

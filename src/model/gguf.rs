@@ -590,6 +590,13 @@ impl WeightSource for GgufWeights {
         })
     }
 
+    fn release(&self, name: &str) {
+        if let Some(hf) = self.by_hf_name.get(name) {
+            let entry = &self.file.tensors[&hf.gguf_name];
+            crate::model::weights::drop_pages(&self.file.map, entry.start, entry.len);
+        }
+    }
+
     fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
         let hf = self
             .by_hf_name

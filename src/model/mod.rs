@@ -8,6 +8,7 @@ pub mod config;
 pub mod gguf;
 pub mod llama;
 pub mod opt;
+pub mod random;
 pub mod safetensors;
 pub mod tokenizer;
 pub mod weights;

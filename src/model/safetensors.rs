@@ -194,4 +194,14 @@ impl WeightSource for SafetensorsWeights {
             &shard.map[shard.data_start + start..shard.data_start + end],
         ))
     }
+
+    fn release(&self, name: &str) {
+        let Some(shard) = self.index.get(name).map(|&i| &self.shards[i]) else {
+            return;
+        };
+        if let Some(info) = shard.metadata.info(name) {
+            let (start, end) = info.data_offsets;
+            crate::model::weights::drop_pages(&shard.map, shard.data_start + start, end - start);
+        }
+    }
 }

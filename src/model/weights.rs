@@ -77,6 +77,39 @@ pub trait WeightSource: Send + Sync {
     /// The stored bytes of `name` in row-major order (borrowed from the mapping when possible).
     fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>>;
 
+    /// The stored bytes of rows `rows` of `name` (along its first dimension). The default slices
+    /// [`WeightSource::bytes`]; sources that generate or decode tensors override it to produce
+    /// only those rows.
+    fn row_bytes(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Cow<'_, [u8]>> {
+        let info = self.info(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path().to_path_buf(),
+            name: name.to_string(),
+        })?;
+        let per_row: usize = info.shape.iter().skip(1).product();
+        let row = info.dtype.bytes_for(per_row).ok_or_else(|| {
+            Error::format(
+                self.path(),
+                format!("tensor `{name}` rows are not whole blocks"),
+            )
+        })?;
+        let first = info.shape.first().copied().unwrap_or(1);
+        if rows.start > rows.end || rows.end > first {
+            return Err(Error::invalid(
+                name,
+                format!("rows {rows:?} of a tensor with {first} rows"),
+            ));
+        }
+        let (a, b) = (rows.start * row, rows.end * row);
+        Ok(match self.bytes(name)? {
+            Cow::Borrowed(all) => Cow::Borrowed(&all[a..b]),
+            Cow::Owned(all) => Cow::Owned(all[a..b].to_vec()),
+        })
+    }
+
+    /// A hint that `name` will not be read again soon: memory-mapped sources drop its pages
+    /// from the process's resident set (they are read from the file again if needed).
+    fn release(&self, _name: &str) {}
+
     /// Reads `name` as f32 (decoding exactly), checking that its shape is `expected`.
     fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
         // bytes() first: it names a missing tensor or an unsupported type precisely.
@@ -105,6 +138,14 @@ pub trait WeightSource: Send + Sync {
             )
         })
     }
+}
+
+/// Drops the pages of `map[offset..offset + len]` from the resident set; a later read fetches
+/// them from the file again.
+pub(crate) fn drop_pages(map: &memmap2::Mmap, offset: usize, len: usize) {
+    // SAFETY: the mapping is a read-only, private file mapping: MADV_DONTNEED only discards
+    // clean pages, which later reads fault back in from the file with the same contents.
+    let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
 }
 
 /// Decodes `n` elements of `dtype` from little-endian `bytes`; `None` if the sizes disagree.

@@ -32,6 +32,8 @@ pub struct SearchOptions {
     pub gpu_batch_sizes: Vec<usize>,
     /// Numbers of GPU batches per block to try.
     pub num_gpu_batches: Vec<usize>,
+    /// Consider attention on the CPU where the cache lives (`cpu_cache_compute`).
+    pub allow_cpu_cache_compute: bool,
 }
 
 /// 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 1.5x them) up to `max`.
@@ -56,6 +58,7 @@ impl Default for SearchOptions {
             compress_cache: false,
             gpu_batch_sizes: batch_grid(512),
             num_gpu_batches: batch_grid(64),
+            allow_cpu_cache_compute: true,
         }
     }
 }
@@ -171,7 +174,12 @@ pub fn search(model: &CostModel, options: &SearchOptions) -> Result<SearchResult
         quant: QuantConfig::default(),
         attn_sparsity: 1.0,
     };
-    for ccc in [false, true] {
+    let delegation: &[bool] = if options.allow_cpu_cache_compute {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    for &ccc in delegation {
         for &gbs in &options.gpu_batch_sizes {
             let mut any = false;
             for &nb in &options.num_gpu_batches {

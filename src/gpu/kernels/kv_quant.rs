@@ -85,7 +85,9 @@ impl GpuQ4Cache {
             Ok(ctx.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("q4 cache"),
                 size: bytes,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             }))
         };
@@ -95,6 +97,16 @@ impl GpuQ4Cache {
             rows,
             layout,
         })
+    }
+
+    /// The code words, `words_per_row` per row.
+    pub(crate) fn codes(&self) -> &wgpu::Buffer {
+        &self.codes
+    }
+
+    /// The packed (step, min) pairs, `groups_per_row` per row.
+    pub(crate) fn scales(&self) -> &wgpu::Buffer {
+        &self.scales
     }
 
     /// The cache decoded to f32 `[rows, kv_heads * head_dim]` (for tests and inspection),

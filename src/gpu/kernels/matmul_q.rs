@@ -187,7 +187,8 @@ impl PackedWeight {
     }
 }
 
-/// A [`PackedWeight`] on the device.
+/// A [`PackedWeight`] on the device (cloning shares the buffers).
+#[derive(Clone)]
 pub struct GpuPackedWeight {
     codes: wgpu::Buffer,
     scales: wgpu::Buffer,
@@ -196,6 +197,19 @@ pub struct GpuPackedWeight {
 }
 
 impl GpuPackedWeight {
+    /// Wraps buffers already holding `meta`'s codes and scales (in [`PackedWeight`]'s layout).
+    pub(crate) fn from_buffers(
+        codes: wgpu::Buffer,
+        scales: wgpu::Buffer,
+        meta: PackedWeight,
+    ) -> Self {
+        Self {
+            codes,
+            scales,
+            meta,
+        }
+    }
+
     /// Uploads a packed weight.
     pub fn upload(ctx: &GpuContext, w: PackedWeight) -> Result<Self> {
         for (what, words) in [("codes", w.codes.len()), ("scales", w.scales.len())] {

@@ -1,0 +1,314 @@
+//! [`Engine`]: the public entry point. Open a model with a policy file or with memory budgets
+//! (the policy search then picks the placement for a hardware profile), then score sequences or
+//! generate. Weights, KV cache and activations are placed across GPU, CPU and disk as the policy
+//! says, and every block of sequences runs through FlexGen's zig-zag schedule.
+//!
+//! ```no_run
+//! use ferrogen::engine::{Engine, EngineOptions, Placement};
+//! use ferrogen::policy::Policy;
+//!
+//! # fn main() -> ferrogen::Result<()> {
+//! let policy = Policy::from_toml_file("my-policy.toml".as_ref())?;
+//! let options = EngineOptions {
+//!     offload_dir: Some("/mnt/nvme/ferrogen".into()),
+//!     ..EngineOptions::new(Placement::Policy(policy))
+//! };
+//! let engine = Engine::open("model.gguf".as_ref(), options)?;
+//! let logprobs = engine.token_logprobs(&[&[1, 17, 42, 7]])?;
+//! # Ok(()) }
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::exec::executor::{Executor, StagingPool};
+use crate::exec::weights::{remove_offload, Placer};
+use crate::exec::{SeqResult, Task, Trace};
+use crate::gpu::model::{GpuOptions, GpuRunner, WeightFormat};
+use crate::gpu::GpuContext;
+use crate::model::{ModelConfig, ModelFiles};
+use crate::policy::search::{search, SearchOptions};
+use crate::policy::{CostModel, HardwareProfile, Policy, Workload};
+use crate::storage::{MemoryLedger, Tier};
+
+/// The hardware profile measured on the CI machine (2 cores, lavapipe), used when a search
+/// is asked for without a profile.
+pub const DEFAULT_PROFILE: &str = include_str!("../policies/lavapipe-2core.toml");
+
+/// How the placement is decided.
+#[derive(Debug, Clone)]
+pub enum Placement {
+    /// As a policy file says (checked against the budgets as memory is allocated).
+    Policy(Policy),
+    /// Found by the LP policy search for this hardware and workload within the budgets.
+    Search {
+        /// The machine's rates (see `calibrate`).
+        hardware: HardwareProfile,
+        /// Typical prompt (record) length in tokens.
+        prompt_len: usize,
+        /// Tokens computed per sequence: 1 for scoring, 1 + new tokens when generating.
+        gen_len: usize,
+        /// Store weights in 4-bit groups.
+        compress_weight: bool,
+        /// Store the KV cache in 4-bit groups.
+        compress_cache: bool,
+    },
+}
+
+/// How an [`Engine`] is opened.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Policy or search.
+    pub placement: Placement,
+    /// GPU budget in bytes (`u64::MAX`: unlimited).
+    pub gpu_budget: u64,
+    /// CPU budget in bytes (`u64::MAX`: unlimited).
+    pub cpu_budget: u64,
+    /// Where disk-tier data goes; needed when the policy puts anything on disk.
+    pub offload_dir: Option<PathBuf>,
+    /// Keep the offloaded weights at exit (reused by the next run with the same model and
+    /// policy).
+    pub keep_offload: bool,
+    /// Record a timeline of every load, compute and store.
+    pub trace: bool,
+}
+
+impl EngineOptions {
+    /// Unlimited budgets, no offload directory, no trace.
+    pub fn new(placement: Placement) -> Self {
+        Self {
+            placement,
+            gpu_budget: u64::MAX,
+            cpu_budget: u64::MAX,
+            offload_dir: None,
+            keep_offload: false,
+            trace: false,
+        }
+    }
+}
+
+/// A model placed across the tiers, ready to score or generate.
+pub struct Engine {
+    executor: Executor,
+    files: ModelFiles,
+    offload_dir: Option<PathBuf>,
+    keep_offload: bool,
+}
+
+/// Memory the search's cost model does not see: the embedding table kept for lookups, the
+/// staging buffers and one batch's workspace, held back from the budgets it is given.
+fn search_reserve(config: &ModelConfig) -> (u64, u64) {
+    let table = (config.vocab_size() * config.hidden_size() * 2) as u64;
+    let staging = 4 << 20;
+    let logits = (128 * config.vocab_size() * 4) as u64;
+    (logits + (16 << 20), table + staging + (16 << 20))
+}
+
+impl Engine {
+    /// Opens the model at `path` (see DESIGN.md, "Model path") on the default WebGPU device.
+    pub fn open(path: &Path, options: EngineOptions) -> Result<Self> {
+        let files = ModelFiles::open(path)?;
+        Self::open_files(GpuContext::new()?, files, options)
+    }
+
+    /// Places `files` on `ctx` as `options` say.
+    pub fn open_files(ctx: GpuContext, files: ModelFiles, options: EngineOptions) -> Result<Self> {
+        let disk_budget = match &options.offload_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+                crate::policy::calibrate::free_disk_bytes(dir).unwrap_or(u64::MAX)
+            }
+            None => 0,
+        };
+        let policy = match options.placement {
+            Placement::Policy(p) => p,
+            Placement::Search {
+                hardware,
+                prompt_len,
+                gen_len,
+                compress_weight,
+                compress_cache,
+            } => {
+                let (gpu_keep, cpu_keep) = search_reserve(&files.config);
+                let short = |budget: u64, keep: u64, flag: &str| -> Result<u64> {
+                    budget.checked_sub(keep).ok_or_else(|| Error::Infeasible {
+                        tier: flag.to_string(),
+                        short_bytes: keep - budget,
+                        detail: format!(
+                            "the {flag} budget does not cover the fixed buffers ({} bytes)",
+                            keep
+                        ),
+                    })
+                };
+                let hw = hardware.with_capacities(
+                    short(options.gpu_budget, gpu_keep, "GPU")?,
+                    short(options.cpu_budget, cpu_keep, "CPU")?,
+                    disk_budget,
+                );
+                let model = CostModel::new(
+                    &files.config,
+                    hw,
+                    Workload {
+                        prompt_len,
+                        gen_len: gen_len.max(1),
+                    },
+                );
+                let found = search(
+                    &model,
+                    &SearchOptions {
+                        compress_weight,
+                        compress_cache,
+                        allow_cpu_cache_compute: false,
+                        ..SearchOptions::default()
+                    },
+                )?;
+                found.policy
+            }
+        };
+        policy.validate("policy")?;
+        if policy.cpu_cache_compute {
+            return Err(Error::NotBuilt {
+                what: "attention on the CPU (cpu_cache_compute = true); set it to false".into(),
+            });
+        }
+        if policy.attn_sparsity < 1.0 {
+            return Err(Error::NotBuilt {
+                what: "sparse attention (attn_sparsity < 1)".into(),
+            });
+        }
+        let ledger = MemoryLedger::new(options.gpu_budget, options.cpu_budget, disk_budget);
+        let gpu_options = GpuOptions {
+            weights: if policy.compress_weight {
+                WeightFormat::Group4
+            } else {
+                WeightFormat::Native
+            },
+            compress_cache: policy.compress_cache,
+        };
+        let runner = GpuRunner::new(ctx, &files.config, gpu_options)?;
+        let model = Placer {
+            ctx: &runner.ctx,
+            files: &files,
+            format: gpu_options.weights,
+            split: policy.weights(),
+            sep_layer: policy.sep_layer,
+            ledger: &ledger,
+            offload_dir: options.offload_dir.as_deref(),
+        }
+        .place()?;
+        runner.ctx.wait()?;
+        let staging = StagingPool::new(&ledger, 3, 1 << 20)?;
+        let executor = Executor {
+            runner,
+            model,
+            policy,
+            ledger,
+            staging,
+            slots: Default::default(),
+            offload_dir: options.offload_dir.clone(),
+            trace: options.trace.then(|| Mutex::new(Trace::new())),
+        };
+        Ok(Self {
+            executor,
+            files,
+            offload_dir: options.offload_dir,
+            keep_offload: options.keep_offload,
+        })
+    }
+
+    /// The policy in use.
+    pub fn policy(&self) -> &Policy {
+        &self.executor.policy
+    }
+
+    /// The opened model (configuration, tokenizer).
+    pub fn files(&self) -> &ModelFiles {
+        &self.files
+    }
+
+    /// The memory ledger: bytes in use and peaks per tier.
+    pub fn ledger(&self) -> &Arc<MemoryLedger> {
+        &self.executor.ledger
+    }
+
+    /// Bytes of weights placed on each tier (GPU, CPU, disk).
+    pub fn weight_bytes(&self) -> [u64; 3] {
+        self.executor.model.placed_bytes
+    }
+
+    /// Bytes of weights streamed onto the GPU per token step (all units' CPU and disk rows).
+    pub fn streamed_bytes_per_token(&self) -> u64 {
+        self.executor
+            .model
+            .units
+            .iter()
+            .flat_map(|u| &u.linears)
+            .map(|l| l.streamed_bytes())
+            .sum()
+    }
+
+    /// Whether the offloaded weights were reused from an earlier run.
+    pub fn reused_offload(&self) -> bool {
+        self.executor.model.reused
+    }
+
+    /// The timeline so far (when opened with `trace`).
+    pub fn trace(&self) -> Option<Trace> {
+        self.executor
+            .trace
+            .as_ref()
+            .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// Runs `seqs` in blocks of `gbs * nb` sequences.
+    fn run(&self, seqs: &[&[u32]], task: Task) -> Result<Vec<SeqResult>> {
+        let block = self.executor.policy.block_size().max(1);
+        let mut out = Vec::with_capacity(seqs.len());
+        for chunk in seqs.chunks(block) {
+            out.extend(self.executor.run_block(chunk, task)?);
+        }
+        Ok(out)
+    }
+
+    /// For each sequence of `n >= 2` tokens, `ln p(t_i | t_<i)` for `i = 1..n`.
+    pub fn token_logprobs(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        crate::batch::check_scorable(seqs)?;
+        Ok(self
+            .run(seqs, Task::Score)?
+            .into_iter()
+            .map(|r| r.logprobs)
+            .collect())
+    }
+
+    /// Greedy generation of `new_tokens` tokens per prompt, with each token's logprob.
+    pub fn generate(&self, prompts: &[&[u32]], new_tokens: usize) -> Result<Vec<SeqResult>> {
+        self.run(prompts, Task::Generate(new_tokens))
+    }
+
+    /// Peak bytes held per tier so far: `[GPU, CPU, disk]`.
+    pub fn peaks(&self) -> [u64; 3] {
+        Tier::ALL.map(|t| self.executor.ledger.peak(t))
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if !self.keep_offload {
+            if let Some(dir) = &self.offload_dir {
+                // the file handle goes first, then the files
+                self.executor.model.file = None;
+                remove_offload(dir);
+            }
+        }
+    }
+}
+
+impl crate::score::Scorer for Engine {
+    fn config(&self) -> &ModelConfig {
+        &self.files.config
+    }
+    fn token_logprobs(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        Engine::token_logprobs(self, batch)
+    }
+}

@@ -1,0 +1,988 @@
+//! Weights placed across the tiers in the run-time layout, and streaming them onto the GPU.
+//!
+//! Each linear weight is split by rows ([`WeightPlacer`]): the GPU rows are uploaded once, the
+//! CPU rows kept in RAM and the disk rows written to one offload file, all in the layout the
+//! kernels read (f32 rows, or packed codes then packed scales: see
+//! [`PackedWeight`](crate::gpu::kernels::matmul_q::PackedWeight)), so streaming a weight is a
+//! plain copy. A row range that would not fit one storage binding is cut into pieces.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::gpu::kernels::matmul_q::{GpuPackedWeight, PackedWeight};
+use crate::gpu::model::{
+    output_format, AttnWeights, GpuLinear, HeadWeights, InputWeights, MlpWeights, OptNorm,
+    WeightFormat, WeightPart,
+};
+use crate::gpu::{GpuContext, GpuTensor};
+use crate::model::llama::{LlamaLayerSpec, LlamaSpec};
+use crate::model::opt::{self, OptLayerSpec, OptSpec};
+use crate::model::weights::decode_to_f32;
+use crate::model::{DType, ModelConfig, ModelFiles, TensorSpec, WeightSource};
+use crate::policy::TierSplit;
+use crate::quant::group4::Group4;
+use crate::schedule::UnitKind;
+use crate::storage::offload::{align_up, AlignedBuf, OffloadFile};
+use crate::storage::{MemoryLedger, Reservation, Tier, WeightPlacer};
+
+/// Rows converted at a time while placing weights (bounds the transient memory).
+const CONVERT_BYTES: usize = 8 << 20;
+
+const WEIGHT_USAGE: wgpu::BufferUsages =
+    wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST);
+
+/// How rows of a linear weight are laid out at run time, on every tier alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub(crate) enum RowFormat {
+    /// f32 rows of `k` values.
+    F32 { k: usize },
+    /// Packed codes and (step, min) words ([`PackedWeight`]'s layout).
+    Packed {
+        k: usize,
+        padded_k: usize,
+        group: usize,
+        bits: u32,
+    },
+}
+
+impl RowFormat {
+    /// Bytes per row in each segment: one for f32, codes and scales for packed rows. A range
+    /// of `n` rows is stored as segment 0 of all rows, then segment 1 of all rows.
+    pub(crate) fn segment_row_bytes(&self) -> Vec<usize> {
+        match *self {
+            RowFormat::F32 { k } => vec![4 * k],
+            RowFormat::Packed {
+                padded_k,
+                group,
+                bits,
+                ..
+            } => vec![padded_k * bits as usize / 8, 4 * (padded_k / group)],
+        }
+    }
+
+    /// Bytes per row, all segments.
+    pub(crate) fn row_bytes(&self) -> usize {
+        self.segment_row_bytes().iter().sum()
+    }
+
+    /// The device part for `rows` rows held in `buffers` (one per segment).
+    fn part(&self, rows: usize, mut buffers: Vec<wgpu::Buffer>) -> WeightPart {
+        match *self {
+            RowFormat::F32 { k } => WeightPart::F32(GpuTensor {
+                buffer: buffers.remove(0),
+                shape: vec![rows, k],
+            }),
+            RowFormat::Packed {
+                k,
+                padded_k,
+                group,
+                bits,
+            } => {
+                let scales = buffers.remove(1);
+                let codes = buffers.remove(0);
+                WeightPart::Packed(GpuPackedWeight::from_buffers(
+                    codes,
+                    scales,
+                    PackedWeight {
+                        rows,
+                        k,
+                        padded_k,
+                        group,
+                        bits,
+                        codes: Vec::new(),
+                        scales: Vec::new(),
+                    },
+                ))
+            }
+        }
+    }
+}
+
+/// Converts rows `rows` of the 2-d `spec` to the run-time layout in `target`: one byte vector
+/// per segment. GGUF blocks stay as they are under `Native` (repacked losslessly).
+pub(crate) fn convert_rows(
+    source: &dyn WeightSource,
+    spec: &TensorSpec,
+    target: WeightFormat,
+    rows: Range<usize>,
+) -> Result<(RowFormat, Vec<Vec<u8>>)> {
+    let info = source
+        .info(&spec.name)
+        .ok_or_else(|| Error::MissingTensor {
+            path: source.path().to_path_buf(),
+            name: spec.name.clone(),
+        })?;
+    if info.shape != spec.shape || spec.shape.len() != 2 {
+        return Err(Error::TensorShape {
+            path: source.path().to_path_buf(),
+            name: spec.name.clone(),
+            expected: spec.shape.clone(),
+            found: info.shape,
+        });
+    }
+    let (n, k) = (rows.len(), spec.shape[1]);
+    let bytes = source.row_bytes(&spec.name, rows)?;
+    let packed = |w: PackedWeight| -> (RowFormat, Vec<Vec<u8>>) {
+        (
+            RowFormat::Packed {
+                k: w.k,
+                padded_k: w.padded_k,
+                group: w.group,
+                bits: w.bits,
+            },
+            vec![
+                bytemuck::cast_slice(&w.codes).to_vec(),
+                bytemuck::cast_slice(&w.scales).to_vec(),
+            ],
+        )
+    };
+    if let (WeightFormat::Native, DType::Block(b)) = (target, info.dtype) {
+        return Ok(packed(PackedWeight::from_ggml(b, &bytes, n, k)?));
+    }
+    let values = decode_to_f32(info.dtype, &bytes, n * k).ok_or_else(|| {
+        Error::format(
+            source.path(),
+            format!("tensor `{}` rows hold the wrong number of bytes", spec.name),
+        )
+    })?;
+    Ok(match target {
+        WeightFormat::Group4 => packed(PackedWeight::from_group4(&Group4::quantize(
+            &values,
+            &[n, k],
+            1,
+            64,
+        )?)?),
+        _ => (
+            RowFormat::F32 { k },
+            vec![bytemuck::cast_slice(&values).to_vec()],
+        ),
+    })
+}
+
+/// Where a piece of rows lives.
+pub(crate) enum PieceHome {
+    /// Uploaded once.
+    Gpu(WeightPart),
+    /// In RAM, segments back to back.
+    Cpu(Vec<u8>),
+    /// In the offload file at this offset, segments back to back.
+    Disk(u64),
+}
+
+/// A row range of one linear weight on one tier.
+pub(crate) struct Piece {
+    pub first_row: usize,
+    pub rows: usize,
+    pub home: PieceHome,
+}
+
+/// A linear weight placed across the tiers.
+pub(crate) struct PlacedLinear {
+    pub format: RowFormat,
+    pub pieces: Vec<Piece>,
+}
+
+impl PlacedLinear {
+    /// Pieces that must be streamed onto the GPU before use.
+    pub(crate) fn streamed(&self) -> impl Iterator<Item = &Piece> {
+        self.pieces
+            .iter()
+            .filter(|p| !matches!(p.home, PieceHome::Gpu(_)))
+    }
+
+    /// Bytes streamed per load.
+    pub(crate) fn streamed_bytes(&self) -> u64 {
+        self.streamed()
+            .map(|p| (p.rows * self.format.row_bytes()) as u64)
+            .sum()
+    }
+}
+
+/// One unit's weights: small tensors and GPU rows resident in `template`, streamed rows in
+/// `linears` (in the order of the template's `linears_mut`).
+pub(crate) struct PlacedUnit {
+    pub template: UnitWeights,
+    pub linears: Vec<PlacedLinear>,
+}
+
+/// A unit's weights ready to compute with.
+#[derive(Clone)]
+#[allow(clippy::large_enum_variant)] // a handful per model: the size difference costs nothing
+pub(crate) enum UnitWeights {
+    Embed(InputWeights),
+    Attention(AttnWeights),
+    Mlp(MlpWeights),
+    Layer(AttnWeights, MlpWeights),
+    Output(HeadWeights, GpuLinear),
+}
+
+impl UnitWeights {
+    fn linears_mut(&mut self) -> Vec<&mut GpuLinear> {
+        match self {
+            UnitWeights::Embed(w) => w.linears_mut(),
+            UnitWeights::Attention(w) => w.linears_mut(),
+            UnitWeights::Mlp(w) => w.linears_mut(),
+            UnitWeights::Layer(a, m) => {
+                let mut v = a.linears_mut();
+                v.extend(m.linears_mut());
+                v
+            }
+            UnitWeights::Output(h, o) => {
+                let mut v = h.linears_mut();
+                v.push(o);
+                v
+            }
+        }
+    }
+}
+
+/// The embedding table for lookups, in the file's own format, over CPU and disk.
+pub(crate) struct LookupTable {
+    dtype: DType,
+    width: usize,
+    row_bytes: usize,
+    /// Rows `0..cpu.len() / row_bytes` in RAM.
+    cpu: Vec<u8>,
+    cpu_rows: usize,
+    /// The rest, from this offset of the offload file.
+    disk: Option<u64>,
+}
+
+impl LookupTable {
+    /// Rows of the table (f32) for `ids`, reading disk rows through `staging`.
+    pub(crate) fn gather(
+        &self,
+        ids: &[u32],
+        file: Option<&OffloadFile>,
+        staging: &mut AlignedBuf,
+    ) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(ids.len() * self.width);
+        let mut row = vec![0u8; self.row_bytes];
+        for &id in ids {
+            let id = id as usize;
+            let bytes: &[u8] = if id < self.cpu_rows {
+                &self.cpu[id * self.row_bytes..(id + 1) * self.row_bytes]
+            } else {
+                let (Some(file), Some(base)) = (file, self.disk) else {
+                    return Err(Error::invalid("embedding", "row placed on a missing disk"));
+                };
+                let at = base + ((id - self.cpu_rows) * self.row_bytes) as u64;
+                file.read_into(at, &mut row, staging)?;
+                &row
+            };
+            let v = decode_to_f32(self.dtype, bytes, self.width)
+                .ok_or_else(|| Error::invalid("embedding", "row of the wrong size"))?;
+            out.extend(v);
+        }
+        Ok(out)
+    }
+}
+
+/// What the offload file must hold; equal manifests mean the file can be reused.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct Manifest {
+    version: u32,
+    model: String,
+    model_bytes: u64,
+    model_modified: u64,
+    format: String,
+    /// `(tensor, first row, rows, offset, bytes)`.
+    pieces: Vec<(String, usize, usize, u64, u64)>,
+}
+
+/// A piece to be created: which tensor rows, on which tier, where on disk.
+struct PiecePlan {
+    tensor: usize,
+    first_row: usize,
+    rows: usize,
+    tier: Tier,
+    offset: u64,
+}
+
+/// A tensor to place: a linear weight (index into the plan) or the lookup table.
+struct TensorPlan {
+    spec: TensorSpec,
+    format: WeightFormat,
+    row: RowFormat,
+}
+
+/// Every weight of a model, placed.
+pub(crate) struct PlacedModel {
+    pub units: Vec<PlacedUnit>,
+    pub table: LookupTable,
+    pub file: Option<Arc<OffloadFile>>,
+    /// Bytes per tier of weights (linear weights and table, not the small tensors).
+    pub placed_bytes: [u64; 3],
+    /// Whether an existing offload file was reused.
+    pub reused: bool,
+    _held: Vec<Reservation>,
+}
+
+/// Places and loads a model's weights.
+pub(crate) struct Placer<'a> {
+    pub ctx: &'a GpuContext,
+    pub files: &'a ModelFiles,
+    pub format: WeightFormat,
+    pub split: TierSplit,
+    pub sep_layer: bool,
+    pub ledger: &'a Arc<MemoryLedger>,
+    pub offload_dir: Option<&'a std::path::Path>,
+}
+
+/// The linear weights (with optional biases) and small tensors of a unit, before placement.
+struct UnitSpec {
+    linears: Vec<(TensorSpec, Option<TensorSpec>, WeightFormat)>,
+}
+
+impl Placer<'_> {
+    fn source(&self) -> &dyn WeightSource {
+        self.files.weights.as_ref()
+    }
+
+    fn small(&self, spec: &TensorSpec, held: &mut Vec<Reservation>) -> Result<GpuTensor> {
+        let n: usize = spec.shape.iter().product();
+        held.push(self.ledger.reserve(Tier::Gpu, 4 * n as u64, &spec.name)?);
+        GpuTensor::upload(self.ctx, &spec.load_f32(self.source())?, &spec.shape)
+    }
+
+    fn norm(&self, n: &opt::LayerNorm, held: &mut Vec<Reservation>) -> Result<OptNorm> {
+        Ok(OptNorm {
+            weight: self.small(&n.weight, held)?,
+            bias: self.small(&n.bias, held)?,
+        })
+    }
+
+    /// A linear layer with no rows yet (they are added per piece), its bias resident.
+    fn empty_linear(
+        &self,
+        weight: &TensorSpec,
+        bias: Option<&TensorSpec>,
+        held: &mut Vec<Reservation>,
+    ) -> Result<GpuLinear> {
+        Ok(GpuLinear {
+            parts: Vec::new(),
+            bias: bias.map(|b| self.small(b, held)).transpose()?,
+            out: weight.shape[0],
+        })
+    }
+
+    fn llama_attn(&self, s: &LlamaLayerSpec, held: &mut Vec<Reservation>) -> Result<AttnWeights> {
+        Ok(AttnWeights::Llama {
+            norm: self.small(&s.input_layernorm, held)?,
+            q: self.empty_linear(&s.q_proj, None, held)?,
+            k: self.empty_linear(&s.k_proj, None, held)?,
+            v: self.empty_linear(&s.v_proj, None, held)?,
+            o: self.empty_linear(&s.o_proj, None, held)?,
+        })
+    }
+
+    fn llama_mlp(&self, s: &LlamaLayerSpec, held: &mut Vec<Reservation>) -> Result<MlpWeights> {
+        Ok(MlpWeights::Llama {
+            norm: self.small(&s.post_attention_layernorm, held)?,
+            gate: self.empty_linear(&s.gate_proj, None, held)?,
+            up: self.empty_linear(&s.up_proj, None, held)?,
+            down: self.empty_linear(&s.down_proj, None, held)?,
+        })
+    }
+
+    /// An OPT linear: its spec joins `lin`, an empty layer is returned.
+    fn opt_linear(
+        &self,
+        l: &opt::Linear,
+        lin: &mut Vec<(TensorSpec, Option<TensorSpec>)>,
+        held: &mut Vec<Reservation>,
+    ) -> Result<GpuLinear> {
+        lin.push((l.weight.clone(), l.bias.clone()));
+        self.empty_linear(&l.weight, l.bias.as_ref(), held)
+    }
+
+    fn opt_attn(
+        &self,
+        s: &OptLayerSpec,
+        lin: &mut Vec<(TensorSpec, Option<TensorSpec>)>,
+        held: &mut Vec<Reservation>,
+    ) -> Result<AttnWeights> {
+        Ok(AttnWeights::Opt {
+            ln: self.norm(&s.self_attn_layer_norm, held)?,
+            q: self.opt_linear(&s.q_proj, lin, held)?,
+            k: self.opt_linear(&s.k_proj, lin, held)?,
+            v: self.opt_linear(&s.v_proj, lin, held)?,
+            out: self.opt_linear(&s.out_proj, lin, held)?,
+        })
+    }
+
+    fn opt_mlp(
+        &self,
+        s: &OptLayerSpec,
+        lin: &mut Vec<(TensorSpec, Option<TensorSpec>)>,
+        held: &mut Vec<Reservation>,
+    ) -> Result<MlpWeights> {
+        Ok(MlpWeights::Opt {
+            ln: self.norm(&s.final_layer_norm, held)?,
+            fc1: self.opt_linear(&s.fc1, lin, held)?,
+            fc2: self.opt_linear(&s.fc2, lin, held)?,
+        })
+    }
+
+    /// The units in schedule order: their linear weights and resident templates, and the
+    /// embedding table.
+    #[allow(clippy::type_complexity)]
+    fn units(
+        &self,
+        held: &mut Vec<Reservation>,
+    ) -> Result<(Vec<UnitSpec>, Vec<UnitWeights>, TensorSpec)> {
+        let f = self.format;
+        let mut specs = Vec::new();
+        let mut templates = Vec::new();
+        let kinds = UnitKind::sequence(self.files.config.num_layers(), self.sep_layer);
+        let table = match &self.files.config {
+            ModelConfig::Llama(c) => {
+                let spec = LlamaSpec::new(c);
+                let output = spec
+                    .lm_head
+                    .clone()
+                    .unwrap_or_else(|| spec.embed_tokens.clone());
+                for kind in kinds {
+                    let mut lin: Vec<(TensorSpec, Option<TensorSpec>)> = Vec::new();
+                    let tpl = match kind {
+                        UnitKind::Embed => UnitWeights::Embed(InputWeights::Llama),
+                        UnitKind::Output => {
+                            lin.push((output.clone(), None));
+                            UnitWeights::Output(
+                                HeadWeights::Llama {
+                                    norm: self.small(&spec.norm, held)?,
+                                },
+                                self.empty_linear(&output, None, held)?,
+                            )
+                        }
+                        UnitKind::Attention(l) | UnitKind::Mlp(l) | UnitKind::Layer(l) => {
+                            let s = &spec.layers[l];
+                            let attn = [&s.q_proj, &s.k_proj, &s.v_proj, &s.o_proj];
+                            let mlp = [&s.gate_proj, &s.up_proj, &s.down_proj];
+                            let (names, tpl): (Vec<&TensorSpec>, UnitWeights) = match kind {
+                                UnitKind::Attention(_) => (
+                                    attn.to_vec(),
+                                    UnitWeights::Attention(self.llama_attn(s, held)?),
+                                ),
+                                UnitKind::Mlp(_) => {
+                                    (mlp.to_vec(), UnitWeights::Mlp(self.llama_mlp(s, held)?))
+                                }
+                                _ => (
+                                    attn.iter().chain(mlp.iter()).copied().collect(),
+                                    UnitWeights::Layer(
+                                        self.llama_attn(s, held)?,
+                                        self.llama_mlp(s, held)?,
+                                    ),
+                                ),
+                            };
+                            lin.extend(names.into_iter().map(|t| (t.clone(), None)));
+                            tpl
+                        }
+                    };
+                    let fmt = if kind == UnitKind::Output {
+                        output_format(f)
+                    } else {
+                        f
+                    };
+                    specs.push(UnitSpec {
+                        linears: lin.into_iter().map(|(w, b)| (w, b, fmt)).collect(),
+                    });
+                    templates.push(tpl);
+                }
+                spec.embed_tokens
+            }
+            ModelConfig::Opt(c) => {
+                let spec = OptSpec::new(c, self.files.opt_prefix());
+                for kind in kinds {
+                    let mut lin: Vec<(TensorSpec, Option<TensorSpec>)> = Vec::new();
+                    let tpl = match kind {
+                        UnitKind::Embed => UnitWeights::Embed(InputWeights::Opt {
+                            positions: self.small(&spec.embed_positions, held)?,
+                            project_in: spec
+                                .project_in
+                                .as_ref()
+                                .map(|w| {
+                                    lin.push((w.clone(), None));
+                                    self.empty_linear(w, None, held)
+                                })
+                                .transpose()?,
+                        }),
+                        UnitKind::Output => {
+                            let final_norm = spec
+                                .final_layer_norm
+                                .as_ref()
+                                .map(|n| self.norm(n, held))
+                                .transpose()?;
+                            let project_out = spec
+                                .project_out
+                                .as_ref()
+                                .map(|w| {
+                                    lin.push((w.clone(), None));
+                                    self.empty_linear(w, None, held)
+                                })
+                                .transpose()?;
+                            lin.push((spec.embed_tokens.clone(), None));
+                            UnitWeights::Output(
+                                HeadWeights::Opt {
+                                    final_norm,
+                                    project_out,
+                                },
+                                self.empty_linear(&spec.embed_tokens, None, held)?,
+                            )
+                        }
+                        UnitKind::Attention(l) => UnitWeights::Attention(self.opt_attn(
+                            &spec.layers[l],
+                            &mut lin,
+                            held,
+                        )?),
+                        UnitKind::Mlp(l) => {
+                            UnitWeights::Mlp(self.opt_mlp(&spec.layers[l], &mut lin, held)?)
+                        }
+                        UnitKind::Layer(l) => {
+                            let a = self.opt_attn(&spec.layers[l], &mut lin, held)?;
+                            UnitWeights::Layer(a, self.opt_mlp(&spec.layers[l], &mut lin, held)?)
+                        }
+                    };
+                    let table = spec.embed_tokens.name.clone();
+                    specs.push(UnitSpec {
+                        linears: lin
+                            .into_iter()
+                            .map(|(w, b)| {
+                                let fmt = if w.name == table { output_format(f) } else { f };
+                                (w, b, fmt)
+                            })
+                            .collect(),
+                    });
+                    templates.push(tpl);
+                }
+                spec.embed_tokens
+            }
+        };
+        Ok((specs, templates, table))
+    }
+
+    /// Places every weight: uploads GPU rows, keeps CPU rows, writes (or reuses) the offload
+    /// file, charging each tier in `ledger`.
+    pub(crate) fn place(&self) -> Result<PlacedModel> {
+        let source = self.source();
+        let mut held = Vec::new();
+        let (specs, mut templates, table_spec) = self.units(&mut held)?;
+        let max_binding = self.ctx.max_binding_bytes() as usize;
+
+        // pass 1: formats, row splits and pieces (disk pieces get aligned offsets)
+        let mut tensors: Vec<TensorPlan> = Vec::new();
+        let mut pieces: Vec<PiecePlan> = Vec::new();
+        let mut placer = WeightPlacer::new(self.split);
+        let mut disk_cursor = 0u64;
+        for unit in &specs {
+            for (w, _, fmt) in &unit.linears {
+                let (row, _) = convert_rows(source, w, *fmt, 0..1)?;
+                let split = placer.place(w.shape[0], row.row_bytes());
+                let t = tensors.len();
+                let per_piece = (max_binding / row.segment_row_bytes()[0].max(1)).max(1);
+                for (tier, range) in split.ranges() {
+                    let mut first = range.start;
+                    while first < range.end {
+                        let rows = per_piece.min(range.end - first);
+                        let offset = if tier == Tier::Disk {
+                            let at = disk_cursor;
+                            disk_cursor += align_up((rows * row.row_bytes()) as u64);
+                            at
+                        } else {
+                            0
+                        };
+                        pieces.push(PiecePlan {
+                            tensor: t,
+                            first_row: first,
+                            rows,
+                            tier,
+                            offset,
+                        });
+                        first += rows;
+                    }
+                }
+                tensors.push(TensorPlan {
+                    spec: w.clone(),
+                    format: *fmt,
+                    row,
+                });
+            }
+        }
+        // the lookup table: in the file's format, its GPU share kept in RAM (a lookup reads
+        // a few rows, which the CPU gathers)
+        let table_info = source
+            .info(&table_spec.name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: source.path().to_path_buf(),
+                name: table_spec.name.clone(),
+            })?;
+        let width = table_spec.shape[1];
+        let table_row = table_info
+            .dtype
+            .bytes_for(width)
+            .ok_or_else(|| Error::format(source.path(), "embedding rows are not whole blocks"))?;
+        let table_split = crate::storage::split_sequences(
+            table_spec.shape[0],
+            TierSplit {
+                gpu: 0.0,
+                cpu: self.split.gpu + self.split.cpu,
+                disk: self.split.disk,
+            },
+        );
+        let table_offset = disk_cursor;
+        disk_cursor += align_up((table_split.disk * table_row) as u64);
+
+        let mut placed_bytes = placer.placed();
+        placed_bytes[Tier::Cpu.index()] += (table_split.cpu * table_row) as u64;
+        placed_bytes[Tier::Disk.index()] += (table_split.disk * table_row) as u64;
+
+        // the offload file: reuse when it holds exactly these pieces of this model
+        let manifest = Manifest {
+            version: 1,
+            model: self.files.path.display().to_string(),
+            model_bytes: std::fs::metadata(&self.files.path)
+                .map(|m| m.len())
+                .unwrap_or(0),
+            model_modified: std::fs::metadata(&self.files.path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs()),
+            format: format!("{:?}", self.format),
+            pieces: pieces
+                .iter()
+                .filter(|p| p.tier == Tier::Disk)
+                .map(|p| {
+                    let t = &tensors[p.tensor];
+                    (
+                        t.spec.name.clone(),
+                        p.first_row,
+                        p.rows,
+                        p.offset,
+                        (p.rows * t.row.row_bytes()) as u64,
+                    )
+                })
+                .chain(std::iter::once((
+                    table_spec.name.clone(),
+                    table_split.cpu,
+                    table_split.disk,
+                    table_offset,
+                    (table_split.disk * table_row) as u64,
+                )))
+                .collect(),
+        };
+        let (file, reused) = if disk_cursor == 0 {
+            (None, false)
+        } else {
+            let dir = self.offload_dir.ok_or_else(|| {
+                Error::invalid(
+                    "--offload-dir",
+                    "the policy puts weights on disk: give an offload directory",
+                )
+            })?;
+            held.push(
+                self.ledger
+                    .reserve(Tier::Disk, disk_cursor, "offloaded weights")?,
+            );
+            let (file, reused) = open_offload(dir, &manifest, disk_cursor)?;
+            (Some(Arc::new(file)), reused)
+        };
+
+        // pass 2: convert each tensor a few rows at a time into its pieces
+        let mut staging = AlignedBuf::new(1 << 20);
+        let mut placed: Vec<PlacedLinear> = tensors
+            .iter()
+            .map(|t| PlacedLinear {
+                format: t.row,
+                pieces: Vec::new(),
+            })
+            .collect();
+        for p in &pieces {
+            let t = &tensors[p.tensor];
+            let seg = t.row.segment_row_bytes();
+            let bytes = (p.rows * t.row.row_bytes()) as u64;
+            let mut sink = match p.tier {
+                Tier::Gpu => {
+                    held.push(self.ledger.reserve(Tier::Gpu, bytes, &t.spec.name)?);
+                    Sink::Gpu(
+                        seg.iter()
+                            .map(|s| device_buffer(self.ctx, (s * p.rows) as u64))
+                            .collect(),
+                    )
+                }
+                Tier::Cpu => {
+                    held.push(self.ledger.reserve(Tier::Cpu, bytes, &t.spec.name)?);
+                    Sink::Cpu(vec![0u8; bytes as usize])
+                }
+                Tier::Disk => Sink::Disk,
+            };
+            let skip = p.tier == Tier::Disk && reused;
+            let chunk_rows = (CONVERT_BYTES / t.row.row_bytes().max(1)).max(1);
+            let mut r = 0;
+            while r < p.rows && !skip {
+                let n = chunk_rows.min(p.rows - r);
+                let a = p.first_row + r;
+                let (_, segs) = convert_rows(source, &t.spec, t.format, a..a + n)?;
+                let mut seg_base = 0;
+                for (i, data) in segs.iter().enumerate() {
+                    let pos = seg_base + r * seg[i];
+                    match &mut sink {
+                        Sink::Gpu(buffers) => {
+                            self.ctx
+                                .queue
+                                .write_buffer(&buffers[i], (r * seg[i]) as u64, data)
+                        }
+                        Sink::Cpu(v) => v[pos..pos + data.len()].copy_from_slice(data),
+                        Sink::Disk => file.as_ref().map_or(Ok(()), |f| {
+                            f.write_at(p.offset + pos as u64, data, &mut staging)
+                        })?,
+                    }
+                    seg_base += p.rows * seg[i];
+                }
+                r += n;
+            }
+            source.release(&t.spec.name);
+            let home = match sink {
+                Sink::Gpu(buffers) => PieceHome::Gpu(t.row.part(p.rows, buffers)),
+                Sink::Cpu(v) => PieceHome::Cpu(v),
+                Sink::Disk => PieceHome::Disk(p.offset),
+            };
+            placed[p.tensor].pieces.push(Piece {
+                first_row: p.first_row,
+                rows: p.rows,
+                home,
+            });
+            // keep the device from buffering many uploads
+            if p.tier == Tier::Gpu {
+                self.ctx.queue.submit([]);
+            }
+        }
+
+        // the lookup table
+        held.push(self.ledger.reserve(
+            Tier::Cpu,
+            (table_split.cpu * table_row) as u64,
+            "embedding table",
+        )?);
+        let cpu = source
+            .row_bytes(&table_spec.name, 0..table_split.cpu)?
+            .into_owned();
+        if table_split.disk > 0 && !reused {
+            if let Some(f) = &file {
+                let rows_per_chunk = (CONVERT_BYTES / table_row).max(1);
+                let mut r = table_split.cpu;
+                while r < table_spec.shape[0] {
+                    let n = rows_per_chunk.min(table_spec.shape[0] - r);
+                    let bytes = source.row_bytes(&table_spec.name, r..r + n)?;
+                    f.write_at(
+                        table_offset + ((r - table_split.cpu) * table_row) as u64,
+                        &bytes,
+                        &mut staging,
+                    )?;
+                    r += n;
+                }
+            }
+        }
+        source.release(&table_spec.name);
+        if let (Some(f), false) = (&file, reused) {
+            f.sync()?;
+            write_manifest(f.path(), &manifest)?;
+        }
+        let table = LookupTable {
+            dtype: table_info.dtype,
+            width,
+            row_bytes: table_row,
+            cpu,
+            cpu_rows: table_split.cpu,
+            disk: (table_split.disk > 0).then_some(table_offset),
+        };
+
+        // units: GPU pieces go into the templates now
+        let mut placed = placed.into_iter();
+        let mut units = Vec::new();
+        for template in templates.iter_mut() {
+            let mut linears = Vec::new();
+            for lin in template.linears_mut() {
+                let mut p = placed.next().ok_or_else(|| {
+                    Error::invalid("placement", "unit layout and tensor list disagree")
+                })?;
+                let mut streamed = Vec::new();
+                for piece in p.pieces.drain(..) {
+                    match piece.home {
+                        PieceHome::Gpu(part) => lin.parts.push((part, piece.first_row)),
+                        _ => streamed.push(piece),
+                    }
+                }
+                p.pieces = streamed;
+                linears.push(p);
+            }
+            units.push(PlacedUnit {
+                template: template.clone(),
+                linears,
+            });
+        }
+        Ok(PlacedModel {
+            units,
+            table,
+            file,
+            placed_bytes,
+            reused,
+            _held: held,
+        })
+    }
+}
+
+enum Sink {
+    Gpu(Vec<wgpu::Buffer>),
+    Cpu(Vec<u8>),
+    Disk,
+}
+
+/// A storage buffer weights are copied into.
+pub(crate) fn device_buffer(ctx: &GpuContext, bytes: u64) -> wgpu::Buffer {
+    ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("weights"),
+        size: bytes.max(4),
+        usage: WEIGHT_USAGE,
+        mapped_at_creation: false,
+    })
+}
+
+const WEIGHTS_FILE: &str = "ferrogen-weights.bin";
+const MANIFEST_FILE: &str = "ferrogen-weights.json";
+
+/// Opens the offload file for `manifest`: the existing one when its manifest matches, else a
+/// new one of `len` bytes. Returns whether it was reused.
+fn open_offload(
+    dir: &std::path::Path,
+    manifest: &Manifest,
+    len: u64,
+) -> Result<(OffloadFile, bool)> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let path = dir.join(WEIGHTS_FILE);
+    let wanted = serde_json::to_string(manifest)
+        .map_err(|e| Error::invalid("offload manifest", e.to_string()))?;
+    let existing = std::fs::read_to_string(dir.join(MANIFEST_FILE)).ok();
+    if existing.as_deref() == Some(wanted.as_str()) {
+        if let Ok(file) = OffloadFile::open(&path) {
+            if file.len() == align_up(len) {
+                return Ok((file, true));
+            }
+        }
+    }
+    // the manifest goes last: a half-written file is never taken for a complete one
+    let _ = std::fs::remove_file(dir.join(MANIFEST_FILE));
+    Ok((OffloadFile::create(&path, len)?, false))
+}
+
+fn write_manifest(weights: &std::path::Path, manifest: &Manifest) -> Result<()> {
+    let path = weights.with_file_name(MANIFEST_FILE);
+    let text = serde_json::to_string(manifest)
+        .map_err(|e| Error::invalid("offload manifest", e.to_string()))?;
+    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+}
+
+/// Removes the offload files from `dir` (at exit, unless they are to be kept).
+pub(crate) fn remove_offload(dir: &std::path::Path) {
+    let _ = std::fs::remove_file(dir.join(MANIFEST_FILE));
+    let _ = std::fs::remove_file(dir.join(WEIGHTS_FILE));
+}
+
+/// Device buffers one unit's streamed pieces are copied into, reused by the next unit of the
+/// same shapes (double buffering: two slots alternate).
+#[derive(Default)]
+pub(crate) struct WeightSlot {
+    buffers: Vec<(wgpu::Buffer, u64)>,
+    held: Vec<Reservation>,
+    /// The unit loaded, ready to compute.
+    pub loaded: Option<(usize, usize, UnitWeights)>,
+}
+
+impl WeightSlot {
+    /// Copies unit `unit`'s streamed pieces into this slot's buffers (CPU pieces directly, disk
+    /// pieces through `staging`) and assembles its weights.
+    pub(crate) fn load(
+        &mut self,
+        ctx: &GpuContext,
+        ledger: &Arc<MemoryLedger>,
+        unit: &PlacedUnit,
+        file: Option<&OffloadFile>,
+        staging: &mut AlignedBuf,
+    ) -> Result<UnitWeights> {
+        let sizes: Vec<u64> = unit
+            .linears
+            .iter()
+            .flat_map(|l| {
+                l.streamed().flat_map(|p| {
+                    l.format
+                        .segment_row_bytes()
+                        .into_iter()
+                        .map(move |s| (s * p.rows) as u64)
+                })
+            })
+            .collect();
+        let reuse = self.buffers.len() == sizes.len()
+            && self.buffers.iter().zip(&sizes).all(|(b, &s)| b.1 == s);
+        if !reuse {
+            self.buffers.clear();
+            self.held.clear();
+            let total: u64 = sizes.iter().sum();
+            if total > 0 {
+                self.held
+                    .push(ledger.reserve(Tier::Gpu, total, "streamed weights")?);
+            }
+            self.buffers = sizes.iter().map(|&s| (device_buffer(ctx, s), s)).collect();
+        }
+        let mut weights = unit.template.clone();
+        let mut next = 0;
+        for (lin, placed) in weights.linears_mut().into_iter().zip(&unit.linears) {
+            let seg = placed.format.segment_row_bytes();
+            for piece in placed.streamed() {
+                let bufs: Vec<(wgpu::Buffer, u64)> = self.buffers[next..next + seg.len()].to_vec();
+                next += seg.len();
+                let write = |pos: usize, bytes: &[u8]| -> Result<()> {
+                    write_segments(ctx, &bufs, pos as u64, bytes);
+                    Ok(())
+                };
+                match &piece.home {
+                    PieceHome::Cpu(v) => write(0, v)?,
+                    PieceHome::Disk(offset) => {
+                        let file = file.ok_or_else(|| {
+                            Error::invalid("offload", "disk piece without an offload file")
+                        })?;
+                        let len = piece.rows * placed.format.row_bytes();
+                        file.read_chunks(*offset, len, staging, write)?;
+                    }
+                    PieceHome::Gpu(_) => {}
+                }
+                let part = placed
+                    .format
+                    .part(piece.rows, bufs.into_iter().map(|b| b.0).collect());
+                lin.parts.push((part, piece.first_row));
+            }
+        }
+        Ok(weights)
+    }
+}
+
+/// Writes `bytes` at `pos` of the concatenation of `buffers` (each `(buffer, size)`).
+fn write_segments(ctx: &GpuContext, buffers: &[(wgpu::Buffer, u64)], pos: u64, bytes: &[u8]) {
+    let mut pos = pos;
+    let mut bytes = bytes;
+    let mut base = 0u64;
+    for (buffer, size) in buffers {
+        if bytes.is_empty() {
+            break;
+        }
+        if pos < base + size {
+            let n = ((base + size - pos) as usize).min(bytes.len());
+            ctx.queue.write_buffer(buffer, pos - base, &bytes[..n]);
+            bytes = &bytes[n..];
+            pos += n as u64;
+        }
+        base += size;
+    }
+}

@@ -1,0 +1,175 @@
+//! The engine (placement + zig-zag schedule + executor) against the all-resident wgpu model:
+//! whatever the policy, the numbers are the same.
+//!
+//! Needs a WebGPU adapter (lavapipe on machines without a GPU); `FERROGEN_SKIP_GPU=1` skips.
+
+mod common;
+
+use common::{expected, fixture_dir, FIXTURES};
+use ferrogen::engine::{Engine, EngineOptions, Placement};
+use ferrogen::gpu::model::{GpuModel, GpuOptions, WeightFormat};
+use ferrogen::gpu::GpuContext;
+use ferrogen::model::ModelFiles;
+use ferrogen::policy::Policy;
+
+fn context() -> Option<GpuContext> {
+    match GpuContext::new() {
+        Ok(ctx) => Some(ctx),
+        Err(e) if std::env::var("FERROGEN_SKIP_GPU").as_deref() == Ok("1") => {
+            eprintln!("FERROGEN_SKIP_GPU=1: skipping ({e})");
+            None
+        }
+        Err(e) => panic!("{e} (or set FERROGEN_SKIP_GPU=1 to skip the GPU tests)"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn policy(
+    gbs: usize,
+    nb: usize,
+    w: (f64, f64),
+    c: (f64, f64),
+    h: (f64, f64),
+    overlap: bool,
+    sep: bool,
+) -> Policy {
+    Policy {
+        gpu_batch_size: gbs,
+        num_gpu_batches: nb,
+        w_gpu_percent: w.0,
+        w_cpu_percent: w.1,
+        cache_gpu_percent: c.0,
+        cache_cpu_percent: c.1,
+        act_gpu_percent: h.0,
+        act_cpu_percent: h.1,
+        overlap,
+        sep_layer: sep,
+        pin_weight: true,
+        cpu_cache_compute: false,
+        attn_sparsity: 1.0,
+        compress_weight: false,
+        compress_cache: false,
+        quant: Default::default(),
+    }
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0f32, f32::max)
+}
+
+#[test]
+fn offloaded_scoring_equals_resident() {
+    let Some(_) = context() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let files = ModelFiles::open(&fixture_dir(name)).unwrap();
+        let resident = GpuModel::load(
+            context().unwrap(),
+            &files,
+            GpuOptions {
+                weights: WeightFormat::Native,
+                compress_cache: false,
+            },
+        )
+        .unwrap();
+        let exp = expected(name);
+        let batch: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
+        let want = resident.token_logprobs(&batch).unwrap();
+        for p in [
+            policy(1, 2, (30.0, 30.0), (100.0, 0.0), (30.0, 30.0), true, true),
+            policy(2, 1, (0.0, 10.0), (100.0, 0.0), (0.0, 0.0), false, false),
+        ] {
+            let options = EngineOptions {
+                offload_dir: Some(dir.path().to_path_buf()),
+                ..EngineOptions::new(Placement::Policy(p.clone()))
+            };
+            let engine = Engine::open_files(
+                context().unwrap(),
+                ModelFiles::open(&fixture_dir(name)).unwrap(),
+                options,
+            )
+            .unwrap();
+            let got = engine.token_logprobs(&batch).unwrap();
+            let d = max_diff(&got, &want);
+            assert!(d < 1e-4, "{name} {p:?}: {d}");
+        }
+    }
+}
+
+/// Percent pairs (gpu, cpu) with gpu + cpu <= 100, in steps of 10.
+fn split() -> impl Strategy<Value = (f64, f64)> {
+    (0u32..=10, 0u32..=10).prop_map(|(g, c)| {
+        let c = c.min(10 - g);
+        (f64::from(g * 10), f64::from(c * 10))
+    })
+}
+
+use proptest::prelude::*;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// Scoring and generation under random placements, batchings and switches equal the
+    /// all-resident wgpu model.
+    #[test]
+    fn any_policy_gives_the_resident_numbers(
+        fixture in 0usize..FIXTURES.len(),
+        gbs in 1usize..3,
+        nb in 1usize..4,
+        w in split(),
+        c in split(),
+        h in split(),
+        overlap in any::<bool>(),
+        sep in any::<bool>(),
+        compress_cache in any::<bool>(),
+    ) {
+        let Some(_) = context() else { return Ok(()) };
+        let name = FIXTURES[fixture];
+        let dir = tempfile::tempdir().unwrap();
+        let files = ModelFiles::open(&fixture_dir(name)).unwrap();
+        let resident = GpuModel::load(
+            context().unwrap(),
+            &files,
+            GpuOptions { weights: WeightFormat::Native, compress_cache },
+        )
+        .unwrap();
+        let exp = expected(name);
+        let batch: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
+        let mut p = policy(gbs, nb, w, c, h, overlap, sep);
+        p.compress_cache = compress_cache;
+        let options = EngineOptions {
+            offload_dir: Some(dir.path().to_path_buf()),
+            ..EngineOptions::new(Placement::Policy(p.clone()))
+        };
+        let engine = Engine::open_files(context().unwrap(), files, options).unwrap();
+
+        let want = resident.token_logprobs(&batch).unwrap();
+        let got = engine.token_logprobs(&batch).unwrap();
+        let d = max_diff(&got, &want);
+        prop_assert!(d < 1e-4, "{} scoring {:?}: {}", name, p, d);
+
+        // generation: the same tokens, and each token's logprob as the resident model scores it
+        let prompts: Vec<&[u32]> = batch.iter().map(|s| &s[..s.len().min(5)]).collect();
+        let new = 4;
+        let gen = engine.generate(&prompts, new).unwrap();
+        let greedy = resident.generate_greedy(&prompts, new, None).unwrap();
+        for ((g, want_tokens), prompt) in gen.iter().zip(&greedy).zip(&prompts) {
+            prop_assert_eq!(&g.tokens, want_tokens, "{} generation {:?}", name, p);
+            let full: Vec<u32> = prompt.iter().chain(&g.tokens).copied().collect();
+            let lp = resident.token_logprobs(&[&full]).unwrap().remove(0);
+            let tail = &lp[prompt.len() - 1..];
+            let d = tail.iter().zip(&g.logprobs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            prop_assert!(d < 1e-4, "{} generated logprobs {:?}: {}", name, p, d);
+        }
+        // nothing left behind but what the budgets allow
+        for tier in ferrogen::storage::Tier::ALL {
+            prop_assert!(engine.ledger().used(tier) <= engine.ledger().peak(tier));
+        }
+    }
+}
