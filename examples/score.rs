@@ -2,150 +2,283 @@
 //!
 //! ```text
 //! cargo run --release --example score -- --model PATH --input IN.jsonl --output OUT.jsonl
-//!     [--per-token] [--backend reference|wgpu] [--compress-weight] [--compress-cache]
-//!     [--batch-tokens N]
-//!     (default backend: reference, until the wgpu kernels are tuned; on wgpu, GGUF Q4_0/Q4_1/Q8_0
-//!     weights run natively; --compress-weight / --compress-cache use FlexGen's 4-bit groups)
-//!     [--gpu-mem SIZE --cpu-mem SIZE --offload-dir DIR | --policy FILE.toml]
+//!     [--per-token] [--backend reference|wgpu] [--batch-tokens N]
+//!     [--gpu-mem SIZE] [--cpu-mem SIZE] [--offload-dir DIR] [--keep-offload]
+//!     [--policy FILE.toml | --hardware PROFILE.toml [--prompt-len N]]
+//!     [--compress-weight] [--compress-cache] [--trace FILE.json]
 //! ```
-//! `-` reads stdin / writes stdout. Exit status: 0 all records scored, 3 some failed, 2 usage or
-//! model error before any record was read, 1 an I/O error during the job.
+//! The default backend is the engine on WebGPU when an adapter exists (the CPU reference
+//! otherwise). With `--policy` the file's placement is used (checked against any budgets);
+//! with budgets and no policy the LP search picks one for the hardware profile (by default the
+//! one calibrated on the CI machine, `policies/lavapipe-2core.toml`); with neither, everything
+//! stays on the GPU. `--trace` writes a Chrome trace (open it in Perfetto) of every load,
+//! compute and store. `-` reads stdin / writes stdout. Exit status: 0 all records scored, 3 some
+//! failed, 2 usage or model error before any record was read, 1 an I/O error during the job.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ferrogen::bytes::parse_size;
+use ferrogen::bytes::{format_size, parse_size};
 use ferrogen::cli::{required, Flags};
 use ferrogen::cpu::ReferenceModel;
-use ferrogen::gpu::model::{GpuModel, GpuOptions, WeightFormat};
+use ferrogen::engine::{Engine, EngineOptions, Placement, DEFAULT_PROFILE};
 use ferrogen::gpu::GpuContext;
 use ferrogen::model::ModelFiles;
+use ferrogen::policy::{HardwareProfile, Policy};
 use ferrogen::score::{score_jsonl, ScoreOptions, Scorer};
+use ferrogen::storage::Tier;
 use ferrogen::{Error, Result};
 
+#[derive(Default)]
 struct Args {
     model: PathBuf,
     input: String,
     output: String,
     backend: Option<String>,
     options: ScoreOptions,
-    memory_flags: Vec<String>,
-    /// FlexGen 4-bit weights on the wgpu backend.
+    gpu_mem: Option<u64>,
+    cpu_mem: Option<u64>,
+    offload_dir: Option<PathBuf>,
+    keep_offload: bool,
+    policy: Option<PathBuf>,
+    hardware: Option<PathBuf>,
+    prompt_len: usize,
+    trace: Option<PathBuf>,
+    /// FlexGen 4-bit weights.
     compress_weight: bool,
-    /// FlexGen 4-bit KV cache on the wgpu backend.
+    /// FlexGen 4-bit KV cache.
     compress_cache: bool,
 }
 
 fn parse_args() -> Result<Args> {
-    let (mut model, mut input, mut output, mut backend) = (None, None, None, None);
-    let mut options = ScoreOptions::default();
-    let mut memory_flags = Vec::new();
-    let (mut compress_weight, mut compress_cache) = (false, false);
+    let (mut model, mut input, mut output) = (None, None, None);
+    let mut a = Args {
+        prompt_len: 256,
+        ..Args::default()
+    };
     let mut flags = Flags::from_env();
     while let Some(flag) = flags.next_flag() {
         match flag.as_str() {
             "--model" => model = Some(PathBuf::from(flags.value(&flag)?)),
             "--input" => input = Some(flags.value(&flag)?),
             "--output" => output = Some(flags.value(&flag)?),
-            "--per-token" => options.per_token = true,
-            "--compress-weight" => compress_weight = true,
-            "--compress-cache" => compress_cache = true,
-            "--backend" => backend = Some(flags.value(&flag)?),
-            "--batch-tokens" => options.batch_tokens = flags.positive(&flag)?,
-            "--gpu-mem" | "--cpu-mem" => {
-                parse_size(&flags.value(&flag)?, &flag)?;
-                memory_flags.push(flag);
-            }
-            "--offload-dir" | "--policy" => {
-                flags.value(&flag)?;
-                memory_flags.push(flag);
-            }
+            "--per-token" => a.options.per_token = true,
+            "--compress-weight" => a.compress_weight = true,
+            "--compress-cache" => a.compress_cache = true,
+            "--backend" => a.backend = Some(flags.value(&flag)?),
+            "--batch-tokens" => a.options.batch_tokens = flags.positive(&flag)?,
+            "--gpu-mem" => a.gpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
+            "--cpu-mem" => a.cpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
+            "--offload-dir" => a.offload_dir = Some(PathBuf::from(flags.value(&flag)?)),
+            "--keep-offload" => a.keep_offload = true,
+            "--policy" => a.policy = Some(PathBuf::from(flags.value(&flag)?)),
+            "--hardware" => a.hardware = Some(PathBuf::from(flags.value(&flag)?)),
+            "--prompt-len" => a.prompt_len = flags.positive(&flag)?,
+            "--trace" => a.trace = Some(PathBuf::from(flags.value(&flag)?)),
             "-h" | "--help" => {
                 return Err(Error::invalid(
                     "--help",
                     "usage: score --model PATH --input IN.jsonl --output OUT.jsonl [--per-token] \
-                     [--backend reference|wgpu] [--batch-tokens N]",
+                     [--backend reference|wgpu] [--batch-tokens N] [--gpu-mem SIZE] \
+                     [--cpu-mem SIZE] [--offload-dir DIR] [--keep-offload] [--policy FILE.toml | \
+                     --hardware PROFILE.toml [--prompt-len N]] [--compress-weight] \
+                     [--compress-cache] [--trace FILE.json]",
                 ))
             }
             other => return Err(Error::invalid(other, "unknown flag (try --help)")),
         }
     }
-    Ok(Args {
-        model: required(model, "--model")?,
-        input: required(input, "--input")?,
-        output: required(output, "--output")?,
-        backend,
-        options,
-        memory_flags,
-        compress_weight,
-        compress_cache,
-    })
+    a.model = required(model, "--model")?;
+    a.input = required(input, "--input")?;
+    a.output = required(output, "--output")?;
+    Ok(a)
+}
+
+impl Args {
+    fn memory_flag(&self) -> Option<&'static str> {
+        [
+            (self.gpu_mem.is_some(), "--gpu-mem"),
+            (self.cpu_mem.is_some(), "--cpu-mem"),
+            (self.offload_dir.is_some(), "--offload-dir"),
+            (self.policy.is_some(), "--policy"),
+            (self.hardware.is_some(), "--hardware"),
+            (self.trace.is_some(), "--trace"),
+        ]
+        .into_iter()
+        .find_map(|(set, flag)| set.then_some(flag))
+    }
+
+    /// How the engine places the model.
+    fn placement(&self) -> Result<Placement> {
+        if let Some(path) = &self.policy {
+            if self.hardware.is_some() {
+                return Err(Error::invalid(
+                    "--hardware",
+                    "give a policy or a hardware profile, not both",
+                ));
+            }
+            let mut p = Policy::from_toml_file(path)?;
+            p.compress_weight |= self.compress_weight;
+            p.compress_cache |= self.compress_cache;
+            return Ok(Placement::Policy(p));
+        }
+        if self.gpu_mem.is_none() && self.cpu_mem.is_none() && self.hardware.is_none() {
+            let mut p = Policy::all_on_gpu(64);
+            p.compress_weight = self.compress_weight;
+            p.compress_cache = self.compress_cache;
+            return Ok(Placement::Policy(p));
+        }
+        let hardware = match &self.hardware {
+            Some(path) => HardwareProfile::from_toml_file(path)?,
+            None => toml::from_str(DEFAULT_PROFILE)
+                .map_err(|e| Error::invalid("built-in hardware profile", e.to_string()))?,
+        };
+        Ok(Placement::Search {
+            hardware,
+            prompt_len: self.prompt_len,
+            gen_len: 1,
+            compress_weight: self.compress_weight,
+            compress_cache: self.compress_cache,
+        })
+    }
+}
+
+/// The model a job runs on.
+enum Backend {
+    Reference(ReferenceModel, ModelFiles),
+    Engine(Engine),
+}
+
+impl Backend {
+    fn scorer(&self) -> &dyn Scorer {
+        match self {
+            Backend::Reference(m, _) => m,
+            Backend::Engine(e) => e,
+        }
+    }
 }
 
 /// A job ready to run: everything that can fail before the first record is read has succeeded.
 struct Job {
-    files: ModelFiles,
-    model: Box<dyn Scorer>,
+    model: Backend,
     input: Box<dyn Read>,
     output: Box<dyn Write>,
 }
 
 /// Opens input, model and output (any failure here exits with status 2).
 fn prepare(args: &Args) -> Result<Job> {
-    // The contract's default is wgpu when an adapter exists; until its kernels are tuned
-    // (on lavapipe it is ~20x slower than the reference today) the default stays the reference.
-    let backend = args.backend.as_deref().or(Some("reference"));
-    if !matches!(backend, None | Some("reference") | Some("wgpu")) {
-        return Err(Error::invalid(
-            "--backend",
-            format!(
-                "`{}` (choose reference or wgpu)",
-                backend.unwrap_or_default()
-            ),
-        ));
-    }
-    if let Some(flag) = args.memory_flags.first() {
-        return Err(Error::NotBuilt {
-            what: format!("memory budgets and offloading ({flag})"),
-        });
-    }
     let input: Box<dyn Read> = if args.input == "-" {
         Box::new(std::io::stdin())
     } else {
         Box::new(File::open(&args.input).map_err(|e| Error::io(&args.input, e))?)
     };
-    let files = ModelFiles::open(&args.model)?;
-    let options = GpuOptions {
-        weights: if args.compress_weight {
-            WeightFormat::Group4
-        } else {
-            WeightFormat::Native
-        },
-        compress_cache: args.compress_cache,
-    };
-    let model: Box<dyn Scorer> = match backend {
-        Some("wgpu") => Box::new(GpuModel::load(GpuContext::new()?, &files, options)?),
-        _ if args.compress_weight || args.compress_cache => {
+    let model = match args.backend.as_deref() {
+        Some("reference") => {
+            if let Some(flag) = args.memory_flag() {
+                return Err(Error::invalid(
+                    flag,
+                    "memory placement needs --backend wgpu",
+                ));
+            }
+            if args.compress_weight || args.compress_cache {
+                return Err(Error::invalid(
+                    "--compress-weight/--compress-cache",
+                    "need --backend wgpu",
+                ));
+            }
+            let files = ModelFiles::open(&args.model)?;
+            Backend::Reference(ReferenceModel::load(&files)?, files)
+        }
+        Some("wgpu") | None => {
+            let placement = args.placement()?;
+            let files = ModelFiles::open(&args.model)?;
+            let ctx = match GpuContext::new() {
+                Ok(ctx) => ctx,
+                Err(e) if args.backend.is_none() && args.memory_flag().is_none() => {
+                    eprintln!("{e}: using the reference backend");
+                    return Ok(Job {
+                        model: Backend::Reference(ReferenceModel::load(&files)?, files),
+                        input,
+                        output: open_output(&args.output)?,
+                    });
+                }
+                Err(e) => return Err(e),
+            };
+            let options = EngineOptions {
+                placement,
+                gpu_budget: args.gpu_mem.unwrap_or(u64::MAX),
+                cpu_budget: args.cpu_mem.unwrap_or(u64::MAX),
+                offload_dir: args.offload_dir.clone(),
+                keep_offload: args.keep_offload,
+                trace: args.trace.is_some(),
+            };
+            let engine = Engine::open_files(ctx, files, options)?;
+            let w = engine.weight_bytes();
+            eprintln!(
+                "policy: gbs {} x nb {}, weights {}/{}/{} GPU/CPU/disk{}, cache {:.0}%/{:.0}% GPU/CPU, \
+                 activations {:.0}%/{:.0}% GPU/CPU{}",
+                engine.policy().gpu_batch_size,
+                engine.policy().num_gpu_batches,
+                format_size(w[0]),
+                format_size(w[1]),
+                format_size(w[2]),
+                if engine.reused_offload() { " (offload file reused)" } else { "" },
+                engine.policy().cache_gpu_percent,
+                engine.policy().cache_cpu_percent,
+                engine.policy().act_gpu_percent,
+                engine.policy().act_cpu_percent,
+                if engine.policy().overlap { "" } else { ", overlap off" },
+            );
+            Backend::Engine(engine)
+        }
+        Some(other) => {
             return Err(Error::invalid(
-                "--compress-weight/--compress-cache",
-                "need --backend wgpu",
+                "--backend",
+                format!("`{other}` (choose reference or wgpu)"),
             ))
         }
-        _ => Box::new(ReferenceModel::load(&files)?),
-    };
-    let output: Box<dyn Write> = if args.output == "-" {
-        Box::new(std::io::stdout())
-    } else {
-        Box::new(File::create(&args.output).map_err(|e| Error::io(&args.output, e))?)
     };
     Ok(Job {
-        files,
         model,
         input,
-        output,
+        output: open_output(&args.output)?,
     })
+}
+
+fn open_output(path: &str) -> Result<Box<dyn Write>> {
+    Ok(if path == "-" {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(File::create(path).map_err(|e| Error::io(path, e))?)
+    })
+}
+
+/// After the job: memory peaks against the budgets, and the trace file.
+fn report(args: &Args, model: &Backend) -> Result<()> {
+    let Backend::Engine(engine) = model else {
+        return Ok(());
+    };
+    let peaks = engine.peaks();
+    let line: Vec<String> = Tier::ALL
+        .iter()
+        .map(|&t| {
+            let budget = engine.ledger().budget(t);
+            let budget = if budget == u64::MAX {
+                "unlimited".to_string()
+            } else {
+                format_size(budget)
+            };
+            format!("{t} {} of {budget}", format_size(peaks[t.index()]))
+        })
+        .collect();
+    eprintln!("memory peaks: {}", line.join(", "));
+    if let (Some(path), Some(trace)) = (&args.trace, engine.trace()) {
+        std::fs::write(path, trace.to_chrome_json()).map_err(|e| Error::io(path, e))?;
+        eprintln!("trace: {} spans in {}", trace.spans.len(), path.display());
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -163,9 +296,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let tokenizer = match &job.model {
+        Backend::Engine(e) => e.files().tokenizer(),
+        Backend::Reference(_, files) => files.tokenizer(),
+    };
     let result = score_jsonl(
-        job.model.as_ref(),
-        job.files.tokenizer(),
+        job.model.scorer(),
+        tokenizer,
         BufReader::new(job.input),
         BufWriter::new(job.output),
         &args.options,
@@ -197,6 +334,10 @@ fn main() -> ExitCode {
                 s.corpus_ppl(),
                 s.scored_tokens
             );
+            if let Err(e) = report(&args, &job.model) {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
             if s.failed > 0 {
                 ExitCode::from(3)
             } else {

@@ -96,13 +96,30 @@ pub struct Engine {
     keep_offload: bool,
 }
 
-/// Memory the search's cost model does not see: the embedding table kept for lookups, the
-/// staging buffers and one batch's workspace, held back from the budgets it is given.
-fn search_reserve(config: &ModelConfig) -> (u64, u64) {
-    let table = (config.vocab_size() * config.hidden_size() * 2) as u64;
-    let staging = 4 << 20;
-    let logits = (128 * config.vocab_size() * 4) as u64;
-    (logits + (16 << 20), table + staging + (16 << 20))
+/// Rows of logits per chunk for a GPU budget: 128, or fewer so that a chunk takes at most a
+/// sixteenth of the budget.
+fn logit_rows(config: &ModelConfig, gpu_budget: u64) -> usize {
+    let row = (config.vocab_size() * 4) as u64;
+    ((gpu_budget / 16 / row.max(1)) as usize).clamp(1, crate::gpu::model::LOGIT_ROWS)
+}
+
+/// Memory the search's cost model does not see, held back from the budgets it is given:
+/// on the GPU a chunk of logits, the output projection streamed in its own slot and a
+/// prompt's intermediate tensors; on the CPU the embedding table kept for lookups and the
+/// staging buffers.
+fn search_reserve(
+    files: &ModelFiles,
+    format: WeightFormat,
+    gpu_budget: u64,
+    prompt_len: usize,
+) -> Result<(u64, u64)> {
+    let config = &files.config;
+    let output = crate::exec::weights::output_weight_bytes(files, format)?;
+    let per_row = 6 * config.hidden_size() + 2 * config.kv_width() + 2 * config.intermediate_size();
+    let logits = logit_rows(config, gpu_budget) * config.vocab_size();
+    let gpu = ((logits + prompt_len * per_row) * 4) as u64 + output;
+    let table = crate::exec::weights::lookup_table_bytes(files)?;
+    Ok((gpu, table + (4 << 20)))
 }
 
 impl Engine {
@@ -130,7 +147,13 @@ impl Engine {
                 compress_weight,
                 compress_cache,
             } => {
-                let (gpu_keep, cpu_keep) = search_reserve(&files.config);
+                let format = if compress_weight {
+                    WeightFormat::Group4
+                } else {
+                    WeightFormat::Native
+                };
+                let (gpu_keep, cpu_keep) =
+                    search_reserve(&files, format, options.gpu_budget, prompt_len)?;
                 let short = |budget: u64, keep: u64, flag: &str| -> Result<u64> {
                     budget.checked_sub(keep).ok_or_else(|| Error::Infeasible {
                         tier: flag.to_string(),
@@ -186,7 +209,8 @@ impl Engine {
             },
             compress_cache: policy.compress_cache,
         };
-        let runner = GpuRunner::new(ctx, &files.config, gpu_options)?;
+        let mut runner = GpuRunner::new(ctx, &files.config, gpu_options)?;
+        runner.logit_rows = logit_rows(&files.config, options.gpu_budget);
         let model = Placer {
             ctx: &runner.ctx,
             files: &files,

@@ -128,8 +128,8 @@ pub enum Error {
         reason: String,
     },
 
-    /// No policy fits the memory budgets.
-    #[error("no policy fits: {detail}")]
+    /// Something does not fit the memory budgets (a policy search, or an allocation).
+    #[error("does not fit in memory: {detail}")]
     Infeasible {
         /// The tier that is short: `GPU`, `CPU` or `disk`.
         tier: String,

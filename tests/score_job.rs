@@ -217,8 +217,15 @@ fn score_example_follows_the_contract() {
     for (args, needle) in [
         (vec!["--bogus"], "--bogus"),
         (vec!["--backend", "cuda"], "--backend"),
-        (vec!["--gpu-mem", "1GiB"], "not built yet"),
+        (
+            vec!["--backend", "reference", "--gpu-mem", "1GiB"],
+            "--backend wgpu",
+        ),
         (vec!["--gpu-mem", "lots"], "--gpu-mem"),
+        (
+            vec!["--policy", "/no/such/policy.toml"],
+            "/no/such/policy.toml",
+        ),
     ] {
         let out = run(&args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -236,4 +243,69 @@ fn score_example_follows_the_contract() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/model"));
+}
+
+/// The example on the engine with a policy that offloads weights, cache and activations:
+/// the same results as the reference, a Chrome trace, and no offload files left behind.
+#[test]
+fn score_example_offloads_with_a_policy_and_writes_a_trace() {
+    if std::env::var("FERROGEN_SKIP_GPU").as_deref() == Ok("1") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (input, want) = mixed_dataset();
+    let good: String = input
+        .lines()
+        .filter(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["id"].is_number()))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let in_path = dir.path().join("in.jsonl");
+    std::fs::write(&in_path, good).unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "gpu_batch_size = 2\nnum_gpu_batches = 2\nw_gpu_percent = 10\nw_cpu_percent = 20\n\
+         cache_gpu_percent = 50\ncache_cpu_percent = 0\nact_gpu_percent = 0\nact_cpu_percent = 50\n",
+    )
+    .unwrap();
+    let offload = dir.path().join("offload");
+    let (out_path, trace) = (dir.path().join("out.jsonl"), dir.path().join("trace.json"));
+    let out = Command::new(score_binary())
+        .arg("--model")
+        .arg(fixture_dir(FIXTURE))
+        .arg("--input")
+        .arg(&in_path)
+        .arg("--output")
+        .arg(&out_path)
+        .args(["--per-token", "--cpu-mem", "64MiB", "--policy"])
+        .arg(&policy)
+        .arg("--offload-dir")
+        .arg(&offload)
+        .arg("--trace")
+        .arg(&trace)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("memory peaks"), "{stderr}");
+    let want: Vec<_> = want.into_iter().filter(|(id, _)| id.is_number()).collect();
+    check_output(&std::fs::read_to_string(&out_path).unwrap(), &want);
+    let trace: Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    for cat in [
+        "compute",
+        "load weight",
+        "load activation",
+        "store activation",
+    ] {
+        assert!(
+            events.iter().any(|e| e["ph"] == "X" && e["cat"] == cat),
+            "no {cat} span"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(&offload).unwrap().count(),
+        0,
+        "offload files left"
+    );
 }

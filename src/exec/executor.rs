@@ -365,10 +365,10 @@ impl Executor {
     /// GPU bytes of one batch's intermediate tensors at the widest unit: per row the
     /// normalized input, q, k, v, attention output and projection (hidden and kv widths), the
     /// MLP's two intermediate tensors, plus one chunk of logits.
-    fn workspace_bytes(&self, rows: usize) -> u64 {
+    pub(crate) fn workspace_bytes(&self, rows: usize) -> u64 {
         let c = &self.runner.config;
         let per_row = 6 * c.hidden_size() + 2 * c.kv_width() + 2 * c.intermediate_size();
-        ((rows * per_row + 128 * c.vocab_size()) * 4) as u64
+        ((rows * per_row + self.runner.logit_rows * c.vocab_size()) * 4) as u64
     }
 }
 

@@ -162,6 +162,33 @@ pub(crate) fn convert_rows(
     })
 }
 
+/// The output projection's size on the device in `format` (it streams in a slot of its own).
+pub(crate) fn output_weight_bytes(files: &ModelFiles, format: WeightFormat) -> Result<u64> {
+    let spec = match &files.config {
+        ModelConfig::Llama(c) => {
+            let s = LlamaSpec::new(c);
+            s.lm_head.unwrap_or(s.embed_tokens)
+        }
+        ModelConfig::Opt(c) => OptSpec::new(c, files.opt_prefix()).embed_tokens,
+    };
+    let (row, _) = convert_rows(files.weights.as_ref(), &spec, output_format(format), 0..1)?;
+    Ok((row.row_bytes() * spec.shape[0]) as u64)
+}
+
+/// The embedding table's size as stored (what the CPU keeps for lookups at most).
+pub(crate) fn lookup_table_bytes(files: &ModelFiles) -> Result<u64> {
+    let name = match &files.config {
+        ModelConfig::Llama(c) => LlamaSpec::new(c).embed_tokens.name,
+        ModelConfig::Opt(c) => OptSpec::new(c, files.opt_prefix()).embed_tokens.name,
+    };
+    let source = files.weights.as_ref();
+    let info = source.info(&name).ok_or_else(|| Error::MissingTensor {
+        path: source.path().to_path_buf(),
+        name: name.clone(),
+    })?;
+    Ok(info.dtype.bytes_for(info.numel()).unwrap_or(0) as u64)
+}
+
 /// Where a piece of rows lives.
 pub(crate) enum PieceHome {
     /// Uploaded once.

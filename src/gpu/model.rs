@@ -23,8 +23,8 @@ use crate::model::opt::{self, OptSpec, LAYER_NORM_EPS, POSITION_OFFSET};
 use crate::model::{DType, ModelConfig, ModelFiles, TensorSpec, WeightSource};
 use crate::quant::group4::Group4;
 
-/// Rows of logits computed at once when scoring.
-const LOGIT_ROWS: usize = 128;
+/// Rows of logits computed at once when scoring, unless told otherwise.
+pub(crate) const LOGIT_ROWS: usize = 128;
 
 /// How linear-layer weights are held on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -378,6 +378,8 @@ pub(crate) struct GpuRunner {
     pub ctx: GpuContext,
     pub options: GpuOptions,
     pub config: ModelConfig,
+    /// Rows of logits computed at once (`rows x vocab` floats of workspace).
+    pub logit_rows: usize,
     kernels: Kernels,
 }
 
@@ -405,6 +407,7 @@ impl GpuRunner {
             ctx,
             options,
             config: config.clone(),
+            logit_rows: LOGIT_ROWS,
             kernels,
         })
     }
@@ -793,7 +796,8 @@ impl GpuRunner {
         }
         let mut out = Vec::with_capacity(row_ids.len());
         let all = hidden.download(ctx)?; // small next to the logits: rows x width
-        for (ci, chunk) in row_ids.chunks(LOGIT_ROWS).enumerate() {
+        let per = self.logit_rows.max(1);
+        for (ci, chunk) in row_ids.chunks(per).enumerate() {
             let rows: Vec<f32> = chunk
                 .iter()
                 .flat_map(|&r| all[r * width..(r + 1) * width].iter().copied())
@@ -803,7 +807,7 @@ impl GpuRunner {
             let res = GpuTensor::zeros(ctx, &[chunk.len()])?;
             match targets {
                 Some(t) => {
-                    let t = &t[ci * LOGIT_ROWS..ci * LOGIT_ROWS + chunk.len()];
+                    let t = &t[ci * per..ci * per + chunk.len()];
                     self.kernels.logprob.target_logprob(
                         ctx,
                         &logits,

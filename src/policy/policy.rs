@@ -109,6 +109,28 @@ impl TierSplit {
 }
 
 impl Policy {
+    /// Everything on the GPU, one batch of `gpu_batch_size` sequences per block.
+    pub fn all_on_gpu(gpu_batch_size: usize) -> Self {
+        Self {
+            gpu_batch_size,
+            num_gpu_batches: 1,
+            w_gpu_percent: 100.0,
+            w_cpu_percent: 0.0,
+            cache_gpu_percent: 100.0,
+            cache_cpu_percent: 0.0,
+            act_gpu_percent: 100.0,
+            act_cpu_percent: 0.0,
+            overlap: true,
+            sep_layer: true,
+            pin_weight: true,
+            cpu_cache_compute: false,
+            attn_sparsity: 1.0,
+            compress_weight: false,
+            compress_cache: false,
+            quant: QuantConfig::default(),
+        }
+    }
+
     /// Sequences per block: `gpu_batch_size * num_gpu_batches`.
     pub fn block_size(&self) -> usize {
         self.gpu_batch_size * self.num_gpu_batches
