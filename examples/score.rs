@@ -146,6 +146,7 @@ impl Args {
 }
 
 /// The model a job runs on.
+#[allow(clippy::large_enum_variant)] // one per process
 enum Backend {
     Reference(ReferenceModel, ModelFiles),
     Engine(Engine),
