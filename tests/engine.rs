@@ -173,3 +173,87 @@ proptest! {
         }
     }
 }
+
+/// Offloaded weights are kept when asked, reused by the next run of the same model and policy
+/// (same numbers), rebuilt when the policy changes, and removed at exit otherwise.
+#[test]
+fn offload_files_are_reused_kept_or_removed() {
+    let Some(_) = context() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let name = "llama-gqa-untied";
+    let exp = expected(name);
+    let batch: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
+    let open = |w: (f64, f64), keep: bool| {
+        let options = EngineOptions {
+            offload_dir: Some(dir.path().to_path_buf()),
+            keep_offload: keep,
+            ..EngineOptions::new(Placement::Policy(policy(
+                2,
+                1,
+                w,
+                (100.0, 0.0),
+                (100.0, 0.0),
+                true,
+                true,
+            )))
+        };
+        Engine::open_files(
+            context().unwrap(),
+            ModelFiles::open(&fixture_dir(name)).unwrap(),
+            options,
+        )
+        .unwrap()
+    };
+    let first = open((20.0, 20.0), true);
+    assert!(!first.reused_offload());
+    let want = first.token_logprobs(&batch).unwrap();
+    drop(first);
+    let files = || std::fs::read_dir(dir.path()).unwrap().count();
+    assert_eq!(files(), 2, "weights and manifest kept");
+    let second = open((20.0, 20.0), false);
+    assert!(second.reused_offload());
+    assert_eq!(second.token_logprobs(&batch).unwrap(), want);
+    drop(second);
+    assert_eq!(files(), 0, "removed at exit");
+    let third = open((0.0, 0.0), false);
+    assert!(!third.reused_offload());
+    assert!(max_diff(&third.token_logprobs(&batch).unwrap(), &want) < 1e-4);
+}
+
+/// Budgets too small for the policy are refused with the tier and the shortfall, before any
+/// work; no offload directory for a disk placement is a clear error too.
+#[test]
+fn budgets_are_enforced_with_clear_errors() {
+    let Some(_) = context() else { return };
+    let name = "opt-pre-ln-proj";
+    let p = policy(1, 1, (100.0, 0.0), (100.0, 0.0), (100.0, 0.0), true, true);
+    let options = EngineOptions {
+        gpu_budget: 10_000,
+        ..EngineOptions::new(Placement::Policy(p))
+    };
+    let err = Engine::open_files(
+        context().unwrap(),
+        ModelFiles::open(&fixture_dir(name)).unwrap(),
+        options,
+    )
+    .err()
+    .expect("10 kB of GPU cannot hold the model");
+    match &err {
+        ferrogen::Error::Infeasible {
+            tier, short_bytes, ..
+        } => {
+            assert_eq!(tier, "GPU");
+            assert!(*short_bytes > 0);
+        }
+        e => panic!("{e}"),
+    }
+    let p = policy(1, 1, (0.0, 0.0), (100.0, 0.0), (100.0, 0.0), true, true);
+    let err = Engine::open_files(
+        context().unwrap(),
+        ModelFiles::open(&fixture_dir(name)).unwrap(),
+        EngineOptions::new(Placement::Policy(p)),
+    )
+    .err()
+    .expect("weights on disk need an offload directory");
+    assert!(err.to_string().contains("--offload-dir"), "{err}");
+}

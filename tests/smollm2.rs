@@ -195,3 +195,74 @@ fn wgpu_backend_matches_reference_on_britannica() {
     let out = gpu.generate_greedy(&[&prompt], 3, None).unwrap();
     assert_eq!(tok.decode(&out[0]).unwrap(), " Paris.\n");
 }
+
+/// 90% of the weights on disk, the cache and activations split over CPU and disk, budgets far
+/// below the model's size: the same numbers as the all-resident wgpu model, within the budgets.
+#[test]
+fn engine_with_weights_on_disk_matches_resident() {
+    use ferrogen::engine::{Engine, EngineOptions, Placement};
+    use ferrogen::policy::Policy;
+    use ferrogen::storage::Tier;
+    let Some(m) = smollm2() else { return };
+    let ctx = || match ferrogen::gpu::GpuContext::new() {
+        Ok(ctx) => Some(ctx),
+        Err(e) if std::env::var("FERROGEN_SKIP_GPU").as_deref() == Ok("1") => {
+            eprintln!("FERROGEN_SKIP_GPU=1: skipping ({e})");
+            None
+        }
+        Err(e) => panic!("{e} (or set FERROGEN_SKIP_GPU=1)"),
+    };
+    let Some(first) = ctx() else { return };
+    let resident = ferrogen::gpu::model::GpuModel::load(
+        first,
+        &m.files,
+        ferrogen::gpu::model::GpuOptions::default(),
+    )
+    .unwrap();
+    let policy = Policy {
+        gpu_batch_size: 2,
+        num_gpu_batches: 2,
+        w_gpu_percent: 0.0,
+        w_cpu_percent: 10.0,
+        cache_gpu_percent: 0.0,
+        cache_cpu_percent: 50.0,
+        act_gpu_percent: 0.0,
+        act_cpu_percent: 50.0,
+        ..Policy::all_on_gpu(2)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (gpu_budget, cpu_budget) = (48u64 << 20, 96u64 << 20);
+    let options = EngineOptions {
+        gpu_budget,
+        cpu_budget,
+        offload_dir: Some(dir.path().to_path_buf()),
+        ..EngineOptions::new(Placement::Policy(policy))
+    };
+    let path = cache_dir().join(MODEL_FILE);
+    let engine =
+        Engine::open_files(ctx().unwrap(), ModelFiles::open(&path).unwrap(), options).unwrap();
+    let w = engine.weight_bytes();
+    let total: u64 = w.iter().sum();
+    assert!(w[2] as f64 >= 0.89 * total as f64, "{w:?}");
+
+    let tokens = &reference().britannica.tokens;
+    let seqs: Vec<&[u32]> = (0..4).map(|i| &tokens[i * 64..(i + 1) * 64]).collect();
+    let got = engine.token_logprobs(&seqs).unwrap();
+    let want = resident.token_logprobs(&seqs).unwrap();
+    let worst = got
+        .iter()
+        .flatten()
+        .zip(want.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("engine (90% of weights on disk) vs resident: worst per-token diff {worst:.2e}");
+    assert!(worst < 1e-4, "{worst}");
+
+    let tok = m.files.tokenizer().unwrap();
+    let prompt = tok.encode("The capital of France is").unwrap();
+    let out = engine.generate(&[&prompt, &tokens[..7]], 3).unwrap();
+    assert_eq!(tok.decode(&out[0].tokens).unwrap(), " Paris.\n");
+    let peaks = engine.peaks();
+    assert!(peaks[Tier::Gpu.index()] <= gpu_budget && peaks[Tier::Cpu.index()] <= cpu_budget);
+    eprintln!("peaks: {peaks:?}");
+}
