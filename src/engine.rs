@@ -182,7 +182,7 @@ impl Engine {
                     &SearchOptions {
                         compress_weight,
                         compress_cache,
-                        allow_cpu_cache_compute: false,
+                        allow_cpu_cache_compute: !compress_cache,
                         ..SearchOptions::default()
                     },
                 )?;
@@ -190,10 +190,12 @@ impl Engine {
             }
         };
         policy.validate("policy")?;
-        if policy.cpu_cache_compute {
-            return Err(Error::NotBuilt {
-                what: "attention on the CPU (cpu_cache_compute = true); set it to false".into(),
-            });
+        if policy.cpu_cache_compute && policy.compress_cache {
+            return Err(Error::invalid(
+                "policy",
+                "cpu_cache_compute with compress_cache: CPU attention reads an f32 cache \
+                 (FlexGen has the same limit); turn one of them off",
+            ));
         }
         if policy.attn_sparsity < 1.0 {
             return Err(Error::NotBuilt {

@@ -113,7 +113,7 @@ fn split() -> impl Strategy<Value = (f64, f64)> {
 use proptest::prelude::*;
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(12))]
+    #![proptest_config(ProptestConfig::with_cases(24))]
 
     /// Scoring and generation under random placements, batchings and switches equal the
     /// all-resident wgpu model.
@@ -128,6 +128,7 @@ proptest! {
         overlap in any::<bool>(),
         sep in any::<bool>(),
         compress_cache in any::<bool>(),
+        cpu_cache_compute in any::<bool>(),
     ) {
         let Some(_) = context() else { return Ok(()) };
         let name = FIXTURES[fixture];
@@ -143,6 +144,8 @@ proptest! {
         let batch: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
         let mut p = policy(gbs, nb, w, c, h, overlap, sep);
         p.compress_cache = compress_cache;
+        // CPU attention reads an f32 cache (as in FlexGen)
+        p.cpu_cache_compute = cpu_cache_compute && !compress_cache && c.0 < 100.0;
         let options = EngineOptions {
             offload_dir: Some(dir.path().to_path_buf()),
             ..EngineOptions::new(Placement::Policy(p.clone()))

@@ -9,7 +9,9 @@ use std::time::Instant;
 
 use super::trace::{Trace, Track};
 use super::weights::{PlacedModel, UnitWeights, WeightSlot};
+use crate::cpu::ops::causal_attention;
 use crate::error::{Error, Result};
+use crate::gpu::kernels::attention::Attention;
 use crate::gpu::model::{CacheSlot, GpuRunner, LayerCache, RowBatch};
 use crate::gpu::GpuTensor;
 use crate::policy::Policy;
@@ -127,7 +129,10 @@ struct CacheCell {
     /// Sequences per tier (within the batch, in order).
     split: RowSplit,
     gpu: Option<LayerCache>,
-    cpu: Vec<Vec<u8>>,
+    /// RAM rows per segment (as words, so they view as f32 without copying).
+    cpu: Vec<Vec<u32>>,
+    /// With attention on the CPU: the disk sequences' rows, read for one decode step.
+    disk_host: Option<(Vec<Vec<u32>>, Reservation)>,
     working: Option<(LayerCache, Option<Reservation>)>,
     _held: Vec<Reservation>,
     /// Byte offset of this cell's disk rows in the cache file, per segment.
@@ -283,7 +288,7 @@ impl Executor {
                         held.push(self.ledger.reserve(Tier::Cpu, c as u64 * bpr, "KV cache")?);
                         cpu = bpr_segments
                             .iter()
-                            .map(|&s| vec![0u8; c * s as usize])
+                            .map(|&s| vec![0u32; c * s as usize / 4])
                             .collect();
                     }
                     if d > 0 {
@@ -297,6 +302,7 @@ impl Executor {
                     split,
                     gpu,
                     cpu,
+                    disk_host: None,
                     working: None,
                     _held: held,
                     disk,
@@ -428,6 +434,133 @@ impl BlockState<'_> {
         (token * self.plan.units.len() + unit) % 2
     }
 
+    /// Whether cell `c`'s attention runs on the CPU for the sequences whose cache is not on the
+    /// GPU (`cpu_cache_compute`, decode tokens only: the prefill runs on the GPU).
+    fn delegated(&self, c: Cell, cell: &CacheCell) -> bool {
+        self.exec.policy.cpu_cache_compute && c.token > 0 && cell.split.gpu < cell.split.rows()
+    }
+
+    /// Decode attention with the GPU sequences' rows on the device cache and the others on all
+    /// CPU cores against their RAM (or just-read disk) rows, new keys and values appended where
+    /// each sequence's cache lives. Returns `[rows, heads * head_dim]` on the device.
+    fn cpu_attention(
+        &self,
+        cell: &mut CacheCell,
+        rb: &RowBatch,
+        [q, k, v]: [&GpuTensor; 3],
+    ) -> Result<GpuTensor> {
+        let r = &self.exec.runner;
+        let ctx = &r.ctx;
+        let layout = r.head_layout();
+        let scale = 1.0 / (layout.head_dim as f32).sqrt();
+        let (g, cs) = (cell.split.gpu, cell.split.cpu);
+        let appends = rb.appends();
+        let infos = rb.infos();
+        let a = GpuTensor::zeros(ctx, &q.shape)?;
+        let qw = q.shape[1];
+        if g > 0 {
+            // the GPU sequences' rows come first: attend them against the device cache
+            let rows = appends[g - 1].0 + appends[g - 1].2;
+            let cache = cell
+                .gpu
+                .as_ref()
+                .ok_or_else(|| Error::invalid("executor", "no GPU cache"))?;
+            let head = |t: &GpuTensor| -> Result<GpuTensor> {
+                let out = GpuTensor::zeros(ctx, &[rows, t.shape[1]])?;
+                let mut enc = ctx.device.create_command_encoder(&Default::default());
+                let bytes = (rows * t.shape[1] * 4) as u64;
+                enc.copy_buffer_to_buffer(&t.buffer, 0, &out.buffer, 0, bytes);
+                ctx.queue.submit([enc.finish()]);
+                Ok(out)
+            };
+            let info = Attention::upload_info(ctx, &infos[..rows]);
+            let (qg, kg, vg) = (head(q)?, head(k)?, head(v)?);
+            let ag = r.attend_cache(cache, &info, &appends[..g], [&qg, &kg, &vg])?;
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(&ag.buffer, 0, &a.buffer, 0, (rows * qw * 4) as u64);
+            ctx.queue.submit([enc.finish()]);
+        }
+        if g == appends.len() {
+            return Ok(a);
+        }
+        let (qh, kh, vh) = (q.download(ctx)?, k.download(ctx)?, v.download(ctx)?);
+        let kvw = k.shape[1];
+        // each sequence's first cache row, and where the RAM and disk sequences' rows start
+        let firsts: Vec<usize> = appends
+            .iter()
+            .map(|&(row, _, _)| infos[row].first as usize)
+            .collect();
+        let base_c = firsts.get(g).copied().unwrap_or(0);
+        let base_d = firsts.get(g + cs).copied().unwrap_or(0);
+        let mut disk = cell.disk_host.take();
+        let missing = || Error::invalid("executor", "disk cache rows not loaded");
+        // append the new keys and values where each sequence's cache lives
+        for (i, &(row, at, n)) in appends.iter().enumerate().skip(g) {
+            let (segs, base) = if i < g + cs {
+                (&mut cell.cpu, base_c)
+            } else {
+                (&mut disk.as_mut().ok_or_else(missing)?.0, base_d)
+            };
+            let dst = (at - base) * kvw;
+            let src = row * kvw..(row + n) * kvw;
+            segs[0][dst..dst + n * kvw].copy_from_slice(bytemuck::cast_slice(&kh[src.clone()]));
+            segs[1][dst..dst + n * kvw].copy_from_slice(bytemuck::cast_slice(&vh[src]));
+        }
+        let outputs: Vec<Result<Vec<f32>>> = {
+            let (cpu, disk) = (&cell.cpu, disk.as_ref());
+            let one = |i: usize| -> Result<Vec<f32>> {
+                let (row, at, n) = appends[i];
+                let (segs, base) = if i < g + cs {
+                    (cpu, base_c)
+                } else {
+                    (&disk.ok_or_else(missing)?.0, base_d)
+                };
+                let (first, len) = (firsts[i] - base, at + n - firsts[i]);
+                let shape_err = |e: ndarray::ShapeError| Error::invalid("executor", e.to_string());
+                let span = first * kvw..(first + len) * kvw;
+                let kr: &[f32] = bytemuck::cast_slice(&segs[0][span.clone()]);
+                let vr: &[f32] = bytemuck::cast_slice(&segs[1][span]);
+                let kk = ndarray::ArrayView2::from_shape((len, kvw), kr).map_err(shape_err)?;
+                let vv = ndarray::ArrayView2::from_shape((len, kvw), vr).map_err(shape_err)?;
+                let qq = ndarray::ArrayView2::from_shape((n, qw), &qh[row * qw..(row + n) * qw])
+                    .map_err(shape_err)?;
+                let out = causal_attention(qq, kk, vv, len - n, layout, scale);
+                Ok(out.iter().copied().collect())
+            };
+            // the sequences, split over all cores
+            let todo: Vec<usize> = (g..appends.len()).collect();
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let per = todo.len().div_ceil(threads).max(1);
+            std::thread::scope(|s| {
+                let handles: Vec<_> = todo
+                    .chunks(per)
+                    .map(|chunk| s.spawn(move || chunk.iter().map(|&i| one(i)).collect::<Vec<_>>()))
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            vec![Err(Error::invalid(
+                                "executor",
+                                "a CPU attention thread panicked",
+                            ))]
+                        })
+                    })
+                    .collect()
+            })
+        };
+        cell.disk_host = disk;
+        for (i, out) in (g..appends.len()).zip(outputs) {
+            let row = appends[i].0;
+            ctx.queue.write_buffer(
+                &a.buffer,
+                (row * qw * 4) as u64,
+                bytemuck::cast_slice(&out?),
+            );
+        }
+        Ok(a)
+    }
+
     fn cache_layer(&self, unit: usize) -> Option<usize> {
         match self.plan.units[unit] {
             UnitKind::Attention(l) | UnitKind::Layer(l) => Some(l),
@@ -500,7 +633,8 @@ impl BlockState<'_> {
         let mut cache = self
             .cache_layer(c.unit)
             .map(|l| lock(&self.caches[l][c.batch]));
-        if let Some(cell) = cache.as_mut() {
+        let delegated = cache.as_ref().is_some_and(|cell| self.delegated(c, cell));
+        if let Some(cell) = cache.as_mut().filter(|_| !delegated) {
             let persistent = cell.split.gpu == cell.split.rows() && cell.gpu.is_some();
             if cell.working.is_none() && !persistent {
                 // the prefill (or a scoring step) starts from an empty cache of the batch
@@ -513,7 +647,7 @@ impl BlockState<'_> {
                 cell.working = Some((r.layer_cache(total)?, Some(held)));
             }
         }
-        let working = || -> Result<&LayerCache> {
+        fn working<'c>(cache: &'c Option<MutexGuard<'_, CacheCell>>) -> Result<&'c LayerCache> {
             let cell = cache
                 .as_ref()
                 .ok_or_else(|| Error::invalid("executor", "a cache unit without a cache"))?;
@@ -522,14 +656,31 @@ impl BlockState<'_> {
                 .map(|w| &w.0)
                 .or(cell.gpu.as_ref())
                 .ok_or_else(|| Error::invalid("executor", "the KV cache is not loaded"))
-        };
+        }
         let result = (|| -> Result<Option<GpuTensor>> {
             Ok(Some(match &weights {
                 UnitWeights::Embed(w) => r.input(w, x.clone(), &rb)?,
-                UnitWeights::Attention(w) => r.attention(w, x.clone(), working()?, &rb)?,
+                UnitWeights::Attention(w) if delegated => {
+                    let cell = cache
+                        .as_deref_mut()
+                        .ok_or_else(|| Error::invalid("executor", "no cache"))?;
+                    r.attention_with(w, x.clone(), &rb, |q, k, v| {
+                        self.cpu_attention(cell, &rb, [q, k, v])
+                    })?
+                }
+                UnitWeights::Layer(a, m) if delegated => {
+                    let cell = cache
+                        .as_deref_mut()
+                        .ok_or_else(|| Error::invalid("executor", "no cache"))?;
+                    let y = r.attention_with(a, x.clone(), &rb, |q, k, v| {
+                        self.cpu_attention(cell, &rb, [q, k, v])
+                    })?;
+                    r.mlp(m, y)?
+                }
+                UnitWeights::Attention(w) => r.attention(w, x.clone(), working(&cache)?, &rb)?,
                 UnitWeights::Mlp(w) => r.mlp(w, x.clone())?,
                 UnitWeights::Layer(a, m) => {
-                    let y = r.attention(a, x.clone(), working()?, &rb)?;
+                    let y = r.attention(a, x.clone(), working(&cache)?, &rb)?;
                     r.mlp(m, y)?
                 }
                 UnitWeights::Output(head, output) => {
@@ -797,6 +948,9 @@ impl BlockState<'_> {
         if cell.split.gpu == cell.split.rows() {
             return Ok(()); // the persistent cache is the working cache
         }
+        if self.delegated(c, &cell) {
+            return self.load_disk_rows_to_host(&mut cell, &seq_rows, total);
+        }
         let held = exec.ledger.reserve(
             Tier::Gpu,
             total as u64 * r.cache_bytes_per_row(),
@@ -825,7 +979,8 @@ impl BlockState<'_> {
         for (i, (dst, s)) in segs.iter().enumerate() {
             for &(first, before, _) in &seq_rows[gs..gs + cs] {
                 let at = (first - base_c) * *s as usize;
-                let bytes = &cell.cpu[i][at..at + before * *s as usize];
+                let bytes: &[u8] = bytemuck::cast_slice(&cell.cpu[i]);
+                let bytes = &bytes[at..at + before * *s as usize];
                 if !bytes.is_empty() {
                     r.ctx.queue.write_buffer(dst, first as u64 * s, bytes);
                 }
@@ -859,6 +1014,59 @@ impl BlockState<'_> {
         Ok(())
     }
 
+    /// Bytes per row of each cache segment.
+    fn segment_bytes(&self) -> Result<Vec<usize>> {
+        let probe = self.exec.runner.layer_cache(1)?;
+        Ok(probe.segments().iter().map(|s| s.1 as usize).collect())
+    }
+
+    /// With attention on the CPU: the disk sequences' cached rows into RAM for this step.
+    fn load_disk_rows_to_host(
+        &self,
+        cell: &mut CacheCell,
+        seq_rows: &[(usize, usize, usize)],
+        total: usize,
+    ) -> Result<()> {
+        let exec = self.exec;
+        let first_disk = cell.split.gpu + cell.split.cpu;
+        if cell.split.disk == 0 {
+            return Ok(());
+        }
+        let seg_bytes = self.segment_bytes()?;
+        // rows from the first disk sequence's first row to the end of the batch's cache
+        let base = seq_rows[first_disk].0;
+        let rows = total - base;
+        let held = exec.ledger.reserve(
+            Tier::Cpu,
+            (rows * seg_bytes.iter().sum::<usize>()) as u64,
+            "KV cache read for CPU attention",
+        )?;
+        let file = self
+            .cache_file
+            .as_ref()
+            .ok_or_else(|| Error::invalid("executor", "no cache file"))?;
+        let mut segs: Vec<Vec<u32>> = seg_bytes
+            .iter()
+            .map(|&s| vec![0u32; rows * s / 4])
+            .collect();
+        exec.staging.with(|staging| {
+            for (i, &s) in seg_bytes.iter().enumerate() {
+                let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut segs[i]);
+                for &(first, before, _) in &seq_rows[first_disk..] {
+                    let at = (first - base) * s;
+                    file.read_into(
+                        cell.disk[i] + at as u64,
+                        &mut bytes[at..at + before * s],
+                        staging,
+                    )?;
+                }
+            }
+            Ok(())
+        })?;
+        cell.disk_host = Some((segs, held));
+        Ok(())
+    }
+
     fn store_cache(&self, c: Cell) -> Result<()> {
         let Some(layer) = self.cache_layer(c.unit) else {
             return Ok(());
@@ -867,6 +1075,31 @@ impl BlockState<'_> {
         let r = &exec.runner;
         let rows = self.new_rows(c)?;
         let mut cell = lock(&self.caches[layer][c.batch]);
+        if self.delegated(c, &cell) {
+            // RAM rows were appended in place; the disk sequences' new rows go to the file
+            let Some((segs, _held)) = cell.disk_host.take() else {
+                return Ok(());
+            };
+            let first_disk = cell.split.gpu + cell.split.cpu;
+            let base = rows[first_disk].0;
+            let file = self
+                .cache_file
+                .as_ref()
+                .ok_or_else(|| Error::invalid("executor", "no cache file"))?;
+            let seg_bytes = self.segment_bytes()?;
+            return exec.staging.with(|staging| {
+                for (i, seg) in segs.iter().enumerate() {
+                    let s = seg_bytes[i];
+                    let bytes: &[u8] = bytemuck::cast_slice(seg);
+                    for &(first, from, n) in &rows[first_disk..] {
+                        let at = (first - base + from) * s;
+                        file.write_at(cell.disk[i] + at as u64, &bytes[at..at + n * s], staging)?;
+                    }
+                }
+                Ok(())
+            });
+        }
+
         let [gs, cs, _] = [cell.split.gpu, cell.split.cpu, cell.split.disk];
         if gs == cell.split.rows() {
             return Ok(());
@@ -910,7 +1143,8 @@ impl BlockState<'_> {
             let s = segs[*i].1 as usize;
             if *seq < gs + cs {
                 let at = (first - base_c + from) * s;
-                cell.cpu[*i][at..at + bytes.len()].copy_from_slice(&bytes);
+                let words: &mut [u8] = bytemuck::cast_slice_mut(&mut cell.cpu[*i]);
+                words[at..at + bytes.len()].copy_from_slice(&bytes);
             } else {
                 let file = self
                     .cache_file

@@ -358,9 +358,22 @@ pub(crate) struct RowBatch {
     pos: GpuIndices,
     positions: Vec<u32>,
     info: GpuIndices,
+    infos: Vec<RowInfo>,
     rope: Option<(GpuTensor, GpuTensor)>,
     /// `(first new row, first cache row, rows)` per sequence.
     appends: Vec<(usize, usize, usize)>,
+}
+
+impl RowBatch {
+    /// Per row: the first cache row of its sequence and the keys it sees.
+    pub(crate) fn infos(&self) -> &[RowInfo] {
+        &self.infos
+    }
+
+    /// `(first new row, first cache row, rows)` per sequence.
+    pub(crate) fn appends(&self) -> &[(usize, usize, usize)] {
+        &self.appends
+    }
 }
 
 /// Where one sequence's new tokens go in a cache.
@@ -515,6 +528,7 @@ impl GpuRunner {
             ids,
             positions,
             info: Attention::upload_info(ctx, &infos),
+            infos,
             rope,
             appends,
         })
@@ -594,56 +608,51 @@ impl GpuRunner {
         cache: &LayerCache,
         rb: &RowBatch,
     ) -> Result<GpuTensor> {
+        self.attention_with(w, x, rb, |q, k, v| {
+            self.attend_cache(cache, &rb.info, &rb.appends, [q, k, v])
+        })
+    }
+
+    /// [`GpuRunner::attention`] with the attention itself done by `attend(q, k, v)`, which
+    /// returns `[rows, heads * head_dim]` (before the output projection).
+    pub(crate) fn attention_with(
+        &self,
+        w: &AttnWeights,
+        x: GpuTensor,
+        rb: &RowBatch,
+        attend: impl FnOnce(&GpuTensor, &GpuTensor, &GpuTensor) -> Result<GpuTensor>,
+    ) -> Result<GpuTensor> {
         let k = &self.kernels;
-        match w {
-            AttnWeights::Llama {
-                norm,
-                q,
-                k: kw,
-                v,
-                o,
-            } => {
-                let h = self.rms_norm(norm, &x)?;
-                let (qt, kt, vt) = (
-                    self.linear(&h, q)?,
-                    self.linear(&h, kw)?,
-                    self.linear(&h, v)?,
-                );
-                if let Some((cos, sin)) = &rb.rope {
-                    let hd = self.head_layout().head_dim;
-                    k.rope.run(&self.ctx, &qt, cos, sin, hd)?;
-                    k.rope.run(&self.ctx, &kt, cos, sin, hd)?;
-                }
-                let a = self.attend(cache, rb, [&qt, &kt, &vt], o)?;
-                k.elementwise.binary(&self.ctx, Op::Add, &x, &a)?;
-                Ok(x)
+        let (h, [q, kw, v, out], pre) = match w {
+            AttnWeights::Llama { norm, q, k, v, o } => {
+                (self.rms_norm(norm, &x)?, [q, k, v, o], true)
             }
-            AttnWeights::Opt {
-                ln,
-                q,
-                k: kw,
-                v,
-                out,
-            } => {
+            AttnWeights::Opt { ln, q, k, v, out } => {
                 let pre = self.opt_pre_norm();
                 let h = if pre {
                     self.opt_norm(ln, &x)?
                 } else {
                     x.clone()
                 };
-                let (qt, kt, vt) = (
-                    self.linear(&h, q)?,
-                    self.linear(&h, kw)?,
-                    self.linear(&h, v)?,
-                );
-                let a = self.attend(cache, rb, [&qt, &kt, &vt], out)?;
-                k.elementwise.binary(&self.ctx, Op::Add, &x, &a)?;
-                if pre {
-                    Ok(x)
-                } else {
-                    self.opt_norm(ln, &x)
-                }
+                (h, [q, k, v, out], pre)
             }
+        };
+        let (qt, kt, vt) = (
+            self.linear(&h, q)?,
+            self.linear(&h, kw)?,
+            self.linear(&h, v)?,
+        );
+        if let Some((cos, sin)) = &rb.rope {
+            let hd = self.head_layout().head_dim;
+            k.rope.run(&self.ctx, &qt, cos, sin, hd)?;
+            k.rope.run(&self.ctx, &kt, cos, sin, hd)?;
+        }
+        let a = attend(&qt, &kt, &vt)?;
+        let o = self.linear(&a, out)?;
+        k.elementwise.binary(&self.ctx, Op::Add, &x, &o)?;
+        match w {
+            AttnWeights::Opt { ln, .. } if !pre => self.opt_norm(ln, &x),
+            _ => Ok(x),
         }
     }
 
@@ -704,14 +713,14 @@ impl GpuRunner {
         }
     }
 
-    /// Appends the new keys and values to the cache, attends with the queries, and applies
-    /// the output projection: `out(attention(q, K, V))`.
-    fn attend(
+    /// Appends the new keys and values to the cache (rows `appends`: `(first new row, first
+    /// cache row, rows)`) and attends with the queries (`info` per row): `attention(q, K, V)`.
+    pub(crate) fn attend_cache(
         &self,
         cache: &LayerCache,
-        rb: &RowBatch,
+        info: &GpuIndices,
+        appends: &[(usize, usize, usize)],
         [q, k, v]: [&GpuTensor; 3],
-        out: &GpuLinear,
     ) -> Result<GpuTensor> {
         let a = GpuTensor::zeros(&self.ctx, &q.shape)?;
         let layout = self.head_layout();
@@ -720,38 +729,30 @@ impl GpuRunner {
             LayerCache::F32(kc, vc) => {
                 let row_bytes = (kc.shape[1] * 4) as u64;
                 let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-                for &(src, dst, n) in &rb.appends {
-                    let (src, dst, n) = (src as u64, dst as u64, n as u64);
-                    enc.copy_buffer_to_buffer(
-                        &k.buffer,
-                        src * row_bytes,
-                        &kc.buffer,
-                        dst * row_bytes,
-                        n * row_bytes,
+                for &(src, dst, n) in appends {
+                    let (src, dst, n) = (
+                        src as u64 * row_bytes,
+                        dst as u64 * row_bytes,
+                        n as u64 * row_bytes,
                     );
-                    enc.copy_buffer_to_buffer(
-                        &v.buffer,
-                        src * row_bytes,
-                        &vc.buffer,
-                        dst * row_bytes,
-                        n * row_bytes,
-                    );
+                    enc.copy_buffer_to_buffer(&k.buffer, src, &kc.buffer, dst, n);
+                    enc.copy_buffer_to_buffer(&v.buffer, src, &vc.buffer, dst, n);
                 }
                 self.ctx.queue.submit([enc.finish()]);
                 self.kernels
                     .attention
-                    .run(&self.ctx, q, kc, vc, &rb.info, &a, layout, scale)?;
+                    .run(&self.ctx, q, kc, vc, info, &a, layout, scale)?;
             }
             LayerCache::Q4(kc, vc) => {
                 // the rows' info names their own cache positions: quantize them there
-                self.kernels.kv_quant.store(&self.ctx, k, &rb.info, kc)?;
-                self.kernels.kv_quant.store(&self.ctx, v, &rb.info, vc)?;
+                self.kernels.kv_quant.store(&self.ctx, k, info, kc)?;
+                self.kernels.kv_quant.store(&self.ctx, v, info, vc)?;
                 self.kernels
                     .kv_quant
-                    .attend(&self.ctx, q, kc, vc, &rb.info, &a, layout, scale)?;
+                    .attend(&self.ctx, q, kc, vc, info, &a, layout, scale)?;
             }
         }
-        self.linear(&a, out)
+        Ok(a)
     }
 
     pub(crate) fn linear(&self, x: &GpuTensor, l: &GpuLinear) -> Result<GpuTensor> {
