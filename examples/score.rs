@@ -7,8 +7,9 @@
 //!     [--policy FILE.toml | --hardware PROFILE.toml [--prompt-len N]]
 //!     [--compress-weight] [--compress-cache] [--trace FILE.json]
 //! ```
-//! The default backend is the engine on WebGPU when an adapter exists (the CPU reference
-//! otherwise). With `--policy` the file's placement is used (checked against any budgets);
+//! The default backend is the engine on WebGPU when an adapter exists, except that with only a
+//! CPU adapter (lavapipe) and no memory flags the CPU reference runs, being ~14x faster there;
+//! `--backend wgpu` forces the engine. With `--policy` the file's placement is used (checked against any budgets);
 //! with budgets and no policy the LP search picks one for the hardware profile (by default the
 //! one calibrated on the CI machine, `policies/lavapipe-2core.toml`); with neither, everything
 //! stays on the GPU. `--trace` writes a Chrome trace (open it in Perfetto) of every load,
@@ -24,7 +25,7 @@ use ferrogen::bytes::{format_size, parse_size};
 use ferrogen::cli::{required, Flags};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::engine::{Engine, EngineOptions, Placement, DEFAULT_PROFILE};
-use ferrogen::gpu::GpuContext;
+use ferrogen::gpu::{AdapterKind, GpuContext};
 use ferrogen::model::ModelFiles;
 use ferrogen::policy::{HardwareProfile, Policy};
 use ferrogen::score::{score_jsonl, ScoreOptions, Scorer};
@@ -196,6 +197,26 @@ fn prepare(args: &Args) -> Result<Job> {
             let placement = args.placement()?;
             let files = ModelFiles::open(&args.model)?;
             let ctx = match GpuContext::new() {
+                // a software rasterizer's "GPU" (lavapipe) runs the kernels far slower than the
+                // CPU reference does: without memory flags the reference is the better default
+                Ok(ctx)
+                    if ctx.kind == AdapterKind::Cpu
+                        && args.backend.is_none()
+                        && args.memory_flag().is_none()
+                        && !args.compress_weight
+                        && !args.compress_cache =>
+                {
+                    eprintln!(
+                        "the only WebGPU adapter is a CPU one ({}): using the faster CPU reference \
+                         (--backend wgpu forces the engine)",
+                        ctx.info.name
+                    );
+                    return Ok(Job {
+                        model: Backend::Reference(ReferenceModel::load(&files)?, files),
+                        input,
+                        output: open_output(&args.output)?,
+                    });
+                }
                 Ok(ctx) => ctx,
                 Err(e) if args.backend.is_none() && args.memory_flag().is_none() => {
                     eprintln!("{e}: using the reference backend");

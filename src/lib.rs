@@ -16,6 +16,12 @@
 //! - [`quant`]: GGUF block formats and FlexGen's 4-bit group format;
 //! - [`policy`]: `Policy`, `HardwareProfile` and its calibration, FlexGen's cost model
 //!   generalized, and the LP policy search;
+//! - [`storage`]: the tiers, byte-exact placement (weights split by rows, KV cache and
+//!   activations by sequence), O_DIRECT offload files and the memory ledger;
+//! - [`schedule`]: FlexGen's zig-zag block schedule as a printable, testable plan;
+//! - [`exec`]: the executor that carries the plan out, I/O threads overlapped with compute, with
+//!   a Chrome-trace timeline;
+//! - [`engine`]: the entry point: open a model with a policy or budgets, score or generate;
 //! - [`score`]: the JSONL dataset-scoring job behind the `score` example.
 //!
 //! ```
@@ -37,6 +43,42 @@
 //! // Greedy continuation of a prompt.
 //! let new_tokens = model.generate_greedy(&[&[1, 17, 42]], 4, None)?;
 //! assert_eq!(new_tokens[0].len(), 4);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The same model placed across the tiers by the [`engine`]: 70% of the weights streamed from
+//! RAM and disk, the KV cache split between GPU and RAM, two GPU batches per block:
+//!
+//! ```
+//! use ferrogen::engine::{Engine, EngineOptions, Placement};
+//! use ferrogen::gpu::GpuContext;
+//! use ferrogen::model::ModelFiles;
+//! use ferrogen::policy::Policy;
+//!
+//! # fn main() -> ferrogen::Result<()> {
+//! let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama-tied");
+//! let Ok(ctx) = GpuContext::new() else { return Ok(()) }; // needs a WebGPU adapter
+//! let policy = Policy {
+//!     num_gpu_batches: 2,
+//!     w_gpu_percent: 30.0,
+//!     w_cpu_percent: 30.0,
+//!     cache_gpu_percent: 50.0,
+//!     cache_cpu_percent: 50.0,
+//!     ..Policy::all_on_gpu(1)
+//! };
+//! let offload = tempfile::tempdir().map_err(|e| ferrogen::Error::io("temp dir", e))?;
+//! let options = EngineOptions {
+//!     offload_dir: Some(offload.path().to_path_buf()),
+//!     gpu_budget: 64 << 20,
+//!     cpu_budget: 64 << 20,
+//!     ..EngineOptions::new(Placement::Policy(policy))
+//! };
+//! let engine = Engine::open_files(ctx, ModelFiles::open(dir.as_ref())?, options)?;
+//! let logprobs = engine.token_logprobs(&[&[1, 17, 42, 7], &[3, 9]])?;
+//! assert_eq!(logprobs[1].len(), 1);
+//! let generated = engine.generate(&[&[1, 17, 42]], 4)?;
+//! assert_eq!(generated[0].tokens.len(), 4);
 //! # Ok(())
 //! # }
 //! ```

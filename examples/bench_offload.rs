@@ -1,0 +1,399 @@
+//! Offloading benchmark: all weights on disk (read back with O_DIRECT, the page cache bypassed),
+//! a block of `gbs x nb` sequences generating `gen_len` tokens, with overlap on and off.
+//!
+//! ```text
+//! cargo run --release --example bench_offload -- (--model PATH | --config opt-1.3b [--seed N])
+//!     [--gbs 1] [--nb 2] [--prompt-len 8] [--gen-len 4] [--compress-weight]
+//!     [--offload-dir DIR] [--hardware PROFILE.toml] [--runs 2] [--overlap on|off|both]
+//!     [--gpu-mem SIZE] [--cpu-mem SIZE]
+//! ```
+//! Reports, per overlap mode, the median decode step (token 1 onwards) and the time per track,
+//! the cost model's per-term prediction for the same policy beside the measured terms, the
+//! overlap efficiency (the overlapped step over max(I/O alone, compute alone), both measured in
+//! the overlap-off run), throughput, and the ledger's peaks and the process's peak resident
+//! memory (VmHWM) against the budgets.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ferrogen::bytes::{format_size, parse_size};
+use ferrogen::cli::Flags;
+use ferrogen::engine::{Engine, EngineOptions, Placement, DEFAULT_PROFILE};
+use ferrogen::exec::{Trace, Track};
+use ferrogen::gpu::GpuContext;
+use ferrogen::model::builtin::builtin_config;
+use ferrogen::model::random::RandomWeights;
+use ferrogen::model::ModelFiles;
+use ferrogen::policy::{CostModel, HardwareProfile, Policy, Workload};
+use ferrogen::{Error, Result};
+
+struct Args {
+    model: Option<PathBuf>,
+    config: Option<String>,
+    seed: u64,
+    gbs: usize,
+    nb: usize,
+    prompt_len: usize,
+    gen_len: usize,
+    compress_weight: bool,
+    offload_dir: PathBuf,
+    hardware: Option<PathBuf>,
+    runs: usize,
+    overlap: Vec<bool>,
+    gpu_mem: u64,
+    cpu_mem: u64,
+}
+
+fn parse() -> Result<Args> {
+    let mut a = Args {
+        model: None,
+        config: None,
+        seed: 1,
+        gbs: 1,
+        nb: 2,
+        prompt_len: 8,
+        gen_len: 4,
+        compress_weight: false,
+        offload_dir: std::env::temp_dir().join("ferrogen-bench-offload"),
+        hardware: None,
+        runs: 2,
+        overlap: vec![true, false],
+        gpu_mem: u64::MAX,
+        cpu_mem: u64::MAX,
+    };
+    let mut flags = Flags::from_env();
+    while let Some(flag) = flags.next_flag() {
+        match flag.as_str() {
+            "--model" => a.model = Some(PathBuf::from(flags.value(&flag)?)),
+            "--config" => a.config = Some(flags.value(&flag)?),
+            "--seed" => a.seed = flags.positive(&flag)? as u64,
+            "--gbs" => a.gbs = flags.positive(&flag)?,
+            "--nb" => a.nb = flags.positive(&flag)?,
+            "--prompt-len" => a.prompt_len = flags.positive(&flag)?,
+            "--gen-len" => a.gen_len = flags.positive(&flag)?,
+            "--compress-weight" => a.compress_weight = true,
+            "--offload-dir" => a.offload_dir = PathBuf::from(flags.value(&flag)?),
+            "--hardware" => a.hardware = Some(PathBuf::from(flags.value(&flag)?)),
+            "--runs" => a.runs = flags.positive(&flag)?,
+            "--gpu-mem" => a.gpu_mem = parse_size(&flags.value(&flag)?, &flag)?,
+            "--cpu-mem" => a.cpu_mem = parse_size(&flags.value(&flag)?, &flag)?,
+            "--overlap" => {
+                a.overlap = match flags.value(&flag)?.as_str() {
+                    "on" => vec![true],
+                    "off" => vec![false],
+                    "both" => vec![true, false],
+                    other => {
+                        return Err(Error::invalid(
+                            "--overlap",
+                            format!("`{other}`: on, off or both"),
+                        ))
+                    }
+                }
+            }
+            other => return Err(Error::invalid(other, "unknown flag (see the file's doc)")),
+        }
+    }
+    if a.gen_len < 2 {
+        return Err(Error::invalid(
+            "--gen-len",
+            "at least 2 (decode steps are measured)",
+        ));
+    }
+    Ok(a)
+}
+
+fn open_files(a: &Args) -> Result<ModelFiles> {
+    match (&a.model, &a.config) {
+        (Some(path), None) => ModelFiles::open(path),
+        (None, Some(name)) => {
+            let config = builtin_config(name)
+                .ok_or_else(|| Error::invalid("--config", format!("unknown shape `{name}`")))?;
+            Ok(RandomWeights::model_files(&config, a.seed))
+        }
+        _ => Err(Error::invalid("--model/--config", "give exactly one")),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// The token index `i` of a span named like `compute(i=3, j=2, k=0)`.
+fn token_of(name: &str) -> Option<usize> {
+    let rest = &name[name.find("i=")? + 2..];
+    rest[..rest.find(|c: char| !c.is_ascii_digit())?]
+        .parse()
+        .ok()
+}
+
+/// The unit index `j` of a span name.
+fn unit_of(name: &str) -> Option<usize> {
+    let rest = &name[name.find("j=")? + 2..];
+    rest[..rest.find(|c: char| !c.is_ascii_digit())?]
+        .parse()
+        .ok()
+}
+
+/// Per decode token (1..gen_len): wall seconds of the step, and busy seconds per track over the
+/// layer units only (`layers`: unit indices of the transformer layers).
+struct StepTimes {
+    step: Vec<f64>,
+    load_weight_layers: Vec<f64>,
+    compute_layers: Vec<f64>,
+    load_weight_all: Vec<f64>,
+    compute_all: Vec<f64>,
+}
+
+fn step_times(trace: &Trace, gen_len: usize, layers: std::ops::Range<usize>) -> StepTimes {
+    let end_of = |t: usize| {
+        trace
+            .spans
+            .iter()
+            .filter(|s| token_of(&s.name) == Some(t))
+            .map(|s| s.start_us + s.dur_us)
+            .fold(0f64, f64::max)
+    };
+    let busy = |t: usize, track: Track, only_layers: bool| {
+        trace
+            .spans
+            .iter()
+            .filter(|s| s.track == track && token_of(&s.name) == Some(t))
+            .filter(|s| !only_layers || unit_of(&s.name).is_some_and(|j| layers.contains(&j)))
+            .map(|s| s.dur_us)
+            .sum::<f64>()
+            / 1e6
+    };
+    let tokens = 1..gen_len;
+    StepTimes {
+        step: tokens
+            .clone()
+            .map(|t| (end_of(t) - end_of(t - 1)) / 1e6)
+            .collect(),
+        load_weight_layers: tokens
+            .clone()
+            .map(|t| busy(t, Track::LoadWeight, true))
+            .collect(),
+        compute_layers: tokens
+            .clone()
+            .map(|t| busy(t, Track::Compute, true))
+            .collect(),
+        load_weight_all: tokens
+            .clone()
+            .map(|t| busy(t, Track::LoadWeight, false))
+            .collect(),
+        compute_all: tokens.map(|t| busy(t, Track::Compute, false)).collect(),
+    }
+}
+
+fn vm_hwm() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn run() -> Result<()> {
+    let a = parse()?;
+    let hardware: HardwareProfile = match &a.hardware {
+        Some(p) => HardwareProfile::from_toml_file(p)?,
+        None => {
+            toml::from_str(DEFAULT_PROFILE).map_err(|e| Error::invalid("profile", e.to_string()))?
+        }
+    };
+    let probe = open_files(&a)?;
+    let config = probe.config.clone();
+    drop(probe);
+    let layers = config.num_layers();
+    let vocab = config.vocab_size() as u32;
+    // prompts: seeded token ids, the same for every run
+    let prompts: Vec<Vec<u32>> = (0..a.gbs * a.nb)
+        .map(|s| {
+            (0..a.prompt_len)
+                .map(|i| ((s * 7919 + i * 104_729 + 13) as u32) % vocab)
+                .collect()
+        })
+        .collect();
+    let prompt_refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+    println!(
+        "model {} ({} layers, hidden {}), block {} x {} sequences, prompt {}, gen {}, weights {}, \
+         100% of weights on disk in {}",
+        a.model.as_ref().map_or_else(
+            || a.config.clone().unwrap_or_default(),
+            |p| p.display().to_string()
+        ),
+        layers,
+        config.hidden_size(),
+        a.gbs,
+        a.nb,
+        a.prompt_len,
+        a.gen_len,
+        if a.compress_weight {
+            "4-bit groups"
+        } else {
+            "native"
+        },
+        a.offload_dir.display(),
+    );
+    let mut results: Vec<(bool, StepTimes, f64)> = Vec::new();
+    let mut predicted = None;
+    for &overlap in &a.overlap {
+        let policy = Policy {
+            gpu_batch_size: a.gbs,
+            num_gpu_batches: a.nb,
+            w_gpu_percent: 0.0,
+            w_cpu_percent: 0.0,
+            overlap,
+            compress_weight: a.compress_weight,
+            ..Policy::all_on_gpu(a.gbs)
+        };
+        let cost = CostModel::new(
+            &config,
+            hardware.clone(),
+            Workload {
+                prompt_len: a.prompt_len,
+                gen_len: a.gen_len,
+            },
+        );
+        let prediction = cost.predict(&policy);
+        let options = EngineOptions {
+            gpu_budget: a.gpu_mem,
+            cpu_budget: a.cpu_mem,
+            offload_dir: Some(a.offload_dir.clone()),
+            keep_offload: true,
+            trace: true,
+            ..EngineOptions::new(Placement::Policy(policy))
+        };
+        let t = Instant::now();
+        let engine = Engine::open_files(GpuContext::new()?, open_files(&a)?, options)?;
+        eprintln!(
+            "opened in {:.1} s (offload file {}), {} streamed per token",
+            t.elapsed().as_secs_f64(),
+            if engine.reused_offload() {
+                "reused"
+            } else {
+                "written"
+            },
+            format_size(engine.streamed_bytes_per_token()),
+        );
+        let mut steps = StepTimes {
+            step: vec![],
+            load_weight_layers: vec![],
+            compute_layers: vec![],
+            load_weight_all: vec![],
+            compute_all: vec![],
+        };
+        let mut tok_s = Vec::new();
+        for run in 0..a.runs {
+            let before = engine.trace().map_or(0, |t| t.spans.len());
+            let t = Instant::now();
+            let out = engine.generate(&prompt_refs, a.gen_len)?;
+            let secs = t.elapsed().as_secs_f64();
+            let generated: usize = out.iter().map(|r| r.tokens.len()).sum();
+            tok_s.push(generated as f64 / secs);
+            let mut trace = engine.trace().unwrap_or_default();
+            trace.spans.drain(..before);
+            let layer_units = 1..1 + 2 * layers;
+            let s = step_times(&trace, a.gen_len, layer_units);
+            eprintln!(
+                "overlap {}: run {run}: {:.2} s, {:.2} tok/s, decode steps {:?} s",
+                if overlap { "on" } else { "off" },
+                secs,
+                generated as f64 / secs,
+                s.step
+                    .iter()
+                    .map(|x| (x * 1000.0).round() / 1000.0)
+                    .collect::<Vec<_>>()
+            );
+            steps.step.extend(s.step);
+            steps.load_weight_layers.extend(s.load_weight_layers);
+            steps.compute_layers.extend(s.compute_layers);
+            steps.load_weight_all.extend(s.load_weight_all);
+            steps.compute_all.extend(s.compute_all);
+        }
+        let peaks = engine.peaks();
+        println!(
+            "overlap {:<3}: decode step median {:.3} s (weights load {:.3} s, compute {:.3} s busy; \
+             layers only: load {:.3} s, compute {:.3} s); {:.2} tok/s median; ledger peaks GPU {} CPU {} disk {}",
+            if overlap { "on" } else { "off" },
+            median(steps.step.clone()),
+            median(steps.load_weight_all.clone()),
+            median(steps.compute_all.clone()),
+            median(steps.load_weight_layers.clone()),
+            median(steps.compute_layers.clone()),
+            median(tok_s.clone()),
+            format_size(peaks[0]),
+            format_size(peaks[1]),
+            format_size(peaks[2]),
+        );
+        results.push((overlap, steps, median(tok_s)));
+        predicted.get_or_insert((overlap, prediction));
+    }
+    if let Some((overlap, p)) = predicted {
+        let l = layers as f64;
+        let d = p.decode;
+        println!(
+            "cost model, decode step of the {layers} layers: ctog {:.3} s + dtoc {:.3} s (weights I/O), \
+             comp {:.3} s, step {:.3} s (overlap {})",
+            d.ctog * l,
+            d.dtoc * l,
+            d.comp * l,
+            d.layer * l,
+            if overlap { "on" } else { "off" }
+        );
+        if let Some((_, off, _)) = results.iter().find(|r| !r.0) {
+            println!(
+                "measured (overlap off), the layers: weights I/O {:.3} s, compute {:.3} s",
+                median(off.load_weight_layers.clone()),
+                median(off.compute_layers.clone())
+            );
+        }
+    }
+    if let (Some((_, on, on_tps)), Some((_, off, off_tps))) =
+        (results.iter().find(|r| r.0), results.iter().find(|r| !r.0))
+    {
+        let io = median(off.load_weight_all.clone());
+        let comp = median(off.compute_all.clone());
+        let step_on = median(on.step.clone());
+        println!(
+            "overlap efficiency: {:.3} s / max(I/O {:.3} s, compute {:.3} s) = {:.2} (goal <= 1.2); \
+             overlap speedup {:.2}x ({:.2} vs {:.2} tok/s)",
+            step_on,
+            io,
+            comp,
+            step_on / io.max(comp),
+            on_tps / off_tps,
+            on_tps,
+            off_tps
+        );
+    }
+    let budget = |b: u64| {
+        if b == u64::MAX {
+            "unlimited".into()
+        } else {
+            format_size(b)
+        }
+    };
+    println!(
+        "peak resident memory (VmHWM) {} with budgets GPU {} + CPU {} (+200 MiB allowed)",
+        vm_hwm().map_or("?".into(), format_size),
+        budget(a.gpu_mem),
+        budget(a.cpu_mem)
+    );
+    let _ = std::fs::remove_dir_all(&a.offload_dir);
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
