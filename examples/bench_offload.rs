@@ -266,6 +266,8 @@ fn run() -> Result<()> {
             offload_dir: Some(a.offload_dir.clone()),
             keep_offload: true,
             trace: true,
+            io_chunk_bytes: hardware.io_chunk_bytes,
+            io_threads: hardware.io_threads,
             ..EngineOptions::new(Placement::Policy(policy))
         };
         let t = Instant::now();

@@ -229,12 +229,12 @@ fn prepare(args: &Args) -> Result<Job> {
                 Err(e) => return Err(e),
             };
             let options = EngineOptions {
-                placement,
                 gpu_budget: args.gpu_mem.unwrap_or(u64::MAX),
                 cpu_budget: args.cpu_mem.unwrap_or(u64::MAX),
                 offload_dir: args.offload_dir.clone(),
                 keep_offload: args.keep_offload,
                 trace: args.trace.is_some(),
+                ..EngineOptions::new(placement)
             };
             let engine = Engine::open_files(ctx, files, options)?;
             let w = engine.weight_bytes();

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::exec::executor::{Executor, StagingPool};
+use crate::exec::executor::Executor;
 use crate::exec::weights::{remove_offload, Placer};
 use crate::exec::{SeqResult, Task, Trace};
 use crate::gpu::model::{GpuOptions, GpuRunner, WeightFormat};
@@ -30,6 +30,7 @@ use crate::gpu::GpuContext;
 use crate::model::{ModelConfig, ModelFiles};
 use crate::policy::search::{search, SearchOptions};
 use crate::policy::{CostModel, HardwareProfile, Policy, Workload};
+use crate::storage::offload::StagingPool;
 use crate::storage::{MemoryLedger, Tier};
 
 /// The hardware profile measured on the CI machine (2 cores, lavapipe), used when a search
@@ -72,6 +73,10 @@ pub struct EngineOptions {
     pub keep_offload: bool,
     /// Record a timeline of every load, compute and store.
     pub trace: bool,
+    /// Disk read size (a policy search uses its profile's instead).
+    pub io_chunk_bytes: u64,
+    /// Threads reading one unit's disk pieces (a policy search uses its profile's instead).
+    pub io_threads: usize,
 }
 
 impl EngineOptions {
@@ -84,6 +89,8 @@ impl EngineOptions {
             offload_dir: None,
             keep_offload: false,
             trace: false,
+            io_chunk_bytes: 1 << 20,
+            io_threads: 2,
         }
     }
 }
@@ -138,6 +145,8 @@ impl Engine {
             }
             None => 0,
         };
+        // disk reads in the chunk size and thread count the profile found best (when given)
+        let (mut chunk, mut io_threads) = (options.io_chunk_bytes as usize, options.io_threads);
         let policy = match options.placement {
             Placement::Policy(p) => p,
             Placement::Search {
@@ -164,6 +173,8 @@ impl Engine {
                         ),
                     })
                 };
+                chunk = hardware.io_chunk_bytes as usize;
+                io_threads = hardware.io_threads;
                 let hw = hardware.with_capacities(
                     short(options.gpu_budget, gpu_keep, "GPU")?,
                     short(options.cpu_budget, cpu_keep, "CPU")?,
@@ -224,13 +235,15 @@ impl Engine {
         }
         .place()?;
         runner.ctx.wait()?;
-        let staging = StagingPool::new(&ledger, 3, 1 << 20)?;
+        let (chunk, io_threads) = (chunk.clamp(64 << 10, 16 << 20), io_threads.clamp(1, 16));
+        let staging = StagingPool::new(&ledger, io_threads + 2, chunk)?;
         let executor = Executor {
             runner,
             model,
             policy,
             ledger,
             staging,
+            io_threads,
             slots: Default::default(),
             offload_dir: options.offload_dir.clone(),
             trace: options.trace.then(|| Mutex::new(Trace::new())),

@@ -266,3 +266,79 @@ fn engine_with_weights_on_disk_matches_resident() {
     assert!(peaks[Tier::Gpu.index()] <= gpu_budget && peaks[Tier::Cpu.index()] <= cpu_budget);
     eprintln!("peaks: {peaks:?}");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3))]
+
+    /// Random placements of SmolLM2 (weights, cache and activations over the three tiers,
+    /// batching, overlap, sep_layer, CPU attention): the resident model's numbers.
+    #[test]
+    fn engine_policies_on_smollm2_match_resident(
+        w in (0u32..=10, 0u32..=10),
+        c in (0u32..=10, 0u32..=10),
+        h in (0u32..=10, 0u32..=10),
+        gbs in 1usize..3,
+        nb in 1usize..3,
+        overlap: bool,
+        sep_layer: bool,
+        cpu_cache_compute: bool,
+    ) {
+        use ferrogen::engine::{Engine, EngineOptions, Placement};
+        use ferrogen::policy::Policy;
+        let Some(m) = smollm2() else { return Ok(()) };
+        let Ok(ctx) = ferrogen::gpu::GpuContext::new() else {
+            assert_eq!(std::env::var("FERROGEN_SKIP_GPU").as_deref(), Ok("1"), "no adapter");
+            return Ok(());
+        };
+        let pct = |(g, c): (u32, u32)| (f64::from(g * 10), f64::from(c.min(10 - g) * 10));
+        let (w, c, h) = (pct(w), pct(c), pct(h));
+        let policy = Policy {
+            gpu_batch_size: gbs,
+            num_gpu_batches: nb,
+            w_gpu_percent: w.0,
+            w_cpu_percent: w.1,
+            cache_gpu_percent: c.0,
+            cache_cpu_percent: c.1,
+            act_gpu_percent: h.0,
+            act_cpu_percent: h.1,
+            overlap,
+            sep_layer,
+            cpu_cache_compute: cpu_cache_compute && c.0 < 100.0,
+            ..Policy::all_on_gpu(gbs)
+        };
+        let resident = ferrogen::gpu::model::GpuModel::load(
+            ctx,
+            &m.files,
+            ferrogen::gpu::model::GpuOptions::default(),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let options = EngineOptions {
+            offload_dir: Some(dir.path().to_path_buf()),
+            ..EngineOptions::new(Placement::Policy(policy.clone()))
+        };
+        let engine = Engine::open_files(
+            ferrogen::gpu::GpuContext::new().unwrap(),
+            ModelFiles::open(&cache_dir().join(MODEL_FILE)).unwrap(),
+            options,
+        )
+        .unwrap();
+        let tokens = &reference().britannica.tokens;
+        let seqs: Vec<&[u32]> = vec![&tokens[..24], &tokens[100..117], &tokens[300..320]];
+        let got = engine.token_logprobs(&seqs).unwrap();
+        let want = resident.token_logprobs(&seqs).unwrap();
+        let worst = got
+            .iter()
+            .flatten()
+            .zip(want.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        proptest::prop_assert!(worst < 1e-4, "{:?}: {}", policy, worst);
+        let prompts: Vec<&[u32]> = seqs.iter().map(|s| &s[..6]).collect();
+        let gen = engine.generate(&prompts, 3).unwrap();
+        let greedy = resident.generate_greedy(&prompts, 3, None).unwrap();
+        for (g, want) in gen.iter().zip(&greedy) {
+            proptest::prop_assert_eq!(&g.tokens, want, "{:?}", policy);
+        }
+    }
+}

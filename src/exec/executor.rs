@@ -16,7 +16,7 @@ use crate::gpu::model::{CacheSlot, GpuRunner, LayerCache, RowBatch};
 use crate::gpu::GpuTensor;
 use crate::policy::Policy;
 use crate::schedule::{Cell, Op, PlanShape, UnitKind, ZigzagPlan};
-use crate::storage::offload::{align_up, AlignedBuf, OffloadFile};
+use crate::storage::offload::{align_up, OffloadFile, StagingPool};
 use crate::storage::{split_sequences, MemoryLedger, Reservation, RowSplit, Tier};
 
 /// What a block computes.
@@ -40,36 +40,6 @@ pub struct SeqResult {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A pool of aligned staging buffers for disk I/O, charged to the CPU budget once.
-pub(crate) struct StagingPool {
-    free: Mutex<Vec<AlignedBuf>>,
-    chunk: usize,
-    _held: Reservation,
-}
-
-impl StagingPool {
-    pub(crate) fn new(ledger: &Arc<MemoryLedger>, count: usize, chunk: usize) -> Result<Self> {
-        let bufs: Vec<AlignedBuf> = (0..count).map(|_| AlignedBuf::new(chunk)).collect();
-        let bytes = bufs.iter().map(|b| b.allocated() as u64).sum();
-        Ok(Self {
-            _held: ledger.reserve(Tier::Cpu, bytes, "disk staging buffers")?,
-            free: Mutex::new(bufs),
-            chunk,
-        })
-    }
-
-    /// Runs `f` with a staging buffer (waits for none: a spare one is made if all are out,
-    /// which the plan's at most one disk read and one disk write per step never needs).
-    fn with<T>(&self, f: impl FnOnce(&mut AlignedBuf) -> Result<T>) -> Result<T> {
-        let mut buf = lock(&self.free)
-            .pop()
-            .unwrap_or_else(|| AlignedBuf::new(self.chunk));
-        let out = f(&mut buf);
-        lock(&self.free).push(buf);
-        out
-    }
 }
 
 /// The hidden rows of one batch between units.
@@ -161,6 +131,8 @@ pub(crate) struct Executor {
     pub policy: Policy,
     pub ledger: Arc<MemoryLedger>,
     pub staging: StagingPool,
+    /// Threads reading one unit's disk pieces.
+    pub io_threads: usize,
     pub slots: [Mutex<WeightSlot>; 2],
     pub offload_dir: Option<std::path::PathBuf>,
     pub trace: Option<Mutex<Trace>>,
@@ -576,9 +548,14 @@ impl BlockState<'_> {
                 let mut slot = lock(&exec.slots[self.unit_slot(token, unit)]);
                 let placed = &exec.model.units[unit];
                 let file = exec.model.file.as_deref();
-                let weights = exec.staging.with(|staging| {
-                    slot.load(&exec.runner.ctx, &exec.ledger, placed, file, staging)
-                })?;
+                let weights = slot.load(
+                    &exec.runner.ctx,
+                    &exec.ledger,
+                    placed,
+                    file,
+                    &exec.staging,
+                    exec.io_threads,
+                )?;
                 slot.loaded = Some((token, unit, weights));
                 Ok(())
             }),

@@ -25,7 +25,7 @@ use crate::model::{DType, ModelConfig, ModelFiles, TensorSpec, WeightSource};
 use crate::policy::TierSplit;
 use crate::quant::group4::Group4;
 use crate::schedule::UnitKind;
-use crate::storage::offload::{align_up, AlignedBuf, OffloadFile};
+use crate::storage::offload::{align_up, AlignedBuf, OffloadFile, StagingPool};
 use crate::storage::{MemoryLedger, Reservation, Tier, WeightPlacer};
 
 /// Rows converted at a time while placing weights (bounds the transient memory).
@@ -918,6 +918,9 @@ pub(crate) fn remove_offload(dir: &std::path::Path) {
     let _ = std::fs::remove_file(dir.join(WEIGHTS_FILE));
 }
 
+/// A streamed piece of a linear weight with the slot buffers (one per segment) it goes into.
+type PieceCopy<'a> = (&'a PlacedLinear, &'a Piece, Vec<(wgpu::Buffer, u64)>);
+
 /// Device buffers one unit's streamed pieces are copied into, reused by the next unit of the
 /// same shapes (double buffering: two slots alternate).
 #[derive(Default)]
@@ -929,15 +932,17 @@ pub(crate) struct WeightSlot {
 }
 
 impl WeightSlot {
-    /// Copies unit `unit`'s streamed pieces into this slot's buffers (CPU pieces directly, disk
-    /// pieces through `staging`) and assembles its weights.
+    /// Copies unit `unit`'s streamed pieces into this slot's buffers (RAM pieces directly,
+    /// disk pieces through staging buffers, read by up to `threads` threads) and assembles its
+    /// weights.
     pub(crate) fn load(
         &mut self,
         ctx: &GpuContext,
         ledger: &Arc<MemoryLedger>,
         unit: &PlacedUnit,
         file: Option<&OffloadFile>,
-        staging: &mut AlignedBuf,
+        staging: &StagingPool,
+        threads: usize,
     ) -> Result<UnitWeights> {
         let sizes: Vec<u64> = unit
             .linears
@@ -963,28 +968,62 @@ impl WeightSlot {
             }
             self.buffers = sizes.iter().map(|&s| (device_buffer(ctx, s), s)).collect();
         }
-        let mut weights = unit.template.clone();
+        // each streamed piece with its buffers, in order
+        let mut jobs: Vec<PieceCopy> = Vec::new();
         let mut next = 0;
-        for (lin, placed) in weights.linears_mut().into_iter().zip(&unit.linears) {
-            let seg = placed.format.segment_row_bytes();
+        for placed in &unit.linears {
+            let n = placed.format.segment_row_bytes().len();
             for piece in placed.streamed() {
-                let bufs: Vec<(wgpu::Buffer, u64)> = self.buffers[next..next + seg.len()].to_vec();
-                next += seg.len();
-                let write = |pos: usize, bytes: &[u8]| -> Result<()> {
-                    write_segments(ctx, &bufs, pos as u64, bytes);
-                    Ok(())
-                };
-                match &piece.home {
-                    PieceHome::Cpu(v) => write(0, v)?,
-                    PieceHome::Disk(offset) => {
-                        let file = file.ok_or_else(|| {
-                            Error::invalid("offload", "disk piece without an offload file")
-                        })?;
-                        let len = piece.rows * placed.format.row_bytes();
-                        file.read_chunks(*offset, len, staging, write)?;
-                    }
-                    PieceHome::Gpu(_) => {}
+                jobs.push((placed, piece, self.buffers[next..next + n].to_vec()));
+                next += n;
+            }
+        }
+        let copy = |(placed, piece, bufs): &PieceCopy| -> Result<()> {
+            let write = |pos: usize, bytes: &[u8]| -> Result<()> {
+                write_segments(ctx, bufs, pos as u64, bytes);
+                Ok(())
+            };
+            match &piece.home {
+                PieceHome::Cpu(v) => write(0, v),
+                PieceHome::Disk(offset) => {
+                    let file = file.ok_or_else(|| {
+                        Error::invalid("offload", "disk piece without an offload file")
+                    })?;
+                    let len = piece.rows * placed.format.row_bytes();
+                    staging.with(|buf| file.read_chunks(*offset, len, buf, write))
                 }
+                PieceHome::Gpu(_) => Ok(()),
+            }
+        };
+        // disk pieces spread over the reader threads (each its own staging buffer)
+        let threads = threads.clamp(1, jobs.len().max(1));
+        if threads > 1 {
+            std::thread::scope(|s| -> Result<()> {
+                let handles: Vec<_> = (0..threads)
+                    .map(|t| {
+                        let jobs = &jobs;
+                        let copy = &copy;
+                        s.spawn(move || -> Result<()> {
+                            jobs.iter().skip(t).step_by(threads).try_for_each(copy)
+                        })
+                    })
+                    .collect();
+                for h in handles {
+                    h.join()
+                        .map_err(|_| Error::invalid("offload", "a reader thread panicked"))??;
+                }
+                Ok(())
+            })?;
+        } else {
+            jobs.iter().try_for_each(copy)?;
+        }
+        let mut weights = unit.template.clone();
+        let mut jobs = jobs.into_iter();
+        for (lin, placed) in weights.linears_mut().into_iter().zip(&unit.linears) {
+            for _ in placed.streamed() {
+                let (_, piece, bufs) = jobs
+                    .next()
+                    .ok_or_else(|| Error::invalid("offload", "pieces and buffers disagree"))?;
                 let part = placed
                     .format
                     .part(piece.rows, bufs.into_iter().map(|b| b.0).collect());

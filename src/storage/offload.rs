@@ -7,6 +7,9 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use std::sync::{Arc, Mutex};
+
+use super::{MemoryLedger, Reservation, Tier};
 use crate::error::{Error, Result};
 
 /// O_DIRECT needs buffers, offsets and lengths aligned to the device block; 4 KiB covers all.
@@ -75,6 +78,43 @@ pub fn drop_cache(file: &File) {
     // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open.
     unsafe {
         libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
+/// A pool of aligned staging buffers for disk I/O, charged to the CPU budget once.
+pub struct StagingPool {
+    free: Mutex<Vec<AlignedBuf>>,
+    chunk: usize,
+    _held: Reservation,
+}
+
+impl StagingPool {
+    /// `count` buffers of `chunk` bytes, charged to the CPU tier of `ledger`.
+    pub fn new(ledger: &Arc<MemoryLedger>, count: usize, chunk: usize) -> Result<Self> {
+        let bufs: Vec<AlignedBuf> = (0..count).map(|_| AlignedBuf::new(chunk)).collect();
+        let bytes = bufs.iter().map(|b| b.allocated() as u64).sum();
+        Ok(Self {
+            _held: ledger.reserve(Tier::Cpu, bytes, "disk staging buffers")?,
+            free: Mutex::new(bufs),
+            chunk,
+        })
+    }
+
+    /// Runs `f` with a staging buffer (waits for none: a spare one is made if all are out,
+    /// which the plan's at most one disk read and one disk write per step never needs).
+    pub fn with<T>(&self, f: impl FnOnce(&mut AlignedBuf) -> Result<T>) -> Result<T> {
+        let mut buf = self
+            .free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_else(|| AlignedBuf::new(self.chunk));
+        let out = f(&mut buf);
+        self.free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(buf);
+        out
     }
 }
 
