@@ -6,10 +6,17 @@
 // (FlexGen 4-bit and GGUF Q4_1: as stored; Q4_0: min = -8 * step; Q8_0: codes + 128 unsigned,
 // min = -128 * step.)
 //
-// Indexing: invocation (gx, gy) owns the 4 x 4 output tile rows 4*gy.., columns 4*gx..; it walks
-// the k axis one code word at a time (32 / bits values), decodes the word of each of its 4
-// columns with that word's group scale, and accumulates against x. Values past k (padding)
-// meet x = 0. Out-of-range rows/columns read clamped rows and are never stored.
+// Indexing: invocation (gx, gy) owns the ROWS x 4 output tile rows ROWS*gy.., columns 4*gx..
+// (ROWS, a pipeline constant: 4, or 1 for matrix-vector products so that no work is spent on
+// copies of the one row). A workgroup is 64 consecutive column tiles of one row tile: every lane
+// reads the same x values and none idles when m = 1. Each walks the k axis a group at a time:
+// for column c with step s_c and minimum m_c,
+//   sum_kk x[kk] * (q_c[kk] * s_c + m_c) = s_c * sum_kk x[kk] q_c[kk] + m_c * sum_kk x[kk],
+// so the inner loop only unpacks codes and multiply-adds; scales are read once per group.
+// Values past k (padding) meet x = 0. Out-of-range rows/columns read clamped rows and are never
+// stored.
+
+override ROWS: u32 = 4u;
 
 struct Dims { m: u32, k: u32, n: u32, y_stride: u32, y_offset: u32, padded_k: u32, group: u32, bits: u32 }
 
@@ -19,9 +26,9 @@ struct Dims { m: u32, k: u32, n: u32, y_stride: u32, y_offset: u32, padded_k: u3
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<uniform> dims: Dims;
 
-@compute @workgroup_size(8, 8, 1)
+@compute @workgroup_size(64, 1, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let row0 = gid.y * 4u;
+    let row0 = gid.y * ROWS;
     let col0 = gid.x * 4u;
     if (row0 >= dims.m || col0 >= dims.n) {
         return;
@@ -33,37 +40,44 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     var xb: array<u32, 4>;
     var col: array<u32, 4>;
     for (var i = 0u; i < 4u; i++) {
-        xb[i] = min(row0 + i, dims.m - 1u) * dims.k;
+        xb[i] = min(row0 + min(i, ROWS - 1u), dims.m - 1u) * dims.k;
         col[i] = min(col0 + i, dims.n - 1u);
     }
     var acc: array<vec4<f32>, 4>; // acc[r][c] = sum_kk x[row0 + r, kk] * W[col0 + c, kk]
-    for (var wi = 0u; wi < words; wi++) {
-        let k0 = wi * per_word;
-        let g = k0 / dims.group; // a word never straddles groups (G is a multiple of 8)
-        var word: array<u32, 4>;
+    let words_per_group = dims.group / per_word;
+    for (var g = 0u; g < groups; g++) {
         var step: vec4<f32>;
         var lo: vec4<f32>;
         for (var c = 0u; c < 4u; c++) {
-            word[c] = codes[col[c] * words + wi];
             let sm = unpack2x16float(scales[col[c] * groups + g]);
             step[c] = sm.x;
             lo[c] = sm.y;
         }
-        for (var j = 0u; j < per_word; j++) {
-            let kk = k0 + j;
-            let shift = j * dims.bits;
-            let q = vec4<f32>(
-                f32((word[0] >> shift) & mask), f32((word[1] >> shift) & mask),
-                f32((word[2] >> shift) & mask), f32((word[3] >> shift) & mask));
-            let wv = q * step + lo;
-            let valid = select(0.0, 1.0, kk < dims.k);
-            let xk = min(kk, dims.k - 1u);
-            for (var r = 0u; r < 4u; r++) {
-                acc[r] += (x[xb[r] + xk] * valid) * wv;
+        var dot: array<vec4<f32>, 4>; // sum of x * q per row and column, this group
+        var xsum: vec4<f32>;          // sum of x per row, this group
+        for (var w = 0u; w < words_per_group; w++) {
+            let wi = g * words_per_group + w;
+            let k0 = wi * per_word;
+            let word = vec4<u32>(
+                codes[col[0] * words + wi], codes[col[1] * words + wi],
+                codes[col[2] * words + wi], codes[col[3] * words + wi]);
+            for (var j = 0u; j < per_word; j++) {
+                let kk = k0 + j;
+                let q = vec4<f32>((word >> vec4<u32>(j * dims.bits)) & vec4<u32>(mask));
+                let valid = select(0.0, 1.0, kk < dims.k);
+                let xk = min(kk, dims.k - 1u);
+                for (var r = 0u; r < ROWS; r++) {
+                    let xv = x[xb[r] + xk] * valid;
+                    dot[r] += xv * q;
+                    xsum[r] += xv;
+                }
             }
         }
+        for (var r = 0u; r < ROWS; r++) {
+            acc[r] += step * dot[r] + lo * xsum[r];
+        }
     }
-    for (var r = 0u; r < 4u; r++) {
+    for (var r = 0u; r < ROWS; r++) {
         let row = row0 + r;
         if (row < dims.m) {
             for (var c = 0u; c < 4u; c++) {

@@ -33,6 +33,16 @@ pub struct Pipeline {
 impl Pipeline {
     /// Compiles the entry point `entry` of `source`.
     pub fn new(ctx: &GpuContext, source: &str, entry: &str) -> Self {
+        Self::with_constants(ctx, source, entry, &[])
+    }
+
+    /// Compiles `entry` with pipeline-overridable constants (`override NAME` in WGSL) set.
+    pub fn with_constants(
+        ctx: &GpuContext,
+        source: &str,
+        entry: &str,
+        constants: &[(&str, f64)],
+    ) -> Self {
         let label = entry;
         let module = ctx
             .device
@@ -47,7 +57,10 @@ impl Pipeline {
                 layout: None,
                 module: &module,
                 entry_point: Some(entry),
-                compilation_options: Default::default(),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants,
+                    ..Default::default()
+                },
                 cache: None,
             });
         let layout = pipeline.get_bind_group_layout(0);

@@ -243,17 +243,26 @@ impl GpuPackedWeight {
     }
 }
 
-/// The quantized-weight matrix product.
+/// The quantized-weight matrix product: tiles of 4 rows, and of 1 row for fewer than 4 rows
+/// of x (decode), as two compilations of the same source.
 pub struct MatmulQ {
     pipeline: Pipeline,
+    matvec: Pipeline,
 }
 
 impl MatmulQ {
     /// Compiles the kernel.
     pub fn new(ctx: &GpuContext) -> Self {
         Self {
-            pipeline: Pipeline::new(ctx, SOURCE, "main"),
+            pipeline: Pipeline::with_constants(ctx, SOURCE, "main", &[("ROWS", 4.0)]),
+            matvec: Pipeline::with_constants(ctx, SOURCE, "main", &[("ROWS", 1.0)]),
         }
+    }
+
+    /// Workgroups for `m` rows of x and `n` output columns: 64 column tiles of 4 along x,
+    /// row tiles of `rows` along y (`[ceil(n / 256), ceil(m / rows), 1]`).
+    pub fn workgroups(m: usize, n: usize, rows: usize) -> [u32; 3] {
+        [n.div_ceil(256) as u32, m.div_ceil(rows) as u32, 1]
     }
 
     /// `x [m, k] . W^T` into columns `y_offset .. y_offset + n` of `y [m, total]`.
@@ -292,11 +301,16 @@ impl MatmulQ {
             meta.bits as usize,
         ]
         .map(|v| v as u32);
-        self.pipeline.dispatch(
+        let (pipeline, rows) = if m < 4 {
+            (&self.matvec, 1)
+        } else {
+            (&self.pipeline, 4)
+        };
+        pipeline.dispatch(
             ctx,
             &[&x.buffer, &w.codes, &w.scales, &y.buffer],
             &dims,
-            super::matmul::MatmulF32::workgroups(m, meta.rows),
+            Self::workgroups(m, meta.rows, rows),
         );
         Ok(())
     }
