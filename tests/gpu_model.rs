@@ -81,6 +81,13 @@ impl ferrogen::model::WeightSource for Group4Weights<'_> {
     }
     fn load_f32(&self, name: &str, shape: &[usize]) -> ferrogen::Result<Vec<f32>> {
         let v = self.0.load_f32(name, shape)?;
+        if shape.len() == 2 && name.contains("lm_head") && shape[1] % 32 == 0 {
+            // an untied output projection goes to 8 bits (Q8_0), as `output_format` says
+            let bytes = ferrogen::quant::ggml::quantize_q8_0(&v);
+            let mut back = vec![0f32; v.len()];
+            ferrogen::quant::ggml::BlockFormat::Q8_0.decode(&bytes, &mut back);
+            return Ok(back);
+        }
         if shape.len() != 2 || name.contains("embed") || name.contains("lm_head") {
             return Ok(v);
         }

@@ -23,6 +23,7 @@ use crate::model::opt::{self, OptLayerSpec, OptSpec};
 use crate::model::weights::decode_to_f32;
 use crate::model::{DType, ModelConfig, ModelFiles, TensorSpec, WeightSource};
 use crate::policy::TierSplit;
+use crate::quant::ggml::{quantize_q8_0, BlockFormat, BLOCK_LEN};
 use crate::quant::group4::Group4;
 use crate::schedule::UnitKind;
 use crate::storage::offload::{align_up, AlignedBuf, OffloadFile, StagingPool};
@@ -139,7 +140,7 @@ pub(crate) fn convert_rows(
             ],
         )
     };
-    if let (WeightFormat::Native, DType::Block(b)) = (target, info.dtype) {
+    if let (WeightFormat::Native | WeightFormat::Q8, DType::Block(b)) = (target, info.dtype) {
         return Ok(packed(PackedWeight::from_ggml(b, &bytes, n, k)?));
     }
     let values = decode_to_f32(info.dtype, &bytes, n * k).ok_or_else(|| {
@@ -149,6 +150,12 @@ pub(crate) fn convert_rows(
         )
     })?;
     Ok(match target {
+        WeightFormat::Q8 if k % BLOCK_LEN == 0 => packed(PackedWeight::from_ggml(
+            BlockFormat::Q8_0,
+            &quantize_q8_0(&values),
+            n,
+            k,
+        )?),
         WeightFormat::Group4 => packed(PackedWeight::from_group4(&Group4::quantize(
             &values,
             &[n, k],

@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::model::llama::LlamaSpec;
 use crate::model::opt::{self, OptSpec, LAYER_NORM_EPS, POSITION_OFFSET};
 use crate::model::{DType, ModelConfig, ModelFiles, TensorSpec, WeightSource};
+use crate::quant::ggml::{quantize_q8_0, BlockFormat};
 use crate::quant::group4::Group4;
 
 /// Rows of logits computed at once when scoring, unless told otherwise.
@@ -37,6 +38,10 @@ pub enum WeightFormat {
     Native,
     /// FlexGen's 4-bit groups of 64 along the input dimension (`--compress-weight`).
     Group4,
+    /// GGUF blocks as stored; other weights quantized to Q8_0 (8 bits per value, blocks of
+    /// 32; f32 where rows are not whole blocks). The output projection under
+    /// `--compress-weight`.
+    Q8,
 }
 
 /// How a model is held on the device.
@@ -75,13 +80,14 @@ impl GpuLinear {
         let (out, inp) = (weight.shape[0], weight.shape[1]);
         let stored = source.info(&weight.name).map(|i| i.dtype);
         let block = match (format, stored) {
-            (WeightFormat::Native, Some(DType::Block(b))) => Some(b),
+            (WeightFormat::Native | WeightFormat::Q8, Some(DType::Block(b))) => Some(b),
             _ => None,
         };
         // bytes per row on the device, and rows per part: as many as fit one binding
         let row_bytes = match (block, format) {
             (Some(b), _) => b.bytes_for(inp),
             (None, WeightFormat::Group4) => inp.div_ceil(64) * 32,
+            (None, WeightFormat::Q8) if inp % 32 == 0 => BlockFormat::Q8_0.bytes_for(inp),
             _ => 4 * inp,
         };
         let rows_per_part = ((ctx.max_binding_bytes() as usize) / row_bytes.max(1)).max(1);
@@ -119,6 +125,13 @@ impl GpuLinear {
                     WeightPart::Packed(GpuPackedWeight::upload(
                         ctx,
                         PackedWeight::from_ggml(b, bytes, rows, inp)?,
+                    )?)
+                }
+                (None, WeightFormat::Q8) if inp % 32 == 0 => {
+                    let bytes = quantize_q8_0(&values[row * inp..(row + rows) * inp]);
+                    WeightPart::Packed(GpuPackedWeight::upload(
+                        ctx,
+                        PackedWeight::from_ggml(BlockFormat::Q8_0, &bytes, rows, inp)?,
                     )?)
                 }
                 (None, WeightFormat::Group4) => {
@@ -1092,12 +1105,12 @@ impl GpuModel {
     }
 }
 
-/// The output projection keeps the file's precision under --compress-weight: 4-bit logits over
-/// a large vocabulary cost far more accuracy than any layer (SmolLM2's GGUF keeps it in Q8_0
-/// for the same reason).
+/// The output projection goes to 8 bits, not 4, under --compress-weight: 4-bit logits over a
+/// large vocabulary cost far more accuracy than any layer (SmolLM2's GGUF keeps it in Q8_0 for
+/// the same reason), and an f32 head would be the largest thing streamed.
 pub(crate) fn output_format(format: WeightFormat) -> WeightFormat {
     if format == WeightFormat::Group4 {
-        WeightFormat::Native
+        WeightFormat::Q8
     } else {
         format
     }

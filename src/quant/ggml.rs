@@ -24,6 +24,28 @@ pub enum BlockFormat {
     Q4_1,
 }
 
+/// Quantizes `values` (a multiple of [`BLOCK_LEN`] long) to Q8_0 blocks: per block
+/// `d = max|x| / 127` (as f16), `q = round(x / d)`; the error of each value is at most `d / 2`
+/// plus the rounding of `d` to f16.
+pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() / BLOCK_LEN * BlockFormat::Q8_0.block_bytes());
+    for block in values.chunks(BLOCK_LEN) {
+        let amax = block.iter().fold(0f32, |m, &x| m.max(x.abs()));
+        let d = f16::from_f32(amax / 127.0);
+        let inv = if d.to_f32() > 0.0 {
+            1.0 / d.to_f32()
+        } else {
+            0.0
+        };
+        out.extend_from_slice(&d.to_le_bytes());
+        for i in 0..BLOCK_LEN {
+            let x = block.get(i).copied().unwrap_or(0.0);
+            out.push((x * inv).round().clamp(-127.0, 127.0) as i8 as u8);
+        }
+    }
+    out
+}
+
 impl BlockFormat {
     /// Bytes of one block of [`BLOCK_LEN`] values.
     pub const fn block_bytes(self) -> usize {
@@ -77,6 +99,27 @@ fn decode_nibbles(qs: &[u8], x: &mut [f32], f: impl Fn(f32) -> f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn q8_0_quantization_round_trips_within_half_a_step() {
+        let values: Vec<f32> = (0..96)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
+        let bytes = quantize_q8_0(&values);
+        assert_eq!(bytes.len(), BlockFormat::Q8_0.bytes_for(96));
+        let mut back = vec![0f32; 96];
+        BlockFormat::Q8_0.decode(&bytes, &mut back);
+        for (i, (v, b)) in values.chunks(32).zip(back.chunks(32)).enumerate() {
+            let at = i * BlockFormat::Q8_0.block_bytes();
+            let d = f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
+            let amax = v.iter().fold(0f32, |m, &x| m.max(x.abs()));
+            // d is amax / 127 rounded to f16: half a step of d, and 127 times d's rounding
+            let bound = 0.5 * d + 127.0 * (d - amax / 127.0).abs();
+            for (x, y) in v.iter().zip(b) {
+                assert!((x - y).abs() <= bound * 1.0001, "{x} vs {y}");
+            }
+        }
+    }
 
     fn f16_bytes(v: f32) -> [u8; 2] {
         f16::from_f32(v).to_le_bytes()
