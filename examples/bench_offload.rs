@@ -5,7 +5,7 @@
 //! cargo run --release --example bench_offload -- (--model PATH | --config opt-1.3b [--seed N])
 //!     [--gbs 1] [--nb 2] [--prompt-len 8] [--gen-len 4] [--compress-weight]
 //!     [--offload-dir DIR] [--hardware PROFILE.toml] [--runs 2] [--overlap on|off|both]
-//!     [--gpu-mem SIZE] [--cpu-mem SIZE]
+//!     [--gpu-mem SIZE] [--cpu-mem SIZE] [--no-sep-layer]
 //! ```
 //! Reports, per overlap mode, the median decode step (token 1 onwards) and the time per track,
 //! the cost model's per-term prediction for the same policy beside the measured terms, the
@@ -42,6 +42,7 @@ struct Args {
     overlap: Vec<bool>,
     gpu_mem: u64,
     cpu_mem: u64,
+    sep_layer: bool,
 }
 
 fn parse() -> Result<Args> {
@@ -60,6 +61,7 @@ fn parse() -> Result<Args> {
         overlap: vec![true, false],
         gpu_mem: u64::MAX,
         cpu_mem: u64::MAX,
+        sep_layer: true,
     };
     let mut flags = Flags::from_env();
     while let Some(flag) = flags.next_flag() {
@@ -72,6 +74,7 @@ fn parse() -> Result<Args> {
             "--prompt-len" => a.prompt_len = flags.positive(&flag)?,
             "--gen-len" => a.gen_len = flags.positive(&flag)?,
             "--compress-weight" => a.compress_weight = true,
+            "--no-sep-layer" => a.sep_layer = false,
             "--offload-dir" => a.offload_dir = PathBuf::from(flags.value(&flag)?),
             "--hardware" => a.hardware = Some(PathBuf::from(flags.value(&flag)?)),
             "--runs" => a.runs = flags.positive(&flag)?,
@@ -248,6 +251,7 @@ fn run() -> Result<()> {
             w_gpu_percent: 0.0,
             w_cpu_percent: 0.0,
             overlap,
+            sep_layer: a.sep_layer,
             compress_weight: a.compress_weight,
             ..Policy::all_on_gpu(a.gbs)
         };
@@ -299,7 +303,7 @@ fn run() -> Result<()> {
             tok_s.push(generated as f64 / secs);
             let mut trace = engine.trace().unwrap_or_default();
             trace.spans.drain(..before);
-            let layer_units = 1..1 + 2 * layers;
+            let layer_units = 1..1 + if a.sep_layer { 2 * layers } else { layers };
             let s = step_times(&trace, a.gen_len, layer_units);
             eprintln!(
                 "overlap {}: run {run}: {:.2} s, {:.2} tok/s, decode steps {:?} s",
