@@ -1,34 +1,112 @@
-//! Greedy generation with the CPU reference.
+//! Greedy generation, on the CPU reference or on the engine with memory budgets.
 //!
-//! `cargo run --release --example generate -- --model PATH --prompt "The capital of France is"
-//!  [--max-new-tokens 16]`
+//! ```text
+//! cargo run --release --example generate -- --model PATH --prompt "The capital of France is"
+//!     [--prompt "..." ...] [--max-new-tokens 16] [--backend reference|wgpu]
+//!     [--gpu-mem SIZE] [--cpu-mem SIZE] [--offload-dir DIR] [--policy FILE.toml]
+//! ```
+//! Several prompts run as one block. Memory flags (or `--backend wgpu`) run the engine: with a
+//! policy file its placement, with budgets alone the policy search's on the built-in profile.
+//! A continuation stops at the model's end-of-sequence token.
 
 use std::path::PathBuf;
 
+use ferrogen::bytes::parse_size;
 use ferrogen::cli::{required, Flags};
 use ferrogen::cpu::ReferenceModel;
+use ferrogen::engine::{Engine, EngineOptions, Placement, DEFAULT_PROFILE};
 use ferrogen::model::ModelFiles;
+use ferrogen::policy::{HardwareProfile, Policy};
 use ferrogen::{Error, Result};
 
 fn run() -> Result<()> {
-    let (mut model, mut prompt, mut max_new) = (None, None, 16usize);
+    let (mut model, mut prompts, mut max_new) = (None, Vec::new(), 16usize);
+    let (mut backend, mut policy, mut offload_dir) = (None, None, None);
+    let (mut gpu_mem, mut cpu_mem) = (None, None);
     let mut flags = Flags::from_env();
     while let Some(flag) = flags.next_flag() {
         match flag.as_str() {
             "--model" => model = Some(PathBuf::from(flags.value(&flag)?)),
-            "--prompt" => prompt = Some(flags.value(&flag)?),
+            "--prompt" => prompts.push(flags.value(&flag)?),
             "--max-new-tokens" => max_new = flags.parse(&flag)?,
+            "--backend" => backend = Some(flags.value(&flag)?),
+            "--policy" => policy = Some(PathBuf::from(flags.value(&flag)?)),
+            "--offload-dir" => offload_dir = Some(PathBuf::from(flags.value(&flag)?)),
+            "--gpu-mem" => gpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
+            "--cpu-mem" => cpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
             other => return Err(Error::invalid(other, "unknown flag (see the file's doc)")),
         }
     }
     let model = required(model, "--model")?;
-    let prompt = required(prompt, "--prompt")?;
+    if prompts.is_empty() {
+        return Err(Error::invalid("--prompt", "give at least one"));
+    }
+    let files = ModelFiles::open(&model)?;
+    let eos = files.config.eos_token_id();
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| files.tokenizer()?.encode(p))
+        .collect::<Result<_>>()?;
+    let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    let memory =
+        gpu_mem.is_some() || cpu_mem.is_some() || policy.is_some() || offload_dir.is_some();
+    let outputs: Vec<Vec<u32>> = match backend.as_deref() {
+        Some("reference") | None if !memory => {
+            ReferenceModel::load(&files)?.generate_greedy(&refs, max_new, eos)?
+        }
+        Some("reference") => {
+            return Err(Error::invalid(
+                "--backend",
+                "memory flags need the wgpu engine",
+            ))
+        }
+        Some("wgpu") | None => {
+            let placement = match &policy {
+                Some(path) => Placement::Policy(Policy::from_toml_file(path)?),
+                None if gpu_mem.is_none() && cpu_mem.is_none() => {
+                    Placement::Policy(Policy::all_on_gpu(refs.len()))
+                }
+                None => Placement::Search {
+                    hardware: toml::from_str::<HardwareProfile>(DEFAULT_PROFILE)
+                        .map_err(|e| Error::invalid("built-in hardware profile", e.to_string()))?,
+                    prompt_len: refs.iter().map(|p| p.len()).max().unwrap_or(1),
+                    gen_len: max_new + 1,
+                    compress_weight: false,
+                    compress_cache: false,
+                },
+            };
+            let options = EngineOptions {
+                gpu_budget: gpu_mem.unwrap_or(u64::MAX),
+                cpu_budget: cpu_mem.unwrap_or(u64::MAX),
+                offload_dir,
+                ..EngineOptions::new(placement)
+            };
+            let engine = Engine::open_files(ferrogen::gpu::GpuContext::new()?, files, options)?;
+            let out = engine.generate(&refs, max_new)?;
+            out.into_iter()
+                .map(|r| {
+                    // stop after the end-of-sequence token, as the reference does
+                    let end = r
+                        .tokens
+                        .iter()
+                        .position(|&t| Some(t) == eos)
+                        .map_or(r.tokens.len(), |i| i + 1);
+                    r.tokens[..end].to_vec()
+                })
+                .collect()
+        }
+        Some(other) => {
+            return Err(Error::invalid(
+                "--backend",
+                format!("`{other}` (reference or wgpu)"),
+            ))
+        }
+    };
     let files = ModelFiles::open(&model)?;
     let tokenizer = files.tokenizer()?;
-    let reference = ReferenceModel::load(&files)?;
-    let ids = tokenizer.encode(&prompt)?;
-    let out = reference.generate_greedy(&[&ids], max_new, files.config.eos_token_id())?;
-    println!("{}{}", prompt, tokenizer.decode(&out[0])?);
+    for (prompt, out) in prompts.iter().zip(outputs) {
+        println!("{}{}", prompt, tokenizer.decode(&out)?);
+    }
     Ok(())
 }
 
