@@ -1,6 +1,14 @@
 //! The pipelined executor: runs a [`ZigzagPlan`](crate::schedule::ZigzagPlan) over weights
 //! placed across GPU, CPU and disk, with I/O on worker threads overlapped with compute.
+//!
+//! - [`weights`]: weights placed by rows in the run-time layout, streamed into weight slots;
+//! - `executor`: blocks of sequences, the plan's steps, compute and the output unit;
+//! - `cache`: the KV cache over the tiers, and attention on the CPU;
+//! - `activations`: hidden rows between units over the tiers;
+//! - [`trace`]: the timeline.
 
+mod activations;
+mod cache;
 pub mod executor;
 pub mod trace;
 pub mod weights;

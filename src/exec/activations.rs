@@ -1,0 +1,193 @@
+//! Activations between units: the hidden rows of each GPU batch, split by sequence over the
+//! tiers (GPU rows stay on the device, RAM rows are downloaded, disk rows go to the block's
+//! activation file) and brought back to the GPU before the next unit; the first unit's
+//! "activations" are the embedding rows, gathered on the CPU.
+
+use std::ops::Range;
+
+use super::cache::download_range;
+use super::executor::{lock, BlockState};
+use crate::error::{Error, Result};
+use crate::gpu::model::CacheSlot;
+use crate::gpu::GpuTensor;
+use crate::schedule::Cell;
+use crate::storage::{Reservation, Tier};
+
+/// The hidden rows of one batch between units.
+pub(super) enum Activation {
+    /// All rows on the GPU.
+    Gpu(GpuTensor, Reservation),
+    /// Rows split by sequence: the first rows on the GPU, then RAM, then the activation file.
+    Parked {
+        width: usize,
+        rows: [usize; 3],
+        gpu: Option<GpuTensor>,
+        cpu: Vec<f32>,
+        _held: Vec<Reservation>,
+    },
+}
+
+impl BlockState<'_> {
+    pub(super) fn load_activation(&self, c: Cell) -> Result<()> {
+        let exec = self.exec;
+        let r = &exec.runner;
+        let mut batch = lock(&self.batches[c.batch]);
+        if c.unit == 0 {
+            // the embedding lookup, on the CPU from the table's tiers
+            let firsts = batch.firsts();
+            let slots: Vec<CacheSlot> = (0..batch.tokens.len())
+                .map(|i| CacheSlot {
+                    first: firsts[i],
+                    capacity: batch.capacity[i],
+                    filled: if c.token == 0 { 0 } else { batch.filled[i] },
+                })
+                .collect();
+            let new = batch.new_tokens(c.token);
+            let rb = r.row_batch(&new, &slots)?;
+            let values = exec.staging.with(|staging| {
+                exec.model
+                    .table
+                    .gather(&rb.ids, exec.model.file.as_deref(), staging)
+            })?;
+            let width = values.len() / rb.rows.max(1);
+            let held = exec
+                .ledger
+                .reserve(Tier::Gpu, (values.len() * 4) as u64, "activations")?;
+            let x = GpuTensor::upload(&r.ctx, &values, &[rb.rows, width])?;
+            batch.rows = Some(rb);
+            batch.x = Some(Activation::Gpu(x, held));
+            return Ok(());
+        }
+        if !matches!(batch.x, Some(Activation::Parked { .. })) {
+            return Ok(()); // already on the GPU
+        }
+        let Some(Activation::Parked {
+            width,
+            rows,
+            gpu,
+            cpu,
+            _held,
+        }) = batch.x.take()
+        else {
+            return Ok(());
+        };
+        let total: usize = rows.iter().sum();
+        let held = exec
+            .ledger
+            .reserve(Tier::Gpu, (total * width * 4) as u64, "activations")?;
+        let x = GpuTensor::zeros(&r.ctx, &[total, width])?;
+        let row_bytes = (width * 4) as u64;
+        if let Some(g) = &gpu {
+            let mut enc = r.ctx.device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(&g.buffer, 0, &x.buffer, 0, rows[0] as u64 * row_bytes);
+            r.ctx.queue.submit([enc.finish()]);
+        }
+        if rows[1] > 0 {
+            r.ctx.queue.write_buffer(
+                &x.buffer,
+                rows[0] as u64 * row_bytes,
+                bytemuck::cast_slice(&cpu),
+            );
+        }
+        if rows[2] > 0 {
+            let file = self
+                .act_file
+                .as_ref()
+                .ok_or_else(|| Error::invalid("executor", "no activation file"))?;
+            let mut bytes = vec![0u8; rows[2] * width * 4];
+            exec.staging
+                .with(|s| file.read_into(self.act_extent[c.batch], &mut bytes, s))?;
+            r.ctx
+                .queue
+                .write_buffer(&x.buffer, (rows[0] + rows[1]) as u64 * row_bytes, &bytes);
+        }
+        drop(_held);
+        batch.x = Some(Activation::Gpu(x, held));
+        Ok(())
+    }
+
+    pub(super) fn store_activation(&self, c: Cell) -> Result<()> {
+        if c.unit + 1 == self.plan.units.len() {
+            return Ok(()); // results are on the host already
+        }
+        let exec = self.exec;
+        let r = &exec.runner;
+        let mut batch = lock(&self.batches[c.batch]);
+        let split = {
+            let s = &self.act_split;
+            let count = |t: Range<usize>| {
+                t.end
+                    .min(batch.seqs.end)
+                    .saturating_sub(t.start.max(batch.seqs.start))
+            };
+            let [g, cc, d] = s.ranges().map(|(_, t)| count(t));
+            [g, cc, d]
+        };
+        if split[0] == batch.seqs.len() {
+            return Ok(()); // all on the GPU: nothing moves
+        }
+        let Some(Activation::Gpu(x, held)) = batch.x.take() else {
+            return Err(Error::invalid(
+                "executor",
+                "activations to store are not on the GPU",
+            ));
+        };
+        let rows_of = |r: Range<usize>| -> usize {
+            batch.tokens[r.clone()]
+                .iter()
+                .zip(&batch.filled[r])
+                .map(|(t, &f)| if c.token == 0 { t.len() } else { t.len() - f })
+                .sum()
+        };
+        let rows = [
+            rows_of(0..split[0]),
+            rows_of(split[0]..split[0] + split[1]),
+            rows_of(split[0] + split[1]..batch.seqs.len()),
+        ];
+        let width = x.shape[1];
+        let row_bytes = (width * 4) as u64;
+        let mut kept = Vec::new();
+        let gpu = if rows[0] > 0 {
+            kept.push(
+                exec.ledger
+                    .reserve(Tier::Gpu, rows[0] as u64 * row_bytes, "activations")?,
+            );
+            let g = GpuTensor::zeros(&r.ctx, &[rows[0], width])?;
+            let mut enc = r.ctx.device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(&x.buffer, 0, &g.buffer, 0, rows[0] as u64 * row_bytes);
+            r.ctx.queue.submit([enc.finish()]);
+            Some(g)
+        } else {
+            None
+        };
+        let host = download_range(
+            r,
+            &x.buffer,
+            rows[0] as u64 * row_bytes,
+            (rows[1] + rows[2]) as u64 * row_bytes,
+        )?;
+        let split_at = rows[1] * width * 4;
+        kept.push(
+            exec.ledger
+                .reserve(Tier::Cpu, split_at as u64, "activations")?,
+        );
+        let cpu: Vec<f32> = bytemuck::pod_collect_to_vec(&host[..split_at]);
+        if rows[2] > 0 {
+            let file = self
+                .act_file
+                .as_ref()
+                .ok_or_else(|| Error::invalid("executor", "no activation file"))?;
+            exec.staging
+                .with(|s| file.write_at(self.act_extent[c.batch], &host[split_at..], s))?;
+        }
+        drop(held);
+        batch.x = Some(Activation::Parked {
+            width,
+            rows,
+            gpu,
+            cpu,
+            _held: kept,
+        });
+        Ok(())
+    }
+}
