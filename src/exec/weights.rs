@@ -3,7 +3,7 @@
 //! Each linear weight is split by rows ([`WeightPlacer`]): the GPU rows are uploaded once, the
 //! CPU rows kept in RAM and the disk rows written to one offload file, all in the layout the
 //! kernels read (f32 rows, or packed codes then packed scales: see
-//! [`PackedWeight`](crate::gpu::kernels::matmul_q::PackedWeight)), so streaming a weight is a
+//! [`PackedWeight`]), so streaming a weight is a
 //! plain copy. A row range that would not fit one storage binding is cut into pieces.
 
 use std::ops::Range;
