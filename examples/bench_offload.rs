@@ -263,6 +263,16 @@ fn run() -> Result<()> {
                 gen_len: a.gen_len,
             },
         );
+        let format = if a.compress_weight {
+            ferrogen::gpu::model::WeightFormat::Group4
+        } else {
+            ferrogen::gpu::model::WeightFormat::Native
+        };
+        // the weights' bytes as the executor streams them (GGUF blocks as stored)
+        let cost = cost.with_weight_bytes(ferrogen::exec::weights::runtime_bytes_per_value(
+            &open_files(&a)?,
+            format,
+        )?);
         let prediction = cost.predict(&policy);
         let options = EngineOptions {
             gpu_budget: a.gpu_mem,

@@ -187,7 +187,11 @@ impl Engine {
                         prompt_len,
                         gen_len: gen_len.max(1),
                     },
-                );
+                )
+                .with_weight_bytes(crate::exec::weights::runtime_bytes_per_value(
+                    &files,
+                    WeightFormat::Native,
+                )?);
                 let found = search(
                     &model,
                     &SearchOptions {

@@ -182,6 +182,41 @@ pub(crate) fn output_weight_bytes(files: &ModelFiles, format: WeightFormat) -> R
     Ok((row.row_bytes() * spec.shape[0]) as u64)
 }
 
+/// Bytes per value of the first layer's linear weights as the executor holds them in `format`
+/// (GGUF blocks as stored, f32 for f16/f32 files, 4-bit groups): what the cost model should
+/// count.
+pub fn runtime_bytes_per_value(files: &ModelFiles, format: WeightFormat) -> Result<f64> {
+    let specs: Vec<TensorSpec> = match &files.config {
+        ModelConfig::Llama(c) => {
+            let l = &LlamaSpec::new(c).layers[0];
+            [
+                &l.q_proj,
+                &l.k_proj,
+                &l.v_proj,
+                &l.o_proj,
+                &l.gate_proj,
+                &l.up_proj,
+                &l.down_proj,
+            ]
+            .map(Clone::clone)
+            .to_vec()
+        }
+        ModelConfig::Opt(c) => {
+            let l = &OptSpec::new(c, files.opt_prefix()).layers[0];
+            [&l.q_proj, &l.k_proj, &l.v_proj, &l.out_proj, &l.fc1, &l.fc2]
+                .map(|x| x.weight.clone())
+                .to_vec()
+        }
+    };
+    let (mut bytes, mut values) = (0usize, 0usize);
+    for spec in &specs {
+        let (row, _) = convert_rows(files.weights.as_ref(), spec, format, 0..1)?;
+        bytes += row.row_bytes() * spec.shape[0];
+        values += spec.shape[0] * spec.shape[1];
+    }
+    Ok(bytes as f64 / values.max(1) as f64)
+}
+
 /// The embedding table's size as stored (what the CPU keeps for lookups at most).
 pub(crate) fn lookup_table_bytes(files: &ModelFiles) -> Result<u64> {
     let name = match &files.config {

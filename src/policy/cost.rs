@@ -316,6 +316,9 @@ pub struct CostModel {
     pub hardware: HardwareProfile,
     /// Prompt and generation lengths.
     pub workload: Workload,
+    /// Bytes per weight value as the executor holds uncompressed weights (GGUF blocks as
+    /// stored, 4 for f16/f32 files run as f32); `None` counts FlexGen's fp16.
+    pub weight_bytes: Option<f64>,
 }
 
 /// Bytes per activation or uncompressed weight/cache value (fp16, as FlexGen runs).
@@ -328,7 +331,15 @@ impl CostModel {
             shape: ModelShape::of(config),
             hardware,
             workload,
+            weight_bytes: None,
         }
+    }
+
+    /// The same model with uncompressed weights counted at `bytes` per value (see
+    /// [`CostModel::weight_bytes`]).
+    pub fn with_weight_bytes(mut self, bytes: f64) -> Self {
+        self.weight_bytes = Some(bytes);
+        self
     }
 
     /// The linear forms of every term and peak for one batching choice.
@@ -366,7 +377,13 @@ impl CostModel {
             }
         };
         let w_values = m.layer_values + m.head_values / l; // per layer, head spread over layers
-        let bw_layer = w_values * value_bytes(b.compress_weight); // Bw
+                                                           // Bw: uncompressed weights at the executor's bytes per value when known
+        let w_bytes = if b.compress_weight {
+            b.quant.bytes_per_value()
+        } else {
+            self.weight_bytes.unwrap_or(FP16)
+        };
+        let bw_layer = w_values * w_bytes; // Bw
         let kv_values = 2.0 * m.kv_width as f64; // keys and values, per token per layer
         let bkv = kv_values * value_bytes(b.compress_cache); // Bkv
         let bh = m.hidden as f64 * FP16; // Bh
@@ -374,8 +391,9 @@ impl CostModel {
         let flin = 2.0 * m.layer_values + 2.0 * m.head_macs / l;
         let fatt = 4.0 * m.q_width as f64 * b.attn_sparsity;
         let ccc = b.cpu_cache_compute;
-        // Weight dequantization runs once per GPU batch per layer: nb * values / rate.
-        let dequant_w = if b.compress_weight {
+        // Weight dequantization runs once per GPU batch per layer: nb * values / rate (4-bit
+        // groups, and GGUF blocks, which the kernels decode the same way).
+        let dequant_w = if b.compress_weight || w_bytes < FP16 {
             nb * w_values / dequant_rate
         } else {
             0.0
