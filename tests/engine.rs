@@ -260,3 +260,48 @@ fn budgets_are_enforced_with_clear_errors() {
     .expect("weights on disk need an offload directory");
     assert!(err.to_string().contains("--offload-dir"), "{err}");
 }
+
+/// A block whose sequences need more GPU memory than the budget leaves is run in halves,
+/// with the same results.
+#[test]
+fn blocks_too_big_for_the_budget_run_in_halves() {
+    let Some(_) = context() else { return };
+    let name = "llama-gqa-untied";
+    let exp = expected(name);
+    let batch: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
+    assert!(batch.len() >= 2);
+    let p = policy(
+        batch.len(),
+        1,
+        (100.0, 0.0),
+        (100.0, 0.0),
+        (100.0, 0.0),
+        true,
+        true,
+    );
+    let open = |gpu_budget: u64| {
+        let options = EngineOptions {
+            gpu_budget,
+            ..EngineOptions::new(Placement::Policy(p.clone()))
+        };
+        Engine::open_files(
+            context().unwrap(),
+            ModelFiles::open(&fixture_dir(name)).unwrap(),
+            options,
+        )
+        .unwrap()
+    };
+    // GPU peaks for one sequence and for the whole block, with no limit
+    let free = open(u64::MAX);
+    let want = free.token_logprobs(&batch).unwrap();
+    let whole = free.peaks()[0];
+    let single = open(u64::MAX);
+    single.token_logprobs(&batch[..1]).unwrap();
+    let one = single.peaks()[0];
+    assert!(whole > one, "{whole} vs {one}");
+    // a budget between the two: the block cannot run whole, its halves can
+    let tight = open(one + (whole - one) / 4);
+    let got = tight.token_logprobs(&batch).unwrap();
+    assert!(max_diff(&got, &want) < 1e-5);
+    assert!(tight.peaks()[0] < whole);
+}
