@@ -195,7 +195,9 @@ impl Engine {
                 .with_weight_bytes(crate::exec::weights::runtime_bytes_per_value(
                     &files,
                     WeightFormat::Native,
-                )?);
+                )?)
+                // activations and the uncompressed cache are f32 here
+                .with_activation_bytes(4.0);
                 let found = search(
                     &model,
                     &SearchOptions {

@@ -319,6 +319,9 @@ pub struct CostModel {
     /// Bytes per weight value as the executor holds uncompressed weights (GGUF blocks as
     /// stored, 4 for f16/f32 files run as f32); `None` counts FlexGen's fp16.
     pub weight_bytes: Option<f64>,
+    /// Bytes per activation value (and uncompressed cache value) as the executor holds them
+    /// (4: ferrogen computes in f32); `None` counts FlexGen's fp16.
+    pub activation_bytes: Option<f64>,
 }
 
 /// Bytes per activation or uncompressed weight/cache value (fp16, as FlexGen runs).
@@ -332,7 +335,15 @@ impl CostModel {
             hardware,
             workload,
             weight_bytes: None,
+            activation_bytes: None,
         }
+    }
+
+    /// The same model with activations and uncompressed cache values counted at `bytes` each
+    /// (see [`CostModel::activation_bytes`]).
+    pub fn with_activation_bytes(mut self, bytes: f64) -> Self {
+        self.activation_bytes = Some(bytes);
+        self
     }
 
     /// The same model with uncompressed weights counted at `bytes` per value (see
@@ -368,16 +379,19 @@ impl CostModel {
         );
         let dequant_rate = hw.gpu_dequant_gvalues_s * 1e9;
 
-        // Bytes: weights and cache in fp16 or 4-bit groups; activations in fp16.
+        // Bytes: weights and cache in fp16 (or the executor's sizes when given) or 4-bit
+        // groups; activations in fp16 (or the executor's size).
+        let act = self.activation_bytes.unwrap_or(FP16);
         let value_bytes = |compressed: bool| {
             if compressed {
                 b.quant.bytes_per_value()
             } else {
-                FP16
+                act
             }
         };
-        let w_values = m.layer_values + m.head_values / l; // per layer, head spread over layers
-                                                           // Bw: uncompressed weights at the executor's bytes per value when known
+        // per layer, the output head spread over the layers
+        let w_values = m.layer_values + m.head_values / l;
+        // Bw: uncompressed weights at the executor's bytes per value when known
         let w_bytes = if b.compress_weight {
             b.quant.bytes_per_value()
         } else {
@@ -386,8 +400,8 @@ impl CostModel {
         let bw_layer = w_values * w_bytes; // Bw
         let kv_values = 2.0 * m.kv_width as f64; // keys and values, per token per layer
         let bkv = kv_values * value_bytes(b.compress_cache); // Bkv
-        let bh = m.hidden as f64 * FP16; // Bh
-                                         // Flin = 2 * matrix values (+ the output head spread over layers); Fatt = 4 * q_width
+        let bh = m.hidden as f64 * act; // Bh
+                                        // Flin = 2 * matrix values (+ the output head spread over layers); Fatt = 4 * q_width
         let flin = 2.0 * m.layer_values + 2.0 * m.head_macs / l;
         let fatt = 4.0 * m.q_width as f64 * b.attn_sparsity;
         let ccc = b.cpu_cache_compute;
@@ -465,8 +479,8 @@ impl CostModel {
         let heads = m.heads as f64;
         let ffn_live = (m.ffn * m.ffn_live) as f64;
         let work_prefill =
-            FP16 * gbs * (s * (h + qw + 2.0 * kvw) + heads * s * s).max(s * (h + ffn_live));
-        let work_decode = FP16 * gbs * (h + qw + 2.0 * kvw + heads * (s + n) + ffn_live);
+            act * gbs * (s * (h + qw + 2.0 * kvw) + heads * s * s).max(s * (h + ffn_live));
+        let work_decode = act * gbs * (h + qw + 2.0 * kvw + heads * (s + n) + ffn_live);
         let total_w = bw_layer * l;
         let cache_all = bkv * (s + n) * bls * l;
         let streamed_w = Linear::of(2.0 * bw_layer, &[WC, WN]); // two layers in flight
