@@ -7,8 +7,8 @@
 // min = -128 * step.)
 //
 // Indexing: invocation (gx, gy) owns the ROWS x 4 output tile rows ROWS*gy.., columns 4*gx..
-// (ROWS, a pipeline constant: 4, or 1 for matrix-vector products so that no work is spent on
-// copies of the one row). A workgroup is 64 consecutive column tiles of one row tile: every lane
+// (ROWS, a pipeline constant of at most 8: 8, 4, or 1 for matrix-vector products so that no
+// work is spent on copies of the one row). A workgroup is 64 consecutive column tiles of one row tile: every lane
 // reads the same x values and none idles when m = 1. Each walks the k axis a group at a time:
 // for column c with step s_c and minimum m_c,
 //   sum_kk x[kk] * (q_c[kk] * s_c + m_c) = s_c * sum_kk x[kk] q_c[kk] + m_c * sum_kk x[kk],
@@ -37,13 +37,15 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let mask = (1u << dims.bits) - 1u;
     let words = dims.padded_k / per_word;
     let groups = dims.padded_k / dims.group;
-    var xb: array<u32, 4>;
+    var xb: array<u32, 8>;
     var col: array<u32, 4>;
-    for (var i = 0u; i < 4u; i++) {
+    for (var i = 0u; i < 8u; i++) {
         xb[i] = min(row0 + min(i, ROWS - 1u), dims.m - 1u) * dims.k;
+    }
+    for (var i = 0u; i < 4u; i++) {
         col[i] = min(col0 + i, dims.n - 1u);
     }
-    var acc: array<vec4<f32>, 4>; // acc[r][c] = sum_kk x[row0 + r, kk] * W[col0 + c, kk]
+    var acc: array<vec4<f32>, 8>; // acc[r][c] = sum_kk x[row0 + r, kk] * W[col0 + c, kk]
     let words_per_group = dims.group / per_word;
     for (var g = 0u; g < groups; g++) {
         var step: vec4<f32>;
@@ -53,8 +55,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
             step[c] = sm.x;
             lo[c] = sm.y;
         }
-        var dot: array<vec4<f32>, 4>; // sum of x * q per row and column, this group
-        var xsum: vec4<f32>;          // sum of x per row, this group
+        var dot: array<vec4<f32>, 8>; // sum of x * q per row and column, this group
+        var xsum: array<f32, 8>;      // sum of x per row, this group
         for (var w = 0u; w < words_per_group; w++) {
             let wi = g * words_per_group + w;
             let k0 = wi * per_word;

@@ -243,10 +243,11 @@ impl GpuPackedWeight {
     }
 }
 
-/// The quantized-weight matrix product: tiles of 4 rows, and of 1 row for fewer than 4 rows
-/// of x (decode), as two compilations of the same source.
+/// The quantized-weight matrix product: tiles of 8 rows of x, of 4 for 4 to 7 rows, and of 1
+/// for fewer (decode), as three compilations of the same source.
 pub struct MatmulQ {
-    pipeline: Pipeline,
+    rows8: Pipeline,
+    rows4: Pipeline,
     matvec: Pipeline,
 }
 
@@ -254,7 +255,8 @@ impl MatmulQ {
     /// Compiles the kernel.
     pub fn new(ctx: &GpuContext) -> Self {
         Self {
-            pipeline: Pipeline::with_constants(ctx, SOURCE, "main", &[("ROWS", 4.0)]),
+            rows8: Pipeline::with_constants(ctx, SOURCE, "main", &[("ROWS", 8.0)]),
+            rows4: Pipeline::with_constants(ctx, SOURCE, "main", &[("ROWS", 4.0)]),
             matvec: Pipeline::with_constants(ctx, SOURCE, "main", &[("ROWS", 1.0)]),
         }
     }
@@ -301,10 +303,10 @@ impl MatmulQ {
             meta.bits as usize,
         ]
         .map(|v| v as u32);
-        let (pipeline, rows) = if m < 4 {
-            (&self.matvec, 1)
-        } else {
-            (&self.pipeline, 4)
+        let (pipeline, rows) = match m {
+            0..4 => (&self.matvec, 1),
+            4..8 => (&self.rows4, 4),
+            _ => (&self.rows8, 8),
         };
         pipeline.dispatch(
             ctx,
