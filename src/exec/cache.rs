@@ -257,12 +257,6 @@ impl BlockState<'_> {
         Ok(())
     }
 
-    /// Bytes per row of each cache segment.
-    pub(super) fn segment_bytes(&self) -> Result<Vec<usize>> {
-        let probe = self.exec.runner.layer_cache(1)?;
-        Ok(probe.segments().iter().map(|s| s.1 as usize).collect())
-    }
-
     /// With attention on the CPU: the disk sequences' cached rows into RAM for this step.
     pub(super) fn load_disk_rows_to_host(
         &self,
@@ -275,7 +269,12 @@ impl BlockState<'_> {
         if cell.split.disk == 0 {
             return Ok(());
         }
-        let seg_bytes = self.segment_bytes()?;
+        let seg_bytes: Vec<usize> = exec
+            .runner
+            .cache_segment_bytes()
+            .iter()
+            .map(|&s| s as usize)
+            .collect();
         // rows from the first disk sequence's first row to the end of the batch's cache
         let base = seq_rows[first_disk].0;
         let rows = total - base;
@@ -329,7 +328,12 @@ impl BlockState<'_> {
                 .cache_file
                 .as_ref()
                 .ok_or_else(|| Error::invalid("executor", "no cache file"))?;
-            let seg_bytes = self.segment_bytes()?;
+            let seg_bytes: Vec<usize> = exec
+                .runner
+                .cache_segment_bytes()
+                .iter()
+                .map(|&s| s as usize)
+                .collect();
             return exec.staging.with(|staging| {
                 for (i, seg) in segs.iter().enumerate() {
                     let s = seg_bytes[i];

@@ -203,10 +203,7 @@ impl Executor {
         )?;
 
         // KV caches: GPU rows persistent, RAM rows allocated now, disk rows in a cache file
-        let bpr_segments: Vec<u64> = {
-            let probe = self.runner.layer_cache(1)?;
-            probe.segments().iter().map(|s| s.1).collect()
-        };
+        let bpr_segments = self.runner.cache_segment_bytes();
         let bpr: u64 = bpr_segments.iter().sum();
         let stores_cache = gen_len > 1;
         let mut disk_cache_bytes = 0u64;

@@ -472,14 +472,26 @@ impl GpuRunner {
         })
     }
 
-    /// Bytes per cached token of one layer.
-    pub(crate) fn cache_bytes_per_row(&self) -> u64 {
+    /// Bytes per cached token of one layer in each of a [`LayerCache`]'s segments (the order of
+    /// [`LayerCache::segments`]): keys and values as f32, or each one's codes and scales.
+    pub(crate) fn cache_segment_bytes(&self) -> Vec<u64> {
         let layout = self.head_layout();
         if self.options.compress_cache {
-            Q4Layout::new(layout.kv_heads, layout.head_dim).bytes_per_row() as u64 * 2
+            let q4 = Q4Layout::new(layout.kv_heads, layout.head_dim);
+            let (c, s) = (
+                (q4.words_per_row() * 4) as u64,
+                (q4.groups_per_row() * 4) as u64,
+            );
+            vec![c, s, c, s]
         } else {
-            (self.config.kv_width() * 4 * 2) as u64
+            let w = (self.config.kv_width() * 4) as u64;
+            vec![w, w]
         }
+    }
+
+    /// Bytes per cached token of one layer.
+    pub(crate) fn cache_bytes_per_row(&self) -> u64 {
+        self.cache_segment_bytes().iter().sum()
     }
 
     /// Checks a batch of new tokens against their cache slots and uploads the per-row data.
