@@ -5,10 +5,10 @@
 
 use std::ops::Range;
 
-use super::cache::download_range;
 use super::executor::{lock, BlockState};
 use crate::error::{Error, Result};
 use crate::gpu::model::CacheSlot;
+use crate::gpu::tensor::download_ranges;
 use crate::gpu::GpuTensor;
 use crate::schedule::Cell;
 use crate::storage::{Reservation, Tier};
@@ -160,12 +160,15 @@ impl BlockState<'_> {
         } else {
             None
         };
-        let host = download_range(
-            r,
-            &x.buffer,
-            rows[0] as u64 * row_bytes,
-            (rows[1] + rows[2]) as u64 * row_bytes,
-        )?;
+        let host = download_ranges(
+            &r.ctx,
+            &[(
+                &x.buffer,
+                rows[0] as u64 * row_bytes,
+                (rows[1] + rows[2]) as u64 * row_bytes,
+            )],
+        )?
+        .remove(0);
         let split_at = rows[1] * width * 4;
         kept.push(
             exec.ledger

@@ -8,6 +8,7 @@ use crate::cpu::ops::causal_attention;
 use crate::error::{Error, Result};
 use crate::gpu::kernels::attention::Attention;
 use crate::gpu::model::{GpuRunner, LayerCache, RowBatch};
+use crate::gpu::tensor::download_ranges;
 use crate::gpu::GpuTensor;
 use crate::schedule::{Cell, UnitKind};
 use crate::storage::{Reservation, RowSplit, Tier};
@@ -201,22 +202,13 @@ impl BlockState<'_> {
         )?;
         let working = r.layer_cache(total)?;
         let (gs, cs) = (cell.split.gpu, cell.split.cpu);
-        let segs: Vec<(wgpu::Buffer, u64)> = working
-            .segments()
-            .into_iter()
-            .map(|(b, s)| (b.clone(), s))
-            .collect();
         // GPU sequences 0..gs sit at the same rows in both caches
         if let Some(g) = &cell.gpu {
-            let mut enc = r.ctx.device.create_command_encoder(&Default::default());
-            for ((src, s), (dst, _)) in g.segments().into_iter().zip(&segs) {
-                for &(first, before, _) in &seq_rows[..gs] {
-                    let at = first as u64 * s;
-                    enc.copy_buffer_to_buffer(src, at, dst, at, before as u64 * s);
-                }
-            }
-            r.ctx.queue.submit([enc.finish()]);
+            let rows: Vec<(usize, usize)> =
+                seq_rows[..gs].iter().map(|&(f, b, _)| (f, b)).collect();
+            copy_cache_rows(r, g, &working, &rows);
         }
+        let segs = working.segments();
         // RAM rows: sequences gs..gs+cs, stored from the first of them
         let base_c = seq_rows.get(gs).map_or(0, |s| s.0);
         for (i, (dst, s)) in segs.iter().enumerate() {
@@ -354,27 +346,21 @@ impl BlockState<'_> {
         let Some((working, held)) = cell.working.take() else {
             return Err(Error::invalid("executor", "no cache rows to store"));
         };
-        let segs: Vec<(wgpu::Buffer, u64)> = working
-            .segments()
-            .into_iter()
-            .map(|(b, s)| (b.clone(), s))
-            .collect();
         if let Some(g) = &cell.gpu {
-            let mut enc = r.ctx.device.create_command_encoder(&Default::default());
-            for ((dst, s), (src, _)) in g.segments().into_iter().zip(&segs) {
-                for &(first, from, n) in &rows[..gs] {
-                    let at = (first + from) as u64 * s;
-                    enc.copy_buffer_to_buffer(src, at, dst, at, n as u64 * s);
-                }
-            }
-            r.ctx.queue.submit([enc.finish()]);
+            let new: Vec<(usize, usize)> = rows[..gs]
+                .iter()
+                .map(|&(f, from, n)| (f + from, n))
+                .collect();
+            copy_cache_rows(r, &working, g, &new);
         }
+        let segs = working.segments();
         let base_c = rows.get(gs).map_or(0, |s| s.0);
         let base_d = rows.get(gs + cs).map_or(0, |s| s.0);
+        // the new rows of the RAM and disk sequences: (segment, sequence, offset, bytes)
         let ranges: Vec<(usize, usize, u64, u64)> = segs
             .iter()
             .enumerate()
-            .flat_map(|(i, (_, s))| {
+            .flat_map(|(i, &(_, s))| {
                 rows[gs..]
                     .iter()
                     .enumerate()
@@ -384,7 +370,11 @@ impl BlockState<'_> {
             })
             .filter(|r| r.3 > 0)
             .collect();
-        let host = download_ranges(r, &segs, &ranges)?;
+        let wanted: Vec<(&wgpu::Buffer, u64, u64)> = ranges
+            .iter()
+            .map(|&(i, _, at, len)| (segs[i].0, at, len))
+            .collect();
+        let host = download_ranges(&r.ctx, &wanted)?;
         for ((i, seq, _, _), bytes) in ranges.iter().zip(host) {
             let (first, from, _) = rows[*seq];
             let s = segs[*i].1 as usize;
@@ -428,50 +418,15 @@ impl BlockState<'_> {
     }
 }
 
-/// Copies `len` bytes at `offset` of `buffer` to the host.
-pub(super) fn download_range(
-    r: &GpuRunner,
-    buffer: &wgpu::Buffer,
-    offset: u64,
-    len: u64,
-) -> Result<Vec<u8>> {
-    let segs = [(buffer.clone(), 0u64)];
-    let mut out = download_ranges(r, &segs, &[(0, 0, offset, len)])?;
-    Ok(out.pop().unwrap_or_default())
-}
-
-/// Copies byte ranges `(segment, _, offset, len)` of `segs` to the host in one transfer.
-pub(super) fn download_ranges(
-    r: &GpuRunner,
-    segs: &[(wgpu::Buffer, u64)],
-    ranges: &[(usize, usize, u64, u64)],
-) -> Result<Vec<Vec<u8>>> {
-    let total: u64 = ranges.iter().map(|r| r.3).sum();
-    if total == 0 {
-        return Ok(ranges.iter().map(|_| Vec::new()).collect());
-    }
-    let ctx = &r.ctx;
-    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("download"),
-        size: total,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut enc = ctx.device.create_command_encoder(&Default::default());
-    let mut at = 0;
-    for &(seg, _, offset, len) in ranges {
-        if len > 0 {
-            enc.copy_buffer_to_buffer(&segs[seg].0, offset, &staging, at, len);
+/// Copies rows `(first, count)` of every segment of `src` to the same rows of `dst` (two
+/// caches of one layout).
+fn copy_cache_rows(r: &GpuRunner, src: &LayerCache, dst: &LayerCache, rows: &[(usize, usize)]) {
+    let mut enc = r.ctx.device.create_command_encoder(&Default::default());
+    for ((from, s), (to, _)) in src.segments().into_iter().zip(dst.segments()) {
+        for &(first, count) in rows {
+            let at = first as u64 * s;
+            enc.copy_buffer_to_buffer(from, at, to, at, count as u64 * s);
         }
-        at += len;
     }
-    ctx.queue.submit([enc.finish()]);
-    let words = crate::gpu::tensor::map_read(ctx, &staging)?;
-    let mut out = Vec::with_capacity(ranges.len());
-    let mut at = 0usize;
-    for &(_, _, _, len) in ranges {
-        out.push(words[at..at + len as usize].to_vec());
-        at += len as usize;
-    }
-    Ok(out)
+    r.ctx.queue.submit([enc.finish()]);
 }

@@ -100,22 +100,51 @@ impl GpuTensor {
 /// Copies the first `count` 32-bit words of a storage buffer back to the host.
 pub fn download_words(ctx: &GpuContext, buffer: &wgpu::Buffer, count: usize) -> Result<Vec<u32>> {
     let bytes = (count.max(1) * 4) as u64;
+    let mut out = download_ranges(ctx, &[(buffer, 0, bytes)])?;
+    let mut words: Vec<u32> = bytemuck::pod_collect_to_vec(&out.pop().unwrap_or_default());
+    words.truncate(count);
+    Ok(words)
+}
+
+/// Copies byte ranges `(buffer, offset, len)` (offsets and lengths multiples of 4) back to the
+/// host in one transfer, once the queue has finished writing them.
+pub fn download_ranges(
+    ctx: &GpuContext,
+    ranges: &[(&wgpu::Buffer, u64, u64)],
+) -> Result<Vec<Vec<u8>>> {
+    let total: u64 = ranges.iter().map(|r| r.2).sum();
+    if total == 0 {
+        return Ok(ranges.iter().map(|_| Vec::new()).collect());
+    }
     let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("download"),
-        size: bytes,
+        size: total,
         usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     });
     let mut encoder = ctx.device.create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+    let mut at = 0;
+    for &(buffer, offset, len) in ranges {
+        if len > 0 {
+            encoder.copy_buffer_to_buffer(buffer, offset, &staging, at, len);
+        }
+        at += len;
+    }
     ctx.queue.submit([encoder.finish()]);
-    let mut out: Vec<u32> = bytemuck::pod_collect_to_vec(&map_read(ctx, &staging)?);
-    out.truncate(count);
-    Ok(out)
+    let all = map_read(ctx, &staging)?;
+    let mut at = 0usize;
+    Ok(ranges
+        .iter()
+        .map(|&(_, _, len)| {
+            let part = all[at..at + len as usize].to_vec();
+            at += len as usize;
+            part
+        })
+        .collect())
 }
 
 /// Maps a `MAP_READ` buffer once the queue has finished writing it and copies it out.
-pub fn map_read(ctx: &GpuContext, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
+fn map_read(ctx: &GpuContext, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
     let slice = staging.slice(..);
     let (tx, rx) = std::sync::mpsc::channel();
     slice.map_async(wgpu::MapMode::Read, move |r| {
