@@ -3,8 +3,6 @@
 //! activation file) and brought back to the GPU before the next unit; the first unit's
 //! "activations" are the embedding rows, gathered on the CPU.
 
-use std::ops::Range;
-
 use super::executor::{lock, BlockState};
 use crate::error::{Error, Result};
 use crate::gpu::model::CacheSlot;
@@ -34,12 +32,14 @@ impl BlockState<'_> {
         let mut batch = lock(&self.batches[c.batch]);
         if c.unit == 0 {
             // the embedding lookup, on the CPU from the table's tiers
-            let firsts = batch.firsts();
-            let slots: Vec<CacheSlot> = (0..batch.tokens.len())
-                .map(|i| CacheSlot {
-                    first: firsts[i],
-                    capacity: batch.capacity[i],
-                    filled: if c.token == 0 { 0 } else { batch.filled[i] },
+            let slots: Vec<CacheSlot> = batch
+                .cache_rows(c.token)
+                .into_iter()
+                .zip(&batch.capacity)
+                .map(|((first, filled, _), &capacity)| CacheSlot {
+                    first,
+                    capacity,
+                    filled,
                 })
                 .collect();
             let new = batch.new_tokens(c.token);
@@ -113,17 +113,8 @@ impl BlockState<'_> {
         let exec = self.exec;
         let r = &exec.runner;
         let mut batch = lock(&self.batches[c.batch]);
-        let split = {
-            let s = &self.act_split;
-            let count = |t: Range<usize>| {
-                t.end
-                    .min(batch.seqs.end)
-                    .saturating_sub(t.start.max(batch.seqs.start))
-            };
-            let [g, cc, d] = s.ranges().map(|(_, t)| count(t));
-            [g, cc, d]
-        };
-        if split[0] == batch.seqs.len() {
+        let split = self.act_split.within(batch.seqs.clone());
+        if split.gpu == batch.seqs.len() {
             return Ok(()); // all on the GPU: nothing moves
         }
         let Some(Activation::Gpu(x, held)) = batch.x.take() else {
@@ -132,18 +123,11 @@ impl BlockState<'_> {
                 "activations to store are not on the GPU",
             ));
         };
-        let rows_of = |r: Range<usize>| -> usize {
-            batch.tokens[r.clone()]
-                .iter()
-                .zip(&batch.filled[r])
-                .map(|(t, &f)| if c.token == 0 { t.len() } else { t.len() - f })
-                .sum()
-        };
-        let rows = [
-            rows_of(0..split[0]),
-            rows_of(split[0]..split[0] + split[1]),
-            rows_of(split[0] + split[1]..batch.seqs.len()),
-        ];
+        // rows each tier keeps: the new rows of its sequences
+        let new_rows: Vec<usize> = batch.cache_rows(c.token).iter().map(|r| r.2).collect();
+        let rows = split
+            .ranges()
+            .map(|(_, seqs)| new_rows[seqs].iter().sum::<usize>());
         let width = x.shape[1];
         let row_bytes = (width * 4) as u64;
         let mut kept = Vec::new();

@@ -3,7 +3,7 @@
 //! file), loaded into a working cache for a step and its new rows stored back; and attention on
 //! the CPU for the RAM- and disk-cached sequences when `cpu_cache_compute` is set.
 
-use super::executor::{lock, Batch, BlockState, Task};
+use super::executor::{lock, BlockState};
 use crate::cpu::ops::causal_attention;
 use crate::error::{Error, Result};
 use crate::gpu::kernels::attention::Attention;
@@ -164,17 +164,6 @@ impl BlockState<'_> {
         }
     }
 
-    /// Per sequence of the batch: `(first cache row, rows filled before this step, rows new)`.
-    pub(super) fn cache_rows(&self, batch: &Batch, token: usize) -> Vec<(usize, usize, usize)> {
-        let firsts = batch.firsts();
-        (0..batch.tokens.len())
-            .map(|i| {
-                let before = if token == 0 { 0 } else { batch.filled[i] };
-                (firsts[i], before, batch.tokens[i].len() - before)
-            })
-            .collect()
-    }
-
     pub(super) fn load_cache(&self, c: Cell) -> Result<()> {
         let Some(layer) = self.cache_layer(c.unit) else {
             return Ok(());
@@ -183,10 +172,7 @@ impl BlockState<'_> {
         let r = &exec.runner;
         let (seq_rows, total) = {
             let b = lock(&self.batches[c.batch]);
-            (
-                self.cache_rows(&b, c.token),
-                b.capacity.iter().sum::<usize>(),
-            )
+            (b.cache_rows(c.token), b.capacity.iter().sum::<usize>())
         };
         let mut cell = lock(&self.caches[layer][c.batch]);
         if cell.split.gpu == cell.split.rows() {
@@ -307,7 +293,7 @@ impl BlockState<'_> {
         };
         let exec = self.exec;
         let r = &exec.runner;
-        let rows = self.new_rows(c)?;
+        let rows = lock(&self.batches[c.batch]).cache_rows(c.token);
         let mut cell = lock(&self.caches[layer][c.batch]);
         if self.delegated(c, &cell) {
             // RAM rows were appended in place; the disk sequences' new rows go to the file
@@ -394,27 +380,6 @@ impl BlockState<'_> {
         drop(held);
         drop(working);
         Ok(())
-    }
-
-    /// Per sequence: `(first cache row, first new row, new rows)` of cell `c`'s token step.
-    pub(super) fn new_rows(&self, c: Cell) -> Result<Vec<(usize, usize, usize)>> {
-        let b = lock(&self.batches[c.batch]);
-        let firsts = b.firsts();
-        Ok((0..b.tokens.len())
-            .map(|i| {
-                // prefill: the prompt's rows; decode token t: one row at prompt + t - 1
-                let prompt = b.tokens[i].len()
-                    - match self.task {
-                        Task::Generate(_) => b.results[i].tokens.len(),
-                        Task::Score => 0,
-                    };
-                if c.token == 0 {
-                    (firsts[i], 0, prompt)
-                } else {
-                    (firsts[i], prompt + c.token - 1, 1)
-                }
-            })
-            .collect())
     }
 }
 

@@ -48,8 +48,6 @@ pub(super) struct Batch {
     pub(super) seqs: Range<usize>,
     /// Tokens so far per sequence (prompt, then generated).
     pub(super) tokens: Vec<Vec<u32>>,
-    /// Rows cached per sequence before the current token step.
-    pub(super) filled: Vec<usize>,
     /// Cache capacity per sequence; the cache holds sequences back to back.
     pub(super) capacity: Vec<usize>,
     pub(super) rows: Option<RowBatch>,
@@ -69,12 +67,31 @@ impl Batch {
             .collect()
     }
 
+    /// Per sequence: `(first cache row, rows cached before token step `token`, rows it adds)`.
+    /// The prefill adds the prompt; decode token `t` adds one row at `prompt + t - 1`. (The
+    /// prompt is what the sequence has beyond its generated tokens: both grow together under
+    /// the batch's lock, so this holds whichever operation asks.)
+    pub(super) fn cache_rows(&self, token: usize) -> Vec<(usize, usize, usize)> {
+        self.firsts()
+            .into_iter()
+            .enumerate()
+            .map(|(i, first)| {
+                let prompt = self.tokens[i].len() - self.results[i].tokens.len();
+                if token == 0 {
+                    (first, 0, prompt)
+                } else {
+                    (first, prompt + token - 1, 1)
+                }
+            })
+            .collect()
+    }
+
     /// The new tokens of token step `token`.
     pub(super) fn new_tokens(&self, token: usize) -> Vec<&[u32]> {
         self.tokens
             .iter()
-            .zip(&self.filled)
-            .map(|(t, &f)| if token == 0 { &t[..] } else { &t[f..] })
+            .zip(self.cache_rows(token))
+            .map(|(t, (_, before, new))| &t[before..before + new])
             .collect()
     }
 }
@@ -167,15 +184,6 @@ impl Executor {
         let n = seqs.len();
         let cache_split = split_sequences(n, self.policy.cache());
         let act_split = split_sequences(n, self.policy.activations());
-        let tier_count = |split: &RowSplit, r: &Range<usize>| -> RowSplit {
-            let count = |t: Range<usize>| t.end.min(r.end).saturating_sub(t.start.max(r.start));
-            let [g, c, d] = split.ranges().map(|(_, t)| count(t));
-            RowSplit {
-                gpu: g,
-                cpu: c,
-                disk: d,
-            }
-        };
 
         // batches, and the working set one batch's compute needs
         let mut batches = Vec::new();
@@ -184,7 +192,6 @@ impl Executor {
             batches.push(Batch {
                 seqs: first..first + chunk.len(),
                 tokens: chunk.iter().map(|s| s.to_vec()).collect(),
-                filled: vec![0; chunk.len()],
                 capacity: chunk.iter().map(|s| s.len() + gen_len - 1).collect(),
                 rows: None,
                 x: None,
@@ -211,7 +218,7 @@ impl Executor {
         for _ in 0..layers {
             let mut row = Vec::new();
             for b in &batches {
-                let split = tier_count(&cache_split, &b.seqs);
+                let split = cache_split.within(b.seqs.clone());
                 let rows_of = |r: Range<usize>| -> usize { b.capacity[r].iter().sum() };
                 let [g, c, d] = split.ranges().map(|(_, r)| rows_of(r));
                 let mut held = Vec::new();
@@ -254,7 +261,7 @@ impl Executor {
         let mut act_bytes = 0u64;
         for b in &batches {
             act_extent.push(act_bytes);
-            let split = tier_count(&act_split, &b.seqs);
+            let split = act_split.within(b.seqs.clone());
             let rows: usize = b.tokens[split.gpu + split.cpu..].iter().map(Vec::len).sum();
             act_bytes += align_up((rows * width * 4) as u64);
         }
@@ -556,10 +563,9 @@ impl BlockState<'_> {
                 }
             }
         }
-        // the cache now holds this step's tokens; the next step feeds the new ones
-        for i in 0..batch.tokens.len() {
-            batch.filled[i] = batch.tokens[i].len();
-            if let Task::Generate(_) = self.task {
+        // the next step feeds the new tokens
+        if let Task::Generate(_) = self.task {
+            for i in 0..batch.tokens.len() {
                 let t = batch.results[i].tokens[token];
                 batch.tokens[i].push(t);
             }

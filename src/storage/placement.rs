@@ -36,6 +36,17 @@ impl RowSplit {
         ]
     }
 
+    /// The part of this split (over items `0..rows()` in order) that falls in `range`: how
+    /// many of those items each tier holds, e.g. the sequences of one batch of a block.
+    pub fn within(&self, range: Range<usize>) -> RowSplit {
+        let [gpu, cpu, disk] = self.ranges().map(|(_, t)| {
+            t.end
+                .min(range.end)
+                .saturating_sub(t.start.max(range.start))
+        });
+        RowSplit { gpu, cpu, disk }
+    }
+
     /// Rows on `tier`.
     pub fn on(&self, tier: Tier) -> usize {
         match tier {
@@ -189,6 +200,12 @@ mod tests {
             prop_assert_eq!(s.rows(), n);
             prop_assert!((s.gpu as f64 - split.gpu * n as f64).abs() <= 0.5 + 1e-9);
             prop_assert!(((s.gpu + s.cpu) as f64 - (split.gpu + split.cpu) * n as f64).abs() <= 0.5 + 1e-9);
+            let (a, b) = (n / 3, n - n / 4);
+            let part = s.within(a..b);
+            prop_assert_eq!(part.rows(), b.saturating_sub(a));
+            for (tier, r) in part.ranges() {
+                prop_assert!((a..b).filter(|&i| tier_of(&s, i) == tier).count() == r.len());
+            }
             for i in 0..n {
                 let t = tier_of(&s, i);
                 let r = &s.ranges()[t.index()].1;
