@@ -72,6 +72,22 @@ pub fn open_direct(path: &Path, create: bool) -> std::io::Result<File> {
     o.custom_flags(libc::O_DIRECT).open(path)
 }
 
+/// Opens `path` for reading and writing (creating and truncating it when `create`), with
+/// O_DIRECT where the file system accepts it; returns the file and whether it is direct.
+fn open_read_write(path: &Path, create: bool) -> Result<(File, bool)> {
+    if let Ok(f) = open_direct(path, create) {
+        return Ok((f, true));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(create)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    Ok((file, false))
+}
+
 /// Drops a file's pages from the page cache.
 pub fn drop_cache(file: &File) {
     use std::os::fd::AsRawFd;
@@ -129,19 +145,7 @@ pub struct OffloadFile {
 impl OffloadFile {
     /// Creates (or truncates) `path` with room for `len` bytes (rounded up to [`ALIGN`]).
     pub fn create(path: &Path, len: u64) -> Result<Self> {
-        let (file, direct) = match open_direct(path, true) {
-            Ok(f) => (f, true),
-            Err(_) => (
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(path)
-                    .map_err(|e| Error::io(path, e))?,
-                false,
-            ),
-        };
+        let (file, direct) = open_read_write(path, true)?;
         let len = align_up(len);
         file.set_len(len).map_err(|e| Error::io(path, e))?;
         Ok(Self {
@@ -154,17 +158,7 @@ impl OffloadFile {
 
     /// Opens an existing file written by [`OffloadFile::create`].
     pub fn open(path: &Path) -> Result<Self> {
-        let (file, direct) = match open_direct(path, false) {
-            Ok(f) => (f, true),
-            Err(_) => (
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(path)
-                    .map_err(|e| Error::io(path, e))?,
-                false,
-            ),
-        };
+        let (file, direct) = open_read_write(path, false)?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         Ok(Self {
             path: path.to_path_buf(),
