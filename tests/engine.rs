@@ -5,72 +5,19 @@
 
 mod common;
 
-use common::{expected, fixture_dir, FIXTURES};
+use common::{expected, fixture_dir, gpu_context, policy, worst_diff, FIXTURES};
 use ferrogen::engine::{Engine, EngineOptions, Placement};
 use ferrogen::gpu::model::{GpuModel, GpuOptions, WeightFormat};
-use ferrogen::gpu::GpuContext;
 use ferrogen::model::ModelFiles;
-use ferrogen::policy::Policy;
-
-fn context() -> Option<GpuContext> {
-    match GpuContext::new() {
-        Ok(ctx) => Some(ctx),
-        Err(e) if std::env::var("FERROGEN_SKIP_GPU").as_deref() == Ok("1") => {
-            eprintln!("FERROGEN_SKIP_GPU=1: skipping ({e})");
-            None
-        }
-        Err(e) => panic!("{e} (or set FERROGEN_SKIP_GPU=1 to skip the GPU tests)"),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn policy(
-    gbs: usize,
-    nb: usize,
-    w: (f64, f64),
-    c: (f64, f64),
-    h: (f64, f64),
-    overlap: bool,
-    sep: bool,
-) -> Policy {
-    Policy {
-        gpu_batch_size: gbs,
-        num_gpu_batches: nb,
-        w_gpu_percent: w.0,
-        w_cpu_percent: w.1,
-        cache_gpu_percent: c.0,
-        cache_cpu_percent: c.1,
-        act_gpu_percent: h.0,
-        act_cpu_percent: h.1,
-        overlap,
-        sep_layer: sep,
-        pin_weight: true,
-        cpu_cache_compute: false,
-        attn_sparsity: 1.0,
-        compress_weight: false,
-        compress_cache: false,
-        quant: Default::default(),
-    }
-}
-
-fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter()
-        .zip(b)
-        .flat_map(|(x, y)| {
-            assert_eq!(x.len(), y.len());
-            x.iter().zip(y).map(|(p, q)| (p - q).abs())
-        })
-        .fold(0f32, f32::max)
-}
 
 #[test]
 fn offloaded_scoring_equals_resident() {
-    let Some(_) = context() else { return };
+    let Some(_) = gpu_context() else { return };
     let dir = tempfile::tempdir().unwrap();
     for name in FIXTURES {
         let files = ModelFiles::open(&fixture_dir(name)).unwrap();
         let resident = GpuModel::load(
-            context().unwrap(),
+            gpu_context().unwrap(),
             &files,
             GpuOptions {
                 weights: WeightFormat::Native,
@@ -90,13 +37,13 @@ fn offloaded_scoring_equals_resident() {
                 ..EngineOptions::new(Placement::Policy(p.clone()))
             };
             let engine = Engine::open_files(
-                context().unwrap(),
+                gpu_context().unwrap(),
                 ModelFiles::open(&fixture_dir(name)).unwrap(),
                 options,
             )
             .unwrap();
             let got = engine.token_logprobs(&batch).unwrap();
-            let d = max_diff(&got, &want);
+            let d = worst_diff(&got, &want);
             assert!(d < 1e-4, "{name} {p:?}: {d}");
         }
     }
@@ -130,12 +77,12 @@ proptest! {
         compress_cache in any::<bool>(),
         cpu_cache_compute in any::<bool>(),
     ) {
-        let Some(_) = context() else { return Ok(()) };
+        let Some(_) = gpu_context() else { return Ok(()) };
         let name = FIXTURES[fixture];
         let dir = tempfile::tempdir().unwrap();
         let files = ModelFiles::open(&fixture_dir(name)).unwrap();
         let resident = GpuModel::load(
-            context().unwrap(),
+            gpu_context().unwrap(),
             &files,
             GpuOptions { weights: WeightFormat::Native, compress_cache },
         )
@@ -150,11 +97,11 @@ proptest! {
             offload_dir: Some(dir.path().to_path_buf()),
             ..EngineOptions::new(Placement::Policy(p.clone()))
         };
-        let engine = Engine::open_files(context().unwrap(), files, options).unwrap();
+        let engine = Engine::open_files(gpu_context().unwrap(), files, options).unwrap();
 
         let want = resident.token_logprobs(&batch).unwrap();
         let got = engine.token_logprobs(&batch).unwrap();
-        let d = max_diff(&got, &want);
+        let d = worst_diff(&got, &want);
         prop_assert!(d < 1e-4, "{} scoring {:?}: {}", name, p, d);
 
         // generation: the same tokens, and each token's logprob as the resident model scores it
@@ -181,7 +128,7 @@ proptest! {
 /// (same numbers), rebuilt when the policy changes, and removed at exit otherwise.
 #[test]
 fn offload_files_are_reused_kept_or_removed() {
-    let Some(_) = context() else { return };
+    let Some(_) = gpu_context() else { return };
     let dir = tempfile::tempdir().unwrap();
     let name = "llama-gqa-untied";
     let exp = expected(name);
@@ -201,7 +148,7 @@ fn offload_files_are_reused_kept_or_removed() {
             )))
         };
         Engine::open_files(
-            context().unwrap(),
+            gpu_context().unwrap(),
             ModelFiles::open(&fixture_dir(name)).unwrap(),
             options,
         )
@@ -220,14 +167,14 @@ fn offload_files_are_reused_kept_or_removed() {
     assert_eq!(files(), 0, "removed at exit");
     let third = open((0.0, 0.0), false);
     assert!(!third.reused_offload());
-    assert!(max_diff(&third.token_logprobs(&batch).unwrap(), &want) < 1e-4);
+    assert!(worst_diff(&third.token_logprobs(&batch).unwrap(), &want) < 1e-4);
 }
 
 /// Budgets too small for the policy are refused with the tier and the shortfall, before any
 /// work; no offload directory for a disk placement is a clear error too.
 #[test]
 fn budgets_are_enforced_with_clear_errors() {
-    let Some(_) = context() else { return };
+    let Some(_) = gpu_context() else { return };
     let name = "opt-pre-ln-proj";
     let p = policy(1, 1, (100.0, 0.0), (100.0, 0.0), (100.0, 0.0), true, true);
     let options = EngineOptions {
@@ -235,7 +182,7 @@ fn budgets_are_enforced_with_clear_errors() {
         ..EngineOptions::new(Placement::Policy(p))
     };
     let err = Engine::open_files(
-        context().unwrap(),
+        gpu_context().unwrap(),
         ModelFiles::open(&fixture_dir(name)).unwrap(),
         options,
     )
@@ -252,7 +199,7 @@ fn budgets_are_enforced_with_clear_errors() {
     }
     let p = policy(1, 1, (0.0, 0.0), (100.0, 0.0), (100.0, 0.0), true, true);
     let err = Engine::open_files(
-        context().unwrap(),
+        gpu_context().unwrap(),
         ModelFiles::open(&fixture_dir(name)).unwrap(),
         EngineOptions::new(Placement::Policy(p)),
     )
@@ -265,7 +212,7 @@ fn budgets_are_enforced_with_clear_errors() {
 /// with the same results.
 #[test]
 fn blocks_too_big_for_the_budget_run_in_halves() {
-    let Some(_) = context() else { return };
+    let Some(_) = gpu_context() else { return };
     let name = "llama-gqa-untied";
     let exp = expected(name);
     let batch: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
@@ -285,7 +232,7 @@ fn blocks_too_big_for_the_budget_run_in_halves() {
             ..EngineOptions::new(Placement::Policy(p.clone()))
         };
         Engine::open_files(
-            context().unwrap(),
+            gpu_context().unwrap(),
             ModelFiles::open(&fixture_dir(name)).unwrap(),
             options,
         )
@@ -302,6 +249,6 @@ fn blocks_too_big_for_the_budget_run_in_halves() {
     // a budget between the two: the block cannot run whole, its halves can
     let tight = open(one + (whole - one) / 4);
     let got = tight.token_logprobs(&batch).unwrap();
-    assert!(max_diff(&got, &want) < 1e-5);
+    assert!(worst_diff(&got, &want) < 1e-5);
     assert!(tight.peaks()[0] < whole);
 }

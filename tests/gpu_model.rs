@@ -6,37 +6,26 @@
 
 mod common;
 
-use common::{expected, fixture_dir, max_abs_diff, FIXTURES};
+use common::{expected, fixture_dir, gpu_context, max_abs_diff, FIXTURES};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::gpu::model::{GpuModel, GpuOptions, WeightFormat};
-use ferrogen::gpu::GpuContext;
 use ferrogen::model::ModelFiles;
 
-fn context() -> Option<GpuContext> {
-    match GpuContext::new() {
-        Ok(ctx) => Some(ctx),
-        Err(e) if std::env::var("FERROGEN_SKIP_GPU").as_deref() == Ok("1") => {
-            eprintln!("FERROGEN_SKIP_GPU=1: skipping ({e})");
-            None
-        }
-        Err(e) => panic!("{e} (or set FERROGEN_SKIP_GPU=1 to skip the GPU tests)"),
-    }
+/// The model on the device with `weights`, an f32 cache.
+fn load(files: &ModelFiles, weights: WeightFormat) -> GpuModel {
+    let options = GpuOptions {
+        weights,
+        compress_cache: false,
+    };
+    GpuModel::load(gpu_context().unwrap(), files, options).unwrap()
 }
 
 #[test]
 fn fixtures_match_reference_and_transformers() {
-    let Some(_) = context() else { return };
+    let Some(_) = gpu_context() else { return };
     for name in FIXTURES {
         let files = ModelFiles::open(&fixture_dir(name)).unwrap();
-        let gpu = GpuModel::load(
-            context().unwrap(),
-            &files,
-            GpuOptions {
-                weights: WeightFormat::F32,
-                compress_cache: false,
-            },
-        )
-        .unwrap();
+        let gpu = load(&files, WeightFormat::F32);
         let reference = ReferenceModel::load(&files).unwrap();
         let exp = expected(name);
         let batch: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
@@ -97,18 +86,10 @@ impl ferrogen::model::WeightSource for Group4Weights<'_> {
 
 #[test]
 fn compressed_weights_match_reference_on_the_same_quantized_weights() {
-    let Some(_) = context() else { return };
+    let Some(_) = gpu_context() else { return };
     for name in FIXTURES {
         let files = ModelFiles::open(&fixture_dir(name)).unwrap();
-        let gpu = GpuModel::load(
-            context().unwrap(),
-            &files,
-            GpuOptions {
-                weights: WeightFormat::Group4,
-                compress_cache: false,
-            },
-        )
-        .unwrap();
+        let gpu = load(&files, WeightFormat::Group4);
         let source = Group4Weights(files.weights.as_ref());
         let reference =
             ReferenceModel::from_source(&files.config, &source, files.opt_prefix()).unwrap();
@@ -141,7 +122,7 @@ fn compressed_weights_match_reference_on_the_same_quantized_weights() {
 /// ragged batch per step, gives the logprobs of one prefill.
 #[test]
 fn device_cache_decode_equals_prefill() {
-    let Some(_) = context() else { return };
+    let Some(_) = gpu_context() else { return };
     for compress_cache in [false, true] {
         for name in FIXTURES {
             let files = ModelFiles::open(&fixture_dir(name)).unwrap();
@@ -149,7 +130,7 @@ fn device_cache_decode_equals_prefill() {
                 weights: WeightFormat::F32,
                 compress_cache,
             };
-            let gpu = GpuModel::load(context().unwrap(), &files, options).unwrap();
+            let gpu = GpuModel::load(gpu_context().unwrap(), &files, options).unwrap();
             let exp = expected(name);
             let seqs: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
             let full = gpu.token_logprobs(&seqs).unwrap();

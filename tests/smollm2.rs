@@ -4,9 +4,12 @@
 //! `$FERROGEN_CACHE`). Without it these tests fail and say how to fetch it, unless
 //! `FERROGEN_OFFLINE=1` is set, in which case they are skipped.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use common::{gpu_context, policy, worst_diff};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::model::ModelFiles;
 use serde::Deserialize;
@@ -166,14 +169,7 @@ fn britannica_perplexity_matches_transformers() {
 #[test]
 fn wgpu_backend_matches_reference_on_britannica() {
     let Some(m) = smollm2() else { return };
-    let ctx = match ferrogen::gpu::GpuContext::new() {
-        Ok(ctx) => ctx,
-        Err(e) if std::env::var("FERROGEN_SKIP_GPU").as_deref() == Ok("1") => {
-            eprintln!("FERROGEN_SKIP_GPU=1: skipping ({e})");
-            return;
-        }
-        Err(e) => panic!("{e} (or set FERROGEN_SKIP_GPU=1)"),
-    };
+    let Some(ctx) = gpu_context() else { return };
     let gpu = ferrogen::gpu::model::GpuModel::load(
         ctx,
         &m.files,
@@ -181,13 +177,9 @@ fn wgpu_backend_matches_reference_on_britannica() {
     )
     .unwrap();
     let ids = &reference().britannica.tokens[..256];
-    let got = &gpu.token_logprobs(&[ids]).unwrap()[0];
-    let want = &m.model.token_logprobs(&[ids]).unwrap()[0];
-    let worst = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let got = gpu.token_logprobs(&[ids]).unwrap();
+    let want = m.model.token_logprobs(&[ids]).unwrap();
+    let worst = worst_diff(&got, &want);
     eprintln!("wgpu vs reference, 256 britannica tokens: worst per-token diff {worst:.2e}");
     assert!(worst < 1e-3, "{worst}");
     let tok = m.files.tokenizer().unwrap();
@@ -204,15 +196,7 @@ fn engine_with_weights_on_disk_matches_resident() {
     use ferrogen::policy::Policy;
     use ferrogen::storage::Tier;
     let Some(m) = smollm2() else { return };
-    let ctx = || match ferrogen::gpu::GpuContext::new() {
-        Ok(ctx) => Some(ctx),
-        Err(e) if std::env::var("FERROGEN_SKIP_GPU").as_deref() == Ok("1") => {
-            eprintln!("FERROGEN_SKIP_GPU=1: skipping ({e})");
-            None
-        }
-        Err(e) => panic!("{e} (or set FERROGEN_SKIP_GPU=1)"),
-    };
-    let Some(first) = ctx() else { return };
+    let Some(first) = gpu_context() else { return };
     let resident = ferrogen::gpu::model::GpuModel::load(
         first,
         &m.files,
@@ -239,8 +223,12 @@ fn engine_with_weights_on_disk_matches_resident() {
         ..EngineOptions::new(Placement::Policy(policy))
     };
     let path = cache_dir().join(MODEL_FILE);
-    let engine =
-        Engine::open_files(ctx().unwrap(), ModelFiles::open(&path).unwrap(), options).unwrap();
+    let engine = Engine::open_files(
+        gpu_context().unwrap(),
+        ModelFiles::open(&path).unwrap(),
+        options,
+    )
+    .unwrap();
     let w = engine.weight_bytes();
     let total: u64 = w.iter().sum();
     assert!(w[2] as f64 >= 0.89 * total as f64, "{w:?}");
@@ -249,12 +237,7 @@ fn engine_with_weights_on_disk_matches_resident() {
     let seqs: Vec<&[u32]> = (0..4).map(|i| &tokens[i * 64..(i + 1) * 64]).collect();
     let got = engine.token_logprobs(&seqs).unwrap();
     let want = resident.token_logprobs(&seqs).unwrap();
-    let worst = got
-        .iter()
-        .flatten()
-        .zip(want.iter().flatten())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let worst = worst_diff(&got, &want);
     eprintln!("engine (90% of weights on disk) vs resident: worst per-token diff {worst:.2e}");
     assert!(worst < 1e-4, "{worst}");
 
@@ -286,25 +269,12 @@ proptest::proptest! {
         use ferrogen::engine::{Engine, EngineOptions, Placement};
         use ferrogen::policy::Policy;
         let Some(m) = smollm2() else { return Ok(()) };
-        let Ok(ctx) = ferrogen::gpu::GpuContext::new() else {
-            assert_eq!(std::env::var("FERROGEN_SKIP_GPU").as_deref(), Ok("1"), "no adapter");
-            return Ok(());
-        };
+        let Some(ctx) = gpu_context() else { return Ok(()) };
         let pct = |(g, c): (u32, u32)| (f64::from(g * 10), f64::from(c.min(10 - g) * 10));
         let (w, c, h) = (pct(w), pct(c), pct(h));
         let policy = Policy {
-            gpu_batch_size: gbs,
-            num_gpu_batches: nb,
-            w_gpu_percent: w.0,
-            w_cpu_percent: w.1,
-            cache_gpu_percent: c.0,
-            cache_cpu_percent: c.1,
-            act_gpu_percent: h.0,
-            act_cpu_percent: h.1,
-            overlap,
-            sep_layer,
             cpu_cache_compute: cpu_cache_compute && c.0 < 100.0,
-            ..Policy::all_on_gpu(gbs)
+            ..policy(gbs, nb, w, c, h, overlap, sep_layer)
         };
         let resident = ferrogen::gpu::model::GpuModel::load(
             ctx,
@@ -318,7 +288,7 @@ proptest::proptest! {
             ..EngineOptions::new(Placement::Policy(policy.clone()))
         };
         let engine = Engine::open_files(
-            ferrogen::gpu::GpuContext::new().unwrap(),
+            gpu_context().unwrap(),
             ModelFiles::open(&cache_dir().join(MODEL_FILE)).unwrap(),
             options,
         )
@@ -327,12 +297,7 @@ proptest::proptest! {
         let seqs: Vec<&[u32]> = vec![&tokens[..24], &tokens[100..117], &tokens[300..320]];
         let got = engine.token_logprobs(&seqs).unwrap();
         let want = resident.token_logprobs(&seqs).unwrap();
-        let worst = got
-            .iter()
-            .flatten()
-            .zip(want.iter().flatten())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = worst_diff(&got, &want);
         proptest::prop_assert!(worst < 1e-4, "{:?}: {}", policy, worst);
         let prompts: Vec<&[u32]> = seqs.iter().map(|s| &s[..6]).collect();
         let gen = engine.generate(&prompts, 3).unwrap();

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use ferrogen::gpu::GpuContext;
+use ferrogen::policy::Policy;
 use serde::Deserialize;
 
 pub mod gguf_writer;
@@ -94,4 +96,61 @@ pub fn edit_safetensors(dir: &Path, edit: impl FnOnce(&mut serde_json::Value, &m
     let (mut header, mut data) = split_safetensors(&std::fs::read(&path).unwrap());
     edit(&mut header, &mut data);
     std::fs::write(&path, join_safetensors(&header, &data)).unwrap();
+}
+
+/// The WebGPU device, or `None` (after saying so) when there is none and `FERROGEN_SKIP_GPU=1`
+/// asks to skip the GPU tests.
+pub fn gpu_context() -> Option<GpuContext> {
+    match GpuContext::new() {
+        Ok(ctx) => Some(ctx),
+        Err(e) if std::env::var("FERROGEN_SKIP_GPU").as_deref() == Ok("1") => {
+            eprintln!("FERROGEN_SKIP_GPU=1: skipping ({e})");
+            None
+        }
+        Err(e) => panic!("{e} (or set FERROGEN_SKIP_GPU=1 to skip the GPU tests)"),
+    }
+}
+
+/// A policy with (GPU %, CPU %) for weights `w`, cache `c` and activations `h`, the rest
+/// on disk.
+#[allow(clippy::too_many_arguments)]
+pub fn policy(
+    gbs: usize,
+    nb: usize,
+    w: (f64, f64),
+    c: (f64, f64),
+    h: (f64, f64),
+    overlap: bool,
+    sep: bool,
+) -> Policy {
+    Policy {
+        gpu_batch_size: gbs,
+        num_gpu_batches: nb,
+        w_gpu_percent: w.0,
+        w_cpu_percent: w.1,
+        cache_gpu_percent: c.0,
+        cache_cpu_percent: c.1,
+        act_gpu_percent: h.0,
+        act_cpu_percent: h.1,
+        overlap,
+        sep_layer: sep,
+        pin_weight: true,
+        cpu_cache_compute: false,
+        attn_sparsity: 1.0,
+        compress_weight: false,
+        compress_cache: false,
+        quant: Default::default(),
+    }
+}
+
+/// Largest absolute difference between two sets of per-sequence logprobs of the same shape.
+pub fn worst_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len(), "sequence counts differ");
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0f32, f32::max)
 }
