@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use ferrogen::bytes::{format_size, parse_size};
 use ferrogen::cli::Flags;
-use ferrogen::engine::{Engine, EngineOptions, Placement, DEFAULT_PROFILE};
+use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
 use ferrogen::exec::{Trace, Track};
 use ferrogen::gpu::GpuContext;
 use ferrogen::model::builtin::builtin_config;
@@ -204,9 +204,7 @@ fn run() -> Result<()> {
     let a = parse()?;
     let hardware: HardwareProfile = match &a.hardware {
         Some(p) => HardwareProfile::from_toml_file(p)?,
-        None => {
-            toml::from_str(DEFAULT_PROFILE).map_err(|e| Error::invalid("profile", e.to_string()))?
-        }
+        None => default_profile()?,
     };
     let probe = open_files(&a)?;
     let config = probe.config.clone();

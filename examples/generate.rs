@@ -14,9 +14,9 @@ use std::path::PathBuf;
 use ferrogen::bytes::parse_size;
 use ferrogen::cli::{required, Flags};
 use ferrogen::cpu::ReferenceModel;
-use ferrogen::engine::{Engine, EngineOptions, Placement, DEFAULT_PROFILE};
+use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
 use ferrogen::model::ModelFiles;
-use ferrogen::policy::{HardwareProfile, Policy};
+use ferrogen::policy::Policy;
 use ferrogen::{Error, Result};
 
 fn run() -> Result<()> {
@@ -50,9 +50,14 @@ fn run() -> Result<()> {
     let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
     let memory =
         gpu_mem.is_some() || cpu_mem.is_some() || policy.is_some() || offload_dir.is_some();
-    let outputs: Vec<Vec<u32>> = match backend.as_deref() {
+    let decode = |files: &ModelFiles, outputs: Vec<Vec<u32>>| -> Result<Vec<String>> {
+        let tokenizer = files.tokenizer()?;
+        outputs.iter().map(|o| tokenizer.decode(o)).collect()
+    };
+    let texts: Vec<String> = match backend.as_deref() {
         Some("reference") | None if !memory => {
-            ReferenceModel::load(&files)?.generate_greedy(&refs, max_new, eos)?
+            let out = ReferenceModel::load(&files)?.generate_greedy(&refs, max_new, eos)?;
+            decode(&files, out)?
         }
         Some("reference") => {
             return Err(Error::invalid(
@@ -67,8 +72,7 @@ fn run() -> Result<()> {
                     Placement::Policy(Policy::all_on_gpu(refs.len()))
                 }
                 None => Placement::Search {
-                    hardware: toml::from_str::<HardwareProfile>(DEFAULT_PROFILE)
-                        .map_err(|e| Error::invalid("built-in hardware profile", e.to_string()))?,
+                    hardware: default_profile()?,
                     prompt_len: refs.iter().map(|p| p.len()).max().unwrap_or(1),
                     gen_len: max_new + 1,
                     compress_weight: false,
@@ -82,8 +86,9 @@ fn run() -> Result<()> {
                 ..EngineOptions::new(placement)
             };
             let engine = Engine::open_files(ferrogen::gpu::GpuContext::new()?, files, options)?;
-            let out = engine.generate(&refs, max_new)?;
-            out.into_iter()
+            let out = engine
+                .generate(&refs, max_new)?
+                .into_iter()
                 .map(|r| {
                     // stop after the end-of-sequence token, as the reference does
                     let end = r
@@ -93,7 +98,8 @@ fn run() -> Result<()> {
                         .map_or(r.tokens.len(), |i| i + 1);
                     r.tokens[..end].to_vec()
                 })
-                .collect()
+                .collect();
+            decode(engine.files(), out)?
         }
         Some(other) => {
             return Err(Error::invalid(
@@ -102,10 +108,8 @@ fn run() -> Result<()> {
             ))
         }
     };
-    let files = ModelFiles::open(&model)?;
-    let tokenizer = files.tokenizer()?;
-    for (prompt, out) in prompts.iter().zip(outputs) {
-        println!("{}{}", prompt, tokenizer.decode(&out)?);
+    for (prompt, text) in prompts.iter().zip(texts) {
+        println!("{prompt}{text}");
     }
     Ok(())
 }

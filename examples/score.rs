@@ -24,7 +24,7 @@ use std::process::ExitCode;
 use ferrogen::bytes::{format_size, parse_size};
 use ferrogen::cli::{required, Flags};
 use ferrogen::cpu::ReferenceModel;
-use ferrogen::engine::{Engine, EngineOptions, Placement, DEFAULT_PROFILE};
+use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
 use ferrogen::gpu::{AdapterKind, GpuContext};
 use ferrogen::model::ModelFiles;
 use ferrogen::policy::{HardwareProfile, Policy};
@@ -133,8 +133,7 @@ impl Args {
         }
         let hardware = match &self.hardware {
             Some(path) => HardwareProfile::from_toml_file(path)?,
-            None => toml::from_str(DEFAULT_PROFILE)
-                .map_err(|e| Error::invalid("built-in hardware profile", e.to_string()))?,
+            None => default_profile()?,
         };
         Ok(Placement::Search {
             hardware,

@@ -37,6 +37,12 @@ use crate::storage::{MemoryLedger, Tier};
 /// is asked for without a profile.
 pub const DEFAULT_PROFILE: &str = include_str!("../policies/lavapipe-2core.toml");
 
+/// [`DEFAULT_PROFILE`], parsed.
+pub fn default_profile() -> Result<HardwareProfile> {
+    toml::from_str(DEFAULT_PROFILE)
+        .map_err(|e| Error::invalid("built-in hardware profile", e.to_string()))
+}
+
 /// How the placement is decided.
 #[derive(Debug, Clone)]
 pub enum Placement {
