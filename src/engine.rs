@@ -252,7 +252,9 @@ impl Engine {
         .place()?;
         runner.ctx.wait()?;
         let (chunk, io_threads) = (chunk.clamp(64 << 10, 16 << 20), io_threads.clamp(1, 16));
-        let staging = StagingPool::new(&ledger, io_threads + 2, chunk)?;
+        // one buffer per reader thread and per other I/O operation a step can hold at once
+        // (cache and activation loads and stores, the embedding lookup)
+        let staging = StagingPool::new(&ledger, io_threads + 4, chunk)?;
         let executor = Executor {
             runner,
             model,

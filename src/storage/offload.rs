@@ -7,7 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use super::{MemoryLedger, Reservation, Tier};
 use crate::error::{Error, Result};
@@ -100,36 +100,39 @@ pub fn drop_cache(file: &File) {
 /// A pool of aligned staging buffers for disk I/O, charged to the CPU budget once.
 pub struct StagingPool {
     free: Mutex<Vec<AlignedBuf>>,
-    chunk: usize,
+    returned: Condvar,
     _held: Reservation,
 }
 
 impl StagingPool {
     /// `count` buffers of `chunk` bytes, charged to the CPU tier of `ledger`.
     pub fn new(ledger: &Arc<MemoryLedger>, count: usize, chunk: usize) -> Result<Self> {
-        let bufs: Vec<AlignedBuf> = (0..count).map(|_| AlignedBuf::new(chunk)).collect();
+        let bufs: Vec<AlignedBuf> = (0..count.max(1)).map(|_| AlignedBuf::new(chunk)).collect();
         let bytes = bufs.iter().map(|b| b.allocated() as u64).sum();
         Ok(Self {
             _held: ledger.reserve(Tier::Cpu, bytes, "disk staging buffers")?,
             free: Mutex::new(bufs),
-            chunk,
+            returned: Condvar::new(),
         })
     }
 
-    /// Runs `f` with a staging buffer (waits for none: a spare one is made if all are out,
-    /// which the plan's at most one disk read and one disk write per step never needs).
+    /// Runs `f` with a staging buffer, waiting for one when all are in use: the pool never
+    /// grows past what was charged. (`f` must not ask for a second one.)
     pub fn with<T>(&self, f: impl FnOnce(&mut AlignedBuf) -> Result<T>) -> Result<T> {
-        let mut buf = self
-            .free
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .unwrap_or_else(|| AlignedBuf::new(self.chunk));
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buf = loop {
+            match free.pop() {
+                Some(buf) => break buf,
+                None => free = self.returned.wait(free).unwrap_or_else(|e| e.into_inner()),
+            }
+        };
+        drop(free);
         let out = f(&mut buf);
         self.free
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(buf);
+        self.returned.notify_one();
         out
     }
 }
