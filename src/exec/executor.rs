@@ -283,28 +283,26 @@ impl Executor {
             ));
             Ok(Some((OffloadFile::create(&path, bytes)?, held)))
         };
-        let cache_file = file("KV cache", disk_cache_bytes)?;
-        let act_file = file("activations", act_bytes)?;
+        // the files and their disk reservations live for the block
+        let unzip = |f: Option<(OffloadFile, Reservation)>| {
+            f.map_or((None, None), |(f, r)| (Some(f), Some(r)))
+        };
+        let (cache_file, _cache_held) = unzip(file("KV cache", disk_cache_bytes)?);
+        let (act_file, _act_held) = unzip(file("activations", act_bytes)?);
         let state = BlockState {
             exec: self,
             task,
             batches: batches.into_iter().map(Mutex::new).collect(),
             caches,
             act_split,
-            act_file: act_file
-                .as_ref()
-                .map(|f| OffloadFile::open(f.0.path()))
-                .transpose()?,
+            act_file,
             act_extent,
-            cache_file: cache_file
-                .as_ref()
-                .map(|f| OffloadFile::open(f.0.path()))
-                .transpose()?,
+            cache_file,
             plan,
         };
         let result = state.run();
-        for f in [&cache_file, &act_file].into_iter().flatten() {
-            let _ = std::fs::remove_file(f.0.path());
+        for f in [&state.cache_file, &state.act_file].into_iter().flatten() {
+            let _ = std::fs::remove_file(f.path());
         }
         result?;
         let mut out = Vec::with_capacity(n);
