@@ -157,6 +157,19 @@ impl BlockState<'_> {
         Ok(a)
     }
 
+    /// The block's KV-cache file (there is one whenever some cache rows are on disk).
+    fn disk_cache(&self) -> Result<&crate::storage::OffloadFile> {
+        self.cache_file
+            .as_ref()
+            .ok_or_else(|| Error::invalid("executor", "no cache file"))
+    }
+
+    /// Bytes per cached token in each cache segment.
+    fn segment_bytes(&self) -> Vec<usize> {
+        let bytes = self.exec.runner.cache_segment_bytes();
+        bytes.into_iter().map(|s| s as usize).collect()
+    }
+
     pub(super) fn cache_layer(&self, unit: usize) -> Option<usize> {
         match self.plan.units[unit] {
             UnitKind::Attention(l) | UnitKind::Layer(l) => Some(l),
@@ -210,10 +223,7 @@ impl BlockState<'_> {
         // disk rows: the rest, from the cache file
         let base_d = seq_rows.get(gs + cs).map_or(0, |s| s.0);
         if cell.split.disk > 0 {
-            let file = self
-                .cache_file
-                .as_ref()
-                .ok_or_else(|| Error::invalid("executor", "no cache file"))?;
+            let file = self.disk_cache()?;
             exec.staging.with(|staging| {
                 for (i, (dst, s)) in segs.iter().enumerate() {
                     for &(first, before, _) in &seq_rows[gs + cs..] {
@@ -247,12 +257,7 @@ impl BlockState<'_> {
         if cell.split.disk == 0 {
             return Ok(());
         }
-        let seg_bytes: Vec<usize> = exec
-            .runner
-            .cache_segment_bytes()
-            .iter()
-            .map(|&s| s as usize)
-            .collect();
+        let seg_bytes: Vec<usize> = self.segment_bytes();
         // rows from the first disk sequence's first row to the end of the batch's cache
         let base = seq_rows[first_disk].0;
         let rows = total - base;
@@ -261,10 +266,7 @@ impl BlockState<'_> {
             (rows * seg_bytes.iter().sum::<usize>()) as u64,
             "KV cache read for CPU attention",
         )?;
-        let file = self
-            .cache_file
-            .as_ref()
-            .ok_or_else(|| Error::invalid("executor", "no cache file"))?;
+        let file = self.disk_cache()?;
         let mut segs: Vec<Vec<u32>> = seg_bytes
             .iter()
             .map(|&s| vec![0u32; rows * s / 4])
@@ -302,16 +304,8 @@ impl BlockState<'_> {
             };
             let first_disk = cell.split.gpu + cell.split.cpu;
             let base = rows[first_disk].0;
-            let file = self
-                .cache_file
-                .as_ref()
-                .ok_or_else(|| Error::invalid("executor", "no cache file"))?;
-            let seg_bytes: Vec<usize> = exec
-                .runner
-                .cache_segment_bytes()
-                .iter()
-                .map(|&s| s as usize)
-                .collect();
+            let file = self.disk_cache()?;
+            let seg_bytes: Vec<usize> = self.segment_bytes();
             return exec.staging.with(|staging| {
                 for (i, seg) in segs.iter().enumerate() {
                     let s = seg_bytes[i];
@@ -369,10 +363,7 @@ impl BlockState<'_> {
                 let words: &mut [u8] = bytemuck::cast_slice_mut(&mut cell.cpu[*i]);
                 words[at..at + bytes.len()].copy_from_slice(&bytes);
             } else {
-                let file = self
-                    .cache_file
-                    .as_ref()
-                    .ok_or_else(|| Error::invalid("executor", "no cache file"))?;
+                let file = self.disk_cache()?;
                 let at = cell.disk[*i] + ((first - base_d + from) * s) as u64;
                 exec.staging.with(|st| file.write_at(at, &bytes, st))?;
             }
