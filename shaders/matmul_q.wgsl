@@ -1,30 +1,80 @@
 // y = x W^T with W [n, k] stored as quantized codes, dequantized in the kernel.
 // Layout (see src/gpu/kernels/matmul_q.rs): each row of W holds `padded_k` codes (k rounded up
-// to the group size G), `bits` wide (4 or 8), packed little-endian into u32 words: code e of a
-// row sits in word e * bits / 32 at bit (e * bits) % 32. Group g of a row (codes g*G .. g*G+G-1)
-// has one u32 `scales[row * groups + g]` = pack2x16float(step, min); value = code * step + min.
-// (FlexGen 4-bit and GGUF Q4_1: as stored; Q4_0: min = -8 * step; Q8_0: codes + 128 unsigned,
-// min = -128 * step.)
+// to the group size G), BITS wide (4 or 8), packed little-endian into u32 words: code e of a
+// row sits in word e * BITS / 32 at bit (e * BITS) % 32. Words are read four at a time
+// (vec4<u32>): every group spans a whole number of them (G * BITS / 32 is a multiple of 4 for
+// G = 32 or 64). Group g of a row (codes g*G .. g*G+G-1) has one u32 `scales[row * groups + g]`
+// = pack2x16float(step, min); value = code * step + min. (FlexGen 4-bit and GGUF Q4_1: as
+// stored; Q4_0: min = -8 * step; Q8_0: codes + 128 unsigned, min = -128 * step.)
 //
 // Indexing: invocation (gx, gy) owns the ROWS x 4 output tile rows ROWS*gy.., columns 4*gx..
-// (ROWS, a pipeline constant of at most 8: 8, 4, or 1 for matrix-vector products so that no
-// work is spent on copies of the one row). A workgroup is 64 consecutive column tiles of one row tile: every lane
-// reads the same x values and none idles when m = 1. Each walks the k axis a group at a time:
-// for column c with step s_c and minimum m_c,
+// (ROWS and BITS are pipeline constants: ROWS = 8, 4, or 1 for matrix-vector products so that
+// no work is spent on copies of the one row). A workgroup is 64 consecutive column tiles of one
+// row tile: every lane reads the same x values and none idles when m = 1. Each walks the k axis
+// a group at a time: for column c with step s_c and minimum m_c,
 //   sum_kk x[kk] * (q_c[kk] * s_c + m_c) = s_c * sum_kk x[kk] q_c[kk] + m_c * sum_kk x[kk],
 // so the inner loop only unpacks codes and multiply-adds; scales are read once per group.
-// Values past k (padding) meet x = 0. Out-of-range rows/columns read clamped rows and are never
-// stored.
+// Only the last group can reach past k (padding): there x is read clamped and counted as 0.
+// Out-of-range rows/columns read clamped rows and are never stored.
 
 override ROWS: u32 = 4u;
+override BITS: u32 = 4u;
 
 struct Dims { m: u32, k: u32, n: u32, y_stride: u32, y_offset: u32, padded_k: u32, group: u32, bits: u32 }
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
-@group(0) @binding(1) var<storage, read> codes: array<u32>;
+@group(0) @binding(1) var<storage, read> codes: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> scales: array<u32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<uniform> dims: Dims;
+
+var<private> xb: array<u32, 8>;   // start of each tile row of x
+var<private> col: array<u32, 4>;  // each tile column (clamped)
+var<private> acc: array<vec4<f32>, 8>; // acc[r][c] = sum_kk x[row0 + r, kk] * W[col0 + c, kk]
+
+// Adds group g's contribution to acc; `checked` clamps and zeroes x past k (the last group).
+fn group_dot(g: u32, groups: u32, quads: u32, checked: bool) {
+    let per_word = 32u / BITS;
+    let mask = vec4<u32>((1u << BITS) - 1u);
+    let quads_per_group = dims.group / (4u * per_word);
+    var step: vec4<f32>;
+    var lo: vec4<f32>;
+    for (var c = 0u; c < 4u; c++) {
+        let sm = unpack2x16float(scales[col[c] * groups + g]);
+        step[c] = sm.x;
+        lo[c] = sm.y;
+    }
+    var dot: array<vec4<f32>, 8>; // sum of x * q per row and column, this group
+    var xsum: array<f32, 8>;      // sum of x per row, this group
+    for (var qd = 0u; qd < quads_per_group; qd++) {
+        let qi = g * quads_per_group + qd;
+        let w0 = codes[col[0] * quads + qi];
+        let w1 = codes[col[1] * quads + qi];
+        let w2 = codes[col[2] * quads + qi];
+        let w3 = codes[col[3] * quads + qi];
+        for (var t = 0u; t < 4u; t++) {
+            let word = vec4<u32>(w0[t], w1[t], w2[t], w3[t]);
+            let k0 = (qi * 4u + t) * per_word;
+            for (var j = 0u; j < per_word; j++) {
+                let q = vec4<f32>((word >> vec4<u32>(j * BITS)) & mask);
+                let kk = k0 + j;
+                for (var r = 0u; r < ROWS; r++) {
+                    var xv: f32;
+                    if (checked) {
+                        xv = x[xb[r] + min(kk, dims.k - 1u)] * select(0.0, 1.0, kk < dims.k);
+                    } else {
+                        xv = x[xb[r] + kk];
+                    }
+                    dot[r] += xv * q;
+                    xsum[r] += xv;
+                }
+            }
+        }
+    }
+    for (var r = 0u; r < ROWS; r++) {
+        acc[r] += step * dot[r] + lo * xsum[r];
+    }
+}
 
 @compute @workgroup_size(64, 1, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -33,52 +83,26 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (row0 >= dims.m || col0 >= dims.n) {
         return;
     }
-    let per_word = 32u / dims.bits;
-    let mask = (1u << dims.bits) - 1u;
-    let words = dims.padded_k / per_word;
+    let quads = dims.padded_k * BITS / 128u;
     let groups = dims.padded_k / dims.group;
-    var xb: array<u32, 8>;
-    var col: array<u32, 4>;
     for (var i = 0u; i < 8u; i++) {
         xb[i] = min(row0 + min(i, ROWS - 1u), dims.m - 1u) * dims.k;
     }
     for (var i = 0u; i < 4u; i++) {
         col[i] = min(col0 + i, dims.n - 1u);
     }
-    var acc: array<vec4<f32>, 8>; // acc[r][c] = sum_kk x[row0 + r, kk] * W[col0 + c, kk]
-    let words_per_group = dims.group / per_word;
-    for (var g = 0u; g < groups; g++) {
-        var step: vec4<f32>;
-        var lo: vec4<f32>;
-        for (var c = 0u; c < 4u; c++) {
-            let sm = unpack2x16float(scales[col[c] * groups + g]);
-            step[c] = sm.x;
-            lo[c] = sm.y;
-        }
-        var dot: array<vec4<f32>, 8>; // sum of x * q per row and column, this group
-        var xsum: array<f32, 8>;      // sum of x per row, this group
-        for (var w = 0u; w < words_per_group; w++) {
-            let wi = g * words_per_group + w;
-            let k0 = wi * per_word;
-            let word = vec4<u32>(
-                codes[col[0] * words + wi], codes[col[1] * words + wi],
-                codes[col[2] * words + wi], codes[col[3] * words + wi]);
-            for (var j = 0u; j < per_word; j++) {
-                let kk = k0 + j;
-                let q = vec4<f32>((word >> vec4<u32>(j * dims.bits)) & vec4<u32>(mask));
-                let valid = select(0.0, 1.0, kk < dims.k);
-                let xk = min(kk, dims.k - 1u);
-                for (var r = 0u; r < ROWS; r++) {
-                    let xv = x[xb[r] + xk] * valid;
-                    dot[r] += xv * q;
-                    xsum[r] += xv;
-                }
-            }
-        }
-        for (var r = 0u; r < ROWS; r++) {
-            acc[r] += step * dot[r] + lo * xsum[r];
-        }
+    let full = dims.k / dims.group;
+    for (var g = 0u; g < full; g++) {
+        group_dot(g, groups, quads, false);
     }
+    if (full < groups) {
+        group_dot(full, groups, quads, true);
+    }
+    store_tile(row0, col0);
+}
+
+// Writes acc's rows and columns that lie inside y.
+fn store_tile(row0: u32, col0: u32) {
     for (var r = 0u; r < ROWS; r++) {
         let row = row0 + r;
         if (row < dims.m) {

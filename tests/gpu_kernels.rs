@@ -14,7 +14,7 @@ use ferrogen::gpu::kernels::embedding::Embedding;
 use ferrogen::gpu::kernels::kv_quant::{GpuQ4Cache, KvQuant, Q4Layout};
 use ferrogen::gpu::kernels::logprob::Logprob;
 use ferrogen::gpu::kernels::matmul::{MatmulF32, MatmulVariant};
-use ferrogen::gpu::kernels::matmul_q::{GpuPackedWeight, MatmulQ, PackedWeight};
+use ferrogen::gpu::kernels::matmul_q::{GpuPackedWeight, MatmulQ, MatmulQVariant, PackedWeight};
 use ferrogen::gpu::kernels::norm::Norm;
 use ferrogen::gpu::kernels::rope::{self, Rope};
 use ferrogen::gpu::{GpuContext, GpuIndices, GpuTensor};
@@ -309,6 +309,18 @@ proptest! {
     }
 }
 
+/// The quantized kernel in each variant the adapter offers (on lavapipe both: its subgroups are
+/// 8 wide), compiled once.
+fn quantized_kernels(ctx: &GpuContext) -> &'static [MatmulQ] {
+    static KERNELS: OnceLock<Vec<MatmulQ>> = OnceLock::new();
+    KERNELS.get_or_init(|| {
+        [MatmulQVariant::Plain, MatmulQVariant::Subgroup]
+            .into_iter()
+            .filter_map(|v| MatmulQ::with_variant(ctx, v).ok())
+            .collect()
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(16))]
 
@@ -346,12 +358,16 @@ proptest! {
         let w = packed.dequantize();
         let xv = random(m * k, seed ^ 77);
         let x = up(ctx, &xv, &[m, k]);
-        let y = GpuTensor::poisoned(ctx, &[m, n]).unwrap();
-        MatmulQ::new(ctx).run(ctx, &x, &GpuPackedWeight::upload(ctx, packed).unwrap(), &y, 0).unwrap();
         let want: Vec<f32> = Array2::from_shape_vec((m, k), xv).unwrap()
             .dot(&Array2::from_shape_vec((n, k), w).unwrap().t()).iter().copied().collect();
         let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-        close(&y.download(ctx).unwrap(), &want, 1e-5 * k as f32 * scale, "quantized matmul")?;
+        let wq = GpuPackedWeight::upload(ctx, packed).unwrap();
+        for kernel in quantized_kernels(ctx) {
+            let variant = kernel.variant();
+            let y = GpuTensor::poisoned(ctx, &[m, n]).unwrap();
+            kernel.run(ctx, &x, &wq, &y, 0).unwrap();
+            close(&y.download(ctx).unwrap(), &want, 1e-5 * k as f32 * scale, &format!("quantized matmul, {variant:?}"))?;
+        }
     }
 }
 

@@ -166,13 +166,15 @@ impl GpuContext {
     /// One line describing the adapter.
     pub fn describe(&self) -> String {
         format!(
-            "{} ({:?}, {:?}, driver {}), f16 {}, subgroups {}, max binding {} MiB",
+            "{} ({:?}, {:?}, driver {}), f16 {}, subgroups {} ({}-{} wide), max binding {} MiB",
             self.info.name,
             self.info.backend,
             self.info.device_type,
             self.info.driver,
             self.features.shader_f16,
             self.features.subgroups,
+            self.info.subgroup_min_size,
+            self.info.subgroup_max_size,
             self.max_binding_bytes() >> 20
         )
     }

@@ -23,6 +23,9 @@ use crate::quant::group4::Group4;
 /// WGSL source.
 pub const SOURCE: &str = include_str!("../../../shaders/matmul_q.wgsl");
 
+/// WGSL of the subgroup variant (entry `main_subgroup`), appended to [`SOURCE`].
+pub const SUBGROUP_SOURCE: &str = include_str!("../../../shaders/matmul_q_subgroup.wgsl");
+
 /// Quantized weights in the kernel's layout, on the host.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackedWeight {
@@ -243,22 +246,77 @@ impl GpuPackedWeight {
     }
 }
 
+/// Which compilation of the quantized kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatmulQVariant {
+    /// Every lane loads each x value itself (any adapter).
+    Plain,
+    /// Lanes load 8 x values between them and share them by `subgroupBroadcast`
+    /// (`shaders/matmul_q_subgroup.wgsl`); needs subgroups of at least 8 invocations.
+    Subgroup,
+}
+
+impl MatmulQVariant {
+    /// The fastest variant the context offers: [`Subgroup`](Self::Subgroup) where subgroups are
+    /// enabled (not forced off by `FERROGEN_GPU_FALLBACK=1`) and at least 8 wide.
+    pub fn for_context(ctx: &GpuContext) -> Self {
+        if ctx.features.subgroups && ctx.info.subgroup_min_size >= 8 {
+            Self::Subgroup
+        } else {
+            Self::Plain
+        }
+    }
+}
+
 /// The quantized-weight matrix product: tiles of 8 rows of x, of 4 for 4 to 7 rows, and of 1
-/// for fewer (decode), as three compilations of the same source.
+/// for fewer (decode), for 4-bit and 8-bit codes: six compilations of the same source.
 pub struct MatmulQ {
-    rows8: Pipeline,
-    rows4: Pipeline,
-    matvec: Pipeline,
+    variant: MatmulQVariant,
+    /// `[rows8, rows4, matvec]` for 4-bit codes, then for 8-bit codes.
+    pipelines: [[Pipeline; 3]; 2],
 }
 
 impl MatmulQ {
-    /// Compiles the kernel.
+    /// Compiles the kernel in the variant suited to the context.
     pub fn new(ctx: &GpuContext) -> Self {
-        Self {
-            rows8: Pipeline::with_constants(ctx, SOURCE, "main", &[("ROWS", 8.0)]),
-            rows4: Pipeline::with_constants(ctx, SOURCE, "main", &[("ROWS", 4.0)]),
-            matvec: Pipeline::with_constants(ctx, SOURCE, "main", &[("ROWS", 1.0)]),
+        Self::build(ctx, MatmulQVariant::for_context(ctx))
+    }
+
+    /// Compiles `variant` (tests run both); [`MatmulQVariant::Subgroup`] without usable
+    /// subgroups is an error.
+    pub fn with_variant(ctx: &GpuContext, variant: MatmulQVariant) -> Result<Self> {
+        if variant == MatmulQVariant::Subgroup && MatmulQVariant::for_context(ctx) != variant {
+            return Err(Error::invalid(
+                "matmul_q",
+                format!(
+                    "the subgroup variant needs subgroups of 8 or more invocations: {}",
+                    ctx.describe()
+                ),
+            ));
         }
+        Ok(Self::build(ctx, variant))
+    }
+
+    fn build(ctx: &GpuContext, variant: MatmulQVariant) -> Self {
+        let subgroup_source = format!("{SOURCE}\n{SUBGROUP_SOURCE}");
+        let (source, entry) = match variant {
+            MatmulQVariant::Plain => (SOURCE, "main"),
+            MatmulQVariant::Subgroup => (subgroup_source.as_str(), "main_subgroup"),
+        };
+        let compile = |bits: f64| {
+            [8.0, 4.0, 1.0].map(|rows| {
+                Pipeline::with_constants(ctx, source, entry, &[("ROWS", rows), ("BITS", bits)])
+            })
+        };
+        Self {
+            variant,
+            pipelines: [compile(4.0), compile(8.0)],
+        }
+    }
+
+    /// The variant this instance runs.
+    pub fn variant(&self) -> MatmulQVariant {
+        self.variant
     }
 
     /// Workgroups for `m` rows of x and `n` output columns: 64 column tiles of 4 along x,
@@ -303,10 +361,11 @@ impl MatmulQ {
             meta.bits as usize,
         ]
         .map(|v| v as u32);
+        let [rows8, rows4, matvec] = &self.pipelines[usize::from(meta.bits == 8)];
         let (pipeline, rows) = match m {
-            0..4 => (&self.matvec, 1),
-            4..8 => (&self.rows4, 4),
-            _ => (&self.rows8, 8),
+            0..4 => (matvec, 1),
+            4..8 => (rows4, 4),
+            _ => (rows8, 8),
         };
         pipeline.dispatch(
             ctx,
