@@ -1,11 +1,13 @@
-// y = x W^T with W [n, k] stored as quantized codes, dequantized in the kernel.
+// y = x W^T with W [n, k] stored as codes, decoded in the kernel.
 // Layout (see src/gpu/kernels/matmul_q.rs): each row of W holds `padded_k` codes (k rounded up
-// to the group size G), BITS wide (4 or 8), packed little-endian into u32 words: code e of a
-// row sits in word e * BITS / 32 at bit (e * BITS) % 32. Words are read four at a time
-// (vec4<u32>): every group spans a whole number of them (G * BITS / 32 is a multiple of 4 for
+// to the group size G), BITS wide (4, 8 or 16), packed little-endian into u32 words: code e of
+// a row sits in word e * BITS / 32 at bit (e * BITS) % 32. Words are read four at a time (a
+// "quad", vec4<u32>): every group spans whole quads (G * BITS / 32 is a multiple of 4 for
 // G = 32 or 64). Group g of a row (codes g*G .. g*G+G-1) has one u32 `scales[row * groups + g]`
-// = pack2x16float(step, min); value = code * step + min. (FlexGen 4-bit and GGUF Q4_1: as
-// stored; Q4_0: min = -8 * step; Q8_0: codes + 128 unsigned, min = -128 * step.)
+// = pack2x16float(step, min); value = code * step + min, where a 4- or 8-bit code is an
+// unsigned integer and a 16-bit code an IEEE half (then step = 1, min = 0). FlexGen 4-bit and
+// GGUF Q4_1: as stored; Q4_0: min = -8 * step; Q8_0: codes + 128 unsigned, min = -128 * step;
+// f16 checkpoints: the halves as stored.
 //
 // Indexing: invocation (gx, gy) owns the ROWS x 4 output tile rows ROWS*gy.., columns 4*gx..
 // (ROWS and BITS are pipeline constants: ROWS = 8, 4, or 1 for matrix-vector products so that
@@ -32,11 +34,20 @@ var<private> xb: array<u32, 8>;   // start of each tile row of x
 var<private> col: array<u32, 4>;  // each tile column (clamped)
 var<private> acc: array<vec4<f32>, 8>; // acc[r][c] = sum_kk x[row0 + r, kk] * W[col0 + c, kk]
 
+// Code i (0 .. 32 / BITS - 1) of `word`, one word per tile column.
+fn decode(word: vec4<u32>, i: u32) -> vec4<f32> {
+    let bits = (word >> vec4<u32>(i * BITS)) & vec4<u32>((1u << BITS) - 1u);
+    if (BITS == 16u) {
+        return vec4<f32>(unpack2x16float(bits.x).x, unpack2x16float(bits.y).x,
+                         unpack2x16float(bits.z).x, unpack2x16float(bits.w).x);
+    }
+    return vec4<f32>(bits);
+}
+
 // Adds group g's contribution to acc; `checked` clamps and zeroes x past k (the last group).
 fn group_dot(g: u32, groups: u32, quads: u32, checked: bool) {
-    let per_word = 32u / BITS;
-    let mask = vec4<u32>((1u << BITS) - 1u);
-    let quads_per_group = dims.group / (4u * per_word);
+    let per_quad = 128u / BITS;
+    let quads_per_group = dims.group / per_quad;
     var step: vec4<f32>;
     var lo: vec4<f32>;
     for (var c = 0u; c < 4u; c++) {
@@ -54,10 +65,9 @@ fn group_dot(g: u32, groups: u32, quads: u32, checked: bool) {
         let w3 = codes[col[3] * quads + qi];
         for (var t = 0u; t < 4u; t++) {
             let word = vec4<u32>(w0[t], w1[t], w2[t], w3[t]);
-            let k0 = (qi * 4u + t) * per_word;
-            for (var j = 0u; j < per_word; j++) {
-                let q = vec4<f32>((word >> vec4<u32>(j * BITS)) & mask);
-                let kk = k0 + j;
+            for (var i = 0u; i < 32u / BITS; i++) {
+                let q = decode(word, i);
+                let kk = qi * per_quad + t * (32u / BITS) + i;
                 for (var r = 0u; r < ROWS; r++) {
                     var xv: f32;
                     if (checked) {

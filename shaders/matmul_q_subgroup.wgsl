@@ -2,26 +2,37 @@
 // (naga needs no `enable` directive: the device feature admits it) for adapters whose
 // subgroups have at least 8 invocations.
 //
-// Same layout, tiles and group arithmetic as `main`. The difference is how x reaches the lanes:
+// Same layout and tiles as `main`. The difference is how x reaches the lanes:
 // in `main` every lane loads x[row, kk] for every kk, the same value in all lanes, which a CPU
 // adapter (lavapipe) executes as a gather per value. Here the k axis is walked in chunks of 8:
 // lane l loads x[row, k0 + l % 8] once, and the 8 values are handed round the subgroup with
 // subgroupBroadcast(v, j), j = 0..7 (a register shuffle). One load per row per 8 codes.
+// Each code is decoded to its value (code * step + min) before the multiply-add: with x this
+// cheap, the per-group sums of `main` cost more registers than they save.
 // Lanes whose columns lie past n still run, so that every broadcast has a full subgroup, and
 // never store.
 
-// Code j (0..7) of the 8 codes starting a chunk, for 4 columns: 4-bit chunks are one word
-// (`wa`), 8-bit chunks two (`wa` for codes 0..3, `wb` for 4..7).
-fn chunk_code(wa: vec4<u32>, wb: vec4<u32>, j: u32) -> vec4<f32> {
+// Code j (0..7) of a chunk of 8 codes that starts in word wa of each tile column and runs on
+// into wb, wc, wd (8-bit codes fill 2 words, 16-bit codes 4). j is a literal at every call, so
+// the word choice folds away.
+fn chunk_code(wa: vec4<u32>, wb: vec4<u32>, wc: vec4<u32>, wd: vec4<u32>, j: u32) -> vec4<f32> {
     let per_word = 32u / BITS;
-    let w = select(wa, wb, j >= per_word);
-    return vec4<f32>((w >> vec4<u32>((j % per_word) * BITS)) & vec4<u32>((1u << BITS) - 1u));
+    let t = j / per_word;
+    var w = wa;
+    if (t == 1u) {
+        w = wb;
+    } else if (t == 2u) {
+        w = wc;
+    } else if (t == 3u) {
+        w = wd;
+    }
+    return decode(w, j % per_word);
 }
 
 // Adds group g's contribution to acc (see group_dot in matmul_q.wgsl); `checked`: the last group.
 fn group_dot_subgroup(g: u32, groups: u32, quads: u32, lane8: u32, checked: bool) {
-    let per_word = 32u / BITS;
-    let quads_per_group = dims.group / (4u * per_word);
+    let per_quad = 128u / BITS;
+    let quads_per_group = dims.group / per_quad;
     var step: vec4<f32>;
     var lo: vec4<f32>;
     for (var c = 0u; c < 4u; c++) {
@@ -35,13 +46,16 @@ fn group_dot_subgroup(g: u32, groups: u32, quads: u32, lane8: u32, checked: bool
         let w1 = codes[col[1] * quads + qi];
         let w2 = codes[col[2] * quads + qi];
         let w3 = codes[col[3] * quads + qi];
-        // a quad holds 4 * per_word codes: per_word / 2 chunks of 8
-        for (var h = 0u; h < per_word / 2u; h++) {
-            let ta = h * 8u / per_word;
-            let tb = min(ta + 1u, 3u);
-            let wa = vec4<u32>(w0[ta], w1[ta], w2[ta], w3[ta]);
-            let wb = vec4<u32>(w0[tb], w1[tb], w2[tb], w3[tb]);
-            let kk = qi * 4u * per_word + h * 8u + lane8; // this lane's share of the chunk
+        // a quad holds per_quad codes: per_quad / 8 chunks of 8 (4, 2 or 1)
+        for (var h = 0u; h < per_quad / 8u; h++) {
+            let kk = qi * per_quad + h * 8u + lane8; // this lane's share of the chunk
+            let t0 = h * 8u * BITS / 32u; // the chunk's first word
+            let t1 = min(t0 + 1u, 3u);
+            let t2 = min(t0 + 2u, 3u);
+            let wa = vec4<u32>(w0[t0], w1[t0], w2[t0], w3[t0]);
+            let wb = vec4<u32>(w0[t1], w1[t1], w2[t1], w3[t1]);
+            let wc = vec4<u32>(w0[t2], w1[t2], w2[t2], w3[t2]);
+            let wd = vec4<u32>(w0[3], w1[3], w2[3], w3[3]);
             var xl: array<f32, 8>;
             for (var r = 0u; r < ROWS; r++) {
                 if (checked) {
@@ -50,21 +64,21 @@ fn group_dot_subgroup(g: u32, groups: u32, quads: u32, lane8: u32, checked: bool
                     xl[r] = x[xb[r] + kk];
                 }
             }
-            var q = chunk_code(wa, wb, 0u) * step + lo;
+            var q = chunk_code(wa, wb, wc, wd, 0u) * step + lo;
             for (var r = 0u; r < ROWS; r++) { acc[r] += subgroupBroadcast(xl[r], 0u) * q; }
-            q = chunk_code(wa, wb, 1u) * step + lo;
+            q = chunk_code(wa, wb, wc, wd, 1u) * step + lo;
             for (var r = 0u; r < ROWS; r++) { acc[r] += subgroupBroadcast(xl[r], 1u) * q; }
-            q = chunk_code(wa, wb, 2u) * step + lo;
+            q = chunk_code(wa, wb, wc, wd, 2u) * step + lo;
             for (var r = 0u; r < ROWS; r++) { acc[r] += subgroupBroadcast(xl[r], 2u) * q; }
-            q = chunk_code(wa, wb, 3u) * step + lo;
+            q = chunk_code(wa, wb, wc, wd, 3u) * step + lo;
             for (var r = 0u; r < ROWS; r++) { acc[r] += subgroupBroadcast(xl[r], 3u) * q; }
-            q = chunk_code(wa, wb, 4u) * step + lo;
+            q = chunk_code(wa, wb, wc, wd, 4u) * step + lo;
             for (var r = 0u; r < ROWS; r++) { acc[r] += subgroupBroadcast(xl[r], 4u) * q; }
-            q = chunk_code(wa, wb, 5u) * step + lo;
+            q = chunk_code(wa, wb, wc, wd, 5u) * step + lo;
             for (var r = 0u; r < ROWS; r++) { acc[r] += subgroupBroadcast(xl[r], 5u) * q; }
-            q = chunk_code(wa, wb, 6u) * step + lo;
+            q = chunk_code(wa, wb, wc, wd, 6u) * step + lo;
             for (var r = 0u; r < ROWS; r++) { acc[r] += subgroupBroadcast(xl[r], 6u) * q; }
-            q = chunk_code(wa, wb, 7u) * step + lo;
+            q = chunk_code(wa, wb, wc, wd, 7u) * step + lo;
             for (var r = 0u; r < ROWS; r++) { acc[r] += subgroupBroadcast(xl[r], 7u) * q; }
         }
     }

@@ -322,17 +322,23 @@ fn quantized_kernels(ctx: &GpuContext) -> &'static [MatmulQ] {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(16))]
+    #![proptest_config(ProptestConfig::with_cases(30))]
 
-    /// Quantized weights (FlexGen 4-bit, GGUF Q4_0, Q4_1, Q8_0), dequantized in the kernel,
+    /// Packed weights (FlexGen 4-bit, GGUF Q4_0, Q4_1, Q8_0, f16), decoded in the kernel,
     /// against ndarray on the same weights decoded on the host.
     #[test]
     fn quantized_matmul_matches_dequantized_reference(
         m in 1usize..24, blocks in 1usize..5, extra in 0usize..31, n in 1usize..40,
-        format in 0usize..4, seed in any::<u64>(),
+        format in 0usize..5, seed in any::<u64>(),
     ) {
         let Some(ctx) = gpu() else { return Ok(()) };
         let packed = match format {
+            4 => {
+                // f16 values in groups of 64; k need not be a multiple of the group
+                let k = blocks * 32 + extra;
+                let halves: Vec<u16> = random(n * k, seed).iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+                PackedWeight::from_f16(&halves, n, k).unwrap()
+            }
             0 => {
                 // FlexGen groups of 64 along k; k need not be a multiple of the group
                 let k = blocks * 32 + extra;

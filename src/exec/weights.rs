@@ -2,17 +2,15 @@
 //!
 //! Each linear weight is split by rows ([`WeightPlacer`]): the GPU rows are uploaded once, the
 //! CPU rows kept in RAM and the disk rows written to one offload file, all in the layout the
-//! kernels read (f32 rows, or packed codes then packed scales: see
-//! [`PackedWeight`]), so streaming a weight is a
-//! plain copy. A row range that would not fit one storage binding is cut into pieces.
+//! kernels read (`crate::gpu::layout`), so streaming a weight is a plain copy. A row range
+//! that would not fit one storage binding is cut into pieces.
 
-use std::ops::Range;
 use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::gpu::kernels::matmul_q::{GpuPackedWeight, PackedWeight};
+use crate::gpu::layout::{convert_rows, RowFormat};
 use crate::gpu::model::{
     output_format, AttnWeights, GpuLinear, HeadWeights, InputWeights, MlpWeights, OptNorm,
     WeightFormat, WeightPart,
@@ -23,8 +21,6 @@ use crate::model::opt::{self, OptLayerSpec, OptSpec};
 use crate::model::weights::decode_to_f32;
 use crate::model::{DType, ModelConfig, ModelFiles, TensorSpec, WeightSource};
 use crate::policy::TierSplit;
-use crate::quant::ggml::{quantize_q8_0, BlockFormat, BLOCK_LEN};
-use crate::quant::group4::Group4;
 use crate::schedule::UnitKind;
 use crate::storage::offload::{align_up, AlignedBuf, OffloadFile, StagingPool};
 use crate::storage::{MemoryLedger, Reservation, Tier, WeightPlacer};
@@ -34,140 +30,6 @@ const CONVERT_BYTES: usize = 8 << 20;
 
 const WEIGHT_USAGE: wgpu::BufferUsages =
     wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST);
-
-/// How rows of a linear weight are laid out at run time, on every tier alike.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub(crate) enum RowFormat {
-    /// f32 rows of `k` values.
-    F32 { k: usize },
-    /// Packed codes and (step, min) words ([`PackedWeight`]'s layout).
-    Packed {
-        k: usize,
-        padded_k: usize,
-        group: usize,
-        bits: u32,
-    },
-}
-
-impl RowFormat {
-    /// Bytes per row in each segment: one for f32, codes and scales for packed rows. A range
-    /// of `n` rows is stored as segment 0 of all rows, then segment 1 of all rows.
-    pub(crate) fn segment_row_bytes(&self) -> Vec<usize> {
-        match *self {
-            RowFormat::F32 { k } => vec![4 * k],
-            RowFormat::Packed {
-                padded_k,
-                group,
-                bits,
-                ..
-            } => vec![padded_k * bits as usize / 8, 4 * (padded_k / group)],
-        }
-    }
-
-    /// Bytes per row, all segments.
-    pub(crate) fn row_bytes(&self) -> usize {
-        self.segment_row_bytes().iter().sum()
-    }
-
-    /// The device part for `rows` rows held in `buffers` (one per segment).
-    fn part(&self, rows: usize, mut buffers: Vec<wgpu::Buffer>) -> WeightPart {
-        match *self {
-            RowFormat::F32 { k } => WeightPart::F32(GpuTensor {
-                buffer: buffers.remove(0),
-                shape: vec![rows, k],
-            }),
-            RowFormat::Packed {
-                k,
-                padded_k,
-                group,
-                bits,
-            } => {
-                let scales = buffers.remove(1);
-                let codes = buffers.remove(0);
-                WeightPart::Packed(GpuPackedWeight::from_buffers(
-                    codes,
-                    scales,
-                    PackedWeight {
-                        rows,
-                        k,
-                        padded_k,
-                        group,
-                        bits,
-                        codes: Vec::new(),
-                        scales: Vec::new(),
-                    },
-                ))
-            }
-        }
-    }
-}
-
-/// Converts rows `rows` of the 2-d `spec` to the run-time layout in `target`: one byte vector
-/// per segment. GGUF blocks stay as they are under `Native` (repacked losslessly).
-pub(crate) fn convert_rows(
-    source: &dyn WeightSource,
-    spec: &TensorSpec,
-    target: WeightFormat,
-    rows: Range<usize>,
-) -> Result<(RowFormat, Vec<Vec<u8>>)> {
-    let info = source
-        .info(&spec.name)
-        .ok_or_else(|| Error::MissingTensor {
-            path: source.path().to_path_buf(),
-            name: spec.name.clone(),
-        })?;
-    if info.shape != spec.shape || spec.shape.len() != 2 {
-        return Err(Error::TensorShape {
-            path: source.path().to_path_buf(),
-            name: spec.name.clone(),
-            expected: spec.shape.clone(),
-            found: info.shape,
-        });
-    }
-    let (n, k) = (rows.len(), spec.shape[1]);
-    let bytes = source.row_bytes(&spec.name, rows)?;
-    let packed = |w: PackedWeight| -> (RowFormat, Vec<Vec<u8>>) {
-        (
-            RowFormat::Packed {
-                k: w.k,
-                padded_k: w.padded_k,
-                group: w.group,
-                bits: w.bits,
-            },
-            vec![
-                bytemuck::cast_slice(&w.codes).to_vec(),
-                bytemuck::cast_slice(&w.scales).to_vec(),
-            ],
-        )
-    };
-    if let (WeightFormat::Native | WeightFormat::Q8, DType::Block(b)) = (target, info.dtype) {
-        return Ok(packed(PackedWeight::from_ggml(b, &bytes, n, k)?));
-    }
-    let values = decode_to_f32(info.dtype, &bytes, n * k).ok_or_else(|| {
-        Error::format(
-            source.path(),
-            format!("tensor `{}` rows hold the wrong number of bytes", spec.name),
-        )
-    })?;
-    Ok(match target {
-        WeightFormat::Q8 if k % BLOCK_LEN == 0 => packed(PackedWeight::from_ggml(
-            BlockFormat::Q8_0,
-            &quantize_q8_0(&values),
-            n,
-            k,
-        )?),
-        WeightFormat::Group4 => packed(PackedWeight::from_group4(&Group4::quantize(
-            &values,
-            &[n, k],
-            1,
-            64,
-        )?)?),
-        _ => (
-            RowFormat::F32 { k },
-            vec![bytemuck::cast_slice(&values).to_vec()],
-        ),
-    })
-}
 
 /// The output projection's size on the device in `format` (it streams in a slot of its own).
 pub(crate) fn output_weight_bytes(files: &ModelFiles, format: WeightFormat) -> Result<u64> {
@@ -183,7 +45,7 @@ pub(crate) fn output_weight_bytes(files: &ModelFiles, format: WeightFormat) -> R
 }
 
 /// Bytes per value of the first layer's linear weights as the executor holds them in `format`
-/// (GGUF blocks as stored, f32 for f16/f32 files, 4-bit groups): what the cost model should
+/// (GGUF blocks as stored, f16 as stored, f32 for f32 and bf16 files, 4-bit groups): what the cost model should
 /// count.
 pub fn runtime_bytes_per_value(files: &ModelFiles, format: WeightFormat) -> Result<f64> {
     let specs: Vec<TensorSpec> = match &files.config {

@@ -5,6 +5,7 @@
 
 pub mod context;
 pub mod kernels;
+pub(crate) mod layout;
 pub mod model;
 pub mod tensor;
 

@@ -12,17 +12,16 @@ use super::kernels::embedding::Embedding;
 use super::kernels::kv_quant::{GpuQ4Cache, KvQuant, Q4Layout};
 use super::kernels::logprob::Logprob;
 use super::kernels::matmul::MatmulF32;
-use super::kernels::matmul_q::{GpuPackedWeight, MatmulQ, PackedWeight};
+use super::kernels::matmul_q::{GpuPackedWeight, MatmulQ};
 use super::kernels::norm::Norm;
 use super::kernels::rope::{self, Rope};
+use super::layout::{convert_rows, upload_rows};
 use super::{GpuContext, GpuIndices, GpuTensor};
 use crate::cpu::ops::HeadLayout;
 use crate::error::{Error, Result};
 use crate::model::llama::LlamaSpec;
 use crate::model::opt::{self, OptSpec, LAYER_NORM_EPS, POSITION_OFFSET};
-use crate::model::{DType, ModelConfig, ModelFiles, TensorSpec, WeightSource};
-use crate::quant::ggml::{quantize_q8_0, BlockFormat};
-use crate::quant::group4::Group4;
+use crate::model::{ModelConfig, ModelFiles, TensorSpec, WeightSource};
 
 /// Rows of logits computed at once when scoring, unless told otherwise.
 pub(crate) const LOGIT_ROWS: usize = 128;
@@ -33,7 +32,8 @@ pub enum WeightFormat {
     /// Decoded to f32.
     F32,
     /// As the file stores them: GGUF Q4_0/Q4_1/Q8_0 blocks run natively (repacked losslessly,
-    /// never requantized); f32/f16/bf16 tensors decoded to f32.
+    /// never requantized), f16 tensors stay f16 (decoded in the kernel); f32 and bf16 tensors
+    /// become f32 (bf16 does not always fit f16's range).
     #[default]
     Native,
     /// FlexGen's 4-bit groups of 64 along the input dimension (`--compress-weight`).
@@ -77,83 +77,18 @@ impl GpuLinear {
         bias: Option<&TensorSpec>,
         source: &dyn WeightSource,
     ) -> Result<Self> {
-        let (out, inp) = (weight.shape[0], weight.shape[1]);
-        let stored = source.info(&weight.name).map(|i| i.dtype);
-        let block = match (format, stored) {
-            (WeightFormat::Native | WeightFormat::Q8, Some(DType::Block(b))) => Some(b),
-            _ => None,
-        };
-        // bytes per row on the device, and rows per part: as many as fit one binding
-        let row_bytes = match (block, format) {
-            (Some(b), _) => b.bytes_for(inp),
-            (None, WeightFormat::Group4) => inp.div_ceil(64) * 32,
-            (None, WeightFormat::Q8) if inp % 32 == 0 => BlockFormat::Q8_0.bytes_for(inp),
-            _ => 4 * inp,
-        };
-        let rows_per_part = ((ctx.max_binding_bytes() as usize) / row_bytes.max(1)).max(1);
+        let out = weight.shape[0];
+        // rows per part: as many as keep the codes (the larger segment) within one binding
+        let (row, _) = convert_rows(source, weight, format, 0..out.min(1))?;
+        let row_bytes = row.segment_row_bytes()[0].max(1);
+        let rows_per_part = ((ctx.max_binding_bytes() as usize) / row_bytes).max(1);
         let mut parts = Vec::new();
-        let raw;
-        let data;
-        let (raw_bytes, values): (&[u8], &[f32]) = match block {
-            Some(_) => {
-                let found = source
-                    .info(&weight.name)
-                    .map(|i| i.shape)
-                    .unwrap_or_default();
-                if found != weight.shape {
-                    return Err(Error::TensorShape {
-                        path: source.path().to_path_buf(),
-                        name: weight.name.clone(),
-                        expected: weight.shape.clone(),
-                        found,
-                    });
-                }
-                raw = source.bytes(&weight.name)?;
-                (&raw[..], &[])
-            }
-            None => {
-                data = weight.load_f32(source)?;
-                (&[], &data[..])
-            }
-        };
-        let mut row = 0;
-        while row < out {
-            let rows = rows_per_part.min(out - row);
-            let part = match (block, format) {
-                (Some(b), _) => {
-                    let bytes = &raw_bytes[row * b.bytes_for(inp)..(row + rows) * b.bytes_for(inp)];
-                    WeightPart::Packed(GpuPackedWeight::upload(
-                        ctx,
-                        PackedWeight::from_ggml(b, bytes, rows, inp)?,
-                    )?)
-                }
-                (None, WeightFormat::Q8) if inp % 32 == 0 => {
-                    let bytes = quantize_q8_0(&values[row * inp..(row + rows) * inp]);
-                    WeightPart::Packed(GpuPackedWeight::upload(
-                        ctx,
-                        PackedWeight::from_ggml(BlockFormat::Q8_0, &bytes, rows, inp)?,
-                    )?)
-                }
-                (None, WeightFormat::Group4) => {
-                    let q = Group4::quantize(
-                        &values[row * inp..(row + rows) * inp],
-                        &[rows, inp],
-                        1,
-                        64,
-                    )?;
-                    WeightPart::Packed(GpuPackedWeight::upload(
-                        ctx,
-                        PackedWeight::from_group4(&q)?,
-                    )?)
-                }
-                _ => WeightPart::F32(GpuTensor::upload(
-                    ctx,
-                    &values[row * inp..(row + rows) * inp],
-                    &[rows, inp],
-                )?),
-            };
-            parts.push((part, row));
-            row += rows;
+        let mut first = 0;
+        while first < out {
+            let rows = rows_per_part.min(out - first);
+            let part = upload_rows(ctx, source, weight, format, first..first + rows)?;
+            parts.push((part, first));
+            first += rows;
         }
         let bias = match bias {
             Some(b) => Some(GpuTensor::upload(ctx, &b.load_f32(source)?, &[out])?),

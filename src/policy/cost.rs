@@ -317,7 +317,7 @@ pub struct CostModel {
     /// Prompt and generation lengths.
     pub workload: Workload,
     /// Bytes per weight value as the executor holds uncompressed weights (GGUF blocks as
-    /// stored, 4 for f16/f32 files run as f32); `None` counts FlexGen's fp16.
+    /// stored, 2 for f16 files, 4 for f32 and bf16); `None` counts FlexGen's fp16.
     pub weight_bytes: Option<f64>,
     /// Bytes per activation value (and uncompressed cache value) as the executor holds them
     /// (4: ferrogen computes in f32); `None` counts FlexGen's fp16.

@@ -1,16 +1,18 @@
-//! Linear layers with quantized weights, dequantized inside the kernel
+//! Linear layers with packed weights (4-bit, 8-bit or f16 codes), decoded inside the kernel
 //! (`shaders/matmul_q.wgsl`).
 //!
 //! [`PackedWeight`] is the kernel's layout: per row of `W [n, k]`, `padded_k` codes of `bits`
-//! (4 or 8) packed little-endian into u32 words, and per group of `group` codes one u32
-//! `pack2x16float(step, min)`; a value is `code * step + min`. Every source format maps onto it
-//! without requantizing (only bits move):
+//! (4, 8 or 16) packed little-endian into u32 words, and per group of `group` codes one u32
+//! `pack2x16float(step, min)`; a value is `code * step + min`, a 16-bit code being an IEEE half.
+//! Every source format maps onto it without requantizing (only bits move):
 //! - FlexGen 4-bit groups along `k` ([`Group4`] with `group_dim = 1`): codes and (step, min) as
 //!   stored;
 //! - GGUF Q4_1 (`d * q + m`): step `d`, min `m`; nibbles reordered (GGUF puts value `j` and
 //!   `j + 16` in one byte);
 //! - GGUF Q4_0 (`d * (q - 8)`): step `d`, min `-8 d` (exact in f16);
-//! - GGUF Q8_0 (`d * q`, q signed): 8-bit codes `q + 128`, step `d`, min `-128 d` (exact).
+//! - GGUF Q8_0 (`d * q`, q signed): 8-bit codes `q + 128`, step `d`, min `-128 d` (exact);
+//! - f16 tensors: the halves as stored, in groups of 64 with step 1 and min 0 (half the bytes
+//!   of f32; the scales add 1/32 of a byte per value).
 
 use half::f16;
 use wgpu::util::DeviceExt;
@@ -37,7 +39,7 @@ pub struct PackedWeight {
     pub padded_k: usize,
     /// Codes per group (a multiple of 8).
     pub group: usize,
-    /// Bits per code (4 or 8).
+    /// Bits per code (4, 8 or 16).
     pub bits: u32,
     /// `rows * padded_k * bits / 32` words.
     pub codes: Vec<u32>,
@@ -162,6 +164,33 @@ impl PackedWeight {
         })
     }
 
+    /// From f16 values `[rows, k]` (raw IEEE half bits, as a safetensors file stores them).
+    pub fn from_f16(halves: &[u16], rows: usize, k: usize) -> Result<Self> {
+        if halves.len() != rows * k {
+            return Err(Error::invalid(
+                "f16 weight",
+                format!("{} values for a {rows} x {k} weight", halves.len()),
+            ));
+        }
+        const GROUP: usize = 64;
+        let padded_k = k.div_ceil(GROUP) * GROUP;
+        let mut codes = Vec::with_capacity(rows * padded_k / 2);
+        for row in halves.chunks_exact(k.max(1)).take(rows) {
+            let half = |i: usize| u32::from(row.get(i).copied().unwrap_or(0));
+            codes.extend((0..padded_k / 2).map(|w| half(2 * w) | (half(2 * w + 1) << 16)));
+        }
+        let one = pack_scale(f16::ONE, f16::ZERO);
+        Ok(Self {
+            rows,
+            k,
+            padded_k,
+            group: GROUP,
+            bits: 16,
+            codes,
+            scales: vec![one; rows * padded_k / GROUP],
+        })
+    }
+
     /// The weight as f32 `[rows, k]`, decoded exactly as the kernel does.
     pub fn dequantize(&self) -> Vec<f32> {
         let per_word = 32 / self.bits as usize;
@@ -173,12 +202,17 @@ impl PackedWeight {
             for c in 0..self.k {
                 let word = self.codes[r * words + c / per_word];
                 let q = (word >> (self.bits as usize * (c % per_word))) & mask;
+                let q = if self.bits == 16 {
+                    f16::from_bits(q as u16).to_f32()
+                } else {
+                    q as f32
+                };
                 let s = self.scales[r * groups + c / self.group];
                 let (step, min) = (
                     f16::from_bits(s as u16).to_f32(),
                     f16::from_bits((s >> 16) as u16).to_f32(),
                 );
-                out.push(q as f32 * step + min);
+                out.push(q * step + min);
             }
         }
         out
@@ -269,11 +303,11 @@ impl MatmulQVariant {
 }
 
 /// The quantized-weight matrix product: tiles of 8 rows of x, of 4 for 4 to 7 rows, and of 1
-/// for fewer (decode), for 4-bit and 8-bit codes: six compilations of the same source.
+/// for fewer (decode), for 4-, 8- and 16-bit codes: nine compilations of the same source.
 pub struct MatmulQ {
     variant: MatmulQVariant,
-    /// `[rows8, rows4, matvec]` for 4-bit codes, then for 8-bit codes.
-    pipelines: [[Pipeline; 3]; 2],
+    /// `[rows8, rows4, matvec]` for 4-, 8- and 16-bit codes.
+    pipelines: [[Pipeline; 3]; 3],
 }
 
 impl MatmulQ {
@@ -310,7 +344,7 @@ impl MatmulQ {
         };
         Self {
             variant,
-            pipelines: [compile(4.0), compile(8.0)],
+            pipelines: [compile(4.0), compile(8.0), compile(16.0)],
         }
     }
 
@@ -361,7 +395,11 @@ impl MatmulQ {
             meta.bits as usize,
         ]
         .map(|v| v as u32);
-        let [rows8, rows4, matvec] = &self.pipelines[usize::from(meta.bits == 8)];
+        let [rows8, rows4, matvec] = &self.pipelines[match meta.bits {
+            4 => 0,
+            8 => 1,
+            _ => 2,
+        }];
         let (pipeline, rows) = match m {
             0..4 => (matvec, 1),
             4..8 => (rows4, 4),
@@ -407,6 +445,20 @@ mod tests {
             format.decode(&bytes, &mut want);
             assert_eq!(packed.dequantize(), want, "{format:?}");
         }
+    }
+
+    #[test]
+    fn f16_packing_is_lossless() {
+        let (rows, k) = (3, 70);
+        let values: Vec<f16> = (0..rows * k)
+            .map(|i| f16::from_f32((i as f32 - 100.0) * 0.37))
+            .collect();
+        let bits: Vec<u16> = values.iter().map(|v| v.to_bits()).collect();
+        let packed = PackedWeight::from_f16(&bits, rows, k).unwrap();
+        let want: Vec<f32> = values.iter().map(|v| v.to_f32()).collect();
+        assert_eq!(packed.dequantize(), want);
+        assert_eq!((packed.padded_k, packed.codes.len()), (128, rows * 64));
+        assert!(PackedWeight::from_f16(&bits, rows, k + 1).is_err());
     }
 
     #[test]
