@@ -212,6 +212,9 @@ impl LookupTable {
     }
 }
 
+/// The offload file's layout version: 2 since f16 weights are stored as f16 (16-bit codes).
+const MANIFEST_VERSION: u32 = 2;
+
 /// What the offload file must hold; equal manifests mean the file can be reused.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 struct Manifest {
@@ -572,7 +575,7 @@ impl Placer<'_> {
 
         // the offload file: reuse when it holds exactly these pieces of this model
         let manifest = Manifest {
-            version: 1,
+            version: MANIFEST_VERSION,
             model: self.files.path.display().to_string(),
             model_bytes: std::fs::metadata(&self.files.path)
                 .map(|m| m.len())
