@@ -44,30 +44,56 @@ fn decode(word: vec4<u32>, i: u32) -> vec4<f32> {
     return vec4<f32>(bits);
 }
 
-// Adds group g's contribution to acc; `checked` clamps and zeroes x past k (the last group).
-fn group_dot(g: u32, groups: u32, quads: u32, checked: bool) {
-    let per_quad = 128u / BITS;
-    let quads_per_group = dims.group / per_quad;
-    var step: vec4<f32>;
-    var lo: vec4<f32>;
+// Codes per quad, quads per group, groups per row, quads per row.
+fn per_quad() -> u32 { return 128u / BITS; }
+fn quads_per_group() -> u32 { return dims.group / per_quad(); }
+fn groups_per_row() -> u32 { return dims.padded_k / dims.group; }
+fn quads_per_row() -> u32 { return dims.padded_k / per_quad(); }
+
+// Step and min of group g for the 4 tile columns.
+struct GroupScales { step: vec4<f32>, lo: vec4<f32> }
+fn group_scales(g: u32) -> GroupScales {
+    var s: GroupScales;
     for (var c = 0u; c < 4u; c++) {
-        let sm = unpack2x16float(scales[col[c] * groups + g]);
-        step[c] = sm.x;
-        lo[c] = sm.y;
+        let sm = unpack2x16float(scales[col[c] * groups_per_row() + g]);
+        s.step[c] = sm.x;
+        s.lo[c] = sm.y;
     }
+    return s;
+}
+
+// Quad qi of tile column c's row of W.
+fn quad(c: u32, qi: u32) -> vec4<u32> {
+    return codes[col[c] * quads_per_row() + qi];
+}
+
+// Points xb and col at the tile with top-left (row0, col0), clamping rows and columns past the
+// edges (their results are never stored).
+fn init_tile(row0: u32, col0: u32) {
+    for (var i = 0u; i < 8u; i++) {
+        xb[i] = min(row0 + min(i, ROWS - 1u), dims.m - 1u) * dims.k;
+    }
+    for (var i = 0u; i < 4u; i++) {
+        col[i] = min(col0 + i, dims.n - 1u);
+    }
+}
+
+// Adds group g's contribution to acc; `checked` clamps and zeroes x past k (the last group).
+fn group_dot(g: u32, checked: bool) {
+    let sc = group_scales(g);
     var dot: array<vec4<f32>, 8>; // sum of x * q per row and column, this group
     var xsum: array<f32, 8>;      // sum of x per row, this group
-    for (var qd = 0u; qd < quads_per_group; qd++) {
-        let qi = g * quads_per_group + qd;
-        let w0 = codes[col[0] * quads + qi];
-        let w1 = codes[col[1] * quads + qi];
-        let w2 = codes[col[2] * quads + qi];
-        let w3 = codes[col[3] * quads + qi];
+    for (var qd = 0u; qd < quads_per_group(); qd++) {
+        let qi = g * quads_per_group() + qd;
+        let w0 = quad(0u, qi);
+        let w1 = quad(1u, qi);
+        let w2 = quad(2u, qi);
+        let w3 = quad(3u, qi);
         for (var t = 0u; t < 4u; t++) {
             let word = vec4<u32>(w0[t], w1[t], w2[t], w3[t]);
             for (var i = 0u; i < 32u / BITS; i++) {
                 let q = decode(word, i);
-                let kk = qi * per_quad + t * (32u / BITS) + i;
+                let kk = qi * per_quad() + t * (32u / BITS) + i;
                 for (var r = 0u; r < ROWS; r++) {
                     var xv: f32;
                     if (checked) {
@@ -82,7 +108,7 @@ fn group_dot(g: u32, groups: u32, quads: u32, checked: bool) {
         }
     }
     for (var r = 0u; r < ROWS; r++) {
-        acc[r] += step * dot[r] + lo * xsum[r];
+        acc[r] += sc.step * dot[r] + sc.lo * xsum[r];
     }
 }
 
@@ -93,20 +119,13 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (row0 >= dims.m || col0 >= dims.n) {
         return;
     }
-    let quads = dims.padded_k * BITS / 128u;
-    let groups = dims.padded_k / dims.group;
-    for (var i = 0u; i < 8u; i++) {
-        xb[i] = min(row0 + min(i, ROWS - 1u), dims.m - 1u) * dims.k;
-    }
-    for (var i = 0u; i < 4u; i++) {
-        col[i] = min(col0 + i, dims.n - 1u);
-    }
-    let full = dims.k / dims.group;
+    init_tile(row0, col0);
+    let full = dims.k / dims.group; // groups lying wholly inside k
     for (var g = 0u; g < full; g++) {
-        group_dot(g, groups, quads, false);
+        group_dot(g, false);
     }
-    if (full < groups) {
-        group_dot(full, groups, quads, true);
+    if (full < groups_per_row()) {
+        group_dot(full, true);
     }
     store_tile(row0, col0);
 }

@@ -30,25 +30,19 @@ fn chunk_code(wa: vec4<u32>, wb: vec4<u32>, wc: vec4<u32>, wd: vec4<u32>, j: u32
 }
 
 // Adds group g's contribution to acc (see group_dot in matmul_q.wgsl); `checked`: the last group.
-fn group_dot_subgroup(g: u32, groups: u32, quads: u32, lane8: u32, checked: bool) {
-    let per_quad = 128u / BITS;
-    let quads_per_group = dims.group / per_quad;
-    var step: vec4<f32>;
-    var lo: vec4<f32>;
-    for (var c = 0u; c < 4u; c++) {
-        let sm = unpack2x16float(scales[col[c] * groups + g]);
-        step[c] = sm.x;
-        lo[c] = sm.y;
-    }
-    for (var qd = 0u; qd < quads_per_group; qd++) {
-        let qi = g * quads_per_group + qd;
-        let w0 = codes[col[0] * quads + qi];
-        let w1 = codes[col[1] * quads + qi];
-        let w2 = codes[col[2] * quads + qi];
-        let w3 = codes[col[3] * quads + qi];
-        // a quad holds per_quad codes: per_quad / 8 chunks of 8 (4, 2 or 1)
-        for (var h = 0u; h < per_quad / 8u; h++) {
-            let kk = qi * per_quad + h * 8u + lane8; // this lane's share of the chunk
+fn group_dot_subgroup(g: u32, lane8: u32, checked: bool) {
+    let sc = group_scales(g);
+    let step = sc.step;
+    let lo = sc.lo;
+    for (var qd = 0u; qd < quads_per_group(); qd++) {
+        let qi = g * quads_per_group() + qd;
+        let w0 = quad(0u, qi);
+        let w1 = quad(1u, qi);
+        let w2 = quad(2u, qi);
+        let w3 = quad(3u, qi);
+        // a quad holds per_quad() codes: per_quad() / 8 chunks of 8 (4, 2 or 1)
+        for (var h = 0u; h < per_quad() / 8u; h++) {
+            let kk = qi * per_quad() + h * 8u + lane8; // this lane's share of the chunk
             let t0 = h * 8u * BITS / 32u; // the chunk's first word
             let t1 = min(t0 + 1u, 3u);
             let t2 = min(t0 + 2u, 3u);
@@ -94,20 +88,13 @@ fn main_subgroup(
         return; // the whole workgroup shares gid.y
     }
     let col0 = gid.x * 4u;
-    let quads = dims.padded_k * BITS / 128u;
-    let groups = dims.padded_k / dims.group;
-    for (var i = 0u; i < 8u; i++) {
-        xb[i] = min(row0 + min(i, ROWS - 1u), dims.m - 1u) * dims.k;
-    }
-    for (var i = 0u; i < 4u; i++) {
-        col[i] = min(col0 + i, dims.n - 1u);
-    }
-    let full = dims.k / dims.group;
+    init_tile(row0, col0);
+    let full = dims.k / dims.group; // groups lying wholly inside k
     for (var g = 0u; g < full; g++) {
-        group_dot_subgroup(g, groups, quads, lane % 8u, false);
+        group_dot_subgroup(g, lane % 8u, false);
     }
-    if (full < groups) {
-        group_dot_subgroup(full, groups, quads, lane % 8u, true);
+    if (full < groups_per_row()) {
+        group_dot_subgroup(full, lane % 8u, true);
     }
     store_tile(row0, col0);
 }

@@ -332,14 +332,13 @@ impl MatmulQ {
     }
 
     fn build(ctx: &GpuContext, variant: MatmulQVariant) -> Self {
-        let subgroup_source = format!("{SOURCE}\n{SUBGROUP_SOURCE}");
         let (source, entry) = match variant {
-            MatmulQVariant::Plain => (SOURCE, "main"),
-            MatmulQVariant::Subgroup => (subgroup_source.as_str(), "main_subgroup"),
+            MatmulQVariant::Plain => (SOURCE.to_string(), "main"),
+            MatmulQVariant::Subgroup => (format!("{SOURCE}\n{SUBGROUP_SOURCE}"), "main_subgroup"),
         };
         let compile = |bits: f64| {
             [8.0, 4.0, 1.0].map(|rows| {
-                Pipeline::with_constants(ctx, source, entry, &[("ROWS", rows), ("BITS", bits)])
+                Pipeline::with_constants(ctx, &source, entry, &[("ROWS", rows), ("BITS", bits)])
             })
         };
         Self {
