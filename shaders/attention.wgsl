@@ -3,17 +3,62 @@
 // sequence, info[2r + 1] = keys visible to row r (its position + 1). Query head h reads kv head
 // h / (heads / kv_heads). One invocation per (r, h): t = (wid.y * nwg.x + wid.x) * 64 + lid.x.
 // Online softmax over the visible keys j: m = running max of s_j = scale * q . k_j,
-// l = sum exp(s_j - m), acc = sum exp(s_j - m) v_j; out = acc / l. d <= 256.
+// l = sum exp(s_j - m), acc = sum exp(s_j - m) v_j; out = acc / l.
+//
+// d = HEAD_DIM is a pipeline constant (<= 256), so the loops over a head have fixed trip
+// counts; a head is read as ceil(d / 4) vec4 chunks (values past d read as 0), with q and acc
+// held in private arrays of chunks.
+//
+// The keys are walked in passes (one dispatch each) over key_begin .. key_end, so that no
+// invocation runs more loop iterations than the adapter allows (lavapipe silently ends every
+// loop once an invocation's loops have run 65,535 iterations in all). Between passes the state
+// lives in memory: acc in o[r, h] (unnormalized), (m, l) in ml[2t], ml[2t + 1]. FIRST starts
+// from m = -inf, l = 0, acc = 0; LAST writes acc / l. A row whose visible keys end before
+// key_begin only carries its state.
+
+override HEAD_DIM: u32 = 64u;
 
 struct Params { rows: u32, heads: u32, kv_heads: u32, head_dim: u32, scale_bits: u32,
-                pad0: u32, pad1: u32, pad2: u32 }
+                key_begin: u32, key_end: u32, flags: u32 }
+
+const FIRST: u32 = 1u;
+const LAST: u32 = 2u;
 
 @group(0) @binding(0) var<storage, read> q: array<f32>;
 @group(0) @binding(1) var<storage, read> k: array<f32>;
 @group(0) @binding(2) var<storage, read> v: array<f32>;
 @group(0) @binding(3) var<storage, read> info: array<u32>;
 @group(0) @binding(4) var<storage, read_write> o: array<f32>;
-@group(0) @binding(5) var<uniform> params: Params;
+@group(0) @binding(5) var<storage, read_write> ml: array<f32>;
+@group(0) @binding(6) var<uniform> params: Params;
+
+fn chunks() -> u32 { return (HEAD_DIM + 3u) / 4u; }
+
+// Whether value 4c + i of a head lies inside it, and its index clamped into the head.
+fn inside(c: u32, i: u32) -> bool { return 4u * c + i < HEAD_DIM; }
+fn at(base: u32, c: u32, i: u32) -> u32 { return base + min(4u * c + i, HEAD_DIM - 1u); }
+
+fn q4(base: u32, c: u32) -> vec4<f32> {
+    return vec4<f32>(select(0.0, q[at(base, c, 0u)], inside(c, 0u)), select(0.0, q[at(base, c, 1u)], inside(c, 1u)),
+                     select(0.0, q[at(base, c, 2u)], inside(c, 2u)), select(0.0, q[at(base, c, 3u)], inside(c, 3u)));
+}
+fn k4(base: u32, c: u32) -> vec4<f32> {
+    return vec4<f32>(select(0.0, k[at(base, c, 0u)], inside(c, 0u)), select(0.0, k[at(base, c, 1u)], inside(c, 1u)),
+                     select(0.0, k[at(base, c, 2u)], inside(c, 2u)), select(0.0, k[at(base, c, 3u)], inside(c, 3u)));
+}
+fn v4(base: u32, c: u32) -> vec4<f32> {
+    return vec4<f32>(select(0.0, v[at(base, c, 0u)], inside(c, 0u)), select(0.0, v[at(base, c, 1u)], inside(c, 1u)),
+                     select(0.0, v[at(base, c, 2u)], inside(c, 2u)), select(0.0, v[at(base, c, 3u)], inside(c, 3u)));
+}
+fn o4(base: u32, c: u32) -> vec4<f32> {
+    return vec4<f32>(select(0.0, o[at(base, c, 0u)], inside(c, 0u)), select(0.0, o[at(base, c, 1u)], inside(c, 1u)),
+                     select(0.0, o[at(base, c, 2u)], inside(c, 2u)), select(0.0, o[at(base, c, 3u)], inside(c, 3u)));
+}
+fn store4(base: u32, c: u32, x: vec4<f32>) {
+    for (var i = 0u; i < 4u; i++) {
+        if (inside(c, i)) { o[base + 4u * c + i] = x[i]; }
+    }
+}
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -22,27 +67,38 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (t >= params.rows * params.heads) { return; }
     let r = t / params.heads;
     let h = t % params.heads;
-    let d = params.head_dim;
     let g = h / (params.heads / params.kv_heads);
-    let kvw = params.kv_heads * d;
-    let qb = r * params.heads * d + h * d;
+    let kvw = params.kv_heads * HEAD_DIM;
+    let qb = r * params.heads * HEAD_DIM + h * HEAD_DIM;
     let first = info[2u * r];
     let visible = info[2u * r + 1u];
     let scale = bitcast<f32>(params.scale_bits);
-    var acc: array<f32, 256>;
+    var qv: array<vec4<f32>, 64>;
+    var acc: array<vec4<f32>, 64>;
+    for (var c = 0u; c < chunks(); c++) { qv[c] = q4(qb, c) * scale; }
     var m = -3.0e38;
     var l = 0.0;
-    for (var j = 0u; j < visible; j++) {
-        let kb = (first + j) * kvw + g * d;
+    if ((params.flags & FIRST) == 0u) {
+        m = ml[2u * t];
+        l = ml[2u * t + 1u];
+        for (var c = 0u; c < chunks(); c++) { acc[c] = o4(qb, c); }
+    }
+    for (var j = params.key_begin; j < min(params.key_end, visible); j++) {
+        let kb = (first + j) * kvw + g * HEAD_DIM;
         var s = 0.0;
-        for (var e = 0u; e < d; e++) { s += q[qb + e] * k[kb + e]; }
-        s *= scale;
+        for (var c = 0u; c < chunks(); c++) { s += dot(qv[c], k4(kb, c)); }
         let m_new = max(m, s);
         let correction = exp(m - m_new);
         let p = exp(s - m_new);
         l = l * correction + p;
-        for (var e = 0u; e < d; e++) { acc[e] = acc[e] * correction + p * v[kb + e]; }
+        for (var c = 0u; c < chunks(); c++) { acc[c] = acc[c] * correction + p * v4(kb, c); }
         m = m_new;
     }
-    for (var e = 0u; e < d; e++) { o[qb + e] = acc[e] / l; }
+    if ((params.flags & LAST) != 0u) {
+        for (var c = 0u; c < chunks(); c++) { store4(qb, c, acc[c] / l); }
+    } else {
+        ml[2u * t] = m;
+        ml[2u * t + 1u] = l;
+        for (var c = 0u; c < chunks(); c++) { store4(qb, c, acc[c]); }
+    }
 }

@@ -1,10 +1,18 @@
 // Causal attention against a 4-bit KV cache (layout in kv_quant.wgsl); otherwise as
 // attention.wgsl: one invocation per (query row r, head h), online softmax over the visible keys,
 // query head h reading kv head h / (heads / kv_heads). Keys and values are decoded as read:
-// value(row, c) = code(row, c) * step + min of c's group.
+// value(row, c) = code(row, c) * step + min of c's group. Keys are walked in passes over
+// key_begin .. key_end with the state carried in o and ml between them, as in attention.wgsl.
 
 struct Params { rows: u32, heads: u32, kv_heads: u32, head_dim: u32, scale_bits: u32,
-                padded: u32, group: u32, p0: u32 }
+                key_begin: u32, key_end: u32, flags: u32, padded: u32, group: u32,
+                p0: u32, p1: u32 }
+
+// the head width, a pipeline constant so that the per-value loops have fixed trip counts
+override HEAD_DIM: u32 = 64u;
+
+const FIRST: u32 = 1u;
+const LAST: u32 = 2u;
 
 @group(0) @binding(0) var<storage, read> q: array<f32>;
 @group(0) @binding(1) var<storage, read> k_codes: array<u32>;
@@ -13,7 +21,8 @@ struct Params { rows: u32, heads: u32, kv_heads: u32, head_dim: u32, scale_bits:
 @group(0) @binding(4) var<storage, read> v_scales: array<u32>;
 @group(0) @binding(5) var<storage, read> info: array<u32>;
 @group(0) @binding(6) var<storage, read_write> o: array<f32>;
-@group(0) @binding(7) var<uniform> params: Params;
+@group(0) @binding(7) var<storage, read_write> ml: array<f32>;
+@group(0) @binding(8) var<uniform> params: Params;
 
 fn decode(codes_word: u32, c: u32, sm: vec2<f32>) -> f32 {
     return f32((codes_word >> (4u * (c % 8u))) & 15u) * sm.x + sm.y;
@@ -26,7 +35,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (t >= params.rows * params.heads) { return; }
     let r = t / params.heads;
     let h = t % params.heads;
-    let d = params.head_dim;
+    let d = HEAD_DIM;
     let g = h / (params.heads / params.kv_heads);
     let width = params.kv_heads * params.padded;
     let words = width / 8u;
@@ -38,7 +47,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     var acc: array<f32, 256>;
     var m = -3.0e38;
     var l = 0.0;
-    for (var j = 0u; j < visible; j++) {
+    if ((params.flags & FIRST) == 0u) {
+        m = ml[2u * t];
+        l = ml[2u * t + 1u];
+        for (var e = 0u; e < d; e++) { acc[e] = o[qb + e]; }
+    }
+    for (var j = params.key_begin; j < min(params.key_end, visible); j++) {
         let row = first + j;
         var s = 0.0;
         for (var e = 0u; e < d; e++) {
@@ -58,5 +72,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         }
         m = m_new;
     }
-    for (var e = 0u; e < d; e++) { o[qb + e] = acc[e] / l; }
+    if ((params.flags & LAST) != 0u) {
+        for (var e = 0u; e < d; e++) { o[qb + e] = acc[e] / l; }
+    } else {
+        ml[2u * t] = m;
+        ml[2u * t + 1u] = l;
+        for (var e = 0u; e < d; e++) { o[qb + e] = acc[e]; }
+    }
 }

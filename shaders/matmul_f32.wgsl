@@ -7,8 +7,14 @@
 // 4 columns and accumulates the 16 products in registers: no workgroup memory, no barriers
 // (the fast shape on CPU adapters, see anchors.md). Rows and columns past m and n read a
 // clamped (valid) address and are never stored.
+// One dispatch covers the k range k_begin .. k_end (a pass, so that no invocation loops past
+// the adapter's budget); passes after the first add to y (ACCUMULATE) instead of storing.
 
-struct Dims { m: u32, k: u32, n: u32, y_stride: u32, y_offset: u32, pad0: u32, pad1: u32, pad2: u32 }
+// A pipeline constant, not a uniform: reading y in every dispatch cost the 4-bit kernel 4x on
+// lavapipe; passes after the first run the ACCUMULATE = true compilation.
+override ACCUMULATE: bool = false;
+
+struct Dims { m: u32, k: u32, n: u32, y_stride: u32, y_offset: u32, k_begin: u32, k_end: u32, pad: u32 }
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read> w: array<f32>;
@@ -30,7 +36,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         wb[i] = min(col0 + i, dims.n - 1u) * dims.k;
     }
     var acc: array<vec4<f32>, 4>; // acc[r][c] = sum_kk x[row0 + r, kk] * W[col0 + c, kk]
-    for (var kk = 0u; kk < dims.k; kk++) {
+    for (var kk = dims.k_begin; kk < dims.k_end; kk++) {
         let wv = vec4<f32>(w[wb[0] + kk], w[wb[1] + kk], w[wb[2] + kk], w[wb[3] + kk]);
         for (var r = 0u; r < 4u; r++) {
             acc[r] += x[xb[r] + kk] * wv;
@@ -41,7 +47,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         if (row < dims.m) {
             for (var c = 0u; c < 4u; c++) {
                 if (col0 + c < dims.n) {
-                    y[row * dims.y_stride + dims.y_offset + col0 + c] = acc[r][c];
+                    let at = row * dims.y_stride + dims.y_offset + col0 + c;
+                    var sum = acc[r][c];
+                    if (ACCUMULATE) { sum += y[at]; }
+                    y[at] = sum;
                 }
             }
         }

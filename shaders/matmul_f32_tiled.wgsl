@@ -4,9 +4,14 @@
 // The k axis is walked in steps of 16: the workgroup stages xs[i][kk] = x[row_base + i, k0 + kk]
 // and ws[j][kk] = W[col_base + j, k0 + kk] (i, j < 64; zero outside the matrices; 4 loads each per
 // invocation), synchronizes, and accumulates from workgroup memory. Output (row, col) goes to
-// y[row * y_stride + y_offset + col].
+// y[row * y_stride + y_offset + col]. A dispatch covers k_begin .. k_end (k_begin a multiple
+// of 16); ACCUMULATE adds to y (later passes).
 
-struct Dims { m: u32, k: u32, n: u32, y_stride: u32, y_offset: u32, pad0: u32, pad1: u32, pad2: u32 }
+// A pipeline constant, not a uniform: reading y in every dispatch cost the 4-bit kernel 4x on
+// lavapipe; passes after the first run the ACCUMULATE = true compilation.
+override ACCUMULATE: bool = false;
+
+struct Dims { m: u32, k: u32, n: u32, y_stride: u32, y_offset: u32, k_begin: u32, k_end: u32, pad: u32 }
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read> w: array<f32>;
@@ -22,7 +27,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     let col_base = wid.x * 64u;
     let flat = lid.y * 16u + lid.x; // 0..256
     var acc: array<vec4<f32>, 4>;
-    for (var k0 = 0u; k0 < dims.k; k0 += 16u) {
+    for (var k0 = dims.k_begin; k0 < dims.k_end; k0 += 16u) {
         // stage: element e = flat + 256 * s (s < 4) of each 64 x 16 tile
         for (var s = 0u; s < 4u; s++) {
             let e = flat + 256u * s;
@@ -31,8 +36,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
             let kx = k0 + kk;
             let xr = row_base + i;
             let wr = col_base + i;
-            xs[i][kk] = select(0.0, x[min(xr, dims.m - 1u) * dims.k + min(kx, dims.k - 1u)], xr < dims.m && kx < dims.k);
-            ws[i][kk] = select(0.0, w[min(wr, dims.n - 1u) * dims.k + min(kx, dims.k - 1u)], wr < dims.n && kx < dims.k);
+            xs[i][kk] = select(0.0, x[min(xr, dims.m - 1u) * dims.k + min(kx, dims.k - 1u)], xr < dims.m && kx < dims.k_end);
+            ws[i][kk] = select(0.0, w[min(wr, dims.n - 1u) * dims.k + min(kx, dims.k - 1u)], wr < dims.n && kx < dims.k_end);
         }
         workgroupBarrier();
         for (var kk = 0u; kk < 16u; kk++) {
@@ -49,7 +54,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
             for (var c = 0u; c < 4u; c++) {
                 let col = col_base + lid.x * 4u + c;
                 if (col < dims.n) {
-                    y[row * dims.y_stride + dims.y_offset + col] = acc[r][c];
+                    let at = row * dims.y_stride + dims.y_offset + col;
+                    var sum = acc[r][c];
+                    if (ACCUMULATE) { sum += y[at]; }
+                    y[at] = sum;
                 }
             }
         }

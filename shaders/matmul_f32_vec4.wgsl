@@ -3,8 +3,13 @@
 // along k it loads 4 vec4 of x (its rows) and 4 vec4 of W (its columns) and accumulates 16 dot
 // products: 64 multiply-adds per 8 loads. Output (row, col) goes to
 // y[row * y_stride + y_offset + col]. Out-of-range rows/columns read clamped rows, never stored.
+// A dispatch covers k_begin .. k_end (multiples of 4); ACCUMULATE adds to y (later passes).
 
-struct Dims { m: u32, k: u32, n: u32, y_stride: u32, y_offset: u32, pad0: u32, pad1: u32, pad2: u32 }
+// A pipeline constant, not a uniform: reading y in every dispatch cost the 4-bit kernel 4x on
+// lavapipe; passes after the first run the ACCUMULATE = true compilation.
+override ACCUMULATE: bool = false;
+
+struct Dims { m: u32, k: u32, n: u32, y_stride: u32, y_offset: u32, k_begin: u32, k_end: u32, pad: u32 }
 
 @group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read> w: array<vec4<f32>>;
@@ -26,7 +31,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         wb[i] = min(col0 + i, dims.n - 1u) * k4;
     }
     var acc: array<vec4<f32>, 4>; // acc[r][c] = x[row0 + r, :] . W[col0 + c, :]
-    for (var kk = 0u; kk < k4; kk++) {
+    for (var kk = dims.k_begin / 4u; kk < dims.k_end / 4u; kk++) {
         let w0 = w[wb[0] + kk];
         let w1 = w[wb[1] + kk];
         let w2 = w[wb[2] + kk];
@@ -41,7 +46,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         if (row < dims.m) {
             for (var c = 0u; c < 4u; c++) {
                 if (col0 + c < dims.n) {
-                    y[row * dims.y_stride + dims.y_offset + col0 + c] = acc[r][c];
+                    let at = row * dims.y_stride + dims.y_offset + col0 + c;
+                    var sum = acc[r][c];
+                    if (ACCUMULATE) { sum += y[at]; }
+                    y[at] = sum;
                 }
             }
         }

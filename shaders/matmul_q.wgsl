@@ -18,11 +18,19 @@
 // so the inner loop only unpacks codes and multiply-adds; scales are read once per group.
 // Only the last group can reach past k (padding): there x is read clamped and counted as 0.
 // Out-of-range rows/columns read clamped rows and are never stored.
+// A dispatch covers groups g_begin .. g_end (a pass, so that no invocation loops past the
+// adapter's budget), all wholly inside k, plus the partial last group of a row when
+// `partial` = 1; passes after the first add to y (ACCUMULATE).
 
 override ROWS: u32 = 4u;
 override BITS: u32 = 4u;
 
-struct Dims { m: u32, k: u32, n: u32, y_stride: u32, y_offset: u32, padded_k: u32, group: u32, bits: u32 }
+// A pipeline constant, not a uniform: reading y in every dispatch cost the 4-bit kernel 4x on
+// lavapipe; passes after the first run the ACCUMULATE = true compilation.
+override ACCUMULATE: bool = false;
+
+struct Dims { m: u32, k: u32, n: u32, y_stride: u32, y_offset: u32, padded_k: u32, group: u32, bits: u32,
+              g_begin: u32, g_end: u32, partial: u32, pad: u32 }
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read> codes: array<vec4<u32>>;
@@ -120,12 +128,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     init_tile(row0, col0);
-    let full = dims.k / dims.group; // groups lying wholly inside k
-    for (var g = 0u; g < full; g++) {
+    for (var g = dims.g_begin; g < dims.g_end; g++) {
         group_dot(g, false);
     }
-    if (full < groups_per_row()) {
-        group_dot(full, true);
+    if (dims.partial != 0u) {
+        group_dot(dims.g_end, true);
     }
     store_tile(row0, col0);
 }
@@ -137,7 +144,10 @@ fn store_tile(row0: u32, col0: u32) {
         if (row < dims.m) {
             for (var c = 0u; c < 4u; c++) {
                 if (col0 + c < dims.n) {
-                    y[row * dims.y_stride + dims.y_offset + col0 + c] = acc[r][c];
+                    let at = row * dims.y_stride + dims.y_offset + col0 + c;
+                    var sum = acc[r][c];
+                    if (ACCUMULATE) { sum += y[at]; }
+                    y[at] = sum;
                 }
             }
         }

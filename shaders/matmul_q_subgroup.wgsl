@@ -89,12 +89,11 @@ fn main_subgroup(
     }
     let col0 = gid.x * 4u;
     init_tile(row0, col0);
-    let full = dims.k / dims.group; // groups lying wholly inside k
-    for (var g = 0u; g < full; g++) {
+    for (var g = dims.g_begin; g < dims.g_end; g++) {
         group_dot_subgroup(g, lane % 8u, false);
     }
-    if (full < groups_per_row()) {
-        group_dot_subgroup(full, lane % 8u, true);
+    if (dims.partial != 0u) {
+        group_dot_subgroup(dims.g_end, lane % 8u, true);
     }
     store_tile(row0, col0);
 }

@@ -39,6 +39,24 @@ fn gpu() -> Option<&'static GpuContext> {
     .as_ref()
 }
 
+/// A second device whose loop budget is tiny, so that attention and matrix products split
+/// even short inputs into many passes (the pass logic is then tested on every case).
+fn small_budget_gpu() -> Option<&'static GpuContext> {
+    static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| {
+        gpu()?;
+        let mut ctx = GpuContext::new().ok()?;
+        ctx.loop_budget = 700;
+        Some(ctx)
+    })
+    .as_ref()
+}
+
+/// The default device and the tiny-budget one.
+fn both_budgets() -> Vec<&'static GpuContext> {
+    [gpu(), small_budget_gpu()].into_iter().flatten().collect()
+}
+
 fn random(len: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
     (0..len)
@@ -218,7 +236,7 @@ proptest! {
     }
 
     #[test]
-    fn embedding_gathers_rows_and_positions(vocab in 1usize..60, width in 1usize..70, rows in 1usize..40, seed in any::<u64>()) {
+    fn embedding_gathers_rows_and_positions(vocab in 1usize..60, width in 1usize..70, rows in prop_oneof![1usize..40, 2040usize..2100], seed in any::<u64>()) {
         let Some(ctx) = gpu() else { return Ok(()) };
         let table = random(vocab * width, seed);
         let positions = random((rows + 2) * width, seed ^ 4);
@@ -238,7 +256,8 @@ proptest! {
     fn rope_matches_cpu(rows in 1usize..20, heads in 1usize..5, half in 1usize..40, base in prop::sample::select(vec![100.0f64, 1e4, 5e5]), seed in any::<u64>()) {
         let Some(ctx) = gpu() else { return Ok(()) };
         let d = 2 * half;
-        let positions: Vec<usize> = (0..rows).map(|r| r * 37 + (seed % 4000) as usize).collect();
+        // positions up to ~20,000: past any context the tests run
+        let positions: Vec<usize> = (0..rows).map(|r| r * 521 + (seed % 9000) as usize).collect();
         let x = random(rows * heads * d, seed);
         let (cos, sin) = rope::tables(&positions, d, base);
         let xt = up(ctx, &x, &[rows, heads * d]);
@@ -248,49 +267,8 @@ proptest! {
         close(&xt.download(ctx).unwrap(), &want.iter().copied().collect::<Vec<f32>>(), 1e-6, "rope")?;
     }
 
-    /// A ragged batch of sequences, each with a cached prefix, GQA, against the CPU reference.
     #[test]
-    fn attention_matches_cpu(
-        seqs in prop::collection::vec((0usize..12, 1usize..9), 1..4),
-        kv_heads in 1usize..3, group in 1usize..4, head_dim in prop::sample::select(vec![1usize, 8, 24, 64]),
-        seed in any::<u64>(),
-    ) {
-        let Some(ctx) = gpu() else { return Ok(()) };
-        let layout = HeadLayout { heads: kv_heads * group, kv_heads, head_dim };
-        let (qw, kvw) = (layout.heads * head_dim, kv_heads * head_dim);
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        // cache rows: each sequence's past + new rows, sequences one after another
-        let cache_rows: usize = seqs.iter().map(|(p, t)| p + t).sum();
-        let q_rows: usize = seqs.iter().map(|(_, t)| t).sum();
-        let (k, v) = (random(cache_rows * kvw, seed), random(cache_rows * kvw, seed ^ 7));
-        let q = random(q_rows * qw, seed ^ 11);
-        let mut infos = Vec::new();
-        let mut want = Vec::new();
-        let (mut first, mut qr) = (0usize, 0usize);
-        for &(past, t) in &seqs {
-            for i in 0..t {
-                infos.push(RowInfo { first: first as u32, visible: (past + i + 1) as u32 });
-            }
-            let qa = Array2::from_shape_vec((q_rows, qw), q.clone()).unwrap();
-            let ka = Array2::from_shape_vec((cache_rows, kvw), k.clone()).unwrap();
-            let va = Array2::from_shape_vec((cache_rows, kvw), v.clone()).unwrap();
-            let o = ops::causal_attention(
-                qa.slice(s![qr..qr + t, ..]),
-                ka.slice(s![first..first + past + t, ..]),
-                va.slice(s![first..first + past + t, ..]),
-                past, layout, scale);
-            want.extend(o.iter().copied().collect::<Vec<f32>>());
-            first += past + t;
-            qr += t;
-        }
-        let o = GpuTensor::poisoned(ctx, &[q_rows, qw]).unwrap();
-        Attention::new(ctx).run(ctx, &up(ctx, &q, &[q_rows, qw]), &up(ctx, &k, &[cache_rows, kvw]),
-            &up(ctx, &v, &[cache_rows, kvw]), &Attention::upload_info(ctx, &infos), &o, layout, scale).unwrap();
-        close(&o.download(ctx).unwrap(), &want, 1e-5, "attention")?;
-    }
-
-    #[test]
-    fn logprobs_and_argmax_match_cpu(rows in 1usize..10, vocab in 1usize..3000, seed in any::<u64>()) {
+    fn logprobs_and_argmax_match_cpu((rows, vocab) in prop_oneof![(1usize..10, 1usize..3000), (1usize..4, 49_000usize..130_000)], seed in any::<u64>()) {
         let Some(ctx) = gpu() else { return Ok(()) };
         let logits: Vec<f32> = random(rows * vocab, seed).iter().map(|v| v * 20.0).collect();
         let targets: Vec<u32> = (0..rows).map(|r| ((r * 31 + 5) % vocab) as u32).collect();
@@ -310,14 +288,28 @@ proptest! {
 }
 
 /// The quantized kernel in each variant the adapter offers (on lavapipe both: its subgroups are
-/// 8 wide), compiled once.
+/// 8 wide), compiled once per device (the default one, or the tiny-budget one).
 fn quantized_kernels(ctx: &GpuContext) -> &'static [MatmulQ] {
     static KERNELS: OnceLock<Vec<MatmulQ>> = OnceLock::new();
-    KERNELS.get_or_init(|| {
+    static SMALL_BUDGET: OnceLock<Vec<MatmulQ>> = OnceLock::new();
+    let small = small_budget_gpu().is_some_and(|s| std::ptr::eq(s, ctx));
+    (if small { &SMALL_BUDGET } else { &KERNELS }).get_or_init(|| {
         [MatmulQVariant::Plain, MatmulQVariant::Subgroup]
             .into_iter()
             .filter_map(|v| MatmulQ::with_variant(ctx, v).ok())
             .collect()
+    })
+}
+
+/// The f32 kernel in both variants, compiled once per device.
+fn f32_kernels(ctx: &GpuContext) -> &'static [MatmulF32] {
+    static KERNELS: OnceLock<Vec<MatmulF32>> = OnceLock::new();
+    static SMALL_BUDGET: OnceLock<Vec<MatmulF32>> = OnceLock::new();
+    let small = small_budget_gpu().is_some_and(|s| std::ptr::eq(s, ctx));
+    (if small { &SMALL_BUDGET } else { &KERNELS }).get_or_init(|| {
+        [MatmulVariant::Register, MatmulVariant::Tiled]
+            .map(|v| MatmulF32::with_variant(ctx, v))
+            .into()
     })
 }
 
@@ -377,64 +369,192 @@ proptest! {
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(12))]
+/// Per-row infos, queries and the CPU reference output for a ragged batch: sequence `i` has
+/// `seqs[i].0` cached rows and `seqs[i].1` new query rows, all stacked in one cache.
+struct RaggedAttention {
+    infos: Vec<RowInfo>,
+    q: Vec<f32>,
+    q_rows: usize,
+    cache_rows: usize,
+}
 
-    /// New rows stored into a 4-bit cache at their positions come back within half a step
-    /// (plus the f16 rounding of the group minimum), and attention over the 4-bit cache equals
-    /// the CPU attention over the decoded values.
-    #[test]
-    fn q4_cache_round_trips_and_attends(
-        seqs in prop::collection::vec((0usize..6, 1usize..6), 1..3),
-        kv_heads in 1usize..3, group in 1usize..3, head_dim in prop::sample::select(vec![1usize, 8, 24, 64]),
-        seed in any::<u64>(),
-    ) {
-        let Some(ctx) = gpu() else { return Ok(()) };
-        let layout = HeadLayout { heads: kv_heads * group, kv_heads, head_dim };
-        let (qw, kvw) = (layout.heads * head_dim, kv_heads * head_dim);
+impl RaggedAttention {
+    fn new(seqs: &[(usize, usize)], layout: HeadLayout, seed: u64) -> Self {
         let cache_rows: usize = seqs.iter().map(|(p, t)| p + t).sum();
-        let ql = Q4Layout::new(kv_heads, head_dim);
-        let (kc, vc) = (GpuQ4Cache::new(ctx, cache_rows, ql).unwrap(), GpuQ4Cache::new(ctx, cache_rows, ql).unwrap());
-        // store every row of every sequence (past and new) at its position
-        let (k, v) = (random(cache_rows * kvw, seed), random(cache_rows * kvw, seed ^ 3));
-        let mut store_info = Vec::new();
-        let mut first = 0;
-        for &(p, t) in &seqs {
-            for pos in 0..p + t {
-                store_info.push(RowInfo { first: first as u32, visible: (pos + 1) as u32 });
-            }
-            first += p + t;
-        }
-        let kq = KvQuant::new(ctx);
-        let info = Attention::upload_info(ctx, &store_info);
-        kq.store(ctx, &up(ctx, &k, &[cache_rows, kvw]), &info, &kc).unwrap();
-        kq.store(ctx, &up(ctx, &v, &[cache_rows, kvw]), &info, &vc).unwrap();
-        let (kd, ksteps) = kc.download(ctx).unwrap();
-        let (vd, _) = vc.download(ctx).unwrap();
-        for (i, (a, b)) in k.iter().zip(&kd).enumerate() {
-            prop_assert!((a - b).abs() <= ksteps[i] / 2.0 + 1e-3 * a.abs().max(1e-3), "{} -> {}, step {}", a, b, ksteps[i]);
-        }
-        // attention of the new rows over the quantized cache
         let q_rows: usize = seqs.iter().map(|(_, t)| t).sum();
-        let q = random(q_rows * qw, seed ^ 11);
         let mut infos = Vec::new();
-        let mut want = Vec::new();
-        let (mut first, mut qr) = (0usize, 0usize);
-        let qa = Array2::from_shape_vec((q_rows, qw), q.clone()).unwrap();
-        let ka = Array2::from_shape_vec((cache_rows, kvw), kd).unwrap();
-        let va = Array2::from_shape_vec((cache_rows, kvw), vd).unwrap();
-        for &(past, t) in &seqs {
+        let mut first = 0;
+        for &(past, t) in seqs {
             for i in 0..t {
-                infos.push(RowInfo { first: first as u32, visible: (past + i + 1) as u32 });
+                infos.push(RowInfo {
+                    first: first as u32,
+                    visible: (past + i + 1) as u32,
+                });
             }
-            let o = ops::causal_attention(qa.slice(s![qr..qr + t, ..]), ka.slice(s![first..first + past + t, ..]),
-                va.slice(s![first..first + past + t, ..]), past, layout, 0.5);
+            first += past + t;
+        }
+        let q = random(q_rows * layout.heads * layout.head_dim, seed ^ 11);
+        Self {
+            infos,
+            q,
+            q_rows,
+            cache_rows,
+        }
+    }
+
+    /// `ops::causal_attention` per sequence over cache rows `k`, `v`.
+    fn reference(
+        &self,
+        seqs: &[(usize, usize)],
+        k: &[f32],
+        v: &[f32],
+        layout: HeadLayout,
+        scale: f32,
+    ) -> Vec<f32> {
+        let (qw, kvw) = (
+            layout.heads * layout.head_dim,
+            layout.kv_heads * layout.head_dim,
+        );
+        let qa = ndarray::ArrayView2::from_shape((self.q_rows, qw), &self.q).unwrap();
+        let ka = ndarray::ArrayView2::from_shape((self.cache_rows, kvw), k).unwrap();
+        let va = ndarray::ArrayView2::from_shape((self.cache_rows, kvw), v).unwrap();
+        let (mut first, mut qr) = (0usize, 0usize);
+        let mut want = Vec::new();
+        for &(past, t) in seqs {
+            let o = ops::causal_attention(
+                qa.slice(s![qr..qr + t, ..]),
+                ka.slice(s![first..first + past + t, ..]),
+                va.slice(s![first..first + past + t, ..]),
+                past,
+                layout,
+                scale,
+            );
             want.extend(o.iter().copied());
             first += past + t;
             qr += t;
         }
-        let o = GpuTensor::poisoned(ctx, &[q_rows, qw]).unwrap();
-        kq.attend(ctx, &up(ctx, &q, &[q_rows, qw]), &kc, &vc, &Attention::upload_info(ctx, &infos), &o, layout, 0.5).unwrap();
-        close(&o.download(ctx).unwrap(), &want, 1e-5, "q4 attention")?;
+        want
+    }
+}
+
+/// Sequence shapes `(cached rows, new rows)`: short ones, and long ones whose positions reach
+/// past 2,048 (a cached prefix of up to 2,400 rows, or a prefill of up to 700 rows).
+fn ragged_seqs() -> impl Strategy<Value = Vec<(usize, usize)>> {
+    prop::collection::vec(
+        prop_oneof![
+            (0usize..12, 1usize..9),
+            (1500usize..2400, 1usize..24),
+            (0usize..1500, 400usize..700),
+        ],
+        1..4,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// A ragged batch mixing short and long sequences, each with a cached prefix, GQA, against
+    /// the CPU reference, at the default loop budget and at a tiny one (many key passes).
+    #[test]
+    fn attention_matches_cpu(
+        seqs in ragged_seqs(),
+        kv_heads in 1usize..3, group in 1usize..4, head_dim in prop::sample::select(vec![1usize, 8, 24, 64, 100]),
+        seed in any::<u64>(),
+    ) {
+        for ctx in both_budgets() {
+            let layout = HeadLayout { heads: kv_heads * group, kv_heads, head_dim };
+            let (qw, kvw) = (layout.heads * head_dim, kv_heads * head_dim);
+            let scale = 1.0 / (head_dim as f32).sqrt();
+            let batch = RaggedAttention::new(&seqs, layout, seed);
+            let rows = batch.cache_rows;
+            let (k, v) = (random(rows * kvw, seed), random(rows * kvw, seed ^ 7));
+            let want = batch.reference(&seqs, &k, &v, layout, scale);
+            let o = GpuTensor::poisoned(ctx, &[batch.q_rows, qw]).unwrap();
+            Attention::new(ctx, head_dim).unwrap().run(ctx, &up(ctx, &batch.q, &[batch.q_rows, qw]),
+                &up(ctx, &k, &[rows, kvw]), &up(ctx, &v, &[rows, kvw]),
+                &Attention::upload_info(ctx, &batch.infos), &o, layout, scale).unwrap();
+            close(&o.download(ctx).unwrap(), &want, 1e-5, &format!("attention, loop budget {}", ctx.loop_budget))?;
+        }
+    }
+
+    /// New rows stored into a 4-bit cache at their positions come back within half a step
+    /// (plus the f16 rounding of the group minimum), and attention over the 4-bit cache equals
+    /// the CPU attention over the decoded values, for ragged batches of short and long
+    /// sequences, at the default and at a tiny loop budget.
+    #[test]
+    fn q4_cache_round_trips_and_attends(
+        seqs in ragged_seqs(),
+        kv_heads in 1usize..3, group in 1usize..3, head_dim in prop::sample::select(vec![1usize, 8, 24, 64]),
+        seed in any::<u64>(),
+    ) {
+        for ctx in both_budgets() {
+            let layout = HeadLayout { heads: kv_heads * group, kv_heads, head_dim };
+            let (qw, kvw) = (layout.heads * head_dim, kv_heads * head_dim);
+            let batch = RaggedAttention::new(&seqs, layout, seed);
+            let rows = batch.cache_rows;
+            let ql = Q4Layout::new(kv_heads, head_dim);
+            let (kc, vc) = (GpuQ4Cache::new(ctx, rows, ql).unwrap(), GpuQ4Cache::new(ctx, rows, ql).unwrap());
+            // store every row of every sequence (past and new) at its position
+            let (k, v) = (random(rows * kvw, seed), random(rows * kvw, seed ^ 3));
+            let mut store_info = Vec::new();
+            let mut first = 0;
+            for &(p, t) in &seqs {
+                for pos in 0..p + t {
+                    store_info.push(RowInfo { first: first as u32, visible: (pos + 1) as u32 });
+                }
+                first += p + t;
+            }
+            let kq = KvQuant::new(ctx, head_dim).unwrap();
+            let info = Attention::upload_info(ctx, &store_info);
+            kq.store(ctx, &up(ctx, &k, &[rows, kvw]), &info, &kc).unwrap();
+            kq.store(ctx, &up(ctx, &v, &[rows, kvw]), &info, &vc).unwrap();
+            let (kd, ksteps) = kc.download(ctx).unwrap();
+            let (vd, _) = vc.download(ctx).unwrap();
+            for (i, (a, b)) in k.iter().zip(&kd).enumerate() {
+                prop_assert!((a - b).abs() <= ksteps[i] / 2.0 + 1e-3 * a.abs().max(1e-3), "{} -> {}, step {}", a, b, ksteps[i]);
+            }
+            let want = batch.reference(&seqs, &kd, &vd, layout, 0.5);
+            let o = GpuTensor::poisoned(ctx, &[batch.q_rows, qw]).unwrap();
+            kq.attend(ctx, &up(ctx, &batch.q, &[batch.q_rows, qw]), &kc, &vc,
+                &Attention::upload_info(ctx, &batch.infos), &o, layout, 0.5).unwrap();
+            close(&o.download(ctx).unwrap(), &want, 1e-5, &format!("q4 attention, loop budget {}", ctx.loop_budget))?;
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(6))]
+
+    /// Long reductions: k up to 12,800 (several k passes at the default budget, dozens at the
+    /// tiny one) for the f32 kernels and every packed format.
+    #[test]
+    fn matmul_over_long_k_matches_reference(m in 1usize..10, k64 in 1usize..200, n in 1usize..12, seed in any::<u64>()) {
+        let k = 64 * k64 - (seed % 7) as usize; // ragged last group
+        for ctx in both_budgets() {
+            let (xv, wv) = (random(m * k, seed), random(n * k, seed ^ 1));
+            let xa = Array2::from_shape_vec((m, k), xv.clone()).unwrap();
+            let x = up(ctx, &xv, &[m, k]);
+            let want: Vec<f32> = xa.dot(&Array2::from_shape_vec((n, k), wv.clone()).unwrap().t()).iter().copied().collect();
+            for f32_kernel in f32_kernels(ctx) {
+                let variant = f32_kernel.variant();
+                let y = GpuTensor::poisoned(ctx, &[m, n]).unwrap();
+                f32_kernel.run(ctx, &x, &up(ctx, &wv, &[n, k]), &y, 0).unwrap();
+                close(&y.download(ctx).unwrap(), &want, 2e-6 * k as f32, &format!("f32 {variant:?}, k {k}, budget {}", ctx.loop_budget))?;
+            }
+            let halves: Vec<u16> = wv.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+            let packed = [
+                PackedWeight::from_group4(&Group4::quantize(&wv, &[n, k], 1, 64).unwrap()).unwrap(),
+                PackedWeight::from_f16(&halves, n, k).unwrap(),
+            ];
+            for p in packed {
+                let want: Vec<f32> = xa.dot(&Array2::from_shape_vec((n, k), p.dequantize()).unwrap().t()).iter().copied().collect();
+                let wq = GpuPackedWeight::upload(ctx, p).unwrap();
+                for kernel in quantized_kernels(ctx) {
+                    let y = GpuTensor::poisoned(ctx, &[m, n]).unwrap();
+                    kernel.run(ctx, &x, &wq, &y, 0).unwrap();
+                    close(&y.download(ctx).unwrap(), &want, 2e-6 * k as f32, &format!("packed {:?}, k {k}, budget {}", kernel.variant(), ctx.loop_budget))?;
+                }
+            }
+        }
     }
 }

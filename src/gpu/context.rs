@@ -40,6 +40,16 @@ pub struct GpuContext {
     pub features: GpuFeatures,
     /// CPU adapter or GPU.
     pub kind: AdapterKind,
+    /// Most loop iterations one kernel invocation may run in a dispatch. Kernels whose loops
+    /// grow with their shapes (attention over keys, matrix products over k) split their work
+    /// into passes that stay below it; tests lower it to run many passes on small shapes.
+    ///
+    /// Mesa's llvmpipe (lavapipe) ends *every* loop of an invocation, silently, once the
+    /// iterations of all its loops together reach 65,535 (gallivm's loop limiter). Attention
+    /// with 64-wide heads reached that at about 500 keys, so every position past ~498 read a
+    /// truncated softmax. CPU adapters get a quarter of that limit; real GPUs have no such
+    /// limiter, and a budget there only keeps single dispatches short.
+    pub loop_budget: usize,
 }
 
 /// Preference among adapters: discrete > integrated > virtual > CPU > other; native APIs over GL.
@@ -140,6 +150,10 @@ impl GpuContext {
         } else {
             AdapterKind::Gpu
         };
+        let loop_budget = match kind {
+            AdapterKind::Cpu => 16_384,
+            AdapterKind::Gpu => 1 << 20,
+        };
         Ok(Self {
             device,
             queue,
@@ -147,6 +161,7 @@ impl GpuContext {
             limits,
             features,
             kind,
+            loop_budget,
         })
     }
 
@@ -156,6 +171,12 @@ impl GpuContext {
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())
             .map_err(|e| Error::invalid("gpu", format!("waiting for the device: {e}")))
+    }
+
+    /// Most loop iterations one kernel invocation may run in a dispatch (see
+    /// [`GpuContext::loop_budget`]).
+    pub fn loop_budget(&self) -> usize {
+        self.loop_budget
     }
 
     /// The largest storage-buffer binding, in bytes (128 MiB on lavapipe).

@@ -6,7 +6,7 @@
 //! sequence), so attention reads one buffer per layer and new keys and values are appended with
 //! plain buffer copies.
 
-use super::kernels::attention::{Attention, RowInfo};
+use super::kernels::attention::{Attention, RowInfo, RowInfos};
 use super::kernels::elementwise::{Elementwise, Op};
 use super::kernels::embedding::Embedding;
 use super::kernels::kv_quant::{GpuQ4Cache, KvQuant, Q4Layout};
@@ -305,7 +305,7 @@ pub(crate) struct RowBatch {
     ids_gpu: GpuIndices,
     pos: GpuIndices,
     positions: Vec<u32>,
-    info: GpuIndices,
+    info: RowInfos,
     infos: Vec<RowInfo>,
     rope: Option<(GpuTensor, GpuTensor)>,
     /// `(first new row, first cache row, rows)` per sequence.
@@ -353,15 +353,19 @@ impl GpuRunner {
                 });
             }
         }
+        let head_dim = match config {
+            ModelConfig::Llama(c) => c.head_dim(),
+            ModelConfig::Opt(c) => c.head_dim(),
+        };
         let kernels = Kernels {
-            kv_quant: KvQuant::new(&ctx),
+            kv_quant: KvQuant::new(&ctx, head_dim)?,
             matmul: MatmulF32::new(&ctx),
             matmul_q: MatmulQ::new(&ctx),
             elementwise: Elementwise::new(&ctx)?,
             norm: Norm::new(&ctx),
             embedding: Embedding::new(&ctx),
             rope: Rope::new(&ctx),
-            attention: Attention::new(&ctx),
+            attention: Attention::new(&ctx, head_dim)?,
             logprob: Logprob::new(&ctx),
         };
         Ok(Self {
@@ -678,7 +682,7 @@ impl GpuRunner {
     pub(crate) fn attend_cache(
         &self,
         cache: &LayerCache,
-        info: &GpuIndices,
+        info: &RowInfos,
         appends: &[(usize, usize, usize)],
         [q, k, v]: [&GpuTensor; 3],
     ) -> Result<GpuTensor> {

@@ -323,7 +323,7 @@ pub fn measure_gpu(ctx: &crate::gpu::GpuContext, trials: usize) -> Result<GpuRat
         timed(&mut || mq.run(ctx, &x1, &q, &y1, 0))?,
     );
 
-    let attention = Attention::new(ctx);
+    let attention = Attention::new(ctx, 64)?;
     let layout = HeadLayout {
         heads: 8,
         kv_heads: 8,

@@ -3,11 +3,11 @@
 
 use half::f16;
 
-use super::attention::MAX_HEAD_DIM;
+use super::attention::RowInfos;
 use crate::cpu::ops::HeadLayout;
 use crate::error::{Error, Result};
 use crate::gpu::tensor::download_words;
-use crate::gpu::{grid, GpuContext, GpuIndices, GpuTensor, Pipeline};
+use crate::gpu::{grid, GpuContext, GpuTensor, Pipeline};
 
 /// WGSL source of the quantizer.
 pub const QUANTIZE_SOURCE: &str = include_str!("../../../shaders/kv_quant.wgsl");
@@ -140,15 +140,17 @@ impl GpuQ4Cache {
 pub struct KvQuant {
     quantize: Pipeline,
     attention: Pipeline,
+    head_dim: usize,
 }
 
 impl KvQuant {
-    /// Compiles both kernels.
-    pub fn new(ctx: &GpuContext) -> Self {
-        Self {
+    /// Compiles both kernels, attention for heads of `head_dim` values.
+    pub fn new(ctx: &GpuContext, head_dim: usize) -> Result<Self> {
+        Ok(Self {
             quantize: Pipeline::new(ctx, QUANTIZE_SOURCE, "main"),
-            attention: Pipeline::new(ctx, ATTENTION_SOURCE, "main"),
-        }
+            attention: super::attention::compile(ctx, ATTENTION_SOURCE, head_dim)?,
+            head_dim,
+        })
     }
 
     /// Quantizes the rows of `src [rows, kv_heads * head_dim]` into cache rows
@@ -157,12 +159,12 @@ impl KvQuant {
         &self,
         ctx: &GpuContext,
         src: &GpuTensor,
-        info: &GpuIndices,
+        info: &RowInfos,
         cache: &GpuQ4Cache,
     ) -> Result<()> {
         let l = cache.layout;
         let rows = src.numel() / (l.kv_heads * l.head_dim).max(1);
-        if rows * l.kv_heads * l.head_dim != src.numel() || info.len != 2 * rows {
+        if rows * l.kv_heads * l.head_dim != src.numel() || info.rows != rows {
             return Err(Error::invalid(
                 "KV cache",
                 "rows to store disagree with the layout",
@@ -174,7 +176,12 @@ impl KvQuant {
         let params = [rows, l.kv_heads, l.head_dim, l.padded, l.group].map(|v| v as u32);
         self.quantize.dispatch(
             ctx,
-            &[&src.buffer, &info.buffer, &cache.codes, &cache.scales],
+            &[
+                &src.buffer,
+                &info.indices.buffer,
+                &cache.codes,
+                &cache.scales,
+            ],
             &params,
             grid((rows * l.groups_per_row()).div_ceil(64)),
         );
@@ -189,13 +196,13 @@ impl KvQuant {
         q: &GpuTensor,
         k: &GpuQ4Cache,
         v: &GpuQ4Cache,
-        info: &GpuIndices,
+        info: &RowInfos,
         o: &GpuTensor,
         layout: HeadLayout,
         scale: f32,
     ) -> Result<()> {
         let l = k.layout;
-        if layout.head_dim > MAX_HEAD_DIM
+        if layout.head_dim != self.head_dim
             || layout.kv_heads != l.kv_heads
             || layout.head_dim != l.head_dim
             || v.layout != l
@@ -207,7 +214,7 @@ impl KvQuant {
             ));
         }
         let rows = q.numel() / (layout.heads * layout.head_dim);
-        if info.len != 2 * rows || o.numel() != q.numel() {
+        if info.rows != rows || o.numel() != q.numel() {
             return Err(Error::invalid(
                 "attention",
                 "queries, output and row info disagree",
@@ -216,29 +223,25 @@ impl KvQuant {
         if rows == 0 {
             return Ok(());
         }
-        let params = [
-            rows as u32,
-            layout.heads as u32,
-            layout.kv_heads as u32,
-            layout.head_dim as u32,
-            scale.to_bits(),
-            l.padded as u32,
-            l.group as u32,
-        ];
-        self.attention.dispatch(
+        super::attention::dispatch_passes(
             ctx,
+            &self.attention,
             &[
                 &q.buffer,
                 &k.codes,
                 &k.scales,
                 &v.codes,
                 &v.scales,
-                &info.buffer,
+                &info.indices.buffer,
                 &o.buffer,
             ],
-            &params,
-            grid((rows * layout.heads).div_ceil(64)),
-        );
+            rows,
+            layout,
+            scale,
+            info,
+            super::attention::q4_keys_per_pass(ctx, layout.head_dim),
+            &[l.padded as u32, l.group as u32],
+        )?;
         Ok(())
     }
 }

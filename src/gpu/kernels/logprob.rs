@@ -12,13 +12,14 @@ pub struct Logprob {
     argmax: Pipeline,
 }
 
-fn rows_vocab(logits: &GpuTensor, out: &GpuTensor) -> Result<(usize, usize)> {
+fn rows_vocab(ctx: &GpuContext, logits: &GpuTensor, out: &GpuTensor) -> Result<(usize, usize)> {
     let &[rows, vocab] = logits.shape.as_slice() else {
         return Err(Error::invalid("logprob", "logits must be 2-d"));
     };
     if out.numel() != rows {
         return Err(Error::invalid("logprob", "one output per row of logits"));
     }
+    super::check_row_loops(ctx, vocab, 3, "log-softmax")?;
     Ok((rows, vocab))
 }
 
@@ -39,7 +40,7 @@ impl Logprob {
         targets: &GpuIndices,
         out: &GpuTensor,
     ) -> Result<()> {
-        let (rows, vocab) = rows_vocab(logits, out)?;
+        let (rows, vocab) = rows_vocab(ctx, logits, out)?;
         if targets.len != rows {
             return Err(Error::invalid("logprob", "one target per row of logits"));
         }
@@ -55,7 +56,7 @@ impl Logprob {
     /// `out[r]` = the bits of the index of row `r`'s largest logit (read back with
     /// `f32::to_bits`).
     pub fn argmax(&self, ctx: &GpuContext, logits: &GpuTensor, out: &GpuTensor) -> Result<()> {
-        let (rows, vocab) = rows_vocab(logits, out)?;
+        let (rows, vocab) = rows_vocab(ctx, logits, out)?;
         let unused = GpuIndices::upload(ctx, &[0]);
         self.argmax.dispatch(
             ctx,

@@ -1,7 +1,9 @@
 //! f32 linear layer `y = x W^T` (see `shaders/matmul_f32.wgsl` for the indexing).
 
+use std::sync::OnceLock;
+
 use crate::error::{Error, Result};
-use crate::gpu::{AdapterKind, GpuContext, GpuTensor, Pipeline};
+use crate::gpu::{passes, AdapterKind, GpuContext, GpuTensor, Pipeline};
 
 /// WGSL source (any k).
 pub const SOURCE: &str = include_str!("../../../shaders/matmul_f32.wgsl");
@@ -29,6 +31,14 @@ impl MatmulVariant {
     }
 }
 
+/// Length of the k range one matrix-product dispatch covers: a quarter of the loop budget
+/// (the kernels spend fewer than 4 loop iterations per k even where the compiler does not
+/// unroll their inner loops; measured on lavapipe: k = 16,384 exact, 65,536 truncated in one
+/// pass), rounded down to whole groups of 64 so that no quantization group straddles passes.
+pub(crate) fn k_per_pass(ctx: &GpuContext) -> usize {
+    (ctx.loop_budget() / 4 / 64).max(1) * 64
+}
+
 /// Outputs per invocation along each axis (the register tile is `TILE x TILE`).
 const TILE: usize = 4;
 /// Workgroup size along each axis.
@@ -37,9 +47,16 @@ const WORKGROUP: usize = 8;
 /// The f32 matrix product `x [m, k] . W [n, k]^T -> y [m, n]`.
 pub struct MatmulF32 {
     variant: MatmulVariant,
-    scalar: Pipeline,
-    vec4: Pipeline,
-    tiled: Pipeline,
+    /// `[scalar, vec4, tiled]`.
+    pipelines: [Pipeline; 3],
+    /// The same, adding to y: the k passes after the first (compiled when first needed).
+    accumulating: OnceLock<[Pipeline; 3]>,
+}
+
+/// The scalar, vec4 and tiled kernels.
+fn compile(ctx: &GpuContext, accumulate: bool) -> [Pipeline; 3] {
+    let c = [("ACCUMULATE", f64::from(u8::from(accumulate)))];
+    [SOURCE, SOURCE_VEC4, SOURCE_TILED].map(|s| Pipeline::with_constants(ctx, s, "main", &c))
 }
 
 impl MatmulF32 {
@@ -52,10 +69,14 @@ impl MatmulF32 {
     pub fn with_variant(ctx: &GpuContext, variant: MatmulVariant) -> Self {
         Self {
             variant,
-            scalar: Pipeline::new(ctx, SOURCE, "main"),
-            vec4: Pipeline::new(ctx, SOURCE_VEC4, "main"),
-            tiled: Pipeline::new(ctx, SOURCE_TILED, "main"),
+            pipelines: compile(ctx, false),
+            accumulating: OnceLock::new(),
         }
+    }
+
+    /// The variant this instance runs.
+    pub fn variant(&self) -> MatmulVariant {
+        self.variant
     }
 
     /// Workgroups for an `[m, n]` output: each covers `(TILE * WORKGROUP)^2` outputs.
@@ -90,19 +111,26 @@ impl MatmulF32 {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let dims = [m, k, n, total, y_offset].map(|v| v as u32);
         let buffers = [&x.buffer, &w.buffer, &y.buffer];
-        match self.variant {
-            // 64 x 64 outputs per 16 x 16 workgroup
-            MatmulVariant::Tiled => self.tiled.dispatch(
-                ctx,
-                &buffers,
-                &dims,
-                [n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1],
-            ),
-            MatmulVariant::Register => {
-                let pipeline = if k % 4 == 0 { &self.vec4 } else { &self.scalar };
-                pipeline.dispatch(ctx, &buffers, &dims, Self::workgroups(m, n));
+        for (p, ks) in passes(k, k_per_pass(ctx)).into_iter().enumerate() {
+            let dims = [m, k, n, total, y_offset, ks.start, ks.end].map(|v| v as u32);
+            let [scalar, vec4, tiled] = if p == 0 {
+                &self.pipelines
+            } else {
+                self.accumulating.get_or_init(|| compile(ctx, true))
+            };
+            match self.variant {
+                // 64 x 64 outputs per 16 x 16 workgroup
+                MatmulVariant::Tiled => tiled.dispatch(
+                    ctx,
+                    &buffers,
+                    &dims,
+                    [n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1],
+                ),
+                MatmulVariant::Register => {
+                    let pipeline = if k % 4 == 0 { vec4 } else { scalar };
+                    pipeline.dispatch(ctx, &buffers, &dims, Self::workgroups(m, n));
+                }
             }
         }
         Ok(())

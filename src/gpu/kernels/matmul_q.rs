@@ -14,11 +14,13 @@
 //! - f16 tensors: the halves as stored, in groups of 64 with step 1 and min 0 (half the bytes
 //!   of f32; the scales add 1/32 of a byte per value).
 
+use std::sync::OnceLock;
+
 use half::f16;
 use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, GpuTensor, Pipeline};
+use crate::gpu::{passes, GpuContext, GpuTensor, Pipeline};
 use crate::quant::ggml::{BlockFormat, BLOCK_LEN};
 use crate::quant::group4::Group4;
 
@@ -308,6 +310,25 @@ pub struct MatmulQ {
     variant: MatmulQVariant,
     /// `[rows8, rows4, matvec]` for 4-, 8- and 16-bit codes.
     pipelines: [[Pipeline; 3]; 3],
+    /// The same, adding to y: the k passes after the first (compiled when first needed).
+    accumulating: OnceLock<[[Pipeline; 3]; 3]>,
+    source: String,
+    entry: &'static str,
+}
+
+/// The nine compilations of the quantized kernel (`[bits][rows]`).
+fn compile(ctx: &GpuContext, source: &str, entry: &str, accumulate: bool) -> [[Pipeline; 3]; 3] {
+    let acc = f64::from(u8::from(accumulate));
+    [4.0, 8.0, 16.0].map(|bits| {
+        [8.0, 4.0, 1.0].map(|rows| {
+            Pipeline::with_constants(
+                ctx,
+                source,
+                entry,
+                &[("ROWS", rows), ("BITS", bits), ("ACCUMULATE", acc)],
+            )
+        })
+    })
 }
 
 impl MatmulQ {
@@ -336,14 +357,12 @@ impl MatmulQ {
             MatmulQVariant::Plain => (SOURCE.to_string(), "main"),
             MatmulQVariant::Subgroup => (format!("{SOURCE}\n{SUBGROUP_SOURCE}"), "main_subgroup"),
         };
-        let compile = |bits: f64| {
-            [8.0, 4.0, 1.0].map(|rows| {
-                Pipeline::with_constants(ctx, &source, entry, &[("ROWS", rows), ("BITS", bits)])
-            })
-        };
         Self {
             variant,
-            pipelines: [compile(4.0), compile(8.0), compile(16.0)],
+            pipelines: compile(ctx, &source, entry, false),
+            accumulating: OnceLock::new(),
+            source,
+            entry,
         }
     }
 
@@ -383,33 +402,57 @@ impl MatmulQ {
         if m == 0 || meta.rows == 0 {
             return Ok(());
         }
-        let dims = [
-            m,
-            k,
-            meta.rows,
-            total,
-            y_offset,
-            meta.padded_k,
-            meta.group,
-            meta.bits as usize,
-        ]
-        .map(|v| v as u32);
-        let [rows8, rows4, matvec] = &self.pipelines[match meta.bits {
+        let bits = match meta.bits {
             4 => 0,
             8 => 1,
             _ => 2,
-        }];
-        let (pipeline, rows) = match m {
-            0..4 => (matvec, 1),
-            4..8 => (rows4, 4),
-            _ => (rows8, 8),
         };
-        pipeline.dispatch(
-            ctx,
-            &[&x.buffer, &w.codes, &w.scales, &y.buffer],
-            &dims,
-            Self::workgroups(m, meta.rows, rows),
-        );
+        let (tile, rows) = match m {
+            0..4 => (2, 1),
+            4..8 => (1, 4),
+            _ => (0, 8),
+        };
+        // passes of whole groups (k_per_pass is a multiple of 64; groups are 32 or 64)
+        if super::matmul::k_per_pass(ctx) % meta.group.max(1) != 0 {
+            return Err(Error::invalid(
+                "matmul",
+                format!("group of {} values does not divide a k pass", meta.group),
+            ));
+        }
+        let full = k / meta.group; // groups lying wholly inside k
+        for (p, ks) in passes(k, super::matmul::k_per_pass(ctx))
+            .into_iter()
+            .enumerate()
+        {
+            let (g_begin, g_end) = (ks.start / meta.group, (ks.end / meta.group).min(full));
+            let partial = ks.end == k && full * meta.group < k;
+            let dims = [
+                m,
+                k,
+                meta.rows,
+                total,
+                y_offset,
+                meta.padded_k,
+                meta.group,
+                meta.bits as usize,
+                g_begin,
+                g_end,
+                usize::from(partial),
+            ]
+            .map(|v| v as u32);
+            let pipelines = if p == 0 {
+                &self.pipelines
+            } else {
+                self.accumulating
+                    .get_or_init(|| compile(ctx, &self.source, self.entry, true))
+            };
+            pipelines[bits][tile].dispatch(
+                ctx,
+                &[&x.buffer, &w.codes, &w.scales, &y.buffer],
+                &dims,
+                Self::workgroups(m, meta.rows, rows),
+            );
+        }
         Ok(())
     }
 }

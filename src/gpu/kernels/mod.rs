@@ -12,7 +12,24 @@ pub mod norm;
 pub mod rope;
 
 use crate::error::{Error, Result};
-use crate::gpu::GpuTensor;
+use crate::gpu::{GpuContext, GpuTensor};
+
+/// Checks that a row kernel whose 64 lanes each walk `len` values `loops` times (plus a tree
+/// reduction of 6 steps per loop) stays within the adapter's loop budget
+/// ([`GpuContext::loop_budget`]): `loops * (ceil(len / 64) + 6) <= budget`.
+fn check_row_loops(ctx: &GpuContext, len: usize, loops: usize, what: &str) -> Result<()> {
+    let iterations = loops * (len.div_ceil(64) + 6);
+    if iterations > ctx.loop_budget() {
+        return Err(Error::Unsupported {
+            what: format!(
+                "{what} over rows of {len} values on this adapter ({iterations} loop \
+                 iterations per invocation, budget {})",
+                ctx.loop_budget()
+            ),
+        });
+    }
+    Ok(())
+}
 
 /// Checks that `t` holds `n` elements.
 fn expect_len(t: &GpuTensor, n: usize, what: &str) -> Result<()> {

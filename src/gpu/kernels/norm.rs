@@ -13,11 +13,12 @@ pub struct Norm {
     rms: Pipeline,
 }
 
-fn rows_width(x: &GpuTensor, y: &GpuTensor) -> Result<(usize, usize)> {
+fn rows_width(ctx: &GpuContext, x: &GpuTensor, y: &GpuTensor) -> Result<(usize, usize)> {
     let &[rows, width] = x.shape.as_slice() else {
         return Err(Error::invalid("norm", "x must be 2-d"));
     };
     expect_len(y, rows * width, "norm output")?;
+    super::check_row_loops(ctx, width, 3, "normalization")?;
     Ok((rows, width))
 }
 
@@ -40,7 +41,7 @@ impl Norm {
         y: &GpuTensor,
         eps: f32,
     ) -> Result<()> {
-        let (rows, width) = rows_width(x, y)?;
+        let (rows, width) = rows_width(ctx, x, y)?;
         expect_len(w, width, "LayerNorm weight")?;
         expect_len(b, width, "LayerNorm bias")?;
         let params = [rows as u32, width as u32, eps.to_bits()];
@@ -62,7 +63,7 @@ impl Norm {
         y: &GpuTensor,
         eps: f32,
     ) -> Result<()> {
-        let (rows, width) = rows_width(x, y)?;
+        let (rows, width) = rows_width(ctx, x, y)?;
         expect_len(w, width, "RMSNorm weight")?;
         let params = [rows as u32, width as u32, eps.to_bits()];
         // binding 2 (LayerNorm's bias) is unused by rms_norm; the weight fills it
