@@ -1,7 +1,7 @@
 // Causal attention of a ragged batch against per-sequence KV caches, with GQA.
 // q [rows, heads * d]; k, v [cache rows, kv_heads * d]; info[2r] = first cache row of row r's
 // sequence, info[2r + 1] = keys visible to row r (its position + 1). Query head h reads kv head
-// h / (heads / kv_heads). One invocation per (r, h): t = (wid.y * nwg.x + wid.x) * 64 + lid.x.
+// h / (heads / kv_heads). One invocation per (r, h): t = (wid.y * nwg.x + wid.x) * 64 + lid.x = h * rows + r.
 // Online softmax over the visible keys j: m = running max of s_j = scale * q . k_j,
 // l = sum exp(s_j - m), acc = sum exp(s_j - m) v_j; out = acc / l.
 //
@@ -65,8 +65,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         @builtin(local_invocation_id) lid: vec3<u32>) {
     let t = (wid.y * nwg.x + wid.x) * 64u + lid.x;
     if (t >= params.rows * params.heads) { return; }
-    let r = t / params.heads;
-    let h = t % params.heads;
+    // consecutive invocations take consecutive rows of one head: their keys and values are
+    // the same rows (one sequence) or neighbours, so a SIMD group's loads coincide
+    let h = t / params.rows;
+    let r = t % params.rows;
     let g = h / (params.heads / params.kv_heads);
     let kvw = params.kv_heads * HEAD_DIM;
     let qb = r * params.heads * HEAD_DIM + h * HEAD_DIM;

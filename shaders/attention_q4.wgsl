@@ -1,5 +1,5 @@
 // Causal attention against a 4-bit KV cache (layout in kv_quant.wgsl); otherwise as
-// attention.wgsl: one invocation per (query row r, head h), online softmax over the visible keys,
+// attention.wgsl: one invocation per (query row r, head h), t = h * rows + r, online softmax over the visible keys,
 // query head h reading kv head h / (heads / kv_heads). Keys and values are decoded as read:
 // value(row, c) = code(row, c) * step + min of c's group. Keys are walked in passes over
 // key_begin .. key_end with the state carried in o and ml between them, as in attention.wgsl.
@@ -33,8 +33,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         @builtin(local_invocation_id) lid: vec3<u32>) {
     let t = (wid.y * nwg.x + wid.x) * 64u + lid.x;
     if (t >= params.rows * params.heads) { return; }
-    let r = t / params.heads;
-    let h = t % params.heads;
+    // consecutive invocations take consecutive rows of one head: their keys and values are
+    // the same rows (one sequence) or neighbours, so a SIMD group's loads coincide
+    let h = t / params.rows;
+    let r = t % params.rows;
     let d = HEAD_DIM;
     let g = h / (params.heads / params.kv_heads);
     let width = params.kv_heads * params.padded;

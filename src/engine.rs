@@ -120,21 +120,26 @@ fn logit_rows(config: &ModelConfig, gpu_budget: u64) -> usize {
     by_budget.clamp(floor, crate::gpu::model::LOGIT_ROWS)
 }
 
+/// Rows of a batch a unit computes at once for a GPU budget: 512, or fewer (by halves, down
+/// to 16) so that their intermediate tensors take at most an eighth of the budget. Prompts
+/// longer than this run in row chunks, so a record's length does not decide what fits.
+fn chunk_rows(config: &ModelConfig, gpu_budget: u64) -> usize {
+    let mut rows = crate::gpu::model::CHUNK_ROWS;
+    while rows > 16 && crate::exec::executor::workspace_bytes(config, rows, 0) > gpu_budget / 8 {
+        rows /= 2;
+    }
+    rows
+}
+
 /// Memory the search's cost model does not see, held back from the budgets it is given:
-/// on the GPU a chunk of logits, the output projection streamed in its own slot and a
-/// prompt's intermediate tensors; on the CPU the embedding table kept for lookups and the
-/// staging buffers.
-fn search_reserve(
-    files: &ModelFiles,
-    format: WeightFormat,
-    gpu_budget: u64,
-    prompt_len: usize,
-) -> Result<(u64, u64)> {
+/// on the GPU a chunk of logits and the output projection streamed in its own slot (the
+/// cost model counts the row chunks' intermediate tensors itself); on the CPU the embedding
+/// table kept for lookups and the staging buffers.
+fn search_reserve(files: &ModelFiles, format: WeightFormat, gpu_budget: u64) -> Result<(u64, u64)> {
     let config = &files.config;
     let output = crate::exec::weights::output_weight_bytes(files, format)?;
-    let per_row = 6 * config.hidden_size() + 2 * config.kv_width() + 2 * config.intermediate_size();
     let logits = logit_rows(config, gpu_budget) * config.vocab_size();
-    let gpu = ((logits + prompt_len * per_row) * 4) as u64 + output;
+    let gpu = (logits * 4) as u64 + output;
     let table = crate::exec::weights::lookup_table_bytes(files)?;
     Ok((gpu, table + (4 << 20)))
 }
@@ -171,8 +176,7 @@ impl Engine {
                 } else {
                     WeightFormat::Native
                 };
-                let (gpu_keep, cpu_keep) =
-                    search_reserve(&files, format, options.gpu_budget, prompt_len)?;
+                let (gpu_keep, cpu_keep) = search_reserve(&files, format, options.gpu_budget)?;
                 let short = |budget: u64, keep: u64, flag: &str| -> Result<u64> {
                     budget.checked_sub(keep).ok_or_else(|| Error::Infeasible {
                         tier: flag.to_string(),
@@ -203,7 +207,8 @@ impl Engine {
                     WeightFormat::Native,
                 )?)
                 // activations and the uncompressed cache are f32 here
-                .with_activation_bytes(4.0);
+                .with_activation_bytes(4.0)
+                .with_compute_rows(chunk_rows(&files.config, options.gpu_budget));
                 let found = search(
                     &model,
                     &SearchOptions {
@@ -240,6 +245,7 @@ impl Engine {
         };
         let mut runner = GpuRunner::new(ctx, &files.config, gpu_options)?;
         runner.logit_rows = logit_rows(&files.config, options.gpu_budget);
+        runner.chunk_rows = chunk_rows(&files.config, options.gpu_budget);
         let model = Placer {
             ctx: &runner.ctx,
             files: &files,

@@ -187,3 +187,36 @@ fn device_cache_decode_equals_prefill() {
         }
     }
 }
+
+/// A batch computed in row chunks (query tiles for attention, row chunks for the MLP and the
+/// head, chunks that cross sequence boundaries) gives the numbers of the whole batch at once,
+/// with an f32 and a 4-bit cache, and the same greedy tokens.
+#[test]
+fn row_chunks_give_the_whole_batch_numbers() {
+    let Some(_) = gpu_context() else { return };
+    for compress_cache in [false, true] {
+        for name in FIXTURES {
+            let files = ModelFiles::open(&fixture_dir(name)).unwrap();
+            let options = GpuOptions {
+                weights: WeightFormat::F32,
+                compress_cache,
+            };
+            let mut gpu = GpuModel::load(gpu_context().unwrap(), &files, options).unwrap();
+            let exp = expected(name);
+            let seqs: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
+            let whole = gpu.token_logprobs(&seqs).unwrap();
+            let greedy = gpu.generate_greedy(&seqs, 4, None).unwrap();
+            for rows in [1, 3, 7] {
+                gpu.set_chunk_rows(rows);
+                let got = gpu.token_logprobs(&seqs).unwrap();
+                let worst = common::worst_diff(&got, &whole);
+                assert!(worst < 1e-5, "{name}, chunks of {rows}: {worst}");
+                assert_eq!(
+                    gpu.generate_greedy(&seqs, 4, None).unwrap(),
+                    greedy,
+                    "{name}"
+                );
+            }
+        }
+    }
+}

@@ -14,6 +14,7 @@ use super::weights::{PlacedModel, UnitWeights, WeightSlot};
 use crate::error::{Error, Result};
 use crate::gpu::model::{GpuRunner, LayerCache, RowBatch};
 use crate::gpu::GpuTensor;
+use crate::model::ModelConfig;
 use crate::policy::Policy;
 use crate::schedule::{Cell, Op, PlanShape, ZigzagPlan};
 use crate::storage::offload::{align_up, OffloadFile, StagingPool};
@@ -198,14 +199,22 @@ impl Executor {
                 results: vec![SeqResult::default(); chunk.len()],
             });
         }
+        // a unit computes at most chunk_rows rows at once (decode steps with CPU attention:
+        // one row per sequence of the batch)
         let max_rows = batches
             .iter()
             .map(|b| b.tokens.iter().map(Vec::len).sum::<usize>())
             .max()
             .unwrap_or(0);
+        let delegated_rows = if self.policy.cpu_cache_compute {
+            gbs
+        } else {
+            0
+        };
+        let compute_rows = max_rows.min(self.runner.chunk_rows.max(delegated_rows));
         let _workspace = self.ledger.reserve(
             Tier::Gpu,
-            self.workspace_bytes(max_rows),
+            workspace_bytes(config, compute_rows, self.runner.logit_rows),
             "one batch's compute workspace",
         )?;
 
@@ -311,15 +320,16 @@ impl Executor {
         }
         Ok(out)
     }
+}
 
-    /// GPU bytes of one batch's intermediate tensors at the widest unit: per row the
-    /// normalized input, q, k, v, attention output and projection (hidden and kv widths), the
-    /// MLP's two intermediate tensors, plus one chunk of logits.
-    pub(crate) fn workspace_bytes(&self, rows: usize) -> u64 {
-        let c = &self.runner.config;
-        let per_row = 6 * c.hidden_size() + 2 * c.kv_width() + 2 * c.intermediate_size();
-        ((rows * per_row + self.runner.logit_rows * c.vocab_size()) * 4) as u64
-    }
+/// GPU bytes of the intermediate tensors of `rows` rows computed at once, at the widest unit,
+/// plus one chunk of `logit_rows` logits: per row, the chunk's copy of its input and its
+/// output, the normalized input, q, k, v, the attention output and projection (hidden and kv
+/// widths), and the MLP's two intermediate tensors,
+/// `4 * rows * (8 h + 2 kv + 2 ffn) + 4 * logit_rows * vocab`.
+pub(crate) fn workspace_bytes(config: &ModelConfig, rows: usize, logit_rows: usize) -> u64 {
+    let per_row = 8 * config.hidden_size() + 2 * config.kv_width() + 2 * config.intermediate_size();
+    ((rows * per_row + logit_rows * config.vocab_size()) * 4) as u64
 }
 
 impl BlockState<'_> {

@@ -23,8 +23,14 @@ use crate::model::llama::LlamaSpec;
 use crate::model::opt::{self, OptSpec, LAYER_NORM_EPS, POSITION_OFFSET};
 use crate::model::{ModelConfig, ModelFiles, TensorSpec, WeightSource};
 
+use std::ops::Range;
+
 /// Rows of logits computed at once when scoring, unless told otherwise.
 pub(crate) const LOGIT_ROWS: usize = 128;
+
+/// Rows of a batch that one unit computes at once, unless told otherwise (a prompt longer
+/// than this runs in chunks: see [`GpuRunner::chunk_rows`]).
+pub(crate) const CHUNK_ROWS: usize = 512;
 
 /// How linear-layer weights are held on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -341,6 +347,10 @@ pub(crate) struct GpuRunner {
     pub config: ModelConfig,
     /// Rows of logits computed at once (`rows x vocab` floats of workspace).
     pub logit_rows: usize,
+    /// Rows of a batch one unit computes at once: longer prompts run in chunks of this many
+    /// rows (query tiles for attention, row chunks for the MLP, input and head), so that the
+    /// intermediate tensors are bounded by it whatever the record's length.
+    pub chunk_rows: usize,
     kernels: Kernels,
 }
 
@@ -373,6 +383,7 @@ impl GpuRunner {
             options,
             config: config.clone(),
             logit_rows: LOGIT_ROWS,
+            chunk_rows: CHUNK_ROWS,
             kernels,
         })
     }
@@ -435,7 +446,6 @@ impl GpuRunner {
 
     /// Checks a batch of new tokens against their cache slots and uploads the per-row data.
     pub(crate) fn row_batch(&self, batch: &[&[u32]], slots: &[CacheSlot]) -> Result<RowBatch> {
-        let ctx = &self.ctx;
         let vocab = self.config.vocab_size();
         let mut ids = Vec::new();
         let mut positions = Vec::new();
@@ -472,6 +482,18 @@ impl GpuRunner {
                 });
             }
         }
+        self.upload_rows(ids, positions, infos, appends)
+    }
+
+    /// The device side of a [`RowBatch`] from its host data.
+    fn upload_rows(
+        &self,
+        ids: Vec<u32>,
+        positions: Vec<u32>,
+        infos: Vec<RowInfo>,
+        appends: Vec<(usize, usize, usize)>,
+    ) -> Result<RowBatch> {
+        let ctx = &self.ctx;
         let rows = ids.len();
         let rope = match &self.config {
             ModelConfig::Llama(c) => {
@@ -498,6 +520,57 @@ impl GpuRunner {
         })
     }
 
+    /// Rows `range` of a batch as a batch of their own: the same tokens, positions and cache
+    /// rows, each sequence's appends cut to the rows inside the range.
+    fn chunk(&self, rb: &RowBatch, range: Range<usize>) -> Result<RowBatch> {
+        let appends = rb
+            .appends
+            .iter()
+            .filter_map(|&(row, at, n)| {
+                let (lo, hi) = (row.max(range.start), (row + n).min(range.end));
+                (lo < hi).then(|| (lo - range.start, at + (lo - row), hi - lo))
+            })
+            .collect();
+        self.upload_rows(
+            rb.ids[range.clone()].to_vec(),
+            rb.positions[range.clone()].to_vec(),
+            rb.infos[range].to_vec(),
+            appends,
+        )
+    }
+
+    /// Runs `f` on row chunks of at most [`GpuRunner::chunk_rows`] rows of `x` (with their
+    /// row range), in order, so that a unit's intermediate tensors are bounded by the
+    /// chunk, not by the batch. Chunks go back into `x` when `f` keeps the width, else into a
+    /// new tensor. Attention stays causal: a chunk appends its keys and values to the cache
+    /// before it attends, and later chunks see them there.
+    fn by_chunks(
+        &self,
+        x: GpuTensor,
+        f: impl Fn(GpuTensor, Range<usize>) -> Result<GpuTensor>,
+    ) -> Result<GpuTensor> {
+        let rows = x.shape[0];
+        if rows <= self.chunk_rows.max(1) {
+            return f(x, 0..rows);
+        }
+        let width = x.shape[1];
+        let mut out: Option<GpuTensor> = None;
+        for range in crate::gpu::passes(rows, self.chunk_rows) {
+            let part = copy_rows(&self.ctx, &x, range.clone(), None)?;
+            let y = f(part, range.clone())?;
+            let dest = match &out {
+                Some(t) => t,
+                None => out.insert(if y.shape[1] == width {
+                    x.clone()
+                } else {
+                    GpuTensor::zeros(&self.ctx, &[rows, y.shape[1]])?
+                }),
+            };
+            copy_rows(&self.ctx, &y, 0..range.len(), Some((dest, range.start)))?;
+        }
+        out.ok_or_else(|| Error::invalid("model", "no rows"))
+    }
+
     /// Looks the rows' tokens up in an f32 embedding table on the device.
     pub(crate) fn gather(&self, table: &GpuTensor, rb: &RowBatch) -> Result<GpuTensor> {
         let e = GpuTensor::zeros(&self.ctx, &[rb.rows, table.shape[1]])?;
@@ -507,8 +580,22 @@ impl GpuRunner {
         Ok(e)
     }
 
-    /// Embedded tokens `e` -> the first layer's input (OPT: `project_in`, learned positions).
+    /// Embedded tokens `e` -> the first layer's input (OPT: `project_in`, learned positions),
+    /// in row chunks.
     pub(crate) fn input(&self, w: &InputWeights, e: GpuTensor, rb: &RowBatch) -> Result<GpuTensor> {
+        if matches!(w, InputWeights::Llama) {
+            return Ok(e);
+        }
+        self.by_chunks(e, |ec, range| self.input_rows(w, ec, &rb.positions[range]))
+    }
+
+    /// [`GpuRunner::input`] on rows at `row_positions`, unchunked.
+    fn input_rows(
+        &self,
+        w: &InputWeights,
+        e: GpuTensor,
+        row_positions: &[u32],
+    ) -> Result<GpuTensor> {
         let InputWeights::Opt {
             positions,
             project_in,
@@ -523,19 +610,14 @@ impl GpuRunner {
         };
         // learned positions: gather rows pos + 2 of the position table and add them
         let p = GpuTensor::zeros(ctx, &x.shape)?;
-        let shifted: Vec<u32> = rb
-            .positions
+        let shifted: Vec<u32> = row_positions
             .iter()
             .map(|&q| q + POSITION_OFFSET as u32)
             .collect();
-        self.kernels.embedding.run(
-            ctx,
-            positions,
-            None,
-            &GpuIndices::upload(ctx, &shifted),
-            &rb.pos,
-            &p,
-        )?;
+        let shifted = GpuIndices::upload(ctx, &shifted);
+        self.kernels
+            .embedding
+            .run(ctx, positions, None, &shifted, &shifted, &p)?;
         self.kernels.elementwise.binary(ctx, Op::Add, &x, &p)?;
         Ok(x)
     }
@@ -564,7 +646,7 @@ impl GpuRunner {
     }
 
     /// `x + attention(x)` (OPT post-LN: the norm after the residual), appending the rows' keys
-    /// and values to `cache`.
+    /// and values to `cache`, in row chunks (query tiles) taken in order.
     pub(crate) fn attention(
         &self,
         w: &AttnWeights,
@@ -572,13 +654,23 @@ impl GpuRunner {
         cache: &LayerCache,
         rb: &RowBatch,
     ) -> Result<GpuTensor> {
-        self.attention_with(w, x, rb, |q, k, v| {
-            self.attend_cache(cache, &rb.info, &rb.appends, [q, k, v])
+        self.by_chunks(x, |xc, range| {
+            let sub;
+            let rows = if range.len() == rb.rows {
+                rb
+            } else {
+                sub = self.chunk(rb, range)?;
+                &sub
+            };
+            self.attention_with(w, xc, rows, |q, k, v| {
+                self.attend_cache(cache, &rows.info, &rows.appends, [q, k, v])
+            })
         })
     }
 
-    /// [`GpuRunner::attention`] with the attention itself done by `attend(q, k, v)`, which
-    /// returns `[rows, heads * head_dim]` (before the output projection).
+    /// [`GpuRunner::attention`] on all rows at once, with the attention itself done by
+    /// `attend(q, k, v)`, which returns `[rows, heads * head_dim]` (before the output
+    /// projection). The executor's CPU attention uses it for decode steps (a row per sequence).
     pub(crate) fn attention_with(
         &self,
         w: &AttnWeights,
@@ -620,8 +712,12 @@ impl GpuRunner {
         }
     }
 
-    /// `x + mlp(x)` (OPT post-LN: the norm after the residual).
+    /// `x + mlp(x)` (OPT post-LN: the norm after the residual), in row chunks.
     pub(crate) fn mlp(&self, w: &MlpWeights, x: GpuTensor) -> Result<GpuTensor> {
+        self.by_chunks(x, |xc, _| self.mlp_rows(w, xc))
+    }
+
+    fn mlp_rows(&self, w: &MlpWeights, x: GpuTensor) -> Result<GpuTensor> {
         let (ctx, k) = (&self.ctx, &self.kernels);
         match w {
             MlpWeights::Llama {
@@ -657,8 +753,12 @@ impl GpuRunner {
         }
     }
 
-    /// The last layer's output -> the rows the output projection reads.
+    /// The last layer's output -> the rows the output projection reads, in row chunks.
     pub(crate) fn head(&self, w: &HeadWeights, x: GpuTensor) -> Result<GpuTensor> {
+        self.by_chunks(x, |xc, _| self.head_rows(w, xc))
+    }
+
+    fn head_rows(&self, w: &HeadWeights, x: GpuTensor) -> Result<GpuTensor> {
         match w {
             HeadWeights::Llama { norm } => self.rms_norm(norm, &x),
             HeadWeights::Opt {
@@ -788,6 +888,30 @@ impl GpuRunner {
     }
 }
 
+/// Copies rows `range` of a 2-d tensor into `dest` at row `at`, or into a new tensor.
+fn copy_rows(
+    ctx: &GpuContext,
+    src: &GpuTensor,
+    range: Range<usize>,
+    dest: Option<(&GpuTensor, usize)>,
+) -> Result<GpuTensor> {
+    let row_bytes = (src.shape[1] * 4) as u64;
+    let (dest, at) = match dest {
+        Some((t, at)) => (t.clone(), at),
+        None => (GpuTensor::zeros(ctx, &[range.len(), src.shape[1]])?, 0),
+    };
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(
+        &src.buffer,
+        range.start as u64 * row_bytes,
+        &dest.buffer,
+        at as u64 * row_bytes,
+        range.len() as u64 * row_bytes,
+    );
+    ctx.queue.submit([enc.finish()]);
+    Ok(dest)
+}
+
 /// One transformer layer's weights.
 struct LayerWeights {
     attn: AttnWeights,
@@ -909,6 +1033,12 @@ impl GpuModel {
     /// The device.
     pub fn context(&self) -> &GpuContext {
         &self.runner.ctx
+    }
+
+    /// Computes at most `rows` rows of a batch at once (prompts longer than that run in
+    /// chunks; the default is 512). Bounds the intermediate tensors, not the results.
+    pub fn set_chunk_rows(&mut self, rows: usize) {
+        self.runner.chunk_rows = rows.max(1);
     }
 
     /// The model's configuration.

@@ -322,6 +322,10 @@ pub struct CostModel {
     /// Bytes per activation value (and uncompressed cache value) as the executor holds them
     /// (4: ferrogen computes in f32); `None` counts FlexGen's fp16.
     pub activation_bytes: Option<f64>,
+    /// Rows of a batch the executor computes at once (longer prompts run in row chunks with
+    /// online-softmax attention, which holds no score matrix); `None` counts FlexGen's working
+    /// set, a whole batch with its `heads x s x s` attention scores.
+    pub compute_rows: Option<usize>,
 }
 
 /// Bytes per activation or uncompressed weight/cache value (fp16, as FlexGen runs).
@@ -336,7 +340,15 @@ impl CostModel {
             workload,
             weight_bytes: None,
             activation_bytes: None,
+            compute_rows: None,
         }
+    }
+
+    /// The same model with the executor's working set: at most `rows` rows computed at once
+    /// (see [`CostModel::compute_rows`]).
+    pub fn with_compute_rows(mut self, rows: usize) -> Self {
+        self.compute_rows = Some(rows.max(1));
+        self
     }
 
     /// The same model with activations and uncompressed cache values counted at `bytes` each
@@ -473,14 +485,29 @@ impl CostModel {
                 + Linear::of(bls * c * kv_values * dequant_kv_per_value, gpu_cache),
         };
 
-        // Working set of one GPU batch (fp16): attention stage (input, q, k, v, scores) or
-        // FFN stage (input, live FFN activations), whichever is larger.
+        // Working set of one GPU batch (FlexGen, fp16): attention stage (input, q, k, v, scores)
+        // or FFN stage (input, live FFN activations), whichever is larger.
         let (h, qw, kvw) = (m.hidden as f64, m.q_width as f64, m.kv_width as f64);
         let heads = m.heads as f64;
         let ffn_live = (m.ffn * m.ffn_live) as f64;
-        let work_prefill =
-            act * gbs * (s * (h + qw + 2.0 * kvw) + heads * s * s).max(s * (h + ffn_live));
-        let work_decode = act * gbs * (h + qw + 2.0 * kvw + heads * (s + n) + ffn_live);
+        let (work_prefill, work_decode) = match self.compute_rows {
+            // ferrogen: rows computed at once, R = min(rows, max(chunk, gbs with CPU attention)),
+            // each holding its input and output copies, the normalized input, q, k, v, the
+            // attention output and projection, and the two FFN intermediates:
+            // work = act * R * (8 h + 2 kv + 2 ffn)
+            Some(chunk) => {
+                let most = (chunk as f64).max(if ccc { gbs } else { 0.0 });
+                let per_row = 8.0 * h + 2.0 * kvw + 2.0 * m.ffn as f64;
+                (
+                    act * (gbs * s).min(most) * per_row,
+                    act * gbs.min(most) * per_row,
+                )
+            }
+            None => (
+                act * gbs * (s * (h + qw + 2.0 * kvw) + heads * s * s).max(s * (h + ffn_live)),
+                act * gbs * (h + qw + 2.0 * kvw + heads * (s + n) + ffn_live),
+            ),
+        };
         let total_w = bw_layer * l;
         let cache_all = bkv * (s + n) * bls * l;
         let streamed_w = Linear::of(2.0 * bw_layer, &[WC, WN]); // two layers in flight

@@ -1,0 +1,267 @@
+//! Sequences up to the model's context, where position bugs live: SmolLM2 windows of 500,
+//! 1,024 and 2,048 tokens of britannica-11th.txt (fetched text, not in the repo) against Hugging
+//! Face transformers (`scripts/make_smollm2_long_reference.py`, float64) and the CPU reference,
+//! on the resident wgpu model and on the engine with its weights on disk under small budgets;
+//! and greedy generation that crosses 512, 1,024 and 2,048 total tokens.
+//!
+//! Needs the fetched model (see `tests/smollm2.rs`; `FERROGEN_OFFLINE=1` skips) and a WebGPU
+//! adapter (`FERROGEN_SKIP_GPU=1` skips).
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use common::{gpu_context, worst_diff};
+use ferrogen::cpu::ReferenceModel;
+use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
+use ferrogen::gpu::model::GpuModel;
+use ferrogen::model::ModelFiles;
+use ferrogen::storage::Tier;
+use serde::Deserialize;
+
+const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn model_path() -> Option<PathBuf> {
+    let dir = match std::env::var_os("FERROGEN_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/ferrogen"),
+    };
+    let path = dir.join(MODEL_FILE);
+    if path.exists() {
+        return Some(path);
+    }
+    if std::env::var("FERROGEN_OFFLINE").as_deref() == Ok("1") {
+        eprintln!("FERROGEN_OFFLINE=1: skipping ({} missing)", path.display());
+        return None;
+    }
+    panic!(
+        "{} is missing: run `bash scripts/fetch-model.sh`, or set FERROGEN_OFFLINE=1",
+        path.display()
+    );
+}
+
+struct Loaded {
+    files: ModelFiles,
+    reference: ReferenceModel,
+}
+
+fn smollm2() -> Option<&'static Loaded> {
+    static MODEL: OnceLock<Option<Loaded>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let files = ModelFiles::open(&model_path()?).expect("open SmolLM2");
+            let reference = ReferenceModel::load(&files).expect("load SmolLM2");
+            Some(Loaded { files, reference })
+        })
+        .as_ref()
+}
+
+#[derive(Deserialize)]
+struct Long {
+    windows: Vec<Window>,
+    greedy: Vec<Greedy>,
+}
+#[derive(Deserialize)]
+struct Window {
+    tokens: Vec<u32>,
+    token_logprobs: Vec<f64>,
+}
+#[derive(Deserialize)]
+struct Greedy {
+    prompt: Vec<u32>,
+    new_tokens: Vec<u32>,
+}
+
+fn long() -> &'static Long {
+    static LONG: OnceLock<Long> = OnceLock::new();
+    LONG.get_or_init(|| {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/smollm2/long.json"
+        );
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    })
+}
+
+/// The windows (500, 1,024, 2,048 tokens), checked to be what our tokenizer makes of the text.
+fn windows(m: &Loaded) -> Vec<&'static [u32]> {
+    let text = std::fs::read_to_string(model_path().unwrap().with_file_name("britannica-11th.txt"))
+        .expect("britannica-11th.txt (fetched by scripts/fetch-model.sh)");
+    let ids = m.files.tokenizer().unwrap().encode(&text).unwrap();
+    long()
+        .windows
+        .iter()
+        .map(|w| {
+            assert!(
+                ids.windows(w.tokens.len())
+                    .any(|s| s == w.tokens.as_slice()),
+                "window of {} tokens not found in our tokenization",
+                w.tokens.len()
+            );
+            w.tokens.as_slice()
+        })
+        .collect()
+}
+
+/// Largest per-token difference from transformers, per window.
+fn from_hf(got: &[Vec<f32>]) -> Vec<f64> {
+    got.iter()
+        .zip(&long().windows)
+        .map(|(g, w)| common::max_abs_diff(g, &w.token_logprobs))
+        .collect()
+}
+
+/// The CPU reference against transformers at every length (the oracle for the fast paths).
+#[test]
+fn reference_matches_transformers_up_to_2048_tokens() {
+    let Some(m) = smollm2() else { return };
+    let seqs = windows(m);
+    let got: Vec<Vec<f32>> = seqs
+        .iter()
+        .map(|s| m.reference.token_logprobs(&[s]).unwrap().remove(0))
+        .collect();
+    let hf = from_hf(&got);
+    eprintln!("reference vs transformers, windows of 500/1024/2048: {hf:?}");
+    assert!(hf.iter().all(|&d| d < 2e-3), "{hf:?}");
+}
+
+/// The resident wgpu model, all three windows in one ragged batch (rows computed in chunks
+/// that cross sequence boundaries), against the reference and transformers.
+#[test]
+fn wgpu_matches_reference_up_to_2048_tokens() {
+    let Some(m) = smollm2() else { return };
+    let Some(ctx) = gpu_context() else { return };
+    let gpu = GpuModel::load(ctx, &m.files, Default::default()).unwrap();
+    let seqs = windows(m);
+    let got = gpu.token_logprobs(&seqs).unwrap();
+    let want: Vec<Vec<f32>> = seqs
+        .iter()
+        .map(|s| m.reference.token_logprobs(&[s]).unwrap().remove(0))
+        .collect();
+    let worst = worst_diff(&got, &want);
+    let hf = from_hf(&got);
+    eprintln!("wgpu vs reference: {worst:.2e}; vs transformers per window: {hf:?}");
+    assert!(worst < 1e-3, "{worst}");
+    assert!(hf.iter().all(|&d| d < 2e-3), "{hf:?}");
+    // generation crossing 512 total tokens on the resident model too
+    let g = &long().greedy[0];
+    let out = gpu
+        .generate_greedy(&[&g.prompt], g.new_tokens.len(), None)
+        .unwrap();
+    let want = m
+        .reference
+        .generate_greedy(&[&g.prompt], g.new_tokens.len(), None)
+        .unwrap();
+    assert_eq!(out, want, "greedy past 512 tokens");
+}
+
+/// The engine as `score --gpu-mem 96MiB --cpu-mem 128MiB --offload-dir D` runs it: the policy
+/// search picks the placement, and 1,024- and 2,048-token records score within the budgets,
+/// with transformers' numbers.
+#[test]
+fn engine_scores_2048_tokens_within_small_budgets() {
+    let Some(m) = smollm2() else { return };
+    let Some(ctx) = gpu_context() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (gpu_budget, cpu_budget) = (96u64 << 20, 128u64 << 20);
+    let options = EngineOptions {
+        gpu_budget,
+        cpu_budget,
+        offload_dir: Some(dir.path().to_path_buf()),
+        ..EngineOptions::new(Placement::Search {
+            hardware: default_profile().unwrap(),
+            prompt_len: 256,
+            gen_len: 1,
+            compress_weight: false,
+            compress_cache: false,
+        })
+    };
+    let engine = Engine::open_files(
+        ctx,
+        ModelFiles::open(&model_path().unwrap()).unwrap(),
+        options,
+    )
+    .unwrap();
+    let seqs = windows(m);
+    let got = engine.token_logprobs(&seqs[1..]).unwrap();
+    let want: Vec<Vec<f32>> = seqs[1..]
+        .iter()
+        .map(|s| m.reference.token_logprobs(&[s]).unwrap().remove(0))
+        .collect();
+    let worst = worst_diff(&got, &want);
+    let hf: Vec<f64> = got
+        .iter()
+        .zip(&long().windows[1..])
+        .map(|(g, w)| common::max_abs_diff(g, &w.token_logprobs))
+        .collect();
+    let peaks = engine.peaks();
+    eprintln!(
+        "engine ({:?}, weights {:?} B on GPU/CPU/disk): vs reference {worst:.2e}, vs \
+         transformers {hf:?}; peaks {peaks:?}",
+        engine.policy(),
+        engine.weight_bytes()
+    );
+    assert!(worst < 1e-3, "{worst}");
+    assert!(hf.iter().all(|&d| d < 2e-3), "{hf:?}");
+    assert!(peaks[Tier::Gpu.index()] <= gpu_budget, "{peaks:?}");
+    assert!(peaks[Tier::Cpu.index()] <= cpu_budget, "{peaks:?}");
+}
+
+/// Greedy generation through the engine (weights, cache and activations split over the tiers)
+/// across 512, 1,024 and 2,048 total tokens: the reference's tokens, and logprobs within 1e-3
+/// of the reference scoring the generated text; the reference's tokens are transformers'.
+#[test]
+fn engine_generation_crosses_long_lengths_like_the_reference() {
+    let Some(m) = smollm2() else { return };
+    let Some(ctx) = gpu_context() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let policy = ferrogen::policy::Policy {
+        gpu_batch_size: 2,
+        num_gpu_batches: 2,
+        w_gpu_percent: 20.0,
+        w_cpu_percent: 30.0,
+        cache_gpu_percent: 40.0,
+        cache_cpu_percent: 30.0,
+        act_gpu_percent: 30.0,
+        act_cpu_percent: 30.0,
+        ..ferrogen::policy::Policy::all_on_gpu(2)
+    };
+    let options = EngineOptions {
+        offload_dir: Some(dir.path().to_path_buf()),
+        ..EngineOptions::new(Placement::Policy(policy))
+    };
+    let engine = Engine::open_files(
+        ctx,
+        ModelFiles::open(&model_path().unwrap()).unwrap(),
+        options,
+    )
+    .unwrap();
+    let cases = &long().greedy;
+    let n = cases[0].new_tokens.len();
+    let prompts: Vec<&[u32]> = cases.iter().map(|g| g.prompt.as_slice()).collect();
+    let got = engine.generate(&prompts, n).unwrap();
+    let want = m.reference.generate_greedy(&prompts, n, None).unwrap();
+    for ((g, w), case) in got.iter().zip(&want).zip(cases) {
+        let total = case.prompt.len() + n;
+        assert_eq!(&g.tokens, w, "engine vs reference, {total} total tokens");
+        if w != &case.new_tokens {
+            eprintln!("note: f32 greedy differs from transformers' float64 at {total} tokens");
+        }
+        let mut full = case.prompt.clone();
+        full.extend(&g.tokens);
+        let scored = m.reference.token_logprobs(&[&full]).unwrap().remove(0);
+        let tail = &scored[case.prompt.len() - 1..];
+        let worst = worst_diff(std::slice::from_ref(&g.logprobs), &[tail.to_vec()]);
+        assert!(worst < 1e-3, "{total} tokens: {worst}");
+    }
+    let matches = want
+        .iter()
+        .zip(cases)
+        .filter(|(w, c)| **w == c.new_tokens)
+        .count();
+    assert!(
+        matches >= 2,
+        "the reference's greedy tokens are transformers' in most cases"
+    );
+}
