@@ -52,6 +52,11 @@ fn small_budget_gpu() -> Option<&'static GpuContext> {
     .as_ref()
 }
 
+/// 0 for the default device, 1 for the tiny-budget one (kernels are compiled per device).
+fn device_index(ctx: &GpuContext) -> usize {
+    usize::from(small_budget_gpu().is_some_and(|s| std::ptr::eq(s, ctx)))
+}
+
 /// The default device and the tiny-budget one.
 fn both_budgets() -> Vec<&'static GpuContext> {
     [gpu(), small_budget_gpu()].into_iter().flatten().collect()
@@ -290,10 +295,8 @@ proptest! {
 /// The quantized kernel in each variant the adapter offers (on lavapipe both: its subgroups are
 /// 8 wide), compiled once per device (the default one, or the tiny-budget one).
 fn quantized_kernels(ctx: &GpuContext) -> &'static [MatmulQ] {
-    static KERNELS: OnceLock<Vec<MatmulQ>> = OnceLock::new();
-    static SMALL_BUDGET: OnceLock<Vec<MatmulQ>> = OnceLock::new();
-    let small = small_budget_gpu().is_some_and(|s| std::ptr::eq(s, ctx));
-    (if small { &SMALL_BUDGET } else { &KERNELS }).get_or_init(|| {
+    static KERNELS: [OnceLock<Vec<MatmulQ>>; 2] = [OnceLock::new(), OnceLock::new()];
+    KERNELS[device_index(ctx)].get_or_init(|| {
         [MatmulQVariant::Plain, MatmulQVariant::Subgroup]
             .into_iter()
             .filter_map(|v| MatmulQ::with_variant(ctx, v).ok())
@@ -303,10 +306,8 @@ fn quantized_kernels(ctx: &GpuContext) -> &'static [MatmulQ] {
 
 /// The f32 kernel in both variants, compiled once per device.
 fn f32_kernels(ctx: &GpuContext) -> &'static [MatmulF32] {
-    static KERNELS: OnceLock<Vec<MatmulF32>> = OnceLock::new();
-    static SMALL_BUDGET: OnceLock<Vec<MatmulF32>> = OnceLock::new();
-    let small = small_budget_gpu().is_some_and(|s| std::ptr::eq(s, ctx));
-    (if small { &SMALL_BUDGET } else { &KERNELS }).get_or_init(|| {
+    static KERNELS: [OnceLock<Vec<MatmulF32>>; 2] = [OnceLock::new(), OnceLock::new()];
+    KERNELS[device_index(ctx)].get_or_init(|| {
         [MatmulVariant::Register, MatmulVariant::Tiled]
             .map(|v| MatmulF32::with_variant(ctx, v))
             .into()
