@@ -180,6 +180,8 @@ fn run() -> Result<()> {
                 gpu_attention_tflops_prefill: g.attention_prefill_tflops.median,
                 gpu_attention_tflops_decode: g.attention_decode_tflops.median,
                 cpu_attention_tflops: 0.0,
+                cpu_matmul_tflops_prefill: 0.0,
+                cpu_matmul_tflops_decode: 0.0,
                 gpu_memory_gib_s: g.memory_gib_s.median / 2.0,
                 gpu_dequant_gvalues_s: g.dequant_gvalues_s.median,
                 gpu_memory: ByteSize(gpu_memory),
@@ -209,6 +211,8 @@ fn run() -> Result<()> {
                 gpu_attention_tflops_prefill: mm_prefill.median,
                 gpu_attention_tflops_decode: attention.median,
                 cpu_attention_tflops: 0.0,
+                cpu_matmul_tflops_prefill: 0.0,
+                cpu_matmul_tflops_decode: 0.0,
                 gpu_memory_gib_s: memcpy.median,
                 // dequantizing reads ~0.56 and writes 2 bytes per value
                 gpu_dequant_gvalues_s: memcpy.median * GIB / 2.6 / 1e9,
@@ -226,6 +230,8 @@ fn run() -> Result<()> {
     profile.io_chunk_bytes = best.chunk_bytes;
     profile.io_threads = best.threads;
     profile.cpu_attention_tflops = attention.median;
+    profile.cpu_matmul_tflops_prefill = mm_prefill.median;
+    profile.cpu_matmul_tflops_decode = mm_decode.median;
     if let Some(v) = gpu_mem {
         profile.gpu_memory = ByteSize(v);
     }

@@ -21,12 +21,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::device::recipe::Runner;
+use crate::device::{CpuDevice, Device, DeviceKind};
 use crate::error::{Error, Result};
 use crate::exec::executor::Executor;
 use crate::exec::weights::{remove_offload, Placer};
 use crate::exec::{SeqResult, Task, Trace};
-use crate::gpu::model::{GpuOptions, GpuRunner, WeightFormat};
-use crate::gpu::GpuContext;
+use crate::gpu::{GpuContext, WgpuDevice};
+use crate::layout::{workspace_bytes, RunOptions, WeightFormat, CHUNK_ROWS, LOGIT_ROWS};
 use crate::model::{ModelConfig, ModelFiles};
 use crate::policy::search::{search, SearchOptions};
 use crate::policy::{CostModel, HardwareProfile, Policy, Workload};
@@ -83,6 +85,10 @@ pub struct EngineOptions {
     pub io_chunk_bytes: u64,
     /// Threads reading one unit's disk pieces (a policy search uses its profile's instead).
     pub io_threads: usize,
+    /// The compute device ([`Engine::open`]; [`Engine::open_on`] takes one instead).
+    pub device: DeviceKind,
+    /// Threads of the CPU device (0: one per core).
+    pub cpu_threads: usize,
 }
 
 impl EngineOptions {
@@ -97,13 +103,66 @@ impl EngineOptions {
             trace: false,
             io_chunk_bytes: 1 << 20,
             io_threads: 2,
+            device: DeviceKind::Auto,
+            cpu_threads: 0,
         }
+    }
+}
+
+/// What the engine needs from an executor, whatever its device.
+trait BlockRunner: Send + Sync {
+    fn run_block(&self, seqs: &[&[u32]], task: Task) -> Result<Vec<SeqResult>>;
+    fn policy(&self) -> &Policy;
+    fn ledger(&self) -> &Arc<MemoryLedger>;
+    fn placed_bytes(&self) -> [u64; 3];
+    fn streamed_bytes(&self) -> u64;
+    fn reused(&self) -> bool;
+    fn trace(&self) -> Option<Trace>;
+    fn describe(&self) -> String;
+    /// Closes the offload file (before it is removed).
+    fn close_offload(&mut self);
+}
+
+impl<D: Device> BlockRunner for Executor<D> {
+    fn run_block(&self, seqs: &[&[u32]], task: Task) -> Result<Vec<SeqResult>> {
+        Executor::run_block(self, seqs, task)
+    }
+    fn policy(&self) -> &Policy {
+        &self.policy
+    }
+    fn ledger(&self) -> &Arc<MemoryLedger> {
+        &self.ledger
+    }
+    fn placed_bytes(&self) -> [u64; 3] {
+        self.model.placed_bytes
+    }
+    fn streamed_bytes(&self) -> u64 {
+        self.model
+            .units
+            .iter()
+            .flat_map(|u| &u.linears)
+            .map(|l| l.streamed_bytes())
+            .sum()
+    }
+    fn reused(&self) -> bool {
+        self.model.reused
+    }
+    fn trace(&self) -> Option<Trace> {
+        self.trace
+            .as_ref()
+            .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+    fn describe(&self) -> String {
+        self.runner.dev.describe()
+    }
+    fn close_offload(&mut self) {
+        self.model.file = None;
     }
 }
 
 /// A model placed across the tiers, ready to score or generate.
 pub struct Engine {
-    executor: Executor,
+    executor: Box<dyn BlockRunner>,
     files: ModelFiles,
     offload_dir: Option<PathBuf>,
     keep_offload: bool,
@@ -117,15 +176,15 @@ fn logit_rows(config: &ModelConfig, gpu_budget: u64) -> usize {
     let row = (config.vocab_size() * 4) as u64;
     let by_budget = (gpu_budget / 8 / row.max(1)) as usize;
     let floor = if 64 * row <= gpu_budget / 4 { 64 } else { 1 };
-    by_budget.clamp(floor, crate::gpu::model::LOGIT_ROWS)
+    by_budget.clamp(floor, LOGIT_ROWS)
 }
 
 /// Rows of a batch a unit computes at once for a GPU budget: 512, or fewer (by halves, down
 /// to 16) so that their intermediate tensors take at most an eighth of the budget. Prompts
 /// longer than this run in row chunks, so a record's length does not decide what fits.
 fn chunk_rows(config: &ModelConfig, gpu_budget: u64) -> usize {
-    let mut rows = crate::gpu::model::CHUNK_ROWS;
-    while rows > 16 && crate::exec::executor::workspace_bytes(config, rows, 0) > gpu_budget / 8 {
+    let mut rows = CHUNK_ROWS;
+    while rows > 16 && workspace_bytes(config, rows, 0) > gpu_budget / 8 {
         rows /= 2;
     }
     rows
@@ -145,14 +204,57 @@ fn search_reserve(files: &ModelFiles, format: WeightFormat, gpu_budget: u64) -> 
 }
 
 impl Engine {
-    /// Opens the model at `path` (see DESIGN.md, "Model path") on the default WebGPU device.
+    /// Opens the model at `path` (see DESIGN.md, "Model path") on the device
+    /// `options.device` names.
     pub fn open(path: &Path, options: EngineOptions) -> Result<Self> {
         let files = ModelFiles::open(path)?;
-        Self::open_files(GpuContext::new()?, files, options)
+        Self::open_with(files, options)
     }
 
-    /// Places `files` on `ctx` as `options` say.
+    /// Places `files` on the device `options.device` names: `Auto` takes a discrete or
+    /// integrated GPU through WebGPU when there is one, else the CPU device.
+    pub fn open_with(files: ModelFiles, options: EngineOptions) -> Result<Self> {
+        let cpu = || CpuDevice::new(options.cpu_threads);
+        match options.device {
+            DeviceKind::Cpu => Self::open_on(cpu()?, files, options),
+            DeviceKind::Wgpu => Self::open_files(GpuContext::new()?, files, options),
+            DeviceKind::Auto => match GpuContext::new() {
+                Ok(ctx)
+                    if matches!(
+                        ctx.info.device_type,
+                        wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu
+                    ) =>
+                {
+                    Self::open_files(ctx, files, options)
+                }
+                _ => Self::open_on(cpu()?, files, options),
+            },
+        }
+    }
+
+    /// Places `files` on the WebGPU device `ctx` as `options` say.
     pub fn open_files(ctx: GpuContext, files: ModelFiles, options: EngineOptions) -> Result<Self> {
+        Self::open_on(WgpuDevice::new(ctx)?, files, options)
+    }
+
+    /// Places `files` on `dev` as `options` say. On a device that computes in RAM (the CPU
+    /// device) the GPU and CPU tiers are one: `cpu_budget` covers all of it, and a GPU budget
+    /// is an error.
+    pub fn open_on<D: Device>(
+        dev: D,
+        files: ModelFiles,
+        mut options: EngineOptions,
+    ) -> Result<Self> {
+        let host = dev.is_host();
+        if host {
+            if options.gpu_budget != u64::MAX {
+                return Err(Error::invalid(
+                    "--gpu-mem",
+                    "the CPU device computes in RAM: budget all of its memory with --cpu-mem",
+                ));
+            }
+            options.gpu_budget = options.cpu_budget;
+        }
         let disk_budget = match &options.offload_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -189,11 +291,19 @@ impl Engine {
                 };
                 chunk = hardware.io_chunk_bytes as usize;
                 io_threads = hardware.io_threads;
-                let hw = hardware.with_capacities(
-                    short(options.gpu_budget, gpu_keep, "GPU")?,
-                    short(options.cpu_budget, cpu_keep, "CPU")?,
-                    disk_budget,
-                );
+                let hw = if host {
+                    // one memory: the device tier is RAM, less everything held back
+                    let ram = short(options.cpu_budget, gpu_keep + cpu_keep, "CPU")?;
+                    hardware
+                        .for_host_device()
+                        .with_capacities(ram, 0, disk_budget)
+                } else {
+                    hardware.with_capacities(
+                        short(options.gpu_budget, gpu_keep, "GPU")?,
+                        short(options.cpu_budget, cpu_keep, "CPU")?,
+                        disk_budget,
+                    )
+                };
                 let model = CostModel::new(
                     &files.config,
                     hw,
@@ -221,6 +331,7 @@ impl Engine {
                 found.policy
             }
         };
+        let policy = if host { policy.on_host() } else { policy };
         policy.validate("policy")?;
         if policy.cpu_cache_compute && policy.compress_cache {
             return Err(Error::invalid(
@@ -234,8 +345,12 @@ impl Engine {
                 what: "sparse attention (attn_sparsity < 1)".into(),
             });
         }
-        let ledger = MemoryLedger::new(options.gpu_budget, options.cpu_budget, disk_budget);
-        let gpu_options = GpuOptions {
+        let ledger = if host {
+            MemoryLedger::unified(options.cpu_budget, disk_budget)
+        } else {
+            MemoryLedger::new(options.gpu_budget, options.cpu_budget, disk_budget)
+        };
+        let gpu_options = RunOptions {
             weights: if policy.compress_weight {
                 WeightFormat::Group4
             } else {
@@ -243,11 +358,11 @@ impl Engine {
             },
             compress_cache: policy.compress_cache,
         };
-        let mut runner = GpuRunner::new(ctx, &files.config, gpu_options)?;
+        let mut runner = Runner::new(dev, &files.config, gpu_options);
         runner.logit_rows = logit_rows(&files.config, options.gpu_budget);
         runner.chunk_rows = chunk_rows(&files.config, options.gpu_budget);
         let model = Placer {
-            ctx: &runner.ctx,
+            dev: &runner.dev,
             files: &files,
             format: gpu_options.weights,
             split: policy.weights(),
@@ -256,7 +371,7 @@ impl Engine {
             offload_dir: options.offload_dir.as_deref(),
         }
         .place()?;
-        runner.ctx.wait()?;
+        runner.dev.wait()?;
         let (chunk, io_threads) = (chunk.clamp(64 << 10, 16 << 20), io_threads.clamp(1, 16));
         // one buffer per reader thread and per other I/O operation a step can hold at once
         // (cache and activation loads and stores, the embedding lookup)
@@ -273,7 +388,7 @@ impl Engine {
             trace: options.trace.then(|| Mutex::new(Trace::new())),
         };
         Ok(Self {
-            executor,
+            executor: Box::new(executor),
             files,
             offload_dir: options.offload_dir,
             keep_offload: options.keep_offload,
@@ -282,7 +397,12 @@ impl Engine {
 
     /// The policy in use.
     pub fn policy(&self) -> &Policy {
-        &self.executor.policy
+        self.executor.policy()
+    }
+
+    /// The compute device in words.
+    pub fn device(&self) -> String {
+        self.executor.describe()
     }
 
     /// The opened model (configuration, tokenizer).
@@ -292,41 +412,32 @@ impl Engine {
 
     /// The memory ledger: bytes in use and peaks per tier.
     pub fn ledger(&self) -> &Arc<MemoryLedger> {
-        &self.executor.ledger
+        self.executor.ledger()
     }
 
     /// Bytes of weights placed on each tier (GPU, CPU, disk).
     pub fn weight_bytes(&self) -> [u64; 3] {
-        self.executor.model.placed_bytes
+        self.executor.placed_bytes()
     }
 
     /// Bytes of weights streamed onto the GPU per token step (all units' CPU and disk rows).
     pub fn streamed_bytes_per_token(&self) -> u64 {
-        self.executor
-            .model
-            .units
-            .iter()
-            .flat_map(|u| &u.linears)
-            .map(|l| l.streamed_bytes())
-            .sum()
+        self.executor.streamed_bytes()
     }
 
     /// Whether the offloaded weights were reused from an earlier run.
     pub fn reused_offload(&self) -> bool {
-        self.executor.model.reused
+        self.executor.reused()
     }
 
     /// The timeline so far (when opened with `trace`).
     pub fn trace(&self) -> Option<Trace> {
-        self.executor
-            .trace
-            .as_ref()
-            .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        self.executor.trace()
     }
 
     /// Runs `seqs` in blocks of `gbs * nb` sequences.
     fn run(&self, seqs: &[&[u32]], task: Task) -> Result<Vec<SeqResult>> {
-        let block = self.executor.policy.block_size().max(1);
+        let block = self.executor.policy().block_size().max(1);
         let mut out = Vec::with_capacity(seqs.len());
         for chunk in seqs.chunks(block) {
             out.extend(self.run_fitting(chunk, task)?);
@@ -366,7 +477,7 @@ impl Engine {
 
     /// Peak bytes held per tier so far: `[GPU, CPU, disk]`.
     pub fn peaks(&self) -> [u64; 3] {
-        Tier::ALL.map(|t| self.executor.ledger.peak(t))
+        Tier::ALL.map(|t| self.executor.ledger().peak(t))
     }
 }
 
@@ -375,7 +486,7 @@ impl Drop for Engine {
         if !self.keep_offload {
             if let Some(dir) = &self.offload_dir {
                 // the file handle goes first, then the files
-                self.executor.model.file = None;
+                self.executor.close_offload();
                 remove_offload(dir);
             }
         }

@@ -11,13 +11,14 @@ use ferrogen::cpu::ops::{self, HeadLayout};
 use ferrogen::gpu::kernels::attention::{Attention, RowInfo};
 use ferrogen::gpu::kernels::elementwise::{Elementwise, Op};
 use ferrogen::gpu::kernels::embedding::Embedding;
-use ferrogen::gpu::kernels::kv_quant::{GpuQ4Cache, KvQuant, Q4Layout};
+use ferrogen::gpu::kernels::kv_quant::{GpuQ4Cache, KvQuant};
 use ferrogen::gpu::kernels::logprob::Logprob;
 use ferrogen::gpu::kernels::matmul::{MatmulF32, MatmulVariant};
 use ferrogen::gpu::kernels::matmul_q::{GpuPackedWeight, MatmulQ, MatmulQVariant, PackedWeight};
 use ferrogen::gpu::kernels::norm::Norm;
-use ferrogen::gpu::kernels::rope::{self, Rope};
+use ferrogen::gpu::kernels::rope::Rope;
 use ferrogen::gpu::{GpuContext, GpuIndices, GpuTensor};
+use ferrogen::layout::Q4Layout;
 use ferrogen::quant::ggml::BlockFormat;
 use ferrogen::quant::group4::Group4;
 use ndarray::{s, Array1, Array2};
@@ -264,7 +265,7 @@ proptest! {
         // positions up to ~20,000: past any context the tests run
         let positions: Vec<usize> = (0..rows).map(|r| r * 521 + (seed % 9000) as usize).collect();
         let x = random(rows * heads * d, seed);
-        let (cos, sin) = rope::tables(&positions, d, base);
+        let (cos, sin) = ferrogen::device::recipe::rope_tables(&positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), d, base);
         let xt = up(ctx, &x, &[rows, heads * d]);
         Rope::new(ctx).run(ctx, &xt, &up(ctx, &cos, &[rows, half]), &up(ctx, &sin, &[rows, half]), d).unwrap();
         let mut want = Array2::from_shape_vec((rows, heads * d), x).unwrap();

@@ -122,16 +122,7 @@ impl Rope {
     }
 }
 
-/// How attention heads are laid out in the Q and K/V matrices.
-#[derive(Debug, Clone, Copy)]
-pub struct HeadLayout {
-    /// Query heads.
-    pub heads: usize,
-    /// Key/value heads; each serves `heads / kv_heads` query heads (GQA).
-    pub kv_heads: usize,
-    /// Width of one head.
-    pub head_dim: usize,
-}
+pub use crate::layout::HeadLayout;
 
 /// Causal attention of one sequence's new rows against its whole cache.
 ///

@@ -4,28 +4,27 @@
 //! "activations" are the embedding rows, gathered on the CPU.
 
 use super::executor::{lock, BlockState};
+use crate::device::recipe::CacheSlot;
+use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::gpu::model::CacheSlot;
-use crate::gpu::tensor::download_ranges;
-use crate::gpu::GpuTensor;
 use crate::schedule::Cell;
 use crate::storage::{Reservation, Tier};
 
 /// The hidden rows of one batch between units.
-pub(super) enum Activation {
+pub(super) enum Activation<D: Device> {
     /// All rows on the GPU.
-    Gpu(GpuTensor, Reservation),
+    Gpu(D::Tensor, Reservation),
     /// Rows split by sequence: the first rows on the GPU, then RAM, then the activation file.
     Parked {
         width: usize,
         rows: [usize; 3],
-        gpu: Option<GpuTensor>,
+        gpu: Option<D::Tensor>,
         cpu: Vec<f32>,
         _held: Vec<Reservation>,
     },
 }
 
-impl BlockState<'_> {
+impl<D: Device> BlockState<'_, D> {
     pub(super) fn load_activation(&self, c: Cell) -> Result<()> {
         let exec = self.exec;
         let r = &exec.runner;
@@ -47,13 +46,13 @@ impl BlockState<'_> {
             let values = exec.staging.with(|staging| {
                 exec.model
                     .table
-                    .gather(&rb.ids, exec.model.file.as_deref(), staging)
+                    .gather(&rb.host.ids, exec.model.file.as_deref(), staging)
             })?;
             let width = values.len() / rb.rows.max(1);
             let held = exec
                 .ledger
                 .reserve(Tier::Gpu, (values.len() * 4) as u64, "activations")?;
-            let x = GpuTensor::upload(&r.ctx, &values, &[rb.rows, width])?;
+            let x = r.dev.upload(&values, rb.rows, width)?;
             batch.rows = Some(rb);
             batch.x = Some(Activation::Gpu(x, held));
             return Ok(());
@@ -75,19 +74,12 @@ impl BlockState<'_> {
         let held = exec
             .ledger
             .reserve(Tier::Gpu, (total * width * 4) as u64, "activations")?;
-        let x = GpuTensor::zeros(&r.ctx, &[total, width])?;
-        let row_bytes = (width * 4) as u64;
+        let x = r.dev.zeros(total, width)?;
         if let Some(g) = &gpu {
-            let mut enc = r.ctx.device.create_command_encoder(&Default::default());
-            enc.copy_buffer_to_buffer(&g.buffer, 0, &x.buffer, 0, rows[0] as u64 * row_bytes);
-            r.ctx.queue.submit([enc.finish()]);
+            r.dev.copy_rows(g, 0..rows[0], &x, 0)?;
         }
         if rows[1] > 0 {
-            r.ctx.queue.write_buffer(
-                &x.buffer,
-                rows[0] as u64 * row_bytes,
-                bytemuck::cast_slice(&cpu),
-            );
+            r.dev.write_rows(&x, rows[0], &cpu)?;
         }
         if rows[2] > 0 {
             let file = self
@@ -97,9 +89,8 @@ impl BlockState<'_> {
             let mut bytes = vec![0u8; rows[2] * width * 4];
             exec.staging
                 .with(|s| file.read_into(self.act_extent[c.batch], &mut bytes, s))?;
-            r.ctx
-                .queue
-                .write_buffer(&x.buffer, (rows[0] + rows[1]) as u64 * row_bytes, &bytes);
+            let values: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
+            r.dev.write_rows(&x, rows[0] + rows[1], &values)?;
         }
         drop(_held);
         batch.x = Some(Activation::Gpu(x, held));
@@ -128,7 +119,7 @@ impl BlockState<'_> {
         let rows = split
             .ranges()
             .map(|(_, seqs)| new_rows[seqs].iter().sum::<usize>());
-        let width = x.shape[1];
+        let width = r.dev.dims(&x)[1];
         let row_bytes = (width * 4) as u64;
         let mut kept = Vec::new();
         let gpu = if rows[0] > 0 {
@@ -136,36 +127,27 @@ impl BlockState<'_> {
                 exec.ledger
                     .reserve(Tier::Gpu, rows[0] as u64 * row_bytes, "activations")?,
             );
-            let g = GpuTensor::zeros(&r.ctx, &[rows[0], width])?;
-            let mut enc = r.ctx.device.create_command_encoder(&Default::default());
-            enc.copy_buffer_to_buffer(&x.buffer, 0, &g.buffer, 0, rows[0] as u64 * row_bytes);
-            r.ctx.queue.submit([enc.finish()]);
+            let g = r.dev.zeros(rows[0], width)?;
+            r.dev.copy_rows(&x, 0..rows[0], &g, 0)?;
             Some(g)
         } else {
             None
         };
-        let host = download_ranges(
-            &r.ctx,
-            &[(
-                &x.buffer,
-                rows[0] as u64 * row_bytes,
-                (rows[1] + rows[2]) as u64 * row_bytes,
-            )],
-        )?
-        .remove(0);
-        let split_at = rows[1] * width * 4;
+        let host = r.dev.download(&x, rows[0]..rows[0] + rows[1] + rows[2])?;
+        let split_at = rows[1] * width;
         kept.push(
             exec.ledger
-                .reserve(Tier::Cpu, split_at as u64, "activations")?,
+                .reserve(Tier::Cpu, (split_at * 4) as u64, "activations")?,
         );
-        let cpu: Vec<f32> = bytemuck::pod_collect_to_vec(&host[..split_at]);
+        let cpu: Vec<f32> = host[..split_at].to_vec();
         if rows[2] > 0 {
             let file = self
                 .act_file
                 .as_ref()
                 .ok_or_else(|| Error::invalid("executor", "no activation file"))?;
+            let bytes: &[u8] = bytemuck::cast_slice(&host[split_at..]);
             exec.staging
-                .with(|s| file.write_at(self.act_extent[c.batch], &host[split_at..], s))?;
+                .with(|s| file.write_at(self.act_extent[c.batch], bytes, s))?;
         }
         drop(held);
         batch.x = Some(Activation::Parked {

@@ -4,56 +4,54 @@
 //! the CPU for the RAM- and disk-cached sequences when `cpu_cache_compute` is set.
 
 use super::executor::{lock, BlockState};
-use crate::cpu::ops::causal_attention;
+use crate::device::cpu::attention::{attend as cpu_attend, KvView};
+use crate::device::recipe::RowBatch;
+use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::gpu::kernels::attention::Attention;
-use crate::gpu::model::{GpuRunner, LayerCache, RowBatch};
-use crate::gpu::tensor::download_ranges;
-use crate::gpu::GpuTensor;
 use crate::schedule::{Cell, UnitKind};
 use crate::storage::{Reservation, RowSplit, Tier};
 
 /// One layer's cache for one batch: sequences on the GPU keep their rows in `gpu`; the
 /// others' rows live in RAM or the cache file and are brought into `working` for a step.
-pub(super) struct CacheCell {
+pub(super) struct CacheCell<D: Device> {
     /// Sequences per tier (within the batch, in order).
     pub(super) split: RowSplit,
-    pub(super) gpu: Option<LayerCache>,
+    pub(super) gpu: Option<D::Cache>,
     /// RAM rows per segment (as words, so they view as f32 without copying).
     pub(super) cpu: Vec<Vec<u32>>,
     /// With attention on the CPU: the disk sequences' rows, read for one decode step.
     pub(super) disk_host: Option<(Vec<Vec<u32>>, Reservation)>,
-    pub(super) working: Option<(LayerCache, Option<Reservation>)>,
+    pub(super) working: Option<(D::Cache, Option<Reservation>)>,
     pub(super) _held: Vec<Reservation>,
     /// Byte offset of this cell's disk rows in the cache file, per segment.
     pub(super) disk: Vec<u64>,
 }
 
-impl BlockState<'_> {
+impl<D: Device> BlockState<'_, D> {
     /// Whether cell `c`'s attention runs on the CPU for the sequences whose cache is not on the
     /// GPU (`cpu_cache_compute`, decode tokens only: the prefill runs on the GPU).
-    pub(super) fn delegated(&self, c: Cell, cell: &CacheCell) -> bool {
+    pub(super) fn delegated(&self, c: Cell, cell: &CacheCell<D>) -> bool {
         self.exec.policy.cpu_cache_compute && c.token > 0 && cell.split.gpu < cell.split.rows()
     }
 
     /// Decode attention with the GPU sequences' rows on the device cache and the others on all
-    /// CPU cores against their RAM (or just-read disk) rows, new keys and values appended where
-    /// each sequence's cache lives. Returns `[rows, heads * head_dim]` on the device.
+    /// CPU cores against their RAM (or just-read disk) rows (the CPU device's attention), new
+    /// keys and values appended where each sequence's cache lives. Returns
+    /// `[rows, heads * head_dim]` on the device.
     pub(super) fn cpu_attention(
         &self,
-        cell: &mut CacheCell,
-        rb: &RowBatch,
-        [q, k, v]: [&GpuTensor; 3],
-    ) -> Result<GpuTensor> {
+        cell: &mut CacheCell<D>,
+        rb: &RowBatch<D>,
+        [q, k, v]: [&D::Tensor; 3],
+    ) -> Result<D::Tensor> {
         let r = &self.exec.runner;
-        let ctx = &r.ctx;
+        let dev = &r.dev;
         let layout = r.head_layout();
-        let scale = 1.0 / (layout.head_dim as f32).sqrt();
         let (g, cs) = (cell.split.gpu, cell.split.cpu);
-        let appends = rb.appends();
-        let infos = rb.infos();
-        let a = GpuTensor::zeros(ctx, &q.shape)?;
-        let qw = q.shape[1];
+        let appends = &rb.appends;
+        let infos = &rb.host.infos;
+        let [rows_all, qw] = dev.dims(q);
+        let a = dev.zeros(rows_all, qw)?;
         if g > 0 {
             // the GPU sequences' rows come first: attend them against the device cache
             let rows = appends[g - 1].0 + appends[g - 1].2;
@@ -61,26 +59,26 @@ impl BlockState<'_> {
                 .gpu
                 .as_ref()
                 .ok_or_else(|| Error::invalid("executor", "no GPU cache"))?;
-            let head = |t: &GpuTensor| -> Result<GpuTensor> {
-                let out = GpuTensor::zeros(ctx, &[rows, t.shape[1]])?;
-                let mut enc = ctx.device.create_command_encoder(&Default::default());
-                let bytes = (rows * t.shape[1] * 4) as u64;
-                enc.copy_buffer_to_buffer(&t.buffer, 0, &out.buffer, 0, bytes);
-                ctx.queue.submit([enc.finish()]);
+            let head = |t: &D::Tensor| -> Result<D::Tensor> {
+                let out = dev.zeros(rows, dev.dims(t)[1])?;
+                dev.copy_rows(t, 0..rows, &out, 0)?;
                 Ok(out)
             };
-            let info = Attention::upload_info(ctx, &infos[..rows]);
+            let sub = r.chunk(rb, 0..rows)?;
             let (qg, kg, vg) = (head(q)?, head(k)?, head(v)?);
-            let ag = r.attend_cache(cache, &info, &appends[..g], [&qg, &kg, &vg])?;
-            let mut enc = ctx.device.create_command_encoder(&Default::default());
-            enc.copy_buffer_to_buffer(&ag.buffer, 0, &a.buffer, 0, (rows * qw * 4) as u64);
-            ctx.queue.submit([enc.finish()]);
+            let ag = dev.attend(cache, &sub.dev, &appends[..g], &qg, &kg, &vg, layout)?;
+            dev.copy_rows(&ag, 0..rows, &a, 0)?;
         }
         if g == appends.len() {
             return Ok(a);
         }
-        let (qh, kh, vh) = (q.download(ctx)?, k.download(ctx)?, v.download(ctx)?);
-        let kvw = k.shape[1];
+        let first_row = appends[g].0;
+        let (qh, kh, vh) = (
+            dev.download(q, first_row..rows_all)?,
+            dev.download(k, first_row..rows_all)?,
+            dev.download(v, first_row..rows_all)?,
+        );
+        let kvw = dev.dims(k)[1];
         // each sequence's first cache row, and where the RAM and disk sequences' rows start
         let firsts: Vec<usize> = appends
             .iter()
@@ -98,62 +96,41 @@ impl BlockState<'_> {
                 (&mut disk.as_mut().ok_or_else(missing)?.0, base_d)
             };
             let dst = (at - base) * kvw;
-            let src = row * kvw..(row + n) * kvw;
+            let src = (row - first_row) * kvw..(row - first_row + n) * kvw;
             segs[0][dst..dst + n * kvw].copy_from_slice(bytemuck::cast_slice(&kh[src.clone()]));
             segs[1][dst..dst + n * kvw].copy_from_slice(bytemuck::cast_slice(&vh[src]));
         }
-        let outputs: Vec<Result<Vec<f32>>> = {
-            let (cpu, disk) = (&cell.cpu, disk.as_ref());
-            let one = |i: usize| -> Result<Vec<f32>> {
-                let (row, at, n) = appends[i];
-                let (segs, base) = if i < g + cs {
-                    (cpu, base_c)
-                } else {
-                    (&disk.ok_or_else(missing)?.0, base_d)
-                };
-                let (first, len) = (firsts[i] - base, at + n - firsts[i]);
-                let shape_err = |e: ndarray::ShapeError| Error::invalid("executor", e.to_string());
-                let span = first * kvw..(first + len) * kvw;
-                let kr: &[f32] = bytemuck::cast_slice(&segs[0][span.clone()]);
-                let vr: &[f32] = bytemuck::cast_slice(&segs[1][span]);
-                let kk = ndarray::ArrayView2::from_shape((len, kvw), kr).map_err(shape_err)?;
-                let vv = ndarray::ArrayView2::from_shape((len, kvw), vr).map_err(shape_err)?;
-                let qq = ndarray::ArrayView2::from_shape((n, qw), &qh[row * qw..(row + n) * qw])
-                    .map_err(shape_err)?;
-                let out = causal_attention(qq, kk, vv, len - n, layout, scale);
-                Ok(out.iter().copied().collect())
-            };
-            // the sequences, split over all cores
-            let todo: Vec<usize> = (g..appends.len()).collect();
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let per = todo.len().div_ceil(threads).max(1);
-            std::thread::scope(|s| {
-                let handles: Vec<_> = todo
-                    .chunks(per)
-                    .map(|chunk| s.spawn(move || chunk.iter().map(|&i| one(i)).collect::<Vec<_>>()))
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            vec![Err(Error::invalid(
-                                "executor",
-                                "a CPU attention thread panicked",
-                            ))]
-                        })
-                    })
-                    .collect()
-            })
-        };
-        cell.disk_host = disk;
-        for (i, out) in (g..appends.len()).zip(outputs) {
-            let row = appends[i].0;
-            ctx.queue.write_buffer(
-                &a.buffer,
-                (row * qw * 4) as u64,
-                bytemuck::cast_slice(&out?),
+        // the RAM sequences, then the disk ones: rows renumbered from each tier's first
+        let mut out = vec![0.0f32; qh.len()];
+        for (range, segs, base) in [
+            (g..g + cs, Some(&cell.cpu), base_c),
+            (g + cs..appends.len(), disk.as_ref().map(|d| &d.0), base_d),
+        ] {
+            if range.is_empty() {
+                continue;
+            }
+            let segs = segs.ok_or_else(missing)?;
+            let (lo, hi) = (
+                appends[range.start].0,
+                appends[range.end - 1].0 + appends[range.end - 1].2,
             );
+            let local: Vec<crate::device::RowInfo> = infos[lo..hi]
+                .iter()
+                .map(|i| crate::device::RowInfo {
+                    first: i.first - base as u32,
+                    visible: i.visible,
+                })
+                .collect();
+            let view = KvView::F32 {
+                k: bytemuck::cast_slice(&segs[0]),
+                v: bytemuck::cast_slice(&segs[1]),
+                width: kvw,
+            };
+            let span = (lo - first_row) * qw..(hi - first_row) * qw;
+            cpu_attend(&qh[span.clone()], &local, view, layout, &mut out[span]);
         }
+        cell.disk_host = disk;
+        dev.write_rows(&a, first_row, &out)?;
         Ok(a)
     }
 
@@ -205,19 +182,17 @@ impl BlockState<'_> {
         if let Some(g) = &cell.gpu {
             let rows: Vec<(usize, usize)> =
                 seq_rows[..gs].iter().map(|&(f, b, _)| (f, b)).collect();
-            copy_cache_rows(r, g, &working, &rows);
+            r.dev.copy_cache_rows(g, &working, &rows)?;
         }
-        let segs = working.segments();
+        let segs = r.cache_segment_bytes();
         // RAM rows: sequences gs..gs+cs, stored from the first of them
         let base_c = seq_rows.get(gs).map_or(0, |s| s.0);
-        for (i, (dst, s)) in segs.iter().enumerate() {
+        for (i, s) in segs.iter().enumerate() {
             for &(first, before, _) in &seq_rows[gs..gs + cs] {
                 let at = (first - base_c) * *s as usize;
                 let bytes: &[u8] = bytemuck::cast_slice(&cell.cpu[i]);
                 let bytes = &bytes[at..at + before * *s as usize];
-                if !bytes.is_empty() {
-                    r.ctx.queue.write_buffer(dst, first as u64 * s, bytes);
-                }
+                r.dev.write_cache(&working, i, first as u64 * s, bytes)?;
             }
         }
         // disk rows: the rest, from the cache file
@@ -225,7 +200,7 @@ impl BlockState<'_> {
         if cell.split.disk > 0 {
             let file = self.disk_cache()?;
             exec.staging.with(|staging| {
-                for (i, (dst, s)) in segs.iter().enumerate() {
+                for (i, s) in segs.iter().enumerate() {
                     for &(first, before, _) in &seq_rows[gs + cs..] {
                         let mut bytes = vec![0u8; before * *s as usize];
                         file.read_into(
@@ -233,9 +208,7 @@ impl BlockState<'_> {
                             &mut bytes,
                             staging,
                         )?;
-                        if !bytes.is_empty() {
-                            r.ctx.queue.write_buffer(dst, first as u64 * s, &bytes);
-                        }
+                        r.dev.write_cache(&working, i, first as u64 * s, &bytes)?;
                     }
                 }
                 Ok(())
@@ -248,7 +221,7 @@ impl BlockState<'_> {
     /// With attention on the CPU: the disk sequences' cached rows into RAM for this step.
     pub(super) fn load_disk_rows_to_host(
         &self,
-        cell: &mut CacheCell,
+        cell: &mut CacheCell<D>,
         seq_rows: &[(usize, usize, usize)],
         total: usize,
     ) -> Result<()> {
@@ -331,16 +304,16 @@ impl BlockState<'_> {
                 .iter()
                 .map(|&(f, from, n)| (f + from, n))
                 .collect();
-            copy_cache_rows(r, &working, g, &new);
+            r.dev.copy_cache_rows(&working, g, &new)?;
         }
-        let segs = working.segments();
+        let segs = r.cache_segment_bytes();
         let base_c = rows.get(gs).map_or(0, |s| s.0);
         let base_d = rows.get(gs + cs).map_or(0, |s| s.0);
         // the new rows of the RAM and disk sequences: (segment, sequence, offset, bytes)
         let ranges: Vec<(usize, usize, u64, u64)> = segs
             .iter()
             .enumerate()
-            .flat_map(|(i, &(_, s))| {
+            .flat_map(|(i, &s)| {
                 rows[gs..]
                     .iter()
                     .enumerate()
@@ -350,14 +323,12 @@ impl BlockState<'_> {
             })
             .filter(|r| r.3 > 0)
             .collect();
-        let wanted: Vec<(&wgpu::Buffer, u64, u64)> = ranges
-            .iter()
-            .map(|&(i, _, at, len)| (segs[i].0, at, len))
-            .collect();
-        let host = download_ranges(&r.ctx, &wanted)?;
+        let wanted: Vec<(usize, u64, u64)> =
+            ranges.iter().map(|&(i, _, at, len)| (i, at, len)).collect();
+        let host = r.dev.read_cache(&working, &wanted)?;
         for ((i, seq, _, _), bytes) in ranges.iter().zip(host) {
             let (first, from, _) = rows[*seq];
-            let s = segs[*i].1 as usize;
+            let s = segs[*i] as usize;
             if *seq < gs + cs {
                 let at = (first - base_c + from) * s;
                 let words: &mut [u8] = bytemuck::cast_slice_mut(&mut cell.cpu[*i]);
@@ -372,17 +343,4 @@ impl BlockState<'_> {
         drop(working);
         Ok(())
     }
-}
-
-/// Copies rows `(first, count)` of every segment of `src` to the same rows of `dst` (two
-/// caches of one layout).
-fn copy_cache_rows(r: &GpuRunner, src: &LayerCache, dst: &LayerCache, rows: &[(usize, usize)]) {
-    let mut enc = r.ctx.device.create_command_encoder(&Default::default());
-    for ((from, s), (to, _)) in src.segments().into_iter().zip(dst.segments()) {
-        for &(first, count) in rows {
-            let at = first as u64 * s;
-            enc.copy_buffer_to_buffer(from, at, to, at, count as u64 * s);
-        }
-    }
-    r.ctx.queue.submit([enc.finish()]);
 }

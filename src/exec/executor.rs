@@ -1,5 +1,5 @@
 //! Carries out a [`ZigzagPlan`] for one block of sequences: each step's loads and stores run on
-//! I/O worker threads while the calling thread drives the compute on the wgpu queue, then all
+//! I/O worker threads while the calling thread drives the compute on the device, then all
 //! join (the step's synchronization). With overlap off, a step's operations run one after
 //! another on the calling thread.
 
@@ -10,11 +10,11 @@ use std::time::Instant;
 use super::activations::Activation;
 use super::cache::CacheCell;
 use super::trace::{Trace, Track};
-use super::weights::{PlacedModel, UnitWeights, WeightSlot};
+use super::weights::{PlacedModel, WeightSlot};
+use crate::device::recipe::{Linear, RowBatch, Runner, UnitWeights};
+use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::gpu::model::{GpuRunner, LayerCache, RowBatch};
-use crate::gpu::GpuTensor;
-use crate::model::ModelConfig;
+use crate::layout::workspace_bytes;
 use crate::policy::Policy;
 use crate::schedule::{Cell, Op, PlanShape, ZigzagPlan};
 use crate::storage::offload::{align_up, OffloadFile, StagingPool};
@@ -44,19 +44,19 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// One GPU batch of the block.
-pub(super) struct Batch {
+pub(super) struct Batch<D: Device> {
     /// Sequence indices in the block.
     pub(super) seqs: Range<usize>,
     /// Tokens so far per sequence (prompt, then generated).
     pub(super) tokens: Vec<Vec<u32>>,
     /// Cache capacity per sequence; the cache holds sequences back to back.
     pub(super) capacity: Vec<usize>,
-    pub(super) rows: Option<RowBatch>,
-    pub(super) x: Option<Activation>,
+    pub(super) rows: Option<RowBatch<D>>,
+    pub(super) x: Option<Activation<D>>,
     pub(super) results: Vec<SeqResult>,
 }
 
-impl Batch {
+impl<D: Device> Batch<D> {
     pub(super) fn firsts(&self) -> Vec<usize> {
         self.capacity
             .iter()
@@ -99,13 +99,13 @@ impl Batch {
 
 /// Everything a block's operations touch, each behind its own lock so that operations on
 /// different batches, layers or weight slots run at the same time.
-pub(super) struct BlockState<'a> {
-    pub(super) exec: &'a Executor,
+pub(super) struct BlockState<'a, D: Device> {
+    pub(super) exec: &'a Executor<D>,
     pub(super) plan: ZigzagPlan,
     pub(super) task: Task,
-    pub(super) batches: Vec<Mutex<Batch>>,
+    pub(super) batches: Vec<Mutex<Batch<D>>>,
     /// `[cache layer][batch]`.
-    pub(super) caches: Vec<Vec<Mutex<CacheCell>>>,
+    pub(super) caches: Vec<Vec<Mutex<CacheCell<D>>>>,
     pub(super) act_split: RowSplit,
     pub(super) act_file: Option<OffloadFile>,
     pub(super) act_extent: Vec<u64>,
@@ -113,20 +113,20 @@ pub(super) struct BlockState<'a> {
 }
 
 /// Runs plans over a placed model.
-pub(crate) struct Executor {
-    pub runner: GpuRunner,
-    pub model: PlacedModel,
+pub(crate) struct Executor<D: Device> {
+    pub runner: Runner<D>,
+    pub model: PlacedModel<D>,
     pub policy: Policy,
     pub ledger: Arc<MemoryLedger>,
     pub staging: StagingPool,
     /// Threads reading one unit's disk pieces.
     pub io_threads: usize,
-    pub slots: [Mutex<WeightSlot>; 2],
+    pub slots: [Mutex<WeightSlot<D>>; 2],
     pub offload_dir: Option<std::path::PathBuf>,
     pub trace: Option<Mutex<Trace>>,
 }
 
-impl Executor {
+impl<D: Device> Executor<D> {
     fn span<T>(
         &self,
         track: Track,
@@ -322,17 +322,7 @@ impl Executor {
     }
 }
 
-/// GPU bytes of the intermediate tensors of `rows` rows computed at once, at the widest unit,
-/// plus one chunk of `logit_rows` logits: per row, the chunk's copy of its input and its
-/// output, the normalized input, q, k, v, the attention output and projection (hidden and kv
-/// widths), and the MLP's two intermediate tensors,
-/// `4 * rows * (8 h + 2 kv + 2 ffn) + 4 * logit_rows * vocab`.
-pub(crate) fn workspace_bytes(config: &ModelConfig, rows: usize, logit_rows: usize) -> u64 {
-    let per_row = 8 * config.hidden_size() + 2 * config.kv_width() + 2 * config.intermediate_size();
-    ((rows * per_row + logit_rows * config.vocab_size()) * 4) as u64
-}
-
-impl BlockState<'_> {
+impl<D: Device> BlockState<'_, D> {
     fn run(&self) -> Result<()> {
         let overlap = self.exec.policy.overlap;
         for step in &self.plan.steps {
@@ -397,7 +387,7 @@ impl BlockState<'_> {
                 let placed = &exec.model.units[unit];
                 let file = exec.model.file.as_deref();
                 let weights = slot.load(
-                    &exec.runner.ctx,
+                    &exec.runner.dev,
                     &exec.ledger,
                     placed,
                     file,
@@ -422,7 +412,7 @@ impl BlockState<'_> {
             Op::StoreCache(c) => exec.span(Track::StoreCache, name, || self.store_cache(c)),
             Op::Compute(c) => exec.span(Track::Compute, name, || {
                 self.compute(c)?;
-                exec.runner.ctx.wait()
+                exec.runner.dev.wait()
             }),
         }
     }
@@ -472,7 +462,9 @@ impl BlockState<'_> {
                 cell.working = Some((r.layer_cache(total)?, Some(held)));
             }
         }
-        fn working<'c>(cache: &'c Option<MutexGuard<'_, CacheCell>>) -> Result<&'c LayerCache> {
+        fn working<'c, D: Device>(
+            cache: &'c Option<MutexGuard<'_, CacheCell<D>>>,
+        ) -> Result<&'c D::Cache> {
             let cell = cache
                 .as_ref()
                 .ok_or_else(|| Error::invalid("executor", "a cache unit without a cache"))?;
@@ -482,7 +474,7 @@ impl BlockState<'_> {
                 .or(cell.gpu.as_ref())
                 .ok_or_else(|| Error::invalid("executor", "the KV cache is not loaded"))
         }
-        let result = (|| -> Result<Option<GpuTensor>> {
+        let result = (|| -> Result<Option<D::Tensor>> {
             Ok(Some(match &weights {
                 UnitWeights::Embed(w) => r.input(w, x.clone(), &rb)?,
                 UnitWeights::Attention(w) if delegated => {
@@ -519,7 +511,7 @@ impl BlockState<'_> {
         if let Some(cell) = cache.as_mut() {
             // without a later token to read it, the step's cache is done with
             if c.token + 1 >= self.plan.shape.gen_len {
-                r.ctx.wait()?;
+                r.dev.wait()?;
                 cell.working = None;
             }
         }
@@ -528,7 +520,8 @@ impl BlockState<'_> {
         drop(held);
         let mut batch = lock(&self.batches[c.batch]);
         if let Some(y) = y {
-            let bytes = (y.numel() * 4) as u64;
+            let [rows, width] = r.dev.dims(&y);
+            let bytes = (rows * width * 4) as u64;
             batch.x = Some(Activation::Gpu(
                 y,
                 self.exec.ledger.reserve(Tier::Gpu, bytes, "activations")?,
@@ -541,17 +534,17 @@ impl BlockState<'_> {
     /// The output unit: scoring logprobs, or the next tokens and their logprobs.
     fn finish(
         &self,
-        batch: &mut Batch,
+        batch: &mut Batch<D>,
         token: usize,
-        output: &crate::gpu::model::GpuLinear,
-        h: &GpuTensor,
+        output: &Linear<D>,
+        h: &D::Tensor,
     ) -> Result<()> {
         let r = &self.exec.runner;
         let new = batch.new_tokens(token);
         match self.task {
             Task::Score => {
                 let (rows, targets) = crate::batch::scoring_rows(&new);
-                let flat = r.reduce_logits(output, h, &rows, Some(&targets))?;
+                let flat = r.target_logprobs(output, h, &rows, &targets)?;
                 let per = crate::batch::split_per_sequence(&flat, &new);
                 for (res, lp) in batch.results.iter_mut().zip(per) {
                     res.logprobs = lp;
@@ -559,15 +552,10 @@ impl BlockState<'_> {
             }
             Task::Generate(_) => {
                 let last = crate::batch::last_rows(&new);
-                let ids: Vec<u32> = r
-                    .reduce_logits(output, h, &last, None)?
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect();
-                let lps = r.reduce_logits(output, h, &last, Some(&ids))?;
-                for (i, res) in batch.results.iter_mut().enumerate() {
-                    res.tokens.push(ids[i]);
-                    res.logprobs.push(lps[i]);
+                let picked = r.greedy(output, h, &last)?;
+                for (res, (id, lp)) in batch.results.iter_mut().zip(picked) {
+                    res.tokens.push(id);
+                    res.logprobs.push(lp);
                 }
             }
         }

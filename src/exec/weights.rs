@@ -1,21 +1,20 @@
-//! Weights placed across the tiers in the run-time layout, and streaming them onto the GPU.
+//! Weights placed across the tiers in the run-time layout, and streaming them onto the device.
 //!
 //! Each linear weight is split by rows ([`WeightPlacer`]): the GPU rows are uploaded once, the
 //! CPU rows kept in RAM and the disk rows written to one offload file, all in the layout the
-//! kernels read (`crate::gpu::layout`), so streaming a weight is a plain copy. A row range
-//! that would not fit one storage binding is cut into pieces.
+//! kernels read (`crate::layout`), so streaming a weight is a plain copy. A row range that
+//! would not fit one device buffer is cut into pieces.
 
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
-use crate::gpu::layout::{convert_rows, RowFormat};
-use crate::gpu::model::{
-    output_format, AttnWeights, GpuLinear, HeadWeights, InputWeights, MlpWeights, OptNorm,
-    WeightFormat, WeightPart,
+use crate::device::recipe::{
+    AttnWeights, HeadWeights, InputWeights, Linear, MlpWeights, OptNorm, UnitWeights,
 };
-use crate::gpu::{GpuContext, GpuTensor};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::layout::{convert_rows, output_format, RowFormat, WeightFormat};
 use crate::model::llama::{LlamaLayerSpec, LlamaSpec};
 use crate::model::opt::{self, OptLayerSpec, OptSpec};
 use crate::model::weights::decode_to_f32;
@@ -27,9 +26,6 @@ use crate::storage::{MemoryLedger, Reservation, Tier, WeightPlacer};
 
 /// Rows converted at a time while placing weights (bounds the transient memory).
 const CONVERT_BYTES: usize = 8 << 20;
-
-const WEIGHT_USAGE: wgpu::BufferUsages =
-    wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST);
 
 /// The output projection's size on the device in `format` (it streams in a slot of its own).
 pub(crate) fn output_weight_bytes(files: &ModelFiles, format: WeightFormat) -> Result<u64> {
@@ -94,9 +90,9 @@ pub(crate) fn lookup_table_bytes(files: &ModelFiles) -> Result<u64> {
 }
 
 /// Where a piece of rows lives.
-pub(crate) enum PieceHome {
-    /// Uploaded once.
-    Gpu(WeightPart),
+pub(crate) enum PieceHome<D: Device> {
+    /// On the device, uploaded once.
+    Gpu(D::Part),
     /// In RAM, segments back to back.
     Cpu(Vec<u8>),
     /// In the offload file at this offset, segments back to back.
@@ -104,21 +100,21 @@ pub(crate) enum PieceHome {
 }
 
 /// A row range of one linear weight on one tier.
-pub(crate) struct Piece {
+pub(crate) struct Piece<D: Device> {
     pub first_row: usize,
     pub rows: usize,
-    pub home: PieceHome,
+    pub home: PieceHome<D>,
 }
 
 /// A linear weight placed across the tiers.
-pub(crate) struct PlacedLinear {
+pub(crate) struct PlacedLinear<D: Device> {
     pub format: RowFormat,
-    pub pieces: Vec<Piece>,
+    pub pieces: Vec<Piece<D>>,
 }
 
-impl PlacedLinear {
-    /// Pieces that must be streamed onto the GPU before use.
-    pub(crate) fn streamed(&self) -> impl Iterator<Item = &Piece> {
+impl<D: Device> PlacedLinear<D> {
+    /// Pieces that must be streamed onto the device before use.
+    pub(crate) fn streamed(&self) -> impl Iterator<Item = &Piece<D>> {
         self.pieces
             .iter()
             .filter(|p| !matches!(p.home, PieceHome::Gpu(_)))
@@ -134,40 +130,9 @@ impl PlacedLinear {
 
 /// One unit's weights: small tensors and GPU rows resident in `template`, streamed rows in
 /// `linears` (in the order of the template's `linears_mut`).
-pub(crate) struct PlacedUnit {
-    pub template: UnitWeights,
-    pub linears: Vec<PlacedLinear>,
-}
-
-/// A unit's weights ready to compute with.
-#[derive(Clone)]
-#[allow(clippy::large_enum_variant)] // a handful per model: the size difference costs nothing
-pub(crate) enum UnitWeights {
-    Embed(InputWeights),
-    Attention(AttnWeights),
-    Mlp(MlpWeights),
-    Layer(AttnWeights, MlpWeights),
-    Output(HeadWeights, GpuLinear),
-}
-
-impl UnitWeights {
-    fn linears_mut(&mut self) -> Vec<&mut GpuLinear> {
-        match self {
-            UnitWeights::Embed(w) => w.linears_mut(),
-            UnitWeights::Attention(w) => w.linears_mut(),
-            UnitWeights::Mlp(w) => w.linears_mut(),
-            UnitWeights::Layer(a, m) => {
-                let mut v = a.linears_mut();
-                v.extend(m.linears_mut());
-                v
-            }
-            UnitWeights::Output(h, o) => {
-                let mut v = h.linears_mut();
-                v.push(o);
-                v
-            }
-        }
-    }
+pub(crate) struct PlacedUnit<D: Device> {
+    pub template: UnitWeights<D>,
+    pub linears: Vec<PlacedLinear<D>>,
 }
 
 /// The embedding table for lookups, in the file's own format, over CPU and disk.
@@ -244,8 +209,8 @@ struct TensorPlan {
 }
 
 /// Every weight of a model, placed.
-pub(crate) struct PlacedModel {
-    pub units: Vec<PlacedUnit>,
+pub(crate) struct PlacedModel<D: Device> {
+    pub units: Vec<PlacedUnit<D>>,
     pub table: LookupTable,
     pub file: Option<Arc<OffloadFile>>,
     /// Bytes per tier of weights (linear weights and table, not the small tensors).
@@ -256,8 +221,8 @@ pub(crate) struct PlacedModel {
 }
 
 /// Places and loads a model's weights.
-pub(crate) struct Placer<'a> {
-    pub ctx: &'a GpuContext,
+pub(crate) struct Placer<'a, D: Device> {
+    pub dev: &'a D,
     pub files: &'a ModelFiles,
     pub format: WeightFormat,
     pub split: TierSplit,
@@ -271,18 +236,24 @@ struct UnitSpec {
     linears: Vec<(TensorSpec, Option<TensorSpec>, WeightFormat)>,
 }
 
-impl Placer<'_> {
+impl<D: Device> Placer<'_, D> {
     fn source(&self) -> &dyn WeightSource {
         self.files.weights.as_ref()
     }
 
-    fn small(&self, spec: &TensorSpec, held: &mut Vec<Reservation>) -> Result<GpuTensor> {
+    /// A norm weight, bias or position table, resident on the device as `[1, n]` (vectors)
+    /// or `[rows, width]`.
+    fn small(&self, spec: &TensorSpec, held: &mut Vec<Reservation>) -> Result<D::Tensor> {
         let n: usize = spec.shape.iter().product();
         held.push(self.ledger.reserve(Tier::Gpu, 4 * n as u64, &spec.name)?);
-        GpuTensor::upload(self.ctx, &spec.load_f32(self.source())?, &spec.shape)
+        let (rows, width) = match spec.shape[..] {
+            [r, w] => (r, w),
+            _ => (1, n),
+        };
+        self.dev.upload(&spec.load_f32(self.source())?, rows, width)
     }
 
-    fn norm(&self, n: &opt::LayerNorm, held: &mut Vec<Reservation>) -> Result<OptNorm> {
+    fn norm(&self, n: &opt::LayerNorm, held: &mut Vec<Reservation>) -> Result<OptNorm<D>> {
         Ok(OptNorm {
             weight: self.small(&n.weight, held)?,
             bias: self.small(&n.bias, held)?,
@@ -295,15 +266,19 @@ impl Placer<'_> {
         weight: &TensorSpec,
         bias: Option<&TensorSpec>,
         held: &mut Vec<Reservation>,
-    ) -> Result<GpuLinear> {
-        Ok(GpuLinear {
+    ) -> Result<Linear<D>> {
+        Ok(Linear {
             parts: Vec::new(),
             bias: bias.map(|b| self.small(b, held)).transpose()?,
             out: weight.shape[0],
         })
     }
 
-    fn llama_attn(&self, s: &LlamaLayerSpec, held: &mut Vec<Reservation>) -> Result<AttnWeights> {
+    fn llama_attn(
+        &self,
+        s: &LlamaLayerSpec,
+        held: &mut Vec<Reservation>,
+    ) -> Result<AttnWeights<D>> {
         Ok(AttnWeights::Llama {
             norm: self.small(&s.input_layernorm, held)?,
             q: self.empty_linear(&s.q_proj, None, held)?,
@@ -313,7 +288,7 @@ impl Placer<'_> {
         })
     }
 
-    fn llama_mlp(&self, s: &LlamaLayerSpec, held: &mut Vec<Reservation>) -> Result<MlpWeights> {
+    fn llama_mlp(&self, s: &LlamaLayerSpec, held: &mut Vec<Reservation>) -> Result<MlpWeights<D>> {
         Ok(MlpWeights::Llama {
             norm: self.small(&s.post_attention_layernorm, held)?,
             gate: self.empty_linear(&s.gate_proj, None, held)?,
@@ -328,7 +303,7 @@ impl Placer<'_> {
         l: &opt::Linear,
         lin: &mut Vec<(TensorSpec, Option<TensorSpec>)>,
         held: &mut Vec<Reservation>,
-    ) -> Result<GpuLinear> {
+    ) -> Result<Linear<D>> {
         lin.push((l.weight.clone(), l.bias.clone()));
         self.empty_linear(&l.weight, l.bias.as_ref(), held)
     }
@@ -338,7 +313,7 @@ impl Placer<'_> {
         s: &OptLayerSpec,
         lin: &mut Vec<(TensorSpec, Option<TensorSpec>)>,
         held: &mut Vec<Reservation>,
-    ) -> Result<AttnWeights> {
+    ) -> Result<AttnWeights<D>> {
         Ok(AttnWeights::Opt {
             ln: self.norm(&s.self_attn_layer_norm, held)?,
             q: self.opt_linear(&s.q_proj, lin, held)?,
@@ -353,7 +328,7 @@ impl Placer<'_> {
         s: &OptLayerSpec,
         lin: &mut Vec<(TensorSpec, Option<TensorSpec>)>,
         held: &mut Vec<Reservation>,
-    ) -> Result<MlpWeights> {
+    ) -> Result<MlpWeights<D>> {
         Ok(MlpWeights::Opt {
             ln: self.norm(&s.final_layer_norm, held)?,
             fc1: self.opt_linear(&s.fc1, lin, held)?,
@@ -367,7 +342,7 @@ impl Placer<'_> {
     fn units(
         &self,
         held: &mut Vec<Reservation>,
-    ) -> Result<(Vec<UnitSpec>, Vec<UnitWeights>, TensorSpec)> {
+    ) -> Result<(Vec<UnitSpec>, Vec<UnitWeights<D>>, TensorSpec)> {
         let f = self.format;
         let mut specs = Vec::new();
         let mut templates = Vec::new();
@@ -396,7 +371,7 @@ impl Placer<'_> {
                             let s = &spec.layers[l];
                             let attn = [&s.q_proj, &s.k_proj, &s.v_proj, &s.o_proj];
                             let mlp = [&s.gate_proj, &s.up_proj, &s.down_proj];
-                            let (names, tpl): (Vec<&TensorSpec>, UnitWeights) = match kind {
+                            let (names, tpl): (Vec<&TensorSpec>, UnitWeights<D>) = match kind {
                                 UnitKind::Attention(_) => (
                                     attn.to_vec(),
                                     UnitWeights::Attention(self.llama_attn(s, held)?),
@@ -500,11 +475,11 @@ impl Placer<'_> {
 
     /// Places every weight: uploads GPU rows, keeps CPU rows, writes (or reuses) the offload
     /// file, charging each tier in `ledger`.
-    pub(crate) fn place(&self) -> Result<PlacedModel> {
+    pub(crate) fn place(&self) -> Result<PlacedModel<D>> {
         let source = self.source();
         let mut held = Vec::new();
         let (specs, mut templates, table_spec) = self.units(&mut held)?;
-        let max_binding = self.ctx.max_binding_bytes() as usize;
+        let max_binding = self.dev.max_buffer_bytes() as usize;
 
         // pass 1: formats, row splits and pieces (disk pieces get aligned offsets)
         let mut tensors: Vec<TensorPlan> = Vec::new();
@@ -627,7 +602,7 @@ impl Placer<'_> {
 
         // pass 2: convert each tensor a few rows at a time into its pieces
         let mut staging = AlignedBuf::new(1 << 20);
-        let mut placed: Vec<PlacedLinear> = tensors
+        let mut placed: Vec<PlacedLinear<D>> = tensors
             .iter()
             .map(|t| PlacedLinear {
                 format: t.row,
@@ -641,10 +616,10 @@ impl Placer<'_> {
             let mut sink = match p.tier {
                 Tier::Gpu => {
                     held.push(self.ledger.reserve(Tier::Gpu, bytes, &t.spec.name)?);
-                    Sink::Gpu(
+                    Sink::<D>::Gpu(
                         seg.iter()
-                            .map(|s| device_buffer(self.ctx, (s * p.rows) as u64))
-                            .collect(),
+                            .map(|s| self.dev.buffer((s * p.rows) as u64))
+                            .collect::<Result<_>>()?,
                     )
                 }
                 Tier::Cpu => {
@@ -665,9 +640,8 @@ impl Placer<'_> {
                     let pos = seg_base + r * seg[i];
                     match &mut sink {
                         Sink::Gpu(buffers) => {
-                            self.ctx
-                                .queue
-                                .write_buffer(&buffers[i], (r * seg[i]) as u64, data)
+                            self.dev
+                                .write_buffer(&buffers[i], (r * seg[i]) as u64, data)?
                         }
                         Sink::Cpu(v) => v[pos..pos + data.len()].copy_from_slice(data),
                         Sink::Disk => file.as_ref().map_or(Ok(()), |f| {
@@ -680,7 +654,7 @@ impl Placer<'_> {
             }
             source.release(&t.spec.name);
             let home = match sink {
-                Sink::Gpu(buffers) => PieceHome::Gpu(t.row.part(p.rows, buffers)),
+                Sink::Gpu(buffers) => PieceHome::Gpu(self.dev.part(t.row, p.rows, buffers)?),
                 Sink::Cpu(v) => PieceHome::Cpu(v),
                 Sink::Disk => PieceHome::Disk(p.offset),
             };
@@ -689,10 +663,6 @@ impl Placer<'_> {
                 rows: p.rows,
                 home,
             });
-            // keep the device from buffering many uploads
-            if p.tier == Tier::Gpu {
-                self.ctx.queue.submit([]);
-            }
         }
 
         // the lookup table
@@ -769,20 +739,10 @@ impl Placer<'_> {
     }
 }
 
-enum Sink {
-    Gpu(Vec<wgpu::Buffer>),
+enum Sink<D: Device> {
+    Gpu(Vec<D::Buffer>),
     Cpu(Vec<u8>),
     Disk,
-}
-
-/// A storage buffer weights are copied into.
-pub(crate) fn device_buffer(ctx: &GpuContext, bytes: u64) -> wgpu::Buffer {
-    ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("weights"),
-        size: bytes.max(4),
-        usage: WEIGHT_USAGE,
-        mapped_at_creation: false,
-    })
 }
 
 const WEIGHTS_FILE: &str = "ferrogen-weights.bin";
@@ -826,31 +786,44 @@ pub(crate) fn remove_offload(dir: &std::path::Path) {
 }
 
 /// A streamed piece of a linear weight with the slot buffers (one per segment) it goes into.
-type PieceCopy<'a> = (&'a PlacedLinear, &'a Piece, Vec<(wgpu::Buffer, u64)>);
+type PieceCopy<'a, D> = (
+    &'a PlacedLinear<D>,
+    &'a Piece<D>,
+    Vec<(<D as Device>::Buffer, u64)>,
+);
 
 /// Device buffers one unit's streamed pieces are copied into, reused by the next unit of the
 /// same shapes (double buffering: two slots alternate).
-#[derive(Default)]
-pub(crate) struct WeightSlot {
-    buffers: Vec<(wgpu::Buffer, u64)>,
+pub(crate) struct WeightSlot<D: Device> {
+    buffers: Vec<(D::Buffer, u64)>,
     held: Vec<Reservation>,
     /// The unit loaded, ready to compute.
-    pub loaded: Option<(usize, usize, UnitWeights)>,
+    pub loaded: Option<(usize, usize, UnitWeights<D>)>,
 }
 
-impl WeightSlot {
+impl<D: Device> Default for WeightSlot<D> {
+    fn default() -> Self {
+        Self {
+            buffers: Vec::new(),
+            held: Vec::new(),
+            loaded: None,
+        }
+    }
+}
+
+impl<D: Device> WeightSlot<D> {
     /// Copies unit `unit`'s streamed pieces into this slot's buffers (RAM pieces directly,
     /// disk pieces through staging buffers, read by up to `threads` threads) and assembles its
     /// weights.
     pub(crate) fn load(
         &mut self,
-        ctx: &GpuContext,
+        dev: &D,
         ledger: &Arc<MemoryLedger>,
-        unit: &PlacedUnit,
+        unit: &PlacedUnit<D>,
         file: Option<&OffloadFile>,
         staging: &StagingPool,
         threads: usize,
-    ) -> Result<UnitWeights> {
+    ) -> Result<UnitWeights<D>> {
         let sizes: Vec<u64> = unit
             .linears
             .iter()
@@ -873,10 +846,13 @@ impl WeightSlot {
                 self.held
                     .push(ledger.reserve(Tier::Gpu, total, "streamed weights")?);
             }
-            self.buffers = sizes.iter().map(|&s| (device_buffer(ctx, s), s)).collect();
+            self.buffers = sizes
+                .iter()
+                .map(|&s| Ok((dev.buffer(s)?, s)))
+                .collect::<Result<_>>()?;
         }
         // each streamed piece with its buffers, in order
-        let mut jobs: Vec<PieceCopy> = Vec::new();
+        let mut jobs: Vec<PieceCopy<D>> = Vec::new();
         let mut next = 0;
         for placed in &unit.linears {
             let n = placed.format.segment_row_bytes().len();
@@ -885,10 +861,9 @@ impl WeightSlot {
                 next += n;
             }
         }
-        let copy = |(placed, piece, bufs): &PieceCopy| -> Result<()> {
+        let copy = |(placed, piece, bufs): &PieceCopy<D>| -> Result<()> {
             let write = |pos: usize, bytes: &[u8]| -> Result<()> {
-                write_segments(ctx, bufs, pos as u64, bytes);
-                Ok(())
+                write_segments(dev, bufs, pos as u64, bytes)
             };
             match &piece.home {
                 PieceHome::Cpu(v) => write(0, v),
@@ -931,9 +906,11 @@ impl WeightSlot {
                 let (_, piece, bufs) = jobs
                     .next()
                     .ok_or_else(|| Error::invalid("offload", "pieces and buffers disagree"))?;
-                let part = placed
-                    .format
-                    .part(piece.rows, bufs.into_iter().map(|b| b.0).collect());
+                let part = dev.part(
+                    placed.format,
+                    piece.rows,
+                    bufs.into_iter().map(|b| b.0).collect(),
+                )?;
                 lin.parts.push((part, piece.first_row));
             }
         }
@@ -942,7 +919,12 @@ impl WeightSlot {
 }
 
 /// Writes `bytes` at `pos` of the concatenation of `buffers` (each `(buffer, size)`).
-fn write_segments(ctx: &GpuContext, buffers: &[(wgpu::Buffer, u64)], pos: u64, bytes: &[u8]) {
+fn write_segments<D: Device>(
+    dev: &D,
+    buffers: &[(D::Buffer, u64)],
+    pos: u64,
+    bytes: &[u8],
+) -> Result<()> {
     let mut pos = pos;
     let mut bytes = bytes;
     let mut base = 0u64;
@@ -952,10 +934,11 @@ fn write_segments(ctx: &GpuContext, buffers: &[(wgpu::Buffer, u64)], pos: u64, b
         }
         if pos < base + size {
             let n = ((base + size - pos) as usize).min(bytes.len());
-            ctx.queue.write_buffer(buffer, pos - base, &bytes[..n]);
+            dev.write_buffer(buffer, pos - base, &bytes[..n])?;
             bytes = &bytes[n..];
             pos += n as u64;
         }
         base += size;
     }
+    Ok(())
 }

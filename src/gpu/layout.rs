@@ -1,255 +1,39 @@
-//! The run-time layout of linear weights, shared by every tier: what a weight's rows become
-//! on the device, in RAM and in the offload file, and the conversion from the model file.
-//!
-//! A row range is f32 rows ([`RowFormat::F32`]) or packed codes then packed scales
-//! ([`RowFormat::Packed`], [`PackedWeight`]'s layout), so moving rows between tiers is a plain
-//! copy and the kernels read them as they arrive.
+//! Linear-weight rows in device buffers: the wgpu side of the run-time layout
+//! ([`crate::layout::RowFormat`]).
 
-use std::ops::Range;
+use crate::gpu::kernels::matmul_q::GpuPackedWeight;
+use crate::gpu::model::WeightPart;
+use crate::gpu::GpuTensor;
+use crate::layout::{PackedWeight, RowFormat};
 
-use wgpu::util::DeviceExt;
-
-use serde::Serialize;
-
-use crate::error::{Error, Result};
-use crate::gpu::kernels::matmul_q::{GpuPackedWeight, PackedWeight};
-use crate::gpu::model::{WeightFormat, WeightPart};
-use crate::gpu::{GpuContext, GpuTensor};
-use crate::model::weights::decode_to_f32;
-use crate::model::{DType, TensorSpec, WeightSource};
-use crate::quant::ggml::{quantize_q8_0, BlockFormat, BLOCK_LEN};
-use crate::quant::group4::Group4;
-
-/// How rows of a linear weight are laid out at run time, on every tier alike.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub(crate) enum RowFormat {
-    /// f32 rows of `k` values.
-    F32 { k: usize },
-    /// Packed codes and (step, min) words ([`PackedWeight`]'s layout).
-    Packed {
-        k: usize,
-        padded_k: usize,
-        group: usize,
-        bits: u32,
-    },
-}
-
-impl RowFormat {
-    /// Bytes per row in each segment: one for f32, codes and scales for packed rows. A range
-    /// of `n` rows is stored as segment 0 of all rows, then segment 1 of all rows.
-    pub(crate) fn segment_row_bytes(&self) -> Vec<usize> {
-        match *self {
-            RowFormat::F32 { k } => vec![4 * k],
-            RowFormat::Packed {
-                padded_k,
-                group,
-                bits,
-                ..
-            } => vec![padded_k * bits as usize / 8, 4 * (padded_k / group)],
-        }
-    }
-
-    /// Bytes per row, all segments.
-    pub(crate) fn row_bytes(&self) -> usize {
-        self.segment_row_bytes().iter().sum()
-    }
-
-    /// The device part for `rows` rows held in `buffers` (one per segment).
-    pub(crate) fn part(&self, rows: usize, mut buffers: Vec<wgpu::Buffer>) -> WeightPart {
-        match *self {
-            RowFormat::F32 { k } => WeightPart::F32(GpuTensor {
-                buffer: buffers.remove(0),
-                shape: vec![rows, k],
-            }),
-            RowFormat::Packed {
-                k,
-                padded_k,
-                group,
-                bits,
-            } => {
-                let scales = buffers.remove(1);
-                let codes = buffers.remove(0);
-                WeightPart::Packed(GpuPackedWeight::from_buffers(
-                    codes,
-                    scales,
-                    PackedWeight {
-                        rows,
-                        k,
-                        padded_k,
-                        group,
-                        bits,
-                        codes: Vec::new(),
-                        scales: Vec::new(),
-                    },
-                ))
-            }
-        }
-    }
-}
-
-/// Converts rows `rows` of the 2-d `spec` to the run-time layout in `target`: one byte vector
-/// per segment. Under `Native`, GGUF blocks stay as they are (repacked losslessly) and f16
-/// tensors stay f16 (16-bit codes); f32 and bf16 tensors become f32 rows.
-pub(crate) fn convert_rows(
-    source: &dyn WeightSource,
-    spec: &TensorSpec,
-    target: WeightFormat,
-    rows: Range<usize>,
-) -> Result<(RowFormat, Vec<Vec<u8>>)> {
-    let info = source
-        .info(&spec.name)
-        .ok_or_else(|| Error::MissingTensor {
-            path: source.path().to_path_buf(),
-            name: spec.name.clone(),
-        })?;
-    if info.shape != spec.shape || spec.shape.len() != 2 {
-        return Err(Error::TensorShape {
-            path: source.path().to_path_buf(),
-            name: spec.name.clone(),
-            expected: spec.shape.clone(),
-            found: info.shape,
-        });
-    }
-    let (n, k) = (rows.len(), spec.shape[1]);
-    let bytes = source.row_bytes(&spec.name, rows)?;
-    let packed = |w: PackedWeight| -> (RowFormat, Vec<Vec<u8>>) {
-        (
-            RowFormat::Packed {
-                k: w.k,
-                padded_k: w.padded_k,
-                group: w.group,
-                bits: w.bits,
-            },
-            vec![
-                bytemuck::cast_slice(&w.codes).to_vec(),
-                bytemuck::cast_slice(&w.scales).to_vec(),
-            ],
-        )
-    };
-    match (target, info.dtype) {
-        (WeightFormat::Native | WeightFormat::Q8, DType::Block(b)) => {
-            return Ok(packed(PackedWeight::from_ggml(b, &bytes, n, k)?));
-        }
-        (WeightFormat::Native, DType::F16) => {
-            let halves: Vec<u16> = bytes
-                .chunks_exact(2)
-                .map(|b| u16::from_le_bytes([b[0], b[1]]))
-                .collect();
-            return Ok(packed(PackedWeight::from_f16(&halves, n, k)?));
-        }
-        _ => {}
-    }
-    let values = decode_to_f32(info.dtype, &bytes, n * k).ok_or_else(|| {
-        Error::format(
-            source.path(),
-            format!("tensor `{}` rows hold the wrong number of bytes", spec.name),
-        )
-    })?;
-    Ok(match target {
-        WeightFormat::Q8 if k % BLOCK_LEN == 0 => packed(PackedWeight::from_ggml(
-            BlockFormat::Q8_0,
-            &quantize_q8_0(&values),
-            n,
-            k,
-        )?),
-        WeightFormat::Group4 => packed(PackedWeight::from_group4(&Group4::quantize(
-            &values,
-            &[n, k],
-            1,
-            64,
-        )?)?),
-        _ => (
-            RowFormat::F32 { k },
-            vec![bytemuck::cast_slice(&values).to_vec()],
-        ),
-    })
-}
-
-/// Uploads a linear weight's rows `rows` in `format` as one device part (the caller keeps
-/// each segment within one storage binding).
-pub(crate) fn upload_rows(
-    ctx: &GpuContext,
-    source: &dyn WeightSource,
-    spec: &TensorSpec,
-    format: WeightFormat,
-    rows: Range<usize>,
-) -> Result<WeightPart> {
-    let n = rows.len();
-    let (row, segments) = convert_rows(source, spec, format, rows)?;
-    let buffers = segments
-        .iter()
-        .map(|data| {
-            let data: &[u8] = if data.is_empty() { &[0; 4] } else { data };
-            ctx.device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some(&spec.name),
-                    contents: data,
-                    usage: wgpu::BufferUsages::STORAGE
-                        | wgpu::BufferUsages::COPY_SRC
-                        | wgpu::BufferUsages::COPY_DST,
-                })
-        })
-        .collect();
-    Ok(row.part(n, buffers))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::builtin::builtin_config;
-    use crate::model::random::RandomWeights;
-
-    /// Rows of an f16 tensor in every target format: f16 kept as 16-bit codes (exactly the
-    /// file's values, in half of f32's bytes plus scales), f32 rows, and the quantized formats.
-    #[test]
-    fn f16_rows_in_each_format() {
-        let config = builtin_config("opt-1.3b").unwrap();
-        let source = RandomWeights::new(&config, 3);
-        let name = "model.decoder.layers.0.fc1.weight";
-        let spec = TensorSpec {
-            name: name.into(),
-            shape: source.info(name).unwrap().shape,
-        };
-        let (n, k) = (3, spec.shape[1]);
-        let want = decode_to_f32(
-            DType::F16,
-            &source.row_bytes(name, 5..5 + n).unwrap(),
-            n * k,
-        )
-        .unwrap();
-        let (row, segs) = convert_rows(&source, &spec, WeightFormat::Native, 5..5 + n).unwrap();
-        let RowFormat::Packed {
-            bits: 16,
-            padded_k,
-            group: 64,
-            ..
-        } = row
-        else {
-            panic!("f16 rows under Native became {row:?}");
-        };
-        assert_eq!(
-            row.segment_row_bytes(),
-            vec![2 * padded_k, 4 * padded_k / 64]
-        );
-        let packed = PackedWeight {
-            rows: n,
+/// The device part for `rows` rows of `format` held in `buffers` (one per segment).
+pub(crate) fn part(format: RowFormat, rows: usize, mut buffers: Vec<wgpu::Buffer>) -> WeightPart {
+    match format {
+        RowFormat::F32 { k } => WeightPart::F32(GpuTensor {
+            buffer: buffers.remove(0),
+            shape: vec![rows, k],
+        }),
+        RowFormat::Packed {
             k,
             padded_k,
-            group: 64,
-            bits: 16,
-            codes: bytemuck::pod_collect_to_vec(&segs[0]),
-            scales: bytemuck::pod_collect_to_vec(&segs[1]),
-        };
-        assert_eq!(packed.dequantize(), want);
-        let (row, segs) = convert_rows(&source, &spec, WeightFormat::F32, 5..5 + n).unwrap();
-        assert_eq!(row, RowFormat::F32 { k });
-        assert_eq!(bytemuck::pod_collect_to_vec::<u8, f32>(&segs[0]), want);
-        for format in [WeightFormat::Group4, WeightFormat::Q8] {
-            let (row, _) = convert_rows(&source, &spec, format, 0..1).unwrap();
-            assert!(
-                matches!(row, RowFormat::Packed { bits: 4 | 8, .. }),
-                "{format:?}"
-            );
+            group,
+            bits,
+        } => {
+            let scales = buffers.remove(1);
+            let codes = buffers.remove(0);
+            WeightPart::Packed(GpuPackedWeight::from_buffers(
+                codes,
+                scales,
+                PackedWeight {
+                    rows,
+                    k,
+                    padded_k,
+                    group,
+                    bits,
+                    codes: Vec::new(),
+                    scales: Vec::new(),
+                },
+            ))
         }
     }
 }

@@ -4,6 +4,7 @@
 //! `include_str!`), its bindings and its dispatch size, and is tested against a CPU reference.
 
 pub mod context;
+pub mod device;
 pub mod kernels;
 pub(crate) mod layout;
 pub mod model;
@@ -12,6 +13,7 @@ pub mod tensor;
 use wgpu::util::DeviceExt;
 
 pub use context::{AdapterKind, GpuContext, GpuFeatures};
+pub use device::WgpuDevice;
 pub use tensor::{GpuIndices, GpuTensor};
 
 /// Most workgroups along one dispatch axis (WebGPU's default limit).

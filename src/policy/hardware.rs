@@ -91,6 +91,12 @@ pub struct HardwareProfile {
     pub gpu_attention_tflops_decode: f64,
     /// CPU attention over a CPU-resident KV cache (FlexGen's `cpu_flops`).
     pub cpu_attention_tflops: f64,
+    /// CPU matrix products at prefill shapes (0: not measured).
+    #[serde(default)]
+    pub cpu_matmul_tflops_prefill: f64,
+    /// CPU matrix products at decode shapes (0: not measured).
+    #[serde(default)]
+    pub cpu_matmul_tflops_decode: f64,
     /// GPU memory bandwidth: a matrix product reads its weights at least once per GPU batch.
     pub gpu_memory_gib_s: f64,
     /// Dequantization of 4-bit groups on the GPU, in billions of values per second.
@@ -185,6 +191,26 @@ impl HardwareProfile {
                 .min_by_key(|r| (r.chunk_bytes, r.threads))
                 .map_or(f64::MIN_POSITIVE, |r| r.gib_s)
         })
+    }
+
+    /// The machine as the cost model sees it when the compute device is the CPU: the device
+    /// tier is RAM, so nothing is copied between host and device (the copy rates become
+    /// effectively free), and compute runs at the CPU's measured rates (the GPU rates are kept
+    /// where the CPU's were not measured).
+    pub fn for_host_device(mut self) -> Self {
+        const FREE_GIB_S: f64 = 1.0e4;
+        self.cpu_to_gpu_gib_s = FREE_GIB_S;
+        self.gpu_to_cpu_gib_s = FREE_GIB_S;
+        self.gpu_to_cpu_cache_gib_s = FREE_GIB_S;
+        if self.cpu_matmul_tflops_prefill > 0.0 {
+            self.gpu_matmul_tflops_prefill = self.cpu_matmul_tflops_prefill;
+        }
+        if self.cpu_matmul_tflops_decode > 0.0 {
+            self.gpu_matmul_tflops_decode = self.cpu_matmul_tflops_decode;
+        }
+        self.gpu_attention_tflops_prefill = self.cpu_attention_tflops;
+        self.gpu_attention_tflops_decode = self.cpu_attention_tflops;
+        self
     }
 
     /// The same profile with other memory budgets (e.g. `--gpu-mem`, `--cpu-mem`).

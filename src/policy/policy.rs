@@ -109,6 +109,17 @@ impl TierSplit {
 }
 
 impl Policy {
+    /// The policy on a device whose memory is host RAM: the GPU and CPU tiers are one, so
+    /// the CPU shares of weights, cache and activations join the device's, and attention on
+    /// the CPU is simply the device's attention.
+    pub fn on_host(mut self) -> Self {
+        self.w_gpu_percent += std::mem::take(&mut self.w_cpu_percent);
+        self.cache_gpu_percent += std::mem::take(&mut self.cache_cpu_percent);
+        self.act_gpu_percent += std::mem::take(&mut self.act_cpu_percent);
+        self.cpu_cache_compute = false;
+        self
+    }
+
     /// Everything on the GPU, one batch of `gpu_batch_size` sequences per block.
     pub fn all_on_gpu(gpu_batch_size: usize) -> Self {
         Self {

@@ -20,6 +20,8 @@ struct Counts {
 pub struct MemoryLedger {
     budgets: [u64; 3],
     counts: Mutex<Counts>,
+    /// The device computes in host RAM: GPU-tier bytes are charged to the CPU tier.
+    unified: bool,
 }
 
 impl MemoryLedger {
@@ -28,7 +30,27 @@ impl MemoryLedger {
         Arc::new(Self {
             budgets: [gpu, cpu, disk],
             counts: Mutex::new(Counts::default()),
+            unified: false,
         })
+    }
+
+    /// A ledger for a device whose memory is host RAM: one `ram` budget for both the GPU and
+    /// CPU tiers (the executor's "GPU" reservations are the device's, in RAM), and `disk`.
+    pub fn unified(ram: u64, disk: u64) -> Arc<Self> {
+        Arc::new(Self {
+            budgets: [ram, ram, disk],
+            counts: Mutex::new(Counts::default()),
+            unified: true,
+        })
+    }
+
+    /// Where `tier`'s bytes are counted.
+    fn slot(&self, tier: Tier) -> usize {
+        if self.unified && tier == Tier::Gpu {
+            Tier::Cpu.index()
+        } else {
+            tier.index()
+        }
     }
 
     fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
@@ -39,7 +61,7 @@ impl MemoryLedger {
     /// Charges `bytes` to `tier` for `what`, or fails if the tier's budget would be exceeded.
     pub fn reserve(self: &Arc<Self>, tier: Tier, bytes: u64, what: &str) -> Result<Reservation> {
         let mut c = self.counts();
-        let i = tier.index();
+        let i = self.slot(tier);
         let after = c.used[i] + bytes;
         if after > self.budgets[i] {
             return Err(Error::Infeasible {
@@ -65,17 +87,17 @@ impl MemoryLedger {
 
     /// The budget of `tier`.
     pub fn budget(&self, tier: Tier) -> u64 {
-        self.budgets[tier.index()]
+        self.budgets[self.slot(tier)]
     }
 
     /// Bytes in use on `tier` now.
     pub fn used(&self, tier: Tier) -> u64 {
-        self.counts().used[tier.index()]
+        self.counts().used[self.slot(tier)]
     }
 
     /// The most bytes `tier` has held at once.
     pub fn peak(&self, tier: Tier) -> u64 {
-        self.counts().peak[tier.index()]
+        self.counts().peak[self.slot(tier)]
     }
 }
 
@@ -100,8 +122,9 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
+        let i = self.ledger.slot(self.tier);
         let mut c = self.ledger.counts();
-        c.used[self.tier.index()] -= self.bytes;
+        c.used[i] -= self.bytes;
     }
 }
 

@@ -1,9 +1,9 @@
 //! Causal attention of a ragged batch against KV caches, with GQA (`shaders/attention.wgsl`).
 
 use super::expect_len;
-use crate::cpu::ops::HeadLayout;
 use crate::error::{Error, Result};
 use crate::gpu::{grid, passes, GpuContext, GpuIndices, GpuTensor, Pipeline};
+use crate::layout::HeadLayout;
 
 /// WGSL source.
 pub const SOURCE: &str = include_str!("../../../shaders/attention.wgsl");
@@ -11,14 +11,7 @@ pub const SOURCE: &str = include_str!("../../../shaders/attention.wgsl");
 /// Largest head width the kernel's private accumulator holds.
 pub const MAX_HEAD_DIM: usize = 256;
 
-/// Per query row: the first cache row of its sequence and how many keys it sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RowInfo {
-    /// Index of the sequence's first row in the cache buffers.
-    pub first: u32,
-    /// Keys visible: the row's position + 1.
-    pub visible: u32,
-}
+pub use crate::device::RowInfo;
 
 /// Row infos on the device (`[first, visible]` per row), with the most keys any row sees
 /// (which sets how many key passes attention runs).

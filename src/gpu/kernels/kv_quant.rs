@@ -4,62 +4,15 @@
 use half::f16;
 
 use super::attention::RowInfos;
-use crate::cpu::ops::HeadLayout;
 use crate::error::{Error, Result};
 use crate::gpu::tensor::download_words;
 use crate::gpu::{grid, GpuContext, GpuTensor, Pipeline};
+use crate::layout::{HeadLayout, Q4Layout};
 
 /// WGSL source of the quantizer.
 pub const QUANTIZE_SOURCE: &str = include_str!("../../../shaders/kv_quant.wgsl");
 /// WGSL source of the attention kernel over a 4-bit cache.
 pub const ATTENTION_SOURCE: &str = include_str!("../../../shaders/attention_q4.wgsl");
-
-/// How one cache row is laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Q4Layout {
-    /// Key/value heads per row.
-    pub kv_heads: usize,
-    /// Values per head.
-    pub head_dim: usize,
-    /// `head_dim` rounded up to a multiple of 8.
-    pub padded: usize,
-    /// Values per group: the largest multiple of 8 that is at most 64 and divides `padded`
-    /// (64 = FlexGen's group for head_dim 64 or 128); groups never straddle heads.
-    pub group: usize,
-}
-
-impl Q4Layout {
-    /// The layout for `kv_heads` heads of `head_dim`.
-    pub fn new(kv_heads: usize, head_dim: usize) -> Self {
-        let padded = head_dim.div_ceil(8) * 8;
-        let group = (1..=8)
-            .rev()
-            .map(|m| 8 * m)
-            .find(|g| padded % g == 0)
-            .unwrap_or(8);
-        Self {
-            kv_heads,
-            head_dim,
-            padded,
-            group,
-        }
-    }
-    fn width(&self) -> usize {
-        self.kv_heads * self.padded
-    }
-    /// u32 code words per row.
-    pub fn words_per_row(&self) -> usize {
-        self.width() / 8
-    }
-    /// Groups (and scale words) per row.
-    pub fn groups_per_row(&self) -> usize {
-        self.width() / self.group
-    }
-    /// Bytes per cached token (codes and scales).
-    pub fn bytes_per_row(&self) -> usize {
-        4 * (self.words_per_row() + self.groups_per_row())
-    }
-}
 
 /// One layer's keys (or values) in 4-bit groups on the device.
 pub struct GpuQ4Cache {
@@ -243,22 +196,5 @@ impl KvQuant {
             &[l.padded as u32, l.group as u32],
         )?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layouts_group_within_heads() {
-        assert_eq!(Q4Layout::new(3, 64).group, 64);
-        assert_eq!(Q4Layout::new(1, 128).group, 64);
-        assert_eq!(Q4Layout::new(2, 24).group, 24);
-        assert_eq!(Q4Layout::new(2, 96).group, 48);
-        let l = Q4Layout::new(3, 1);
-        assert_eq!((l.padded, l.group), (8, 8));
-        // FlexGen's 36 bytes per 64 values
-        assert_eq!(Q4Layout::new(1, 64).bytes_per_row(), 36);
     }
 }

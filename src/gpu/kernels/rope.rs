@@ -7,25 +7,10 @@ use crate::gpu::{grid, GpuContext, GpuTensor, Pipeline};
 /// WGSL source.
 pub const SOURCE: &str = include_str!("../../../shaders/rope.wgsl");
 
-/// RoPE applied in place to every head of `x [rows, heads * head_dim]`.
+/// RoPE applied in place to every head of `x [rows, heads * head_dim]`, with host tables
+/// from [`crate::device::recipe::rope_tables`].
 pub struct Rope {
     pipeline: Pipeline,
-}
-
-/// Host-computed tables `[rows, head_dim / 2]` for the given positions, in f64 then rounded
-/// (exactly as [`crate::cpu::ops::Rope`]): `theta_i = p * base^(-2i/d)`.
-pub fn tables(positions: &[usize], head_dim: usize, base: f64) -> (Vec<f32>, Vec<f32>) {
-    let half = head_dim / 2;
-    let mut cos = Vec::with_capacity(positions.len() * half);
-    let mut sin = Vec::with_capacity(positions.len() * half);
-    for &p in positions {
-        for i in 0..half {
-            let angle = p as f64 / base.powf(2.0 * i as f64 / head_dim as f64);
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
-    (cos, sin)
 }
 
 impl Rope {

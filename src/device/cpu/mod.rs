@@ -1,0 +1,645 @@
+//! [`CpuDevice`]: the [`Device`] trait natively on the CPU, on every core.
+//!
+//! Its memory is host RAM: weights stay in their run-time layout (f32, f16 codes, Q8_0,
+//! Q4_0, Q4_1, FlexGen 4-bit) and are multiplied by fused decode-and-multiply kernels
+//! ([`matmul`]); attention runs over (sequence, head, query tile) tasks ([`attention`]).
+//! Compute runs on its own thread pool, so I/O threads sleep on the disk beside it.
+
+pub mod attention;
+pub mod matmul;
+
+use std::ops::Range;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use rayon::prelude::*;
+
+use self::attention::KvView;
+use self::matmul::WeightRows;
+use crate::device::{expect, CacheFormat, Device, HostRows, RowInfo};
+use crate::error::{Error, Result};
+use crate::layout::kv::quantize_row;
+use crate::layout::{HeadLayout, RowFormat};
+
+/// Elements from which element-wise work is spread over the cores.
+const PARALLEL_ELEMENTS: usize = 1 << 15;
+
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A 2-d f32 tensor in RAM (cloning shares the storage).
+#[derive(Clone)]
+pub struct CpuTensor {
+    data: Arc<RwLock<Vec<f32>>>,
+    rows: usize,
+    width: usize,
+}
+
+impl CpuTensor {
+    fn new(data: Vec<f32>, rows: usize, width: usize) -> Self {
+        Self {
+            data: Arc::new(RwLock::new(data)),
+            rows,
+            width,
+        }
+    }
+
+    /// A copy of the values.
+    pub fn to_vec(&self) -> Vec<f32> {
+        read(&self.data).clone()
+    }
+}
+
+/// Bytes of weights in RAM, as 32-bit words (so f32 rows and code words are aligned).
+#[derive(Clone)]
+pub struct CpuBuffer(Arc<RwLock<Vec<u32>>>);
+
+/// Rows of a linear weight: the format and one buffer per segment.
+#[derive(Clone)]
+pub struct CpuPart {
+    format: RowFormat,
+    segments: Vec<CpuBuffer>,
+}
+
+/// One layer's cache rows: one word vector per segment ([`CacheFormat::segment_bytes`]).
+pub struct CpuCache {
+    format: CacheFormat,
+    segments: Vec<RwLock<Vec<u32>>>,
+}
+
+/// Per-row data: the host rows as they are.
+pub struct CpuRows {
+    infos: Vec<RowInfo>,
+    rope: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// The native CPU device (cloning shares its thread pool).
+#[derive(Clone)]
+pub struct CpuDevice {
+    pool: Arc<rayon::ThreadPool>,
+}
+
+impl CpuDevice {
+    /// A device computing on `threads` threads (0: one per core).
+    pub fn new(threads: usize) -> Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("ferrogen-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::invalid("CPU device", e.to_string()))?;
+        Ok(Self {
+            pool: Arc::new(pool),
+        })
+    }
+
+    /// Threads computing.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    fn same(&self, a: &CpuTensor, b: &CpuTensor, op: &str) -> Result<()> {
+        expect(a.rows * a.width == b.rows * b.width, op, || {
+            format!("[{}, {}] and [{}, {}]", a.rows, a.width, b.rows, b.width)
+        })?;
+        expect(!Arc::ptr_eq(&a.data, &b.data), op, || {
+            "a tensor with itself".into()
+        })
+    }
+
+    /// `f(row index, row)` on every row of `t`, spread over the cores when large.
+    fn rows_mut(&self, t: &CpuTensor, f: impl Fn(usize, &mut [f32]) + Sync) {
+        let mut guard = write(&t.data);
+        let data: &mut [f32] = guard.as_mut_slice();
+        let w = t.width.max(1);
+        if data.len() >= PARALLEL_ELEMENTS {
+            self.pool.install(|| {
+                data.par_chunks_mut(w)
+                    .enumerate()
+                    .for_each(|(r, row)| f(r, row))
+            });
+        } else {
+            data.chunks_mut(w)
+                .enumerate()
+                .for_each(|(r, row)| f(r, row));
+        }
+    }
+
+    /// `f(a_row, b_row)` for `a` written, `b` read, row by row.
+    fn zip_mut(&self, a: &CpuTensor, b: &CpuTensor, f: impl Fn(&mut [f32], &[f32]) + Sync) {
+        let bd = read(&b.data);
+        let w = a.width.max(1);
+        self.rows_mut(a, |r, row| f(row, &bd[r * w..(r + 1) * w]));
+    }
+
+    fn norm(&self, x: &CpuTensor, f: impl Fn(&[f32], &mut [f32]) + Sync) -> Result<CpuTensor> {
+        let y = self.zeros(x.rows, x.width)?;
+        self.zip_mut(&y, x, |out, row| f(row, out));
+        Ok(y)
+    }
+}
+
+/// `ln softmax(row)[t]` with the log-sum-exp accumulated in f64:
+/// `row[t] - (max + ln sum_j exp(row[j] - max))`.
+fn log_softmax_at(row: &[f32], t: usize) -> f32 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let sum: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
+    (f64::from(row[t] - max) - sum.ln()) as f32
+}
+
+impl Device for CpuDevice {
+    type Tensor = CpuTensor;
+    type Part = CpuPart;
+    type Buffer = CpuBuffer;
+    type Cache = CpuCache;
+    type Rows = CpuRows;
+
+    fn describe(&self) -> String {
+        let simd = if cfg!(target_arch = "x86_64") {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::is_x86_feature_detected!("avx512f") {
+                    "AVX-512"
+                } else if std::is_x86_feature_detected!("avx2") {
+                    "AVX2"
+                } else {
+                    "SSE2"
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                ""
+            }
+        } else if cfg!(target_arch = "aarch64") {
+            "NEON"
+        } else {
+            "scalar"
+        };
+        format!("cpu: {} threads, {simd}", self.threads())
+    }
+
+    fn is_host(&self) -> bool {
+        true
+    }
+
+    fn max_buffer_bytes(&self) -> u64 {
+        isize::MAX as u64
+    }
+
+    fn upload(&self, data: &[f32], rows: usize, width: usize) -> Result<CpuTensor> {
+        expect(data.len() == rows * width, "tensor", || {
+            format!("{} values for [{rows}, {width}]", data.len())
+        })?;
+        Ok(CpuTensor::new(data.to_vec(), rows, width))
+    }
+
+    fn zeros(&self, rows: usize, width: usize) -> Result<CpuTensor> {
+        Ok(CpuTensor::new(vec![0.0; rows * width], rows, width))
+    }
+
+    fn dims(&self, t: &CpuTensor) -> [usize; 2] {
+        [t.rows, t.width]
+    }
+
+    fn download(&self, t: &CpuTensor, rows: Range<usize>) -> Result<Vec<f32>> {
+        expect(rows.end <= t.rows, "download", || {
+            format!("rows {rows:?} of {}", t.rows)
+        })?;
+        Ok(read(&t.data)[rows.start * t.width..rows.end * t.width].to_vec())
+    }
+
+    fn write_rows(&self, t: &CpuTensor, at: usize, data: &[f32]) -> Result<()> {
+        let start = at * t.width;
+        expect(start + data.len() <= t.rows * t.width, "write rows", || {
+            format!(
+                "{} values at row {at} of [{}, {}]",
+                data.len(),
+                t.rows,
+                t.width
+            )
+        })?;
+        write(&t.data)[start..start + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn copy_rows(
+        &self,
+        src: &CpuTensor,
+        rows: Range<usize>,
+        dst: &CpuTensor,
+        at: usize,
+    ) -> Result<()> {
+        let w = src.width;
+        expect(
+            dst.width == w && rows.end <= src.rows && at + rows.len() <= dst.rows,
+            "copy rows",
+            || {
+                format!(
+                    "rows {rows:?} of [{}, {w}] to row {at} of [{}, {}]",
+                    src.rows, dst.rows, dst.width
+                )
+            },
+        )?;
+        if Arc::ptr_eq(&src.data, &dst.data) {
+            let mut d = write(&dst.data);
+            d.copy_within(rows.start * w..rows.end * w, at * w);
+        } else {
+            let s = read(&src.data);
+            write(&dst.data)[at * w..(at + rows.len()) * w]
+                .copy_from_slice(&s[rows.start * w..rows.end * w]);
+        }
+        Ok(())
+    }
+
+    fn buffer(&self, bytes: u64) -> Result<CpuBuffer> {
+        Ok(CpuBuffer(Arc::new(RwLock::new(vec![
+            0u32;
+            bytes.div_ceil(4)
+                as usize
+        ]))))
+    }
+
+    fn write_buffer(&self, buffer: &CpuBuffer, offset: u64, bytes: &[u8]) -> Result<()> {
+        let mut words = write(&buffer.0);
+        let all: &mut [u8] = bytemuck::cast_slice_mut(words.as_mut_slice());
+        let at = offset as usize;
+        expect(at + bytes.len() <= all.len(), "weights", || {
+            format!(
+                "{} bytes at {at} of a {}-byte buffer",
+                bytes.len(),
+                all.len()
+            )
+        })?;
+        all[at..at + bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn part(&self, format: RowFormat, rows: usize, segments: Vec<CpuBuffer>) -> Result<CpuPart> {
+        let want = format.segment_row_bytes();
+        expect(
+            segments.len() == want.len()
+                && segments
+                    .iter()
+                    .zip(&want)
+                    .all(|(s, &b)| read(&s.0).len() * 4 >= rows * b),
+            "weights",
+            || format!("segments too small for {rows} rows of {format:?}"),
+        )?;
+        Ok(CpuPart { format, segments })
+    }
+
+    fn rows(&self, rows: &HostRows) -> Result<CpuRows> {
+        Ok(CpuRows {
+            infos: rows.infos.clone(),
+            rope: rows.rope.clone(),
+        })
+    }
+
+    fn linear(&self, x: &CpuTensor, parts: &[(CpuPart, usize)], out: usize) -> Result<CpuTensor> {
+        let (m, k) = (x.rows, x.width);
+        let mut y = vec![0.0f32; m * out];
+        let xd = read(&x.data);
+        for (part, col) in parts {
+            let guards: Vec<_> = part.segments.iter().map(|s| read(&s.0)).collect();
+            let views: Vec<&[u32]> = guards.iter().map(|g| g.as_slice()).collect();
+            let w = WeightRows::new(part.format, &views);
+            let rows = match part.format {
+                RowFormat::F32 { .. } => w.rows(),
+                RowFormat::Packed { .. } => w.rows(),
+            };
+            expect(w.k() == k && col + rows <= out, "linear", || {
+                format!(
+                    "x [{m}, {k}] with weight rows {col}..{} of {out}, k {}",
+                    col + rows,
+                    w.k()
+                )
+            })?;
+            self.pool
+                .install(|| matmul::linear_into(&w, &xd, m, &mut y, out, *col));
+        }
+        Ok(CpuTensor::new(y, m, out))
+    }
+
+    fn add_bias(&self, y: &CpuTensor, bias: &CpuTensor) -> Result<()> {
+        let b = read(&bias.data).clone();
+        expect(b.len() == y.width, "add_bias", || {
+            format!("{} biases for width {}", b.len(), y.width)
+        })?;
+        self.rows_mut(y, |_, row| {
+            row.iter_mut().zip(&b).for_each(|(v, &c)| *v += c);
+        });
+        Ok(())
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, w: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+        let w = read(&w.data).clone();
+        expect(w.len() == x.width, "rms_norm", || "weight width".into())?;
+        self.norm(x, |row, out| {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            for ((o, &v), &g) in out.iter_mut().zip(row).zip(&w) {
+                *o = v * inv * g;
+            }
+        })
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        b: &CpuTensor,
+        eps: f32,
+    ) -> Result<CpuTensor> {
+        let (w, b) = (read(&w.data).clone(), read(&b.data).clone());
+        expect(
+            w.len() == x.width && b.len() == x.width,
+            "layer_norm",
+            || "weight width".into(),
+        )?;
+        self.norm(x, |row, out| {
+            let n = row.len() as f32;
+            let mean = row.iter().sum::<f32>() / n;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+            let inv = 1.0 / (var + eps).sqrt();
+            for (((o, &v), &g), &c) in out.iter_mut().zip(row).zip(&w).zip(&b) {
+                *o = (v - mean) * inv * g + c;
+            }
+        })
+    }
+
+    fn add(&self, x: &CpuTensor, y: &CpuTensor) -> Result<()> {
+        self.same(x, y, "add")?;
+        self.zip_mut(x, y, |a, b| a.iter_mut().zip(b).for_each(|(a, &b)| *a += b));
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<()> {
+        self.same(gate, up, "silu_mul")?;
+        self.zip_mut(gate, up, |g, u| {
+            g.iter_mut()
+                .zip(u)
+                .for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u)
+        });
+        Ok(())
+    }
+
+    fn relu(&self, x: &CpuTensor) -> Result<()> {
+        self.rows_mut(x, |_, row| row.iter_mut().for_each(|v| *v = v.max(0.0)));
+        Ok(())
+    }
+
+    fn rope(&self, x: &CpuTensor, rows: &CpuRows, head_dim: usize) -> Result<()> {
+        let (cos, sin) = rows
+            .rope
+            .as_ref()
+            .ok_or_else(|| Error::invalid("rope", "rows without RoPE tables"))?;
+        let half = head_dim / 2;
+        expect(
+            cos.len() == x.rows * half && x.width % head_dim.max(1) == 0,
+            "rope",
+            || {
+                format!(
+                    "tables for {} rows, x [{}, {}]",
+                    cos.len() / half.max(1),
+                    x.rows,
+                    x.width
+                )
+            },
+        )?;
+        // x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin for each pair (i, i + d/2) of a head
+        self.rows_mut(x, |r, row| {
+            let (c, s) = (
+                &cos[r * half..(r + 1) * half],
+                &sin[r * half..(r + 1) * half],
+            );
+            for head in row.chunks_exact_mut(head_dim) {
+                let (a, b) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2) = (a[i], b[i]);
+                    a[i] = x1 * c[i] - x2 * s[i];
+                    b[i] = x2 * c[i] + x1 * s[i];
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn gather(&self, table: &CpuTensor, ids: &[u32]) -> Result<CpuTensor> {
+        let t = read(&table.data);
+        let w = table.width;
+        let mut out = Vec::with_capacity(ids.len() * w);
+        for &id in ids {
+            let id = id as usize;
+            expect(id < table.rows, "gather", || {
+                format!("row {id} of a {}-row table", table.rows)
+            })?;
+            out.extend_from_slice(&t[id * w..(id + 1) * w]);
+        }
+        Ok(CpuTensor::new(out, ids.len(), w))
+    }
+
+    fn target_logprobs(&self, logits: &CpuTensor, targets: &[u32]) -> Result<Vec<f32>> {
+        let w = logits.width;
+        expect(targets.len() == logits.rows, "logprob", || {
+            "one target per row of logits".into()
+        })?;
+        if let Some(&bad) = targets.iter().find(|&&t| t as usize >= w) {
+            return Err(Error::TokenOutOfRange {
+                token: bad,
+                position: 0,
+                vocab_size: w,
+            });
+        }
+        let l = read(&logits.data);
+        Ok(self.pool.install(|| {
+            l.par_chunks(w.max(1))
+                .zip(targets)
+                .map(|(row, &t)| log_softmax_at(row, t as usize))
+                .collect()
+        }))
+    }
+
+    fn greedy(&self, logits: &CpuTensor) -> Result<Vec<(u32, f32)>> {
+        let w = logits.width.max(1);
+        let l = read(&logits.data);
+        Ok(self.pool.install(|| {
+            l.par_chunks(w)
+                .map(|row| {
+                    let mut best = 0;
+                    for (i, &v) in row.iter().enumerate() {
+                        if v > row[best] {
+                            best = i;
+                        }
+                    }
+                    (best as u32, log_softmax_at(row, best))
+                })
+                .collect()
+        }))
+    }
+
+    fn cache(&self, format: CacheFormat, rows: usize) -> Result<CpuCache> {
+        Ok(CpuCache {
+            format,
+            segments: format
+                .segment_bytes()
+                .iter()
+                .map(|&b| RwLock::new(vec![0u32; rows * b as usize / 4]))
+                .collect(),
+        })
+    }
+
+    fn attend(
+        &self,
+        cache: &CpuCache,
+        rows: &CpuRows,
+        appends: &[(usize, usize, usize)],
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        layout: HeadLayout,
+    ) -> Result<CpuTensor> {
+        let (kd, vd) = (read(&k.data), read(&v.data));
+        let kvw = k.width;
+        expect(
+            q.rows == rows.infos.len() && k.rows == q.rows && v.rows == q.rows,
+            "attention",
+            || "queries, keys, values and row infos disagree".into(),
+        )?;
+        // append: f32 rows copied, 4-bit rows quantized, at each sequence's cache rows
+        {
+            let mut segs: Vec<_> = cache.segments.iter().map(write).collect();
+            let cache_rows = segs[0].len() * 4 / cache.format.segment_bytes()[0].max(1) as usize;
+            for &(src, dst, n) in appends {
+                expect(dst + n <= cache_rows, "KV cache", || {
+                    format!("rows {dst}..{} of a {cache_rows}-row cache", dst + n)
+                })?;
+                match cache.format {
+                    CacheFormat::F32 { width } => {
+                        for (seg, data) in [(0, &kd), (1, &vd)] {
+                            let rows: &[f32] = &data[src * kvw..(src + n) * kvw];
+                            let dst_f: &mut [f32] =
+                                bytemuck::cast_slice_mut(segs[seg].as_mut_slice());
+                            dst_f[dst * width..(dst + n) * width].copy_from_slice(rows);
+                        }
+                    }
+                    CacheFormat::Q4(l) => {
+                        let (w, g) = (l.words_per_row(), l.groups_per_row());
+                        for i in 0..n {
+                            let (s, d) = (src + i, dst + i);
+                            let (kc, rest) = segs.split_at_mut(1);
+                            let (ks, rest) = rest.split_at_mut(1);
+                            let (vc, vs) = rest.split_at_mut(1);
+                            quantize_row(
+                                &l,
+                                &kd[s * kvw..(s + 1) * kvw],
+                                &mut kc[0][d * w..(d + 1) * w],
+                                &mut ks[0][d * g..(d + 1) * g],
+                            );
+                            quantize_row(
+                                &l,
+                                &vd[s * kvw..(s + 1) * kvw],
+                                &mut vc[0][d * w..(d + 1) * w],
+                                &mut vs[0][d * g..(d + 1) * g],
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let segs: Vec<_> = cache.segments.iter().map(read).collect();
+        let view = match cache.format {
+            CacheFormat::F32 { width } => KvView::F32 {
+                k: bytemuck::cast_slice(segs[0].as_slice()),
+                v: bytemuck::cast_slice(segs[1].as_slice()),
+                width,
+            },
+            CacheFormat::Q4(layout) => KvView::Q4 {
+                layout,
+                k_codes: &segs[0],
+                k_scales: &segs[1],
+                v_codes: &segs[2],
+                v_scales: &segs[3],
+            },
+        };
+        let mut o = vec![0.0f32; q.rows * q.width];
+        let qd = read(&q.data);
+        self.pool
+            .install(|| attention::attend(&qd, &rows.infos, view, layout, &mut o));
+        Ok(CpuTensor::new(o, q.rows, q.width))
+    }
+
+    fn copy_cache_rows(
+        &self,
+        src: &CpuCache,
+        dst: &CpuCache,
+        rows: &[(usize, usize)],
+    ) -> Result<()> {
+        expect(src.format == dst.format, "KV cache", || {
+            "formats differ".into()
+        })?;
+        for ((s, d), b) in src
+            .segments
+            .iter()
+            .zip(&dst.segments)
+            .zip(src.format.segment_bytes())
+        {
+            let words = b as usize / 4;
+            let (s, mut d) = (read(s), write(d));
+            for &(first, count) in rows {
+                let r = first * words..(first + count) * words;
+                d[r.clone()].copy_from_slice(&s[r]);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_cache(
+        &self,
+        cache: &CpuCache,
+        segment: usize,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let seg = cache
+            .segments
+            .get(segment)
+            .ok_or_else(|| Error::invalid("KV cache", format!("no segment {segment}")))?;
+        let mut words = write(seg);
+        let all: &mut [u8] = bytemuck::cast_slice_mut(words.as_mut_slice());
+        let at = offset as usize;
+        expect(at + bytes.len() <= all.len(), "KV cache", || {
+            format!(
+                "{} bytes at {at} of a {}-byte segment",
+                bytes.len(),
+                all.len()
+            )
+        })?;
+        all[at..at + bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn read_cache(&self, cache: &CpuCache, ranges: &[(usize, u64, u64)]) -> Result<Vec<Vec<u8>>> {
+        ranges
+            .iter()
+            .map(|&(seg, offset, len)| {
+                let s = cache
+                    .segments
+                    .get(seg)
+                    .ok_or_else(|| Error::invalid("KV cache", format!("no segment {seg}")))?;
+                let words = read(s);
+                let all: &[u8] = bytemuck::cast_slice(words.as_slice());
+                let r = offset as usize..(offset + len) as usize;
+                all.get(r.clone()).map(<[u8]>::to_vec).ok_or_else(|| {
+                    Error::invalid("KV cache", format!("bytes {r:?} of {}", all.len()))
+                })
+            })
+            .collect()
+    }
+
+    fn wait(&self) -> Result<()> {
+        Ok(())
+    }
+}

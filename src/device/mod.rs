@@ -1,0 +1,246 @@
+//! Compute devices: the seam between the model recipe and the hardware.
+//!
+//! A [`Device`] holds tensors, linear weights in their run-time layout, and KV caches, and runs
+//! the handful of operations a transformer layer is made of. The model recipe
+//! ([`recipe::Runner`]: embedding input, attention against a KV cache, MLP, head and logits,
+//! Llama and OPT) is written once over this trait, and the executor (`crate::exec`) drives
+//! the units of the zig-zag schedule through it, on any device:
+//!
+//! - [`CpuDevice`]: native, on all cores, weights multiplied in their packed formats;
+//! - [`crate::gpu::WgpuDevice`]: WebGPU (Vulkan, Metal, DX12; lavapipe without a GPU).
+//!
+//! Tensors are 2-d f32 `[rows, width]`; cloning one shares its storage, and operations that
+//! say "in place" write through every clone (as a GPU buffer would).
+
+pub mod cpu;
+pub mod recipe;
+pub mod resident;
+
+use std::ops::Range;
+
+pub use cpu::CpuDevice;
+pub use resident::{ResidentCache, ResidentModel};
+
+use crate::error::{Error, Result};
+use crate::layout::{HeadLayout, Q4Layout, RowFormat};
+
+/// Which device computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceKind {
+    /// A discrete or integrated GPU through WebGPU when there is one, else the CPU device.
+    #[default]
+    Auto,
+    /// The native CPU device.
+    Cpu,
+    /// WebGPU, whatever adapter it finds (lavapipe included).
+    Wgpu,
+}
+
+impl std::str::FromStr for DeviceKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "wgpu" => Ok(Self::Wgpu),
+            other => Err(Error::invalid(
+                "--device",
+                format!("`{other}`: expected auto, cpu or wgpu"),
+            )),
+        }
+    }
+}
+
+/// How a KV cache row is stored: f32 keys and values, or FlexGen's 4-bit groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheFormat {
+    /// `width` f32 values per row, keys and values.
+    F32 {
+        /// Values per row (`kv_heads * head_dim`).
+        width: usize,
+    },
+    /// 4-bit codes and scales per row, keys and values.
+    Q4(Q4Layout),
+}
+
+impl CacheFormat {
+    /// Bytes per cached token in each segment, in order: keys then values (codes and scales
+    /// separately for 4-bit rows). A row range of a cache is the same range of each segment.
+    pub fn segment_bytes(&self) -> Vec<u64> {
+        match *self {
+            CacheFormat::F32 { width } => vec![4 * width as u64; 2],
+            CacheFormat::Q4(l) => {
+                let (c, s) = (
+                    (l.words_per_row() * 4) as u64,
+                    (l.groups_per_row() * 4) as u64,
+                );
+                vec![c, s, c, s]
+            }
+        }
+    }
+
+    /// Bytes per cached token.
+    pub fn row_bytes(&self) -> u64 {
+        self.segment_bytes().iter().sum()
+    }
+}
+
+/// Per-row data of a forward call, on the host: every new token of the batch, stacked.
+#[derive(Debug, Clone, Default)]
+pub struct HostRows {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Absolute positions.
+    pub positions: Vec<u32>,
+    /// Per row: its sequence's first cache row and the keys it sees.
+    pub infos: Vec<RowInfo>,
+    /// RoPE tables `[rows, head_dim / 2]` (Llama), from [`recipe::rope_tables`].
+    pub rope: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// Where one query row's keys are: its sequence's rows `first..first + visible` of the cache.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RowInfo {
+    /// The sequence's first cache row.
+    pub first: u32,
+    /// Keys this row attends to (its own position + 1).
+    pub visible: u32,
+}
+
+/// A compute device: memory for tensors, weights and caches, and the operations of a layer.
+pub trait Device: Clone + Send + Sync + 'static {
+    /// A 2-d f32 tensor `[rows, width]` (clones share storage).
+    type Tensor: Clone + Send + Sync;
+    /// Rows of a linear weight in their run-time layout.
+    type Part: Clone + Send + Sync;
+    /// Raw device memory that weight bytes are written into.
+    type Buffer: Clone + Send + Sync;
+    /// One layer's keys and values for a set of sequences.
+    type Cache: Send + Sync;
+    /// Per-row data of a forward call, as the device reads it.
+    type Rows: Send + Sync;
+
+    /// The device in words (adapter, threads).
+    fn describe(&self) -> String;
+    /// Whether the device computes in host RAM (then GPU and CPU tiers are one memory).
+    fn is_host(&self) -> bool;
+    /// The largest single buffer (tensor, weight segment, cache segment) in bytes.
+    fn max_buffer_bytes(&self) -> u64;
+
+    /// Uploads `data` as `[rows, width]`.
+    fn upload(&self, data: &[f32], rows: usize, width: usize) -> Result<Self::Tensor>;
+    /// A zeroed `[rows, width]`.
+    fn zeros(&self, rows: usize, width: usize) -> Result<Self::Tensor>;
+    /// `[rows, width]` of a tensor.
+    fn dims(&self, t: &Self::Tensor) -> [usize; 2];
+    /// Rows `rows` of `t`, on the host.
+    fn download(&self, t: &Self::Tensor, rows: Range<usize>) -> Result<Vec<f32>>;
+    /// Writes host rows `data` into `t` from row `at`.
+    fn write_rows(&self, t: &Self::Tensor, at: usize, data: &[f32]) -> Result<()>;
+    /// Copies rows `rows` of `src` into `dst` from row `at` (same width).
+    fn copy_rows(
+        &self,
+        src: &Self::Tensor,
+        rows: Range<usize>,
+        dst: &Self::Tensor,
+        at: usize,
+    ) -> Result<()>;
+
+    /// `bytes` of device memory for weights.
+    fn buffer(&self, bytes: u64) -> Result<Self::Buffer>;
+    /// Writes `bytes` at `offset` of `buffer` (from any thread).
+    fn write_buffer(&self, buffer: &Self::Buffer, offset: u64, bytes: &[u8]) -> Result<()>;
+    /// `rows` rows of `format` held in `segments` (one buffer per segment of the format).
+    fn part(
+        &self,
+        format: RowFormat,
+        rows: usize,
+        segments: Vec<Self::Buffer>,
+    ) -> Result<Self::Part>;
+
+    /// The device side of a forward call's rows.
+    fn rows(&self, rows: &HostRows) -> Result<Self::Rows>;
+
+    /// `x W^T` for `W [out, in]` held as row ranges `(part, first output column)`.
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        parts: &[(Self::Part, usize)],
+        out: usize,
+    ) -> Result<Self::Tensor>;
+    /// In place: `y[r] += bias`.
+    fn add_bias(&self, y: &Self::Tensor, bias: &Self::Tensor) -> Result<()>;
+    /// RMSNorm of each row: `x / sqrt(mean(x^2) + eps) * w`.
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
+    /// LayerNorm of each row: `(x - mean) / sqrt(var + eps) * w + b`.
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+    /// In place: `x += y`.
+    fn add(&self, x: &Self::Tensor, y: &Self::Tensor) -> Result<()>;
+    /// In place: `gate = silu(gate) * up`.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<()>;
+    /// In place: `x = max(x, 0)`.
+    fn relu(&self, x: &Self::Tensor) -> Result<()>;
+    /// In place: rotary embedding (rotate-half) of every `head_dim`-wide head of `x`, with the
+    /// rows' tables.
+    fn rope(&self, x: &Self::Tensor, rows: &Self::Rows, head_dim: usize) -> Result<()>;
+    /// Rows `ids` of `table`.
+    fn gather(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor>;
+
+    /// `ln softmax(logits[r])[targets[r]]` per row.
+    fn target_logprobs(&self, logits: &Self::Tensor, targets: &[u32]) -> Result<Vec<f32>>;
+    /// Per row: the argmax (first on ties) and its logprob, in one pass over the logits.
+    fn greedy(&self, logits: &Self::Tensor) -> Result<Vec<(u32, f32)>>;
+
+    /// An empty cache of `rows` rows.
+    fn cache(&self, format: CacheFormat, rows: usize) -> Result<Self::Cache>;
+    /// Appends new keys and values (`appends`: `(first new row, cache row, rows)`) and returns
+    /// causal attention of the queries `q [rows, heads * d]`, each row seeing its infos' keys.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        cache: &Self::Cache,
+        rows: &Self::Rows,
+        appends: &[(usize, usize, usize)],
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        layout: HeadLayout,
+    ) -> Result<Self::Tensor>;
+    /// Copies cache rows `(first, count)` of every segment from `src` to the same rows of `dst`.
+    fn copy_cache_rows(
+        &self,
+        src: &Self::Cache,
+        dst: &Self::Cache,
+        rows: &[(usize, usize)],
+    ) -> Result<()>;
+    /// Writes `bytes` at byte `offset` of a cache segment.
+    fn write_cache(
+        &self,
+        cache: &Self::Cache,
+        segment: usize,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<()>;
+    /// Byte ranges `(segment, offset, len)` of a cache, on the host.
+    fn read_cache(&self, cache: &Self::Cache, ranges: &[(usize, u64, u64)])
+        -> Result<Vec<Vec<u8>>>;
+
+    /// Blocks until the work submitted so far has finished.
+    fn wait(&self) -> Result<()>;
+}
+
+/// Checks that a tensor op's operands agree, naming the op.
+pub(crate) fn expect(ok: bool, op: &str, what: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(op, what()))
+    }
+}
