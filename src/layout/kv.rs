@@ -29,7 +29,7 @@ impl Q4Layout {
         let group = (1..=8)
             .rev()
             .map(|m| 8 * m)
-            .find(|g| padded % g == 0)
+            .find(|g| padded.is_multiple_of(*g))
             .unwrap_or(8);
         Self {
             kv_heads,

@@ -65,7 +65,7 @@ impl PackedWeight {
                 "needs a 2-d weight grouped along dim 1",
             ));
         };
-        if q.group_size % 8 != 0 {
+        if !q.group_size.is_multiple_of(8) {
             return Err(Error::invalid(
                 "quantized weight",
                 "group size must be a multiple of 8",
@@ -104,7 +104,7 @@ impl PackedWeight {
 
     /// From GGUF blocks of a weight `[rows, k]` (`k` a multiple of 32).
     pub fn from_ggml(format: BlockFormat, bytes: &[u8], rows: usize, k: usize) -> Result<Self> {
-        if k % BLOCK_LEN != 0 || bytes.len() != rows * format.bytes_for(k) {
+        if !k.is_multiple_of(BLOCK_LEN) || bytes.len() != rows * format.bytes_for(k) {
             return Err(Error::invalid(
                 "quantized weight",
                 format!("{} bytes for a {rows} x {k} {format:?} weight", bytes.len()),

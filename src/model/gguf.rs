@@ -554,7 +554,11 @@ fn hf_name(gguf: &str, heads: usize, kv_heads: usize) -> (String, Option<usize>)
 /// `j * head_dim/2 + i` (j in 0..2, i in 0..head_dim/2) was stored at GGUF row `2 * i + j`.
 /// Rows are moved whole, so this works for block-quantized rows too.
 pub fn unpermute_rows(bytes: &[u8], rows: usize, heads: usize) -> Option<Vec<u8>> {
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || bytes.len() % rows != 0 {
+    if heads == 0
+        || !rows.is_multiple_of(heads)
+        || !(rows / heads).is_multiple_of(2)
+        || !bytes.len().is_multiple_of(rows)
+    {
         return None;
     }
     let row_bytes = bytes.len() / rows;

@@ -31,7 +31,7 @@ impl DType {
         match self {
             DType::F32 => n.checked_mul(4),
             DType::F16 | DType::BF16 => n.checked_mul(2),
-            DType::Block(b) => (n % BLOCK_LEN == 0).then(|| b.bytes_for(n)),
+            DType::Block(b) => n.is_multiple_of(BLOCK_LEN).then(|| b.bytes_for(n)),
         }
     }
 }

@@ -20,7 +20,7 @@ impl Serialize for ByteSize {
         let v = self.0;
         let text = [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")]
             .iter()
-            .find(|(shift, _)| v != 0 && v % (1u64 << shift) == 0)
+            .find(|(shift, _)| v != 0 && v.is_multiple_of(1u64 << shift))
             .map_or_else(
                 || v.to_string(),
                 |(shift, unit)| format!("{}{unit}", v >> shift),

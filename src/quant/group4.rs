@@ -96,7 +96,7 @@ impl Group4 {
                 shape.len()
             ));
         }
-        if group_size == 0 || group_size % 2 != 0 {
+        if group_size == 0 || !group_size.is_multiple_of(2) {
             return bad(format!("group size {group_size} must be even and positive"));
         }
         if shape.iter().product::<usize>() != data.len() {
@@ -144,7 +144,7 @@ impl Group4 {
                             0
                         };
                         let e = (o * padded + p) * inner + i;
-                        nibbles[e / 2] |= if e % 2 == 0 { q } else { q << 4 };
+                        nibbles[e / 2] |= if e.is_multiple_of(2) { q } else { q << 4 };
                     }
                 }
             }
@@ -162,7 +162,7 @@ impl Group4 {
     /// The 4-bit code of value `(o, p, i)`.
     fn code(&self, e: usize) -> u8 {
         let b = self.nibbles[e / 2];
-        if e % 2 == 0 {
+        if e.is_multiple_of(2) {
             b & 0x0F
         } else {
             b >> 4

@@ -165,7 +165,10 @@ impl Attention {
         let rows = q.numel() / (heads * head_dim).max(1);
         expect_len(q, rows * heads * head_dim, "queries")?;
         expect_len(o, rows * heads * head_dim, "attention output")?;
-        if k.numel() != v.numel() || k.numel() % (kv_heads * head_dim) != 0 || info.rows != rows {
+        if k.numel() != v.numel()
+            || !k.numel().is_multiple_of(kv_heads * head_dim)
+            || info.rows != rows
+        {
             return Err(Error::invalid(
                 "attention",
                 "caches or row info disagree with the queries",

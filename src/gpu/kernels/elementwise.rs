@@ -81,7 +81,7 @@ impl Elementwise {
         let n = a.numel();
         match op {
             Op::Add | Op::SiluMul | Op::Copy => expect_len(b, n, "element-wise operand")?,
-            Op::AddBias if b.numel() > 0 && n % b.numel() == 0 => {}
+            Op::AddBias if b.numel() > 0 && n.is_multiple_of(b.numel()) => {}
             Op::AddBias => expect_len(b, n, "bias")?,
             Op::Relu | Op::Gelu => {
                 return Err(crate::error::Error::invalid(

@@ -159,7 +159,7 @@ impl KvQuant {
             || layout.kv_heads != l.kv_heads
             || layout.head_dim != l.head_dim
             || v.layout != l
-            || layout.heads % layout.kv_heads != 0
+            || !layout.heads.is_multiple_of(layout.kv_heads)
         {
             return Err(Error::invalid(
                 "attention",

@@ -215,7 +215,7 @@ impl MatmulQ {
             _ => (0, 8),
         };
         // passes of whole groups (k_per_pass is a multiple of 64; groups are 32 or 64)
-        if super::matmul::k_per_pass(ctx) % meta.group.max(1) != 0 {
+        if !super::matmul::k_per_pass(ctx).is_multiple_of(meta.group.max(1)) {
             return Err(Error::invalid(
                 "matmul",
                 format!("group of {} values does not divide a k pass", meta.group),

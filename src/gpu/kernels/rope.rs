@@ -33,7 +33,7 @@ impl Rope {
         let &[rows, width] = x.shape.as_slice() else {
             return Err(Error::invalid("rope", "x must be 2-d"));
         };
-        if head_dim == 0 || head_dim % 2 != 0 || width % head_dim != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || width % head_dim != 0 {
             return Err(Error::invalid(
                 "rope",
                 format!("head_dim {head_dim} for width {width}"),
