@@ -1,12 +1,14 @@
 //! One long record on every path: tokens/s of scoring `1 x N` tokens of a text with the CPU
-//! reference, the resident wgpu model and the engine under memory budgets (the policy search
-//! picks its placement), each path's worst per-token difference from the reference, and the
-//! engine's memory peaks. Long records are where position bugs live and where a workspace that
+//! reference, the resident model on each device (`cpu`, `wgpu`) and the engine under memory
+//! budgets on each device (`engine-cpu` with one RAM budget `--cpu-mem`, `engine` on WebGPU
+//! with both; the policy search picks the placement), each path's worst per-token difference
+//! from the first path, and the engine's memory peaks. Long records are where position bugs live and where a workspace that
 //! grows with the record would break a budget.
 //!
 //! ```text
 //! cargo run --release --example bench_long -- --model PATH --text FILE [--tokens 2048,8192]
-//!     [--paths reference,wgpu,engine] [--gpu-mem 96MiB] [--cpu-mem 128MiB] [--offload-dir DIR]
+//!     [--paths reference,cpu,wgpu,engine-cpu,engine] [--gpu-mem 96MiB] [--cpu-mem 128MiB]
+//!     [--offload-dir DIR]
 //! ```
 
 use std::path::PathBuf;
@@ -15,6 +17,7 @@ use std::time::Instant;
 use ferrogen::bytes::parse_size;
 use ferrogen::cli::{required, Flags};
 use ferrogen::cpu::ReferenceModel;
+use ferrogen::device::{CpuDevice, DeviceKind, ResidentModel};
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
 use ferrogen::gpu::model::GpuModel;
 use ferrogen::gpu::GpuContext;
@@ -35,7 +38,7 @@ fn worst(a: &[f32], b: &[f32]) -> f32 {
 fn run() -> Result<()> {
     let (mut model, mut text, mut offload) = (None, None, None);
     let mut tokens = vec![2048usize, 8192];
-    let mut paths = list("reference,wgpu,engine");
+    let mut paths = list("reference,cpu,wgpu,engine-cpu,engine");
     let (mut gpu_mem, mut cpu_mem) = (96u64 << 20, 128u64 << 20);
     let mut flags = Flags::from_env();
     while let Some(flag) = flags.next_flag() {
@@ -83,12 +86,24 @@ fn run() -> Result<()> {
                     let lp = gpu.token_logprobs(&[record])?.remove(0);
                     (t.elapsed().as_secs_f64(), lp, String::new())
                 }
-                "engine" => {
+                "cpu" => {
+                    let cpu = ResidentModel::new(CpuDevice::new(0)?, &files, Default::default())?;
+                    let t = Instant::now();
+                    let lp = cpu.token_logprobs(&[record])?.remove(0);
+                    (t.elapsed().as_secs_f64(), lp, String::new())
+                }
+                "engine" | "engine-cpu" => {
+                    let on_cpu = path == "engine-cpu";
                     let dir = offload.clone().unwrap_or_else(std::env::temp_dir);
                     let options = EngineOptions {
-                        gpu_budget: gpu_mem,
+                        gpu_budget: if on_cpu { u64::MAX } else { gpu_mem },
                         cpu_budget: cpu_mem,
                         offload_dir: Some(dir),
+                        device: if on_cpu {
+                            DeviceKind::Cpu
+                        } else {
+                            DeviceKind::Wgpu
+                        },
                         ..EngineOptions::new(Placement::Search {
                             hardware: default_profile()?,
                             prompt_len: 256,

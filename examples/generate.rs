@@ -1,19 +1,24 @@
-//! Greedy generation, on the CPU reference or on the engine with memory budgets.
+//! Greedy generation on the engine (or the CPU reference), with memory budgets.
 //!
 //! ```text
 //! cargo run --release --example generate -- --model PATH --prompt "The capital of France is"
-//!     [--prompt "..." ...] [--max-new-tokens 16] [--backend reference|wgpu]
-//!     [--gpu-mem SIZE] [--cpu-mem SIZE] [--offload-dir DIR] [--policy FILE.toml]
+//!     [--prompt "..." ...] [--max-new-tokens 16] [--backend engine|reference]
+//!     [--device auto|cpu|wgpu] [--gpu-mem SIZE] [--cpu-mem SIZE] [--offload-dir DIR]
+//!     [--policy FILE.toml]
 //! ```
-//! Several prompts run as one block. Memory flags (or `--backend wgpu`) run the engine: with a
-//! policy file its placement, with budgets alone the policy search's on the built-in profile.
-//! A continuation stops at the model's end-of-sequence token.
+//! Several prompts run as one block. The engine runs on the device `--device` names (auto: a
+//! discrete or integrated GPU through WebGPU when there is one, else the native CPU device,
+//! whose one memory budget is `--cpu-mem`): with a policy file its placement, with budgets
+//! alone the policy search's on the built-in profile, with neither everything in device
+//! memory. `--backend reference` runs the f32 CPU oracle (`--backend wgpu`, the old spelling,
+//! means `--device wgpu`). A continuation stops at the model's end-of-sequence token.
 
 use std::path::PathBuf;
 
 use ferrogen::bytes::parse_size;
 use ferrogen::cli::{required, Flags};
 use ferrogen::cpu::ReferenceModel;
+use ferrogen::device::DeviceKind;
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
 use ferrogen::model::ModelFiles;
 use ferrogen::policy::Policy;
@@ -23,6 +28,7 @@ fn run() -> Result<()> {
     let (mut model, mut prompts, mut max_new) = (None, Vec::new(), 16usize);
     let (mut backend, mut policy, mut offload_dir) = (None, None, None);
     let (mut gpu_mem, mut cpu_mem) = (None, None);
+    let mut device = DeviceKind::Auto;
     let mut flags = Flags::from_env();
     while let Some(flag) = flags.next_flag() {
         match flag.as_str() {
@@ -30,6 +36,7 @@ fn run() -> Result<()> {
             "--prompt" => prompts.push(flags.value(&flag)?),
             "--max-new-tokens" => max_new = flags.parse(&flag)?,
             "--backend" => backend = Some(flags.value(&flag)?),
+            "--device" => device = flags.value(&flag)?.parse()?,
             "--policy" => policy = Some(PathBuf::from(flags.value(&flag)?)),
             "--offload-dir" => offload_dir = Some(PathBuf::from(flags.value(&flag)?)),
             "--gpu-mem" => gpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
@@ -62,10 +69,10 @@ fn run() -> Result<()> {
         Some("reference") => {
             return Err(Error::invalid(
                 "--backend",
-                "memory flags need the wgpu engine",
+                "memory flags are the engine's: drop --backend reference",
             ))
         }
-        Some("wgpu") | None => {
+        Some("engine" | "wgpu") | None => {
             let placement = match &policy {
                 Some(path) => Placement::Policy(Policy::from_toml_file(path)?),
                 None if gpu_mem.is_none() && cpu_mem.is_none() => {
@@ -83,9 +90,14 @@ fn run() -> Result<()> {
                 gpu_budget: gpu_mem.unwrap_or(u64::MAX),
                 cpu_budget: cpu_mem.unwrap_or(u64::MAX),
                 offload_dir,
+                device: match (backend.as_deref(), device) {
+                    (Some("wgpu"), DeviceKind::Auto) => DeviceKind::Wgpu,
+                    (_, d) => d,
+                },
                 ..EngineOptions::new(placement)
             };
-            let engine = Engine::open_files(ferrogen::gpu::GpuContext::new()?, files, options)?;
+            let engine = Engine::open_with(files, options)?;
+            eprintln!("device: {}", engine.device());
             let out = engine
                 .generate(&refs, max_new)?
                 .into_iter()
@@ -104,7 +116,7 @@ fn run() -> Result<()> {
         Some(other) => {
             return Err(Error::invalid(
                 "--backend",
-                format!("`{other}` (reference or wgpu)"),
+                format!("`{other}` (engine or reference)"),
             ))
         }
     };

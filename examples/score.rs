@@ -2,14 +2,15 @@
 //!
 //! ```text
 //! cargo run --release --example score -- --model PATH --input IN.jsonl --output OUT.jsonl
-//!     [--per-token] [--backend reference|wgpu] [--batch-tokens N]
+//!     [--per-token] [--backend engine|reference] [--device auto|cpu|wgpu] [--batch-tokens N]
 //!     [--gpu-mem SIZE] [--cpu-mem SIZE] [--offload-dir DIR] [--keep-offload]
 //!     [--policy FILE.toml | --hardware PROFILE.toml [--prompt-len N]]
 //!     [--compress-weight] [--compress-cache] [--trace FILE.json]
 //! ```
-//! The default backend is the engine on WebGPU when an adapter exists, except that with only a
-//! CPU adapter (lavapipe) and no memory flags the CPU reference runs, being ~14x faster there;
-//! `--backend wgpu` forces the engine. With `--policy` the file's placement is used (checked against any budgets);
+//! The engine runs by default, on the device `--device` names (auto: a discrete or integrated
+//! GPU through WebGPU when there is one, else the native CPU device; on the CPU device
+//! `--cpu-mem` budgets all of RAM and `--gpu-mem` is an error). `--backend reference` runs the
+//! f32 CPU oracle instead (`--backend wgpu`, the old spelling, means `--device wgpu`). With `--policy` the file's placement is used (checked against any budgets);
 //! with budgets and no policy the LP search picks one for the hardware profile (by default the
 //! one calibrated on the CI machine, `policies/lavapipe-2core.toml`); with neither, everything
 //! stays on the GPU. `--trace` writes a Chrome trace (open it in Perfetto) of every load,
@@ -24,8 +25,8 @@ use std::process::ExitCode;
 use ferrogen::bytes::{format_size, parse_size};
 use ferrogen::cli::{required, Flags};
 use ferrogen::cpu::ReferenceModel;
+use ferrogen::device::DeviceKind;
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
-use ferrogen::gpu::{AdapterKind, GpuContext};
 use ferrogen::model::ModelFiles;
 use ferrogen::policy::{HardwareProfile, Policy};
 use ferrogen::score::{score_jsonl, ScoreOptions, Scorer};
@@ -38,6 +39,7 @@ struct Args {
     input: String,
     output: String,
     backend: Option<String>,
+    device: DeviceKind,
     options: ScoreOptions,
     gpu_mem: Option<u64>,
     cpu_mem: Option<u64>,
@@ -69,6 +71,7 @@ fn parse_args() -> Result<Args> {
             "--compress-weight" => a.compress_weight = true,
             "--compress-cache" => a.compress_cache = true,
             "--backend" => a.backend = Some(flags.value(&flag)?),
+            "--device" => a.device = flags.value(&flag)?.parse()?,
             "--batch-tokens" => a.options.batch_tokens = flags.positive(&flag)?,
             "--gpu-mem" => a.gpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
             "--cpu-mem" => a.cpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
@@ -82,7 +85,7 @@ fn parse_args() -> Result<Args> {
                 return Err(Error::invalid(
                     "--help",
                     "usage: score --model PATH --input IN.jsonl --output OUT.jsonl [--per-token] \
-                     [--backend reference|wgpu] [--batch-tokens N] [--gpu-mem SIZE] \
+                     [--backend engine|reference] [--device auto|cpu|wgpu] [--batch-tokens N] [--gpu-mem SIZE] \
                      [--cpu-mem SIZE] [--offload-dir DIR] [--keep-offload] [--policy FILE.toml | \
                      --hardware PROFILE.toml [--prompt-len N]] [--compress-weight] \
                      [--compress-cache] [--trace FILE.json]",
@@ -180,52 +183,25 @@ fn prepare(args: &Args) -> Result<Job> {
             if let Some(flag) = args.memory_flag() {
                 return Err(Error::invalid(
                     flag,
-                    "memory placement needs --backend wgpu",
+                    "memory placement is the engine's: drop --backend reference",
                 ));
             }
             if args.compress_weight || args.compress_cache {
                 return Err(Error::invalid(
                     "--compress-weight/--compress-cache",
-                    "need --backend wgpu",
+                    "are the engine's: drop --backend reference",
                 ));
             }
             let files = ModelFiles::open(&args.model)?;
             Backend::Reference(ReferenceModel::load(&files)?, files)
         }
-        Some("wgpu") | None => {
+        Some("engine" | "wgpu") | None => {
             let placement = args.placement()?;
             let files = ModelFiles::open(&args.model)?;
-            let ctx = match GpuContext::new() {
-                // a software rasterizer's "GPU" (lavapipe) runs the kernels far slower than the
-                // CPU reference does: without memory flags the reference is the better default
-                Ok(ctx)
-                    if ctx.kind == AdapterKind::Cpu
-                        && args.backend.is_none()
-                        && args.memory_flag().is_none()
-                        && !args.compress_weight
-                        && !args.compress_cache =>
-                {
-                    eprintln!(
-                        "the only WebGPU adapter is a CPU one ({}): using the faster CPU reference \
-                         (--backend wgpu forces the engine)",
-                        ctx.info.name
-                    );
-                    return Ok(Job {
-                        model: Backend::Reference(ReferenceModel::load(&files)?, files),
-                        input,
-                        output: open_output(&args.output)?,
-                    });
-                }
-                Ok(ctx) => ctx,
-                Err(e) if args.backend.is_none() && args.memory_flag().is_none() => {
-                    eprintln!("{e}: using the reference backend");
-                    return Ok(Job {
-                        model: Backend::Reference(ReferenceModel::load(&files)?, files),
-                        input,
-                        output: open_output(&args.output)?,
-                    });
-                }
-                Err(e) => return Err(e),
+            // `--backend wgpu` (the old spelling) is the engine on WebGPU
+            let device = match (args.backend.as_deref(), args.device) {
+                (Some("wgpu"), DeviceKind::Auto) => DeviceKind::Wgpu,
+                (_, d) => d,
             };
             let options = EngineOptions {
                 gpu_budget: args.gpu_mem.unwrap_or(u64::MAX),
@@ -233,10 +209,12 @@ fn prepare(args: &Args) -> Result<Job> {
                 offload_dir: args.offload_dir.clone(),
                 keep_offload: args.keep_offload,
                 trace: args.trace.is_some(),
+                device,
                 ..EngineOptions::new(placement)
             };
-            let engine = Engine::open_files(ctx, files, options)?;
+            let engine = Engine::open_with(files, options)?;
             let w = engine.weight_bytes();
+            eprintln!("device: {}", engine.device());
             eprintln!(
                 "policy: gbs {} x nb {}, weights {}/{}/{} GPU/CPU/disk{}, cache {:.0}%/{:.0}% GPU/CPU, \
                  activations {:.0}%/{:.0}% GPU/CPU{}",
@@ -257,7 +235,7 @@ fn prepare(args: &Args) -> Result<Job> {
         Some(other) => {
             return Err(Error::invalid(
                 "--backend",
-                format!("`{other}` (choose reference or wgpu)"),
+                format!("`{other}` (choose engine or reference)"),
             ))
         }
     };

@@ -168,15 +168,18 @@ pub struct Engine {
     keep_offload: bool,
 }
 
-/// Rows of logits per chunk for a GPU budget: 128, or fewer so that a chunk takes at most an
-/// eighth of the budget, but not fewer than 64 while a 64-row chunk fits a quarter of it (on
-/// lavapipe, scoring 1,533 SmolLM2 tokens in chunks of 21 rows ran at half the speed of chunks
-/// of 128).
-fn logit_rows(config: &ModelConfig, gpu_budget: u64) -> usize {
-    let row = (config.vocab_size() * 4) as u64;
-    let by_budget = (gpu_budget / 8 / row.max(1)) as usize;
+/// Rows of logits per chunk for a GPU budget, where the device holds `width` logits per row
+/// at once (the vocabulary, or its panel): 128 rows of the whole vocabulary's worth (up to a
+/// chunk of rows when the device reduces in panels), or fewer so that a chunk takes at most
+/// an eighth of the budget, but not fewer than 64 while a 64-row chunk fits a quarter of it
+/// (on lavapipe, scoring 1,533 SmolLM2 tokens in chunks of 21 rows ran at half the speed of
+/// chunks of 128).
+fn logit_rows(config: &ModelConfig, gpu_budget: u64, width: usize) -> usize {
+    let row = (width.max(1) * 4) as u64;
+    let most = (LOGIT_ROWS * config.vocab_size() / width.max(1)).clamp(LOGIT_ROWS, CHUNK_ROWS);
+    let by_budget = (gpu_budget / 8 / row) as usize;
     let floor = if 64 * row <= gpu_budget / 4 { 64 } else { 1 };
-    by_budget.clamp(floor, LOGIT_ROWS)
+    by_budget.clamp(floor, most)
 }
 
 /// Rows of a batch a unit computes at once for a GPU budget: 512, or fewer (by halves, down
@@ -184,7 +187,7 @@ fn logit_rows(config: &ModelConfig, gpu_budget: u64) -> usize {
 /// longer than this run in row chunks, so a record's length does not decide what fits.
 fn chunk_rows(config: &ModelConfig, gpu_budget: u64) -> usize {
     let mut rows = CHUNK_ROWS;
-    while rows > 16 && workspace_bytes(config, rows, 0) > gpu_budget / 8 {
+    while rows > 16 && workspace_bytes(config, rows, 0, 0) > gpu_budget / 8 {
         rows /= 2;
     }
     rows
@@ -194,10 +197,15 @@ fn chunk_rows(config: &ModelConfig, gpu_budget: u64) -> usize {
 /// on the GPU a chunk of logits and the output projection streamed in its own slot (the
 /// cost model counts the row chunks' intermediate tensors itself); on the CPU the embedding
 /// table kept for lookups and the staging buffers.
-fn search_reserve(files: &ModelFiles, format: WeightFormat, gpu_budget: u64) -> Result<(u64, u64)> {
+fn search_reserve(
+    files: &ModelFiles,
+    format: WeightFormat,
+    gpu_budget: u64,
+    logit_width: usize,
+) -> Result<(u64, u64)> {
     let config = &files.config;
     let output = crate::exec::weights::output_weight_bytes(files, format)?;
-    let logits = logit_rows(config, gpu_budget) * config.vocab_size();
+    let logits = logit_rows(config, gpu_budget, logit_width) * logit_width;
     let gpu = (logits * 4) as u64 + output;
     let table = crate::exec::weights::lookup_table_bytes(files)?;
     Ok((gpu, table + (4 << 20)))
@@ -278,7 +286,9 @@ impl Engine {
                 } else {
                     WeightFormat::Native
                 };
-                let (gpu_keep, cpu_keep) = search_reserve(&files, format, options.gpu_budget)?;
+                let width = dev.logit_width(files.config.vocab_size());
+                let (gpu_keep, cpu_keep) =
+                    search_reserve(&files, format, options.gpu_budget, width)?;
                 let short = |budget: u64, keep: u64, flag: &str| -> Result<u64> {
                     budget.checked_sub(keep).ok_or_else(|| Error::Infeasible {
                         tier: flag.to_string(),
@@ -359,7 +369,8 @@ impl Engine {
             compress_cache: policy.compress_cache,
         };
         let mut runner = Runner::new(dev, &files.config, gpu_options);
-        runner.logit_rows = logit_rows(&files.config, options.gpu_budget);
+        let width = runner.dev.logit_width(files.config.vocab_size());
+        runner.logit_rows = logit_rows(&files.config, options.gpu_budget, width);
         runner.chunk_rows = chunk_rows(&files.config, options.gpu_budget);
         let model = Placer {
             dev: &runner.dev,

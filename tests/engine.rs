@@ -1,33 +1,32 @@
-//! The engine (placement + zig-zag schedule + executor) against the all-resident wgpu model:
-//! whatever the policy, the numbers are the same.
+//! The engine (placement + zig-zag schedule + executor) against the all-resident model on the
+//! same device: whatever the policy, the numbers are the same. Every test runs on the CPU
+//! device and on WebGPU.
 //!
-//! Needs a WebGPU adapter (lavapipe on machines without a GPU); `FERROGEN_SKIP_GPU=1` skips.
+//! WebGPU needs an adapter (lavapipe on machines without a GPU); `FERROGEN_SKIP_GPU=1` skips it.
 
 mod common;
 
-use common::{expected, fixture_dir, gpu_context, policy, worst_diff, FIXTURES};
+use common::{
+    devices, engine, expected, fixture_dir, gpu_context, policy, resident, worst_diff, FIXTURES,
+};
+use ferrogen::device::DeviceKind;
 use ferrogen::engine::{Engine, EngineOptions, Placement};
-use ferrogen::gpu::model::{GpuModel, GpuOptions, WeightFormat};
+use ferrogen::gpu::model::{GpuOptions, WeightFormat};
 use ferrogen::model::ModelFiles;
 
 #[test]
 fn offloaded_scoring_equals_resident() {
-    let Some(_) = gpu_context() else { return };
     let dir = tempfile::tempdir().unwrap();
-    for name in FIXTURES {
+    for (device, name) in devices().into_iter().flat_map(|d| FIXTURES.map(|n| (d, n))) {
         let files = ModelFiles::open(&fixture_dir(name)).unwrap();
-        let resident = GpuModel::load(
-            gpu_context().unwrap(),
-            &files,
-            GpuOptions {
-                weights: WeightFormat::Native,
-                compress_cache: false,
-            },
-        )
-        .unwrap();
+        let options = GpuOptions {
+            weights: WeightFormat::Native,
+            compress_cache: false,
+        };
+        let resident = resident(device, &files, options);
         let exp = expected(name);
         let batch: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
-        let want = resident.token_logprobs(&batch).unwrap();
+        let want = resident.token_logprobs(&batch);
         for p in [
             policy(1, 2, (30.0, 30.0), (100.0, 0.0), (30.0, 30.0), true, true),
             policy(2, 1, (0.0, 10.0), (100.0, 0.0), (0.0, 0.0), false, false),
@@ -36,15 +35,14 @@ fn offloaded_scoring_equals_resident() {
                 offload_dir: Some(dir.path().to_path_buf()),
                 ..EngineOptions::new(Placement::Policy(p.clone()))
             };
-            let engine = Engine::open_files(
-                gpu_context().unwrap(),
+            let engine = engine(
+                device,
                 ModelFiles::open(&fixture_dir(name)).unwrap(),
                 options,
-            )
-            .unwrap();
+            );
             let got = engine.token_logprobs(&batch).unwrap();
             let d = worst_diff(&got, &want);
-            assert!(d < 1e-4, "{name} {p:?}: {d}");
+            assert!(d < 1e-4, "{device:?} {name} {p:?}: {d}");
         }
     }
 }
@@ -63,9 +61,10 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
     /// Scoring and generation under random placements, batchings and switches equal the
-    /// all-resident wgpu model.
+    /// all-resident model on the same device.
     #[test]
     fn any_policy_gives_the_resident_numbers(
+        on_cpu in any::<bool>(),
         fixture in 0usize..FIXTURES.len(),
         gbs in 1usize..3,
         nb in 1usize..4,
@@ -77,16 +76,15 @@ proptest! {
         compress_cache in any::<bool>(),
         cpu_cache_compute in any::<bool>(),
     ) {
-        let Some(_) = gpu_context() else { return Ok(()) };
+        let device = if on_cpu || gpu_context().is_none() { DeviceKind::Cpu } else { DeviceKind::Wgpu };
         let name = FIXTURES[fixture];
         let dir = tempfile::tempdir().unwrap();
         let files = ModelFiles::open(&fixture_dir(name)).unwrap();
-        let resident = GpuModel::load(
-            gpu_context().unwrap(),
+        let resident = resident(
+            device,
             &files,
             GpuOptions { weights: WeightFormat::Native, compress_cache },
-        )
-        .unwrap();
+        );
         let exp = expected(name);
         let batch: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
         let mut p = policy(gbs, nb, w, c, h, overlap, sep);
@@ -97,22 +95,22 @@ proptest! {
             offload_dir: Some(dir.path().to_path_buf()),
             ..EngineOptions::new(Placement::Policy(p.clone()))
         };
-        let engine = Engine::open_files(gpu_context().unwrap(), files, options).unwrap();
+        let engine = engine(device, files, options);
 
-        let want = resident.token_logprobs(&batch).unwrap();
+        let want = resident.token_logprobs(&batch);
         let got = engine.token_logprobs(&batch).unwrap();
         let d = worst_diff(&got, &want);
-        prop_assert!(d < 1e-4, "{} scoring {:?}: {}", name, p, d);
+        prop_assert!(d < 1e-4, "{:?} {} scoring {:?}: {}", device, name, p, d);
 
         // generation: the same tokens, and each token's logprob as the resident model scores it
         let prompts: Vec<&[u32]> = batch.iter().map(|s| &s[..s.len().min(5)]).collect();
         let new = 4;
         let gen = engine.generate(&prompts, new).unwrap();
-        let greedy = resident.generate_greedy(&prompts, new, None).unwrap();
+        let greedy = resident.generate_greedy(&prompts, new);
         for ((g, want_tokens), prompt) in gen.iter().zip(&greedy).zip(&prompts) {
-            prop_assert_eq!(&g.tokens, want_tokens, "{} generation {:?}", name, p);
+            prop_assert_eq!(&g.tokens, want_tokens, "{:?} {} generation {:?}", device, name, p);
             let full: Vec<u32> = prompt.iter().chain(&g.tokens).copied().collect();
-            let lp = resident.token_logprobs(&[&full]).unwrap().remove(0);
+            let lp = resident.token_logprobs(&[&full]).remove(0);
             let tail = &lp[prompt.len() - 1..];
             let d = tail.iter().zip(&g.logprobs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             prop_assert!(d < 1e-4, "{} generated logprobs {:?}: {}", name, p, d);

@@ -1,21 +1,22 @@
 //! Sequences up to the model's context, where position bugs live: SmolLM2 windows of 500,
 //! 1,024 and 2,048 tokens of britannica-11th.txt (fetched text, not in the repo) against Hugging
 //! Face transformers (`scripts/make_smollm2_long_reference.py`, float64) and the CPU reference,
-//! on the resident wgpu model and on the engine with its weights on disk under small budgets;
-//! and greedy generation that crosses 512, 1,024 and 2,048 total tokens.
+//! on the resident model and on the engine with its weights on disk under small budgets, on the
+//! CPU device and on WebGPU; and greedy generation that crosses 512, 1,024 and 2,048 total
+//! tokens.
 //!
-//! Needs the fetched model (see `tests/smollm2.rs`; `FERROGEN_OFFLINE=1` skips) and a WebGPU
-//! adapter (`FERROGEN_SKIP_GPU=1` skips).
+//! Needs the fetched model (see `tests/smollm2.rs`; `FERROGEN_OFFLINE=1` skips). The WebGPU
+//! runs need an adapter (`FERROGEN_SKIP_GPU=1` skips them).
 
 mod common;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use common::{gpu_context, worst_diff};
+use common::{devices, engine, resident, worst_diff};
 use ferrogen::cpu::ReferenceModel;
-use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
-use ferrogen::gpu::model::GpuModel;
+use ferrogen::device::DeviceKind;
+use ferrogen::engine::{default_profile, EngineOptions, Placement};
 use ferrogen::model::ModelFiles;
 use ferrogen::storage::Tier;
 use serde::Deserialize;
@@ -126,86 +127,101 @@ fn reference_matches_transformers_up_to_2048_tokens() {
     assert!(hf.iter().all(|&d| d < 2e-3), "{hf:?}");
 }
 
-/// The resident wgpu model, all three windows in one ragged batch (rows computed in chunks
-/// that cross sequence boundaries), against the reference and transformers.
+/// The resident model on each device, all three windows in one ragged batch (rows computed
+/// in chunks that cross sequence boundaries), against the reference and transformers.
 #[test]
-fn wgpu_matches_reference_up_to_2048_tokens() {
+fn resident_models_match_reference_up_to_2048_tokens() {
     let Some(m) = smollm2() else { return };
-    let Some(ctx) = gpu_context() else { return };
-    let gpu = GpuModel::load(ctx, &m.files, Default::default()).unwrap();
     let seqs = windows(m);
-    let got = gpu.token_logprobs(&seqs).unwrap();
     let want: Vec<Vec<f32>> = seqs
         .iter()
         .map(|s| m.reference.token_logprobs(&[s]).unwrap().remove(0))
         .collect();
-    let worst = worst_diff(&got, &want);
-    let hf = from_hf(&got);
-    eprintln!("wgpu vs reference: {worst:.2e}; vs transformers per window: {hf:?}");
-    assert!(worst < 1e-3, "{worst}");
-    assert!(hf.iter().all(|&d| d < 2e-3), "{hf:?}");
-    // generation crossing 512 total tokens on the resident model too
     let g = &long().greedy[0];
-    let out = gpu
-        .generate_greedy(&[&g.prompt], g.new_tokens.len(), None)
-        .unwrap();
-    let want = m
+    let greedy = m
         .reference
         .generate_greedy(&[&g.prompt], g.new_tokens.len(), None)
         .unwrap();
-    assert_eq!(out, want, "greedy past 512 tokens");
+    for device in devices() {
+        let model = resident(device, &m.files, Default::default());
+        let got = model.token_logprobs(&seqs);
+        let worst = worst_diff(&got, &want);
+        let hf = from_hf(&got);
+        eprintln!("{device:?} vs reference: {worst:.2e}; vs transformers per window: {hf:?}");
+        assert!(worst < 1e-3, "{device:?}: {worst}");
+        assert!(hf.iter().all(|&d| d < 2e-3), "{device:?}: {hf:?}");
+        // generation crossing 512 total tokens on the resident model too
+        let out = model.generate_greedy(&[&g.prompt], g.new_tokens.len());
+        assert_eq!(out, greedy, "{device:?}: greedy past 512 tokens");
+    }
 }
 
-/// The engine as `score --gpu-mem 96MiB --cpu-mem 128MiB --offload-dir D` runs it: the policy
-/// search picks the placement, and 1,024- and 2,048-token records score within the budgets,
-/// with transformers' numbers.
+/// The engine as `score --gpu-mem 96MiB --cpu-mem 128MiB --offload-dir D` runs it on WebGPU
+/// (and `score --device cpu --cpu-mem 128MiB` on the CPU device, where 128 MiB is all of RAM
+/// and the model must partly stay on disk): the policy search picks the placement, and 1,024-
+/// and 2,048-token records score within the budgets, with transformers' numbers.
 #[test]
 fn engine_scores_2048_tokens_within_small_budgets() {
     let Some(m) = smollm2() else { return };
-    let Some(ctx) = gpu_context() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let (gpu_budget, cpu_budget) = (96u64 << 20, 128u64 << 20);
-    let options = EngineOptions {
-        gpu_budget,
-        cpu_budget,
-        offload_dir: Some(dir.path().to_path_buf()),
-        ..EngineOptions::new(Placement::Search {
-            hardware: default_profile().unwrap(),
-            prompt_len: 256,
-            gen_len: 1,
-            compress_weight: false,
-            compress_cache: false,
-        })
-    };
-    let engine = Engine::open_files(
-        ctx,
-        ModelFiles::open(&model_path().unwrap()).unwrap(),
-        options,
-    )
-    .unwrap();
     let seqs = windows(m);
-    let got = engine.token_logprobs(&seqs[1..]).unwrap();
     let want: Vec<Vec<f32>> = seqs[1..]
         .iter()
         .map(|s| m.reference.token_logprobs(&[s]).unwrap().remove(0))
         .collect();
-    let worst = worst_diff(&got, &want);
-    let hf: Vec<f64> = got
-        .iter()
-        .zip(&long().windows[1..])
-        .map(|(g, w)| common::max_abs_diff(g, &w.token_logprobs))
-        .collect();
-    let peaks = engine.peaks();
-    eprintln!(
-        "engine ({:?}, weights {:?} B on GPU/CPU/disk): vs reference {worst:.2e}, vs \
-         transformers {hf:?}; peaks {peaks:?}",
-        engine.policy(),
-        engine.weight_bytes()
-    );
-    assert!(worst < 1e-3, "{worst}");
-    assert!(hf.iter().all(|&d| d < 2e-3), "{hf:?}");
-    assert!(peaks[Tier::Gpu.index()] <= gpu_budget, "{peaks:?}");
-    assert!(peaks[Tier::Cpu.index()] <= cpu_budget, "{peaks:?}");
+    for device in devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gpu_budget, cpu_budget) = match device {
+            DeviceKind::Cpu => (u64::MAX, 128u64 << 20),
+            _ => (96u64 << 20, 128u64 << 20),
+        };
+        let options = EngineOptions {
+            gpu_budget,
+            cpu_budget,
+            offload_dir: Some(dir.path().to_path_buf()),
+            ..EngineOptions::new(Placement::Search {
+                hardware: default_profile().unwrap(),
+                prompt_len: 256,
+                gen_len: 1,
+                compress_weight: false,
+                compress_cache: false,
+            })
+        };
+        let engine = engine(
+            device,
+            ModelFiles::open(&model_path().unwrap()).unwrap(),
+            options,
+        );
+        let got = engine.token_logprobs(&seqs[1..]).unwrap();
+        let worst = worst_diff(&got, &want);
+        let hf: Vec<f64> = got
+            .iter()
+            .zip(&long().windows[1..])
+            .map(|(g, w)| common::max_abs_diff(g, &w.token_logprobs))
+            .collect();
+        let peaks = engine.peaks();
+        eprintln!(
+            "{device:?} engine ({:?}, weights {:?} B on GPU/CPU/disk): vs reference {worst:.2e}, \
+             vs transformers {hf:?}; peaks {peaks:?}",
+            engine.policy(),
+            engine.weight_bytes()
+        );
+        assert!(worst < 1e-3, "{device:?}: {worst}");
+        assert!(hf.iter().all(|&d| d < 2e-3), "{device:?}: {hf:?}");
+        assert!(
+            peaks[Tier::Gpu.index()] <= gpu_budget,
+            "{device:?}: {peaks:?}"
+        );
+        assert!(
+            peaks[Tier::Cpu.index()] <= cpu_budget,
+            "{device:?}: {peaks:?}"
+        );
+        if device == DeviceKind::Cpu {
+            assert!(
+                engine.weight_bytes()[2] > 0,
+                "128 MiB of RAM cannot hold it all"
+            );
+        }
+    }
 }
 
 /// Greedy generation through the engine (weights, cache and activations split over the tiers)
@@ -214,7 +230,6 @@ fn engine_scores_2048_tokens_within_small_budgets() {
 #[test]
 fn engine_generation_crosses_long_lengths_like_the_reference() {
     let Some(m) = smollm2() else { return };
-    let Some(ctx) = gpu_context() else { return };
     let dir = tempfile::tempdir().unwrap();
     let policy = ferrogen::policy::Policy {
         gpu_batch_size: 2,
@@ -227,33 +242,40 @@ fn engine_generation_crosses_long_lengths_like_the_reference() {
         act_cpu_percent: 30.0,
         ..ferrogen::policy::Policy::all_on_gpu(2)
     };
-    let options = EngineOptions {
-        offload_dir: Some(dir.path().to_path_buf()),
-        ..EngineOptions::new(Placement::Policy(policy))
-    };
-    let engine = Engine::open_files(
-        ctx,
-        ModelFiles::open(&model_path().unwrap()).unwrap(),
-        options,
-    )
-    .unwrap();
     let cases = &long().greedy;
     let n = cases[0].new_tokens.len();
     let prompts: Vec<&[u32]> = cases.iter().map(|g| g.prompt.as_slice()).collect();
-    let got = engine.generate(&prompts, n).unwrap();
     let want = m.reference.generate_greedy(&prompts, n, None).unwrap();
-    for ((g, w), case) in got.iter().zip(&want).zip(cases) {
-        let total = case.prompt.len() + n;
-        assert_eq!(&g.tokens, w, "engine vs reference, {total} total tokens");
+    for device in devices() {
+        let options = EngineOptions {
+            offload_dir: Some(dir.path().to_path_buf()),
+            ..EngineOptions::new(Placement::Policy(policy.clone()))
+        };
+        let engine = engine(
+            device,
+            ModelFiles::open(&model_path().unwrap()).unwrap(),
+            options,
+        );
+        let got = engine.generate(&prompts, n).unwrap();
+        for ((g, w), case) in got.iter().zip(&want).zip(cases) {
+            let total = case.prompt.len() + n;
+            assert_eq!(
+                &g.tokens, w,
+                "{device:?} engine vs reference, {total} total tokens"
+            );
+            let mut full = case.prompt.clone();
+            full.extend(&g.tokens);
+            let scored = m.reference.token_logprobs(&[&full]).unwrap().remove(0);
+            let tail = &scored[case.prompt.len() - 1..];
+            let worst = worst_diff(std::slice::from_ref(&g.logprobs), &[tail.to_vec()]);
+            assert!(worst < 1e-3, "{device:?} {total} tokens: {worst}");
+        }
+    }
+    for (w, case) in want.iter().zip(cases) {
         if w != &case.new_tokens {
+            let total = case.prompt.len() + n;
             eprintln!("note: f32 greedy differs from transformers' float64 at {total} tokens");
         }
-        let mut full = case.prompt.clone();
-        full.extend(&g.tokens);
-        let scored = m.reference.token_logprobs(&[&full]).unwrap().remove(0);
-        let tail = &scored[case.prompt.len() - 1..];
-        let worst = worst_diff(std::slice::from_ref(&g.logprobs), &[tail.to_vec()]);
-        assert!(worst < 1e-3, "{total} tokens: {worst}");
     }
     let matches = want
         .iter()

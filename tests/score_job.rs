@@ -188,6 +188,18 @@ fn score_example_follows_the_contract() {
         stderr.contains("tokens/s") && stderr.contains("perplexity"),
         "{stderr}"
     );
+    // the engine on the native CPU device (with one RAM budget, placed by the search): the
+    // same results
+    for extra in [
+        &["--device", "cpu"][..],
+        &["--device", "cpu", "--cpu-mem", "8MiB"],
+    ] {
+        let out = run(&[&["--per-token"][..], extra].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{extra:?}: {stderr}");
+        assert!(stderr.contains("device: cpu"), "{stderr}");
+        check_output(&std::fs::read_to_string(&out_path).unwrap(), &want);
+    }
 
     // Only the good records: exit 0, and no per-token list without --per-token.
     // (the good token records are the ones with numeric ids)
@@ -219,7 +231,12 @@ fn score_example_follows_the_contract() {
         (vec!["--backend", "cuda"], "--backend"),
         (
             vec!["--backend", "reference", "--gpu-mem", "1GiB"],
-            "--backend wgpu",
+            "drop --backend reference",
+        ),
+        (vec!["--device", "tpu"], "--device"),
+        (
+            vec!["--device", "cpu", "--gpu-mem", "1GiB"],
+            "budget all of its memory with --cpu-mem",
         ),
         (vec!["--gpu-mem", "lots"], "--gpu-mem"),
         (

@@ -9,8 +9,9 @@ mod common;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use common::{gpu_context, policy, worst_diff};
+use common::{budgets, devices, engine, gpu_context, policy, resident, worst_diff};
 use ferrogen::cpu::ReferenceModel;
+use ferrogen::device::DeviceKind;
 use ferrogen::model::ModelFiles;
 use serde::Deserialize;
 
@@ -167,42 +168,34 @@ fn britannica_perplexity_matches_transformers() {
 }
 
 #[test]
-fn wgpu_backend_matches_reference_on_britannica() {
+fn resident_models_match_reference_on_britannica() {
     let Some(m) = smollm2() else { return };
-    let Some(ctx) = gpu_context() else { return };
-    let gpu = ferrogen::gpu::model::GpuModel::load(
-        ctx,
-        &m.files,
-        ferrogen::gpu::model::GpuOptions::default(),
-    )
-    .unwrap();
     let ids = &reference().britannica.tokens[..256];
-    let got = gpu.token_logprobs(&[ids]).unwrap();
     let want = m.model.token_logprobs(&[ids]).unwrap();
-    let worst = worst_diff(&got, &want);
-    eprintln!("wgpu vs reference, 256 britannica tokens: worst per-token diff {worst:.2e}");
-    assert!(worst < 1e-3, "{worst}");
     let tok = m.files.tokenizer().unwrap();
     let prompt = tok.encode("The capital of France is").unwrap();
-    let out = gpu.generate_greedy(&[&prompt], 3, None).unwrap();
-    assert_eq!(tok.decode(&out[0]).unwrap(), " Paris.\n");
+    for device in devices() {
+        let model = resident(device, &m.files, Default::default());
+        let got = model.token_logprobs(&[ids]);
+        let worst = worst_diff(&got, &want);
+        eprintln!(
+            "{device:?} vs reference, 256 britannica tokens: worst per-token diff {worst:.2e}"
+        );
+        assert!(worst < 1e-3, "{device:?}: {worst}");
+        let out = model.generate_greedy(&[&prompt], 3);
+        assert_eq!(tok.decode(&out[0]).unwrap(), " Paris.\n", "{device:?}");
+    }
 }
 
 /// 90% of the weights on disk, the cache and activations split over CPU and disk, budgets far
-/// below the model's size: the same numbers as the all-resident wgpu model, within the budgets.
+/// below the model's size: the same numbers as the all-resident model on the same device,
+/// within the budgets (on the CPU device, one RAM budget of both).
 #[test]
 fn engine_with_weights_on_disk_matches_resident() {
-    use ferrogen::engine::{Engine, EngineOptions, Placement};
+    use ferrogen::engine::{EngineOptions, Placement};
     use ferrogen::policy::Policy;
     use ferrogen::storage::Tier;
     let Some(m) = smollm2() else { return };
-    let Some(first) = gpu_context() else { return };
-    let resident = ferrogen::gpu::model::GpuModel::load(
-        first,
-        &m.files,
-        ferrogen::gpu::model::GpuOptions::default(),
-    )
-    .unwrap();
     let policy = Policy {
         gpu_batch_size: 2,
         num_gpu_batches: 2,
@@ -214,49 +207,58 @@ fn engine_with_weights_on_disk_matches_resident() {
         act_cpu_percent: 50.0,
         ..Policy::all_on_gpu(2)
     };
-    let dir = tempfile::tempdir().unwrap();
-    let (gpu_budget, cpu_budget) = (48u64 << 20, 96u64 << 20);
-    let options = EngineOptions {
-        gpu_budget,
-        cpu_budget,
-        offload_dir: Some(dir.path().to_path_buf()),
-        ..EngineOptions::new(Placement::Policy(policy))
-    };
-    let path = cache_dir().join(MODEL_FILE);
-    let engine = Engine::open_files(
-        gpu_context().unwrap(),
-        ModelFiles::open(&path).unwrap(),
-        options,
-    )
-    .unwrap();
-    let w = engine.weight_bytes();
-    let total: u64 = w.iter().sum();
-    assert!(w[2] as f64 >= 0.89 * total as f64, "{w:?}");
-
     let tokens = &reference().britannica.tokens;
     let seqs: Vec<&[u32]> = (0..4).map(|i| &tokens[i * 64..(i + 1) * 64]).collect();
-    let got = engine.token_logprobs(&seqs).unwrap();
-    let want = resident.token_logprobs(&seqs).unwrap();
-    let worst = worst_diff(&got, &want);
-    eprintln!("engine (90% of weights on disk) vs resident: worst per-token diff {worst:.2e}");
-    assert!(worst < 1e-4, "{worst}");
-
     let tok = m.files.tokenizer().unwrap();
     let prompt = tok.encode("The capital of France is").unwrap();
-    let out = engine.generate(&[&prompt, &tokens[..7]], 3).unwrap();
-    assert_eq!(tok.decode(&out[0].tokens).unwrap(), " Paris.\n");
-    let peaks = engine.peaks();
-    assert!(peaks[Tier::Gpu.index()] <= gpu_budget && peaks[Tier::Cpu.index()] <= cpu_budget);
-    eprintln!("peaks: {peaks:?}");
+    for device in devices() {
+        let resident = resident(device, &m.files, Default::default());
+        let dir = tempfile::tempdir().unwrap();
+        let (gpu_budget, cpu_budget) = budgets(device, 48 << 20, 96 << 20);
+        let options = EngineOptions {
+            gpu_budget,
+            cpu_budget,
+            offload_dir: Some(dir.path().to_path_buf()),
+            ..EngineOptions::new(Placement::Policy(policy.clone()))
+        };
+        let path = cache_dir().join(MODEL_FILE);
+        let engine = engine(device, ModelFiles::open(&path).unwrap(), options);
+        let w = engine.weight_bytes();
+        let total: u64 = w.iter().sum();
+        assert!(w[2] as f64 >= 0.89 * total as f64, "{device:?} {w:?}");
+
+        let got = engine.token_logprobs(&seqs).unwrap();
+        let want = resident.token_logprobs(&seqs);
+        let worst = worst_diff(&got, &want);
+        eprintln!(
+            "{device:?} engine (90% of weights on disk) vs resident: worst per-token diff {worst:.2e}"
+        );
+        assert!(worst < 1e-4, "{device:?}: {worst}");
+
+        let out = engine.generate(&[&prompt, &tokens[..7]], 3).unwrap();
+        assert_eq!(
+            tok.decode(&out[0].tokens).unwrap(),
+            " Paris.\n",
+            "{device:?}"
+        );
+        let peaks = engine.peaks();
+        assert!(
+            peaks[Tier::Gpu.index()] <= gpu_budget && peaks[Tier::Cpu.index()] <= cpu_budget,
+            "{device:?}: {peaks:?}"
+        );
+        eprintln!("{device:?} peaks: {peaks:?}");
+    }
 }
 
 proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3))]
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4))]
 
     /// Random placements of SmolLM2 (weights, cache and activations over the three tiers,
-    /// batching, overlap, sep_layer, CPU attention): the resident model's numbers.
+    /// batching, overlap, sep_layer, CPU attention) on either device: the resident model's
+    /// numbers on that device.
     #[test]
     fn engine_policies_on_smollm2_match_resident(
+        on_cpu: bool,
         w in (0u32..=10, 0u32..=10),
         c in (0u32..=10, 0u32..=10),
         h in (0u32..=10, 0u32..=10),
@@ -266,44 +268,34 @@ proptest::proptest! {
         sep_layer: bool,
         cpu_cache_compute: bool,
     ) {
-        use ferrogen::engine::{Engine, EngineOptions, Placement};
+        use ferrogen::engine::{EngineOptions, Placement};
         use ferrogen::policy::Policy;
         let Some(m) = smollm2() else { return Ok(()) };
-        let Some(ctx) = gpu_context() else { return Ok(()) };
+        let device = if on_cpu || gpu_context().is_none() { DeviceKind::Cpu } else { DeviceKind::Wgpu };
         let pct = |(g, c): (u32, u32)| (f64::from(g * 10), f64::from(c.min(10 - g) * 10));
         let (w, c, h) = (pct(w), pct(c), pct(h));
         let policy = Policy {
             cpu_cache_compute: cpu_cache_compute && c.0 < 100.0,
             ..policy(gbs, nb, w, c, h, overlap, sep_layer)
         };
-        let resident = ferrogen::gpu::model::GpuModel::load(
-            ctx,
-            &m.files,
-            ferrogen::gpu::model::GpuOptions::default(),
-        )
-        .unwrap();
+        let resident = resident(device, &m.files, Default::default());
         let dir = tempfile::tempdir().unwrap();
         let options = EngineOptions {
             offload_dir: Some(dir.path().to_path_buf()),
             ..EngineOptions::new(Placement::Policy(policy.clone()))
         };
-        let engine = Engine::open_files(
-            gpu_context().unwrap(),
-            ModelFiles::open(&cache_dir().join(MODEL_FILE)).unwrap(),
-            options,
-        )
-        .unwrap();
+        let engine = engine(device, ModelFiles::open(&cache_dir().join(MODEL_FILE)).unwrap(), options);
         let tokens = &reference().britannica.tokens;
         let seqs: Vec<&[u32]> = vec![&tokens[..24], &tokens[100..117], &tokens[300..320]];
         let got = engine.token_logprobs(&seqs).unwrap();
-        let want = resident.token_logprobs(&seqs).unwrap();
+        let want = resident.token_logprobs(&seqs);
         let worst = worst_diff(&got, &want);
-        proptest::prop_assert!(worst < 1e-4, "{:?}: {}", policy, worst);
+        proptest::prop_assert!(worst < 1e-4, "{:?} {:?}: {}", device, policy, worst);
         let prompts: Vec<&[u32]> = seqs.iter().map(|s| &s[..6]).collect();
         let gen = engine.generate(&prompts, 3).unwrap();
-        let greedy = resident.generate_greedy(&prompts, 3, None).unwrap();
+        let greedy = resident.generate_greedy(&prompts, 3);
         for (g, want) in gen.iter().zip(&greedy) {
-            proptest::prop_assert_eq!(&g.tokens, want, "{:?}", policy);
+            proptest::prop_assert_eq!(&g.tokens, want, "{:?} {:?}", device, policy);
         }
     }
 }
@@ -358,49 +350,50 @@ impl ferrogen::model::WeightSource for Group4RoundTrip {
 /// run is already 4-bit (Q4_1 blocks of 32) and groups of 64 requantize it (see BENCHMARKS.md:
 /// +43% on 512 tokens, and the same requantization by the CPU reference). What is checked: the
 /// compressed-weight model gives the CPU reference's numbers on the round-tripped weights
-/// (within 1e-3 per token), and the 4-bit cache costs a bounded, recorded amount.
+/// (within 1e-3 per token) on every device, and the 4-bit cache costs a bounded, recorded
+/// amount.
 #[test]
 fn flexgen_4bit_perplexity_is_recorded() {
-    use ferrogen::gpu::model::{GpuModel, GpuOptions, WeightFormat};
+    use ferrogen::gpu::model::{GpuOptions, WeightFormat};
     let Some(m) = smollm2() else { return };
-    if gpu_context().is_none() {
-        return;
-    }
     let ids = &reference().britannica.tokens[..256];
     let ppl = |lp: &[f32]| (-lp.iter().map(|&v| f64::from(v)).sum::<f64>() / lp.len() as f64).exp();
-    let run = |weights: WeightFormat, compress_cache: bool| {
-        let ctx = gpu_context().unwrap();
-        let gpu = GpuModel::load(
-            ctx,
-            &m.files,
-            GpuOptions {
-                weights,
-                compress_cache,
-            },
-        )
-        .unwrap();
-        gpu.token_logprobs(&[ids]).unwrap()
-    };
     let base = m.model.token_logprobs(&[ids]).unwrap();
-    let weights4 = run(WeightFormat::Group4, false);
-    let cache4 = run(WeightFormat::Native, true);
-
     let mut files = ModelFiles::open(m.files.path.as_path()).unwrap();
     files.weights = Box::new(Group4RoundTrip(files.weights));
     let round_trip = ReferenceModel::load(&files)
         .unwrap()
         .token_logprobs(&[ids])
         .unwrap();
-    let worst = worst_diff(&weights4, &round_trip);
-    assert!(worst < 1e-3, "4-bit weights vs the CPU round trip: {worst}");
-
-    let (p0, pw, pc) = (ppl(&base[0]), ppl(&weights4[0]), ppl(&cache4[0]));
-    eprintln!(
-        "SmolLM2, 256 tokens: ppl {p0:.4}; FlexGen 4-bit weights {pw:.4} ({:+.1}%), 4-bit cache \
-         {pc:.4} ({:+.1}%); weights vs CPU round trip {worst:.2e}",
-        100.0 * (pw / p0 - 1.0),
-        100.0 * (pc / p0 - 1.0)
-    );
-    assert!(pw > p0, "requantizing 4-bit weights cannot help on average");
-    assert!((pc / p0 - 1.0).abs() < 0.2, "4-bit cache: {pc} vs {p0}");
+    for device in devices() {
+        let run = |weights: WeightFormat, compress_cache: bool| {
+            let options = GpuOptions {
+                weights,
+                compress_cache,
+            };
+            resident(device, &m.files, options).token_logprobs(&[ids])
+        };
+        let weights4 = run(WeightFormat::Group4, false);
+        let cache4 = run(WeightFormat::Native, true);
+        let worst = worst_diff(&weights4, &round_trip);
+        assert!(
+            worst < 1e-3,
+            "{device:?}: 4-bit weights vs the CPU round trip: {worst}"
+        );
+        let (p0, pw, pc) = (ppl(&base[0]), ppl(&weights4[0]), ppl(&cache4[0]));
+        eprintln!(
+            "{device:?}: SmolLM2, 256 tokens: ppl {p0:.4}; FlexGen 4-bit weights {pw:.4} \
+             ({:+.1}%), 4-bit cache {pc:.4} ({:+.1}%); weights vs CPU round trip {worst:.2e}",
+            100.0 * (pw / p0 - 1.0),
+            100.0 * (pc / p0 - 1.0)
+        );
+        assert!(pw > p0, "requantizing 4-bit weights cannot help on average");
+        // the 4-bit cache's cost swings with summation order: a code flips when a key moves
+        // by 1e-6 across a rounding boundary, and 30 layers amplify it (measured: +9% to +20%
+        // across the CPU device and WebGPU's two matmul variants)
+        assert!(
+            (pc / p0 - 1.0).abs() < 0.3,
+            "{device:?} 4-bit cache: {pc} vs {p0}"
+        );
+    }
 }

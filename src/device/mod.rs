@@ -108,6 +108,15 @@ pub struct RowInfo {
     pub visible: u32,
 }
 
+/// Logits-derived results for rows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reduced {
+    /// `ln p(target)` per row.
+    Targets(Vec<f32>),
+    /// `(argmax, its logprob)` per row.
+    Greedy(Vec<(u32, f32)>),
+}
+
 /// A compute device: memory for tensors, weights and caches, and the operations of a layer.
 pub trait Device: Clone + Send + Sync + 'static {
     /// A 2-d f32 tensor `[rows, width]` (clones share storage).
@@ -197,6 +206,31 @@ pub trait Device: Clone + Send + Sync + 'static {
     fn target_logprobs(&self, logits: &Self::Tensor, targets: &[u32]) -> Result<Vec<f32>>;
     /// Per row: the argmax (first on ties) and its logprob, in one pass over the logits.
     fn greedy(&self, logits: &Self::Tensor) -> Result<Vec<(u32, f32)>>;
+
+    /// The logits `x W^T` of the output projection (`parts` as for [`Device::linear`],
+    /// `vocab` columns) reduced per row: `ln softmax[target]` for each row's target, or the
+    /// argmax and its logprob when `targets` is `None`. A device may compute the logits a
+    /// panel of the vocabulary at a time, holding at most [`Device::logit_width`] per row;
+    /// by default it computes them all, then reduces.
+    fn reduce_logits(
+        &self,
+        x: &Self::Tensor,
+        parts: &[(Self::Part, usize)],
+        vocab: usize,
+        targets: Option<&[u32]>,
+    ) -> Result<Reduced> {
+        let logits = self.linear(x, parts, vocab)?;
+        Ok(match targets {
+            Some(t) => Reduced::Targets(self.target_logprobs(&logits, t)?),
+            None => Reduced::Greedy(self.greedy(&logits)?),
+        })
+    }
+
+    /// Logits per row that [`Device::reduce_logits`] holds at once for a vocabulary of
+    /// `vocab` (the workspace it needs is `rows * logit_width * 4` bytes).
+    fn logit_width(&self, vocab: usize) -> usize {
+        vocab
+    }
 
     /// An empty cache of `rows` rows.
     fn cache(&self, format: CacheFormat, rows: usize) -> Result<Self::Cache>;

@@ -10,7 +10,7 @@
 
 use std::ops::Range;
 
-use super::{CacheFormat, Device, HostRows, RowInfo};
+use super::{CacheFormat, Device, HostRows, Reduced, RowInfo};
 use crate::error::{Error, Result};
 use crate::layout::{HeadLayout, Q4Layout, RunOptions, CHUNK_ROWS, LOGIT_ROWS};
 use crate::model::opt::{LAYER_NORM_EPS, POSITION_OFFSET};
@@ -228,14 +228,6 @@ pub fn rope_tables(positions: &[u32], head_dim: usize, base: f64) -> (Vec<f32>, 
         }
     }
     (cos, sin)
-}
-
-/// Logits-derived results for rows.
-pub enum Reduced {
-    /// `ln p(target)` per row.
-    Targets(Vec<f32>),
-    /// `(argmax, its logprob)` per row.
-    Greedy(Vec<(u32, f32)>),
 }
 
 /// A model's recipe on a device: the configuration, options and sizes, with one method per
@@ -643,13 +635,23 @@ impl<D: Device> Runner<D> {
                 .flat_map(|&r| all[r * width..(r + 1) * width].iter().copied())
                 .collect();
             let h = self.dev.upload(&picked, chunk.len(), width)?;
-            let logits = self.linear(&h, output)?;
-            match targets {
-                Some(t) => lps.extend(
-                    self.dev
-                        .target_logprobs(&logits, &t[ci * per..ci * per + chunk.len()])?,
-                ),
-                None => greedy.extend(self.dev.greedy(&logits)?),
+            let chunk_targets = targets.map(|t| &t[ci * per..ci * per + chunk.len()]);
+            let reduced = match &output.bias {
+                // a biased projection (none of the supported models has one) is added first
+                Some(_) => {
+                    let logits = self.linear(&h, output)?;
+                    match chunk_targets {
+                        Some(t) => Reduced::Targets(self.dev.target_logprobs(&logits, t)?),
+                        None => Reduced::Greedy(self.dev.greedy(&logits)?),
+                    }
+                }
+                None => self
+                    .dev
+                    .reduce_logits(&h, &output.parts, output.out, chunk_targets)?,
+            };
+            match reduced {
+                Reduced::Targets(v) => lps.extend(v),
+                Reduced::Greedy(v) => greedy.extend(v),
             }
         }
         Ok(match targets {

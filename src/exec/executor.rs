@@ -214,7 +214,12 @@ impl<D: Device> Executor<D> {
         let compute_rows = max_rows.min(self.runner.chunk_rows.max(delegated_rows));
         let _workspace = self.ledger.reserve(
             Tier::Gpu,
-            workspace_bytes(config, compute_rows, self.runner.logit_rows),
+            workspace_bytes(
+                config,
+                compute_rows,
+                self.runner.logit_rows,
+                self.runner.dev.logit_width(config.vocab_size()),
+            ),
             "one batch's compute workspace",
         )?;
 

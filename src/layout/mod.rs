@@ -50,11 +50,17 @@ pub(crate) const LOGIT_ROWS: usize = 128;
 pub(crate) const CHUNK_ROWS: usize = 512;
 
 /// Bytes of the intermediate tensors of `rows` rows computed at once, at the widest unit,
-/// plus one chunk of `logit_rows` logits: per row, the chunk's copy of its input and its
-/// output, the normalized input, q, k, v, the attention output and projection (hidden and kv
-/// widths), and the MLP's two intermediate tensors,
-/// `4 * rows * (8 h + 2 kv + 2 ffn) + 4 * logit_rows * vocab`.
-pub(crate) fn workspace_bytes(config: &ModelConfig, rows: usize, logit_rows: usize) -> u64 {
+/// plus one chunk of `logit_rows` rows of `logit_width` logits (the whole vocabulary, or the
+/// panel a device reduces at once): per row, the chunk's copy of its input and its output,
+/// the normalized input, q, k, v, the attention output and projection (hidden and kv widths),
+/// and the MLP's two intermediate tensors,
+/// `4 * rows * (8 h + 2 kv + 2 ffn) + 4 * logit_rows * logit_width`.
+pub(crate) fn workspace_bytes(
+    config: &ModelConfig,
+    rows: usize,
+    logit_rows: usize,
+    logit_width: usize,
+) -> u64 {
     let per_row = 8 * config.hidden_size() + 2 * config.kv_width() + 2 * config.intermediate_size();
-    ((rows * per_row + logit_rows * config.vocab_size()) * 4) as u64
+    ((rows * per_row + logit_rows * logit_width) * 4) as u64
 }

@@ -3,7 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use ferrogen::gpu::GpuContext;
+use ferrogen::device::{CpuDevice, Device, DeviceKind, ResidentModel};
+use ferrogen::engine::{Engine, EngineOptions};
+use ferrogen::gpu::{GpuContext, WgpuDevice};
+use ferrogen::layout::RunOptions;
+use ferrogen::model::ModelFiles;
 use ferrogen::policy::Policy;
 use serde::Deserialize;
 
@@ -153,4 +157,72 @@ pub fn worst_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
             x.iter().zip(y).map(|(p, q)| (p - q).abs())
         })
         .fold(0f32, f32::max)
+}
+
+/// The compute devices a test runs on: the CPU device always, WebGPU when there is an
+/// adapter (or the run fails, unless `FERROGEN_SKIP_GPU=1` skips it).
+pub fn devices() -> Vec<DeviceKind> {
+    let mut out = vec![DeviceKind::Cpu];
+    if gpu_context().is_some() {
+        out.push(DeviceKind::Wgpu);
+    }
+    out
+}
+
+/// `(gpu_budget, cpu_budget)` for an engine on `device`: as given on WebGPU; on the CPU
+/// device, whose one memory is RAM, no GPU budget and a RAM budget of both.
+pub fn budgets(device: DeviceKind, gpu: u64, cpu: u64) -> (u64, u64) {
+    match device {
+        DeviceKind::Cpu => (u64::MAX, gpu + cpu),
+        _ => (gpu, cpu),
+    }
+}
+
+/// Opens an engine on `device` (`Cpu` or `Wgpu`).
+pub fn try_engine(
+    device: DeviceKind,
+    files: ModelFiles,
+    options: EngineOptions,
+) -> ferrogen::Result<Engine> {
+    match device {
+        DeviceKind::Cpu => Engine::open_on(CpuDevice::new(0)?, files, options),
+        _ => Engine::open_files(GpuContext::new()?, files, options),
+    }
+}
+
+/// [`try_engine`], which must succeed.
+pub fn engine(device: DeviceKind, files: ModelFiles, options: EngineOptions) -> Engine {
+    try_engine(device, files, options).unwrap_or_else(|e| panic!("{device:?}: {e}"))
+}
+
+/// What the tests ask of a resident model on any device.
+pub trait Resident {
+    fn token_logprobs(&self, batch: &[&[u32]]) -> Vec<Vec<f32>>;
+    fn generate_greedy(&self, prompts: &[&[u32]], n: usize) -> Vec<Vec<u32>>;
+}
+
+impl<D: Device> Resident for ResidentModel<D> {
+    fn token_logprobs(&self, batch: &[&[u32]]) -> Vec<Vec<f32>> {
+        ResidentModel::token_logprobs(self, batch).unwrap()
+    }
+    fn generate_greedy(&self, prompts: &[&[u32]], n: usize) -> Vec<Vec<u32>> {
+        ResidentModel::generate_greedy(self, prompts, n, None).unwrap()
+    }
+}
+
+/// Every weight of `files` resident on `device`.
+pub fn resident(device: DeviceKind, files: &ModelFiles, options: RunOptions) -> Box<dyn Resident> {
+    match device {
+        DeviceKind::Cpu => {
+            Box::new(ResidentModel::new(CpuDevice::new(0).unwrap(), files, options).unwrap())
+        }
+        _ => Box::new(
+            ResidentModel::new(
+                WgpuDevice::new(GpuContext::new().unwrap()).unwrap(),
+                files,
+                options,
+            )
+            .unwrap(),
+        ),
+    }
 }

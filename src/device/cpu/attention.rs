@@ -1,14 +1,18 @@
 //! Causal attention on all cores against an f32 or 4-bit KV cache.
 //!
-//! Work is split into tasks of (query tile of one sequence, head): up to [`TILE`] consecutive
-//! query rows that share a sequence, against one head's keys. A task walks the visible keys in
-//! blocks of [`KEY_BLOCK`] with an online softmax per row (running max `m`, sum `l` and
-//! accumulator `acc`: for each block `m' = max(m, max_j s_j)`, `acc = acc e^(m - m') +
-//! sum_j e^(s_j - m') v_j`, `l` likewise; the output is `acc / l`), so memory stays one block
-//! whatever the context; a block of 4-bit keys and values is decoded once for the whole tile.
+//! Work is split into tasks of (query tile of one sequence, kv head): up to [`TILE`]
+//! consecutive query rows that share a sequence, with every query head that reads that kv head
+//! (GQA: `heads / kv_heads` of them), so each key and value is read (and, from a 4-bit cache,
+//! decoded) once per tile. A task walks the visible keys in blocks of [`KEY_BLOCK`] with an
+//! online softmax per query (running max `m`, sum `l` and accumulator `acc`: for each block
+//! `m' = max(m, max_j s_j)`, `acc = acc e^(m - m') + sum_j e^(s_j - m') v_j`, `l` likewise;
+//! the output is `acc / l`), so memory stays one block whatever the context. Keys are held
+//! transposed (`kt[c][j]`), so the scores of a block are `d` vector multiply-adds over the
+//! block's keys, and the values row-major, so `acc += p_j v_j` runs along `head_dim`.
 
 use rayon::prelude::*;
 
+use super::math::{exp, max, sum};
 use crate::device::RowInfo;
 use crate::layout::kv::unpack_scale;
 use crate::layout::{HeadLayout, Q4Layout};
@@ -46,14 +50,24 @@ pub enum KvView<'a> {
 }
 
 impl KvView<'_> {
-    /// Head `g`'s values of cache row `row` of keys (`which = 0`) or values (`1`) into `out`.
-    #[inline]
-    fn head_row(&self, which: usize, row: usize, g: usize, d: usize, out: &mut [f32]) {
+    /// Head `g`'s values of cache row `row` of keys (`which = 0`) or values (`1`), passed to
+    /// `put(e, value)` for `e < d`.
+    #[inline(always)]
+    fn head_row(
+        &self,
+        which: usize,
+        row: usize,
+        g: usize,
+        d: usize,
+        mut put: impl FnMut(usize, f32),
+    ) {
         match *self {
             KvView::F32 { k, v, width } => {
                 let src = if which == 0 { k } else { v };
                 let a = row * width + g * d;
-                out[..d].copy_from_slice(&src[a..a + d]);
+                for (e, &x) in src[a..a + d].iter().enumerate() {
+                    put(e, x);
+                }
             }
             KvView::Q4 {
                 layout,
@@ -67,13 +81,17 @@ impl KvView<'_> {
                 } else {
                     (v_codes, v_scales)
                 };
+                // padded column c of the row: code word c / 8, nibble c % 8; group c / group
                 let codes = &codes[row * layout.words_per_row()..];
                 let scales = &scales[row * layout.groups_per_row()..];
-                for (e, o) in out[..d].iter_mut().enumerate() {
-                    let c = g * layout.padded + e;
-                    let q = (codes[c / 8] >> (4 * (c % 8))) & 15;
-                    let (s, m) = unpack_scale(scales[c / layout.group]);
-                    *o = q as f32 * s + m;
+                let c0 = g * layout.padded;
+                for e0 in (0..d).step_by(layout.group) {
+                    let (s, m) = unpack_scale(scales[(c0 + e0) / layout.group]);
+                    for e in e0..(e0 + layout.group).min(d) {
+                        let c = c0 + e;
+                        let q = (codes[c / 8] >> (4 * (c % 8))) & 15;
+                        put(e, q as f32 * s + m);
+                    }
                 }
             }
         }
@@ -91,7 +109,6 @@ pub fn attend(q: &[f32], infos: &[RowInfo], kv: KvView, layout: HeadLayout, o: &
     } = layout;
     let qw = heads * d;
     let group = (heads / kv_heads.max(1)).max(1);
-    let scale = 1.0 / (d as f32).sqrt();
     // tiles: consecutive rows of one sequence, at most TILE
     let mut tiles = Vec::new();
     let mut start = 0;
@@ -102,91 +119,159 @@ pub fn attend(q: &[f32], infos: &[RowInfo], kv: KvView, layout: HeadLayout, o: &
         }
     }
     let tasks: Vec<(usize, usize)> = (0..tiles.len())
-        .flat_map(|t| (0..heads).map(move |h| (t, h)))
+        .flat_map(|t| (0..kv_heads).map(move |g| (t, g)))
         .collect();
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|&(t, h)| {
-            let rows = tiles[t].clone();
-            let n = rows.len();
-            let g = h / group;
-            let first = infos[rows.start].first as usize;
-            let most = rows
-                .clone()
-                .map(|r| infos[r].visible as usize)
-                .max()
-                .unwrap_or(0);
-            let (mut m, mut l) = (vec![f32::NEG_INFINITY; n], vec![0.0f32; n]);
-            let mut acc = vec![0.0f32; n * d];
-            let mut kb = vec![0.0f32; KEY_BLOCK * d];
-            let mut vb = vec![0.0f32; KEY_BLOCK * d];
-            let mut s = [0.0f32; KEY_BLOCK];
-            for j0 in (0..most).step_by(KEY_BLOCK) {
-                let j1 = (j0 + KEY_BLOCK).min(most);
-                for j in j0..j1 {
-                    kv.head_row(0, first + j, g, d, &mut kb[(j - j0) * d..]);
-                    kv.head_row(1, first + j, g, d, &mut vb[(j - j0) * d..]);
-                }
-                for (i, r) in rows.clone().enumerate() {
-                    let visible = (infos[r].visible as usize).min(j1);
-                    if visible <= j0 {
-                        continue;
-                    }
-                    let cnt = visible - j0;
-                    let qr = &q[r * qw + h * d..r * qw + (h + 1) * d];
-                    let mut block_max = f32::NEG_INFINITY;
-                    for (jj, sj) in s[..cnt].iter_mut().enumerate() {
-                        *sj = dot(qr, &kb[jj * d..(jj + 1) * d]) * scale;
-                        block_max = block_max.max(*sj);
-                    }
-                    let m_new = m[i].max(block_max);
-                    let correction = (m[i] - m_new).exp();
-                    let a = &mut acc[i * d..(i + 1) * d];
-                    if correction != 1.0 {
-                        a.iter_mut().for_each(|v| *v *= correction);
-                    }
-                    let mut sum = 0.0;
-                    for (jj, &sj) in s[..cnt].iter().enumerate() {
-                        let p = (sj - m_new).exp();
-                        sum += p;
-                        for (av, &vv) in a.iter_mut().zip(&vb[jj * d..(jj + 1) * d]) {
-                            *av = p.mul_add(vv, *av);
-                        }
-                    }
-                    l[i] = l[i] * correction + sum;
-                    m[i] = m_new;
-                }
-            }
-            for i in 0..n {
-                let inv = if l[i] > 0.0 { 1.0 / l[i] } else { 0.0 };
-                acc[i * d..(i + 1) * d].iter_mut().for_each(|v| *v *= inv);
-            }
-            acc
-        })
+        .map(|&(t, g)| tile_kv_head(q, infos, kv, layout, tiles[t].clone(), g))
         .collect();
-    for (&(t, h), out) in tasks.iter().zip(results) {
+    // a task's output is [rows][group heads][d]; head h = g * group + i of row r
+    for (&(t, g), out) in tasks.iter().zip(results) {
         for (i, r) in tiles[t].clone().enumerate() {
-            o[r * qw + h * d..r * qw + (h + 1) * d].copy_from_slice(&out[i * d..(i + 1) * d]);
+            let a = r * qw + g * group * d;
+            o[a..a + group * d].copy_from_slice(&out[i * group * d..(i + 1) * group * d]);
         }
     }
 }
 
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            acc[l] = x[l].mul_add(y[l], acc[l]);
+multiversion! {
+    /// One task: query rows `rows` (one sequence), every query head of kv head `g`, online
+    /// softmax over key blocks; returns `[rows, group, d]`.
+    fn tile_kv_head(
+        q: &[f32],
+        infos: &[RowInfo],
+        kv: KvView,
+        layout: HeadLayout,
+        rows: std::ops::Range<usize>,
+        g: usize
+    ) -> Vec<f32> {
+        let HeadLayout {
+            heads,
+            kv_heads,
+            head_dim: d,
+        } = layout;
+        let qw = heads * d;
+        let group = (heads / kv_heads.max(1)).max(1);
+        let scale = 1.0 / (d as f32).sqrt();
+        let queries = rows.len() * group;
+        let first = infos[rows.start].first as usize;
+        let most = rows
+            .clone()
+            .map(|r| infos[r].visible as usize)
+            .max()
+            .unwrap_or(0);
+        // the tile's queries, pre-scaled: query (i, hh) = row rows.start + i, head g * group + hh
+        let mut qs = vec![0.0f32; queries * d];
+        for (i, r) in rows.clone().enumerate() {
+            let a = r * qw + g * group * d;
+            for (dst, &v) in qs[i * group * d..(i + 1) * group * d].iter_mut().zip(&q[a..a + group * d]) {
+                *dst = v * scale;
+            }
+        }
+        let (mut m, mut l) = (vec![f32::NEG_INFINITY; queries], vec![0.0f32; queries]);
+        let mut acc = vec![0.0f32; queries * d];
+        // kt[c * KEY_BLOCK + j] = key j's column c; vb[j * d + c] = value j's column c
+        let mut kt = vec![0.0f32; d * KEY_BLOCK];
+        let mut vb = vec![0.0f32; KEY_BLOCK * d];
+        for j0 in (0..most).step_by(KEY_BLOCK) {
+            let j1 = (j0 + KEY_BLOCK).min(most);
+            kt.fill(0.0);
+            for j in j0..j1 {
+                let jj = j - j0;
+                kv.head_row(0, first + j, g, d, |c, x| kt[c * KEY_BLOCK + jj] = x);
+                kv.head_row(1, first + j, g, d, |c, x| vb[jj * d + c] = x);
+            }
+            for (i, r) in rows.clone().enumerate() {
+                let visible = (infos[r].visible as usize).min(j1);
+                if visible <= j0 {
+                    continue;
+                }
+                let cnt = visible - j0;
+                for hh in 0..group {
+                    let qi = i * group + hh;
+                    let qv = &qs[qi * d..(qi + 1) * d];
+                    let mut s = scores(qv, &kt);
+                    // keys past the row's visible ones (and the block's end) do not count
+                    for (j, sj) in s.iter_mut().enumerate() {
+                        if j >= cnt {
+                            *sj = f32::NEG_INFINITY;
+                        }
+                    }
+                    let m_new = m[qi].max(max(&s));
+                    let correction = exp(m[qi] - m_new);
+                    for (j, sj) in s.iter_mut().enumerate() {
+                        *sj = if j < cnt { exp(*sj - m_new) } else { 0.0 };
+                    }
+                    l[qi] = l[qi] * correction + sum(&s);
+                    m[qi] = m_new;
+                    let a = &mut acc[qi * d..(qi + 1) * d];
+                    match d {
+                        64 => weigh_values::<64>(a, correction, &s[..cnt], &vb),
+                        128 => weigh_values::<128>(a, correction, &s[..cnt], &vb),
+                        _ => {
+                            a.iter_mut().for_each(|v| *v *= correction);
+                            for (j, &p) in s[..cnt].iter().enumerate() {
+                                for (av, &vv) in a.iter_mut().zip(&vb[j * d..(j + 1) * d]) {
+                                    *av = p.mul_add(vv, *av);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (qi, &lq) in l.iter().enumerate() {
+            let inv = if lq > 0.0 { 1.0 / lq } else { 0.0 };
+            acc[qi * d..(qi + 1) * d].iter_mut().for_each(|v| *v *= inv);
+        }
+        acc
+    }
+}
+
+/// `s_j = q . k_j` for the block's keys, from the keys transposed (`kt[c * KEY_BLOCK + j]`):
+/// `d` multiply-adds along the keys, even and odd columns in separate accumulators so that
+/// eight vector chains run at once.
+#[inline(always)]
+fn scores(q: &[f32], kt: &[f32]) -> [f32; KEY_BLOCK] {
+    let (mut even, mut odd) = ([0.0f32; KEY_BLOCK], [0.0f32; KEY_BLOCK]);
+    let pairs = q.chunks_exact(2);
+    let last = pairs.remainder().first().copied();
+    for (c2, qc) in pairs.enumerate() {
+        let k0 = &kt[2 * c2 * KEY_BLOCK..(2 * c2 + 1) * KEY_BLOCK];
+        let k1 = &kt[(2 * c2 + 1) * KEY_BLOCK..(2 * c2 + 2) * KEY_BLOCK];
+        for j in 0..KEY_BLOCK {
+            even[j] = qc[0].mul_add(k0[j], even[j]);
+            odd[j] = qc[1].mul_add(k1[j], odd[j]);
         }
     }
-    acc.iter().sum::<f32>() + tail
+    if let Some(qc) = last {
+        let c = q.len() - 1;
+        let kr = &kt[c * KEY_BLOCK..(c + 1) * KEY_BLOCK];
+        for j in 0..KEY_BLOCK {
+            even[j] = qc.mul_add(kr[j], even[j]);
+        }
+    }
+    for j in 0..KEY_BLOCK {
+        even[j] += odd[j];
+    }
+    even
+}
+
+/// `acc = acc * correction + sum_j p[j] v_j` for a head of `D` values (`v` row-major, `D`
+/// per key), with the accumulator held in registers across the keys.
+#[inline(always)]
+fn weigh_values<const D: usize>(acc: &mut [f32], correction: f32, p: &[f32], v: &[f32]) {
+    let Ok(acc) = <&mut [f32; D]>::try_from(acc) else {
+        return;
+    };
+    let mut r = *acc;
+    r.iter_mut().for_each(|x| *x *= correction);
+    for (&pj, vj) in p.iter().zip(v.chunks_exact(D)) {
+        for c in 0..D {
+            r[c] = pj.mul_add(vj[c], r[c]);
+        }
+    }
+    *acc = r;
 }
 
 #[cfg(test)]

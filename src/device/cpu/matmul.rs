@@ -4,15 +4,14 @@
 //! - few rows of `x` (decode): each weight row's packed bytes are streamed once, decoded a
 //!   group at a time into registers and multiplied with every row of `x` (bandwidth-bound);
 //! - many rows (prefill): a panel of weight rows (about 1 MiB as f32) is decoded, then one
-//!   GEMM (`matrixmultiply`, all cores) multiplies it at full FLOP rate.
+//!   GEMM (faer, all cores) multiplies it at full FLOP rate.
 //!
 //! The inner loops are plain Rust over fixed-width lanes, compiled three times (baseline,
-//! AVX2+FMA, AVX-512) and picked at run time by CPU feature detection.
+//! AVX2+FMA, AVX-512: see `multiversion!`) and picked at run time by CPU feature detection.
 
-use half::f16;
 use rayon::prelude::*;
 
-use crate::layout::kv::unpack_scale;
+use super::math::dot;
 use crate::layout::RowFormat;
 
 /// Rows of `x` from which a linear layer decodes panels and runs a GEMM.
@@ -93,7 +92,57 @@ impl<'a> WeightRows<'a> {
         }
     }
 
+    /// Row `r`'s code words and scale words (empty for f32 rows).
+    pub fn packed_row(&self, r: usize) -> (&'a [u32], &'a [u32]) {
+        match *self {
+            WeightRows::F32 { .. } => (&[], &[]),
+            WeightRows::Packed {
+                codes,
+                scales,
+                padded_k,
+                group,
+                bits,
+                ..
+            } => {
+                let (words, groups) = (padded_k * bits as usize / 32, padded_k / group);
+                (
+                    &codes[r * words..(r + 1) * words],
+                    &scales[r * groups..(r + 1) * groups],
+                )
+            }
+        }
+    }
+
+    /// Rows `rows` of the weight, as a weight of their own.
+    pub fn slice(&self, rows: std::ops::Range<usize>) -> Self {
+        match *self {
+            WeightRows::F32 { values, k } => WeightRows::F32 {
+                values: &values[rows.start * k..rows.end * k],
+                k,
+            },
+            WeightRows::Packed {
+                codes,
+                scales,
+                k,
+                padded_k,
+                group,
+                bits,
+            } => {
+                let (words, groups) = (padded_k * bits as usize / 32, padded_k / group);
+                WeightRows::Packed {
+                    codes: &codes[rows.start * words..rows.end * words],
+                    scales: &scales[rows.start * groups..rows.end * groups],
+                    k,
+                    padded_k,
+                    group,
+                    bits,
+                }
+            }
+        }
+    }
+
     /// Decodes row `r` into `out` (`k` values): `code * step + min` per value.
+    #[inline(always)]
     pub fn decode_row(&self, r: usize, out: &mut [f32]) {
         match *self {
             WeightRows::F32 { values, k } => out[..k].copy_from_slice(&values[r * k..(r + 1) * k]),
@@ -110,15 +159,30 @@ impl<'a> WeightRows<'a> {
                 let codes = &codes[r * words..(r + 1) * words];
                 let scales = &scales[r * groups..(r + 1) * groups];
                 let per_word = 32 / bits as usize;
-                let mut buf = vec![0.0f32; group];
                 for (g, &sw) in scales.iter().enumerate() {
-                    let (step, min) = unpack_scale(sw);
-                    let w0 = g * group / per_word;
-                    decode_codes(&codes[w0..w0 + group / per_word], bits, &mut buf);
+                    let (step, min) = scale_pair(sw);
                     let c0 = g * group;
-                    let n = group.min(k.saturating_sub(c0));
-                    for (o, &q) in out[c0..c0 + n].iter_mut().zip(&buf) {
-                        *o = q * step + min;
+                    if group % 16 == 0 {
+                        for at in (c0..c0 + group).step_by(16).take_while(|&at| at < k) {
+                            let q = codes16(codes, bits, at);
+                            let n = 16.min(k - at);
+                            for (o, &qv) in out[at..at + n].iter_mut().zip(&q) {
+                                *o = qv.mul_add(step, min);
+                            }
+                        }
+                    } else {
+                        // one code at a time (groups of 8 or 24)
+                        for c in c0..(c0 + group).min(k) {
+                            let w = codes[c / per_word];
+                            let shift = bits as usize * (c % per_word);
+                            let q = (w >> shift) & ((1u64 << bits) - 1) as u32;
+                            let q = if bits == 16 {
+                                f16_bits_to_f32(q)
+                            } else {
+                                q as f32
+                            };
+                            out[c] = q.mul_add(step, min);
+                        }
                     }
                 }
             }
@@ -126,56 +190,123 @@ impl<'a> WeightRows<'a> {
     }
 }
 
-/// Codes of `words` as f32 (not yet scaled): nibbles, bytes or IEEE halves, in order.
+/// An IEEE half's bits as f32, exactly (subnormals, infinities and NaN included), without
+/// branches so that it vectorizes: the exponent is rebiased, and subnormals are renormalized
+/// by a float subtraction (`2^-14 * 0.mantissa` = `(1.mantissa - 1) * 2^-14`).
 #[inline(always)]
-fn decode_codes(words: &[u32], bits: u32, out: &mut [f32]) {
+pub(crate) fn f16_bits_to_f32(h: u32) -> f32 {
+    const SHIFTED_EXP: u32 = 0x7c00 << 13;
+    let bits = (h & 0x7fff) << 13;
+    let exp = bits & SHIFTED_EXP;
+    let normal = bits + ((127 - 15) << 23);
+    let inf_nan = normal + ((128 - 16) << 23);
+    let sub = (f32::from_bits(normal + (1 << 23)) - f32::from_bits(113 << 23)).to_bits();
+    let magnitude = if exp == SHIFTED_EXP {
+        inf_nan
+    } else if exp == 0 {
+        sub
+    } else {
+        normal
+    };
+    f32::from_bits(magnitude | ((h & 0x8000) << 16))
+}
+
+/// The `(step, min)` of a packed scale word (two halves, step in the low one).
+#[inline(always)]
+fn scale_pair(word: u32) -> (f32, f32) {
+    (f16_bits_to_f32(word & 0xffff), f16_bits_to_f32(word >> 16))
+}
+
+/// Codes `at..at + 16` of a row (`at` a multiple of 16) as f32, not yet scaled: nibbles,
+/// bytes or IEEE halves, in order. The words are read as little-endian bytes, so code `c` of
+/// 4 bits is the low (even `c`) or high nibble of byte `c / 2`, of 8 bits byte `c`, of 16 bits
+/// bytes `2c, 2c + 1`; written lane by lane over bytes, this compiles to byte unpacks and
+/// widening conversions rather than gathers.
+#[inline(always)]
+fn codes16(words: &[u32], bits: u32, at: usize) -> [f32; 16] {
+    let mut out = [0.0f32; 16];
     match bits {
         4 => {
-            for (w, o) in words.iter().zip(out.chunks_exact_mut(8)) {
-                for (b, v) in o.iter_mut().enumerate() {
-                    *v = ((w >> (4 * b)) & 15) as f32;
-                }
+            let b: &[u8; 8] = bytemuck::cast_slice(&words[at / 8..at / 8 + 2])
+                .try_into()
+                .unwrap_or(&[0; 8]);
+            let mut q = [0u8; 16];
+            for j in 0..8 {
+                q[2 * j] = b[j] & 15;
+                q[2 * j + 1] = b[j] >> 4;
+            }
+            for l in 0..16 {
+                out[l] = f32::from(q[l]);
             }
         }
         8 => {
-            for (w, o) in words.iter().zip(out.chunks_exact_mut(4)) {
-                for (b, v) in o.iter_mut().enumerate() {
-                    *v = ((w >> (8 * b)) & 255) as f32;
-                }
+            let b: &[u8; 16] = bytemuck::cast_slice(&words[at / 4..at / 4 + 4])
+                .try_into()
+                .unwrap_or(&[0; 16]);
+            for l in 0..16 {
+                out[l] = f32::from(b[l]);
             }
         }
         _ => {
-            for (w, o) in words.iter().zip(out.chunks_exact_mut(2)) {
-                o[0] = f16::from_bits(*w as u16).to_f32();
-                o[1] = f16::from_bits((*w >> 16) as u16).to_f32();
+            let h: &[u16; 16] = bytemuck::cast_slice(&words[at / 2..at / 2 + 8])
+                .try_into()
+                .unwrap_or(&[0; 16]);
+            for l in 0..16 {
+                out[l] = f16_bits_to_f32(u32::from(h[l]));
             }
         }
     }
+    out
 }
 
-/// `sum_i a[i] * b[i]` over 16 lanes (the compiler keeps them in vector registers).
+/// One packed weight row (`codes`, `scales` of one row) against `M` rows of `x [M, k]`:
+/// `y[i] = sum_c x[i, c] (q_c step_g + min_g)`, 16 values at a time (decoded once for all `M`
+/// rows), in 16 lanes per row of `x` that are summed at the end. Needs `group % 16 == 0`.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for l in 0..16 {
-            acc[l] = x[l].mul_add(y[l], acc[l]);
+fn packed_row<const M: usize>(
+    codes: &[u32],
+    scales: &[u32],
+    (k, group, bits): (usize, usize, u32),
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let mut acc = [[0.0f32; 16]; M];
+    for (g, &sw) in scales.iter().enumerate() {
+        let (step, min) = scale_pair(sw);
+        for at in (g * group..(g + 1) * group).step_by(16) {
+            if at >= k {
+                break;
+            }
+            let q = codes16(codes, bits, at);
+            let mut w = [0.0f32; 16];
+            for l in 0..16 {
+                w[l] = q[l].mul_add(step, min);
+            }
+            if at + 16 <= k {
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xs = &x[i * k + at..i * k + at + 16];
+                    for l in 0..16 {
+                        a[l] = w[l].mul_add(xs[l], a[l]);
+                    }
+                }
+            } else {
+                // the row's last, partial 16: columns past k do not exist
+                for (i, a) in acc.iter_mut().enumerate() {
+                    for (l, &xv) in x[i * k + at..(i + 1) * k].iter().enumerate() {
+                        a[l] = w[l].mul_add(xv, a[l]);
+                    }
+                }
+            }
         }
     }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ar.iter().zip(br) {
-        s += x * y;
+    for (yi, a) in y.iter_mut().zip(&acc) {
+        *yi = a.iter().sum();
     }
-    s
 }
 
-/// One weight row against every row of `x`: `y[i] = sum_c x[i, c] * w[c]` for `i < m`,
-/// decoding the row a group at a time (`xsum[i * groups + g]` = the sum of `x[i]` over group
-/// `g`, so that `sum (q s + m) x = s sum q x + m sum x`).
+/// One weight row against every row of `x`: `y[i] = sum_c x[i, c] * w[c]` for `i < m`.
 #[inline(always)]
-fn row_times_x(w: &WeightRows, r: usize, x: &[f32], xsum: &[f32], m: usize, y: &mut [f32]) {
+fn row_times_x(w: &WeightRows, r: usize, x: &[f32], m: usize, y: &mut [f32]) {
     match *w {
         WeightRows::F32 { values, k } => {
             let row = &values[r * k..(r + 1) * k];
@@ -193,68 +324,35 @@ fn row_times_x(w: &WeightRows, r: usize, x: &[f32], xsum: &[f32], m: usize, y: &
         } => {
             let words = padded_k * bits as usize / 32;
             let groups = padded_k / group;
-            let per_word = 32 / bits as usize;
             let codes = &codes[r * words..(r + 1) * words];
             let scales = &scales[r * groups..(r + 1) * groups];
-            let mut q = [0.0f32; 256];
-            y[..m].fill(0.0);
-            for (g, &sw) in scales.iter().enumerate() {
-                let (step, min) = unpack_scale(sw);
-                let w0 = g * group / per_word;
-                let q = &mut q[..group];
-                decode_codes(&codes[w0..w0 + group / per_word], bits, q);
-                let c0 = g * group;
-                let n = group.min(k - c0);
-                for i in 0..m {
-                    let xs = &x[i * k + c0..i * k + c0 + n];
-                    y[i] += step * dot(&q[..n], xs) + min * xsum[i * groups + g];
+            let shape = (k, group, bits);
+            match m {
+                _ if group % 16 != 0 => {
+                    // groups of 8 or 24 (4-bit caches of odd head widths): one value at a time
+                    let mut row = vec![0.0f32; k];
+                    w.decode_row(r, &mut row);
+                    for i in 0..m {
+                        y[i] = dot(&row, &x[i * k..(i + 1) * k]);
+                    }
+                }
+                1 => packed_row::<1>(codes, scales, shape, x, y),
+                2 => packed_row::<2>(codes, scales, shape, x, y),
+                3 => packed_row::<3>(codes, scales, shape, x, y),
+                4 => packed_row::<4>(codes, scales, shape, x, y),
+                _ => {
+                    for (xi, yi) in x.chunks(4 * k).zip(y.chunks_mut(4)) {
+                        match yi.len() {
+                            4 => packed_row::<4>(codes, scales, shape, xi, yi),
+                            3 => packed_row::<3>(codes, scales, shape, xi, yi),
+                            2 => packed_row::<2>(codes, scales, shape, xi, yi),
+                            _ => packed_row::<1>(codes, scales, shape, xi, yi),
+                        }
+                    }
                 }
             }
         }
     }
-}
-
-/// Per row of `x` and per weight group: the sum of `x` over the group's columns.
-fn group_sums(x: &[f32], m: usize, k: usize, group: usize, groups: usize) -> Vec<f32> {
-    let mut out = vec![0.0; m * groups];
-    for i in 0..m {
-        for g in 0..groups {
-            let (a, b) = ((g * group).min(k), ((g + 1) * group).min(k));
-            out[i * groups + g] = x[i * k + a..i * k + b].iter().sum();
-        }
-    }
-    out
-}
-
-macro_rules! multiversion {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
-        $(#[$meta])*
-        fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn body($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-                unsafe fn avx512($($arg: $ty),*) { body($($arg),*) }
-                #[target_feature(enable = "avx2,fma,f16c")]
-                unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
-                if std::is_x86_feature_detected!("avx512f")
-                    && std::is_x86_feature_detected!("avx512bw")
-                    && std::is_x86_feature_detected!("avx512vl")
-                {
-                    // SAFETY: the features were detected on this CPU
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-                    && std::is_x86_feature_detected!("f16c")
-                {
-                    // SAFETY: the features were detected on this CPU
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            body($($arg),*)
-        }
-    };
 }
 
 multiversion! {
@@ -263,19 +361,18 @@ multiversion! {
         w: &WeightRows,
         rows: std::ops::Range<usize>,
         x: &[f32],
-        xsum: &[f32],
         m: usize,
         out: &mut [f32]
-    ) {
+    ) -> () {
         for (j, r) in rows.enumerate() {
-            row_times_x(w, r, x, xsum, m, &mut out[j * m..(j + 1) * m]);
+            row_times_x(w, r, x, m, &mut out[j * m..(j + 1) * m]);
         }
     }
 }
 
 multiversion! {
     /// Decodes weight rows `rows` into `out` (`k` values per row).
-    fn decode_kernel(w: &WeightRows, rows: std::ops::Range<usize>, out: &mut [f32]) {
+    fn decode_kernel(w: &WeightRows, rows: std::ops::Range<usize>, out: &mut [f32]) -> () {
         let k = w.k();
         for (j, r) in rows.enumerate() {
             w.decode_row(r, &mut out[j * k..(j + 1) * k]);
@@ -283,36 +380,121 @@ multiversion! {
     }
 }
 
+/// Weight rows `rows` against all of `x`, into `out[(r - rows.start) * m + i]`: the AVX-512
+/// kernel where the CPU and the layout allow, else the portable one.
+fn rows_times_x(
+    w: &WeightRows,
+    rows: std::ops::Range<usize>,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let WeightRows::Packed { k, group, bits, .. } = *w {
+        if group % 16 == 0 && super::x86::available() {
+            use super::x86::packed_rows;
+            let shape = (k, group, bits);
+            let mut r = rows.start;
+            let mut tmp = [0.0f32; 16];
+            while r < rows.end {
+                // four weight rows at a time (then one), against at most four rows of x at once
+                let take = if rows.end - r >= 4 { 4 } else { 1 };
+                for i0 in (0..m).step_by(4) {
+                    let mi = (m - i0).min(4);
+                    let xi = &x[i0 * k..(i0 + mi) * k];
+                    let y = &mut tmp[..mi * take];
+                    // SAFETY: AVX-512 is available; packed_row gives whole rows; xi holds mi
+                    // rows of k values and y mi * take results
+                    unsafe {
+                        if take == 4 {
+                            let w4 = [0, 1, 2, 3].map(|j| w.packed_row(r + j));
+                            // the next four rows, to prefetch (the last block's own, again)
+                            let ahead = if r + 8 <= rows.end { r + 4 } else { r };
+                            let n4 = [0, 1, 2, 3].map(|j| w.packed_row(ahead + j));
+                            match mi {
+                                4 => packed_rows::<4, 4>(w4, n4, shape, xi, y),
+                                3 => packed_rows::<4, 3>(w4, n4, shape, xi, y),
+                                2 => packed_rows::<4, 2>(w4, n4, shape, xi, y),
+                                _ => packed_rows::<4, 1>(w4, n4, shape, xi, y),
+                            }
+                        } else {
+                            let w1 = [w.packed_row(r)];
+                            match mi {
+                                4 => packed_rows::<1, 4>(w1, w1, shape, xi, y),
+                                3 => packed_rows::<1, 3>(w1, w1, shape, xi, y),
+                                2 => packed_rows::<1, 2>(w1, w1, shape, xi, y),
+                                _ => packed_rows::<1, 1>(w1, w1, shape, xi, y),
+                            }
+                        }
+                    }
+                    // y[i * take + j] is x row i0 + i against weight row r + j
+                    for i in 0..mi {
+                        for j in 0..take {
+                            out[(r - rows.start + j) * m + i0 + i] = y[i * take + j];
+                        }
+                    }
+                }
+                r += take;
+            }
+            return;
+        }
+    }
+    rows_kernel(w, rows, x, m, out)
+}
+
+/// Decodes weight rows `rows` into `out` (`k` values per row): the AVX-512 kernel where the
+/// CPU and the layout allow, else the portable one.
+fn decode_rows(w: &WeightRows, rows: std::ops::Range<usize>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let WeightRows::Packed { k, group, bits, .. } = *w {
+        if group % 16 == 0 && super::x86::available() {
+            for (j, r) in rows.enumerate() {
+                let (codes, scales) = w.packed_row(r);
+                // SAFETY: AVX-512 is available; whole rows in, k values out
+                unsafe {
+                    super::x86::decode_row(
+                        codes,
+                        scales,
+                        (k, group, bits),
+                        &mut out[j * k..(j + 1) * k],
+                    )
+                };
+            }
+            return;
+        }
+    }
+    decode_kernel(w, rows, out)
+}
+
 /// `y[:, col..col + rows] = x W^T` for `x [m, k]` and the weight rows `w`, with `y` of `ldy`
-/// columns, on the calling rayon pool.
-pub fn linear_into(w: &WeightRows, x: &[f32], m: usize, y: &mut [f32], ldy: usize, col: usize) {
+/// columns, on all threads of `pool`.
+pub fn linear_into(
+    pool: &rayon::ThreadPool,
+    w: &WeightRows,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    ldy: usize,
+    col: usize,
+) {
     let (k, n) = (w.k(), w.rows());
     if m == 0 || n == 0 {
         return;
     }
     if m < GEMM_MIN_ROWS {
-        let groups = match *w {
-            WeightRows::Packed {
-                padded_k, group, ..
-            } => padded_k / group,
-            WeightRows::F32 { .. } => 0,
-        };
-        let group = match *w {
-            WeightRows::Packed { group, .. } => group,
-            WeightRows::F32 { .. } => 1,
-        };
-        let xsum = group_sums(x, m, k, group, groups);
         // rows of W in blocks over the cores; each block's results, transposed into y
-        let block = n.div_ceil(rayon::current_num_threads() * 8).clamp(16, 1024);
-        let results: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(block))
-            .into_par_iter()
-            .map(|b| {
-                let rows = b * block..((b + 1) * block).min(n);
-                let mut out = vec![0.0; rows.len() * m];
-                rows_kernel(w, rows.clone(), x, &xsum, m, &mut out);
-                (rows.start, out)
-            })
-            .collect();
+        let block = n.div_ceil(pool.current_num_threads() * 8).clamp(16, 1024);
+        let results: Vec<(usize, Vec<f32>)> = pool.install(|| {
+            (0..n.div_ceil(block))
+                .into_par_iter()
+                .map(|b| {
+                    let rows = b * block..((b + 1) * block).min(n);
+                    let mut out = vec![0.0; rows.len() * m];
+                    rows_times_x(w, rows.clone(), x, m, &mut out);
+                    (rows.start, out)
+                })
+                .collect()
+        });
         for (start, out) in results {
             for (j, vals) in out.chunks_exact(m).enumerate() {
                 for (i, &v) in vals.iter().enumerate() {
@@ -323,50 +505,51 @@ pub fn linear_into(w: &WeightRows, x: &[f32], m: usize, y: &mut [f32], ldy: usiz
         return;
     }
     match *w {
-        WeightRows::F32 { values, .. } => gemm(x, m, k, values, n, y, ldy, col),
+        WeightRows::F32 { values, .. } => pool.install(|| gemm(x, m, k, values, n, y, ldy, col)),
         WeightRows::Packed { .. } => {
             let panel_rows = (PANEL_VALUES / k.max(1)).clamp(16, n.max(16));
             let mut panel = vec![0.0f32; panel_rows.min(n) * k];
             for p0 in (0..n).step_by(panel_rows) {
                 let rows = p0..(p0 + panel_rows).min(n);
                 let count = rows.len();
-                let per = count.div_ceil(rayon::current_num_threads()).max(1);
-                panel[..count * k]
-                    .par_chunks_mut(per * k)
-                    .enumerate()
-                    .for_each(|(c, out)| {
-                        let a = p0 + c * per;
-                        decode_kernel(w, a..a + out.len() / k, out);
-                    });
-                gemm(x, m, k, &panel[..count * k], count, y, ldy, col + p0);
+                let per = count.div_ceil(pool.current_num_threads()).max(1);
+                pool.install(|| {
+                    panel[..count * k]
+                        .par_chunks_mut(per * k)
+                        .enumerate()
+                        .for_each(|(c, out)| {
+                            let a = p0 + c * per;
+                            decode_rows(w, a..a + out.len() / k, out);
+                        });
+                    gemm(x, m, k, &panel[..count * k], count, y, ldy, col + p0);
+                });
             }
         }
     }
 }
 
-/// `y[:, col..col + n] = x [m, k] · w [n, k]^T` by `matrixmultiply` (threaded).
+/// `y[:, col..col + n] = x [m, k] · w [n, k]^T` by faer, on the calling rayon pool.
+///
+/// faer writes a contiguous `[m, n]` result; a destination with a row stride (`ldy != n`)
+/// goes through a temporary, because faer 0.24's strided destinations corrupt memory here
+/// (`benches/gemm-choice` has the reproduction).
 #[allow(clippy::too_many_arguments)]
 fn gemm(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, y: &mut [f32], ldy: usize, col: usize) {
-    assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= (m - 1) * ldy + col + n);
-    // SAFETY: the bounds above cover every element the strides address: x rows of k, w rows
-    // of k read as the columns of w^T, and y rows of ldy from column col.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            x.as_ptr(),
-            k as isize,
-            1,
-            w.as_ptr(),
-            1,
-            k as isize,
-            0.0,
-            y.as_mut_ptr().add(col),
-            ldy as isize,
-            1,
-        );
+    use faer::{Accum, MatMut, MatRef, Par};
+    let product = |dst: &mut [f32]| {
+        let lhs = MatRef::from_row_major_slice(&x[..m * k], m, k);
+        let rhs = MatRef::from_row_major_slice(&w[..n * k], n, k).transpose();
+        let dst = MatMut::from_row_major_slice_mut(&mut dst[..m * n], m, n);
+        faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, Par::rayon(0));
+    };
+    if ldy == n && col == 0 {
+        product(y);
+    } else {
+        let mut tmp = vec![0.0f32; m * n];
+        product(&mut tmp);
+        for (row, t) in y.chunks_mut(ldy).zip(tmp.chunks_exact(n)) {
+            row[col..col + n].copy_from_slice(t);
+        }
     }
 }
 
@@ -376,6 +559,7 @@ mod tests {
     use crate::layout::PackedWeight;
     use crate::quant::ggml::{quantize_q8_0, BlockFormat};
     use crate::quant::group4::Group4;
+    use half::f16;
     use proptest::prelude::*;
 
     fn reference(w: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
@@ -394,11 +578,28 @@ mod tests {
         match kind {
             0 => PackedWeight::from_group4(&Group4::quantize(values, &[n, k], 1, 64).unwrap())
                 .unwrap(),
+            // 4-bit codes in groups of 32: the layout of GGUF Q4_0 and Q4_1
+            4 => PackedWeight::from_group4(&Group4::quantize(values, &[n, k], 1, 32).unwrap())
+                .unwrap(),
+            // groups of 8: the one-code-at-a-time path
+            5 => PackedWeight::from_group4(&Group4::quantize(values, &[n, k], 1, 8).unwrap())
+                .unwrap(),
             1 => PackedWeight::from_ggml(BlockFormat::Q8_0, &quantize_q8_0(values), n, k).unwrap(),
             _ => {
                 let halves: Vec<u16> = values.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
                 PackedWeight::from_f16(&halves, n, k).unwrap()
             }
+        }
+    }
+
+    #[test]
+    fn every_half_converts_exactly() {
+        for h in 0..=u16::MAX {
+            let (got, want) = (f16_bits_to_f32(u32::from(h)), f16::from_bits(h).to_f32());
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{h:#06x}: {got} vs {want}"
+            );
         }
     }
 
@@ -412,7 +613,7 @@ mod tests {
             n in 1usize..70,
             k32 in 1usize..12,
             odd in 0usize..2,
-            kind in 0u8..4,
+            kind in 0u8..6,
             seed in 0u64..1000,
         ) {
             // Q8_0 needs whole blocks of 32; the others take any k
@@ -435,7 +636,8 @@ mod tests {
             prop_assert_eq!(w.rows(), n);
             let (col, ldy) = (3, n + 5);
             let mut y = vec![f32::NAN; m * ldy];
-            linear_into(&w, &x, m, &mut y, ldy, col);
+            let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
+            linear_into(&pool, &w, &x, m, &mut y, ldy, col);
             let want = reference(&w_ref, &x, m, n, k);
             for i in 0..m {
                 for j in 0..n {

@@ -5,8 +5,45 @@
 //! ([`matmul`]); attention runs over (sequence, head, query tile) tasks ([`attention`]).
 //! Compute runs on its own thread pool, so I/O threads sleep on the disk beside it.
 
+/// Defines `fn $name` whose body is compiled three times, for baseline x86-64, AVX2+FMA+F16C
+/// and AVX-512, and runs the best one the CPU has (detected at run time, cached by std); other
+/// architectures get the baseline build (NEON is baseline on aarch64).
+macro_rules! multiversion {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) -> $ret {
+            #[inline(always)]
+            fn body($($arg: $ty),*) -> $ret $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+                unsafe fn avx512($($arg: $ty),*) -> $ret { body($($arg),*) }
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret { body($($arg),*) }
+                if std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512vl")
+                {
+                    // SAFETY: the features were detected on this CPU
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+                    && std::is_x86_feature_detected!("f16c")
+                {
+                    // SAFETY: the features were detected on this CPU
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
 pub mod attention;
+pub mod math;
 pub mod matmul;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 use std::ops::Range;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -15,13 +52,66 @@ use rayon::prelude::*;
 
 use self::attention::KvView;
 use self::matmul::WeightRows;
-use crate::device::{expect, CacheFormat, Device, HostRows, RowInfo};
+use crate::device::{expect, CacheFormat, Device, HostRows, Reduced, RowInfo};
 use crate::error::{Error, Result};
 use crate::layout::kv::quantize_row;
 use crate::layout::{HeadLayout, RowFormat};
 
 /// Elements from which element-wise work is spread over the cores.
 const PARALLEL_ELEMENTS: usize = 1 << 15;
+
+/// Vocabulary entries whose logits [`CpuDevice`] holds per row at once when it reduces
+/// logits ([`Device::logit_width`]).
+const LOGIT_PANEL: usize = 4096;
+
+/// One row's logits reduced so far, a vocabulary panel at a time: the running max, the sum of
+/// `e^(logit - max)` (rescaled when the max grows), the target's logit and the argmax.
+#[derive(Clone, Copy)]
+struct LogitState {
+    max: f32,
+    sum: f64,
+    target: f32,
+    best: (u32, f32),
+}
+
+impl LogitState {
+    const EMPTY: Self = Self {
+        max: f32::NEG_INFINITY,
+        sum: 0.0,
+        target: f32::NAN,
+        best: (0, f32::NEG_INFINITY),
+    };
+
+    /// `ln softmax[target]` (`logit - max - ln sum`), or the argmax and its logprob.
+    fn result(&self) -> (f32, (u32, f32)) {
+        let log_z = f64::from(self.max) + self.sum.ln();
+        (
+            (f64::from(self.target) - log_z) as f32,
+            (self.best.0, (f64::from(self.best.1) - log_z) as f32),
+        )
+    }
+}
+
+multiversion! {
+    /// Folds the logits of vocabulary entries `offset..offset + row.len()` into `st`:
+    /// `sum = sum e^(max - max') + sum_j e^(row[j] - max')` with `max' = max(max, max_j row[j])`;
+    /// the argmax keeps the first of equal values.
+    fn fold_logits(st: &mut LogitState, row: &[f32], offset: usize, target: Option<u32>) -> () {
+        let panel_max = math::max(row);
+        let new_max = st.max.max(panel_max);
+        st.sum = st.sum * f64::from(st.max - new_max).exp() + math::sum_exp(row, new_max);
+        st.max = new_max;
+        if panel_max > st.best.1 {
+            let at = row.iter().position(|&v| v == panel_max).unwrap_or(0);
+            st.best = ((offset + at) as u32, panel_max);
+        }
+        if let Some(t) = target.map(|t| t as usize) {
+            if (offset..offset + row.len()).contains(&t) {
+                st.target = row[t - offset];
+            }
+        }
+    }
+}
 
 fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|e| e.into_inner())
@@ -142,12 +232,54 @@ impl CpuDevice {
     }
 }
 
-/// `ln softmax(row)[t]` with the log-sum-exp accumulated in f64:
-/// `row[t] - (max + ln sum_j exp(row[j] - max))`.
-fn log_softmax_at(row: &[f32], t: usize) -> f32 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let sum: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
-    (f64::from(row[t] - max) - sum.ln()) as f32
+multiversion! {
+    /// `ln softmax(row)[t]` with the log-sum-exp totalled in f64:
+    /// `row[t] - (max + ln sum_j exp(row[j] - max))`.
+    fn log_softmax_at(row: &[f32], t: usize) -> f32 {
+        let max = math::max(row);
+        (f64::from(row[t] - max) - math::sum_exp(row, max).ln()) as f32
+    }
+}
+
+multiversion! {
+    /// `a[i] += b[i]`.
+    fn add_into(a: &mut [f32], b: &[f32]) -> () {
+        for (a, &b) in a.iter_mut().zip(b) {
+            *a += b;
+        }
+    }
+}
+
+multiversion! {
+    /// `g[i] = silu(g[i]) * u[i]` with `silu(x) = x / (1 + e^-x)`.
+    fn silu_mul_into(g: &mut [f32], u: &[f32]) -> () {
+        for (g, &u) in g.iter_mut().zip(u) {
+            *g = *g / (1.0 + math::exp(-*g)) * u;
+        }
+    }
+}
+
+multiversion! {
+    /// RMSNorm of one row: `out = row / sqrt(mean(row^2) + eps) * w`.
+    fn rms_norm_row(row: &[f32], w: &[f32], eps: f32, out: &mut [f32]) -> () {
+        let inv = 1.0 / (math::dot(row, row) / row.len() as f32 + eps).sqrt();
+        for ((o, &v), &g) in out.iter_mut().zip(row).zip(w) {
+            *o = v * inv * g;
+        }
+    }
+}
+
+multiversion! {
+    /// LayerNorm of one row: `out = (row - mean) / sqrt(var + eps) * w + b`.
+    fn layer_norm_row(row: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) -> () {
+        let n = row.len() as f32;
+        let mean = math::sum(row) / n;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (((o, &v), &g), &c) in out.iter_mut().zip(row).zip(w).zip(b) {
+            *o = (v - mean) * inv * g + c;
+        }
+    }
 }
 
 impl Device for CpuDevice {
@@ -317,8 +449,7 @@ impl Device for CpuDevice {
                     w.k()
                 )
             })?;
-            self.pool
-                .install(|| matmul::linear_into(&w, &xd, m, &mut y, out, *col));
+            matmul::linear_into(&self.pool, &w, &xd, m, &mut y, out, *col);
         }
         Ok(CpuTensor::new(y, m, out))
     }
@@ -337,13 +468,7 @@ impl Device for CpuDevice {
     fn rms_norm(&self, x: &CpuTensor, w: &CpuTensor, eps: f32) -> Result<CpuTensor> {
         let w = read(&w.data).clone();
         expect(w.len() == x.width, "rms_norm", || "weight width".into())?;
-        self.norm(x, |row, out| {
-            let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
-            let inv = 1.0 / (ms + eps).sqrt();
-            for ((o, &v), &g) in out.iter_mut().zip(row).zip(&w) {
-                *o = v * inv * g;
-            }
-        })
+        self.norm(x, |row, out| rms_norm_row(row, &w, eps, out))
     }
 
     fn layer_norm(
@@ -359,30 +484,18 @@ impl Device for CpuDevice {
             "layer_norm",
             || "weight width".into(),
         )?;
-        self.norm(x, |row, out| {
-            let n = row.len() as f32;
-            let mean = row.iter().sum::<f32>() / n;
-            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-            let inv = 1.0 / (var + eps).sqrt();
-            for (((o, &v), &g), &c) in out.iter_mut().zip(row).zip(&w).zip(&b) {
-                *o = (v - mean) * inv * g + c;
-            }
-        })
+        self.norm(x, |row, out| layer_norm_row(row, &w, &b, eps, out))
     }
 
     fn add(&self, x: &CpuTensor, y: &CpuTensor) -> Result<()> {
         self.same(x, y, "add")?;
-        self.zip_mut(x, y, |a, b| a.iter_mut().zip(b).for_each(|(a, &b)| *a += b));
+        self.zip_mut(x, y, add_into);
         Ok(())
     }
 
     fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<()> {
         self.same(gate, up, "silu_mul")?;
-        self.zip_mut(gate, up, |g, u| {
-            g.iter_mut()
-                .zip(u)
-                .for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u)
-        });
+        self.zip_mut(gate, up, silu_mul_into);
         Ok(())
     }
 
@@ -398,7 +511,7 @@ impl Device for CpuDevice {
             .ok_or_else(|| Error::invalid("rope", "rows without RoPE tables"))?;
         let half = head_dim / 2;
         expect(
-            cos.len() == x.rows * half && x.width % head_dim.max(1) == 0,
+            cos.len() == x.rows * half && x.width.is_multiple_of(head_dim.max(1)),
             "rope",
             || {
                 format!(
@@ -478,6 +591,82 @@ impl Device for CpuDevice {
                 })
                 .collect()
         }))
+    }
+
+    fn reduce_logits(
+        &self,
+        x: &CpuTensor,
+        parts: &[(CpuPart, usize)],
+        vocab: usize,
+        targets: Option<&[u32]>,
+    ) -> Result<Reduced> {
+        let (m, k) = (x.rows, x.width);
+        if let Some(t) = targets {
+            expect(t.len() == m, "logprob", || "one target per row".into())?;
+            if let Some(&bad) = t.iter().find(|&&t| t as usize >= vocab) {
+                return Err(Error::TokenOutOfRange {
+                    token: bad,
+                    position: 0,
+                    vocab_size: vocab,
+                });
+            }
+        }
+        let guards: Vec<Vec<_>> = parts
+            .iter()
+            .map(|(p, _)| p.segments.iter().map(|s| read(&s.0)).collect())
+            .collect();
+        let views: Vec<Vec<&[u32]>> = guards
+            .iter()
+            .map(|g| g.iter().map(|s| s.as_slice()).collect())
+            .collect();
+        let weights: Vec<(WeightRows, usize)> = parts
+            .iter()
+            .zip(&views)
+            .map(|((p, col), v)| (WeightRows::new(p.format, v), *col))
+            .collect();
+        let covered: usize = weights.iter().map(|(w, _)| w.rows()).sum();
+        expect(
+            covered == vocab
+                && weights
+                    .iter()
+                    .all(|(w, c)| w.k() == k && c + w.rows() <= vocab),
+            "logits",
+            || format!("output projection rows {covered} of {vocab}, x [{m}, {k}]"),
+        )?;
+        let xd = read(&x.data);
+        let panel = vocab.clamp(1, LOGIT_PANEL);
+        let mut logits = vec![0.0f32; m * panel];
+        let mut states = vec![LogitState::EMPTY; m];
+        for p0 in (0..vocab).step_by(panel) {
+            let p1 = (p0 + panel).min(vocab);
+            let width = p1 - p0;
+            let logits = &mut logits[..m * width];
+            // logits[:, j] = x W[p0 + j]^T from every part that holds rows of the panel
+            for (w, col) in &weights {
+                let (a, b) = ((*col).max(p0), (col + w.rows()).min(p1));
+                if a < b {
+                    let rows = w.slice(a - col..b - col);
+                    matmul::linear_into(&self.pool, &rows, &xd, m, logits, width, a - p0);
+                }
+            }
+            self.pool.install(|| {
+                states
+                    .par_iter_mut()
+                    .zip(logits.par_chunks(width))
+                    .enumerate()
+                    .for_each(|(i, (st, row))| {
+                        fold_logits(st, row, p0, targets.map(|t| t[i]));
+                    })
+            });
+        }
+        Ok(match targets {
+            Some(_) => Reduced::Targets(states.iter().map(|s| s.result().0).collect()),
+            None => Reduced::Greedy(states.iter().map(|s| s.result().1).collect()),
+        })
+    }
+
+    fn logit_width(&self, vocab: usize) -> usize {
+        vocab.min(LOGIT_PANEL)
     }
 
     fn cache(&self, format: CacheFormat, rows: usize) -> Result<CpuCache> {

@@ -1,0 +1,205 @@
+//! The CPU device's linear kernels, format by format, against two yardsticks timed in the same
+//! run: a multi-threaded memcpy (bytes read + written per second) and the f32 GEMM that the
+//! device uses (faer, the fastest of matrixmultiply, gemm and faer here).
+//!
+//! ```text
+//! cargo run --release --example bench_cpu_kernels -- [--runs 5] [--sizes 2048,4096]
+//!     [--rows 1,8,64,512] [--threads 0]
+//! ```
+//! For each `K = N` and `M`: GFLOP/s of `y = x W^T` for weights in f32, f16, Q8_0, Q4_0/Q4_1
+//! (4-bit codes in groups of 32, one kernel for both) and FlexGen 4-bit (groups of 64). For
+//! `M = 1` also the packed weight bytes read per second and their share of the memcpy rate;
+//! for `M = 512` the share of the f32 GEMM's GFLOP/s. The weights rotate through enough copies
+//! (at least 512 MiB in all; `BENCH_ROTATE_MIB` sets it, 0 keeps one copy in the caches) that
+//! every call reads them from memory, not from the caches.
+
+use std::time::Instant;
+
+use ferrogen::cli::{exit_status, Flags};
+use ferrogen::device::cpu::matmul::{linear_into, WeightRows};
+use ferrogen::layout::RowFormat;
+use ferrogen::{Error, Result};
+use rayon::prelude::*;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn list(text: &str, flag: &str) -> Result<Vec<usize>> {
+    text.split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .map_err(|_| Error::invalid(flag, format!("`{s}` is not a number")))
+        })
+        .collect()
+}
+
+/// A weight format: name, bits per code (32 = plain f32), codes per scale group.
+const FORMATS: [(&str, u32, usize); 5] = [
+    ("f32", 32, 0),
+    ("f16", 16, 64),
+    ("Q8_0", 8, 32),
+    ("Q4_0/Q4_1", 4, 32),
+    ("FlexGen 4-bit", 4, 64),
+];
+
+/// Segments of `copies` copies of a `[n, k]` weight in a format (random codes; scales that
+/// keep values near 1).
+fn weights(bits: u32, group: usize, n: usize, k: usize, copies: usize) -> Vec<Vec<Vec<u32>>> {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed as u32
+    };
+    (0..copies)
+        .map(|_| {
+            if bits == 32 {
+                let v: Vec<f32> = (0..n * k)
+                    .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
+                    .collect();
+                return vec![bytemuck::cast_slice(&v).to_vec()];
+            }
+            let padded = k.div_ceil(group) * group;
+            let words = n * padded * bits as usize / 32;
+            let codes: Vec<u32> = if bits == 16 {
+                (0..words)
+                    .map(|_| {
+                        let h = |r: u32| {
+                            u32::from(
+                                half::f16::from_f32((r % 2000) as f32 / 1000.0 - 1.0).to_bits(),
+                            )
+                        };
+                        h(next()) | (h(next()) << 16)
+                    })
+                    .collect()
+            } else {
+                (0..words).map(|_| next()).collect()
+            };
+            let step = half::f16::from_f32(if bits == 16 { 1.0 } else { 0.01 });
+            let min = half::f16::from_f32(if bits == 16 { 0.0 } else { -0.08 });
+            let scale = u32::from(step.to_bits()) | (u32::from(min.to_bits()) << 16);
+            vec![codes, vec![scale; n * padded / group]]
+        })
+        .collect()
+}
+
+fn run() -> Result<()> {
+    let (mut runs, mut sizes, mut rows, mut threads) = (
+        5usize,
+        vec![2048usize, 4096],
+        vec![1usize, 8, 64, 512],
+        0usize,
+    );
+    let mut flags = Flags::from_env();
+    while let Some(flag) = flags.next_flag() {
+        match flag.as_str() {
+            "--runs" => runs = flags.positive(&flag)?,
+            "--sizes" => sizes = list(&flags.value(&flag)?, &flag)?,
+            "--rows" => rows = list(&flags.value(&flag)?, &flag)?,
+            "--threads" => threads = flags.parse(&flag)?,
+            other => return Err(Error::invalid(other, "unknown flag")),
+        }
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::invalid("--threads", e.to_string()))?;
+    println!(
+        "threads: {}, runs: {runs} (medians)",
+        pool.current_num_threads()
+    );
+
+    // yardstick 1: memcpy of 256 MiB on all threads, bytes read + written per second
+    let len = 64 << 20;
+    let src: Vec<f32> = (0..len).map(|i| i as f32).collect();
+    let mut dst = vec![0.0f32; len];
+    let mut copy_rates = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        pool.install(|| {
+            dst.par_chunks_mut(1 << 20)
+                .zip(src.par_chunks(1 << 20))
+                .for_each(|(d, s)| d.copy_from_slice(s))
+        });
+        copy_rates.push(2.0 * (len * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    let copy = median(copy_rates);
+    drop((src, dst));
+    println!("memcpy: {copy:.1} GB/s (read + written)");
+    println!();
+    println!("| K = N | format | M | GFLOP/s | weight GB/s | share of memcpy / of f32 GEMM |");
+    println!("|---|---|---|---|---|---|");
+
+    for &kn in &sizes {
+        let (n, k) = (kn, kn);
+        // yardstick 2: the f32 GEMM at M = 512, decoded weights in cache-friendly reuse
+        let mut gemm_at_512 = None;
+        for &(name, bits, group) in &FORMATS {
+            let row_bytes = if bits == 32 {
+                4 * k
+            } else {
+                let padded = k.div_ceil(group) * group;
+                padded * bits as usize / 8 + padded / group * 4
+            };
+            let bytes = n * row_bytes;
+            let pool_bytes: usize = std::env::var("BENCH_ROTATE_MIB")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(512)
+                << 20;
+            let copies = (pool_bytes / bytes).max(1);
+            let segments = weights(bits, group, n, k, copies);
+            let format = if bits == 32 {
+                RowFormat::F32 { k }
+            } else {
+                RowFormat::Packed {
+                    k,
+                    padded_k: k.div_ceil(group) * group,
+                    group,
+                    bits,
+                }
+            };
+            for &m in &rows {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
+                    .collect();
+                let mut y = vec![0.0f32; m * n];
+                let mut times = Vec::new();
+                for r in 0..runs + 1 {
+                    let seg: Vec<&[u32]> =
+                        segments[r % copies].iter().map(|s| s.as_slice()).collect();
+                    let w = WeightRows::new(format, &seg);
+                    let t = Instant::now();
+                    linear_into(&pool, &w, &x, m, &mut y, n, 0);
+                    if r > 0 {
+                        times.push(t.elapsed().as_secs_f64());
+                    }
+                }
+                std::hint::black_box(&y);
+                let s = median(times);
+                let gflops = 2.0 * (m * n * k) as f64 / s / 1e9;
+                let gbs = bytes as f64 / s / 1e9;
+                if bits == 32 && m == 512 {
+                    gemm_at_512 = Some(gflops);
+                }
+                let share = match m {
+                    1 => format!("{:.0}% of memcpy", 100.0 * gbs / copy),
+                    512 => gemm_at_512.map_or(String::new(), |g| {
+                        format!("{:.0}% of f32 GEMM", 100.0 * gflops / g)
+                    }),
+                    _ => String::new(),
+                };
+                println!("| {kn} | {name} | {m} | {gflops:.1} | {gbs:.1} | {share} |");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    exit_status(run())
+}
