@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use ferrogen::cli::{exit_status, Flags};
 use ferrogen::device::cpu::matmul::{linear_into, WeightRows};
-use ferrogen::layout::RowFormat;
+use ferrogen::policy::calibrate::synthetic_weight;
 use ferrogen::{Error, Result};
 use rayon::prelude::*;
 
@@ -44,48 +44,6 @@ const FORMATS: [(&str, u32, usize); 5] = [
     ("Q4_0/Q4_1", 4, 32),
     ("FlexGen 4-bit", 4, 64),
 ];
-
-/// Segments of `copies` copies of a `[n, k]` weight in a format (random codes; scales that
-/// keep values near 1).
-fn weights(bits: u32, group: usize, n: usize, k: usize, copies: usize) -> Vec<Vec<Vec<u32>>> {
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed as u32
-    };
-    (0..copies)
-        .map(|_| {
-            if bits == 32 {
-                let v: Vec<f32> = (0..n * k)
-                    .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
-                    .collect();
-                return vec![bytemuck::cast_slice(&v).to_vec()];
-            }
-            let padded = k.div_ceil(group) * group;
-            let words = n * padded * bits as usize / 32;
-            let codes: Vec<u32> = if bits == 16 {
-                (0..words)
-                    .map(|_| {
-                        let h = |r: u32| {
-                            u32::from(
-                                half::f16::from_f32((r % 2000) as f32 / 1000.0 - 1.0).to_bits(),
-                            )
-                        };
-                        h(next()) | (h(next()) << 16)
-                    })
-                    .collect()
-            } else {
-                (0..words).map(|_| next()).collect()
-            };
-            let step = half::f16::from_f32(if bits == 16 { 1.0 } else { 0.01 });
-            let min = half::f16::from_f32(if bits == 16 { 0.0 } else { -0.08 });
-            let scale = u32::from(step.to_bits()) | (u32::from(min.to_bits()) << 16);
-            vec![codes, vec![scale; n * padded / group]]
-        })
-        .collect()
-}
 
 fn run() -> Result<()> {
     let (mut runs, mut sizes, mut rows, mut threads) = (
@@ -152,17 +110,10 @@ fn run() -> Result<()> {
                 .unwrap_or(512)
                 << 20;
             let copies = (pool_bytes / bytes).max(1);
-            let segments = weights(bits, group, n, k, copies);
-            let format = if bits == 32 {
-                RowFormat::F32 { k }
-            } else {
-                RowFormat::Packed {
-                    k,
-                    padded_k: k.div_ceil(group) * group,
-                    group,
-                    bits,
-                }
-            };
+            let segments: Vec<Vec<Vec<u32>>> = (0..copies)
+                .map(|c| synthetic_weight(bits, group, n, k, c as u64 + 1).1)
+                .collect();
+            let format = synthetic_weight(bits, group, 1, k, 0).0;
             for &m in &rows {
                 let x: Vec<f32> = (0..m * k)
                     .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)

@@ -5,7 +5,9 @@
 //!     [--base PROFILE.toml] [--gpu-mem SIZE] [--cpu-mem SIZE] [--disk SIZE] [--quick]
 //! ```
 //! Disk reads use O_DIRECT on a scratch file in the offload directory (64 KiB to 8 MiB reads,
-//! 1 to 8 threads), then writes, memory copies, and CPU matrix-product and attention rates.
+//! 1 to 8 threads), then writes, memory copies, CPU matrix-product rates, and the CPU device's
+//! own attention and linear kernels, weight format by weight format (the cost model's rates
+//! when the engine computes on the CPU device).
 //! GPU rows (upload, download, matmul and attention rates, memory bandwidth, 4-bit decode rate)
 //! are measured on the WebGPU device; with `--base` they come from that profile instead, and
 //! without any adapter from the CPU measurements. A real GPU needs `--gpu-mem` (wgpu does not
@@ -18,8 +20,9 @@ use ferrogen::bytes::{format_size, parse_size};
 use ferrogen::cli::Flags;
 use ferrogen::gpu::{AdapterKind, GpuContext};
 use ferrogen::policy::calibrate::{
-    available_memory_bytes, free_disk_bytes, measure_cpu_attention, measure_disk_reads,
-    measure_gpu, measure_matmul, measure_memcpy, write_scratch, write_text, Measured,
+    available_memory_bytes, free_disk_bytes, measure_cpu_device_attention, measure_cpu_linear,
+    measure_disk_reads, measure_gpu, measure_matmul, measure_memcpy, write_scratch, write_text,
+    Measured,
 };
 use ferrogen::policy::hardware::GIB;
 use ferrogen::policy::{ByteSize, HardwareProfile};
@@ -91,12 +94,31 @@ fn run() -> Result<()> {
     note("CPU f32 matmul 512x2048x2048", &mm_prefill, "TFLOP/s");
     let mm_decode = measure_matmul(8, 2048, 2048, trials);
     note("CPU f32 matmul 8x2048x2048", &mm_decode, "TFLOP/s");
-    let attention = measure_cpu_attention(32, 128, 2048, trials);
+    let attention = measure_cpu_device_attention(32, 9, 64, 1024, trials);
     note(
-        "CPU decode attention, 32 heads x 128 x 2048",
+        "CPU device decode attention, 32 sequences x 9 heads (GQA 3:1) x 64 over 1024",
         &attention,
         "TFLOP/s",
     );
+    // the CPU device's linear kernels, format by format
+    let (mut cpu_linear, mut linear_notes) = (Vec::new(), Vec::new());
+    for (name, bits, group) in [
+        ("f32", 32, 0),
+        ("f16", 16, 64),
+        ("Q8_0", 8, 32),
+        ("Q4_0/Q4_1", 4, 32),
+        ("FlexGen 4-bit", 4, 64),
+    ] {
+        let rate = measure_cpu_linear(bits, group, 0, trials)?;
+        let line = format!(
+            "CPU device linear, {name}: {:.3} TFLOP/s at 512 x 2048 x 2048, {:.2} GiB/s of \
+             weights at 1 x 4096 x 4096",
+            rate.prefill_tflops, rate.decode_gib_s
+        );
+        eprintln!("{line}");
+        linear_notes.push(line);
+        cpu_linear.push(rate);
+    }
 
     let available = available_memory_bytes().unwrap_or(8 << 30);
     let free = free_disk_bytes(&dir).unwrap_or(16 << 30);
@@ -182,6 +204,7 @@ fn run() -> Result<()> {
                 cpu_attention_tflops: 0.0,
                 cpu_matmul_tflops_prefill: 0.0,
                 cpu_matmul_tflops_decode: 0.0,
+                cpu_linear: Vec::new(),
                 gpu_memory_gib_s: g.memory_gib_s.median / 2.0,
                 gpu_dequant_gvalues_s: g.dequant_gvalues_s.median,
                 gpu_memory: ByteSize(gpu_memory),
@@ -213,6 +236,7 @@ fn run() -> Result<()> {
                 cpu_attention_tflops: 0.0,
                 cpu_matmul_tflops_prefill: 0.0,
                 cpu_matmul_tflops_decode: 0.0,
+                cpu_linear: Vec::new(),
                 gpu_memory_gib_s: memcpy.median,
                 // dequantizing reads ~0.56 and writes 2 bytes per value
                 gpu_dequant_gvalues_s: memcpy.median * GIB / 2.6 / 1e9,
@@ -232,6 +256,8 @@ fn run() -> Result<()> {
     profile.cpu_attention_tflops = attention.median;
     profile.cpu_matmul_tflops_prefill = mm_prefill.median;
     profile.cpu_matmul_tflops_decode = mm_decode.median;
+    profile.cpu_linear = cpu_linear;
+    notes.extend(linear_notes);
     if let Some(v) = gpu_mem {
         profile.gpu_memory = ByteSize(v);
     }

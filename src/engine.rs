@@ -301,11 +301,13 @@ impl Engine {
                 };
                 chunk = hardware.io_chunk_bytes as usize;
                 io_threads = hardware.io_threads;
+                let bytes_per_value =
+                    crate::exec::weights::runtime_bytes_per_value(&files, format)?;
                 let hw = if host {
                     // one memory: the device tier is RAM, less everything held back
                     let ram = short(options.cpu_budget, gpu_keep + cpu_keep, "CPU")?;
                     hardware
-                        .for_host_device()
+                        .for_host_device(bytes_per_value)
                         .with_capacities(ram, 0, disk_budget)
                 } else {
                     hardware.with_capacities(
@@ -329,6 +331,7 @@ impl Engine {
                 // activations and the uncompressed cache are f32 here
                 .with_activation_bytes(4.0)
                 .with_compute_rows(chunk_rows(&files.config, options.gpu_budget));
+                let model = if host { model.on_host_device() } else { model };
                 let found = search(
                     &model,
                     &SearchOptions {

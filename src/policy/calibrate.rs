@@ -12,8 +12,9 @@ use std::time::Instant;
 
 use ndarray::Array2;
 
-use super::hardware::{DiskRead, GIB};
+use super::hardware::{CpuLinear, DiskRead, GIB};
 use crate::error::{Error, Result};
+use crate::layout::RowFormat;
 use crate::storage::offload::{drop_cache, AlignedBuf};
 
 /// Median and spread of repeated measurements.
@@ -213,26 +214,154 @@ pub fn measure_matmul(m: usize, k: usize, n: usize, trials: usize) -> Measured {
     Measured::of(rates)
 }
 
-/// Decode attention on the CPU: per head, one query against `context` cached keys and values
-/// (`q K^T`, then `p V`), `4 * context * head_dim` FLOPs per head; in TFLOP/s.
-pub fn measure_cpu_attention(
+/// A synthetic `[n, k]` linear weight in the run-time layout: `bits` of 32 is plain f32, else
+/// packed codes of `bits` (4, 8 or 16) in groups of `group` with scales that keep values near
+/// `[-1, 1]`; returns the layout and its segments. Seeded, so runs compare.
+pub fn synthetic_weight(
+    bits: u32,
+    group: usize,
+    n: usize,
+    k: usize,
+    seed: u64,
+) -> (RowFormat, Vec<Vec<u32>>) {
+    let mut state = seed | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state as u32
+    };
+    if bits == 32 {
+        let v: Vec<f32> = (0..n * k)
+            .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
+            .collect();
+        return (
+            RowFormat::F32 { k },
+            vec![bytemuck::cast_slice(&v).to_vec()],
+        );
+    }
+    let padded_k = k.div_ceil(group) * group;
+    let words = n * padded_k * bits as usize / 32;
+    let half = |v: f32| u32::from(half::f16::from_f32(v).to_bits());
+    let codes: Vec<u32> = if bits == 16 {
+        (0..words)
+            .map(|_| {
+                let mut h = || half((next() % 2000) as f32 / 1000.0 - 1.0);
+                h() | (h() << 16)
+            })
+            .collect()
+    } else {
+        (0..words).map(|_| next()).collect()
+    };
+    let (step, min) = if bits == 16 {
+        (1.0, 0.0)
+    } else {
+        (2.0 / ((1u32 << bits) - 1) as f32, -1.0)
+    };
+    let scales = vec![half(step) | (half(min) << 16); n * padded_k / group];
+    let format = RowFormat::Packed {
+        k,
+        padded_k,
+        group,
+        bits,
+    };
+    (format, vec![codes, scales])
+}
+
+/// The CPU device's linear kernel for one weight layout (`bits`, `group` as in
+/// [`synthetic_weight`]) on `threads` threads (0: all cores): TFLOP/s at 512 rows of `x`
+/// (K = N = 2048), and weight GiB/s read at one row (K = N = 4096, through enough copies that
+/// every call reads from memory, not the caches).
+pub fn measure_cpu_linear(
+    bits: u32,
+    group: usize,
+    threads: usize,
+    trials: usize,
+) -> Result<CpuLinear> {
+    use crate::device::cpu::matmul::{linear_into, WeightRows};
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::invalid("calibrate", e.to_string()))?;
+    let time = |format: RowFormat, copies: &[Vec<Vec<u32>>], m: usize, k: usize, n: usize| {
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
+            .collect();
+        let mut y = vec![0.0f32; m * n];
+        let mut secs = Vec::new();
+        for t in 0..=trials.max(1) {
+            let segs: Vec<&[u32]> = copies[t % copies.len()].iter().map(Vec::as_slice).collect();
+            let w = WeightRows::new(format, &segs);
+            let start = Instant::now();
+            linear_into(&pool, &w, &x, m, &mut y, n, 0);
+            if t > 0 {
+                secs.push(start.elapsed().as_secs_f64());
+            }
+        }
+        std::hint::black_box(&y);
+        Measured::of(secs).median
+    };
+    let (format, w) = synthetic_weight(bits, group, 2048, 2048, 1);
+    let prefill = 2.0 * 512.0 * 2048.0 * 2048.0 / time(format, &[w], 512, 2048, 2048) / 1e12;
+    let (format, first) = synthetic_weight(bits, group, 4096, 4096, 2);
+    let bytes: usize = first.iter().map(|s| s.len() * 4).sum();
+    let copies: Vec<Vec<Vec<u32>>> = std::iter::once(first)
+        .chain(
+            (1..(256usize << 20).div_ceil(bytes).min(64))
+                .map(|c| synthetic_weight(bits, group, 4096, 4096, 3 + c as u64).1),
+        )
+        .collect();
+    let decode = bytes as f64 / time(format, &copies, 1, 4096, 4096) / GIB;
+    Ok(CpuLinear {
+        bytes_per_value: bytes as f64 / (4096.0 * 4096.0),
+        prefill_tflops: prefill,
+        decode_gib_s: decode,
+    })
+}
+
+/// The CPU device's attention (the kernel the CPU device and `cpu_cache_compute` run):
+/// `sequences` decode queries of `heads` heads of `head_dim` (GQA 3:1) over `context` cached
+/// f32 rows each, `4 * context * head_dim` FLOPs per query head; in TFLOP/s.
+pub fn measure_cpu_device_attention(
+    sequences: usize,
     heads: usize,
     head_dim: usize,
     context: usize,
     trials: usize,
 ) -> Measured {
-    let k = Array2::from_shape_fn((context, head_dim), |(i, j)| ((i + j) % 5) as f32 * 0.1);
-    let v = k.clone();
-    let q = Array2::from_elem((1, head_dim), 0.01f32);
-    let rates = (0..trials.max(1))
+    use crate::device::cpu::attention::{attend, KvView};
+    use crate::device::RowInfo;
+    use crate::layout::HeadLayout;
+    let layout = HeadLayout {
+        heads,
+        kv_heads: (heads / 3).max(1),
+        head_dim,
+    };
+    let width = layout.kv_heads * head_dim;
+    let kv: Vec<f32> = (0..sequences * context * width)
+        .map(|i| (i % 5) as f32 * 0.1)
+        .collect();
+    let q = vec![0.01f32; sequences * heads * head_dim];
+    let infos: Vec<RowInfo> = (0..sequences)
+        .map(|s| RowInfo {
+            first: (s * context) as u32,
+            visible: context as u32,
+        })
+        .collect();
+    let mut o = vec![0.0f32; q.len()];
+    let view = KvView::F32 {
+        k: &kv,
+        v: &kv,
+        width,
+    };
+    let flops = 4.0 * (sequences * heads * context * head_dim) as f64;
+    let rates = (0..=trials.max(1))
         .map(|_| {
             let t = Instant::now();
-            for _ in 0..heads {
-                let p = q.dot(&k.t());
-                std::hint::black_box(p.dot(&v));
-            }
-            4.0 * (heads * context * head_dim) as f64 / t.elapsed().as_secs_f64() / 1e12
+            attend(&q, &infos, view, layout, &mut o);
+            flops / t.elapsed().as_secs_f64() / 1e12
         })
+        .skip(1)
         .collect();
     Measured::of(rates)
 }
@@ -418,11 +547,35 @@ mod tests {
     }
 
     #[test]
+    fn synthetic_weights_have_the_layouts_shapes() {
+        use crate::device::cpu::matmul::WeightRows;
+        for (bits, group, bytes) in [
+            (32, 0, 4.0),
+            (16, 64, 2.0625),
+            (8, 32, 1.125),
+            (4, 32, 0.625),
+        ] {
+            let (format, segs) = synthetic_weight(bits, group, 6, 128, 1);
+            let views: Vec<&[u32]> = segs.iter().map(Vec::as_slice).collect();
+            let w = WeightRows::new(format, &views);
+            assert_eq!((w.rows(), w.k()), (6, 128));
+            let total: usize = segs.iter().map(|s| s.len() * 4).sum();
+            assert_eq!(total as f64 / (6.0 * 128.0), bytes, "{bits} bits");
+            let mut row = vec![0.0; 128];
+            w.decode_row(5, &mut row);
+            assert!(
+                row.iter().all(|v| v.abs() <= 1.0 + 1e-3),
+                "{bits} bits: {row:?}"
+            );
+        }
+    }
+
+    #[test]
     fn measured_summarizes() {
         let m = Measured::of(vec![3.0, 1.0, 2.0]);
         assert_eq!((m.min, m.median, m.max), (1.0, 2.0, 3.0));
         assert!(measure_matmul(16, 16, 16, 1).median > 0.0);
-        assert!(measure_cpu_attention(2, 8, 32, 1).median > 0.0);
+        assert!(measure_cpu_device_attention(2, 6, 32, 100, 1).median > 0.0);
         assert!(available_memory_bytes().unwrap_or(1) > 0);
     }
 }

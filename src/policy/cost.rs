@@ -326,6 +326,10 @@ pub struct CostModel {
     /// online-softmax attention, which holds no score matrix); `None` counts FlexGen's working
     /// set, a whole batch with its `heads x s x s` attention scores.
     pub compute_rows: Option<usize>,
+    /// The compute device works in host RAM (the CPU device): its tier and the CPU's are one
+    /// memory, so their peaks add up on the device tier, and disk pieces are read straight
+    /// into the device's weight slots (no extra layer staged in RAM).
+    pub host_device: bool,
 }
 
 /// Bytes per activation or uncompressed weight/cache value (fp16, as FlexGen runs).
@@ -341,7 +345,16 @@ impl CostModel {
             weight_bytes: None,
             activation_bytes: None,
             compute_rows: None,
+            host_device: false,
         }
+    }
+
+    /// The same model on a device that computes in host RAM (see
+    /// [`CostModel::host_device`]); give it a profile from
+    /// [`HardwareProfile::for_host_device`], with all of RAM as its GPU capacity.
+    pub fn on_host_device(mut self) -> Self {
+        self.host_device = true;
+        self
     }
 
     /// The same model with the executor's working set: at most `rows` rows computed at once
@@ -526,16 +539,19 @@ impl CostModel {
             + Linear::constant(work_decode)
             // without delegation, one batch's CPU/disk cache is double-buffered on the GPU
             + Linear::of(if ccc { 0.0 } else { 2.0 * bkv * (s + n) * gbs }, &[CC, CN]);
+        // disk weights staged through RAM on their way to the GPU (a host device reads them
+        // straight into its weight slots)
+        let staged_w = if self.host_device { 0.0 } else { bw_layer };
         let cpu_prefill = Linear::of(total_w, &[WC])
             + Linear::of(bh * s * bls, &[HC])
             + Linear::of(cache_all, &[CC])
-            + Linear::of(bw_layer, &[WN]) // disk weights staged through RAM
+            + Linear::of(staged_w, &[WN])
             + Linear::of(bkv * s * gbs, &[CN])
             + Linear::of(bh * s * gbs, &[HN]);
         let cpu_decode = Linear::of(total_w, &[WC])
             + Linear::of(bh * bls, &[HC])
             + Linear::of(cache_all, &[CC])
-            + Linear::of(bw_layer, &[WN])
+            + Linear::of(staged_w, &[WN])
             + Linear::of(bkv * (s + n) * gbs, &[CN])
             + Linear::of(bh * gbs, &[HN])
             // CPU attention scores of one batch, f32
@@ -544,11 +560,21 @@ impl CostModel {
             + Linear::of(cache_all, &[CN])
             + Linear::of(bh * s * bls, &[HN]);
 
+        let (gpu_peak, cpu_peak) = if self.host_device {
+            // one memory: everything on the device tier, nothing left for a separate CPU tier
+            let none = Linear::constant(0.0);
+            (
+                [gpu_prefill + cpu_prefill, gpu_decode + cpu_decode],
+                [none, none],
+            )
+        } else {
+            ([gpu_prefill, gpu_decode], [cpu_prefill, cpu_decode])
+        };
         Terms {
             prefill,
             decode,
-            gpu_peak: [gpu_prefill, gpu_decode],
-            cpu_peak: [cpu_prefill, cpu_decode],
+            gpu_peak,
+            cpu_peak,
             disk,
         }
     }

@@ -59,6 +59,21 @@ pub struct DiskRead {
     pub gib_s: f64,
 }
 
+/// What the CPU device's linear kernels reach for one weight format (`calibrate` measures
+/// them with the device's own kernels).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuLinear {
+    /// Bytes per weight value in the run-time layout: 4 (f32), 2.03 (f16 codes), 1.125 (Q8_0),
+    /// 0.625 (4-bit codes in groups of 32), 0.5625 (FlexGen 4-bit, groups of 64).
+    pub bytes_per_value: f64,
+    /// Many rows of `x` (512: panels decoded, then a GEMM), TFLOP/s.
+    pub prefill_tflops: f64,
+    /// One row of `x` (decode-and-multiply, bandwidth-bound): weight bytes read per second,
+    /// in GiB/s.
+    pub decode_gib_s: f64,
+}
+
 /// A machine as the cost model sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,6 +112,9 @@ pub struct HardwareProfile {
     /// CPU matrix products at decode shapes (0: not measured).
     #[serde(default)]
     pub cpu_matmul_tflops_decode: f64,
+    /// The CPU device's linear kernels per weight format (empty: not measured).
+    #[serde(default)]
+    pub cpu_linear: Vec<CpuLinear>,
     /// GPU memory bandwidth: a matrix product reads its weights at least once per GPU batch.
     pub gpu_memory_gib_s: f64,
     /// Dequantization of 4-bit groups on the GPU, in billions of values per second.
@@ -193,20 +211,40 @@ impl HardwareProfile {
         })
     }
 
-    /// The machine as the cost model sees it when the compute device is the CPU: the device
-    /// tier is RAM, so nothing is copied between host and device (the copy rates become
-    /// effectively free), and compute runs at the CPU's measured rates (the GPU rates are kept
-    /// where the CPU's were not measured).
-    pub fn for_host_device(mut self) -> Self {
+    /// The CPU device's measured rates for weights of `bytes_per_value` bytes per value: the
+    /// format measured with the nearest size (`None` when none was measured).
+    pub fn cpu_linear_for(&self, bytes_per_value: f64) -> Option<CpuLinear> {
+        self.cpu_linear.iter().copied().min_by(|a, b| {
+            let d = |r: &CpuLinear| (r.bytes_per_value / bytes_per_value).ln().abs();
+            d(a).total_cmp(&d(b))
+        })
+    }
+
+    /// The machine as the cost model sees it when the compute device is the CPU, for weights
+    /// of `bytes_per_value` bytes per value: the device tier is RAM, so nothing is copied
+    /// between host and device (the copy rates become effectively free); matrix products run
+    /// at the CPU device's measured rates for that format, `max(FLOPs / GEMM rate, weight
+    /// bytes / decode bandwidth)` (its kernels decode as they multiply, so no separate
+    /// dequantization term), and attention at the CPU's attention rate. Rates that were not
+    /// measured keep the profile's GPU figures.
+    pub fn for_host_device(mut self, bytes_per_value: f64) -> Self {
         const FREE_GIB_S: f64 = 1.0e4;
         self.cpu_to_gpu_gib_s = FREE_GIB_S;
         self.gpu_to_cpu_gib_s = FREE_GIB_S;
         self.gpu_to_cpu_cache_gib_s = FREE_GIB_S;
-        if self.cpu_matmul_tflops_prefill > 0.0 {
-            self.gpu_matmul_tflops_prefill = self.cpu_matmul_tflops_prefill;
-        }
-        if self.cpu_matmul_tflops_decode > 0.0 {
-            self.gpu_matmul_tflops_decode = self.cpu_matmul_tflops_decode;
+        if let Some(rate) = self.cpu_linear_for(bytes_per_value) {
+            // decode batches of 6 rows and more run the same GEMM as the prefill
+            self.gpu_matmul_tflops_prefill = rate.prefill_tflops;
+            self.gpu_matmul_tflops_decode = rate.prefill_tflops;
+            self.gpu_memory_gib_s = rate.decode_gib_s;
+            self.gpu_dequant_gvalues_s = FREE_GIB_S * 1e3;
+        } else {
+            if self.cpu_matmul_tflops_prefill > 0.0 {
+                self.gpu_matmul_tflops_prefill = self.cpu_matmul_tflops_prefill;
+            }
+            if self.cpu_matmul_tflops_decode > 0.0 {
+                self.gpu_matmul_tflops_decode = self.cpu_matmul_tflops_decode;
+            }
         }
         self.gpu_attention_tflops_prefill = self.cpu_attention_tflops;
         self.gpu_attention_tflops_decode = self.cpu_attention_tflops;
@@ -248,6 +286,39 @@ mod tests {
             let back: std::collections::BTreeMap<String, ByteSize> = toml::from_str(&text).unwrap();
             assert_eq!(back["v"], ByteSize(v), "{text}");
         }
+    }
+
+    #[test]
+    fn host_device_rates_follow_the_weight_format() {
+        let mut p = t4();
+        p.cpu_attention_tflops = 0.02;
+        let rate = |b: f64, t: f64, g: f64| CpuLinear {
+            bytes_per_value: b,
+            prefill_tflops: t,
+            decode_gib_s: g,
+        };
+        p.cpu_linear = vec![
+            rate(4.0, 0.2, 10.0),
+            rate(1.125, 0.18, 6.0),
+            rate(0.625, 0.17, 4.0),
+        ];
+        // Q4_1 weights (0.625 B) take the 4-bit row; f16 (2.06 B) the nearest, Q8_0
+        let q4 = p.clone().for_host_device(0.625);
+        assert_eq!(
+            (q4.gpu_matmul_tflops_prefill, q4.gpu_memory_gib_s),
+            (0.17, 4.0)
+        );
+        assert_eq!(q4.gpu_matmul_tflops_decode, 0.17);
+        assert_eq!(q4.gpu_attention_tflops_decode, 0.02);
+        assert!(q4.cpu_to_gpu_gib_s > 1e3 && q4.gpu_dequant_gvalues_s > 1e6);
+        assert_eq!(
+            p.cpu_linear_for(2.0625).map(|r| r.bytes_per_value),
+            Some(1.125)
+        );
+        // nothing measured: the ndarray figures, as before
+        p.cpu_linear.clear();
+        p.cpu_matmul_tflops_prefill = 0.25;
+        assert_eq!(p.for_host_device(0.625).gpu_matmul_tflops_prefill, 0.25);
     }
 
     #[test]

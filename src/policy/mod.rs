@@ -9,6 +9,6 @@ pub mod policy;
 pub mod search;
 
 pub use cost::{CostModel, Prediction, Workload};
-pub use hardware::{ByteSize, DiskRead, HardwareProfile};
+pub use hardware::{ByteSize, CpuLinear, DiskRead, HardwareProfile};
 pub use policy::{Policy, QuantConfig, TierSplit};
 pub use search::{search, SearchOptions, SearchResult};

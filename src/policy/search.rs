@@ -229,7 +229,10 @@ fn shortfall(model: &CostModel, b: &Batching) -> Error {
         problem = problem.with((xs[kind] + xs[kind + 1] + xs[kind + 2]).eq(1));
     }
     let tiers = [
-        ("GPU", terms.gpu_peak.to_vec()),
+        (
+            if model.host_device { "RAM" } else { "GPU" },
+            terms.gpu_peak.to_vec(),
+        ),
         ("CPU", terms.cpu_peak.to_vec()),
         ("disk", vec![terms.disk]),
     ];

@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 
-use super::math::{exp, max, sum};
+use super::math::{dot, exp, max, sum};
 use crate::device::RowInfo;
 use crate::layout::kv::unpack_scale;
 use crate::layout::{HeadLayout, Q4Layout};
@@ -21,6 +21,9 @@ use crate::layout::{HeadLayout, Q4Layout};
 pub const TILE: usize = 16;
 /// Keys per online-softmax block.
 pub const KEY_BLOCK: usize = 64;
+/// Queries of a task (rows x heads sharing a kv head) up to which an f32 cache is read in
+/// place, key by key, instead of gathered into a transposed block.
+const DIRECT_QUERIES: usize = 8;
 
 /// One layer's cached keys and values, all sequences' rows back to back.
 #[derive(Clone, Copy)]
@@ -175,11 +178,22 @@ multiversion! {
         let mut vb = vec![0.0f32; KEY_BLOCK * d];
         for j0 in (0..most).step_by(KEY_BLOCK) {
             let j1 = (j0 + KEY_BLOCK).min(most);
-            kt.fill(0.0);
-            for j in j0..j1 {
-                let jj = j - j0;
-                kv.head_row(0, first + j, g, d, |c, x| kt[c * KEY_BLOCK + jj] = x);
-                kv.head_row(1, first + j, g, d, |c, x| vb[jj * d + c] = x);
+            // few queries (decode) against an f32 cache read its rows in place; otherwise the
+            // block is gathered once for all the tile's queries, keys transposed
+            let direct = match kv {
+                KvView::F32 { k, v, width } if queries <= DIRECT_QUERIES => {
+                    let at = move |j: usize| (first + j0 + j) * width + g * d;
+                    Some((k, v, at))
+                }
+                _ => None,
+            };
+            if direct.is_none() {
+                kt.fill(0.0);
+                for j in j0..j1 {
+                    let jj = j - j0;
+                    kv.head_row(0, first + j, g, d, |c, x| kt[c * KEY_BLOCK + jj] = x);
+                    kv.head_row(1, first + j, g, d, |c, x| vb[jj * d + c] = x);
+                }
             }
             for (i, r) in rows.clone().enumerate() {
                 let visible = (infos[r].visible as usize).min(j1);
@@ -190,7 +204,16 @@ multiversion! {
                 for hh in 0..group {
                     let qi = i * group + hh;
                     let qv = &qs[qi * d..(qi + 1) * d];
-                    let mut s = scores(qv, &kt);
+                    let mut s = match direct {
+                        Some((k, _, at)) => {
+                            let mut s = [0.0f32; KEY_BLOCK];
+                            for (j, sj) in s[..cnt].iter_mut().enumerate() {
+                                *sj = dot(qv, &k[at(j)..at(j) + d]);
+                            }
+                            s
+                        }
+                        None => scores(qv, &kt),
+                    };
                     // keys past the row's visible ones (and the block's end) do not count
                     for (j, sj) in s.iter_mut().enumerate() {
                         if j >= cnt {
@@ -205,17 +228,10 @@ multiversion! {
                     l[qi] = l[qi] * correction + sum(&s);
                     m[qi] = m_new;
                     let a = &mut acc[qi * d..(qi + 1) * d];
-                    match d {
-                        64 => weigh_values::<64>(a, correction, &s[..cnt], &vb),
-                        128 => weigh_values::<128>(a, correction, &s[..cnt], &vb),
-                        _ => {
-                            a.iter_mut().for_each(|v| *v *= correction);
-                            for (j, &p) in s[..cnt].iter().enumerate() {
-                                for (av, &vv) in a.iter_mut().zip(&vb[j * d..(j + 1) * d]) {
-                                    *av = p.mul_add(vv, *av);
-                                }
-                            }
-                        }
+                    let p = &s[..cnt];
+                    match direct {
+                        Some((_, v, at)) => weigh_values(a, correction, p, |j| &v[at(j)..at(j) + d]),
+                        None => weigh_values(a, correction, p, |j| &vb[j * d..(j + 1) * d]),
                     }
                 }
             }
@@ -257,16 +273,39 @@ fn scores(q: &[f32], kt: &[f32]) -> [f32; KEY_BLOCK] {
     even
 }
 
-/// `acc = acc * correction + sum_j p[j] v_j` for a head of `D` values (`v` row-major, `D`
-/// per key), with the accumulator held in registers across the keys.
+/// `acc = acc * correction + sum_j p[j] v_j`, value row `j` given by `row(j)`: for heads of
+/// 64 or 128 values with the accumulator held in registers across the keys.
 #[inline(always)]
-fn weigh_values<const D: usize>(acc: &mut [f32], correction: f32, p: &[f32], v: &[f32]) {
+fn weigh_values<'a>(acc: &mut [f32], correction: f32, p: &[f32], row: impl Fn(usize) -> &'a [f32]) {
+    match acc.len() {
+        64 => weigh_head::<64>(acc, correction, p, row),
+        128 => weigh_head::<128>(acc, correction, p, row),
+        _ => {
+            acc.iter_mut().for_each(|v| *v *= correction);
+            for (j, &pj) in p.iter().enumerate() {
+                for (av, &vv) in acc.iter_mut().zip(row(j)) {
+                    *av = pj.mul_add(vv, *av);
+                }
+            }
+        }
+    }
+}
+
+/// [`weigh_values`] for a head of `D` values.
+#[inline(always)]
+fn weigh_head<'a, const D: usize>(
+    acc: &mut [f32],
+    correction: f32,
+    p: &[f32],
+    row: impl Fn(usize) -> &'a [f32],
+) {
     let Ok(acc) = <&mut [f32; D]>::try_from(acc) else {
         return;
     };
     let mut r = *acc;
     r.iter_mut().for_each(|x| *x *= correction);
-    for (&pj, vj) in p.iter().zip(v.chunks_exact(D)) {
+    for (j, &pj) in p.iter().enumerate() {
+        let vj = &row(j)[..D];
         for c in 0..D {
             r[c] = pj.mul_add(vj[c], r[c]);
         }
@@ -382,7 +421,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(16))]
+        #![proptest_config(ProptestConfig::with_cases(48))]
         #[test]
         fn attention_matches_reference(
             lens in prop::collection::vec(
