@@ -116,15 +116,28 @@ fn run() -> Result<()> {
                     let t = Instant::now();
                     let lp = engine.token_logprobs(&[record])?.remove(0);
                     let peaks = engine.peaks();
-                    let extra = format!(
-                        "; peaks GPU {:.1} MiB of {:.0}, CPU {:.1} MiB of {:.0}; weights on \
-                         GPU/CPU/disk {:?} B",
-                        peaks[0] as f64 / 1048576.0,
-                        gpu_mem as f64 / 1048576.0,
-                        peaks[1] as f64 / 1048576.0,
-                        cpu_mem as f64 / 1048576.0,
-                        engine.weight_bytes()
-                    );
+                    let mib = |b: u64| b as f64 / 1048576.0;
+                    let extra = if on_cpu {
+                        format!(
+                            "; peak RAM {:.1} MiB of {:.0}; weights in RAM/disk {:?} B",
+                            mib(peaks[1]),
+                            mib(cpu_mem),
+                            [
+                                engine.weight_bytes()[0] + engine.weight_bytes()[1],
+                                engine.weight_bytes()[2]
+                            ]
+                        )
+                    } else {
+                        format!(
+                            "; peaks GPU {:.1} MiB of {:.0}, CPU {:.1} MiB of {:.0}; weights on \
+                             GPU/CPU/disk {:?} B",
+                            mib(peaks[0]),
+                            mib(gpu_mem),
+                            mib(peaks[1]),
+                            mib(cpu_mem),
+                            engine.weight_bytes()
+                        )
+                    };
                     (t.elapsed().as_secs_f64(), lp, extra)
                 }
                 other => return Err(Error::invalid("--paths", format!("unknown path {other}"))),

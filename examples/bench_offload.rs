@@ -5,8 +5,10 @@
 //! cargo run --release --example bench_offload -- (--model PATH | --config opt-1.3b [--seed N])
 //!     [--gbs 1] [--nb 2] [--prompt-len 8] [--gen-len 4] [--compress-weight]
 //!     [--offload-dir DIR] [--hardware PROFILE.toml] [--runs 2] [--overlap on|off|both]
-//!     [--gpu-mem SIZE] [--cpu-mem SIZE] [--no-sep-layer]
+//!     [--gpu-mem SIZE] [--cpu-mem SIZE] [--no-sep-layer] [--device auto|cpu|wgpu]
 //! ```
+//! On the CPU device (`--device cpu`) the budget is `--cpu-mem` alone, and the cost model's
+//! prediction is the host device's (calibrated CPU kernel rates, no host-device copies).
 //! Reports, per overlap mode, the median decode step (token 1 onwards) and the time per track,
 //! the cost model's per-term prediction for the same policy beside the measured terms, the
 //! overlap efficiency (the overlapped step over max(I/O alone, compute alone), both measured in
@@ -18,9 +20,9 @@ use std::time::Instant;
 
 use ferrogen::bytes::{format_size, parse_size};
 use ferrogen::cli::Flags;
+use ferrogen::device::DeviceKind;
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
 use ferrogen::exec::{Trace, Track};
-use ferrogen::gpu::GpuContext;
 use ferrogen::model::builtin::builtin_config;
 use ferrogen::model::random::RandomWeights;
 use ferrogen::model::ModelFiles;
@@ -43,6 +45,7 @@ struct Args {
     gpu_mem: u64,
     cpu_mem: u64,
     sep_layer: bool,
+    device: DeviceKind,
 }
 
 fn parse() -> Result<Args> {
@@ -62,6 +65,7 @@ fn parse() -> Result<Args> {
         gpu_mem: u64::MAX,
         cpu_mem: u64::MAX,
         sep_layer: true,
+        device: DeviceKind::Auto,
     };
     let mut flags = Flags::from_env();
     while let Some(flag) = flags.next_flag() {
@@ -75,6 +79,7 @@ fn parse() -> Result<Args> {
             "--gen-len" => a.gen_len = flags.positive(&flag)?,
             "--compress-weight" => a.compress_weight = true,
             "--no-sep-layer" => a.sep_layer = false,
+            "--device" => a.device = flags.value(&flag)?.parse()?,
             "--offload-dir" => a.offload_dir = PathBuf::from(flags.value(&flag)?),
             "--hardware" => a.hardware = Some(PathBuf::from(flags.value(&flag)?)),
             "--runs" => a.runs = flags.positive(&flag)?,
@@ -253,39 +258,31 @@ fn run() -> Result<()> {
             compress_weight: a.compress_weight,
             ..Policy::all_on_gpu(a.gbs)
         };
-        let cost = CostModel::new(
-            &config,
-            hardware.clone(),
-            Workload {
-                prompt_len: a.prompt_len,
-                gen_len: a.gen_len,
-            },
-        );
         let format = if a.compress_weight {
             ferrogen::gpu::model::WeightFormat::Group4
         } else {
             ferrogen::gpu::model::WeightFormat::Native
         };
         // the weights' bytes as the executor streams them (GGUF blocks as stored)
-        let cost = cost.with_weight_bytes(ferrogen::exec::weights::runtime_bytes_per_value(
-            &open_files(&a)?,
-            format,
-        )?);
-        let prediction = cost.predict(&policy);
+        let bytes_per_value =
+            ferrogen::exec::weights::runtime_bytes_per_value(&open_files(&a)?, format)?;
+        let on_cpu = a.device == DeviceKind::Cpu;
         let options = EngineOptions {
-            gpu_budget: a.gpu_mem,
+            gpu_budget: if on_cpu { u64::MAX } else { a.gpu_mem },
             cpu_budget: a.cpu_mem,
             offload_dir: Some(a.offload_dir.clone()),
             keep_offload: true,
             trace: true,
             io_chunk_bytes: hardware.io_chunk_bytes,
             io_threads: hardware.io_threads,
-            ..EngineOptions::new(Placement::Policy(policy))
+            device: a.device,
+            ..EngineOptions::new(Placement::Policy(policy.clone()))
         };
         let t = Instant::now();
-        let engine = Engine::open_files(GpuContext::new()?, open_files(&a)?, options)?;
+        let engine = Engine::open_with(open_files(&a)?, options)?;
         eprintln!(
-            "opened in {:.1} s (offload file {}), {} streamed per token",
+            "device {}; opened in {:.1} s (offload file {}), {} streamed per token",
+            engine.device(),
             t.elapsed().as_secs_f64(),
             if engine.reused_offload() {
                 "reused"
@@ -294,6 +291,22 @@ fn run() -> Result<()> {
             },
             format_size(engine.streamed_bytes_per_token()),
         );
+        let workload = Workload {
+            prompt_len: a.prompt_len,
+            gen_len: a.gen_len,
+        };
+        let prediction = if engine.on_host() {
+            let hw = hardware.clone().for_host_device(bytes_per_value);
+            CostModel::new(&config, hw, workload)
+                .with_weight_bytes(bytes_per_value)
+                .with_activation_bytes(4.0)
+                .on_host_device()
+                .predict(&policy.clone().on_host())
+        } else {
+            CostModel::new(&config, hardware.clone(), workload)
+                .with_weight_bytes(bytes_per_value)
+                .predict(&policy)
+        };
         let mut steps = StepTimes {
             step: vec![],
             load_weight_layers: vec![],

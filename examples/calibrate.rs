@@ -111,9 +111,9 @@ fn run() -> Result<()> {
     ] {
         let rate = measure_cpu_linear(bits, group, 0, trials)?;
         let line = format!(
-            "CPU device linear, {name}: {:.3} TFLOP/s at 512 x 2048 x 2048, {:.2} GiB/s of \
-             weights at 1 x 4096 x 4096",
-            rate.prefill_tflops, rate.decode_gib_s
+            "CPU device linear, {name}: GEMM {:.3} TFLOP/s, panels decoded at {:.2} Gvalues/s \
+             (from 64 and 512 x 2048 x 2048), {:.2} GiB/s of weights at 1 x 4096 x 4096",
+            rate.gemm_tflops, rate.panel_gvalues_s, rate.decode_gib_s
         );
         eprintln!("{line}");
         linear_notes.push(line);

@@ -215,21 +215,40 @@ fn prepare(args: &Args) -> Result<Job> {
             let engine = Engine::open_with(files, options)?;
             let w = engine.weight_bytes();
             eprintln!("device: {}", engine.device());
-            eprintln!(
-                "policy: gbs {} x nb {}, weights {}/{}/{} GPU/CPU/disk{}, cache {:.0}%/{:.0}% GPU/CPU, \
-                 activations {:.0}%/{:.0}% GPU/CPU{}",
-                engine.policy().gpu_batch_size,
-                engine.policy().num_gpu_batches,
-                format_size(w[0]),
-                format_size(w[1]),
-                format_size(w[2]),
-                if engine.reused_offload() { " (offload file reused)" } else { "" },
-                engine.policy().cache_gpu_percent,
-                engine.policy().cache_cpu_percent,
-                engine.policy().act_gpu_percent,
-                engine.policy().act_cpu_percent,
-                if engine.policy().overlap { "" } else { ", overlap off" },
-            );
+            let p = engine.policy();
+            let reused = if engine.reused_offload() {
+                " (offload file reused)"
+            } else {
+                ""
+            };
+            let overlap = if p.overlap { "" } else { ", overlap off" };
+            if engine.on_host() {
+                // one memory: the device's share is RAM
+                eprintln!(
+                    "policy: gbs {} x nb {}, weights {}/{} RAM/disk{reused}, cache {:.0}% RAM, \
+                     activations {:.0}% RAM{overlap}",
+                    p.gpu_batch_size,
+                    p.num_gpu_batches,
+                    format_size(w[0] + w[1]),
+                    format_size(w[2]),
+                    p.cache_gpu_percent + p.cache_cpu_percent,
+                    p.act_gpu_percent + p.act_cpu_percent,
+                );
+            } else {
+                eprintln!(
+                    "policy: gbs {} x nb {}, weights {}/{}/{} GPU/CPU/disk{reused}, cache \
+                     {:.0}%/{:.0}% GPU/CPU, activations {:.0}%/{:.0}% GPU/CPU{overlap}",
+                    p.gpu_batch_size,
+                    p.num_gpu_batches,
+                    format_size(w[0]),
+                    format_size(w[1]),
+                    format_size(w[2]),
+                    p.cache_gpu_percent,
+                    p.cache_cpu_percent,
+                    p.act_gpu_percent,
+                    p.act_cpu_percent,
+                );
+            }
             Backend::Engine(engine)
         }
         Some(other) => {
@@ -260,7 +279,13 @@ fn report(args: &Args, model: &Backend) -> Result<()> {
         return Ok(());
     };
     let peaks = engine.peaks();
-    let line: Vec<String> = Tier::ALL
+    // on the CPU device the GPU tier is RAM: one line for both
+    let tiers: &[Tier] = if engine.on_host() {
+        &[Tier::Cpu, Tier::Disk]
+    } else {
+        &Tier::ALL
+    };
+    let line: Vec<String> = tiers
         .iter()
         .map(|&t| {
             let budget = engine.ledger().budget(t);
@@ -269,7 +294,12 @@ fn report(args: &Args, model: &Backend) -> Result<()> {
             } else {
                 format_size(budget)
             };
-            format!("{t} {} of {budget}", format_size(peaks[t.index()]))
+            let name = if engine.on_host() && t == Tier::Cpu {
+                "RAM".to_string()
+            } else {
+                t.to_string()
+            };
+            format!("{name} {} of {budget}", format_size(peaks[t.index()]))
         })
         .collect();
     eprintln!("memory peaks: {}", line.join(", "));

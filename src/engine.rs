@@ -119,6 +119,7 @@ trait BlockRunner: Send + Sync {
     fn reused(&self) -> bool;
     fn trace(&self) -> Option<Trace>;
     fn describe(&self) -> String;
+    fn is_host(&self) -> bool;
     /// Closes the offload file (before it is removed).
     fn close_offload(&mut self);
 }
@@ -154,6 +155,9 @@ impl<D: Device> BlockRunner for Executor<D> {
     }
     fn describe(&self) -> String {
         self.runner.dev.describe()
+    }
+    fn is_host(&self) -> bool {
+        self.runner.dev.is_host()
     }
     fn close_offload(&mut self) {
         self.model.file = None;
@@ -417,6 +421,12 @@ impl Engine {
     /// The compute device in words.
     pub fn device(&self) -> String {
         self.executor.describe()
+    }
+
+    /// Whether the device computes in host RAM (the CPU device): then its tier and the CPU's
+    /// are one memory, budgeted by `cpu_budget`.
+    pub fn on_host(&self) -> bool {
+        self.executor.is_host()
     }
 
     /// The opened model (configuration, tokenizer).

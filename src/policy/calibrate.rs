@@ -269,9 +269,10 @@ pub fn synthetic_weight(
 }
 
 /// The CPU device's linear kernel for one weight layout (`bits`, `group` as in
-/// [`synthetic_weight`]) on `threads` threads (0: all cores): TFLOP/s at 512 rows of `x`
-/// (K = N = 2048), and weight GiB/s read at one row (K = N = 4096, through enough copies that
-/// every call reads from memory, not the caches).
+/// [`synthetic_weight`]) on `threads` threads (0: all cores). K = N = 2048 at 64 and 512 rows
+/// of `x` (both past the GEMM threshold) give the per-call panel decoding and the GEMM rate,
+/// from `t(M) = V / panel rate + 2 M V / GEMM rate` (V weight values); K = N = 4096 at one
+/// row, through enough copies that every call reads from memory, gives the decode bandwidth.
 pub fn measure_cpu_linear(
     bits: u32,
     group: usize,
@@ -301,8 +302,17 @@ pub fn measure_cpu_linear(
         std::hint::black_box(&y);
         Measured::of(secs).median
     };
+    let values = 2048.0 * 2048.0;
     let (format, w) = synthetic_weight(bits, group, 2048, 2048, 1);
-    let prefill = 2.0 * 512.0 * 2048.0 * 2048.0 / time(format, &[w], 512, 2048, 2048) / 1e12;
+    let w = [w];
+    let (t64, t512) = (
+        time(format, &w, 64, 2048, 2048),
+        time(format, &w, 512, 2048, 2048),
+    );
+    // t512 - t64 = 2 (512 - 64) V / GEMM; the rest of t64 is the panel decoding (noise can
+    // make it look negative: then it is taken as small)
+    let gemm = 2.0 * 448.0 * values / (t512 - t64).max(t512 * 0.1);
+    let panel = (t64 - 2.0 * 64.0 * values / gemm).max(t64 * 0.02);
     let (format, first) = synthetic_weight(bits, group, 4096, 4096, 2);
     let bytes: usize = first.iter().map(|s| s.len() * 4).sum();
     let copies: Vec<Vec<Vec<u32>>> = std::iter::once(first)
@@ -314,7 +324,8 @@ pub fn measure_cpu_linear(
     let decode = bytes as f64 / time(format, &copies, 1, 4096, 4096) / GIB;
     Ok(CpuLinear {
         bytes_per_value: bytes as f64 / (4096.0 * 4096.0),
-        prefill_tflops: prefill,
+        gemm_tflops: gemm / 1e12,
+        panel_gvalues_s: values / panel / 1e9,
         decode_gib_s: decode,
     })
 }

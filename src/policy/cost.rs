@@ -431,11 +431,18 @@ impl CostModel {
         let fatt = 4.0 * m.q_width as f64 * b.attn_sparsity;
         let ccc = b.cpu_cache_compute;
         // Weight dequantization runs once per GPU batch per layer: nb * values / rate (4-bit
-        // groups, and GGUF blocks, which the kernels decode the same way).
-        let dequant_w = if b.compress_weight || w_bytes < FP16 {
-            nb * w_values / dequant_rate
-        } else {
-            0.0
+        // groups, and GGUF blocks, which the kernels decode the same way). The CPU device
+        // decodes every format into panels once per call, and a prefill batch longer than the
+        // rows computed at once makes ceil(gbs tokens / R) calls.
+        let dequant_w = |tokens: f64| {
+            if self.host_device {
+                let rows = self.compute_rows.map_or(gbs * tokens, |r| r as f64);
+                nb * (gbs * tokens / rows).ceil().max(1.0) * w_values / dequant_rate
+            } else if b.compress_weight || w_bytes < FP16 {
+                nb * w_values / dequant_rate
+            } else {
+                0.0
+            }
         };
         // The cache part attended on the GPU: all of it without delegation, else cg only.
         let gpu_cache: &[usize] = if ccc { &[CG] } else { &[CG, CC, CN] };
@@ -469,7 +476,7 @@ impl CostModel {
             comp: Linear::constant(
                 matmul(s, hw.gpu_matmul_tflops_prefill)
                     + bls * s * s * fatt / (hw.gpu_attention_tflops_prefill * 1e12)
-                    + dequant_w,
+                    + dequant_w(s),
             ),
         };
 
@@ -492,7 +499,7 @@ impl CostModel {
             ctod: Linear::of(bkv * bls / ctod_bw, &[CN]) + Linear::of(bh * bls / ctod_bw, &[HN]),
             // comp = nb max(gbs Flin / mm_g, Bw / bw_gpu) + bls c Fatt / bmm_g (GPU part of cache)
             //        + bls c Fatt / cpu (CPU part, with delegation) + dequantization
-            comp: Linear::constant(matmul(1.0, hw.gpu_matmul_tflops_decode) + dequant_w)
+            comp: Linear::constant(matmul(1.0, hw.gpu_matmul_tflops_decode) + dequant_w(1.0))
                 + Linear::of(attn_gpu, gpu_cache)
                 + Linear::of(if ccc { attn_cpu } else { 0.0 }, &[CC, CN])
                 + Linear::of(bls * c * kv_values * dequant_kv_per_value, gpu_cache),

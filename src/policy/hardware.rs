@@ -60,15 +60,19 @@ pub struct DiskRead {
 }
 
 /// What the CPU device's linear kernels reach for one weight format (`calibrate` measures
-/// them with the device's own kernels).
+/// them with the device's own kernels). A product with many rows of `x` decodes the weight
+/// into panels once per call, then runs a GEMM: `values / panel rate + 2 rows values / GEMM
+/// rate`; one with few rows streams the packed bytes (`bytes / decode bandwidth`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CpuLinear {
-    /// Bytes per weight value in the run-time layout: 4 (f32), 2.03 (f16 codes), 1.125 (Q8_0),
+    /// Bytes per weight value in the run-time layout: 4 (f32), 2.06 (f16 codes), 1.125 (Q8_0),
     /// 0.625 (4-bit codes in groups of 32), 0.5625 (FlexGen 4-bit, groups of 64).
     pub bytes_per_value: f64,
-    /// Many rows of `x` (512: panels decoded, then a GEMM), TFLOP/s.
-    pub prefill_tflops: f64,
+    /// The GEMM on decoded panels, TFLOP/s.
+    pub gemm_tflops: f64,
+    /// Weight values decoded (and packed for the GEMM) per second, in billions, once per call.
+    pub panel_gvalues_s: f64,
     /// One row of `x` (decode-and-multiply, bandwidth-bound): weight bytes read per second,
     /// in GiB/s.
     pub decode_gib_s: f64,
@@ -223,21 +227,22 @@ impl HardwareProfile {
     /// The machine as the cost model sees it when the compute device is the CPU, for weights
     /// of `bytes_per_value` bytes per value: the device tier is RAM, so nothing is copied
     /// between host and device (the copy rates become effectively free); matrix products run
-    /// at the CPU device's measured rates for that format, `max(FLOPs / GEMM rate, weight
-    /// bytes / decode bandwidth)` (its kernels decode as they multiply, so no separate
-    /// dequantization term), and attention at the CPU's attention rate. Rates that were not
-    /// measured keep the profile's GPU figures.
+    /// at the CPU device's measured rates for that format ([`CpuLinear`]: the GEMM rate, the
+    /// panel decoding as the dequantization rate, the packed-bytes bandwidth as the memory
+    /// floor), and attention at the CPU's attention rate. Rates that were not measured keep
+    /// the profile's GPU figures.
     pub fn for_host_device(mut self, bytes_per_value: f64) -> Self {
         const FREE_GIB_S: f64 = 1.0e4;
         self.cpu_to_gpu_gib_s = FREE_GIB_S;
         self.gpu_to_cpu_gib_s = FREE_GIB_S;
         self.gpu_to_cpu_cache_gib_s = FREE_GIB_S;
         if let Some(rate) = self.cpu_linear_for(bytes_per_value) {
-            // decode batches of 6 rows and more run the same GEMM as the prefill
-            self.gpu_matmul_tflops_prefill = rate.prefill_tflops;
-            self.gpu_matmul_tflops_decode = rate.prefill_tflops;
+            // a GPU batch's product: panels decoded once per call (the cost model's
+            // dequantization term), then the GEMM; few rows: the packed bytes streamed
+            self.gpu_matmul_tflops_prefill = rate.gemm_tflops;
+            self.gpu_matmul_tflops_decode = rate.gemm_tflops;
             self.gpu_memory_gib_s = rate.decode_gib_s;
-            self.gpu_dequant_gvalues_s = FREE_GIB_S * 1e3;
+            self.gpu_dequant_gvalues_s = rate.panel_gvalues_s;
         } else {
             if self.cpu_matmul_tflops_prefill > 0.0 {
                 self.gpu_matmul_tflops_prefill = self.cpu_matmul_tflops_prefill;
@@ -294,7 +299,8 @@ mod tests {
         p.cpu_attention_tflops = 0.02;
         let rate = |b: f64, t: f64, g: f64| CpuLinear {
             bytes_per_value: b,
-            prefill_tflops: t,
+            gemm_tflops: t,
+            panel_gvalues_s: 1.5,
             decode_gib_s: g,
         };
         p.cpu_linear = vec![
@@ -310,7 +316,7 @@ mod tests {
         );
         assert_eq!(q4.gpu_matmul_tflops_decode, 0.17);
         assert_eq!(q4.gpu_attention_tflops_decode, 0.02);
-        assert!(q4.cpu_to_gpu_gib_s > 1e3 && q4.gpu_dequant_gvalues_s > 1e6);
+        assert!(q4.cpu_to_gpu_gib_s > 1e3 && q4.gpu_dequant_gvalues_s == 1.5);
         assert_eq!(
             p.cpu_linear_for(2.0625).map(|r| r.bytes_per_value),
             Some(1.125)

@@ -14,11 +14,18 @@ use rayon::prelude::*;
 use super::math::dot;
 use crate::layout::RowFormat;
 
-/// Rows of `x` from which a linear layer decodes panels and runs a GEMM.
+/// Rows of `x` from which a linear layer of f32 weights runs a GEMM (below, one dot product
+/// per weight row and row of `x`).
 pub const GEMM_MIN_ROWS: usize = 6;
 
-/// f32 values of a decoded weight panel (about 1 MiB).
-const PANEL_VALUES: usize = 1 << 18;
+/// Rows of `x` from which a linear layer of packed weights decodes panels and runs a GEMM
+/// (below, the fused kernel decodes each weight row once per 4 rows of `x` and multiplies as
+/// it goes: measured faster up to about 24 rows, where the GEMM's share of the work grows).
+pub const PACKED_GEMM_MIN_ROWS: usize = 24;
+
+/// f32 values of a decoded weight panel (4 MiB: big enough that the GEMM's per-call costs
+/// stay small, small enough to stay in the caches).
+const PANEL_VALUES: usize = 1 << 20;
 
 /// A linear weight's rows in their run-time layout, borrowed: f32 rows, or packed codes and
 /// scales ([`crate::layout::PackedWeight`]'s layout).
@@ -481,7 +488,11 @@ pub fn linear_into(
     if m == 0 || n == 0 {
         return;
     }
-    if m < GEMM_MIN_ROWS {
+    let gemm_from = match w {
+        WeightRows::F32 { .. } => GEMM_MIN_ROWS,
+        WeightRows::Packed { .. } => PACKED_GEMM_MIN_ROWS,
+    };
+    if m < gemm_from {
         // rows of W in blocks over the cores; each block's results, transposed into y
         let block = n.div_ceil(pool.current_num_threads() * 8).clamp(16, 1024);
         let results: Vec<(usize, Vec<f32>)> = pool.install(|| {
