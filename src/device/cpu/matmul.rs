@@ -543,7 +543,7 @@ pub fn linear_into(
 ///
 /// faer writes a contiguous `[m, n]` result; a destination with a row stride (`ldy != n`)
 /// goes through a temporary, because faer 0.24's strided destinations corrupt memory here
-/// (`benches/gemm-choice` has the reproduction).
+/// (BENCHMARKS.md, "Which GEMM").
 #[allow(clippy::too_many_arguments)]
 fn gemm(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, y: &mut [f32], ldy: usize, col: usize) {
     use faer::{Accum, MatMut, MatRef, Par};
