@@ -141,11 +141,14 @@ pub trait WeightSource: Send + Sync {
 }
 
 /// Drops the pages of `map[offset..offset + len]` from the resident set; a later read fetches
-/// them from the file again.
+/// them from the file again. (On Windows a no-op: the pages stay until memory is short.)
 pub(crate) fn drop_pages(map: &memmap2::Mmap, offset: usize, len: usize) {
     // SAFETY: the mapping is a read-only, private file mapping: MADV_DONTNEED only discards
     // clean pages, which later reads fault back in from the file with the same contents.
+    #[cfg(unix)]
     let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
+    #[cfg(not(unix))]
+    let _ = (map, offset, len);
 }
 
 /// Decodes `n` elements of `dtype` from little-endian `bytes`; `None` if the sizes disagree.

@@ -4,9 +4,8 @@
 //! Every figure is the median of several trials, reported with its spread (min-max), because
 //! shared machines are noisy.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -15,7 +14,9 @@ use ndarray::Array2;
 use super::hardware::{CpuLinear, DiskRead, GIB};
 use crate::error::{Error, Result};
 use crate::layout::RowFormat;
-use crate::storage::offload::{drop_cache, AlignedBuf};
+pub use crate::storage::direct::free_disk_bytes;
+use crate::storage::direct::{drop_cache, open_direct, read_exact_at, write_all_at};
+use crate::storage::offload::AlignedBuf;
 
 /// Median and spread of repeated measurements.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -64,17 +65,6 @@ impl Drop for ScratchFile {
     }
 }
 
-fn open_direct(path: &Path, write: bool) -> std::io::Result<File> {
-    if write {
-        crate::storage::offload::open_direct(path, true)
-    } else {
-        OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-    }
-}
-
 /// Writes a `len`-byte scratch file in `dir` in 4 MiB O_DIRECT writes (falling back to
 /// buffered writes where the file system refuses O_DIRECT), `trials` times.
 /// Returns the file and the write bandwidth in GiB/s.
@@ -90,7 +80,7 @@ pub fn write_scratch(dir: &Path, len: u64, trials: usize) -> Result<(ScratchFile
     let mut direct = true;
     let mut rates = Vec::new();
     for _ in 0..trials.max(1) {
-        let file = match open_direct(&path, true) {
+        let file = match open_direct(&path, true, true) {
             Ok(f) => f,
             Err(_) => {
                 direct = false;
@@ -100,8 +90,7 @@ pub fn write_scratch(dir: &Path, len: u64, trials: usize) -> Result<(ScratchFile
         let t = Instant::now();
         let mut off = 0;
         while off < len {
-            file.write_all_at(buf.bytes(), off)
-                .map_err(|e| Error::io(&path, e))?;
+            write_all_at(&file, buf.bytes(), off).map_err(|e| Error::io(&path, e))?;
             off += chunk as u64;
         }
         file.sync_all().map_err(|e| Error::io(&path, e))?;
@@ -119,7 +108,7 @@ fn read_once(scratch: &ScratchFile, chunk: usize, threads: usize, bytes: u64) ->
     let per_thread = per_thread.min(region).max(chunk as u64);
     let open = || {
         if scratch.direct {
-            open_direct(&scratch.path, false)
+            open_direct(&scratch.path, false, false)
         } else {
             File::open(&scratch.path)
         }
@@ -138,7 +127,7 @@ fn read_once(scratch: &ScratchFile, chunk: usize, threads: usize, bytes: u64) ->
                     let base = i as u64 * region;
                     let mut off = 0;
                     while off < per_thread {
-                        file.read_exact_at(buf.bytes_mut(), base + off)
+                        read_exact_at(&file, buf.bytes_mut(), base + off)
                             .map_err(|e| Error::io(&scratch.path, e))?;
                         off += chunk as u64;
                     }
@@ -507,16 +496,6 @@ pub fn measure_gpu(ctx: &crate::gpu::GpuContext, trials: usize) -> Result<GpuRat
         memory_gib_s: rate(2.0 * bytes, copy),
         dequant_gvalues_s: dequant,
     })
-}
-
-/// Free bytes on the file system holding `dir`.
-pub fn free_disk_bytes(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs writes into the zeroed struct we own; the path is a valid C string.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// `MemAvailable` from /proc/meminfo, in bytes.

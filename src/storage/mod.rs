@@ -2,6 +2,7 @@
 //! the KV cache and activations (by sequence), the disk tier's [`offload`] files read with
 //! aligned direct I/O, and the [`ledger`] that keeps every tier inside its budget.
 
+pub mod direct;
 pub mod ledger;
 pub mod offload;
 pub mod placement;

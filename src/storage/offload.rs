@@ -1,14 +1,15 @@
-//! Files of the disk tier. Reads and writes go through aligned staging buffers with O_DIRECT,
+//! Files of the disk tier. Reads and writes go through aligned staging buffers with the page
+//! cache bypassed (O_DIRECT on Linux: see [`super::direct`]),
 //! so the page cache neither hides the disk's real speed nor holds the data in RAM behind the
 //! budget's back. Where the file system refuses O_DIRECT (tmpfs), buffered I/O is used and the
 //! file's pages are dropped from the cache after writing.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use std::sync::{Arc, Condvar, Mutex};
 
+use super::direct::{drop_cache, open_direct, read_exact_at, write_all_at};
 use super::{MemoryLedger, Reservation, Tier};
 use crate::error::{Error, Result};
 
@@ -62,20 +63,10 @@ impl AlignedBuf {
     }
 }
 
-/// Opens `path` with O_DIRECT, creating (and truncating) it when `create`.
-pub fn open_direct(path: &Path, create: bool) -> std::io::Result<File> {
-    let mut o = OpenOptions::new();
-    o.read(true).write(true);
-    if create {
-        o.create(true).truncate(true);
-    }
-    o.custom_flags(libc::O_DIRECT).open(path)
-}
-
 /// Opens `path` for reading and writing (creating and truncating it when `create`), with
 /// O_DIRECT where the file system accepts it; returns the file and whether it is direct.
 fn open_read_write(path: &Path, create: bool) -> Result<(File, bool)> {
-    if let Ok(f) = open_direct(path, create) {
+    if let Ok(f) = open_direct(path, true, create) {
         return Ok((f, true));
     }
     let file = OpenOptions::new()
@@ -86,15 +77,6 @@ fn open_read_write(path: &Path, create: bool) -> Result<(File, bool)> {
         .open(path)
         .map_err(|e| Error::io(path, e))?;
     Ok((file, false))
-}
-
-/// Drops a file's pages from the page cache.
-pub fn drop_cache(file: &File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open.
-    unsafe {
-        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
-    }
 }
 
 /// A pool of aligned staging buffers for disk I/O, charged to the CPU budget once.
@@ -221,8 +203,7 @@ impl OffloadFile {
         while a < end {
             let b = (a + staging.len() as u64).min(align_up(end)).min(self.len);
             let n = (b - a) as usize;
-            self.file
-                .read_exact_at(&mut staging.bytes_mut()[..n], a)
+            read_exact_at(&self.file, &mut staging.bytes_mut()[..n], a)
                 .map_err(|e| Error::io(&self.path, e))?;
             let lo = offset.max(a);
             let hi = end.min(b);
@@ -254,14 +235,12 @@ impl OffloadFile {
             let (lo, hi) = (offset.max(a), end.min(b));
             if lo > a || hi < b {
                 // a partial window: keep the bytes around the range
-                self.file
-                    .read_exact_at(&mut staging.bytes_mut()[..n], a)
+                read_exact_at(&self.file, &mut staging.bytes_mut()[..n], a)
                     .map_err(|e| Error::io(&self.path, e))?;
             }
             staging.bytes_mut()[(lo - a) as usize..(hi - a) as usize]
                 .copy_from_slice(&src[(lo - offset) as usize..(hi - offset) as usize]);
-            self.file
-                .write_all_at(&staging.bytes()[..n], a)
+            write_all_at(&self.file, &staging.bytes()[..n], a)
                 .map_err(|e| Error::io(&self.path, e))?;
             a = b;
         }
