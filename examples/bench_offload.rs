@@ -6,7 +6,10 @@
 //!     [--gbs 1] [--nb 2] [--prompt-len 8] [--gen-len 4] [--compress-weight]
 //!     [--offload-dir DIR] [--hardware PROFILE.toml] [--runs 2] [--overlap on|off|both]
 //!     [--gpu-mem SIZE] [--cpu-mem SIZE] [--no-sep-layer] [--device auto|cpu|wgpu]
+//!     [--trace FILE.json]
 //! ```
+//! `--trace` writes the last run's Chrome trace of each overlap mode (`FILE.json` with `on` or
+//! `off` before the extension; open it in Perfetto).
 //! On the CPU device (`--device cpu`) the budget is `--cpu-mem` alone, and the cost model's
 //! prediction is the host device's (calibrated CPU kernel rates, no host-device copies).
 //! Reports, per overlap mode, the median decode step (token 1 onwards) and the time per track,
@@ -42,6 +45,7 @@ struct Args {
     hardware: Option<PathBuf>,
     runs: usize,
     overlap: Vec<bool>,
+    trace: Option<PathBuf>,
     gpu_mem: u64,
     cpu_mem: u64,
     sep_layer: bool,
@@ -62,6 +66,7 @@ fn parse() -> Result<Args> {
         hardware: None,
         runs: 2,
         overlap: vec![true, false],
+        trace: None,
         gpu_mem: u64::MAX,
         cpu_mem: u64::MAX,
         sep_layer: true,
@@ -81,6 +86,7 @@ fn parse() -> Result<Args> {
             "--no-sep-layer" => a.sep_layer = false,
             "--device" => a.device = flags.value(&flag)?.parse()?,
             "--offload-dir" => a.offload_dir = PathBuf::from(flags.value(&flag)?),
+            "--trace" => a.trace = Some(PathBuf::from(flags.value(&flag)?)),
             "--hardware" => a.hardware = Some(PathBuf::from(flags.value(&flag)?)),
             "--runs" => a.runs = flags.positive(&flag)?,
             "--gpu-mem" => a.gpu_mem = parse_size(&flags.value(&flag)?, &flag)?,
@@ -324,6 +330,10 @@ fn run() -> Result<()> {
             tok_s.push(generated as f64 / secs);
             let mut trace = engine.trace().unwrap_or_default();
             trace.spans.drain(..before);
+            if let (Some(path), true) = (&a.trace, run + 1 == a.runs) {
+                let path = path.with_extension(if overlap { "on.json" } else { "off.json" });
+                std::fs::write(&path, trace.to_chrome_json()).map_err(|e| Error::io(&path, e))?;
+            }
             let layer_units = 1..1 + if a.sep_layer { 2 * layers } else { layers };
             let s = step_times(&trace, a.gen_len, layer_units);
             eprintln!(

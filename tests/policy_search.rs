@@ -4,7 +4,8 @@ use std::path::Path;
 
 use ferrogen::model::builtin::builtin_config;
 use ferrogen::policy::{
-    search, ByteSize, CostModel, HardwareProfile, Policy, QuantConfig, SearchOptions, Workload,
+    search, ByteSize, CostModel, CpuLinear, HardwareProfile, Policy, QuantConfig, SearchOptions,
+    Workload,
 };
 use ferrogen::Error;
 use proptest::prelude::*;
@@ -220,4 +221,66 @@ fn saved_policies_load_and_fit_the_t4() {
         checked += 1;
     }
     assert_eq!(checked, 6, "three FlexGen settings, fp16 and 4-bit");
+}
+
+/// On the CPU device the decode step's linear layers cost what the device's kernels do: below
+/// 24 rows (packed weights) one pass of the weight bytes per 4 rows of `x`, from 24 rows one
+/// panel decode of every value plus the GEMM.
+#[test]
+fn host_device_linear_cost_follows_the_kernel_the_device_runs() {
+    let bytes_per_value = 0.625; // Q4_0/Q4_1 blocks
+    let mut hw = t4();
+    hw.cpu_linear = vec![CpuLinear {
+        bytes_per_value,
+        gemm_tflops: 0.14,
+        panel_gvalues_s: 2.0,
+        decode_gib_s: 4.0,
+    }];
+    let hw = hw.for_host_device(bytes_per_value);
+    let config = builtin_config("opt-1.3b").unwrap();
+    let model = CostModel::new(
+        &config,
+        hw,
+        Workload {
+            prompt_len: 64,
+            gen_len: 8,
+        },
+    )
+    .with_weight_bytes(bytes_per_value)
+    .with_compute_rows(512)
+    .on_host_device();
+    let shape = model.shape;
+    let w_values = shape.layer_values + shape.head_values / shape.layers as f64;
+    let flin = 2.0 * shape.layer_values + 2.0 * shape.head_macs / shape.layers as f64;
+    let pass = w_values * bytes_per_value / (4.0 * f64::from(1u32 << 30));
+    let panels = w_values / 2.0e9;
+    // the constant part of the decode compute is the linear layers' (attention and cache
+    // decoding are coefficients of the cache fractions)
+    let decode_linear = |gbs: usize, nb: usize| {
+        let policy = Policy {
+            cpu_cache_compute: false,
+            ..flexgen_policy(gbs, nb, [100.0, 0.0, 100.0, 0.0, 100.0, 0.0], false)
+        };
+        let terms = model.terms(&ferrogen::policy::cost::Batching::of(&policy));
+        terms.decode.comp.constant
+    };
+    for (gbs, nb) in [(1usize, 1), (4, 1), (5, 1), (8, 2), (23, 1)] {
+        let expected = nb as f64 * gbs.div_ceil(4) as f64 * pass;
+        let got = decode_linear(gbs, nb);
+        assert!(
+            (got - expected).abs() <= 1e-9 * expected,
+            "gbs {gbs}: {got} vs {expected}"
+        );
+    }
+    for (gbs, nb) in [(24, 1), (64, 3), (512, 1)] {
+        let expected = nb as f64 * (panels + gbs as f64 * flin / 0.14e12);
+        let got = decode_linear(gbs, nb);
+        assert!(
+            (got - expected).abs() <= 1e-9 * expected,
+            "gbs {gbs}: {got} vs {expected}"
+        );
+    }
+    // 600 rows run as calls of 512 and 88 rows: two panel decodes
+    let expected = 2.0 * panels + 600.0 * flin / 0.14e12;
+    assert!((decode_linear(600, 1) - expected).abs() <= 1e-9 * expected);
 }

@@ -1,10 +1,13 @@
 //! Carries out a [`ZigzagPlan`] for one block of sequences: each step's loads and stores run on
 //! I/O worker threads while the calling thread drives the compute on the device, then all
-//! join (the step's synchronization). With overlap off, a step's operations run one after
-//! another on the calling thread.
+//! join (the step's synchronization). A weight load is the exception: it runs on until the
+//! first compute that needs it, so the next unit's weights stream during all `nb` batches of
+//! this unit, not only the first. With overlap off, a step's operations run one after another
+//! on the calling thread.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::ScopedJoinHandle;
 use std::time::Instant;
 
 use super::activations::Activation;
@@ -16,7 +19,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::layout::workspace_bytes;
 use crate::policy::Policy;
-use crate::schedule::{Cell, Op, PlanShape, ZigzagPlan};
+use crate::schedule::{Cell, Op, PlanShape, Step, ZigzagPlan};
 use crate::storage::offload::{align_up, OffloadFile, StagingPool};
 use crate::storage::{split_sequences, MemoryLedger, Reservation, RowSplit, Tier};
 
@@ -37,6 +40,24 @@ pub struct SeqResult {
     pub logprobs: Vec<f32>,
     /// Generation: the new tokens.
     pub tokens: Vec<u32>,
+}
+
+/// Whether `op` runs on the calling thread (computes, and weight releases after them).
+fn is_compute_side(op: &Op) -> bool {
+    matches!(op, Op::Compute(_) | Op::ReleaseWeight { .. })
+}
+
+/// A unit's weights for one token: `(token, unit)`.
+type WeightKey = (usize, usize);
+
+/// An I/O operation running on its own thread.
+type IoThread<'scope> = ScopedJoinHandle<'scope, Result<()>>;
+
+/// The result of an I/O thread, a panic as an error.
+fn joined(handle: IoThread<'_>) -> Result<()> {
+    handle
+        .join()
+        .unwrap_or_else(|_| Err(Error::invalid("executor", "an I/O thread panicked")))
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -329,52 +350,73 @@ impl<D: Device> Executor<D> {
 
 impl<D: Device> BlockState<'_, D> {
     fn run(&self) -> Result<()> {
-        let overlap = self.exec.policy.overlap;
-        for step in &self.plan.steps {
-            let (compute, io): (Vec<Op>, Vec<Op>) = step
-                .ops
-                .iter()
-                .partition(|op| matches!(op, Op::Compute(_) | Op::ReleaseWeight { .. }));
-            if overlap && io.len() + compute.len() > 1 {
-                std::thread::scope(|s| -> Result<()> {
-                    let handles: Vec<_> =
-                        io.iter().map(|&op| s.spawn(move || self.op(op))).collect();
-                    let mut first_err = None;
-                    for &op in compute.iter().filter(|o| matches!(o, Op::Compute(_))) {
+        if !self.exec.policy.overlap {
+            for step in &self.plan.steps {
+                for &op in step.ops.iter().filter(|o| !is_compute_side(o)) {
+                    self.op(op)?;
+                }
+                for &op in step.ops.iter().filter(|o| matches!(o, Op::Compute(_))) {
+                    self.op(op)?;
+                }
+                self.release_weights(step)?;
+            }
+            return Ok(());
+        }
+        std::thread::scope(|s| -> Result<()> {
+            // weight loads run from their step until the first compute that needs them (the
+            // next unit's weights stream during all of this unit's batches, not only the
+            // first); other loads and stores join at the end of their step
+            let mut pending: Vec<(WeightKey, IoThread<'_>)> = Vec::new();
+            let mut first_err = None;
+            for step in &self.plan.steps {
+                let mut handles = Vec::new();
+                for &op in step.ops.iter().filter(|o| !is_compute_side(o)) {
+                    let handle = s.spawn(move || self.op(op));
+                    match op {
+                        Op::LoadWeight { token, unit } => pending.push(((token, unit), handle)),
+                        _ => handles.push(handle),
+                    }
+                }
+                for &op in &step.ops {
+                    let Op::Compute(c) = op else { continue };
+                    if let Some(i) = pending.iter().position(|p| p.0 == (c.token, c.unit)) {
+                        if let Err(e) = joined(pending.swap_remove(i).1) {
+                            first_err.get_or_insert(e);
+                        }
+                    }
+                    if first_err.is_none() {
                         if let Err(e) = self.op(op) {
                             first_err.get_or_insert(e);
                         }
                     }
-                    for h in handles {
-                        match h.join() {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => {
-                                first_err.get_or_insert(e);
-                            }
-                            Err(_) => {
-                                first_err.get_or_insert(Error::invalid(
-                                    "executor",
-                                    "an I/O thread panicked",
-                                ));
-                            }
-                        }
+                }
+                for h in handles {
+                    if let Err(e) = joined(h) {
+                        first_err.get_or_insert(e);
                     }
-                    first_err.map_or(Ok(()), Err)
-                })?;
-            } else {
-                for &op in io
-                    .iter()
-                    .chain(compute.iter().filter(|o| matches!(o, Op::Compute(_))))
-                {
-                    self.op(op)?;
+                }
+                if first_err.is_some() {
+                    break;
+                }
+                self.release_weights(step)?;
+            }
+            for (_, h) in pending {
+                if let Err(e) = joined(h) {
+                    first_err.get_or_insert(e);
                 }
             }
-            for &op in compute
-                .iter()
-                .filter(|o| matches!(o, Op::ReleaseWeight { .. }))
-            {
-                self.op(op)?;
-            }
+            first_err.map_or(Ok(()), Err)
+        })
+    }
+
+    /// A step's weight releases (after the computes that used them).
+    fn release_weights(&self, step: &Step) -> Result<()> {
+        for &op in step
+            .ops
+            .iter()
+            .filter(|o| matches!(o, Op::ReleaseWeight { .. }))
+        {
+            self.op(op)?;
         }
         Ok(())
     }

@@ -431,17 +431,52 @@ impl CostModel {
         let fatt = 4.0 * m.q_width as f64 * b.attn_sparsity;
         let ccc = b.cpu_cache_compute;
         // Weight dequantization runs once per GPU batch per layer: nb * values / rate (4-bit
-        // groups, and GGUF blocks, which the kernels decode the same way). The CPU device
-        // decodes every format into panels once per call, and a prefill batch longer than the
-        // rows computed at once makes ceil(gbs tokens / R) calls.
-        let dequant_w = |tokens: f64| {
-            if self.host_device {
-                let rows = self.compute_rows.map_or(gbs * tokens, |r| r as f64);
-                nb * (gbs * tokens / rows).ceil().max(1.0) * w_values / dequant_rate
-            } else if b.compress_weight || w_bytes < FP16 {
-                nb * w_values / dequant_rate
+        // groups, and GGUF blocks, which the kernels decode the same way).
+        let dequant_w = if b.compress_weight || w_bytes < FP16 {
+            nb * w_values / dequant_rate
+        } else {
+            0.0
+        };
+        // Linear layers of one phase: each of the nb GPU batches multiplies `tokens` rows per
+        // sequence, and reads the layer's weights from GPU memory at least once:
+        // nb * max(gbs * tokens * Flin / mm, Bw / bw_gpu) + dequant
+        let matmul = |tokens: f64, tflops: f64| {
+            nb * (gbs * tokens * flin / (tflops * 1e12)).max(bw_layer / bw(hw.gpu_memory_gib_s))
+                + dequant_w
+        };
+        // On the CPU device a GPU batch's gbs * tokens rows run in calls of at most R rows
+        // (compute_rows). A call of r rows either decodes every weight value into panels and
+        // runs the GEMM, values / dequant + r Flin / mm (r at least the device's GEMM
+        // threshold: 6 rows for f32, 24 for packed formats), or streams the weight once per 4
+        // rows of x through the fused kernel, ceil(r / 4) Bw / bw_decode (fewer rows).
+        let packed = w_bytes < 4.0;
+        let host_call = |r: f64, tflops: f64| {
+            use crate::device::cpu::matmul::{FUSED_X_ROWS, GEMM_MIN_ROWS, PACKED_GEMM_MIN_ROWS};
+            let gemm_from = if packed {
+                PACKED_GEMM_MIN_ROWS
             } else {
+                GEMM_MIN_ROWS
+            } as f64;
+            if r <= 0.0 {
                 0.0
+            } else if r >= gemm_from {
+                let panels = if packed { w_values / dequant_rate } else { 0.0 };
+                panels + r * flin / (tflops * 1e12)
+            } else {
+                (r / FUSED_X_ROWS as f64).ceil() * bw_layer / bw(hw.gpu_memory_gib_s)
+            }
+        };
+        let host_matmul = |tokens: f64, tflops: f64| {
+            let rows = gbs * tokens;
+            let per_call = self.compute_rows.map_or(rows, |r| (r as f64).min(rows));
+            let full = (rows / per_call).floor();
+            nb * (full * host_call(per_call, tflops) + host_call(rows - full * per_call, tflops))
+        };
+        let matmul = |tokens: f64, tflops: f64| {
+            if self.host_device {
+                host_matmul(tokens, tflops)
+            } else {
+                matmul(tokens, tflops)
             }
         };
         // The cache part attended on the GPU: all of it without delegation, else cg only.
@@ -450,13 +485,6 @@ impl CostModel {
             1.0 / dequant_rate
         } else {
             0.0
-        };
-
-        // Linear layers of one phase: each of the nb GPU batches multiplies `tokens` rows per
-        // sequence, and reads the layer's weights from GPU memory at least once:
-        // nb * max(gbs * tokens * Flin / mm, Bw / bw_gpu)
-        let matmul = |tokens: f64, tflops: f64| {
-            nb * (gbs * tokens * flin / (tflops * 1e12)).max(bw_layer / bw(hw.gpu_memory_gib_s))
         };
 
         let prefill = PhaseTerms {
@@ -471,12 +499,11 @@ impl CostModel {
             // ctod = Bkv s bls cn / bw_ctod_cache + Bh s bls hn / bw_ctod
             ctod: Linear::of(bkv * s * bls / ctod_cache_bw, &[CN])
                 + Linear::of(bh * s * bls / ctod_bw, &[HN]),
-            // comp = nb max(gbs s Flin / mm_p, Bw / bw_gpu) + bls s^2 Fatt / bmm_p + dequant
+            // comp = matmul(s) + bls s^2 Fatt / bmm_p
             // (FlexGen counts the full s x s attention square, and its fitted bmm rate assumes it)
             comp: Linear::constant(
                 matmul(s, hw.gpu_matmul_tflops_prefill)
-                    + bls * s * s * fatt / (hw.gpu_attention_tflops_prefill * 1e12)
-                    + dequant_w(s),
+                    + bls * s * s * fatt / (hw.gpu_attention_tflops_prefill * 1e12),
             ),
         };
 
@@ -497,9 +524,9 @@ impl CostModel {
                 + Linear::of(bw_layer / dtoc_bw, &[WN]),
             // ctod = (Bkv bls cn + Bh bls hn) / bw_ctod
             ctod: Linear::of(bkv * bls / ctod_bw, &[CN]) + Linear::of(bh * bls / ctod_bw, &[HN]),
-            // comp = nb max(gbs Flin / mm_g, Bw / bw_gpu) + bls c Fatt / bmm_g (GPU part of cache)
-            //        + bls c Fatt / cpu (CPU part, with delegation) + dequantization
-            comp: Linear::constant(matmul(1.0, hw.gpu_matmul_tflops_decode) + dequant_w(1.0))
+            // comp = matmul(1) + bls c Fatt / bmm_g (GPU part of cache)
+            //        + bls c Fatt / cpu (CPU part, with delegation) + cache dequantization
+            comp: Linear::constant(matmul(1.0, hw.gpu_matmul_tflops_decode))
                 + Linear::of(attn_gpu, gpu_cache)
                 + Linear::of(if ccc { attn_cpu } else { 0.0 }, &[CC, CN])
                 + Linear::of(bls * c * kv_values * dequant_kv_per_value, gpu_cache),

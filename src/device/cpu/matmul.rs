@@ -23,6 +23,10 @@ pub const GEMM_MIN_ROWS: usize = 6;
 /// it goes: measured faster up to about 24 rows, where the GEMM's share of the work grows).
 pub const PACKED_GEMM_MIN_ROWS: usize = 24;
 
+/// Rows of `x` that the fused kernel multiplies per pass over a weight row (more rows take
+/// more passes over the same weight rows, which stay in the caches).
+pub const FUSED_X_ROWS: usize = 4;
+
 /// f32 values of a decoded weight panel (4 MiB: big enough that the GEMM's per-call costs
 /// stay small, small enough to stay in the caches).
 const PANEL_VALUES: usize = 1 << 20;
