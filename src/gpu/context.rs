@@ -1,7 +1,9 @@
 //! The WebGPU device: adapter choice, limits and features.
 //!
 //! Environment:
-//! - `FERROGEN_ADAPTER=text`: use the first adapter whose name contains `text` (case-insensitive);
+//! - `FERROGEN_ADAPTER=text`: use the first adapter whose name, backend or type (as in
+//!   "llvmpipe (Vulkan, Cpu)") contains `text`, case-insensitive. Only Vulkan, Metal and DX12
+//!   adapters are considered unless `text` contains "gl" (`FERROGEN_ADAPTER=gl`: OpenGL too);
 //! - `FERROGEN_GPU_FALLBACK=1`: ignore shader-f16 and subgroups, as if the adapter lacked them.
 
 use crate::error::{Error, Result};
@@ -52,7 +54,8 @@ pub struct GpuContext {
     pub loop_budget: usize,
 }
 
-/// Preference among adapters: discrete > integrated > virtual > CPU > other; native APIs over GL.
+/// Preference among adapters: discrete > integrated > virtual > CPU > other; native APIs over GL
+/// (when GL was asked for).
 fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
     let device = match info.device_type {
         wgpu::DeviceType::DiscreteGpu => 4,
@@ -68,40 +71,38 @@ fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
 impl GpuContext {
     /// Opens the best adapter (or the one `FERROGEN_ADAPTER` names) headless.
     pub fn new() -> Result<Self> {
-        // Native APIs (Vulkan, Metal, DX12) first; GL only when they offer nothing, since
-        // probing GL drags in windowing-system setup that headless machines lack.
-        let mut adapters = Vec::new();
-        for backends in [wgpu::Backends::PRIMARY, wgpu::Backends::GL] {
-            let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-            desc.backends &= backends;
-            if desc.backends.is_empty() {
-                continue;
-            }
-            let instance = wgpu::Instance::new(desc);
-            adapters = pollster::block_on(instance.enumerate_adapters(backends));
-            if !adapters.is_empty() {
-                break;
-            }
-        }
-        let names: Vec<String> = adapters
-            .iter()
-            .map(|a| {
-                let i = a.get_info();
-                format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type)
-            })
-            .collect();
         let wanted = std::env::var("FERROGEN_ADAPTER")
             .ok()
             .filter(|s| !s.is_empty());
+        // Native APIs (Vulkan, Metal, DX12) only, unless FERROGEN_ADAPTER asks for GL: GL
+        // drivers without a display have deadlocked and aborted in wgpu's GL backend, and
+        // probing GL drags in windowing-system setup that headless machines lack.
+        let gl_asked = wanted
+            .as_deref()
+            .is_some_and(|w| w.to_lowercase().contains("gl"));
+        let backends = if gl_asked {
+            wgpu::Backends::PRIMARY | wgpu::Backends::GL
+        } else {
+            wgpu::Backends::PRIMARY
+        };
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        desc.backends &= backends;
+        let adapters = if desc.backends.is_empty() {
+            Vec::new()
+        } else {
+            let instance = wgpu::Instance::new(desc);
+            pollster::block_on(instance.enumerate_adapters(backends))
+        };
+        let label = |a: &wgpu::Adapter| {
+            let i = a.get_info();
+            format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type)
+        };
+        let names: Vec<String> = adapters.iter().map(label).collect();
         let adapter = match &wanted {
+            // the name, backend and type as listed, so that "gl" or "vulkan" also match
             Some(text) => adapters
                 .into_iter()
-                .find(|a| {
-                    a.get_info()
-                        .name
-                        .to_lowercase()
-                        .contains(&text.to_lowercase())
-                })
+                .find(|a| label(a).to_lowercase().contains(&text.to_lowercase()))
                 .ok_or_else(|| Error::NoAdapter {
                     reason: format!(
                         "FERROGEN_ADAPTER={text} matches none of: {}",
@@ -116,8 +117,10 @@ impl GpuContext {
                 .into_iter()
                 .max_by_key(|a| rank(&a.get_info()))
                 .ok_or_else(|| Error::NoAdapter {
-                    reason: "no WebGPU adapter found (install a Vulkan driver; on Debian \
-                             without a GPU, `apt-get install mesa-vulkan-drivers` for lavapipe)"
+                    reason: "no Vulkan, Metal or DX12 adapter found (install a Vulkan driver; \
+                             on Debian without a GPU, `apt-get install mesa-vulkan-drivers` for \
+                             lavapipe; FERROGEN_ADAPTER=gl allows OpenGL adapters; or use the \
+                             CPU device, `--device cpu`)"
                         .into(),
                 })?,
         };
