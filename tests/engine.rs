@@ -73,6 +73,7 @@ proptest! {
         h in split(),
         overlap in any::<bool>(),
         sep in any::<bool>(),
+        compress_weight in any::<bool>(),
         compress_cache in any::<bool>(),
         cpu_cache_compute in any::<bool>(),
     ) {
@@ -83,12 +84,16 @@ proptest! {
         let resident = resident(
             device,
             &files,
-            GpuOptions { weights: WeightFormat::Native, compress_cache },
+            GpuOptions {
+                weights: if compress_weight { WeightFormat::Group4 } else { WeightFormat::Native },
+                compress_cache,
+            },
         );
         let exp = expected(name);
         let batch: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
         let mut p = policy(gbs, nb, w, c, h, overlap, sep);
         p.compress_cache = compress_cache;
+        p.compress_weight = compress_weight;
         // CPU attention reads an f32 cache (as in FlexGen)
         p.cpu_cache_compute = cpu_cache_compute && !compress_cache && c.0 < 100.0;
         let options = EngineOptions {
@@ -96,9 +101,12 @@ proptest! {
             ..EngineOptions::new(Placement::Policy(p.clone()))
         };
         let engine = engine(device, files, options);
+        let tiers = ferrogen::storage::Tier::ALL;
 
         let want = resident.token_logprobs(&batch);
         let got = engine.token_logprobs(&batch).unwrap();
+        // what the engine keeps between jobs (resident weights, the two weight slots)
+        let at_rest = tiers.map(|t| engine.ledger().used(t));
         let d = worst_diff(&got, &want);
         prop_assert!(d < 1e-4, "{:?} {} scoring {:?}: {}", device, name, p, d);
 
@@ -115,10 +123,12 @@ proptest! {
             let d = tail.iter().zip(&g.logprobs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             prop_assert!(d < 1e-4, "{} generated logprobs {:?}: {}", name, p, d);
         }
-        // nothing left behind but what the budgets allow
-        for tier in ferrogen::storage::Tier::ALL {
-            prop_assert!(engine.ledger().used(tier) <= engine.ledger().peak(tier));
-        }
+        // jobs leave nothing behind: after generation every tier holds what it held after
+        // scoring, and the jobs' buffers came and went
+        let after = tiers.map(|t| engine.ledger().used(t));
+        prop_assert_eq!(after, at_rest, "{:?} {} {:?}: bytes held after the jobs", device, name, p);
+        let peaks = tiers.map(|t| engine.ledger().peak(t));
+        prop_assert!(peaks.iter().sum::<u64>() > at_rest.iter().sum::<u64>());
     }
 }
 

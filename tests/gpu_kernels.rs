@@ -24,20 +24,31 @@ use ferrogen::quant::group4::Group4;
 use ndarray::{s, Array1, Array2};
 use proptest::prelude::*;
 
+/// The WebGPU device, or `None` (said in the test output) when `FERROGEN_SKIP_GPU=1` skips the
+/// tests on a machine without one.
 fn gpu() -> Option<&'static GpuContext> {
-    static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
-    CTX.get_or_init(|| match GpuContext::new() {
-        Ok(ctx) => {
-            eprintln!("adapter: {}", ctx.describe());
-            Some(ctx)
-        }
+    static CTX: OnceLock<Result<GpuContext, String>> = OnceLock::new();
+    let ctx = CTX.get_or_init(|| {
+        GpuContext::new()
+            .inspect(|ctx| eprintln!("adapter: {}", ctx.describe()))
+            .map_err(|e| e.to_string())
+    });
+    match ctx {
+        Ok(ctx) => Some(ctx),
         Err(e) if std::env::var("FERROGEN_SKIP_GPU").as_deref() == Ok("1") => {
-            eprintln!("FERROGEN_SKIP_GPU=1: skipping ({e})");
+            use std::io::Write;
+            let test = std::thread::current()
+                .name()
+                .unwrap_or("a test")
+                .to_string();
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED in {test}: FERROGEN_SKIP_GPU=1, no WebGPU device ({e})"
+            );
             None
         }
         Err(e) => panic!("{e} (or set FERROGEN_SKIP_GPU=1 to skip the GPU tests)"),
-    })
-    .as_ref()
+    }
 }
 
 /// A second device whose loop budget is tiny, so that attention and matrix products split

@@ -33,7 +33,7 @@ fn model_path() -> Option<PathBuf> {
         return Some(path);
     }
     if std::env::var("FERROGEN_OFFLINE").as_deref() == Ok("1") {
-        eprintln!("FERROGEN_OFFLINE=1: skipping ({} missing)", path.display());
+        common::skipped(&format!("FERROGEN_OFFLINE=1, {} missing", path.display()));
         return None;
     }
     panic!(

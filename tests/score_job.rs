@@ -267,6 +267,7 @@ fn score_example_follows_the_contract() {
 #[test]
 fn score_example_offloads_with_a_policy_and_writes_a_trace() {
     if std::env::var("FERROGEN_SKIP_GPU").as_deref() == Ok("1") {
+        common::skipped("FERROGEN_SKIP_GPU=1");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

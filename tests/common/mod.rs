@@ -102,13 +102,24 @@ pub fn edit_safetensors(dir: &Path, edit: impl FnOnce(&mut serde_json::Value, &m
     std::fs::write(&path, join_safetensors(&header, &data)).unwrap();
 }
 
+/// Says in the test output (past libtest's capture, so a passing run shows it) that the
+/// current test skipped some or all of its checks, and why.
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    let _ = writeln!(std::io::stderr(), "SKIPPED in {test}: {why}");
+}
+
 /// The WebGPU device, or `None` (after saying so) when there is none and `FERROGEN_SKIP_GPU=1`
 /// asks to skip the GPU tests.
 pub fn gpu_context() -> Option<GpuContext> {
     match GpuContext::new() {
         Ok(ctx) => Some(ctx),
         Err(e) if std::env::var("FERROGEN_SKIP_GPU").as_deref() == Ok("1") => {
-            eprintln!("FERROGEN_SKIP_GPU=1: skipping ({e})");
+            skipped(&format!("FERROGEN_SKIP_GPU=1, no WebGPU device ({e})"));
             None
         }
         Err(e) => panic!("{e} (or set FERROGEN_SKIP_GPU=1 to skip the GPU tests)"),
