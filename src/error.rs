@@ -139,6 +139,16 @@ pub enum Error {
         detail: String,
     },
 
+    /// The WebGPU device refused or lost something: out of memory, a shader that did not
+    /// compile, a rejected submission, or the device itself lost.
+    #[error("WebGPU device error in {what}: {message}")]
+    Device {
+        /// What was being done (an allocation, a kernel's compilation, a submission).
+        what: String,
+        /// The device's message.
+        message: String,
+    },
+
     /// No usable WebGPU adapter or device.
     #[error("no WebGPU device: {reason}")]
     NoAdapter {

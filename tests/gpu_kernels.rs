@@ -571,3 +571,41 @@ proptest! {
         }
     }
 }
+
+/// What the device rejects comes back as `Error::Device`, not a panic: a shader that does not
+/// compile (kept by the context and returned by its next check, naming the kernel), and an
+/// allocation past the device's limits inside an error scope. A fresh context, since the first
+/// error stays with it.
+#[test]
+fn device_errors_are_errors() {
+    if gpu().is_none() {
+        return;
+    }
+    let ctx = GpuContext::new().unwrap();
+    ctx.check().unwrap();
+    let too_big = ctx.limits.max_buffer_size.saturating_mul(2);
+    let refused = ctx.scoped("allocating too much", || {
+        ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: too_big,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        })
+    });
+    match refused {
+        Err(ferrogen::Error::Device { what, message }) => {
+            assert_eq!(what, "allocating too much");
+            assert!(!message.is_empty());
+        }
+        other => panic!("expected a device error, got {:?}", other.map(|_| ())),
+    }
+    // a scoped error does not stick to the context
+    ctx.check().unwrap();
+    let _broken = ferrogen::gpu::Pipeline::new(&ctx, "fn main( { this is not WGSL", "main");
+    match ctx.wait() {
+        Err(ferrogen::Error::Device { message, .. }) => {
+            assert!(message.contains("compiling kernel `main`"), "{message}")
+        }
+        other => panic!("expected a device error, got {other:?}"),
+    }
+}

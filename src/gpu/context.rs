@@ -6,6 +6,8 @@
 //!   adapters are considered unless `text` contains "gl" (`FERROGEN_ADAPTER=gl`: OpenGL too);
 //! - `FERROGEN_GPU_FALLBACK=1`: ignore shader-f16 and subgroups, as if the adapter lacked them.
 
+use std::sync::{Arc, Mutex};
+
 use crate::error::{Error, Result};
 
 /// Whether the adapter is a CPU rasterizer (lavapipe, SwiftShader, WARP) or a real GPU: kernels
@@ -52,6 +54,10 @@ pub struct GpuContext {
     /// truncated softmax. CPU adapters get a quarter of that limit; real GPUs have no such
     /// limiter, and a budget there only keeps single dispatches short.
     pub loop_budget: usize,
+    /// The first error the device reported outside an error scope (a rejected submission, a
+    /// lost device), kept instead of wgpu's default of panicking; [`GpuContext::wait`] and
+    /// [`GpuContext::check`] return it.
+    errors: Arc<Mutex<Option<String>>>,
 }
 
 /// Preference among adapters: discrete > integrated > virtual > CPU > other; native APIs over GL
@@ -148,6 +154,22 @@ impl GpuContext {
         .map_err(|e| Error::NoAdapter {
             reason: format!("{}: device request failed: {e}", info.name),
         })?;
+        let errors: Arc<Mutex<Option<String>>> = Arc::default();
+        let record = |slot: &Arc<Mutex<Option<String>>>, message: String| {
+            slot.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(message);
+        };
+        let slot = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            record(&slot, format!("a submission: {e}"))
+        }));
+        let slot = errors.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            if reason != wgpu::DeviceLostReason::Destroyed {
+                record(&slot, format!("device lost ({reason:?}): {message}"));
+            }
+        });
         let kind = if info.device_type == wgpu::DeviceType::Cpu {
             AdapterKind::Cpu
         } else {
@@ -165,15 +187,63 @@ impl GpuContext {
             features,
             kind,
             loop_budget,
+            errors,
         })
+    }
+
+    /// Runs `f` (an allocation or a pipeline creation) inside out-of-memory and validation
+    /// error scopes: what the device rejects becomes [`Error::Device`] naming `what`, not a
+    /// panic.
+    pub fn scoped<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = f();
+        let invalid = pollster::block_on(validation.pop());
+        let short = pollster::block_on(oom.pop());
+        match short.or(invalid) {
+            None => Ok(out),
+            Some(e) => Err(Error::Device {
+                what: what.to_string(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Keeps `message` about `what` as the device's error unless one is kept already (the first
+    /// error explains the ones that follow from it); [`GpuContext::check`] returns it.
+    pub fn record_error(&self, what: &str, message: &str) {
+        self.errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(|| format!("{what}: {message}"));
+    }
+
+    /// The first error the device reported outside a scope since it was opened (submissions
+    /// and dispatches), or a lost device, as [`Error::Device`].
+    pub fn check(&self) -> Result<()> {
+        match self
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            None => Ok(()),
+            Some(message) => Err(Error::Device {
+                what: "the device's work".into(),
+                message: message.clone(),
+            }),
+        }
     }
 
     /// Blocks until all submitted work has finished.
     pub fn wait(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map(|_| ())
-            .map_err(|e| Error::invalid("gpu", format!("waiting for the device: {e}")))
+            .map_err(|e| Error::Device {
+                what: "waiting for the device".into(),
+                message: e.to_string(),
+            })?;
+        self.check()
     }
 
     /// Most loop iterations one kernel invocation may run in a dispatch (see

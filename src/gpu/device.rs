@@ -104,6 +104,8 @@ impl WgpuDevice {
             logprob: Logprob::new(&ctx),
             attention: Mutex::new(Vec::new()),
         };
+        // a kernel the device refused to compile is an error here, before any work
+        ctx.check()?;
         Ok(Self {
             inner: Arc::new((ctx, kernels)),
         })
@@ -232,15 +234,15 @@ impl Device for WgpuDevice {
                 self.max_buffer_bytes()
             )
         })?;
-        Ok(self
-            .context()
-            .device
-            .create_buffer(&wgpu::BufferDescriptor {
+        let ctx = self.context();
+        ctx.scoped(&format!("allocating {bytes} bytes of weights"), || {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("weights"),
                 size: bytes.max(4),
                 usage: WEIGHT_USAGE,
                 mapped_at_creation: false,
-            }))
+            })
+        })
     }
 
     fn write_buffer(&self, buffer: &wgpu::Buffer, offset: u64, bytes: &[u8]) -> Result<()> {

@@ -60,6 +60,10 @@ impl Pipeline {
         constants: &[(&str, f64)],
     ) -> Self {
         let label = entry;
+        // a shader the device rejects is kept as the context's error (returned by the next
+        // `wait` or `check`: WgpuDevice::new checks after compiling every kernel), not a panic;
+        // the invalid pipeline is never run (its dispatches are rejected too)
+        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = ctx
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -79,6 +83,9 @@ impl Pipeline {
                 },
                 cache: None,
             });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            ctx.record_error(&format!("compiling kernel `{entry}`"), &e.to_string());
+        }
         let layout = pipeline.get_bind_group_layout(0);
         Self { pipeline, layout }
     }

@@ -53,14 +53,16 @@ impl GpuTensor {
         } else {
             data
         };
-        Self::check_fits(ctx, (contents.len() * 4) as u64)?;
-        let buffer = ctx
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: None,
-                contents: bytemuck::cast_slice(contents),
-                usage: USAGE,
-            });
+        let bytes = (contents.len() * 4) as u64;
+        Self::check_fits(ctx, bytes)?;
+        let buffer = ctx.scoped(&format!("allocating a {bytes}-byte tensor"), || {
+            ctx.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: None,
+                    contents: bytemuck::cast_slice(contents),
+                    usage: USAGE,
+                })
+        })?;
         Ok(Self {
             buffer,
             shape: shape.to_vec(),
@@ -72,12 +74,14 @@ impl GpuTensor {
         let n: usize = shape.iter().product();
         let bytes = (n.max(1) * 4) as u64;
         Self::check_fits(ctx, bytes)?;
-        let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: bytes,
-            usage: USAGE,
-            mapped_at_creation: false,
-        });
+        let buffer = ctx.scoped(&format!("allocating a {bytes}-byte tensor"), || {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: bytes,
+                usage: USAGE,
+                mapped_at_creation: false,
+            })
+        })?;
         Ok(Self {
             buffer,
             shape: shape.to_vec(),
@@ -116,12 +120,17 @@ pub fn download_ranges(
     if total == 0 {
         return Ok(ranges.iter().map(|_| Vec::new()).collect());
     }
-    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("download"),
-        size: total,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
+    let staging = ctx.scoped(
+        &format!("allocating a {total}-byte download buffer"),
+        || {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("download"),
+                size: total,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        },
+    )?;
     let mut encoder = ctx.device.create_command_encoder(&Default::default());
     let mut at = 0;
     for &(buffer, offset, len) in ranges {

@@ -35,14 +35,19 @@ impl GpuQ4Cache {
                     "a layer's cache exceeds one binding",
                 ));
             }
-            Ok(ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("q4 cache"),
-                size: bytes,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            }))
+            ctx.scoped(
+                &format!("allocating {bytes} bytes of 4-bit KV cache"),
+                || {
+                    ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("q4 cache"),
+                        size: bytes,
+                        usage: wgpu::BufferUsages::STORAGE
+                            | wgpu::BufferUsages::COPY_SRC
+                            | wgpu::BufferUsages::COPY_DST,
+                        mapped_at_creation: false,
+                    })
+                },
+            )
         };
         Ok(Self {
             codes: buffer(rows * layout.words_per_row())?,

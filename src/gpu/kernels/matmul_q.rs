@@ -63,14 +63,16 @@ impl GpuPackedWeight {
         }
         let buffer = |data: &[u32]| {
             let data: &[u32] = if data.is_empty() { &[0] } else { data };
-            ctx.device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("packed weight"),
-                    contents: bytemuck::cast_slice(data),
-                    usage: wgpu::BufferUsages::STORAGE,
-                })
+            ctx.scoped("allocating a packed weight", || {
+                ctx.device
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some("packed weight"),
+                        contents: bytemuck::cast_slice(data),
+                        usage: wgpu::BufferUsages::STORAGE,
+                    })
+            })
         };
-        let (codes, scales) = (buffer(&w.codes), buffer(&w.scales));
+        let (codes, scales) = (buffer(&w.codes)?, buffer(&w.scales)?);
         let meta = PackedWeight {
             codes: Vec::new(),
             scales: Vec::new(),
