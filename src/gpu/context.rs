@@ -74,9 +74,27 @@ fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
     (device, api)
 }
 
+/// Mesa's Vulkan device-select layer connects to a Wayland or X display to find the default
+/// GPU, and on a headless machine without `XDG_RUNTIME_DIR` prints "XDG_RUNTIME_DIR is invalid
+/// or not set" to stderr on every run. We rank adapters ourselves, so on such machines (and
+/// only if the user has not set it) `NODEVICE_SELECT=1` turns the layer's ordering off. Done
+/// once, before the process's first Vulkan call (every one goes through [`GpuContext::new`]),
+/// so no Vulkan code reads the environment while it changes.
+fn quiet_device_select() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("XDG_RUNTIME_DIR").is_none()
+            && std::env::var_os("NODEVICE_SELECT").is_none()
+        {
+            std::env::set_var("NODEVICE_SELECT", "1");
+        }
+    });
+}
+
 impl GpuContext {
     /// Opens the best adapter (or the one `FERROGEN_ADAPTER` names) headless.
     pub fn new() -> Result<Self> {
+        quiet_device_select();
         let wanted = std::env::var("FERROGEN_ADAPTER")
             .ok()
             .filter(|s| !s.is_empty());
