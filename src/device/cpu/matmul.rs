@@ -105,22 +105,9 @@ impl<'a> WeightRows<'a> {
 
     /// Row `r`'s code words and scale words (empty for f32 rows).
     pub fn packed_row(&self, r: usize) -> (&'a [u32], &'a [u32]) {
-        match *self {
+        match self.slice(r..r + 1) {
             WeightRows::F32 { .. } => (&[], &[]),
-            WeightRows::Packed {
-                codes,
-                scales,
-                padded_k,
-                group,
-                bits,
-                ..
-            } => {
-                let (words, groups) = (padded_k * bits as usize / 32, padded_k / group);
-                (
-                    &codes[r * words..(r + 1) * words],
-                    &scales[r * groups..(r + 1) * groups],
-                )
-            }
+            WeightRows::Packed { codes, scales, .. } => (codes, scales),
         }
     }
 
