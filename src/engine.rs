@@ -293,9 +293,14 @@ impl Engine {
                 let width = dev.logit_width(files.config.vocab_size());
                 let (gpu_keep, cpu_keep) =
                     search_reserve(&files, format, options.gpu_budget, width)?;
-                let short = |budget: u64, keep: u64, flag: &str| -> Result<u64> {
+                let short = |budget: u64, keep: u64, tier: Tier| -> Result<u64> {
+                    let flag = if host {
+                        "RAM".to_string()
+                    } else {
+                        tier.to_string()
+                    };
                     budget.checked_sub(keep).ok_or_else(|| Error::Infeasible {
-                        tier: flag.to_string(),
+                        tier,
                         short_bytes: keep - budget,
                         detail: format!(
                             "the {flag} budget does not cover the fixed buffers ({} bytes)",
@@ -309,14 +314,14 @@ impl Engine {
                     crate::exec::weights::runtime_bytes_per_value(&files, format)?;
                 let hw = if host {
                     // one memory: the device tier is RAM, less everything held back
-                    let ram = short(options.cpu_budget, gpu_keep + cpu_keep, "CPU")?;
+                    let ram = short(options.cpu_budget, gpu_keep + cpu_keep, Tier::Cpu)?;
                     hardware
                         .for_host_device(bytes_per_value)
                         .with_capacities(ram, 0, disk_budget)
                 } else {
                     hardware.with_capacities(
-                        short(options.gpu_budget, gpu_keep, "GPU")?,
-                        short(options.cpu_budget, cpu_keep, "CPU")?,
+                        short(options.gpu_budget, gpu_keep, Tier::Gpu)?,
+                        short(options.cpu_budget, cpu_keep, Tier::Cpu)?,
                         disk_budget,
                     )
                 };

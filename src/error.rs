@@ -3,6 +3,7 @@
 //! Every variant names what went wrong and, where there is one, the file or input that caused it,
 //! so a message can be shown to a user as it is.
 
+use crate::storage::Tier;
 use std::path::PathBuf;
 
 /// Result with ferrogen's [`Error`].
@@ -131,8 +132,8 @@ pub enum Error {
     /// Something does not fit the memory budgets (a policy search, or an allocation).
     #[error("does not fit in memory: {detail}")]
     Infeasible {
-        /// The tier that is short: `GPU`, `CPU` or `disk`.
-        tier: String,
+        /// The tier that is short (on the CPU device, whose memory is RAM, [`Tier::Cpu`]).
+        tier: Tier,
         /// By how many bytes it is short (for the smallest batch).
         short_bytes: u64,
         /// A sentence for the user.

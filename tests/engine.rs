@@ -200,7 +200,7 @@ fn budgets_are_enforced_with_clear_errors() {
         ferrogen::Error::Infeasible {
             tier, short_bytes, ..
         } => {
-            assert_eq!(tier, "GPU");
+            assert_eq!(*tier, ferrogen::storage::Tier::Gpu);
             assert!(*short_bytes > 0);
         }
         e => panic!("{e}"),

@@ -20,6 +20,7 @@ use super::cost::{x, Batching, CostModel, Linear, Prediction};
 use super::hardware::GIB;
 use super::policy::{Policy, QuantConfig};
 use crate::error::{Error, Result};
+use crate::storage::Tier;
 
 /// Choices the search does not make itself.
 #[derive(Debug, Clone, PartialEq)]
@@ -228,15 +229,18 @@ fn shortfall(model: &CostModel, b: &Batching) -> Error {
     for kind in [x::WG, x::CG, x::HG] {
         problem = problem.with((xs[kind] + xs[kind + 1] + xs[kind + 2]).eq(1));
     }
+    // (the tier an error names, how the message says it, its peaks); on a host device the
+    // device tier is RAM
     let tiers = [
-        (
-            if model.host_device { "RAM" } else { "GPU" },
-            terms.gpu_peak.to_vec(),
-        ),
-        ("CPU", terms.cpu_peak.to_vec()),
-        ("disk", vec![terms.disk]),
+        if model.host_device {
+            (Tier::Cpu, "RAM", terms.gpu_peak.to_vec())
+        } else {
+            (Tier::Gpu, "GPU", terms.gpu_peak.to_vec())
+        },
+        (Tier::Cpu, "CPU", terms.cpu_peak.to_vec()),
+        (Tier::Disk, "disk", vec![terms.disk]),
     ];
-    for (i, (_, peaks)) in tiers.iter().enumerate() {
+    for (i, (_, _, peaks)) in tiers.iter().enumerate() {
         for p in peaks {
             problem = problem.with(expr(p, &xs, BYTES_SCALE).leq(caps[i] + slack[i]));
         }
@@ -252,7 +256,7 @@ fn shortfall(model: &CostModel, b: &Batching) -> Error {
         .map(|(i, b)| (i, *b))
         .unwrap_or((0, f64::NAN));
     Error::Infeasible {
-        tier: tiers[i].0.to_string(),
+        tier: tiers[i].0,
         short_bytes: if bytes.is_finite() {
             bytes.ceil() as u64
         } else {
@@ -261,7 +265,7 @@ fn shortfall(model: &CostModel, b: &Batching) -> Error {
         detail: format!(
             "even 1 sequence per batch does not fit: the {} tier is short by {:.3} GiB \
              (budgets: GPU {:.2} GiB, CPU {:.2} GiB, disk {:.2} GiB)",
-            tiers[i].0,
+            tiers[i].1,
             bytes / GIB,
             hw.gpu_memory.0 as f64 / GIB,
             hw.cpu_memory.0 as f64 / GIB,

@@ -64,13 +64,19 @@ impl MemoryLedger {
         let i = self.slot(tier);
         let after = c.used[i] + bytes;
         if after > self.budgets[i] {
+            let short_tier = Tier::ALL[i];
             return Err(Error::Infeasible {
-                tier: tier.to_string(),
+                tier: short_tier,
                 short_bytes: after - self.budgets[i],
                 detail: format!(
-                    "{what} needs {} more on the {tier}, which already holds {} of its {} budget; \
+                    "{what} needs {} more {}, which already holds {} of its {} budget; \
                      raise the budget or move data to a slower tier",
                     format_size(bytes),
+                    if self.unified && short_tier == Tier::Cpu {
+                        "in RAM".to_string()
+                    } else {
+                        format!("on the {short_tier}")
+                    },
                     format_size(c.used[i]),
                     format_size(self.budgets[i]),
                 ),
@@ -133,6 +139,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_unified_ledger_names_ram_as_the_short_tier() {
+        let ledger = MemoryLedger::unified(100, 0);
+        let _a = ledger.reserve(Tier::Cpu, 70, "weights").unwrap();
+        match ledger.reserve(Tier::Gpu, 40, "cache").unwrap_err() {
+            e @ Error::Infeasible { .. } => {
+                let Error::Infeasible {
+                    tier, short_bytes, ..
+                } = &e
+                else {
+                    unreachable!()
+                };
+                assert_eq!((*tier, *short_bytes), (Tier::Cpu, 10));
+                assert!(e.to_string().contains("more in RAM"), "{e}");
+            }
+            e => panic!("{e}"),
+        }
+    }
+
+    #[test]
     fn refuses_past_the_budget_and_credits_on_drop() {
         let ledger = MemoryLedger::new(100, 1000, 0);
         let a = ledger.reserve(Tier::Gpu, 60, "weights").unwrap();
@@ -141,7 +166,7 @@ mod tests {
             Error::Infeasible {
                 tier, short_bytes, ..
             } => {
-                assert_eq!(tier, "GPU");
+                assert_eq!(tier, Tier::Gpu);
                 assert_eq!(short_bytes, 10);
             }
             e => panic!("{e}"),
