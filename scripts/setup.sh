@@ -18,13 +18,17 @@ have_vulkan_icd() {
   return 1
 }
 
-if have_vulkan_icd; then
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  # root with apt: make sure lavapipe is there (a GPU's own driver may sit beside it)
+  if ! dpkg -s mesa-vulkan-drivers >/dev/null 2>&1; then
+    echo "setup: installing mesa-vulkan-drivers (lavapipe, software Vulkan) with apt"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq mesa-vulkan-drivers >/dev/null
+  fi
+  echo "setup: mesa-vulkan-drivers is installed"
+elif have_vulkan_icd; then
   echo "setup: a Vulkan driver is installed"
-elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "setup: installing mesa-vulkan-drivers (lavapipe, software Vulkan) with apt"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq mesa-vulkan-drivers >/dev/null
 else
   echo "setup: no Vulkan driver found, and not root with apt to install one." >&2
   echo "setup: install your GPU's Vulkan driver (or Mesa's lavapipe: mesa-vulkan-drivers)," >&2
