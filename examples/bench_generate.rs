@@ -139,7 +139,7 @@ fn run() -> Result<()> {
         format_size(w[2])
     );
     let t = Instant::now();
-    let out = engine.generate(&batch, new_tokens)?;
+    let out = engine.generate(&batch, new_tokens, &[])?;
     let gen_s = t.elapsed().as_secs_f64();
     let generated: usize = out.iter().map(|r| r.tokens.len()).sum();
     let prefill_s = engine.trace().map_or(0.0, |t| prefill_seconds(&t));

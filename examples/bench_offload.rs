@@ -324,7 +324,7 @@ fn run() -> Result<()> {
         for run in 0..a.runs {
             let before = engine.trace().map_or(0, |t| t.spans.len());
             let t = Instant::now();
-            let out = engine.generate(&prompt_refs, a.gen_len)?;
+            let out = engine.generate(&prompt_refs, a.gen_len, &[])?;
             let secs = t.elapsed().as_secs_f64();
             let generated: usize = out.iter().map(|r| r.tokens.len()).sum();
             tok_s.push(generated as f64 / secs);

@@ -98,18 +98,12 @@ fn run() -> Result<()> {
             };
             let engine = Engine::open_with(files, options)?;
             eprintln!("device: {}", engine.device());
+            // stop after the end-of-sequence token, as the reference does
+            let stop: Vec<u32> = eos.into_iter().collect();
             let out = engine
-                .generate(&refs, max_new)?
+                .generate(&refs, max_new, &stop)?
                 .into_iter()
-                .map(|r| {
-                    // stop after the end-of-sequence token, as the reference does
-                    let end = r
-                        .tokens
-                        .iter()
-                        .position(|&t| Some(t) == eos)
-                        .map_or(r.tokens.len(), |i| i + 1);
-                    r.tokens[..end].to_vec()
-                })
+                .map(|r| r.tokens)
                 .collect();
             decode(engine.files(), out)?
         }

@@ -18,6 +18,7 @@
 //! # Ok(()) }
 //! ```
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -31,7 +32,7 @@ use crate::gpu::{GpuContext, WgpuDevice};
 use crate::layout::{workspace_bytes, RunOptions, WeightFormat, CHUNK_ROWS, LOGIT_ROWS};
 use crate::model::{ModelConfig, ModelFiles};
 use crate::policy::search::{search, SearchOptions};
-use crate::policy::{CostModel, HardwareProfile, Policy, Workload};
+use crate::policy::{CostModel, HardwareProfile, HeadBytes, Policy, Workload};
 use crate::storage::offload::StagingPool;
 use crate::storage::{MemoryLedger, Tier};
 
@@ -167,6 +168,9 @@ impl<D: Device> BlockRunner for Executor<D> {
 /// A model placed across the tiers, ready to score or generate.
 pub struct Engine {
     executor: Box<dyn BlockRunner>,
+    /// Held while a block runs: blocks of calls from several threads run one at a time (they
+    /// share the device, the weight slots and the budgets).
+    block_lock: Mutex<()>,
     files: ModelFiles,
     offload_dir: Option<PathBuf>,
     keep_offload: bool,
@@ -197,22 +201,15 @@ fn chunk_rows(config: &ModelConfig, gpu_budget: u64) -> usize {
     rows
 }
 
-/// Memory the search's cost model does not see, held back from the budgets it is given:
-/// on the GPU a chunk of logits and the output projection streamed in its own slot (the
-/// cost model counts the row chunks' intermediate tensors itself); on the CPU the embedding
-/// table kept for lookups and the staging buffers.
-fn search_reserve(
-    files: &ModelFiles,
-    format: WeightFormat,
-    gpu_budget: u64,
-    logit_width: usize,
-) -> Result<(u64, u64)> {
-    let config = &files.config;
-    let output = crate::exec::weights::output_weight_bytes(files, format)?;
-    let logits = logit_rows(config, gpu_budget, logit_width) * logit_width;
-    let gpu = (logits * 4) as u64 + output;
-    let table = crate::exec::weights::lookup_table_bytes(files)?;
-    Ok((gpu, table + (4 << 20)))
+/// The staging chunk size and reader threads in use for the ones asked for.
+fn staging_shape(chunk: usize, threads: usize) -> (usize, usize) {
+    (chunk.clamp(64 << 10, 16 << 20), threads.clamp(1, 16))
+}
+
+/// Staging buffers in RAM: one per reader thread and per other I/O operation a step can hold
+/// at once (cache and activation loads and stores, the embedding lookup).
+fn staging_buffers(io_threads: usize) -> usize {
+    io_threads + 4
 }
 
 impl Engine {
@@ -276,6 +273,23 @@ impl Engine {
         };
         // disk reads in the chunk size and thread count the profile found best (when given)
         let (mut chunk, mut io_threads) = (options.io_chunk_bytes as usize, options.io_threads);
+        // the output projection streams in panels no larger than a layer; the device holds
+        // `logit_width` logits per row of a chunk of `logit_rows` rows at once
+        let format = WeightFormat::of(match &options.placement {
+            Placement::Policy(p) => p.compress_weight,
+            Placement::Search {
+                compress_weight, ..
+            } => *compress_weight,
+        });
+        // (the widest panels, as without sep_layer, bound what the search counts)
+        let panel_width = |panels: usize| {
+            let vocab = files.config.vocab_size();
+            dev.logit_width(vocab.div_ceil(panels.clamp(1, vocab.max(1))))
+        };
+        let logit_width = panel_width(crate::exec::weights::logit_panel_count(
+            &files, format, false,
+        )?);
+        let logit_rows = logit_rows(&files.config, options.gpu_budget, logit_width);
         let policy = match options.placement {
             Placement::Policy(p) => p,
             Placement::Search {
@@ -285,46 +299,26 @@ impl Engine {
                 compress_weight,
                 compress_cache,
             } => {
-                let format = if compress_weight {
-                    WeightFormat::Group4
-                } else {
-                    WeightFormat::Native
-                };
-                let width = dev.logit_width(files.config.vocab_size());
-                let (gpu_keep, cpu_keep) =
-                    search_reserve(&files, format, options.gpu_budget, width)?;
-                let short = |budget: u64, keep: u64, tier: Tier| -> Result<u64> {
-                    let flag = if host {
-                        "RAM".to_string()
-                    } else {
-                        tier.to_string()
-                    };
-                    budget.checked_sub(keep).ok_or_else(|| Error::Infeasible {
-                        tier,
-                        short_bytes: keep - budget,
-                        detail: format!(
-                            "the {flag} budget does not cover the fixed buffers ({} bytes)",
-                            keep
-                        ),
-                    })
-                };
                 chunk = hardware.io_chunk_bytes as usize;
                 io_threads = hardware.io_threads;
                 let bytes_per_value =
                     crate::exec::weights::runtime_bytes_per_value(&files, format)?;
                 let hw = if host {
-                    // one memory: the device tier is RAM, less everything held back
-                    let ram = short(options.cpu_budget, gpu_keep + cpu_keep, Tier::Cpu)?;
-                    hardware
-                        .for_host_device(bytes_per_value)
-                        .with_capacities(ram, 0, disk_budget)
-                } else {
-                    hardware.with_capacities(
-                        short(options.gpu_budget, gpu_keep, Tier::Gpu)?,
-                        short(options.cpu_budget, cpu_keep, Tier::Cpu)?,
+                    // one memory: the device tier is RAM
+                    hardware.for_host_device(bytes_per_value).with_capacities(
+                        options.cpu_budget,
+                        0,
                         disk_budget,
                     )
+                } else {
+                    hardware.with_capacities(options.gpu_budget, options.cpu_budget, disk_budget)
                 };
+                let (chunk, threads) = staging_shape(chunk, io_threads);
+                let head = HeadBytes {
+                    output: crate::exec::weights::output_weight_bytes(&files, format)? as f64,
+                    table: crate::exec::weights::lookup_table_bytes(&files)? as f64,
+                };
+                let logit_bytes = (4 * logit_rows * logit_width) as f64;
                 let model = CostModel::new(
                     &files.config,
                     hw,
@@ -339,7 +333,12 @@ impl Engine {
                 )?)
                 // activations and the uncompressed cache are f32 here
                 .with_activation_bytes(4.0)
-                .with_compute_rows(chunk_rows(&files.config, options.gpu_budget));
+                .with_compute_rows(chunk_rows(&files.config, options.gpu_budget))
+                .with_executor_bytes(
+                    head,
+                    logit_bytes,
+                    StagingPool::bytes(staging_buffers(threads), chunk) as f64,
+                );
                 let model = if host { model.on_host_device() } else { model };
                 let found = search(
                     &model,
@@ -373,16 +372,11 @@ impl Engine {
             MemoryLedger::new(options.gpu_budget, options.cpu_budget, disk_budget)
         };
         let gpu_options = RunOptions {
-            weights: if policy.compress_weight {
-                WeightFormat::Group4
-            } else {
-                WeightFormat::Native
-            },
+            weights: format,
             compress_cache: policy.compress_cache,
         };
         let mut runner = Runner::new(dev, &files.config, gpu_options);
-        let width = runner.dev.logit_width(files.config.vocab_size());
-        runner.logit_rows = logit_rows(&files.config, options.gpu_budget, width);
+        runner.logit_rows = logit_rows;
         runner.chunk_rows = chunk_rows(&files.config, options.gpu_budget);
         let model = Placer {
             dev: &runner.dev,
@@ -390,15 +384,18 @@ impl Engine {
             format: gpu_options.weights,
             split: policy.weights(),
             sep_layer: policy.sep_layer,
+            logit_panels: crate::exec::weights::logit_panel_count(
+                &files,
+                format,
+                policy.sep_layer,
+            )?,
             ledger: &ledger,
             offload_dir: options.offload_dir.as_deref(),
         }
         .place()?;
         runner.dev.wait()?;
-        let (chunk, io_threads) = (chunk.clamp(64 << 10, 16 << 20), io_threads.clamp(1, 16));
-        // one buffer per reader thread and per other I/O operation a step can hold at once
-        // (cache and activation loads and stores, the embedding lookup)
-        let staging = StagingPool::new(&ledger, io_threads + 4, chunk)?;
+        let (chunk, io_threads) = staging_shape(chunk, io_threads);
+        let staging = StagingPool::new(&ledger, staging_buffers(io_threads), chunk)?;
         let executor = Executor {
             runner,
             model,
@@ -412,6 +409,7 @@ impl Engine {
         };
         Ok(Self {
             executor: Box::new(executor),
+            block_lock: Mutex::new(()),
             files,
             offload_dir: options.offload_dir,
             keep_offload: options.keep_offload,
@@ -464,14 +462,26 @@ impl Engine {
         self.executor.trace()
     }
 
-    /// Runs `seqs` in blocks of `gbs * nb` sequences.
-    fn run(&self, seqs: &[&[u32]], task: Task) -> Result<Vec<SeqResult>> {
+    /// Runs `seqs` in blocks of `gbs * nb` sequences, handing each block's results to
+    /// `on_block` (with the index of its first sequence) as soon as it finishes, until
+    /// `on_block` breaks. Each block holds the engine to itself while it runs.
+    fn run_each(
+        &self,
+        seqs: &[&[u32]],
+        task: Task,
+        mut on_block: impl FnMut(usize, Vec<SeqResult>) -> ControlFlow<()>,
+    ) -> Result<()> {
         let block = self.executor.policy().block_size().max(1);
-        let mut out = Vec::with_capacity(seqs.len());
-        for chunk in seqs.chunks(block) {
-            out.extend(self.run_fitting(chunk, task)?);
+        for (i, chunk) in seqs.chunks(block).enumerate() {
+            let results = {
+                let _running = self.block_lock.lock().unwrap_or_else(|e| e.into_inner());
+                self.run_fitting(chunk, task)?
+            };
+            if on_block(i * block, results).is_break() {
+                break;
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Runs one block; when its sequences are too long for the budgets (a block's workspace,
@@ -491,17 +501,63 @@ impl Engine {
 
     /// For each sequence of `n >= 2` tokens, `ln p(t_i | t_<i)` for `i = 1..n`.
     pub fn token_logprobs(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
-        crate::batch::check_scorable(seqs)?;
-        Ok(self
-            .run(seqs, Task::Score)?
-            .into_iter()
-            .map(|r| r.logprobs)
-            .collect())
+        let mut out = Vec::with_capacity(seqs.len());
+        self.token_logprobs_each(seqs, |_, block| {
+            out.extend(block);
+            ControlFlow::Continue(())
+        })?;
+        Ok(out)
     }
 
-    /// Greedy generation of `new_tokens` tokens per prompt, with each token's logprob.
-    pub fn generate(&self, prompts: &[&[u32]], new_tokens: usize) -> Result<Vec<SeqResult>> {
-        self.run(prompts, Task::Generate(new_tokens))
+    /// [`Engine::token_logprobs`] a block at a time: `on_block(first, logprobs)` gets the
+    /// results of sequences `first..first + logprobs.len()` as soon as their block finishes,
+    /// and returns [`ControlFlow::Break`] to cancel the blocks not started yet. When a block
+    /// fails, the error is returned; the blocks handed over before it are the caller's.
+    pub fn token_logprobs_each(
+        &self,
+        seqs: &[&[u32]],
+        mut on_block: impl FnMut(usize, Vec<Vec<f32>>) -> ControlFlow<()>,
+    ) -> Result<()> {
+        crate::batch::check_scorable(seqs)?;
+        self.run_each(seqs, Task::Score, |first, results| {
+            on_block(first, results.into_iter().map(|r| r.logprobs).collect())
+        })
+    }
+
+    /// Greedy generation of up to `new_tokens` tokens per prompt, with each token's logprob.
+    /// A sequence ends at the first token in `stop` (kept as its last token). The block it
+    /// is in still runs to `new_tokens`; the tokens past its stop are not returned.
+    pub fn generate(
+        &self,
+        prompts: &[&[u32]],
+        new_tokens: usize,
+        stop: &[u32],
+    ) -> Result<Vec<SeqResult>> {
+        let mut out = Vec::with_capacity(prompts.len());
+        self.generate_each(prompts, new_tokens, stop, |_, block| {
+            out.extend(block);
+            ControlFlow::Continue(())
+        })?;
+        Ok(out)
+    }
+
+    /// [`Engine::generate`] a block at a time, as [`Engine::token_logprobs_each`] scores.
+    pub fn generate_each(
+        &self,
+        prompts: &[&[u32]],
+        new_tokens: usize,
+        stop: &[u32],
+        mut on_block: impl FnMut(usize, Vec<SeqResult>) -> ControlFlow<()>,
+    ) -> Result<()> {
+        self.run_each(prompts, Task::Generate(new_tokens), |first, mut results| {
+            for r in &mut results {
+                if let Some(end) = r.tokens.iter().position(|t| stop.contains(t)) {
+                    r.tokens.truncate(end + 1);
+                    r.logprobs.truncate(end + 1);
+                }
+            }
+            on_block(first, results)
+        })
     }
 
     /// Peak bytes held per tier so far: `[GPU, CPU, disk]`.

@@ -77,7 +77,7 @@
 //! let engine = Engine::open_files(ctx, ModelFiles::open(dir.as_ref())?, options)?;
 //! let logprobs = engine.token_logprobs(&[&[1, 17, 42, 7], &[3, 9]])?;
 //! assert_eq!(logprobs[1].len(), 1);
-//! let generated = engine.generate(&[&[1, 17, 42]], 4)?;
+//! let generated = engine.generate(&[&[1, 17, 42]], 4, &[])?;
 //! assert_eq!(generated[0].tokens.len(), 4);
 //! # Ok(())
 //! # }
@@ -101,4 +101,10 @@ pub mod schedule;
 pub mod score;
 pub mod storage;
 
+pub use device::DeviceKind;
+pub use engine::{Engine, EngineOptions, Placement};
 pub use error::{Error, Result};
+pub use exec::SeqResult;
+pub use model::ModelFiles;
+pub use policy::{HardwareProfile, Policy};
+pub use storage::Tier;

@@ -113,7 +113,7 @@ proptest! {
         // generation: the same tokens, and each token's logprob as the resident model scores it
         let prompts: Vec<&[u32]> = batch.iter().map(|s| &s[..s.len().min(5)]).collect();
         let new = 4;
-        let gen = engine.generate(&prompts, new).unwrap();
+        let gen = engine.generate(&prompts, new, &[]).unwrap();
         let greedy = resident.generate_greedy(&prompts, new);
         for ((g, want_tokens), prompt) in gen.iter().zip(&greedy).zip(&prompts) {
             prop_assert_eq!(&g.tokens, want_tokens, "{:?} {} generation {:?}", device, name, p);
@@ -259,4 +259,118 @@ fn blocks_too_big_for_the_budget_run_in_halves() {
     let got = tight.token_logprobs(&batch).unwrap();
     assert!(worst_diff(&got, &want) < 1e-5);
     assert!(tight.peaks()[0] < whole);
+}
+
+/// Results come block by block as the blocks finish; the caller can cancel the blocks not yet
+/// started, a failed block keeps the blocks handed over before it, and generation ends each
+/// sequence at its first stop token.
+#[test]
+fn blocks_stream_cancel_and_stop() {
+    let name = "llama-gqa-untied";
+    let exp = expected(name);
+    let mut seqs: Vec<Vec<u32>> = exp.sequences.iter().map(|s| s.tokens.clone()).collect();
+    seqs.truncate(3);
+    let batch: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    // one sequence per block
+    let p = policy(1, 1, (100.0, 0.0), (100.0, 0.0), (100.0, 0.0), true, true);
+    let engine = engine(
+        DeviceKind::Cpu,
+        ModelFiles::open(&fixture_dir(name)).unwrap(),
+        EngineOptions::new(Placement::Policy(p)),
+    );
+    let want = engine.token_logprobs(&batch).unwrap();
+
+    let mut seen = Vec::new();
+    engine
+        .token_logprobs_each(&batch, |first, block| {
+            seen.push((first, block));
+            if seen.len() == 2 {
+                std::ops::ControlFlow::Break(())
+            } else {
+                std::ops::ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+    assert_eq!(seen.len(), 2, "cancelled after two blocks");
+    assert_eq!(seen[0], (0, vec![want[0].clone()]));
+    assert_eq!(seen[1], (1, vec![want[1].clone()]));
+
+    // a token out of the vocabulary in the third sequence: its block fails, the first two
+    // blocks were handed over already
+    let mut bad = seqs.clone();
+    bad[2][1] = u32::MAX;
+    let bad: Vec<&[u32]> = bad.iter().map(Vec::as_slice).collect();
+    let mut kept = Vec::new();
+    let err = engine
+        .token_logprobs_each(&bad, |first, block| {
+            kept.push(first);
+            assert_eq!(block[0], want[first]);
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, ferrogen::Error::TokenOutOfRange { .. }),
+        "{err}"
+    );
+    assert_eq!(kept, vec![0, 1]);
+
+    // stop tokens: each sequence ends at its first stop token, kept as its last
+    let prompts: Vec<&[u32]> = batch.iter().map(|s| &s[..s.len().min(4)]).collect();
+    let free = engine.generate(&prompts, 6, &[]).unwrap();
+    let stop = free[0].tokens[2];
+    let stopped = engine.generate(&prompts, 6, &[stop]).unwrap();
+    for (s, f) in stopped.iter().zip(&free) {
+        let end = f
+            .tokens
+            .iter()
+            .position(|&t| t == stop)
+            .map_or(6, |i| i + 1);
+        assert_eq!(s.tokens, f.tokens[..end]);
+        assert_eq!(s.logprobs, f.logprobs[..end]);
+    }
+    assert!(stopped[0].tokens.len() <= 3);
+}
+
+/// Calls from several threads at once are safe: their blocks run one at a time, and each
+/// thread gets the numbers a lone call gets.
+#[test]
+fn calls_from_several_threads_give_the_lone_numbers() {
+    let name = "llama-tied";
+    let exp = expected(name);
+    let batch: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
+    let p = policy(1, 2, (30.0, 30.0), (50.0, 50.0), (100.0, 0.0), true, true);
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(
+        DeviceKind::Cpu,
+        ModelFiles::open(&fixture_dir(name)).unwrap(),
+        EngineOptions {
+            offload_dir: Some(dir.path().to_path_buf()),
+            ..EngineOptions::new(Placement::Policy(p))
+        },
+    );
+    let want = engine.token_logprobs(&batch).unwrap();
+    let prompts: Vec<&[u32]> = batch.iter().map(|s| &s[..s.len().min(3)]).collect();
+    let want_gen = engine.generate(&prompts, 4, &[]).unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let engine = &engine;
+                let (batch, prompts) = (&batch, &prompts);
+                s.spawn(move || {
+                    if i % 2 == 0 {
+                        (Some(engine.token_logprobs(batch).unwrap()), None)
+                    } else {
+                        (None, Some(engine.generate(prompts, 4, &[]).unwrap()))
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            match h.join().unwrap() {
+                (Some(got), _) => assert_eq!(got, want),
+                (_, Some(got)) => assert_eq!(got, want_gen),
+                _ => unreachable!(),
+            }
+        }
+    });
 }

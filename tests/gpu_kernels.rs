@@ -302,6 +302,51 @@ proptest! {
         let want: Vec<usize> = (0..rows).map(|r| ops::argmax(la.row(r))).collect();
         prop_assert_eq!(got, want);
     }
+
+    /// The vocabulary folded a panel at a time (the streamed output projection): each panel's
+    /// partials from the kernel, merged on the host, give the whole row's target logprob and
+    /// argmax, ties included (equal logits in different panels keep the first).
+    #[test]
+    fn panel_partials_merge_to_the_whole_row(rows in 1usize..6, vocab in 2usize..5000, panels in 1usize..6, seed in any::<u64>()) {
+        let Some(ctx) = gpu() else { return Ok(()) };
+        let mut logits: Vec<f32> = random(rows * vocab, seed).iter().map(|v| v * 20.0).collect();
+        // a tie for the maximum in the first and last column of row 0
+        let top = logits[..vocab].iter().copied().fold(f32::MIN, f32::max) + 1.0;
+        logits[0] = top;
+        logits[vocab - 1] = top;
+        let targets: Vec<u32> = (0..rows).map(|r| ((r * 31 + 5) % vocab) as u32).collect();
+        let la = Array2::from_shape_vec((rows, vocab), logits.clone()).unwrap();
+        let mut states = vec![ferrogen::device::LogitState::EMPTY; rows];
+        let n = panels.min(vocab);
+        let lp = Logprob::new(ctx);
+        for p in 0..n {
+            let cols = p * vocab / n..(p + 1) * vocab / n;
+            let panel: Vec<f32> = (0..rows)
+                .flat_map(|r| logits[r * vocab + cols.start..r * vocab + cols.end].to_vec())
+                .collect();
+            let relative: Vec<u32> = targets
+                .iter()
+                .map(|&t| if cols.contains(&(t as usize)) { t - cols.start as u32 } else { u32::MAX })
+                .collect();
+            let out = GpuTensor::poisoned(ctx, &[rows * 4]).unwrap();
+            lp.partials(ctx, &up(ctx, &panel, &[rows, cols.len()]), &GpuIndices::upload(ctx, &relative), &out).unwrap();
+            for (st, v) in states.iter_mut().zip(out.download(ctx).unwrap().chunks(4)) {
+                st.merge(&ferrogen::device::LogitState {
+                    max: v[0],
+                    sum: f64::from(v[1]),
+                    target: v[2],
+                    best: (cols.start as u32 + v[3].to_bits(), v[0]),
+                });
+            }
+        }
+        let got: Vec<f32> = states.iter().map(|s| s.target_logprob()).collect();
+        let want: Vec<f32> = (0..rows).map(|r| ops::log_softmax_at(la.row(r), targets[r] as usize)).collect();
+        close(&got, &want, 2e-5, "merged target logprob")?;
+        let got: Vec<usize> = states.iter().map(|s| s.greedy().0 as usize).collect();
+        let want: Vec<usize> = (0..rows).map(|r| ops::argmax(la.row(r))).collect();
+        prop_assert_eq!(got, want);
+        prop_assert_eq!(states[0].greedy().0, 0);
+    }
 }
 
 /// The quantized kernel in each variant the adapter offers (on lavapipe both: its subgroups are

@@ -256,7 +256,7 @@ fn engine_generation_crosses_long_lengths_like_the_reference() {
             ModelFiles::open(&model_path().unwrap()).unwrap(),
             options,
         );
-        let got = engine.generate(&prompts, n).unwrap();
+        let got = engine.generate(&prompts, n, &[]).unwrap();
         for ((g, w), case) in got.iter().zip(&want).zip(cases) {
             let total = case.prompt.len() + n;
             assert_eq!(

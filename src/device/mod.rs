@@ -108,13 +108,86 @@ pub struct RowInfo {
     pub visible: u32,
 }
 
-/// Logits-derived results for rows.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Reduced {
-    /// `ln p(target)` per row.
-    Targets(Vec<f32>),
-    /// `(argmax, its logprob)` per row.
-    Greedy(Vec<(u32, f32)>),
+/// One row's logits folded so far, a panel of the vocabulary at a time (an online
+/// log-softmax): the running max, `sum_j e^(logit_j - max)` (rescaled when the max grows), the
+/// target's logit once its panel is folded, and the argmax (the first of equal values).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LogitState {
+    /// The largest logit so far.
+    pub max: f32,
+    /// `sum_j e^(logit_j - max)` over the columns folded so far.
+    pub sum: f64,
+    /// The target's logit (NaN until its column is folded).
+    pub target: f32,
+    /// `(index, logit)` of the largest logit so far, the first on ties.
+    pub best: (u32, f32),
+}
+
+impl LogitState {
+    /// Nothing folded yet.
+    pub const EMPTY: Self = Self {
+        max: f32::NEG_INFINITY,
+        sum: 0.0,
+        target: f32::NAN,
+        best: (0, f32::NEG_INFINITY),
+    };
+
+    /// Folds in the state of later columns: `max' = max(a, b)`,
+    /// `sum' = sum_a e^(max_a - max') + sum_b e^(max_b - max')`; the argmax moves only to a
+    /// strictly larger logit, so the first of equal values stays.
+    pub fn merge(&mut self, later: &LogitState) {
+        let max = self.max.max(later.max);
+        if max > f32::NEG_INFINITY {
+            let scaled = |m: f32, s: f64| {
+                if s == 0.0 {
+                    0.0
+                } else {
+                    s * f64::from(m - max).exp()
+                }
+            };
+            self.sum = scaled(self.max, self.sum) + scaled(later.max, later.sum);
+            self.max = max;
+        }
+        if !later.target.is_nan() {
+            self.target = later.target;
+        }
+        if later.best.1 > self.best.1 {
+            self.best = later.best;
+        }
+    }
+
+    /// Folds in the logits of columns `offset..offset + row.len()` (host code; devices may fold
+    /// faster their own way).
+    pub fn fold(&mut self, row: &[f32], offset: usize, target: Option<u32>) {
+        let mut panel = LogitState::EMPTY;
+        for (j, &v) in row.iter().enumerate() {
+            if v > panel.best.1 {
+                panel.best = ((offset + j) as u32, v);
+            }
+        }
+        panel.max = panel.best.1;
+        panel.sum = row.iter().map(|&v| f64::from(v - panel.max).exp()).sum();
+        if let Some(t) = target.map(|t| t as usize) {
+            if (offset..offset + row.len()).contains(&t) {
+                panel.target = row[t - offset];
+            }
+        }
+        self.merge(&panel);
+    }
+
+    /// `ln softmax[target] = logit_target - max - ln sum`.
+    pub fn target_logprob(&self) -> f32 {
+        (f64::from(self.target) - self.log_z()) as f32
+    }
+
+    /// The argmax and its logprob.
+    pub fn greedy(&self) -> (u32, f32) {
+        (self.best.0, (f64::from(self.best.1) - self.log_z()) as f32)
+    }
+
+    fn log_z(&self) -> f64 {
+        f64::from(self.max) + self.sum.ln()
+    }
 }
 
 /// A compute device: memory for tensors, weights and caches, and the operations of a layer.
@@ -202,34 +275,23 @@ pub trait Device: Clone + Send + Sync + 'static {
     /// Rows `ids` of `table`.
     fn gather(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor>;
 
-    /// `ln softmax(logits[r])[targets[r]]` per row.
-    fn target_logprobs(&self, logits: &Self::Tensor, targets: &[u32]) -> Result<Vec<f32>>;
-    /// Per row: the argmax (first on ties) and its logprob, in one pass over the logits.
-    fn greedy(&self, logits: &Self::Tensor) -> Result<Vec<(u32, f32)>>;
-
-    /// The logits `x W^T` of the output projection (`parts` as for [`Device::linear`],
-    /// `vocab` columns) reduced per row: `ln softmax[target]` for each row's target, or the
-    /// argmax and its logprob when `targets` is `None`. A device may compute the logits a
-    /// panel of the vocabulary at a time, holding at most [`Device::logit_width`] per row;
-    /// by default it computes them all, then reduces.
-    fn reduce_logits(
+    /// Folds the logits `x W^T` of output columns `cols` into one state per row of `x`:
+    /// `parts` are row ranges of `W` with their absolute first column, covering exactly
+    /// `cols`, and `targets` (absolute ids, one per row) say whose logit to keep. A device may
+    /// compute the logits a panel at a time, holding at most [`Device::logit_width`] per row.
+    fn fold_logits(
         &self,
         x: &Self::Tensor,
         parts: &[(Self::Part, usize)],
-        vocab: usize,
+        cols: Range<usize>,
         targets: Option<&[u32]>,
-    ) -> Result<Reduced> {
-        let logits = self.linear(x, parts, vocab)?;
-        Ok(match targets {
-            Some(t) => Reduced::Targets(self.target_logprobs(&logits, t)?),
-            None => Reduced::Greedy(self.greedy(&logits)?),
-        })
-    }
+        states: &mut [LogitState],
+    ) -> Result<()>;
 
-    /// Logits per row that [`Device::reduce_logits`] holds at once for a vocabulary of
-    /// `vocab` (the workspace it needs is `rows * logit_width * 4` bytes).
-    fn logit_width(&self, vocab: usize) -> usize {
-        vocab
+    /// Logits per row that [`Device::fold_logits`] holds at once for `cols` output columns
+    /// (the workspace it needs is `rows * logit_width * 4` bytes).
+    fn logit_width(&self, cols: usize) -> usize {
+        cols
     }
 
     /// An empty cache of `rows` rows.
@@ -276,5 +338,40 @@ pub(crate) fn expect(ok: bool, op: &str, what: impl FnOnce() -> String) -> Resul
         Ok(())
     } else {
         Err(Error::invalid(op, what()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogitState;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Folding a row a panel at a time, in any panel sizes, gives the whole row's
+        /// log-softmax at the target and its first argmax.
+        #[test]
+        fn panels_fold_to_the_whole_row(
+            row in prop::collection::vec(-30.0f32..30.0, 1..400),
+            cuts in prop::collection::vec(0usize..400, 0..6),
+            target_at in 0usize..400,
+        ) {
+            let n = row.len();
+            let target = (target_at % n) as u32;
+            let mut bounds: Vec<usize> = cuts.iter().map(|c| c % n).chain([0, n]).collect();
+            bounds.sort_unstable();
+            bounds.dedup();
+            let mut st = LogitState::EMPTY;
+            for w in bounds.windows(2) {
+                st.fold(&row[w[0]..w[1]], w[0], Some(target));
+            }
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let log_z = f64::from(max)
+                + row.iter().map(|&v| f64::from(v - max).exp()).sum::<f64>().ln();
+            let want = (f64::from(row[target as usize]) - log_z) as f32;
+            prop_assert!((st.target_logprob() - want).abs() < 1e-5, "{} vs {}", st.target_logprob(), want);
+            let first = row.iter().position(|&v| v == max).unwrap() as u32;
+            prop_assert_eq!(st.greedy().0, first);
+            prop_assert!((st.greedy().1 - (f64::from(max) - log_z) as f32).abs() < 1e-5);
+        }
     }
 }

@@ -10,7 +10,7 @@
 
 use std::ops::Range;
 
-use super::{CacheFormat, Device, HostRows, Reduced, RowInfo};
+use super::{CacheFormat, Device, HostRows, LogitState, RowInfo};
 use crate::error::{Error, Result};
 use crate::layout::{HeadLayout, Q4Layout, RunOptions, CHUNK_ROWS, LOGIT_ROWS};
 use crate::model::opt::{LAYER_NORM_EPS, POSITION_OFFSET};
@@ -135,8 +135,11 @@ pub enum UnitWeights<D: Device> {
     Mlp(MlpWeights<D>),
     /// A whole layer.
     Layer(AttnWeights<D>, MlpWeights<D>),
-    /// The head and the output projection.
-    Output(HeadWeights<D>, Linear<D>),
+    /// The head: the final norm (OPT: and `project_out`).
+    Head(HeadWeights<D>),
+    /// The rows of the output projection that hold output columns `cols` (a panel of the
+    /// vocabulary, or all of it).
+    Logits(Linear<D>, Range<usize>),
 }
 
 impl<D: Device> AttnWeights<D> {
@@ -175,17 +178,12 @@ impl<D: Device> UnitWeights<D> {
                 v.extend(m.linears_mut());
                 v
             }
-            UnitWeights::Output(h, o) => {
-                let mut v = match h {
-                    HeadWeights::Opt {
-                        project_out: Some(p),
-                        ..
-                    } => vec![p],
-                    _ => Vec::new(),
-                };
-                v.push(o);
-                v
-            }
+            UnitWeights::Head(HeadWeights::Opt {
+                project_out: Some(p),
+                ..
+            }) => vec![p],
+            UnitWeights::Head(_) => Vec::new(),
+            UnitWeights::Logits(o, _) => vec![o],
         }
     }
 }
@@ -597,28 +595,38 @@ impl<D: Device> Runner<D> {
         Ok(y)
     }
 
-    /// Logits-derived values for rows `row_ids` of `hidden`, [`Runner::logit_rows`] rows of
-    /// logits at a time: target logprobs when `targets` is given, else the greedy token and
-    /// its logprob.
-    pub fn reduce_logits(
+    /// Folds the logits of output columns `cols` (the rows of `output` that hold them) into
+    /// `states`, one per row of `row_ids` of `hidden`, [`Runner::logit_rows`] rows at a time:
+    /// a vocabulary panel of the streamed output projection, or all of it.
+    pub fn fold_logits(
         &self,
         output: &Linear<D>,
+        cols: Range<usize>,
         hidden: &D::Tensor,
         row_ids: &[usize],
         targets: Option<&[u32]>,
-    ) -> Result<Reduced> {
-        let [rows, width] = self.dev.dims(hidden);
-        if let Some(t) = targets {
-            if t.len() != row_ids.len() {
-                return Err(Error::invalid("targets", "one target per row"));
-            }
-            if let Some(&bad) = t.iter().find(|&&t| t as usize >= self.config.vocab_size()) {
-                return Err(Error::TokenOutOfRange {
-                    token: bad,
-                    position: 0,
-                    vocab_size: self.config.vocab_size(),
-                });
-            }
+        states: &mut [LogitState],
+    ) -> Result<()> {
+        let rows = self.dev.dims(hidden)[0];
+        let vocab = self.config.vocab_size();
+        if output.bias.is_some() {
+            return Err(Error::NotBuilt {
+                what: "an output projection with a bias".into(),
+            });
+        }
+        if states.len() != row_ids.len() || targets.is_some_and(|t| t.len() != row_ids.len()) {
+            return Err(Error::invalid("logits", "one state and target per row"));
+        }
+        if let Some(&bad) = targets
+            .into_iter()
+            .flatten()
+            .find(|&&t| t as usize >= vocab)
+        {
+            return Err(Error::TokenOutOfRange {
+                token: bad,
+                position: 0,
+                vocab_size: vocab,
+            });
         }
         if let Some(&bad) = row_ids.iter().find(|&&r| r >= rows) {
             return Err(Error::invalid(
@@ -626,41 +634,31 @@ impl<D: Device> Runner<D> {
                 format!("row {bad} of {rows} hidden rows"),
             ));
         }
-        let all = self.dev.download(hidden, 0..rows)?; // small next to the logits
         let per = self.logit_rows.max(1);
-        let (mut lps, mut greedy) = (Vec::new(), Vec::new());
+        let all: Vec<usize> = (0..rows).collect();
         for (ci, chunk) in row_ids.chunks(per).enumerate() {
-            let picked: Vec<f32> = chunk
-                .iter()
-                .flat_map(|&r| all[r * width..(r + 1) * width].iter().copied())
-                .collect();
-            let h = self.dev.upload(&picked, chunk.len(), width)?;
-            let chunk_targets = targets.map(|t| &t[ci * per..ci * per + chunk.len()]);
-            let reduced = match &output.bias {
-                // a biased projection (none of the supported models has one) is added first
-                Some(_) => {
-                    let logits = self.linear(&h, output)?;
-                    match chunk_targets {
-                        Some(t) => Reduced::Targets(self.dev.target_logprobs(&logits, t)?),
-                        None => Reduced::Greedy(self.dev.greedy(&logits)?),
-                    }
-                }
-                None => self
-                    .dev
-                    .reduce_logits(&h, &output.parts, output.out, chunk_targets)?,
+            let at = ci * per..ci * per + chunk.len();
+            // the chunk's rows, gathered on the device (unless they are all of them)
+            let picked;
+            let h = if chunk == all.as_slice() {
+                hidden
+            } else {
+                let ids: Vec<u32> = chunk.iter().map(|&r| r as u32).collect();
+                picked = self.dev.gather(hidden, &ids)?;
+                &picked
             };
-            match reduced {
-                Reduced::Targets(v) => lps.extend(v),
-                Reduced::Greedy(v) => greedy.extend(v),
-            }
+            self.dev.fold_logits(
+                h,
+                &output.parts,
+                cols.clone(),
+                targets.map(|t| &t[at.clone()]),
+                &mut states[at],
+            )?;
         }
-        Ok(match targets {
-            Some(_) => Reduced::Targets(lps),
-            None => Reduced::Greedy(greedy),
-        })
+        Ok(())
     }
 
-    /// [`Runner::reduce_logits`] with targets.
+    /// `ln p(target)` per row of `row_ids` of `hidden`, over the whole vocabulary.
     pub fn target_logprobs(
         &self,
         output: &Linear<D>,
@@ -668,22 +666,22 @@ impl<D: Device> Runner<D> {
         row_ids: &[usize],
         targets: &[u32],
     ) -> Result<Vec<f32>> {
-        match self.reduce_logits(output, hidden, row_ids, Some(targets))? {
-            Reduced::Targets(v) => Ok(v),
-            Reduced::Greedy(_) => Err(Error::invalid("logits", "expected target logprobs")),
-        }
+        let mut states = vec![LogitState::EMPTY; row_ids.len()];
+        let vocab = 0..self.config.vocab_size();
+        self.fold_logits(output, vocab, hidden, row_ids, Some(targets), &mut states)?;
+        Ok(states.iter().map(LogitState::target_logprob).collect())
     }
 
-    /// [`Runner::reduce_logits`] without targets: the greedy token and its logprob per row.
+    /// The greedy token and its logprob per row of `row_ids` of `hidden`.
     pub fn greedy(
         &self,
         output: &Linear<D>,
         hidden: &D::Tensor,
         row_ids: &[usize],
     ) -> Result<Vec<(u32, f32)>> {
-        match self.reduce_logits(output, hidden, row_ids, None)? {
-            Reduced::Greedy(v) => Ok(v),
-            Reduced::Targets(_) => Err(Error::invalid("logits", "expected greedy tokens")),
-        }
+        let mut states = vec![LogitState::EMPTY; row_ids.len()];
+        let vocab = 0..self.config.vocab_size();
+        self.fold_logits(output, vocab, hidden, row_ids, None, &mut states)?;
+        Ok(states.iter().map(LogitState::greedy).collect())
     }
 }

@@ -49,6 +49,7 @@ impl<D: Device> ResidentModel<D> {
                 disk: 0.0,
             },
             sep_layer: false,
+            logit_panels: 1,
             ledger: &ledger,
             offload_dir: None,
         }
@@ -161,7 +162,8 @@ impl<D: Device> ResidentModel<D> {
                     layer += 1;
                     r.mlp(m, y)?
                 }
-                UnitWeights::Output(h, _) => r.head(h, x)?,
+                UnitWeights::Head(h) => r.head(h, x)?,
+                UnitWeights::Logits(..) => x,
                 UnitWeights::Attention(_) | UnitWeights::Mlp(_) => {
                     return Err(Error::invalid(
                         "model",
@@ -178,7 +180,7 @@ impl<D: Device> ResidentModel<D> {
 
     fn output(&self) -> Result<&Linear<D>> {
         match self.units.last() {
-            Some(UnitWeights::Output(_, o)) => Ok(o),
+            Some(UnitWeights::Logits(o, _)) => Ok(o),
             _ => Err(Error::invalid("model", "no output unit")),
         }
     }

@@ -15,7 +15,7 @@ use super::cache::CacheCell;
 use super::trace::{Trace, Track};
 use super::weights::{PlacedModel, WeightSlot};
 use crate::device::recipe::{Linear, RowBatch, Runner, UnitWeights};
-use crate::device::Device;
+use crate::device::{Device, LogitState};
 use crate::error::{Error, Result};
 use crate::layout::workspace_bytes;
 use crate::policy::Policy;
@@ -74,6 +74,8 @@ pub(super) struct Batch<D: Device> {
     pub(super) capacity: Vec<usize>,
     pub(super) rows: Option<RowBatch<D>>,
     pub(super) x: Option<Activation<D>>,
+    /// Per row that reads the logits: the vocabulary panels folded so far.
+    pub(super) logits: Vec<LogitState>,
     pub(super) results: Vec<SeqResult>,
 }
 
@@ -202,6 +204,7 @@ impl<D: Device> Executor<D> {
             num_batches: seqs.len().div_ceil(gbs),
             gen_len,
             sep_layer: self.policy.sep_layer,
+            logit_panels: self.model.logit_panels,
         });
         let n = seqs.len();
         let cache_split = split_sequences(n, self.policy.cache());
@@ -217,6 +220,7 @@ impl<D: Device> Executor<D> {
                 capacity: chunk.iter().map(|s| s.len() + gen_len - 1).collect(),
                 rows: None,
                 x: None,
+                logits: Vec::new(),
                 results: vec![SeqResult::default(); chunk.len()],
             });
         }
@@ -239,7 +243,9 @@ impl<D: Device> Executor<D> {
                 config,
                 compute_rows,
                 self.runner.logit_rows,
-                self.runner.dev.logit_width(config.vocab_size()),
+                self.runner
+                    .dev
+                    .logit_width(config.vocab_size().div_ceil(self.model.logit_panels.max(1))),
             ),
             "one batch's compute workspace",
         )?;
@@ -547,11 +553,11 @@ impl<D: Device> BlockState<'_, D> {
                     let y = r.attention(a, x.clone(), working(&cache)?, &rb)?;
                     r.mlp(m, y)?
                 }
-                UnitWeights::Output(head, output) => {
-                    let h = r.head(head, x.clone())?;
+                UnitWeights::Head(head) => r.head(head, x.clone())?,
+                UnitWeights::Logits(output, cols) => {
                     let mut batch = lock(&self.batches[c.batch]);
-                    self.finish(&mut batch, c.token, output, &h)?;
-                    return Ok(None);
+                    self.fold_panel(&mut batch, c.token, output, cols.clone(), &x)?;
+                    x.clone() // the head's rows go on to the next panel
                 }
             }))
         })();
@@ -578,39 +584,60 @@ impl<D: Device> BlockState<'_, D> {
         Ok(())
     }
 
-    /// The output unit: scoring logprobs, or the next tokens and their logprobs.
-    fn finish(
+    /// A panel of the output projection: its logits folded into the rows' states; after the
+    /// last panel, the scoring logprobs, or the next tokens and their logprobs.
+    fn fold_panel(
         &self,
         batch: &mut Batch<D>,
         token: usize,
         output: &Linear<D>,
+        cols: Range<usize>,
         h: &D::Tensor,
     ) -> Result<()> {
         let r = &self.exec.runner;
         let new = batch.new_tokens(token);
-        match self.task {
+        let (rows, targets) = match self.task {
             Task::Score => {
                 let (rows, targets) = crate::batch::scoring_rows(&new);
-                let flat = r.target_logprobs(output, h, &rows, &targets)?;
-                let per = crate::batch::split_per_sequence(&flat, &new);
-                for (res, lp) in batch.results.iter_mut().zip(per) {
-                    res.logprobs = lp;
+                (rows, Some(targets))
+            }
+            Task::Generate(_) => (crate::batch::last_rows(&new), None),
+        };
+        let lens: Vec<usize> = new.iter().map(|s| s.len()).collect();
+        if cols.start == 0 {
+            batch.logits = vec![LogitState::EMPTY; rows.len()];
+        }
+        let mut states = std::mem::take(&mut batch.logits);
+        r.fold_logits(
+            output,
+            cols.clone(),
+            h,
+            &rows,
+            targets.as_deref(),
+            &mut states,
+        )?;
+        if cols.end < r.config.vocab_size() {
+            batch.logits = states;
+            return Ok(());
+        }
+        match self.task {
+            Task::Score => {
+                let flat: Vec<f32> = states.iter().map(LogitState::target_logprob).collect();
+                let mut at = 0;
+                for (res, len) in batch.results.iter_mut().zip(lens) {
+                    let n = len.saturating_sub(1);
+                    res.logprobs = flat[at..at + n].to_vec();
+                    at += n;
                 }
             }
             Task::Generate(_) => {
-                let last = crate::batch::last_rows(&new);
-                let picked = r.greedy(output, h, &last)?;
-                for (res, (id, lp)) in batch.results.iter_mut().zip(picked) {
-                    res.tokens.push(id);
-                    res.logprobs.push(lp);
+                for (i, st) in states.iter().enumerate() {
+                    let (id, lp) = st.greedy();
+                    batch.results[i].tokens.push(id);
+                    batch.results[i].logprobs.push(lp);
+                    // the next step feeds the new token
+                    batch.tokens[i].push(id);
                 }
-            }
-        }
-        // the next step feeds the new tokens
-        if let Task::Generate(_) = self.task {
-            for i in 0..batch.tokens.len() {
-                let t = batch.results[i].tokens[token];
-                batch.tokens[i].push(t);
             }
         }
         Ok(())

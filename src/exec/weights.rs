@@ -5,6 +5,7 @@
 //! kernels read (`crate::layout`), so streaming a weight is a plain copy. A row range that
 //! would not fit one device buffer is cut into pieces.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -27,7 +28,8 @@ use crate::storage::{MemoryLedger, Reservation, Tier, WeightPlacer};
 /// Rows converted at a time while placing weights (bounds the transient memory).
 const CONVERT_BYTES: usize = 8 << 20;
 
-/// The output projection's size on the device in `format` (it streams in a slot of its own).
+/// The output projection's size in the run-time layout for weights in `format` (its own
+/// format: `output_format`).
 pub(crate) fn output_weight_bytes(files: &ModelFiles, format: WeightFormat) -> Result<u64> {
     let spec = match &files.config {
         ModelConfig::Llama(c) => {
@@ -41,9 +43,36 @@ pub(crate) fn output_weight_bytes(files: &ModelFiles, format: WeightFormat) -> R
 }
 
 /// Bytes per value of the first layer's linear weights as the executor holds them in `format`
-/// (GGUF blocks as stored, f16 as stored, f32 for f32 and bf16 files, 4-bit groups): what the cost model should
-/// count.
+/// (GGUF blocks as stored, f16 as stored, f32 for f32 and bf16 files, 4-bit groups): what the
+/// cost model should count.
 pub fn runtime_bytes_per_value(files: &ModelFiles, format: WeightFormat) -> Result<f64> {
+    let weights = first_layer_weights(files, format)?;
+    let (bytes, values) = weights.iter().fold((0, 0), |(b, v), w| (b + w.0, v + w.1));
+    Ok(bytes as f64 / values.max(1) as f64)
+}
+
+/// Panels the output projection streams in under `format`: as many as keep each panel no
+/// larger than the largest other unit's linear weights (a layer, or with `sep_layer` its
+/// attention or MLP half), so that no unit's streamed weights (and so no weight slot)
+/// outgrow the layers'.
+pub(crate) fn logit_panel_count(
+    files: &ModelFiles,
+    format: WeightFormat,
+    sep_layer: bool,
+) -> Result<usize> {
+    let output = output_weight_bytes(files, format)?;
+    let weights = first_layer_weights(files, format)?;
+    let (attn, mlp): (u64, u64) = (
+        weights[..4].iter().map(|w| w.0).sum(),
+        weights[4..].iter().map(|w| w.0).sum(),
+    );
+    let unit = if sep_layer { attn.max(mlp) } else { attn + mlp };
+    Ok(output.div_ceil(unit.max(1)).max(1) as usize)
+}
+
+/// `(bytes, values)` of each of the first layer's linear weights in `format`: the
+/// attention's four projections, then the MLP's.
+fn first_layer_weights(files: &ModelFiles, format: WeightFormat) -> Result<Vec<(u64, usize)>> {
     let specs: Vec<TensorSpec> = match &files.config {
         ModelConfig::Llama(c) => {
             let l = &LlamaSpec::new(c).layers[0];
@@ -66,13 +95,16 @@ pub fn runtime_bytes_per_value(files: &ModelFiles, format: WeightFormat) -> Resu
                 .to_vec()
         }
     };
-    let (mut bytes, mut values) = (0usize, 0usize);
-    for spec in &specs {
-        let (row, _) = convert_rows(files.weights.as_ref(), spec, format, 0..1)?;
-        bytes += row.row_bytes() * spec.shape[0];
-        values += spec.shape[0] * spec.shape[1];
-    }
-    Ok(bytes as f64 / values.max(1) as f64)
+    specs
+        .iter()
+        .map(|spec| {
+            let (row, _) = convert_rows(files.weights.as_ref(), spec, format, 0..1)?;
+            Ok((
+                (row.row_bytes() * spec.shape[0]) as u64,
+                spec.shape[0] * spec.shape[1],
+            ))
+        })
+        .collect()
 }
 
 /// The embedding table's size as stored (what the CPU keeps for lookups at most).
@@ -211,6 +243,8 @@ struct TensorPlan {
 /// Every weight of a model, placed.
 pub(crate) struct PlacedModel<D: Device> {
     pub units: Vec<PlacedUnit<D>>,
+    /// Panels (units) the output projection streams in.
+    pub logit_panels: usize,
     pub table: LookupTable,
     pub file: Option<Arc<OffloadFile>>,
     /// Bytes per tier of weights (linear weights and table, not the small tensors).
@@ -227,13 +261,24 @@ pub(crate) struct Placer<'a, D: Device> {
     pub format: WeightFormat,
     pub split: TierSplit,
     pub sep_layer: bool,
+    /// Panels the output projection is split into, one unit each.
+    pub logit_panels: usize,
     pub ledger: &'a Arc<MemoryLedger>,
     pub offload_dir: Option<&'a std::path::Path>,
 }
 
-/// The linear weights (with optional biases) and small tensors of a unit, before placement.
+/// The linear weights of a unit before placement: each weight (with its optional bias), its
+/// format and the rows of it the unit holds (all, or a panel of the output projection).
 struct UnitSpec {
-    linears: Vec<(TensorSpec, Option<TensorSpec>, WeightFormat)>,
+    linears: Vec<(TensorSpec, Option<TensorSpec>, WeightFormat, Range<usize>)>,
+}
+
+/// The output columns of each of `panels` panels of a `vocab`-entry output projection:
+/// panel `p` holds `p * vocab / panels .. (p + 1) * vocab / panels` (none empty, since
+/// `panels` is clamped to `1..=vocab`).
+pub(crate) fn logit_panels(vocab: usize, panels: usize) -> Vec<Range<usize>> {
+    let n = panels.clamp(1, vocab.max(1));
+    (0..n).map(|p| p * vocab / n..(p + 1) * vocab / n).collect()
 }
 
 impl<D: Device> Placer<'_, D> {
@@ -338,7 +383,6 @@ impl<D: Device> Placer<'_, D> {
 
     /// The units in schedule order: their linear weights and resident templates, and the
     /// embedding table.
-    #[allow(clippy::type_complexity)]
     fn units(
         &self,
         held: &mut Vec<Reservation>,
@@ -346,7 +390,33 @@ impl<D: Device> Placer<'_, D> {
         let f = self.format;
         let mut specs = Vec::new();
         let mut templates = Vec::new();
-        let kinds = UnitKind::sequence(self.files.config.num_layers(), self.sep_layer);
+        let kinds = UnitKind::sequence(
+            self.files.config.num_layers(),
+            self.sep_layer,
+            self.logit_panels,
+        );
+        let panels = logit_panels(self.files.config.vocab_size(), self.logit_panels);
+        // the output projection's panel `p`: its rows, in the output format
+        let panel = |output: &TensorSpec, p: usize, held: &mut Vec<Reservation>| {
+            let cols = panels[p].clone();
+            let unit = UnitSpec {
+                linears: vec![(output.clone(), None, output_format(f), cols.clone())],
+            };
+            Ok::<_, Error>((
+                unit,
+                UnitWeights::Logits(self.empty_linear(output, None, held)?, cols),
+            ))
+        };
+        // every row of a linear weight, in the run-time format
+        let whole = |lin: Vec<(TensorSpec, Option<TensorSpec>)>| UnitSpec {
+            linears: lin
+                .into_iter()
+                .map(|(w, b)| {
+                    let rows = 0..w.shape[0];
+                    (w, b, f, rows)
+                })
+                .collect(),
+        };
         let table = match &self.files.config {
             ModelConfig::Llama(c) => {
                 let spec = LlamaSpec::new(c);
@@ -355,18 +425,17 @@ impl<D: Device> Placer<'_, D> {
                     .clone()
                     .unwrap_or_else(|| spec.embed_tokens.clone());
                 for kind in kinds {
-                    let mut lin: Vec<(TensorSpec, Option<TensorSpec>)> = Vec::new();
-                    let tpl = match kind {
-                        UnitKind::Embed => UnitWeights::Embed(InputWeights::Llama),
-                        UnitKind::Output => {
-                            lin.push((output.clone(), None));
-                            UnitWeights::Output(
-                                HeadWeights::Llama {
-                                    norm: self.small(&spec.norm, held)?,
-                                },
-                                self.empty_linear(&output, None, held)?,
-                            )
+                    let (unit, tpl) = match kind {
+                        UnitKind::Embed => {
+                            (whole(Vec::new()), UnitWeights::Embed(InputWeights::Llama))
                         }
+                        UnitKind::Head => (
+                            whole(Vec::new()),
+                            UnitWeights::Head(HeadWeights::Llama {
+                                norm: self.small(&spec.norm, held)?,
+                            }),
+                        ),
+                        UnitKind::Logits(p) => panel(&output, p, held)?,
                         UnitKind::Attention(l) | UnitKind::Mlp(l) | UnitKind::Layer(l) => {
                             let s = &spec.layers[l];
                             let attn = [&s.q_proj, &s.k_proj, &s.v_proj, &s.o_proj];
@@ -387,18 +456,11 @@ impl<D: Device> Placer<'_, D> {
                                     ),
                                 ),
                             };
-                            lin.extend(names.into_iter().map(|t| (t.clone(), None)));
-                            tpl
+                            let lin = names.into_iter().map(|t| (t.clone(), None)).collect();
+                            (whole(lin), tpl)
                         }
                     };
-                    let fmt = if kind == UnitKind::Output {
-                        output_format(f)
-                    } else {
-                        f
-                    };
-                    specs.push(UnitSpec {
-                        linears: lin.into_iter().map(|(w, b)| (w, b, fmt)).collect(),
-                    });
+                    specs.push(unit);
                     templates.push(tpl);
                 }
                 spec.embed_tokens
@@ -419,7 +481,7 @@ impl<D: Device> Placer<'_, D> {
                                 })
                                 .transpose()?,
                         }),
-                        UnitKind::Output => {
+                        UnitKind::Head => {
                             let final_norm = spec
                                 .final_layer_norm
                                 .as_ref()
@@ -433,14 +495,16 @@ impl<D: Device> Placer<'_, D> {
                                     self.empty_linear(w, None, held)
                                 })
                                 .transpose()?;
-                            lin.push((spec.embed_tokens.clone(), None));
-                            UnitWeights::Output(
-                                HeadWeights::Opt {
-                                    final_norm,
-                                    project_out,
-                                },
-                                self.empty_linear(&spec.embed_tokens, None, held)?,
-                            )
+                            UnitWeights::Head(HeadWeights::Opt {
+                                final_norm,
+                                project_out,
+                            })
+                        }
+                        UnitKind::Logits(p) => {
+                            let (unit, tpl) = panel(&spec.embed_tokens, p, held)?;
+                            specs.push(unit);
+                            templates.push(tpl);
+                            continue;
                         }
                         UnitKind::Attention(l) => UnitWeights::Attention(self.opt_attn(
                             &spec.layers[l],
@@ -455,16 +519,7 @@ impl<D: Device> Placer<'_, D> {
                             UnitWeights::Layer(a, self.opt_mlp(&spec.layers[l], &mut lin, held)?)
                         }
                     };
-                    let table = spec.embed_tokens.name.clone();
-                    specs.push(UnitSpec {
-                        linears: lin
-                            .into_iter()
-                            .map(|(w, b)| {
-                                let fmt = if w.name == table { output_format(f) } else { f };
-                                (w, b, fmt)
-                            })
-                            .collect(),
-                    });
+                    specs.push(whole(lin));
                     templates.push(tpl);
                 }
                 spec.embed_tokens
@@ -487,15 +542,15 @@ impl<D: Device> Placer<'_, D> {
         let mut placer = WeightPlacer::new(self.split);
         let mut disk_cursor = 0u64;
         for unit in &specs {
-            for (w, _, fmt) in &unit.linears {
+            for (w, _, fmt, rows) in &unit.linears {
                 let (row, _) = convert_rows(source, w, *fmt, 0..1)?;
-                let split = placer.place(w.shape[0], row.row_bytes());
+                let split = placer.place(rows.len(), row.row_bytes());
                 let t = tensors.len();
                 let per_piece = (max_binding / row.segment_row_bytes()[0].max(1)).max(1);
                 for (tier, range) in split.ranges() {
-                    let mut first = range.start;
-                    while first < range.end {
-                        let rows = per_piece.min(range.end - first);
+                    let (mut first, end) = (rows.start + range.start, rows.start + range.end);
+                    while first < end {
+                        let rows = per_piece.min(end - first);
                         let offset = if tier == Tier::Disk {
                             let at = disk_cursor;
                             disk_cursor += align_up((rows * row.row_bytes()) as u64);
@@ -730,6 +785,7 @@ impl<D: Device> Placer<'_, D> {
         }
         Ok(PlacedModel {
             units,
+            logit_panels: logit_panels(self.files.config.vocab_size(), self.logit_panels).len(),
             table,
             file,
             placed_bytes,

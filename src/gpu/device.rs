@@ -14,7 +14,7 @@ use super::kernels::norm::Norm;
 use super::kernels::rope::Rope;
 use super::tensor::download_ranges;
 use super::{GpuContext, GpuIndices, GpuTensor};
-use crate::device::{expect, CacheFormat, Device, HostRows};
+use crate::device::{expect, CacheFormat, Device, HostRows, LogitState};
 use crate::error::{Error, Result};
 use crate::layout::{HeadLayout, RowFormat};
 
@@ -360,23 +360,52 @@ impl Device for WgpuDevice {
         Ok(y)
     }
 
-    fn target_logprobs(&self, logits: &GpuTensor, targets: &[u32]) -> Result<Vec<f32>> {
+    fn fold_logits(
+        &self,
+        x: &GpuTensor,
+        parts: &[(Self::Part, usize)],
+        cols: Range<usize>,
+        targets: Option<&[u32]>,
+        states: &mut [LogitState],
+    ) -> Result<()> {
+        let rows = self.dims(x)[0];
+        if states.len() != rows || targets.is_some_and(|t| t.len() != rows) {
+            return Err(Error::invalid("logits", "one state and target per row"));
+        }
+        if parts.iter().any(|(_, c)| *c < cols.start) {
+            return Err(Error::invalid(
+                "logits",
+                "a part before the panel's columns",
+            ));
+        }
+        // the panel's logits, its parts' first columns made relative to it
+        let rebased: Vec<(Self::Part, usize)> = parts
+            .iter()
+            .map(|(p, c)| (p.clone(), c - cols.start))
+            .collect();
+        let logits = self.linear(x, &rebased, cols.len())?;
         let ctx = self.context();
-        let rows = self.dims(logits)[0];
-        let out = GpuTensor::zeros(ctx, &[rows])?;
-        let t = GpuIndices::upload(ctx, targets);
-        self.k().logprob.target_logprob(ctx, logits, &t, &out)?;
-        out.download(ctx)
-    }
-
-    fn greedy(&self, logits: &GpuTensor) -> Result<Vec<(u32, f32)>> {
-        let ctx = self.context();
-        let rows = self.dims(logits)[0];
-        let ids = GpuTensor::zeros(ctx, &[rows])?;
-        self.k().logprob.argmax(ctx, logits, &ids)?;
-        let ids: Vec<u32> = ids.download(ctx)?.iter().map(|v| v.to_bits()).collect();
-        let lps = self.target_logprobs(logits, &ids)?;
-        Ok(ids.into_iter().zip(lps).collect())
+        let relative: Vec<u32> = (0..rows)
+            .map(|r| {
+                targets
+                    .map(|t| t[r] as usize)
+                    .filter(|t| cols.contains(t))
+                    .map_or(u32::MAX, |t| (t - cols.start) as u32)
+            })
+            .collect();
+        let t = GpuIndices::upload(ctx, &relative);
+        let out = GpuTensor::zeros(ctx, &[rows * 4])?;
+        self.k().logprob.partials(ctx, &logits, &t, &out)?;
+        let p = out.download(ctx)?;
+        for (st, v) in states.iter_mut().zip(p.chunks_exact(4)) {
+            st.merge(&LogitState {
+                max: v[0],
+                sum: f64::from(v[1]),
+                target: v[2],
+                best: ((cols.start as u32).saturating_add(v[3].to_bits()), v[0]),
+            });
+        }
+        Ok(())
     }
 
     fn cache(&self, format: CacheFormat, rows: usize) -> Result<LayerCache> {

@@ -35,6 +35,17 @@ pub enum WeightFormat {
     Q8,
 }
 
+impl WeightFormat {
+    /// The executor's format: FlexGen's 4-bit groups under `compress_weight`, else native.
+    pub fn of(compress_weight: bool) -> Self {
+        if compress_weight {
+            WeightFormat::Group4
+        } else {
+            WeightFormat::Native
+        }
+    }
+}
+
 /// How a model is held on a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RunOptions {

@@ -118,6 +118,9 @@ pub struct ModelShape {
     pub head_values: f64,
     /// Output-projection multiply-adds per token (`vocab * embed_dim`).
     pub head_macs: f64,
+    /// Values of the small tensors kept resident on the device (norms, biases, OPT's learned
+    /// positions).
+    pub resident_values: f64,
 }
 
 impl ModelShape {
@@ -145,6 +148,11 @@ impl ModelShape {
                     layer_values: layer,
                     head_values: c.vocab_size as f64 * e + positions + proj + 2.0 * h,
                     head_macs: c.vocab_size as f64 * e,
+                    // per layer two LayerNorms, the q, k, v, out and fc2 biases and fc1's;
+                    // the final LayerNorm and the positions
+                    resident_values: c.num_hidden_layers as f64 * (9.0 * h + f)
+                        + 2.0 * h
+                        + positions,
                 }
             }
             ModelConfig::Llama(c) => {
@@ -168,6 +176,8 @@ impl ModelShape {
                     layer_values: layer,
                     head_values: tables * c.vocab_size as f64 * h + h,
                     head_macs: c.vocab_size as f64 * h,
+                    // two RMSNorms per layer and the final one
+                    resident_values: (2 * c.num_hidden_layers + 1) as f64 * h,
                 }
             }
         }
@@ -330,6 +340,24 @@ pub struct CostModel {
     /// memory, so their peaks add up on the device tier, and disk pieces are read straight
     /// into the device's weight slots (no extra layer staged in RAM).
     pub host_device: bool,
+    /// The executor's own weights outside the layers, when known: the output projection as
+    /// it places it (split over the tiers like the layers) and the embedding table it reads
+    /// lookups from (its GPU share held in RAM); `None` counts FlexGen's embeddings at the
+    /// weights' bytes per value, spread over the layers.
+    pub head_bytes: Option<HeadBytes>,
+    /// Bytes of the logits held at once (`rows * logit_width * 4`), beside the working set.
+    pub logit_bytes: f64,
+    /// Bytes of I/O staging buffers held in RAM whatever the policy.
+    pub staging_bytes: f64,
+}
+
+/// The bytes of the weights outside the layers, as the executor holds them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HeadBytes {
+    /// The output projection (or lm_head), placed across the tiers like a layer.
+    pub output: f64,
+    /// The embedding table for lookups: its GPU and CPU shares in RAM, the rest on disk.
+    pub table: f64,
 }
 
 /// Bytes per activation or uncompressed weight/cache value (fp16, as FlexGen runs).
@@ -346,7 +374,26 @@ impl CostModel {
             activation_bytes: None,
             compute_rows: None,
             host_device: false,
+            head_bytes: None,
+            logit_bytes: 0.0,
+            staging_bytes: 0.0,
         }
+    }
+
+    /// The same model with the executor's output projection and embedding table (see
+    /// [`CostModel::head_bytes`]; its norms, biases and position table resident in f32),
+    /// `logit_bytes` of logits beside the working set, and `staging_bytes` of I/O staging
+    /// buffers in RAM.
+    pub fn with_executor_bytes(
+        mut self,
+        head: HeadBytes,
+        logit_bytes: f64,
+        staging_bytes: f64,
+    ) -> Self {
+        self.head_bytes = Some(head);
+        self.logit_bytes = logit_bytes;
+        self.staging_bytes = staging_bytes;
+        self
     }
 
     /// The same model on a device that computes in host RAM (see
@@ -414,15 +461,19 @@ impl CostModel {
                 act
             }
         };
-        // per layer, the output head spread over the layers
-        let w_values = m.layer_values + m.head_values / l;
         // Bw: uncompressed weights at the executor's bytes per value when known
         let w_bytes = if b.compress_weight {
             b.quant.bytes_per_value()
         } else {
             self.weight_bytes.unwrap_or(FP16)
         };
-        let bw_layer = w_values * w_bytes; // Bw
+        // per layer, the output head spread over the layers: Bw = layer + head / l (the
+        // executor's output projection when known; its lookup table is counted apart)
+        let w_values = m.layer_values + m.head_values / l;
+        let bw_layer = match self.head_bytes {
+            Some(head) => m.layer_values * w_bytes + head.output / l,
+            None => w_values * w_bytes,
+        }; // Bw
         let kv_values = 2.0 * m.kv_width as f64; // keys and values, per token per layer
         let bkv = kv_values * value_bytes(b.compress_cache); // Bkv
         let bh = m.hidden as f64 * act; // Bh
@@ -557,6 +608,11 @@ impl CostModel {
         };
         let total_w = bw_layer * l;
         let cache_all = bkv * (s + n) * bls * l;
+        // the lookup table: its GPU and CPU shares in RAM, its disk share on disk
+        let table = self.head_bytes.map_or(0.0, |h| h.table);
+        // the executor's resident small tensors (f32) and staging buffers
+        let fixed_gpu = self.head_bytes.map_or(0.0, |_| 4.0 * m.resident_values);
+        let fixed_cpu = self.staging_bytes;
         let streamed_w = Linear::of(2.0 * bw_layer, &[WC, WN]); // two layers in flight
 
         let gpu_prefill = Linear::of(total_w, &[WG])
@@ -564,25 +620,29 @@ impl CostModel {
             + Linear::of(cache_all, &[CG])
             + streamed_w
             + Linear::of(bh * s * gbs, &[HC, HN])
-            + Linear::constant(work_prefill);
+            + Linear::constant(work_prefill + self.logit_bytes + fixed_gpu);
         let gpu_decode = Linear::of(total_w, &[WG])
             + Linear::of(bh * bls, &[HG])
             + Linear::of(cache_all, &[CG])
             + streamed_w
             + Linear::of(bh * gbs, &[HC, HN])
-            + Linear::constant(work_decode)
+            + Linear::constant(work_decode + self.logit_bytes + fixed_gpu)
             // without delegation, one batch's CPU/disk cache is double-buffered on the GPU
             + Linear::of(if ccc { 0.0 } else { 2.0 * bkv * (s + n) * gbs }, &[CC, CN]);
         // disk weights staged through RAM on their way to the GPU (a host device reads them
         // straight into its weight slots)
         let staged_w = if self.host_device { 0.0 } else { bw_layer };
         let cpu_prefill = Linear::of(total_w, &[WC])
+            + Linear::of(table, &[WG, WC])
+            + Linear::constant(fixed_cpu)
             + Linear::of(bh * s * bls, &[HC])
             + Linear::of(cache_all, &[CC])
             + Linear::of(staged_w, &[WN])
             + Linear::of(bkv * s * gbs, &[CN])
             + Linear::of(bh * s * gbs, &[HN]);
         let cpu_decode = Linear::of(total_w, &[WC])
+            + Linear::of(table, &[WG, WC])
+            + Linear::constant(fixed_cpu)
             + Linear::of(bh * bls, &[HC])
             + Linear::of(cache_all, &[CC])
             + Linear::of(staged_w, &[WN])
@@ -591,6 +651,7 @@ impl CostModel {
             // CPU attention scores of one batch, f32
             + Linear::constant(if ccc { 4.0 * gbs * heads * (s + n) } else { 0.0 });
         let disk = Linear::of(total_w, &[WN])
+            + Linear::of(table, &[WN])
             + Linear::of(cache_all, &[CN])
             + Linear::of(bh * s * bls, &[HN]);
 

@@ -8,7 +8,7 @@ pub mod hardware;
 pub mod policy;
 pub mod search;
 
-pub use cost::{CostModel, Prediction, Workload};
+pub use cost::{CostModel, HeadBytes, Prediction, Workload};
 pub use hardware::{ByteSize, CpuLinear, DiskRead, HardwareProfile};
 pub use policy::{Policy, QuantConfig, TierSplit};
 pub use search::{search, SearchOptions, SearchResult};

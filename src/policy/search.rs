@@ -19,6 +19,7 @@ use serde::Serialize;
 use super::cost::{x, Batching, CostModel, Linear, Prediction};
 use super::hardware::GIB;
 use super::policy::{Policy, QuantConfig};
+use crate::bytes::format_size;
 use crate::error::{Error, Result};
 use crate::storage::Tier;
 
@@ -263,13 +264,27 @@ fn shortfall(model: &CostModel, b: &Batching) -> Error {
             0
         },
         detail: format!(
-            "even 1 sequence per batch does not fit: the {} tier is short by {:.3} GiB \
-             (budgets: GPU {:.2} GiB, CPU {:.2} GiB, disk {:.2} GiB)",
+            "even 1 sequence per batch does not fit: the {} tier is short by {} (budgets: {})",
             tiers[i].1,
-            bytes / GIB,
-            hw.gpu_memory.0 as f64 / GIB,
-            hw.cpu_memory.0 as f64 / GIB,
-            hw.disk_space.0 as f64 / GIB,
+            format_size(if bytes.is_finite() {
+                bytes.ceil() as u64
+            } else {
+                0
+            }),
+            if model.host_device {
+                format!(
+                    "RAM {}, disk {}",
+                    format_size(hw.gpu_memory.0),
+                    format_size(hw.disk_space.0)
+                )
+            } else {
+                format!(
+                    "GPU {}, CPU {}, disk {}",
+                    format_size(hw.gpu_memory.0),
+                    format_size(hw.cpu_memory.0),
+                    format_size(hw.disk_space.0)
+                )
+            },
         ),
     }
 }

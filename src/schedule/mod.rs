@@ -20,8 +20,12 @@ pub enum UnitKind {
     Mlp(usize),
     /// A whole layer (`sep_layer = false`): attention then MLP.
     Layer(usize),
-    /// Final norm, output projection and the per-row logprob or argmax.
-    Output,
+    /// The final norm (OPT: and `project_out`): the rows the output projection reads.
+    Head,
+    /// Panel `p` of the output projection: its rows' logits folded into each row's running
+    /// log-softmax; the last panel yields the per-row logprob or argmax. The projection
+    /// streams a panel at a time, so no unit holds more than a panel of it.
+    Logits(usize),
 }
 
 impl UnitKind {
@@ -30,8 +34,9 @@ impl UnitKind {
         matches!(self, UnitKind::Attention(_) | UnitKind::Layer(_))
     }
 
-    /// The model's units in order.
-    pub fn sequence(layers: usize, sep_layer: bool) -> Vec<UnitKind> {
+    /// The model's units in order: the input, the layers, the head, then `logit_panels`
+    /// (at least one) panels of the output projection.
+    pub fn sequence(layers: usize, sep_layer: bool, logit_panels: usize) -> Vec<UnitKind> {
         let mut units = vec![UnitKind::Embed];
         for l in 0..layers {
             if sep_layer {
@@ -41,7 +46,8 @@ impl UnitKind {
                 units.push(UnitKind::Layer(l));
             }
         }
-        units.push(UnitKind::Output);
+        units.push(UnitKind::Head);
+        units.extend((0..logit_panels.max(1)).map(UnitKind::Logits));
         units
     }
 }
@@ -105,6 +111,8 @@ pub struct PlanShape {
     pub gen_len: usize,
     /// Attention and MLP as separate units.
     pub sep_layer: bool,
+    /// Panels the output projection streams in (at least one).
+    pub logit_panels: usize,
 }
 
 /// The zig-zag block schedule of one block of `num_batches` GPU batches.
@@ -128,7 +136,7 @@ impl ZigzagPlan {
     /// input is not stored yet (one batch: unit `j`'s output feeds unit `j + 1` of the same
     /// batch) moves to the first step after that store.
     pub fn new(shape: PlanShape) -> Self {
-        let units = UnitKind::sequence(shape.layers, shape.sep_layer);
+        let units = UnitKind::sequence(shape.layers, shape.sep_layer, shape.logit_panels);
         let nb = shape.num_batches.max(1);
         let tokens = shape.gen_len.max(1);
         let mut plan = Self {
@@ -330,12 +338,13 @@ mod tests {
     use std::collections::{HashMap, HashSet};
 
     fn shape() -> impl Strategy<Value = PlanShape> {
-        (1usize..5, 1usize..5, 1usize..5, any::<bool>()).prop_map(
-            |(layers, num_batches, gen_len, sep_layer)| PlanShape {
+        (1usize..5, 1usize..5, 1usize..5, any::<bool>(), 1usize..4).prop_map(
+            |(layers, num_batches, gen_len, sep_layer, logit_panels)| PlanShape {
                 layers,
                 num_batches,
                 gen_len,
                 sep_layer,
+                logit_panels,
             },
         )
     }
@@ -347,6 +356,7 @@ mod tests {
             num_batches: 3,
             gen_len: 2,
             sep_layer: true,
+            logit_panels: 1,
         });
         let text = plan.to_string();
         let expected = "\
@@ -368,7 +378,8 @@ step    4: load_weight(i=0, j=2), load_activation(i=0, j=1, k=1), compute(i=0, j
         fn plans_respect_the_schedule_invariants(shape in shape()) {
             let plan = ZigzagPlan::new(shape);
             let units = plan.units.len();
-            let expected_units = 2 + shape.layers * if shape.sep_layer { 2 } else { 1 };
+            let expected_units =
+                2 + shape.logit_panels + shape.layers * if shape.sep_layer { 2 } else { 1 };
             prop_assert_eq!(units, expected_units);
             let step_of: HashMap<Op, usize> = plan.ops().map(|(s, op)| (op, s)).collect();
             prop_assert_eq!(step_of.len(), plan.ops().count(), "an operation appears twice");

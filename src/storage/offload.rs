@@ -91,11 +91,18 @@ impl StagingPool {
     pub fn new(ledger: &Arc<MemoryLedger>, count: usize, chunk: usize) -> Result<Self> {
         let bufs: Vec<AlignedBuf> = (0..count.max(1)).map(|_| AlignedBuf::new(chunk)).collect();
         let bytes = bufs.iter().map(|b| b.allocated() as u64).sum();
+        debug_assert_eq!(bytes, Self::bytes(count, chunk));
         Ok(Self {
             _held: ledger.reserve(Tier::Cpu, bytes, "disk staging buffers")?,
             free: Mutex::new(bufs),
             returned: Condvar::new(),
         })
+    }
+
+    /// What [`StagingPool::new`] charges for `count` buffers of `chunk` bytes: each rounded up
+    /// to the alignment, plus the alignment's slack.
+    pub fn bytes(count: usize, chunk: usize) -> u64 {
+        count.max(1) as u64 * (align_up(chunk.max(1) as u64) + ALIGN as u64)
     }
 
     /// Runs `f` with a staging buffer, waiting for one when all are in use: the pool never

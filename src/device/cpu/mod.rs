@@ -52,7 +52,7 @@ use rayon::prelude::*;
 
 use self::attention::KvView;
 use self::matmul::WeightRows;
-use crate::device::{expect, CacheFormat, Device, HostRows, Reduced, RowInfo};
+use crate::device::{expect, CacheFormat, Device, HostRows, LogitState, RowInfo};
 use crate::error::{Error, Result};
 use crate::layout::kv::quantize_row;
 use crate::layout::{HeadLayout, RowFormat};
@@ -64,39 +64,11 @@ const PARALLEL_ELEMENTS: usize = 1 << 15;
 /// logits ([`Device::logit_width`]).
 const LOGIT_PANEL: usize = 4096;
 
-/// One row's logits reduced so far, a vocabulary panel at a time: the running max, the sum of
-/// `e^(logit - max)` (rescaled when the max grows), the target's logit and the argmax.
-#[derive(Clone, Copy)]
-struct LogitState {
-    max: f32,
-    sum: f64,
-    target: f32,
-    best: (u32, f32),
-}
-
-impl LogitState {
-    const EMPTY: Self = Self {
-        max: f32::NEG_INFINITY,
-        sum: 0.0,
-        target: f32::NAN,
-        best: (0, f32::NEG_INFINITY),
-    };
-
-    /// `ln softmax[target]` (`logit - max - ln sum`), or the argmax and its logprob.
-    fn result(&self) -> (f32, (u32, f32)) {
-        let log_z = f64::from(self.max) + self.sum.ln();
-        (
-            (f64::from(self.target) - log_z) as f32,
-            (self.best.0, (f64::from(self.best.1) - log_z) as f32),
-        )
-    }
-}
-
 multiversion! {
     /// Folds the logits of vocabulary entries `offset..offset + row.len()` into `st`:
     /// `sum = sum e^(max - max') + sum_j e^(row[j] - max')` with `max' = max(max, max_j row[j])`;
     /// the argmax keeps the first of equal values.
-    fn fold_logits(st: &mut LogitState, row: &[f32], offset: usize, target: Option<u32>) -> () {
+    fn fold_row(st: &mut LogitState, row: &[f32], offset: usize, target: Option<u32>) -> () {
         let panel_max = math::max(row);
         let new_max = st.max.max(panel_max);
         st.sum = st.sum * f64::from(st.max - new_max).exp() + math::sum_exp(row, new_max);
@@ -229,15 +201,6 @@ impl CpuDevice {
         let y = self.zeros(x.rows, x.width)?;
         self.zip_mut(&y, x, |out, row| f(row, out));
         Ok(y)
-    }
-}
-
-multiversion! {
-    /// `ln softmax(row)[t]` with the log-sum-exp totalled in f64:
-    /// `row[t] - (max + ln sum_j exp(row[j] - max))`.
-    fn log_softmax_at(row: &[f32], t: usize) -> f32 {
-        let max = math::max(row);
-        (f64::from(row[t] - max) - math::sum_exp(row, max).ln()) as f32
     }
 }
 
@@ -554,62 +517,18 @@ impl Device for CpuDevice {
         Ok(CpuTensor::new(out, ids.len(), w))
     }
 
-    fn target_logprobs(&self, logits: &CpuTensor, targets: &[u32]) -> Result<Vec<f32>> {
-        let w = logits.width;
-        expect(targets.len() == logits.rows, "logprob", || {
-            "one target per row of logits".into()
-        })?;
-        if let Some(&bad) = targets.iter().find(|&&t| t as usize >= w) {
-            return Err(Error::TokenOutOfRange {
-                token: bad,
-                position: 0,
-                vocab_size: w,
-            });
-        }
-        let l = read(&logits.data);
-        Ok(self.pool.install(|| {
-            l.par_chunks(w.max(1))
-                .zip(targets)
-                .map(|(row, &t)| log_softmax_at(row, t as usize))
-                .collect()
-        }))
-    }
-
-    fn greedy(&self, logits: &CpuTensor) -> Result<Vec<(u32, f32)>> {
-        let w = logits.width.max(1);
-        let l = read(&logits.data);
-        Ok(self.pool.install(|| {
-            l.par_chunks(w)
-                .map(|row| {
-                    let mut best = 0;
-                    for (i, &v) in row.iter().enumerate() {
-                        if v > row[best] {
-                            best = i;
-                        }
-                    }
-                    (best as u32, log_softmax_at(row, best))
-                })
-                .collect()
-        }))
-    }
-
-    fn reduce_logits(
+    fn fold_logits(
         &self,
         x: &CpuTensor,
         parts: &[(CpuPart, usize)],
-        vocab: usize,
+        cols: Range<usize>,
         targets: Option<&[u32]>,
-    ) -> Result<Reduced> {
+        states: &mut [LogitState],
+    ) -> Result<()> {
         let (m, k) = (x.rows, x.width);
+        expect(states.len() == m, "logits", || "one state per row".into())?;
         if let Some(t) = targets {
             expect(t.len() == m, "logprob", || "one target per row".into())?;
-            if let Some(&bad) = t.iter().find(|&&t| t as usize >= vocab) {
-                return Err(Error::TokenOutOfRange {
-                    token: bad,
-                    position: 0,
-                    vocab_size: vocab,
-                });
-            }
         }
         let guards: Vec<Vec<_>> = parts
             .iter()
@@ -626,19 +545,18 @@ impl Device for CpuDevice {
             .collect();
         let covered: usize = weights.iter().map(|(w, _)| w.rows()).sum();
         expect(
-            covered == vocab
+            covered == cols.len()
                 && weights
                     .iter()
-                    .all(|(w, c)| w.k() == k && c + w.rows() <= vocab),
+                    .all(|(w, c)| w.k() == k && *c >= cols.start && c + w.rows() <= cols.end),
             "logits",
-            || format!("output projection rows {covered} of {vocab}, x [{m}, {k}]"),
+            || format!("output rows {covered} for columns {cols:?}, x [{m}, {k}]"),
         )?;
         let xd = read(&x.data);
-        let panel = vocab.clamp(1, LOGIT_PANEL);
+        let panel = cols.len().clamp(1, LOGIT_PANEL);
         let mut logits = vec![0.0f32; m * panel];
-        let mut states = vec![LogitState::EMPTY; m];
-        for p0 in (0..vocab).step_by(panel) {
-            let p1 = (p0 + panel).min(vocab);
+        for p0 in cols.clone().step_by(panel) {
+            let p1 = (p0 + panel).min(cols.end);
             let width = p1 - p0;
             let logits = &mut logits[..m * width];
             // logits[:, j] = x W[p0 + j]^T from every part that holds rows of the panel
@@ -655,18 +573,15 @@ impl Device for CpuDevice {
                     .zip(logits.par_chunks(width))
                     .enumerate()
                     .for_each(|(i, (st, row))| {
-                        fold_logits(st, row, p0, targets.map(|t| t[i]));
+                        fold_row(st, row, p0, targets.map(|t| t[i]));
                     })
             });
         }
-        Ok(match targets {
-            Some(_) => Reduced::Targets(states.iter().map(|s| s.result().0).collect()),
-            None => Reduced::Greedy(states.iter().map(|s| s.result().1).collect()),
-        })
+        Ok(())
     }
 
-    fn logit_width(&self, vocab: usize) -> usize {
-        vocab.min(LOGIT_PANEL)
+    fn logit_width(&self, cols: usize) -> usize {
+        cols.min(LOGIT_PANEL)
     }
 
     fn cache(&self, format: CacheFormat, rows: usize) -> Result<CpuCache> {
