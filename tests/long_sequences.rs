@@ -10,37 +10,15 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use common::{devices, engine, resident, worst_diff};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::device::DeviceKind;
-use ferrogen::engine::{default_profile, EngineOptions, Placement};
+use ferrogen::engine::{EngineOptions, Placement};
 use ferrogen::model::ModelFiles;
 use ferrogen::storage::Tier;
 use serde::Deserialize;
-
-const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn model_path() -> Option<PathBuf> {
-    let dir = match std::env::var_os("FERROGEN_CACHE") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/ferrogen"),
-    };
-    let path = dir.join(MODEL_FILE);
-    if path.exists() {
-        return Some(path);
-    }
-    if std::env::var("FERROGEN_OFFLINE").as_deref() == Ok("1") {
-        common::skipped(&format!("FERROGEN_OFFLINE=1, {} missing", path.display()));
-        return None;
-    }
-    panic!(
-        "{} is missing: run `bash scripts/fetch-model.sh`, or set FERROGEN_OFFLINE=1",
-        path.display()
-    );
-}
 
 struct Loaded {
     files: ModelFiles,
@@ -51,7 +29,7 @@ fn smollm2() -> Option<&'static Loaded> {
     static MODEL: OnceLock<Option<Loaded>> = OnceLock::new();
     MODEL
         .get_or_init(|| {
-            let files = ModelFiles::open(&model_path()?).expect("open SmolLM2");
+            let files = ModelFiles::open(&common::smollm2_path()?).expect("open SmolLM2");
             let reference = ReferenceModel::load(&files).expect("load SmolLM2");
             Some(Loaded { files, reference })
         })
@@ -87,8 +65,12 @@ fn long() -> &'static Long {
 
 /// The windows (500, 1,024, 2,048 tokens), checked to be what our tokenizer makes of the text.
 fn windows(m: &Loaded) -> Vec<&'static [u32]> {
-    let text = std::fs::read_to_string(model_path().unwrap().with_file_name("britannica-11th.txt"))
-        .expect("britannica-11th.txt (fetched by scripts/fetch-model.sh)");
+    let text = std::fs::read_to_string(
+        common::smollm2_path()
+            .unwrap()
+            .with_file_name("britannica-11th.txt"),
+    )
+    .expect("britannica-11th.txt (fetched by scripts/fetch-model.sh)");
     let ids = m.files.tokenizer().unwrap().encode(&text).unwrap();
     long()
         .windows
@@ -178,17 +160,11 @@ fn engine_scores_2048_tokens_within_small_budgets() {
             gpu_budget,
             cpu_budget,
             offload_dir: Some(dir.path().to_path_buf()),
-            ..EngineOptions::new(Placement::Search {
-                hardware: default_profile().unwrap(),
-                prompt_len: 256,
-                gen_len: 1,
-                compress_weight: false,
-                compress_cache: false,
-            })
+            ..EngineOptions::new(common::searched(256))
         };
         let engine = engine(
             device,
-            ModelFiles::open(&model_path().unwrap()).unwrap(),
+            ModelFiles::open(&common::smollm2_path().unwrap()).unwrap(),
             options,
         );
         let got = engine.token_logprobs(&seqs[1..]).unwrap();
@@ -253,7 +229,7 @@ fn engine_generation_crosses_long_lengths_like_the_reference() {
         };
         let engine = engine(
             device,
-            ModelFiles::open(&model_path().unwrap()).unwrap(),
+            ModelFiles::open(&common::smollm2_path().unwrap()).unwrap(),
             options,
         );
         let got = engine.generate(&prompts, n, &[]).unwrap();

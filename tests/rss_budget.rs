@@ -11,12 +11,11 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ferrogen::device::CpuDevice;
-use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
+use ferrogen::engine::{Engine, EngineOptions};
 use ferrogen::model::ModelFiles;
 
 /// `RssAnon` of this process in bytes.
@@ -29,20 +28,9 @@ fn rss_anon() -> Option<u64> {
 
 #[test]
 fn cpu_device_memory_stays_within_the_ram_budget() {
-    let path = match std::env::var_os("FERROGEN_CACHE") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/ferrogen"),
-    }
-    .join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.exists() {
-        assert_eq!(
-            std::env::var("FERROGEN_OFFLINE").as_deref(),
-            Ok("1"),
-            "{} is missing: run `bash scripts/fetch-model.sh`",
-            path.display()
-        );
-        return common::skipped("FERROGEN_OFFLINE=1 and no SmolLM2");
-    }
+    let Some(path) = common::smollm2_path() else {
+        return;
+    };
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/smollm2/reference.json"
@@ -81,13 +69,7 @@ fn cpu_device_memory_stays_within_the_ram_budget() {
         cpu_budget: budget,
         cpu_threads: 2,
         offload_dir: Some(dir.path().to_path_buf()),
-        ..EngineOptions::new(Placement::Search {
-            hardware: default_profile().unwrap(),
-            prompt_len: 256,
-            gen_len: 1,
-            compress_weight: false,
-            compress_cache: false,
-        })
+        ..EngineOptions::new(common::searched(256))
     };
     let engine = Engine::open_on(CpuDevice::new(2).unwrap(), files, options).unwrap();
     let seqs: Vec<&[u32]> = tokens.chunks(256).take(6).collect();

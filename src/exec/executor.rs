@@ -595,6 +595,7 @@ impl<D: Device> BlockState<'_, D> {
         h: &D::Tensor,
     ) -> Result<()> {
         let r = &self.exec.runner;
+        let mut states = std::mem::take(&mut batch.logits);
         let new = batch.new_tokens(token);
         let (rows, targets) = match self.task {
             Task::Score => {
@@ -603,11 +604,9 @@ impl<D: Device> BlockState<'_, D> {
             }
             Task::Generate(_) => (crate::batch::last_rows(&new), None),
         };
-        let lens: Vec<usize> = new.iter().map(|s| s.len()).collect();
         if cols.start == 0 {
-            batch.logits = vec![LogitState::EMPTY; rows.len()];
+            states = vec![LogitState::EMPTY; rows.len()];
         }
-        let mut states = std::mem::take(&mut batch.logits);
         r.fold_logits(
             output,
             cols.clone(),
@@ -623,11 +622,9 @@ impl<D: Device> BlockState<'_, D> {
         match self.task {
             Task::Score => {
                 let flat: Vec<f32> = states.iter().map(LogitState::target_logprob).collect();
-                let mut at = 0;
-                for (res, len) in batch.results.iter_mut().zip(lens) {
-                    let n = len.saturating_sub(1);
-                    res.logprobs = flat[at..at + n].to_vec();
-                    at += n;
+                let per = crate::batch::split_per_sequence(&flat, &new);
+                for (res, lp) in batch.results.iter_mut().zip(per) {
+                    res.logprobs = lp;
                 }
             }
             Task::Generate(_) => {

@@ -13,6 +13,47 @@ use serde::Deserialize;
 
 pub mod gguf_writer;
 
+/// The real test model's file name in the cache directory.
+pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Where `scripts/fetch-model.sh` puts the model and its text: `$FERROGEN_CACHE`, or
+/// `~/.cache/ferrogen`.
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os("FERROGEN_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/ferrogen"),
+    }
+}
+
+/// SmolLM2's path; `None` (said as a skip) when it is missing and `FERROGEN_OFFLINE=1`, else a
+/// missing model fails the test with how to fetch it.
+pub fn smollm2_path() -> Option<PathBuf> {
+    let path = cache_dir().join(SMOLLM2_FILE);
+    if path.exists() {
+        return Some(path);
+    }
+    if std::env::var("FERROGEN_OFFLINE").as_deref() == Ok("1") {
+        skipped(&format!("FERROGEN_OFFLINE=1, {} missing", path.display()));
+        return None;
+    }
+    panic!(
+        "{} is missing: run `bash scripts/fetch-model.sh`, or set FERROGEN_OFFLINE=1",
+        path.display()
+    );
+}
+
+/// The policy search on the built-in profile, for scoring `prompt_len`-token records with
+/// uncompressed weights and cache.
+pub fn searched(prompt_len: usize) -> ferrogen::engine::Placement {
+    ferrogen::engine::Placement::Search {
+        hardware: ferrogen::engine::default_profile().unwrap(),
+        prompt_len,
+        gen_len: 1,
+        compress_weight: false,
+        compress_cache: false,
+    }
+}
+
 /// The committed fixture models, made by scripts/make_fixtures.py.
 pub const FIXTURES: [&str; 4] = [
     "opt-pre-ln-proj",
