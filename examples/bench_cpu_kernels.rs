@@ -13,37 +13,15 @@
 //! (at least 512 MiB in all; `BENCH_ROTATE_MIB` sets it, 0 keeps one copy in the caches) that
 //! every call reads them from memory, not from the caches.
 
+mod common;
+
 use std::time::Instant;
 
-use ferrogen::cli::{exit_status, Flags};
+use common::{exit_status, median, numbers, Flags, WEIGHT_FORMATS};
 use ferrogen::device::cpu::matmul::{linear_into, WeightRows};
 use ferrogen::policy::calibrate::synthetic_weight;
 use ferrogen::{Error, Result};
 use rayon::prelude::*;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn list(text: &str, flag: &str) -> Result<Vec<usize>> {
-    text.split(',')
-        .map(|s| {
-            s.trim()
-                .parse()
-                .map_err(|_| Error::invalid(flag, format!("`{s}` is not a number")))
-        })
-        .collect()
-}
-
-/// A weight format: name, bits per code (32 = plain f32), codes per scale group.
-const FORMATS: [(&str, u32, usize); 5] = [
-    ("f32", 32, 0),
-    ("f16", 16, 64),
-    ("Q8_0", 8, 32),
-    ("Q4_0/Q4_1", 4, 32),
-    ("FlexGen 4-bit", 4, 64),
-];
 
 fn run() -> Result<()> {
     let (mut runs, mut sizes, mut rows, mut threads) = (
@@ -56,8 +34,8 @@ fn run() -> Result<()> {
     while let Some(flag) = flags.next_flag() {
         match flag.as_str() {
             "--runs" => runs = flags.positive(&flag)?,
-            "--sizes" => sizes = list(&flags.value(&flag)?, &flag)?,
-            "--rows" => rows = list(&flags.value(&flag)?, &flag)?,
+            "--sizes" => sizes = numbers(&flags.value(&flag)?, &flag)?,
+            "--rows" => rows = numbers(&flags.value(&flag)?, &flag)?,
             "--threads" => threads = flags.parse(&flag)?,
             other => return Err(Error::invalid(other, "unknown flag")),
         }
@@ -96,7 +74,7 @@ fn run() -> Result<()> {
         let (n, k) = (kn, kn);
         // yardstick 2: the f32 GEMM at M = 512, decoded weights in cache-friendly reuse
         let mut gemm_at_512 = None;
-        for &(name, bits, group) in &FORMATS {
+        for &(name, bits, group) in &WEIGHT_FORMATS {
             let row_bytes = if bits == 32 {
                 4 * k
             } else {

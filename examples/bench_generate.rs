@@ -14,16 +14,18 @@
 //! generated tokens per second over decode alone and over the whole generation, the memory
 //! peaks per tier and the process's peak RSS.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
-use ferrogen::bytes::{format_size, parse_size};
-use ferrogen::cli::{exit_status, required, Flags};
+use common::{exit_status, required, Flags};
 use ferrogen::device::DeviceKind;
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
 use ferrogen::exec::trace::Track;
 use ferrogen::model::ModelFiles;
 use ferrogen::policy::Policy;
+use ferrogen::{format_size, parse_size};
 use ferrogen::{Error, Result};
 
 /// The process's peak resident set (VmHWM), in bytes.
@@ -112,15 +114,13 @@ fn run() -> Result<()> {
             compress_cache: false,
         },
     };
-    let options = EngineOptions {
-        gpu_budget: gpu_mem.unwrap_or(u64::MAX),
-        cpu_budget: cpu_mem.unwrap_or(u64::MAX),
-        offload_dir,
-        keep_offload: keep,
-        trace: true,
-        device,
-        ..EngineOptions::new(placement)
-    };
+    let options = EngineOptions::new(placement)
+        .gpu_budget(gpu_mem.unwrap_or(u64::MAX))
+        .cpu_budget(cpu_mem.unwrap_or(u64::MAX))
+        .offload_dir(offload_dir)
+        .keep_offload(keep)
+        .trace(true)
+        .device(device);
     let t = Instant::now();
     let engine = Engine::open_with(files, options)?;
     let open_s = t.elapsed().as_secs_f64();

@@ -1,37 +1,28 @@
-//! Matrix-product kernels on the WebGPU device against ndarray on the CPU, in the same run.
+//! A compute device's linear kernels, format by format, through the same `Device` calls the
+//! executor makes, against two yardsticks timed in the same run: the device's own row copy
+//! (bytes read + written per second) and ndarray's f32 `dot` on the CPU.
 //!
 //! ```text
-//! cargo run --release --example bench_kernels -- [--runs 3] [--sizes 2048,4096] [--rows 1,8,64,512]
+//! cargo run --release --example bench_kernels -- [--device wgpu|cpu] [--runs 3]
+//!     [--sizes 2048,4096] [--rows 1,8,64,512]
 //! ```
-//! For each `K = N` in `--sizes` and `M` in `--rows`: GFLOP/s of the f32 kernel, of the 4-bit
-//! kernel (FlexGen groups), and of ndarray's f32 `dot`; for `M = 1`, also the weight bandwidth
-//! the product reaches next to a plain copy kernel's (bytes read + written per second).
+//! For each `K = N` in `--sizes` and `M` in `--rows`: GFLOP/s of `y = x W^T` for weights in
+//! f32, f16, Q8_0, Q4_0/Q4_1 (4-bit codes in groups of 32) and FlexGen 4-bit (groups of 64),
+//! and the ratio to ndarray's f32 product; for `M = 1`, also the weight bytes read per second
+//! and their share of the copy rate. Every call ends with `Device::wait`, so a GPU's queued
+//! work is counted. (`bench_cpu_kernels` times the CPU device's kernels without the seam, over
+//! rotating copies that keep the weights out of the caches.)
+
+mod common;
 
 use std::time::Instant;
 
-use ferrogen::cli::Flags;
-use ferrogen::gpu::kernels::elementwise::{Elementwise, Op};
-use ferrogen::gpu::kernels::matmul::MatmulF32;
-use ferrogen::gpu::kernels::matmul_q::{GpuPackedWeight, MatmulQ, PackedWeight};
-use ferrogen::gpu::{GpuContext, GpuTensor};
-use ferrogen::quant::group4::Group4;
+use common::{exit_status, median, numbers, Flags, WEIGHT_FORMATS};
+use ferrogen::device::{CpuDevice, Device, DeviceKind};
+use ferrogen::gpu::{GpuContext, WgpuDevice};
+use ferrogen::policy::calibrate::synthetic_weight;
 use ferrogen::{Error, Result};
 use ndarray::Array2;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn list(text: &str, flag: &str) -> Result<Vec<usize>> {
-    text.split(',')
-        .map(|s| {
-            s.trim()
-                .parse()
-                .map_err(|_| Error::invalid(flag, format!("`{s}` is not a number")))
-        })
-        .collect()
-}
 
 /// Median seconds of `runs` timed calls of `f` (after one warm-up call).
 fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -45,84 +36,75 @@ fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(median(t))
 }
 
-fn run() -> Result<()> {
-    let (mut runs, mut sizes, mut rows) = (3, vec![2048, 4096], vec![1, 8, 64, 512]);
-    let mut flags = Flags::from_env();
-    while let Some(flag) = flags.next_flag() {
-        match flag.as_str() {
-            "--runs" => runs = flags.positive(&flag)?,
-            "--sizes" => sizes = list(&flags.value(&flag)?, &flag)?,
-            "--rows" => rows = list(&flags.value(&flag)?, &flag)?,
-            other => return Err(Error::invalid(other, "unknown flag")),
-        }
-    }
-    let ctx = GpuContext::new()?;
-    println!("adapter: {}", ctx.describe());
-    let (f32_kernel, q_kernel, ew) = (
-        MatmulF32::new(&ctx),
-        MatmulQ::new(&ctx),
-        Elementwise::new(&ctx)?,
-    );
+/// Deterministic values in [-1, 1).
+fn values(len: usize, step: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * step) % 2001) as f32 / 1000.0 - 1.0)
+        .collect()
+}
 
-    // copy bandwidth over 64 MiB: 2 x bytes (read + write) per second
-    let n = 16 << 20;
-    let (a, b) = (GpuTensor::zeros(&ctx, &[n])?, GpuTensor::zeros(&ctx, &[n])?);
+fn bench<D: Device>(dev: &D, runs: usize, sizes: &[usize], rows: &[usize]) -> Result<()> {
+    println!("device: {}, runs: {runs} (medians)", dev.describe());
+    // the device's row copy over 64 MiB: 2 x bytes (read + written) per second
+    let (copy_rows, width) = (16 << 10, 1024);
+    let (a, b) = (
+        dev.upload(&values(copy_rows * width, 7), copy_rows, width)?,
+        dev.zeros(copy_rows, width)?,
+    );
     let copy_s = time(runs, || {
-        ew.binary(&ctx, Op::Copy, &a, &b)?;
-        ctx.wait()
+        dev.copy_rows(&a, 0..copy_rows, &b, 0)?;
+        dev.wait()
     })?;
-    let copy_gbs = 2.0 * (n * 4) as f64 / copy_s / 1e9;
-    println!("copy kernel: {copy_gbs:.1} GB/s (read + write)");
-    println!("| K = N | M | f32 kernel GFLOP/s | 4-bit kernel GFLOP/s | ndarray f32 GFLOP/s | f32 / ndarray | 4-bit / ndarray |");
+    drop((a, b));
+    let copy_gbs = 2.0 * (copy_rows * width * 4) as f64 / copy_s / 1e9;
+    println!("row copy: {copy_gbs:.1} GB/s (read + written)");
+    println!();
+    println!("| K = N | format | M | GFLOP/s | ndarray f32 GFLOP/s | vs ndarray | weight GB/s (M = 1: share of copy) |");
     println!("|---|---|---|---|---|---|---|");
-    for &kn in &sizes {
-        let w: Vec<f32> = (0..kn * kn)
-            .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
-            .collect();
-        let wt = GpuTensor::upload(&ctx, &w, &[kn, kn])?;
-        let packed = PackedWeight::from_group4(&Group4::quantize(&w, &[kn, kn], 1, 64)?)?;
-        let packed_bytes = packed.stored_bytes();
-        let wq = GpuPackedWeight::upload(&ctx, packed)?;
-        let wa = Array2::from_shape_vec((kn, kn), w)
+    for &kn in sizes {
+        let (n, k) = (kn, kn);
+        let wa = Array2::from_shape_vec((n, k), values(n * k, 7919))
             .map_err(|e| Error::invalid("bench", e.to_string()))?;
-        for &m in &rows {
-            let xv: Vec<f32> = (0..m * kn)
-                .map(|i| ((i * 31) % 101) as f32 / 50.0 - 1.0)
-                .collect();
-            let x = GpuTensor::upload(&ctx, &xv, &[m, kn])?;
-            let y = GpuTensor::zeros(&ctx, &[m, kn])?;
-            let flops = 2.0 * (m * kn * kn) as f64;
-            let t_f32 = time(runs, || {
-                f32_kernel.run(&ctx, &x, &wt, &y, 0)?;
-                ctx.wait()
-            })?;
-            let t_q = time(runs, || {
-                q_kernel.run(&ctx, &x, &wq, &y, 0)?;
-                ctx.wait()
-            })?;
-            let xa = Array2::from_shape_vec((m, kn), xv)
+        let mut ndarray_s = Vec::with_capacity(rows.len());
+        for &m in rows {
+            let xa = Array2::from_shape_vec((m, k), values(m * k, 31))
                 .map_err(|e| Error::invalid("bench", e.to_string()))?;
-            let t_cpu = time(runs, || {
+            ndarray_s.push(time(runs, || {
                 std::hint::black_box(xa.dot(&wa.t()));
                 Ok(())
-            })?;
-            let g = |t: f64| flops / t / 1e9;
-            println!(
-                "| {kn} | {m} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |",
-                g(t_f32),
-                g(t_q),
-                g(t_cpu),
-                t_cpu / t_f32,
-                t_cpu / t_q
-            );
-            if m == 1 {
-                let bw = |bytes: usize, t: f64| bytes as f64 / t / 1e9;
+            })?);
+        }
+        drop(wa);
+        for &(name, bits, group) in &WEIGHT_FORMATS {
+            let (format, segments) = synthetic_weight(bits, group, n, k, 1);
+            let bytes: usize = segments.iter().map(|s| s.len() * 4).sum();
+            let buffers = segments
+                .iter()
+                .map(|s| {
+                    let buffer = dev.buffer((s.len() * 4) as u64)?;
+                    dev.write_buffer(&buffer, 0, bytemuck::cast_slice(s))?;
+                    Ok(buffer)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let part = [(dev.part(format, n, buffers)?, 0)];
+            for (&m, &t_cpu) in rows.iter().zip(&ndarray_s) {
+                let x = dev.upload(&values(m * k, 31), m, k)?;
+                let s = time(runs, || {
+                    dev.linear(&x, &part, n)?;
+                    dev.wait()
+                })?;
+                let g = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
+                let gbs = bytes as f64 / s / 1e9;
+                let share = if m == 1 {
+                    format!("{gbs:.1} ({:.0}%)", 100.0 * gbs / copy_gbs)
+                } else {
+                    format!("{gbs:.1}")
+                };
                 println!(
-                    "|  | matvec weight bandwidth: f32 {:.1} GB/s ({:.0}% of copy), 4-bit {:.1} GB/s ({:.0}% of copy) | | | | | |",
-                    bw(kn * kn * 4, t_f32),
-                    100.0 * bw(kn * kn * 4, t_f32) / copy_gbs,
-                    bw(packed_bytes, t_q),
-                    100.0 * bw(packed_bytes, t_q) / copy_gbs
+                    "| {kn} | {name} | {m} | {:.1} | {:.1} | {:.2} | {share} |",
+                    g(s),
+                    g(t_cpu),
+                    t_cpu / s
                 );
             }
         }
@@ -130,6 +112,26 @@ fn run() -> Result<()> {
     Ok(())
 }
 
+fn run() -> Result<()> {
+    let (mut runs, mut sizes, mut rows) = (3, vec![2048, 4096], vec![1, 8, 64, 512]);
+    let mut device = DeviceKind::Wgpu;
+    let mut flags = Flags::from_env();
+    while let Some(flag) = flags.next_flag() {
+        match flag.as_str() {
+            "--device" => device = flags.value(&flag)?.parse()?,
+            "--runs" => runs = flags.positive(&flag)?,
+            "--sizes" => sizes = numbers(&flags.value(&flag)?, &flag)?,
+            "--rows" => rows = numbers(&flags.value(&flag)?, &flag)?,
+            other => return Err(Error::invalid(other, "unknown flag (see the file's doc)")),
+        }
+    }
+    match device {
+        DeviceKind::Cpu => bench(&CpuDevice::new(0)?, runs, &sizes, &rows),
+        DeviceKind::Wgpu => bench(&WgpuDevice::new(GpuContext::new()?)?, runs, &sizes, &rows),
+        DeviceKind::Auto => Err(Error::invalid("--device", "name one: wgpu or cpu")),
+    }
+}
+
 fn main() -> std::process::ExitCode {
-    ferrogen::cli::exit_status(run())
+    exit_status(run())
 }

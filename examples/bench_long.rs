@@ -11,17 +11,19 @@
 //!     [--offload-dir DIR]
 //! ```
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
-use ferrogen::bytes::parse_size;
-use ferrogen::cli::{required, Flags};
+use common::{required, Flags};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::device::{CpuDevice, DeviceKind, ResidentModel};
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
 use ferrogen::gpu::model::GpuModel;
 use ferrogen::gpu::GpuContext;
 use ferrogen::model::ModelFiles;
+use ferrogen::parse_size;
 use ferrogen::{Error, Result};
 
 fn list(text: &str) -> Vec<String> {
@@ -95,23 +97,21 @@ fn run() -> Result<()> {
                 "engine" | "engine-cpu" => {
                     let on_cpu = path == "engine-cpu";
                     let dir = offload.clone().unwrap_or_else(std::env::temp_dir);
-                    let options = EngineOptions {
-                        gpu_budget: if on_cpu { u64::MAX } else { gpu_mem },
-                        cpu_budget: cpu_mem,
-                        offload_dir: Some(dir),
-                        device: if on_cpu {
-                            DeviceKind::Cpu
-                        } else {
-                            DeviceKind::Wgpu
-                        },
-                        ..EngineOptions::new(Placement::Search {
-                            hardware: default_profile()?,
-                            prompt_len: 256,
-                            gen_len: 1,
-                            compress_weight: false,
-                            compress_cache: false,
-                        })
-                    };
+                    let options = EngineOptions::new(Placement::Search {
+                        hardware: default_profile()?,
+                        prompt_len: 256,
+                        gen_len: 1,
+                        compress_weight: false,
+                        compress_cache: false,
+                    })
+                    .gpu_budget(if on_cpu { u64::MAX } else { gpu_mem })
+                    .cpu_budget(cpu_mem)
+                    .offload_dir(dir)
+                    .device(if on_cpu {
+                        DeviceKind::Cpu
+                    } else {
+                        DeviceKind::Wgpu
+                    });
                     let engine = Engine::open(&model, options)?;
                     let t = Instant::now();
                     let lp = engine.token_logprobs(&[record])?.remove(0);
@@ -156,5 +156,5 @@ fn run() -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    ferrogen::cli::exit_status(run())
+    common::exit_status(run())
 }

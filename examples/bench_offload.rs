@@ -18,11 +18,12 @@
 //! the overlap-off run), throughput, and the ledger's peaks and the process's peak resident
 //! memory (VmHWM) against the budgets.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
-use ferrogen::bytes::{format_size, parse_size};
-use ferrogen::cli::Flags;
+use common::{median, Flags};
 use ferrogen::device::DeviceKind;
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
 use ferrogen::exec::{Trace, Track};
@@ -30,6 +31,7 @@ use ferrogen::model::builtin::builtin_config;
 use ferrogen::model::random::RandomWeights;
 use ferrogen::model::ModelFiles;
 use ferrogen::policy::{CostModel, HardwareProfile, Policy, Workload};
+use ferrogen::{format_size, parse_size};
 use ferrogen::{Error, Result};
 
 struct Args {
@@ -125,15 +127,6 @@ fn open_files(a: &Args) -> Result<ModelFiles> {
             Ok(RandomWeights::model_files(&config, a.seed))
         }
         _ => Err(Error::invalid("--model/--config", "give exactly one")),
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
     }
 }
 
@@ -270,20 +263,17 @@ fn run() -> Result<()> {
             ferrogen::gpu::model::WeightFormat::Native
         };
         // the weights' bytes as the executor streams them (GGUF blocks as stored)
-        let bytes_per_value =
-            ferrogen::exec::weights::runtime_bytes_per_value(&open_files(&a)?, format)?;
+        let bytes_per_value = ferrogen::exec::runtime_bytes_per_value(&open_files(&a)?, format)?;
         let on_cpu = a.device == DeviceKind::Cpu;
-        let options = EngineOptions {
-            gpu_budget: if on_cpu { u64::MAX } else { a.gpu_mem },
-            cpu_budget: a.cpu_mem,
-            offload_dir: Some(a.offload_dir.clone()),
-            keep_offload: true,
-            trace: true,
-            io_chunk_bytes: hardware.io_chunk_bytes,
-            io_threads: hardware.io_threads,
-            device: a.device,
-            ..EngineOptions::new(Placement::Policy(policy.clone()))
-        };
+        let options = EngineOptions::new(Placement::Policy(policy.clone()))
+            .gpu_budget(if on_cpu { u64::MAX } else { a.gpu_mem })
+            .cpu_budget(a.cpu_mem)
+            .offload_dir(a.offload_dir.clone())
+            .keep_offload(true)
+            .trace(true)
+            .io_chunk_bytes(hardware.io_chunk_bytes)
+            .io_threads(hardware.io_threads)
+            .device(a.device);
         let t = Instant::now();
         let engine = Engine::open_with(open_files(&a)?, options)?;
         eprintln!(

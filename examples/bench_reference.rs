@@ -7,19 +7,16 @@
 //! ```
 //! The text's first `--tokens` tokens are scored as records of `--chunk` tokens in one batch.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
-use ferrogen::cli::{required, Flags};
+use common::{median, required, Flags};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::model::ModelFiles;
 use ferrogen::{Error, Result};
 use ndarray::Array2;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// GFLOP/s of a `n x n` by `n x n` f32 product with ndarray.
 fn gemm_gflops(n: usize) -> f64 {
@@ -95,5 +92,5 @@ fn run() -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    ferrogen::cli::exit_status(run())
+    common::exit_status(run())
 }

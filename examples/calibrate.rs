@@ -13,11 +13,12 @@
 //! without any adapter from the CPU measurements. A real GPU needs `--gpu-mem` (wgpu does not
 //! report memory sizes). Takes under 60 s.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
-use ferrogen::bytes::{format_size, parse_size};
-use ferrogen::cli::Flags;
+use common::Flags;
 use ferrogen::gpu::{AdapterKind, GpuContext};
 use ferrogen::policy::calibrate::{
     available_memory_bytes, free_disk_bytes, measure_cpu_device_attention, measure_cpu_linear,
@@ -26,6 +27,7 @@ use ferrogen::policy::calibrate::{
 };
 use ferrogen::policy::hardware::GIB;
 use ferrogen::policy::{ByteSize, HardwareProfile};
+use ferrogen::{format_size, parse_size};
 use ferrogen::{Error, Result};
 
 fn run() -> Result<()> {
@@ -127,7 +129,7 @@ fn run() -> Result<()> {
         None => match GpuContext::new() {
             Ok(ctx) => {
                 let rates = measure_gpu(&ctx, trials)?;
-                let kind = ctx.kind;
+                let kind = ctx.kind();
                 Some((rates, kind))
             }
             Err(e) => {
@@ -281,5 +283,5 @@ fn hostname() -> String {
 }
 
 fn main() -> std::process::ExitCode {
-    ferrogen::cli::exit_status(run())
+    common::exit_status(run())
 }

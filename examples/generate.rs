@@ -13,14 +13,16 @@
 //! memory. `--backend reference` runs the f32 CPU oracle (`--backend wgpu`, the old spelling,
 //! means `--device wgpu`). A continuation stops at the model's end-of-sequence token.
 
+mod common;
+
 use std::path::PathBuf;
 
-use ferrogen::bytes::parse_size;
-use ferrogen::cli::{required, Flags};
+use common::{required, Flags};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::device::DeviceKind;
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
 use ferrogen::model::ModelFiles;
+use ferrogen::parse_size;
 use ferrogen::policy::Policy;
 use ferrogen::{Error, Result};
 
@@ -86,16 +88,14 @@ fn run() -> Result<()> {
                     compress_cache: false,
                 },
             };
-            let options = EngineOptions {
-                gpu_budget: gpu_mem.unwrap_or(u64::MAX),
-                cpu_budget: cpu_mem.unwrap_or(u64::MAX),
-                offload_dir,
-                device: match (backend.as_deref(), device) {
+            let options = EngineOptions::new(placement)
+                .gpu_budget(gpu_mem.unwrap_or(u64::MAX))
+                .cpu_budget(cpu_mem.unwrap_or(u64::MAX))
+                .offload_dir(offload_dir)
+                .device(match (backend.as_deref(), device) {
                     (Some("wgpu"), DeviceKind::Auto) => DeviceKind::Wgpu,
                     (_, d) => d,
-                },
-                ..EngineOptions::new(placement)
-            };
+                });
             let engine = Engine::open_with(files, options)?;
             eprintln!("device: {}", engine.device());
             // stop after the end-of-sequence token, as the reference does
@@ -121,5 +121,5 @@ fn run() -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    ferrogen::cli::exit_status(run())
+    common::exit_status(run())
 }

@@ -8,10 +8,12 @@
 //! `--config` takes a built-in shape (opt-1.3b ... opt-175b, llama-2-7b, llama-2-70b,
 //! llama-3-8b). `--evaluate` predicts a given policy instead of searching.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
-use ferrogen::cli::{required, Flags};
+use common::{required, Flags};
 use ferrogen::model::builtin::{builtin_config, BUILTIN_NAMES};
 use ferrogen::model::{ModelConfig, ModelFiles};
 use ferrogen::policy::{search, CostModel, HardwareProfile, Policy, SearchOptions, Workload};
@@ -115,5 +117,5 @@ fn run() -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    ferrogen::cli::exit_status(run())
+    common::exit_status(run())
 }

@@ -17,13 +17,14 @@
 //! compute and store. `-` reads stdin / writes stdout. Exit status: 0 all records scored, 3 some
 //! failed, 2 usage or model error before any record was read, 1 an I/O error during the job.
 
+mod common;
+
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ferrogen::bytes::{format_size, parse_size};
-use ferrogen::cli::{required, Flags};
+use common::{required, Flags};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::device::DeviceKind;
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
@@ -31,6 +32,7 @@ use ferrogen::model::ModelFiles;
 use ferrogen::policy::{HardwareProfile, Policy};
 use ferrogen::score::{score_jsonl, ScoreOptions, Scorer};
 use ferrogen::storage::Tier;
+use ferrogen::{format_size, parse_size};
 use ferrogen::{Error, Result};
 
 #[derive(Default)]
@@ -203,15 +205,13 @@ fn prepare(args: &Args) -> Result<Job> {
                 (Some("wgpu"), DeviceKind::Auto) => DeviceKind::Wgpu,
                 (_, d) => d,
             };
-            let options = EngineOptions {
-                gpu_budget: args.gpu_mem.unwrap_or(u64::MAX),
-                cpu_budget: args.cpu_mem.unwrap_or(u64::MAX),
-                offload_dir: args.offload_dir.clone(),
-                keep_offload: args.keep_offload,
-                trace: args.trace.is_some(),
-                device,
-                ..EngineOptions::new(placement)
-            };
+            let options = EngineOptions::new(placement)
+                .gpu_budget(args.gpu_mem.unwrap_or(u64::MAX))
+                .cpu_budget(args.cpu_mem.unwrap_or(u64::MAX))
+                .offload_dir(args.offload_dir.clone())
+                .keep_offload(args.keep_offload)
+                .trace(args.trace.is_some())
+                .device(device);
             let engine = Engine::open_with(files, options)?;
             let w = engine.weight_bytes();
             eprintln!("device: {}", engine.device());

@@ -8,10 +8,12 @@
 //!     [--skip 0] > windows.jsonl
 //! ```
 
+mod common;
+
 use std::io::Write;
 use std::path::PathBuf;
 
-use ferrogen::cli::{exit_status, required, Flags};
+use common::{exit_status, required, Flags};
 use ferrogen::model::ModelFiles;
 use ferrogen::{Error, Result};
 

@@ -1,8 +1,6 @@
 // Per row of logits [rows, vocab] (one 64-wide workgroup per row, row = wid.y * nwg.x + wid.x):
-//   target_logprob: out[r] = logits[r, target[r]] - (max + ln sum_j exp(logits[r, j] - max))
-//   argmax:         out[r] = index of the largest logit (the first, on ties), as f32 bits
-//   partials:       out[4r..4r+4] = a panel's max, sum_j exp(logits[r, j] - max), the target's
-//                   logit and the argmax bits, for the host to merge across panels
+//   partials: out[4r..4r+4] = a panel's max, sum_j exp(logits[r, j] - max), the target's
+//             logit and the argmax bits, for the host to merge across panels
 // Strided partial results per invocation, then tree reductions in workgroup memory.
 
 struct Params { rows: u32, vocab: u32, pad0: u32, pad1: u32 }
@@ -54,33 +52,6 @@ fn row_stats(base: u32, lid: u32) -> vec3<f32> {
         workgroupBarrier();
     }
     return vec3<f32>(mx, bitcast<f32>(top), best[0]);
-}
-
-@compute @workgroup_size(64)
-fn target_logprob(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                  @builtin(local_invocation_id) lid3: vec3<u32>) {
-    let row = wid.y * nwg.x + wid.x;
-    if (row >= params.rows) { return; }
-    let base = row * params.vocab;
-    let st = row_stats(base, lid3.x);
-    if (lid3.x == 0u) { out[row] = logits[base + targets[row]] - st.x - log(st.z); }
-}
-
-@compute @workgroup_size(64)
-fn argmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-          @builtin(local_invocation_id) lid3: vec3<u32>) {
-    _ = arrayLength(&targets);
-    let row = wid.y * nwg.x + wid.x;
-    if (row >= params.rows) { return; }
-    let lid = lid3.x;
-    let base = row * params.vocab;
-    var m = -3.0e38;
-    var at = 0u;
-    for (var j = lid; j < params.vocab; j += 64u) {
-        if (logits[base + j] > m) { m = logits[base + j]; at = j; }
-    }
-    workgroup_argmax(m, at, lid);
-    if (lid == 0u) { out[row] = bitcast<f32>(where_[0]); }
 }
 
 // partials: one panel of a row's logits folded for the host to merge (an online log-softmax):

@@ -6,13 +6,12 @@
 //! ```no_run
 //! use ferrogen::engine::{Engine, EngineOptions, Placement};
 //! use ferrogen::policy::Policy;
+//! use std::path::PathBuf;
 //!
 //! # fn main() -> ferrogen::Result<()> {
 //! let policy = Policy::from_toml_file("my-policy.toml".as_ref())?;
-//! let options = EngineOptions {
-//!     offload_dir: Some("/mnt/nvme/ferrogen".into()),
-//!     ..EngineOptions::new(Placement::Policy(policy))
-//! };
+//! let options =
+//!     EngineOptions::new(Placement::Policy(policy)).offload_dir(PathBuf::from("/mnt/nvme/ferrogen"));
 //! let engine = Engine::open("model.gguf".as_ref(), options)?;
 //! let logprobs = engine.token_logprobs(&[&[1, 17, 42, 7]])?;
 //! # Ok(()) }
@@ -68,6 +67,7 @@ pub enum Placement {
 
 /// How an [`Engine`] is opened.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct EngineOptions {
     /// Policy or search.
     pub placement: Placement,
@@ -107,6 +107,60 @@ impl EngineOptions {
             device: DeviceKind::Auto,
             cpu_threads: 0,
         }
+    }
+
+    /// Sets the GPU budget in bytes (on the CPU device, leave it unlimited).
+    pub fn gpu_budget(mut self, bytes: u64) -> Self {
+        self.gpu_budget = bytes;
+        self
+    }
+
+    /// Sets the CPU (RAM) budget in bytes.
+    pub fn cpu_budget(mut self, bytes: u64) -> Self {
+        self.cpu_budget = bytes;
+        self
+    }
+
+    /// Sets (or, with `None`, clears) the directory for disk-tier data.
+    pub fn offload_dir(mut self, dir: impl Into<Option<PathBuf>>) -> Self {
+        self.offload_dir = dir.into();
+        self
+    }
+
+    /// Keeps the offloaded weights at exit for the next run with the same model and policy.
+    pub fn keep_offload(mut self, keep: bool) -> Self {
+        self.keep_offload = keep;
+        self
+    }
+
+    /// Records a timeline of every load, compute and store ([`Engine::trace`]).
+    pub fn trace(mut self, on: bool) -> Self {
+        self.trace = on;
+        self
+    }
+
+    /// Sets the disk read size in bytes.
+    pub fn io_chunk_bytes(mut self, bytes: u64) -> Self {
+        self.io_chunk_bytes = bytes;
+        self
+    }
+
+    /// Sets the number of threads reading one unit's disk pieces.
+    pub fn io_threads(mut self, threads: usize) -> Self {
+        self.io_threads = threads;
+        self
+    }
+
+    /// Chooses the compute device for [`Engine::open`] and [`Engine::open_with`].
+    pub fn device(mut self, device: DeviceKind) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Sets the CPU device's threads (0: one per core).
+    pub fn cpu_threads(mut self, threads: usize) -> Self {
+        self.cpu_threads = threads;
+        self
     }
 }
 

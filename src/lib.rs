@@ -22,7 +22,12 @@
 //! - [`exec`]: the executor that carries the plan out, I/O threads overlapped with compute, with
 //!   a Chrome-trace timeline;
 //! - [`engine`]: the entry point: open a model with a policy or budgets, score or generate;
-//! - [`score`]: the JSONL dataset-scoring job behind the `score` example.
+//! - [`score`]: the JSONL dataset-scoring job behind the `score` example;
+//! - [`parse_size`] and [`format_size`]: byte sizes as the command lines take and print them.
+//!
+//! The options structs and [`Error`] are `#[non_exhaustive]`: build options with their
+//! constructors and setters (`EngineOptions::new(placement).gpu_budget(..)`), and match errors
+//! with a wildcard arm.
 //!
 //! ```
 //! use ferrogen::cpu::ReferenceModel;
@@ -68,12 +73,10 @@
 //!     ..Policy::all_on_gpu(1)
 //! };
 //! let offload = tempfile::tempdir().map_err(|e| ferrogen::Error::io("temp dir", e))?;
-//! let options = EngineOptions {
-//!     offload_dir: Some(offload.path().to_path_buf()),
-//!     gpu_budget: 64 << 20,
-//!     cpu_budget: 64 << 20,
-//!     ..EngineOptions::new(Placement::Policy(policy))
-//! };
+//! let options = EngineOptions::new(Placement::Policy(policy))
+//!     .offload_dir(offload.path().to_path_buf())
+//!     .gpu_budget(64 << 20)
+//!     .cpu_budget(64 << 20);
 //! let engine = Engine::open_files(ctx, ModelFiles::open(dir.as_ref())?, options)?;
 //! let logprobs = engine.token_logprobs(&[&[1, 17, 42, 7], &[3, 9]])?;
 //! assert_eq!(logprobs[1].len(), 1);
@@ -84,9 +87,8 @@
 //! ```
 #![warn(missing_docs)]
 
-pub mod batch;
-pub mod bytes;
-pub mod cli;
+mod batch;
+mod bytes;
 pub mod cpu;
 pub mod device;
 pub mod engine;
@@ -101,6 +103,7 @@ pub mod schedule;
 pub mod score;
 pub mod storage;
 
+pub use bytes::{format_size, parse_size};
 pub use device::DeviceKind;
 pub use engine::{Engine, EngineOptions, Placement};
 pub use error::{Error, Result};

@@ -34,8 +34,9 @@ impl Scorer for ReferenceModel {
     }
 }
 
-/// Options of a scoring job.
+/// Options of a scoring job: start from [`ScoreOptions::default`] and set the fields you need.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ScoreOptions {
     /// Also write every token's logprob.
     pub per_token: bool,

@@ -69,12 +69,7 @@ proptest! {
         let batch: Vec<&[u32]> = records.iter().map(Vec::as_slice).collect();
         let dir = tempfile::tempdir().unwrap();
         let (gpu_budget, cpu_budget) = budgets(device, gpu_kib << 10, cpu_kib << 10);
-        let options = EngineOptions {
-            gpu_budget,
-            cpu_budget,
-            offload_dir: Some(dir.path().to_path_buf()),
-            ..EngineOptions::new(search(prompt_len, new_tokens + 1, compress))
-        };
+        let options = EngineOptions::new(search(prompt_len, new_tokens + 1, compress)).gpu_budget(gpu_budget).cpu_budget(cpu_budget).offload_dir(dir.path().to_path_buf());
         let engine = match try_engine(device, files, options) {
             Ok(engine) => engine,
             Err(e @ Error::Infeasible { .. }) => {

@@ -31,10 +31,8 @@ fn offloaded_scoring_equals_resident() {
             policy(1, 2, (30.0, 30.0), (100.0, 0.0), (30.0, 30.0), true, true),
             policy(2, 1, (0.0, 10.0), (100.0, 0.0), (0.0, 0.0), false, false),
         ] {
-            let options = EngineOptions {
-                offload_dir: Some(dir.path().to_path_buf()),
-                ..EngineOptions::new(Placement::Policy(p.clone()))
-            };
+            let options = EngineOptions::new(Placement::Policy(p.clone()))
+                .offload_dir(dir.path().to_path_buf());
             let engine = engine(
                 device,
                 ModelFiles::open(&fixture_dir(name)).unwrap(),
@@ -96,10 +94,7 @@ proptest! {
         p.compress_weight = compress_weight;
         // CPU attention reads an f32 cache (as in FlexGen)
         p.cpu_cache_compute = cpu_cache_compute && !compress_cache && c.0 < 100.0;
-        let options = EngineOptions {
-            offload_dir: Some(dir.path().to_path_buf()),
-            ..EngineOptions::new(Placement::Policy(p.clone()))
-        };
+        let options = EngineOptions::new(Placement::Policy(p.clone())).offload_dir(dir.path().to_path_buf());
         let engine = engine(device, files, options);
         let tiers = ferrogen::storage::Tier::ALL;
 
@@ -142,19 +137,17 @@ fn offload_files_are_reused_kept_or_removed() {
     let exp = expected(name);
     let batch: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
     let open = |w: (f64, f64), keep: bool| {
-        let options = EngineOptions {
-            offload_dir: Some(dir.path().to_path_buf()),
-            keep_offload: keep,
-            ..EngineOptions::new(Placement::Policy(policy(
-                2,
-                1,
-                w,
-                (100.0, 0.0),
-                (100.0, 0.0),
-                true,
-                true,
-            )))
-        };
+        let options = EngineOptions::new(Placement::Policy(policy(
+            2,
+            1,
+            w,
+            (100.0, 0.0),
+            (100.0, 0.0),
+            true,
+            true,
+        )))
+        .offload_dir(dir.path().to_path_buf())
+        .keep_offload(keep);
         Engine::open_files(
             gpu_context().unwrap(),
             ModelFiles::open(&fixture_dir(name)).unwrap(),
@@ -181,14 +174,11 @@ fn offload_files_are_reused_kept_or_removed() {
 /// Budgets too small for the policy are refused with the tier and the shortfall, before any
 /// work; no offload directory for a disk placement is a clear error too.
 #[test]
-fn budgets_are_enforced_with_clear_errors() {
+fn small_budgets_are_refused_naming_the_tier_and_shortfall() {
     let Some(_) = gpu_context() else { return };
     let name = "opt-pre-ln-proj";
     let p = policy(1, 1, (100.0, 0.0), (100.0, 0.0), (100.0, 0.0), true, true);
-    let options = EngineOptions {
-        gpu_budget: 10_000,
-        ..EngineOptions::new(Placement::Policy(p))
-    };
+    let options = EngineOptions::new(Placement::Policy(p)).gpu_budget(10_000);
     let err = Engine::open_files(
         gpu_context().unwrap(),
         ModelFiles::open(&fixture_dir(name)).unwrap(),
@@ -202,6 +192,12 @@ fn budgets_are_enforced_with_clear_errors() {
         } => {
             assert_eq!(*tier, ferrogen::storage::Tier::Gpu);
             assert!(*short_bytes > 0);
+            // the sentence names the tier and the budget the user set
+            let text = err.to_string();
+            assert!(
+                text.contains("on the GPU") && text.contains("9.77 KiB budget"),
+                "{text}"
+            );
         }
         e => panic!("{e}"),
     }
@@ -219,7 +215,7 @@ fn budgets_are_enforced_with_clear_errors() {
 /// A block whose sequences need more GPU memory than the budget leaves is run in halves,
 /// with the same results.
 #[test]
-fn blocks_too_big_for_the_budget_run_in_halves() {
+fn blocks_too_big_for_the_budget_are_split_with_the_same_numbers() {
     let Some(_) = gpu_context() else { return };
     let name = "llama-gqa-untied";
     let exp = expected(name);
@@ -235,10 +231,7 @@ fn blocks_too_big_for_the_budget_run_in_halves() {
         true,
     );
     let open = |gpu_budget: u64| {
-        let options = EngineOptions {
-            gpu_budget,
-            ..EngineOptions::new(Placement::Policy(p.clone()))
-        };
+        let options = EngineOptions::new(Placement::Policy(p.clone())).gpu_budget(gpu_budget);
         Engine::open_files(
             gpu_context().unwrap(),
             ModelFiles::open(&fixture_dir(name)).unwrap(),
@@ -343,10 +336,7 @@ fn calls_from_several_threads_give_the_lone_numbers() {
     let engine = engine(
         DeviceKind::Cpu,
         ModelFiles::open(&fixture_dir(name)).unwrap(),
-        EngineOptions {
-            offload_dir: Some(dir.path().to_path_buf()),
-            ..EngineOptions::new(Placement::Policy(p))
-        },
+        EngineOptions::new(Placement::Policy(p)).offload_dir(dir.path().to_path_buf()),
     );
     let want = engine.token_logprobs(&batch).unwrap();
     let prompts: Vec<&[u32]> = batch.iter().map(|s| &s[..s.len().min(3)]).collect();

@@ -156,12 +156,10 @@ fn engine_scores_2048_tokens_within_small_budgets() {
             DeviceKind::Cpu => (u64::MAX, 128u64 << 20),
             _ => (96u64 << 20, 128u64 << 20),
         };
-        let options = EngineOptions {
-            gpu_budget,
-            cpu_budget,
-            offload_dir: Some(dir.path().to_path_buf()),
-            ..EngineOptions::new(common::searched(256))
-        };
+        let options = EngineOptions::new(common::searched(256))
+            .gpu_budget(gpu_budget)
+            .cpu_budget(cpu_budget)
+            .offload_dir(dir.path().to_path_buf());
         let engine = engine(
             device,
             ModelFiles::open(&common::smollm2_path().unwrap()).unwrap(),
@@ -223,10 +221,8 @@ fn engine_generation_crosses_long_lengths_like_the_reference() {
     let prompts: Vec<&[u32]> = cases.iter().map(|g| g.prompt.as_slice()).collect();
     let want = m.reference.generate_greedy(&prompts, n, None).unwrap();
     for device in devices() {
-        let options = EngineOptions {
-            offload_dir: Some(dir.path().to_path_buf()),
-            ..EngineOptions::new(Placement::Policy(policy.clone()))
-        };
+        let options = EngineOptions::new(Placement::Policy(policy.clone()))
+            .offload_dir(dir.path().to_path_buf());
         let engine = engine(
             device,
             ModelFiles::open(&common::smollm2_path().unwrap()).unwrap(),

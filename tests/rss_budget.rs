@@ -65,12 +65,10 @@ fn cpu_device_memory_stays_within_the_ram_budget() {
     };
 
     let dir = tempfile::tempdir().unwrap();
-    let options = EngineOptions {
-        cpu_budget: budget,
-        cpu_threads: 2,
-        offload_dir: Some(dir.path().to_path_buf()),
-        ..EngineOptions::new(common::searched(256))
-    };
+    let options = EngineOptions::new(common::searched(256))
+        .cpu_budget(budget)
+        .cpu_threads(2)
+        .offload_dir(dir.path().to_path_buf());
     let engine = Engine::open_on(CpuDevice::new(2).unwrap(), files, options).unwrap();
     let seqs: Vec<&[u32]> = tokens.chunks(256).take(6).collect();
     let logprobs = engine.token_logprobs(&seqs).unwrap();

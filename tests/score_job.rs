@@ -101,11 +101,9 @@ fn job_scores_in_order_across_batches_with_error_records() {
     let (input, want) = mixed_dataset();
     for batch_tokens in [1, 25, 10_000] {
         let mut out = Vec::new();
-        let options = ScoreOptions {
-            per_token: true,
-            batch_tokens,
-            ..ScoreOptions::default()
-        };
+        let mut options = ScoreOptions::default();
+        options.per_token = true;
+        options.batch_tokens = batch_tokens;
         let summary = score_jsonl(
             &model,
             files.tokenizer(),

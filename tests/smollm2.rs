@@ -84,7 +84,7 @@ fn config_comes_from_gguf_metadata() {
 }
 
 #[test]
-fn greedy_continuation_is_paris() {
+fn reference_greedy_continuation_matches_transformers() {
     let Some(m) = smollm2() else { return };
     let r = reference().greedy;
     let tok = m.files.tokenizer().unwrap();
@@ -189,12 +189,10 @@ fn engine_with_weights_on_disk_matches_resident() {
         let resident = resident(device, &m.files, Default::default());
         let dir = tempfile::tempdir().unwrap();
         let (gpu_budget, cpu_budget) = budgets(device, 48 << 20, 96 << 20);
-        let options = EngineOptions {
-            gpu_budget,
-            cpu_budget,
-            offload_dir: Some(dir.path().to_path_buf()),
-            ..EngineOptions::new(Placement::Policy(policy.clone()))
-        };
+        let options = EngineOptions::new(Placement::Policy(policy.clone()))
+            .gpu_budget(gpu_budget)
+            .cpu_budget(cpu_budget)
+            .offload_dir(dir.path().to_path_buf());
         let path = common::smollm2_path().unwrap();
         let engine = engine(device, ModelFiles::open(&path).unwrap(), options);
         let w = engine.weight_bytes();
@@ -240,12 +238,10 @@ fn smallest_budgets_score_with_the_resident_numbers() {
         let want = resident.token_logprobs(&seqs);
         let dir = tempfile::tempdir().unwrap();
         let (gpu_budget, cpu_budget) = budgets(device, 24 << 20, 40 << 20);
-        let options = EngineOptions {
-            gpu_budget,
-            cpu_budget,
-            offload_dir: Some(dir.path().to_path_buf()),
-            ..EngineOptions::new(common::searched(96))
-        };
+        let options = EngineOptions::new(common::searched(96))
+            .gpu_budget(gpu_budget)
+            .cpu_budget(cpu_budget)
+            .offload_dir(dir.path().to_path_buf());
         let path = common::smollm2_path().unwrap();
         let engine = engine(device, ModelFiles::open(&path).unwrap(), options);
         let got = engine.token_logprobs(&seqs).unwrap();
@@ -294,10 +290,7 @@ proptest::proptest! {
         };
         let resident = resident(device, &m.files, Default::default());
         let dir = tempfile::tempdir().unwrap();
-        let options = EngineOptions {
-            offload_dir: Some(dir.path().to_path_buf()),
-            ..EngineOptions::new(Placement::Policy(policy.clone()))
-        };
+        let options = EngineOptions::new(Placement::Policy(policy.clone())).offload_dir(dir.path().to_path_buf());
         let engine = engine(device, ModelFiles::open(&common::smollm2_path().unwrap()).unwrap(), options);
         let tokens = &reference().britannica.tokens;
         let seqs: Vec<&[u32]> = vec![&tokens[..24], &tokens[100..117], &tokens[300..320]];
@@ -367,7 +360,7 @@ impl ferrogen::model::WeightSource for Group4RoundTrip {
 /// (within 1e-3 per token) on every device, and the 4-bit cache costs a bounded, recorded
 /// amount.
 #[test]
-fn flexgen_4bit_perplexity_is_recorded() {
+fn four_bit_weights_match_the_cpu_round_trip_and_a_4bit_cache_costs_under_30_percent() {
     use ferrogen::gpu::model::{GpuOptions, WeightFormat};
     let Some(m) = smollm2() else { return };
     let ids = &reference().britannica.tokens[..256];

@@ -1,7 +1,7 @@
 //! The pipelined executor: runs a [`ZigzagPlan`](crate::schedule::ZigzagPlan) over weights
 //! placed across GPU, CPU and disk, with I/O on worker threads overlapped with compute.
 //!
-//! - [`weights`]: weights placed by rows in the run-time layout, streamed into weight slots;
+//! - `weights`: weights placed by rows in the run-time layout, streamed into weight slots;
 //! - `executor`: blocks of sequences, the plan's steps, compute and the output unit;
 //! - `cache`: the KV cache over the tiers, and attention on the CPU;
 //! - `activations`: hidden rows between units over the tiers;
@@ -9,9 +9,10 @@
 
 mod activations;
 mod cache;
-pub mod executor;
+pub(crate) mod executor;
 pub mod trace;
-pub mod weights;
+pub(crate) mod weights;
 
 pub use executor::{SeqResult, Task};
 pub use trace::{Span, Trace, Track};
+pub use weights::runtime_bytes_per_value;

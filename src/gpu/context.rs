@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, Result};
 
 /// Whether the adapter is a CPU rasterizer (lavapipe, SwiftShader, WARP) or a real GPU: kernels
-/// pick their variant by this (see `../shared/anchors.md`: barriers and workgroup memory cost
-/// much on a CPU adapter and pay on a GPU).
+/// pick their variant by this (measured on both: barriers and workgroup memory cost much on a
+/// CPU adapter and pay on a GPU).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdapterKind {
     /// A software adapter running on CPU cores.
@@ -33,17 +33,17 @@ pub struct GpuFeatures {
 /// A device and queue with what is known about them.
 pub struct GpuContext {
     /// The device.
-    pub device: wgpu::Device,
+    pub(crate) device: wgpu::Device,
     /// Its queue.
-    pub queue: wgpu::Queue,
+    pub(crate) queue: wgpu::Queue,
     /// Adapter name, backend, driver.
-    pub info: wgpu::AdapterInfo,
+    pub(crate) info: wgpu::AdapterInfo,
     /// Limits granted (the adapter's own).
-    pub limits: wgpu::Limits,
+    pub(crate) limits: wgpu::Limits,
     /// Features enabled.
-    pub features: GpuFeatures,
+    pub(crate) features: GpuFeatures,
     /// CPU adapter or GPU.
-    pub kind: AdapterKind,
+    pub(crate) kind: AdapterKind,
     /// Most loop iterations one kernel invocation may run in a dispatch. Kernels whose loops
     /// grow with their shapes (attention over keys, matrix products over k) split their work
     /// into passes that stay below it; tests lower it to run many passes on small shapes.
@@ -53,7 +53,7 @@ pub struct GpuContext {
     /// with 64-wide heads reached that at about 500 keys, so every position past ~498 read a
     /// truncated softmax. CPU adapters get a quarter of that limit; real GPUs have no such
     /// limiter, and a budget there only keeps single dispatches short.
-    pub loop_budget: usize,
+    pub(crate) loop_budget: usize,
     /// The first error the device reported outside an error scope (a rejected submission, a
     /// lost device), kept instead of wgpu's default of panicking; [`GpuContext::wait`] and
     /// [`GpuContext::check`] return it.
@@ -264,8 +264,19 @@ impl GpuContext {
         self.check()
     }
 
-    /// Most loop iterations one kernel invocation may run in a dispatch (see
-    /// [`GpuContext::loop_budget`]).
+    /// A CPU adapter or a GPU.
+    pub fn kind(&self) -> AdapterKind {
+        self.kind
+    }
+
+    /// The optional features enabled.
+    pub fn features(&self) -> GpuFeatures {
+        self.features
+    }
+
+    /// Most loop iterations one kernel invocation may run in a dispatch: kernels whose loops
+    /// grow with their shapes split their work into passes below it (on lavapipe, whose loop
+    /// limiter silently ends an invocation's loops at 65,535 iterations, a quarter of that).
     pub fn loop_budget(&self) -> usize {
         self.loop_budget
     }

@@ -5,23 +5,24 @@
 
 pub mod context;
 pub mod device;
-pub mod kernels;
+pub(crate) mod kernels;
 pub(crate) mod layout;
 pub mod model;
-pub mod tensor;
+pub(crate) mod tensor;
 
 use wgpu::util::DeviceExt;
 
 pub use context::{AdapterKind, GpuContext, GpuFeatures};
 pub use device::WgpuDevice;
-pub use tensor::{GpuIndices, GpuTensor};
+pub(crate) use tensor::GpuIndices;
+pub use tensor::GpuTensor;
 
 /// Most workgroups along one dispatch axis (WebGPU's default limit).
 const MAX_GROUPS_PER_AXIS: usize = 65535;
 
 /// A dispatch of `groups` workgroups as a 2-d grid `[x, y, 1]` with `x <= 65535`; kernels
 /// recover the linear workgroup index as `wid.y * num_workgroups.x + wid.x` and skip the excess.
-pub fn grid(groups: usize) -> [u32; 3] {
+pub(crate) fn grid(groups: usize) -> [u32; 3] {
     let groups = groups.max(1);
     let y = groups.div_ceil(MAX_GROUPS_PER_AXIS);
     [groups.div_ceil(y) as u32, y as u32, 1]
@@ -30,7 +31,7 @@ pub fn grid(groups: usize) -> [u32; 3] {
 /// `0..len` cut into consecutive ranges of at most `most` (at least 1) items, for kernels
 /// that split a long loop into passes (see [`GpuContext::loop_budget`]); one empty range when
 /// `len` is 0.
-pub fn passes(len: usize, most: usize) -> Vec<std::ops::Range<usize>> {
+pub(crate) fn passes(len: usize, most: usize) -> Vec<std::ops::Range<usize>> {
     let most = most.max(1);
     if len == 0 {
         return std::iter::once(0..0).collect();
@@ -41,7 +42,7 @@ pub fn passes(len: usize, most: usize) -> Vec<std::ops::Range<usize>> {
 }
 
 /// A compiled compute pipeline (bind group 0, bindings in declaration order).
-pub struct Pipeline {
+pub(crate) struct Pipeline {
     pipeline: wgpu::ComputePipeline,
     layout: wgpu::BindGroupLayout,
 }

@@ -9,9 +9,9 @@ use crate::error::{Error, Result};
 #[derive(Clone)]
 pub struct GpuTensor {
     /// The buffer (storage, copy source and destination).
-    pub buffer: wgpu::Buffer,
+    pub(crate) buffer: wgpu::Buffer,
     /// Row-major shape.
-    pub shape: Vec<usize>,
+    pub(crate) shape: Vec<usize>,
 }
 
 const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -19,6 +19,11 @@ const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_DST);
 
 impl GpuTensor {
+    /// Row-major shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
     /// Number of elements.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
@@ -175,9 +180,9 @@ fn map_read(ctx: &GpuContext, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
 /// u32 data (token ids, positions, per-row attention info) in a storage buffer.
 pub struct GpuIndices {
     /// The buffer.
-    pub buffer: wgpu::Buffer,
+    pub(crate) buffer: wgpu::Buffer,
     /// Number of values.
-    pub len: usize,
+    pub(crate) len: usize,
 }
 
 impl GpuIndices {

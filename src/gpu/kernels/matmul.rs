@@ -75,6 +75,7 @@ impl MatmulF32 {
     }
 
     /// The variant this instance runs.
+    #[cfg(test)]
     pub fn variant(&self) -> MatmulVariant {
         self.variant
     }

@@ -111,6 +111,7 @@ impl MatmulQVariant {
 /// The quantized-weight matrix product: tiles of 8 rows of x, of 4 for 4 to 7 rows, and of 1
 /// for fewer (decode), for 4-, 8- and 16-bit codes: nine compilations of the same source.
 pub struct MatmulQ {
+    #[cfg_attr(not(test), allow(dead_code))] // read by the tests, which run every variant
     variant: MatmulQVariant,
     /// `[rows8, rows4, matvec]` for 4-, 8- and 16-bit codes.
     pipelines: [[Pipeline; 3]; 3],
@@ -143,6 +144,7 @@ impl MatmulQ {
 
     /// Compiles `variant` (tests run both); [`MatmulQVariant::Subgroup`] without usable
     /// subgroups is an error.
+    #[cfg(test)]
     pub fn with_variant(ctx: &GpuContext, variant: MatmulQVariant) -> Result<Self> {
         if variant == MatmulQVariant::Subgroup && MatmulQVariant::for_context(ctx) != variant {
             return Err(Error::invalid(
@@ -171,6 +173,7 @@ impl MatmulQ {
     }
 
     /// The variant this instance runs.
+    #[cfg(test)]
     pub fn variant(&self) -> MatmulQVariant {
         self.variant
     }

@@ -10,6 +10,8 @@ pub mod matmul;
 pub mod matmul_q;
 pub mod norm;
 pub mod rope;
+#[cfg(test)]
+mod tests;
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};

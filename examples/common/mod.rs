@@ -1,10 +1,11 @@
 //! Command-line flags for the example binaries: `--name value` pairs and bare switches, with
-//! errors that name the flag.
+//! errors that name the flag. Each example compiles its own copy and uses part of it.
+#![allow(dead_code)]
 
 use std::collections::VecDeque;
 use std::str::FromStr;
 
-use crate::error::{Error, Result};
+use ferrogen::{Error, Result};
 
 /// The remaining command-line arguments.
 pub struct Flags {
@@ -72,6 +73,33 @@ pub fn required<T>(value: Option<T>, flag: &str) -> Result<T> {
     value.ok_or_else(|| Error::invalid(flag, "is required"))
 }
 
+/// The median of `v` (NaN when empty): benchmarks quote medians of several runs.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// A comma-separated list of numbers, e.g. `--sizes 2048,4096`.
+pub fn numbers(text: &str, flag: &str) -> Result<Vec<usize>> {
+    text.split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .map_err(|_| Error::invalid(flag, format!("`{s}` is not a number")))
+        })
+        .collect()
+}
+
+/// The weight formats the kernel benchmarks time: name, bits per code (32 = plain f32), codes
+/// per scale group (Q4_0 and Q4_1 share one kernel).
+pub const WEIGHT_FORMATS: [(&str, u32, usize); 5] = [
+    ("f32", 32, 0),
+    ("f16", 16, 64),
+    ("Q8_0", 8, 32),
+    ("Q4_0/Q4_1", 4, 32),
+    ("FlexGen 4-bit", 4, 64),
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,5 +119,12 @@ mod tests {
             .to_string()
             .contains("expects a value"));
         assert!(required::<u8>(None, "--model").is_err());
+        assert_eq!(numbers("1, 8,64", "--rows").unwrap(), [1, 8, 64]);
+        assert!(numbers("1,x", "--rows")
+            .unwrap_err()
+            .to_string()
+            .contains("--rows"));
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert!(median(Vec::new()).is_nan());
     }
 }
