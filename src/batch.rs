@@ -3,6 +3,25 @@
 
 use crate::error::{Error, Result};
 
+/// One scored sequence of `n` tokens: for each token `t_i` after the first, `ln p(t_i | t_<i)`
+/// and whether `t_i` is the model's greedy choice there (the first largest logit, as an argmax
+/// breaks ties).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenScores {
+    /// `n - 1` values `ln p(t_i | t_<i)`.
+    pub logprobs: Vec<f32>,
+    /// `n - 1` flags: `t_i` is the argmax of the logits that predict it.
+    pub greedy: Vec<bool>,
+}
+
+impl TokenScores {
+    /// Scores from per-row logprobs and argmax tokens, against `seq`'s tokens after the first.
+    pub(crate) fn new(logprobs: Vec<f32>, argmax: &[u32], seq: &[u32]) -> Self {
+        let greedy = argmax.iter().zip(&seq[1..]).map(|(a, t)| a == t).collect();
+        Self { logprobs, greedy }
+    }
+}
+
 /// Every sequence must have 2 tokens at least to be scored (one context, one target).
 pub fn check_scorable(batch: &[&[u32]]) -> Result<()> {
     match batch.iter().find(|s| s.len() < 2) {

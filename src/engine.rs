@@ -21,6 +21,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::batch::TokenScores;
 use crate::device::recipe::Runner;
 use crate::device::{CpuDevice, Device, DeviceKind};
 use crate::error::{Error, Result};
@@ -572,9 +573,37 @@ impl Engine {
         seqs: &[&[u32]],
         mut on_block: impl FnMut(usize, Vec<Vec<f32>>) -> ControlFlow<()>,
     ) -> Result<()> {
+        self.token_scores_each(seqs, |first, block| {
+            on_block(first, block.into_iter().map(|s| s.logprobs).collect())
+        })
+    }
+
+    /// [`Engine::token_logprobs`] with, for each token, whether it is the model's greedy
+    /// choice at its position (what lm-eval's `is_greedy` is made of).
+    pub fn token_scores(&self, seqs: &[&[u32]]) -> Result<Vec<TokenScores>> {
+        let mut out = Vec::with_capacity(seqs.len());
+        self.token_scores_each(seqs, |_, block| {
+            out.extend(block);
+            ControlFlow::Continue(())
+        })?;
+        Ok(out)
+    }
+
+    /// [`Engine::token_scores`] a block at a time, as [`Engine::token_logprobs_each`] hands
+    /// over logprobs.
+    pub fn token_scores_each(
+        &self,
+        seqs: &[&[u32]],
+        mut on_block: impl FnMut(usize, Vec<TokenScores>) -> ControlFlow<()>,
+    ) -> Result<()> {
         crate::batch::check_scorable(seqs)?;
         self.run_each(seqs, Task::Score, |first, results| {
-            on_block(first, results.into_iter().map(|r| r.logprobs).collect())
+            let scores = results
+                .into_iter()
+                .zip(&seqs[first..])
+                .map(|(r, seq)| TokenScores::new(r.logprobs, &r.tokens, seq))
+                .collect();
+            on_block(first, scores)
         })
     }
 
@@ -636,7 +665,7 @@ impl crate::score::Scorer for Engine {
     fn config(&self) -> &ModelConfig {
         &self.files.config
     }
-    fn token_logprobs(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
-        Engine::token_logprobs(self, batch)
+    fn token_scores(&self, batch: &[&[u32]]) -> Result<Vec<TokenScores>> {
+        Engine::token_scores(self, batch)
     }
 }

@@ -103,6 +103,7 @@ pub mod schedule;
 pub mod score;
 pub mod storage;
 
+pub use batch::TokenScores;
 pub use bytes::{format_size, parse_size};
 pub use device::DeviceKind;
 pub use engine::{Engine, EngineOptions, Placement};

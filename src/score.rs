@@ -1,9 +1,13 @@
 //! Dataset scoring: JSONL records in, one JSONL result per record out, in input order.
 //!
-//! Input lines are `{"id": <string|number>, "text": "..."}` or `{"id": ..., "tokens": [int, ...]}`.
-//! Each result is `{"id", "scored_tokens": n-1, "logprob": sum_{i=1}^{n-1} ln p(t_i | t_<i),
-//! "ppl": exp(-logprob / scored_tokens)}` (plus `"token_logprobs"` on request), or
-//! `{"id", "error": reason}` for a record that cannot be scored; the job goes on after it.
+//! Input lines are `{"id": <string|number>, "text": "..."}` or `{"id": ..., "tokens": [int, ...]}`;
+//! each result is `{"id", "scored_tokens": n-1, "logprob": sum_{i=1}^{n-1} ln p(t_i | t_<i),
+//! "ppl": exp(-logprob / scored_tokens)}`. A `{"id", "context", "continuation"}` record is
+//! lm-eval's `loglikelihood` request: the pair is split into tokens by [`encode_pair`], and the
+//! result is `{"id", "logprob", "is_greedy", "scored_tokens"}` with `logprob` the sum over the
+//! continuation's tokens and `is_greedy` whether each of them is the argmax at its position.
+//! `"token_logprobs"` is added on request. A record that cannot be scored gets
+//! `{"id", "error": reason}`, and the job goes on after it.
 //! Records are scored in batches of about [`ScoreOptions::batch_tokens`] tokens, and each batch's
 //! results are written and flushed before the next is read, so an interrupted job keeps them.
 
@@ -13,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::batch::TokenScores;
 use crate::cpu::ReferenceModel;
 use crate::error::{Error, Result};
 use crate::model::{ModelConfig, TextTokenizer};
@@ -21,16 +26,17 @@ use crate::model::{ModelConfig, TextTokenizer};
 pub trait Scorer {
     /// The model's configuration (vocabulary and context limits).
     fn config(&self) -> &ModelConfig;
-    /// For each sequence of `n >= 2` tokens, the `n - 1` values `ln p(t_i | t_<i)`.
-    fn token_logprobs(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>>;
+    /// For each sequence of `n >= 2` tokens, the `n - 1` values `ln p(t_i | t_<i)` and whether
+    /// each `t_i` is the greedy choice.
+    fn token_scores(&self, batch: &[&[u32]]) -> Result<Vec<TokenScores>>;
 }
 
 impl Scorer for ReferenceModel {
     fn config(&self) -> &ModelConfig {
         ReferenceModel::config(self)
     }
-    fn token_logprobs(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
-        ReferenceModel::token_logprobs(self, batch)
+    fn token_scores(&self, batch: &[&[u32]]) -> Result<Vec<TokenScores>> {
+        ReferenceModel::token_scores(self, batch)
     }
 }
 
@@ -106,6 +112,13 @@ pub enum RecordInput {
     Text(String),
     /// Token ids.
     Tokens(Vec<u32>),
+    /// A continuation scored after a context (lm-eval's `loglikelihood` request).
+    Pair {
+        /// The conditioning text (may be empty: then the model's BOS, or else EOS, stands in).
+        context: String,
+        /// The text whose tokens are scored.
+        continuation: String,
+    },
 }
 
 /// A record that cannot be scored: its id (null if unreadable) and why.
@@ -127,6 +140,8 @@ pub fn parse_record(line: &str) -> std::result::Result<Record, RecordError> {
         _id: Option<Value>,
         text: Option<String>,
         tokens: Option<Vec<Value>>,
+        context: Option<String>,
+        continuation: Option<String>,
     }
     let fail = |id: &Value, reason: String| RecordError {
         id: id.clone(),
@@ -142,9 +157,36 @@ pub fn parse_record(line: &str) -> std::result::Result<Record, RecordError> {
         Value::Null => return Err(fail(&id, "record has no `id`".into())),
         _ => return Err(fail(&id, "`id` must be a string or a number".into())),
     }
+    if raw.context.is_some() || raw.continuation.is_some() {
+        if raw.text.is_some() || raw.tokens.is_some() {
+            return Err(fail(
+                &id,
+                "a `context`/`continuation` record takes no `text` or `tokens`".into(),
+            ));
+        }
+        return match (raw.context, raw.continuation) {
+            (Some(_), Some(c)) if c.is_empty() => Err(fail(&id, "empty continuation".into())),
+            (Some(context), Some(continuation)) => Ok(Record {
+                id,
+                input: RecordInput::Pair {
+                    context,
+                    continuation,
+                },
+            }),
+            _ => Err(fail(
+                &id,
+                "give both `context` and `continuation` (the context may be \"\")".into(),
+            )),
+        };
+    }
     let input = match (raw.text, raw.tokens) {
         (Some(_), Some(_)) => return Err(fail(&id, "give `text` or `tokens`, not both".into())),
-        (None, None) => return Err(fail(&id, "record has neither `text` nor `tokens`".into())),
+        (None, None) => {
+            return Err(fail(
+                &id,
+                "record has none of `text`, `tokens`, `context` and `continuation`".into(),
+            ))
+        }
         (Some(text), None) if text.is_empty() => return Err(fail(&id, "empty text".into())),
         (Some(text), None) => RecordInput::Text(text),
         (None, Some(tokens)) => RecordInput::Tokens(
@@ -167,12 +209,53 @@ pub fn parse_record(line: &str) -> std::result::Result<Record, RecordError> {
     Ok(Record { id, input })
 }
 
+/// Splits a context/continuation pair into tokens as lm-eval's `_encode_pair` does: trailing
+/// whitespace of the context moves to the front of the continuation, the whole string is
+/// encoded, the context's own tokens are encoded alone, and the continuation is what follows
+/// as many tokens of the whole. An empty context becomes `[prefix]` (the model's BOS, or else
+/// its EOS) and the continuation is encoded alone; so does one of whitespace only.
+pub fn encode_pair(
+    encode: impl Fn(&str) -> Result<Vec<u32>>,
+    context: &str,
+    continuation: &str,
+    prefix: u32,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    if context.is_empty() {
+        return Ok((vec![prefix], encode(continuation)?));
+    }
+    let kept = context.trim_end();
+    let moved = &context[kept.len()..];
+    let continuation = format!("{moved}{continuation}");
+    let whole = encode(&format!("{kept}{continuation}"))?;
+    let context_tokens = encode(kept)?;
+    let continuation_tokens = whole
+        .get(context_tokens.len()..)
+        .unwrap_or_default()
+        .to_vec();
+    if context_tokens.is_empty() {
+        // an all-whitespace context: lm-eval would score the first token with no context at
+        // all; the prefix token gives it one, as for an empty context
+        return Ok((vec![prefix], continuation_tokens));
+    }
+    Ok((context_tokens, continuation_tokens))
+}
+
 #[derive(Serialize)]
 struct ScoredLine<'a> {
     id: &'a Value,
     scored_tokens: usize,
     logprob: f64,
     ppl: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_logprobs: Option<&'a [f32]>,
+}
+
+#[derive(Serialize)]
+struct PairLine<'a> {
+    id: &'a Value,
+    logprob: f64,
+    is_greedy: bool,
+    scored_tokens: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     token_logprobs: Option<&'a [f32]>,
 }
@@ -186,10 +269,13 @@ struct ErrorLine<'a> {
 /// One result awaiting output, in input order.
 enum Pending {
     Failed(RecordError),
-    /// Scored as member `index` of the current batch.
+    /// Scored as member `index` of the current batch; its result counts from scored
+    /// position `scored_from`, and a `pair` answers with `is_greedy`.
     InBatch {
         id: Value,
         index: usize,
+        scored_from: usize,
+        pair: bool,
     },
 }
 
@@ -226,13 +312,15 @@ pub fn score_jsonl(
             }
             summary.records += 1;
             match prepare(&line, &tokenizer, &config) {
-                Ok((id, tokens)) => {
-                    batch_len += tokens.len();
+                Ok(p) => {
+                    batch_len += p.tokens.len();
                     pending.push(Pending::InBatch {
-                        id,
+                        id: p.id,
                         index: batch.len(),
+                        scored_from: p.scored_from,
+                        pair: p.pair,
                     });
-                    batch.push(tokens);
+                    batch.push(p.tokens);
                 }
                 Err(e) => pending.push(Pending::Failed(e)),
             }
@@ -258,23 +346,63 @@ pub fn score_jsonl(
     }
 }
 
+/// A record ready to score: its id, its tokens, and from which of its `n - 1` scored positions
+/// its result counts (0, or the first continuation token's for a pair).
+struct Prepared {
+    id: Value,
+    tokens: Vec<u32>,
+    scored_from: usize,
+    pair: bool,
+}
+
 /// Parses, tokenizes and checks one line against the model's limits.
 fn prepare(
     line: &str,
     tokenizer: &Result<&TextTokenizer>,
     config: &ModelConfig,
-) -> std::result::Result<(Value, Vec<u32>), RecordError> {
+) -> std::result::Result<Prepared, RecordError> {
     let record = parse_record(line)?;
     let fail = |reason: String| RecordError {
         id: record.id.clone(),
         reason,
     };
-    let tokens = match &record.input {
-        RecordInput::Tokens(t) => t.clone(),
-        RecordInput::Text(text) => match tokenizer {
-            Ok(tok) => tok.encode(text).map_err(|e| fail(e.to_string()))?,
-            Err(why) => return Err(fail(format!("cannot tokenize text: {why}"))),
-        },
+    let encode = |text: &str| match tokenizer {
+        Ok(tok) => tok.encode(text).map_err(|e| fail(e.to_string())),
+        Err(why) => Err(fail(format!("cannot tokenize text: {why}"))),
+    };
+    let (tokens, scored_from, pair) = match &record.input {
+        RecordInput::Tokens(t) => (t.clone(), 0, false),
+        RecordInput::Text(text) => (encode(text)?, 0, false),
+        RecordInput::Pair {
+            context,
+            continuation,
+        } => {
+            let prefix = config.bos_token_id().or(config.eos_token_id()).unwrap_or(0);
+            let (mut ctx, cont) = encode_pair(
+                |t: &str| encode(t).map_err(|e| Error::invalid("text", e.reason)),
+                context,
+                continuation,
+                prefix,
+            )
+            .map_err(|e| fail(e.to_string()))?;
+            if cont.is_empty() {
+                return Err(fail("the continuation encodes to no tokens".into()));
+            }
+            // too long for the context window: drop context tokens from the left, as lm-eval
+            // does; the continuation needs one token of context at least
+            let room = config.max_context().saturating_sub(cont.len());
+            if room == 0 {
+                return Err(fail(format!(
+                    "a continuation of {} tokens leaves no room for context in the model's {} \
+                     positions",
+                    cont.len(),
+                    config.max_context()
+                )));
+            }
+            ctx.drain(..ctx.len().saturating_sub(room));
+            let scored_from = ctx.len() - 1;
+            (ctx.into_iter().chain(cont).collect(), scored_from, true)
+        }
     };
     if tokens.len() < 2 {
         return Err(fail(format!(
@@ -305,7 +433,12 @@ fn prepare(
             .to_string(),
         ));
     }
-    Ok((record.id, tokens))
+    Ok(Prepared {
+        id: record.id,
+        tokens,
+        scored_from,
+        pair,
+    })
 }
 
 /// Scores a batch; if the batch as a whole fails, each record is retried alone so that the
@@ -313,18 +446,18 @@ fn prepare(
 fn score_batch(
     scorer: &dyn Scorer,
     batch: &[Vec<u32>],
-) -> Vec<std::result::Result<Vec<f32>, String>> {
+) -> Vec<std::result::Result<TokenScores, String>> {
     if batch.is_empty() {
         return Vec::new();
     }
     let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
-    match scorer.token_logprobs(&refs) {
+    match scorer.token_scores(&refs) {
         Ok(all) => all.into_iter().map(Ok).collect(),
         Err(_) => refs
             .iter()
             .map(|seq| {
                 scorer
-                    .token_logprobs(&[seq])
+                    .token_scores(&[seq])
                     .map(|mut v| v.remove(0))
                     .map_err(|e| e.to_string())
             })
@@ -336,7 +469,7 @@ fn write_result(
     out: &mut impl Write,
     pending: Pending,
     batch: &[Vec<u32>],
-    results: &[std::result::Result<Vec<f32>, String>],
+    results: &[std::result::Result<TokenScores, String>],
     options: &ScoreOptions,
     summary: &mut ScoreSummary,
 ) -> std::io::Result<()> {
@@ -348,7 +481,12 @@ fn write_result(
                 error: &e.reason,
             })
         }
-        Pending::InBatch { id, index } => match &results[index] {
+        Pending::InBatch {
+            id,
+            index,
+            scored_from,
+            pair,
+        } => match &results[index] {
             Err(reason) => {
                 summary.failed += 1;
                 serde_json::to_string(&ErrorLine {
@@ -356,19 +494,31 @@ fn write_result(
                     error: reason,
                 })
             }
-            Ok(lps) => {
+            Ok(scores) => {
+                let lps = &scores.logprobs[scored_from..];
                 let logprob: f64 = lps.iter().map(|&v| f64::from(v)).sum();
                 summary.scored += 1;
                 summary.tokens += batch[index].len();
                 summary.scored_tokens += lps.len();
                 summary.logprob += logprob;
-                serde_json::to_string(&ScoredLine {
-                    id: &id,
-                    scored_tokens: lps.len(),
-                    logprob,
-                    ppl: (-logprob / lps.len() as f64).exp(),
-                    token_logprobs: options.per_token.then_some(lps.as_slice()),
-                })
+                let token_logprobs = options.per_token.then_some(lps);
+                if pair {
+                    serde_json::to_string(&PairLine {
+                        id: &id,
+                        logprob,
+                        is_greedy: scores.greedy[scored_from..].iter().all(|&g| g),
+                        scored_tokens: lps.len(),
+                        token_logprobs,
+                    })
+                } else {
+                    serde_json::to_string(&ScoredLine {
+                        id: &id,
+                        scored_tokens: lps.len(),
+                        logprob,
+                        ppl: (-logprob / lps.len() as f64).exp(),
+                        token_logprobs,
+                    })
+                }
             }
         },
     }
@@ -392,7 +542,7 @@ mod tests {
         let cases = [
             (r#"{"id": 1, "text": "x""#, Value::Null, "malformed JSON"),
             (r#"{"text": "x"}"#, Value::Null, "no `id`"),
-            (r#"{"id": 1}"#, json!(1), "neither"),
+            (r#"{"id": 1}"#, json!(1), "none of"),
             (
                 r#"{"id": 1, "text": "a", "tokens": [1]}"#,
                 json!(1),
@@ -412,6 +562,83 @@ mod tests {
         for (line, id, reason) in cases {
             let e = parse_record(line).unwrap_err();
             assert_eq!(e.id, id, "{line}");
+            assert!(e.reason.contains(reason), "{line}: {}", e.reason);
+        }
+    }
+    /// A GPT-2-like word tokenizer: each token is a run of spaces and the word after it, so
+    /// where a space goes changes the tokens (ids: 1 + the piece's length + 10 x its first
+    /// non-space letter's position in the alphabet, enough to tell the pieces here apart).
+    fn words(text: &str) -> Result<Vec<u32>> {
+        let mut pieces: Vec<String> = Vec::new();
+        for c in text.chars() {
+            match pieces.last_mut() {
+                Some(p) if !c.is_whitespace() || p.trim().is_empty() => p.push(c),
+                _ => pieces.push(c.to_string()),
+            }
+        }
+        Ok(pieces
+            .iter()
+            .map(|p| {
+                let letter = p.trim_start().bytes().next().unwrap_or(b'a');
+                1 + p.len() as u32 + 10 * u32::from(letter.to_ascii_lowercase() - b'a')
+            })
+            .collect())
+    }
+
+    #[test]
+    fn encode_pair_moves_trailing_space_to_the_continuation() {
+        let (ctx, cont) = encode_pair(words, "The cat ", "sat", 0).unwrap();
+        assert_eq!(ctx, words("The cat").unwrap());
+        assert_eq!(cont, words(" sat").unwrap());
+        // the same tokens as the pair written the usual way
+        assert_eq!(
+            encode_pair(words, "The cat", " sat", 0).unwrap(),
+            (ctx, cont)
+        );
+        // without the move the context would end in a lone space token
+        assert_eq!(words("The cat ").unwrap().len(), 3);
+        // two trailing spaces move together
+        let (ctx, cont) = encode_pair(words, "The cat  ", "sat", 0).unwrap();
+        assert_eq!((ctx.len(), cont), (2, words("  sat").unwrap()));
+    }
+
+    #[test]
+    fn encode_pair_gives_an_empty_context_the_prefix_token() {
+        assert_eq!(
+            encode_pair(words, "", "The cat", 7).unwrap(),
+            (vec![7], words("The cat").unwrap())
+        );
+        assert_eq!(
+            encode_pair(words, "  ", "cat", 7).unwrap(),
+            (vec![7], words("  cat").unwrap())
+        );
+    }
+
+    #[test]
+    fn pair_records_parse_or_explain() {
+        let r = parse_record(r#"{"id": 1, "context": "", "continuation": " a"}"#).unwrap();
+        assert_eq!(
+            r.input,
+            RecordInput::Pair {
+                context: String::new(),
+                continuation: " a".into()
+            }
+        );
+        let cases = [
+            (r#"{"id": 1, "context": "a"}"#, "give both"),
+            (r#"{"id": 1, "continuation": "a"}"#, "give both"),
+            (
+                r#"{"id": 1, "context": "a", "continuation": ""}"#,
+                "empty continuation",
+            ),
+            (
+                r#"{"id": 1, "context": "a", "continuation": "b", "text": "c"}"#,
+                "no `text` or `tokens`",
+            ),
+        ];
+        for (line, reason) in cases {
+            let e = parse_record(line).unwrap_err();
+            assert_eq!(e.id, json!(1), "{line}");
             assert!(e.reason.contains(reason), "{line}: {}", e.reason);
         }
     }

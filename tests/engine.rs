@@ -45,6 +45,52 @@ fn offloaded_scoring_equals_resident() {
     }
 }
 
+/// `is_greedy` through the engine: scoring a prompt followed by the reference's greedy
+/// continuation flags every continuation token as the argmax, and every flag (the random
+/// sequences' mostly false ones too) equals the reference's, on both devices, with weights
+/// streamed from RAM and disk.
+#[test]
+fn greedy_flags_follow_the_reference() {
+    use ferrogen::cpu::ReferenceModel;
+    let dir = tempfile::tempdir().unwrap();
+    for (device, name) in devices().into_iter().flat_map(|d| FIXTURES.map(|n| (d, n))) {
+        let files = ModelFiles::open(&fixture_dir(name)).unwrap();
+        let reference = ReferenceModel::load(&files).unwrap();
+        let exp = expected(name);
+        let prompts: Vec<&[u32]> = exp
+            .sequences
+            .iter()
+            .map(|s| &s.tokens[..s.tokens.len().min(3)])
+            .collect();
+        let continued = reference.generate_greedy(&prompts, 5, None).unwrap();
+        let mut seqs: Vec<Vec<u32>> = prompts
+            .iter()
+            .zip(&continued)
+            .map(|(p, c)| p.iter().chain(c).copied().collect())
+            .collect();
+        seqs.extend(exp.sequences.iter().map(|s| s.tokens.clone()));
+        let batch: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let want = reference.token_scores(&batch).unwrap();
+        let p = policy(2, 1, (30.0, 30.0), (100.0, 0.0), (30.0, 30.0), true, true);
+        let options =
+            EngineOptions::new(Placement::Policy(p)).offload_dir(dir.path().to_path_buf());
+        let engine = engine(device, files, options);
+        let got = engine.token_scores(&batch).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.greedy, w.greedy, "{device:?} {name} sequence {i}");
+            if i < prompts.len() {
+                let from = prompts[i].len() - 1;
+                assert!(g.greedy[from..].iter().all(|&f| f), "{device:?} {name} {i}");
+            }
+        }
+        let logprobs = |s: &[ferrogen::TokenScores]| -> Vec<Vec<f32>> {
+            s.iter().map(|t| t.logprobs.clone()).collect()
+        };
+        let d = worst_diff(&logprobs(&got), &logprobs(&want));
+        assert!(d < 1e-4, "{device:?} {name}: {d}");
+    }
+}
+
 /// Percent pairs (gpu, cpu) with gpu + cpu <= 100, in steps of 10.
 fn split() -> impl Strategy<Value = (f64, f64)> {
     (0u32..=10, 0u32..=10).prop_map(|(g, c)| {

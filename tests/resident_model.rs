@@ -190,8 +190,9 @@ fn cache_decode_equals_prefill<D: Device>(dev: D) {
                     done[i] += part.len();
                 }
                 for (lp, i) in gpu
-                    .target_logprobs(&hidden, &rows, &targets)
+                    .target_scores(&hidden, &rows, &targets)
                     .unwrap()
+                    .0
                     .into_iter()
                     .zip(owner)
                 {

@@ -404,3 +404,85 @@ fn four_bit_weights_match_the_cpu_round_trip_and_a_4bit_cache_costs_under_30_per
         );
     }
 }
+
+/// lm-eval's `loglikelihood` requests through the score job on the real tokenizer: the
+/// continuation's logprob is the sum of the reference's per-token logprobs after the context's
+/// tokens; `is_greedy` follows the greedy continuation (" Paris"); a context's trailing space
+/// moves to the continuation, so both spellings give the same numbers; an empty context is
+/// the BOS (or EOS) token; a record too long for any context fails alone.
+#[test]
+fn context_continuation_requests_match_the_reference() {
+    use ferrogen::score::{encode_pair, score_jsonl, ScoreOptions};
+    let Some(m) = smollm2() else { return };
+    let tok = m.files.tokenizer().unwrap();
+    let config = &m.files.config;
+    let prefix = config.bos_token_id().or(config.eos_token_id()).unwrap();
+    let long = "word ".repeat(config.max_context() + 10);
+    let records = [
+        ("paris", "The capital of France is", " Paris"),
+        ("space", "The capital of France is ", "Paris"),
+        ("london", "The capital of France is", " London"),
+        ("two", "The capital of France is", " Paris."),
+        ("empty", "", "The capital of France is Paris."),
+        ("too-long", "x", long.as_str()),
+    ];
+    let input: String = records
+        .iter()
+        .map(|(id, c, x)| {
+            serde_json::json!({"id": id, "context": c, "continuation": x}).to_string() + "\n"
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut options = ScoreOptions::default();
+    options.per_token = true;
+    let summary = score_jsonl(
+        &m.model,
+        Ok(tok),
+        input.as_bytes(),
+        &mut out,
+        &options,
+        |_| {},
+    )
+    .unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!((summary.scored, summary.failed), (5, 1));
+    for ((id, context, continuation), line) in records.iter().zip(&lines) {
+        assert_eq!(line["id"], *id);
+        if *id == "too-long" {
+            assert!(
+                line["error"].as_str().unwrap().contains("no room"),
+                "{line}"
+            );
+            continue;
+        }
+        let encode = |t: &str| tok.encode(t);
+        let (ctx, cont) = encode_pair(encode, context, continuation, prefix).unwrap();
+        let seq: Vec<u32> = ctx.iter().chain(&cont).copied().collect();
+        let scores = m.model.token_scores(&[&seq]).unwrap().remove(0);
+        let want: f64 = scores.logprobs[ctx.len() - 1..]
+            .iter()
+            .map(|&v| f64::from(v))
+            .sum();
+        let got = line["logprob"].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-6, "{id}: {got} vs {want}");
+        assert_eq!(line["scored_tokens"], cont.len(), "{id}");
+        assert_eq!(line["token_logprobs"].as_array().unwrap().len(), cont.len());
+        let greedy = scores.greedy[ctx.len() - 1..].iter().all(|&g| g);
+        assert_eq!(line["is_greedy"], greedy, "{id}");
+    }
+    let field = |i: usize, f: &str| lines[i][f].clone();
+    assert_eq!(
+        field(0, "is_greedy"),
+        true,
+        "\" Paris\" is the greedy continuation"
+    );
+    assert_eq!(field(1, "logprob"), field(0, "logprob"), "the moved space");
+    assert_eq!(field(2, "is_greedy"), false);
+    assert!(field(2, "logprob").as_f64() < field(0, "logprob").as_f64());
+    assert_eq!(field(3, "is_greedy"), true, "\" Paris.\" is greedy too");
+    assert_eq!(field(3, "scored_tokens"), 2);
+}

@@ -15,6 +15,7 @@ pub use kv_cache::KvCache;
 use kv_cache::RaggedBatch;
 use ops::{causal_attention, HeadLayout, Linear};
 
+use crate::batch::TokenScores;
 use crate::error::Result;
 use crate::model::llama::LlamaSpec;
 use crate::model::opt::OptSpec;
@@ -112,6 +113,16 @@ impl ReferenceModel {
     /// For each sequence of `n` tokens, `ln p(t_i | t_<i)` for `i = 1..n` (`n - 1` values),
     /// computed in one prefill of the whole batch.
     pub fn token_logprobs(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        Ok(self
+            .token_scores(batch)?
+            .into_iter()
+            .map(|s| s.logprobs)
+            .collect())
+    }
+
+    /// [`ReferenceModel::token_logprobs`] with, for each `t_i`, whether it is the argmax of the
+    /// logits that predict it (the first largest, on ties).
+    pub fn token_scores(&self, batch: &[&[u32]]) -> Result<Vec<TokenScores>> {
         crate::batch::check_scorable(batch)?;
         let mut caches: Vec<KvCache> = batch.iter().map(|_| self.new_cache()).collect();
         let hidden = self.forward(batch, &mut caches)?;
@@ -120,29 +131,28 @@ impl ReferenceModel {
         for seq in batch {
             // row j predicts token j + 1
             let rows = hidden.slice(s![start..start + seq.len() - 1, ..]);
-            out.push(self.logprobs_of(rows, &seq[1..]));
+            let (logprobs, argmax) = self.scores_of(rows, &seq[1..]);
+            out.push(TokenScores::new(logprobs, &argmax, seq));
             start += seq.len();
         }
         Ok(out)
     }
 
-    /// `ln p(targets[r])` under the logits of `hidden` row `r`, a chunk of rows at a time.
-    fn logprobs_of(&self, hidden: ArrayView2<f32>, targets: &[u32]) -> Vec<f32> {
-        let mut out = Vec::with_capacity(targets.len());
+    /// `ln p(targets[r])` and the argmax under the logits of `hidden` row `r`, a chunk of rows
+    /// at a time.
+    fn scores_of(&self, hidden: ArrayView2<f32>, targets: &[u32]) -> (Vec<f32>, Vec<u32>) {
+        let (mut logprobs, mut argmax) = (Vec::with_capacity(targets.len()), Vec::new());
         for (chunk, tgt) in hidden
             .axis_chunks_iter(ndarray::Axis(0), LOGIT_ROWS)
             .zip(targets.chunks(LOGIT_ROWS))
         {
             let logits = self.logits(chunk);
-            out.extend(
-                logits
-                    .rows()
-                    .into_iter()
-                    .zip(tgt)
-                    .map(|(row, &t)| ops::log_softmax_at(row, t as usize)),
-            );
+            for (row, &t) in logits.rows().into_iter().zip(tgt) {
+                logprobs.push(ops::log_softmax_at(row, t as usize));
+                argmax.push(ops::argmax(row) as u32);
+            }
         }
-        out
+        (logprobs, argmax)
     }
 
     /// Greedy generation: up to `max_new_tokens` new tokens per prompt, stopping a sequence

@@ -658,18 +658,22 @@ impl<D: Device> Runner<D> {
         Ok(())
     }
 
-    /// `ln p(target)` per row of `row_ids` of `hidden`, over the whole vocabulary.
-    pub fn target_logprobs(
+    /// `ln p(target)` and the argmax token per row of `row_ids` of `hidden`, over the whole
+    /// vocabulary.
+    pub fn target_scores(
         &self,
         output: &Linear<D>,
         hidden: &D::Tensor,
         row_ids: &[usize],
         targets: &[u32],
-    ) -> Result<Vec<f32>> {
+    ) -> Result<(Vec<f32>, Vec<u32>)> {
         let mut states = vec![LogitState::EMPTY; row_ids.len()];
         let vocab = 0..self.config.vocab_size();
         self.fold_logits(output, vocab, hidden, row_ids, Some(targets), &mut states)?;
-        Ok(states.iter().map(LogitState::target_logprob).collect())
+        Ok(states
+            .iter()
+            .map(|s| (s.target_logprob(), s.greedy().0))
+            .unzip())
     }
 
     /// The greedy token and its logprob per row of `row_ids` of `hidden`.

@@ -3,6 +3,7 @@
 
 use super::recipe::{CacheSlot, Linear, Runner, UnitWeights};
 use super::Device;
+use crate::batch::TokenScores;
 use crate::error::{Error, Result};
 use crate::exec::weights::{LookupTable, Placer};
 use crate::layout::{RunOptions, WeightFormat};
@@ -185,26 +186,43 @@ impl<D: Device> ResidentModel<D> {
         }
     }
 
-    /// `ln p(targets[i])` under the logits of row `rows[i]` of `hidden` (from
-    /// [`ResidentModel::forward`]).
-    pub fn target_logprobs(
+    /// `ln p(targets[i])` and the argmax token under the logits of row `rows[i]` of `hidden`
+    /// (from [`ResidentModel::forward`]).
+    pub fn target_scores(
         &self,
         hidden: &D::Tensor,
         rows: &[usize],
         targets: &[u32],
-    ) -> Result<Vec<f32>> {
+    ) -> Result<(Vec<f32>, Vec<u32>)> {
         self.runner
-            .target_logprobs(self.output()?, hidden, rows, targets)
+            .target_scores(self.output()?, hidden, rows, targets)
     }
 
     /// For each sequence of `n >= 2` tokens, `ln p(t_i | t_<i)` for `i = 1..n`.
     pub fn token_logprobs(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        Ok(self
+            .token_scores(batch)?
+            .into_iter()
+            .map(|s| s.logprobs)
+            .collect())
+    }
+
+    /// For each sequence of `n >= 2` tokens, `ln p(t_i | t_<i)` for `i = 1..n` and whether
+    /// each `t_i` is the greedy choice.
+    pub fn token_scores(&self, batch: &[&[u32]]) -> Result<Vec<TokenScores>> {
         crate::batch::check_scorable(batch)?;
         let mut cache = self.new_cache(&batch.iter().map(|s| s.len()).collect::<Vec<_>>())?;
         let hidden = self.forward(batch, &mut cache)?;
         let (rows, targets) = crate::batch::scoring_rows(batch);
-        let flat = self.target_logprobs(&hidden, &rows, &targets)?;
-        Ok(crate::batch::split_per_sequence(&flat, batch))
+        let (logprobs, argmax) = self.target_scores(&hidden, &rows, &targets)?;
+        let logprobs = crate::batch::split_per_sequence(&logprobs, batch);
+        let argmax = crate::batch::split_per_sequence(&argmax, batch);
+        Ok(logprobs
+            .into_iter()
+            .zip(&argmax)
+            .zip(batch)
+            .map(|((lp, am), seq)| TokenScores::new(lp, am, seq))
+            .collect())
     }
 
     /// Greedy generation of up to `max_new_tokens` per prompt, stopping a sequence after `stop`.
@@ -262,7 +280,7 @@ impl<D: Device> crate::score::Scorer for ResidentModel<D> {
     fn config(&self) -> &ModelConfig {
         &self.runner.config
     }
-    fn token_logprobs(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
-        ResidentModel::token_logprobs(self, batch)
+    fn token_scores(&self, batch: &[&[u32]]) -> Result<Vec<TokenScores>> {
+        ResidentModel::token_scores(self, batch)
     }
 }

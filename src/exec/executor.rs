@@ -38,7 +38,7 @@ pub struct SeqResult {
     /// Scoring: one logprob per token after the first. Generation: the logprob of each new
     /// token.
     pub logprobs: Vec<f32>,
-    /// Generation: the new tokens.
+    /// Generation: the new tokens. Scoring: the argmax token at each scored position.
     pub tokens: Vec<u32>,
 }
 
@@ -621,10 +621,15 @@ impl<D: Device> BlockState<'_, D> {
         }
         match self.task {
             Task::Score => {
-                let flat: Vec<f32> = states.iter().map(LogitState::target_logprob).collect();
+                let (flat, argmax): (Vec<f32>, Vec<u32>) = states
+                    .iter()
+                    .map(|s| (s.target_logprob(), s.greedy().0))
+                    .unzip();
                 let per = crate::batch::split_per_sequence(&flat, &new);
-                for (res, lp) in batch.results.iter_mut().zip(per) {
+                let per_argmax = crate::batch::split_per_sequence(&argmax, &new);
+                for ((res, lp), am) in batch.results.iter_mut().zip(per).zip(per_argmax) {
                     res.logprobs = lp;
+                    res.tokens = am;
                 }
             }
             Task::Generate(_) => {

@@ -372,6 +372,14 @@ impl ModelConfig {
         }
     }
 
+    /// The beginning-of-sequence token, if the configuration names one.
+    pub fn bos_token_id(&self) -> Option<u32> {
+        match self {
+            ModelConfig::Opt(c) => c.bos_token_id,
+            ModelConfig::Llama(c) => c.bos_token_id,
+        }
+    }
+
     /// End-of-sequence token id, if the configuration names one.
     pub fn eos_token_id(&self) -> Option<u32> {
         match self {
