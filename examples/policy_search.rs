@@ -1,4 +1,5 @@
-//! Finds the placement policy with the best predicted throughput (see DESIGN.md, "policy_search").
+//! Finds the placement policy with the best predicted throughput (see README.md, "Choosing a
+//! policy").
 //!
 //! ```text
 //! cargo run --release --example policy_search -- (--model PATH | --config NAME)

@@ -1,8 +1,10 @@
-//! Scores a JSONL dataset: per-record log-likelihood and perplexity (see DESIGN.md, "score").
+//! Scores a JSONL dataset: per-record log-likelihood and perplexity, or lm-eval's
+//! context/continuation requests (see README.md, "Scoring a dataset").
 //!
 //! ```text
 //! cargo run --release --example score -- --model PATH --input IN.jsonl --output OUT.jsonl
 //!     [--per-token] [--backend engine|reference] [--device auto|cpu|wgpu] [--batch-tokens N]
+//!     [--window N] [--stride S]
 //!     [--gpu-mem SIZE] [--cpu-mem SIZE] [--offload-dir DIR] [--keep-offload]
 //!     [--policy FILE.toml | --hardware PROFILE.toml [--prompt-len N]]
 //!     [--compress-weight] [--compress-cache] [--trace FILE.json]
@@ -14,7 +16,9 @@
 //! with budgets and no policy the LP search picks one for the hardware profile (by default the
 //! one calibrated on the CI machine, `policies/lavapipe-2core.toml`); with neither, everything
 //! stays on the GPU. `--trace` writes a Chrome trace (open it in Perfetto) of every load,
-//! compute and store. `-` reads stdin / writes stdout. Exit status: 0 all records scored, 3 some
+//! compute and store. A record longer than `--window` tokens (default: the model's context)
+//! is scored in lm-eval's rolling windows, or with `--stride S` in windows that advance by `S`
+//! tokens and score only their last `S`. `-` reads stdin / writes stdout. Exit status: 0 all records scored, 3 some
 //! failed, 2 usage or model error before any record was read, 1 an I/O error during the job.
 
 mod common;
@@ -75,6 +79,8 @@ fn parse_args() -> Result<Args> {
             "--backend" => a.backend = Some(flags.value(&flag)?),
             "--device" => a.device = flags.value(&flag)?.parse()?,
             "--batch-tokens" => a.options.batch_tokens = flags.positive(&flag)?,
+            "--window" => a.options.window = Some(flags.positive(&flag)?),
+            "--stride" => a.options.stride = Some(flags.positive(&flag)?),
             "--gpu-mem" => a.gpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
             "--cpu-mem" => a.cpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
             "--offload-dir" => a.offload_dir = Some(PathBuf::from(flags.value(&flag)?)),
@@ -87,7 +93,8 @@ fn parse_args() -> Result<Args> {
                 return Err(Error::invalid(
                     "--help",
                     "usage: score --model PATH --input IN.jsonl --output OUT.jsonl [--per-token] \
-                     [--backend engine|reference] [--device auto|cpu|wgpu] [--batch-tokens N] [--gpu-mem SIZE] \
+                     [--backend engine|reference] [--device auto|cpu|wgpu] [--batch-tokens N] [--window N] \
+                     [--stride S] [--gpu-mem SIZE] \
                      [--cpu-mem SIZE] [--offload-dir DIR] [--keep-offload] [--policy FILE.toml | \
                      --hardware PROFILE.toml [--prompt-len N]] [--compress-weight] \
                      [--compress-cache] [--trace FILE.json]",
@@ -258,6 +265,8 @@ fn prepare(args: &Args) -> Result<Job> {
             ))
         }
     };
+    // --window and --stride against the model's context, before the output is created
+    args.options.windows(model.scorer().config())?;
     Ok(Job {
         model,
         input,

@@ -268,7 +268,8 @@ fn staging_buffers(io_threads: usize) -> usize {
 }
 
 impl Engine {
-    /// Opens the model at `path` (see DESIGN.md, "Model path") on the device
+    /// Opens the model at `path` (a GGUF file, or a directory of `config.json` and safetensors:
+    /// [`ModelFiles::open`]) on the device
     /// `options.device` names.
     pub fn open(path: &Path, options: EngineOptions) -> Result<Self> {
         let files = ModelFiles::open(path)?;

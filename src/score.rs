@@ -12,6 +12,7 @@
 //! results are written and flushed before the next is read, so an interrupted job keeps them.
 
 use std::io::{BufRead, Write};
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -50,6 +51,11 @@ pub struct ScoreOptions {
     pub batch_tokens: usize,
     /// How often progress is reported.
     pub progress_every: Duration,
+    /// Tokens per pass for records scored in rolling windows (`None`: the model's context).
+    pub window: Option<usize>,
+    /// Sliding windows that advance by this many tokens, each scoring only its last `stride`
+    /// tokens (Hugging Face's strided perplexity); `None`: lm-eval's disjoint rolling windows.
+    pub stride: Option<usize>,
 }
 
 impl Default for ScoreOptions {
@@ -58,7 +64,24 @@ impl Default for ScoreOptions {
             per_token: false,
             batch_tokens: 2048,
             progress_every: Duration::from_secs(2),
+            window: None,
+            stride: None,
         }
+    }
+}
+
+impl ScoreOptions {
+    /// The window length and stride for a model with `config`: `window` (at most the model's
+    /// context) and `stride` (by default `window - 1`, lm-eval's disjoint windows), or an error
+    /// naming the flag when they cannot work together.
+    pub fn windows(&self, config: &ModelConfig) -> Result<(usize, usize)> {
+        let max_len = self
+            .window
+            .unwrap_or(config.max_context())
+            .min(config.max_context());
+        let stride = self.stride.unwrap_or(max_len.saturating_sub(1));
+        rolling_windows(0, max_len, stride)?;
+        Ok((max_len, stride))
     }
 }
 
@@ -240,6 +263,54 @@ pub fn encode_pair(
     Ok((context_tokens, continuation_tokens))
 }
 
+/// One pass of a record scored in windows: its tokens `range` of the record's, and the first of
+/// the pass's `range.len() - 1` predictions that counts (the ones before it only give context).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    /// The record's tokens this pass runs.
+    pub range: Range<usize>,
+    /// Index of the first counted prediction (prediction `j` is of token `range.start + j + 1`).
+    pub scored_from: usize,
+}
+
+/// The passes that score every token `1..n` of a record exactly once, each at most `max_len`
+/// tokens long. The first pass is `0..min(n, max_len)`. Each later one predicts the next
+/// `stride` tokens (fewer at the end) and is right-aligned on them: it ends after its last
+/// predicted token and starts `max_len` tokens before, so the tokens before the new ones are
+/// context. `stride = max_len - 1` gives lm-eval's `loglikelihood_rolling` windows
+/// (`get_rolling_token_windows` with `context_len = 1`, the record's first token standing for
+/// its prefix token): disjoint predictions, each window's first one conditioned on the previous
+/// window's last token, and a last window that runs at full length.
+pub fn rolling_windows(n: usize, max_len: usize, stride: usize) -> Result<Vec<Window>> {
+    if max_len < 2 || stride == 0 || stride >= max_len {
+        return Err(Error::invalid(
+            "--stride",
+            format!(
+                "windows of {max_len} tokens need a stride from 1 to {}",
+                max_len.max(2) - 1
+            ),
+        ));
+    }
+    let first = n.min(max_len);
+    let mut windows = vec![Window {
+        range: 0..first,
+        scored_from: 0,
+    }];
+    // the next token to predict
+    let mut done = first;
+    while done < n {
+        let end = (done + stride).min(n);
+        let start = end - max_len;
+        windows.push(Window {
+            range: start..end,
+            // prediction j of the window is of token start + j + 1
+            scored_from: done - start - 1,
+        });
+        done = end;
+    }
+    Ok(windows)
+}
+
 #[derive(Serialize)]
 struct ScoredLine<'a> {
     id: &'a Value,
@@ -269,12 +340,11 @@ struct ErrorLine<'a> {
 /// One result awaiting output, in input order.
 enum Pending {
     Failed(RecordError),
-    /// Scored as member `index` of the current batch; its result counts from scored
-    /// position `scored_from`, and a `pair` answers with `is_greedy`.
+    /// Scored as the batch members `parts` (index, first counted prediction): one, or one per
+    /// rolling window; a `pair` answers with `is_greedy`.
     InBatch {
         id: Value,
-        index: usize,
-        scored_from: usize,
+        parts: Vec<(usize, usize)>,
         pair: bool,
     },
 }
@@ -299,6 +369,7 @@ pub fn score_jsonl(
     let mut batch: Vec<Vec<u32>> = Vec::new();
     let mut batch_len = 0;
     let config = scorer.config().clone();
+    let (max_len, stride) = options.windows(&config)?;
     let io_err = |e: std::io::Error| Error::io("<output>", e);
 
     let mut lines = input.lines().enumerate();
@@ -311,16 +382,29 @@ pub fn score_jsonl(
                 continue;
             }
             summary.records += 1;
-            match prepare(&line, &tokenizer, &config) {
-                Ok(p) => {
+            match prepare(&line, &tokenizer, &config, max_len) {
+                Ok(p) if p.tokens.len() <= max_len => {
                     batch_len += p.tokens.len();
                     pending.push(Pending::InBatch {
                         id: p.id,
-                        index: batch.len(),
-                        scored_from: p.scored_from,
+                        parts: vec![(batch.len(), p.scored_from)],
                         pair: p.pair,
                     });
                     batch.push(p.tokens);
+                }
+                Ok(p) => {
+                    // too long for one pass (prepare fits pairs with a context): windows
+                    let mut parts = Vec::new();
+                    for w in rolling_windows(p.tokens.len(), max_len, stride)? {
+                        batch_len += w.range.len();
+                        parts.push((batch.len(), w.scored_from));
+                        batch.push(p.tokens[w.range].to_vec());
+                    }
+                    pending.push(Pending::InBatch {
+                        id: p.id,
+                        parts,
+                        pair: p.pair,
+                    });
                 }
                 Err(e) => pending.push(Pending::Failed(e)),
             }
@@ -360,6 +444,7 @@ fn prepare(
     line: &str,
     tokenizer: &Result<&TextTokenizer>,
     config: &ModelConfig,
+    max_len: usize,
 ) -> std::result::Result<Prepared, RecordError> {
     let record = parse_record(line)?;
     let fail = |reason: String| RecordError {
@@ -390,18 +475,23 @@ fn prepare(
             }
             // too long for the context window: drop context tokens from the left, as lm-eval
             // does; the continuation needs one token of context at least
-            let room = config.max_context().saturating_sub(cont.len());
-            if room == 0 {
-                return Err(fail(format!(
-                    "a continuation of {} tokens leaves no room for context in the model's {} \
-                     positions",
-                    cont.len(),
-                    config.max_context()
-                )));
+            if ctx == [prefix] && context.trim().is_empty() {
+                // lm-eval's loglikelihood_rolling: the whole text after the prefix token, in
+                // rolling windows when it is too long for one pass
+                (ctx.into_iter().chain(cont).collect(), 0, true)
+            } else {
+                let room = max_len.saturating_sub(cont.len());
+                if room == 0 {
+                    return Err(fail(format!(
+                        "a continuation of {} tokens leaves no room for context in windows \
+                         of {max_len} tokens",
+                        cont.len(),
+                    )));
+                }
+                ctx.drain(..ctx.len().saturating_sub(room));
+                let scored_from = ctx.len() - 1;
+                (ctx.into_iter().chain(cont).collect(), scored_from, true)
             }
-            ctx.drain(..ctx.len().saturating_sub(room));
-            let scored_from = ctx.len() - 1;
-            (ctx.into_iter().chain(cont).collect(), scored_from, true)
         }
     };
     if tokens.len() < 2 {
@@ -420,15 +510,6 @@ fn prepare(
                 token,
                 position,
                 vocab_size: config.vocab_size(),
-            }
-            .to_string(),
-        ));
-    }
-    if tokens.len() > config.max_context() {
-        return Err(fail(
-            Error::SequenceTooLong {
-                len: tokens.len(),
-                max: config.max_context(),
             }
             .to_string(),
         ));
@@ -481,24 +562,32 @@ fn write_result(
                 error: &e.reason,
             })
         }
-        Pending::InBatch {
-            id,
-            index,
-            scored_from,
-            pair,
-        } => match &results[index] {
-            Err(reason) => {
+        Pending::InBatch { id, parts, pair } => {
+            let mut scores = TokenScores::default();
+            let mut failure = None;
+            for &(index, scored_from) in &parts {
+                match &results[index] {
+                    Ok(s) => {
+                        scores.logprobs.extend(&s.logprobs[scored_from..]);
+                        scores.greedy.extend(&s.greedy[scored_from..]);
+                        summary.tokens += batch[index].len();
+                    }
+                    Err(reason) => {
+                        failure = Some(reason.as_str());
+                        break;
+                    }
+                }
+            }
+            if let Some(reason) = failure {
                 summary.failed += 1;
                 serde_json::to_string(&ErrorLine {
                     id: &id,
                     error: reason,
                 })
-            }
-            Ok(scores) => {
-                let lps = &scores.logprobs[scored_from..];
+            } else {
+                let lps = scores.logprobs.as_slice();
                 let logprob: f64 = lps.iter().map(|&v| f64::from(v)).sum();
                 summary.scored += 1;
-                summary.tokens += batch[index].len();
                 summary.scored_tokens += lps.len();
                 summary.logprob += logprob;
                 let token_logprobs = options.per_token.then_some(lps);
@@ -506,7 +595,7 @@ fn write_result(
                     serde_json::to_string(&PairLine {
                         id: &id,
                         logprob,
-                        is_greedy: scores.greedy[scored_from..].iter().all(|&g| g),
+                        is_greedy: scores.greedy.iter().all(|&g| g),
                         scored_tokens: lps.len(),
                         token_logprobs,
                     })
@@ -520,7 +609,7 @@ fn write_result(
                     })
                 }
             }
-        },
+        }
     }
     .map_err(std::io::Error::other)?;
     writeln!(out, "{line}")
@@ -641,5 +730,41 @@ mod tests {
             assert_eq!(e.id, json!(1), "{line}");
             assert!(e.reason.contains(reason), "{line}: {}", e.reason);
         }
+    }
+    proptest::proptest! {
+        /// The windows score every token after the first exactly once, none is longer than
+        /// `max_len`, each later one is right-aligned (full length), and with the default
+        /// stride each later window's first counted token has exactly one token before it
+        /// (or, in the last window, all the context that fits).
+        #[test]
+        fn rolling_windows_cover_every_token_once(n in 1usize..400, max_len in 2usize..70, stride_pick in 0usize..100) {
+            let stride = 1 + stride_pick % (max_len - 1);
+            for (s, lm_eval) in [(stride, false), (max_len - 1, true)] {
+                let windows = rolling_windows(n, max_len, s).unwrap();
+                let mut counted = Vec::new();
+                for (k, w) in windows.iter().enumerate() {
+                    proptest::prop_assert!(w.range.len() <= max_len && w.range.end <= n);
+                    proptest::prop_assert!(w.scored_from < w.range.len().max(1));
+                    if k > 0 {
+                        proptest::prop_assert_eq!(w.range.len(), max_len);
+                        let new = w.range.len() - 1 - w.scored_from;
+                        proptest::prop_assert!(new >= 1 && new <= s);
+                        if lm_eval && k + 1 < windows.len() {
+                            proptest::prop_assert_eq!(w.scored_from, 0);
+                        }
+                    }
+                    counted.extend(w.range.start + 1 + w.scored_from..w.range.end);
+                }
+                proptest::prop_assert_eq!(counted, (1..n).collect::<Vec<_>>());
+            }
+        }
+    }
+
+    #[test]
+    fn bad_strides_are_refused() {
+        assert!(rolling_windows(10, 8, 8).is_err());
+        assert!(rolling_windows(10, 8, 0).is_err());
+        assert!(rolling_windows(10, 1, 1).is_err());
+        assert_eq!(rolling_windows(0, 8, 7).unwrap().len(), 1);
     }
 }

@@ -34,8 +34,8 @@ fn mixed_dataset() -> (String, Expectations) {
                 json!("oov"),
             ),
             2 => (
-                json!({"id": "long", "tokens": vec![1; 65]}).to_string(),
-                json!("long"),
+                json!({"id": "half", "context": "a"}).to_string(),
+                json!("half"),
             ),
             _ => (
                 json!({"id": "one", "tokens": [3]}).to_string(),
@@ -241,6 +241,11 @@ fn score_example_follows_the_contract() {
             vec!["--policy", "/no/such/policy.toml"],
             "/no/such/policy.toml",
         ),
+        // a stride must leave each window a token of context
+        (
+            vec!["--backend", "reference", "--window", "16", "--stride", "16"],
+            "--stride",
+        ),
     ] {
         let out = run(&args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -324,4 +329,74 @@ fn score_example_offloads_with_a_policy_and_writes_a_trace() {
         0,
         "offload files left"
     );
+}
+
+/// A record longer than the window is scored in rolling windows: every token after the first
+/// exactly once, each with the context the rules give it (checked token by token against the
+/// reference scoring exactly that context), for lm-eval's disjoint windows and for strides;
+/// a window as long as the record gives the one-pass numbers.
+#[test]
+fn long_records_are_scored_in_rolling_windows() {
+    let files = ModelFiles::open(&fixture_dir(FIXTURE)).unwrap();
+    let model = ReferenceModel::load(&files).unwrap();
+    let vocab = files.config.vocab_size() as u32;
+    let record: Vec<u32> = (0..150u32).map(|i| (i * 37 + 11) % vocab).collect();
+    let whole = model.token_logprobs(&[&record[..64]]).unwrap().remove(0);
+    for (window, stride) in [(16, None), (16, Some(5)), (10, Some(1)), (64, None)] {
+        let input = json!({"id": "doc", "tokens": record}).to_string()
+            + "\n"
+            + &json!({"id": "short", "tokens": record[..64]}).to_string();
+        let mut options = ScoreOptions::default();
+        options.per_token = true;
+        options.window = Some(window);
+        options.stride = stride;
+        options.batch_tokens = 40;
+        let mut out = Vec::new();
+        score_jsonl(
+            &model,
+            files.tokenizer(),
+            input.as_bytes(),
+            &mut out,
+            &options,
+            |_| {},
+        )
+        .unwrap();
+        let lines: Vec<Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let got: Vec<f64> = lines[0]["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(got.len(), record.len() - 1, "{window} {stride:?}");
+        assert_eq!(lines[0]["scored_tokens"], json!(record.len() - 1));
+        let step = stride.unwrap_or(window - 1);
+        for (i, &lp) in got.iter().enumerate() {
+            // token t = i + 1; its window ends at the end of its group of `step` tokens after
+            // the first window, and starts `window` tokens before
+            let t = i + 1;
+            let start = if t < window {
+                0
+            } else {
+                let end = (window + (t - window) / step * step + step).min(record.len());
+                end - window
+            };
+            let want = model.token_logprobs(&[&record[start..=t]]).unwrap()[0][t - start - 1];
+            assert!(
+                (lp - f64::from(want)).abs() < 1e-5,
+                "window {window} stride {stride:?}: token {t} from {start}: {lp} vs {want}"
+            );
+        }
+        // a record that fits one window of 64 is one pass
+        if window == 64 {
+            let short = &lines[1]["token_logprobs"];
+            for (g, w) in short.as_array().unwrap().iter().zip(&whole) {
+                assert!((g.as_f64().unwrap() - f64::from(*w)).abs() < 1e-6);
+            }
+        }
+    }
 }
