@@ -20,6 +20,11 @@ impl TokenScores {
         let greedy = argmax.iter().zip(&seq[1..]).map(|(a, t)| a == t).collect();
         Self { logprobs, greedy }
     }
+
+    /// The logprobs of each of `scores`, for the calls that return only those.
+    pub(crate) fn logprobs_of(scores: Vec<TokenScores>) -> Vec<Vec<f32>> {
+        scores.into_iter().map(|s| s.logprobs).collect()
+    }
 }
 
 /// Every sequence must have 2 tokens at least to be scored (one context, one target).

@@ -575,7 +575,7 @@ impl Engine {
         mut on_block: impl FnMut(usize, Vec<Vec<f32>>) -> ControlFlow<()>,
     ) -> Result<()> {
         self.token_scores_each(seqs, |first, block| {
-            on_block(first, block.into_iter().map(|s| s.logprobs).collect())
+            on_block(first, TokenScores::logprobs_of(block))
         })
     }
 

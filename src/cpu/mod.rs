@@ -113,11 +113,7 @@ impl ReferenceModel {
     /// For each sequence of `n` tokens, `ln p(t_i | t_<i)` for `i = 1..n` (`n - 1` values),
     /// computed in one prefill of the whole batch.
     pub fn token_logprobs(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
-        Ok(self
-            .token_scores(batch)?
-            .into_iter()
-            .map(|s| s.logprobs)
-            .collect())
+        self.token_scores(batch).map(TokenScores::logprobs_of)
     }
 
     /// [`ReferenceModel::token_logprobs`] with, for each `t_i`, whether it is the argmax of the

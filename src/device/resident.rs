@@ -200,11 +200,7 @@ impl<D: Device> ResidentModel<D> {
 
     /// For each sequence of `n >= 2` tokens, `ln p(t_i | t_<i)` for `i = 1..n`.
     pub fn token_logprobs(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
-        Ok(self
-            .token_scores(batch)?
-            .into_iter()
-            .map(|s| s.logprobs)
-            .collect())
+        self.token_scores(batch).map(TokenScores::logprobs_of)
     }
 
     /// For each sequence of `n >= 2` tokens, `ln p(t_i | t_<i)` for `i = 1..n` and whether
