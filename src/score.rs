@@ -237,12 +237,12 @@ pub fn parse_record(line: &str) -> std::result::Result<Record, RecordError> {
 /// encoded, the context's own tokens are encoded alone, and the continuation is what follows
 /// as many tokens of the whole. An empty context becomes `[prefix]` (the model's BOS, or else
 /// its EOS) and the continuation is encoded alone; so does one of whitespace only.
-pub fn encode_pair(
-    encode: impl Fn(&str) -> Result<Vec<u32>>,
+pub fn encode_pair<E>(
+    encode: impl Fn(&str) -> std::result::Result<Vec<u32>, E>,
     context: &str,
     continuation: &str,
     prefix: u32,
-) -> Result<(Vec<u32>, Vec<u32>)> {
+) -> std::result::Result<(Vec<u32>, Vec<u32>), E> {
     if context.is_empty() {
         return Ok((vec![prefix], encode(continuation)?));
     }
@@ -383,19 +383,19 @@ pub fn score_jsonl(
             }
             summary.records += 1;
             match prepare(&line, &tokenizer, &config, max_len) {
-                Ok(p) if p.tokens.len() <= max_len => {
-                    batch_len += p.tokens.len();
-                    pending.push(Pending::InBatch {
-                        id: p.id,
-                        parts: vec![(batch.len(), p.scored_from)],
-                        pair: p.pair,
-                    });
-                    batch.push(p.tokens);
-                }
                 Ok(p) => {
-                    // too long for one pass (prepare fits pairs with a context): windows
+                    // one pass, or windows when too long for one (prepare fits pairs with a
+                    // context into one)
+                    let windows = if p.tokens.len() <= max_len {
+                        vec![Window {
+                            range: 0..p.tokens.len(),
+                            scored_from: p.scored_from,
+                        }]
+                    } else {
+                        rolling_windows(p.tokens.len(), max_len, stride)?
+                    };
                     let mut parts = Vec::new();
-                    for w in rolling_windows(p.tokens.len(), max_len, stride)? {
+                    for w in windows {
                         batch_len += w.range.len();
                         parts.push((batch.len(), w.scored_from));
                         batch.push(p.tokens[w.range].to_vec());
@@ -463,23 +463,17 @@ fn prepare(
             continuation,
         } => {
             let prefix = config.bos_token_id().or(config.eos_token_id()).unwrap_or(0);
-            let (mut ctx, cont) = encode_pair(
-                |t: &str| encode(t).map_err(|e| Error::invalid("text", e.reason)),
-                context,
-                continuation,
-                prefix,
-            )
-            .map_err(|e| fail(e.to_string()))?;
+            let (mut ctx, cont) = encode_pair(encode, context, continuation, prefix)?;
             if cont.is_empty() {
                 return Err(fail("the continuation encodes to no tokens".into()));
             }
-            // too long for the context window: drop context tokens from the left, as lm-eval
-            // does; the continuation needs one token of context at least
-            if ctx == [prefix] && context.trim().is_empty() {
+            if context.trim().is_empty() {
                 // lm-eval's loglikelihood_rolling: the whole text after the prefix token, in
                 // rolling windows when it is too long for one pass
                 (ctx.into_iter().chain(cont).collect(), 0, true)
             } else {
+                // too long for the window: drop context tokens from the left, as lm-eval
+                // does; the continuation needs one token of context at least
                 let room = max_len.saturating_sub(cont.len());
                 if room == 0 {
                     return Err(fail(format!(

@@ -10,7 +10,7 @@ use std::process::Command;
 use common::{expected, fixture_dir};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::model::ModelFiles;
-use ferrogen::score::{score_jsonl, ScoreOptions};
+use ferrogen::score::{score_jsonl, ScoreOptions, ScoreSummary};
 use serde_json::{json, Value};
 
 const FIXTURE: &str = "opt-pre-ln-proj";
@@ -56,11 +56,36 @@ fn mixed_dataset() -> (String, Expectations) {
     (lines.join("\n") + "\n", want)
 }
 
-fn check_output(output: &str, want: &[(Value, Option<Vec<f64>>)]) {
-    let lines: Vec<Value> = output
+/// Runs a scoring job over `input` in memory: its output text and summary.
+fn run_job(
+    model: &ReferenceModel,
+    files: &ModelFiles,
+    input: &str,
+    options: &ScoreOptions,
+) -> (String, ScoreSummary) {
+    let mut out = Vec::new();
+    let summary = score_jsonl(
+        model,
+        files.tokenizer(),
+        input.as_bytes(),
+        &mut out,
+        options,
+        |_| {},
+    )
+    .unwrap();
+    (String::from_utf8(out).unwrap(), summary)
+}
+
+/// The JSON lines of a job's output.
+fn json_lines(output: &str) -> Vec<Value> {
+    output
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+        .collect()
+}
+
+fn check_output(output: &str, want: &[(Value, Option<Vec<f64>>)]) {
+    let lines = json_lines(output);
     assert_eq!(lines.len(), want.len(), "one result per record");
     for (line, (id, lps)) in lines.iter().zip(want) {
         assert_eq!(&line["id"], id, "{line}");
@@ -100,20 +125,11 @@ fn job_scores_in_order_across_batches_with_error_records() {
     let model = ReferenceModel::load(&files).unwrap();
     let (input, want) = mixed_dataset();
     for batch_tokens in [1, 25, 10_000] {
-        let mut out = Vec::new();
         let mut options = ScoreOptions::default();
         options.per_token = true;
         options.batch_tokens = batch_tokens;
-        let summary = score_jsonl(
-            &model,
-            files.tokenizer(),
-            input.as_bytes(),
-            &mut out,
-            &options,
-            |_| {},
-        )
-        .unwrap();
-        check_output(&String::from_utf8(out).unwrap(), &want);
+        let (out, summary) = run_job(&model, &files, &input, &options);
+        check_output(&out, &want);
         let good = want.iter().filter(|w| w.1.is_some()).count();
         assert_eq!(summary.records, want.len());
         assert_eq!((summary.scored, summary.failed), (good, want.len() - good));
@@ -126,21 +142,8 @@ fn text_records_without_a_tokenizer_fail_alone() {
     assert!(files.tokenizer.is_err(), "fixture has no tokenizer.json");
     let model = ReferenceModel::load(&files).unwrap();
     let input = "{\"id\": 1, \"text\": \"hello\"}\n{\"id\": 2, \"tokens\": [4, 5, 6]}\n";
-    let mut out = Vec::new();
-    let summary = score_jsonl(
-        &model,
-        files.tokenizer(),
-        input.as_bytes(),
-        &mut out,
-        &ScoreOptions::default(),
-        |_| {},
-    )
-    .unwrap();
-    let out = String::from_utf8(out).unwrap();
-    let lines: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (out, summary) = run_job(&model, &files, input, &ScoreOptions::default());
+    let lines = json_lines(&out);
     assert!(lines[0]["error"]
         .as_str()
         .unwrap()
@@ -351,21 +354,7 @@ fn long_records_are_scored_in_rolling_windows() {
         options.window = Some(window);
         options.stride = stride;
         options.batch_tokens = 40;
-        let mut out = Vec::new();
-        score_jsonl(
-            &model,
-            files.tokenizer(),
-            input.as_bytes(),
-            &mut out,
-            &options,
-            |_| {},
-        )
-        .unwrap();
-        let lines: Vec<Value> = String::from_utf8(out)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines = json_lines(&run_job(&model, &files, &input, &options).0);
         let got: Vec<f64> = lines[0]["token_logprobs"]
             .as_array()
             .unwrap()
