@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::batch::TokenScores;
+use crate::bytes::format_size;
 use crate::device::recipe::Runner;
 use crate::device::{CpuDevice, Device, DeviceKind};
 use crate::error::{Error, Result};
@@ -229,6 +230,13 @@ pub struct Engine {
     files: ModelFiles,
     offload_dir: Option<PathBuf>,
     keep_offload: bool,
+    /// The cost model's memory forms for this engine's budgets and executor, which a call's
+    /// longest record is checked against before any work.
+    memory: CostModel,
+    /// The workload the policy search sized the placement for (`None`: a policy file).
+    sized_for: Option<Workload>,
+    /// The budgets `[device, CPU, disk]` (on the CPU device, RAM twice).
+    budgets: [u64; 3],
 }
 
 /// Rows of logits per chunk for a GPU budget, where the device holds `width` logits per row
@@ -346,66 +354,83 @@ impl Engine {
             &files, format, false,
         )?);
         let logit_rows = logit_rows(&files.config, options.gpu_budget, logit_width);
-        let policy = match options.placement {
-            Placement::Policy(p) => p,
+        let compress_weight = format == WeightFormat::Group4;
+        // the search's (or, for a policy file, the built-in) profile: its memory peaks, not
+        // its rates, are what a call's records are checked against before any work
+        let (hardware, searched) = match options.placement {
+            Placement::Policy(p) => (default_profile()?, Err(p)),
             Placement::Search {
                 hardware,
                 prompt_len,
                 gen_len,
-                compress_weight,
                 compress_cache,
+                ..
             } => {
                 chunk = hardware.io_chunk_bytes as usize;
                 io_threads = hardware.io_threads;
-                let bytes_per_value =
-                    crate::exec::weights::runtime_bytes_per_value(&files, format)?;
-                let hw = if host {
-                    // one memory: the device tier is RAM
-                    hardware.for_host_device(bytes_per_value).with_capacities(
-                        options.cpu_budget,
-                        0,
-                        disk_budget,
-                    )
-                } else {
-                    hardware.with_capacities(options.gpu_budget, options.cpu_budget, disk_budget)
+                let workload = Workload {
+                    prompt_len,
+                    gen_len: gen_len.max(1),
                 };
-                let (chunk, threads) = staging_shape(chunk, io_threads);
-                let head = HeadBytes {
-                    output: crate::exec::weights::output_weight_bytes(&files, format)? as f64,
-                    table: crate::exec::weights::lookup_table_bytes(&files)? as f64,
-                };
-                let logit_bytes = (4 * logit_rows * logit_width) as f64;
-                let model = CostModel::new(
-                    &files.config,
-                    hw,
-                    Workload {
-                        prompt_len,
-                        gen_len: gen_len.max(1),
-                    },
-                )
-                .with_weight_bytes(crate::exec::weights::runtime_bytes_per_value(
-                    &files,
-                    WeightFormat::Native,
-                )?)
-                // activations and the uncompressed cache are f32 here
-                .with_activation_bytes(4.0)
-                .with_compute_rows(chunk_rows(&files.config, options.gpu_budget))
-                .with_executor_bytes(
-                    head,
-                    logit_bytes,
-                    StagingPool::bytes(staging_buffers(threads), chunk) as f64,
-                );
-                let model = if host { model.on_host_device() } else { model };
-                let found = search(
-                    &model,
+                (hardware, Ok((workload, compress_cache)))
+            }
+        };
+        let bytes_per_value = crate::exec::weights::runtime_bytes_per_value(&files, format)?;
+        let hw = if host {
+            // one memory: the device tier is RAM
+            hardware.for_host_device(bytes_per_value).with_capacities(
+                options.cpu_budget,
+                0,
+                disk_budget,
+            )
+        } else {
+            hardware.with_capacities(options.gpu_budget, options.cpu_budget, disk_budget)
+        };
+        let (staged_chunk, staged_threads) = staging_shape(chunk, io_threads);
+        let head = HeadBytes {
+            output: crate::exec::weights::output_weight_bytes(&files, format)? as f64,
+            table: crate::exec::weights::lookup_table_bytes(&files)? as f64,
+        };
+        let logit_bytes = (4 * logit_rows * logit_width) as f64;
+        let workload = match &searched {
+            Ok((workload, _)) => *workload,
+            Err(_) => Workload {
+                prompt_len: 1,
+                gen_len: 1,
+            },
+        };
+        let memory = CostModel::new(&files.config, hw, workload)
+            .with_weight_bytes(crate::exec::weights::runtime_bytes_per_value(
+                &files,
+                WeightFormat::Native,
+            )?)
+            // activations and the uncompressed cache are f32 here
+            .with_activation_bytes(4.0)
+            .with_compute_rows(chunk_rows(&files.config, options.gpu_budget))
+            .with_executor_bytes(
+                head,
+                logit_bytes,
+                StagingPool::bytes(staging_buffers(staged_threads), staged_chunk) as f64,
+            );
+        let memory = if host {
+            memory.on_host_device()
+        } else {
+            memory
+        };
+        let sized_for = searched.as_ref().ok().map(|(w, _)| *w);
+        let policy = match searched {
+            Err(p) => p,
+            Ok((_, compress_cache)) => {
+                search(
+                    &memory,
                     &SearchOptions {
                         compress_weight,
                         compress_cache,
                         allow_cpu_cache_compute: !compress_cache,
                         ..SearchOptions::default()
                     },
-                )?;
-                found.policy
+                )?
+                .policy
             }
         };
         let policy = if host { policy.on_host() } else { policy };
@@ -469,6 +494,9 @@ impl Engine {
             files,
             offload_dir: options.offload_dir,
             keep_offload: options.keep_offload,
+            memory,
+            sized_for,
+            budgets: [options.gpu_budget, options.cpu_budget, disk_budget],
         })
     }
 
@@ -527,6 +555,7 @@ impl Engine {
         task: Task,
         mut on_block: impl FnMut(usize, Vec<SeqResult>) -> ControlFlow<()>,
     ) -> Result<()> {
+        self.check_fits(seqs, task)?;
         let block = self.executor.policy().block_size().max(1);
         for (i, chunk) in seqs.chunks(block).enumerate() {
             let results = {
@@ -535,6 +564,75 @@ impl Engine {
             };
             if on_block(i * block, results).is_break() {
                 break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses, before any work, a call to a searched placement whose longest sequence is
+    /// longer than the search was told of and does not fit the budgets even alone in its batch
+    /// (the smallest block [`Engine::run_fitting`] falls back to): the cost model's peaks for
+    /// the placement at one sequence of that length, as the search counts them (a few percent
+    /// above what the executor holds). Records the search was told of always fit. A policy
+    /// file's placement is checked as memory is allocated, block by block.
+    fn check_fits(&self, seqs: &[&[u32]], task: Task) -> Result<()> {
+        let Some(longest) = seqs.iter().map(|s| s.len()).max() else {
+            return Ok(());
+        };
+        let gen_len = match task {
+            Task::Score => 1,
+            Task::Generate(0) => return Ok(()),
+            Task::Generate(n) => n,
+        };
+        match self.sized_for {
+            Some(w) if longest > w.prompt_len || gen_len > w.gen_len => {}
+            _ => return Ok(()),
+        }
+        let mut model = self.memory.clone();
+        model.workload = Workload {
+            prompt_len: longest,
+            gen_len,
+        };
+        let alone = Policy {
+            gpu_batch_size: 1,
+            num_gpu_batches: 1,
+            ..self.executor.policy().clone()
+        };
+        let need = model.predict(&alone);
+        let host = self.executor.is_host();
+        let tiers = [
+            (
+                if host { Tier::Cpu } else { Tier::Gpu },
+                need.gpu_peak_bytes,
+            ),
+            (Tier::Cpu, need.cpu_peak_bytes),
+            (Tier::Disk, need.disk_bytes),
+        ];
+        for ((tier, need), budget) in tiers.into_iter().zip(self.budgets) {
+            let need = need.ceil() as u64;
+            if need > budget {
+                let name = match (tier, host) {
+                    (Tier::Cpu, true) => "RAM".to_string(),
+                    (tier, _) => tier.to_string(),
+                };
+                return Err(Error::Infeasible {
+                    tier,
+                    short_bytes: need - budget,
+                    detail: format!(
+                        "a sequence of {longest} tokens{} needs {} on the {name} even alone in \
+                         its batch, and the budget is {}: the {name} tier is short by {}; \
+                         raise the budget, or score long records in shorter windows \
+                         (--window)",
+                        if gen_len > 1 {
+                            format!(" generating {gen_len} tokens")
+                        } else {
+                            String::new()
+                        },
+                        format_size(need),
+                        format_size(budget),
+                        format_size(need - budget),
+                    ),
+                });
             }
         }
         Ok(())

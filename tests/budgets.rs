@@ -1,9 +1,11 @@
 //! The policy search and the engine agree on what fits: under random budgets that bind, the
 //! engine either refuses at open time with `Infeasible` (naming the tier and the bytes it
 //! lacks), or runs every job to the end with its ledger peaks within the budgets and the same
-//! numbers as the all-resident model. A policy the search picked is never refused at run time
-//! for the records it was told of (a record longer than the search's `prompt_len` needs a
-//! longer KV cache than the policy budgeted, and may be refused).
+//! numbers as the all-resident model. A call is refused with `Infeasible` before any of its
+//! blocks runs, or it completes: a policy the search picked runs every record of the length it
+//! was told of, and a longer record (whose KV cache and activations are larger than the policy
+//! budgeted) either runs too or is refused up front, never after earlier blocks were handed
+//! over.
 //!
 //! The fixtures are about a thousandth of a real model, so the budgets are scaled the same
 //! way: GPU 16 KiB to 2 MiB, CPU 32 KiB to 2 MiB (the 16 MiB-2 GiB and 32 MiB-2 GiB),
@@ -46,7 +48,7 @@ proptest! {
         fixture in 0usize..FIXTURES.len(),
         gpu_log in 4.0f64..11.0,
         cpu_log in 5.0f64..11.0,
-        lens in prop::collection::vec(2usize..40, 1..10),
+        lens in prop::collection::vec(2usize..64, 1..10),
         prompt_len in 2usize..40,
         new_tokens in 0usize..5,
         compress in any::<bool>(),
@@ -57,15 +59,16 @@ proptest! {
         let name = FIXTURES[fixture];
         let files = ModelFiles::open(&fixture_dir(name)).unwrap();
         let exp = expected(name);
-        // records of the drawn lengths, cut from the fixture's sequences
+        // records of the drawn lengths (within the model's context, and often longer than the
+        // search was told of), cut from the fixture's sequences
         let source: Vec<u32> = exp.sequences.iter().flat_map(|s| s.tokens.clone()).collect();
-        // (no longer than the records the search was told of: a sequence's KV cache grows
-        // with its length, and must fit where its attention is computed)
+        let max_context = files.config.max_context();
         let records: Vec<Vec<u32>> = lens
             .iter()
             .enumerate()
-            .map(|(i, &n)| source.iter().cycle().skip(i * 7).take(n.min(prompt_len)).copied().collect())
+            .map(|(i, &n)| source.iter().cycle().skip(i * 7).take(n.min(max_context - new_tokens)).copied().collect())
             .collect();
+        let told_of = records.iter().all(|r| r.len() <= prompt_len);
         let batch: Vec<&[u32]> = records.iter().map(Vec::as_slice).collect();
         let dir = tempfile::tempdir().unwrap();
         let (gpu_budget, cpu_budget) = budgets(device, gpu_kib << 10, cpu_kib << 10);
@@ -91,8 +94,27 @@ proptest! {
             RunOptions { weights: format, compress_cache: policy.compress_cache },
         );
 
-        let got = engine.token_logprobs(&batch);
-        let got = got.map_err(|e| TestCaseError::fail(format!("{what}: scoring refused: {e}")))?;
+        // a call is refused before its first block, or completes
+        let mut got = Vec::new();
+        let scored = engine.token_logprobs_each(&batch, |_, block| {
+            got.extend(block);
+            std::ops::ControlFlow::Continue(())
+        });
+        match scored {
+            Ok(()) => {}
+            Err(e @ Error::Infeasible { .. }) if !told_of && got.is_empty() => {
+                // (the up-front check's refusal, not a block's)
+                prop_assert!(e.to_string().contains("even alone in its batch"), "{}", e);
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(TestCaseError::fail(format!(
+                    "{what}: scoring refused after {} of {} records: {e}",
+                    got.len(),
+                    batch.len()
+                )))
+            }
+        }
         let d = worst_diff(&got, &resident.token_logprobs(&batch));
         // a small budget computes in smaller row chunks and batches than the resident model;
         // with a 4-bit cache, last-bit differences in a key or value can round to another
@@ -100,14 +122,27 @@ proptest! {
         let tolerance = if policy.compress_cache { 5e-3 } else { 1e-4 };
         prop_assert!(d < tolerance, "{}: scoring differs by {}", what, d);
 
-        let max_context = engine.files().config.max_context();
-        let prompts: Vec<&[u32]> = batch
-            .iter()
-            .map(|s| &s[..s.len().min(max_context - new_tokens)])
-            .collect();
-        let gen = engine.generate(&prompts, new_tokens, &[]);
-        let gen = gen.map_err(|e| TestCaseError::fail(format!("{what}: generation refused: {e}")))?;
-        let greedy = resident.generate_greedy(&prompts, new_tokens);
+        let prompts = &batch;
+        let mut gen = Vec::new();
+        let generated = engine.generate_each(prompts, new_tokens, &[], |_, block| {
+            gen.extend(block);
+            std::ops::ControlFlow::Continue(())
+        });
+        match generated {
+            Ok(()) => {}
+            Err(e @ Error::Infeasible { .. }) if !told_of && gen.is_empty() => {
+                prop_assert!(e.to_string().contains("even alone in its batch"), "{}", e);
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(TestCaseError::fail(format!(
+                    "{what}: generation refused after {} of {} prompts: {e}",
+                    gen.len(),
+                    prompts.len()
+                )))
+            }
+        }
+        let greedy = resident.generate_greedy(prompts, new_tokens);
         for (g, want) in gen.iter().zip(&greedy) {
             // (a flipped 4-bit code may flip a near tie between two tokens)
             if policy.compress_cache {
@@ -126,4 +161,68 @@ proptest! {
             prop_assert!(peaks[1] <= cpu_budget, "{}: CPU peak {}", what, peaks[1]);
         }
     }
+}
+
+/// With the smallest RAM budget at which the search places the model for 4-token records, a
+/// record near the model's context is refused before any block runs (naming the tier and its
+/// shortfall), while the 4-token records still run.
+#[test]
+fn records_longer_than_searched_are_refused_before_any_block() {
+    let name = "llama-gqa-untied";
+    let exp = expected(name);
+    let source: Vec<u32> = exp
+        .sequences
+        .iter()
+        .flat_map(|s| s.tokens.clone())
+        .collect();
+    let files = || ModelFiles::open(&fixture_dir(name)).unwrap();
+    let long: Vec<u32> = source
+        .iter()
+        .cycle()
+        .take(files().config.max_context())
+        .copied()
+        .collect();
+    let short = &source[..4];
+    // the smallest budget (in 4 KiB steps) the search places the model in
+    let open = |kib: u64| {
+        let options = EngineOptions::new(search(4, 1, false)).cpu_budget(kib << 10);
+        try_engine(DeviceKind::Cpu, files(), options)
+    };
+    let (kib, engine) = (8..4096)
+        .step_by(4)
+        .find_map(|kib| open(kib).ok().map(|e| (kib, e)))
+        .expect("the search places the fixture within 4 MiB");
+    let mut handed = 0;
+    let err = engine
+        .token_logprobs_each(&[short, &long], |_, block| {
+            handed += block.len();
+            std::ops::ControlFlow::Continue(())
+        })
+        .expect_err("a record at the model's context does not fit a budget sized for 4 tokens");
+    assert_eq!(handed, 0, "refused after {handed} records were scored");
+    let Error::Infeasible {
+        tier, short_bytes, ..
+    } = &err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!(*tier, Tier::Cpu, "{err}");
+    assert!(*short_bytes > 0);
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("a sequence of {} tokens", long.len())),
+        "{message}"
+    );
+    assert!(
+        message.contains("on the RAM") && message.contains("short by"),
+        "{message}"
+    );
+    // the records the search was told of run, within the budget
+    let got = engine.token_logprobs(&[short, short]).unwrap();
+    assert_eq!(got.len(), 2);
+    assert!(
+        engine.peaks()[0] <= kib << 10,
+        "{:?} vs {kib} KiB",
+        engine.peaks()
+    );
 }
