@@ -78,7 +78,7 @@ fn parse_args() -> Result<Args> {
             "--compress-cache" => a.compress_cache = true,
             "--backend" => a.backend = Some(flags.value(&flag)?),
             "--device" => a.device = flags.value(&flag)?.parse()?,
-            "--batch-tokens" => a.options.batch_tokens = flags.positive(&flag)?,
+            "--batch-tokens" => a.options.batch_tokens = Some(flags.positive(&flag)?),
             "--window" => a.options.window = Some(flags.positive(&flag)?),
             "--stride" => a.options.stride = Some(flags.positive(&flag)?),
             "--gpu-mem" => a.gpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
@@ -282,7 +282,8 @@ fn open_output(path: &str) -> Result<Box<dyn Write>> {
     })
 }
 
-/// After the job: memory peaks against the budgets, and the trace file.
+/// After the job: memory peaks against the budgets, how full the blocks were, and the trace
+/// file.
 fn report(args: &Args, model: &Backend) -> Result<()> {
     let Backend::Engine(engine) = model else {
         return Ok(());
@@ -312,6 +313,19 @@ fn report(args: &Args, model: &Backend) -> Result<()> {
         })
         .collect();
     eprintln!("memory peaks: {}", line.join(", "));
+    let b = engine.block_stats();
+    let capacity = if b.token_capacity > 0 {
+        format!("{} tokens", b.token_capacity)
+    } else {
+        format!("{} sequences", b.sequence_capacity)
+    };
+    eprintln!(
+        "blocks: {} ({} sequences, {} tokens), {:.0}% full (capacity {capacity})",
+        b.blocks,
+        b.sequences,
+        b.tokens,
+        100.0 * b.fill()
+    );
     if let (Some(path), Some(trace)) = (&args.trace, engine.trace()) {
         std::fs::write(path, trace.to_chrome_json()).map_err(|e| Error::io(path, e))?;
         eprintln!("trace: {} spans in {}", trace.spans.len(), path.display());

@@ -22,7 +22,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::batch::TokenScores;
-use crate::bytes::format_size;
 use crate::device::recipe::Runner;
 use crate::device::{CpuDevice, Device, DeviceKind};
 use crate::error::{Error, Result};
@@ -168,7 +167,12 @@ impl EngineOptions {
 
 /// What the engine needs from an executor, whatever its device.
 trait BlockRunner: Send + Sync {
-    fn run_block(&self, seqs: &[&[u32]], task: Task) -> Result<Vec<SeqResult>>;
+    fn run_block(
+        &self,
+        seqs: &[&[u32]],
+        batch_sizes: &[usize],
+        task: Task,
+    ) -> Result<Vec<SeqResult>>;
     fn policy(&self) -> &Policy;
     fn ledger(&self) -> &Arc<MemoryLedger>;
     fn placed_bytes(&self) -> [u64; 3];
@@ -182,8 +186,13 @@ trait BlockRunner: Send + Sync {
 }
 
 impl<D: Device> BlockRunner for Executor<D> {
-    fn run_block(&self, seqs: &[&[u32]], task: Task) -> Result<Vec<SeqResult>> {
-        Executor::run_block(self, seqs, task)
+    fn run_block(
+        &self,
+        seqs: &[&[u32]],
+        batch_sizes: &[usize],
+        task: Task,
+    ) -> Result<Vec<SeqResult>> {
+        Executor::run_block(self, seqs, batch_sizes, task)
     }
     fn policy(&self) -> &Policy {
         &self.policy
@@ -237,6 +246,42 @@ pub struct Engine {
     sized_for: Option<Workload>,
     /// The budgets `[device, CPU, disk]` (on the CPU device, RAM twice).
     budgets: [u64; 3],
+    /// Counts of the blocks run so far.
+    stats: Mutex<BlockStats>,
+}
+
+/// How full an engine's blocks were ([`Engine::block_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BlockStats {
+    /// Blocks run.
+    pub blocks: u64,
+    /// Sequences run (a rolling window counts as one).
+    pub sequences: u64,
+    /// Tokens run.
+    pub tokens: u64,
+    /// Sequences the blocks could have held: `gbs * nb` per block.
+    pub sequence_capacity: u64,
+    /// Tokens the blocks could have held, for blocks packed by tokens (scoring on a searched
+    /// placement: `gbs * prompt_len * nb` per block); 0 otherwise.
+    pub token_capacity: u64,
+}
+
+impl BlockStats {
+    /// The share of the blocks' capacity that was used: tokens over token capacity for packed
+    /// blocks, else sequences over sequence capacity (1.0 when nothing ran).
+    pub fn fill(&self) -> f64 {
+        let (used, capacity) = if self.token_capacity > 0 {
+            (self.tokens, self.token_capacity)
+        } else {
+            (self.sequences, self.sequence_capacity)
+        };
+        if capacity == 0 {
+            1.0
+        } else {
+            used as f64 / capacity as f64
+        }
+    }
 }
 
 /// Rows of logits per chunk for a GPU budget, where the device holds `width` logits per row
@@ -496,6 +541,7 @@ impl Engine {
             keep_offload: options.keep_offload,
             memory,
             sized_for,
+            stats: Mutex::new(BlockStats::default()),
             budgets: [options.gpu_budget, options.cpu_budget, disk_budget],
         })
     }
@@ -546,47 +592,141 @@ impl Engine {
         self.executor.trace()
     }
 
-    /// Runs `seqs` in blocks of `gbs * nb` sequences, handing each block's results to
-    /// `on_block` (with the index of its first sequence) as soon as it finishes, until
-    /// `on_block` breaks. Each block holds the engine to itself while it runs.
+    /// Runs `seqs` in blocks of `nb` GPU batches ([`Engine::batch_sizes`]), handing each
+    /// block's results to `on_block` (with the index of its first sequence) as soon as it
+    /// finishes, until `on_block` breaks. Each block holds the engine to itself while it runs.
     fn run_each(
         &self,
         seqs: &[&[u32]],
         task: Task,
         mut on_block: impl FnMut(usize, Vec<SeqResult>) -> ControlFlow<()>,
     ) -> Result<()> {
-        self.check_fits(seqs, task)?;
-        let block = self.executor.policy().block_size().max(1);
-        for (i, chunk) in seqs.chunks(block).enumerate() {
+        self.check_longest(seqs, task)?;
+        let sizes = self.batch_sizes(seqs, task);
+        let mut first = 0;
+        for block in sizes.chunks(self.executor.policy().num_gpu_batches.max(1)) {
+            let n: usize = block.iter().sum();
+            let chunk = &seqs[first..first + n];
             let results = {
                 let _running = self.block_lock.lock().unwrap_or_else(|e| e.into_inner());
-                self.run_fitting(chunk, task)?
+                self.run_fitting(chunk, block, task)?
             };
-            if on_block(i * block, results).is_break() {
+            if on_block(first, results).is_break() {
                 break;
             }
+            first += n;
         }
         Ok(())
     }
 
-    /// Refuses, before any work, a call to a searched placement whose longest sequence is
-    /// longer than the search was told of and does not fit the budgets even alone in its batch
-    /// (the smallest block [`Engine::run_fitting`] falls back to): the cost model's peaks for
-    /// the placement at one sequence of that length, as the search counts them (a few percent
-    /// above what the executor holds). Records the search was told of always fit. A policy
-    /// file's placement is checked as memory is allocated, block by block.
-    fn check_fits(&self, seqs: &[&[u32]], task: Task) -> Result<()> {
-        let Some(longest) = seqs.iter().map(|s| s.len()).max() else {
+    /// The tokens a GPU batch is sized for when the engine packs records by tokens: `gbs *
+    /// prompt_len` for scoring on a searched placement (the rows of `gbs` records of the length
+    /// the search was told of); `None` otherwise (batches of `gbs` sequences).
+    fn batch_token_capacity(&self, task: Task) -> Option<usize> {
+        match (task, self.sized_for) {
+            (Task::Score, Some(w)) => {
+                Some(self.executor.policy().gpu_batch_size.max(1) * w.prompt_len.max(1))
+            }
+            _ => None,
+        }
+    }
+
+    /// How many consecutive sequences each GPU batch takes: `gbs`, or when scoring on a
+    /// searched placement, as many as fit the batch's token capacity (at least one), so that
+    /// short records (a multiple-choice ending, a cloze word) fill the batch the budgets were
+    /// sized for, and the weights streamed once per block serve that many tokens.
+    fn batch_sizes(&self, seqs: &[&[u32]], task: Task) -> Vec<usize> {
+        let Some(capacity) = self.batch_token_capacity(task) else {
+            let gbs = self.executor.policy().gpu_batch_size.max(1);
+            return seqs.chunks(gbs).map(<[_]>::len).collect();
+        };
+        // next fit: a batch takes sequences while their tokens fit
+        let mut sizes = Vec::new();
+        let (mut count, mut tokens) = (0, 0);
+        for s in seqs {
+            if count > 0 && tokens + s.len() > capacity {
+                sizes.push(count);
+                (count, tokens) = (0, 0);
+            }
+            count += 1;
+            tokens += s.len();
+        }
+        if count > 0 {
+            sizes.push(count);
+        }
+        sizes
+    }
+
+    /// Adds a block that ran to the counts of [`Engine::block_stats`].
+    fn count_block(&self, seqs: &[&[u32]], task: Task) {
+        let policy = self.executor.policy();
+        let batches = policy.num_gpu_batches.max(1);
+        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        stats.blocks += 1;
+        stats.sequences += seqs.len() as u64;
+        stats.tokens += seqs.iter().map(|s| s.len() as u64).sum::<u64>();
+        stats.sequence_capacity += (batches * policy.gpu_batch_size.max(1)) as u64;
+        if let Some(capacity) = self.batch_token_capacity(task) {
+            stats.token_capacity += (batches * capacity) as u64;
+        }
+    }
+
+    /// How full the blocks run so far were: the weights are read once per block, so the more
+    /// tokens a block holds, the less each costs.
+    pub fn block_stats(&self) -> BlockStats {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Refuses, before any of its blocks runs, a call to a searched placement whose longest
+    /// sequence is longer than the search was told of and does not fit the budgets even alone
+    /// in its batch (the smallest block [`Engine::run_fitting`] falls back to). The cost model
+    /// screens ([`Engine::model_flags`]); as its peaks run above what the executor holds (by a
+    /// few percent to a third), a sequence it flags is then run alone, and the call is refused
+    /// only if that run is refused too (its result is dropped: the sequence runs again in its
+    /// block). Records the search was told of always fit. A policy file's placement is checked
+    /// as memory is allocated, block by block.
+    fn check_longest(&self, seqs: &[&[u32]], task: Task) -> Result<()> {
+        if !self.model_flags(seqs, task) {
             return Ok(());
+        }
+        let Some(longest) = seqs.iter().max_by_key(|s| s.len()) else {
+            return Ok(());
+        };
+        let _running = self.block_lock.lock().unwrap_or_else(|e| e.into_inner());
+        match self.executor.run_block(&[longest], &[1], task) {
+            Err(Error::Infeasible {
+                tier,
+                short_bytes,
+                detail,
+            }) => Err(Error::Infeasible {
+                tier,
+                short_bytes,
+                detail: format!(
+                    "a sequence of {} tokens does not fit even alone in its batch: {detail}; \
+                     or score long records in shorter windows (--window)",
+                    longest.len(),
+                ),
+            }),
+            Err(e) => Err(e),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// The cost model's screen for [`Engine::check_longest`]: whether a call's longest
+    /// sequence is longer than the search was told of and the model's peaks for the placement
+    /// at one sequence of that length exceed a budget.
+    fn model_flags(&self, seqs: &[&[u32]], task: Task) -> bool {
+        let Some(longest) = seqs.iter().map(|s| s.len()).max() else {
+            return false;
         };
         let gen_len = match task {
             Task::Score => 1,
-            Task::Generate(0) => return Ok(()),
+            Task::Generate(0) => return false,
             Task::Generate(n) => n,
         };
         match self.sized_for {
             Some(w) if longest > w.prompt_len || gen_len > w.gen_len => {}
-            _ => return Ok(()),
+            _ => return false,
         }
         let mut model = self.memory.clone();
         model.workload = Workload {
@@ -599,55 +739,42 @@ impl Engine {
             ..self.executor.policy().clone()
         };
         let need = model.predict(&alone);
-        let host = self.executor.is_host();
-        let tiers = [
-            (
-                if host { Tier::Cpu } else { Tier::Gpu },
-                need.gpu_peak_bytes,
-            ),
-            (Tier::Cpu, need.cpu_peak_bytes),
-            (Tier::Disk, need.disk_bytes),
-        ];
-        for ((tier, need), budget) in tiers.into_iter().zip(self.budgets) {
-            let need = need.ceil() as u64;
-            if need > budget {
-                let name = match (tier, host) {
-                    (Tier::Cpu, true) => "RAM".to_string(),
-                    (tier, _) => tier.to_string(),
-                };
-                return Err(Error::Infeasible {
-                    tier,
-                    short_bytes: need - budget,
-                    detail: format!(
-                        "a sequence of {longest} tokens{} needs {} on the {name} even alone in \
-                         its batch, and the budget is {}: the {name} tier is short by {}; \
-                         raise the budget, or score long records in shorter windows \
-                         (--window)",
-                        if gen_len > 1 {
-                            format!(" generating {gen_len} tokens")
-                        } else {
-                            String::new()
-                        },
-                        format_size(need),
-                        format_size(budget),
-                        format_size(need - budget),
-                    ),
-                });
-            }
-        }
-        Ok(())
+        // (on the CPU device the first budget is RAM's, and the model's CPU peak is 0)
+        [need.gpu_peak_bytes, need.cpu_peak_bytes, need.disk_bytes]
+            .into_iter()
+            .zip(self.budgets)
+            .any(|(need, budget)| need > budget as f64)
     }
 
     /// Runs one block; when its sequences are too long for the budgets (a block's workspace,
     /// cache and activations grow with its tokens), runs each half on its own instead, down to
     /// single sequences. Nothing is kept from a block that failed.
-    fn run_fitting(&self, seqs: &[&[u32]], task: Task) -> Result<Vec<SeqResult>> {
-        match self.executor.run_block(seqs, task) {
+    fn run_fitting(
+        &self,
+        seqs: &[&[u32]],
+        batch_sizes: &[usize],
+        task: Task,
+    ) -> Result<Vec<SeqResult>> {
+        match self.executor.run_block(seqs, batch_sizes, task) {
             Err(Error::Infeasible { .. }) if seqs.len() > 1 => {
+                let mut out = Vec::with_capacity(seqs.len());
                 let (a, b) = seqs.split_at(seqs.len() / 2);
-                let mut out = self.run_fitting(a, task)?;
-                out.extend(self.run_fitting(b, task)?);
+                for half in [a, b] {
+                    // (each half's batches, packed again: never more than the block's)
+                    let sizes = self.batch_sizes(half, task);
+                    let nb = self.executor.policy().num_gpu_batches.max(1);
+                    let mut first = 0;
+                    for block in sizes.chunks(nb) {
+                        let n: usize = block.iter().sum();
+                        out.extend(self.run_fitting(&half[first..first + n], block, task)?);
+                        first += n;
+                    }
+                }
                 Ok(out)
+            }
+            Ok(results) => {
+                self.count_block(seqs, task);
+                Ok(results)
             }
             result => result,
         }
@@ -766,5 +893,10 @@ impl crate::score::Scorer for Engine {
     }
     fn token_scores(&self, batch: &[&[u32]]) -> Result<Vec<TokenScores>> {
         Engine::token_scores(self, batch)
+    }
+    fn batch_tokens(&self) -> Option<usize> {
+        // a block's token capacity, when blocks are packed by tokens
+        let batches = self.executor.policy().num_gpu_batches.max(1);
+        self.batch_token_capacity(Task::Score).map(|c| c * batches)
     }
 }

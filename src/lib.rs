@@ -106,7 +106,7 @@ pub mod storage;
 pub use batch::TokenScores;
 pub use bytes::{format_size, parse_size};
 pub use device::DeviceKind;
-pub use engine::{Engine, EngineOptions, Placement};
+pub use engine::{BlockStats, Engine, EngineOptions, Placement};
 pub use error::{Error, Result};
 pub use exec::SeqResult;
 pub use model::ModelFiles;

@@ -8,8 +8,10 @@
 //! continuation's tokens and `is_greedy` whether each of them is the argmax at its position.
 //! `"token_logprobs"` is added on request. A record that cannot be scored gets
 //! `{"id", "error": reason}`, and the job goes on after it.
-//! Records are scored in batches of about [`ScoreOptions::batch_tokens`] tokens, and each batch's
-//! results are written and flushed before the next is read, so an interrupted job keeps them.
+//! Records are scored in batches of about [`ScoreOptions::batch_tokens`] tokens (by default what
+//! fills the scorer's blocks, [`Scorer::batch_tokens`]), longest first within a batch, and each
+//! batch's results are written and flushed, in input order, before the next is read, so an
+//! interrupted job keeps them.
 
 use std::io::{BufRead, Write};
 use std::ops::Range;
@@ -30,6 +32,11 @@ pub trait Scorer {
     /// For each sequence of `n >= 2` tokens, the `n - 1` values `ln p(t_i | t_<i)` and whether
     /// each `t_i` is the greedy choice.
     fn token_scores(&self, batch: &[&[u32]]) -> Result<Vec<TokenScores>>;
+    /// Tokens a call should hold to use the scorer well (an engine's blocks are sized by its
+    /// budgets); `None`: no preference.
+    fn batch_tokens(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl Scorer for ReferenceModel {
@@ -47,8 +54,9 @@ impl Scorer for ReferenceModel {
 pub struct ScoreOptions {
     /// Also write every token's logprob.
     pub per_token: bool,
-    /// Tokens per batch (a record longer than this forms a batch of its own).
-    pub batch_tokens: usize,
+    /// Tokens per batch (a record longer than this forms a batch of its own); `None`: the
+    /// scorer's [`Scorer::batch_tokens`], at least 2,048.
+    pub batch_tokens: Option<usize>,
     /// How often progress is reported.
     pub progress_every: Duration,
     /// Tokens per pass for records scored in rolling windows (`None`: the model's context).
@@ -62,7 +70,7 @@ impl Default for ScoreOptions {
     fn default() -> Self {
         Self {
             per_token: false,
-            batch_tokens: 2048,
+            batch_tokens: None,
             progress_every: Duration::from_secs(2),
             window: None,
             stride: None,
@@ -370,6 +378,9 @@ pub fn score_jsonl(
     let mut batch_len = 0;
     let config = scorer.config().clone();
     let (max_len, stride) = options.windows(&config)?;
+    let batch_tokens = options
+        .batch_tokens
+        .unwrap_or_else(|| scorer.batch_tokens().unwrap_or(0).max(2048));
     let io_err = |e: std::io::Error| Error::io("<output>", e);
 
     let mut lines = input.lines().enumerate();
@@ -409,7 +420,7 @@ pub fn score_jsonl(
                 Err(e) => pending.push(Pending::Failed(e)),
             }
         }
-        if batch_len >= options.batch_tokens || (at_end && !pending.is_empty()) {
+        if batch_len >= batch_tokens || (at_end && !pending.is_empty()) {
             let results = score_batch(scorer, &batch);
             for p in pending.drain(..) {
                 write_result(&mut output, p, &batch, &results, options, &mut summary)
@@ -516,7 +527,9 @@ fn prepare(
     })
 }
 
-/// Scores a batch; if the batch as a whole fails, each record is retried alone so that the
+/// Scores a batch, longest sequences first (as lm-eval orders its requests: a batch that does
+/// not fit fails at once, and sequences of like lengths share blocks), returning the results in
+/// the batch's order; if the batch as a whole fails, each record is retried alone so that the
 /// error lands on the record that caused it.
 fn score_batch(
     scorer: &dyn Scorer,
@@ -526,8 +539,17 @@ fn score_batch(
         return Vec::new();
     }
     let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
-    match scorer.token_scores(&refs) {
-        Ok(all) => all.into_iter().map(Ok).collect(),
+    let mut order: Vec<usize> = (0..batch.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(batch[i].len()));
+    let sorted: Vec<&[u32]> = order.iter().map(|&i| refs[i]).collect();
+    match scorer.token_scores(&sorted) {
+        Ok(all) => {
+            let mut out: Vec<_> = (0..batch.len()).map(|_| Err(String::new())).collect();
+            for (i, scores) in order.into_iter().zip(all) {
+                out[i] = Ok(scores);
+            }
+            out
+        }
         Err(_) => refs
             .iter()
             .map(|seq| {

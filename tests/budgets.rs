@@ -209,14 +209,12 @@ fn records_longer_than_searched_are_refused_before_any_block() {
     assert_eq!(*tier, Tier::Cpu, "{err}");
     assert!(*short_bytes > 0);
     let message = err.to_string();
-    assert!(
-        message.contains(&format!("a sequence of {} tokens", long.len())),
-        "{message}"
+    let alone = format!(
+        "a sequence of {} tokens does not fit even alone",
+        long.len()
     );
-    assert!(
-        message.contains("on the RAM") && message.contains("short by"),
-        "{message}"
-    );
+    assert!(message.contains(&alone), "{message}");
+    assert!(message.contains("more in RAM"), "{message}");
     // the records the search was told of run, within the budget
     let got = engine.token_logprobs(&[short, short]).unwrap();
     assert_eq!(got.len(), 2);
@@ -224,5 +222,45 @@ fn records_longer_than_searched_are_refused_before_any_block() {
         engine.peaks()[0] <= kib << 10,
         "{:?} vs {kib} KiB",
         engine.peaks()
+    );
+}
+
+/// Short records are packed by tokens into the batches the search sized for `prompt_len`-token
+/// records (`gbs * prompt_len` tokens each), not `gbs` records to a batch: fewer blocks, each
+/// reading the weights once, with the same numbers.
+#[test]
+fn short_records_are_packed_into_fewer_blocks_with_the_same_numbers() {
+    let name = "llama-gqa-untied";
+    let exp = expected(name);
+    let source: Vec<u32> = exp
+        .sequences
+        .iter()
+        .flat_map(|s| s.tokens.clone())
+        .collect();
+    let records: Vec<Vec<u32>> = (0..30).map(|i| source[i..i + 3].to_vec()).collect();
+    let batch: Vec<&[u32]> = records.iter().map(Vec::as_slice).collect();
+    let files = || ModelFiles::open(&fixture_dir(name)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let options = EngineOptions::new(search(16, 1, false))
+        .cpu_budget(1 << 20)
+        .offload_dir(dir.path().to_path_buf());
+    let engine = try_engine(DeviceKind::Cpu, files(), options).unwrap();
+    let got = engine.token_logprobs(&batch).unwrap();
+    let resident = resident(DeviceKind::Cpu, &files(), RunOptions::default());
+    assert!(worst_diff(&got, &resident.token_logprobs(&batch)) < 1e-4);
+
+    let policy = engine.policy();
+    let (gbs, nb) = (policy.gpu_batch_size, policy.num_gpu_batches);
+    // next fit of 3-token records into batches of gbs * 16 tokens, nb batches to a block
+    let per_batch = (gbs * 16 / 3).max(1);
+    let blocks = 30usize.div_ceil(per_batch).div_ceil(nb) as u64;
+    let stats = engine.block_stats();
+    assert_eq!(stats.blocks, blocks, "{stats:?} for gbs {gbs} nb {nb}");
+    assert_eq!((stats.sequences, stats.tokens), (30, 90));
+    assert_eq!(stats.token_capacity, blocks * (gbs * 16 * nb) as u64);
+    // gbs records to a batch would have taken more blocks
+    assert!(
+        blocks < 30usize.div_ceil(gbs * nb) as u64,
+        "{stats:?} gbs {gbs} nb {nb}"
     );
 }

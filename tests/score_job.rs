@@ -126,7 +126,7 @@ fn job_scores_in_order_across_batches_with_error_records() {
     for batch_tokens in [1, 25, 10_000] {
         let mut options = ScoreOptions::default();
         options.per_token = true;
-        options.batch_tokens = batch_tokens;
+        options.batch_tokens = Some(batch_tokens);
         let (out, summary) = run_job(&model, &files, &input, &options);
         check_output(&out, &want);
         let good = want.iter().filter(|w| w.1.is_some()).count();
@@ -343,7 +343,7 @@ fn long_records_are_scored_in_rolling_windows() {
         options.per_token = true;
         options.window = Some(window);
         options.stride = stride;
-        options.batch_tokens = 40;
+        options.batch_tokens = Some(40);
         let lines = json_lines(&run_job(&model, &files, &input, &options).0);
         let got: Vec<f64> = lines[0]["token_logprobs"]
             .as_array()

@@ -164,14 +164,26 @@ impl<D: Device> Executor<D> {
         out
     }
 
-    /// Runs one block of at most `gbs * nb` sequences through the zig-zag schedule.
-    pub(crate) fn run_block(&self, seqs: &[&[u32]], task: Task) -> Result<Vec<SeqResult>> {
-        let gbs = self.policy.gpu_batch_size.max(1);
+    /// Runs one block of at most `nb` GPU batches through the zig-zag schedule: the batches
+    /// are `batch_sizes[i]` consecutive sequences each (`gbs`, or as many as a batch's tokens
+    /// hold when the engine packs short records).
+    pub(crate) fn run_block(
+        &self,
+        seqs: &[&[u32]],
+        batch_sizes: &[usize],
+        task: Task,
+    ) -> Result<Vec<SeqResult>> {
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
-        if seqs.len() > gbs * self.policy.num_gpu_batches.max(1) {
-            return Err(Error::invalid("block", "more sequences than gbs * nb"));
+        if batch_sizes.len() > self.policy.num_gpu_batches.max(1)
+            || batch_sizes.iter().sum::<usize>() != seqs.len()
+            || batch_sizes.contains(&0)
+        {
+            return Err(Error::invalid(
+                "block",
+                "the batches must partition the sequences into at most nb non-empty batches",
+            ));
         }
         let config = &self.runner.config;
         let gen_len = match task {
@@ -201,7 +213,7 @@ impl<D: Device> Executor<D> {
         let layers = config.num_layers();
         let plan = ZigzagPlan::new(PlanShape {
             layers,
-            num_batches: seqs.len().div_ceil(gbs),
+            num_batches: batch_sizes.len(),
             gen_len,
             sep_layer: self.policy.sep_layer,
             logit_panels: self.model.logit_panels,
@@ -212,8 +224,9 @@ impl<D: Device> Executor<D> {
 
         // batches, and the working set one batch's compute needs
         let mut batches = Vec::new();
-        for (b, chunk) in seqs.chunks(gbs).enumerate() {
-            let first = b * gbs;
+        let mut first = 0;
+        for &size in batch_sizes {
+            let chunk = &seqs[first..first + size];
             batches.push(Batch {
                 seqs: first..first + chunk.len(),
                 tokens: chunk.iter().map(|s| s.to_vec()).collect(),
@@ -223,6 +236,7 @@ impl<D: Device> Executor<D> {
                 logits: Vec::new(),
                 results: vec![SeqResult::default(); chunk.len()],
             });
+            first += size;
         }
         // a unit computes at most chunk_rows rows at once (decode steps with CPU attention:
         // one row per sequence of the batch)
@@ -232,7 +246,7 @@ impl<D: Device> Executor<D> {
             .max()
             .unwrap_or(0);
         let delegated_rows = if self.policy.cpu_cache_compute {
-            gbs
+            batch_sizes.iter().copied().max().unwrap_or(0)
         } else {
             0
         };
