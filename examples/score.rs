@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example score -- --model PATH --input IN.jsonl --output OUT.jsonl
-//!     [--per-token] [--backend engine|reference] [--device auto|cpu|wgpu] [--batch-tokens N]
+//!     [--resume] [--per-token] [--backend engine|reference] [--device auto|cpu|wgpu] [--batch-tokens N]
 //!     [--window N] [--stride S]
 //!     [--gpu-mem SIZE] [--cpu-mem SIZE] [--offload-dir DIR] [--keep-offload]
 //!     [--policy FILE.toml | --hardware PROFILE.toml [--prompt-len N]]
@@ -18,8 +18,11 @@
 //! stays on the GPU. `--trace` writes a Chrome trace (open it in Perfetto) of every load,
 //! compute and store. A record longer than `--window` tokens (default: the model's context)
 //! is scored in lm-eval's rolling windows, or with `--stride S` in windows that advance by `S`
-//! tokens and score only their last `S`. `-` reads stdin / writes stdout. Exit status: 0 all records scored, 3 some
-//! failed, 2 usage or model error before any record was read, 1 an I/O error during the job.
+//! tokens and score only their last `S`. `-` reads stdin / writes stdout. Ids must be unique (a
+//! duplicate is an error before any work). `--resume` continues an interrupted job: the records
+//! its output already answers are skipped, a torn last line is cut and redone, and the rest is
+//! appended. Exit status: 0 all records scored, 3 some failed, 2 usage or model error before
+//! any record was read, 1 an I/O error during the job.
 
 mod common;
 
@@ -34,7 +37,7 @@ use ferrogen::device::DeviceKind;
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
 use ferrogen::model::ModelFiles;
 use ferrogen::policy::{HardwareProfile, Policy};
-use ferrogen::score::{score_jsonl, ScoreOptions, Scorer};
+use ferrogen::score::{read_ids, resume_point, score_jsonl, ScoreOptions, Scorer};
 use ferrogen::storage::Tier;
 use ferrogen::{format_size, parse_size};
 use ferrogen::{Error, Result};
@@ -51,6 +54,8 @@ struct Args {
     cpu_mem: Option<u64>,
     offload_dir: Option<PathBuf>,
     keep_offload: bool,
+    /// Skip the records an earlier run's output already answers.
+    resume: bool,
     policy: Option<PathBuf>,
     hardware: Option<PathBuf>,
     prompt_len: usize,
@@ -74,6 +79,7 @@ fn parse_args() -> Result<Args> {
             "--input" => input = Some(flags.value(&flag)?),
             "--output" => output = Some(flags.value(&flag)?),
             "--per-token" => a.options.per_token = true,
+            "--resume" => a.resume = true,
             "--compress-weight" => a.compress_weight = true,
             "--compress-cache" => a.compress_cache = true,
             "--backend" => a.backend = Some(flags.value(&flag)?),
@@ -92,7 +98,7 @@ fn parse_args() -> Result<Args> {
             "-h" | "--help" => {
                 return Err(Error::invalid(
                     "--help",
-                    "usage: score --model PATH --input IN.jsonl --output OUT.jsonl [--per-token] \
+                    "usage: score --model PATH --input IN.jsonl --output OUT.jsonl [--resume] [--per-token] \
                      [--backend engine|reference] [--device auto|cpu|wgpu] [--batch-tokens N] [--window N] \
                      [--stride S] [--gpu-mem SIZE] \
                      [--cpu-mem SIZE] [--offload-dir DIR] [--keep-offload] [--policy FILE.toml | \
@@ -178,14 +184,41 @@ struct Job {
     model: Backend,
     input: Box<dyn Read>,
     output: Box<dyn Write>,
+    /// Records answered by an earlier run (`--resume`).
+    answered: usize,
 }
 
 /// Opens input, model and output (any failure here exits with status 2).
 fn prepare(args: &Args) -> Result<Job> {
-    let input: Box<dyn Read> = if args.input == "-" {
-        Box::new(std::io::stdin())
+    // the ids first (unique, or an error before any work), then the input again for the job
+    // (stdin is read into memory to be read twice)
+    let (ids, input): (_, Box<dyn Read>) = if args.input == "-" {
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::io("<stdin>", e))?;
+        let ids = read_ids(bytes.as_slice(), "<stdin>")?;
+        (ids, Box::new(std::io::Cursor::new(bytes)))
     } else {
-        Box::new(File::open(&args.input).map_err(|e| Error::io(&args.input, e))?)
+        let open = || File::open(&args.input).map_err(|e| Error::io(&args.input, e));
+        (
+            read_ids(BufReader::new(open()?), &args.input)?,
+            Box::new(open()?),
+        )
+    };
+    let answered = if args.resume {
+        if args.output == "-" {
+            return Err(Error::invalid("--resume", "needs --output to be a file"));
+        }
+        let answered = resume_point(args.output.as_ref(), &ids)?;
+        eprintln!(
+            "resume: {answered} of {} records already answered in {}",
+            ids.len(),
+            args.output
+        );
+        answered
+    } else {
+        0
     };
     let model = match args.backend.as_deref() {
         Some("reference") => {
@@ -270,13 +303,21 @@ fn prepare(args: &Args) -> Result<Job> {
     Ok(Job {
         model,
         input,
-        output: open_output(&args.output)?,
+        output: open_output(&args.output, args.resume)?,
+        answered,
     })
 }
 
-fn open_output(path: &str) -> Result<Box<dyn Write>> {
+/// The output: stdout for `-`, else the file, created anew, or appended to when resuming.
+fn open_output(path: &str, resume: bool) -> Result<Box<dyn Write>> {
     Ok(if path == "-" {
         Box::new(std::io::stdout())
+    } else if resume {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path);
+        Box::new(file.map_err(|e| Error::io(path, e))?)
     } else {
         Box::new(File::create(path).map_err(|e| Error::io(path, e))?)
     })
@@ -352,12 +393,14 @@ fn main() -> ExitCode {
         Backend::Engine(e) => e.files().tokenizer(),
         Backend::Reference(_, files) => files.tokenizer(),
     };
+    let mut options = args.options.clone();
+    options.skip_records = job.answered;
     let result = score_jsonl(
         job.model.scorer(),
         tokenizer,
         BufReader::new(job.input),
         BufWriter::new(job.output),
-        &args.options,
+        &options,
         |s| {
             eprintln!(
                 "scored {} records ({} failed), {} tokens, {:.1} tokens/s",
@@ -374,9 +417,14 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
         Ok(s) => {
+            let skipped = if s.skipped > 0 {
+                format!(" ({} answered before, skipped)", s.skipped)
+            } else {
+                String::new()
+            };
             eprintln!(
-                "done: {} records, {} scored, {} failed; {} tokens in {:.2} s = {:.1} tokens/s; \
-                 corpus perplexity {:.4} over {} scored tokens",
+                "done: {} records{skipped}, {} scored, {} failed; {} tokens in {:.2} s = {:.1} \
+                 tokens/s; corpus perplexity {:.4} over {} scored tokens",
                 s.records,
                 s.scored,
                 s.failed,

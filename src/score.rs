@@ -64,6 +64,9 @@ pub struct ScoreOptions {
     /// Sliding windows that advance by this many tokens, each scoring only its last `stride`
     /// tokens (Hugging Face's strided perplexity); `None`: lm-eval's disjoint rolling windows.
     pub stride: Option<usize>,
+    /// Records at the start of the input already answered by an interrupted run of the same
+    /// job ([`resume_point`]): skipped, not scored again.
+    pub skip_records: usize,
 }
 
 impl Default for ScoreOptions {
@@ -74,6 +77,7 @@ impl Default for ScoreOptions {
             progress_every: Duration::from_secs(2),
             window: None,
             stride: None,
+            skip_records: 0,
         }
     }
 }
@@ -102,6 +106,8 @@ pub struct ScoreSummary {
     pub scored: usize,
     /// Records answered with an error.
     pub failed: usize,
+    /// Records skipped as already answered ([`ScoreOptions::skip_records`]).
+    pub skipped: usize,
     /// Tokens run through the model.
     pub tokens: usize,
     /// Tokens scored (`n - 1` per record).
@@ -393,6 +399,10 @@ pub fn score_jsonl(
                 continue;
             }
             summary.records += 1;
+            if summary.skipped < options.skip_records {
+                summary.skipped += 1;
+                continue;
+            }
             match prepare(&line, &tokenizer, &config, max_len) {
                 Ok(p) => {
                     // one pass, or windows when too long for one (prepare fits pairs with a
@@ -439,6 +449,110 @@ pub fn score_jsonl(
             return Ok(summary);
         }
     }
+}
+
+/// The id of an input line as its answer echoes it (`null` for a line that is not JSON or
+/// has no id).
+fn line_id(line: &str) -> Value {
+    serde_json::from_str::<Value>(line)
+        .ok()
+        .and_then(|v| v.get("id").cloned())
+        .unwrap_or(Value::Null)
+}
+
+/// The ids of a JSONL input's records (its non-blank lines), in order, after checking that no
+/// id appears twice: a job's answers are matched to its records by id, so a duplicate is an
+/// error naming both lines. Records without a readable id (answered with an error) may
+/// repeat theirs. `name` names the input in errors.
+pub fn read_ids(input: impl BufRead, name: &str) -> Result<Vec<Value>> {
+    let mut ids = Vec::new();
+    let mut seen = std::collections::HashMap::new();
+    for (n, line) in input.lines().enumerate() {
+        let line = line.map_err(|e| Error::io(format!("{name} line {}", n + 1), e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let id = line_id(&line);
+        if id.is_string() || id.is_number() {
+            if let Some(first) = seen.insert(id.to_string(), n + 1) {
+                return Err(Error::invalid(
+                    name,
+                    format!(
+                        "id {id} is on line {first} and again on line {}: ids must be unique \
+                         (answers are matched to records by id)",
+                        n + 1
+                    ),
+                ));
+            }
+        }
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+/// Where an interrupted job resumes: the number of records its output at `path` already
+/// answers. Answers are written in input order, a line at a time, so they answer the first
+/// records of the input, whose `ids` ([`read_ids`]) they must match. A torn last line (cut
+/// short by a kill: no newline, or not a JSON object) is removed from the file, so that its
+/// record is scored again. A missing file answers nothing; a file that does not match the
+/// input is an error naming the line, and is left as it is.
+pub fn resume_point(path: &std::path::Path, ids: &[Value]) -> Result<usize> {
+    let text = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut kept = 0; // bytes of whole, matching lines
+    let mut answered = 0;
+    let mut rest = text.as_slice();
+    while !rest.is_empty() {
+        let Some(end) = rest.iter().position(|&b| b == b'\n') else {
+            break; // torn: no newline
+        };
+        let line = String::from_utf8_lossy(&rest[..end]);
+        let value = serde_json::from_str::<Value>(&line)
+            .ok()
+            .filter(Value::is_object);
+        let Some(value) = value else {
+            if end + 1 == rest.len() {
+                break; // torn: the last line, and not a whole answer
+            }
+            return Err(Error::invalid(
+                path.display().to_string(),
+                format!(
+                    "line {} is not a JSON answer: this output is not from this job \
+                     (drop --resume to start over)",
+                    answered + 1
+                ),
+            ));
+        };
+        let id = value.get("id").cloned().unwrap_or(Value::Null);
+        let want = ids.get(answered);
+        if want != Some(&id) {
+            return Err(Error::invalid(
+                path.display().to_string(),
+                format!(
+                    "line {} answers id {id}, but record {} of the input has id {}: this \
+                     output is not from this input (drop --resume to start over)",
+                    answered + 1,
+                    answered + 1,
+                    want.map_or("none (the input is shorter)".to_string(), Value::to_string),
+                ),
+            ));
+        }
+        answered += 1;
+        kept += end + 1;
+        rest = &rest[end + 1..];
+    }
+    if kept < text.len() {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        file.set_len(kept as u64).map_err(|e| Error::io(path, e))?;
+        file.sync_all().map_err(|e| Error::io(path, e))?;
+    }
+    Ok(answered)
 }
 
 /// A record ready to score: its id, its tokens, and from which of its `n - 1` scored positions
@@ -774,6 +888,48 @@ mod tests {
                 proptest::prop_assert_eq!(counted, (1..n).collect::<Vec<_>>());
             }
         }
+    }
+
+    #[test]
+    fn duplicate_ids_are_refused_naming_both_lines() {
+        let input = "{\"id\": 1, \"text\": \"a\"}\n\n{\"id\": \"1\", \"text\": \"b\"}\nnot json\n\
+                     not json either\n{\"id\": 1, \"text\": \"c\"}\n";
+        let err = read_ids(input.as_bytes(), "in.jsonl")
+            .unwrap_err()
+            .to_string();
+        // (1 and "1" are different ids; unreadable lines may repeat their null id)
+        assert!(err.contains("in.jsonl") && err.contains("id 1 is on line 1 and again on line 6"));
+        let ids = read_ids(&input.as_bytes()[..input.len() - 28], "in.jsonl").unwrap();
+        assert_eq!(ids, vec![json!(1), json!("1"), Value::Null, Value::Null]);
+    }
+
+    #[test]
+    fn resuming_cuts_a_torn_line_and_checks_the_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let ids = [json!("a"), Value::Null, json!(7), json!("b")];
+        assert_eq!(resume_point(&path, &ids).unwrap(), 0); // no output yet
+        let whole = "{\"id\":\"a\",\"logprob\":-1.5}\n{\"id\":null,\"error\":\"bad\"}\n";
+        // a line cut short by a kill, with or without being valid JSON, loses its record only
+        for torn in ["{\"id\":7,\"logpr", "{\"id\":7}", "", "\n"] {
+            std::fs::write(&path, format!("{whole}{torn}")).unwrap();
+            let answered = resume_point(&path, &ids).unwrap();
+            assert_eq!(answered, 2, "{torn:?}");
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), whole, "{torn:?}");
+        }
+        // an output of another input is refused, and left as it is
+        let other = "{\"id\":\"a\"}\n{\"id\":\"z\"}\n";
+        std::fs::write(&path, other).unwrap();
+        let err = resume_point(&path, &ids).unwrap_err().to_string();
+        assert!(
+            err.contains("line 2 answers id \"z\"") && err.contains("--resume"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), other);
+        // as is an answer in the middle that is not JSON
+        std::fs::write(&path, "{\"id\":\"a\"}\ngarbage\n{\"id\":7}\n").unwrap();
+        let err = resume_point(&path, &ids).unwrap_err().to_string();
+        assert!(err.contains("line 2 is not a JSON answer"), "{err}");
     }
 
     #[test]
