@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example score -- --model PATH --input IN.jsonl --output OUT.jsonl
-//!     [--resume] [--per-token] [--backend engine|reference] [--device auto|cpu|wgpu] [--batch-tokens N]
+//!     [--resume] [--shard K/N | --shards N] [--per-token] [--backend engine|reference] [--device auto|cpu|wgpu] [--batch-tokens N]
 //!     [--window N] [--stride S]
 //!     [--gpu-mem SIZE] [--cpu-mem SIZE] [--offload-dir DIR] [--keep-offload]
 //!     [--policy FILE.toml | --hardware PROFILE.toml [--prompt-len N]]
@@ -21,7 +21,9 @@
 //! tokens and score only their last `S`. `-` reads stdin / writes stdout. Ids must be unique (a
 //! duplicate is an error before any work). `--resume` continues an interrupted job: the records
 //! its output already answers are skipped, a torn last line is cut and redone, and the rest is
-//! appended. Exit status: 0 all records scored, 3 some failed, 2 usage or model error before
+//! appended. `--shard K/N` scores every N-th record from the K-th (from 0); without it, a Slurm
+//! job array's or a Kubernetes Indexed Job's environment names the shard (`--shards N` gives an
+//! Indexed Job's count), and the `merge` example joins the shards' outputs. Exit status: 0 all records scored, 3 some failed, 2 usage or model error before
 //! any record was read, 1 an I/O error during the job.
 
 mod common;
@@ -37,7 +39,7 @@ use ferrogen::device::DeviceKind;
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
 use ferrogen::model::ModelFiles;
 use ferrogen::policy::{HardwareProfile, Policy};
-use ferrogen::score::{read_ids, resume_point, score_jsonl, ScoreOptions, Scorer};
+use ferrogen::score::{read_ids, resume_point, score_jsonl, ScoreOptions, Scorer, Shard};
 use ferrogen::storage::Tier;
 use ferrogen::{format_size, parse_size};
 use ferrogen::{Error, Result};
@@ -56,6 +58,10 @@ struct Args {
     keep_offload: bool,
     /// Skip the records an earlier run's output already answers.
     resume: bool,
+    /// Score one shard of the input (`--shard K/N`).
+    shard: Option<Shard>,
+    /// How many shards a Kubernetes Indexed Job has (`--shards N`).
+    shards: Option<usize>,
     policy: Option<PathBuf>,
     hardware: Option<PathBuf>,
     prompt_len: usize,
@@ -80,6 +86,8 @@ fn parse_args() -> Result<Args> {
             "--output" => output = Some(flags.value(&flag)?),
             "--per-token" => a.options.per_token = true,
             "--resume" => a.resume = true,
+            "--shard" => a.shard = Some(Shard::parse(&flags.value(&flag)?)?),
+            "--shards" => a.shards = Some(flags.positive(&flag)?),
             "--compress-weight" => a.compress_weight = true,
             "--compress-cache" => a.compress_cache = true,
             "--backend" => a.backend = Some(flags.value(&flag)?),
@@ -98,7 +106,8 @@ fn parse_args() -> Result<Args> {
             "-h" | "--help" => {
                 return Err(Error::invalid(
                     "--help",
-                    "usage: score --model PATH --input IN.jsonl --output OUT.jsonl [--resume] [--per-token] \
+                    "usage: score --model PATH --input IN.jsonl --output OUT.jsonl [--resume] \
+                     [--shard K/N | --shards N] [--per-token] \
                      [--backend engine|reference] [--device auto|cpu|wgpu] [--batch-tokens N] [--window N] \
                      [--stride S] [--gpu-mem SIZE] \
                      [--cpu-mem SIZE] [--offload-dir DIR] [--keep-offload] [--policy FILE.toml | \
@@ -186,6 +195,8 @@ struct Job {
     output: Box<dyn Write>,
     /// Records answered by an earlier run (`--resume`).
     answered: usize,
+    /// The records this process scores.
+    shard: Option<Shard>,
 }
 
 /// Opens input, model and output (any failure here exits with status 2).
@@ -205,6 +216,25 @@ fn prepare(args: &Args) -> Result<Job> {
             read_ids(BufReader::new(open()?), &args.input)?,
             Box::new(open()?),
         )
+    };
+    // this process's shard: the flag, else the scheduler's environment (Slurm, Kubernetes)
+    let shard = match args.shard {
+        Some(s) => Some(s),
+        None => Shard::from_env(|v| std::env::var(v).ok(), args.shards)?,
+    };
+    let ids: Vec<_> = match shard {
+        Some(s) => {
+            eprintln!(
+                "shard {} of {}: every {}th record from record {}",
+                s.index, s.count, s.count, s.index
+            );
+            ids.into_iter()
+                .enumerate()
+                .filter(|(i, _)| s.takes(*i))
+                .map(|(_, id)| id)
+                .collect()
+        }
+        None => ids,
     };
     let answered = if args.resume {
         if args.output == "-" {
@@ -305,6 +335,7 @@ fn prepare(args: &Args) -> Result<Job> {
         input,
         output: open_output(&args.output, args.resume)?,
         answered,
+        shard,
     })
 }
 
@@ -395,6 +426,7 @@ fn main() -> ExitCode {
     };
     let mut options = args.options.clone();
     options.skip_records = job.answered;
+    options.shard = job.shard;
     let result = score_jsonl(
         job.model.scorer(),
         tokenizer,

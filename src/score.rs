@@ -64,9 +64,116 @@ pub struct ScoreOptions {
     /// Sliding windows that advance by this many tokens, each scoring only its last `stride`
     /// tokens (Hugging Face's strided perplexity); `None`: lm-eval's disjoint rolling windows.
     pub stride: Option<usize>,
-    /// Records at the start of the input already answered by an interrupted run of the same
-    /// job ([`resume_point`]): skipped, not scored again.
+    /// Records at the start of the input (of the shard's records, with a shard) already
+    /// answered by an interrupted run of the same job ([`resume_point`]): skipped, not scored
+    /// again.
     pub skip_records: usize,
+    /// Score only this shard's records (`None`: all of them).
+    pub shard: Option<Shard>,
+}
+
+/// One of `count` disjoint shards of an input: the records at positions `index`, `index +
+/// count`, `index + 2 count`, ... (0-based, counting records, not blank lines). The shards of a
+/// count cover the input, and [`merge_shards`] joins their outputs in input order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// Which shard, `0..count`.
+    pub index: usize,
+    /// How many shards.
+    pub count: usize,
+}
+
+impl Shard {
+    /// Shard `index` of `count`, or an error naming `what` unless `index < count`.
+    pub fn new(index: usize, count: usize, what: &str) -> Result<Self> {
+        if index >= count {
+            return Err(Error::invalid(
+                what,
+                format!("shard {index} of {count}: the index must be below the count"),
+            ));
+        }
+        Ok(Self { index, count })
+    }
+
+    /// `K/N` (the `--shard` flag).
+    pub fn parse(text: &str) -> Result<Self> {
+        let number = |s: &str| s.trim().parse::<usize>().ok();
+        match text.split_once('/').map(|(k, n)| (number(k), number(n))) {
+            Some((Some(k), Some(n))) => Self::new(k, n, "--shard"),
+            _ => Err(Error::invalid(
+                "--shard",
+                format!("`{text}`: expected K/N, shard K (from 0) of N"),
+            )),
+        }
+    }
+
+    /// The shard a scheduler gave this process, from its environment (`var` reads a
+    /// variable): a Slurm job array (`SLURM_ARRAY_TASK_ID`, counted by
+    /// `SLURM_ARRAY_TASK_COUNT` or by `SLURM_ARRAY_TASK_MIN`..`MAX`, the index taken from the
+    /// minimum), or a Kubernetes Indexed Job (`JOB_COMPLETION_INDEX`, counted by `count`, the
+    /// `--shards` flag, or by `FERROGEN_SHARDS`). `None` outside both.
+    pub fn from_env(
+        var: impl Fn(&str) -> Option<String>,
+        count: Option<usize>,
+    ) -> Result<Option<Self>> {
+        let number = |name: &str| -> Result<Option<usize>> {
+            var(name)
+                .map(|v| {
+                    v.trim().parse::<usize>().map_err(|_| {
+                        Error::invalid(name, format!("`{v}` is not a non-negative integer"))
+                    })
+                })
+                .transpose()
+        };
+        if let Some(id) = number("SLURM_ARRAY_TASK_ID")? {
+            let min = number("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+            let count = match (
+                number("SLURM_ARRAY_TASK_COUNT")?,
+                number("SLURM_ARRAY_TASK_MAX")?,
+            ) {
+                (Some(n), _) => n,
+                (None, Some(max)) if max >= min => max - min + 1,
+                _ => {
+                    return Err(Error::invalid(
+                        "SLURM_ARRAY_TASK_ID",
+                        "is set without SLURM_ARRAY_TASK_COUNT or SLURM_ARRAY_TASK_MAX: give \
+                         --shard K/N",
+                    ))
+                }
+            };
+            let index = id.checked_sub(min).ok_or_else(|| {
+                Error::invalid(
+                    "SLURM_ARRAY_TASK_ID",
+                    format!("{id} is below SLURM_ARRAY_TASK_MIN {min}"),
+                )
+            })?;
+            return Self::new(
+                index,
+                count,
+                "SLURM_ARRAY_TASK_ID (use an array of 0-N or give --shard K/N)",
+            )
+            .map(Some);
+        }
+        if let Some(index) = number("JOB_COMPLETION_INDEX")? {
+            let count = match count {
+                Some(n) => n,
+                None => number("FERROGEN_SHARDS")?.ok_or_else(|| {
+                    Error::invalid(
+                        "JOB_COMPLETION_INDEX",
+                        "is set, but not how many shards there are: give --shards N (the \
+                         Indexed Job's completions) or set FERROGEN_SHARDS",
+                    )
+                })?,
+            };
+            return Self::new(index, count, "JOB_COMPLETION_INDEX").map(Some);
+        }
+        Ok(None)
+    }
+
+    /// Whether the record at `position` is this shard's.
+    pub fn takes(&self, position: usize) -> bool {
+        position % self.count == self.index
+    }
 }
 
 impl Default for ScoreOptions {
@@ -78,6 +185,7 @@ impl Default for ScoreOptions {
             window: None,
             stride: None,
             skip_records: 0,
+            shard: None,
         }
     }
 }
@@ -390,12 +498,17 @@ pub fn score_jsonl(
     let io_err = |e: std::io::Error| Error::io("<output>", e);
 
     let mut lines = input.lines().enumerate();
+    let mut position = 0; // of the record among the input's records
     loop {
         let next = lines.next();
         let at_end = next.is_none();
         if let Some((n, line)) = next {
             let line = line.map_err(|e| Error::io(format!("<input line {}>", n + 1), e))?;
             if line.trim().is_empty() {
+                continue;
+            }
+            position += 1;
+            if options.shard.is_some_and(|s| !s.takes(position - 1)) {
                 continue;
             }
             summary.records += 1;
@@ -553,6 +666,71 @@ pub fn resume_point(path: &std::path::Path, ids: &[Value]) -> Result<usize> {
         file.sync_all().map_err(|e| Error::io(path, e))?;
     }
     Ok(answered)
+}
+
+/// Joins the outputs of the `shards.len()` shards of an input whose records have `ids`
+/// ([`read_ids`]) into one output in input order. `shards[k]` is shard `k`'s output (a name
+/// for errors, and its text): its `j`-th line answers record `k + j * N`, and must carry that
+/// record's id. A missing answer (a shard that stopped early), an answer given twice, or a line
+/// that answers another record is an error naming the shard file and the record; nothing is
+/// written then.
+pub fn merge_shards(ids: &[Value], shards: &[(String, String)], mut out: impl Write) -> Result<()> {
+    let count = shards.len();
+    if count == 0 {
+        return Err(Error::invalid("merge", "no shard outputs to merge"));
+    }
+    let mut lines: Vec<std::str::Lines<'_>> = shards.iter().map(|(_, text)| text.lines()).collect();
+    let mut merged = Vec::with_capacity(ids.len());
+    for (position, id) in ids.iter().enumerate() {
+        let k = position % count;
+        let (name, _) = &shards[k];
+        let line = lines[k].next().ok_or_else(|| {
+            Error::invalid(
+                name,
+                format!(
+                    "record {} (id {id}) is missing: shard {k} of {count} stopped after {} \
+                     answers (resume it with --resume)",
+                    position + 1,
+                    position / count
+                ),
+            )
+        })?;
+        let got = serde_json::from_str::<Value>(line)
+            .ok()
+            .and_then(|v| v.get("id").cloned())
+            .ok_or_else(|| {
+                Error::invalid(
+                    name,
+                    format!("line {} is not a JSON answer", position / count + 1),
+                )
+            })?;
+        if &got != id {
+            let again = ids[..position].iter().any(|earlier| earlier == &got);
+            return Err(Error::invalid(
+                name,
+                format!(
+                    "line {} answers id {got}{}, where record {} (id {id}) belongs: is this \
+                     shard {k} of {count} of this input?",
+                    position / count + 1,
+                    if again { ", answered before" } else { "" },
+                    position + 1
+                ),
+            ));
+        }
+        merged.push(line);
+    }
+    for (k, rest) in lines.iter_mut().enumerate() {
+        if let Some(extra) = rest.find(|l| !l.trim().is_empty()) {
+            return Err(Error::invalid(
+                &shards[k].0,
+                format!("has answers past the input's records (`{extra}`): a record answered twice, or another input"),
+            ));
+        }
+    }
+    for line in merged {
+        writeln!(out, "{line}").map_err(|e| Error::io("<merged output>", e))?;
+    }
+    out.flush().map_err(|e| Error::io("<merged output>", e))
 }
 
 /// A record ready to score: its id, its tokens, and from which of its `n - 1` scored positions
@@ -930,6 +1108,104 @@ mod tests {
         std::fs::write(&path, "{\"id\":\"a\"}\ngarbage\n{\"id\":7}\n").unwrap();
         let err = resume_point(&path, &ids).unwrap_err().to_string();
         assert!(err.contains("line 2 is not a JSON answer"), "{err}");
+    }
+
+    #[test]
+    fn shards_come_from_the_flag_or_the_scheduler() {
+        assert_eq!(Shard::parse("2/4").unwrap(), Shard { index: 2, count: 4 });
+        for bad in ["4/4", "1", "a/2", "1/0", "-1/3"] {
+            assert!(
+                Shard::parse(bad)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("--shard"),
+                "{bad}"
+            );
+        }
+        fn env<'a>(vars: &'a [(&str, &str)]) -> impl Fn(&str) -> Option<String> + 'a {
+            move |name| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        }
+        let shard = |index, count| Some(Shard { index, count });
+        assert_eq!(Shard::from_env(env(&[]), None).unwrap(), None);
+        let slurm = [
+            ("SLURM_ARRAY_TASK_ID", "3"),
+            ("SLURM_ARRAY_TASK_COUNT", "8"),
+        ];
+        assert_eq!(Shard::from_env(env(&slurm), None).unwrap(), shard(3, 8));
+        // an array of 1-4: the index counts from its minimum
+        let one_based = [
+            ("SLURM_ARRAY_TASK_ID", "1"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_MAX", "4"),
+        ];
+        assert_eq!(Shard::from_env(env(&one_based), None).unwrap(), shard(0, 4));
+        let no_count = [("SLURM_ARRAY_TASK_ID", "1")];
+        assert!(Shard::from_env(env(&no_count), None).is_err());
+        let indexed = [("JOB_COMPLETION_INDEX", "5")];
+        assert_eq!(
+            Shard::from_env(env(&indexed), Some(6)).unwrap(),
+            shard(5, 6)
+        );
+        let err = Shard::from_env(env(&indexed), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--shards") && err.contains("FERROGEN_SHARDS"),
+            "{err}"
+        );
+        let counted = [("JOB_COMPLETION_INDEX", "5"), ("FERROGEN_SHARDS", "6")];
+        assert_eq!(Shard::from_env(env(&counted), None).unwrap(), shard(5, 6));
+        assert!(Shard::from_env(env(&indexed), Some(5)).is_err());
+        let shards = Shard { index: 1, count: 3 };
+        let taken: Vec<usize> = (0..10).filter(|&i| shards.takes(i)).collect();
+        assert_eq!(taken, [1, 4, 7]);
+    }
+
+    #[test]
+    fn merging_shards_restores_input_order_or_names_what_is_wrong() {
+        let ids = [json!("a"), json!("b"), Value::Null, json!("d"), json!("e")];
+        let answer = |id: &Value| format!("{{\"id\":{id},\"logprob\":-1}}");
+        let shard = |k: usize, n: usize| -> (String, String) {
+            let lines: Vec<String> = ids.iter().skip(k).step_by(n).map(answer).collect();
+            (format!("out.{k}"), lines.join("\n") + "\n")
+        };
+        let mut out = Vec::new();
+        merge_shards(&ids, &[shard(0, 2), shard(1, 2)], &mut out).unwrap();
+        let want: Vec<String> = ids.iter().map(answer).collect();
+        assert_eq!(String::from_utf8(out).unwrap(), want.join("\n") + "\n");
+        let fails = |shards: &[(String, String)]| {
+            let mut out = Vec::new();
+            let err = merge_shards(&ids, shards, &mut out)
+                .unwrap_err()
+                .to_string();
+            assert!(out.is_empty(), "nothing is written on an error");
+            err
+        };
+        // a shard that stopped early
+        let (name, text) = shard(1, 2);
+        let short = (name, text.lines().next().unwrap().to_string() + "\n");
+        let err = fails(&[shard(0, 2), short]);
+        assert!(
+            err.contains("out.1") && err.contains("id \"d\") is missing"),
+            "{err}"
+        );
+        // a record answered twice
+        let (name, text) = shard(0, 2);
+        let twice = (name, format!("{}\n{text}", answer(&ids[0])));
+        let err = fails(&[twice, shard(1, 2)]);
+        assert!(
+            err.contains("out.0") && err.contains("answered before"),
+            "{err}"
+        );
+        let (name, text) = shard(1, 2);
+        let extra = (name, format!("{text}{}\n", answer(&ids[3])));
+        assert!(fails(&[shard(0, 2), extra]).contains("past the input's records"));
+        // shards in the wrong order
+        assert!(fails(&[shard(1, 2), shard(0, 2)]).contains("is this shard 0 of 2"));
     }
 
     #[test]

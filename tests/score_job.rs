@@ -463,3 +463,94 @@ fn killed_jobs_resume_to_the_same_answers() {
     }
     eprintln!("20 kills in a {full_run:?} job, {torn} of them tore a line; {before} answered then");
 }
+
+/// Four shards of a job, named by `--shard`, by a Slurm job array's environment and by a
+/// Kubernetes Indexed Job's, merged by the `merge` example: the single-process job's output,
+/// line for line. A shard that has not finished makes `merge` fail, naming its file.
+#[test]
+fn shards_merge_into_the_single_process_output() {
+    let (input, _) = mixed_dataset();
+    let dir = tempfile::tempdir().unwrap();
+    let in_path = dir.path().join("in.jsonl");
+    std::fs::write(&in_path, &input).unwrap();
+    let model = fixture_dir(FIXTURE);
+    let score = |out: &Path, extra: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(example_binary("score"));
+        cmd.arg("--model").arg(&model).arg("--input").arg(&in_path);
+        cmd.arg("--output")
+            .arg(out)
+            .args(["--device", "cpu"])
+            .args(extra);
+        for var in [
+            "SLURM_ARRAY_TASK_ID",
+            "SLURM_ARRAY_TASK_COUNT",
+            "JOB_COMPLETION_INDEX",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(env.iter().copied());
+        let status = cmd.status().unwrap();
+        assert!(
+            matches!(status.code(), Some(0 | 3)),
+            "{extra:?} {env:?}: {status}"
+        );
+    };
+    let whole = dir.path().join("whole.jsonl");
+    score(&whole, &[], &[]);
+    let shard = |k: usize| dir.path().join(format!("shard{k}.jsonl"));
+    score(&shard(0), &["--shard", "0/4"], &[]);
+    score(&shard(1), &["--shard", "1/4"], &[]);
+    let slurm = [
+        ("SLURM_ARRAY_TASK_ID", "2"),
+        ("SLURM_ARRAY_TASK_COUNT", "4"),
+    ];
+    score(&shard(2), &[], &slurm);
+    score(
+        &shard(3),
+        &["--shards", "4"],
+        &[("JOB_COMPLETION_INDEX", "3")],
+    );
+    let merge = |out: &Path| {
+        let mut cmd = Command::new(example_binary("merge"));
+        cmd.arg("--input").arg(&in_path).arg("--output").arg(out);
+        cmd.args((0..4).map(shard));
+        cmd.output().unwrap()
+    };
+    let merged = dir.path().join("merged.jsonl");
+    let run = merge(&merged);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let (got, want) = (
+        std::fs::read_to_string(&merged).unwrap(),
+        std::fs::read_to_string(&whole).unwrap(),
+    );
+    let (got, want) = (json_lines(&got), json_lines(&want));
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g["id"], w["id"]);
+        assert_eq!(g["error"], w["error"]);
+        let (a, b) = (g["logprob"].as_f64(), w["logprob"].as_f64());
+        assert!(
+            a.zip(b)
+                .is_none_or(|(a, b)| (a - b).abs() < 1e-4 * b.abs().max(1.0)),
+            "{g} vs {w}"
+        );
+    }
+
+    // a shard that stopped early: merge fails naming it, and writes nothing
+    let text = std::fs::read_to_string(shard(2)).unwrap();
+    let kept: Vec<&str> = text.lines().collect();
+    std::fs::write(shard(2), kept[..kept.len() - 1].join("\n") + "\n").unwrap();
+    let incomplete = dir.path().join("incomplete.jsonl");
+    let run = merge(&incomplete);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("shard2.jsonl") && err.contains("is missing"),
+        "{err}"
+    );
+    assert!(!incomplete.exists());
+}
