@@ -239,11 +239,10 @@ pub struct Engine {
     files: ModelFiles,
     offload_dir: Option<PathBuf>,
     keep_offload: bool,
-    /// The cost model's memory forms for this engine's budgets and executor, which a call's
-    /// longest record is checked against before any work.
-    memory: CostModel,
-    /// The workload the policy search sized the placement for (`None`: a policy file).
-    sized_for: Option<Workload>,
+    /// The cost model the policy search placed the model with (`None`: a policy file): its
+    /// workload is the records the placement was sized for, and its memory forms screen a
+    /// call's longer records before any work.
+    searched: Option<CostModel>,
     /// The budgets `[device, CPU, disk]` (on the CPU device, RAM twice).
     budgets: [u64; 3],
     /// Counts of the blocks run so far.
@@ -399,83 +398,65 @@ impl Engine {
             &files, format, false,
         )?);
         let logit_rows = logit_rows(&files.config, options.gpu_budget, logit_width);
-        let compress_weight = format == WeightFormat::Group4;
-        // the search's (or, for a policy file, the built-in) profile: its memory peaks, not
-        // its rates, are what a call's records are checked against before any work
-        let (hardware, searched) = match options.placement {
-            Placement::Policy(p) => (default_profile()?, Err(p)),
+        // with a search: the cost model it places the model with, kept to screen records
+        // longer than it was told of (`Engine::check_longest`)
+        let (policy, searched) = match options.placement {
+            Placement::Policy(p) => (p, None),
             Placement::Search {
                 hardware,
                 prompt_len,
                 gen_len,
+                compress_weight,
                 compress_cache,
-                ..
             } => {
                 chunk = hardware.io_chunk_bytes as usize;
                 io_threads = hardware.io_threads;
+                let bytes_per_value =
+                    crate::exec::weights::runtime_bytes_per_value(&files, format)?;
+                let hw = if host {
+                    // one memory: the device tier is RAM
+                    hardware.for_host_device(bytes_per_value).with_capacities(
+                        options.cpu_budget,
+                        0,
+                        disk_budget,
+                    )
+                } else {
+                    hardware.with_capacities(options.gpu_budget, options.cpu_budget, disk_budget)
+                };
+                let (chunk, threads) = staging_shape(chunk, io_threads);
+                let head = HeadBytes {
+                    output: crate::exec::weights::output_weight_bytes(&files, format)? as f64,
+                    table: crate::exec::weights::lookup_table_bytes(&files)? as f64,
+                };
+                let logit_bytes = (4 * logit_rows * logit_width) as f64;
                 let workload = Workload {
                     prompt_len,
                     gen_len: gen_len.max(1),
                 };
-                (hardware, Ok((workload, compress_cache)))
-            }
-        };
-        let bytes_per_value = crate::exec::weights::runtime_bytes_per_value(&files, format)?;
-        let hw = if host {
-            // one memory: the device tier is RAM
-            hardware.for_host_device(bytes_per_value).with_capacities(
-                options.cpu_budget,
-                0,
-                disk_budget,
-            )
-        } else {
-            hardware.with_capacities(options.gpu_budget, options.cpu_budget, disk_budget)
-        };
-        let (staged_chunk, staged_threads) = staging_shape(chunk, io_threads);
-        let head = HeadBytes {
-            output: crate::exec::weights::output_weight_bytes(&files, format)? as f64,
-            table: crate::exec::weights::lookup_table_bytes(&files)? as f64,
-        };
-        let logit_bytes = (4 * logit_rows * logit_width) as f64;
-        let workload = match &searched {
-            Ok((workload, _)) => *workload,
-            Err(_) => Workload {
-                prompt_len: 1,
-                gen_len: 1,
-            },
-        };
-        let memory = CostModel::new(&files.config, hw, workload)
-            .with_weight_bytes(crate::exec::weights::runtime_bytes_per_value(
-                &files,
-                WeightFormat::Native,
-            )?)
-            // activations and the uncompressed cache are f32 here
-            .with_activation_bytes(4.0)
-            .with_compute_rows(chunk_rows(&files.config, options.gpu_budget))
-            .with_executor_bytes(
-                head,
-                logit_bytes,
-                StagingPool::bytes(staging_buffers(staged_threads), staged_chunk) as f64,
-            );
-        let memory = if host {
-            memory.on_host_device()
-        } else {
-            memory
-        };
-        let sized_for = searched.as_ref().ok().map(|(w, _)| *w);
-        let policy = match searched {
-            Err(p) => p,
-            Ok((_, compress_cache)) => {
-                search(
-                    &memory,
+                let model = CostModel::new(&files.config, hw, workload)
+                    .with_weight_bytes(crate::exec::weights::runtime_bytes_per_value(
+                        &files,
+                        WeightFormat::Native,
+                    )?)
+                    // activations and the uncompressed cache are f32 here
+                    .with_activation_bytes(4.0)
+                    .with_compute_rows(chunk_rows(&files.config, options.gpu_budget))
+                    .with_executor_bytes(
+                        head,
+                        logit_bytes,
+                        StagingPool::bytes(staging_buffers(threads), chunk) as f64,
+                    );
+                let model = if host { model.on_host_device() } else { model };
+                let found = search(
+                    &model,
                     &SearchOptions {
                         compress_weight,
                         compress_cache,
                         allow_cpu_cache_compute: !compress_cache,
                         ..SearchOptions::default()
                     },
-                )?
-                .policy
+                )?;
+                (found.policy, Some(model))
             }
         };
         let policy = if host { policy.on_host() } else { policy };
@@ -539,8 +520,7 @@ impl Engine {
             files,
             offload_dir: options.offload_dir,
             keep_offload: options.keep_offload,
-            memory,
-            sized_for,
+            searched,
             stats: Mutex::new(BlockStats::default()),
             budgets: [options.gpu_budget, options.cpu_budget, disk_budget],
         })
@@ -623,10 +603,10 @@ impl Engine {
     /// prompt_len` for scoring on a searched placement (the rows of `gbs` records of the length
     /// the search was told of); `None` otherwise (batches of `gbs` sequences).
     fn batch_token_capacity(&self, task: Task) -> Option<usize> {
-        match (task, self.sized_for) {
-            (Task::Score, Some(w)) => {
-                Some(self.executor.policy().gpu_batch_size.max(1) * w.prompt_len.max(1))
-            }
+        match (task, &self.searched) {
+            (Task::Score, Some(model)) => Some(
+                self.executor.policy().gpu_batch_size.max(1) * model.workload.prompt_len.max(1),
+            ),
             _ => None,
         }
     }
@@ -724,11 +704,10 @@ impl Engine {
             Task::Generate(0) => return false,
             Task::Generate(n) => n,
         };
-        match self.sized_for {
-            Some(w) if longest > w.prompt_len || gen_len > w.gen_len => {}
+        let mut model = match &self.searched {
+            Some(m) if longest > m.workload.prompt_len || gen_len > m.workload.gen_len => m.clone(),
             _ => return false,
-        }
-        let mut model = self.memory.clone();
+        };
         model.workload = Workload {
             prompt_len: longest,
             gen_len,
