@@ -17,7 +17,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::ops::ControlFlow;
+use std::ops::{ControlFlow, Range};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -582,21 +582,33 @@ impl Engine {
         mut on_block: impl FnMut(usize, Vec<SeqResult>) -> ControlFlow<()>,
     ) -> Result<()> {
         self.check_longest(seqs, task)?;
-        let sizes = self.batch_sizes(seqs, task);
-        let mut first = 0;
-        for block in sizes.chunks(self.executor.policy().num_gpu_batches.max(1)) {
-            let n: usize = block.iter().sum();
-            let chunk = &seqs[first..first + n];
+        for (range, sizes) in self.blocks(seqs, task) {
+            let first = range.start;
             let results = {
                 let _running = self.block_lock.lock().unwrap_or_else(|e| e.into_inner());
-                self.run_fitting(chunk, block, task)?
+                self.run_fitting(&seqs[range], &sizes, task)?
             };
             if on_block(first, results).is_break() {
                 break;
             }
-            first += n;
         }
         Ok(())
+    }
+
+    /// `seqs` in blocks of at most `nb` GPU batches ([`Engine::batch_sizes`]): each block's
+    /// sequences and its batches' sizes.
+    fn blocks(&self, seqs: &[&[u32]], task: Task) -> Vec<(Range<usize>, Vec<usize>)> {
+        let nb = self.executor.policy().num_gpu_batches.max(1);
+        let mut first = 0;
+        let sizes = self.batch_sizes(seqs, task);
+        sizes
+            .chunks(nb)
+            .map(|block| {
+                let range = first..first + block.iter().sum::<usize>();
+                first = range.end;
+                (range, block.to_vec())
+            })
+            .collect()
     }
 
     /// The tokens a GPU batch is sized for when the engine packs records by tokens: `gbs *
@@ -740,13 +752,8 @@ impl Engine {
                 let (a, b) = seqs.split_at(seqs.len() / 2);
                 for half in [a, b] {
                     // (each half's batches, packed again: never more than the block's)
-                    let sizes = self.batch_sizes(half, task);
-                    let nb = self.executor.policy().num_gpu_batches.max(1);
-                    let mut first = 0;
-                    for block in sizes.chunks(nb) {
-                        let n: usize = block.iter().sum();
-                        out.extend(self.run_fitting(&half[first..first + n], block, task)?);
-                        first += n;
+                    for (range, sizes) in self.blocks(half, task) {
+                        out.extend(self.run_fitting(&half[range], &sizes, task)?);
                     }
                 }
                 Ok(out)

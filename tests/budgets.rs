@@ -39,6 +39,29 @@ fn search(prompt_len: usize, gen_len: usize, compress: bool) -> Placement {
     }
 }
 
+/// How a call of `total` records that handed `handed` back ended: `Ok(true)` when it
+/// completed, `Ok(false)` when the up-front check refused it before any result (allowed only
+/// for records longer than the search was told of); any other end fails the case.
+fn completed(
+    result: ferrogen::Result<()>,
+    handed: usize,
+    total: usize,
+    told_of: bool,
+    what: &str,
+) -> Result<bool, TestCaseError> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(e @ Error::Infeasible { .. }) if !told_of && handed == 0 => {
+            // (the up-front check's refusal, not a block's)
+            prop_assert!(e.to_string().contains("even alone in its batch"), "{}", e);
+            Ok(false)
+        }
+        Err(e) => Err(TestCaseError::fail(format!(
+            "{what} refused after {handed} of {total} records: {e}"
+        ))),
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(32))]
 
@@ -100,20 +123,8 @@ proptest! {
             got.extend(block);
             std::ops::ControlFlow::Continue(())
         });
-        match scored {
-            Ok(()) => {}
-            Err(e @ Error::Infeasible { .. }) if !told_of && got.is_empty() => {
-                // (the up-front check's refusal, not a block's)
-                prop_assert!(e.to_string().contains("even alone in its batch"), "{}", e);
-                return Ok(());
-            }
-            Err(e) => {
-                return Err(TestCaseError::fail(format!(
-                    "{what}: scoring refused after {} of {} records: {e}",
-                    got.len(),
-                    batch.len()
-                )))
-            }
+        if !completed(scored, got.len(), batch.len(), told_of, &format!("{what}: scoring"))? {
+            return Ok(());
         }
         let d = worst_diff(&got, &resident.token_logprobs(&batch));
         // a small budget computes in smaller row chunks and batches than the resident model;
@@ -128,19 +139,8 @@ proptest! {
             gen.extend(block);
             std::ops::ControlFlow::Continue(())
         });
-        match generated {
-            Ok(()) => {}
-            Err(e @ Error::Infeasible { .. }) if !told_of && gen.is_empty() => {
-                prop_assert!(e.to_string().contains("even alone in its batch"), "{}", e);
-                return Ok(());
-            }
-            Err(e) => {
-                return Err(TestCaseError::fail(format!(
-                    "{what}: generation refused after {} of {} prompts: {e}",
-                    gen.len(),
-                    prompts.len()
-                )))
-            }
+        if !completed(generated, gen.len(), prompts.len(), told_of, &format!("{what}: generation"))? {
+            return Ok(());
         }
         let greedy = resident.generate_greedy(prompts, new_tokens);
         for (g, want) in gen.iter().zip(&greedy) {

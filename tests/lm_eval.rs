@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{cache_dir, example_binary, skipped, smollm2_path};
+use common::{cache_dir, example_binary, present_or_skipped, smollm2_path};
 
 /// The venv's python with lm-eval: `$FERROGEN_LM_EVAL_PYTHON`, else the one setup.sh makes in
 /// the cache. `None` (said as a skip) when missing and `FERROGEN_OFFLINE=1`; else a missing
@@ -21,18 +21,10 @@ fn lm_eval_python() -> Option<PathBuf> {
         Some(p) => PathBuf::from(p),
         None => cache_dir().join("lm-eval-venv/bin/python"),
     };
-    if python.exists() {
-        return Some(python);
-    }
-    if std::env::var("FERROGEN_OFFLINE").as_deref() == Ok("1") {
-        skipped(&format!("FERROGEN_OFFLINE=1, {} missing", python.display()));
-        return None;
-    }
-    panic!(
-        "{} is missing: run `bash scripts/setup.sh` (it makes a venv with lm-eval==0.4.13), \
-         or set FERROGEN_OFFLINE=1",
-        python.display()
-    );
+    present_or_skipped(
+        python,
+        "`bash scripts/setup.sh` (it makes a venv with lm-eval==0.4.13)",
+    )
 }
 
 /// Runs `python args...` in the repository, offline, with the datasets cache in `tmp`.

@@ -28,7 +28,15 @@ pub fn cache_dir() -> PathBuf {
 /// SmolLM2's path; `None` (said as a skip) when it is missing and `FERROGEN_OFFLINE=1`, else a
 /// missing model fails the test with how to fetch it.
 pub fn smollm2_path() -> Option<PathBuf> {
-    let path = cache_dir().join(SMOLLM2_FILE);
+    present_or_skipped(
+        cache_dir().join(SMOLLM2_FILE),
+        "`bash scripts/fetch-model.sh`",
+    )
+}
+
+/// `path` when it exists; else `None` (said as a skip) when `FERROGEN_OFFLINE=1`, or a panic
+/// that says to run `fetch` (what puts it there).
+pub fn present_or_skipped(path: PathBuf, fetch: &str) -> Option<PathBuf> {
     if path.exists() {
         return Some(path);
     }
@@ -37,7 +45,7 @@ pub fn smollm2_path() -> Option<PathBuf> {
         return None;
     }
     panic!(
-        "{} is missing: run `bash scripts/fetch-model.sh`, or set FERROGEN_OFFLINE=1",
+        "{} is missing: run {fetch}, or set FERROGEN_OFFLINE=1",
         path.display()
     );
 }
