@@ -7,7 +7,7 @@
 //!     [--window N] [--stride S]
 //!     [--gpu-mem SIZE] [--cpu-mem SIZE] [--offload-dir DIR] [--keep-offload]
 //!     [--policy FILE.toml | --hardware PROFILE.toml [--prompt-len N]]
-//!     [--compress-weight] [--compress-cache] [--trace FILE.json]
+//!     [--compress-weight] [--compress-cache] [--no-share-prefixes] [--trace FILE.json]
 //! ```
 //! The engine runs by default, on the device `--device` names (auto: a discrete or integrated
 //! GPU through WebGPU when there is one, else the native CPU device; on the CPU device
@@ -23,23 +23,24 @@
 //! its output already answers are skipped, a torn last line is cut and redone, and the rest is
 //! appended. `--shard K/N` scores every N-th record from the K-th (from 0); without it, a Slurm
 //! job array's or a Kubernetes Indexed Job's environment names the shard (`--shards N` gives an
-//! Indexed Job's count), and the `merge` example joins the shards' outputs. Exit status: 0 all records scored, 3 some failed, 2 usage or model error before
+//! Indexed Job's count), and the `merge` example joins the shards' outputs. Records that begin
+//! alike (a question's endings) are scored as prefix groups, the common part computed once;
+//! `--no-share-prefixes` computes every record whole. Exit status: 0 all records scored, 3 some failed, 2 usage or model error before
 //! any record was read, 1 an I/O error during the job.
 
 mod common;
 
-use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use common::{required, Flags};
+use common::{open_job_input, open_output, required, Flags};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::device::DeviceKind;
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
 use ferrogen::model::ModelFiles;
 use ferrogen::policy::{HardwareProfile, Policy};
-use ferrogen::score::{read_ids, resume_point, score_jsonl, ScoreOptions, Scorer, Shard};
+use ferrogen::score::{score_jsonl, ScoreOptions, Scorer, Shard};
 use ferrogen::storage::Tier;
 use ferrogen::{format_size, parse_size};
 use ferrogen::{Error, Result};
@@ -70,6 +71,8 @@ struct Args {
     compress_weight: bool,
     /// FlexGen 4-bit KV cache.
     compress_cache: bool,
+    /// Compute every record whole, without prefix groups.
+    no_share_prefixes: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -90,6 +93,7 @@ fn parse_args() -> Result<Args> {
             "--shards" => a.shards = Some(flags.positive(&flag)?),
             "--compress-weight" => a.compress_weight = true,
             "--compress-cache" => a.compress_cache = true,
+            "--no-share-prefixes" => a.no_share_prefixes = true,
             "--backend" => a.backend = Some(flags.value(&flag)?),
             "--device" => a.device = flags.value(&flag)?.parse()?,
             "--batch-tokens" => a.options.batch_tokens = Some(flags.positive(&flag)?),
@@ -201,55 +205,13 @@ struct Job {
 
 /// Opens input, model and output (any failure here exits with status 2).
 fn prepare(args: &Args) -> Result<Job> {
-    // the ids first (unique, or an error before any work), then the input again for the job
-    // (stdin is read into memory to be read twice)
-    let (ids, input): (_, Box<dyn Read>) = if args.input == "-" {
-        let mut bytes = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut bytes)
-            .map_err(|e| Error::io("<stdin>", e))?;
-        let ids = read_ids(bytes.as_slice(), "<stdin>")?;
-        (ids, Box::new(std::io::Cursor::new(bytes)))
-    } else {
-        let open = || File::open(&args.input).map_err(|e| Error::io(&args.input, e));
-        (
-            read_ids(BufReader::new(open()?), &args.input)?,
-            Box::new(open()?),
-        )
-    };
-    // this process's shard: the flag, else the scheduler's environment (Slurm, Kubernetes)
-    let shard = match args.shard {
-        Some(s) => Some(s),
-        None => Shard::from_env(|v| std::env::var(v).ok(), args.shards)?,
-    };
-    let ids: Vec<_> = match shard {
-        Some(s) => {
-            eprintln!(
-                "shard {} of {}: every {}th record from record {}",
-                s.index, s.count, s.count, s.index
-            );
-            ids.into_iter()
-                .enumerate()
-                .filter(|(i, _)| s.takes(*i))
-                .map(|(_, id)| id)
-                .collect()
-        }
-        None => ids,
-    };
-    let answered = if args.resume {
-        if args.output == "-" {
-            return Err(Error::invalid("--resume", "needs --output to be a file"));
-        }
-        let answered = resume_point(args.output.as_ref(), &ids)?;
-        eprintln!(
-            "resume: {answered} of {} records already answered in {}",
-            ids.len(),
-            args.output
-        );
-        answered
-    } else {
-        0
-    };
+    let input = open_job_input(
+        &args.input,
+        &args.output,
+        args.shard,
+        args.shards,
+        args.resume,
+    )?;
     let model = match args.backend.as_deref() {
         Some("reference") => {
             if let Some(flag) = args.memory_flag() {
@@ -281,6 +243,7 @@ fn prepare(args: &Args) -> Result<Job> {
                 .offload_dir(args.offload_dir.clone())
                 .keep_offload(args.keep_offload)
                 .trace(args.trace.is_some())
+                .share_prefixes(!args.no_share_prefixes)
                 .device(device);
             let engine = Engine::open_with(files, options)?;
             let w = engine.weight_bytes();
@@ -332,25 +295,10 @@ fn prepare(args: &Args) -> Result<Job> {
     args.options.windows(model.scorer().config())?;
     Ok(Job {
         model,
-        input,
+        input: input.reader,
         output: open_output(&args.output, args.resume)?,
-        answered,
-        shard,
-    })
-}
-
-/// The output: stdout for `-`, else the file, created anew, or appended to when resuming.
-fn open_output(path: &str, resume: bool) -> Result<Box<dyn Write>> {
-    Ok(if path == "-" {
-        Box::new(std::io::stdout())
-    } else if resume {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path);
-        Box::new(file.map_err(|e| Error::io(path, e))?)
-    } else {
-        Box::new(File::create(path).map_err(|e| Error::io(path, e))?)
+        answered: input.answered,
+        shard: input.shard,
     })
 }
 
@@ -391,8 +339,17 @@ fn report(args: &Args, model: &Backend) -> Result<()> {
     } else {
         format!("{} sequences", b.sequence_capacity)
     };
+    let shared = if b.shared_tokens > 0 {
+        format!(
+            "; prefix groups saved {} tokens, {:.0}% of the records'",
+            b.shared_tokens,
+            100.0 * b.shared_tokens as f64 / (b.tokens + b.shared_tokens) as f64
+        )
+    } else {
+        String::new()
+    };
     eprintln!(
-        "blocks: {} ({} sequences, {} tokens), {:.0}% full (capacity {capacity})",
+        "blocks: {} ({} sequences, {} tokens), {:.0}% full (capacity {capacity}){shared}",
         b.blocks,
         b.sequences,
         b.tokens,

@@ -1,6 +1,8 @@
 // Causal attention of a ragged batch against per-sequence KV caches, with GQA.
-// q [rows, heads * d]; k, v [cache rows, kv_heads * d]; info[2r] = first cache row of row r's
-// sequence, info[2r + 1] = keys visible to row r (its position + 1). Query head h reads kv head
+// q [rows, heads * d]; k, v [cache rows, kv_heads * d]; info[4r] = first cache row of row r's
+// sequence, info[4r + 1] = keys up to row r's own (its row in the sequence + 1), and keys
+// info[4r + 2] .. info[4r + 3] are not seen (another branch of a prefix group; an empty range
+// for a plain sequence): row r sees keys j < visible outside it. Query head h reads kv head
 // h / (heads / kv_heads). One invocation per (r, h): t = (wid.y * nwg.x + wid.x) * 64 + lid.x = h * rows + r.
 // Online softmax over the visible keys j: m = running max of s_j = scale * q . k_j,
 // l = sum exp(s_j - m), acc = sum exp(s_j - m) v_j; out = acc / l.
@@ -72,8 +74,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let g = h / (params.heads / params.kv_heads);
     let kvw = params.kv_heads * HEAD_DIM;
     let qb = r * params.heads * HEAD_DIM + h * HEAD_DIM;
-    let first = info[2u * r];
-    let visible = info[2u * r + 1u];
+    let first = info[4u * r];
+    let visible = info[4u * r + 1u];
+    let skip_from = info[4u * r + 2u];
+    let skip_to = info[4u * r + 3u];
     let scale = bitcast<f32>(params.scale_bits);
     var qv: array<vec4<f32>, 64>;
     var acc: array<vec4<f32>, 64>;
@@ -86,6 +90,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         for (var c = 0u; c < chunks(); c++) { acc[c] = o4(qb, c); }
     }
     for (var j = params.key_begin; j < min(params.key_end, visible); j++) {
+        if (j >= skip_from && j < skip_to) {
+            j = skip_to - 1u; // past the skipped keys
+            continue;
+        }
         let kb = (first + j) * kvw + g * HEAD_DIM;
         var s = 0.0;
         for (var c = 0u; c < chunks(); c++) { s += dot(qv[c], k4(kb, c)); }

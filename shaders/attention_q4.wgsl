@@ -1,5 +1,6 @@
 // Causal attention against a 4-bit KV cache (layout in kv_quant.wgsl); otherwise as
-// attention.wgsl: one invocation per (query row r, head h), t = h * rows + r, online softmax over the visible keys,
+// attention.wgsl: one invocation per (query row r, head h), t = h * rows + r, online softmax over the visible keys
+// (info[4r .. 4r + 4]: first, visible, skip_from, skip_to),
 // query head h reading kv head h / (heads / kv_heads). Keys and values are decoded as read:
 // value(row, c) = code(row, c) * step + min of c's group. Keys are walked in passes over
 // key_begin .. key_end with the state carried in o and ml between them, as in attention.wgsl.
@@ -43,8 +44,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let words = width / 8u;
     let groups = width / params.group;
     let qb = r * params.heads * d + h * d;
-    let first = info[2u * r];
-    let visible = info[2u * r + 1u];
+    let first = info[4u * r];
+    let visible = info[4u * r + 1u];
+    let skip_from = info[4u * r + 2u];
+    let skip_to = info[4u * r + 3u];
     let scale = bitcast<f32>(params.scale_bits);
     var acc: array<f32, 256>;
     var m = -3.0e38;
@@ -55,6 +58,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         for (var e = 0u; e < d; e++) { acc[e] = o[qb + e]; }
     }
     for (var j = params.key_begin; j < min(params.key_end, visible); j++) {
+        if (j >= skip_from && j < skip_to) {
+            j = skip_to - 1u; // past the skipped keys
+            continue;
+        }
         let row = first + j;
         var s = 0.0;
         for (var e = 0u; e < d; e++) {

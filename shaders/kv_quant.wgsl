@@ -8,7 +8,8 @@
 // quantize: one invocation per (new row i, group j): reads the group's values from src
 // [rows, kv_heads * head_dim] (padding reads as 0), computes min and max, step = (max - min)/15,
 // stores (step, min) as f16 and codes round((x - min16) / step16) clamped to 0..15 against the
-// f16-rounded pair, into cache row dest[i] = info[2i] + info[2i + 1] - 1.
+// f16-rounded pair, into cache row dest[i] = info[4i] + info[4i + 1] - 1 (the row infos of
+// attention.wgsl: first + visible - 1 is the row's own key).
 
 struct Params { rows: u32, kv_heads: u32, head_dim: u32, padded: u32, group: u32, p0: u32, p1: u32, p2: u32 }
 
@@ -44,7 +45,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
     let packed = pack2x16float(vec2<f32>((hi - lo) / 15.0, lo));
     let sm = unpack2x16float(packed);
-    let dest = info[2u * i] + info[2u * i + 1u] - 1u;
+    let dest = info[4u * i] + info[4u * i + 1u] - 1u;
     scales[dest * groups + j] = packed;
     // each group spans whole words (group is a multiple of 8): write them outright
     for (var w = c0 / 8u; w < (c0 + params.group) / 8u; w++) {

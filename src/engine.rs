@@ -21,11 +21,11 @@ use std::ops::{ControlFlow, Range};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::batch::TokenScores;
+use crate::batch::{PrefixGroup, TokenScores};
 use crate::device::recipe::Runner;
 use crate::device::{CpuDevice, Device, DeviceKind};
 use crate::error::{Error, Result};
-use crate::exec::executor::Executor;
+use crate::exec::executor::{Executor, GenControl};
 use crate::exec::weights::{remove_offload, Placer};
 use crate::exec::{SeqResult, Task, Trace};
 use crate::gpu::{GpuContext, WgpuDevice};
@@ -33,6 +33,7 @@ use crate::layout::{workspace_bytes, RunOptions, WeightFormat, CHUNK_ROWS, LOGIT
 use crate::model::{ModelConfig, ModelFiles};
 use crate::policy::search::{search, SearchOptions};
 use crate::policy::{CostModel, HardwareProfile, HeadBytes, Policy, Workload};
+use crate::sampling::{Decoding, Sampling};
 use crate::storage::offload::StagingPool;
 use crate::storage::{MemoryLedger, Tier};
 
@@ -91,6 +92,9 @@ pub struct EngineOptions {
     pub device: DeviceKind,
     /// Threads of the CPU device (0: one per core).
     pub cpu_threads: usize,
+    /// Score sequences that begin with the same tokens as prefix groups, the common part
+    /// computed once ([`crate::PrefixGroup`]; on by default).
+    pub share_prefixes: bool,
 }
 
 impl EngineOptions {
@@ -107,6 +111,7 @@ impl EngineOptions {
             io_threads: 2,
             device: DeviceKind::Auto,
             cpu_threads: 0,
+            share_prefixes: true,
         }
     }
 
@@ -163,15 +168,22 @@ impl EngineOptions {
         self.cpu_threads = threads;
         self
     }
+
+    /// Turns prefix groups on or off (on by default): off, every sequence is computed whole.
+    pub fn share_prefixes(mut self, on: bool) -> Self {
+        self.share_prefixes = on;
+        self
+    }
 }
 
 /// What the engine needs from an executor, whatever its device.
 trait BlockRunner: Send + Sync {
     fn run_block(
         &self,
-        seqs: &[&[u32]],
+        seqs: &[PrefixGroup],
         batch_sizes: &[usize],
         task: Task,
+        control: Option<GenControl<'_>>,
     ) -> Result<Vec<SeqResult>>;
     fn policy(&self) -> &Policy;
     fn ledger(&self) -> &Arc<MemoryLedger>;
@@ -188,11 +200,12 @@ trait BlockRunner: Send + Sync {
 impl<D: Device> BlockRunner for Executor<D> {
     fn run_block(
         &self,
-        seqs: &[&[u32]],
+        seqs: &[PrefixGroup],
         batch_sizes: &[usize],
         task: Task,
+        control: Option<GenControl<'_>>,
     ) -> Result<Vec<SeqResult>> {
-        Executor::run_block(self, seqs, batch_sizes, task)
+        Executor::run_block(self, seqs, batch_sizes, task, control)
     }
     fn policy(&self) -> &Policy {
         &self.policy
@@ -247,6 +260,8 @@ pub struct Engine {
     budgets: [u64; 3],
     /// Counts of the blocks run so far.
     stats: Mutex<BlockStats>,
+    /// Whether scoring shares common prefixes ([`EngineOptions::share_prefixes`]).
+    share_prefixes: bool,
 }
 
 /// How full an engine's blocks were ([`Engine::block_stats`]).
@@ -255,10 +270,13 @@ pub struct Engine {
 pub struct BlockStats {
     /// Blocks run.
     pub blocks: u64,
-    /// Sequences run (a rolling window counts as one).
+    /// Sequences run (a rolling window counts as one; a prefix group as its members).
     pub sequences: u64,
-    /// Tokens run.
+    /// Tokens run (rows computed: a prefix group's shared rows count once).
     pub tokens: u64,
+    /// Tokens of sequences that prefix groups did not compute again (the shared rows
+    /// counted for every member but the first).
+    pub shared_tokens: u64,
     /// Sequences the blocks could have held: `gbs * nb` per block.
     pub sequence_capacity: u64,
     /// Tokens the blocks could have held, for blocks packed by tokens (scoring on a searched
@@ -523,6 +541,7 @@ impl Engine {
             searched,
             stats: Mutex::new(BlockStats::default()),
             budgets: [options.gpu_budget, options.cpu_budget, disk_budget],
+            share_prefixes: options.share_prefixes,
         })
     }
 
@@ -572,32 +591,81 @@ impl Engine {
         self.executor.trace()
     }
 
-    /// Runs `seqs` in blocks of `nb` GPU batches ([`Engine::batch_sizes`]), handing each
-    /// block's results to `on_block` (with the index of its first sequence) as soon as it
-    /// finishes, until `on_block` breaks. Each block holds the engine to itself while it runs.
+    /// Runs `seqs` in blocks of `nb` GPU batches ([`Engine::batch_sizes`]), handing results
+    /// to `on_block` (with the index of the first sequence they answer) as soon as a block
+    /// completes a run of sequences, until `on_block` breaks. When scoring, sequences that
+    /// begin alike run as prefix groups ([`Engine::groups`]), whose members may be far apart
+    /// in `seqs`: results wait until those before them are done. Each block holds the engine
+    /// to itself while it runs.
     fn run_each(
         &self,
         seqs: &[&[u32]],
         task: Task,
+        control: Option<GenControl<'_>>,
         mut on_block: impl FnMut(usize, Vec<SeqResult>) -> ControlFlow<()>,
     ) -> Result<()> {
+        if task == Task::Score {
+            crate::batch::check_scorable(seqs)?;
+        }
         self.check_longest(seqs, task)?;
-        for (range, sizes) in self.blocks(seqs, task) {
-            let first = range.start;
+        let (members, groups): (Vec<Vec<usize>>, Vec<PrefixGroup>) =
+            self.groups(seqs, task).into_iter().unzip();
+        let mut done: Vec<Option<SeqResult>> = vec![None; seqs.len()];
+        let mut next = 0;
+        for (range, sizes) in self.blocks(&groups, task) {
             let results = {
                 let _running = self.block_lock.lock().unwrap_or_else(|e| e.into_inner());
-                self.run_fitting(&seqs[range], &sizes, task)?
+                // (generation: one sequence per group, so the block's first is the call's)
+                let control = control.map(|c| GenControl {
+                    first: range.start,
+                    ..c
+                });
+                self.run_fitting(&groups[range.clone()], &sizes, task, control)?
             };
-            if on_block(first, results).is_break() {
-                break;
+            // results are per member, group by group
+            for (&i, r) in members[range].iter().flatten().zip(results) {
+                done[i] = Some(r);
+            }
+            let end = (next..seqs.len())
+                .find(|&i| done[i].is_none())
+                .unwrap_or(seqs.len());
+            if end > next {
+                let run = done[next..end]
+                    .iter_mut()
+                    .map(|r| r.take().unwrap_or_default())
+                    .collect();
+                let first = std::mem::replace(&mut next, end);
+                if on_block(first, run).is_break() {
+                    break;
+                }
             }
         }
         Ok(())
     }
 
+    /// The sequences as the blocks run them, each with the indices of the sequences it
+    /// answers: when scoring with [`EngineOptions::share_prefixes`], those that begin alike as
+    /// prefix groups (`group_prefixes`) of at most a batch's token capacity
+    /// (or the model's context, when batches are counted in sequences); else one each.
+    fn groups(&self, seqs: &[&[u32]], task: Task) -> Vec<(Vec<usize>, PrefixGroup)> {
+        if task == Task::Score && self.share_prefixes {
+            let context = self.files.config.max_context();
+            let most = self
+                .batch_token_capacity(task)
+                .unwrap_or(context)
+                .min(context);
+            crate::batch::group_prefixes(seqs, most)
+        } else {
+            seqs.iter()
+                .enumerate()
+                .map(|(i, s)| (vec![i], PrefixGroup::single(s)))
+                .collect()
+        }
+    }
+
     /// `seqs` in blocks of at most `nb` GPU batches ([`Engine::batch_sizes`]): each block's
     /// sequences and its batches' sizes.
-    fn blocks(&self, seqs: &[&[u32]], task: Task) -> Vec<(Range<usize>, Vec<usize>)> {
+    fn blocks(&self, seqs: &[PrefixGroup], task: Task) -> Vec<(Range<usize>, Vec<usize>)> {
         let nb = self.executor.policy().num_gpu_batches.max(1);
         let mut first = 0;
         let sizes = self.batch_sizes(seqs, task);
@@ -627,7 +695,7 @@ impl Engine {
     /// searched placement, as many as fit the batch's token capacity (at least one), so that
     /// short records (a multiple-choice ending, a cloze word) fill the batch the budgets were
     /// sized for, and the weights streamed once per block serve that many tokens.
-    fn batch_sizes(&self, seqs: &[&[u32]], task: Task) -> Vec<usize> {
+    fn batch_sizes(&self, seqs: &[PrefixGroup], task: Task) -> Vec<usize> {
         let Some(capacity) = self.batch_token_capacity(task) else {
             let gbs = self.executor.policy().gpu_batch_size.max(1);
             return seqs.chunks(gbs).map(<[_]>::len).collect();
@@ -650,13 +718,14 @@ impl Engine {
     }
 
     /// Adds a block that ran to the counts of [`Engine::block_stats`].
-    fn count_block(&self, seqs: &[&[u32]], task: Task) {
+    fn count_block(&self, seqs: &[PrefixGroup], task: Task) {
         let policy = self.executor.policy();
         let batches = policy.num_gpu_batches.max(1);
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         stats.blocks += 1;
-        stats.sequences += seqs.len() as u64;
-        stats.tokens += seqs.iter().map(|s| s.len() as u64).sum::<u64>();
+        stats.sequences += seqs.iter().map(|g| g.branches.len() as u64).sum::<u64>();
+        stats.tokens += seqs.iter().map(|g| g.len() as u64).sum::<u64>();
+        stats.shared_tokens += seqs.iter().map(|g| g.saved_rows() as u64).sum::<u64>();
         stats.sequence_capacity += (batches * policy.gpu_batch_size.max(1)) as u64;
         if let Some(capacity) = self.batch_token_capacity(task) {
             stats.token_capacity += (batches * capacity) as u64;
@@ -685,7 +754,10 @@ impl Engine {
             return Ok(());
         };
         let _running = self.block_lock.lock().unwrap_or_else(|e| e.into_inner());
-        match self.executor.run_block(&[longest], &[1], task) {
+        match self
+            .executor
+            .run_block(&[PrefixGroup::single(longest)], &[1], task, None)
+        {
             Err(Error::Infeasible {
                 tier,
                 short_bytes,
@@ -739,22 +811,46 @@ impl Engine {
 
     /// Runs one block; when its sequences are too long for the budgets (a block's workspace,
     /// cache and activations grow with its tokens), runs each half on its own instead, down to
-    /// single sequences. Nothing is kept from a block that failed.
+    /// single sequences (a prefix group, down to its members). Nothing is kept from a block
+    /// that failed.
     fn run_fitting(
         &self,
-        seqs: &[&[u32]],
+        seqs: &[PrefixGroup],
         batch_sizes: &[usize],
         task: Task,
+        control: Option<GenControl<'_>>,
     ) -> Result<Vec<SeqResult>> {
-        match self.executor.run_block(seqs, batch_sizes, task) {
+        // the control of sequences `from..` of these
+        let from = |at: usize| {
+            control.map(|c| GenControl {
+                first: c.first + at,
+                ..c
+            })
+        };
+        match self.executor.run_block(seqs, batch_sizes, task, control) {
             Err(Error::Infeasible { .. }) if seqs.len() > 1 => {
                 let mut out = Vec::with_capacity(seqs.len());
-                let (a, b) = seqs.split_at(seqs.len() / 2);
-                for half in [a, b] {
+                let half = seqs.len() / 2;
+                for part in [0..half, half..seqs.len()] {
                     // (each half's batches, packed again: never more than the block's)
-                    for (range, sizes) in self.blocks(half, task) {
-                        out.extend(self.run_fitting(&half[range], &sizes, task)?);
+                    for (range, sizes) in self.blocks(&seqs[part.clone()], task) {
+                        let at = part.start + range.start;
+                        out.extend(self.run_fitting(
+                            &seqs[at..part.start + range.end],
+                            &sizes,
+                            task,
+                            from(at),
+                        )?);
                     }
+                }
+                Ok(out)
+            }
+            Err(Error::Infeasible { .. }) if seqs.len() == 1 && seqs[0].branches.len() > 1 => {
+                // (scoring only: no control)
+                let members = seqs[0].members();
+                let mut out = Vec::with_capacity(members.len());
+                for (range, sizes) in self.blocks(&members, task) {
+                    out.extend(self.run_fitting(&members[range], &sizes, task, None)?);
                 }
                 Ok(out)
             }
@@ -808,8 +904,7 @@ impl Engine {
         seqs: &[&[u32]],
         mut on_block: impl FnMut(usize, Vec<TokenScores>) -> ControlFlow<()>,
     ) -> Result<()> {
-        crate::batch::check_scorable(seqs)?;
-        self.run_each(seqs, Task::Score, |first, results| {
+        self.run_each(seqs, Task::Score, None, |first, results| {
             let scores = results
                 .into_iter()
                 .zip(&seqs[first..])
@@ -820,8 +915,8 @@ impl Engine {
     }
 
     /// Greedy generation of up to `new_tokens` tokens per prompt, with each token's logprob.
-    /// A sequence ends at the first token in `stop` (kept as its last token). The block it
-    /// is in still runs to `new_tokens`; the tokens past its stop are not returned.
+    /// A sequence ends at the first token in `stop` (kept as its last token) and then costs
+    /// no more compute.
     pub fn generate(
         &self,
         prompts: &[&[u32]],
@@ -842,17 +937,43 @@ impl Engine {
         prompts: &[&[u32]],
         new_tokens: usize,
         stop: &[u32],
-        mut on_block: impl FnMut(usize, Vec<SeqResult>) -> ControlFlow<()>,
+        on_block: impl FnMut(usize, Vec<SeqResult>) -> ControlFlow<()>,
     ) -> Result<()> {
-        self.run_each(prompts, Task::Generate(new_tokens), |first, mut results| {
-            for r in &mut results {
-                if let Some(end) = r.tokens.iter().position(|t| stop.contains(t)) {
-                    r.tokens.truncate(end + 1);
-                    r.logprobs.truncate(end + 1);
-                }
-            }
-            on_block(first, results)
-        })
+        let decoding = Decoding {
+            max_tokens: new_tokens,
+            sampling: Sampling::GREEDY,
+            stop_tokens: stop.to_vec(),
+        };
+        let decoding = vec![decoding; prompts.len()];
+        self.generate_with_each(prompts, &decoding, &|_, _| false, on_block)
+    }
+
+    /// Generates for prompt `i` as `decoding[i]` says (greedy or sampled from its seed, up to
+    /// its `max_tokens`, ending at a stop token), handing results over a block at a time as
+    /// [`Engine::token_logprobs_each`] does. `stop(i, tokens)` is the caller's own stop
+    /// condition (a stop string in the decoded text), asked after each new token of prompt
+    /// `i`. A sequence that stopped costs no more compute, and a block ends when all of its
+    /// sequences have.
+    pub fn generate_with_each(
+        &self,
+        prompts: &[&[u32]],
+        decoding: &[Decoding],
+        stop: &(dyn Fn(usize, &[u32]) -> bool + Sync),
+        on_block: impl FnMut(usize, Vec<SeqResult>) -> ControlFlow<()>,
+    ) -> Result<()> {
+        if decoding.len() != prompts.len() {
+            return Err(Error::invalid("generate", "one decoding per prompt"));
+        }
+        for d in decoding {
+            d.sampling.validate()?;
+        }
+        let longest = decoding.iter().map(|d| d.max_tokens).max().unwrap_or(0);
+        let control = GenControl {
+            decoding,
+            first: 0,
+            stop,
+        };
+        self.run_each(prompts, Task::Generate(longest), Some(control), on_block)
     }
 
     /// Peak bytes held per tier so far: `[GPU, CPU, disk]`.

@@ -497,25 +497,12 @@ pub fn score_jsonl(
         .unwrap_or_else(|| scorer.batch_tokens().unwrap_or(0).max(2048));
     let io_err = |e: std::io::Error| Error::io("<output>", e);
 
-    let mut lines = input.lines().enumerate();
-    let mut position = 0; // of the record among the input's records
+    let mut lines = JobLines::new(input, options.shard, options.skip_records);
     loop {
-        let next = lines.next();
+        let next = lines.next_line()?;
+        (summary.records, summary.skipped) = (lines.records, lines.skipped);
         let at_end = next.is_none();
-        if let Some((n, line)) = next {
-            let line = line.map_err(|e| Error::io(format!("<input line {}>", n + 1), e))?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            position += 1;
-            if options.shard.is_some_and(|s| !s.takes(position - 1)) {
-                continue;
-            }
-            summary.records += 1;
-            if summary.skipped < options.skip_records {
-                summary.skipped += 1;
-                continue;
-            }
+        if let Some(line) = next {
             match prepare(&line, &tokenizer, &config, max_len) {
                 Ok(p) => {
                     // one pass, or windows when too long for one (prepare fits pairs with a
@@ -561,6 +548,54 @@ pub fn score_jsonl(
         if at_end {
             return Ok(summary);
         }
+    }
+}
+
+/// The lines of a job's input that it answers: records (lines that are not blank) of its
+/// shard, past the first `skip` of them (answered by an interrupted run).
+pub(crate) struct JobLines<R> {
+    lines: std::iter::Enumerate<std::io::Lines<R>>,
+    shard: Option<Shard>,
+    skip: usize,
+    /// Records of the input so far.
+    position: usize,
+    /// Records of the shard so far.
+    pub(crate) records: usize,
+    /// Of those, skipped.
+    pub(crate) skipped: usize,
+}
+
+impl<R: BufRead> JobLines<R> {
+    pub(crate) fn new(input: R, shard: Option<Shard>, skip: usize) -> Self {
+        Self {
+            lines: input.lines().enumerate(),
+            shard,
+            skip,
+            position: 0,
+            records: 0,
+            skipped: 0,
+        }
+    }
+
+    /// The next line to answer, `None` at the end of the input.
+    pub(crate) fn next_line(&mut self) -> Result<Option<String>> {
+        for (n, line) in self.lines.by_ref() {
+            let line = line.map_err(|e| Error::io(format!("<input line {}>", n + 1), e))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            self.position += 1;
+            if self.shard.is_some_and(|s| !s.takes(self.position - 1)) {
+                continue;
+            }
+            self.records += 1;
+            if self.skipped < self.skip {
+                self.skipped += 1;
+                continue;
+            }
+            return Ok(Some(line));
+        }
+        Ok(None)
     }
 }
 

@@ -100,6 +100,97 @@ pub const WEIGHT_FORMATS: [(&str, u32, usize); 5] = [
     ("FlexGen 4-bit", 4, 64),
 ];
 
+/// A JSONL job's input, opened for its run: the records this process answers (its shard's,
+/// past those an interrupted run's output already answers when resuming).
+pub struct JobInput {
+    /// The input, from its start (read twice: stdin is held in memory).
+    pub reader: Box<dyn std::io::Read>,
+    /// This process's shard (the flag, else the scheduler's environment).
+    pub shard: Option<ferrogen::score::Shard>,
+    /// Records of the shard already answered in the output (0 unless resuming).
+    pub answered: usize,
+}
+
+/// Opens `input` (`-`: stdin), checks its ids are unique (an error before any work), finds
+/// this process's shard (`shard`, else Slurm's or Kubernetes' environment, `shards` giving an
+/// Indexed Job's count) and, with `resume`, how many of its records `output` answers already
+/// (cutting a torn last line).
+pub fn open_job_input(
+    input: &str,
+    output: &str,
+    shard: Option<ferrogen::score::Shard>,
+    shards: Option<usize>,
+    resume: bool,
+) -> Result<JobInput> {
+    use ferrogen::score::{read_ids, resume_point, Shard};
+    use std::io::Read;
+    let (ids, reader): (_, Box<dyn Read>) = if input == "-" {
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::io("<stdin>", e))?;
+        let ids = read_ids(bytes.as_slice(), "<stdin>")?;
+        (ids, Box::new(std::io::Cursor::new(bytes)))
+    } else {
+        let open = || std::fs::File::open(input).map_err(|e| Error::io(input, e));
+        (
+            read_ids(std::io::BufReader::new(open()?), input)?,
+            Box::new(open()?),
+        )
+    };
+    let shard = match shard {
+        Some(s) => Some(s),
+        None => Shard::from_env(|v| std::env::var(v).ok(), shards)?,
+    };
+    let ids: Vec<_> = match shard {
+        Some(s) => {
+            eprintln!(
+                "shard {} of {}: every {}th record from record {}",
+                s.index, s.count, s.count, s.index
+            );
+            ids.into_iter()
+                .enumerate()
+                .filter(|(i, _)| s.takes(*i))
+                .map(|(_, id)| id)
+                .collect()
+        }
+        None => ids,
+    };
+    let answered = if resume {
+        if output == "-" {
+            return Err(Error::invalid("--resume", "needs --output to be a file"));
+        }
+        let answered = resume_point(output.as_ref(), &ids)?;
+        eprintln!(
+            "resume: {answered} of {} records already answered in {output}",
+            ids.len()
+        );
+        answered
+    } else {
+        0
+    };
+    Ok(JobInput {
+        reader,
+        shard,
+        answered,
+    })
+}
+
+/// A job's output: stdout for `-`, else the file, created anew, or appended to when resuming.
+pub fn open_output(path: &str, resume: bool) -> Result<Box<dyn std::io::Write>> {
+    Ok(if path == "-" {
+        Box::new(std::io::stdout())
+    } else if resume {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path);
+        Box::new(file.map_err(|e| Error::io(path, e))?)
+    } else {
+        Box::new(std::fs::File::create(path).map_err(|e| Error::io(path, e))?)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

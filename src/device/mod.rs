@@ -98,14 +98,37 @@ pub struct HostRows {
     pub rope: Option<(Vec<f32>, Vec<f32>)>,
 }
 
-/// Where one query row's keys are: its sequence's rows `first..first + visible` of the cache.
+/// Where one query row's keys are: its sequence's rows `first + j` of the cache for `j` in
+/// `0..visible`, except `skip_from..skip_to` (in a prefix group, the other members' branches:
+/// [`crate::PrefixGroup`]). Its own key is row `first + visible - 1`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct RowInfo {
     /// The sequence's first cache row.
     pub first: u32,
-    /// Keys this row attends to (its own position + 1).
+    /// Keys up to and including this row's own: its row in the sequence + 1.
     pub visible: u32,
+    /// The first key it does not see (equal to `skip_to` when it sees them all).
+    pub skip_from: u32,
+    /// The key after the last one it does not see.
+    pub skip_to: u32,
+}
+
+impl RowInfo {
+    /// A row that sees keys `0..visible` of its sequence, all of them.
+    pub fn new(first: u32, visible: u32) -> Self {
+        Self {
+            first,
+            visible,
+            skip_from: 0,
+            skip_to: 0,
+        }
+    }
+
+    /// Whether the row sees key `j` (`j < visible`) of its sequence.
+    pub fn sees(&self, j: u32) -> bool {
+        j < self.skip_from || j >= self.skip_to
+    }
 }
 
 /// One row's logits folded so far, a panel of the vocabulary at a time (an online

@@ -11,6 +11,7 @@
 use std::ops::Range;
 
 use super::{CacheFormat, Device, HostRows, LogitState, RowInfo};
+use crate::batch::PrefixGroup;
 use crate::error::{Error, Result};
 use crate::layout::{HeadLayout, Q4Layout, RunOptions, CHUNK_ROWS, LOGIT_ROWS};
 use crate::model::opt::{LAYER_NORM_EPS, POSITION_OFFSET};
@@ -190,13 +191,28 @@ impl<D: Device> UnitWeights<D> {
 
 /// Where one sequence's new tokens go in a cache.
 #[derive(Debug, Clone, Copy)]
-pub struct CacheSlot {
+pub struct CacheSlot<'a> {
     /// The sequence's first cache row.
     pub first: usize,
     /// Rows it may hold.
     pub capacity: usize,
     /// Rows it holds already.
     pub filled: usize,
+    /// When the new tokens are a prefix group of several members (into an empty slot): its
+    /// layout, which sets each row's position and the keys it sees.
+    pub group: Option<&'a PrefixGroup>,
+}
+
+impl CacheSlot<'_> {
+    /// A slot of one sequence.
+    pub fn new(first: usize, capacity: usize, filled: usize) -> Self {
+        Self {
+            first,
+            capacity,
+            filled,
+            group: None,
+        }
+    }
 }
 
 /// The rows of one forward call: new tokens of several sequences, stacked, with where each
@@ -291,11 +307,16 @@ impl<D: Device> Runner<D> {
     }
 
     /// Checks a batch of new tokens against their cache slots and prepares the per-row data.
-    pub fn row_batch(&self, batch: &[&[u32]], slots: &[CacheSlot]) -> Result<RowBatch<D>> {
+    pub fn row_batch(&self, batch: &[&[u32]], slots: &[CacheSlot<'_>]) -> Result<RowBatch<D>> {
         let vocab = self.config.vocab_size();
         let mut host = HostRows::default();
         let mut appends = Vec::new();
         for (seq, slot) in batch.iter().zip(slots) {
+            if seq.is_empty() && slot.filled > 0 {
+                // a sequence that stopped generating: no rows this step
+                appends.push((host.ids.len(), slot.first + slot.filled, 0));
+                continue;
+            }
             if seq.is_empty() {
                 return Err(Error::SequenceTooShort {
                     len: 0,
@@ -303,27 +324,45 @@ impl<D: Device> Runner<D> {
                     what: "run the model",
                 });
             }
-            let room = slot.capacity.min(self.config.max_context());
-            if slot.filled + seq.len() > room {
+            // per new row: its position and the earlier rows it does not see
+            let places: Vec<(usize, Range<usize>)> = match slot.group {
+                Some(g) if g.branches.len() > 1 => {
+                    if slot.filled > 0 || g.tokens[..] != seq[..] {
+                        return Err(Error::invalid(
+                            "batch",
+                            "a prefix group's rows go into an empty cache slot, all at once",
+                        ));
+                    }
+                    g.row_places()
+                }
+                _ => (slot.filled..slot.filled + seq.len())
+                    .map(|p| (p, 0..0))
+                    .collect(),
+            };
+            let last = places.iter().map(|p| p.0 + 1).max().unwrap_or(0);
+            let max = self.config.max_context();
+            if slot.filled + seq.len() > slot.capacity || last > max {
                 return Err(Error::SequenceTooLong {
-                    len: slot.filled + seq.len(),
-                    max: room,
+                    len: last.max(slot.filled + seq.len()),
+                    max: slot.capacity.min(max),
                 });
             }
             appends.push((host.ids.len(), slot.first + slot.filled, seq.len()));
-            for (i, &t) in seq.iter().enumerate() {
+            for (i, (&t, (position, skip))) in seq.iter().zip(places).enumerate() {
                 if t as usize >= vocab {
                     return Err(Error::TokenOutOfRange {
                         token: t,
-                        position: slot.filled + i,
+                        position,
                         vocab_size: vocab,
                     });
                 }
                 host.ids.push(t);
-                host.positions.push((slot.filled + i) as u32);
+                host.positions.push(position as u32);
                 host.infos.push(RowInfo {
                     first: slot.first as u32,
                     visible: (slot.filled + i + 1) as u32,
+                    skip_from: skip.start as u32,
+                    skip_to: skip.end as u32,
                 });
             }
         }
@@ -674,6 +713,27 @@ impl<D: Device> Runner<D> {
             .iter()
             .map(|s| (s.target_logprob(), s.greedy().0))
             .unzip())
+    }
+
+    /// The logits of output columns `cols` (a panel: `output` holds exactly those rows of the
+    /// projection) for rows `row_ids` of `hidden`, on the host, `[row_ids.len(), cols.len()]`.
+    pub fn logits(
+        &self,
+        output: &Linear<D>,
+        cols: Range<usize>,
+        hidden: &D::Tensor,
+        row_ids: &[usize],
+    ) -> Result<Vec<f32>> {
+        let ids: Vec<u32> = row_ids.iter().map(|&r| r as u32).collect();
+        let h = self.dev.gather(hidden, &ids)?;
+        // the parts' columns, counted from the panel's first
+        let parts: Vec<(D::Part, usize)> = output
+            .parts
+            .iter()
+            .map(|(p, c)| (p.clone(), c - cols.start))
+            .collect();
+        let y = self.dev.linear(&h, &parts, cols.len())?;
+        self.dev.download(&y, 0..row_ids.len())
     }
 
     /// The greedy token and its logprob per row of `row_ids` of `hidden`.

@@ -141,11 +141,7 @@ impl<D: Device> ResidentModel<D> {
             .iter()
             .map(|&s| {
                 let (first, capacity, filled) = cache.slots[s];
-                CacheSlot {
-                    first,
-                    capacity,
-                    filled,
-                }
+                CacheSlot::new(first, capacity, filled)
             })
             .collect();
         let r = &self.runner;

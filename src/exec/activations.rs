@@ -35,10 +35,12 @@ impl<D: Device> BlockState<'_, D> {
                 .cache_rows(c.token)
                 .into_iter()
                 .zip(&batch.capacity)
-                .map(|((first, filled, _), &capacity)| CacheSlot {
+                .zip(&batch.groups)
+                .map(|(((first, filled, _), &capacity), group)| CacheSlot {
                     first,
                     capacity,
                     filled,
+                    group: Some(group),
                 })
                 .collect();
             let new = batch.new_tokens(c.token);
@@ -48,7 +50,11 @@ impl<D: Device> BlockState<'_, D> {
                     .table
                     .gather(&rb.host.ids, exec.model.file.as_deref(), staging)
             })?;
-            let width = values.len() / rb.rows.max(1);
+            // (a batch whose sequences all stopped has no rows, and no compute)
+            let width = match rb.rows {
+                0 => r.config.hidden_size(),
+                rows => values.len() / rows,
+            };
             let held = exec
                 .ledger
                 .reserve(Tier::Gpu, (values.len() * 4) as u64, "activations")?;

@@ -118,7 +118,7 @@ impl<D: Device> BlockState<'_, D> {
                 .iter()
                 .map(|i| crate::device::RowInfo {
                     first: i.first - base as u32,
-                    visible: i.visible,
+                    ..*i
                 })
                 .collect();
             let view = KvView::F32 {

@@ -14,11 +14,13 @@ use super::activations::Activation;
 use super::cache::CacheCell;
 use super::trace::{Trace, Track};
 use super::weights::{PlacedModel, WeightSlot};
+use crate::batch::PrefixGroup;
 use crate::device::recipe::{Linear, RowBatch, Runner, UnitWeights};
 use crate::device::{Device, LogitState};
 use crate::error::{Error, Result};
 use crate::layout::workspace_bytes;
 use crate::policy::Policy;
+use crate::sampling::{Decoding, FinishReason, Sampling};
 use crate::schedule::{Cell, Op, PlanShape, Step, ZigzagPlan};
 use crate::storage::offload::{align_up, OffloadFile, StagingPool};
 use crate::storage::{split_sequences, MemoryLedger, Reservation, RowSplit, Tier};
@@ -36,10 +38,24 @@ pub enum Task {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SeqResult {
     /// Scoring: one logprob per token after the first. Generation: the logprob of each new
-    /// token.
+    /// token (under the model's distribution, before temperature and filtering).
     pub logprobs: Vec<f32>,
     /// Generation: the new tokens. Scoring: the argmax token at each scored position.
     pub tokens: Vec<u32>,
+    /// Generation: why it stopped.
+    pub finish: Option<FinishReason>,
+}
+
+/// What a generating block needs per sequence: how to choose its tokens and when to stop.
+#[derive(Clone, Copy)]
+pub(crate) struct GenControl<'a> {
+    /// One per sequence of the call.
+    pub decoding: &'a [Decoding],
+    /// The call's index of the block's first sequence.
+    pub first: usize,
+    /// Whether the caller's stop condition holds for sequence `i` of the call, given its new
+    /// tokens so far.
+    pub stop: &'a (dyn Fn(usize, &[u32]) -> bool + Sync),
 }
 
 /// Whether `op` runs on the calling thread (computes, and weight releases after them).
@@ -66,16 +82,24 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// One GPU batch of the block.
 pub(super) struct Batch<D: Device> {
-    /// Sequence indices in the block.
+    /// Sequence indices in the block (a prefix group counts as one sequence: its rows run
+    /// together and stay together on a tier).
     pub(super) seqs: Range<usize>,
-    /// Tokens so far per sequence (prompt, then generated).
-    pub(super) tokens: Vec<Vec<u32>>,
+    /// Tokens so far per sequence (prompt, then generated), with their layout.
+    pub(super) groups: Vec<PrefixGroup>,
     /// Cache capacity per sequence; the cache holds sequences back to back.
     pub(super) capacity: Vec<usize>,
     pub(super) rows: Option<RowBatch<D>>,
     pub(super) x: Option<Activation<D>>,
     /// Per row that reads the logits: the vocabulary panels folded so far.
     pub(super) logits: Vec<LogitState>,
+    /// Generation: per sampled row, its logits so far (the panels' columns in order), and
+    /// their bytes on the ledger.
+    pub(super) sampled: Vec<Vec<f32>>,
+    pub(super) sampled_held: Option<Reservation>,
+    /// Generation: the sequences that stopped (they add no more rows).
+    pub(super) done: Vec<bool>,
+    /// One per member of each group, in order.
     pub(super) results: Vec<SeqResult>,
 }
 
@@ -92,19 +116,21 @@ impl<D: Device> Batch<D> {
     }
 
     /// Per sequence: `(first cache row, rows cached before token step `token`, rows it adds)`.
-    /// The prefill adds the prompt; decode token `t` adds one row at `prompt + t - 1`. (The
-    /// prompt is what the sequence has beyond its generated tokens: both grow together under
-    /// the batch's lock, so this holds whichever operation asks.)
+    /// The prefill adds the prompt; decode token `t` adds one row at `prompt + t - 1`, none
+    /// once the sequence has stopped. (The prompt is what the sequence has beyond its
+    /// generated tokens: both grow together under the batch's lock, so this holds whichever
+    /// operation asks.)
     pub(super) fn cache_rows(&self, token: usize) -> Vec<(usize, usize, usize)> {
         self.firsts()
             .into_iter()
             .enumerate()
             .map(|(i, first)| {
-                let prompt = self.tokens[i].len() - self.results[i].tokens.len();
+                // (generation: one member per group)
+                let prompt = self.groups[i].len() - self.results[i].tokens.len();
                 if token == 0 {
                     (first, 0, prompt)
                 } else {
-                    (first, prompt + token - 1, 1)
+                    (first, prompt + token - 1, usize::from(!self.done[i]))
                 }
             })
             .collect()
@@ -112,10 +138,14 @@ impl<D: Device> Batch<D> {
 
     /// The new tokens of token step `token`.
     pub(super) fn new_tokens(&self, token: usize) -> Vec<&[u32]> {
-        self.tokens
+        self.groups
             .iter()
             .zip(self.cache_rows(token))
-            .map(|(t, (_, before, new))| &t[before..before + new])
+            // (a stopped sequence has no new tokens, and its tokens stopped growing)
+            .map(|(g, (_, before, new))| match new {
+                0 => &[][..],
+                _ => &g.tokens[before..before + new],
+            })
             .collect()
     }
 }
@@ -126,6 +156,8 @@ pub(super) struct BlockState<'a, D: Device> {
     pub(super) exec: &'a Executor<D>,
     pub(super) plan: ZigzagPlan,
     pub(super) task: Task,
+    /// Generation: choosing and stopping.
+    pub(super) control: Option<GenControl<'a>>,
     pub(super) batches: Vec<Mutex<Batch<D>>>,
     /// `[cache layer][batch]`.
     pub(super) caches: Vec<Vec<Mutex<CacheCell<D>>>>,
@@ -166,12 +198,16 @@ impl<D: Device> Executor<D> {
 
     /// Runs one block of at most `nb` GPU batches through the zig-zag schedule: the batches
     /// are `batch_sizes[i]` consecutive sequences each (`gbs`, or as many as a batch's tokens
-    /// hold when the engine packs short records).
+    /// hold when the engine packs short records). A sequence may be a prefix group of several
+    /// members (scoring only); the results are one per member, in order. Generation follows
+    /// `control` (greedy for `n` tokens without it); the block ends when every sequence has
+    /// stopped.
     pub(crate) fn run_block(
         &self,
-        seqs: &[&[u32]],
+        seqs: &[PrefixGroup],
         batch_sizes: &[usize],
         task: Task,
+        control: Option<GenControl<'_>>,
     ) -> Result<Vec<SeqResult>> {
         if seqs.is_empty() {
             return Ok(Vec::new());
@@ -187,22 +223,49 @@ impl<D: Device> Executor<D> {
         }
         let config = &self.runner.config;
         let gen_len = match task {
-            Task::Score => {
-                crate::batch::check_scorable(seqs)?;
-                1
+            Task::Score => 1,
+            _ if seqs.iter().any(|g| g.branches.len() != 1) => {
+                return Err(Error::invalid(
+                    "block",
+                    "prefix groups are for scoring: generate from one sequence each",
+                ))
             }
-            Task::Generate(0) => return Ok(vec![SeqResult::default(); seqs.len()]),
-            Task::Generate(n) => n,
+            Task::Generate(n) => match control {
+                // (the plan runs as long as the block's longest)
+                Some(c) => c.decoding[c.first..c.first + seqs.len()]
+                    .iter()
+                    .map(|d| d.max_tokens)
+                    .max()
+                    .unwrap_or(0),
+                None => n,
+            },
         };
-        for s in seqs {
-            let need = s.len() + gen_len - 1;
+        if gen_len == 0 {
+            let none = SeqResult {
+                finish: Some(FinishReason::Length),
+                ..SeqResult::default()
+            };
+            return Ok(vec![none; seqs.len()]);
+        }
+        for g in seqs {
+            // positions go up to the longest member (rows may be more: the cache holds them)
+            let longest = g.shared + g.branches.iter().max().copied().unwrap_or(0);
+            let shortest = g.shared + g.branches.iter().min().copied().unwrap_or(0);
+            if task == Task::Score && shortest < 2 {
+                return Err(Error::SequenceTooShort {
+                    len: shortest,
+                    needed: 2,
+                    what: "score a sequence",
+                });
+            }
+            let need = longest + gen_len - 1;
             if need > config.max_context() {
                 return Err(Error::SequenceTooLong {
                     len: need,
                     max: config.max_context(),
                 });
             }
-            if s.is_empty() {
+            if g.is_empty() {
                 return Err(Error::SequenceTooShort {
                     len: 0,
                     needed: 1,
@@ -229,12 +292,15 @@ impl<D: Device> Executor<D> {
             let chunk = &seqs[first..first + size];
             batches.push(Batch {
                 seqs: first..first + chunk.len(),
-                tokens: chunk.iter().map(|s| s.to_vec()).collect(),
-                capacity: chunk.iter().map(|s| s.len() + gen_len - 1).collect(),
+                groups: chunk.to_vec(),
+                capacity: chunk.iter().map(|g| g.len() + gen_len - 1).collect(),
                 rows: None,
                 x: None,
                 logits: Vec::new(),
-                results: vec![SeqResult::default(); chunk.len()],
+                sampled: Vec::new(),
+                sampled_held: None,
+                done: vec![false; chunk.len()],
+                results: vec![SeqResult::default(); chunk.iter().map(|g| g.branches.len()).sum()],
             });
             first += size;
         }
@@ -242,7 +308,7 @@ impl<D: Device> Executor<D> {
         // one row per sequence of the batch)
         let max_rows = batches
             .iter()
-            .map(|b| b.tokens.iter().map(Vec::len).sum::<usize>())
+            .map(|b| b.groups.iter().map(PrefixGroup::len).sum::<usize>())
             .max()
             .unwrap_or(0);
         let delegated_rows = if self.policy.cpu_cache_compute {
@@ -317,7 +383,10 @@ impl<D: Device> Executor<D> {
         for b in &batches {
             act_extent.push(act_bytes);
             let split = act_split.within(b.seqs.clone());
-            let rows: usize = b.tokens[split.gpu + split.cpu..].iter().map(Vec::len).sum();
+            let rows: usize = b.groups[split.gpu + split.cpu..]
+                .iter()
+                .map(PrefixGroup::len)
+                .sum();
             act_bytes += align_up((rows * width * 4) as u64);
         }
         let file = |name: &str, bytes: u64| -> Result<Option<(OffloadFile, Reservation)>> {
@@ -347,6 +416,7 @@ impl<D: Device> Executor<D> {
         let state = BlockState {
             exec: self,
             task,
+            control,
             batches: batches.into_iter().map(Mutex::new).collect(),
             caches,
             act_split,
@@ -369,9 +439,27 @@ impl<D: Device> Executor<D> {
 }
 
 impl<D: Device> BlockState<'_, D> {
+    /// Runs the plan's steps, until every sequence of a generating block has stopped.
     fn run(&self) -> Result<()> {
+        let result = self.run_steps();
+        // a block that ended early leaves weights in the slots
+        for slot in &self.exec.slots {
+            lock(slot).loaded = None;
+        }
+        result
+    }
+
+    /// Whether every sequence of the block has stopped generating.
+    fn all_done(&self) -> bool {
+        self.batches.iter().all(|b| lock(b).done.iter().all(|&d| d))
+    }
+
+    fn run_steps(&self) -> Result<()> {
         if !self.exec.policy.overlap {
             for step in &self.plan.steps {
+                if self.all_done() {
+                    break;
+                }
                 for &op in step.ops.iter().filter(|o| !is_compute_side(o)) {
                     self.op(op)?;
                 }
@@ -389,6 +477,9 @@ impl<D: Device> BlockState<'_, D> {
             let mut pending: Vec<(WeightKey, IoThread<'_>)> = Vec::new();
             let mut first_err = None;
             for step in &self.plan.steps {
+                if self.all_done() {
+                    break;
+                }
                 let mut handles = Vec::new();
                 for &op in step.ops.iter().filter(|o| !is_compute_side(o)) {
                     let handle = s.spawn(move || self.op(op));
@@ -510,6 +601,12 @@ impl<D: Device> BlockState<'_, D> {
                 .rows
                 .take()
                 .ok_or_else(|| Error::invalid("executor", "rows of the batch not prepared"))?;
+            if rb.rows == 0 {
+                // every sequence of the batch has stopped: nothing to compute
+                batch.x = Some(Activation::Gpu(x, held));
+                batch.rows = Some(rb);
+                return Ok(());
+            }
             (x, held, rb)
         };
         let mut cache = self
@@ -611,15 +708,60 @@ impl<D: Device> BlockState<'_, D> {
         let r = &self.exec.runner;
         let mut states = std::mem::take(&mut batch.logits);
         let new = batch.new_tokens(token);
+        // generation: the sequences still going (one row each, their last)
+        let mut active = Vec::new();
         let (rows, targets) = match self.task {
             Task::Score => {
-                let (rows, targets) = crate::batch::scoring_rows(&new);
+                // each group's scoring rows, offset by the rows before it
+                let (mut rows, mut targets, mut at) = (Vec::new(), Vec::new(), 0);
+                for g in &batch.groups {
+                    let (r, t) = g.scoring_rows();
+                    rows.extend(r.iter().map(|r| r + at));
+                    targets.extend(t);
+                    at += g.len();
+                }
                 (rows, Some(targets))
             }
-            Task::Generate(_) => (crate::batch::last_rows(&new), None),
+            Task::Generate(_) => {
+                let mut rows = Vec::new();
+                let mut end = 0;
+                for (i, n) in new.iter().map(|t| t.len()).enumerate() {
+                    end += n;
+                    if n > 0 {
+                        active.push(i);
+                        rows.push(end - 1);
+                    }
+                }
+                (rows, None)
+            }
         };
+        let decoding = |i: usize| -> Decoding {
+            match &self.control {
+                Some(c) => c.decoding[c.first + batch.seqs.start + i].clone(),
+                None => Decoding {
+                    max_tokens: self.plan.shape.gen_len,
+                    sampling: Sampling::GREEDY,
+                    stop_tokens: Vec::new(),
+                },
+            }
+        };
+        let specs: Vec<Decoding> = active.iter().map(|&i| decoding(i)).collect();
+        // the rows drawn from (not greedy) need their logits on the host
+        let drawn: Vec<usize> = (0..active.len())
+            .filter(|&k| !specs[k].sampling.is_greedy())
+            .collect();
         if cols.start == 0 {
             states = vec![LogitState::EMPTY; rows.len()];
+            batch.sampled_held = None;
+            batch.sampled = vec![Vec::new(); drawn.len()];
+            if !drawn.is_empty() {
+                let bytes = (drawn.len() * r.config.vocab_size() * 4) as u64;
+                batch.sampled_held = Some(self.exec.ledger.reserve(
+                    Tier::Cpu,
+                    bytes,
+                    "logits to draw from",
+                )?);
+            }
         }
         r.fold_logits(
             output,
@@ -629,6 +771,19 @@ impl<D: Device> BlockState<'_, D> {
             targets.as_deref(),
             &mut states,
         )?;
+        if !drawn.is_empty() {
+            let ids: Vec<usize> = drawn.iter().map(|&k| rows[k]).collect();
+            let held = self.exec.ledger.reserve(
+                Tier::Gpu,
+                (ids.len() * cols.len() * 4) as u64,
+                "logits to draw from",
+            )?;
+            let panel = r.logits(output, cols.clone(), h, &ids)?;
+            drop(held);
+            for (k, row) in panel.chunks(cols.len().max(1)).enumerate() {
+                batch.sampled[k].extend_from_slice(row);
+            }
+        }
         if cols.end < r.config.vocab_size() {
             batch.logits = states;
             return Ok(());
@@ -639,20 +794,57 @@ impl<D: Device> BlockState<'_, D> {
                     .iter()
                     .map(|s| (s.target_logprob(), s.greedy().0))
                     .unzip();
-                let per = crate::batch::split_per_sequence(&flat, &new);
-                let per_argmax = crate::batch::split_per_sequence(&argmax, &new);
-                for ((res, lp), am) in batch.results.iter_mut().zip(per).zip(per_argmax) {
+                let mut at = 0;
+                let mut per_member = Vec::new();
+                for g in &batch.groups {
+                    let n = g.scoring_rows().0.len();
+                    per_member.extend(
+                        g.per_member(&flat[at..at + n])
+                            .into_iter()
+                            .zip(g.per_member(&argmax[at..at + n])),
+                    );
+                    at += n;
+                }
+                for (res, (lp, am)) in batch.results.iter_mut().zip(per_member) {
                     res.logprobs = lp;
                     res.tokens = am;
                 }
             }
             Task::Generate(_) => {
-                for (i, st) in states.iter().enumerate() {
-                    let (id, lp) = st.greedy();
-                    batch.results[i].tokens.push(id);
-                    batch.results[i].logprobs.push(lp);
+                let sampled = std::mem::take(&mut batch.sampled);
+                batch.sampled_held = None;
+                let mut drawn_rows = drawn.iter().zip(&sampled);
+                let mut next_drawn = drawn_rows.next();
+                for (k, (&i, spec)) in active.iter().zip(&specs).enumerate() {
+                    let step = batch.results[i].tokens.len();
+                    let (id, lp) = match next_drawn {
+                        Some((&dk, logits)) if dk == k => {
+                            next_drawn = drawn_rows.next();
+                            spec.sampling.pick(logits, step)
+                        }
+                        _ => states[k].greedy(),
+                    };
+                    let res = &mut batch.results[i];
+                    res.tokens.push(id);
+                    res.logprobs.push(lp);
+                    let finish = if spec.stop_tokens.contains(&id) {
+                        Some(FinishReason::Eos)
+                    } else if res.tokens.len() >= spec.max_tokens {
+                        Some(FinishReason::Length)
+                    } else {
+                        match &self.control {
+                            Some(c) if (c.stop)(c.first + batch.seqs.start + i, &res.tokens) => {
+                                Some(FinishReason::Stop)
+                            }
+                            _ => None,
+                        }
+                    };
+                    if finish.is_some() {
+                        res.finish = finish;
+                        batch.done[i] = true;
+                    }
                     // the next step feeds the new token
-                    batch.tokens[i].push(id);
+                    batch.groups[i].push(id);
                 }
             }
         }

@@ -343,10 +343,7 @@ pub fn measure_cpu_device_attention(
         .collect();
     let q = vec![0.01f32; sequences * heads * head_dim];
     let infos: Vec<RowInfo> = (0..sequences)
-        .map(|s| RowInfo {
-            first: (s * context) as u32,
-            visible: context as u32,
-        })
+        .map(|s| RowInfo::new((s * context) as u32, context as u32))
         .collect();
     let mut o = vec![0.0f32; q.len()];
     let view = KvView::F32 {
@@ -466,21 +463,11 @@ pub fn measure_gpu(ctx: &crate::gpu::GpuContext, trials: usize) -> Result<GpuRat
         timed(&mut || attention.run(ctx, &q, &k, &k, &info, &o, layout, 0.125))
     };
     // prefill: 256 tokens of one sequence, causal: sum over rows of (row + 1) keys
-    let prefill_infos = (0..256)
-        .map(|r| RowInfo {
-            first: 0,
-            visible: r + 1,
-        })
-        .collect();
+    let prefill_infos = (0..256).map(|r| RowInfo::new(0, r + 1)).collect();
     let prefill_flops = 4.0 * 64.0 * 8.0 * (256.0 * 257.0 / 2.0);
     let attn_prefill = rate(prefill_flops / 1e12, attend(256, prefill_infos, 256)?);
     // decode: 32 sequences, one new token each, 1024 cached tokens
-    let decode_infos = (0..32)
-        .map(|s| RowInfo {
-            first: s * 1024,
-            visible: 1024,
-        })
-        .collect();
+    let decode_infos = (0..32).map(|s| RowInfo::new(s * 1024, 1024)).collect();
     let decode_flops = 4.0 * 64.0 * 8.0 * 1024.0 * 32.0;
     let attn_decode = rate(decode_flops / 1e12, attend(32, decode_infos, 32 * 1024)?);
 

@@ -102,8 +102,8 @@ impl KvView<'_> {
 }
 
 /// `o [rows, heads * d]` = causal attention of `q [rows, heads * d]`: row `r` attends to cache
-/// rows `infos[r].first .. infos[r].first + infos[r].visible`, query head `h` reading kv head
-/// `h / (heads / kv_heads)`, scores scaled by `1 / sqrt(d)`.
+/// rows `infos[r].first + j` for `j < infos[r].visible` outside `skip_from..skip_to`, query
+/// head `h` reading kv head `h / (heads / kv_heads)`, scores scaled by `1 / sqrt(d)`.
 pub fn attend(q: &[f32], infos: &[RowInfo], kv: KvView, layout: HeadLayout, o: &mut [f32]) {
     let HeadLayout {
         heads,
@@ -112,11 +112,15 @@ pub fn attend(q: &[f32], infos: &[RowInfo], kv: KvView, layout: HeadLayout, o: &
     } = layout;
     let qw = heads * d;
     let group = (heads / kv_heads.max(1)).max(1);
-    // tiles: consecutive rows of one sequence, at most TILE
+    // tiles: consecutive rows of one sequence (and one branch of a prefix group: the same
+    // skipped keys), at most TILE
     let mut tiles = Vec::new();
     let mut start = 0;
+    let same = |a: &RowInfo, b: &RowInfo| {
+        (a.first, a.skip_from, a.skip_to) == (b.first, b.skip_from, b.skip_to)
+    };
     for r in 1..=infos.len() {
-        if r == infos.len() || infos[r].first != infos[start].first || r - start == TILE {
+        if r == infos.len() || !same(&infos[r], &infos[start]) || r - start == TILE {
             tiles.push(start..r);
             start = r;
         }
@@ -138,8 +142,8 @@ pub fn attend(q: &[f32], infos: &[RowInfo], kv: KvView, layout: HeadLayout, o: &
 }
 
 multiversion! {
-    /// One task: query rows `rows` (one sequence), every query head of kv head `g`, online
-    /// softmax over key blocks; returns `[rows, group, d]`.
+    /// One task: query rows `rows` (one sequence, the same skipped keys), every query head of
+    /// kv head `g`, online softmax over key blocks; returns `[rows, group, d]`.
     fn tile_kv_head(
         q: &[f32],
         infos: &[RowInfo],
@@ -158,6 +162,7 @@ multiversion! {
         let scale = 1.0 / (d as f32).sqrt();
         let queries = rows.len() * group;
         let first = infos[rows.start].first as usize;
+        let skip = infos[rows.start].skip_from as usize..infos[rows.start].skip_to as usize;
         let most = rows
             .clone()
             .map(|r| infos[r].visible as usize)
@@ -178,6 +183,9 @@ multiversion! {
         let mut vb = vec![0.0f32; KEY_BLOCK * d];
         for j0 in (0..most).step_by(KEY_BLOCK) {
             let j1 = (j0 + KEY_BLOCK).min(most);
+            if skip.start <= j0 && j1 <= skip.end {
+                continue; // another branch's keys only
+            }
             // few queries (decode) against an f32 cache read its rows in place; otherwise the
             // block is gathered once for all the tile's queries, keys transposed
             let direct = match kv {
@@ -214,16 +222,21 @@ multiversion! {
                         }
                         None => scores(qv, &kt),
                     };
-                    // keys past the row's visible ones (and the block's end) do not count
+                    // keys past the row's visible ones (and the block's end), and skipped
+                    // ones, do not count
+                    let seen = |j: usize| j < cnt && !skip.contains(&(j0 + j));
                     for (j, sj) in s.iter_mut().enumerate() {
-                        if j >= cnt {
+                        if !seen(j) {
                             *sj = f32::NEG_INFINITY;
                         }
                     }
                     let m_new = m[qi].max(max(&s));
+                    if m_new == f32::NEG_INFINITY {
+                        continue; // nothing seen yet
+                    }
                     let correction = exp(m[qi] - m_new);
                     for (j, sj) in s.iter_mut().enumerate() {
-                        *sj = if j < cnt { exp(*sj - m_new) } else { 0.0 };
+                        *sj = if seen(j) { exp(*sj - m_new) } else { 0.0 };
                     }
                     l[qi] = l[qi] * correction + sum(&s);
                     m[qi] = m_new;
@@ -373,10 +386,7 @@ mod tests {
         let mut first = 0;
         for &(past, n) in lens {
             for i in 0..n {
-                infos.push(RowInfo {
-                    first: first as u32,
-                    visible: (past + i + 1) as u32,
-                });
+                infos.push(RowInfo::new(first as u32, (past + i + 1) as u32));
             }
             first += past + n;
         }
@@ -420,8 +430,100 @@ mod tests {
         Ok(())
     }
 
+    /// A prefix group (shared rows, then branches back to back in one sequence's cache, each
+    /// branch row skipping the branches before its own): every row against the reference's
+    /// attention of its member alone.
+    fn check_group(
+        shared: usize,
+        branches: &[usize],
+        layout: HeadLayout,
+    ) -> Result<(), TestCaseError> {
+        let (heads, kvh, d) = (layout.heads, layout.kv_heads, layout.head_dim);
+        let width = kvh * d;
+        let total = shared + branches.iter().sum::<usize>();
+        let val =
+            |i: usize, salt: usize| (((i * 7919 + salt * 104729) % 2003) as f32 / 1001.0) - 1.0;
+        let k: Vec<f32> = (0..total * width).map(|i| val(i, 1)).collect();
+        let v: Vec<f32> = (0..total * width).map(|i| val(i, 2)).collect();
+        let q: Vec<f32> = (0..total * heads * d).map(|i| val(i, 3)).collect();
+        // the group sits after another sequence's 7 rows in the cache
+        let first = 7;
+        let pad = vec![0.0; first * width];
+        let (kc, vc) = ([&pad[..], &k].concat(), [&pad[..], &v].concat());
+        let mut infos: Vec<RowInfo> = (0..shared)
+            .map(|i| RowInfo::new(first as u32, i as u32 + 1))
+            .collect();
+        let mut at = shared;
+        for &n in branches {
+            for t in 0..n {
+                infos.push(RowInfo {
+                    first: first as u32,
+                    visible: (at + t + 1) as u32,
+                    skip_from: shared as u32,
+                    skip_to: at as u32,
+                });
+            }
+            at += n;
+        }
+        let mut o = vec![f32::NAN; total * heads * d];
+        attend(
+            &q,
+            &infos,
+            KvView::F32 {
+                k: &kc,
+                v: &vc,
+                width,
+            },
+            layout,
+            &mut o,
+        );
+        let scale = 1.0 / (d as f32).sqrt();
+        let qw = heads * d;
+        // each member: the shared rows, then its branch
+        let mut at = shared;
+        for &n in branches {
+            let rows: Vec<usize> = (0..shared).chain(at..at + n).collect();
+            let gather = |x: &[f32], w: usize| -> Vec<f32> {
+                rows.iter()
+                    .flat_map(|&r| x[r * w..(r + 1) * w].to_vec())
+                    .collect()
+            };
+            let (km, vm, qm) = (gather(&k, width), gather(&v, width), gather(&q, qw));
+            let len = rows.len();
+            let want = causal_attention(
+                ArrayView2::from_shape((len, qw), &qm).unwrap(),
+                ArrayView2::from_shape((len, width), &km).unwrap(),
+                ArrayView2::from_shape((len, width), &vm).unwrap(),
+                0,
+                layout,
+                scale,
+            );
+            for (i, &r) in rows.iter().enumerate() {
+                for c in 0..qw {
+                    let (g, w) = (o[r * qw + c], want[[i, c]]);
+                    prop_assert!(
+                        (g - w).abs() < 1e-4,
+                        "shared {shared} branches {branches:?}: row {r}: {g} vs {w}"
+                    );
+                }
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn prefix_groups_attend_as_their_members_alone(
+            shared in prop_oneof![1usize..5, 10usize..80],
+            branches in prop::collection::vec(prop_oneof![1usize..4, 14usize..40], 1..5),
+            shape in prop_oneof![Just((4usize, 2usize, 8usize)), Just((3, 3, 64)), Just((9, 3, 64))],
+        ) {
+            let (heads, kv_heads, head_dim) = shape;
+            check_group(shared, &branches, HeadLayout { heads, kv_heads, head_dim })?;
+        }
+
         #[test]
         fn attention_matches_reference(
             lens in prop::collection::vec(

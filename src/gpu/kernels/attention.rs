@@ -13,7 +13,8 @@ pub const MAX_HEAD_DIM: usize = 256;
 
 pub use crate::device::RowInfo;
 
-/// Row infos on the device (`[first, visible]` per row), with the most keys any row sees
+/// Row infos on the device (`[first, visible, skip_from, skip_to]` per row), with the most keys
+/// any row sees
 /// (which sets how many key passes attention runs).
 pub struct RowInfos {
     /// The packed infos.
@@ -27,7 +28,7 @@ pub struct RowInfos {
 impl RowInfos {
     /// Packs and uploads `rows`.
     pub fn upload(ctx: &GpuContext, rows: &[RowInfo]) -> Self {
-        let flat: Vec<u32> = rows.iter().flat_map(|r| [r.first, r.visible]).collect();
+        let flat: Vec<u32> = bytemuck::cast_slice(rows).to_vec();
         Self {
             indices: GpuIndices::upload(ctx, &flat),
             rows: rows.len(),
@@ -129,7 +130,7 @@ impl Attention {
         })
     }
 
-    /// Packs row infos for upload (`[first, visible]` per row).
+    /// Packs row infos for upload (`[first, visible, skip_from, skip_to]` per row).
     pub fn upload_info(ctx: &GpuContext, rows: &[RowInfo]) -> RowInfos {
         RowInfos::upload(ctx, rows)
     }

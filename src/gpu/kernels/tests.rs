@@ -446,10 +446,7 @@ impl RaggedAttention {
         let mut first = 0;
         for &(past, t) in seqs {
             for i in 0..t {
-                infos.push(RowInfo {
-                    first: first as u32,
-                    visible: (past + i + 1) as u32,
-                });
+                infos.push(RowInfo::new(first as u32, (past + i + 1) as u32));
             }
             first += past + t;
         }
@@ -560,7 +557,7 @@ proptest! {
             let mut first = 0;
             for &(p, t) in &seqs {
                 for pos in 0..p + t {
-                    store_info.push(RowInfo { first: first as u32, visible: (pos + 1) as u32 });
+                    store_info.push(RowInfo::new(first as u32, (pos + 1) as u32));
                 }
                 first += p + t;
             }

@@ -1,0 +1,237 @@
+//! The `generate` example's JSONL job on a fixture model: records' own parameters over the
+//! flags' defaults, stop strings cut across token boundaries, finish reasons, bad records,
+//! sampling that repeats whatever the batching, and jobs killed and resumed.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{example_binary, expected, fixture_dir};
+use ferrogen::model::ModelFiles;
+use serde_json::{json, Value};
+
+const FIXTURE: &str = "llama-gqa-untied";
+
+fn json_lines(output: &str) -> Vec<Value> {
+    output
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `generate` on `input`, writing `output`, with more flags; its exit status.
+fn generate(input: &Path, output: &Path, flags: &[&str]) -> Command {
+    let mut cmd = Command::new(example_binary("generate"));
+    cmd.arg("--model").arg(fixture_dir(FIXTURE));
+    cmd.arg("--input").arg(input).arg("--output").arg(output);
+    cmd.args(["--device", "cpu"]).args(flags);
+    cmd.stderr(std::process::Stdio::null());
+    cmd
+}
+
+fn tokens(v: &Value) -> Vec<u32> {
+    v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn write_input(dir: &Path, name: &str, records: &[Value]) -> PathBuf {
+    let path = dir.join(name);
+    let text: String = records.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn records_follow_their_parameters_and_stop_strings() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = expected(FIXTURE);
+    let files = ModelFiles::open(&fixture_dir(FIXTURE)).unwrap();
+    let tokenizer = files.tokenizer().unwrap();
+    // greedy runs first, from several prompts: the stop string spans two tokens' text (a
+    // random model's tokens are often bytes of a character: the prompt is one whose
+    // continuation has a clean boundary)
+    let candidates: Vec<Vec<u32>> = exp
+        .sequences
+        .iter()
+        .map(|s| s.tokens.clone())
+        .chain(exp.texts.iter().map(|t| t.tokens.clone()))
+        .flat_map(|t| (2..t.len().min(12)).map(move |n| t[..n].to_vec()))
+        .collect();
+    let first_records: Vec<Value> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, p)| json!({"id": i, "tokens": p, "max_tokens": 10}))
+        .collect();
+    let first = write_input(dir.path(), "first.jsonl", &first_records);
+    let out = dir.path().join("first-out.jsonl");
+    assert!(generate(&first, &out, &[]).status().unwrap().success());
+    let clean = |t: &[u32]| {
+        let text = tokenizer.decode(t).unwrap();
+        (!text.contains('\u{fffd}')).then_some(text)
+    };
+    let (prompt, g, a, b) = json_lines(&std::fs::read_to_string(&out).unwrap())
+        .iter()
+        .zip(&candidates)
+        .find_map(|(l, p)| {
+            let g = tokens(l);
+            (1..g.len().saturating_sub(1)).find_map(|k| {
+                let (a, b) = (clean(&g[..k])?, clean(&g[..k + 1])?);
+                let fits = !a.is_empty() && b.len() > a.len();
+                fits.then(|| (p.clone(), g.clone(), a, b))
+            })
+        })
+        .expect("a continuation with a clean token boundary");
+    let full = tokenizer.decode(&g).unwrap();
+    let stop: String = [
+        a.chars().last().unwrap(),
+        b[a.len()..].chars().next().unwrap(),
+    ]
+    .iter()
+    .collect();
+    let upto = (1..=g.len())
+        .find(|&n| tokenizer.decode(&g[..n]).unwrap().contains(&stop))
+        .unwrap();
+    let cut = full.find(&stop).unwrap();
+
+    let records = vec![
+        json!({"id": 0, "tokens": prompt, "max_tokens": 5}),
+        json!({"id": 1, "tokens": prompt, "max_tokens": 8, "temperature": 0.9, "top_p": 0.9, "seed": 7}),
+        json!({"id": 2, "tokens": prompt, "max_tokens": 10, "stop": ["never there", stop]}),
+        json!({"id": 3, "tokens": prompt, "temprature": 0.5}),
+        json!({"id": 4, "prompt": exp.texts[0].text, "temperature": 1.2, "top_k": 20}),
+        json!({"id": 5, "tokens": [999_999]}),
+        json!({"id": 6, "tokens": prompt, "max_tokens": 8, "temperature": 0.9, "top_p": 0.9, "seed": 7}),
+    ];
+    let input = write_input(dir.path(), "in.jsonl", &records);
+    let mut runs = Vec::new();
+    for batch in ["1", "16"] {
+        let out = dir.path().join(format!("out-{batch}.jsonl"));
+        let status = generate(
+            &input,
+            &out,
+            &["--batch-records", batch, "--max-tokens", "6"],
+        )
+        .status()
+        .unwrap();
+        assert_eq!(status.code(), Some(3), "some records failed");
+        runs.push(json_lines(&std::fs::read_to_string(&out).unwrap()));
+    }
+    let got = &runs[0];
+    let ids: Vec<Value> = got.iter().map(|l| l["id"].clone()).collect();
+    assert_eq!(
+        ids,
+        (0..7).map(Value::from).collect::<Vec<_>>(),
+        "input order"
+    );
+    assert_eq!(
+        tokens(&got[0]),
+        g[..5.min(g.len())],
+        "greedy, its own max_tokens"
+    );
+    assert_eq!(got[0]["finish_reason"], "length");
+    assert_eq!(tokens(&got[1]).len(), 8);
+    assert_eq!(
+        got[1]["tokens"], got[6]["tokens"],
+        "the same seed, the same draws"
+    );
+    assert_eq!(
+        got[2]["finish_reason"], "stop",
+        "{stop:?} {upto} {:?} {}",
+        g, got[2]
+    );
+    assert_eq!(
+        tokens(&got[2]),
+        g[..upto],
+        "ends at the token that completes the stop string"
+    );
+    assert_eq!(got[2]["text"], full[..cut], "cut before the stop string");
+    assert!(got[3]["error"].as_str().unwrap().contains("temprature"));
+    assert_eq!(tokens(&got[4]).len(), 6, "the flag's max_tokens");
+    assert!(got[5]["error"].as_str().unwrap().contains("999999"));
+    for l in got.iter().filter(|l| l.get("tokens").is_some()) {
+        let n = tokens(l).len();
+        assert_eq!(l["token_logprobs"].as_array().unwrap().len(), n);
+        assert!(l["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v.as_f64().unwrap() <= 0.0));
+    }
+    // one record per batch, or all in one: the same answers
+    for (a, b) in runs[0].iter().zip(&runs[1]) {
+        assert_eq!(a["tokens"], b["tokens"]);
+        assert_eq!(a["text"], b["text"]);
+        assert_eq!(a["finish_reason"], b["finish_reason"]);
+        assert_eq!(a["error"], b["error"]);
+    }
+}
+
+/// A sampling job killed (SIGKILL) at 10 points (within a whole run's time) and resumed with `--resume` each time ends
+/// with every record answered once, in order, with an uninterrupted run's tokens.
+#[test]
+fn killed_generation_jobs_resume_to_the_same_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = expected(FIXTURE);
+    let source: Vec<u32> = exp
+        .sequences
+        .iter()
+        .flat_map(|s| s.tokens.clone())
+        .collect();
+    let records: Vec<Value> = (0..600usize)
+        .map(|i| {
+            let prompt: Vec<u32> = source
+                .iter()
+                .cycle()
+                .skip(i * 3)
+                .take(2 + i % 9)
+                .copied()
+                .collect();
+            json!({"id": format!("r{i}"), "tokens": prompt, "max_tokens": 1 + i % 7, "seed": i})
+        })
+        .collect();
+    let input = write_input(dir.path(), "in.jsonl", &records);
+    let flags = [
+        "--batch-records",
+        "4",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "50",
+    ];
+    let whole = dir.path().join("whole.jsonl");
+    let start = std::time::Instant::now();
+    assert!(generate(&input, &whole, &flags).status().unwrap().success());
+    let full_run = start.elapsed();
+    let want = json_lines(&std::fs::read_to_string(&whole).unwrap());
+    assert_eq!(want.len(), 600);
+    let resumed = dir.path().join("resumed.jsonl");
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..10 {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        let at = full_run.mul_f64((seed >> 11) as f64 / (1u64 << 53) as f64);
+        let mut child = generate(&input, &resumed, &flags)
+            .arg("--resume")
+            .spawn()
+            .unwrap();
+        std::thread::sleep(at);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let status = generate(&input, &resumed, &flags)
+        .arg("--resume")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let got = json_lines(&std::fs::read_to_string(&resumed).unwrap());
+    assert_eq!(got.len(), 600, "every record answered exactly once");
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g["id"], w["id"], "in input order");
+        assert_eq!(g["tokens"], w["tokens"], "{}", g["id"]);
+        assert_eq!(g["finish_reason"], w["finish_reason"]);
+    }
+}
