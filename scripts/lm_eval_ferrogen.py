@@ -18,7 +18,8 @@ back in input order.
     context too long for the window.
   - loglikelihood_rolling(text) -> {"id", "context": "", "continuation": text}: the text after
     the model's BOS (else EOS) token, in lm-eval's rolling windows.
-  - generate_until is not served yet (ferrogen has no JSONL generation job): it is refused.
+  - generate_until is not served yet (the `generate` example's JSONL job is not wired to it):
+    it is refused.
 
 model_args (key=value, comma-separated):
   model         the model file or directory (required)
@@ -181,9 +182,9 @@ class FerrogenLM(LM):
 
     def generate_until(self, requests, disable_tqdm=False):
         raise NotImplementedError(
-            "ferrogen does not serve generate_until yet: it needs the JSONL generation job, "
-            "which is not built. Run loglikelihood and perplexity tasks (multiple choice, "
-            "cloze, rolling perplexity) with ferrogen, and generation tasks with another model."
+            "ferrogen does not serve generate_until yet: this adapter does not run the generation "
+            "job for it. Run loglikelihood and perplexity tasks (multiple choice, cloze, rolling "
+            "perplexity) with ferrogen, and generation tasks with another model."
         )
 
 
