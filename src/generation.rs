@@ -207,6 +207,10 @@ fn parse_request(
         seed: raw.seed.unwrap_or_else(|| derived_seed(defaults.seed, &id)),
     };
     sampling.validate().map_err(|e| fail(e.to_string()))?;
+    let max_tokens = raw.max_tokens.unwrap_or(defaults.max_tokens);
+    if max_tokens == 0 {
+        return Err(fail("max_tokens must be at least 1".into()));
+    }
     let stop = raw.stop.unwrap_or_else(|| defaults.stop.clone());
     if stop.iter().any(String::is_empty) {
         return Err(fail("a stop string is empty".into()));
@@ -215,7 +219,7 @@ fn parse_request(
         id,
         prompt,
         decoding: Decoding {
-            max_tokens: raw.max_tokens.unwrap_or(defaults.max_tokens),
+            max_tokens,
             sampling,
             stop_tokens: eos.into_iter().collect(),
         },

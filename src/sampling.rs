@@ -141,7 +141,8 @@ fn uniform(seed: u64, n: u64) -> f64 {
 /// How one sequence is generated.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Decoding {
-    /// New tokens at most.
+    /// New tokens at most (at least 1 when other sequences of its call generate: a block's
+    /// first step gives every sequence its first token).
     pub max_tokens: usize,
     /// How each is chosen.
     pub sampling: Sampling,

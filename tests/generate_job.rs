@@ -106,6 +106,7 @@ fn records_follow_their_parameters_and_stop_strings() {
         json!({"id": 4, "prompt": exp.texts[0].text, "temperature": 1.2, "top_k": 20}),
         json!({"id": 5, "tokens": [999_999]}),
         json!({"id": 6, "tokens": prompt, "max_tokens": 8, "temperature": 0.9, "top_p": 0.9, "seed": 7}),
+        json!({"id": 7, "tokens": prompt, "max_tokens": 0}),
     ];
     let input = write_input(dir.path(), "in.jsonl", &records);
     let mut runs = Vec::new();
@@ -125,7 +126,7 @@ fn records_follow_their_parameters_and_stop_strings() {
     let ids: Vec<Value> = got.iter().map(|l| l["id"].clone()).collect();
     assert_eq!(
         ids,
-        (0..7).map(Value::from).collect::<Vec<_>>(),
+        (0..8).map(Value::from).collect::<Vec<_>>(),
         "input order"
     );
     assert_eq!(
@@ -153,6 +154,7 @@ fn records_follow_their_parameters_and_stop_strings() {
     assert!(got[3]["error"].as_str().unwrap().contains("temprature"));
     assert_eq!(tokens(&got[4]).len(), 6, "the flag's max_tokens");
     assert!(got[5]["error"].as_str().unwrap().contains("999999"));
+    assert!(got[7]["error"].as_str().unwrap().contains("max_tokens"));
     for l in got.iter().filter(|l| l.get("tokens").is_some()) {
         let n = tokens(l).len();
         assert_eq!(l["token_logprobs"].as_array().unwrap().len(), n);
