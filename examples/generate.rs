@@ -31,7 +31,7 @@ use std::io::BufReader;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use common::{open_job_input, open_output, required, Flags};
+use common::{open_job_input, open_output, print_placement, required, Flags};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::device::DeviceKind;
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
@@ -123,12 +123,7 @@ fn open_engine(a: &Args, files: ModelFiles, rows: usize, prompt_len: usize) -> R
             (_, d) => d,
         });
     let engine = Engine::open_with(files, options)?;
-    eprintln!("device: {}", engine.device());
-    let p = engine.policy();
-    eprintln!(
-        "policy: gbs {} x nb {}, weights {:.0}% GPU {:.0}% CPU",
-        p.gpu_batch_size, p.num_gpu_batches, p.w_gpu_percent, p.w_cpu_percent
-    );
+    print_placement(&engine);
     Ok(engine)
 }
 

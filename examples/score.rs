@@ -34,7 +34,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use common::{open_job_input, open_output, required, Flags};
+use common::{open_job_input, open_output, print_placement, required, Flags};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::device::DeviceKind;
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
@@ -246,42 +246,7 @@ fn prepare(args: &Args) -> Result<Job> {
                 .share_prefixes(!args.no_share_prefixes)
                 .device(device);
             let engine = Engine::open_with(files, options)?;
-            let w = engine.weight_bytes();
-            eprintln!("device: {}", engine.device());
-            let p = engine.policy();
-            let reused = if engine.reused_offload() {
-                " (offload file reused)"
-            } else {
-                ""
-            };
-            let overlap = if p.overlap { "" } else { ", overlap off" };
-            if engine.on_host() {
-                // one memory: the device's share is RAM
-                eprintln!(
-                    "policy: gbs {} x nb {}, weights {}/{} RAM/disk{reused}, cache {:.0}% RAM, \
-                     activations {:.0}% RAM{overlap}",
-                    p.gpu_batch_size,
-                    p.num_gpu_batches,
-                    format_size(w[0] + w[1]),
-                    format_size(w[2]),
-                    p.cache_gpu_percent + p.cache_cpu_percent,
-                    p.act_gpu_percent + p.act_cpu_percent,
-                );
-            } else {
-                eprintln!(
-                    "policy: gbs {} x nb {}, weights {}/{}/{} GPU/CPU/disk{reused}, cache \
-                     {:.0}%/{:.0}% GPU/CPU, activations {:.0}%/{:.0}% GPU/CPU{overlap}",
-                    p.gpu_batch_size,
-                    p.num_gpu_batches,
-                    format_size(w[0]),
-                    format_size(w[1]),
-                    format_size(w[2]),
-                    p.cache_gpu_percent,
-                    p.cache_cpu_percent,
-                    p.act_gpu_percent,
-                    p.act_cpu_percent,
-                );
-            }
+            print_placement(&engine);
             Backend::Engine(engine)
         }
         Some(other) => {

@@ -7,19 +7,21 @@ Run it in place of the `lm-eval` command; it takes the same arguments:
         --model_args model=model.gguf,cpu_mem=1GiB,offload_dir=/mnt/nvme/ferrogen \
         --tasks hellaswag,wikitext
 
-Needs `pip install lm-eval==0.4.13` (the core package: no torch) and the `score` example built
-(`cargo build --release --example score`).
+Needs `pip install lm-eval==0.4.13` (the core package: no torch) and the `score` and `generate`
+examples built (`cargo build --release --examples`).
 
-How the requests are served: each call of `loglikelihood` or `loglikelihood_rolling` writes
-its requests as one JSONL file, runs ferrogen's `score` job on it once, and reads the answers
+How the requests are served: each call writes its requests as one JSONL file, runs one of
+ferrogen's jobs on it once (`score`, or `generate` for generate_until), and reads the answers
 back in input order.
   - loglikelihood(context, continuation) -> {"id", "context", "continuation"} records, answered
     with {"logprob", "is_greedy"}: lm-eval's encode-pair split, and left truncation of a
     context too long for the window.
   - loglikelihood_rolling(text) -> {"id", "context": "", "continuation": text}: the text after
     the model's BOS (else EOS) token, in lm-eval's rolling windows.
-  - generate_until is not served yet (the `generate` example's JSONL job is not wired to it):
-    it is refused.
+  - generate_until(context, {until, max_gen_toks, do_sample, temperature, top_p, top_k})
+    -> {"id", "prompt", "stop", "max_tokens", "temperature", ...} records for the `generate`
+    job, answered with its "text": the continuation cut before the first `until` string,
+    without the end-of-sequence token (greedy unless do_sample), as the hf backend gives.
 
 model_args (key=value, comma-separated):
   model         the model file or directory (required)
@@ -27,12 +29,15 @@ model_args (key=value, comma-separated):
                 max_length tokens (ferrogen's --window is max_length + 1). Default: the model's
                 context, less one.
   gpu_mem, cpu_mem, offload_dir, policy, hardware, prompt_len, batch_tokens
-                passed to `score` as the flags of the same names (sizes like 512MiB, 2GiB)
+                passed to `score` as the flags of the same names (sizes like 512MiB, 2GiB);
+                gpu_mem, cpu_mem, offload_dir, policy and prompt_len to `generate` too
   device        auto | cpu | wgpu (lm-eval's own --device, a PyTorch device that defaults to
                 cuda:0, is ignored)
   compress_weight, compress_cache, keep_offload
                 true to pass the flag
   score         the `score` binary (default: target/release/examples/score in this repo)
+  generate      the `generate` binary (default: target/release/examples/generate)
+  max_gen_toks  new tokens when a request does not say (default 256, as lm-eval's)
   extra_args    more flags for `score`, space-separated
 """
 import json
@@ -47,6 +52,7 @@ from lm_eval import utils
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_SCORE = REPO / "target" / "release" / "examples" / "score"
+DEFAULT_GENERATE = REPO / "target" / "release" / "examples" / "generate"
 # model_args passed through to `score` as `--flag value` (underscores become dashes)
 VALUE_FLAGS = (
     "gpu_mem",
@@ -58,6 +64,8 @@ VALUE_FLAGS = (
     "batch_tokens",
 )
 SWITCH_FLAGS = ("compress_weight", "compress_cache", "keep_offload")
+# the ones `generate` takes too
+GENERATE_FLAGS = ("gpu_mem", "cpu_mem", "offload_dir", "policy", "prompt_len")
 
 
 def _is_true(value):
@@ -66,7 +74,7 @@ def _is_true(value):
 
 @register_model("ferrogen")
 class FerrogenLM(LM):
-    """lm-eval's model interface served by ferrogen's `score` job."""
+    """lm-eval's model interface served by ferrogen's `score` and `generate` jobs."""
 
     def __init__(
         self,
@@ -74,6 +82,8 @@ class FerrogenLM(LM):
         max_length=None,
         device=None,
         score=None,
+        generate=None,
+        max_gen_toks=256,
         extra_args="",
         batch_size=None,
         max_batch_size=None,
@@ -89,16 +99,23 @@ class FerrogenLM(LM):
                 f"ferrogen: no score binary at {self.score}; build it with "
                 "`cargo build --release --example score`, or pass score=PATH in --model_args"
             )
+        self.generate = pathlib.Path(generate) if generate else DEFAULT_GENERATE
+        self.max_gen_toks = int(max_gen_toks)
         self.args = ["--model", self.model]
-        if max_length is not None:
-            self.args += ["--window", str(int(max_length) + 1)]
         if device is not None:
             self.args += ["--device", str(device)]
+        self.gen_args = list(self.args)
+        for key in GENERATE_FLAGS:
+            if flags.get(key) is not None:
+                self.gen_args += ["--" + key.replace("_", "-"), str(flags[key])]
+        if max_length is not None:
+            self.args += ["--window", str(int(max_length) + 1)]
         unknown = [k for k in flags if k not in VALUE_FLAGS + SWITCH_FLAGS]
         if unknown:
             raise ValueError(
                 f"ferrogen: unknown model_args {', '.join(sorted(unknown))}; known: model, "
-                f"max_length, device, score, extra_args, {', '.join(VALUE_FLAGS + SWITCH_FLAGS)}"
+                "max_length, device, score, generate, max_gen_toks, extra_args, "
+                f"{', '.join(VALUE_FLAGS + SWITCH_FLAGS)}"
             )
         for key in VALUE_FLAGS:
             if flags.get(key) is not None:
@@ -127,15 +144,24 @@ class FerrogenLM(LM):
 
     def _score(self, records):
         """Runs one `score` job over `records`; returns the answers in input order."""
+        return self._run(self.score, self.args, records)
+
+    def _run(self, binary, args, records):
+        """Runs one job of `binary` over `records`; returns the answers in input order."""
         if not records:
             return []
+        if not binary.is_file():
+            raise FileNotFoundError(
+                f"ferrogen: no binary at {binary}; build it with `cargo build --release "
+                "--examples`, or pass its path in --model_args"
+            )
         with tempfile.TemporaryDirectory(prefix="ferrogen-lm-eval-") as tmp:
             inp = pathlib.Path(tmp) / "requests.jsonl"
             out = pathlib.Path(tmp) / "answers.jsonl"
             with open(inp, "w", encoding="utf-8") as f:
                 for r in records:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            cmd = [str(self.score), *self.args, "--input", str(inp), "--output", str(out)]
+            cmd = [str(binary), *args, "--input", str(inp), "--output", str(out)]
             # the job's progress goes to stderr, shown as it runs
             proc = subprocess.run(cmd, stdout=subprocess.DEVNULL)
             answers = []
@@ -181,11 +207,32 @@ class FerrogenLM(LM):
         return results
 
     def generate_until(self, requests, disable_tqdm=False):
-        raise NotImplementedError(
-            "ferrogen does not serve generate_until yet: this adapter does not run the generation "
-            "job for it. Run loglikelihood and perplexity tasks (multiple choice, cloze, rolling "
-            "perplexity) with ferrogen, and generation tasks with another model."
-        )
+        records = []
+        for i, request in enumerate(requests):
+            context, kwargs = request.args
+            kwargs = dict(kwargs or {})
+            until = kwargs.get("until") or []
+            if isinstance(until, str):
+                until = [until]
+            record = {
+                "id": i,
+                "prompt": context,
+                "max_tokens": int(kwargs.get("max_gen_toks", self.max_gen_toks)),
+                "stop": [u for u in until if u],
+                # greedy unless asked to sample, as the hf backend
+                "temperature": float(kwargs.get("temperature", 1.0))
+                if _is_true(kwargs.get("do_sample", False))
+                else 0.0,
+            }
+            for key in ("top_p", "top_k", "seed"):
+                if kwargs.get(key) is not None:
+                    record[key] = kwargs[key]
+            records.append(record)
+        answers = self._run(self.generate, self.gen_args, records)
+        results = [a["text"] for a in answers]
+        for request, result in zip(requests, results):
+            self.cache_hook.add_partial("generate_until", request.args, result)
+        return results
 
 
 if __name__ == "__main__":

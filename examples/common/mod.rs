@@ -191,6 +191,47 @@ pub fn open_output(path: &str, resume: bool) -> Result<Box<dyn std::io::Write>> 
     })
 }
 
+/// Prints the engine's device and where the policy put the weights, cache and activations
+/// (on the CPU device, whose one memory is RAM, as RAM and disk).
+pub fn print_placement(engine: &ferrogen::Engine) {
+    use ferrogen::format_size;
+    let w = engine.weight_bytes();
+    eprintln!("device: {}", engine.device());
+    let p = engine.policy();
+    let reused = if engine.reused_offload() {
+        " (offload file reused)"
+    } else {
+        ""
+    };
+    let overlap = if p.overlap { "" } else { ", overlap off" };
+    if engine.on_host() {
+        eprintln!(
+            "policy: gbs {} x nb {}, weights {}/{} RAM/disk{reused}, cache {:.0}% RAM, \
+             activations {:.0}% RAM{overlap}",
+            p.gpu_batch_size,
+            p.num_gpu_batches,
+            format_size(w[0] + w[1]),
+            format_size(w[2]),
+            p.cache_gpu_percent + p.cache_cpu_percent,
+            p.act_gpu_percent + p.act_cpu_percent,
+        );
+    } else {
+        eprintln!(
+            "policy: gbs {} x nb {}, weights {}/{}/{} GPU/CPU/disk{reused}, cache \
+             {:.0}%/{:.0}% GPU/CPU, activations {:.0}%/{:.0}% GPU/CPU{overlap}",
+            p.gpu_batch_size,
+            p.num_gpu_batches,
+            format_size(w[0]),
+            format_size(w[1]),
+            format_size(w[2]),
+            p.cache_gpu_percent,
+            p.cache_cpu_percent,
+            p.act_gpu_percent,
+            p.act_cpu_percent,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
