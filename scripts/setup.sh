@@ -29,6 +29,14 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get install -y -qq mesa-vulkan-drivers >/dev/null
   fi
   echo "setup: mesa-vulkan-drivers is installed"
+  # Slurm and munge for tests/slurm.rs (a single-node cluster it starts and stops itself)
+  if ! dpkg -s slurm-wlm munge >/dev/null 2>&1; then
+    echo "setup: installing slurm-wlm and munge with apt"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq slurm-wlm munge >/dev/null
+  fi
+  echo "setup: slurm-wlm and munge are installed"
 elif have_vulkan_icd; then
   echo "setup: a Vulkan driver is installed"
 else
