@@ -189,6 +189,11 @@ impl PrefixGroup {
         (rows, targets)
     }
 
+    /// How many rows [`PrefixGroup::scoring_rows`] gives: all but each branch's last.
+    pub fn scoring_row_count(&self) -> usize {
+        self.len() - self.branches.len()
+    }
+
     /// Values of [`PrefixGroup::scoring_rows`] (in their order) as each member's: the shared
     /// rows' then its branch's, `member length - 1` of them.
     pub fn per_member<T: Clone>(&self, values: &[T]) -> Vec<Vec<T>> {
@@ -280,6 +285,7 @@ mod tests {
         assert_eq!(g.row_places(), places);
         let (rows, targets) = g.scoring_rows();
         assert_eq!(rows, vec![0, 1, 2, 3, 5]);
+        assert_eq!(g.scoring_row_count(), rows.len());
         assert_eq!(targets, vec![2, 3, 4, 5, 6]);
         // per member: the shared rows' values, then its branch's
         let per = g.per_member(&targets);
@@ -347,7 +353,8 @@ mod tests {
                 proptest::prop_assert!(members.len() == 1 || g.len() <= max_rows);
                 let total: usize = members.iter().map(|&i| seqs[i].len()).sum();
                 proptest::prop_assert_eq!(g.len() + g.saved_rows(), total);
-                let (_, targets) = g.scoring_rows();
+                let (rows, targets) = g.scoring_rows();
+                proptest::prop_assert_eq!(g.scoring_row_count(), rows.len());
                 for ((&i, m), t) in members.iter().zip(g.members()).zip(g.per_member(&targets)) {
                     seen[i] += 1;
                     proptest::prop_assert_eq!(&m.tokens, &seqs[i]);

@@ -110,11 +110,7 @@ pub struct GenSummary {
 impl GenSummary {
     /// Generated tokens per second of wall time.
     pub fn tokens_per_second(&self) -> f64 {
-        if self.seconds > 0.0 {
-            self.new_tokens as f64 / self.seconds
-        } else {
-            0.0
-        }
+        crate::score::per_second(self.new_tokens, self.seconds)
     }
 }
 

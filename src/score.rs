@@ -229,15 +229,20 @@ pub struct ScoreSummary {
 impl ScoreSummary {
     /// Tokens through the model per second.
     pub fn tokens_per_second(&self) -> f64 {
-        if self.seconds > 0.0 {
-            self.tokens as f64 / self.seconds
-        } else {
-            0.0
-        }
+        per_second(self.tokens, self.seconds)
     }
     /// `exp(-sum logprob / sum scored tokens)` over all scored records.
     pub fn corpus_ppl(&self) -> f64 {
         (-self.logprob / self.scored_tokens.max(1) as f64).exp()
+    }
+}
+
+/// `count / seconds` (0 before any time has passed): a job's rate.
+pub(crate) fn per_second(count: usize, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        count as f64 / seconds
+    } else {
+        0.0
     }
 }
 

@@ -797,7 +797,7 @@ impl<D: Device> BlockState<'_, D> {
                 let mut at = 0;
                 let mut per_member = Vec::new();
                 for g in &batch.groups {
-                    let n = g.scoring_rows().0.len();
+                    let n = g.scoring_row_count();
                     per_member.extend(
                         g.per_member(&flat[at..at + n])
                             .into_iter()
