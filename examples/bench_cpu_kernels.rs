@@ -17,29 +17,38 @@ mod common;
 
 use std::time::Instant;
 
-use common::{exit_status, median, numbers, Flags, WEIGHT_FORMATS};
+use clap::Parser;
+use common::{exit_status, median, positive, WEIGHT_FORMATS};
 use ferrogen::device::cpu::matmul::{linear_into, WeightRows};
 use ferrogen::policy::calibrate::synthetic_weight;
 use ferrogen::{Error, Result};
 use rayon::prelude::*;
 
-fn run() -> Result<()> {
-    let (mut runs, mut sizes, mut rows, mut threads) = (
-        5usize,
-        vec![2048usize, 4096],
-        vec![1usize, 8, 64, 512],
-        0usize,
-    );
-    let mut flags = Flags::from_env();
-    while let Some(flag) = flags.next_flag() {
-        match flag.as_str() {
-            "--runs" => runs = flags.positive(&flag)?,
-            "--sizes" => sizes = numbers(&flags.value(&flag)?, &flag)?,
-            "--rows" => rows = numbers(&flags.value(&flag)?, &flag)?,
-            "--threads" => threads = flags.parse(&flag)?,
-            other => return Err(Error::invalid(other, "unknown flag")),
-        }
-    }
+/// The CPU device's linear kernels, format by format, against a memcpy and the f32 GEMM.
+#[derive(Parser, Debug)]
+#[command(name = "bench_cpu_kernels")]
+struct Cli {
+    /// Timed runs per case (the median is quoted).
+    #[arg(long, value_name = "N", default_value = "5", value_parser = positive)]
+    runs: usize,
+    /// Square weight sizes K = N, comma-separated.
+    #[arg(long, value_name = "N,...", value_delimiter = ',', default_value = "2048,4096", value_parser = positive)]
+    sizes: Vec<usize>,
+    /// Input rows M, comma-separated.
+    #[arg(long, value_name = "M,...", value_delimiter = ',', default_value = "1,8,64,512", value_parser = positive)]
+    rows: Vec<usize>,
+    /// Threads (0: all cores).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    threads: usize,
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let Cli {
+        runs,
+        sizes,
+        rows,
+        threads,
+    } = cli;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -130,5 +139,5 @@ fn run() -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    exit_status(run())
+    exit_status(run(Cli::parse()))
 }

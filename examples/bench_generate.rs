@@ -19,13 +19,12 @@ mod common;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use common::{exit_status, required, Flags};
-use ferrogen::device::DeviceKind;
-use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
+use clap::Parser;
+use common::{exit_status, positive, DeviceArgs};
+use ferrogen::engine::Engine;
 use ferrogen::exec::trace::Track;
+use ferrogen::format_size;
 use ferrogen::model::ModelFiles;
-use ferrogen::policy::Policy;
-use ferrogen::{format_size, parse_size};
 use ferrogen::{Error, Result};
 
 /// The process's peak resident set (VmHWM), in bytes.
@@ -63,30 +62,42 @@ fn prefill_seconds(trace: &ferrogen::exec::Trace) -> f64 {
     total / 1e6
 }
 
-fn run() -> Result<()> {
-    let (mut model, mut text, mut policy, mut offload_dir) = (None, None, None, None);
-    let (mut prompts, mut prompt_len, mut new_tokens) = (256usize, 64usize, 64usize);
-    let (mut gpu_mem, mut cpu_mem) = (None, None);
-    let (mut device, mut keep) = (DeviceKind::Auto, false);
-    let mut flags = Flags::from_env();
-    while let Some(flag) = flags.next_flag() {
-        match flag.as_str() {
-            "--model" => model = Some(PathBuf::from(flags.value(&flag)?)),
-            "--text" => text = Some(PathBuf::from(flags.value(&flag)?)),
-            "--prompts" => prompts = flags.positive(&flag)?,
-            "--prompt-len" => prompt_len = flags.positive(&flag)?,
-            "--new-tokens" => new_tokens = flags.positive(&flag)?,
-            "--device" => device = flags.value(&flag)?.parse()?,
-            "--gpu-mem" => gpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
-            "--cpu-mem" => cpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
-            "--offload-dir" => offload_dir = Some(PathBuf::from(flags.value(&flag)?)),
-            "--keep-offload" => keep = true,
-            "--policy" => policy = Some(PathBuf::from(flags.value(&flag)?)),
-            other => return Err(Error::invalid(other, "unknown flag (see the file's doc)")),
-        }
-    }
-    let model = required(model, "--model")?;
-    let text = required(text, "--text")?;
+/// Batch generation throughput on the engine under memory budgets.
+#[derive(Parser, Debug)]
+#[command(name = "bench_generate")]
+struct Cli {
+    /// The model.
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// The text cut into prompts (back-to-back windows).
+    #[arg(long, value_name = "FILE")]
+    text: PathBuf,
+    /// How many prompts.
+    #[arg(long, value_name = "N", default_value = "256", value_parser = positive)]
+    prompts: usize,
+    /// Tokens per prompt.
+    #[arg(long, value_name = "N", default_value = "64", value_parser = positive)]
+    prompt_len: usize,
+    /// Greedy tokens generated per prompt.
+    #[arg(long, value_name = "N", default_value = "64", value_parser = positive)]
+    new_tokens: usize,
+    #[command(flatten)]
+    memory: DeviceArgs,
+    /// Keep the offload file for a later run to reuse.
+    #[arg(long)]
+    keep_offload: bool,
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let Cli {
+        model,
+        text,
+        prompts,
+        prompt_len,
+        new_tokens,
+        memory,
+        keep_offload,
+    } = cli;
     let files = ModelFiles::open(&model)?;
     let content = std::fs::read_to_string(&text).map_err(|e| Error::io(&text, e))?;
     let ids = files.tokenizer()?.encode(&content)?;
@@ -101,26 +112,11 @@ fn run() -> Result<()> {
         ));
     }
     let batch: Vec<&[u32]> = ids.chunks(prompt_len).take(prompts).collect();
-    let placement = match &policy {
-        Some(path) => Placement::Policy(Policy::from_toml_file(path)?),
-        None if gpu_mem.is_none() && cpu_mem.is_none() => {
-            Placement::Policy(Policy::all_on_gpu(prompts))
-        }
-        None => Placement::Search {
-            hardware: default_profile()?,
-            prompt_len,
-            gen_len: new_tokens + 1,
-            compress_weight: false,
-            compress_cache: false,
-        },
-    };
-    let options = EngineOptions::new(placement)
-        .gpu_budget(gpu_mem.unwrap_or(u64::MAX))
-        .cpu_budget(cpu_mem.unwrap_or(u64::MAX))
-        .offload_dir(offload_dir)
-        .keep_offload(keep)
-        .trace(true)
-        .device(device);
+    let placement = memory.placement(prompts, prompt_len, new_tokens + 1)?;
+    let options = memory
+        .engine_options(placement)
+        .keep_offload(keep_offload)
+        .trace(true);
     let t = Instant::now();
     let engine = Engine::open_with(files, options)?;
     let open_s = t.elapsed().as_secs_f64();
@@ -165,5 +161,5 @@ fn run() -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    exit_status(run())
+    exit_status(run(Cli::parse()))
 }

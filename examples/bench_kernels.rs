@@ -17,7 +17,8 @@ mod common;
 
 use std::time::Instant;
 
-use common::{exit_status, median, numbers, Flags, WEIGHT_FORMATS};
+use clap::Parser;
+use common::{device, exit_status, median, positive, WEIGHT_FORMATS};
 use ferrogen::device::{CpuDevice, Device, DeviceKind};
 use ferrogen::gpu::{GpuContext, WgpuDevice};
 use ferrogen::policy::calibrate::synthetic_weight;
@@ -112,19 +113,31 @@ fn bench<D: Device>(dev: &D, runs: usize, sizes: &[usize], rows: &[usize]) -> Re
     Ok(())
 }
 
-fn run() -> Result<()> {
-    let (mut runs, mut sizes, mut rows) = (3, vec![2048, 4096], vec![1, 8, 64, 512]);
-    let mut device = DeviceKind::Wgpu;
-    let mut flags = Flags::from_env();
-    while let Some(flag) = flags.next_flag() {
-        match flag.as_str() {
-            "--device" => device = flags.value(&flag)?.parse()?,
-            "--runs" => runs = flags.positive(&flag)?,
-            "--sizes" => sizes = numbers(&flags.value(&flag)?, &flag)?,
-            "--rows" => rows = numbers(&flags.value(&flag)?, &flag)?,
-            other => return Err(Error::invalid(other, "unknown flag (see the file's doc)")),
-        }
-    }
+/// A device's kernels, format by format, against the CPU reference's.
+#[derive(Parser, Debug)]
+#[command(name = "bench_kernels")]
+struct Cli {
+    /// The device whose kernels are timed: wgpu or cpu.
+    #[arg(long, value_name = "wgpu|cpu", default_value = "wgpu", value_parser = device)]
+    device: DeviceKind,
+    /// Timed runs per case (the median is quoted).
+    #[arg(long, value_name = "N", default_value = "3", value_parser = positive)]
+    runs: usize,
+    /// Square weight sizes K = N, comma-separated.
+    #[arg(long, value_name = "N,...", value_delimiter = ',', default_value = "2048,4096", value_parser = positive)]
+    sizes: Vec<usize>,
+    /// Input rows M, comma-separated.
+    #[arg(long, value_name = "M,...", value_delimiter = ',', default_value = "1,8,64,512", value_parser = positive)]
+    rows: Vec<usize>,
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let Cli {
+        device,
+        runs,
+        sizes,
+        rows,
+    } = cli;
     match device {
         DeviceKind::Cpu => bench(&CpuDevice::new(0)?, runs, &sizes, &rows),
         DeviceKind::Wgpu => bench(&WgpuDevice::new(GpuContext::new()?)?, runs, &sizes, &rows),
@@ -133,5 +146,5 @@ fn run() -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    exit_status(run())
+    exit_status(run(Cli::parse()))
 }

@@ -16,19 +16,15 @@ mod common;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use common::{required, Flags};
+use clap::{Parser, ValueEnum};
+use common::{positive, size};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::device::{CpuDevice, DeviceKind, ResidentModel};
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
 use ferrogen::gpu::model::GpuModel;
 use ferrogen::gpu::GpuContext;
 use ferrogen::model::ModelFiles;
-use ferrogen::parse_size;
 use ferrogen::{Error, Result};
-
-fn list(text: &str) -> Vec<String> {
-    text.split(',').map(|s| s.trim().to_string()).collect()
-}
 
 fn worst(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
@@ -37,31 +33,63 @@ fn worst(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn run() -> Result<()> {
-    let (mut model, mut text, mut offload) = (None, None, None);
-    let mut tokens = vec![2048usize, 8192];
-    let mut paths = list("reference,cpu,wgpu,engine-cpu,engine");
-    let (mut gpu_mem, mut cpu_mem) = (96u64 << 20, 128u64 << 20);
-    let mut flags = Flags::from_env();
-    while let Some(flag) = flags.next_flag() {
-        match flag.as_str() {
-            "--model" => model = Some(PathBuf::from(flags.value(&flag)?)),
-            "--text" => text = Some(PathBuf::from(flags.value(&flag)?)),
-            "--offload-dir" => offload = Some(PathBuf::from(flags.value(&flag)?)),
-            "--tokens" => {
-                tokens = list(&flags.value(&flag)?)
-                    .iter()
-                    .map(|s| s.parse().map_err(|_| Error::invalid("--tokens", s.clone())))
-                    .collect::<Result<_>>()?
-            }
-            "--paths" => paths = list(&flags.value(&flag)?),
-            "--gpu-mem" => gpu_mem = parse_size(&flags.value(&flag)?, &flag)?,
-            "--cpu-mem" => cpu_mem = parse_size(&flags.value(&flag)?, &flag)?,
-            other => return Err(Error::invalid(other, "unknown flag")),
-        }
-    }
-    let model = required(model, "--model")?;
-    let text = required(text, "--text")?;
+/// A way of scoring the record.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum Path {
+    /// The f32 CPU reference.
+    Reference,
+    /// The resident model on the CPU device.
+    Cpu,
+    /// The resident model on WebGPU.
+    Wgpu,
+    /// The engine on the CPU device, under `--cpu-mem`.
+    EngineCpu,
+    /// The engine on WebGPU, under `--gpu-mem` and `--cpu-mem`.
+    Engine,
+}
+
+/// One long record on every path: tokens/s, differences and the engine's memory peaks.
+#[derive(Parser, Debug)]
+#[command(name = "bench_long")]
+struct Cli {
+    /// The model.
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// The text whose first tokens make the record.
+    #[arg(long, value_name = "FILE")]
+    text: PathBuf,
+    /// Record lengths, comma-separated.
+    #[arg(long, value_name = "N,...", value_delimiter = ',', default_value = "2048,8192", value_parser = positive)]
+    tokens: Vec<usize>,
+    /// The paths to time, comma-separated (the first is the others' yardstick).
+    #[arg(
+        long,
+        value_name = "PATH,...",
+        value_delimiter = ',',
+        default_value = "reference,cpu,wgpu,engine-cpu,engine"
+    )]
+    paths: Vec<Path>,
+    /// The WebGPU engine's GPU memory budget.
+    #[arg(long, value_name = "SIZE", default_value = "96MiB", value_parser = size)]
+    gpu_mem: u64,
+    /// The engines' CPU RAM budget.
+    #[arg(long, value_name = "SIZE", default_value = "128MiB", value_parser = size)]
+    cpu_mem: u64,
+    /// Directory for the engines' offload file.
+    #[arg(long, value_name = "DIR")]
+    offload_dir: Option<PathBuf>,
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let Cli {
+        model,
+        text,
+        tokens,
+        paths,
+        gpu_mem,
+        cpu_mem,
+        offload_dir: offload,
+    } = cli;
     let files = ModelFiles::open(&model)?;
     let content = std::fs::read_to_string(&text).map_err(|e| Error::io(&text, e))?;
     let ids = files.tokenizer()?.encode(&content)?;
@@ -76,26 +104,26 @@ fn run() -> Result<()> {
         let record = &ids[..n];
         let mut want: Option<Vec<f32>> = None;
         for path in &paths {
-            let (secs, got, extra) = match path.as_str() {
-                "reference" => {
+            let (secs, got, extra) = match path {
+                Path::Reference => {
                     let t = Instant::now();
                     let lp = reference.token_logprobs(&[record])?.remove(0);
                     (t.elapsed().as_secs_f64(), lp, String::new())
                 }
-                "wgpu" => {
+                Path::Wgpu => {
                     let gpu = GpuModel::load(GpuContext::new()?, &files, Default::default())?;
                     let t = Instant::now();
                     let lp = gpu.token_logprobs(&[record])?.remove(0);
                     (t.elapsed().as_secs_f64(), lp, String::new())
                 }
-                "cpu" => {
+                Path::Cpu => {
                     let cpu = ResidentModel::new(CpuDevice::new(0)?, &files, Default::default())?;
                     let t = Instant::now();
                     let lp = cpu.token_logprobs(&[record])?.remove(0);
                     (t.elapsed().as_secs_f64(), lp, String::new())
                 }
-                "engine" | "engine-cpu" => {
-                    let on_cpu = path == "engine-cpu";
+                Path::Engine | Path::EngineCpu => {
+                    let on_cpu = *path == Path::EngineCpu;
                     let dir = offload.clone().unwrap_or_else(std::env::temp_dir);
                     let options = EngineOptions::new(Placement::Search {
                         hardware: default_profile()?,
@@ -140,10 +168,12 @@ fn run() -> Result<()> {
                     };
                     (t.elapsed().as_secs_f64(), lp, extra)
                 }
-                other => return Err(Error::invalid("--paths", format!("unknown path {other}"))),
             };
             let ppl = (-got.iter().map(|&v| f64::from(v)).sum::<f64>() / got.len() as f64).exp();
             let diff = want.as_ref().map_or(0.0, |w| worst(&got, w));
+            let path = path
+                .to_possible_value()
+                .map_or_else(String::new, |v| v.get_name().into());
             println!(
                 "1 x {n} tokens, {path}: {secs:.1} s = {:.1} tokens/s, ppl {ppl:.4}, worst \
                  per-token diff from the first path {diff:.1e}{extra}",
@@ -156,5 +186,5 @@ fn run() -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    common::exit_status(run())
+    common::exit_status(run(Cli::parse()))
 }

@@ -23,92 +23,90 @@ mod common;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use common::{median, Flags};
+use clap::{Parser, ValueEnum};
+use common::{device, median, positive, size};
 use ferrogen::device::DeviceKind;
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
 use ferrogen::exec::{Trace, Track};
+use ferrogen::format_size;
 use ferrogen::model::builtin::builtin_config;
 use ferrogen::model::random::RandomWeights;
 use ferrogen::model::ModelFiles;
 use ferrogen::policy::{CostModel, HardwareProfile, Policy, Workload};
-use ferrogen::{format_size, parse_size};
 use ferrogen::{Error, Result};
 
+/// Which overlap modes to run.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum Overlap {
+    /// I/O overlapped with compute.
+    On,
+    /// I/O and compute one after the other.
+    Off,
+    /// On, then off.
+    Both,
+}
+
+/// Offloading benchmark: all weights on disk, a block of `gbs x nb` sequences, overlap on
+/// and off, against the cost model's prediction.
+#[derive(Parser, Debug)]
+#[command(name = "bench_offload")]
+#[command(group = clap::ArgGroup::new("shape").required(true).args(["model", "config"]))]
 struct Args {
+    /// The model.
+    #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
+    /// A built-in shape with random weights instead of a file (e.g. opt-1.3b).
+    #[arg(long, value_name = "NAME")]
     config: Option<String>,
+    /// The random weights' seed (with --config).
+    #[arg(long, value_name = "N", default_value_t = 1)]
     seed: u64,
+    /// Sequences per GPU batch.
+    #[arg(long, value_name = "N", default_value = "1", value_parser = positive)]
     gbs: usize,
+    /// GPU batches per block.
+    #[arg(long, value_name = "N", default_value = "2", value_parser = positive)]
     nb: usize,
+    /// Prompt tokens per sequence.
+    #[arg(long, value_name = "N", default_value = "8", value_parser = positive)]
     prompt_len: usize,
+    /// Tokens generated per sequence (at least 2: decode steps are measured).
+    #[arg(long, value_name = "N", default_value = "4", value_parser = positive)]
     gen_len: usize,
+    /// FlexGen 4-bit weights.
+    #[arg(long)]
     compress_weight: bool,
+    /// Directory for the offload file.
+    #[arg(long, value_name = "DIR", default_value_os_t = std::env::temp_dir().join("ferrogen-bench-offload"))]
     offload_dir: PathBuf,
+    /// Hardware profile for the cost model's prediction (default: the built-in one).
+    #[arg(long, value_name = "PROFILE.toml")]
     hardware: Option<PathBuf>,
+    /// Timed runs per overlap mode.
+    #[arg(long, value_name = "N", default_value = "2", value_parser = positive)]
     runs: usize,
-    overlap: Vec<bool>,
+    /// Overlap modes to run.
+    #[arg(long, value_enum, default_value = "both")]
+    overlap: Overlap,
+    /// Write each mode's last run as a Chrome trace (`on`/`off` before the extension).
+    #[arg(long, value_name = "FILE.json")]
     trace: Option<PathBuf>,
-    gpu_mem: u64,
-    cpu_mem: u64,
-    sep_layer: bool,
+    /// GPU memory budget (WebGPU).
+    #[arg(long, value_name = "SIZE", value_parser = size)]
+    gpu_mem: Option<u64>,
+    /// CPU RAM budget.
+    #[arg(long, value_name = "SIZE", value_parser = size)]
+    cpu_mem: Option<u64>,
+    /// Compute each layer whole instead of attention and MLP as separate units.
+    #[arg(long)]
+    no_sep_layer: bool,
+    /// The compute device: auto, cpu or wgpu.
+    #[arg(long, value_name = "auto|cpu|wgpu", default_value = "auto", value_parser = device)]
     device: DeviceKind,
 }
 
 fn parse() -> Result<Args> {
-    let mut a = Args {
-        model: None,
-        config: None,
-        seed: 1,
-        gbs: 1,
-        nb: 2,
-        prompt_len: 8,
-        gen_len: 4,
-        compress_weight: false,
-        offload_dir: std::env::temp_dir().join("ferrogen-bench-offload"),
-        hardware: None,
-        runs: 2,
-        overlap: vec![true, false],
-        trace: None,
-        gpu_mem: u64::MAX,
-        cpu_mem: u64::MAX,
-        sep_layer: true,
-        device: DeviceKind::Auto,
-    };
-    let mut flags = Flags::from_env();
-    while let Some(flag) = flags.next_flag() {
-        match flag.as_str() {
-            "--model" => a.model = Some(PathBuf::from(flags.value(&flag)?)),
-            "--config" => a.config = Some(flags.value(&flag)?),
-            "--seed" => a.seed = flags.positive(&flag)? as u64,
-            "--gbs" => a.gbs = flags.positive(&flag)?,
-            "--nb" => a.nb = flags.positive(&flag)?,
-            "--prompt-len" => a.prompt_len = flags.positive(&flag)?,
-            "--gen-len" => a.gen_len = flags.positive(&flag)?,
-            "--compress-weight" => a.compress_weight = true,
-            "--no-sep-layer" => a.sep_layer = false,
-            "--device" => a.device = flags.value(&flag)?.parse()?,
-            "--offload-dir" => a.offload_dir = PathBuf::from(flags.value(&flag)?),
-            "--trace" => a.trace = Some(PathBuf::from(flags.value(&flag)?)),
-            "--hardware" => a.hardware = Some(PathBuf::from(flags.value(&flag)?)),
-            "--runs" => a.runs = flags.positive(&flag)?,
-            "--gpu-mem" => a.gpu_mem = parse_size(&flags.value(&flag)?, &flag)?,
-            "--cpu-mem" => a.cpu_mem = parse_size(&flags.value(&flag)?, &flag)?,
-            "--overlap" => {
-                a.overlap = match flags.value(&flag)?.as_str() {
-                    "on" => vec![true],
-                    "off" => vec![false],
-                    "both" => vec![true, false],
-                    other => {
-                        return Err(Error::invalid(
-                            "--overlap",
-                            format!("`{other}`: on, off or both"),
-                        ))
-                    }
-                }
-            }
-            other => return Err(Error::invalid(other, "unknown flag (see the file's doc)")),
-        }
-    }
+    let a = Args::parse();
     if a.gen_len < 2 {
         return Err(Error::invalid(
             "--gen-len",
@@ -118,15 +116,26 @@ fn parse() -> Result<Args> {
     Ok(a)
 }
 
+impl Args {
+    /// The overlap modes to run, in order.
+    fn overlap_modes(&self) -> Vec<bool> {
+        match self.overlap {
+            Overlap::On => vec![true],
+            Overlap::Off => vec![false],
+            Overlap::Both => vec![true, false],
+        }
+    }
+}
+
 fn open_files(a: &Args) -> Result<ModelFiles> {
     match (&a.model, &a.config) {
-        (Some(path), None) => ModelFiles::open(path),
+        (Some(path), _) => ModelFiles::open(path),
         (None, Some(name)) => {
             let config = builtin_config(name)
                 .ok_or_else(|| Error::invalid("--config", format!("unknown shape `{name}`")))?;
             Ok(RandomWeights::model_files(&config, a.seed))
         }
-        _ => Err(Error::invalid("--model/--config", "give exactly one")),
+        (None, None) => Err(Error::invalid("--model/--config", "give one of them")),
     }
 }
 
@@ -206,6 +215,7 @@ fn vm_hwm() -> Option<u64> {
 
 fn run() -> Result<()> {
     let a = parse()?;
+    let (gpu_mem, cpu_mem) = (a.gpu_mem.unwrap_or(u64::MAX), a.cpu_mem.unwrap_or(u64::MAX));
     let hardware: HardwareProfile = match &a.hardware {
         Some(p) => HardwareProfile::from_toml_file(p)?,
         None => default_profile()?,
@@ -246,14 +256,14 @@ fn run() -> Result<()> {
     );
     let mut results: Vec<(bool, StepTimes, f64)> = Vec::new();
     let mut predicted = None;
-    for &overlap in &a.overlap {
+    for overlap in a.overlap_modes() {
         let policy = Policy {
             gpu_batch_size: a.gbs,
             num_gpu_batches: a.nb,
             w_gpu_percent: 0.0,
             w_cpu_percent: 0.0,
             overlap,
-            sep_layer: a.sep_layer,
+            sep_layer: !a.no_sep_layer,
             compress_weight: a.compress_weight,
             ..Policy::all_on_gpu(a.gbs)
         };
@@ -266,8 +276,8 @@ fn run() -> Result<()> {
         let bytes_per_value = ferrogen::exec::runtime_bytes_per_value(&open_files(&a)?, format)?;
         let on_cpu = a.device == DeviceKind::Cpu;
         let options = EngineOptions::new(Placement::Policy(policy.clone()))
-            .gpu_budget(if on_cpu { u64::MAX } else { a.gpu_mem })
-            .cpu_budget(a.cpu_mem)
+            .gpu_budget(if on_cpu { u64::MAX } else { gpu_mem })
+            .cpu_budget(cpu_mem)
             .offload_dir(a.offload_dir.clone())
             .keep_offload(true)
             .trace(true)
@@ -324,7 +334,7 @@ fn run() -> Result<()> {
                 let path = path.with_extension(if overlap { "on.json" } else { "off.json" });
                 std::fs::write(&path, trace.to_chrome_json()).map_err(|e| Error::io(&path, e))?;
             }
-            let layer_units = 1..1 + if a.sep_layer { 2 * layers } else { layers };
+            let layer_units = 1..1 + if !a.no_sep_layer { 2 * layers } else { layers };
             let s = step_times(&trace, a.gen_len, layer_units);
             eprintln!(
                 "overlap {}: run {run}: {:.2} s, {:.2} tok/s, decode steps {:?} s",
@@ -408,8 +418,8 @@ fn run() -> Result<()> {
     println!(
         "peak resident memory (VmHWM) {} with budgets GPU {} + CPU {} (+200 MiB allowed)",
         vm_hwm().map_or("?".into(), format_size),
-        budget(a.gpu_mem),
-        budget(a.cpu_mem)
+        budget(gpu_mem),
+        budget(cpu_mem)
     );
     let _ = std::fs::remove_dir_all(&a.offload_dir);
     Ok(())

@@ -12,7 +12,8 @@ mod common;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use common::{median, required, Flags};
+use clap::Parser;
+use common::{median, positive};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::model::ModelFiles;
 use ferrogen::{Error, Result};
@@ -29,22 +30,35 @@ fn gemm_gflops(n: usize) -> f64 {
     2.0 * (n as f64).powi(3) / s / 1e9
 }
 
-fn run() -> Result<()> {
-    let (mut model, mut text) = (None, None);
-    let (mut tokens, mut chunk, mut runs) = (2048usize, 512usize, 5usize);
-    let mut flags = Flags::from_env();
-    while let Some(flag) = flags.next_flag() {
-        match flag.as_str() {
-            "--model" => model = Some(PathBuf::from(flags.value(&flag)?)),
-            "--text" => text = Some(PathBuf::from(flags.value(&flag)?)),
-            "--tokens" => tokens = flags.positive(&flag)?,
-            "--chunk" => chunk = flags.positive(&flag)?,
-            "--runs" => runs = flags.positive(&flag)?,
-            other => return Err(Error::invalid(other, "unknown flag")),
-        }
-    }
-    let model = required(model, "--model")?;
-    let text = required(text, "--text")?;
+/// Scoring throughput of the CPU reference, with an f32 GEMM as the yardstick.
+#[derive(Parser, Debug)]
+#[command(name = "bench_reference")]
+struct Cli {
+    /// The model.
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// The text whose first tokens are scored.
+    #[arg(long, value_name = "FILE")]
+    text: PathBuf,
+    /// Tokens scored per run.
+    #[arg(long, value_name = "N", default_value = "2048", value_parser = positive)]
+    tokens: usize,
+    /// Tokens per record.
+    #[arg(long, value_name = "N", default_value = "512", value_parser = positive)]
+    chunk: usize,
+    /// Timed runs (the median is quoted).
+    #[arg(long, value_name = "N", default_value = "5", value_parser = positive)]
+    runs: usize,
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let Cli {
+        model,
+        text,
+        tokens,
+        chunk,
+        runs,
+    } = cli;
     let files = ModelFiles::open(&model)?;
     let t = Instant::now();
     let reference = ReferenceModel::load(&files)?;
@@ -92,5 +106,5 @@ fn run() -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    common::exit_status(run())
+    common::exit_status(run(Cli::parse()))
 }

@@ -18,7 +18,9 @@ mod common;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use common::Flags;
+use clap::Parser;
+use common::size;
+use ferrogen::format_size;
 use ferrogen::gpu::{AdapterKind, GpuContext};
 use ferrogen::policy::calibrate::{
     available_memory_bytes, free_disk_bytes, measure_cpu_device_attention, measure_cpu_linear,
@@ -27,27 +29,46 @@ use ferrogen::policy::calibrate::{
 };
 use ferrogen::policy::hardware::GIB;
 use ferrogen::policy::{ByteSize, HardwareProfile};
-use ferrogen::{format_size, parse_size};
 use ferrogen::{Error, Result};
 
-fn run() -> Result<()> {
-    let mut dir = std::env::temp_dir();
-    let (mut output, mut base) = ("-".to_string(), None);
-    let (mut gpu_mem, mut cpu_mem, mut disk) = (None, None, None);
-    let mut quick = false;
-    let mut flags = Flags::from_env();
-    while let Some(flag) = flags.next_flag() {
-        match flag.as_str() {
-            "--offload-dir" => dir = PathBuf::from(flags.value(&flag)?),
-            "--output" => output = flags.value(&flag)?,
-            "--base" => base = Some(PathBuf::from(flags.value(&flag)?)),
-            "--gpu-mem" => gpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
-            "--cpu-mem" => cpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
-            "--disk" => disk = Some(parse_size(&flags.value(&flag)?, &flag)?),
-            "--quick" => quick = true,
-            other => return Err(Error::invalid(other, "unknown flag (see the file's doc)")),
-        }
-    }
+/// Measures this machine and writes a hardware profile (TOML) for the cost model.
+#[derive(Parser, Debug)]
+#[command(name = "calibrate")]
+struct Cli {
+    /// Directory for the disk measurements' scratch file.
+    #[arg(long, value_name = "DIR", default_value_os_t = std::env::temp_dir())]
+    offload_dir: PathBuf,
+    /// Where the profile goes (`-`: stdout).
+    #[arg(long, value_name = "FILE.toml", default_value = "-")]
+    output: String,
+    /// Take the GPU rows from this profile instead of measuring them.
+    #[arg(long, value_name = "PROFILE.toml")]
+    base: Option<PathBuf>,
+    /// The GPU tier's capacity (required with a real GPU: wgpu does not report its memory;
+    /// default on a CPU adapter: 25% of available RAM).
+    #[arg(long, value_name = "SIZE", value_parser = size)]
+    gpu_mem: Option<u64>,
+    /// The CPU tier's capacity (default: 50% of available RAM).
+    #[arg(long, value_name = "SIZE", value_parser = size)]
+    cpu_mem: Option<u64>,
+    /// The disk tier's capacity (default: 50% of the offload directory's free space).
+    #[arg(long, value_name = "SIZE", value_parser = size)]
+    disk: Option<u64>,
+    /// Fewer trials and sizes.
+    #[arg(long)]
+    quick: bool,
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let Cli {
+        offload_dir: dir,
+        output,
+        base,
+        gpu_mem,
+        cpu_mem,
+        disk,
+        quick,
+    } = cli;
     let started = Instant::now();
     let trials = if quick { 2 } else { 3 };
     let mut notes = vec![format!(
@@ -283,5 +304,5 @@ fn hostname() -> String {
 }
 
 fn main() -> std::process::ExitCode {
-    common::exit_status(run())
+    common::exit_status(run(Cli::parse()))
 }

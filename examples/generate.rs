@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example generate -- --model PATH --prompt "The capital of France is"
-//!     [--prompt "..." ...] [--max-new-tokens 16] [--backend engine|reference]
+//!     [--prompt "..." ...] [--max-tokens 16] [--backend engine|reference]
 //!     [--device auto|cpu|wgpu] [--gpu-mem SIZE] [--cpu-mem SIZE] [--offload-dir DIR]
 //!     [--policy FILE.toml]
 //! cargo run --release --example generate -- --model PATH --input PROMPTS.jsonl --output OUT.jsonl
@@ -21,9 +21,10 @@
 //! The job reads records `{"id", "prompt" | "tokens", "max_tokens", "temperature", "top_p",
 //! "top_k", "seed", "stop"}` (the flags give what a record leaves out) and writes `{"id",
 //! "text", "tokens", "token_logprobs", "finish_reason"}` per record in input order (see
-//! README.md, "Generating"). `--resume`, `--shard` and `--shards` work as for `score`. Exit
-//! status: 0 all records generated, 3 some failed, 2 usage or model error before any record
-//! was read, 1 an I/O error during the job.
+//! README.md, "Generating"). `--resume`, `--shard` and `--shards` work as for `score`, and
+//! so does the progress display (a bar on a terminal, else a line every 2 s). `--help`
+//! describes every flag. Exit status: 0 all records generated, 3 some failed, 2 usage or model
+//! error before any record was read, 1 an I/O error during the job.
 
 mod common;
 
@@ -31,129 +32,124 @@ use std::io::BufReader;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use common::{open_job_input, open_output, print_placement, required, Flags};
+use clap::Parser;
+use common::{open_job_input, open_output, positive, print_placement, DeviceArgs, JobArgs};
+use common::{BackendKind, Counts, Progress};
 use ferrogen::cpu::ReferenceModel;
-use ferrogen::device::DeviceKind;
-use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
-use ferrogen::generation::{generate_jsonl, GenOptions, GenSummary};
+use ferrogen::engine::Engine;
+use ferrogen::generation::{generate_jsonl, GenDefaults, GenOptions, GenSummary};
 use ferrogen::model::ModelFiles;
-use ferrogen::parse_size;
-use ferrogen::policy::Policy;
-use ferrogen::score::Shard;
 use ferrogen::{Error, Result};
 
-#[derive(Default)]
+/// Generation on the engine under memory budgets: for `--prompt` flags, or as a job over a
+/// JSONL file of prompts. Exit status: 0 all records generated, 3 some failed, 2 usage or model
+/// error before any record was read, 1 an I/O error during the job.
+#[derive(Parser, Debug)]
+#[command(name = "generate")]
+#[command(group = clap::ArgGroup::new("prompts").required(true).args(["prompt", "input"]))]
 struct Args {
-    model: Option<PathBuf>,
-    prompts: Vec<String>,
+    /// The model: a GGUF file, or a safetensors directory with config.json and tokenizer.json.
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// A prompt to continue; its continuation is printed after it (repeat for more).
+    #[arg(long, value_name = "TEXT")]
+    prompt: Vec<String>,
+    /// The job's records, one JSON object per line (`-`: stdin).
+    #[arg(long, value_name = "PROMPTS.jsonl", requires = "output")]
     input: Option<String>,
+    /// Where the job's answers go, in input order (`-`: stdout).
+    #[arg(long, value_name = "OUT.jsonl", requires = "input")]
     output: Option<String>,
-    job: GenOptions,
-    resume: bool,
-    shard: Option<Shard>,
-    shards: Option<usize>,
-    prompt_len: Option<usize>,
-    backend: Option<String>,
-    policy: Option<PathBuf>,
-    offload_dir: Option<PathBuf>,
-    gpu_mem: Option<u64>,
-    cpu_mem: Option<u64>,
-    device: DeviceKind,
+    /// New tokens at most (a record's `max_tokens` overrides it).
+    #[arg(long, value_name = "N", default_value = "16", value_parser = positive, alias = "max-new-tokens")]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, value_name = "T", default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens whose probabilities sum to P (1: off).
+    #[arg(long, value_name = "P", default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep the K most likely tokens (0: off).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    top_k: usize,
+    /// Mixed with each record's id into its seed when the record gives none.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    seed: u64,
+    /// A stop string: generation ends where the text first contains it, and it is cut
+    /// (repeat for more).
+    #[arg(long, value_name = "TEXT")]
+    stop: Vec<String>,
+    #[command(flatten)]
+    job: JobArgs,
+    /// Records per batch (one engine call each; longest prompts first within it).
+    #[arg(long, value_name = "N", default_value = "256", value_parser = positive)]
+    batch_records: usize,
+    /// The prompt length the policy search plans for in the job.
+    #[arg(long, value_name = "N", default_value = "256", value_parser = positive)]
+    prompt_len: usize,
+    /// What generates (default: the engine; with `--prompt` and no memory flags, the
+    /// reference).
+    #[arg(long, value_enum)]
+    backend: Option<BackendKind>,
+    #[command(flatten)]
+    memory: DeviceArgs,
 }
 
-fn parse_args() -> Result<Args> {
-    let mut a = Args {
-        job: GenOptions::default(),
-        ..Args::default()
-    };
-    a.job.defaults.max_tokens = 16;
-    let mut flags = Flags::from_env();
-    while let Some(flag) = flags.next_flag() {
-        let d = &mut a.job.defaults;
-        match flag.as_str() {
-            "--model" => a.model = Some(PathBuf::from(flags.value(&flag)?)),
-            "--prompt" => a.prompts.push(flags.value(&flag)?),
-            "--input" => a.input = Some(flags.value(&flag)?),
-            "--output" => a.output = Some(flags.value(&flag)?),
-            "--max-new-tokens" | "--max-tokens" => d.max_tokens = flags.parse(&flag)?,
-            "--temperature" => d.temperature = flags.parse(&flag)?,
-            "--top-p" => d.top_p = flags.parse(&flag)?,
-            "--top-k" => d.top_k = flags.parse(&flag)?,
-            "--seed" => d.seed = flags.parse(&flag)?,
-            "--stop" => d.stop.push(flags.value(&flag)?),
-            "--resume" => a.resume = true,
-            "--shard" => a.shard = Some(Shard::parse(&flags.value(&flag)?)?),
-            "--shards" => a.shards = Some(flags.positive(&flag)?),
-            "--batch-records" => a.job.batch_records = flags.positive(&flag)?,
-            "--prompt-len" => a.prompt_len = Some(flags.positive(&flag)?),
-            "--backend" => a.backend = Some(flags.value(&flag)?),
-            "--device" => a.device = flags.value(&flag)?.parse()?,
-            "--policy" => a.policy = Some(PathBuf::from(flags.value(&flag)?)),
-            "--offload-dir" => a.offload_dir = Some(PathBuf::from(flags.value(&flag)?)),
-            "--gpu-mem" => a.gpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
-            "--cpu-mem" => a.cpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
-            other => return Err(Error::invalid(other, "unknown flag (see the file's doc)")),
-        }
+impl Args {
+    /// The job's options: the flags' defaults for what records leave out.
+    fn job_options(&self) -> GenOptions {
+        let mut job = GenOptions::default();
+        job.defaults = GenDefaults {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            stop: self.stop.clone(),
+        };
+        job.batch_records = self.batch_records;
+        job
     }
-    Ok(a)
 }
 
 /// The engine for these flags; `rows` and `gen_len` size the search's workload.
 fn open_engine(a: &Args, files: ModelFiles, rows: usize, prompt_len: usize) -> Result<Engine> {
-    let gen_len = a.job.defaults.max_tokens + 1;
-    let placement = match &a.policy {
-        Some(path) => Placement::Policy(Policy::from_toml_file(path)?),
-        None if a.gpu_mem.is_none() && a.cpu_mem.is_none() => {
-            Placement::Policy(Policy::all_on_gpu(rows.max(1)))
-        }
-        None => Placement::Search {
-            hardware: default_profile()?,
-            prompt_len,
-            gen_len,
-            compress_weight: false,
-            compress_cache: false,
-        },
-    };
-    let options = EngineOptions::new(placement)
-        .gpu_budget(a.gpu_mem.unwrap_or(u64::MAX))
-        .cpu_budget(a.cpu_mem.unwrap_or(u64::MAX))
-        .offload_dir(a.offload_dir.clone())
-        .device(match (a.backend.as_deref(), a.device) {
-            (Some("wgpu"), DeviceKind::Auto) => DeviceKind::Wgpu,
-            (_, d) => d,
-        });
+    let placement = a.memory.placement(rows, prompt_len, a.max_tokens + 1)?;
+    let options = a
+        .memory
+        .engine_options(placement)
+        .device(BackendKind::engine_device(a.backend, a.memory.device));
     let engine = Engine::open_with(files, options)?;
     print_placement(&engine);
     Ok(engine)
 }
 
 /// `--prompt` mode: continuations printed after their prompts.
-fn run_prompts(a: &Args, model: PathBuf) -> Result<()> {
-    let files = ModelFiles::open(&model)?;
+fn run_prompts(a: &Args) -> Result<()> {
+    let files = ModelFiles::open(&a.model)?;
     let eos = files.config.eos_token_id();
     let tokenizer = files.tokenizer()?;
     let ids: Vec<Vec<u32>> = a
-        .prompts
+        .prompt
         .iter()
         .map(|p| tokenizer.encode(p))
         .collect::<Result<_>>()?;
     let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-    let max_new = a.job.defaults.max_tokens;
-    let memory =
-        a.gpu_mem.is_some() || a.cpu_mem.is_some() || a.policy.is_some() || a.offload_dir.is_some();
-    let outputs: Vec<Vec<u32>> = match a.backend.as_deref() {
-        Some("reference") | None if !memory => {
+    let max_new = a.max_tokens;
+    let memory = a.memory.places_memory();
+    let outputs: Vec<Vec<u32>> = match (a.backend, memory) {
+        (Some(BackendKind::Reference) | None, None) => {
             ReferenceModel::load(&files)?.generate_greedy(&refs, max_new, eos)?
         }
-        Some("reference") => {
+        (Some(BackendKind::Reference), Some(flag)) => {
             return Err(Error::invalid(
-                "--backend",
-                "memory flags are the engine's: drop --backend reference",
+                flag,
+                "memory placement is the engine's: drop --backend reference",
             ))
         }
-        Some("engine" | "wgpu") | None => {
+        _ => {
             let longest = refs.iter().map(|p| p.len()).max().unwrap_or(1);
-            let engine = open_engine(a, ModelFiles::open(&model)?, refs.len(), longest)?;
+            let engine = open_engine(a, ModelFiles::open(&a.model)?, refs.len(), longest)?;
             // stop after the end-of-sequence token, as the reference does
             let stop: Vec<u32> = eos.into_iter().collect();
             engine
@@ -162,66 +158,64 @@ fn run_prompts(a: &Args, model: PathBuf) -> Result<()> {
                 .map(|r| r.tokens)
                 .collect()
         }
-        Some(other) => {
-            return Err(Error::invalid(
-                "--backend",
-                format!("`{other}` (engine or reference)"),
-            ))
-        }
     };
-    for (prompt, out) in a.prompts.iter().zip(outputs) {
+    for (prompt, out) in a.prompt.iter().zip(outputs) {
         println!("{prompt}{}", tokenizer.decode(&out)?);
     }
     Ok(())
 }
 
+/// A summary's counts for the progress display.
+fn counts(s: &GenSummary) -> Counts {
+    Counts {
+        done: s.generated + s.failed,
+        failed: s.failed,
+        tokens: s.new_tokens,
+        tokens_per_second: s.tokens_per_second(),
+        seconds: s.seconds,
+    }
+}
+
 /// The JSONL job: exit status 2 when it cannot start, 1 on an I/O error during it, 3 when
 /// some records failed.
-fn run_job(a: &Args, model: PathBuf, input: &str) -> ExitCode {
+fn run_job(a: &Args, input: &str, output: &str) -> ExitCode {
     let prepared = (|| -> Result<_> {
-        let output = required(a.output.clone(), "--output")?;
-        if a.backend.as_deref() == Some("reference") {
+        if a.backend == Some(BackendKind::Reference) {
             return Err(Error::invalid(
                 "--backend",
                 "the generation job runs on the engine: drop --backend reference",
             ));
         }
-        let job_input = open_job_input(input, &output, a.shard, a.shards, a.resume)?;
-        let files = ModelFiles::open(&model)?;
+        let job_input = open_job_input(input, output, &a.job)?;
+        let files = ModelFiles::open(&a.model)?;
         files.tokenizer()?;
-        let rows = a.job.batch_records;
-        let engine = open_engine(a, files, rows, a.prompt_len.unwrap_or(256))?;
-        let mut options = a.job.clone();
-        options.skip_records = job_input.answered;
-        options.shard = job_input.shard;
-        let out = open_output(&output, a.resume)?;
-        Ok((engine, job_input.reader, out, options))
+        let engine = open_engine(a, files, a.batch_records, a.prompt_len)?;
+        let out = open_output(output, a.job.resume)?;
+        Ok((engine, job_input, out))
     })();
-    let (engine, reader, out, options) = match prepared {
+    let (engine, job_input, out) = match prepared {
         Ok(p) => p,
         Err(e) => return common::exit_status(Err(e)),
     };
     let Ok(tokenizer) = engine.files().tokenizer() else {
         return common::exit_status(Err(Error::invalid("--model", "no tokenizer")));
     };
-    let progress = |s: &GenSummary| {
-        eprintln!(
-            "generated {} of {} records ({} failed), {} tokens, {:.1} tokens/s",
-            s.generated,
-            s.records - s.skipped,
-            s.failed,
-            s.new_tokens,
-            s.tokens_per_second()
-        )
-    };
-    let reader = BufReader::new(reader);
-    let summary = match generate_jsonl(&engine, tokenizer, reader, out, &options, progress) {
+    let progress = Progress::new(job_input.remaining, "generated", a.job.progress_every);
+    let mut options = a.job_options();
+    options.skip_records = job_input.answered;
+    options.shard = job_input.shard;
+    options.progress_every = progress.every();
+    let reader = BufReader::new(job_input.reader);
+    let summary = match generate_jsonl(&engine, tokenizer, reader, out, &options, |s| {
+        progress.update(counts(s))
+    }) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(1);
         }
     };
+    progress.finish(counts(&summary));
     let skipped = if summary.skipped > 0 {
         format!(" ({} answered before, skipped)", summary.skipped)
     } else {
@@ -246,24 +240,10 @@ fn run_job(a: &Args, model: PathBuf, input: &str) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => return common::exit_status(Err(e)),
-    };
-    let model = match required(args.model.clone(), "--model") {
-        Ok(m) => m,
-        Err(e) => return common::exit_status(Err(e)),
-    };
-    match (&args.input, args.prompts.is_empty()) {
-        (Some(_), false) => common::exit_status(Err(Error::invalid(
-            "--prompt",
-            "give prompts with --prompt or --input, not both",
-        ))),
-        (Some(input), true) => run_job(&args, model, input),
-        (None, true) => common::exit_status(Err(Error::invalid(
-            "--prompt",
-            "give at least one (or --input PROMPTS.jsonl)",
-        ))),
-        (None, false) => common::exit_status(run_prompts(&args, model)),
+    let args = Args::parse();
+    match (&args.input, &args.output) {
+        (Some(input), Some(output)) => run_job(&args, input, output),
+        // clap requires prompts or an input, and an output with an input
+        _ => common::exit_status(run_prompts(&args)),
     }
 }

@@ -14,29 +14,31 @@ mod common;
 use std::io::BufReader;
 use std::process::ExitCode;
 
-use common::{required, Flags};
+use clap::Parser;
 use ferrogen::score::{merge_shards, read_ids};
 use ferrogen::{Error, Result};
 
-fn run() -> Result<()> {
-    let (mut input, mut output, mut shards) = (None, None, Vec::new());
-    let mut flags = Flags::from_env();
-    while let Some(flag) = flags.next_flag() {
-        match flag.as_str() {
-            "--input" => input = Some(flags.value(&flag)?),
-            "--output" => output = Some(flags.value(&flag)?),
-            "-h" | "--help" => return Err(Error::invalid(
-                "--help",
-                "usage: merge --input IN.jsonl --output OUT.jsonl SHARD0.jsonl SHARD1.jsonl ...",
-            )),
-            other if other.starts_with("--") => {
-                return Err(Error::invalid(other, "unknown flag (try --help)"))
-            }
-            path => shards.push(path.to_string()),
-        }
-    }
-    let input: String = required(input, "--input")?;
-    let output: String = required(output, "--output")?;
+/// Joins the outputs of a sharded job into one output in input order.
+#[derive(Parser, Debug)]
+#[command(name = "merge")]
+struct Cli {
+    /// The job's input (the order and ids of its records).
+    #[arg(long, value_name = "IN.jsonl")]
+    input: String,
+    /// Where the merged output goes (written only when every record is there once).
+    #[arg(long, value_name = "OUT.jsonl")]
+    output: String,
+    /// The shards' outputs, in shard order (K = 0..N).
+    #[arg(value_name = "SHARD.jsonl", required = true)]
+    shards: Vec<String>,
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let Cli {
+        input,
+        output,
+        shards,
+    } = cli;
     let file = std::fs::File::open(&input).map_err(|e| Error::io(&input, e))?;
     let ids = read_ids(BufReader::new(file), &input)?;
     let texts = shards
@@ -60,11 +62,5 @@ fn run() -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(2)
-        }
-    }
+    common::exit_status(run(Cli::parse()))
 }

@@ -14,35 +14,60 @@ mod common;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use common::{required, Flags};
+use clap::Parser;
+use common::positive;
 use ferrogen::model::builtin::{builtin_config, BUILTIN_NAMES};
 use ferrogen::model::{ModelConfig, ModelFiles};
 use ferrogen::policy::{search, CostModel, HardwareProfile, Policy, SearchOptions, Workload};
 use ferrogen::{Error, Result};
 
-fn run() -> Result<()> {
-    let (mut model, mut config, mut hardware) = (None, None, None);
-    let (mut prompt_len, mut gen_len) = (None, None);
-    let (mut json, mut save, mut evaluate) = (false, None, None);
-    let mut options = SearchOptions::default();
-    let mut flags = Flags::from_env();
-    while let Some(flag) = flags.next_flag() {
-        match flag.as_str() {
-            "--model" => model = Some(PathBuf::from(flags.value(&flag)?)),
-            "--config" => config = Some(flags.value(&flag)?),
-            "--hardware" => hardware = Some(PathBuf::from(flags.value(&flag)?)),
-            "--prompt-len" => prompt_len = Some(flags.positive(&flag)?),
-            "--gen-len" => gen_len = Some(flags.positive(&flag)?),
-            "--compress-weight" => options.compress_weight = true,
-            "--compress-cache" => options.compress_cache = true,
-            "--json" => json = true,
-            "--save" => save = Some(PathBuf::from(flags.value(&flag)?)),
-            "--evaluate" => evaluate = Some(PathBuf::from(flags.value(&flag)?)),
-            other => return Err(Error::invalid(other, "unknown flag (see the file's doc)")),
-        }
-    }
-    let (config, model_name): (ModelConfig, String) = match (model, config) {
-        (Some(path), None) => (ModelFiles::open(&path)?.config, path.display().to_string()),
+/// Finds the placement policy with the best predicted throughput for a model, a machine and a
+/// workload.
+#[derive(Parser, Debug)]
+#[command(name = "policy_search")]
+#[command(group = clap::ArgGroup::new("shape").required(true).args(["model", "config"]))]
+struct Cli {
+    /// The model: a GGUF file, or a safetensors directory with config.json.
+    #[arg(long, value_name = "PATH")]
+    model: Option<PathBuf>,
+    /// A built-in model shape instead of a file: opt-1.3b ... opt-175b, llama-2-7b,
+    /// llama-2-70b, llama-3-8b.
+    #[arg(long, value_name = "NAME")]
+    config: Option<String>,
+    /// The machine's hardware profile (as `calibrate` writes it).
+    #[arg(long, value_name = "FILE.toml")]
+    hardware: PathBuf,
+    /// Prompt tokens per sequence.
+    #[arg(long, value_name = "S", value_parser = positive)]
+    prompt_len: usize,
+    /// Tokens generated per sequence.
+    #[arg(long, value_name = "N", value_parser = positive)]
+    gen_len: usize,
+    /// Consider FlexGen 4-bit weights.
+    #[arg(long)]
+    compress_weight: bool,
+    /// Consider a FlexGen 4-bit KV cache.
+    #[arg(long)]
+    compress_cache: bool,
+    /// Print one JSON object instead of the policy and a table.
+    #[arg(long)]
+    json: bool,
+    /// Also write the policy to this TOML file.
+    #[arg(long, value_name = "POLICY.toml")]
+    save: Option<PathBuf>,
+    /// Predict this policy instead of searching.
+    #[arg(long, value_name = "POLICY.toml")]
+    evaluate: Option<PathBuf>,
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let options = SearchOptions {
+        compress_weight: cli.compress_weight,
+        compress_cache: cli.compress_cache,
+        ..SearchOptions::default()
+    };
+    let (config, model_name): (ModelConfig, String) = match (cli.model, cli.config) {
+        (Some(path), _) => (ModelFiles::open(&path)?.config, path.display().to_string()),
         (None, Some(name)) => (
             builtin_config(&name).ok_or_else(|| {
                 Error::invalid(
@@ -52,21 +77,16 @@ fn run() -> Result<()> {
             })?,
             name,
         ),
-        _ => {
-            return Err(Error::invalid(
-                "--model/--config",
-                "give exactly one of them",
-            ))
-        }
+        (None, None) => return Err(Error::invalid("--model/--config", "give one of them")),
     };
-    let hardware = HardwareProfile::from_toml_file(&required(hardware, "--hardware")?)?;
+    let hardware = HardwareProfile::from_toml_file(&cli.hardware)?;
     let workload = Workload {
-        prompt_len: required(prompt_len, "--prompt-len")?,
-        gen_len: required(gen_len, "--gen-len")?,
+        prompt_len: cli.prompt_len,
+        gen_len: cli.gen_len,
     };
     let model = CostModel::new(&config, hardware, workload);
     let started = Instant::now();
-    let (policy, prediction, lps) = match evaluate {
+    let (policy, prediction, lps) = match cli.evaluate {
         Some(path) => {
             let policy = Policy::from_toml_file(&path)?;
             let prediction = model.predict(&policy);
@@ -78,7 +98,7 @@ fn run() -> Result<()> {
         }
     };
     let seconds = started.elapsed().as_secs_f64();
-    if let Some(path) = save {
+    if let Some(path) = cli.save {
         let header = format!(
             "# {} policy for {} on \"{}\", prompt {} / generate {} tokens:\n\
              # predicted {:.3} tokens/s (prefill {:.1} s, decode {:.1} s)\n",
@@ -93,7 +113,7 @@ fn run() -> Result<()> {
         );
         std::fs::write(&path, header + &policy.to_toml()).map_err(|e| Error::io(&path, e))?;
     }
-    if json {
+    if cli.json {
         let out = serde_json::json!({
             "policy": policy,
             "throughput_tok_s": prediction.throughput_tok_s,
@@ -118,5 +138,5 @@ fn run() -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    common::exit_status(run())
+    common::exit_status(run(Cli::parse()))
 }

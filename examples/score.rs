@@ -3,30 +3,32 @@
 //!
 //! ```text
 //! cargo run --release --example score -- --model PATH --input IN.jsonl --output OUT.jsonl
-//!     [--resume] [--shard K/N | --shards N] [--per-token] [--backend engine|reference] [--device auto|cpu|wgpu] [--batch-tokens N]
-//!     [--window N] [--stride S]
+//!     [--resume] [--shard K/N | --shards N] [--per-token] [--backend engine|reference]
+//!     [--device auto|cpu|wgpu] [--batch-tokens N] [--window N] [--stride S]
 //!     [--gpu-mem SIZE] [--cpu-mem SIZE] [--offload-dir DIR] [--keep-offload]
 //!     [--policy FILE.toml | --hardware PROFILE.toml [--prompt-len N]]
 //!     [--compress-weight] [--compress-cache] [--no-share-prefixes] [--trace FILE.json]
 //! ```
-//! The engine runs by default, on the device `--device` names (auto: a discrete or integrated
-//! GPU through WebGPU when there is one, else the native CPU device; on the CPU device
-//! `--cpu-mem` budgets all of RAM and `--gpu-mem` is an error). `--backend reference` runs the
-//! f32 CPU oracle instead (`--backend wgpu`, the old spelling, means `--device wgpu`). With `--policy` the file's placement is used (checked against any budgets);
-//! with budgets and no policy the LP search picks one for the hardware profile (by default the
-//! one calibrated on the CI machine, `policies/lavapipe-2core.toml`); with neither, everything
-//! stays on the GPU. `--trace` writes a Chrome trace (open it in Perfetto) of every load,
-//! compute and store. A record longer than `--window` tokens (default: the model's context)
-//! is scored in lm-eval's rolling windows, or with `--stride S` in windows that advance by `S`
-//! tokens and score only their last `S`. `-` reads stdin / writes stdout. Ids must be unique (a
-//! duplicate is an error before any work). `--resume` continues an interrupted job: the records
-//! its output already answers are skipped, a torn last line is cut and redone, and the rest is
-//! appended. `--shard K/N` scores every N-th record from the K-th (from 0); without it, a Slurm
-//! job array's or a Kubernetes Indexed Job's environment names the shard (`--shards N` gives an
+//! `--help` describes every flag. The engine runs by default, on the device `--device` names
+//! (auto: a discrete or integrated GPU through WebGPU when there is one, else the native CPU
+//! device; on the CPU device `--cpu-mem` budgets all of RAM and `--gpu-mem` is an error).
+//! `--backend reference` runs the f32 CPU oracle instead. With `--policy` the file's placement
+//! is used (checked against any budgets); with budgets and no policy the LP search picks one
+//! for the hardware profile (by default the one calibrated on the CI machine,
+//! `policies/lavapipe-2core.toml`); with neither, everything stays in device memory. A record
+//! longer than `--window` tokens (default: the model's context) is scored in lm-eval's rolling
+//! windows, or with `--stride S` in windows that advance by `S` tokens and score only their
+//! last `S`. `-` reads stdin / writes stdout. Ids must be unique (a duplicate is an error
+//! before any work). `--resume` continues an interrupted job: the records its output already
+//! answers are skipped, a torn last line is cut and redone, and the rest is appended.
+//! `--shard K/N` scores every N-th record from the K-th (from 0); without it, a Slurm job
+//! array's or a Kubernetes Indexed Job's environment names the shard (`--shards N` gives an
 //! Indexed Job's count), and the `merge` example joins the shards' outputs. Records that begin
-//! alike (a question's endings) are scored as prefix groups, the common part computed once;
-//! `--no-share-prefixes` computes every record whole. Exit status: 0 all records scored, 3 some failed, 2 usage or model error before
-//! any record was read, 1 an I/O error during the job.
+//! alike (a question's endings) are scored as prefix groups, the common part computed once.
+//!
+//! Progress goes to stderr: a bar (records, tokens/s, ETA) when stderr is a terminal, else a
+//! line every 2 s. Exit status: 0 all records scored, 3 some failed, 2 usage or model error
+//! before any record was read, 1 an I/O error during the job.
 
 mod common;
 
@@ -34,129 +36,111 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use common::{open_job_input, open_output, print_placement, required, Flags};
+use clap::Parser;
+use common::{open_job_input, open_output, positive, print_placement, DeviceArgs, JobArgs};
+use common::{BackendKind, Counts, Progress};
 use ferrogen::cpu::ReferenceModel;
-use ferrogen::device::DeviceKind;
-use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
+use ferrogen::engine::{default_profile, Engine, Placement};
+use ferrogen::format_size;
 use ferrogen::model::ModelFiles;
 use ferrogen::policy::{HardwareProfile, Policy};
-use ferrogen::score::{score_jsonl, ScoreOptions, Scorer, Shard};
+use ferrogen::score::{score_jsonl, ScoreOptions, ScoreSummary, Scorer, Shard};
 use ferrogen::storage::Tier;
-use ferrogen::{format_size, parse_size};
 use ferrogen::{Error, Result};
 
-#[derive(Default)]
+/// Scores a JSONL dataset: per-record log-likelihood and perplexity, or lm-eval's
+/// context/continuation requests. Exit status: 0 all records scored, 3 some failed, 2 usage or
+/// model error before any record was read, 1 an I/O error during the job.
+#[derive(Parser, Debug)]
+#[command(name = "score")]
 struct Args {
+    /// The model: a GGUF file, or a safetensors directory with config.json and tokenizer.json.
+    #[arg(long, value_name = "PATH")]
     model: PathBuf,
+    /// The records, one JSON object per line (`-`: stdin).
+    #[arg(long, value_name = "IN.jsonl")]
     input: String,
+    /// Where the answers go, one line per record in input order (`-`: stdout).
+    #[arg(long, value_name = "OUT.jsonl")]
     output: String,
-    backend: Option<String>,
-    device: DeviceKind,
-    options: ScoreOptions,
-    gpu_mem: Option<u64>,
-    cpu_mem: Option<u64>,
-    offload_dir: Option<PathBuf>,
+    #[command(flatten)]
+    job: JobArgs,
+    /// Also write each scored token's logprob.
+    #[arg(long)]
+    per_token: bool,
+    /// What computes the scores.
+    #[arg(long, value_enum, default_value = "engine")]
+    backend: BackendKind,
+    /// Tokens per batch (default: the policy's capacity).
+    #[arg(long, value_name = "N", value_parser = positive)]
+    batch_tokens: Option<usize>,
+    /// Longest window scored at once (default: the model's context); longer records are
+    /// scored in lm-eval's rolling windows.
+    #[arg(long, value_name = "N", value_parser = positive)]
+    window: Option<usize>,
+    /// Windows advance by S tokens and score only their last S (Hugging Face's strided
+    /// perplexity).
+    #[arg(long, value_name = "S", value_parser = positive)]
+    stride: Option<usize>,
+    #[command(flatten)]
+    memory: DeviceArgs,
+    /// Keep the offload file for a later run to reuse.
+    #[arg(long)]
     keep_offload: bool,
-    /// Skip the records an earlier run's output already answers.
-    resume: bool,
-    /// Score one shard of the input (`--shard K/N`).
-    shard: Option<Shard>,
-    /// How many shards a Kubernetes Indexed Job has (`--shards N`).
-    shards: Option<usize>,
-    policy: Option<PathBuf>,
+    /// A hardware profile for the policy search (default: the built-in one).
+    #[arg(long, value_name = "PROFILE.toml", conflicts_with = "policy")]
     hardware: Option<PathBuf>,
+    /// The prompt length the policy search plans for.
+    #[arg(long, value_name = "N", default_value = "256", value_parser = positive)]
     prompt_len: usize,
-    trace: Option<PathBuf>,
-    /// FlexGen 4-bit weights.
+    /// Store the weights in FlexGen 4-bit groups.
+    #[arg(long)]
     compress_weight: bool,
-    /// FlexGen 4-bit KV cache.
+    /// Store the KV cache in FlexGen 4-bit groups.
+    #[arg(long)]
     compress_cache: bool,
     /// Compute every record whole, without prefix groups.
+    #[arg(long)]
     no_share_prefixes: bool,
-}
-
-fn parse_args() -> Result<Args> {
-    let (mut model, mut input, mut output) = (None, None, None);
-    let mut a = Args {
-        prompt_len: 256,
-        ..Args::default()
-    };
-    let mut flags = Flags::from_env();
-    while let Some(flag) = flags.next_flag() {
-        match flag.as_str() {
-            "--model" => model = Some(PathBuf::from(flags.value(&flag)?)),
-            "--input" => input = Some(flags.value(&flag)?),
-            "--output" => output = Some(flags.value(&flag)?),
-            "--per-token" => a.options.per_token = true,
-            "--resume" => a.resume = true,
-            "--shard" => a.shard = Some(Shard::parse(&flags.value(&flag)?)?),
-            "--shards" => a.shards = Some(flags.positive(&flag)?),
-            "--compress-weight" => a.compress_weight = true,
-            "--compress-cache" => a.compress_cache = true,
-            "--no-share-prefixes" => a.no_share_prefixes = true,
-            "--backend" => a.backend = Some(flags.value(&flag)?),
-            "--device" => a.device = flags.value(&flag)?.parse()?,
-            "--batch-tokens" => a.options.batch_tokens = Some(flags.positive(&flag)?),
-            "--window" => a.options.window = Some(flags.positive(&flag)?),
-            "--stride" => a.options.stride = Some(flags.positive(&flag)?),
-            "--gpu-mem" => a.gpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
-            "--cpu-mem" => a.cpu_mem = Some(parse_size(&flags.value(&flag)?, &flag)?),
-            "--offload-dir" => a.offload_dir = Some(PathBuf::from(flags.value(&flag)?)),
-            "--keep-offload" => a.keep_offload = true,
-            "--policy" => a.policy = Some(PathBuf::from(flags.value(&flag)?)),
-            "--hardware" => a.hardware = Some(PathBuf::from(flags.value(&flag)?)),
-            "--prompt-len" => a.prompt_len = flags.positive(&flag)?,
-            "--trace" => a.trace = Some(PathBuf::from(flags.value(&flag)?)),
-            "-h" | "--help" => {
-                return Err(Error::invalid(
-                    "--help",
-                    "usage: score --model PATH --input IN.jsonl --output OUT.jsonl [--resume] \
-                     [--shard K/N | --shards N] [--per-token] \
-                     [--backend engine|reference] [--device auto|cpu|wgpu] [--batch-tokens N] [--window N] \
-                     [--stride S] [--gpu-mem SIZE] \
-                     [--cpu-mem SIZE] [--offload-dir DIR] [--keep-offload] [--policy FILE.toml | \
-                     --hardware PROFILE.toml [--prompt-len N]] [--compress-weight] \
-                     [--compress-cache] [--trace FILE.json]",
-                ))
-            }
-            other => return Err(Error::invalid(other, "unknown flag (try --help)")),
-        }
-    }
-    a.model = required(model, "--model")?;
-    a.input = required(input, "--input")?;
-    a.output = required(output, "--output")?;
-    Ok(a)
+    /// Write a Chrome trace (open it in Perfetto) of every load, compute and store.
+    #[arg(long, value_name = "FILE.json")]
+    trace: Option<PathBuf>,
 }
 
 impl Args {
+    /// The scoring options these flags give.
+    fn score_options(&self) -> ScoreOptions {
+        let mut options = ScoreOptions::default();
+        options.per_token = self.per_token;
+        options.batch_tokens = self.batch_tokens;
+        options.window = self.window;
+        options.stride = self.stride;
+        options
+    }
+
+    /// A flag that places memory (the engine's), if any is given.
     fn memory_flag(&self) -> Option<&'static str> {
-        [
-            (self.gpu_mem.is_some(), "--gpu-mem"),
-            (self.cpu_mem.is_some(), "--cpu-mem"),
-            (self.offload_dir.is_some(), "--offload-dir"),
-            (self.policy.is_some(), "--policy"),
-            (self.hardware.is_some(), "--hardware"),
-            (self.trace.is_some(), "--trace"),
-        ]
-        .into_iter()
-        .find_map(|(set, flag)| set.then_some(flag))
+        self.memory.places_memory().or_else(|| {
+            [
+                (self.hardware.is_some(), "--hardware"),
+                (self.trace.is_some(), "--trace"),
+                (self.keep_offload, "--keep-offload"),
+            ]
+            .into_iter()
+            .find_map(|(set, flag)| set.then_some(flag))
+        })
     }
 
     /// How the engine places the model.
     fn placement(&self) -> Result<Placement> {
-        if let Some(path) = &self.policy {
-            if self.hardware.is_some() {
-                return Err(Error::invalid(
-                    "--hardware",
-                    "give a policy or a hardware profile, not both",
-                ));
-            }
+        if let Some(path) = &self.memory.policy {
             let mut p = Policy::from_toml_file(path)?;
             p.compress_weight |= self.compress_weight;
             p.compress_cache |= self.compress_cache;
             return Ok(Placement::Policy(p));
         }
-        if self.gpu_mem.is_none() && self.cpu_mem.is_none() && self.hardware.is_none() {
+        if self.memory.gpu_mem.is_none() && self.memory.cpu_mem.is_none() && self.hardware.is_none()
+        {
             let mut p = Policy::all_on_gpu(64);
             p.compress_weight = self.compress_weight;
             p.compress_cache = self.compress_cache;
@@ -199,21 +183,17 @@ struct Job {
     output: Box<dyn Write>,
     /// Records answered by an earlier run (`--resume`).
     answered: usize,
+    /// Records this run answers.
+    remaining: usize,
     /// The records this process scores.
     shard: Option<Shard>,
 }
 
 /// Opens input, model and output (any failure here exits with status 2).
 fn prepare(args: &Args) -> Result<Job> {
-    let input = open_job_input(
-        &args.input,
-        &args.output,
-        args.shard,
-        args.shards,
-        args.resume,
-    )?;
-    let model = match args.backend.as_deref() {
-        Some("reference") => {
+    let input = open_job_input(&args.input, &args.output, &args.job)?;
+    let model = match args.backend {
+        BackendKind::Reference => {
             if let Some(flag) = args.memory_flag() {
                 return Err(Error::invalid(
                     flag,
@@ -229,40 +209,32 @@ fn prepare(args: &Args) -> Result<Job> {
             let files = ModelFiles::open(&args.model)?;
             Backend::Reference(ReferenceModel::load(&files)?, files)
         }
-        Some("engine" | "wgpu") | None => {
+        BackendKind::Engine | BackendKind::Wgpu => {
             let placement = args.placement()?;
             let files = ModelFiles::open(&args.model)?;
-            // `--backend wgpu` (the old spelling) is the engine on WebGPU
-            let device = match (args.backend.as_deref(), args.device) {
-                (Some("wgpu"), DeviceKind::Auto) => DeviceKind::Wgpu,
-                (_, d) => d,
-            };
-            let options = EngineOptions::new(placement)
-                .gpu_budget(args.gpu_mem.unwrap_or(u64::MAX))
-                .cpu_budget(args.cpu_mem.unwrap_or(u64::MAX))
-                .offload_dir(args.offload_dir.clone())
+            let options = args
+                .memory
+                .engine_options(placement)
                 .keep_offload(args.keep_offload)
                 .trace(args.trace.is_some())
                 .share_prefixes(!args.no_share_prefixes)
-                .device(device);
+                .device(BackendKind::engine_device(
+                    Some(args.backend),
+                    args.memory.device,
+                ));
             let engine = Engine::open_with(files, options)?;
             print_placement(&engine);
             Backend::Engine(engine)
         }
-        Some(other) => {
-            return Err(Error::invalid(
-                "--backend",
-                format!("`{other}` (choose engine or reference)"),
-            ))
-        }
     };
     // --window and --stride against the model's context, before the output is created
-    args.options.windows(model.scorer().config())?;
+    args.score_options().windows(model.scorer().config())?;
     Ok(Job {
         model,
         input: input.reader,
-        output: open_output(&args.output, args.resume)?,
+        output: open_output(&args.output, args.job.resume)?,
         answered: input.answered,
+        remaining: input.remaining,
         shard: input.shard,
     })
 }
@@ -327,14 +299,19 @@ fn report(args: &Args, model: &Backend) -> Result<()> {
     Ok(())
 }
 
+/// A summary's counts for the progress display.
+fn counts(s: &ScoreSummary) -> Counts {
+    Counts {
+        done: s.scored + s.failed,
+        failed: s.failed,
+        tokens: s.tokens,
+        tokens_per_second: s.tokens_per_second(),
+        seconds: s.seconds,
+    }
+}
+
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let args = Args::parse();
     let job = match prepare(&args) {
         Ok(p) => p,
         Err(e) => {
@@ -346,25 +323,22 @@ fn main() -> ExitCode {
         Backend::Engine(e) => e.files().tokenizer(),
         Backend::Reference(_, files) => files.tokenizer(),
     };
-    let mut options = args.options.clone();
+    let progress = Progress::new(job.remaining, "scored", args.job.progress_every);
+    let mut options = args.score_options();
     options.skip_records = job.answered;
     options.shard = job.shard;
+    options.progress_every = progress.every();
     let result = score_jsonl(
         job.model.scorer(),
         tokenizer,
         BufReader::new(job.input),
         BufWriter::new(job.output),
         &options,
-        |s| {
-            eprintln!(
-                "scored {} records ({} failed), {} tokens, {:.1} tokens/s",
-                s.scored,
-                s.failed,
-                s.tokens,
-                s.tokens_per_second()
-            )
-        },
+        |s| progress.update(counts(s)),
     );
+    if let Ok(s) = &result {
+        progress.finish(counts(s));
+    }
     match result {
         Err(e) => {
             eprintln!("error: {e}");

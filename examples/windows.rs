@@ -13,26 +13,41 @@ mod common;
 use std::io::Write;
 use std::path::PathBuf;
 
-use common::{exit_status, required, Flags};
+use clap::Parser;
+use common::{exit_status, positive};
 use ferrogen::model::ModelFiles;
 use ferrogen::{Error, Result};
 
-fn run() -> Result<()> {
-    let (mut model, mut text) = (None, None);
-    let (mut window, mut count, mut skip) = (512usize, 8usize, 0usize);
-    let mut flags = Flags::from_env();
-    while let Some(flag) = flags.next_flag() {
-        match flag.as_str() {
-            "--model" => model = Some(PathBuf::from(flags.value(&flag)?)),
-            "--text" => text = Some(PathBuf::from(flags.value(&flag)?)),
-            "--window" => window = flags.positive(&flag)?,
-            "--count" => count = flags.positive(&flag)?,
-            "--skip" => skip = flags.parse(&flag)?,
-            other => return Err(Error::invalid(other, "unknown flag")),
-        }
-    }
-    let files = ModelFiles::open(&required(model, "--model")?)?;
-    let text = required(text, "--text")?;
+/// Cuts a text into token windows for `score`, as `llama-perplexity` cuts its input.
+#[derive(Parser, Debug)]
+#[command(name = "windows")]
+struct Cli {
+    /// The model whose tokenizer cuts the text.
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// The text file.
+    #[arg(long, value_name = "FILE")]
+    text: PathBuf,
+    /// Tokens per window.
+    #[arg(long, value_name = "N", default_value = "512", value_parser = positive)]
+    window: usize,
+    /// How many windows.
+    #[arg(long, value_name = "N", default_value = "8", value_parser = positive)]
+    count: usize,
+    /// Tokens to skip at the start of the text.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    skip: usize,
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let Cli {
+        model,
+        text,
+        window,
+        count,
+        skip,
+    } = cli;
+    let files = ModelFiles::open(&model)?;
     let content = std::fs::read_to_string(&text).map_err(|e| Error::io(&text, e))?;
     let ids = files.tokenizer()?.encode(&content)?;
     let need = skip + window * count;
@@ -55,5 +70,5 @@ fn run() -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    exit_status(run())
+    exit_status(run(Cli::parse()))
 }

@@ -1,60 +1,166 @@
-//! Command-line flags for the example binaries: `--name value` pairs and bare switches, with
-//! errors that name the flag. Each example compiles its own copy and uses part of it.
+//! What the example binaries share: clap value parsers and flag groups, the JSONL jobs' input,
+//! output and progress display, and benchmark helpers. Each example compiles its own copy and
+//! uses part of it.
 #![allow(dead_code)]
 
-use std::collections::VecDeque;
-use std::str::FromStr;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
 
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use ferrogen::device::DeviceKind;
+use ferrogen::engine::{default_profile, EngineOptions, Placement};
+use ferrogen::policy::Policy;
+use ferrogen::score::Shard;
 use ferrogen::{Error, Result};
 
-/// The remaining command-line arguments.
-pub struct Flags {
-    args: VecDeque<String>,
+/// A library error as a clap value parser's message: the reason alone (clap names the flag).
+fn reason(e: Error) -> String {
+    match e {
+        Error::InvalidArgument { reason, .. } => reason,
+        other => other.to_string(),
+    }
 }
 
-impl Flags {
-    /// The process's arguments after the program name.
-    pub fn from_env() -> Self {
-        Self::new(std::env::args().skip(1))
-    }
+/// Parses a memory size such as `512MiB`, `2GiB` or `1.5GB` (a clap value parser).
+pub fn size(text: &str) -> std::result::Result<u64, String> {
+    ferrogen::parse_size(text, "SIZE").map_err(reason)
+}
 
-    /// Flags from any list of arguments.
-    pub fn new(args: impl IntoIterator<Item = String>) -> Self {
-        Self {
-            args: args.into_iter().collect(),
+/// Parses a count that must be at least 1 (a clap value parser).
+pub fn positive(text: &str) -> std::result::Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{text}` is not a whole number")),
+    }
+}
+
+/// Parses `auto`, `cpu` or `wgpu` (a clap value parser).
+pub fn device(text: &str) -> std::result::Result<DeviceKind, String> {
+    text.parse().map_err(reason)
+}
+
+/// Parses a non-negative number of seconds, e.g. `0.5` (a clap value parser).
+pub fn seconds(text: &str) -> std::result::Result<Duration, String> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .ok_or_else(|| format!("`{text}` is not a number of seconds"))
+}
+
+/// Parses `K/N`, shard K (from 0) of N (a clap value parser).
+pub fn shard(text: &str) -> std::result::Result<Shard, String> {
+    Shard::parse(text).map_err(reason)
+}
+
+/// What computes a job (`--backend`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum BackendKind {
+    /// The engine: placement, budgets, offloading, on the `--device`.
+    Engine,
+    /// The f32 CPU oracle: no memory flags (and in `generate`, greedy, `--prompt` only).
+    Reference,
+    /// The old spelling of `--device wgpu`.
+    #[value(hide = true)]
+    Wgpu,
+}
+
+impl BackendKind {
+    /// The engine's device: `device`, or WebGPU for the old `--backend wgpu` with
+    /// `--device auto`.
+    pub fn engine_device(backend: Option<Self>, device: DeviceKind) -> DeviceKind {
+        match (backend, device) {
+            (Some(Self::Wgpu), DeviceKind::Auto) => DeviceKind::Wgpu,
+            (_, d) => d,
         }
     }
+}
 
-    /// The next flag, or `None` at the end.
-    pub fn next_flag(&mut self) -> Option<String> {
-        self.args.pop_front()
+/// Where the engine computes and the memory it may use: the flags `score`, `generate` and the
+/// generation benchmark share.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// The compute device: auto (a discrete or integrated GPU through WebGPU when there is
+    /// one, else the native CPU device), cpu or wgpu.
+    #[arg(long, value_name = "auto|cpu|wgpu", default_value = "auto", value_parser = device)]
+    pub device: DeviceKind,
+    /// GPU memory budget, e.g. 512MiB (an error on the CPU device, whose one memory is RAM).
+    #[arg(long, value_name = "SIZE", value_parser = size)]
+    pub gpu_mem: Option<u64>,
+    /// CPU RAM budget, e.g. 2GiB (on the CPU device: all of its memory).
+    #[arg(long, value_name = "SIZE", value_parser = size)]
+    pub cpu_mem: Option<u64>,
+    /// Directory for the disk tier's offload file (default: the system's temp directory).
+    #[arg(long, value_name = "DIR")]
+    pub offload_dir: Option<PathBuf>,
+    /// A placement policy file (checked against the budgets) instead of the policy search.
+    #[arg(long, value_name = "FILE.toml")]
+    pub policy: Option<PathBuf>,
+}
+
+impl DeviceArgs {
+    /// Whether any flag places memory (a budget, an offload directory or a policy).
+    pub fn places_memory(&self) -> Option<&'static str> {
+        [
+            (self.gpu_mem.is_some(), "--gpu-mem"),
+            (self.cpu_mem.is_some(), "--cpu-mem"),
+            (self.offload_dir.is_some(), "--offload-dir"),
+            (self.policy.is_some(), "--policy"),
+        ]
+        .into_iter()
+        .find_map(|(set, flag)| set.then_some(flag))
     }
 
-    /// The value that follows `flag`.
-    pub fn value(&mut self, flag: &str) -> Result<String> {
-        self.args
-            .pop_front()
-            .ok_or_else(|| Error::invalid(flag, "expects a value"))
-    }
-
-    /// The value that follows `flag`, parsed (e.g. as a number).
-    pub fn parse<T: FromStr>(&mut self, flag: &str) -> Result<T> {
-        let text = self.value(flag)?;
-        text.parse().map_err(|_| {
-            Error::invalid(
-                flag,
-                format!("`{text}` is not a valid {}", std::any::type_name::<T>()),
-            )
+    /// The placement these flags ask for: the policy file's; with no budgets, everything in
+    /// device memory for `rows` sequences; else the policy search's on the built-in hardware
+    /// profile for the workload (`prompt_len`, `gen_len` tokens).
+    pub fn placement(&self, rows: usize, prompt_len: usize, gen_len: usize) -> Result<Placement> {
+        Ok(match &self.policy {
+            Some(path) => Placement::Policy(Policy::from_toml_file(path)?),
+            None if self.gpu_mem.is_none() && self.cpu_mem.is_none() => {
+                Placement::Policy(Policy::all_on_gpu(rows.max(1)))
+            }
+            None => Placement::Search {
+                hardware: default_profile()?,
+                prompt_len,
+                gen_len,
+                compress_weight: false,
+                compress_cache: false,
+            },
         })
     }
 
-    /// Like [`Flags::parse`] for a count that must be at least 1.
-    pub fn positive(&mut self, flag: &str) -> Result<usize> {
-        match self.parse::<usize>(flag)? {
-            0 => Err(Error::invalid(flag, "must be at least 1")),
-            n => Ok(n),
-        }
+    /// Engine options for `placement` under these flags' device, budgets and offload
+    /// directory.
+    pub fn engine_options(&self, placement: Placement) -> EngineOptions {
+        EngineOptions::new(placement)
+            .gpu_budget(self.gpu_mem.unwrap_or(u64::MAX))
+            .cpu_budget(self.cpu_mem.unwrap_or(u64::MAX))
+            .offload_dir(self.offload_dir.clone())
+            .device(self.device)
     }
+}
+
+/// Resuming, sharding and reporting a JSONL job: the flags `score` and `generate` share.
+#[derive(clap::Args, Debug, Clone)]
+pub struct JobArgs {
+    /// Continue an interrupted job: skip the records its output already answers, cut a torn
+    /// last line, append the rest.
+    #[arg(long)]
+    pub resume: bool,
+    /// Run every N-th record from the K-th (from 0). Without it, a Slurm job array's or a
+    /// Kubernetes Indexed Job's environment names the shard.
+    #[arg(long, value_name = "K/N", value_parser = shard)]
+    pub shard: Option<Shard>,
+    /// How many shards a Kubernetes Indexed Job has (its environment gives only the index).
+    #[arg(long, value_name = "N", value_parser = positive, conflicts_with = "shard")]
+    pub shards: Option<usize>,
+    /// Seconds between progress lines when stderr is not a terminal (a terminal shows a bar).
+    #[arg(long, value_name = "SECONDS", default_value = "2", value_parser = seconds)]
+    pub progress_every: Duration,
 }
 
 /// The exit status of an example's `run()`: 0, or the error on stderr and status 2.
@@ -68,26 +174,10 @@ pub fn exit_status(result: Result<()>) -> std::process::ExitCode {
     }
 }
 
-/// The value of a required flag, or an error naming it.
-pub fn required<T>(value: Option<T>, flag: &str) -> Result<T> {
-    value.ok_or_else(|| Error::invalid(flag, "is required"))
-}
-
 /// The median of `v` (NaN when empty): benchmarks quote medians of several runs.
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-/// A comma-separated list of numbers, e.g. `--sizes 2048,4096`.
-pub fn numbers(text: &str, flag: &str) -> Result<Vec<usize>> {
-    text.split(',')
-        .map(|s| {
-            s.trim()
-                .parse()
-                .map_err(|_| Error::invalid(flag, format!("`{s}` is not a number")))
-        })
-        .collect()
 }
 
 /// The weight formats the kernel benchmarks time: name, bits per code (32 = plain f32), codes
@@ -109,20 +199,16 @@ pub struct JobInput {
     pub shard: Option<ferrogen::score::Shard>,
     /// Records of the shard already answered in the output (0 unless resuming).
     pub answered: usize,
+    /// Records of the shard this run answers (the progress display's total).
+    pub remaining: usize,
 }
 
 /// Opens `input` (`-`: stdin), checks its ids are unique (an error before any work), finds
-/// this process's shard (`shard`, else Slurm's or Kubernetes' environment, `shards` giving an
-/// Indexed Job's count) and, with `resume`, how many of its records `output` answers already
-/// (cutting a torn last line).
-pub fn open_job_input(
-    input: &str,
-    output: &str,
-    shard: Option<ferrogen::score::Shard>,
-    shards: Option<usize>,
-    resume: bool,
-) -> Result<JobInput> {
-    use ferrogen::score::{read_ids, resume_point, Shard};
+/// this process's shard (`--shard`, else Slurm's or Kubernetes' environment, `--shards` giving
+/// an Indexed Job's count) and, with `--resume`, how many of its records `output` answers
+/// already (cutting a torn last line).
+pub fn open_job_input(input: &str, output: &str, flags: &JobArgs) -> Result<JobInput> {
+    use ferrogen::score::{read_ids, resume_point};
     use std::io::Read;
     let (ids, reader): (_, Box<dyn Read>) = if input == "-" {
         let mut bytes = Vec::new();
@@ -138,9 +224,9 @@ pub fn open_job_input(
             Box::new(open()?),
         )
     };
-    let shard = match shard {
+    let shard = match flags.shard {
         Some(s) => Some(s),
-        None => Shard::from_env(|v| std::env::var(v).ok(), shards)?,
+        None => Shard::from_env(|v| std::env::var(v).ok(), flags.shards)?,
     };
     let ids: Vec<_> = match shard {
         Some(s) => {
@@ -156,7 +242,7 @@ pub fn open_job_input(
         }
         None => ids,
     };
-    let answered = if resume {
+    let answered = if flags.resume {
         if output == "-" {
             return Err(Error::invalid("--resume", "needs --output to be a file"));
         }
@@ -173,6 +259,7 @@ pub fn open_job_input(
         reader,
         shard,
         answered,
+        remaining: ids.len().saturating_sub(answered),
     })
 }
 
@@ -189,6 +276,140 @@ pub fn open_output(path: &str, resume: bool) -> Result<Box<dyn std::io::Write>> 
     } else {
         Box::new(std::fs::File::create(path).map_err(|e| Error::io(path, e))?)
     })
+}
+
+/// A long job's progress on stderr: on a terminal a bar (records done of all, failures,
+/// tokens/s, ETA), redrawn in place; otherwise (a log file, a batch scheduler) a plain line
+/// every few seconds.
+pub struct Progress {
+    /// The bar, when drawing one.
+    bar: Option<ProgressBar>,
+    /// Records this run answers.
+    total: usize,
+    /// What is done to a record, in the plain lines ("scored", "generated").
+    verb: &'static str,
+    /// Time between plain lines.
+    line_every: Duration,
+}
+
+/// One report of a job's progress.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Counts {
+    /// Records answered in this run (including failures).
+    pub done: usize,
+    /// Records answered with an error.
+    pub failed: usize,
+    /// Tokens run (scored, or generated).
+    pub tokens: usize,
+    /// Tokens per second of wall time.
+    pub tokens_per_second: f64,
+    /// Wall time so far.
+    pub seconds: f64,
+}
+
+impl Progress {
+    /// A bar when stderr is a terminal, else plain lines every `line_every`; `total` records
+    /// to answer.
+    pub fn new(total: usize, verb: &'static str, line_every: Duration) -> Self {
+        let target = std::io::stderr()
+            .is_terminal()
+            .then(ProgressDrawTarget::stderr);
+        Self::with_target(total, verb, line_every, target)
+    }
+
+    /// A bar drawn to `target`, or plain lines every `line_every` when `None`.
+    pub fn with_target(
+        total: usize,
+        verb: &'static str,
+        line_every: Duration,
+        target: Option<ProgressDrawTarget>,
+    ) -> Self {
+        let bar = target.map(|target| {
+            let bar = ProgressBar::with_draw_target(Some(total as u64), target);
+            // the template is fixed: it parses
+            if let Ok(style) = ProgressStyle::with_template(
+                "{elapsed_precise} [{wide_bar}] {pos}/{len} records{msg}, ETA {eta}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.set_message(", starting");
+            // redraw twice a second, so that the clock and ETA move while a batch computes
+            bar.enable_steady_tick(Duration::from_millis(500));
+            bar
+        });
+        Self {
+            bar,
+            total,
+            verb,
+            line_every,
+        }
+    }
+
+    /// How often the job should report: often for a bar (5 times a second), else the lines'
+    /// interval.
+    pub fn every(&self) -> Duration {
+        match self.bar {
+            Some(_) => Duration::from_millis(200),
+            None => self.line_every,
+        }
+    }
+
+    /// Shows `counts`: moves the bar, or prints a line.
+    pub fn update(&self, counts: Counts) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_message(Self::message(&counts));
+                bar.set_position(counts.done as u64);
+            }
+            None => eprintln!("{}", self.line(&counts)),
+        }
+    }
+
+    /// Draws the last counts and leaves the bar on screen (nothing more for plain lines: the
+    /// job's summary follows).
+    pub fn finish(&self, counts: Counts) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(Self::message(&counts));
+            bar.set_position(counts.done as u64);
+            bar.abandon();
+            // the bar stays on screen; what follows starts on a line of its own
+            eprintln!();
+        }
+    }
+
+    /// The bar's text after the record count: failures, when any, and the rate.
+    fn message(c: &Counts) -> String {
+        let failed = match c.failed {
+            0 => String::new(),
+            n => format!(" ({n} failed)"),
+        };
+        format!("{failed}, {:.1} tokens/s", c.tokens_per_second)
+    }
+
+    /// A plain progress line: records done of all, failures, tokens, rate and ETA (the time
+    /// left at the rate so far: `seconds * (total - done) / done`).
+    pub fn line(&self, c: &Counts) -> String {
+        let eta = if c.done == 0 {
+            "unknown".to_string()
+        } else {
+            let left = c.seconds * self.total.saturating_sub(c.done) as f64 / c.done as f64;
+            format_duration(left)
+        };
+        format!(
+            "{} {} of {} records ({} failed), {} tokens, {:.1} tokens/s, ETA {eta}",
+            self.verb, c.done, self.total, c.failed, c.tokens, c.tokens_per_second
+        )
+    }
+}
+
+/// `seconds` as `1h02m03s`, `2m03s` or `3s`.
+pub fn format_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, s) => format!("{h}h{m:02}m{s:02}s"),
+    }
 }
 
 /// Prints the engine's device and where the policy put the weights, cache and activations
@@ -235,28 +456,90 @@ pub fn print_placement(engine: &ferrogen::Engine) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+    use indicatif::InMemoryTerm;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[command(flatten)]
+        job: JobArgs,
+        #[arg(long, value_parser = positive)]
+        count: Option<usize>,
+    }
+
+    fn parse(args: &[&str]) -> std::result::Result<Cli, String> {
+        Cli::try_parse_from(std::iter::once("cli").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())
+    }
 
     #[test]
-    fn flags_parse_and_name_themselves() {
-        let mut f = Flags::new(["--n", "3", "--m", "x", "--k"].map(String::from));
-        assert_eq!(f.next_flag().as_deref(), Some("--n"));
-        assert_eq!(f.positive("--n").unwrap(), 3);
-        f.next_flag();
-        let e = f.parse::<usize>("--m").unwrap_err().to_string();
-        assert!(e.contains("--m") && e.contains("`x`"), "{e}");
-        f.next_flag();
-        assert!(f
-            .value("--k")
-            .unwrap_err()
-            .to_string()
-            .contains("expects a value"));
-        assert!(required::<u8>(None, "--model").is_err());
-        assert_eq!(numbers("1, 8,64", "--rows").unwrap(), [1, 8, 64]);
-        assert!(numbers("1,x", "--rows")
-            .unwrap_err()
-            .to_string()
-            .contains("--rows"));
+    fn flags_parse_and_errors_name_the_flag() {
+        let cli = parse(&["--cpu-mem", "1.5GiB", "--device", "cpu", "--shard", "2/4"]).unwrap();
+        assert_eq!(cli.device.cpu_mem, Some(3 << 29));
+        assert_eq!(cli.device.device, DeviceKind::Cpu);
+        assert_eq!(cli.device.places_memory(), Some("--cpu-mem"));
+        let shard = cli.job.shard.unwrap();
+        assert_eq!(cli.job.progress_every, Duration::from_secs(2));
+        assert_eq!((shard.index, shard.count), (2, 4));
+        assert_eq!(parse(&[]).unwrap().device.device, DeviceKind::Auto);
+        for (args, needles) in [
+            (&["--gpu-mem", "lots"][..], &["--gpu-mem", "`lots`"][..]),
+            (&["--device", "tpu"], &["--device", "auto, cpu or wgpu"]),
+            (&["--shard", "4/4"], &["--shard"]),
+            (&["--shard", "x"], &["--shard", "K/N"]),
+            (&["--count", "0"], &["--count", "at least 1"]),
+            (&["--count", "three"], &["--count", "`three`"]),
+            (&["--progress-every=-1"], &["--progress-every", "`-1`"]),
+            (
+                &["--progress-every", "soon"],
+                &["--progress-every", "`soon`"],
+            ),
+            (
+                &["--shard", "0/2", "--shards", "2"],
+                &["--shards", "--shard"],
+            ),
+            // a misspelled flag gets a suggestion
+            (&["--cpu-meme", "1GiB"], &["--cpu-meme", "--cpu-mem"]),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(needles.iter().all(|n| e.contains(n)), "{args:?}: {e}");
+        }
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert!(median(Vec::new()).is_nan());
+    }
+
+    #[test]
+    fn progress_lines_and_bar_show_records_rate_and_eta() {
+        let lines = Progress::with_target(1000, "scored", Duration::from_secs(2), None);
+        let counts = Counts {
+            done: 250,
+            failed: 2,
+            tokens: 9000,
+            tokens_per_second: 150.0,
+            seconds: 60.0,
+        };
+        // 60 s for 250 records leaves 750 records: 180 s
+        assert_eq!(
+            lines.line(&counts),
+            "scored 250 of 1000 records (2 failed), 9000 tokens, 150.0 tokens/s, ETA 3m00s"
+        );
+        assert!(lines.line(&Counts::default()).ends_with("ETA unknown"));
+        assert_eq!(lines.every(), Duration::from_secs(2));
+        assert_eq!(format_duration(3725.4), "1h02m05s");
+        assert_eq!(format_duration(7.0), "7s");
+
+        let term = InMemoryTerm::new(4, 100);
+        let target = ProgressDrawTarget::term_like(Box::new(term.clone()));
+        let bar = Progress::with_target(1000, "scored", Duration::ZERO, Some(target));
+        assert!(bar.every() < Duration::from_secs(1));
+        bar.finish(counts);
+        let screen = term.contents();
+        assert!(
+            screen.contains("250/1000 records (2 failed), 150.0 tokens/s, ETA")
+                && screen.contains("=>"),
+            "{screen}"
+        );
     }
 }
