@@ -5,7 +5,8 @@
 //!     [--base PROFILE.toml] [--gpu-mem SIZE] [--cpu-mem SIZE] [--disk SIZE] [--quick]
 //! ```
 //! Disk reads use O_DIRECT on a scratch file in the offload directory (64 KiB to 8 MiB reads,
-//! 1 to 8 threads), then writes, memory copies, CPU matrix-product rates, and the CPU device's
+//! 1 to 8 threads; then weight loads as the executor issues them, in bursts of 256 KiB to
+//! 16 MiB with the best reads and threads), then writes, memory copies, CPU matrix-product rates, and the CPU device's
 //! own attention and linear kernels, weight format by weight format (the cost model's rates
 //! when the engine computes on the CPU device).
 //! GPU rows (upload, download, matmul and attention rates, memory bandwidth, 4-bit decode rate)
@@ -23,9 +24,9 @@ use common::size;
 use ferrogen::format_size;
 use ferrogen::gpu::{AdapterKind, GpuContext};
 use ferrogen::policy::calibrate::{
-    available_memory_bytes, free_disk_bytes, measure_cpu_device_attention, measure_cpu_linear,
-    measure_disk_reads, measure_gpu, measure_matmul, measure_memcpy, write_scratch, write_text,
-    Measured,
+    available_memory_bytes, free_disk_bytes, measure_burst_reads, measure_cpu_device_attention,
+    measure_cpu_layer_overhead, measure_cpu_linear, measure_disk_reads, measure_gpu,
+    measure_matmul, measure_memcpy, write_scratch, write_text, Measured,
 };
 use ferrogen::policy::hardware::GIB;
 use ferrogen::policy::{ByteSize, HardwareProfile};
@@ -104,12 +105,34 @@ fn run(cli: Cli) -> Result<()> {
             "GiB/s",
         );
     }
-    drop(scratch);
     let best = rows
         .iter()
         .max_by(|a, b| a.0.gib_s.total_cmp(&b.0.gib_s))
         .map(|(r, _)| *r)
         .ok_or_else(|| Error::invalid("calibrate", "no disk measurement"))?;
+    // weight loads as the executor issues them: a unit's weights at a time, in the best row's
+    // reads and threads
+    let bursts = measure_burst_reads(
+        &scratch,
+        best.chunk_bytes as usize,
+        best.threads,
+        &[256 << 10, 1 << 20, 4 << 20, 16 << 20],
+        file_size / 4,
+        trials,
+    )?;
+    for (row, m) in &bursts {
+        note(
+            &format!(
+                "disk weight loads, bursts of {} ({} reads x {} threads)",
+                format_size(row.burst_bytes),
+                format_size(best.chunk_bytes),
+                best.threads
+            ),
+            m,
+            "GiB/s",
+        );
+    }
+    drop(scratch);
 
     let memcpy = measure_memcpy(256 << 20, trials);
     note("memory copy", &memcpy, "GiB/s");
@@ -123,6 +146,16 @@ fn run(cli: Cli) -> Result<()> {
         &attention,
         "TFLOP/s",
     );
+    let layer_overhead = measure_cpu_layer_overhead(trials)?;
+    note(
+        "CPU device fixed cost of a layer for a GPU batch (tiny Llama, 12 rows)",
+        &Measured {
+            median: layer_overhead.median * 1e6,
+            min: layer_overhead.min * 1e6,
+            max: layer_overhead.max * 1e6,
+        },
+        "us",
+    );
     // the CPU device's linear kernels, format by format
     let (mut cpu_linear, mut linear_notes) = (Vec::new(), Vec::new());
     for (name, bits, group) in [
@@ -135,8 +168,13 @@ fn run(cli: Cli) -> Result<()> {
         let rate = measure_cpu_linear(bits, group, 0, trials)?;
         let line = format!(
             "CPU device linear, {name}: GEMM {:.3} TFLOP/s, panels decoded at {:.2} Gvalues/s \
-             (from 64 and 512 x 2048 x 2048), {:.2} GiB/s of weights at 1 x 4096 x 4096",
-            rate.gemm_tflops, rate.panel_gvalues_s, rate.decode_gib_s
+             (from 64 and 512 x 2048 x 2048); few rows: {:.2} GiB/s of weights beyond {:.1} us \
+             per call (1 x 1024 and 1 x 4096), {:.1} rows per pass (8 x 4096)",
+            rate.gemm_tflops,
+            rate.panel_gvalues_s,
+            rate.decode_gib_s,
+            rate.call_s * 1e6,
+            rate.rows_per_pass
         );
         eprintln!("{line}");
         linear_notes.push(line);
@@ -218,6 +256,8 @@ fn run(cli: Cli) -> Result<()> {
                 cpu_to_disk_gib_s: 0.0,
                 cpu_to_disk_cache_gib_s: 0.0,
                 disk_read: Vec::new(),
+                disk_burst_read: Vec::new(),
+                cpu_layer_overhead_s: 0.0,
                 io_chunk_bytes: 0,
                 io_threads: 0,
                 gpu_matmul_tflops_prefill: g.matmul_prefill_tflops.median,
@@ -250,6 +290,8 @@ fn run(cli: Cli) -> Result<()> {
                 cpu_to_disk_gib_s: 0.0,
                 cpu_to_disk_cache_gib_s: 0.0,
                 disk_read: Vec::new(),
+                disk_burst_read: Vec::new(),
+                cpu_layer_overhead_s: 0.0,
                 io_chunk_bytes: 0,
                 io_threads: 0,
                 gpu_matmul_tflops_prefill: mm_prefill.median,
@@ -274,12 +316,14 @@ fn run(cli: Cli) -> Result<()> {
     profile.cpu_to_disk_gib_s = write.median;
     profile.cpu_to_disk_cache_gib_s = write.median;
     profile.disk_read = rows.iter().map(|(r, _)| *r).collect();
+    profile.disk_burst_read = bursts.iter().map(|(r, _)| *r).collect();
     profile.io_chunk_bytes = best.chunk_bytes;
     profile.io_threads = best.threads;
     profile.cpu_attention_tflops = attention.median;
     profile.cpu_matmul_tflops_prefill = mm_prefill.median;
     profile.cpu_matmul_tflops_decode = mm_decode.median;
     profile.cpu_linear = cpu_linear;
+    profile.cpu_layer_overhead_s = layer_overhead.median;
     notes.extend(linear_notes);
     if let Some(v) = gpu_mem {
         profile.gpu_memory = ByteSize(v);

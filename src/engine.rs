@@ -49,6 +49,7 @@ pub fn default_profile() -> Result<HardwareProfile> {
 
 /// How the placement is decided.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // one per engine, built once
 pub enum Placement {
     /// As a policy file says (checked against the budgets as memory is allocated).
     Policy(Policy),

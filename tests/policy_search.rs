@@ -224,63 +224,132 @@ fn saved_policies_load_and_fit_the_t4() {
 }
 
 /// On the CPU device the decode step's linear layers cost what the device's kernels do: below
-/// 24 rows (packed weights) one pass of the weight bytes per 4 rows of `x`, from 24 rows one
-/// panel decode of every value plus the GEMM.
+/// 24 rows (packed weights) one pass of the weight bytes per 4 rows of `x` (or per the
+/// calibrated rows per pass, plus a fixed cost per linear call), from 24 rows one panel decode
+/// of every value plus the GEMM; and every call of a layer's kernels its calibrated fixed cost.
 #[test]
 fn host_device_linear_cost_follows_the_kernel_the_device_runs() {
     let bytes_per_value = 0.625; // Q4_0/Q4_1 blocks
-    let mut hw = t4();
-    hw.cpu_linear = vec![CpuLinear {
-        bytes_per_value,
-        gemm_tflops: 0.14,
-        panel_gvalues_s: 2.0,
-        decode_gib_s: 4.0,
-    }];
-    let hw = hw.for_host_device(bytes_per_value);
-    let config = builtin_config("opt-1.3b").unwrap();
-    let model = CostModel::new(
-        &config,
-        hw,
-        Workload {
-            prompt_len: 64,
-            gen_len: 8,
-        },
-    )
-    .with_weight_bytes(bytes_per_value)
-    .with_compute_rows(512)
-    .on_host_device();
-    let shape = model.shape;
-    let w_values = shape.layer_values + shape.head_values / shape.layers as f64;
-    let flin = 2.0 * shape.layer_values + 2.0 * shape.head_macs / shape.layers as f64;
-    let pass = w_values * bytes_per_value / (4.0 * f64::from(1u32 << 30));
-    let panels = w_values / 2.0e9;
-    // the constant part of the decode compute is the linear layers' (attention and cache
-    // decoding are coefficients of the cache fractions)
-    let decode_linear = |gbs: usize, nb: usize| {
-        let policy = Policy {
-            cpu_cache_compute: false,
-            ..flexgen_policy(gbs, nb, [100.0, 0.0, 100.0, 0.0, 100.0, 0.0], false)
+                                 // (call_s, rows_per_pass, layer overhead): not calibrated, then calibrated
+    for (call_s, rows_per_pass, overhead) in [(0.0, 0.0, 0.0), (40e-6, 3.0, 150e-6)] {
+        let mut hw = t4();
+        hw.cpu_linear = vec![CpuLinear {
+            bytes_per_value,
+            gemm_tflops: 0.14,
+            panel_gvalues_s: 2.0,
+            decode_gib_s: 4.0,
+            call_s,
+            rows_per_pass,
+        }];
+        hw.cpu_layer_overhead_s = overhead;
+        let hw = hw.for_host_device(bytes_per_value);
+        let config = builtin_config("opt-1.3b").unwrap();
+        let model = CostModel::new(
+            &config,
+            hw,
+            Workload {
+                prompt_len: 64,
+                gen_len: 8,
+            },
+        )
+        .with_weight_bytes(bytes_per_value)
+        .with_compute_rows(512)
+        .on_host_device();
+        let shape = model.shape;
+        let l = shape.layers as f64;
+        let w_values = shape.layer_values + shape.head_values / l;
+        let flin = 2.0 * shape.layer_values + 2.0 * shape.head_macs / l;
+        let pass = w_values * bytes_per_value / (4.0 * f64::from(1u32 << 30));
+        let panels = w_values / 2.0e9;
+        // OPT's 6 linear layers and the head's call spread over the layers
+        let calls = (6.0 + 1.0 / l) * call_s;
+        // the constant part of the decode compute is the linear layers' and the calls' (attention
+        // and cache decoding are coefficients of the cache fractions)
+        let decode_linear = |gbs: usize, nb: usize| {
+            let policy = Policy {
+                cpu_cache_compute: false,
+                ..flexgen_policy(gbs, nb, [100.0, 0.0, 100.0, 0.0, 100.0, 0.0], false)
+            };
+            let terms = model.terms(&ferrogen::policy::cost::Batching::of(&policy));
+            terms.decode.comp.constant
         };
-        let terms = model.terms(&ferrogen::policy::cost::Batching::of(&policy));
-        terms.decode.comp.constant
+        for (gbs, nb) in [(1usize, 1), (4, 1), (5, 1), (8, 2), (23, 1)] {
+            let passes = if rows_per_pass > 0.0 {
+                (gbs as f64 / rows_per_pass).max(1.0)
+            } else {
+                gbs.div_ceil(4) as f64
+            };
+            let expected = nb as f64 * (calls + passes * pass + overhead);
+            let got = decode_linear(gbs, nb);
+            assert!(
+                (got - expected).abs() <= 1e-9 * expected,
+                "gbs {gbs}: {got} vs {expected}"
+            );
+        }
+        for (gbs, nb) in [(24, 1), (64, 3), (512, 1)] {
+            let expected = nb as f64 * (panels + gbs as f64 * flin / 0.14e12 + overhead);
+            let got = decode_linear(gbs, nb);
+            assert!(
+                (got - expected).abs() <= 1e-9 * expected,
+                "gbs {gbs}: {got} vs {expected}"
+            );
+        }
+        // 600 rows run as calls of 512 and 88 rows: two panel decodes, two layer calls
+        let expected = 2.0 * panels + 600.0 * flin / 0.14e12 + 2.0 * overhead;
+        assert!((decode_linear(600, 1) - expected).abs() <= 1e-9 * expected);
+    }
+}
+
+/// Weights load from disk a unit at a time: the weight reads cost what the profile measured
+/// for bursts of one unit's bytes (attention and MLP apart with `sep_layer`), while
+/// activations and cache stream at the stream rate.
+#[test]
+fn disk_weight_reads_cost_the_burst_rate_of_a_unit() {
+    use ferrogen::policy::cost::{x, Batching};
+    use ferrogen::policy::hardware::BurstRead;
+    let config = builtin_config("opt-1.3b").unwrap();
+    let workload = Workload {
+        prompt_len: 64,
+        gen_len: 8,
     };
-    for (gbs, nb) in [(1usize, 1), (4, 1), (5, 1), (8, 2), (23, 1)] {
-        let expected = nb as f64 * gbs.div_ceil(4) as f64 * pass;
-        let got = decode_linear(gbs, nb);
-        assert!(
-            (got - expected).abs() <= 1e-9 * expected,
-            "gbs {gbs}: {got} vs {expected}"
-        );
+    let plain = t4();
+    let mut bursts = t4();
+    bursts.disk_burst_read = vec![
+        BurstRead {
+            burst_bytes: 1 << 20,
+            gib_s: 0.1,
+        },
+        BurstRead {
+            burst_bytes: 1 << 30,
+            gib_s: 0.2,
+        },
+    ];
+    for sep_layer in [true, false] {
+        let policy = Policy {
+            sep_layer,
+            ..flexgen_policy(8, 2, [0.0, 0.0, 100.0, 0.0, 100.0, 0.0], false)
+        };
+        let b = Batching::of(&policy);
+        let terms = |hw: &HardwareProfile| {
+            CostModel::new(&config, hw.clone(), workload)
+                .with_weight_bytes(2.0)
+                .terms(&b)
+        };
+        let (without, with) = (terms(&plain), terms(&bursts));
+        let unit = CostModel::new(&config, plain.clone(), workload)
+            .shape
+            .layer_values
+            * 2.0
+            / if sep_layer { 2.0 } else { 1.0 };
+        let want = plain.disk_to_cpu_gib_s() / bursts.disk_burst_gib_s(unit);
+        for (a, b) in [
+            (without.decode.dtoc, with.decode.dtoc),
+            (without.prefill.dtoc, with.prefill.dtoc),
+        ] {
+            let ratio = b.coef[x::WN] / a.coef[x::WN];
+            assert!((ratio - want).abs() < 1e-9 * want, "{ratio} vs {want}");
+            // activations on disk keep the stream rate
+            assert_eq!(a.coef[x::HN], b.coef[x::HN]);
+        }
     }
-    for (gbs, nb) in [(24, 1), (64, 3), (512, 1)] {
-        let expected = nb as f64 * (panels + gbs as f64 * flin / 0.14e12);
-        let got = decode_linear(gbs, nb);
-        assert!(
-            (got - expected).abs() <= 1e-9 * expected,
-            "gbs {gbs}: {got} vs {expected}"
-        );
-    }
-    // 600 rows run as calls of 512 and 88 rows: two panel decodes
-    let expected = 2.0 * panels + 600.0 * flin / 0.14e12;
-    assert!((decode_linear(600, 1) - expected).abs() <= 1e-9 * expected);
 }

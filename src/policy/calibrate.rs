@@ -11,12 +11,12 @@ use std::time::Instant;
 
 use ndarray::Array2;
 
-use super::hardware::{CpuLinear, DiskRead, GIB};
+use super::hardware::{BurstRead, CpuLinear, DiskRead, GIB};
 use crate::error::{Error, Result};
 use crate::layout::RowFormat;
 pub use crate::storage::direct::free_disk_bytes;
 use crate::storage::direct::{drop_cache, open_direct, read_exact_at, write_all_at};
-use crate::storage::offload::AlignedBuf;
+use crate::storage::offload::{AlignedBuf, ALIGN};
 
 /// Median and spread of repeated measurements.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -173,6 +173,146 @@ pub fn measure_disk_reads(
     Ok(rows)
 }
 
+/// Disk -> CPU rate of weight loads, for each burst size in `bursts`: the scratch file is read
+/// a burst at a time, on through the file and around (as the executor loads one unit's weights
+/// after another, every step), with reader threads started for each burst and
+/// `min(threads, reads)` of them taking reads of `chunk` bytes (or the whole burst when
+/// smaller) in turn; about `bytes` per trial. GiB/s over the bursts' time, the median of
+/// `trials`.
+pub fn measure_burst_reads(
+    scratch: &ScratchFile,
+    chunk: usize,
+    threads: usize,
+    bursts: &[usize],
+    bytes: u64,
+    trials: usize,
+) -> Result<Vec<(BurstRead, Measured)>> {
+    let file = if scratch.direct {
+        open_direct(&scratch.path, false, false)
+    } else {
+        File::open(&scratch.path)
+    }
+    .map_err(|e| Error::io(&scratch.path, e))?;
+    let align = |n: usize| n.max(ALIGN).div_ceil(ALIGN) * ALIGN;
+    // where the next burst starts: on through the file, across bursts and trials
+    let mut at = 0u64;
+    let mut once = |burst: usize| -> Result<f64> {
+        let read_len = align(chunk).min(burst);
+        let count = (bytes / burst as u64).max(1);
+        if !scratch.direct {
+            drop_cache(&file);
+        }
+        let (mut busy, mut read) = (0.0, 0u64);
+        for _ in 0..count {
+            if at + burst as u64 > scratch.len {
+                at = 0;
+            }
+            let reads: Vec<u64> = (0..burst.div_ceil(read_len))
+                .map(|r| at + (r * read_len) as u64)
+                .filter(|&off| off + read_len as u64 <= scratch.len)
+                .collect();
+            at += burst as u64;
+            let n = threads.clamp(1, reads.len().max(1));
+            read += (reads.len() * read_len) as u64;
+            let t = Instant::now();
+            std::thread::scope(|s| -> Result<()> {
+                let handles: Vec<_> = (0..n)
+                    .map(|i| {
+                        let (reads, file) = (&reads, &file);
+                        s.spawn(move || -> Result<()> {
+                            let mut buf = AlignedBuf::new(read_len);
+                            for &off in reads.iter().skip(i).step_by(n) {
+                                read_exact_at(file, buf.bytes_mut(), off)
+                                    .map_err(|e| Error::io(&scratch.path, e))?;
+                            }
+                            Ok(())
+                        })
+                    })
+                    .collect();
+                for h in handles {
+                    h.join()
+                        .map_err(|_| Error::invalid("calibrate", "a reader thread panicked"))??;
+                }
+                Ok(())
+            })?;
+            busy += t.elapsed().as_secs_f64();
+        }
+        Ok(read as f64 / busy.max(1e-9) / GIB)
+    };
+    let mut rows = Vec::new();
+    for &burst in bursts {
+        let burst = align(burst);
+        let rates = (0..trials.max(1))
+            .map(|_| once(burst))
+            .collect::<Result<Vec<_>>>()?;
+        let m = Measured::of(rates);
+        rows.push((
+            BurstRead {
+                burst_bytes: burst as u64,
+                gib_s: m.median,
+            },
+            m,
+        ));
+    }
+    Ok(rows)
+}
+
+/// The CPU device's fixed cost of one transformer layer for a GPU batch: the time of its
+/// dozen kernel calls (norms, projections, RoPE, attention, activation, residual adds) with
+/// almost no data, which the cost model's byte and FLOP terms leave out. Measured on a tiny
+/// random Llama (hidden 64) scoring 4 sequences of 3 tokens, as (T(9 layers) - T(1 layer)) / 8;
+/// in seconds.
+pub fn measure_cpu_layer_overhead(trials: usize) -> Result<Measured> {
+    use crate::device::{CpuDevice, ResidentModel};
+    use crate::model::config::LlamaConfig;
+    use crate::model::random::RandomWeights;
+    use crate::model::ModelConfig;
+    let config = |layers: usize| {
+        ModelConfig::Llama(LlamaConfig {
+            vocab_size: 64,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: layers,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            head_dim: None,
+            max_position_embeddings: 64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 1e4,
+            rope_scaling: None,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            mlp_bias: false,
+            hidden_act: "silu".into(),
+            bos_token_id: None,
+            eos_token_id: None,
+        })
+    };
+    let device = CpuDevice::new(0)?;
+    let models = [1usize, 9]
+        .map(|layers| {
+            let files = RandomWeights::model_files(&config(layers), 7);
+            ResidentModel::new(device.clone(), &files, Default::default())
+        })
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let batch: Vec<&[u32]> = vec![&[1, 2, 3], &[4, 5, 6], &[7, 8, 9], &[10, 11, 12]];
+    let time = |m: &ResidentModel<CpuDevice>| -> Result<f64> {
+        // the least of a few runs: the fixed cost without the machine's hiccups
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let t = Instant::now();
+            std::hint::black_box(m.token_logprobs(&batch)?);
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    let per_layer = (0..trials.max(1))
+        .map(|_| Ok(((time(&models[1])? - time(&models[0])?) / 8.0).max(0.0)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Measured::of(per_layer))
+}
+
 /// Memory-copy bandwidth in GiB/s (bytes copied per second) over a `bytes`-sized buffer.
 pub fn measure_memcpy(bytes: usize, trials: usize) -> Measured {
     let src = vec![1u8; bytes];
@@ -302,20 +442,40 @@ pub fn measure_cpu_linear(
     // make it look negative: then it is taken as small)
     let gemm = 2.0 * 448.0 * values / (t512 - t64).max(t512 * 0.1);
     let panel = (t64 - 2.0 * 64.0 * values / gemm).max(t64 * 0.02);
-    let (format, first) = synthetic_weight(bits, group, 4096, 4096, 2);
-    let bytes: usize = first.iter().map(|s| s.len() * 4).sum();
-    let copies: Vec<Vec<Vec<u32>>> = std::iter::once(first)
-        .chain(
-            (1..(256usize << 20).div_ceil(bytes).min(64))
-                .map(|c| synthetic_weight(bits, group, 4096, 4096, 3 + c as u64).1),
-        )
-        .collect();
-    let decode = bytes as f64 / time(format, &copies, 1, 4096, 4096) / GIB;
+    // the few-rows path from memory: weights rotate through enough copies to leave the
+    // caches. t(n) = call + B(n) / bw at 1 row for n = 1024 and 4096 gives the fixed cost and
+    // the bandwidth; 8 rows at 4096 gives the rows one pass serves,
+    // rows_per_pass = 8 (B / bw) / (t8 - call)
+    let few_rows = |n: usize, seed: u64| {
+        let (format, first) = synthetic_weight(bits, group, n, n, seed);
+        let bytes: usize = first.iter().map(|s| s.len() * 4).sum();
+        let copies: Vec<Vec<Vec<u32>>> = std::iter::once(first)
+            .chain(
+                (1..(256usize << 20).div_ceil(bytes).min(64))
+                    .map(|c| synthetic_weight(bits, group, n, n, seed + 1 + c as u64).1),
+            )
+            .collect();
+        (format, copies, bytes as f64)
+    };
+    let (format, copies, small_bytes) = few_rows(1024, 100);
+    let t_small = time(format, &copies, 1, 1024, 1024);
+    drop(copies);
+    let (format, copies, bytes) = few_rows(4096, 2);
+    let (t1, t8) = (
+        time(format, &copies, 1, 4096, 4096),
+        time(format, &copies, 8, 4096, 4096),
+    );
+    // noise can put the small call above the slope's line or the slope below zero
+    let per_byte = ((t1 - t_small) / (bytes - small_bytes)).max(0.5 * t1 / bytes);
+    let call = (t_small - small_bytes * per_byte).max(0.0);
+    let rows_per_pass = (8.0 * bytes * per_byte / (t8 - call).max(1e-9)).clamp(1.0, 8.0);
     Ok(CpuLinear {
-        bytes_per_value: bytes as f64 / (4096.0 * 4096.0),
+        bytes_per_value: bytes / (4096.0 * 4096.0),
         gemm_tflops: gemm / 1e12,
         panel_gvalues_s: values / panel / 1e9,
-        decode_gib_s: decode,
+        decode_gib_s: 1.0 / per_byte / GIB,
+        call_s: call,
+        rows_per_pass,
     })
 }
 
@@ -518,6 +678,21 @@ mod tests {
         assert!(rows
             .iter()
             .all(|(r, m)| r.gib_s > 0.0 && m.min <= m.median && m.median <= m.max));
+        // bursts round up to whole blocks; a burst larger than the file reads what there is
+        let bursts = measure_burst_reads(
+            &scratch,
+            256 << 10,
+            2,
+            &[100 << 10, 1 << 20, 16 << 20],
+            4 << 20,
+            2,
+        )
+        .unwrap();
+        let sizes: Vec<u64> = bursts.iter().map(|(b, _)| b.burst_bytes).collect();
+        assert_eq!(sizes, [100 << 10, 1 << 20, 16 << 20]);
+        assert!(bursts
+            .iter()
+            .all(|(b, m)| b.gib_s > 0.0 && m.min <= b.gib_s && b.gib_s <= m.max));
         let path = scratch.path.clone();
         drop(scratch);
         assert!(!path.exists());
@@ -545,6 +720,18 @@ mod tests {
                 "{bits} bits: {row:?}"
             );
         }
+    }
+
+    #[test]
+    fn cpu_device_rates_are_plausible() {
+        // the fixed cost of a layer: positive and far below a millisecond per kernel call
+        let layer = measure_cpu_layer_overhead(1).unwrap();
+        assert!(layer.median > 0.0 && layer.median < 0.05, "{layer:?}");
+        let q4 = measure_cpu_linear(4, 32, 0, 1).unwrap();
+        assert!((q4.bytes_per_value - 0.625).abs() < 1e-9, "{q4:?}");
+        assert!(q4.decode_gib_s > 0.0 && q4.gemm_tflops > 0.0, "{q4:?}");
+        assert!(q4.call_s >= 0.0 && q4.call_s < 0.01, "{q4:?}");
+        assert!((1.0..=8.0).contains(&q4.rows_per_pass), "{q4:?}");
     }
 
     #[test]

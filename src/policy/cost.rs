@@ -112,6 +112,8 @@ pub struct ModelShape {
     pub ffn: usize,
     /// FFN activations alive at once per token (OPT: fc1's output; SwiGLU: gate and up).
     pub ffn_live: usize,
+    /// Linear layers (matrix products) per transformer layer: 7 for Llama, 6 for OPT.
+    pub linear_calls: usize,
     /// Weight values of one decoder layer.
     pub layer_values: f64,
     /// Weight values outside the layers (embeddings, output head, final norm).
@@ -145,6 +147,7 @@ impl ModelShape {
                     kv_width: c.hidden_size,
                     ffn: c.ffn_dim,
                     ffn_live: 1,
+                    linear_calls: 6,
                     layer_values: layer,
                     head_values: c.vocab_size as f64 * e + positions + proj + 2.0 * h,
                     head_macs: c.vocab_size as f64 * e,
@@ -173,6 +176,7 @@ impl ModelShape {
                     kv_width: kvw as usize,
                     ffn: c.intermediate_size,
                     ffn_live: 2,
+                    linear_calls: 7,
                     layer_values: layer,
                     head_values: tables * c.vocab_size as f64 * h + h,
                     head_macs: c.vocab_size as f64 * h,
@@ -264,6 +268,8 @@ pub struct Batching {
     pub quant: QuantConfig,
     /// Fraction of attention computed.
     pub attn_sparsity: f64,
+    /// Attention and MLP are separate units (each loads its weights apart).
+    pub sep_layer: bool,
 }
 
 impl Batching {
@@ -277,6 +283,7 @@ impl Batching {
             compress_cache: p.compress_cache,
             quant: p.quant,
             attn_sparsity: p.attn_sparsity,
+            sep_layer: p.sep_layer,
         }
     }
 }
@@ -474,6 +481,11 @@ impl CostModel {
             Some(head) => m.layer_values * w_bytes + head.output / l,
             None => w_values * w_bytes,
         }; // Bw
+           // Weights load from disk a unit at a time (attention and MLP apart with sep_layer): a
+           // burst of one unit's bytes, Bw_unit = layer values * bytes per value / units, read at
+           // the profile's rate for bursts of that size (the stream rate when not measured)
+        let units = if b.sep_layer { 2.0 } else { 1.0 };
+        let dtoc_w_bw = bw(hw.disk_burst_gib_s(m.layer_values * w_bytes / units));
         let kv_values = 2.0 * m.kv_width as f64; // keys and values, per token per layer
         let bkv = kv_values * value_bytes(b.compress_cache); // Bkv
         let bh = m.hidden as f64 * act; // Bh
@@ -501,6 +513,13 @@ impl CostModel {
         // threshold: 6 rows for f32, 24 for packed formats), or streams the weight once per 4
         // rows of x through the fused kernel, ceil(r / 4) Bw / bw_decode (fewer rows).
         let packed = w_bytes < 4.0;
+        // The few-rows path as calibrated for this format: a fixed cost per linear call (the
+        // layer's calls, and the output head's spread over the layers) and the rows of x one
+        // pass serves (the kernel's 4 when not measured)
+        let measured = self.hardware.cpu_linear_for(w_bytes);
+        let call_s = measured.map_or(0.0, |c| c.call_s);
+        let rows_per_pass = measured.map_or(0.0, |c| c.rows_per_pass);
+        let calls = m.linear_calls as f64 + 1.0 / l;
         let host_call = |r: f64, tflops: f64| {
             use crate::device::cpu::matmul::{FUSED_X_ROWS, GEMM_MIN_ROWS, PACKED_GEMM_MIN_ROWS};
             let gemm_from = if packed {
@@ -514,7 +533,14 @@ impl CostModel {
                 let panels = if packed { w_values / dequant_rate } else { 0.0 };
                 panels + r * flin / (tflops * 1e12)
             } else {
-                (r / FUSED_X_ROWS as f64).ceil() * bw_layer / bw(hw.gpu_memory_gib_s)
+                // calls * call_s + passes * Bw / bw_decode, passes = ceil(r / 4), or
+                // max(1, r / rows_per_pass) when calibrated
+                let passes = if rows_per_pass > 0.0 {
+                    (r / rows_per_pass).max(1.0)
+                } else {
+                    (r / FUSED_X_ROWS as f64).ceil()
+                };
+                calls * call_s + passes * bw_layer / bw(hw.gpu_memory_gib_s)
             }
         };
         let host_matmul = |tokens: f64, tflops: f64| {
@@ -523,9 +549,17 @@ impl CostModel {
             let full = (rows / per_call).floor();
             nb * (full * host_call(per_call, tflops) + host_call(rows - full * per_call, tflops))
         };
+        // On the CPU device every call of a layer's kernels also costs a fixed overhead (the
+        // dozen calls' dispatch, measured with almost no data): a GPU batch's gbs * tokens
+        // rows run in ceil(rows / R) calls, so nb * ceil(gbs tokens / R) * overhead
+        let host_overhead = |tokens: f64| {
+            let rows = gbs * tokens;
+            let per_call = self.compute_rows.map_or(rows, |r| (r as f64).min(rows));
+            nb * (rows / per_call.max(1.0)).ceil() * hw.cpu_layer_overhead_s
+        };
         let matmul = |tokens: f64, tflops: f64| {
             if self.host_device {
-                host_matmul(tokens, tflops)
+                host_matmul(tokens, tflops) + host_overhead(tokens)
             } else {
                 matmul(tokens, tflops)
             }
@@ -545,8 +579,9 @@ impl CostModel {
             // gtoc = Bkv s bls (cc + cn) / bw_gtoc_cache + Bh s bls (hc + hn) / bw_gtoc
             gtoc: Linear::of(bkv * s * bls / gtoc_cache_bw, &[CC, CN])
                 + Linear::of(bh * s * bls / gtoc_bw, &[HC, HN]),
-            // dtoc = (Bw wn + Bh s bls hn) / bw_dtoc
-            dtoc: Linear::of(bw_layer / dtoc_bw, &[WN]) + Linear::of(bh * s * bls / dtoc_bw, &[HN]),
+            // dtoc = Bw wn / bw_dtoc_w + Bh s bls hn / bw_dtoc (bw_dtoc_w: the weights' bursts)
+            dtoc: Linear::of(bw_layer / dtoc_w_bw, &[WN])
+                + Linear::of(bh * s * bls / dtoc_bw, &[HN]),
             // ctod = Bkv s bls cn / bw_ctod_cache + Bh s bls hn / bw_ctod
             ctod: Linear::of(bkv * s * bls / ctod_cache_bw, &[CN])
                 + Linear::of(bh * s * bls / ctod_bw, &[HN]),
@@ -569,10 +604,10 @@ impl CostModel {
             // gtoc = Bh bls (hc + hn) / bw_gtoc + Bkv bls (cc + cn) / bw_gtoc_cache (new entries)
             gtoc: Linear::of(bh * bls / gtoc_bw, &[HC, HN])
                 + Linear::of(bkv * bls / gtoc_cache_bw, &[CC, CN]),
-            // dtoc = (Bkv c bls cn + Bh bls hn + Bw wn) / bw_dtoc
+            // dtoc = (Bkv c bls cn + Bh bls hn) / bw_dtoc + Bw wn / bw_dtoc_w
             dtoc: Linear::of(bkv * c * bls / dtoc_bw, &[CN])
                 + Linear::of(bh * bls / dtoc_bw, &[HN])
-                + Linear::of(bw_layer / dtoc_bw, &[WN]),
+                + Linear::of(bw_layer / dtoc_w_bw, &[WN]),
             // ctod = (Bkv bls cn + Bh bls hn) / bw_ctod
             ctod: Linear::of(bkv * bls / ctod_bw, &[CN]) + Linear::of(bh * bls / ctod_bw, &[HN]),
             // comp = matmul(1) + bls c Fatt / bmm_g (GPU part of cache)

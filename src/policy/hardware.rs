@@ -59,6 +59,19 @@ pub struct DiskRead {
     pub gib_s: f64,
 }
 
+/// Disk -> CPU rate of reads issued in bursts of `burst_bytes`, as the executor loads one
+/// unit's weights at a time (its reader threads started for the unit, reads of the profile's
+/// `io_chunk_bytes` over its `io_threads`). Short bursts run below a long stream's rate: the
+/// first read's latency is not hidden and the device's read-ahead has nothing to follow.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BurstRead {
+    /// Bytes per burst.
+    pub burst_bytes: u64,
+    /// Measured GiB/s over whole bursts.
+    pub gib_s: f64,
+}
+
 /// What the CPU device's linear kernels reach for one weight format (`calibrate` measures
 /// them with the device's own kernels). A product with many rows of `x` decodes the weight
 /// into panels once per call, then runs a GEMM: `values / panel rate + 2 rows values / GEMM
@@ -74,8 +87,16 @@ pub struct CpuLinear {
     /// Weight values decoded (and packed for the GEMM) per second, in billions, once per call.
     pub panel_gvalues_s: f64,
     /// One row of `x` (decode-and-multiply, bandwidth-bound): weight bytes read per second,
-    /// in GiB/s.
+    /// in GiB/s (beyond the call's fixed cost).
     pub decode_gib_s: f64,
+    /// The few-rows path's fixed cost per call, in seconds: a call on `B` weight bytes takes
+    /// `call_s + passes * B / decode rate` (0: not measured).
+    #[serde(default)]
+    pub call_s: f64,
+    /// Rows of `x` one pass over the weight bytes serves on the few-rows path (0: not
+    /// measured; the kernel's 4 rows are assumed).
+    #[serde(default)]
+    pub rows_per_pass: f64,
 }
 
 /// A machine as the cost model sees it.
@@ -96,6 +117,10 @@ pub struct HardwareProfile {
     pub cpu_to_disk_cache_gib_s: f64,
     /// Disk -> CPU read bandwidth by read size and thread count.
     pub disk_read: Vec<DiskRead>,
+    /// Disk -> CPU rate of the executor's weight loads by burst size (empty: not measured;
+    /// the stream rate [`HardwareProfile::disk_to_cpu_gib_s`] is used).
+    #[serde(default)]
+    pub disk_burst_read: Vec<BurstRead>,
     /// Read size the executor issues.
     pub io_chunk_bytes: u64,
     /// Reader threads the executor runs.
@@ -119,6 +144,10 @@ pub struct HardwareProfile {
     /// The CPU device's linear kernels per weight format (empty: not measured).
     #[serde(default)]
     pub cpu_linear: Vec<CpuLinear>,
+    /// The CPU device's fixed cost of one layer for one GPU batch, in seconds: its kernel
+    /// calls with almost no data (0: not measured).
+    #[serde(default)]
+    pub cpu_layer_overhead_s: f64,
     /// GPU memory bandwidth: a matrix product reads its weights at least once per GPU batch.
     pub gpu_memory_gib_s: f64,
     /// Dequantization of 4-bit groups on the GPU, in billions of values per second.
@@ -192,7 +221,47 @@ impl HardwareProfile {
         {
             return Err(Error::config(path, format!("bad disk_read row {row:?}")));
         }
+        if let Some(row) = self
+            .disk_burst_read
+            .iter()
+            .find(|r| !(r.gib_s.is_finite() && r.gib_s > 0.0) || r.burst_bytes == 0)
+        {
+            return Err(Error::config(
+                path,
+                format!("bad disk_burst_read row {row:?}"),
+            ));
+        }
         Ok(())
+    }
+
+    /// Disk -> CPU rate (GiB/s) of a weight load of `bytes` (one unit's streamed weights):
+    /// interpolated in log(burst size) between the measured bursts, the nearest one's rate
+    /// outside them, and the stream rate when no bursts were measured.
+    pub fn disk_burst_gib_s(&self, bytes: f64) -> f64 {
+        let mut rows = self.disk_burst_read.clone();
+        rows.sort_by_key(|r| r.burst_bytes);
+        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+            return self.disk_to_cpu_gib_s();
+        };
+        if bytes <= first.burst_bytes as f64 {
+            return first.gib_s;
+        }
+        if bytes >= last.burst_bytes as f64 {
+            return last.gib_s;
+        }
+        let at = rows
+            .windows(2)
+            .find(|w| bytes <= w[1].burst_bytes as f64)
+            .map_or((*first, *last), |w| (w[0], w[1]));
+        // rate = a + (b - a) * ln(bytes / a_bytes) / ln(b_bytes / a_bytes)
+        let (a, b) = at;
+        let span = (b.burst_bytes as f64 / a.burst_bytes as f64).ln();
+        let t = if span > 0.0 {
+            (bytes / a.burst_bytes as f64).ln() / span
+        } else {
+            0.0
+        };
+        a.gib_s + (b.gib_s - a.gib_s) * t
     }
 
     /// Disk -> CPU bandwidth (GiB/s) for the executor's reads: the best measured row whose read
@@ -294,6 +363,38 @@ mod tests {
     }
 
     #[test]
+    fn burst_rates_interpolate_in_log_size() {
+        let mut p = t4();
+        // not measured: the stream rate
+        assert_eq!(p.disk_burst_gib_s(1e6), p.disk_to_cpu_gib_s());
+        p.disk_burst_read = vec![
+            BurstRead {
+                burst_bytes: 4 << 20,
+                gib_s: 1.0,
+            },
+            BurstRead {
+                burst_bytes: 1 << 20,
+                gib_s: 0.5,
+            },
+            BurstRead {
+                burst_bytes: 16 << 20,
+                gib_s: 1.2,
+            },
+        ];
+        // outside the rows: the nearest one's rate
+        assert_eq!(p.disk_burst_gib_s(1000.0), 0.5);
+        assert_eq!(p.disk_burst_gib_s(1e9), 1.2);
+        // at a row, and halfway in log size between 1 and 4 MiB (2 MiB)
+        assert!((p.disk_burst_gib_s((4 << 20) as f64) - 1.0).abs() < 1e-12);
+        assert!((p.disk_burst_gib_s((2 << 20) as f64) - 0.75).abs() < 1e-12);
+        assert!((p.disk_burst_gib_s((8 << 20) as f64) - 1.1).abs() < 1e-12);
+        let back: HardwareProfile = toml::from_str(&p.to_toml()).unwrap();
+        assert_eq!(back, p);
+        p.disk_burst_read[0].gib_s = f64::NAN;
+        assert!(p.validate(Path::new("p.toml")).is_err());
+    }
+
+    #[test]
     fn host_device_rates_follow_the_weight_format() {
         let mut p = t4();
         p.cpu_attention_tflops = 0.02;
@@ -302,6 +403,8 @@ mod tests {
             gemm_tflops: t,
             panel_gvalues_s: 1.5,
             decode_gib_s: g,
+            call_s: 0.0,
+            rows_per_pass: 0.0,
         };
         p.cpu_linear = vec![
             rate(4.0, 0.2, 10.0),

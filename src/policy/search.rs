@@ -175,6 +175,7 @@ pub fn search(model: &CostModel, options: &SearchOptions) -> Result<SearchResult
         compress_cache: options.compress_cache,
         quant: QuantConfig::default(),
         attn_sparsity: 1.0,
+        sep_layer: true,
     };
     let delegation: &[bool] = if options.allow_cpu_cache_compute {
         &[false, true]
