@@ -100,36 +100,25 @@ pub fn write_scratch(dir: &Path, len: u64, trials: usize) -> Result<(ScratchFile
     Ok((scratch, Measured::of(rates)))
 }
 
-/// Reads `bytes` of the scratch file with `threads` threads issuing `chunk`-byte reads, each
-/// thread its own contiguous region; returns GiB/s.
-fn read_once(scratch: &ScratchFile, chunk: usize, threads: usize, bytes: u64) -> Result<f64> {
-    let per_thread = (bytes / threads as u64) / chunk as u64 * chunk as u64;
-    let region = (scratch.len / threads as u64) / chunk as u64 * chunk as u64;
-    let per_thread = per_thread.min(region).max(chunk as u64);
-    let open = || {
-        if scratch.direct {
-            open_direct(&scratch.path, false, false)
-        } else {
-            File::open(&scratch.path)
-        }
-        .map_err(|e| Error::io(&scratch.path, e))
-    };
-    if !scratch.direct {
-        drop_cache(&open()?);
-    }
-    let t = Instant::now();
+/// Reads `len` bytes at every offset of `reads` from `file`, on `threads` scoped threads:
+/// thread `i` takes reads `i`, `i + threads`, ... in order, each thread with its own aligned
+/// buffer.
+fn read_spread(
+    scratch: &ScratchFile,
+    file: &File,
+    reads: &[u64],
+    len: usize,
+    threads: usize,
+) -> Result<()> {
+    let threads = threads.max(1);
     std::thread::scope(|s| -> Result<()> {
         let handles: Vec<_> = (0..threads)
             .map(|i| {
                 s.spawn(move || -> Result<()> {
-                    let file = open()?;
-                    let mut buf = AlignedBuf::new(chunk);
-                    let base = i as u64 * region;
-                    let mut off = 0;
-                    while off < per_thread {
-                        read_exact_at(&file, buf.bytes_mut(), base + off)
+                    let mut buf = AlignedBuf::new(len);
+                    for &at in reads.iter().skip(i).step_by(threads) {
+                        read_exact_at(file, buf.bytes_mut(), at)
                             .map_err(|e| Error::io(&scratch.path, e))?;
-                        off += chunk as u64;
                     }
                     Ok(())
                 })
@@ -140,7 +129,36 @@ fn read_once(scratch: &ScratchFile, chunk: usize, threads: usize, bytes: u64) ->
                 .map_err(|_| Error::invalid("calibrate", "a reader thread panicked"))??;
         }
         Ok(())
-    })?;
+    })
+}
+
+/// The scratch file opened for reading (O_DIRECT when it was written so).
+fn open_scratch(scratch: &ScratchFile) -> Result<File> {
+    if scratch.direct {
+        open_direct(&scratch.path, false, false)
+    } else {
+        File::open(&scratch.path)
+    }
+    .map_err(|e| Error::io(&scratch.path, e))
+}
+
+/// Reads `bytes` of the scratch file with `threads` threads issuing `chunk`-byte reads, each
+/// thread its own contiguous region; returns GiB/s.
+fn read_once(scratch: &ScratchFile, chunk: usize, threads: usize, bytes: u64) -> Result<f64> {
+    let per_thread = (bytes / threads as u64) / chunk as u64 * chunk as u64;
+    let region = (scratch.len / threads as u64) / chunk as u64 * chunk as u64;
+    let per_thread = per_thread.min(region).max(chunk as u64);
+    let file = open_scratch(scratch)?;
+    if !scratch.direct {
+        drop_cache(&file);
+    }
+    // thread i reads its region i * region.. in order: read k of thread i at position
+    // k * threads + i
+    let reads: Vec<u64> = (0..per_thread / chunk as u64)
+        .flat_map(|k| (0..threads as u64).map(move |i| i * region + k * chunk as u64))
+        .collect();
+    let t = Instant::now();
+    read_spread(scratch, &file, &reads, chunk, threads)?;
     Ok((per_thread * threads as u64) as f64 / t.elapsed().as_secs_f64() / GIB)
 }
 
@@ -187,12 +205,7 @@ pub fn measure_burst_reads(
     bytes: u64,
     trials: usize,
 ) -> Result<Vec<(BurstRead, Measured)>> {
-    let file = if scratch.direct {
-        open_direct(&scratch.path, false, false)
-    } else {
-        File::open(&scratch.path)
-    }
-    .map_err(|e| Error::io(&scratch.path, e))?;
+    let file = open_scratch(scratch)?;
     let align = |n: usize| n.max(ALIGN).div_ceil(ALIGN) * ALIGN;
     // where the next burst starts: on through the file, across bursts and trials
     let mut at = 0u64;
@@ -215,26 +228,7 @@ pub fn measure_burst_reads(
             let n = threads.clamp(1, reads.len().max(1));
             read += (reads.len() * read_len) as u64;
             let t = Instant::now();
-            std::thread::scope(|s| -> Result<()> {
-                let handles: Vec<_> = (0..n)
-                    .map(|i| {
-                        let (reads, file) = (&reads, &file);
-                        s.spawn(move || -> Result<()> {
-                            let mut buf = AlignedBuf::new(read_len);
-                            for &off in reads.iter().skip(i).step_by(n) {
-                                read_exact_at(file, buf.bytes_mut(), off)
-                                    .map_err(|e| Error::io(&scratch.path, e))?;
-                            }
-                            Ok(())
-                        })
-                    })
-                    .collect();
-                for h in handles {
-                    h.join()
-                        .map_err(|_| Error::invalid("calibrate", "a reader thread panicked"))??;
-                }
-                Ok(())
-            })?;
+            read_spread(scratch, &file, &reads, read_len, n)?;
             busy += t.elapsed().as_secs_f64();
         }
         Ok(read as f64 / busy.max(1e-9) / GIB)
