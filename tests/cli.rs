@@ -3,6 +3,9 @@
 //! as plain lines otherwise, with the same answers either way.
 
 mod common;
+// the examples' shared module, whose unit tests (flag parsers, progress display) run here
+#[path = "../examples/common/mod.rs"]
+mod examples_common;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -1,6 +1,6 @@
 //! What the example binaries share: clap value parsers and flag groups, the JSONL jobs' input,
 //! output and progress display, and benchmark helpers. Each example compiles its own copy and
-//! uses part of it.
+//! uses part of it; its unit tests run in `tests/cli.rs`, which includes it.
 #![allow(dead_code)]
 
 use std::io::IsTerminal;
