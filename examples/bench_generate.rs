@@ -112,7 +112,7 @@ fn run(cli: Cli) -> Result<()> {
         ));
     }
     let batch: Vec<&[u32]> = ids.chunks(prompt_len).take(prompts).collect();
-    let placement = memory.placement(prompts, prompt_len, new_tokens + 1)?;
+    let placement = memory.placement(prompts, prompt_len, new_tokens + 1, None)?;
     let options = memory
         .engine_options(placement)
         .keep_offload(keep_offload)

@@ -114,7 +114,9 @@ impl Args {
 
 /// The engine for these flags; `rows` and `gen_len` size the search's workload.
 fn open_engine(a: &Args, files: ModelFiles, rows: usize, prompt_len: usize) -> Result<Engine> {
-    let placement = a.memory.placement(rows, prompt_len, a.max_tokens + 1)?;
+    let placement = a
+        .memory
+        .placement(rows, prompt_len, a.max_tokens + 1, None)?;
     let options = a
         .memory
         .engine_options(placement)
@@ -126,6 +128,13 @@ fn open_engine(a: &Args, files: ModelFiles, rows: usize, prompt_len: usize) -> R
 
 /// `--prompt` mode: continuations printed after their prompts.
 fn run_prompts(a: &Args) -> Result<()> {
+    let memory = a.memory.places_memory();
+    if let (Some(BackendKind::Reference), Some(flag)) = (a.backend, memory) {
+        return Err(Error::invalid(
+            flag,
+            "is the engine's flag: drop --backend reference",
+        ));
+    }
     let files = ModelFiles::open(&a.model)?;
     let eos = files.config.eos_token_id();
     let tokenizer = files.tokenizer()?;
@@ -136,16 +145,9 @@ fn run_prompts(a: &Args) -> Result<()> {
         .collect::<Result<_>>()?;
     let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
     let max_new = a.max_tokens;
-    let memory = a.memory.places_memory();
     let outputs: Vec<Vec<u32>> = match (a.backend, memory) {
         (Some(BackendKind::Reference) | None, None) => {
             ReferenceModel::load(&files)?.generate_greedy(&refs, max_new, eos)?
-        }
-        (Some(BackendKind::Reference), Some(flag)) => {
-            return Err(Error::invalid(
-                flag,
-                "memory placement is the engine's: drop --backend reference",
-            ))
         }
         _ => {
             let longest = refs.iter().map(|p| p.len()).max().unwrap_or(1);

@@ -40,10 +40,10 @@ use clap::Parser;
 use common::{open_job_input, open_output, positive, print_placement, DeviceArgs, JobArgs};
 use common::{BackendKind, Counts, Progress};
 use ferrogen::cpu::ReferenceModel;
-use ferrogen::engine::{default_profile, Engine, Placement};
+use ferrogen::engine::{Engine, Placement};
 use ferrogen::format_size;
 use ferrogen::model::ModelFiles;
-use ferrogen::policy::{HardwareProfile, Policy};
+use ferrogen::policy::HardwareProfile;
 use ferrogen::score::{score_jsonl, ScoreOptions, ScoreSummary, Scorer, Shard};
 use ferrogen::storage::Tier;
 use ferrogen::{Error, Result};
@@ -93,12 +93,6 @@ struct Args {
     /// The prompt length the policy search plans for.
     #[arg(long, value_name = "N", default_value = "256", value_parser = positive)]
     prompt_len: usize,
-    /// Store the weights in FlexGen 4-bit groups.
-    #[arg(long)]
-    compress_weight: bool,
-    /// Store the KV cache in FlexGen 4-bit groups.
-    #[arg(long)]
-    compress_cache: bool,
     /// Compute every record whole, without prefix groups.
     #[arg(long)]
     no_share_prefixes: bool,
@@ -131,32 +125,13 @@ impl Args {
         })
     }
 
-    /// How the engine places the model.
+    /// How the engine places the model (all resident: blocks of 64 records).
     fn placement(&self) -> Result<Placement> {
-        if let Some(path) = &self.memory.policy {
-            let mut p = Policy::from_toml_file(path)?;
-            p.compress_weight |= self.compress_weight;
-            p.compress_cache |= self.compress_cache;
-            return Ok(Placement::Policy(p));
-        }
-        if self.memory.gpu_mem.is_none() && self.memory.cpu_mem.is_none() && self.hardware.is_none()
-        {
-            let mut p = Policy::all_on_gpu(64);
-            p.compress_weight = self.compress_weight;
-            p.compress_cache = self.compress_cache;
-            return Ok(Placement::Policy(p));
-        }
         let hardware = match &self.hardware {
-            Some(path) => HardwareProfile::from_toml_file(path)?,
-            None => default_profile()?,
+            Some(path) => Some(HardwareProfile::from_toml_file(path)?),
+            None => None,
         };
-        Ok(Placement::Search {
-            hardware,
-            prompt_len: self.prompt_len,
-            gen_len: 1,
-            compress_weight: self.compress_weight,
-            compress_cache: self.compress_cache,
-        })
+        self.memory.placement(64, self.prompt_len, 1, hardware)
     }
 }
 
@@ -197,13 +172,7 @@ fn prepare(args: &Args) -> Result<Job> {
             if let Some(flag) = args.memory_flag() {
                 return Err(Error::invalid(
                     flag,
-                    "memory placement is the engine's: drop --backend reference",
-                ));
-            }
-            if args.compress_weight || args.compress_cache {
-                return Err(Error::invalid(
-                    "--compress-weight/--compress-cache",
-                    "are the engine's: drop --backend reference",
+                    "is the engine's flag: drop --backend reference",
                 ));
             }
             let files = ModelFiles::open(&args.model)?;

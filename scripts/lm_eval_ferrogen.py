@@ -31,6 +31,7 @@ model_args (key=value, comma-separated):
   gpu_mem, cpu_mem, offload_dir, policy, hardware, prompt_len, batch_tokens
                 passed to `score` as the flags of the same names (sizes like 512MiB, 2GiB);
                 gpu_mem, cpu_mem, offload_dir, policy and prompt_len to `generate` too
+                (and compress_weight, compress_cache below)
   device        auto | cpu | wgpu (lm-eval's own --device, a PyTorch device that defaults to
                 cuda:0, is ignored)
   compress_weight, compress_cache, keep_offload
@@ -108,6 +109,9 @@ class FerrogenLM(LM):
         for key in GENERATE_FLAGS:
             if flags.get(key) is not None:
                 self.gen_args += ["--" + key.replace("_", "-"), str(flags[key])]
+        for key in ("compress_weight", "compress_cache"):
+            if _is_true(flags.get(key, False)):
+                self.gen_args.append("--" + key.replace("_", "-"))
         if max_length is not None:
             self.args += ["--window", str(int(max_length) + 1)]
         unknown = [k for k in flags if k not in VALUE_FLAGS + SWITCH_FLAGS]

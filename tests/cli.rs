@@ -213,7 +213,7 @@ fn bad_values_and_conflicts_name_their_flags_with_status_2() {
         args
     };
     let search = ["--hardware", "h", "--prompt-len", "1", "--gen-len", "1"];
-    let cases: [(&str, Vec<&str>, &[&str]); 13] = [
+    let cases: [(&str, Vec<&str>, &[&str]); 14] = [
         (
             "score",
             score(&["--cpu-mem", "lots"]),
@@ -224,6 +224,19 @@ fn bad_values_and_conflicts_name_their_flags_with_status_2() {
             "score",
             score(&["--policy", "p", "--hardware", "h"]),
             &["--hardware", "--policy"],
+        ),
+        (
+            "generate",
+            vec![
+                "--model",
+                "m",
+                "--prompt",
+                "x",
+                "--backend",
+                "reference",
+                "--compress-cache",
+            ],
+            &["--compress-cache", "drop --backend reference"],
         ),
         (
             "score",

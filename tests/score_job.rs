@@ -259,6 +259,75 @@ fn score_example_follows_the_contract() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/model"));
 }
 
+/// `--compress-cache` and `--compress-weight` reach the placement, all resident or searched
+/// under a budget: the 4-bit cache (or weights) moves the logprobs a little off the
+/// reference's, and the same way under a budget as all resident.
+#[test]
+fn score_example_compresses_the_cache_or_weights_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = expected(FIXTURE);
+    let input: String = exp
+        .sequences
+        .iter()
+        .enumerate()
+        .map(|(i, s)| json!({"id": i, "tokens": s.tokens}).to_string() + "\n")
+        .collect();
+    let in_path = dir.path().join("in.jsonl");
+    std::fs::write(&in_path, input).unwrap();
+    let model = fixture_dir(FIXTURE);
+    let run = |extra: &[&str]| -> Vec<f64> {
+        let out_path = dir.path().join("out.jsonl");
+        let out = Command::new(example_binary("score"))
+            .arg("--model")
+            .arg(&model)
+            .arg("--input")
+            .arg(&in_path)
+            .arg("--output")
+            .arg(&out_path)
+            .args(["--per-token", "--device", "cpu"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{extra:?}: {stderr}");
+        json_lines(&std::fs::read_to_string(&out_path).unwrap())
+            .iter()
+            .flat_map(|l| l["token_logprobs"].as_array().unwrap().clone())
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    let worst = |a: &[f64], b: &[f64]| {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+    };
+    let reference: Vec<f64> = exp
+        .sequences
+        .iter()
+        .flat_map(|s| s.token_logprobs.clone())
+        .collect();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    assert!(worst(&run(&[]), &reference) < 1e-4);
+    for flag in ["--compress-cache", "--compress-weight"] {
+        let resident = run(&[flag]);
+        // the fixture's logprobs are about -20 a token: 4-bit codes move single tokens by
+        // up to a few nats (measured: cache 0.73, weights 4.5) and the corpus log-perplexity
+        // by under 1% (0.05%, 0.8%)
+        let off = worst(&resident, &reference);
+        assert!(off > 1e-4, "{flag} changed nothing");
+        let drift = (mean(&resident) - mean(&reference)).abs() / mean(&reference).abs();
+        assert!(
+            drift < 0.02,
+            "{flag}: log-perplexity {drift} off the reference"
+        );
+        let budgeted = run(&[flag, "--cpu-mem", "8MiB"]);
+        let apart = worst(&budgeted, &resident);
+        assert!(apart < 5e-3, "{flag}: {apart} from all resident");
+    }
+}
+
 /// The example on the engine with a policy that offloads weights, cache and activations:
 /// the same results as the reference, a Chrome trace, and no offload files left behind.
 #[test]
