@@ -115,6 +115,7 @@ fn run(cli: Cli) -> Result<()> {
     let placement = memory.placement(prompts, prompt_len, new_tokens + 1, None)?;
     let options = memory
         .engine_options(placement)
+        .max_block_sequences(prompts)
         .keep_offload(keep_offload)
         .trace(true);
     let t = Instant::now();

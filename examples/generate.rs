@@ -112,7 +112,8 @@ impl Args {
     }
 }
 
-/// The engine for these flags; `rows` and `gen_len` size the search's workload.
+/// The engine for these flags; `rows` (the most sequences at once) and `prompt_len` size the
+/// search's workload.
 fn open_engine(a: &Args, files: ModelFiles, rows: usize, prompt_len: usize) -> Result<Engine> {
     let placement = a
         .memory
@@ -120,6 +121,7 @@ fn open_engine(a: &Args, files: ModelFiles, rows: usize, prompt_len: usize) -> R
     let options = a
         .memory
         .engine_options(placement)
+        .max_block_sequences(rows)
         .device(BackendKind::engine_device(a.backend, a.memory.device));
     let engine = Engine::open_with(files, options)?;
     print_placement(&engine);

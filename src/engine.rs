@@ -96,6 +96,10 @@ pub struct EngineOptions {
     /// Score sequences that begin with the same tokens as prefix groups, the common part
     /// computed once ([`crate::PrefixGroup`]; on by default).
     pub share_prefixes: bool,
+    /// The most sequences a block will hold (a generation job's batch of records): the
+    /// search tries no block larger, so memory is not planned for sequences that never
+    /// come (`usize::MAX`: no limit).
+    pub max_block_sequences: usize,
 }
 
 impl EngineOptions {
@@ -113,6 +117,7 @@ impl EngineOptions {
             device: DeviceKind::Auto,
             cpu_threads: 0,
             share_prefixes: true,
+            max_block_sequences: usize::MAX,
         }
     }
 
@@ -173,6 +178,12 @@ impl EngineOptions {
     /// Turns prefix groups on or off (on by default): off, every sequence is computed whole.
     pub fn share_prefixes(mut self, on: bool) -> Self {
         self.share_prefixes = on;
+        self
+    }
+
+    /// Limits the blocks the policy search plans to `sequences` (at least 1).
+    pub fn max_block_sequences(mut self, sequences: usize) -> Self {
+        self.max_block_sequences = sequences.max(1);
         self
     }
 }
@@ -472,6 +483,7 @@ impl Engine {
                         compress_weight,
                         compress_cache,
                         allow_cpu_cache_compute: !compress_cache,
+                        max_block_size: options.max_block_sequences,
                         ..SearchOptions::default()
                     },
                 )?;

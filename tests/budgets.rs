@@ -75,6 +75,7 @@ proptest! {
         prompt_len in 2usize..40,
         new_tokens in 0usize..5,
         compress in any::<bool>(),
+        max_block in prop::option::of(1usize..8),
     ) {
         // log-uniform budgets, so that small and large ones are drawn alike
         let (gpu_kib, cpu_kib) = (gpu_log.exp2() as u64, cpu_log.exp2() as u64);
@@ -96,6 +97,10 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let (gpu_budget, cpu_budget) = budgets(device, gpu_kib << 10, cpu_kib << 10);
         let options = EngineOptions::new(search(prompt_len, new_tokens + 1, compress)).gpu_budget(gpu_budget).cpu_budget(cpu_budget).offload_dir(dir.path().to_path_buf());
+        let options = match max_block {
+            Some(n) => options.max_block_sequences(n),
+            None => options,
+        };
         let engine = match try_engine(device, files, options) {
             Ok(engine) => engine,
             Err(e @ Error::Infeasible { .. }) => {
@@ -110,6 +115,7 @@ proptest! {
         };
         let policy = engine.policy().clone();
         let what = format!("{device:?} {name} gpu {gpu_kib} KiB cpu {cpu_kib} KiB {policy:?}");
+        prop_assert!(policy.block_size() <= max_block.unwrap_or(usize::MAX), "{}", what);
         let format = if policy.compress_weight { WeightFormat::Group4 } else { WeightFormat::Native };
         let resident = resident(
             device,

@@ -95,6 +95,29 @@ fn opt_175b_published_policy_and_search() {
     assert!(found.prediction.throughput_tok_s >= ran_prediction.throughput_tok_s);
 }
 
+/// A limit on the block (a job with only so many sequences) is respected, and a limit the
+/// unlimited choice already meets changes nothing.
+#[test]
+fn block_size_limit_bounds_the_search() {
+    let model = CostModel::new(&builtin_config("opt-30b").unwrap(), t4(), PAPER);
+    let free = search(&model, &SearchOptions::default()).unwrap().policy;
+    let block = free.block_size();
+    assert!(block > 8, "{free:?}");
+    for limit in [1, 8, block - 1] {
+        let options = SearchOptions {
+            max_block_size: limit,
+            ..SearchOptions::default()
+        };
+        let bound = search(&model, &options).unwrap().policy;
+        assert!(bound.block_size() <= limit, "{limit}: {bound:?}");
+    }
+    let options = SearchOptions {
+        max_block_size: block,
+        ..SearchOptions::default()
+    };
+    assert_eq!(search(&model, &options).unwrap().policy, free);
+}
+
 #[test]
 fn infeasible_budgets_name_the_short_tier() {
     let tiny = t4().with_capacities(1 << 30, 1 << 30, 1 << 30);

@@ -36,6 +36,9 @@ pub struct SearchOptions {
     pub num_gpu_batches: Vec<usize>,
     /// Consider attention on the CPU where the cache lives (`cpu_cache_compute`).
     pub allow_cpu_cache_compute: bool,
+    /// The largest block to try, `gpu_batch_size * num_gpu_batches` sequences (when the
+    /// workload has no more sequences than this, a larger block only costs memory).
+    pub max_block_size: usize,
 }
 
 /// 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 1.5x them) up to `max`.
@@ -61,6 +64,7 @@ impl Default for SearchOptions {
             gpu_batch_sizes: batch_grid(512),
             num_gpu_batches: batch_grid(64),
             allow_cpu_cache_compute: true,
+            max_block_size: usize::MAX,
         }
     }
 }
@@ -186,6 +190,9 @@ pub fn search(model: &CostModel, options: &SearchOptions) -> Result<SearchResult
         for &gbs in &options.gpu_batch_sizes {
             let mut any = false;
             for &nb in &options.num_gpu_batches {
+                if gbs.saturating_mul(nb) > options.max_block_size {
+                    break; // the grid grows with nb
+                }
                 let b = batching(gbs, nb, ccc);
                 lps += 1;
                 let Some(xs) = solve_placement(model, &b) else {
