@@ -131,6 +131,7 @@ fn run(cli: Cli) -> Result<()> {
                         gen_len: 1,
                         compress_weight: false,
                         compress_cache: false,
+                        f16_cache: false,
                     })
                     .gpu_budget(if on_cpu { u64::MAX } else { gpu_mem })
                     .cpu_budget(cpu_mem)

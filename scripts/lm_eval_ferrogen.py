@@ -31,10 +31,10 @@ model_args (key=value, comma-separated):
   gpu_mem, cpu_mem, offload_dir, policy, hardware, prompt_len, batch_tokens
                 passed to `score` as the flags of the same names (sizes like 512MiB, 2GiB);
                 gpu_mem, cpu_mem, offload_dir, policy and prompt_len to `generate` too
-                (and compress_weight, compress_cache below)
+                (and compress_weight, compress_cache, f16_cache below)
   device        auto | cpu | wgpu (lm-eval's own --device, a PyTorch device that defaults to
                 cuda:0, is ignored)
-  compress_weight, compress_cache, keep_offload
+  compress_weight, compress_cache, f16_cache, keep_offload
                 true to pass the flag
   score         the `score` binary (default: target/release/examples/score in this repo)
   generate      the `generate` binary (default: target/release/examples/generate)
@@ -64,7 +64,7 @@ VALUE_FLAGS = (
     "prompt_len",
     "batch_tokens",
 )
-SWITCH_FLAGS = ("compress_weight", "compress_cache", "keep_offload")
+SWITCH_FLAGS = ("compress_weight", "compress_cache", "f16_cache", "keep_offload")
 # the ones `generate` takes too
 GENERATE_FLAGS = ("gpu_mem", "cpu_mem", "offload_dir", "policy", "prompt_len")
 
@@ -109,7 +109,7 @@ class FerrogenLM(LM):
         for key in GENERATE_FLAGS:
             if flags.get(key) is not None:
                 self.gen_args += ["--" + key.replace("_", "-"), str(flags[key])]
-        for key in ("compress_weight", "compress_cache"):
+        for key in ("compress_weight", "compress_cache", "f16_cache"):
             if _is_true(flags.get(key, False)):
                 self.gen_args.append("--" + key.replace("_", "-"))
         if max_length is not None:

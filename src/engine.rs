@@ -65,6 +65,8 @@ pub enum Placement {
         compress_weight: bool,
         /// Store the KV cache in 4-bit groups.
         compress_cache: bool,
+        /// Store the KV cache in f16.
+        f16_cache: bool,
     },
 }
 
@@ -438,6 +440,7 @@ impl Engine {
                 gen_len,
                 compress_weight,
                 compress_cache,
+                f16_cache,
             } => {
                 chunk = hardware.io_chunk_bytes as usize;
                 io_threads = hardware.io_threads;
@@ -482,7 +485,9 @@ impl Engine {
                     &SearchOptions {
                         compress_weight,
                         compress_cache,
-                        allow_cpu_cache_compute: !compress_cache,
+                        f16_cache,
+                        // CPU attention beside the device reads an f32 cache
+                        allow_cpu_cache_compute: !compress_cache && !f16_cache,
                         max_block_size: options.max_block_sequences,
                         ..SearchOptions::default()
                     },
@@ -492,12 +497,26 @@ impl Engine {
         };
         let policy = if host { policy.on_host() } else { policy };
         policy.validate("policy")?;
-        if policy.cpu_cache_compute && policy.compress_cache {
+        if policy.cpu_cache_compute && (policy.compress_cache || policy.f16_cache) {
             return Err(Error::invalid(
                 "policy",
-                "cpu_cache_compute with compress_cache: CPU attention reads an f32 cache \
-                 (FlexGen has the same limit); turn one of them off",
+                "cpu_cache_compute with compress_cache or f16_cache: CPU attention beside the \
+                 device reads an f32 cache (FlexGen has the same limit); turn one of them off",
             ));
+        }
+        if policy.compress_cache && policy.f16_cache {
+            return Err(Error::invalid(
+                "policy",
+                "compress_cache and f16_cache both set: a KV cache has one format (4-bit groups \
+                 or f16); turn one of them off",
+            ));
+        }
+        if policy.f16_cache && !host {
+            return Err(Error::Unsupported {
+                what: "an f16 KV cache on the WebGPU device (it is the CPU device's: use \
+                       --device cpu, or --compress-cache for 4-bit groups)"
+                    .into(),
+            });
         }
         if policy.attn_sparsity < 1.0 {
             return Err(Error::NotBuilt {
@@ -512,6 +531,7 @@ impl Engine {
         let gpu_options = RunOptions {
             weights: format,
             compress_cache: policy.compress_cache,
+            f16_cache: policy.f16_cache,
         };
         let mut runner = Runner::new(dev, &files.config, gpu_options);
         runner.logit_rows = logit_rows;

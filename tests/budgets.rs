@@ -36,6 +36,7 @@ fn search(prompt_len: usize, gen_len: usize, compress: bool) -> Placement {
         gen_len,
         compress_weight: compress,
         compress_cache: compress,
+        f16_cache: false,
     }
 }
 
@@ -120,7 +121,7 @@ proptest! {
         let resident = resident(
             device,
             &ModelFiles::open(&fixture_dir(name)).unwrap(),
-            RunOptions { weights: format, compress_cache: policy.compress_cache },
+            RunOptions { weights: format, compress_cache: policy.compress_cache, f16_cache: policy.f16_cache },
         );
 
         // a call is refused before its first block, or completes

@@ -41,6 +41,7 @@ const EXAMPLES: [(&str, &[&str]); 12] = [
             "--prompt-len",
             "--compress-weight",
             "--compress-cache",
+            "--f16-cache",
             "--no-share-prefixes",
             "--trace",
         ],
@@ -213,13 +214,18 @@ fn bad_values_and_conflicts_name_their_flags_with_status_2() {
         args
     };
     let search = ["--hardware", "h", "--prompt-len", "1", "--gen-len", "1"];
-    let cases: [(&str, Vec<&str>, &[&str]); 14] = [
+    let cases: [(&str, Vec<&str>, &[&str]); 15] = [
         (
             "score",
             score(&["--cpu-mem", "lots"]),
             &["--cpu-mem", "`lots`"],
         ),
         ("score", score(&["--shard", "3/3"]), &["--shard"]),
+        (
+            "score",
+            score(&["--compress-cache", "--f16-cache"]),
+            &["--compress-cache", "--f16-cache"],
+        ),
         (
             "score",
             score(&["--policy", "p", "--hardware", "h"]),

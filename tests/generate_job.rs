@@ -237,3 +237,66 @@ fn killed_generation_jobs_resume_to_the_same_answers() {
         assert_eq!(g["finish_reason"], w["finish_reason"]);
     }
 }
+
+/// `--f16-cache`: greedy generation with the cache in f16 all in RAM, and on disk only (the
+/// policy keeps none of it in memory, so every decode step reads it back), gives the same
+/// tokens and logprobs; against the f32 cache the logprobs move, but by little.
+#[test]
+fn f16_cache_on_disk_generates_as_in_ram() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = expected(FIXTURE);
+    let records: Vec<Value> = exp
+        .sequences
+        .iter()
+        .enumerate()
+        .map(|(i, s)| json!({"id": i, "tokens": s.tokens[..s.tokens.len().min(5)], "max_tokens": 12}))
+        .collect();
+    let input = write_input(dir.path(), "in.jsonl", &records);
+    let policy = dir.path().join("disk-cache.toml");
+    std::fs::write(
+        &policy,
+        "gpu_batch_size = 2\nnum_gpu_batches = 2\nw_gpu_percent = 100\nw_cpu_percent = 0\n\
+         cache_gpu_percent = 0\ncache_cpu_percent = 0\nact_gpu_percent = 100\n\
+         act_cpu_percent = 0\n",
+    )
+    .unwrap();
+    let offload = dir.path().join("offload");
+    let run = |name: &str, flags: &[&str]| -> Vec<(Vec<u32>, Vec<f64>)> {
+        let output = dir.path().join(name);
+        let status = generate(&input, &output, flags).status().unwrap();
+        assert!(status.success(), "{flags:?}");
+        json_lines(&std::fs::read_to_string(&output).unwrap())
+            .iter()
+            .map(|v| {
+                let lps = v["token_logprobs"].as_array().unwrap();
+                (tokens(v), lps.iter().map(|x| x.as_f64().unwrap()).collect())
+            })
+            .collect()
+    };
+    let f32_cache = run("f32.jsonl", &[]);
+    let in_ram = run("ram.jsonl", &["--f16-cache"]);
+    let on_disk = run(
+        "disk.jsonl",
+        &[
+            "--f16-cache",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--offload-dir",
+            offload.to_str().unwrap(),
+        ],
+    );
+    let worst = |a: &[(Vec<u32>, Vec<f64>)], b: &[(Vec<u32>, Vec<f64>)]| {
+        a.iter()
+            .zip(b)
+            .flat_map(|(x, y)| x.1.iter().zip(&y.1).map(|(p, q)| (p - q).abs()))
+            .fold(0.0, f64::max)
+    };
+    assert_eq!(in_ram.len(), records.len());
+    for (i, ((ram, disk), full)) in in_ram.iter().zip(&on_disk).zip(&f32_cache).enumerate() {
+        assert_eq!(ram.0, disk.0, "record {i}: tokens on disk");
+        assert_eq!(ram.0, full.0, "record {i}: tokens against the f32 cache");
+    }
+    let (apart, moved) = (worst(&in_ram, &on_disk), worst(&in_ram, &f32_cache));
+    assert!(apart < 2e-3, "f16 cache on disk: {apart} from in RAM");
+    assert!(moved > 0.0 && moved < 0.05, "f16 against f32: {moved}");
+}

@@ -38,6 +38,7 @@ fn flexgen_policy(gbs: usize, nb: usize, percent: [f64; 6], cpu_cache_compute: b
         attn_sparsity: 1.0,
         compress_weight: false,
         compress_cache: false,
+        f16_cache: false,
         quant: QuantConfig::default(),
     }
 }
@@ -375,4 +376,44 @@ fn disk_weight_reads_cost_the_burst_rate_of_a_unit() {
             assert_eq!(a.coef[x::HN], b.coef[x::HN]);
         }
     }
+}
+
+/// The KV cache's bytes follow its format: with f32 activations (the engine's), an f16
+/// cache takes half the memory of the f32 one on every tier and half its disk traffic, and
+/// 4-bit groups less again.
+#[test]
+fn cache_bytes_follow_the_cache_format() {
+    use ferrogen::policy::cost::{x, Batching};
+    let config = builtin_config("opt-1.3b").unwrap();
+    let model = CostModel::new(
+        &config,
+        t4(),
+        Workload {
+            prompt_len: 64,
+            gen_len: 8,
+        },
+    )
+    .with_activation_bytes(4.0);
+    let base = flexgen_policy(8, 2, [100.0, 0.0, 30.0, 30.0, 100.0, 0.0], false);
+    let terms = |f16_cache: bool, compress_cache: bool| {
+        model.terms(&Batching::of(&Policy {
+            f16_cache,
+            compress_cache,
+            ..base.clone()
+        }))
+    };
+    let (f32, f16, q4) = (terms(false, false), terms(true, false), terms(false, true));
+    let cg = |t: &ferrogen::policy::cost::Terms| t.gpu_peak[1].coef[x::CG];
+    let (a, b, c) = (cg(&f32), cg(&f16), cg(&q4));
+    assert!(
+        a > 0.0 && (b - a / 2.0).abs() <= 1e-9 * a,
+        "gpu cache bytes {a} vs {b}"
+    );
+    assert!(c < b, "4-bit {c} vs f16 {b}");
+    // reading the disk part of the cache back for a decode step: half the time
+    let (a, b) = (f32.decode.dtoc.coef[x::CN], f16.decode.dtoc.coef[x::CN]);
+    assert!(
+        a > 0.0 && (b - a / 2.0).abs() <= 1e-9 * a,
+        "disk cache reads {a} vs {b}"
+    );
 }

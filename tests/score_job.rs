@@ -259,7 +259,7 @@ fn score_example_follows_the_contract() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/model"));
 }
 
-/// `--compress-cache` and `--compress-weight` reach the placement, all resident or searched
+/// `--compress-cache`, `--f16-cache` and `--compress-weight` reach the placement, all resident or searched
 /// under a budget: the 4-bit cache (or weights) moves the logprobs a little off the
 /// reference's, and the same way under a budget as all resident.
 #[test]
@@ -275,19 +275,22 @@ fn score_example_compresses_the_cache_or_weights_on_request() {
     let in_path = dir.path().join("in.jsonl");
     std::fs::write(&in_path, input).unwrap();
     let model = fixture_dir(FIXTURE);
-    let run = |extra: &[&str]| -> Vec<f64> {
-        let out_path = dir.path().join("out.jsonl");
-        let out = Command::new(example_binary("score"))
+    let out_path = dir.path().join("out.jsonl");
+    let score = |device: &str, extra: &[&str]| {
+        Command::new(example_binary("score"))
             .arg("--model")
             .arg(&model)
             .arg("--input")
             .arg(&in_path)
             .arg("--output")
             .arg(&out_path)
-            .args(["--per-token", "--device", "cpu"])
+            .args(["--per-token", "--device", device])
             .args(extra)
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    let run = |extra: &[&str]| -> Vec<f64> {
+        let out = score("cpu", extra);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{extra:?}: {stderr}");
         json_lines(&std::fs::read_to_string(&out_path).unwrap())
@@ -325,6 +328,31 @@ fn score_example_compresses_the_cache_or_weights_on_request() {
         let budgeted = run(&[flag, "--cpu-mem", "8MiB"]);
         let apart = worst(&budgeted, &resident);
         assert!(apart < 5e-3, "{flag}: {apart} from all resident");
+    }
+    // f16 rounds keys and values to 11 significant bits: the tokens move, but by far less
+    // than 4-bit codes move them
+    let half = run(&["--f16-cache"]);
+    let off = worst(&half, &reference);
+    let drift = (mean(&half) - mean(&reference)).abs() / mean(&reference).abs();
+    eprintln!("--f16-cache: worst token {off}, log-perplexity drift {drift}");
+    assert!(off > 1e-6, "--f16-cache changed nothing");
+    assert!(off < 0.05 && drift < 1e-3, "--f16-cache: {off}, {drift}");
+    // (tests/generate_job.rs reads an f16 cache back from disk for every decode step)
+    let budgeted = run(&["--f16-cache", "--cpu-mem", "8MiB"]);
+    let apart = worst(&budgeted, &half);
+    assert!(
+        apart < 2e-3,
+        "f16 cache under the search: {apart} from all resident"
+    );
+    // the WebGPU device refuses it by name before any upload
+    if std::env::var("FERROGEN_SKIP_GPU").as_deref() != Ok("1") {
+        let out = score("wgpu", &["--f16-cache"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("f16 KV cache") && stderr.contains("--device cpu"),
+            "{stderr}"
+        );
     }
 }
 

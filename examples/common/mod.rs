@@ -103,6 +103,10 @@ pub struct DeviceArgs {
     /// than f32; the numbers move slightly). Also applies to a --policy file.
     #[arg(long)]
     pub compress_cache: bool,
+    /// Keep the KV cache in f16 (half the memory and cache traffic of f32; values rounded to
+    /// 11 significant bits). The CPU device's. Also applies to a --policy file.
+    #[arg(long, conflicts_with = "compress_cache")]
+    pub f16_cache: bool,
     /// Keep the weights in FlexGen's 4-bit groups, requantized from the file's format. Also
     /// applies to a --policy file.
     #[arg(long)]
@@ -119,6 +123,7 @@ impl DeviceArgs {
             (self.offload_dir.is_some(), "--offload-dir"),
             (self.policy.is_some(), "--policy"),
             (self.compress_cache, "--compress-cache"),
+            (self.f16_cache, "--f16-cache"),
             (self.compress_weight, "--compress-weight"),
         ]
         .into_iter()
@@ -139,6 +144,7 @@ impl DeviceArgs {
         let compressed = |mut p: Policy| {
             p.compress_weight |= self.compress_weight;
             p.compress_cache |= self.compress_cache;
+            p.f16_cache |= self.f16_cache;
             Placement::Policy(p)
         };
         Ok(match &self.policy {
@@ -155,6 +161,7 @@ impl DeviceArgs {
                 gen_len,
                 compress_weight: self.compress_weight,
                 compress_cache: self.compress_cache,
+                f16_cache: self.f16_cache,
             },
         })
     }

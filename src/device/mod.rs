@@ -51,11 +51,17 @@ impl std::str::FromStr for DeviceKind {
     }
 }
 
-/// How a KV cache row is stored: f32 keys and values, or FlexGen's 4-bit groups.
+/// How a KV cache row is stored: f32 or f16 keys and values, or FlexGen's 4-bit groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheFormat {
     /// `width` f32 values per row, keys and values.
     F32 {
+        /// Values per row (`kv_heads * head_dim`).
+        width: usize,
+    },
+    /// `width` f16 values per row, keys and values, two to a 32-bit word (a row of odd width
+    /// ends with a half word of padding).
+    F16 {
         /// Values per row (`kv_heads * head_dim`).
         width: usize,
     },
@@ -69,6 +75,8 @@ impl CacheFormat {
     pub fn segment_bytes(&self) -> Vec<u64> {
         match *self {
             CacheFormat::F32 { width } => vec![4 * width as u64; 2],
+            // ceil(width / 2) words of two halves
+            CacheFormat::F16 { width } => vec![4 * width.div_ceil(2) as u64; 2],
             CacheFormat::Q4(l) => {
                 let (c, s) = (
                     (l.words_per_row() * 4) as u64,

@@ -284,6 +284,10 @@ impl<D: Device> Runner<D> {
         let layout = self.head_layout();
         if self.options.compress_cache {
             CacheFormat::Q4(Q4Layout::new(layout.kv_heads, layout.head_dim))
+        } else if self.options.f16_cache {
+            CacheFormat::F16 {
+                width: self.config.kv_width(),
+            }
         } else {
             CacheFormat::F32 {
                 width: self.config.kv_width(),

@@ -419,6 +419,13 @@ impl Device for WgpuDevice {
                 GpuQ4Cache::new(ctx, rows, l)?,
                 GpuQ4Cache::new(ctx, rows, l)?,
             ),
+            CacheFormat::F16 { .. } => {
+                return Err(Error::Unsupported {
+                    what: "an f16 KV cache on the WebGPU device (it is the CPU device's: \
+                           use --device cpu, or --compress-cache for 4-bit groups)"
+                        .into(),
+                })
+            }
         })
     }
 

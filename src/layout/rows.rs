@@ -53,6 +53,9 @@ pub struct RunOptions {
     pub weights: WeightFormat,
     /// Keep the KV cache in FlexGen's 4-bit groups along head_dim (`--compress-cache`).
     pub compress_cache: bool,
+    /// Keep the KV cache in f16 (`--f16-cache`; `compress_cache` wins when both are set, and
+    /// the engine refuses the pair).
+    pub f16_cache: bool,
 }
 
 /// The output projection goes to 8 bits, not 4, under --compress-weight: 4-bit logits over a

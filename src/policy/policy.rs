@@ -74,6 +74,10 @@ pub struct Policy {
     /// KV cache in 4-bit groups.
     #[serde(default)]
     pub compress_cache: bool,
+    /// KV cache in f16 (half the bytes of f32, values rounded to 11 significant bits; not
+    /// with `compress_cache`).
+    #[serde(default)]
+    pub f16_cache: bool,
     /// The quantization format of both.
     #[serde(default)]
     pub quant: QuantConfig,
@@ -138,6 +142,7 @@ impl Policy {
             attn_sparsity: 1.0,
             compress_weight: false,
             compress_cache: false,
+            f16_cache: false,
             quant: QuantConfig::default(),
         }
     }
@@ -240,6 +245,7 @@ mod tests {
             attn_sparsity: 1.0,
             compress_weight: false,
             compress_cache: false,
+            f16_cache: false,
             quant: QuantConfig::default(),
         }
     }

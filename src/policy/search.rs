@@ -30,6 +30,8 @@ pub struct SearchOptions {
     pub compress_weight: bool,
     /// Store the KV cache in 4-bit groups.
     pub compress_cache: bool,
+    /// Store the KV cache in f16.
+    pub f16_cache: bool,
     /// GPU batch sizes to try.
     pub gpu_batch_sizes: Vec<usize>,
     /// Numbers of GPU batches per block to try.
@@ -61,6 +63,7 @@ impl Default for SearchOptions {
         Self {
             compress_weight: false,
             compress_cache: false,
+            f16_cache: false,
             gpu_batch_sizes: batch_grid(512),
             num_gpu_batches: batch_grid(64),
             allow_cpu_cache_compute: true,
@@ -163,6 +166,7 @@ fn to_policy(b: &Batching, xs: &[f64; x::COUNT]) -> Policy {
         attn_sparsity: b.attn_sparsity,
         compress_weight: b.compress_weight,
         compress_cache: b.compress_cache,
+        f16_cache: b.f16_cache,
         quant: b.quant,
     }
 }
@@ -177,6 +181,7 @@ pub fn search(model: &CostModel, options: &SearchOptions) -> Result<SearchResult
         cpu_cache_compute: ccc,
         compress_weight: options.compress_weight,
         compress_cache: options.compress_cache,
+        f16_cache: options.f16_cache,
         quant: QuantConfig::default(),
         attn_sparsity: 1.0,
         sep_layer: true,

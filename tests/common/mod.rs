@@ -59,6 +59,7 @@ pub fn searched(prompt_len: usize) -> ferrogen::engine::Placement {
         gen_len: 1,
         compress_weight: false,
         compress_cache: false,
+        f16_cache: false,
     }
 }
 
@@ -212,6 +213,7 @@ pub fn policy(
         attn_sparsity: 1.0,
         compress_weight: false,
         compress_cache: false,
+        f16_cache: false,
         quant: Default::default(),
     }
 }

@@ -1,4 +1,4 @@
-//! Causal attention on all cores against an f32 or 4-bit KV cache.
+//! Causal attention on all cores against an f32, f16 or 4-bit KV cache.
 //!
 //! Work is split into tasks of (query tile of one sequence, kv head): up to [`TILE`]
 //! consecutive query rows that share a sequence, with every query head that reads that kv head
@@ -13,6 +13,7 @@
 use rayon::prelude::*;
 
 use super::math::{dot, exp, max, sum};
+use super::matmul::f16_bits_to_f32;
 use crate::device::RowInfo;
 use crate::layout::kv::unpack_scale;
 use crate::layout::{HeadLayout, Q4Layout};
@@ -36,6 +37,15 @@ pub enum KvView<'a> {
         v: &'a [f32],
         /// Values per row.
         width: usize,
+    },
+    /// IEEE half rows of `stride` halves (`width` rounded up to even: whole 32-bit words).
+    F16 {
+        /// Keys' bits.
+        k: &'a [u16],
+        /// Values' bits.
+        v: &'a [u16],
+        /// Halves per row.
+        stride: usize,
     },
     /// 4-bit rows ([`Q4Layout`]).
     Q4 {
@@ -70,6 +80,13 @@ impl KvView<'_> {
                 let a = row * width + g * d;
                 for (e, &x) in src[a..a + d].iter().enumerate() {
                     put(e, x);
+                }
+            }
+            KvView::F16 { k, v, stride } => {
+                let src = if which == 0 { k } else { v };
+                let a = row * stride + g * d;
+                for (e, &h) in src[a..a + d].iter().enumerate() {
+                    put(e, f16_bits_to_f32(u32::from(h)));
                 }
             }
             KvView::Q4 {
@@ -336,7 +353,19 @@ mod tests {
 
     /// Sequences of ragged lengths (some long, past many key blocks) with cached prefixes,
     /// in one batch; each against the reference's attention of that sequence alone.
-    fn check(lens: &[(usize, usize)], layout: HeadLayout, q4: bool) -> Result<(), TestCaseError> {
+    /// How the test's cache is stored.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Stored {
+        F32,
+        F16,
+        Q4,
+    }
+
+    fn check(
+        lens: &[(usize, usize)],
+        layout: HeadLayout,
+        stored: Stored,
+    ) -> Result<(), TestCaseError> {
         let (heads, kvh, d) = (layout.heads, layout.kv_heads, layout.head_dim);
         let width = kvh * d;
         let total: usize = lens.iter().map(|&(p, n)| p + n).sum();
@@ -351,7 +380,28 @@ mod tests {
             vec![0; total * ql.words_per_row()],
             vec![0; total * ql.groups_per_row()],
         );
-        if q4 {
+        // the reference sees the values as stored: rounded to halves, or quantized and decoded
+        let (kh, vh): (Vec<u16>, Vec<u16>) = if stored == Stored::F16 {
+            let half = |x: &mut f32| {
+                let h = half::f16::from_f32(*x);
+                *x = h.to_f32();
+                h.to_bits()
+            };
+            // rows of an odd width end with a half of padding
+            let rows = |x: &mut Vec<f32>| -> Vec<u16> {
+                x.chunks_mut(width)
+                    .flat_map(|r| {
+                        let mut h: Vec<u16> = r.iter_mut().map(half).collect();
+                        h.resize(2 * width.div_ceil(2), 0x7e00); // NaN: must not be read
+                        h
+                    })
+                    .collect()
+            };
+            (rows(&mut k), rows(&mut v))
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        if stored == Stored::Q4 {
             for r in 0..total {
                 let (w, g) = (ql.words_per_row(), ql.groups_per_row());
                 quantize_row(
@@ -390,20 +440,24 @@ mod tests {
             }
             first += past + n;
         }
-        let view = if q4 {
-            KvView::Q4 {
+        let view = match stored {
+            Stored::Q4 => KvView::Q4 {
                 layout: ql,
                 k_codes: &kc,
                 k_scales: &ks,
                 v_codes: &vc,
                 v_scales: &vs,
-            }
-        } else {
-            KvView::F32 {
+            },
+            Stored::F16 => KvView::F16 {
+                k: &kh,
+                v: &vh,
+                stride: 2 * width.div_ceil(2),
+            },
+            Stored::F32 => KvView::F32 {
                 k: &k,
                 v: &v,
                 width,
-            }
+            },
         };
         let mut o = vec![f32::NAN; rows * heads * d];
         attend(&q, &infos, view, layout, &mut o);
@@ -421,7 +475,7 @@ mod tests {
                 let g = o[row * heads * d + i];
                 prop_assert!(
                     (g - w).abs() < 1e-4,
-                    "lens {lens:?} q4 {q4}: {g} vs {w} at {i}"
+                    "lens {lens:?} {stored:?}: {g} vs {w} at {i}"
                 );
             }
             row += n;
@@ -530,11 +584,11 @@ mod tests {
                 prop_oneof![(0usize..4, 1usize..5), (0usize..2100, 1usize..3), (0usize..300, 30usize..200)],
                 1..5,
             ),
-            shape in prop_oneof![Just((4usize, 2usize, 8usize)), Just((3, 3, 64)), Just((2, 1, 24)), Just((9, 3, 64))],
-            q4 in any::<bool>(),
+            shape in prop_oneof![Just((4usize, 2usize, 8usize)), Just((3, 3, 64)), Just((2, 1, 24)), Just((9, 3, 64)), Just((2, 1, 5))],
+            stored in prop_oneof![Just(Stored::F32), Just(Stored::F16), Just(Stored::Q4)],
         ) {
             let (heads, kv_heads, head_dim) = shape;
-            check(&lens, HeadLayout { heads, kv_heads, head_dim }, q4)?;
+            check(&lens, HeadLayout { heads, kv_heads, head_dim }, stored)?;
         }
     }
 }

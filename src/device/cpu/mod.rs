@@ -612,7 +612,7 @@ impl Device for CpuDevice {
             "attention",
             || "queries, keys, values and row infos disagree".into(),
         )?;
-        // append: f32 rows copied, 4-bit rows quantized, at each sequence's cache rows
+        // append: f32 rows copied, f16 rows rounded, 4-bit rows quantized, at each sequence's cache rows
         {
             let mut segs: Vec<_> = cache.segments.iter().map(write).collect();
             let cache_rows = segs[0].len() * 4 / cache.format.segment_bytes()[0].max(1) as usize;
@@ -627,6 +627,21 @@ impl Device for CpuDevice {
                             let dst_f: &mut [f32] =
                                 bytemuck::cast_slice_mut(segs[seg].as_mut_slice());
                             dst_f[dst * width..(dst + n) * width].copy_from_slice(rows);
+                        }
+                    }
+                    CacheFormat::F16 { width } => {
+                        // rounded to nearest even, as the GPU's pack2x16float
+                        let stride = 2 * width.div_ceil(2);
+                        for (seg, data) in [(0, &kd), (1, &vd)] {
+                            let dst_h: &mut [u16] =
+                                bytemuck::cast_slice_mut(segs[seg].as_mut_slice());
+                            for i in 0..n {
+                                let from = &data[(src + i) * kvw..(src + i) * kvw + width];
+                                let to = &mut dst_h[(dst + i) * stride..][..width];
+                                for (h, &x) in to.iter_mut().zip(from) {
+                                    *h = half::f16::from_f32(x).to_bits();
+                                }
+                            }
                         }
                     }
                     CacheFormat::Q4(l) => {
@@ -659,6 +674,11 @@ impl Device for CpuDevice {
                 k: bytemuck::cast_slice(segs[0].as_slice()),
                 v: bytemuck::cast_slice(segs[1].as_slice()),
                 width,
+            },
+            CacheFormat::F16 { width } => KvView::F16 {
+                k: bytemuck::cast_slice(segs[0].as_slice()),
+                v: bytemuck::cast_slice(segs[1].as_slice()),
+                stride: 2 * width.div_ceil(2),
             },
             CacheFormat::Q4(layout) => KvView::Q4 {
                 layout,
