@@ -78,7 +78,9 @@ pub struct EngineOptions {
     pub placement: Placement,
     /// GPU budget in bytes (`u64::MAX`: unlimited).
     pub gpu_budget: u64,
-    /// CPU budget in bytes (`u64::MAX`: unlimited).
+    /// CPU budget in bytes (`u64::MAX`: unlimited). A finite one also makes the C allocator
+    /// return freed blocks to the system, for the whole process
+    /// ([`crate::storage::heap::return_freed_memory`]).
     pub cpu_budget: u64,
     /// Where disk-tier data goes; needed when the policy puts anything on disk.
     pub offload_dir: Option<PathBuf>,
@@ -395,6 +397,10 @@ impl Engine {
         mut options: EngineOptions,
     ) -> Result<Self> {
         let host = dev.is_host();
+        if options.cpu_budget != u64::MAX {
+            // freed buffers must leave the process for its RAM to follow the ledger
+            crate::storage::heap::return_freed_memory();
+        }
         if host {
             if options.gpu_budget != u64::MAX {
                 return Err(Error::invalid(

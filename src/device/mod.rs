@@ -243,6 +243,11 @@ pub trait Device: Clone + Send + Sync + 'static {
 
     /// Uploads `data` as `[rows, width]`.
     fn upload(&self, data: &[f32], rows: usize, width: usize) -> Result<Self::Tensor>;
+    /// Uploads `data` as `[rows, width]`, taking it: a device in host memory keeps the
+    /// vector itself, so a batch's rows are not held twice.
+    fn upload_owned(&self, data: Vec<f32>, rows: usize, width: usize) -> Result<Self::Tensor> {
+        self.upload(&data, rows, width)
+    }
     /// A zeroed `[rows, width]`.
     fn zeros(&self, rows: usize, width: usize) -> Result<Self::Tensor>;
     /// `[rows, width]` of a tensor.

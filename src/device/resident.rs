@@ -149,7 +149,7 @@ impl<D: Device> ResidentModel<D> {
         let mut staging = AlignedBuf::new(4096);
         let e = self.table.gather(&rb.host.ids, None, &mut staging)?;
         let width = e.len() / rb.rows.max(1);
-        let mut x = r.dev.upload(&e, rb.rows, width)?;
+        let mut x = r.dev.upload_owned(e, rb.rows, width)?;
         let mut layer = 0;
         for unit in &self.units {
             x = match unit {

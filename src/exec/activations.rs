@@ -58,7 +58,7 @@ impl<D: Device> BlockState<'_, D> {
             let held = exec
                 .ledger
                 .reserve(Tier::Gpu, (values.len() * 4) as u64, "activations")?;
-            let x = r.dev.upload(&values, rb.rows, width)?;
+            let x = r.dev.upload_owned(values, rb.rows, width)?;
             batch.rows = Some(rb);
             batch.x = Some(Activation::Gpu(x, held));
             return Ok(());

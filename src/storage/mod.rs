@@ -1,8 +1,10 @@
 //! Where bytes live: the three [`Tier`]s, byte-exact [`placement`] of weights (by rows) and of
 //! the KV cache and activations (by sequence), the disk tier's [`offload`] files read with
-//! aligned direct I/O, and the [`ledger`] that keeps every tier inside its budget.
+//! aligned direct I/O, the [`ledger`] that keeps every tier inside its budget, and the
+//! allocator setting ([`heap`]) that lets the process's memory follow the ledger.
 
 pub mod direct;
+pub mod heap;
 pub mod ledger;
 pub mod offload;
 pub mod placement;

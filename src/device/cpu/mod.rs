@@ -291,6 +291,13 @@ impl Device for CpuDevice {
         Ok(CpuTensor::new(data.to_vec(), rows, width))
     }
 
+    fn upload_owned(&self, data: Vec<f32>, rows: usize, width: usize) -> Result<CpuTensor> {
+        expect(data.len() == rows * width, "tensor", || {
+            format!("{} values for [{rows}, {width}]", data.len())
+        })?;
+        Ok(CpuTensor::new(data, rows, width))
+    }
+
     fn zeros(&self, rows: usize, width: usize) -> Result<CpuTensor> {
         Ok(CpuTensor::new(vec![0.0; rows * width], rows, width))
     }
