@@ -70,13 +70,18 @@ pub enum CacheFormat {
 }
 
 impl CacheFormat {
+    /// Halves per row of an f16 cache `width` values wide: whole 32-bit words,
+    /// `2 * ceil(width / 2)`.
+    pub fn f16_stride(width: usize) -> usize {
+        2 * width.div_ceil(2)
+    }
+
     /// Bytes per cached token in each segment, in order: keys then values (codes and scales
     /// separately for 4-bit rows). A row range of a cache is the same range of each segment.
     pub fn segment_bytes(&self) -> Vec<u64> {
         match *self {
             CacheFormat::F32 { width } => vec![4 * width as u64; 2],
-            // ceil(width / 2) words of two halves
-            CacheFormat::F16 { width } => vec![4 * width.div_ceil(2) as u64; 2],
+            CacheFormat::F16 { width } => vec![2 * Self::f16_stride(width) as u64; 2],
             CacheFormat::Q4(l) => {
                 let (c, s) = (
                     (l.words_per_row() * 4) as u64,

@@ -421,10 +421,9 @@ impl Device for WgpuDevice {
             ),
             CacheFormat::F16 { .. } => {
                 return Err(Error::Unsupported {
-                    what: "an f16 KV cache on the WebGPU device (it is the CPU device's: \
-                           use --device cpu, or --compress-cache for 4-bit groups)"
-                        .into(),
-                })
+                    // (the engine refuses it at open, naming the way out)
+                    what: "an f16 KV cache on the WebGPU device".into(),
+                });
             }
         })
     }

@@ -347,6 +347,7 @@ fn weigh_head<'a, const D: usize>(
 mod tests {
     use super::*;
     use crate::cpu::ops::causal_attention;
+    use crate::device::CacheFormat;
     use crate::layout::kv::{dequantize_row, quantize_row};
     use ndarray::ArrayView2;
     use proptest::prelude::*;
@@ -392,7 +393,7 @@ mod tests {
                 x.chunks_mut(width)
                     .flat_map(|r| {
                         let mut h: Vec<u16> = r.iter_mut().map(half).collect();
-                        h.resize(2 * width.div_ceil(2), 0x7e00); // NaN: must not be read
+                        h.resize(CacheFormat::f16_stride(width), 0x7e00); // NaN: never read
                         h
                     })
                     .collect()
@@ -451,7 +452,7 @@ mod tests {
             Stored::F16 => KvView::F16 {
                 k: &kh,
                 v: &vh,
-                stride: 2 * width.div_ceil(2),
+                stride: CacheFormat::f16_stride(width),
             },
             Stored::F32 => KvView::F32 {
                 k: &k,

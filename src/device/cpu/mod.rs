@@ -619,7 +619,8 @@ impl Device for CpuDevice {
             "attention",
             || "queries, keys, values and row infos disagree".into(),
         )?;
-        // append: f32 rows copied, f16 rows rounded, 4-bit rows quantized, at each sequence's cache rows
+        // append at each sequence's cache rows: f32 rows copied, f16 rows rounded, 4-bit rows
+        // quantized
         {
             let mut segs: Vec<_> = cache.segments.iter().map(write).collect();
             let cache_rows = segs[0].len() * 4 / cache.format.segment_bytes()[0].max(1) as usize;
@@ -638,7 +639,7 @@ impl Device for CpuDevice {
                     }
                     CacheFormat::F16 { width } => {
                         // rounded to nearest even, as the GPU's pack2x16float
-                        let stride = 2 * width.div_ceil(2);
+                        let stride = CacheFormat::f16_stride(width);
                         for (seg, data) in [(0, &kd), (1, &vd)] {
                             let dst_h: &mut [u16] =
                                 bytemuck::cast_slice_mut(segs[seg].as_mut_slice());
@@ -685,7 +686,7 @@ impl Device for CpuDevice {
             CacheFormat::F16 { width } => KvView::F16 {
                 k: bytemuck::cast_slice(segs[0].as_slice()),
                 v: bytemuck::cast_slice(segs[1].as_slice()),
-                stride: 2 * width.div_ceil(2),
+                stride: CacheFormat::f16_stride(width),
             },
             CacheFormat::Q4(layout) => KvView::Q4 {
                 layout,
