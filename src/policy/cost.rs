@@ -490,13 +490,13 @@ impl CostModel {
         let units = if b.sep_layer { 2.0 } else { 1.0 };
         let dtoc_w_bw = bw(hw.disk_burst_gib_s(m.layer_values * w_bytes / units));
         let kv_values = 2.0 * m.kv_width as f64; // keys and values, per token per layer
-                                                 // Bkv = kv values * bytes per cached value: 4-bit groups, f16 (2), else as activations
         let cache_value_bytes = if b.f16_cache && !b.compress_cache {
             FP16
         } else {
             value_bytes(b.compress_cache)
         };
-        let bkv = kv_values * cache_value_bytes; // Bkv
+        // Bkv = kv values * bytes per cached value (4-bit groups, f16: 2, else as activations)
+        let bkv = kv_values * cache_value_bytes;
         let bh = m.hidden as f64 * act; // Bh
                                         // Flin = 2 * matrix values (+ the output head spread over layers); Fatt = 4 * q_width
         let flin = 2.0 * m.layer_values + 2.0 * m.head_macs / l;
