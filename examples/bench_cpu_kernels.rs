@@ -10,8 +10,9 @@
 //! (4-bit codes in groups of 32, one kernel for both) and FlexGen 4-bit (groups of 64). For
 //! `M = 1` also the packed weight bytes read per second and their share of the memcpy rate;
 //! for `M = 512` the share of the f32 GEMM's GFLOP/s. The weights rotate through enough copies
-//! (at least 512 MiB in all; `BENCH_ROTATE_MIB` sets it, 0 keeps one copy in the caches) that
-//! every call reads them from memory, not from the caches.
+//! (at least 2 GiB in all, four times the largest last-level cache this project's machines
+//! report; `BENCH_ROTATE_MIB` sets it, 0 keeps one copy in the caches) that every call reads
+//! them from memory, not from the caches. Each case first runs untimed for 200 ms.
 
 mod common;
 
@@ -23,6 +24,9 @@ use ferrogen::device::cpu::matmul::{linear_into, WeightRows};
 use ferrogen::policy::calibrate::synthetic_weight;
 use ferrogen::{Error, Result};
 use rayon::prelude::*;
+
+/// How long each case runs its kernel untimed before the timed runs.
+const WARM_UP: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The CPU device's linear kernels, format by format, against a memcpy and the f32 GEMM.
 #[derive(Parser, Debug)]
@@ -58,19 +62,23 @@ fn run(cli: Cli) -> Result<()> {
         pool.current_num_threads()
     );
 
-    // yardstick 1: memcpy of 256 MiB on all threads, bytes read + written per second
-    let len = 64 << 20;
+    // yardstick 1: memcpy of 1 GiB (twice the last-level cache) on all threads, bytes read +
+    // written per second
+    let len = 256 << 20;
     let src: Vec<f32> = (0..len).map(|i| i as f32).collect();
     let mut dst = vec![0.0f32; len];
     let mut copy_rates = Vec::new();
-    for _ in 0..runs {
+    // the first copy also maps the destination's pages: untimed
+    for r in 0..runs + 1 {
         let t = Instant::now();
         pool.install(|| {
             dst.par_chunks_mut(1 << 20)
                 .zip(src.par_chunks(1 << 20))
                 .for_each(|(d, s)| d.copy_from_slice(s))
         });
-        copy_rates.push(2.0 * (len * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        if r > 0 {
+            copy_rates.push(2.0 * (len * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        }
     }
     let copy = median(copy_rates);
     drop((src, dst));
@@ -94,7 +102,7 @@ fn run(cli: Cli) -> Result<()> {
             let pool_bytes: usize = std::env::var("BENCH_ROTATE_MIB")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(512)
+                .unwrap_or(2048)
                 << 20;
             let copies = (pool_bytes / bytes).max(1);
             let segments: Vec<Vec<Vec<u32>>> = (0..copies)
@@ -107,15 +115,22 @@ fn run(cli: Cli) -> Result<()> {
                     .collect();
                 let mut y = vec![0.0f32; m * n];
                 let mut times = Vec::new();
-                for r in 0..runs + 1 {
-                    let seg: Vec<&[u32]> =
-                        segments[r % copies].iter().map(|s| s.as_slice()).collect();
+                // warm-up: calls for at least WARM_UP (on a VM an idle core's first
+                // milliseconds of work run slowly), then the timed runs
+                let warm = Instant::now();
+                let mut calls = 0usize;
+                while warm.elapsed() < WARM_UP || times.len() < runs {
+                    let seg: Vec<&[u32]> = segments[calls % copies]
+                        .iter()
+                        .map(|s| s.as_slice())
+                        .collect();
                     let w = WeightRows::new(format, &seg);
                     let t = Instant::now();
                     linear_into(&pool, &w, &x, m, &mut y, n, 0);
-                    if r > 0 {
+                    if warm.elapsed() >= WARM_UP {
                         times.push(t.elapsed().as_secs_f64());
                     }
+                    calls += 1;
                 }
                 std::hint::black_box(&y);
                 let s = median(times);

@@ -3,6 +3,8 @@
 //!
 //! - few rows of `x` (decode): each weight row's packed bytes are streamed once, decoded a
 //!   group at a time into registers and multiplied with every row of `x` (bandwidth-bound);
+//!   one row of `x` on AVX-512 has its own kernel, one weight row after another in memory
+//!   order, with `x` reordered once per call to match how the codes unpack;
 //! - many rows (prefill): a panel of weight rows (about 1 MiB as f32) is decoded, then one
 //!   GEMM (faer, all cores) multiplies it at full FLOP rate.
 //!
@@ -440,6 +442,51 @@ fn rows_times_x(
     rows_kernel(w, rows, x, m, out)
 }
 
+/// For one row of `x` against packed weights on an AVX-512 CPU: `x` in the order
+/// [`rows_dot`]'s kernel reads it (`None` where that kernel does not run).
+fn dot_input(w: &WeightRows, x: &[f32], m: usize) -> Option<Vec<f32>> {
+    #[cfg(target_arch = "x86_64")]
+    if let WeightRows::Packed {
+        k,
+        padded_k,
+        group,
+        bits,
+        ..
+    } = *w
+    {
+        // 4-bit codes are read 32 at a time, others 16
+        let whole = if bits == 4 { 32 } else { 16 };
+        if m == 1 && group % whole == 0 && super::x86::available() {
+            return Some(super::x86::dot_order(x, (k, padded_k, group, bits)));
+        }
+    }
+    let _ = (w, x, m);
+    None
+}
+
+/// Packed weight rows `rows` against one row of `x` given as `xp` by [`dot_input`], into
+/// `out[r - rows.start]`.
+fn rows_dot(w: &WeightRows, rows: std::ops::Range<usize>, xp: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let WeightRows::Packed {
+        padded_k,
+        group,
+        bits,
+        ..
+    } = *w
+    {
+        for (o, r) in out.iter_mut().zip(rows) {
+            let (codes, scales) = w.packed_row(r);
+            // SAFETY: dot_input checked AVX-512 and the group; whole rows; xp has padded_k
+            // values
+            *o = unsafe { super::x86::packed_row_dot(codes, scales, (padded_k, group, bits), xp) };
+        }
+        return;
+    }
+    let _ = (rows, xp, out);
+    unreachable!("dot_input gives x only for packed rows on x86-64")
+}
+
 /// Decodes weight rows `rows` into `out` (`k` values per row): the AVX-512 kernel where the
 /// CPU and the layout allow, else the portable one.
 fn decode_rows(w: &WeightRows, rows: std::ops::Range<usize>, out: &mut [f32]) {
@@ -486,13 +533,17 @@ pub fn linear_into(
     if m < gemm_from {
         // rows of W in blocks over the cores; each block's results, transposed into y
         let block = n.div_ceil(pool.current_num_threads() * 8).clamp(16, 1024);
+        let x_in_dot_order = dot_input(w, x, m);
         let results: Vec<(usize, Vec<f32>)> = pool.install(|| {
             (0..n.div_ceil(block))
                 .into_par_iter()
                 .map(|b| {
                     let rows = b * block..((b + 1) * block).min(n);
                     let mut out = vec![0.0; rows.len() * m];
-                    rows_times_x(w, rows.clone(), x, m, &mut out);
+                    match &x_in_dot_order {
+                        Some(xp) => rows_dot(w, rows.clone(), xp, &mut out),
+                        None => rows_times_x(w, rows.clone(), x, m, &mut out),
+                    }
                     (rows.start, out)
                 })
                 .collect()
@@ -583,6 +634,9 @@ mod tests {
             // 4-bit codes in groups of 32: the layout of GGUF Q4_0 and Q4_1
             4 => PackedWeight::from_group4(&Group4::quantize(values, &[n, k], 1, 32).unwrap())
                 .unwrap(),
+            // groups of 128: the M = 1 kernel's path for groups it does not unroll
+            6 => PackedWeight::from_group4(&Group4::quantize(values, &[n, k], 1, 128).unwrap())
+                .unwrap(),
             // groups of 8: the one-code-at-a-time path
             5 => PackedWeight::from_group4(&Group4::quantize(values, &[n, k], 1, 8).unwrap())
                 .unwrap(),
@@ -615,7 +669,7 @@ mod tests {
             n in 1usize..70,
             k32 in 1usize..12,
             odd in 0usize..2,
-            kind in 0u8..6,
+            kind in 0u8..7,
             seed in 0u64..1000,
         ) {
             // Q8_0 needs whole blocks of 32; the others take any k
@@ -636,18 +690,52 @@ mod tests {
             let views: Vec<&[u32]> = segs.iter().map(|s| s.as_slice()).collect();
             let w = WeightRows::new(rows_fmt, &views);
             prop_assert_eq!(w.rows(), n);
-            let (col, ldy) = (3, n + 5);
-            let mut y = vec![f32::NAN; m * ldy];
-            let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
-            linear_into(&pool, &w, &x, m, &mut y, ldy, col);
-            let want = reference(&w_ref, &x, m, n, k);
-            for i in 0..m {
-                for j in 0..n {
-                    let (g, e) = (y[i * ldy + col + j], want[i * n + j]);
-                    prop_assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(),
-                        "m {m} n {n} k {k} kind {kind}: y[{i},{j}] = {g}, want {e}");
-                }
+            check_linear(&w, &w_ref, &x, (m, n, k))?;
+        }
+
+        /// One row of `x` (decode), every packed layout, rows long enough for more than 16
+        /// groups (the M = 1 kernel converts scales 16 groups at a time) and ragged ends.
+        #[test]
+        fn one_row_matches_reference(
+            n in 1usize..40,
+            k32 in 1usize..70,
+            odd in 0usize..2,
+            kind in prop::sample::select(vec![0u8, 1, 2, 4, 6]),
+            seed in 0u64..1000,
+        ) {
+            let k = if kind == 1 { 32 * k32 } else { 32 * k32 - odd * 7 };
+            let val = |i: usize| (((i as u64 * 2654435761 + seed) % 1000) as f32 / 500.0) - 1.0;
+            let wv: Vec<f32> = (0..n * k).map(val).collect();
+            let x: Vec<f32> = (0..k).map(|i| val(i + 77)).collect();
+            let p = packed(kind, &wv, n, k);
+            let segs = [p.codes.as_slice(), p.scales.as_slice()];
+            let format = RowFormat::Packed { k, padded_k: p.padded_k, group: p.group, bits: p.bits };
+            check_linear(&WeightRows::new(format, &segs), &p.dequantize(), &x, (1, n, k))?;
+        }
+    }
+
+    /// `linear_into` of `w` (whose values are `w_ref`) and `x`, written at a column offset,
+    /// against the f64 product.
+    fn check_linear(
+        w: &WeightRows,
+        w_ref: &[f32],
+        x: &[f32],
+        (m, n, k): (usize, usize, usize),
+    ) -> Result<(), TestCaseError> {
+        let (col, ldy) = (3, n + 5);
+        let mut y = vec![f32::NAN; m * ldy];
+        let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
+        linear_into(&pool, w, x, m, &mut y, ldy, col);
+        let want = reference(w_ref, x, m, n, k);
+        for i in 0..m {
+            for j in 0..n {
+                let (g, e) = (y[i * ldy + col + j], want[i * n + j]);
+                prop_assert!(
+                    (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(),
+                    "m {m} n {n} k {k}: y[{i},{j}] = {g}, want {e}"
+                );
             }
         }
+        Ok(())
     }
 }

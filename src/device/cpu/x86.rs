@@ -1,7 +1,8 @@
-//! AVX-512 versions of the packed-weight inner loops (decode-and-multiply for few rows of
-//! `x`, decode into a panel for many), written with intrinsics because the compiler turns the
-//! portable versions' code unpacking into gathers and scalar multiply-adds. Callers check
-//! [`available`] first; elsewhere the portable loops in `matmul` run.
+//! AVX-512 versions of the packed-weight inner loops (a row's dot product with one row of
+//! `x`, decode-and-multiply for a few rows, decode into a panel for many), written with
+//! intrinsics because the compiler turns the portable versions' code unpacking into gathers
+//! and scalar multiply-adds. Callers check [`available`] first; elsewhere the portable loops
+//! in `matmul` run.
 //!
 //! Codes `at..at + 16` of a row (`at` a multiple of 16) are 8 bytes of nibbles (code `c` in
 //! the low nibble of byte `c / 2` when even, the high one when odd), 16 bytes, or 16 IEEE
@@ -26,7 +27,16 @@ pub fn available() -> bool {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
 unsafe fn codes16<const BITS: usize>(words: &[u32], at: usize) -> __m512 {
     debug_assert!((at + 16) * BITS / 32 <= words.len());
-    let p = words.as_ptr().add(at * BITS / 32);
+    codes16_at::<BITS>(words.as_ptr().cast::<u8>().add(at * BITS / 8))
+}
+
+/// The 16 codes whose bytes start at `p`, as f32 (not yet scaled).
+///
+/// # Safety
+/// AVX-512 is available, and `p` points to the 16 codes' `2 * BITS` bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn codes16_at<const BITS: usize>(p: *const u8) -> __m512 {
     match BITS {
         4 => {
             let b = _mm_loadl_epi64(p.cast());
@@ -180,6 +190,165 @@ unsafe fn decode_row_bits<const BITS: usize>(
             let w = _mm512_fmadd_ps(codes16::<BITS>(codes, at), step, min);
             _mm512_mask_storeu_ps(op.add(at), mask(at, end), w);
             at += 16;
+        }
+    }
+}
+
+/// The order [`packed_row_dot`] reads `x` in for codes of `bits` bits in groups of `group`:
+/// `xp[i]` is `x[order(i)]`, zero past `k`, `padded_k` values in all.
+///
+/// 4-bit codes in groups that are whole blocks of 32 are widened a byte (two codes) per lane,
+/// the low nibbles (codes `2j`) of a block's 16 bytes in one vector and the high ones (codes
+/// `2j + 1`) in the next, so `x` is split the same way: within each block of 32, the 16
+/// even-indexed values, then the 16 odd-indexed ones. Other layouts read `x` in order.
+pub fn dot_order(x: &[f32], (k, padded_k, group, bits): (usize, usize, usize, u32)) -> Vec<f32> {
+    let mut xp = vec![0.0f32; padded_k];
+    if bits == 4 && group % 32 == 0 {
+        for (b, block) in xp.chunks_exact_mut(32).enumerate() {
+            for j in 0..16 {
+                // block b, lane j: codes 32b + 2j (low nibble) and 32b + 2j + 1 (high nibble)
+                let (even, odd) = (32 * b + 2 * j, 32 * b + 2 * j + 1);
+                block[j] = if even < k { x[even] } else { 0.0 };
+                block[16 + j] = if odd < k { x[odd] } else { 0.0 };
+            }
+        }
+    } else {
+        xp[..k].copy_from_slice(&x[..k]);
+    }
+    xp
+}
+
+/// How far ahead of its reads [`packed_row_dot`] asks for a row's code bytes: one row of `x`
+/// leaves few instructions per byte, and the hardware prefetcher alone kept the two cores
+/// at about half the memory's read rate (BENCHMARKS.md, "b"); 2 and 8 KiB measured alike.
+const PREFETCH_BYTES: usize = 8192;
+
+/// One packed row against one row of `x` (M = 1, decode): `sum_c x[c] (q_c step_g + min_g)`,
+/// with `xp` the row of `x` in [`dot_order`] (`padded_k` values, zero past `k`).
+///
+/// Made to stream a row's bytes at memory speed with few instructions per code: the row's
+/// scale words are converted 16 at a time into f32 steps and mins; a 4-bit group's 16
+/// possible weights `q step + min` are one vector (a look-up table, built by one multiply-add
+/// per group), so each 16 codes cost a widening, a permute and a multiply-add; 8- and 16-bit
+/// codes are widened and converted, scaled by one multiply-add, and accumulated by another.
+///
+/// # Safety
+/// AVX-512 is available; `codes` and `scales` hold one whole row of `padded_k` codes in
+/// groups of `group` (a multiple of 16; of 32 for 4-bit codes); `xp` has `padded_k` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+pub unsafe fn packed_row_dot(
+    codes: &[u32],
+    scales: &[u32],
+    (padded_k, group, bits): (usize, usize, u32),
+    xp: &[f32],
+) -> f32 {
+    let shape = (padded_k, group);
+    // the groups of the GGUF blocks (32) and of FlexGen's and the f16 layout (64) unrolled
+    match (bits, group) {
+        (4, 32) => row_dot_bits::<4, 32>(codes, scales, shape, xp),
+        (4, 64) => row_dot_bits::<4, 64>(codes, scales, shape, xp),
+        (4, _) => row_dot_bits::<4, 0>(codes, scales, shape, xp),
+        (8, 32) => row_dot_bits::<8, 32>(codes, scales, shape, xp),
+        (8, _) => row_dot_bits::<8, 0>(codes, scales, shape, xp),
+        (_, 64) => row_dot_bits::<16, 64>(codes, scales, shape, xp),
+        _ => row_dot_bits::<16, 0>(codes, scales, shape, xp),
+    }
+}
+
+/// [`packed_row_dot`] for codes of `BITS` bits in groups of `GROUP` (0: of `group`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn row_dot_bits<const BITS: usize, const GROUP: usize>(
+    codes: &[u32],
+    scales: &[u32],
+    (padded_k, group): (usize, usize),
+    xp: &[f32],
+) -> f32 {
+    let group = if GROUP > 0 { GROUP } else { group };
+    let groups = padded_k / group;
+    debug_assert!(scales.len() >= groups && codes.len() * 32 >= padded_k * BITS);
+    debug_assert!(xp.len() >= padded_k && group % if BITS == 4 { 32 } else { 16 } == 0);
+    let (cp, xq) = (codes.as_ptr().cast::<u8>(), xp.as_ptr());
+    let [mut acc0, mut acc1, mut acc2, mut acc3] = [_mm512_setzero_ps(); 4];
+    let (mut steps, mut mins) = ([0.0f32; 16], [0.0f32; 16]);
+    for g0 in (0..groups).step_by(16) {
+        // the next 16 groups' scale words (step in the low half, min in the high one) as f32
+        let words = _mm512_maskz_loadu_epi32(mask(g0, groups), scales.as_ptr().add(g0).cast());
+        _mm_prefetch::<_MM_HINT_T0>(scales.as_ptr().add(g0 + 64).cast());
+        let low = _mm512_cvtepi32_epi16(words);
+        let high = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(words));
+        _mm512_storeu_ps(steps.as_mut_ptr(), _mm512_cvtph_ps(low));
+        _mm512_storeu_ps(mins.as_mut_ptr(), _mm512_cvtph_ps(high));
+        // two groups at a time, into two pairs of sums (each sum's multiply-adds then wait
+        // for one another half as often)
+        let count = (groups - g0).min(16);
+        for j in (0..count).step_by(2) {
+            let start = (g0 + j) * group;
+            let (step, min) = (_mm512_set1_ps(steps[j]), _mm512_set1_ps(mins[j]));
+            group_dot::<BITS>(
+                (cp, xq),
+                start..start + group,
+                (step, min),
+                [&mut acc0, &mut acc1],
+            );
+            if j + 1 < count {
+                let (step, min) = (_mm512_set1_ps(steps[j + 1]), _mm512_set1_ps(mins[j + 1]));
+                let at = start + group;
+                group_dot::<BITS>(
+                    (cp, xq),
+                    at..at + group,
+                    (step, min),
+                    [&mut acc2, &mut acc3],
+                );
+            }
+        }
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(
+        _mm512_add_ps(acc0, acc1),
+        _mm512_add_ps(acc2, acc3),
+    ))
+}
+
+/// One group's codes `codes` of a row against `x` in [`dot_order`], added into `acc`.
+///
+/// # Safety
+/// AVX-512 is available; the row's code bytes at `cp` and `xq` cover the group.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn group_dot<const BITS: usize>(
+    (cp, xq): (*const u8, *const f32),
+    codes: std::ops::Range<usize>,
+    (step, min): (__m512, __m512),
+    [acc0, acc1]: [&mut __m512; 2],
+) {
+    if BITS == 4 {
+        // table[q] = q step + min; a permute picks a lane by the low 4 bits of its index
+        let iota = _mm512_setr_ps(
+            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+        );
+        let table = _mm512_fmadd_ps(iota, step, min);
+        for at in codes.step_by(32) {
+            // bytes at / 2 .. at / 2 + 16, one per lane: code at + 2j in the low nibble of
+            // lane j, code at + 2j + 1 in the high one
+            _mm_prefetch::<_MM_HINT_T0>(cp.add(at / 2 + PREFETCH_BYTES).cast());
+            let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(cp.add(at / 2).cast()));
+            let even = _mm512_permutexvar_ps(b, table);
+            let odd = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b), table);
+            *acc0 = _mm512_fmadd_ps(even, _mm512_loadu_ps(xq.add(at)), *acc0);
+            *acc1 = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xq.add(at + 16)), *acc1);
+        }
+    } else {
+        let end = codes.end;
+        for at in codes.step_by(32) {
+            // codes at..at + 32 in two vectors of 16 (the second only in groups of 32s)
+            _mm_prefetch::<_MM_HINT_T0>(cp.add(at * BITS / 8 + PREFETCH_BYTES).cast());
+            let w0 = _mm512_fmadd_ps(codes16_at::<BITS>(cp.add(at * BITS / 8)), step, min);
+            *acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xq.add(at)), *acc0);
+            if at + 16 < end {
+                let c1 = cp.add((at + 16) * BITS / 8);
+                let w1 = _mm512_fmadd_ps(codes16_at::<BITS>(c1), step, min);
+                *acc1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xq.add(at + 16)), *acc1);
+            }
         }
     }
 }
