@@ -1,4 +1,8 @@
 // Causal attention of a ragged batch against per-sequence KV caches, with GQA.
+// This is the kernel's body; a prelude declares the caches k, v (bindings 1 and 2) in their
+// format and reads them: k4 / v4 (a head's chunk of 4 values from the value index of its
+// first) and cache_stride() (values per cache row): attention_cache_f32.wgsl or
+// attention_cache_f16.wgsl.
 // q [rows, heads * d]; k, v [cache rows, kv_heads * d]; info[4r] = first cache row of row r's
 // sequence, info[4r + 1] = keys up to row r's own (its row in the sequence + 1), and keys
 // info[4r + 2] .. info[4r + 3] are not seen (another branch of a prefix group; an empty range
@@ -27,8 +31,6 @@ const FIRST: u32 = 1u;
 const LAST: u32 = 2u;
 
 @group(0) @binding(0) var<storage, read> q: array<f32>;
-@group(0) @binding(1) var<storage, read> k: array<f32>;
-@group(0) @binding(2) var<storage, read> v: array<f32>;
 @group(0) @binding(3) var<storage, read> info: array<u32>;
 @group(0) @binding(4) var<storage, read_write> o: array<f32>;
 @group(0) @binding(5) var<storage, read_write> ml: array<f32>;
@@ -43,14 +45,6 @@ fn at(base: u32, c: u32, i: u32) -> u32 { return base + min(4u * c + i, HEAD_DIM
 fn q4(base: u32, c: u32) -> vec4<f32> {
     return vec4<f32>(select(0.0, q[at(base, c, 0u)], inside(c, 0u)), select(0.0, q[at(base, c, 1u)], inside(c, 1u)),
                      select(0.0, q[at(base, c, 2u)], inside(c, 2u)), select(0.0, q[at(base, c, 3u)], inside(c, 3u)));
-}
-fn k4(base: u32, c: u32) -> vec4<f32> {
-    return vec4<f32>(select(0.0, k[at(base, c, 0u)], inside(c, 0u)), select(0.0, k[at(base, c, 1u)], inside(c, 1u)),
-                     select(0.0, k[at(base, c, 2u)], inside(c, 2u)), select(0.0, k[at(base, c, 3u)], inside(c, 3u)));
-}
-fn v4(base: u32, c: u32) -> vec4<f32> {
-    return vec4<f32>(select(0.0, v[at(base, c, 0u)], inside(c, 0u)), select(0.0, v[at(base, c, 1u)], inside(c, 1u)),
-                     select(0.0, v[at(base, c, 2u)], inside(c, 2u)), select(0.0, v[at(base, c, 3u)], inside(c, 3u)));
 }
 fn o4(base: u32, c: u32) -> vec4<f32> {
     return vec4<f32>(select(0.0, o[at(base, c, 0u)], inside(c, 0u)), select(0.0, o[at(base, c, 1u)], inside(c, 1u)),
@@ -72,7 +66,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let h = t / params.rows;
     let r = t % params.rows;
     let g = h / (params.heads / params.kv_heads);
-    let kvw = params.kv_heads * HEAD_DIM;
+    let kvw = cache_stride();
     let qb = r * params.heads * HEAD_DIM + h * HEAD_DIM;
     let first = info[4u * r];
     let visible = info[4u * r + 1u];

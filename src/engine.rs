@@ -517,13 +517,6 @@ impl Engine {
                  or f16); turn one of them off",
             ));
         }
-        if policy.f16_cache && !host {
-            return Err(Error::Unsupported {
-                what: "an f16 KV cache on the WebGPU device (it is the CPU device's: use \
-                       --device cpu, or --compress-cache for 4-bit groups)"
-                    .into(),
-            });
-        }
         if policy.attn_sparsity < 1.0 {
             return Err(Error::NotBuilt {
                 what: "sparse attention (attn_sparsity < 1)".into(),

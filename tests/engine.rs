@@ -371,9 +371,9 @@ proptest! {
         cpu_cache_compute in any::<bool>(),
     ) {
         let device = if on_cpu || gpu_context().is_none() { DeviceKind::Cpu } else { DeviceKind::Wgpu };
-        // the KV cache in f32, 4-bit groups, or f16 (the CPU device's; f32 on WebGPU)
+        // the KV cache in f32, 4-bit groups, or f16
         let compress_cache = cache_format == 1;
-        let f16_cache = cache_format == 2 && device == DeviceKind::Cpu;
+        let f16_cache = cache_format == 2;
         let name = FIXTURES[fixture];
         let dir = tempfile::tempdir().unwrap();
         let files = ModelFiles::open(&fixture_dir(name)).unwrap();

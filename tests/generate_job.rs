@@ -22,10 +22,14 @@ fn json_lines(output: &str) -> Vec<Value> {
 
 /// `generate` on `input`, writing `output`, with more flags; its exit status.
 fn generate(input: &Path, output: &Path, flags: &[&str]) -> Command {
+    generate_on("cpu", input, output, flags)
+}
+
+fn generate_on(device: &str, input: &Path, output: &Path, flags: &[&str]) -> Command {
     let mut cmd = Command::new(example_binary("generate"));
     cmd.arg("--model").arg(fixture_dir(FIXTURE));
     cmd.arg("--input").arg(input).arg("--output").arg(output);
-    cmd.args(["--device", "cpu"]).args(flags);
+    cmd.args(["--device", device]).args(flags);
     cmd.stderr(std::process::Stdio::null());
     cmd
 }
@@ -240,7 +244,8 @@ fn killed_generation_jobs_resume_to_the_same_answers() {
 
 /// `--f16-cache`: greedy generation with the cache in f16 all in RAM, and on disk only (the
 /// policy keeps none of it in memory, so every decode step reads it back), gives the same
-/// tokens and logprobs; against the f32 cache the logprobs move, but by little.
+/// tokens and logprobs, on the CPU device and on WebGPU (which stores the same halves);
+/// against the f32 cache the logprobs move, but by little.
 #[test]
 fn f16_cache_on_disk_generates_as_in_ram() {
     let dir = tempfile::tempdir().unwrap();
@@ -261,9 +266,11 @@ fn f16_cache_on_disk_generates_as_in_ram() {
     )
     .unwrap();
     let offload = dir.path().join("offload");
-    let run = |name: &str, flags: &[&str]| -> Vec<(Vec<u32>, Vec<f64>)> {
+    let run_on = |device: &str, name: &str, flags: &[&str]| -> Vec<(Vec<u32>, Vec<f64>)> {
         let output = dir.path().join(name);
-        let status = generate(&input, &output, flags).status().unwrap();
+        let status = generate_on(device, &input, &output, flags)
+            .status()
+            .unwrap();
         assert!(status.success(), "{flags:?}");
         json_lines(&std::fs::read_to_string(&output).unwrap())
             .iter()
@@ -273,18 +280,17 @@ fn f16_cache_on_disk_generates_as_in_ram() {
             })
             .collect()
     };
+    let run = |name: &str, flags: &[&str]| run_on("cpu", name, flags);
     let f32_cache = run("f32.jsonl", &[]);
     let in_ram = run("ram.jsonl", &["--f16-cache"]);
-    let on_disk = run(
-        "disk.jsonl",
-        &[
-            "--f16-cache",
-            "--policy",
-            policy.to_str().unwrap(),
-            "--offload-dir",
-            offload.to_str().unwrap(),
-        ],
-    );
+    let disk_flags = [
+        "--f16-cache",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--offload-dir",
+        offload.to_str().unwrap(),
+    ];
+    let on_disk = run("disk.jsonl", &disk_flags);
     let worst = |a: &[(Vec<u32>, Vec<f64>)], b: &[(Vec<u32>, Vec<f64>)]| {
         a.iter()
             .zip(b)
@@ -299,4 +305,15 @@ fn f16_cache_on_disk_generates_as_in_ram() {
     let (apart, moved) = (worst(&in_ram, &on_disk), worst(&in_ram, &f32_cache));
     assert!(apart < 2e-3, "f16 cache on disk: {apart} from in RAM");
     assert!(moved > 0.0 && moved < 0.05, "f16 against f32: {moved}");
+    if std::env::var("FERROGEN_SKIP_GPU").as_deref() != Ok("1") {
+        let gpu = run_on("wgpu", "disk-wgpu.jsonl", &disk_flags);
+        for (i, (cpu, gpu)) in in_ram.iter().zip(&gpu).enumerate() {
+            assert_eq!(cpu.0, gpu.0, "record {i}: tokens on WebGPU");
+        }
+        let apart = worst(&in_ram, &gpu);
+        assert!(
+            apart < 2e-3,
+            "f16 cache on disk, WebGPU: {apart} from the CPU device"
+        );
+    }
 }

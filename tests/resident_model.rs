@@ -140,15 +140,9 @@ fn compressed_weights_match<D: Device>(dev: D) {
     }
 }
 
-/// The KV cache formats `(compress_cache, f16_cache)` a device keeps: f32 and 4-bit groups
-/// everywhere, f16 on the CPU device.
-fn cache_formats<D: Device>(dev: &D) -> Vec<(bool, bool)> {
-    let mut formats = vec![(false, false), (true, false)];
-    if dev.is_host() {
-        formats.push((false, true));
-    }
-    formats
-}
+/// The KV cache formats `(compress_cache, f16_cache)`: f32, 4-bit groups and f16, on every
+/// device.
+const CACHE_FORMATS: [(bool, bool); 3] = [(false, false), (true, false), (false, true)];
 
 /// Decoding through the device KV cache (f32, f16 or 4-bit) in uneven chunks, all sequences in one
 /// ragged batch per step, gives the logprobs of one prefill.
@@ -159,7 +153,7 @@ fn device_cache_decode_equals_prefill() {
 
 fn cache_decode_equals_prefill<D: Device>(dev: D) {
     let on = dev.describe();
-    for (compress_cache, f16_cache) in cache_formats(&dev) {
+    for (compress_cache, f16_cache) in CACHE_FORMATS {
         for name in FIXTURES {
             let files = ModelFiles::open(&fixture_dir(name)).unwrap();
             let options = GpuOptions {
@@ -237,7 +231,7 @@ fn row_chunks_give_the_whole_batch_numbers() {
 
 fn row_chunks_give_whole_batch<D: Device>(dev: D) {
     let on = dev.describe();
-    for (compress_cache, f16_cache) in cache_formats(&dev) {
+    for (compress_cache, f16_cache) in CACHE_FORMATS {
         for name in FIXTURES {
             let files = ModelFiles::open(&fixture_dir(name)).unwrap();
             let options = GpuOptions {
@@ -274,17 +268,20 @@ fn row_chunks_give_whole_batch<D: Device>(dev: D) {
     }
 }
 
-/// The same model with a 4-bit KV cache gives the same numbers on every device (the cache is
-/// quantized by each device's own code, to one format).
+/// The same model with a 4-bit or an f16 KV cache gives the same numbers on every device
+/// (the cache is rounded by each device's own code, to one format).
 #[test]
-fn four_bit_cache_agrees_across_devices() {
+fn compact_caches_agree_across_devices() {
     let Some(_) = gpu_context() else { return };
-    for name in FIXTURES {
+    for (name, (compress_cache, f16_cache)) in FIXTURES
+        .iter()
+        .flat_map(|&n| [(n, (true, false)), (n, (false, true))])
+    {
         let files = ModelFiles::open(&fixture_dir(name)).unwrap();
         let options = GpuOptions {
             weights: WeightFormat::F32,
-            compress_cache: true,
-            f16_cache: false,
+            compress_cache,
+            f16_cache,
         };
         let exp = expected(name);
         let seqs: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
@@ -301,9 +298,13 @@ fn four_bit_cache_agrees_across_devices() {
         .token_logprobs(&seqs)
         .unwrap();
         let worst = common::worst_diff(&cpu, &gpu);
+        // both devices round the same way, but a key computed a last bit apart can round to
+        // the next half (about 1e-3 of its value): f16 caches agree within 2e-3 (measured
+        // 1.3e-3)
+        let tolerance = if f16_cache { 2e-3 } else { 1e-3 };
         assert!(
-            worst < 1e-3,
-            "{name}: CPU and WebGPU 4-bit caches differ by {worst}"
+            worst < tolerance,
+            "{name}: CPU and WebGPU caches ({options:?}) differ by {worst}"
         );
     }
 }

@@ -104,7 +104,7 @@ pub struct DeviceArgs {
     #[arg(long)]
     pub compress_cache: bool,
     /// Keep the KV cache in f16 (half the memory and cache traffic of f32; values rounded to
-    /// 11 significant bits). The CPU device's. Also applies to a --policy file.
+    /// 11 significant bits), on either device. Also applies to a --policy file.
     #[arg(long, conflicts_with = "compress_cache")]
     pub f16_cache: bool,
     /// Keep the weights in FlexGen's 4-bit groups, requantized from the file's format. Also

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use super::kernels::attention::{Attention, RowInfos};
 use super::kernels::elementwise::{Elementwise, Op};
 use super::kernels::embedding::Embedding;
+use super::kernels::kv_f16::{GpuF16Cache, KvF16};
 use super::kernels::kv_quant::{GpuQ4Cache, KvQuant};
 use super::kernels::logprob::Logprob;
 use super::kernels::matmul::MatmulF32;
@@ -27,10 +28,12 @@ pub enum WeightPart {
     Packed(GpuPackedWeight),
 }
 
-/// Keys and values of one layer for a set of sequences: f32 rows, or 4-bit groups.
+/// Keys and values of one layer for a set of sequences: f32 rows, f16 rows or 4-bit groups.
 pub enum LayerCache {
     /// `[rows, kv width]` keys, then values.
     F32(GpuTensor, GpuTensor),
+    /// f16 keys, then values.
+    F16(GpuF16Cache, GpuF16Cache),
     /// 4-bit keys, then values.
     Q4(GpuQ4Cache, GpuQ4Cache),
 }
@@ -43,6 +46,10 @@ impl LayerCache {
             LayerCache::F32(k, v) => {
                 let w = (k.shape[1] * 4) as u64;
                 vec![(&k.buffer, w), (&v.buffer, w)]
+            }
+            LayerCache::F16(k, v) => {
+                let w = (GpuF16Cache::row_words(k.width) * 4) as u64;
+                vec![(k.words(), w), (v.words(), w)]
             }
             LayerCache::Q4(k, v) => {
                 let (c, s) = (
@@ -66,8 +73,14 @@ pub struct GpuRows {
     rope: Option<(GpuTensor, GpuTensor)>,
 }
 
-/// Attention kernels compiled for one head width: `(head_dim, f32 cache, 4-bit cache)`.
-type AttentionKernels = (usize, Arc<Attention>, Arc<KvQuant>);
+/// Attention kernels compiled for one head width, one per cache format.
+#[derive(Clone)]
+struct AttentionKernels {
+    head_dim: usize,
+    f32: Arc<Attention>,
+    q4: Arc<KvQuant>,
+    f16: Arc<KvF16>,
+}
 
 /// The compiled kernels; attention per head width, compiled on first use.
 struct Kernels {
@@ -121,20 +134,25 @@ impl WgpuDevice {
     }
 
     /// The attention kernels for heads of `head_dim` (compiled once per width).
-    fn attention(&self, head_dim: usize) -> Result<(Arc<Attention>, Arc<KvQuant>)> {
+    fn attention(&self, head_dim: usize) -> Result<AttentionKernels> {
         if head_dim > super::kernels::attention::MAX_HEAD_DIM {
             return Err(Error::Unsupported {
                 what: format!("head_dim {head_dim} on the wgpu backend"),
             });
         }
         let mut compiled = self.k().attention.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, a, q)) = compiled.iter().find(|c| c.0 == head_dim) {
-            return Ok((a.clone(), q.clone()));
+        if let Some(kernels) = compiled.iter().find(|c| c.head_dim == head_dim) {
+            return Ok(kernels.clone());
         }
-        let a = Arc::new(Attention::new(self.context(), head_dim)?);
-        let q = Arc::new(KvQuant::new(self.context(), head_dim)?);
-        compiled.push((head_dim, a.clone(), q.clone()));
-        Ok((a, q))
+        let ctx = self.context();
+        let kernels = AttentionKernels {
+            head_dim,
+            f32: Arc::new(Attention::new(ctx, head_dim)?),
+            q4: Arc::new(KvQuant::new(ctx, head_dim)?),
+            f16: Arc::new(KvF16::new(ctx, head_dim)?),
+        };
+        compiled.push(kernels.clone());
+        Ok(kernels)
     }
 
     fn same_shape(a: &GpuTensor, b: &GpuTensor, op: &str) -> Result<()> {
@@ -419,12 +437,10 @@ impl Device for WgpuDevice {
                 GpuQ4Cache::new(ctx, rows, l)?,
                 GpuQ4Cache::new(ctx, rows, l)?,
             ),
-            CacheFormat::F16 { .. } => {
-                return Err(Error::Unsupported {
-                    // (the engine refuses it at open, naming the way out)
-                    what: "an f16 KV cache on the WebGPU device".into(),
-                });
-            }
+            CacheFormat::F16 { width } => LayerCache::F16(
+                GpuF16Cache::new(ctx, rows, width)?,
+                GpuF16Cache::new(ctx, rows, width)?,
+            ),
         })
     }
 
@@ -439,7 +455,7 @@ impl Device for WgpuDevice {
         layout: HeadLayout,
     ) -> Result<GpuTensor> {
         let ctx = self.context();
-        let (attention, kv_quant) = self.attention(layout.head_dim)?;
+        let kernels = self.attention(layout.head_dim)?;
         let a = GpuTensor::zeros(ctx, &q.shape)?;
         let scale = 1.0 / (layout.head_dim as f32).sqrt();
         match cache {
@@ -456,13 +472,25 @@ impl Device for WgpuDevice {
                     enc.copy_buffer_to_buffer(&v.buffer, src, &vc.buffer, dst, n);
                 }
                 ctx.queue.submit([enc.finish()]);
-                attention.run(ctx, q, kc, vc, &rows.info, &a, layout, scale)?;
+                kernels
+                    .f32
+                    .run(ctx, q, kc, vc, &rows.info, &a, layout, scale)?;
             }
             LayerCache::Q4(kc, vc) => {
                 // the rows' info names their own cache positions: quantize them there
-                kv_quant.store(ctx, k, &rows.info, kc)?;
-                kv_quant.store(ctx, v, &rows.info, vc)?;
-                kv_quant.attend(ctx, q, kc, vc, &rows.info, &a, layout, scale)?;
+                kernels.q4.store(ctx, k, &rows.info, kc)?;
+                kernels.q4.store(ctx, v, &rows.info, vc)?;
+                kernels
+                    .q4
+                    .attend(ctx, q, kc, vc, &rows.info, &a, layout, scale)?;
+            }
+            LayerCache::F16(kc, vc) => {
+                // as the 4-bit cache: the rows' info names their own cache positions
+                kernels.f16.store(ctx, k, &rows.info, kc)?;
+                kernels.f16.store(ctx, v, &rows.info, vc)?;
+                kernels
+                    .f16
+                    .attend(ctx, q, kc, vc, &rows.info, &a, layout, scale)?;
             }
         }
         Ok(a)

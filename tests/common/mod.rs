@@ -53,13 +53,18 @@ pub fn present_or_skipped(path: PathBuf, fetch: &str) -> Option<PathBuf> {
 /// The policy search on the built-in profile, for scoring `prompt_len`-token records with
 /// uncompressed weights and cache.
 pub fn searched(prompt_len: usize) -> ferrogen::engine::Placement {
+    searched_with_cache(prompt_len, false)
+}
+
+/// [`searched`], with the KV cache in f16 when `f16_cache`.
+pub fn searched_with_cache(prompt_len: usize, f16_cache: bool) -> ferrogen::engine::Placement {
     ferrogen::engine::Placement::Search {
         hardware: ferrogen::engine::default_profile().unwrap(),
         prompt_len,
         gen_len: 1,
         compress_weight: false,
         compress_cache: false,
-        f16_cache: false,
+        f16_cache,
     }
 }
 

@@ -5,8 +5,11 @@ use crate::error::{Error, Result};
 use crate::gpu::{grid, passes, GpuContext, GpuIndices, GpuTensor, Pipeline};
 use crate::layout::HeadLayout;
 
-/// WGSL source.
-pub const SOURCE: &str = include_str!("../../../shaders/attention.wgsl");
+/// WGSL source: the f32 cache prelude, then the body shared with the f16 cache's kernel.
+pub const SOURCE: &str = concat!(
+    include_str!("../../../shaders/attention_cache_f32.wgsl"),
+    include_str!("../../../shaders/attention.wgsl")
+);
 
 /// Largest head width the kernel's private accumulator holds.
 pub const MAX_HEAD_DIM: usize = 256;
@@ -55,6 +58,23 @@ pub fn q4_keys_per_pass(ctx: &GpuContext, head_dim: usize) -> usize {
 pub fn f32_keys_per_pass(ctx: &GpuContext, head_dim: usize) -> usize {
     let c = head_dim.div_ceil(4);
     keys_per_pass(ctx, 2 * c + 1, 6 * c)
+}
+
+/// Query rows of `q` for `layout`, checked against the output `o` and the row infos.
+pub(crate) fn query_rows(
+    q: &GpuTensor,
+    o: &GpuTensor,
+    info: &RowInfos,
+    layout: HeadLayout,
+) -> Result<usize> {
+    let rows = q.numel() / (layout.heads * layout.head_dim).max(1);
+    if info.rows != rows || o.numel() != q.numel() {
+        return Err(Error::invalid(
+            "attention",
+            "queries, output and row info disagree",
+        ));
+    }
+    Ok(rows)
 }
 
 /// Dispatches an attention pipeline once per pass of at most `per_pass` keys. Its parameters

@@ -27,31 +27,9 @@ pub struct GpuQ4Cache {
 impl GpuQ4Cache {
     /// A zeroed cache of `rows` rows.
     pub fn new(ctx: &GpuContext, rows: usize, layout: Q4Layout) -> Result<Self> {
-        let buffer = |words: usize| -> Result<wgpu::Buffer> {
-            let bytes = (words.max(1) * 4) as u64;
-            if bytes > ctx.max_binding_bytes() {
-                return Err(Error::invalid(
-                    "KV cache",
-                    "a layer's cache exceeds one binding",
-                ));
-            }
-            ctx.scoped(
-                &format!("allocating {bytes} bytes of 4-bit KV cache"),
-                || {
-                    ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some("q4 cache"),
-                        size: bytes,
-                        usage: wgpu::BufferUsages::STORAGE
-                            | wgpu::BufferUsages::COPY_SRC
-                            | wgpu::BufferUsages::COPY_DST,
-                        mapped_at_creation: false,
-                    })
-                },
-            )
-        };
         Ok(Self {
-            codes: buffer(rows * layout.words_per_row())?,
-            scales: buffer(rows * layout.groups_per_row())?,
+            codes: super::cache_buffer(ctx, rows * layout.words_per_row(), "4-bit")?,
+            scales: super::cache_buffer(ctx, rows * layout.groups_per_row(), "4-bit")?,
             rows,
             layout,
         })
@@ -171,13 +149,7 @@ impl KvQuant {
                 format!("layout {layout:?} does not fit the cache {l:?}"),
             ));
         }
-        let rows = q.numel() / (layout.heads * layout.head_dim);
-        if info.rows != rows || o.numel() != q.numel() {
-            return Err(Error::invalid(
-                "attention",
-                "queries, output and row info disagree",
-            ));
-        }
+        let rows = super::attention::query_rows(q, o, info, layout)?;
         if rows == 0 {
             return Ok(());
         }

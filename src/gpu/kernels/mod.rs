@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod embedding;
+pub mod kv_f16;
 pub mod kv_quant;
 pub mod logprob;
 pub mod matmul;
@@ -31,6 +32,31 @@ fn check_row_loops(ctx: &GpuContext, len: usize, loops: usize, what: &str) -> Re
         });
     }
     Ok(())
+}
+
+/// A zeroed storage buffer of `words` u32 words for a KV cache (`kind` names its format in
+/// errors), refused when it exceeds one binding.
+fn cache_buffer(ctx: &GpuContext, words: usize, kind: &str) -> Result<wgpu::Buffer> {
+    let bytes = (words.max(1) * 4) as u64;
+    if bytes > ctx.max_binding_bytes() {
+        return Err(Error::invalid(
+            "KV cache",
+            "a layer's cache exceeds one binding",
+        ));
+    }
+    ctx.scoped(
+        &format!("allocating {bytes} bytes of {kind} KV cache"),
+        || {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("kv cache"),
+                size: bytes,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        },
+    )
 }
 
 /// Checks that `t` holds `n` elements.

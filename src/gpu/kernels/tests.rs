@@ -11,6 +11,7 @@ use crate::cpu::ops::{self, HeadLayout};
 use crate::gpu::kernels::attention::{Attention, RowInfo};
 use crate::gpu::kernels::elementwise::{Elementwise, Op};
 use crate::gpu::kernels::embedding::Embedding;
+use crate::gpu::kernels::kv_f16::{GpuF16Cache, KvF16};
 use crate::gpu::kernels::kv_quant::{GpuQ4Cache, KvQuant};
 use crate::gpu::kernels::logprob::Logprob;
 use crate::gpu::kernels::matmul::{MatmulF32, MatmulVariant};
@@ -553,16 +554,8 @@ proptest! {
             let (kc, vc) = (GpuQ4Cache::new(ctx, rows, ql).unwrap(), GpuQ4Cache::new(ctx, rows, ql).unwrap());
             // store every row of every sequence (past and new) at its position
             let (k, v) = (random(rows * kvw, seed), random(rows * kvw, seed ^ 3));
-            let mut store_info = Vec::new();
-            let mut first = 0;
-            for &(p, t) in &seqs {
-                for pos in 0..p + t {
-                    store_info.push(RowInfo::new(first as u32, (pos + 1) as u32));
-                }
-                first += p + t;
-            }
             let kq = KvQuant::new(ctx, head_dim).unwrap();
-            let info = Attention::upload_info(ctx, &store_info);
+            let info = Attention::upload_info(ctx, &every_position(&seqs));
             kq.store(ctx, &up(ctx, &k, &[rows, kvw]), &info, &kc).unwrap();
             kq.store(ctx, &up(ctx, &v, &[rows, kvw]), &info, &vc).unwrap();
             let (kd, ksteps) = kc.download(ctx).unwrap();
@@ -575,6 +568,117 @@ proptest! {
             kq.attend(ctx, &up(ctx, &batch.q, &[batch.q_rows, qw]), &kc, &vc,
                 &Attention::upload_info(ctx, &batch.infos), &o, layout, 0.5).unwrap();
             close(&o.download(ctx).unwrap(), &want, 1e-5, &format!("q4 attention, loop budget {}", ctx.loop_budget))?;
+        }
+    }
+
+    /// New rows stored into an f16 cache at their positions are the halves the CPU rounds
+    /// them to (nearest even, bit for bit), odd widths included, and attention over the f16
+    /// cache equals the CPU attention over those values, for ragged batches of short and long
+    /// sequences, at the default and at a tiny loop budget.
+    #[test]
+    fn f16_cache_round_trips_and_attends(
+        seqs in ragged_seqs(),
+        kv_heads in 1usize..3, group in 1usize..3, head_dim in prop::sample::select(vec![1usize, 5, 8, 24, 64]),
+        seed in any::<u64>(),
+    ) {
+        for ctx in both_budgets() {
+            let layout = HeadLayout { heads: kv_heads * group, kv_heads, head_dim };
+            let (qw, kvw) = (layout.heads * head_dim, kv_heads * head_dim);
+            let batch = RaggedAttention::new(&seqs, layout, seed);
+            let rows = batch.cache_rows;
+            let (kc, vc) = (GpuF16Cache::new(ctx, rows, kvw).unwrap(), GpuF16Cache::new(ctx, rows, kvw).unwrap());
+            // store every row of every sequence (past and new) at its position
+            let (k, v) = (random(rows * kvw, seed), random(rows * kvw, seed ^ 3));
+            let kf = KvF16::new(ctx, head_dim).unwrap();
+            let info = Attention::upload_info(ctx, &every_position(&seqs));
+            kf.store(ctx, &up(ctx, &k, &[rows, kvw]), &info, &kc).unwrap();
+            kf.store(ctx, &up(ctx, &v, &[rows, kvw]), &info, &vc).unwrap();
+            let halves = |x: &[f32]| -> Vec<u16> { x.iter().map(|&a| half::f16::from_f32(a).to_bits()).collect() };
+            let (kh, vh) = (kc.download(ctx).unwrap(), vc.download(ctx).unwrap());
+            prop_assert_eq!(&kh, &halves(&k));
+            prop_assert_eq!(&vh, &halves(&v));
+            let value = |h: &[u16]| -> Vec<f32> { h.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect() };
+            let want = batch.reference(&seqs, &value(&kh), &value(&vh), layout, 0.5);
+            let o = GpuTensor::poisoned(ctx, &[batch.q_rows, qw]).unwrap();
+            kf.attend(ctx, &up(ctx, &batch.q, &[batch.q_rows, qw]), &kc, &vc,
+                &Attention::upload_info(ctx, &batch.infos), &o, layout, 0.5).unwrap();
+            close(&o.download(ctx).unwrap(), &want, 1e-5, &format!("f16 attention, loop budget {}", ctx.loop_budget))?;
+        }
+    }
+}
+
+/// Row infos that store every row of every `(past, new)` sequence at its own position.
+fn every_position(seqs: &[(usize, usize)]) -> Vec<RowInfo> {
+    let mut infos = Vec::new();
+    let mut first = 0;
+    for &(p, t) in seqs {
+        for pos in 0..p + t {
+            infos.push(RowInfo::new(first as u32, (pos + 1) as u32));
+        }
+        first += p + t;
+    }
+    infos
+}
+
+/// The f16 cache's store rounds as the CPU does at the edges: ties to even, the largest
+/// finite halves and overflow to infinity, subnormals and their ties, signed zeros,
+/// infinities and NaN; and attention reads every finite half back exactly.
+#[test]
+fn f16_cache_rounds_like_the_cpu_at_the_edges() {
+    let Some(ctx) = gpu() else { return };
+    let mut values: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        65504.0,
+        -65504.0,
+        65519.0,
+        65520.0,
+        1e6,
+        -1e6,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MIN_POSITIVE,
+        1e-30,
+        // ties between halves: 1 + 2^-11 (to 1), 1 + 3 * 2^-11 (to 1 + 2^-9)
+        1.0 + 2f32.powi(-11),
+        1.0 + 3.0 * 2f32.powi(-11),
+        -(1.0 + 2f32.powi(-11)),
+        // subnormal halves, their ties and the smallest: 2^-24, 1.5 * 2^-24, 2^-25, 2^-26
+        2f32.powi(-24),
+        1.5 * 2f32.powi(-24),
+        2.5 * 2f32.powi(-24),
+        2f32.powi(-25),
+        2f32.powi(-26),
+        3.0 * 2f32.powi(-25),
+        2f32.powi(-14),
+        2f32.powi(-14) - 2f32.powi(-25),
+        6.1e-5,
+    ];
+    // and a sweep of exponents and mantissas
+    values.extend((0..400).map(|i| f32::from_bits(0x3000_0000 + i * 0x0012_3457)));
+    values.extend((0..400).map(|i| -f32::from_bits(0x2800_0000 + i * 0x0013_5791)));
+    let width = values.len() + 1; // odd: a padding half
+    values.push(0.0);
+    values.truncate(width);
+    let cache = GpuF16Cache::new(ctx, 1, width).unwrap();
+    let kf = KvF16::new(ctx, 8).unwrap();
+    let info = Attention::upload_info(ctx, &[RowInfo::new(0, 1)]);
+    kf.store(ctx, &up(ctx, &values, &[1, width]), &info, &cache)
+        .unwrap();
+    let got = cache.download(ctx).unwrap();
+    for (x, g) in values.iter().zip(&got) {
+        let want = half::f16::from_f32(*x);
+        if want.is_nan() {
+            assert!(half::f16::from_bits(*g).is_nan(), "{x}: {g:#06x}");
+        } else {
+            assert_eq!(
+                *g,
+                want.to_bits(),
+                "{x:e}: {g:#06x}, want {:#06x}",
+                want.to_bits()
+            );
         }
     }
 }
