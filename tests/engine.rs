@@ -425,7 +425,10 @@ proptest! {
             let lp = resident.token_logprobs(&[&full]).remove(0);
             let tail = &lp[prompt.len() - 1..];
             let d = tail.iter().zip(&g.logprobs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            let gen_tolerance = if f16_cache { 2e-3 } else { 1e-4 };
+            // (as in scoring: with a compact cache a last-bit difference can move a cached
+            // value a level; one sequence per batch decodes through the M = 1 kernel, whose
+            // sums run in another order than the resident model's batch: measured 1.5e-4)
+            let gen_tolerance = if compress_cache || f16_cache { 2e-3 } else { 1e-4 };
             prop_assert!(d < gen_tolerance, "{} generated logprobs {:?}: {}", name, p, d);
         }
         // jobs leave nothing behind: after generation every tier holds what it held after
