@@ -1,6 +1,7 @@
 //! The CPU device's linear kernels, format by format, against two yardsticks timed in the same
-//! run: a multi-threaded memcpy (bytes read + written per second) and the f32 GEMM that the
-//! device uses (faer, the fastest of matrixmultiply, gemm and faer here).
+//! run: a multi-threaded memcpy (bytes read + written per second) and faer's f32 GEMM (the
+//! fastest of matrixmultiply, gemm and faer here; the device's own AVX-512 GEMM replaced it
+//! where AVX-512 is available).
 //!
 //! ```text
 //! cargo run --release --example bench_cpu_kernels -- [--runs 5] [--sizes 2048,4096]
@@ -9,7 +10,7 @@
 //! For each `K = N` and `M`: GFLOP/s of `y = x W^T` for weights in f32, f16, Q8_0, Q4_0/Q4_1
 //! (4-bit codes in groups of 32, one kernel for both) and FlexGen 4-bit (groups of 64). For
 //! `M = 1` also the packed weight bytes read per second and their share of the memcpy rate;
-//! for `M = 512` the share of the f32 GEMM's GFLOP/s. The weights rotate through enough copies
+//! for `M = 512` the share of faer's f32 GEMM's GFLOP/s at M = 512. The weights rotate through enough copies
 //! (at least 2 GiB in all, four times the largest last-level cache this project's machines
 //! report; `BENCH_ROTATE_MIB` sets it, 0 keeps one copy in the caches) that every call reads
 //! them from memory, not from the caches. Each case first runs untimed for 200 ms.
@@ -84,13 +85,34 @@ fn run(cli: Cli) -> Result<()> {
     drop((src, dst));
     println!("memcpy: {copy:.1} GB/s (read + written)");
     println!();
-    println!("| K = N | format | M | GFLOP/s | weight GB/s | share of memcpy / of f32 GEMM |");
+    println!("| K = N | format | M | GFLOP/s | weight GB/s | share of memcpy / of faer's GEMM |");
     println!("|---|---|---|---|---|---|");
 
     for &kn in &sizes {
         let (n, k) = (kn, kn);
-        // yardstick 2: the f32 GEMM at M = 512, decoded weights in cache-friendly reuse
-        let mut gemm_at_512 = None;
+        // yardstick 2: faer's f32 GEMM at M = 512 (y = x W^T, W in the caches' reuse)
+        let gemm_at_512 = {
+            use faer::{Accum, MatMut, MatRef, Par};
+            let m = 512;
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
+                .collect();
+            let mut y = vec![0.0f32; m * n];
+            let s = timed(runs, |_| {
+                let lhs = MatRef::from_row_major_slice(&x, m, k);
+                let rhs = MatRef::from_row_major_slice(&w, n, k).transpose();
+                let dst = MatMut::from_row_major_slice_mut(&mut y, m, n);
+                pool.install(|| {
+                    faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, 1.0, Par::rayon(0))
+                });
+            });
+            let gflops = 2.0 * (m * n * k) as f64 / s / 1e9;
+            println!("| {kn} | faer f32 GEMM (yardstick) | {m} | {gflops:.1} | | |");
+            gflops
+        };
         for &(name, bits, group) in &WEIGHT_FORMATS {
             let row_bytes = if bits == 32 {
                 4 * k
@@ -114,36 +136,20 @@ fn run(cli: Cli) -> Result<()> {
                     .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
                     .collect();
                 let mut y = vec![0.0f32; m * n];
-                let mut times = Vec::new();
-                // warm-up: calls for at least WARM_UP (on a VM an idle core's first
-                // milliseconds of work run slowly), then the timed runs
-                let warm = Instant::now();
-                let mut calls = 0usize;
-                while warm.elapsed() < WARM_UP || times.len() < runs {
-                    let seg: Vec<&[u32]> = segments[calls % copies]
+                let s = timed(runs, |call| {
+                    let seg: Vec<&[u32]> = segments[call % copies]
                         .iter()
                         .map(|s| s.as_slice())
                         .collect();
                     let w = WeightRows::new(format, &seg);
-                    let t = Instant::now();
                     linear_into(&pool, &w, &x, m, &mut y, n, 0);
-                    if warm.elapsed() >= WARM_UP {
-                        times.push(t.elapsed().as_secs_f64());
-                    }
-                    calls += 1;
-                }
+                });
                 std::hint::black_box(&y);
-                let s = median(times);
                 let gflops = 2.0 * (m * n * k) as f64 / s / 1e9;
                 let gbs = bytes as f64 / s / 1e9;
-                if bits == 32 && m == 512 {
-                    gemm_at_512 = Some(gflops);
-                }
                 let share = match m {
                     1 => format!("{:.0}% of memcpy", 100.0 * gbs / copy),
-                    512 => gemm_at_512.map_or(String::new(), |g| {
-                        format!("{:.0}% of f32 GEMM", 100.0 * gflops / g)
-                    }),
+                    512 => format!("{:.0}% of faer's f32 GEMM", 100.0 * gflops / gemm_at_512),
                     _ => String::new(),
                 };
                 println!("| {kn} | {name} | {m} | {gflops:.1} | {gbs:.1} | {share} |");
@@ -151,6 +157,22 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The median seconds of `runs` timed calls of `call` (given the call's index), after calls
+/// for at least [`WARM_UP`] (on a VM an idle core's first milliseconds of work run slowly).
+fn timed(runs: usize, mut call: impl FnMut(usize)) -> f64 {
+    let warm = Instant::now();
+    let (mut times, mut calls) = (Vec::new(), 0usize);
+    while warm.elapsed() < WARM_UP || times.len() < runs {
+        let t = Instant::now();
+        call(calls);
+        if warm.elapsed() >= WARM_UP {
+            times.push(t.elapsed().as_secs_f64());
+        }
+        calls += 1;
+    }
+    median(times)
 }
 
 fn main() -> std::process::ExitCode {

@@ -86,6 +86,10 @@ struct Cli {
     /// Keep the offload file for a later run to reuse.
     #[arg(long)]
     keep_offload: bool,
+    /// Write the generation's Chrome trace (open it in chrome://tracing or Perfetto) and
+    /// print each track's busy seconds over decode.
+    #[arg(long, value_name = "FILE.json")]
+    trace: Option<PathBuf>,
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -97,6 +101,7 @@ fn run(cli: Cli) -> Result<()> {
         new_tokens,
         memory,
         keep_offload,
+        trace,
     } = cli;
     let files = ModelFiles::open(&model)?;
     let content = std::fs::read_to_string(&text).map_err(|e| Error::io(&text, e))?;
@@ -158,6 +163,12 @@ fn run(cli: Cli) -> Result<()> {
         format_size(peaks[2]),
         peak_rss().map_or("?".into(), format_size)
     );
+    if let (Some(path), Some(t)) = (trace, engine.trace()) {
+        std::fs::write(&path, t.to_chrome_json()).map_err(|e| Error::io(&path, e))?;
+        for track in Track::ALL {
+            eprintln!("busy {:?}: {:.2} s", track, t.busy_seconds(track));
+        }
+    }
     Ok(())
 }
 

@@ -24,7 +24,8 @@ pub enum Track {
 }
 
 impl Track {
-    const ALL: [Track; 6] = [
+    /// Every track, in drawing order.
+    pub const ALL: [Track; 6] = [
         Track::Compute,
         Track::LoadWeight,
         Track::LoadCache,

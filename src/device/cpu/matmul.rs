@@ -5,8 +5,10 @@
 //!   group at a time into registers and multiplied with every row of `x` (bandwidth-bound);
 //!   one row of `x` on AVX-512 has its own kernel, one weight row after another in memory
 //!   order, with `x` reordered once per call to match how the codes unpack;
-//! - many rows (prefill): a panel of weight rows (about 1 MiB as f32) is decoded, then one
-//!   GEMM (faer, all cores) multiplies it at full FLOP rate.
+//! - many rows (prefill, big decode batches): on AVX-512 the device's own GEMM
+//!   (`x86_gemm`) decodes chunks of weight rows straight into the order its tiles read;
+//!   elsewhere a panel of weight rows (about 1 MiB as f32) is decoded, then one GEMM (faer,
+//!   all cores) multiplies it at full FLOP rate.
 //!
 //! The inner loops are plain Rust over fixed-width lanes, compiled three times (baseline,
 //! AVX2+FMA, AVX-512: see `multiversion!`) and picked at run time by CPU feature detection.
@@ -557,6 +559,11 @@ pub fn linear_into(
         }
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::x86_gemm::supports(w) {
+        super::x86_gemm::linear(pool, w, x, m, y, ldy, col);
+        return;
+    }
     match *w {
         WeightRows::F32 { values, .. } => pool.install(|| gemm(x, m, k, values, n, y, ldy, col)),
         WeightRows::Packed { .. } => {
@@ -637,6 +644,11 @@ mod tests {
             // groups of 128: the M = 1 kernel's path for groups it does not unroll
             6 => PackedWeight::from_group4(&Group4::quantize(values, &[n, k], 1, 128).unwrap())
                 .unwrap(),
+            // groups of 48 and 384: chunks of the AVX-512 GEMM a group wide (not dividing 256)
+            7 => PackedWeight::from_group4(&Group4::quantize(values, &[n, k], 1, 48).unwrap())
+                .unwrap(),
+            8 => PackedWeight::from_group4(&Group4::quantize(values, &[n, k], 1, 384).unwrap())
+                .unwrap(),
             // groups of 8: the one-code-at-a-time path
             5 => PackedWeight::from_group4(&Group4::quantize(values, &[n, k], 1, 8).unwrap())
                 .unwrap(),
@@ -693,6 +705,34 @@ mod tests {
             check_linear(&w, &w_ref, &x, (m, n, k))?;
         }
 
+        /// Many rows of `x` (the GEMM paths): rows of `x` in tiles of 12 with ragged ends,
+        /// weight rows over several tasks of 128 with a ragged last tile, `k` over several
+        /// chunks of 256 (or of a group) with a ragged end, every layout.
+        #[test]
+        fn many_rows_match_reference(
+            m in 24usize..64,
+            n in prop_oneof![1usize..40, 100usize..300],
+            k32 in prop_oneof![1usize..4, 8usize..30],
+            odd in 0usize..2,
+            kind in 0u8..9,
+            seed in 0u64..1000,
+        ) {
+            let k = if kind == 1 { 32 * k32 } else { 32 * k32 - odd * 7 };
+            let val = |i: usize| (((i as u64 * 2654435761 + seed) % 1000) as f32 / 500.0) - 1.0;
+            let wv: Vec<f32> = (0..n * k).map(val).collect();
+            let x: Vec<f32> = (0..m * k).map(|i| val(i + 77)).collect();
+            if kind == 3 {
+                let segs = [bytemuck::cast_slice(&wv)];
+                check_linear(&WeightRows::new(RowFormat::F32 { k }, &segs), &wv, &x, (m, n, k))?;
+            } else {
+                let p = packed(kind, &wv, n, k);
+                let segs = [p.codes.as_slice(), p.scales.as_slice()];
+                let format =
+                    RowFormat::Packed { k, padded_k: p.padded_k, group: p.group, bits: p.bits };
+                check_linear(&WeightRows::new(format, &segs), &p.dequantize(), &x, (m, n, k))?;
+            }
+        }
+
         /// One row of `x` (decode), every packed layout, rows long enough for more than 16
         /// groups (the M = 1 kernel converts scales 16 groups at a time) and ragged ends.
         #[test]
@@ -715,7 +755,7 @@ mod tests {
     }
 
     /// `linear_into` of `w` (whose values are `w_ref`) and `x`, written at a column offset,
-    /// against the f64 product.
+    /// against the f64 product; the columns around it untouched.
     fn check_linear(
         w: &WeightRows,
         w_ref: &[f32],
@@ -728,6 +768,12 @@ mod tests {
         linear_into(&pool, w, x, m, &mut y, ldy, col);
         let want = reference(w_ref, x, m, n, k);
         for i in 0..m {
+            for j in (0..col).chain(col + n..ldy) {
+                prop_assert!(
+                    y[i * ldy + j].is_nan(),
+                    "m {m} n {n} k {k}: wrote y[{i}, {j}]"
+                );
+            }
             for j in 0..n {
                 let (g, e) = (y[i * ldy + col + j], want[i * n + j]);
                 prop_assert!(

@@ -164,33 +164,51 @@ pub unsafe fn decode_row(
     (k, group, bits): (usize, usize, u32),
     out: &mut [f32],
 ) {
+    decode_cols(codes, scales, (0, group, bits), &mut out[..k]);
+}
+
+/// Decodes columns `c0..c0 + out.len()` of a packed row into `out`: `q_c step + min`.
+///
+/// # Safety
+/// AVX-512 is available; `codes` and `scales` hold a whole row, the columns lie within it,
+/// `group` is a multiple of 16 and `c0` a multiple of `group`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+pub unsafe fn decode_cols(
+    codes: &[u32],
+    scales: &[u32],
+    (c0, group, bits): (usize, usize, u32),
+    out: &mut [f32],
+) {
     match bits {
-        4 => decode_row_bits::<4>(codes, scales, (k, group), out),
-        8 => decode_row_bits::<8>(codes, scales, (k, group), out),
-        _ => decode_row_bits::<16>(codes, scales, (k, group), out),
+        4 => decode_cols_bits::<4>(codes, scales, (c0, group), out),
+        8 => decode_cols_bits::<8>(codes, scales, (c0, group), out),
+        _ => decode_cols_bits::<16>(codes, scales, (c0, group), out),
     }
 }
 
-/// [`decode_row`] for codes of `BITS` bits.
+/// [`decode_cols`] for codes of `BITS` bits.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn decode_row_bits<const BITS: usize>(
+unsafe fn decode_cols_bits<const BITS: usize>(
     codes: &[u32],
     scales: &[u32],
-    (k, group): (usize, usize),
+    (c0, group): (usize, usize),
     out: &mut [f32],
 ) {
-    debug_assert!(out.len() >= k && group % 16 == 0);
+    debug_assert!(group % 16 == 0 && c0 % group == 0);
+    let end = c0 + out.len();
     let op = out.as_mut_ptr();
-    for (g, &sw) in scales.iter().enumerate() {
-        let (step, min) = scale(sw);
-        let end = ((g + 1) * group).min(k);
+    let mut g = c0 / group;
+    while g * group < end {
+        let (step, min) = scale(scales[g]);
+        let group_end = ((g + 1) * group).min(end);
         let mut at = g * group;
-        while at < end {
+        while at < group_end {
             let w = _mm512_fmadd_ps(codes16::<BITS>(codes, at), step, min);
-            _mm512_mask_storeu_ps(op.add(at), mask(at, end), w);
+            _mm512_mask_storeu_ps(op.add(at - c0), mask(at, group_end), w);
             at += 16;
         }
+        g += 1;
     }
 }
 
