@@ -524,6 +524,17 @@ pub fn linear_into(
     ldy: usize,
     col: usize,
 ) {
+    linear_on(pool, w, (x, m), (y, ldy, col), true)
+}
+
+/// [`linear_into`], with the AVX-512 GEMM allowed or not (tests run the portable path too).
+fn linear_on(
+    pool: &rayon::ThreadPool,
+    w: &WeightRows,
+    (x, m): (&[f32], usize),
+    (y, ldy, col): (&mut [f32], usize, usize),
+    avx512_gemm: bool,
+) {
     let (k, n) = (w.k(), w.rows());
     if m == 0 || n == 0 {
         return;
@@ -560,7 +571,7 @@ pub fn linear_into(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if super::x86_gemm::supports(w) {
+    if avx512_gemm && super::x86_gemm::supports(w) {
         super::x86_gemm::linear(pool, w, x, m, y, ldy, col);
         return;
     }
@@ -762,23 +773,39 @@ mod tests {
         x: &[f32],
         (m, n, k): (usize, usize, usize),
     ) -> Result<(), TestCaseError> {
+        let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
+        let want = reference(w_ref, x, m, n, k);
+        // the AVX-512 GEMM where it runs, and the portable path (faer's GEMM)
+        for avx512_gemm in [true, false] {
+            check_linear_on(&pool, w, x, (m, n, k), &want, avx512_gemm)?;
+        }
+        Ok(())
+    }
+
+    /// One path of [`check_linear`].
+    fn check_linear_on(
+        pool: &rayon::ThreadPool,
+        w: &WeightRows,
+        x: &[f32],
+        (m, n, k): (usize, usize, usize),
+        want: &[f32],
+        avx512_gemm: bool,
+    ) -> Result<(), TestCaseError> {
         let (col, ldy) = (3, n + 5);
         let mut y = vec![f32::NAN; m * ldy];
-        let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
-        linear_into(&pool, w, x, m, &mut y, ldy, col);
-        let want = reference(w_ref, x, m, n, k);
+        linear_on(pool, w, (x, m), (&mut y, ldy, col), avx512_gemm);
         for i in 0..m {
             for j in (0..col).chain(col + n..ldy) {
                 prop_assert!(
                     y[i * ldy + j].is_nan(),
-                    "m {m} n {n} k {k}: wrote y[{i}, {j}]"
+                    "m {m} n {n} k {k} (AVX-512 GEMM {avx512_gemm}): wrote y[{i}, {j}]"
                 );
             }
             for j in 0..n {
                 let (g, e) = (y[i * ldy + col + j], want[i * n + j]);
                 prop_assert!(
                     (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(),
-                    "m {m} n {n} k {k}: y[{i},{j}] = {g}, want {e}"
+                    "m {m} n {n} k {k} (AVX-512 GEMM {avx512_gemm}): y[{i},{j}] = {g}, want {e}"
                 );
             }
         }
