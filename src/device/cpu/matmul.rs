@@ -695,25 +695,7 @@ mod tests {
             kind in 0u8..7,
             seed in 0u64..1000,
         ) {
-            // Q8_0 needs whole blocks of 32; the others take any k
-            let k = if kind == 1 { 32 * k32 } else { 32 * k32 - odd * 7 };
-            let val = |i: usize| (((i as u64 * 2654435761 + seed) % 1000) as f32 / 500.0) - 1.0;
-            let wv: Vec<f32> = (0..n * k).map(val).collect();
-            let x: Vec<f32> = (0..m * k).map(|i| val(i + 77)).collect();
-            let (w_ref, rows_fmt, segs): (Vec<f32>, RowFormat, Vec<Vec<u32>>) = if kind == 3 {
-                (wv.clone(), RowFormat::F32 { k }, vec![bytemuck::cast_slice(&wv).to_vec()])
-            } else {
-                let p = packed(kind, &wv, n, k);
-                (
-                    p.dequantize(),
-                    RowFormat::Packed { k, padded_k: p.padded_k, group: p.group, bits: p.bits },
-                    vec![p.codes.clone(), p.scales.clone()],
-                )
-            };
-            let views: Vec<&[u32]> = segs.iter().map(|s| s.as_slice()).collect();
-            let w = WeightRows::new(rows_fmt, &views);
-            prop_assert_eq!(w.rows(), n);
-            check_linear(&w, &w_ref, &x, (m, n, k))?;
+            check_case(m, n, (k32, odd), kind, seed)?;
         }
 
         /// Many rows of `x` (the GEMM paths): rows of `x` in tiles of 12 with ragged ends,
@@ -728,20 +710,7 @@ mod tests {
             kind in 0u8..9,
             seed in 0u64..1000,
         ) {
-            let k = if kind == 1 { 32 * k32 } else { 32 * k32 - odd * 7 };
-            let val = |i: usize| (((i as u64 * 2654435761 + seed) % 1000) as f32 / 500.0) - 1.0;
-            let wv: Vec<f32> = (0..n * k).map(val).collect();
-            let x: Vec<f32> = (0..m * k).map(|i| val(i + 77)).collect();
-            if kind == 3 {
-                let segs = [bytemuck::cast_slice(&wv)];
-                check_linear(&WeightRows::new(RowFormat::F32 { k }, &segs), &wv, &x, (m, n, k))?;
-            } else {
-                let p = packed(kind, &wv, n, k);
-                let segs = [p.codes.as_slice(), p.scales.as_slice()];
-                let format =
-                    RowFormat::Packed { k, padded_k: p.padded_k, group: p.group, bits: p.bits };
-                check_linear(&WeightRows::new(format, &segs), &p.dequantize(), &x, (m, n, k))?;
-            }
+            check_case(m, n, (k32, odd), kind, seed)?;
         }
 
         /// One row of `x` (decode), every packed layout, rows long enough for more than 16
@@ -754,15 +723,53 @@ mod tests {
             kind in prop::sample::select(vec![0u8, 1, 2, 4, 6]),
             seed in 0u64..1000,
         ) {
-            let k = if kind == 1 { 32 * k32 } else { 32 * k32 - odd * 7 };
-            let val = |i: usize| (((i as u64 * 2654435761 + seed) % 1000) as f32 / 500.0) - 1.0;
-            let wv: Vec<f32> = (0..n * k).map(val).collect();
-            let x: Vec<f32> = (0..k).map(|i| val(i + 77)).collect();
-            let p = packed(kind, &wv, n, k);
-            let segs = [p.codes.as_slice(), p.scales.as_slice()];
-            let format = RowFormat::Packed { k, padded_k: p.padded_k, group: p.group, bits: p.bits };
-            check_linear(&WeightRows::new(format, &segs), &p.dequantize(), &x, (1, n, k))?;
+            check_case(1, n, (k32, odd), kind, seed)?;
         }
+    }
+
+    /// A weight of `kind` ([`packed`]'s, 3 for f32) `[n, k]` with `k = 32 k32` (less 7 when
+    /// `odd`, except for Q8_0, which needs whole blocks of 32) and `m` rows of `x`, both
+    /// drawn from `seed`: [`check_linear`].
+    fn check_case(
+        m: usize,
+        n: usize,
+        (k32, odd): (usize, usize),
+        kind: u8,
+        seed: u64,
+    ) -> Result<(), TestCaseError> {
+        // Q8_0 needs whole blocks of 32; the others take any k
+        let k = if kind == 1 {
+            32 * k32
+        } else {
+            32 * k32 - odd * 7
+        };
+        let val = |i: usize| (((i as u64 * 2654435761 + seed) % 1000) as f32 / 500.0) - 1.0;
+        let wv: Vec<f32> = (0..n * k).map(val).collect();
+        let x: Vec<f32> = (0..m * k).map(|i| val(i + 77)).collect();
+        let (w_ref, rows_fmt, segs): (Vec<f32>, RowFormat, Vec<Vec<u32>>) = if kind == 3 {
+            (
+                wv.clone(),
+                RowFormat::F32 { k },
+                vec![bytemuck::cast_slice(&wv).to_vec()],
+            )
+        } else {
+            let p = packed(kind, &wv, n, k);
+            (
+                p.dequantize(),
+                RowFormat::Packed {
+                    k,
+                    padded_k: p.padded_k,
+                    group: p.group,
+                    bits: p.bits,
+                },
+                vec![p.codes.clone(), p.scales.clone()],
+            )
+        };
+        let views: Vec<&[u32]> = segs.iter().map(|s| s.as_slice()).collect();
+        let w = WeightRows::new(rows_fmt, &views);
+        prop_assert_eq!(w.rows(), n);
+        check_linear(&w, &w_ref, &x, (m, n, k))?;
+        Ok(())
     }
 
     /// `linear_into` of `w` (whose values are `w_ref`) and `x`, written at a column offset,

@@ -63,10 +63,10 @@ unsafe fn scale(word: u32) -> (__m512, __m512) {
     )
 }
 
-/// Columns `at..end` (at most 16) as a lane mask.
+/// Columns `at..end` (at most 16; none when `end <= at`) as a lane mask.
 #[inline]
-fn mask(at: usize, end: usize) -> __mmask16 {
-    ((1u32 << (end - at).min(16)) - 1) as __mmask16
+pub(super) fn mask(at: usize, end: usize) -> __mmask16 {
+    ((1u32 << end.saturating_sub(at).min(16)) - 1) as __mmask16
 }
 
 /// Weight rows held as packed codes: per row, its code words and scale words.

@@ -20,6 +20,7 @@ use std::arch::x86_64::*;
 use rayon::prelude::*;
 
 use super::matmul::WeightRows;
+use super::x86::mask;
 
 /// Rows of `x` per tile.
 const MR: usize = 12;
@@ -334,11 +335,7 @@ unsafe fn tile<const R: usize>(
         bool,
     ),
 ) {
-    let lanes = |from: usize| -> __mmask16 {
-        let n = cols.saturating_sub(from).min(16);
-        ((1u32 << n) - 1) as __mmask16
-    };
-    let (m0, m1) = (lanes(0), lanes(16));
+    let (m0, m1) = (mask(0, cols), mask(16, cols));
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     if accumulate {
         for (i, acc) in acc.iter_mut().enumerate() {
