@@ -10,10 +10,10 @@
 //! For each `K = N` and `M`: GFLOP/s of `y = x W^T` for weights in f32, f16, Q8_0, Q4_0/Q4_1
 //! (4-bit codes in groups of 32, one kernel for both) and FlexGen 4-bit (groups of 64). For
 //! `M = 1` also the packed weight bytes read per second and their share of the memcpy rate;
-//! for `M = 512` the share of faer's f32 GEMM's GFLOP/s at M = 512. The weights rotate through enough copies
-//! (at least 2 GiB in all, four times the largest last-level cache this project's machines
-//! report; `BENCH_ROTATE_MIB` sets it, 0 keeps one copy in the caches) that every call reads
-//! them from memory, not from the caches. Each case first runs untimed for 200 ms.
+//! for `M = 512` the share of faer's f32 GEMM's GFLOP/s at M = 512. The weights rotate through
+//! enough copies (at least 2 GiB in all, four times the largest last-level cache this
+//! project's machines report; `BENCH_ROTATE_MIB` sets it, 0 keeps one copy in the caches)
+//! that every call reads them from memory, not from the caches. Each case first runs untimed for 200 ms.
 
 mod common;
 
@@ -94,9 +94,7 @@ fn run(cli: Cli) -> Result<()> {
         let gemm_at_512 = {
             use faer::{Accum, MatMut, MatRef, Par};
             let m = 512;
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
-                .collect();
+            let x = input(m, k);
             let w: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
                 .collect();
@@ -132,9 +130,7 @@ fn run(cli: Cli) -> Result<()> {
                 .collect();
             let format = synthetic_weight(bits, group, 1, k, 0).0;
             for &m in &rows {
-                let x: Vec<f32> = (0..m * k)
-                    .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
-                    .collect();
+                let x = input(m, k);
                 let mut y = vec![0.0f32; m * n];
                 let s = timed(runs, |call| {
                     let seg: Vec<&[u32]> = segments[call % copies]
@@ -157,6 +153,13 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `m` rows of `k` inputs, the same in every case.
+fn input(m: usize, k: usize) -> Vec<f32> {
+    (0..m * k)
+        .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
+        .collect()
 }
 
 /// The median seconds of `runs` timed calls of `call` (given the call's index), after calls
