@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::batch::{PrefixGroup, TokenScores};
 use crate::device::recipe::Runner;
-use crate::device::{CpuDevice, Device, DeviceKind};
+use crate::device::{CacheFormat, CpuDevice, Device, DeviceKind};
 use crate::error::{Error, Result};
 use crate::exec::executor::{Executor, GenControl};
 use crate::exec::weights::{remove_offload, Placer};
@@ -31,6 +31,7 @@ use crate::exec::{SeqResult, Task, Trace};
 use crate::gpu::{GpuContext, WgpuDevice};
 use crate::layout::{workspace_bytes, RunOptions, WeightFormat, CHUNK_ROWS, LOGIT_ROWS};
 use crate::model::{ModelConfig, ModelFiles};
+use crate::policy::cost::CacheRowBytes;
 use crate::policy::search::{search, SearchOptions};
 use crate::policy::{CostModel, HardwareProfile, HeadBytes, Policy, Workload};
 use crate::sampling::{Decoding, Sampling};
@@ -342,6 +343,23 @@ fn chunk_rows(config: &ModelConfig, gpu_budget: u64) -> usize {
     rows
 }
 
+/// Bytes per cached token of one layer in each cache format, as the executor stores them.
+fn cache_row_bytes(config: &ModelConfig) -> CacheRowBytes {
+    let row = |compress_cache, f16_cache| {
+        let options = RunOptions {
+            weights: WeightFormat::Native,
+            compress_cache,
+            f16_cache,
+        };
+        CacheFormat::of(config, options).row_bytes() as f64
+    };
+    CacheRowBytes {
+        f32: row(false, false),
+        f16: row(false, true),
+        q4: row(true, false),
+    }
+}
+
 /// The staging chunk size and reader threads in use for the ones asked for.
 fn staging_shape(chunk: usize, threads: usize) -> (usize, usize) {
     (chunk.clamp(64 << 10, 16 << 20), threads.clamp(1, 16))
@@ -464,7 +482,9 @@ impl Engine {
                 };
                 let (chunk, threads) = staging_shape(chunk, io_threads);
                 let head = HeadBytes {
-                    output: crate::exec::weights::output_weight_bytes(&files, format)? as f64,
+                    output: (crate::exec::weights::output_weight_bytes(&files, format)?
+                        + crate::exec::weights::projection_weight_bytes(&files, format)?)
+                        as f64,
                     table: crate::exec::weights::lookup_table_bytes(&files)? as f64,
                 };
                 let logit_bytes = (4 * logit_rows * logit_width) as f64;
@@ -479,6 +499,13 @@ impl Engine {
                     )?)
                     // activations and the uncompressed cache are f32 here
                     .with_activation_bytes(4.0)
+                    .with_executor_layouts(
+                        crate::exec::weights::runtime_bytes_per_value(
+                            &files,
+                            WeightFormat::Group4,
+                        )?,
+                        cache_row_bytes(&files.config),
+                    )
                     .with_compute_rows(chunk_rows(&files.config, options.gpu_budget))
                     .with_executor_bytes(
                         head,
@@ -828,11 +855,13 @@ impl Engine {
             prompt_len: longest,
             gen_len,
         };
+        // (the sequence in a block of its own: its cache and activations on one tier each)
         let alone = Policy {
             gpu_batch_size: 1,
             num_gpu_batches: 1,
             ..self.executor.policy().clone()
-        };
+        }
+        .placed_for(1);
         let need = model.predict(&alone);
         // (on the CPU device the first budget is RAM's, and the model's CPU peak is 0)
         [need.gpu_peak_bytes, need.cpu_peak_bytes, need.disk_bytes]

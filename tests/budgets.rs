@@ -271,3 +271,84 @@ fn short_records_are_packed_into_fewer_blocks_with_the_same_numbers() {
         "{stats:?} gbs {gbs} nb {nb}"
     );
 }
+
+/// Where the search keeps part of the KV cache off the device, the executor computes each
+/// batch against a working copy of its whole layer cache on the device, up to three at once
+/// (one being stored, one computing, one loading): the budgets the search placed the model in
+/// hold them. Swept over device budgets (RAM budgets on the CPU device, whose cache then goes
+/// partly to disk), on every budget where the search split the cache, generation of the
+/// prompts it was told of runs to the end within the budgets.
+#[test]
+fn split_caches_run_within_the_searched_budgets() {
+    let name = FIXTURES[0];
+    let exp = expected(name);
+    let source: Vec<u32> = exp
+        .sequences
+        .iter()
+        .flat_map(|s| s.tokens.clone())
+        .collect();
+    let records: Vec<Vec<u32>> = (0..12)
+        .map(|i| {
+            source
+                .iter()
+                .cycle()
+                .skip(i * 5)
+                .take(48)
+                .copied()
+                .collect()
+        })
+        .collect();
+    let prompts: Vec<&[u32]> = records.iter().map(Vec::as_slice).collect();
+    // (device budgets in KiB about where the search splits the cache: on the CPU device RAM
+    // about what the weights and staging buffers take, the rest of the cache on disk; on the
+    // GPU from what the weights take to twice that, the rest in RAM)
+    let mut devices = vec![(DeviceKind::Cpu, (896..1056).step_by(8))];
+    if gpu_context().is_some() {
+        devices.push((DeviceKind::Wgpu, (480..1200).step_by(48)));
+    }
+    for (device, sweep) in devices {
+        let mut split = 0;
+        for kib in sweep {
+            let dir = tempfile::tempdir().unwrap();
+            let (gpu, cpu) = match device {
+                DeviceKind::Cpu => (u64::MAX, kib << 10),
+                _ => (kib << 10, 2 << 20),
+            };
+            // (an f16 cache: CPU attention, which reads the cache where it lives, is then
+            // not an option)
+            let mut placement = search(48, 4, false);
+            if let Placement::Search { f16_cache, .. } = &mut placement {
+                *f16_cache = true;
+            }
+            let options = EngineOptions::new(placement)
+                .gpu_budget(gpu)
+                .cpu_budget(cpu)
+                .offload_dir(dir.path().to_path_buf());
+            let Ok(engine) = try_engine(
+                device,
+                ModelFiles::open(&fixture_dir(name)).unwrap(),
+                options,
+            ) else {
+                continue;
+            };
+            let policy = engine.policy().clone();
+            if policy.cache_gpu_percent >= 100.0 {
+                continue;
+            }
+            split += 1;
+            let what = format!("{device:?} {kib} KiB {policy:?}");
+            let got = engine.generate(&prompts, 3, &[]);
+            assert!(got.is_ok(), "{what}: {:?}", got.err());
+            let peaks = engine.peaks();
+            if device == DeviceKind::Cpu {
+                assert!(peaks[0] <= cpu, "{what}: {peaks:?}");
+            } else {
+                assert!(peaks[0] <= gpu && peaks[1] <= cpu, "{what}: {peaks:?}");
+            }
+        }
+        assert!(
+            split >= 3,
+            "{device:?}: the search split the cache at {split} budgets"
+        );
+    }
+}

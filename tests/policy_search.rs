@@ -170,7 +170,8 @@ fn small_grid() -> SearchOptions {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
-    /// Every returned policy fits every tier, its fractions sum to 1, and giving any tier more
+    /// Every returned policy fits every tier, its fractions sum to 1, its cache and
+    /// activations are placed in whole sequences, and giving any tier more
     /// memory or any link more bandwidth never lowers the predicted throughput.
     #[test]
     fn search_respects_budgets_and_is_monotone(
@@ -200,6 +201,14 @@ proptest! {
                 prop_assert!(p.cpu_peak_bytes <= hw.cpu_memory.0 as f64 * tol);
                 prop_assert!(p.disk_bytes <= hw.disk_space.0 as f64 * tol + 1.0);
                 found.policy.validate("search").unwrap();
+                // the cache and activations in whole sequences of the block per tier, as the
+                // executor places them
+                let block = found.policy.block_size() as f64;
+                for split in [found.policy.cache(), found.policy.activations()] {
+                    for share in [split.gpu, split.cpu, split.disk] {
+                        prop_assert!((share * block - (share * block).round()).abs() < 1e-6, "{:?}", found.policy);
+                    }
+                }
                 for split in [found.policy.weights(), found.policy.cache(), found.policy.activations()] {
                     prop_assert!((split.gpu + split.cpu + split.disk - 1.0).abs() < 1e-9);
                     prop_assert!(split.gpu >= 0.0 && split.cpu >= 0.0 && split.disk >= 0.0);
@@ -416,4 +425,74 @@ fn cache_bytes_follow_the_cache_format() {
         a > 0.0 && (b - a / 2.0).abs() <= 1e-9 * a,
         "disk cache reads {a} vs {b}"
     );
+}
+
+/// A cache partly off the GPU is computed against working copies of one batch's layer cache,
+/// `Bkv (s + n) gbs` each: one when scoring, up to two in prefill and three in decode (one
+/// stored, one computing, one loaded), as many as the schedule's run of cache cells allows (nb
+/// with sep_layer); none in decode with CPU attention. The peaks count them only when some of
+/// the cache is off the GPU.
+#[test]
+fn working_cache_copies_follow_the_schedule() {
+    use ferrogen::policy::cost::Batching;
+    let config = builtin_config("opt-1.3b").unwrap();
+    let (s, n) = (64usize, 8usize);
+    let model = |gen_len| {
+        CostModel::new(
+            &config,
+            t4(),
+            Workload {
+                prompt_len: s,
+                gen_len,
+            },
+        )
+        .with_activation_bytes(4.0)
+    };
+    // one layer's K and V of one token, f32: 2 * hidden * 4 bytes
+    let bkv = 2.0 * 2048.0 * 4.0;
+    let copies = |gen_len: usize, nb: usize, sep_layer: bool, ccc: bool| {
+        let policy = Policy {
+            sep_layer,
+            ..flexgen_policy(8, nb, [100.0, 0.0, 50.0, 50.0, 100.0, 0.0], ccc)
+        };
+        let working = model(gen_len).terms(&Batching::of(&policy)).working_cache;
+        working.map(|w| w / (bkv * (s + gen_len) as f64 * 8.0))
+    };
+    assert_eq!(copies(1, 4, true, false), [1.0, 0.0], "scoring");
+    assert_eq!(copies(n, 1, true, false), [1.0, 1.0]);
+    assert_eq!(copies(n, 2, true, false), [2.0, 2.0]);
+    assert_eq!(copies(n, 4, true, false), [2.0, 3.0]);
+    assert_eq!(
+        copies(n, 1, false, false),
+        [2.0, 3.0],
+        "every layer has a cache"
+    );
+    assert_eq!(
+        copies(n, 4, true, true),
+        [2.0, 0.0],
+        "CPU attention in decode"
+    );
+
+    // counted in the peak only when some of the cache is off the GPU
+    let model = model(n);
+    let peak = |cache_gpu: f64| {
+        let policy = flexgen_policy(
+            8,
+            4,
+            [100.0, 0.0, cache_gpu, 100.0 - cache_gpu, 100.0, 0.0],
+            false,
+        );
+        let terms = model.terms(&Batching::of(&policy));
+        (model.predict(&policy).gpu_peak_bytes, terms)
+    };
+    let (all, terms) = peak(100.0);
+    let resident = terms
+        .gpu_peaks(true)
+        .map(|p| p.eval(&[1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0]));
+    assert_eq!(all, resident[0].max(resident[1]));
+    let (almost, terms) = peak(99.0);
+    let xs = [1.0, 0.0, 0.0, 0.99, 0.01, 0.0, 1.0, 0.0, 0.0];
+    let split = terms.gpu_peaks(false).map(|p| p.eval(&xs));
+    assert!((almost - split[0].max(split[1])).abs() < 1e-6 * almost);
+    assert!(almost > all, "{almost} vs {all}");
 }

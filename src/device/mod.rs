@@ -22,7 +22,8 @@ pub use cpu::CpuDevice;
 pub use resident::{ResidentCache, ResidentModel};
 
 use crate::error::{Error, Result};
-use crate::layout::{HeadLayout, Q4Layout, RowFormat};
+use crate::layout::{HeadLayout, Q4Layout, RowFormat, RunOptions};
+use crate::model::ModelConfig;
 
 /// Which device computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -70,6 +71,22 @@ pub enum CacheFormat {
 }
 
 impl CacheFormat {
+    /// How `config`'s cache rows are stored under `options` (4-bit groups, f16 or f32).
+    pub fn of(config: &ModelConfig, options: RunOptions) -> Self {
+        let layout = HeadLayout::of(config);
+        if options.compress_cache {
+            Self::Q4(Q4Layout::new(layout.kv_heads, layout.head_dim))
+        } else if options.f16_cache {
+            Self::F16 {
+                width: config.kv_width(),
+            }
+        } else {
+            Self::F32 {
+                width: config.kv_width(),
+            }
+        }
+    }
+
     /// Halves per row of an f16 cache `width` values wide: whole 32-bit words,
     /// `2 * ceil(width / 2)`.
     pub fn f16_stride(width: usize) -> usize {

@@ -13,7 +13,7 @@ use std::ops::Range;
 use super::{CacheFormat, Device, HostRows, LogitState, RowInfo};
 use crate::batch::PrefixGroup;
 use crate::error::{Error, Result};
-use crate::layout::{HeadLayout, Q4Layout, RunOptions, CHUNK_ROWS, LOGIT_ROWS};
+use crate::layout::{HeadLayout, RunOptions, CHUNK_ROWS, LOGIT_ROWS};
 use crate::model::opt::{LAYER_NORM_EPS, POSITION_OFFSET};
 use crate::model::ModelConfig;
 
@@ -281,18 +281,7 @@ impl<D: Device> Runner<D> {
 
     /// How cache rows are stored.
     pub fn cache_format(&self) -> CacheFormat {
-        let layout = self.head_layout();
-        if self.options.compress_cache {
-            CacheFormat::Q4(Q4Layout::new(layout.kv_heads, layout.head_dim))
-        } else if self.options.f16_cache {
-            CacheFormat::F16 {
-                width: self.config.kv_width(),
-            }
-        } else {
-            CacheFormat::F32 {
-                width: self.config.kv_width(),
-            }
-        }
+        CacheFormat::of(&self.config, self.options)
     }
 
     /// An empty cache of `rows` rows for one layer.

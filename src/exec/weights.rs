@@ -42,6 +42,24 @@ pub(crate) fn output_weight_bytes(files: &ModelFiles, format: WeightFormat) -> R
     Ok((row.row_bytes() * spec.shape[0]) as u64)
 }
 
+/// The size of OPT's `project_in` and `project_out` (between the embedding width and the
+/// hidden size) in the run-time layout for weights in `format`; 0 for models without them.
+/// They stream with the input and head units, across the tiers like a layer's weights.
+pub(crate) fn projection_weight_bytes(files: &ModelFiles, format: WeightFormat) -> Result<u64> {
+    let ModelConfig::Opt(c) = &files.config else {
+        return Ok(0);
+    };
+    let spec = OptSpec::new(c, files.opt_prefix());
+    [spec.project_in, spec.project_out]
+        .iter()
+        .flatten()
+        .map(|w| {
+            let (row, _) = convert_rows(files.weights.as_ref(), w, format, 0..1)?;
+            Ok((row.row_bytes() * w.shape[0]) as u64)
+        })
+        .sum()
+}
+
 /// Bytes per value of the first layer's linear weights as the executor holds them in `format`
 /// (GGUF blocks as stored, f16 as stored, f32 for f32 and bf16 files, 4-bit groups): what the
 /// cost model should count.

@@ -298,12 +298,28 @@ pub struct Terms {
     pub prefill: PhaseTerms,
     /// One decode step, per layer.
     pub decode: PhaseTerms,
-    /// GPU bytes at the prefill and decode peaks.
+    /// GPU bytes at the prefill and decode peaks, without [`Terms::working_cache`].
     pub gpu_peak: [Linear; 2],
+    /// GPU bytes of the working copies of layer caches at the prefill and decode peaks: held
+    /// only when some of the cache lives off the GPU (`cg < 1`), so a constant the LP cannot
+    /// express as a share; see [`Terms::gpu_peaks`].
+    pub working_cache: [f64; 2],
     /// CPU bytes at the prefill and decode peaks.
     pub cpu_peak: [Linear; 2],
     /// Disk bytes.
     pub disk: Linear,
+}
+
+impl Terms {
+    /// GPU bytes at the prefill and decode peaks for a placement whose cache is all on the
+    /// GPU (`cache_on_gpu`: nothing to copy in and out) or not (the working copies added).
+    pub fn gpu_peaks(&self, cache_on_gpu: bool) -> [Linear; 2] {
+        if cache_on_gpu {
+            self.gpu_peak
+        } else {
+            [0, 1].map(|i| self.gpu_peak[i] + Linear::constant(self.working_cache[i]))
+        }
+    }
 }
 
 /// A policy's predicted performance, with the per-term breakdown and peak bytes per tier.
@@ -359,12 +375,31 @@ pub struct CostModel {
     pub logit_bytes: f64,
     /// Bytes of I/O staging buffers held in RAM whatever the policy.
     pub staging_bytes: f64,
+    /// Bytes per value of 4-bit weights as the executor lays them out (each row padded to
+    /// whole groups); `None` counts FlexGen's groups of the policy's size.
+    pub compressed_weight_bytes: Option<f64>,
+    /// Bytes per cached token of one layer as the executor stores the cache in each format;
+    /// `None` counts keys and values at the bytes per value of the format.
+    pub cache_row_bytes: Option<CacheRowBytes>,
+}
+
+/// Bytes per cached token of one layer, keys and values, in each cache format (rows padded
+/// to whole words and groups, as the executor stores them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CacheRowBytes {
+    /// f32 keys and values (as the activations).
+    pub f32: f64,
+    /// f16 keys and values.
+    pub f16: f64,
+    /// 4-bit groups, codes and scales.
+    pub q4: f64,
 }
 
 /// The bytes of the weights outside the layers, as the executor holds them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HeadBytes {
-    /// The output projection (or lm_head), placed across the tiers like a layer.
+    /// The output projection (or lm_head) and OPT's `project_in`/`project_out`, placed across
+    /// the tiers like a layer.
     pub output: f64,
     /// The embedding table for lookups: its GPU and CPU shares in RAM, the rest on disk.
     pub table: f64,
@@ -387,7 +422,22 @@ impl CostModel {
             head_bytes: None,
             logit_bytes: 0.0,
             staging_bytes: 0.0,
+            compressed_weight_bytes: None,
+            cache_row_bytes: None,
         }
+    }
+
+    /// The same model with 4-bit weights at `compressed_weight_bytes` per value and cache
+    /// rows of `cache_row_bytes` (see [`CostModel::compressed_weight_bytes`] and
+    /// [`CostModel::cache_row_bytes`]).
+    pub fn with_executor_layouts(
+        mut self,
+        compressed_weight_bytes: f64,
+        cache_row_bytes: CacheRowBytes,
+    ) -> Self {
+        self.compressed_weight_bytes = Some(compressed_weight_bytes);
+        self.cache_row_bytes = Some(cache_row_bytes);
+        self
     }
 
     /// The same model with the executor's output projection and embedding table (see
@@ -473,7 +523,8 @@ impl CostModel {
         };
         // Bw: uncompressed weights at the executor's bytes per value when known
         let w_bytes = if b.compress_weight {
-            b.quant.bytes_per_value()
+            self.compressed_weight_bytes
+                .unwrap_or_else(|| b.quant.bytes_per_value())
         } else {
             self.weight_bytes.unwrap_or(FP16)
         };
@@ -495,8 +546,14 @@ impl CostModel {
         } else {
             value_bytes(b.compress_cache)
         };
-        // Bkv = kv values * bytes per cached value (4-bit groups, f16: 2, else as activations)
-        let bkv = kv_values * cache_value_bytes;
+        // Bkv = kv values * bytes per cached value (4-bit groups, f16: 2, else as activations),
+        // or the executor's row as it stores it
+        let bkv = match self.cache_row_bytes {
+            Some(row) if b.compress_cache => row.q4,
+            Some(row) if b.f16_cache => row.f16,
+            Some(row) => row.f32,
+            None => kv_values * cache_value_bytes,
+        };
         let bh = m.hidden as f64 * act; // Bh
                                         // Flin = 2 * matrix values (+ the output head spread over layers); Fatt = 4 * q_width
         let flin = 2.0 * m.layer_values + 2.0 * m.head_macs / l;
@@ -670,9 +727,22 @@ impl CostModel {
             + Linear::of(cache_all, &[CG])
             + streamed_w
             + Linear::of(bh * gbs, &[HC, HN])
-            + Linear::constant(work_decode + self.logit_bytes + fixed_gpu)
-            // without delegation, one batch's CPU/disk cache is double-buffered on the GPU
-            + Linear::of(if ccc { 0.0 } else { 2.0 * bkv * (s + n) * gbs }, &[CC, CN]);
+            + Linear::constant(work_decode + self.logit_bytes + fixed_gpu);
+        // When some of the cache is off the GPU, the executor computes a GPU batch's layer
+        // against a working copy of its whole layer cache on the GPU, c = Bkv (s + n) gbs.
+        // While one batch computes, the previous cache cell's copy is still being stored and
+        // (decode) the next one's loaded, so at once: k c with k = 1 when scoring (one token:
+        // nothing stored or loaded), else k = min(2, run) in prefill and min(3, run) in
+        // decode, run = cache cells in a row in the schedule (nb with sep_layer, where MLP
+        // cells come between layers; every layer without); k = 0 in decode with delegation.
+        let working = bkv * (s + n) * gbs;
+        let run = if b.sep_layer { nb } else { f64::INFINITY };
+        let (k_prefill, k_decode) = if self.workload.gen_len <= 1 {
+            (1.0, 0.0)
+        } else {
+            (run.min(2.0), if ccc { 0.0 } else { run.min(3.0) })
+        };
+        let working_cache = [k_prefill * working, k_decode * working];
         // disk weights staged through RAM on their way to the GPU (a host device reads them
         // straight into its weight slots)
         let staged_w = if self.host_device { 0.0 } else { bw_layer };
@@ -713,6 +783,7 @@ impl CostModel {
             prefill,
             decode,
             gpu_peak,
+            working_cache,
             cpu_peak,
             disk,
         }
@@ -748,7 +819,7 @@ impl CostModel {
             decode_s,
             prefill,
             decode,
-            gpu_peak_bytes: peak(&terms.gpu_peak),
+            gpu_peak_bytes: peak(&terms.gpu_peaks(xs[x::CG] >= 1.0 - 1e-9)),
             cpu_peak_bytes: peak(&terms.cpu_peak),
             disk_bytes: terms.disk.eval(xs),
         }

@@ -110,6 +110,24 @@ impl TierSplit {
             disk: (1.0 - gpu - cpu).max(0.0),
         }
     }
+
+    /// Whole items of `n` per tier (GPU, CPU, disk), as the executor places a block's
+    /// sequences: the first `round(gpu * n)` on the GPU, up to `round((gpu + cpu) * n)` in
+    /// RAM, the rest on disk.
+    pub fn whole(&self, n: usize) -> [usize; 3] {
+        let gpu = ((self.gpu * n as f64).round() as usize).min(n);
+        let gpu_cpu = (((self.gpu + self.cpu) * n as f64).round() as usize).clamp(gpu, n);
+        [gpu, gpu_cpu - gpu, n - gpu_cpu]
+    }
+
+    /// The fractions of [`TierSplit::whole`] items of `n` (`self` when `n` is 0).
+    pub fn rounded_to(&self, n: usize) -> Self {
+        if n == 0 {
+            return *self;
+        }
+        let [gpu, cpu, disk] = self.whole(n).map(|k| k as f64 / n as f64);
+        Self { gpu, cpu, disk }
+    }
 }
 
 impl Policy {
@@ -121,6 +139,16 @@ impl Policy {
         self.cache_gpu_percent += std::mem::take(&mut self.cache_cpu_percent);
         self.act_gpu_percent += std::mem::take(&mut self.act_cpu_percent);
         self.cpu_cache_compute = false;
+        self
+    }
+
+    /// The policy with its cache and activation splits as the executor places a block of
+    /// `sequences` sequences: whole sequences per tier ([`TierSplit::whole`]).
+    pub fn placed_for(mut self, sequences: usize) -> Self {
+        let cache = self.cache().rounded_to(sequences);
+        (self.cache_gpu_percent, self.cache_cpu_percent) = (cache.gpu * 100.0, cache.cpu * 100.0);
+        let act = self.activations().rounded_to(sequences);
+        (self.act_gpu_percent, self.act_cpu_percent) = (act.gpu * 100.0, act.cpu * 100.0);
         self
     }
 

@@ -113,15 +113,10 @@ impl WeightPlacer {
 }
 
 /// Sequences `0..n` of a block per tier: the first `round(gpu * n)` on the GPU, up to
-/// `round((gpu + cpu) * n)` in RAM, the rest on disk.
+/// `round((gpu + cpu) * n)` in RAM, the rest on disk ([`TierSplit::whole`]).
 pub fn split_sequences(n: usize, split: TierSplit) -> RowSplit {
-    let gpu = ((split.gpu * n as f64).round() as usize).min(n);
-    let gpu_cpu = (((split.gpu + split.cpu) * n as f64).round() as usize).clamp(gpu, n);
-    RowSplit {
-        gpu,
-        cpu: gpu_cpu - gpu,
-        disk: n - gpu_cpu,
-    }
+    let [gpu, cpu, disk] = split.whole(n);
+    RowSplit { gpu, cpu, disk }
 }
 
 /// The tier of sequence `i` under a [`split_sequences`] split.
