@@ -242,6 +242,96 @@ fn killed_generation_jobs_resume_to_the_same_answers() {
     }
 }
 
+/// A greedy job with half the weights and all of the f16 cache on disk, killed (SIGKILL) at 8
+/// points and resumed each time: the offload file and the cache file a killed run leaves
+/// behind do not leak into the answers, which are an uninterrupted run's, every record once,
+/// in order.
+#[test]
+fn killed_jobs_with_weights_and_f16_cache_on_disk_resume_to_the_same_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = expected(FIXTURE);
+    let source: Vec<u32> = exp
+        .sequences
+        .iter()
+        .flat_map(|s| s.tokens.clone())
+        .collect();
+    let records: Vec<Value> = (0..100usize)
+        .map(|i| {
+            let prompt: Vec<u32> = source
+                .iter()
+                .cycle()
+                .skip(i * 5)
+                .take(3 + i % 11)
+                .copied()
+                .collect();
+            json!({"id": format!("r{i}"), "tokens": prompt, "max_tokens": 2 + i % 6})
+        })
+        .collect();
+    let input = write_input(dir.path(), "in.jsonl", &records);
+    let policy = dir.path().join("disk.toml");
+    std::fs::write(
+        &policy,
+        "gpu_batch_size = 4\nnum_gpu_batches = 2\nw_gpu_percent = 50\nw_cpu_percent = 0\n\
+         cache_gpu_percent = 0\ncache_cpu_percent = 0\nact_gpu_percent = 100\n\
+         act_cpu_percent = 0\n",
+    )
+    .unwrap();
+    let offload = dir.path().join("offload");
+    let flags = [
+        "--f16-cache",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--offload-dir",
+        offload.to_str().unwrap(),
+    ];
+    let whole = dir.path().join("whole.jsonl");
+    let start = std::time::Instant::now();
+    assert!(generate(&input, &whole, &flags).status().unwrap().success());
+    let full_run = start.elapsed();
+    let want = json_lines(&std::fs::read_to_string(&whole).unwrap());
+    assert_eq!(want.len(), records.len());
+    let resumed = dir.path().join("resumed.jsonl");
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..8 {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        let at = full_run.mul_f64((seed >> 11) as f64 / (1u64 << 53) as f64);
+        let mut child = generate(&input, &resumed, &flags)
+            .arg("--resume")
+            .spawn()
+            .unwrap();
+        std::thread::sleep(at);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let status = generate(&input, &resumed, &flags)
+        .arg("--resume")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let got = json_lines(&std::fs::read_to_string(&resumed).unwrap());
+    assert_eq!(
+        got.len(),
+        records.len(),
+        "every record answered exactly once"
+    );
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g["id"], w["id"], "in input order");
+        assert_eq!(g["tokens"], w["tokens"], "{}", g["id"]);
+        assert_eq!(g["finish_reason"], w["finish_reason"]);
+        let lps = |v: &Value| -> Vec<f64> {
+            v["token_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        for (a, b) in lps(g).iter().zip(&lps(w)) {
+            assert!((a - b).abs() < 1e-4, "{}: {a} vs {b}", g["id"]);
+        }
+    }
+}
+
 /// `--f16-cache`: greedy generation with the cache in f16 all in RAM, and on disk only (the
 /// policy keeps none of it in memory, so every decode step reads it back), gives the same
 /// tokens and logprobs, on the CPU device and on WebGPU (which stores the same halves);
