@@ -43,6 +43,47 @@ fn tokens(v: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// Runs `generate ... --resume` on `input` into `output` `kills` times, each killed (SIGKILL)
+/// soon after it answered more records (0-10% of `full_run` later, the delays drawn from
+/// `seed`), then once more to the end; returns how many kills left the job unfinished (each
+/// such resume had work to pick up).
+fn kill_and_resume(
+    (input, output): (&Path, &Path),
+    flags: &[&str],
+    (kills, seed): (usize, u64),
+    full_run: std::time::Duration,
+    total: usize,
+) -> usize {
+    let lines = || std::fs::read_to_string(output).map_or(0, |t| t.lines().count());
+    let mut seed = seed;
+    let mut mid_run = 0;
+    for _ in 0..kills {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        let at = full_run.mul_f64(0.1 * (seed >> 11) as f64 / (1u64 << 53) as f64);
+        let before = lines();
+        let mut child = generate(input, output, flags)
+            .arg("--resume")
+            .spawn()
+            .unwrap();
+        // (past the run's start-up: once it has answered more records, or ended)
+        while lines() == before && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        std::thread::sleep(at);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        if lines() < total {
+            mid_run += 1;
+        }
+    }
+    let status = generate(input, output, flags)
+        .arg("--resume")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    mid_run
+}
+
 fn write_input(dir: &Path, name: &str, records: &[Value]) -> PathBuf {
     let path = dir.join(name);
     let text: String = records.iter().map(|r| format!("{r}\n")).collect();
@@ -177,8 +218,9 @@ fn records_follow_their_parameters_and_stop_strings() {
     }
 }
 
-/// A sampling job killed (SIGKILL) at 10 points (within a whole run's time) and resumed with `--resume` each time ends
-/// with every record answered once, in order, with an uninterrupted run's tokens.
+/// A sampling job killed (SIGKILL) 10 times, each run soon after it answered its first records,
+/// and resumed with `--resume` each time ends with every record answered once, in order, with
+/// an uninterrupted run's tokens.
 #[test]
 fn killed_generation_jobs_resume_to_the_same_answers() {
     let dir = tempfile::tempdir().unwrap();
@@ -216,23 +258,14 @@ fn killed_generation_jobs_resume_to_the_same_answers() {
     let want = json_lines(&std::fs::read_to_string(&whole).unwrap());
     assert_eq!(want.len(), 600);
     let resumed = dir.path().join("resumed.jsonl");
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    for _ in 0..10 {
-        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-        let at = full_run.mul_f64((seed >> 11) as f64 / (1u64 << 53) as f64);
-        let mut child = generate(&input, &resumed, &flags)
-            .arg("--resume")
-            .spawn()
-            .unwrap();
-        std::thread::sleep(at);
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-    let status = generate(&input, &resumed, &flags)
-        .arg("--resume")
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let mid_run = kill_and_resume(
+        (&input, &resumed),
+        &flags,
+        (10, 0x2545_f491_4f6c_dd1d),
+        full_run,
+        600,
+    );
+    assert!(mid_run >= 3, "only {mid_run} of 10 kills landed mid-run");
     let got = json_lines(&std::fs::read_to_string(&resumed).unwrap());
     assert_eq!(got.len(), 600, "every record answered exactly once");
     for (g, w) in got.iter().zip(&want) {
@@ -242,10 +275,10 @@ fn killed_generation_jobs_resume_to_the_same_answers() {
     }
 }
 
-/// A greedy job with half the weights and all of the f16 cache on disk, killed (SIGKILL) at 8
-/// points and resumed each time: the offload file and the cache file a killed run leaves
-/// behind do not leak into the answers, which are an uninterrupted run's, every record once,
-/// in order.
+/// A greedy job with half the weights and all of the f16 cache on disk, killed (SIGKILL) 8
+/// times, each run soon after it answered its first records, and resumed each time: the
+/// offload file and the cache file a killed run leaves behind do not leak into the answers,
+/// which are an uninterrupted run's, every record once, in order.
 #[test]
 fn killed_jobs_with_weights_and_f16_cache_on_disk_resume_to_the_same_answers() {
     let dir = tempfile::tempdir().unwrap();
@@ -278,6 +311,8 @@ fn killed_jobs_with_weights_and_f16_cache_on_disk_resume_to_the_same_answers() {
     .unwrap();
     let offload = dir.path().join("offload");
     let flags = [
+        "--batch-records",
+        "8",
         "--f16-cache",
         "--policy",
         policy.to_str().unwrap(),
@@ -291,23 +326,14 @@ fn killed_jobs_with_weights_and_f16_cache_on_disk_resume_to_the_same_answers() {
     let want = json_lines(&std::fs::read_to_string(&whole).unwrap());
     assert_eq!(want.len(), records.len());
     let resumed = dir.path().join("resumed.jsonl");
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    for _ in 0..8 {
-        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-        let at = full_run.mul_f64((seed >> 11) as f64 / (1u64 << 53) as f64);
-        let mut child = generate(&input, &resumed, &flags)
-            .arg("--resume")
-            .spawn()
-            .unwrap();
-        std::thread::sleep(at);
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-    let status = generate(&input, &resumed, &flags)
-        .arg("--resume")
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let mid_run = kill_and_resume(
+        (&input, &resumed),
+        &flags,
+        (8, 0x9e37_79b9_7f4a_7c15),
+        full_run,
+        records.len(),
+    );
+    assert!(mid_run >= 3, "only {mid_run} of 8 kills landed mid-run");
     let got = json_lines(&std::fs::read_to_string(&resumed).unwrap());
     assert_eq!(
         got.len(),
