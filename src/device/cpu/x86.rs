@@ -263,7 +263,7 @@ pub unsafe fn packed_row_dot(
     let shape = (padded_k, group);
     // the groups of the GGUF blocks (32) and of FlexGen's and the f16 layout (64) unrolled
     match (bits, group) {
-        (4, 32) => row_dot_bits::<4, 32>(codes, scales, shape, xp),
+        (4, 32) => row_dot_q4_32(codes, scales, padded_k, xp),
         (4, 64) => row_dot_bits::<4, 64>(codes, scales, shape, xp),
         (4, _) => row_dot_bits::<4, 0>(codes, scales, shape, xp),
         (8, 32) => row_dot_bits::<8, 32>(codes, scales, shape, xp),
@@ -324,6 +324,63 @@ unsafe fn row_dot_bits<const BITS: usize, const GROUP: usize>(
     _mm512_reduce_add_ps(_mm512_add_ps(
         _mm512_add_ps(acc0, acc1),
         _mm512_add_ps(acc2, acc3),
+    ))
+}
+
+/// [`row_dot_bits`] for 4-bit codes in groups of 32 (the GGUF Q4_0 and Q4_1 blocks): a
+/// group is only 16 bytes of codes, so the per-group work is hoisted into steps of four groups
+/// (one 64-byte line of codes, one prefetch), each group into its own pair of sums.
+///
+/// # Safety
+/// As [`packed_row_dot`], with `group` 32 and 4-bit codes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn row_dot_q4_32(codes: &[u32], scales: &[u32], padded_k: usize, xp: &[f32]) -> f32 {
+    let groups = padded_k / 32;
+    debug_assert!(scales.len() >= groups && codes.len() * 8 >= padded_k);
+    debug_assert!(xp.len() >= padded_k && padded_k.is_multiple_of(32));
+    let (cp, xq) = (codes.as_ptr().cast::<u8>(), xp.as_ptr());
+    // table[q] = q step + min; a permute picks a lane by the low 4 bits of its index
+    let iota = _mm512_setr_ps(
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+    );
+    let mut acc = [_mm512_setzero_ps(); 8];
+    let (mut steps, mut mins) = ([0.0f32; 16], [0.0f32; 16]);
+    for g0 in (0..groups).step_by(16) {
+        // the next 16 groups' scale words (step in the low half, min in the high one) as f32
+        let words = _mm512_maskz_loadu_epi32(mask(g0, groups), scales.as_ptr().add(g0).cast());
+        _mm_prefetch::<_MM_HINT_T0>(scales.as_ptr().add(g0 + 64).cast());
+        let low = _mm512_cvtepi32_epi16(words);
+        let high = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(words));
+        _mm512_storeu_ps(steps.as_mut_ptr(), _mm512_cvtph_ps(low));
+        _mm512_storeu_ps(mins.as_mut_ptr(), _mm512_cvtph_ps(high));
+        let count = (groups - g0).min(16);
+        for j in (0..count).step_by(4) {
+            // codes of groups g0 + j .. + 4: bytes 16 (g0 + j) .. + 64, one line
+            let line = (g0 + j) * 16;
+            _mm_prefetch::<_MM_HINT_T0>(cp.add(line + PREFETCH_BYTES).cast());
+            for u in 0..4.min(count - j) {
+                let table = _mm512_fmadd_ps(
+                    iota,
+                    _mm512_set1_ps(steps[j + u]),
+                    _mm512_set1_ps(mins[j + u]),
+                );
+                // byte i of the group, one per lane: code 2i in its low nibble, 2i + 1 in
+                // the high one; x in dot_order (the group's 16 even, then 16 odd values)
+                let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(cp.add(line + 16 * u).cast()));
+                let at = (g0 + j + u) * 32;
+                let even = _mm512_permutexvar_ps(b, table);
+                let odd = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b), table);
+                acc[2 * u] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xq.add(at)), acc[2 * u]);
+                acc[2 * u + 1] =
+                    _mm512_fmadd_ps(odd, _mm512_loadu_ps(xq.add(at + 16)), acc[2 * u + 1]);
+            }
+        }
+    }
+    let pairs = [0, 2, 4, 6].map(|i| _mm512_add_ps(acc[i], acc[i + 1]));
+    _mm512_reduce_add_ps(_mm512_add_ps(
+        _mm512_add_ps(pairs[0], pairs[1]),
+        _mm512_add_ps(pairs[2], pairs[3]),
     ))
 }
 
