@@ -290,13 +290,7 @@ unsafe fn row_dot_bits<const BITS: usize, const GROUP: usize>(
     let [mut acc0, mut acc1, mut acc2, mut acc3] = [_mm512_setzero_ps(); 4];
     let (mut steps, mut mins) = ([0.0f32; 16], [0.0f32; 16]);
     for g0 in (0..groups).step_by(16) {
-        // the next 16 groups' scale words (step in the low half, min in the high one) as f32
-        let words = _mm512_maskz_loadu_epi32(mask(g0, groups), scales.as_ptr().add(g0).cast());
-        _mm_prefetch::<_MM_HINT_T0>(scales.as_ptr().add(g0 + 64).cast());
-        let low = _mm512_cvtepi32_epi16(words);
-        let high = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(words));
-        _mm512_storeu_ps(steps.as_mut_ptr(), _mm512_cvtph_ps(low));
-        _mm512_storeu_ps(mins.as_mut_ptr(), _mm512_cvtph_ps(high));
+        scales16(scales, (g0, groups), (&mut steps, &mut mins));
         // two groups at a time, into two pairs of sums (each sum's multiply-adds then wait
         // for one another half as often)
         let count = (groups - g0).min(16);
@@ -340,31 +334,18 @@ unsafe fn row_dot_q4_32(codes: &[u32], scales: &[u32], padded_k: usize, xp: &[f3
     debug_assert!(scales.len() >= groups && codes.len() * 8 >= padded_k);
     debug_assert!(xp.len() >= padded_k && padded_k.is_multiple_of(32));
     let (cp, xq) = (codes.as_ptr().cast::<u8>(), xp.as_ptr());
-    // table[q] = q step + min; a permute picks a lane by the low 4 bits of its index
-    let iota = _mm512_setr_ps(
-        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
-    );
     let mut acc = [_mm512_setzero_ps(); 8];
     let (mut steps, mut mins) = ([0.0f32; 16], [0.0f32; 16]);
     for g0 in (0..groups).step_by(16) {
-        // the next 16 groups' scale words (step in the low half, min in the high one) as f32
-        let words = _mm512_maskz_loadu_epi32(mask(g0, groups), scales.as_ptr().add(g0).cast());
-        _mm_prefetch::<_MM_HINT_T0>(scales.as_ptr().add(g0 + 64).cast());
-        let low = _mm512_cvtepi32_epi16(words);
-        let high = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(words));
-        _mm512_storeu_ps(steps.as_mut_ptr(), _mm512_cvtph_ps(low));
-        _mm512_storeu_ps(mins.as_mut_ptr(), _mm512_cvtph_ps(high));
+        scales16(scales, (g0, groups), (&mut steps, &mut mins));
         let count = (groups - g0).min(16);
         for j in (0..count).step_by(4) {
             // codes of groups g0 + j .. + 4: bytes 16 (g0 + j) .. + 64, one line
             let line = (g0 + j) * 16;
             _mm_prefetch::<_MM_HINT_T0>(cp.add(line + PREFETCH_BYTES).cast());
             for u in 0..4.min(count - j) {
-                let table = _mm512_fmadd_ps(
-                    iota,
-                    _mm512_set1_ps(steps[j + u]),
-                    _mm512_set1_ps(mins[j + u]),
-                );
+                let (step, min) = (steps[j + u], mins[j + u]);
+                let table = weight_table(_mm512_set1_ps(step), _mm512_set1_ps(min));
                 // byte i of the group, one per lane: code 2i in its low nibble, 2i + 1 in
                 // the high one; x in dot_order (the group's 16 even, then 16 odd values)
                 let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(cp.add(line + 16 * u).cast()));
@@ -384,6 +365,37 @@ unsafe fn row_dot_q4_32(codes: &[u32], scales: &[u32], padded_k: usize, xp: &[f3
     ))
 }
 
+/// The scale words of groups `g0 .. g0 + 16` (fewer at `groups`, the row's end) as f32 steps
+/// (each word's low half) and mins (its high half), into `steps` and `mins`.
+///
+/// # Safety
+/// AVX-512 is available; `scales` holds `groups` words.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn scales16(
+    scales: &[u32],
+    (g0, groups): (usize, usize),
+    (steps, mins): (&mut [f32; 16], &mut [f32; 16]),
+) {
+    let words = _mm512_maskz_loadu_epi32(mask(g0, groups), scales.as_ptr().add(g0).cast());
+    _mm_prefetch::<_MM_HINT_T0>(scales.as_ptr().add(g0 + 64).cast());
+    let low = _mm512_cvtepi32_epi16(words);
+    let high = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(words));
+    _mm512_storeu_ps(steps.as_mut_ptr(), _mm512_cvtph_ps(low));
+    _mm512_storeu_ps(mins.as_mut_ptr(), _mm512_cvtph_ps(high));
+}
+
+/// A 4-bit group's 16 possible weights, `table[q] = q step + min`: a permute then picks a lane
+/// by the low 4 bits of its index.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn weight_table(step: __m512, min: __m512) -> __m512 {
+    let iota = _mm512_setr_ps(
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+    );
+    _mm512_fmadd_ps(iota, step, min)
+}
+
 /// One group's codes `codes` of a row against `x` in [`dot_order`], added into `acc`.
 ///
 /// # Safety
@@ -397,11 +409,7 @@ unsafe fn group_dot<const BITS: usize>(
     [acc0, acc1]: [&mut __m512; 2],
 ) {
     if BITS == 4 {
-        // table[q] = q step + min; a permute picks a lane by the low 4 bits of its index
-        let iota = _mm512_setr_ps(
-            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
-        );
-        let table = _mm512_fmadd_ps(iota, step, min);
+        let table = weight_table(step, min);
         for at in codes.step_by(32) {
             // bytes at / 2 .. at / 2 + 16, one per lane: code at + 2j in the low nibble of
             // lane j, code at + 2j + 1 in the high one
