@@ -84,6 +84,29 @@ fn kill_and_resume(
     mid_run
 }
 
+/// `count` prompts cut from the fixture's sequences (end to end, cycled): prompt `i` is the
+/// `len` tokens from token `from`, `(from, len) = at(i)`.
+fn fixture_prompts(count: usize, at: impl Fn(usize) -> (usize, usize)) -> Vec<Vec<u32>> {
+    let exp = expected(FIXTURE);
+    let source: Vec<u32> = exp
+        .sequences
+        .iter()
+        .flat_map(|s| s.tokens.clone())
+        .collect();
+    (0..count)
+        .map(|i| {
+            let (from, len) = at(i);
+            source
+                .iter()
+                .cycle()
+                .skip(from)
+                .take(len)
+                .copied()
+                .collect()
+        })
+        .collect()
+}
+
 fn write_input(dir: &Path, name: &str, records: &[Value]) -> PathBuf {
     let path = dir.join(name);
     let text: String = records.iter().map(|r| format!("{r}\n")).collect();
@@ -224,21 +247,10 @@ fn records_follow_their_parameters_and_stop_strings() {
 #[test]
 fn killed_generation_jobs_resume_to_the_same_answers() {
     let dir = tempfile::tempdir().unwrap();
-    let exp = expected(FIXTURE);
-    let source: Vec<u32> = exp
-        .sequences
-        .iter()
-        .flat_map(|s| s.tokens.clone())
-        .collect();
-    let records: Vec<Value> = (0..600usize)
-        .map(|i| {
-            let prompt: Vec<u32> = source
-                .iter()
-                .cycle()
-                .skip(i * 3)
-                .take(2 + i % 9)
-                .copied()
-                .collect();
+    let records: Vec<Value> = fixture_prompts(600, |i| (i * 3, 2 + i % 9))
+        .into_iter()
+        .enumerate()
+        .map(|(i, prompt)| {
             json!({"id": format!("r{i}"), "tokens": prompt, "max_tokens": 1 + i % 7, "seed": i})
         })
         .collect();
@@ -282,23 +294,12 @@ fn killed_generation_jobs_resume_to_the_same_answers() {
 #[test]
 fn killed_jobs_with_weights_and_f16_cache_on_disk_resume_to_the_same_answers() {
     let dir = tempfile::tempdir().unwrap();
-    let exp = expected(FIXTURE);
-    let source: Vec<u32> = exp
-        .sequences
-        .iter()
-        .flat_map(|s| s.tokens.clone())
-        .collect();
-    let records: Vec<Value> = (0..100usize)
-        .map(|i| {
-            let prompt: Vec<u32> = source
-                .iter()
-                .cycle()
-                .skip(i * 5)
-                .take(3 + i % 11)
-                .copied()
-                .collect();
-            json!({"id": format!("r{i}"), "tokens": prompt, "max_tokens": 2 + i % 6})
-        })
+    let records: Vec<Value> = fixture_prompts(100, |i| (i * 5, 3 + i % 11))
+        .into_iter()
+        .enumerate()
+        .map(
+            |(i, prompt)| json!({"id": format!("r{i}"), "tokens": prompt, "max_tokens": 2 + i % 6}),
+        )
         .collect();
     let input = write_input(dir.path(), "in.jsonl", &records);
     let policy = dir.path().join("disk.toml");
