@@ -3,13 +3,42 @@
 //! file), loaded into a working cache for a step and its new rows stored back; and attention on
 //! the CPU for the RAM- and disk-cached sequences when `cpu_cache_compute` is set.
 
+use std::ops::Range;
+
 use super::executor::{lock, BlockState};
 use crate::device::cpu::attention::{attend as cpu_attend, KvView};
 use crate::device::recipe::RowBatch;
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::layout::CACHE_MERGE_GAP_BYTES as MERGE_GAP_BYTES;
 use crate::schedule::{Cell, UnitKind};
+use crate::storage::offload::ALIGN;
 use crate::storage::{Reservation, RowSplit, Tier};
+
+/// Bytes of new cache rows taken from the working cache per write to disk (a multiple of
+/// [`ALIGN`]: the pieces of a span meet at block boundaries, so only a span's ends are
+/// read back and patched).
+const STORE_PIECE_BYTES: u64 = 1 << 20;
+const _: () = assert!(STORE_PIECE_BYTES % ALIGN as u64 == 0);
+
+/// Row spans `(first row, rows)`, in row order, merged into ranges of rows: a span joins the
+/// one before it when at most `MERGE_GAP_BYTES / row_bytes` rows lie between them; empty
+/// spans are dropped. Each range is one disk request instead of one per sequence (a decode
+/// step stores one row per sequence: one read-modify-write of a disk block each, unmerged).
+fn merged_spans(
+    spans: impl IntoIterator<Item = (usize, usize)>,
+    row_bytes: usize,
+) -> Vec<Range<usize>> {
+    let gap = MERGE_GAP_BYTES / row_bytes.max(1);
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for (first, rows) in spans.into_iter().filter(|s| s.1 > 0) {
+        match out.last_mut() {
+            Some(last) if first >= last.end && first - last.end <= gap => last.end = first + rows,
+            _ => out.push(first..first + rows),
+        }
+    }
+    out
+}
 
 /// One layer's cache for one batch: sequences on the GPU keep their rows in `gpu`; the
 /// others' rows live in RAM or the cache file and are brought into `working` for a step.
@@ -195,20 +224,24 @@ impl<D: Device> BlockState<'_, D> {
                 r.dev.write_cache(&working, i, first as u64 * s, bytes)?;
             }
         }
-        // disk rows: the rest, from the cache file
+        // disk rows: the rest, from the cache file, a merged span of sequences per read,
+        // straight from the staging buffer into the working cache
         let base_d = seq_rows.get(gs + cs).map_or(0, |s| s.0);
         if cell.split.disk > 0 {
             let file = self.disk_cache()?;
             exec.staging.with(|staging| {
-                for (i, s) in segs.iter().enumerate() {
-                    for &(first, before, _) in &seq_rows[gs + cs..] {
-                        let mut bytes = vec![0u8; before * *s as usize];
-                        file.read_into(
-                            cell.disk[i] + ((first - base_d) as u64 * s),
-                            &mut bytes,
+                for (i, &s) in segs.iter().enumerate() {
+                    let spans = seq_rows[gs + cs..]
+                        .iter()
+                        .map(|&(f, before, _)| (f, before));
+                    for rows in merged_spans(spans, s as usize) {
+                        let at = rows.start as u64 * s;
+                        file.read_chunks(
+                            cell.disk[i] + (rows.start - base_d) as u64 * s,
+                            rows.len() * s as usize,
                             staging,
+                            |pos, bytes| r.dev.write_cache(&working, i, at + pos as u64, bytes),
                         )?;
-                        r.dev.write_cache(&working, i, first as u64 * s, &bytes)?;
                     }
                 }
                 Ok(())
@@ -247,13 +280,12 @@ impl<D: Device> BlockState<'_, D> {
         exec.staging.with(|staging| {
             for (i, &s) in seg_bytes.iter().enumerate() {
                 let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut segs[i]);
-                for &(first, before, _) in &seq_rows[first_disk..] {
-                    let at = (first - base) * s;
-                    file.read_into(
-                        cell.disk[i] + at as u64,
-                        &mut bytes[at..at + before * s],
-                        staging,
-                    )?;
+                let spans = seq_rows[first_disk..]
+                    .iter()
+                    .map(|&(f, before, _)| (f, before));
+                for rows in merged_spans(spans, s) {
+                    let (at, end) = ((rows.start - base) * s, (rows.end - base) * s);
+                    file.read_into(cell.disk[i] + at as u64, &mut bytes[at..end], staging)?;
                 }
             }
             Ok(())
@@ -283,9 +315,10 @@ impl<D: Device> BlockState<'_, D> {
                 for (i, seg) in segs.iter().enumerate() {
                     let s = seg_bytes[i];
                     let bytes: &[u8] = bytemuck::cast_slice(seg);
-                    for &(first, from, n) in &rows[first_disk..] {
-                        let at = (first - base + from) * s;
-                        file.write_at(cell.disk[i] + at as u64, &bytes[at..at + n * s], staging)?;
+                    let spans = rows[first_disk..].iter().map(|&(f, from, n)| (f + from, n));
+                    for new in merged_spans(spans, s) {
+                        let (at, end) = ((new.start - base) * s, (new.end - base) * s);
+                        file.write_at(cell.disk[i] + at as u64, &bytes[at..end], staging)?;
                     }
                 }
                 Ok(())
@@ -309,12 +342,12 @@ impl<D: Device> BlockState<'_, D> {
         let segs = r.cache_segment_bytes();
         let base_c = rows.get(gs).map_or(0, |s| s.0);
         let base_d = rows.get(gs + cs).map_or(0, |s| s.0);
-        // the new rows of the RAM and disk sequences: (segment, sequence, offset, bytes)
+        // the new rows of the RAM sequences: (segment, sequence, offset, bytes)
         let ranges: Vec<(usize, usize, u64, u64)> = segs
             .iter()
             .enumerate()
             .flat_map(|(i, &s)| {
-                rows[gs..]
+                rows[gs..gs + cs]
                     .iter()
                     .enumerate()
                     .map(move |(j, &(first, from, n))| {
@@ -328,19 +361,65 @@ impl<D: Device> BlockState<'_, D> {
         let host = r.dev.read_cache(&working, &wanted)?;
         for ((i, seq, _, _), bytes) in ranges.iter().zip(host) {
             let (first, from, _) = rows[*seq];
-            let s = segs[*i] as usize;
-            if *seq < gs + cs {
-                let at = (first - base_c + from) * s;
-                let words: &mut [u8] = bytemuck::cast_slice_mut(&mut cell.cpu[*i]);
-                words[at..at + bytes.len()].copy_from_slice(&bytes);
-            } else {
-                let file = self.disk_cache()?;
-                let at = cell.disk[*i] + ((first - base_d + from) * s) as u64;
-                exec.staging.with(|st| file.write_at(at, &bytes, st))?;
+            let at = (first - base_c + from) * segs[*i] as usize;
+            let words: &mut [u8] = bytemuck::cast_slice_mut(&mut cell.cpu[*i]);
+            words[at..at + bytes.len()].copy_from_slice(&bytes);
+        }
+        // the disk sequences' new rows, a merged span per write (the rows between, as the
+        // working cache holds them: rows loaded for this step, or unused capacity), in pieces
+        // that meet at the file's block boundaries. (Writing each new row's blocks alone, on
+        // 4 threads, was slower on this project's VM: a decode step then makes one small
+        // write per sequence, and small requests cost more than the bytes saved.)
+        if cell.split.disk > 0 {
+            let file = self.disk_cache()?;
+            for (i, &s) in segs.iter().enumerate() {
+                // byte `b` of the disk rows: byte base_d s + b of the working cache, byte
+                // disk[i] + b of the file
+                let (working_at, file_at) = (base_d as u64 * s, cell.disk[i]);
+                let spans = rows[gs + cs..].iter().map(|&(f, from, n)| (f + from, n));
+                for new in merged_spans(spans, s as usize) {
+                    let mut b = (new.start - base_d) as u64 * s;
+                    let end = (new.end - base_d) as u64 * s;
+                    while b < end {
+                        let next = ((file_at + b) / STORE_PIECE_BYTES + 1) * STORE_PIECE_BYTES;
+                        let len = (next - file_at).min(end) - b;
+                        let bytes = r.dev.read_cache(&working, &[(i, working_at + b, len)])?;
+                        let bytes = bytes.first().map_or(&[][..], Vec::as_slice);
+                        exec.staging
+                            .with(|st| file.write_at(file_at + b, bytes, st))?;
+                        b += len;
+                    }
+                }
             }
         }
         drop(held);
         drop(working);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{merged_spans, MERGE_GAP_BYTES};
+
+    #[test]
+    fn spans_merge_across_small_gaps_only() {
+        let row = 1024; // bytes per row: the merge gap is 256 rows
+        let gap = MERGE_GAP_BYTES / row;
+        // decode: one new row per sequence of 128 rows of capacity, one span
+        let decode: Vec<(usize, usize)> = (0..5).map(|s| (s * 128 + 70, 1)).collect();
+        assert_eq!(merged_spans(decode, row), vec![70..(4 * 128 + 71)]);
+        // a gap of exactly `gap` rows merges, one more does not; empty spans are dropped
+        let spans = [(0, 10), (10 + gap, 5), (40 + gap, 0), (15 + 2 * gap + 1, 3)];
+        assert_eq!(
+            merged_spans(spans, row),
+            vec![0..15 + gap, 15 + 2 * gap + 1..18 + 2 * gap + 1]
+        );
+        // rows wider than the gap: nothing merges unless adjacent
+        assert_eq!(
+            merged_spans([(0, 2), (2, 2), (5, 1)], MERGE_GAP_BYTES * 2),
+            vec![0..4, 5..6]
+        );
+        assert!(merged_spans([(3, 0)], row).is_empty());
     }
 }

@@ -42,6 +42,12 @@ impl HeadLayout {
     }
 }
 
+/// Bytes of a KV cache segment's rows between two sequences' rows on disk up to which one
+/// request reads or writes both, and the rows between (a sequence's unused capacity, moved as
+/// it is): about what the disk moves in the time one more request costs (0.1-0.3 ms at
+/// 1-2 GB/s). The executor's cache I/O and the cost model's disk terms both follow it.
+pub(crate) const CACHE_MERGE_GAP_BYTES: usize = 256 << 10;
+
 /// Rows of logits computed at once when scoring, unless told otherwise.
 pub(crate) const LOGIT_ROWS: usize = 128;
 
