@@ -496,3 +496,54 @@ fn working_cache_copies_follow_the_schedule() {
     assert!((almost - split[0].max(split[1])).abs() < 1e-6 * almost);
     assert!(almost > all, "{almost} vs {all}");
 }
+
+/// The disk terms move what the executor moves: a disk sequence's whole capacity `s + n` per
+/// request when the rows between sequences are within the merge gap (256 KiB per cache
+/// segment), else only its rows (`c` read at the average step, the new rows written).
+#[test]
+fn disk_cache_terms_follow_the_executors_requests() {
+    use ferrogen::policy::cost::Batching;
+    let config = builtin_config("opt-1.3b").unwrap();
+    // one layer's K and V of one token, f32: 2 * 2048 * 4 bytes, 8 KiB per segment
+    let bkv = 2.0 * 2048.0 * 4.0;
+    let policy = flexgen_policy(8, 2, [100.0, 0.0, 0.0, 0.0, 100.0, 0.0], false);
+    let hw = t4();
+    let rows = |s: usize, n: usize| {
+        let model = CostModel::new(
+            &config,
+            hw.clone(),
+            Workload {
+                prompt_len: s,
+                gen_len: n,
+            },
+        )
+        .with_activation_bytes(4.0);
+        let terms = model.terms(&Batching::of(&policy));
+        // only the disk share of the cache: x = cn
+        let cn = [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0];
+        let per_row = |bw_gib_s: f64| bkv * 16.0 / (bw_gib_s * (1u64 << 30) as f64);
+        [
+            terms.prefill.ctod.eval(&cn) / per_row(hw.cpu_to_disk_cache_gib_s),
+            terms.decode.dtoc.eval(&cn) / per_row(hw.disk_to_cpu_gib_s()),
+            terms.decode.ctod.eval(&cn) / per_row(hw.cpu_to_disk_gib_s),
+        ]
+    };
+    let close = |a: [f64; 3], b: [f64; 3]| a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-9);
+    // s = 64, n = 8: gaps of 8 rows (prefill, 64 KiB) and 4 (read) merge; 71 (decode write,
+    // 568 KiB) do not
+    assert!(close(rows(64, 8), [72.0, 72.0, 1.0]), "{:?}", rows(64, 8));
+    // s = 512, n = 32: the prefill's gap is exactly 256 KiB (merges), the read's 128 KiB
+    assert!(
+        close(rows(512, 32), [544.0, 544.0, 1.0]),
+        "{:?}",
+        rows(512, 32)
+    );
+    // s = 512, n = 128: the prefill's gap (1 MiB) and the read's (512 KiB) do not merge
+    assert!(
+        close(rows(512, 128), [512.0, 576.0, 1.0]),
+        "{:?}",
+        rows(512, 128)
+    );
+    // short rows merge everything, new decode rows included: 2 + 2 rows of capacity
+    assert!(close(rows(2, 2), [4.0, 4.0, 4.0]), "{:?}", rows(2, 2));
+}

@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use super::hardware::{HardwareProfile, GIB};
 use super::policy::{Policy, QuantConfig};
+use crate::layout::CACHE_MERGE_GAP_BYTES;
 use crate::model::ModelConfig;
 
 /// Index of each placement fraction in a [`Linear`] form.
@@ -554,6 +555,15 @@ impl CostModel {
             Some(row) => row.f32,
             None => kv_values * cache_value_bytes,
         };
+        // Disk rows moved per sequence: the executor reads a disk sequence's cached rows and
+        // writes its new ones in one request per run of sequences whose rows between are at
+        // most G = CACHE_MERGE_GAP_BYTES per cache segment (about Bkv / 2), and then moves the
+        // rows between too (unused capacity), so each sequence moves its whole capacity s + n:
+        // read = s + n if (s + n - c) Bkv / 2 <= G else c (at the average decode step),
+        // write = s + n if (s + n - w) Bkv / 2 <= G else w, w = new rows (s prefill, 1 decode)
+        let merged = |gap_rows: f64| gap_rows * bkv / 2.0 <= CACHE_MERGE_GAP_BYTES as f64;
+        let disk_rows = |rows: f64| if merged(s + n - rows) { s + n } else { rows };
+        let (disk_read, disk_write) = (disk_rows(c), [disk_rows(s), disk_rows(1.0)]);
         let bh = m.hidden as f64 * act; // Bh
                                         // Flin = 2 * matrix values (+ the output head spread over layers); Fatt = 4 * q_width
         let flin = 2.0 * m.layer_values + 2.0 * m.head_macs / l;
@@ -648,8 +658,9 @@ impl CostModel {
             // dtoc = Bw wn / bw_dtoc_w + Bh s bls hn / bw_dtoc (bw_dtoc_w: the weights' bursts)
             dtoc: Linear::of(bw_layer / dtoc_w_bw, &[WN])
                 + Linear::of(bh * s * bls / dtoc_bw, &[HN]),
-            // ctod = Bkv s bls cn / bw_ctod_cache + Bh s bls hn / bw_ctod
-            ctod: Linear::of(bkv * s * bls / ctod_cache_bw, &[CN])
+            // ctod = Bkv s' bls cn / bw_ctod_cache + Bh s bls hn / bw_ctod (s': disk rows
+            // written per sequence, s or s + n)
+            ctod: Linear::of(bkv * disk_write[0] * bls / ctod_cache_bw, &[CN])
                 + Linear::of(bh * s * bls / ctod_bw, &[HN]),
             // comp = matmul(s) + bls s^2 Fatt / bmm_p
             // (FlexGen counts the full s x s attention square, and its fitted bmm rate assumes it)
@@ -670,12 +681,15 @@ impl CostModel {
             // gtoc = Bh bls (hc + hn) / bw_gtoc + Bkv bls (cc + cn) / bw_gtoc_cache (new entries)
             gtoc: Linear::of(bh * bls / gtoc_bw, &[HC, HN])
                 + Linear::of(bkv * bls / gtoc_cache_bw, &[CC, CN]),
-            // dtoc = (Bkv c bls cn + Bh bls hn) / bw_dtoc + Bw wn / bw_dtoc_w
-            dtoc: Linear::of(bkv * c * bls / dtoc_bw, &[CN])
+            // dtoc = (Bkv c' bls cn + Bh bls hn) / bw_dtoc + Bw wn / bw_dtoc_w (c': disk rows
+            // read per sequence, c or s + n)
+            dtoc: Linear::of(bkv * disk_read * bls / dtoc_bw, &[CN])
                 + Linear::of(bh * bls / dtoc_bw, &[HN])
                 + Linear::of(bw_layer / dtoc_w_bw, &[WN]),
-            // ctod = (Bkv bls cn + Bh bls hn) / bw_ctod
-            ctod: Linear::of(bkv * bls / ctod_bw, &[CN]) + Linear::of(bh * bls / ctod_bw, &[HN]),
+            // ctod = (Bkv w' bls cn + Bh bls hn) / bw_ctod (w': disk rows written per
+            // sequence, 1 or s + n)
+            ctod: Linear::of(bkv * disk_write[1] * bls / ctod_bw, &[CN])
+                + Linear::of(bh * bls / ctod_bw, &[HN]),
             // comp = matmul(1) + bls c Fatt / bmm_g (GPU part of cache)
             //        + bls c Fatt / cpu (CPU part, with delegation) + cache dequantization
             comp: Linear::constant(matmul(1.0, hw.gpu_matmul_tflops_decode))
