@@ -19,7 +19,7 @@ use crate::storage::{Reservation, RowSplit, Tier};
 /// [`ALIGN`]: the pieces of a span meet at block boundaries, so only a span's ends are
 /// read back and patched).
 const STORE_PIECE_BYTES: u64 = 1 << 20;
-const _: () = assert!(STORE_PIECE_BYTES % ALIGN as u64 == 0);
+const _: () = assert!(STORE_PIECE_BYTES.is_multiple_of(ALIGN as u64));
 
 /// Row spans `(first row, rows)`, in row order, merged into ranges of rows: a span joins the
 /// one before it when at most `MERGE_GAP_BYTES / row_bytes` rows lie between them; empty
