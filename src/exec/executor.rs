@@ -2,7 +2,8 @@
 //! I/O worker threads while the calling thread drives the compute on the device, then all
 //! join (the step's synchronization). A weight load is the exception: it runs on until the
 //! first compute that needs it, so the next unit's weights stream during all `nb` batches of
-//! this unit, not only the first. With overlap off, a step's operations run one after another
+//! this unit, not only the first (and an MLP's, which load beside the MLP before it, during
+//! two units). With overlap off, a step's operations run one after another
 //! on the calling thread.
 
 use std::ops::Range;
@@ -21,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::layout::workspace_bytes;
 use crate::policy::Policy;
 use crate::sampling::{Decoding, FinishReason, Sampling};
-use crate::schedule::{Cell, Op, PlanShape, Step, ZigzagPlan};
+use crate::schedule::{Cell, Op, PlanShape, Step, UnitKind, ZigzagPlan};
 use crate::storage::offload::{align_up, OffloadFile, StagingPool};
 use crate::storage::{split_sequences, MemoryLedger, Reservation, RowSplit, Tier};
 
@@ -176,7 +177,7 @@ pub(crate) struct Executor<D: Device> {
     pub staging: StagingPool,
     /// Threads reading one unit's disk pieces.
     pub io_threads: usize,
-    pub slots: [Mutex<WeightSlot<D>>; 2],
+    pub slots: [Mutex<WeightSlot<D>>; 4],
     pub offload_dir: Option<std::path::PathBuf>,
     pub trace: Option<Mutex<Trace>>,
 }
@@ -532,8 +533,18 @@ impl<D: Device> BlockState<'_, D> {
         Ok(())
     }
 
+    /// The weight slot of unit `unit` of token `token`: MLPs alternate between slots 2 and 3
+    /// (an MLP's weights load beside the MLP before it), the other units between 0 and 1.
     pub(super) fn unit_slot(&self, token: usize, unit: usize) -> usize {
-        (token * self.plan.units.len() + unit) % 2
+        let units = &self.plan.units;
+        match units[unit] {
+            UnitKind::Mlp(layer) => 2 + layer % 2,
+            _ => {
+                let not_mlp =
+                    |us: &[UnitKind]| us.iter().filter(|u| !matches!(u, UnitKind::Mlp(_))).count();
+                (token * not_mlp(units) + not_mlp(&units[..unit])) % 2
+            }
+        }
     }
 
     fn op(&self, op: Op) -> Result<()> {
@@ -558,6 +569,13 @@ impl<D: Device> BlockState<'_, D> {
             Op::ReleaseWeight { token, unit } => {
                 let mut slot = lock(&exec.slots[self.unit_slot(token, unit)]);
                 slot.loaded = None;
+                // an MLP slot no later MLP of this token uses gives its buffers back, so that
+                // the output head's panels load with at most the layers' two MLPs' bytes held
+                if let UnitKind::Mlp(layer) = self.plan.units[unit] {
+                    if !self.plan.units.contains(&UnitKind::Mlp(layer + 2)) {
+                        *slot = WeightSlot::default();
+                    }
+                }
                 Ok(())
             }
             Op::LoadActivation(c) => {

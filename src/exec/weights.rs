@@ -867,7 +867,7 @@ type PieceCopy<'a, D> = (
 );
 
 /// Device buffers one unit's streamed pieces are copied into, reused by the next unit of the
-/// same shapes (double buffering: two slots alternate).
+/// same shapes (the executor's four slots: two alternating for MLPs, two for the other units).
 pub(crate) struct WeightSlot<D: Device> {
     buffers: Vec<(D::Buffer, u64)>,
     held: Vec<Reservation>,

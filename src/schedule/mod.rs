@@ -5,7 +5,9 @@
 //!
 //! Loop order (flexgen-notes.md, "Zig-zag block schedule"): for token `i`, for unit `j`, for GPU
 //! batch `k`. A unit's weights are loaded once per token and reused by all `nb` batches, so at
-//! most two units' streamed weights (the one computing and the next) are on the GPU.
+//! most three units' streamed weights are on the GPU: the one computing and the next, and with
+//! `sep_layer` an MLP's beside the MLP before it (two layers' weights at most, as the cost
+//! model counts).
 
 use std::fmt;
 
@@ -132,7 +134,10 @@ impl ZigzagPlan {
     ///
     /// Placement follows FlexGen: the loads of cell `n + 1` share a step with the compute of
     /// cell `n`, the stores of cell `n - 1` too; unit `j + 1`'s weights load during the step
-    /// that computes `(j, batch 0)`, so they overlap all `nb` batches of unit `j`. A load whose
+    /// that computes `(j, batch 0)`, so they overlap all `nb` batches of unit `j`, except an
+    /// MLP's that follows another MLP two units back: those load from that MLP's compute, so
+    /// they overlap two units (an MLP's weights are the larger part of a layer, and the
+    /// attention unit before it computes briefly). A load whose
     /// input is not stored yet (one batch: unit `j`'s output feeds unit `j + 1` of the same
     /// batch) moves to the first step after that store.
     pub fn new(shape: PlanShape) -> Self {
@@ -191,7 +196,8 @@ impl ZigzagPlan {
             }];
             let compute = ready.max(weight) + 1;
             put(Op::Compute(c), compute, &mut placed);
-            // the next unit's weights start loading beside this unit's first batch
+            // the next unit's weights start loading beside this unit's first batch (an MLP's
+            // beside the MLP two units before it)
             if c.batch == 0 {
                 let next = if c.unit + 1 < plan.units.len() {
                     Some((c.token, c.unit + 1))
@@ -200,7 +206,10 @@ impl ZigzagPlan {
                 } else {
                     None
                 };
-                if let Some((token, unit)) = next {
+                let early = (c.unit + 2 < plan.units.len() && plan.loads_early(c.unit + 2))
+                    .then_some((c.token, c.unit + 2));
+                let next = next.filter(|&(_, unit)| !plan.loads_early(unit));
+                for (token, unit) in next.into_iter().chain(early) {
                     put(Op::LoadWeight { token, unit }, compute, &mut placed);
                 }
             }
@@ -227,6 +236,14 @@ impl ZigzagPlan {
         }
         plan.steps = at.into_iter().map(|ops| Step { ops }).collect();
         plan
+    }
+
+    /// Whether unit `unit`'s weights load beside the compute of the unit two before it, not
+    /// the one before: an MLP that follows another MLP two units back (`sep_layer`).
+    pub fn loads_early(&self, unit: usize) -> bool {
+        unit >= 2
+            && matches!(self.units.get(unit), Some(UnitKind::Mlp(_)))
+            && matches!(self.units[unit - 2], UnitKind::Mlp(_))
     }
 
     /// Every operation with its step index, in order.
@@ -411,7 +428,8 @@ step    4: load_weight(i=0, j=2), load_activation(i=0, j=1, k=1), compute(i=0, j
                 prop_assert!(step.ops.iter().filter(|o| matches!(o, Op::Compute(_))).count() <= 1);
             }
 
-            // at most two units' streamed weights on the GPU at any step
+            // at most two units' streamed weights on the GPU at any step, three when an MLP's
+            // load early (then two of them MLPs)
             let mut resident: HashSet<(usize, usize)> = HashSet::new();
             for step in &plan.steps {
                 for op in &step.ops {
@@ -419,7 +437,15 @@ step    4: load_weight(i=0, j=2), load_activation(i=0, j=1, k=1), compute(i=0, j
                         resident.insert((*token, *unit));
                     }
                 }
-                prop_assert!(resident.len() <= 2, "{:?}", resident);
+                let mlps = resident
+                    .iter()
+                    .filter(|&&(_, u)| matches!(plan.units[u], UnitKind::Mlp(_)))
+                    .count();
+                prop_assert!(
+                    resident.len() <= 2 || (shape.sep_layer && resident.len() == 3 && mlps == 2),
+                    "{:?}",
+                    resident
+                );
                 for op in &step.ops {
                     if let Op::Compute(c) = op {
                         prop_assert!(resident.contains(&(c.token, c.unit)));
@@ -430,6 +456,25 @@ step    4: load_weight(i=0, j=2), load_activation(i=0, j=1, k=1), compute(i=0, j
                 }
             }
             prop_assert!(resident.is_empty());
+
+            // an MLP after another MLP loads beside that one's first batch; others beside the
+            // unit before
+            for (s, op) in plan.ops() {
+                if let Op::LoadWeight { token, unit } = op {
+                    if plan.loads_early(unit) {
+                        prop_assert!(shape.sep_layer);
+                        let beside = Op::Compute(Cell { token, unit: unit - 2, batch: 0 });
+                        prop_assert_eq!(step_of.get(&beside), Some(&s));
+                    } else if unit > 0 {
+                        let beside = Op::Compute(Cell { token, unit: unit - 1, batch: 0 });
+                        prop_assert_eq!(step_of.get(&beside), Some(&s));
+                    }
+                }
+            }
+            prop_assert_eq!(
+                (0..units).filter(|&u| plan.loads_early(u)).count(),
+                if shape.sep_layer { shape.layers.saturating_sub(1) } else { 0 }
+            );
 
             // with three or more batches, every step between prologue and epilogue computes
             if shape.num_batches >= 3 {
