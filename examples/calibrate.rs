@@ -132,6 +132,25 @@ fn run(cli: Cli) -> Result<()> {
             "GiB/s",
         );
     }
+    // and as the CPU device loads them: each burst in one request, no staging
+    let direct_bursts = measure_burst_reads(
+        &scratch,
+        usize::MAX / 2,
+        1,
+        &[256 << 10, 1 << 20, 4 << 20, 16 << 20],
+        file_size / 4,
+        trials,
+    )?;
+    for (row, m) in &direct_bursts {
+        note(
+            &format!(
+                "disk weight loads, bursts of {} in one request",
+                format_size(row.burst_bytes)
+            ),
+            m,
+            "GiB/s",
+        );
+    }
     drop(scratch);
 
     let memcpy = measure_memcpy(256 << 20, trials);
@@ -169,7 +188,7 @@ fn run(cli: Cli) -> Result<()> {
         let line = format!(
             "CPU device linear, {name}: GEMM {:.3} TFLOP/s, panels decoded at {:.2} Gvalues/s \
              (from 64 and 512 x 2048 x 2048); few rows: {:.2} GiB/s of weights beyond {:.1} us \
-             per call (1 x 1024 and 1 x 4096), {:.1} rows per pass (8 x 4096)",
+             per call (1 x 256 and 1 x 4096), {:.1} rows per pass (8 x 4096)",
             rate.gemm_tflops,
             rate.panel_gvalues_s,
             rate.decode_gib_s,
@@ -257,6 +276,7 @@ fn run(cli: Cli) -> Result<()> {
                 cpu_to_disk_cache_gib_s: 0.0,
                 disk_read: Vec::new(),
                 disk_burst_read: Vec::new(),
+                disk_direct_burst_read: Vec::new(),
                 cpu_layer_overhead_s: 0.0,
                 io_chunk_bytes: 0,
                 io_threads: 0,
@@ -291,6 +311,7 @@ fn run(cli: Cli) -> Result<()> {
                 cpu_to_disk_cache_gib_s: 0.0,
                 disk_read: Vec::new(),
                 disk_burst_read: Vec::new(),
+                disk_direct_burst_read: Vec::new(),
                 cpu_layer_overhead_s: 0.0,
                 io_chunk_bytes: 0,
                 io_threads: 0,
@@ -317,6 +338,7 @@ fn run(cli: Cli) -> Result<()> {
     profile.cpu_to_disk_cache_gib_s = write.median;
     profile.disk_read = rows.iter().map(|(r, _)| *r).collect();
     profile.disk_burst_read = bursts.iter().map(|(r, _)| *r).collect();
+    profile.disk_direct_burst_read = direct_bursts.iter().map(|(r, _)| *r).collect();
     profile.io_chunk_bytes = best.chunk_bytes;
     profile.io_threads = best.threads;
     profile.cpu_attention_tflops = attention.median;

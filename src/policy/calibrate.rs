@@ -195,7 +195,8 @@ pub fn measure_disk_reads(
 /// a burst at a time, on through the file and around (as the executor loads one unit's weights
 /// after another, every step), with reader threads started for each burst and
 /// `min(threads, reads)` of them taking reads of `chunk` bytes (or the whole burst when
-/// smaller) in turn; about `bytes` per trial. GiB/s over the bursts' time, the median of
+/// smaller) in turn (one thread: the calling one, into a buffer kept across bursts, as the
+/// CPU device reads a unit in one request into its weight slot); about `bytes` per trial. GiB/s over the bursts' time, the median of
 /// `trials`.
 pub fn measure_burst_reads(
     scratch: &ScratchFile,
@@ -212,6 +213,8 @@ pub fn measure_burst_reads(
     let mut once = |burst: usize| -> Result<f64> {
         let read_len = align(chunk).min(burst);
         let count = (bytes / burst as u64).max(1);
+        // one thread reads into a buffer that stays, like the executor's weight slots
+        let mut own = (threads <= 1).then(|| AlignedBuf::new(read_len));
         if !scratch.direct {
             drop_cache(&file);
         }
@@ -228,7 +231,15 @@ pub fn measure_burst_reads(
             let n = threads.clamp(1, reads.len().max(1));
             read += (reads.len() * read_len) as u64;
             let t = Instant::now();
-            read_spread(scratch, &file, &reads, read_len, n)?;
+            match own.as_mut() {
+                Some(buf) => {
+                    for &off in &reads {
+                        read_exact_at(&file, buf.bytes_mut(), off)
+                            .map_err(|e| Error::io(&scratch.path, e))?;
+                    }
+                }
+                None => read_spread(scratch, &file, &reads, read_len, n)?,
+            }
             busy += t.elapsed().as_secs_f64();
         }
         Ok(read as f64 / busy.max(1e-9) / GIB)
@@ -407,7 +418,12 @@ pub fn measure_cpu_linear(
         .num_threads(threads)
         .build()
         .map_err(|e| Error::invalid("calibrate", e.to_string()))?;
-    let time = |format: RowFormat, copies: &[Vec<Vec<u32>>], m: usize, k: usize, n: usize| {
+    let time = |format: RowFormat,
+                copies: &[Vec<Vec<u32>>],
+                m: usize,
+                k: usize,
+                n: usize,
+                trials: usize| {
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
             .collect();
@@ -429,16 +445,16 @@ pub fn measure_cpu_linear(
     let (format, w) = synthetic_weight(bits, group, 2048, 2048, 1);
     let w = [w];
     let (t64, t512) = (
-        time(format, &w, 64, 2048, 2048),
-        time(format, &w, 512, 2048, 2048),
+        time(format, &w, 64, 2048, 2048, trials),
+        time(format, &w, 512, 2048, 2048, trials),
     );
     // t512 - t64 = 2 (512 - 64) V / GEMM; the rest of t64 is the panel decoding (noise can
     // make it look negative: then it is taken as small)
     let gemm = 2.0 * 448.0 * values / (t512 - t64).max(t512 * 0.1);
     let panel = (t64 - 2.0 * 64.0 * values / gemm).max(t64 * 0.02);
     // the few-rows path from memory: weights rotate through enough copies to leave the
-    // caches. t(n) = call + B(n) / bw at 1 row for n = 1024 and 4096 gives the fixed cost and
-    // the bandwidth; 8 rows at 4096 gives the rows one pass serves,
+    // caches. t(n) = call + B(n) / bw at 1 row for n = 256 (almost all fixed cost) and 4096
+    // gives the fixed cost and the bandwidth; 8 rows at 4096 gives the rows one pass serves,
     // rows_per_pass = 8 (B / bw) / (t8 - call)
     let few_rows = |n: usize, seed: u64| {
         let (format, first) = synthetic_weight(bits, group, n, n, seed);
@@ -451,13 +467,15 @@ pub fn measure_cpu_linear(
             .collect();
         (format, copies, bytes as f64)
     };
-    let (format, copies, small_bytes) = few_rows(1024, 100);
-    let t_small = time(format, &copies, 1, 1024, 1024);
+    // few-rows calls take at most a few ms and a VM's hiccups are as long: medians of many
+    let few_trials = 8 * trials.max(1);
+    let (format, copies, small_bytes) = few_rows(256, 100);
+    let t_small = time(format, &copies, 1, 256, 256, few_trials);
     drop(copies);
     let (format, copies, bytes) = few_rows(4096, 2);
     let (t1, t8) = (
-        time(format, &copies, 1, 4096, 4096),
-        time(format, &copies, 8, 4096, 4096),
+        time(format, &copies, 1, 4096, 4096, few_trials),
+        time(format, &copies, 8, 4096, 4096, few_trials),
     );
     // noise can put the small call above the slope's line or the slope below zero
     let per_byte = ((t1 - t_small) / (bytes - small_bytes)).max(0.5 * t1 / bytes);

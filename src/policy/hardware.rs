@@ -60,8 +60,8 @@ pub struct DiskRead {
 }
 
 /// Disk -> CPU rate of reads issued in bursts of `burst_bytes`, as the executor loads one
-/// unit's weights at a time (its reader threads started for the unit, reads of the profile's
-/// `io_chunk_bytes` over its `io_threads`). Short bursts run below a long stream's rate: the
+/// unit's weights at a time (through staging, reads of the profile's `io_chunk_bytes` over its
+/// `io_threads`; or, on the CPU device, the whole burst in one request). Short bursts run below a long stream's rate: the
 /// first read's latency is not hidden and the device's read-ahead has nothing to follow.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,6 +121,10 @@ pub struct HardwareProfile {
     /// the stream rate [`HardwareProfile::disk_to_cpu_gib_s`] is used).
     #[serde(default)]
     pub disk_burst_read: Vec<BurstRead>,
+    /// The same, each burst read in one request straight into its buffers, as the CPU device
+    /// loads a unit's weights (empty: not measured; `disk_burst_read` is used).
+    #[serde(default)]
+    pub disk_direct_burst_read: Vec<BurstRead>,
     /// Read size the executor issues.
     pub io_chunk_bytes: u64,
     /// Reader threads the executor runs.
@@ -224,6 +228,7 @@ impl HardwareProfile {
         if let Some(row) = self
             .disk_burst_read
             .iter()
+            .chain(&self.disk_direct_burst_read)
             .find(|r| !(r.gib_s.is_finite() && r.gib_s > 0.0) || r.burst_bytes == 0)
         {
             return Err(Error::config(
@@ -305,6 +310,10 @@ impl HardwareProfile {
         self.cpu_to_gpu_gib_s = FREE_GIB_S;
         self.gpu_to_cpu_gib_s = FREE_GIB_S;
         self.gpu_to_cpu_cache_gib_s = FREE_GIB_S;
+        // weights load straight from disk into the device's memory, a unit in one request
+        if !self.disk_direct_burst_read.is_empty() {
+            self.disk_burst_read = std::mem::take(&mut self.disk_direct_burst_read);
+        }
         if let Some(rate) = self.cpu_linear_for(bytes_per_value) {
             // a GPU batch's product: panels decoded once per call (the cost model's
             // dequantization term), then the GEMM; few rows: the packed bytes streamed
@@ -390,6 +399,25 @@ mod tests {
         assert!((p.disk_burst_gib_s((8 << 20) as f64) - 1.1).abs() < 1e-12);
         let back: HardwareProfile = toml::from_str(&p.to_toml()).unwrap();
         assert_eq!(back, p);
+        // the CPU device reads a unit in one request: its own rows when measured
+        let one_request = BurstRead {
+            burst_bytes: 1 << 20,
+            gib_s: 1.6,
+        };
+        let mut direct = p.clone();
+        direct.disk_direct_burst_read = vec![one_request];
+        assert_eq!(
+            direct.clone().for_host_device(0.625).disk_burst_gib_s(1e6),
+            1.6
+        );
+        assert_eq!(p.clone().for_host_device(0.625).disk_burst_gib_s(1e6), 0.5);
+        assert_eq!(
+            direct.disk_burst_gib_s(1e6),
+            0.5,
+            "staged loads keep theirs"
+        );
+        direct.disk_direct_burst_read[0].gib_s = 0.0;
+        assert!(direct.validate(Path::new("p.toml")).is_err());
         p.disk_burst_read[0].gib_s = f64::NAN;
         assert!(p.validate(Path::new("p.toml")).is_err());
     }
