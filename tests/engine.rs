@@ -677,3 +677,66 @@ fn calls_from_several_threads_give_the_lone_numbers() {
         }
     });
 }
+
+/// The disk part of the KV cache moves a run of sequences in one request when their rows lie
+/// close together, and one request per sequence when more than the merge gap (256 KiB per
+/// cache segment) lies between them. A random Llama with 8 KV heads of 256 has 8 KiB cache
+/// rows per segment (f32): 4 prompts of 8 tokens generating 40 each have 48-row capacities, so the
+/// prefill's stores and the first decode steps (a gap of (48 - c) x 8 KiB > 256 KiB while
+/// fewer than c = 16 rows are cached) move one sequence at a time, the later steps merged.
+/// The tokens and their logprobs are the resident model's, on both devices.
+#[test]
+fn disk_cache_rows_far_apart_move_one_sequence_at_a_time() {
+    use ferrogen::model::config::LlamaConfig;
+    use ferrogen::model::random::RandomWeights;
+    let config = ferrogen::model::ModelConfig::Llama(LlamaConfig {
+        vocab_size: 64,
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_hidden_layers: 2,
+        num_attention_heads: 8,
+        num_key_value_heads: Some(8),
+        head_dim: Some(256),
+        max_position_embeddings: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 1e4,
+        rope_scaling: None,
+        tie_word_embeddings: false,
+        attention_bias: false,
+        mlp_bias: false,
+        hidden_act: "silu".into(),
+        bos_token_id: None,
+        eos_token_id: None,
+    });
+    let prompts: Vec<Vec<u32>> = (0..4u32)
+        .map(|s| (0..8).map(|i| (s * 17 + i * 5 + 1) % 64).collect())
+        .collect();
+    let prompts: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let new_tokens = 40;
+    let dir = tempfile::tempdir().unwrap();
+    for device in devices() {
+        let files = RandomWeights::model_files(&config, 11);
+        let resident = resident(device, &files, GpuOptions::default());
+        // weights and activations resident, the whole cache on disk
+        let p = policy(2, 2, (100.0, 0.0), (0.0, 0.0), (100.0, 0.0), true, false);
+        let options =
+            EngineOptions::new(Placement::Policy(p)).offload_dir(dir.path().to_path_buf());
+        let engine = engine(device, RandomWeights::model_files(&config, 11), options);
+        let got = engine.generate(&prompts, new_tokens, &[]).unwrap();
+        let want = resident.generate_greedy(&prompts, new_tokens);
+        for (i, r) in got.iter().enumerate() {
+            assert_eq!(r.tokens, want[i], "{device:?} sequence {i}");
+            let full: Vec<u32> = prompts[i].iter().chain(&r.tokens).copied().collect();
+            let lp = resident.token_logprobs(&[&full]).remove(0);
+            let diff = lp[prompts[i].len() - 1..]
+                .iter()
+                .zip(&r.logprobs)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff < 1e-4,
+                "{device:?} sequence {i}: logprobs off by {diff}"
+            );
+        }
+    }
+}

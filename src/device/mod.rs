@@ -291,6 +291,17 @@ pub trait Device: Clone + Send + Sync + 'static {
     fn buffer(&self, bytes: u64) -> Result<Self::Buffer>;
     /// Writes `bytes` at `offset` of `buffer` (from any thread).
     fn write_buffer(&self, buffer: &Self::Buffer, offset: u64, bytes: &[u8]) -> Result<()>;
+    /// Where `buffers` lie in host memory: runs `fill` on their bytes in place, each from a
+    /// disk-block-aligned address with room up to a whole number of blocks (so one disk read
+    /// lands in all of them without a staging copy), and returns true. Otherwise false, `fill`
+    /// unrun.
+    fn fill_host_buffers(
+        &self,
+        _buffers: &[&Self::Buffer],
+        _fill: &mut dyn FnMut(&mut [&mut [u8]]) -> Result<()>,
+    ) -> Result<bool> {
+        Ok(false)
+    }
     /// `rows` rows of `format` held in `segments` (one buffer per segment of the format).
     fn part(
         &self,

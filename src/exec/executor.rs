@@ -1,18 +1,19 @@
 //! Carries out a [`ZigzagPlan`] for one block of sequences: each step's loads and stores run on
-//! I/O worker threads while the calling thread drives the compute on the device, then all
-//! join (the step's synchronization). A weight load is the exception: it runs on until the
-//! first compute that needs it, so the next unit's weights stream during all `nb` batches of
-//! this unit, not only the first (and an MLP's, which load beside the MLP before it, during
-//! two units). With overlap off, a step's operations run one after another
-//! on the calling thread.
+//! I/O worker threads (one per track, started once per block, with reader threads that share
+//! each weight load's reads) while the calling thread drives the compute on the device, and are
+//! waited for at the end of the step (its synchronization). A weight load is the exception: it
+//! runs on until the first compute that needs it, so the next unit's weights stream during all
+//! `nb` batches of this unit, not only the first (and an MLP's, which load beside the MLP before
+//! it, during two units). With overlap off, a step's operations run one after another on the
+//! calling thread.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::ScopedJoinHandle;
 use std::time::Instant;
 
 use super::activations::Activation;
 use super::cache::CacheCell;
+use super::io_workers::{IoWorkers, Pending, Readers};
 use super::trace::{Trace, Track};
 use super::weights::{PlacedModel, WeightSlot};
 use crate::batch::PrefixGroup;
@@ -66,16 +67,6 @@ fn is_compute_side(op: &Op) -> bool {
 
 /// A unit's weights for one token: `(token, unit)`.
 type WeightKey = (usize, usize);
-
-/// An I/O operation running on its own thread.
-type IoThread<'scope> = ScopedJoinHandle<'scope, Result<()>>;
-
-/// The result of an I/O thread, a panic as an error.
-fn joined(handle: IoThread<'_>) -> Result<()> {
-    handle
-        .join()
-        .unwrap_or_else(|_| Err(Error::invalid("executor", "an I/O thread panicked")))
-}
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -166,6 +157,10 @@ pub(super) struct BlockState<'a, D: Device> {
     pub(super) act_file: Option<OffloadFile>,
     pub(super) act_extent: Vec<u64>,
     pub(super) cache_file: Option<OffloadFile>,
+    /// Per unit of the plan, its place among the units that are not MLPs (which alternate
+    /// between slots 0 and 1), and how many such units a token has.
+    non_mlp_ordinal: Vec<usize>,
+    non_mlp_units: usize,
 }
 
 /// Runs plans over a placed model.
@@ -424,6 +419,20 @@ impl<D: Device> Executor<D> {
             act_file,
             act_extent,
             cache_file,
+            non_mlp_ordinal: plan
+                .units
+                .iter()
+                .scan(0, |n, u| {
+                    let at = *n;
+                    *n += usize::from(!matches!(u, UnitKind::Mlp(_)));
+                    Some(at)
+                })
+                .collect(),
+            non_mlp_units: plan
+                .units
+                .iter()
+                .filter(|u| !matches!(u, UnitKind::Mlp(_)))
+                .count(),
             plan,
         };
         let result = state.run();
@@ -456,79 +465,96 @@ impl<D: Device> BlockState<'_, D> {
     }
 
     fn run_steps(&self) -> Result<()> {
+        // the threads that share each weight load's reads, for the whole block
+        std::thread::scope(|rs| {
+            let readers = Readers::start(rs, self.exec.io_threads.saturating_sub(1));
+            self.run_steps_with(&readers)
+        })
+    }
+
+    fn run_steps_with<'env>(&self, readers: &Readers<'_, 'env>) -> Result<()>
+    where
+        Self: 'env,
+    {
         if !self.exec.policy.overlap {
             for step in &self.plan.steps {
                 if self.all_done() {
                     break;
                 }
                 for &op in step.ops.iter().filter(|o| !is_compute_side(o)) {
-                    self.op(op)?;
+                    self.op(op, readers)?;
                 }
                 for &op in step.ops.iter().filter(|o| matches!(o, Op::Compute(_))) {
-                    self.op(op)?;
+                    self.op(op, readers)?;
                 }
-                self.release_weights(step)?;
+                self.release_weights(step, readers)?;
             }
             return Ok(());
         }
+        let run = |op: Op| self.op(op, readers);
         std::thread::scope(|s| -> Result<()> {
+            let workers = IoWorkers::start(s, &run);
             // weight loads run from their step until the first compute that needs them (the
             // next unit's weights stream during all of this unit's batches, not only the
-            // first); other loads and stores join at the end of their step
-            let mut pending: Vec<(WeightKey, IoThread<'_>)> = Vec::new();
+            // first); other loads and stores are waited for at the end of their step
+            let mut pending: Vec<(WeightKey, Pending)> = Vec::new();
             let mut first_err = None;
             for step in &self.plan.steps {
                 if self.all_done() {
                     break;
                 }
-                let mut handles = Vec::new();
+                let mut this_step = Vec::new();
                 for &op in step.ops.iter().filter(|o| !is_compute_side(o)) {
-                    let handle = s.spawn(move || self.op(op));
+                    let done = workers.submit(op);
                     match op {
-                        Op::LoadWeight { token, unit } => pending.push(((token, unit), handle)),
-                        _ => handles.push(handle),
+                        Op::LoadWeight { token, unit } => pending.push(((token, unit), done)),
+                        _ => this_step.push(done),
                     }
                 }
                 for &op in &step.ops {
                     let Op::Compute(c) = op else { continue };
                     if let Some(i) = pending.iter().position(|p| p.0 == (c.token, c.unit)) {
-                        if let Err(e) = joined(pending.swap_remove(i).1) {
+                        if let Err(e) = pending.swap_remove(i).1.wait() {
                             first_err.get_or_insert(e);
                         }
                     }
                     if first_err.is_none() {
-                        if let Err(e) = self.op(op) {
+                        if let Err(e) = self.op(op, readers) {
                             first_err.get_or_insert(e);
                         }
                     }
                 }
-                for h in handles {
-                    if let Err(e) = joined(h) {
+                for done in this_step {
+                    if let Err(e) = done.wait() {
                         first_err.get_or_insert(e);
                     }
                 }
                 if first_err.is_some() {
                     break;
                 }
-                self.release_weights(step)?;
+                self.release_weights(step, readers)?;
             }
-            for (_, h) in pending {
-                if let Err(e) = joined(h) {
+            for (_, done) in pending {
+                if let Err(e) = done.wait() {
                     first_err.get_or_insert(e);
                 }
             }
-            first_err.map_or(Ok(()), Err)
+            let finished = workers.finish();
+            first_err.map_or(finished, Err)
         })
     }
 
     /// A step's weight releases (after the computes that used them).
-    fn release_weights(&self, step: &Step) -> Result<()> {
+    fn release_weights<'env>(&self, step: &Step, readers: &Readers<'_, 'env>) -> Result<()>
+    where
+        Self: 'env,
+    {
         for &op in step
             .ops
             .iter()
             .filter(|o| matches!(o, Op::ReleaseWeight { .. }))
         {
-            self.op(op)?;
+            self.op(op, readers)?;
         }
         Ok(())
     }
@@ -536,18 +562,16 @@ impl<D: Device> BlockState<'_, D> {
     /// The weight slot of unit `unit` of token `token`: MLPs alternate between slots 2 and 3
     /// (an MLP's weights load beside the MLP before it), the other units between 0 and 1.
     pub(super) fn unit_slot(&self, token: usize, unit: usize) -> usize {
-        let units = &self.plan.units;
-        match units[unit] {
+        match self.plan.units[unit] {
             UnitKind::Mlp(layer) => 2 + layer % 2,
-            _ => {
-                let not_mlp =
-                    |us: &[UnitKind]| us.iter().filter(|u| !matches!(u, UnitKind::Mlp(_))).count();
-                (token * not_mlp(units) + not_mlp(&units[..unit])) % 2
-            }
+            _ => (token * self.non_mlp_units + self.non_mlp_ordinal[unit]) % 2,
         }
     }
 
-    fn op(&self, op: Op) -> Result<()> {
+    fn op<'env>(&self, op: Op, readers: &Readers<'_, 'env>) -> Result<()>
+    where
+        Self: 'env,
+    {
         let exec = self.exec;
         let name = || op.to_string();
         match op {
@@ -561,7 +585,7 @@ impl<D: Device> BlockState<'_, D> {
                     placed,
                     file,
                     &exec.staging,
-                    exec.io_threads,
+                    readers,
                 )?;
                 slot.loaded = Some((token, unit, weights));
                 Ok(())

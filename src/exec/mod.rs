@@ -5,11 +5,13 @@
 //! - `executor`: blocks of sequences, the plan's steps, compute and the output unit;
 //! - `cache`: the KV cache over the tiers, and attention on the CPU;
 //! - `activations`: hidden rows between units over the tiers;
+//! - `io_workers`: the threads that run loads and stores beside compute, one per track;
 //! - [`trace`]: the timeline.
 
 mod activations;
 mod cache;
 pub(crate) mod executor;
+mod io_workers;
 pub mod trace;
 pub(crate) mod weights;
 

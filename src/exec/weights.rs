@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::io_workers::{ReadJob, Readers};
 use crate::device::recipe::{
     AttnWeights, HeadWeights, InputWeights, Linear, MlpWeights, OptNorm, UnitWeights,
 };
@@ -228,7 +229,7 @@ impl LookupTable {
 }
 
 /// The offload file's layout version: 2 since f16 weights are stored as f16 (16-bit codes).
-const MANIFEST_VERSION: u32 = 2;
+const MANIFEST_VERSION: u32 = 3;
 
 /// What the offload file must hold; equal manifests mean the file can be reused.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -571,7 +572,7 @@ impl<D: Device> Placer<'_, D> {
                         let rows = per_piece.min(end - first);
                         let offset = if tier == Tier::Disk {
                             let at = disk_cursor;
-                            disk_cursor += align_up((rows * row.row_bytes()) as u64);
+                            disk_cursor += disk_extent(rows, &row.segment_row_bytes());
                             at
                         } else {
                             0
@@ -644,7 +645,7 @@ impl<D: Device> Placer<'_, D> {
                         p.first_row,
                         p.rows,
                         p.offset,
-                        (p.rows * t.row.row_bytes()) as u64,
+                        disk_extent(p.rows, &t.row.segment_row_bytes()),
                     )
                 })
                 .chain(std::iter::once((
@@ -701,6 +702,7 @@ impl<D: Device> Placer<'_, D> {
                 }
                 Tier::Disk => Sink::Disk,
             };
+            let disk_starts = disk_segment_starts(p.rows, &seg);
             let skip = p.tier == Tier::Disk && reused;
             let chunk_rows = (CONVERT_BYTES / t.row.row_bytes().max(1)).max(1);
             let mut r = 0;
@@ -711,6 +713,7 @@ impl<D: Device> Placer<'_, D> {
                 let mut seg_base = 0;
                 for (i, data) in segs.iter().enumerate() {
                     let pos = seg_base + r * seg[i];
+                    let disk_pos = disk_starts[i] + (r * seg[i]) as u64;
                     match &mut sink {
                         Sink::Gpu(buffers) => {
                             self.dev
@@ -718,7 +721,7 @@ impl<D: Device> Placer<'_, D> {
                         }
                         Sink::Cpu(v) => v[pos..pos + data.len()].copy_from_slice(data),
                         Sink::Disk => file.as_ref().map_or(Ok(()), |f| {
-                            f.write_at(p.offset + pos as u64, data, &mut staging)
+                            f.write_at(p.offset + disk_pos, data, &mut staging)
                         })?,
                     }
                     seg_base += p.rows * seg[i];
@@ -887,16 +890,16 @@ impl<D: Device> Default for WeightSlot<D> {
 
 impl<D: Device> WeightSlot<D> {
     /// Copies unit `unit`'s streamed pieces into this slot's buffers (RAM pieces directly,
-    /// disk pieces through staging buffers, read by up to `threads` threads) and assembles its
-    /// weights.
-    pub(crate) fn load(
+    /// disk pieces through staging buffers, the pieces shared with `readers`) and assembles
+    /// its weights.
+    pub(crate) fn load<'e>(
         &mut self,
-        dev: &D,
+        dev: &'e D,
         ledger: &Arc<MemoryLedger>,
-        unit: &PlacedUnit<D>,
-        file: Option<&OffloadFile>,
-        staging: &StagingPool,
-        threads: usize,
+        unit: &'e PlacedUnit<D>,
+        file: Option<&'e OffloadFile>,
+        staging: &'e StagingPool,
+        readers: &Readers<'_, 'e>,
     ) -> Result<UnitWeights<D>> {
         let sizes: Vec<u64> = unit
             .linears
@@ -926,7 +929,7 @@ impl<D: Device> WeightSlot<D> {
                 .collect::<Result<_>>()?;
         }
         // each streamed piece with its buffers, in order
-        let mut jobs: Vec<PieceCopy<D>> = Vec::new();
+        let mut jobs: Vec<PieceCopy<'e, D>> = Vec::new();
         let mut next = 0;
         for placed in &unit.linears {
             let n = placed.format.segment_row_bytes().len();
@@ -935,44 +938,42 @@ impl<D: Device> WeightSlot<D> {
                 next += n;
             }
         }
-        let copy = |(placed, piece, bufs): &PieceCopy<D>| -> Result<()> {
-            let write = |pos: usize, bytes: &[u8]| -> Result<()> {
-                write_segments(dev, bufs, pos as u64, bytes)
-            };
-            match &piece.home {
-                PieceHome::Cpu(v) => write(0, v),
-                PieceHome::Disk(offset) => {
-                    let file = file.ok_or_else(|| {
-                        Error::invalid("offload", "disk piece without an offload file")
-                    })?;
-                    let len = piece.rows * placed.format.row_bytes();
-                    staging.with(|buf| file.read_chunks(*offset, len, buf, write))
-                }
-                PieceHome::Gpu(_) => Ok(()),
+        // pieces from RAM one job each; from disk, on a device whose buffers are host memory,
+        // each run of pieces that lie back to back in the offload file one job (one read);
+        // elsewhere each piece one job (its staged reads spread over the reader threads)
+        let merge_runs = dev.is_host();
+        let mut copies: Vec<ReadJob<'e>> = Vec::new();
+        let mut run: Vec<Segment<'_, D>> = Vec::new();
+        let mut run_at = (0u64, 0u64); // (file offset of the run, of its end)
+        let flush = |run: &mut Vec<Segment<'_, D>>, at: u64, copies: &mut Vec<ReadJob<'e>>| {
+            if !run.is_empty() {
+                let segments: Vec<(D::Buffer, usize)> =
+                    run.drain(..).map(|(b, len)| (b.clone(), len)).collect();
+                copies.push(Box::new(move || {
+                    read_segments(dev, file, staging, at, &segments)
+                }));
             }
         };
-        // disk pieces spread over the reader threads (each its own staging buffer)
-        let threads = threads.clamp(1, jobs.len().max(1));
-        if threads > 1 {
-            std::thread::scope(|s| -> Result<()> {
-                let handles: Vec<_> = (0..threads)
-                    .map(|t| {
-                        let jobs = &jobs;
-                        let copy = &copy;
-                        s.spawn(move || -> Result<()> {
-                            jobs.iter().skip(t).step_by(threads).try_for_each(copy)
-                        })
-                    })
-                    .collect();
-                for h in handles {
-                    h.join()
-                        .map_err(|_| Error::invalid("offload", "a reader thread panicked"))??;
+        for (placed, piece, bufs) in &jobs {
+            let seg = placed.format.segment_row_bytes();
+            match &piece.home {
+                PieceHome::Disk(offset) => {
+                    if *offset != run_at.1 || !merge_runs {
+                        flush(&mut run, run_at.0, &mut copies);
+                        run_at.0 = *offset;
+                    }
+                    run_at.1 = offset + disk_extent(piece.rows, &seg);
+                    run.extend(bufs.iter().zip(&seg).map(|(b, s)| (&b.0, piece.rows * s)));
                 }
-                Ok(())
-            })?;
-        } else {
-            jobs.iter().try_for_each(copy)?;
+                PieceHome::Cpu(bytes) => {
+                    let segments: Vec<(D::Buffer, u64)> = bufs.clone();
+                    copies.push(Box::new(move || write_segments(dev, &segments, 0, bytes)));
+                }
+                PieceHome::Gpu(_) => {}
+            }
         }
+        flush(&mut run, run_at.0, &mut copies);
+        readers.run_all(copies)?;
         let mut weights = unit.template.clone();
         let mut jobs = jobs.into_iter();
         for (lin, placed) in weights.linears_mut().into_iter().zip(&unit.linears) {
@@ -990,6 +991,84 @@ impl<D: Device> WeightSlot<D> {
         }
         Ok(weights)
     }
+}
+
+/// Offsets from a disk piece's start of its segments (`rows` rows of `segment_row_bytes`
+/// each): every segment starts at an aligned offset, so that it can be read straight into an
+/// aligned buffer.
+fn disk_segment_starts(rows: usize, segment_row_bytes: &[usize]) -> Vec<u64> {
+    segment_row_bytes
+        .iter()
+        .scan(0u64, |at, &s| {
+            let start = *at;
+            *at += align_up((rows * s) as u64);
+            Some(start)
+        })
+        .collect()
+}
+
+/// Bytes a disk piece of `rows` rows takes in the offload file (its segments, each rounded up
+/// to the alignment).
+fn disk_extent(rows: usize, segment_row_bytes: &[usize]) -> u64 {
+    segment_row_bytes
+        .iter()
+        .map(|&s| align_up((rows * s) as u64))
+        .sum()
+}
+
+/// A segment buffer of a streamed piece and the bytes it takes.
+type Segment<'a, D> = (&'a <D as Device>::Buffer, usize);
+
+/// Reads segments that lie one after another in the offload file from `offset` (each padded
+/// to the alignment, as [`disk_segment_starts`] lays them out) into their buffers: straight
+/// into them in one request where the device's buffers are host memory (the CPU device: no
+/// staging copy of every streamed byte), else through staging buffers, the padding skipped.
+fn read_segments<D: Device>(
+    dev: &D,
+    file: Option<&OffloadFile>,
+    staging: &StagingPool,
+    offset: u64,
+    segments: &[(D::Buffer, usize)],
+) -> Result<()> {
+    let file =
+        file.ok_or_else(|| Error::invalid("offload", "disk piece without an offload file"))?;
+    let buffers: Vec<&D::Buffer> = segments.iter().map(|s| &s.0).collect();
+    let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
+    let mut direct = false;
+    dev.fill_host_buffers(&buffers, &mut |dsts| {
+        direct = file.read_segments(offset, &lens, dsts)?;
+        Ok(())
+    })?;
+    if direct {
+        return Ok(());
+    }
+    // through staging: the run's bytes in aligned chunks, each part to its segment
+    let starts: Vec<u64> = lens
+        .iter()
+        .scan(0u64, |at, &l| {
+            let start = *at;
+            *at += align_up(l as u64);
+            Some(start)
+        })
+        .collect();
+    let extent = starts
+        .last()
+        .zip(lens.last())
+        .map_or(0, |(s, &l)| s + l as u64);
+    staging.with(|buf| {
+        file.read_chunks(offset, extent as usize, buf, |pos, bytes| {
+            let (lo, hi) = (pos as u64, (pos + bytes.len()) as u64);
+            for ((buffer, len), &start) in segments.iter().zip(&starts) {
+                // the part of [lo, hi) inside this segment's [start, start + len)
+                let (a, b) = (lo.max(start), hi.min(start + *len as u64));
+                if a < b {
+                    let part = &bytes[(a - lo) as usize..(b - lo) as usize];
+                    dev.write_buffer(buffer, a - start, part)?;
+                }
+            }
+            Ok(())
+        })
+    })
 }
 
 /// Writes `bytes` at `pos` of the concatenation of `buffers` (each `(buffer, size)`).

@@ -206,7 +206,9 @@ impl ZigzagPlan {
                 } else {
                     None
                 };
-                let early = (c.unit + 2 < plan.units.len() && plan.loads_early(c.unit + 2))
+                // (past the last unit, `loads_early` is false)
+                let early = plan
+                    .loads_early(c.unit + 2)
                     .then_some((c.token, c.unit + 2));
                 let next = next.filter(|&(_, unit)| !plan.loads_early(unit));
                 for (token, unit) in next.into_iter().chain(early) {

@@ -98,6 +98,69 @@ pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()>
     }
 }
 
+/// Reads exactly the bytes of `bufs`, one after another, from `offset` on: one system call for
+/// all of them where the platform has vectored positional reads (`preadv`), else one each.
+pub fn read_exact_vectored_at(file: &File, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<()> {
+    #[cfg(all(unix, not(target_os = "aix")))]
+    {
+        use std::os::fd::AsRawFd;
+        // (slice, bytes of it already read)
+        let (mut at, mut done, mut offset) = (0usize, 0usize, offset);
+        while at < bufs.len() {
+            if done == bufs[at].len() {
+                (at, done) = (at + 1, 0);
+                continue;
+            }
+            let iov: Vec<libc::iovec> = bufs[at..]
+                .iter_mut()
+                .enumerate()
+                .take(1024) // IOV_MAX on Linux and the BSDs
+                .map(|(i, b)| {
+                    let b = if i == 0 { &mut b[done..] } else { &mut b[..] };
+                    libc::iovec {
+                        iov_base: b.as_mut_ptr().cast(),
+                        iov_len: b.len(),
+                    }
+                })
+                .collect();
+            let pos = libc::off_t::try_from(offset)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+            // SAFETY: each iovec points into a live `&mut [u8]` of `bufs` for its length, and
+            // nothing else touches them during the call; the descriptor is open.
+            let n = unsafe { libc::preadv(file.as_raw_fd(), iov.as_ptr(), iov.len() as _, pos) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let mut n = n as usize;
+            offset += n as u64;
+            while n > 0 {
+                let take = n.min(bufs[at].len() - done);
+                (n, done) = (n - take, done + take);
+                if done == bufs[at].len() && at + 1 < bufs.len() {
+                    (at, done) = (at + 1, 0);
+                }
+            }
+        }
+        Ok(())
+    }
+    #[cfg(not(all(unix, not(target_os = "aix"))))]
+    {
+        let mut offset = offset;
+        for b in bufs.iter_mut() {
+            read_exact_at(file, b, offset)?;
+            offset += b.len() as u64;
+        }
+        Ok(())
+    }
+}
+
 /// Writes all of `buf` at `offset`.
 pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
     #[cfg(unix)]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::direct::{drop_cache, open_direct, read_exact_at, write_all_at};
+use super::direct::{drop_cache, open_direct, read_exact_at, read_exact_vectored_at, write_all_at};
 use super::{MemoryLedger, Reservation, Tier};
 use crate::error::{Error, Result};
 
@@ -223,6 +223,37 @@ impl OffloadFile {
         Ok(())
     }
 
+    /// Reads segments laid out one after another from `offset`, each `lens[i]` bytes padded
+    /// to a multiple of [`ALIGN`], straight into `dsts` (one request, no staging copy) when
+    /// that is possible: each `dsts[i]` must have room for the padded length and, with the
+    /// page cache bypassed, start at an aligned address, as `offset` must be aligned. The
+    /// padding is read along. Returns false, reading nothing, when that is not possible.
+    pub fn read_segments(
+        &self,
+        offset: u64,
+        lens: &[usize],
+        dsts: &mut [&mut [u8]],
+    ) -> Result<bool> {
+        let padded: Vec<usize> = lens.iter().map(|&l| align_up(l as u64) as usize).collect();
+        let fits = lens.len() == dsts.len()
+            && dsts.iter().zip(&padded).all(|(d, &n)| {
+                d.len() >= n && (!self.direct || d.as_ptr().align_offset(ALIGN) == 0)
+            })
+            && (!self.direct || offset.is_multiple_of(ALIGN as u64));
+        if !fits {
+            return Ok(false);
+        }
+        self.check(offset, padded.iter().sum())?;
+        let mut parts: Vec<&mut [u8]> = dsts
+            .iter_mut()
+            .zip(&padded)
+            .map(|(d, &n)| &mut d[..n])
+            .collect();
+        read_exact_vectored_at(&self.file, &mut parts, offset)
+            .map_err(|e| Error::io(&self.path, e))?;
+        Ok(true)
+    }
+
     /// Reads `dst.len()` bytes at `offset`.
     pub fn read_into(&self, offset: u64, dst: &mut [u8], staging: &mut AlignedBuf) -> Result<()> {
         self.read_chunks(offset, dst.len(), staging, |at, bytes| {
@@ -306,5 +337,49 @@ mod tests {
         let mut buf = [0u8; 10];
         let err = file.read_into(4090, &mut buf, &mut staging).unwrap_err();
         assert!(err.to_string().contains("past its end"), "{err}");
+    }
+
+    /// Segments laid out back to back, each padded to the alignment, come back whole in one
+    /// call (more of them than one `preadv` takes, too); buffers without room for the padding,
+    /// or (with O_DIRECT) at unaligned addresses or offsets, are refused with nothing read.
+    #[test]
+    fn segments_read_straight_into_aligned_buffers() {
+        let dir = tempfile::tempdir().unwrap();
+        for count in [1usize, 3, 1100] {
+            let lens: Vec<usize> = (0..count).map(|i| 1 + (i * 1237) % 9000).collect();
+            let padded: Vec<usize> = lens.iter().map(|&l| align_up(l as u64) as usize).collect();
+            let total: usize = padded.iter().sum();
+            let file =
+                OffloadFile::create(&dir.path().join("s.bin"), (total + ALIGN) as u64).unwrap();
+            let mut staging = AlignedBuf::new(ALIGN);
+            let bytes: Vec<u8> = (0..total).map(|i| (i * 31 % 251) as u8).collect();
+            file.write_at(ALIGN as u64, &bytes, &mut staging).unwrap();
+            let mut bufs: Vec<AlignedBuf> = padded.iter().map(|&n| AlignedBuf::new(n)).collect();
+            let mut dsts: Vec<&mut [u8]> = bufs.iter_mut().map(|b| b.bytes_mut()).collect();
+            assert!(file.read_segments(ALIGN as u64, &lens, &mut dsts).unwrap());
+            let mut at = 0;
+            for (b, (&l, &n)) in bufs.iter().zip(lens.iter().zip(&padded)) {
+                assert_eq!(&b.bytes()[..l], &bytes[at..at + l], "{count} segments");
+                at += n;
+            }
+            // no room for the padding: refused
+            let mut short = AlignedBuf::new(ALIGN);
+            let mut dst = [&mut short.bytes_mut()[..ALIGN - 1]];
+            assert!(!file.read_segments(0, &[10], &mut dst).unwrap());
+        }
+        let file = OffloadFile::create(&dir.path().join("d.bin"), 4 * ALIGN as u64).unwrap();
+        if file.is_direct() {
+            let mut buf = AlignedBuf::new(3 * ALIGN);
+            let mut dst = [&mut buf.bytes_mut()[1..ALIGN + 1]];
+            assert!(
+                !file.read_segments(0, &[100], &mut dst).unwrap(),
+                "unaligned address"
+            );
+            let mut dst = [&mut buf.bytes_mut()[..ALIGN]];
+            assert!(
+                !file.read_segments(512, &[100], &mut dst).unwrap(),
+                "unaligned offset"
+            );
+        }
     }
 }
