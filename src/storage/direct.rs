@@ -8,8 +8,8 @@
 //!   which the 4 KiB staging alignment gives).
 //!
 //! Elsewhere [`open_direct`] fails and callers fall back to buffered I/O. Positional reads and
-//! writes ([`read_exact_at`], [`write_all_at`]) take an offset and leave no shared cursor, so
-//! threads may share a file.
+//! writes ([`read_exact_at`], [`read_exact_vectored_at`], [`write_all_at`]) take an offset and
+//! leave no shared cursor, so threads may share a file.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -101,7 +101,15 @@ pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()>
 /// Reads exactly the bytes of `bufs`, one after another, from `offset` on: one system call for
 /// all of them where the platform has vectored positional reads (`preadv`), else one each.
 pub fn read_exact_vectored_at(file: &File, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<()> {
-    #[cfg(all(unix, not(target_os = "aix")))]
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "netbsd",
+        target_os = "openbsd",
+        target_os = "dragonfly",
+        target_os = "macos",
+    ))]
     {
         use std::os::fd::AsRawFd;
         // (slice, bytes of it already read)
@@ -114,7 +122,7 @@ pub fn read_exact_vectored_at(file: &File, bufs: &mut [&mut [u8]], offset: u64) 
             let iov: Vec<libc::iovec> = bufs[at..]
                 .iter_mut()
                 .enumerate()
-                .take(1024) // IOV_MAX on Linux and the BSDs
+                .take(1024) // IOV_MAX on these systems
                 .map(|(i, b)| {
                     let b = if i == 0 { &mut b[done..] } else { &mut b[..] };
                     libc::iovec {
@@ -150,7 +158,15 @@ pub fn read_exact_vectored_at(file: &File, bufs: &mut [&mut [u8]], offset: u64) 
         }
         Ok(())
     }
-    #[cfg(not(all(unix, not(target_os = "aix"))))]
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "netbsd",
+        target_os = "openbsd",
+        target_os = "dragonfly",
+        target_os = "macos",
+    )))]
     {
         let mut offset = offset;
         for b in bufs.iter_mut() {
