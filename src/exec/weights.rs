@@ -997,11 +997,15 @@ impl<D: Device> WeightSlot<D> {
 /// each): every segment starts at an aligned offset, so that it can be read straight into an
 /// aligned buffer.
 fn disk_segment_starts(rows: usize, segment_row_bytes: &[usize]) -> Vec<u64> {
-    segment_row_bytes
-        .iter()
-        .scan(0u64, |at, &s| {
+    aligned_starts(segment_row_bytes.iter().map(|&s| rows * s))
+}
+
+/// Offsets of segments of `lens` bytes laid one after another, each padded to the alignment.
+fn aligned_starts(lens: impl IntoIterator<Item = usize>) -> Vec<u64> {
+    lens.into_iter()
+        .scan(0u64, |at, len| {
             let start = *at;
-            *at += align_up((rows * s) as u64);
+            *at += align_up(len as u64);
             Some(start)
         })
         .collect()
@@ -1043,14 +1047,7 @@ fn read_segments<D: Device>(
         return Ok(());
     }
     // through staging: the run's bytes in aligned chunks, each part to its segment
-    let starts: Vec<u64> = lens
-        .iter()
-        .scan(0u64, |at, &l| {
-            let start = *at;
-            *at += align_up(l as u64);
-            Some(start)
-        })
-        .collect();
+    let starts = aligned_starts(lens.iter().copied());
     let extent = starts
         .last()
         .zip(lens.last())
