@@ -444,8 +444,10 @@ fn rows_times_x(
     rows_kernel(w, rows, x, m, out)
 }
 
-/// For one row of `x` against packed weights on an AVX-512 CPU: `x` in the order
-/// [`rows_dot`]'s kernel reads it (`None` where that kernel does not run).
+/// `x` in the order the AVX-512 dot-order kernels read it, row after row (`m * padded_k`
+/// values), or `None` where none runs: one row of `x` against any packed layout whose codes
+/// come in whole vectors ([`rows_dot`]), or a few rows against 4-bit codes in groups of whole
+/// 32s ([`rows_q4`]).
 fn dot_input(w: &WeightRows, x: &[f32], m: usize) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
     if let WeightRows::Packed {
@@ -458,8 +460,14 @@ fn dot_input(w: &WeightRows, x: &[f32], m: usize) -> Option<Vec<f32>> {
     {
         // 4-bit codes are read 32 at a time, others 16
         let whole = if bits == 4 { 32 } else { 16 };
-        if m == 1 && group % whole == 0 && super::x86::available() {
-            return Some(super::x86::dot_order(x, (k, padded_k, group, bits)));
+        let runs = m == 1 || bits == 4;
+        if runs && group % whole == 0 && super::x86::available() {
+            let shape = (k, padded_k, group, bits);
+            let mut xp = vec![0.0f32; m * padded_k];
+            for (row, out) in x.chunks_exact(k).zip(xp.chunks_exact_mut(padded_k)) {
+                super::x86::dot_order(row, shape, out);
+            }
+            return Some(xp);
         }
     }
     let _ = (w, x, m);
@@ -487,6 +495,73 @@ fn rows_dot(w: &WeightRows, rows: std::ops::Range<usize>, xp: &[f32], out: &mut 
     }
     let _ = (rows, xp, out);
     unreachable!("dot_input gives x only for packed rows on x86-64")
+}
+
+/// Packed 4-bit weight rows `rows` against the `m` rows of `x` given as `xp` by
+/// [`dot_input`], into `out[(r - rows.start) * m + i]`: two weight rows at a time against at
+/// most eight rows of `x` ([`super::x86::packed_rows_q4`]).
+fn rows_q4(w: &WeightRows, rows: std::ops::Range<usize>, xp: &[f32], m: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let WeightRows::Packed {
+        padded_k, group, ..
+    } = *w
+    {
+        use super::x86::packed_rows_q4;
+        let shape = (padded_k, group);
+        let mut tmp = [0.0f32; 16];
+        let mut r = rows.start;
+        while r < rows.end {
+            let take = if rows.end - r >= 2 { 2 } else { 1 };
+            for i0 in (0..m).step_by(8) {
+                let mi = (m - i0).min(8);
+                let x = &xp[i0 * padded_k..(i0 + mi) * padded_k];
+                let y = &mut tmp[..mi * take];
+                // SAFETY: dot_input checked AVX-512, 4-bit codes and groups of whole 32s;
+                // packed_row gives whole rows; x holds mi rows of padded_k values in dot
+                // order and y mi * take results
+                unsafe {
+                    if take == 2 {
+                        let w2 = [w.packed_row(r), w.packed_row(r + 1)];
+                        // the next two rows, to prefetch (the last pair's own, again)
+                        let ahead = if r + 4 <= rows.end { r + 2 } else { r };
+                        let n2 = [w.packed_row(ahead), w.packed_row(ahead + 1)];
+                        match mi {
+                            8 => packed_rows_q4::<2, 8>(w2, n2, shape, x, y),
+                            7 => packed_rows_q4::<2, 7>(w2, n2, shape, x, y),
+                            6 => packed_rows_q4::<2, 6>(w2, n2, shape, x, y),
+                            5 => packed_rows_q4::<2, 5>(w2, n2, shape, x, y),
+                            4 => packed_rows_q4::<2, 4>(w2, n2, shape, x, y),
+                            3 => packed_rows_q4::<2, 3>(w2, n2, shape, x, y),
+                            2 => packed_rows_q4::<2, 2>(w2, n2, shape, x, y),
+                            _ => packed_rows_q4::<2, 1>(w2, n2, shape, x, y),
+                        }
+                    } else {
+                        let w1 = [w.packed_row(r)];
+                        match mi {
+                            8 => packed_rows_q4::<1, 8>(w1, w1, shape, x, y),
+                            7 => packed_rows_q4::<1, 7>(w1, w1, shape, x, y),
+                            6 => packed_rows_q4::<1, 6>(w1, w1, shape, x, y),
+                            5 => packed_rows_q4::<1, 5>(w1, w1, shape, x, y),
+                            4 => packed_rows_q4::<1, 4>(w1, w1, shape, x, y),
+                            3 => packed_rows_q4::<1, 3>(w1, w1, shape, x, y),
+                            2 => packed_rows_q4::<1, 2>(w1, w1, shape, x, y),
+                            _ => packed_rows_q4::<1, 1>(w1, w1, shape, x, y),
+                        }
+                    }
+                }
+                // y[i * take + j] is x row i0 + i against weight row r + j
+                for i in 0..mi {
+                    for j in 0..take {
+                        out[(r - rows.start + j) * m + i0 + i] = y[i * take + j];
+                    }
+                }
+            }
+            r += take;
+        }
+        return;
+    }
+    let _ = (rows, xp, m, out);
+    unreachable!("dot_input gives x for several rows only for 4-bit rows on x86-64")
 }
 
 /// Decodes weight rows `rows` into `out` (`k` values per row): the AVX-512 kernel where the
@@ -554,7 +629,8 @@ fn linear_on(
                     let rows = b * block..((b + 1) * block).min(n);
                     let mut out = vec![0.0; rows.len() * m];
                     match &x_in_dot_order {
-                        Some(xp) => rows_dot(w, rows.clone(), xp, &mut out),
+                        Some(xp) if m == 1 => rows_dot(w, rows.clone(), xp, &mut out),
+                        Some(xp) => rows_q4(w, rows.clone(), xp, m, &mut out),
                         None => rows_times_x(w, rows.clone(), x, m, &mut out),
                     }
                     (rows.start, out)
@@ -708,6 +784,22 @@ mod tests {
             k32 in prop_oneof![1usize..4, 8usize..30],
             odd in 0usize..2,
             kind in 0u8..9,
+            seed in 0u64..1000,
+        ) {
+            check_case(m, n, (k32, odd), kind, seed)?;
+        }
+
+        /// A few rows of `x` (decode's batches) against 4-bit codes in groups of 32, 64 and
+        /// 128 (the dot-order kernel: two weight rows at a time, up to eight rows of `x` per
+        /// pass, then the rest), odd and even weight rows, rows long enough for more than 16
+        /// groups (scales converted 16 at a time) and ragged ends.
+        #[test]
+        fn few_rows_of_4_bit_codes_match_reference(
+            m in 2usize..24,
+            n in 1usize..20,
+            k32 in prop_oneof![1usize..4, 17usize..40],
+            odd in 0usize..2,
+            kind in prop::sample::select(vec![0u8, 4, 6]),
             seed in 0u64..1000,
         ) {
             check_case(m, n, (k32, odd), kind, seed)?;
