@@ -2,9 +2,10 @@
 //! I/O worker threads (one per track, started once per block, with reader threads that share
 //! each weight load's reads) while the calling thread drives the compute on the device, and are
 //! waited for at the end of the step (its synchronization). A weight load is the exception: it
-//! runs on until the first compute that needs it, so the next unit's weights stream during all
-//! `nb` batches of this unit, not only the first (and an MLP's, which load beside the MLP before
-//! it, during two units). With overlap off, a step's operations run one after another on the
+//! runs on until the first compute that needs it, so weights stream during all `nb` batches of
+//! the units before, not only the first (with `sep_layer` a layer ahead: the plan's
+//! `load_trigger`). The CPU device computes each unit on one of its own threads
+//! (`Device::run_unit`). With overlap off, a step's operations run one after another on the
 //! calling thread.
 
 use std::ops::Range;
@@ -157,10 +158,6 @@ pub(super) struct BlockState<'a, D: Device> {
     pub(super) act_file: Option<OffloadFile>,
     pub(super) act_extent: Vec<u64>,
     pub(super) cache_file: Option<OffloadFile>,
-    /// Per unit of the plan, its place among the units that are not MLPs (which alternate
-    /// between slots 0 and 1), and how many such units a token has.
-    non_mlp_ordinal: Vec<usize>,
-    non_mlp_units: usize,
 }
 
 /// Runs plans over a placed model.
@@ -419,20 +416,6 @@ impl<D: Device> Executor<D> {
             act_file,
             act_extent,
             cache_file,
-            non_mlp_ordinal: plan
-                .units
-                .iter()
-                .scan(0, |n, u| {
-                    let at = *n;
-                    *n += usize::from(!matches!(u, UnitKind::Mlp(_)));
-                    Some(at)
-                })
-                .collect(),
-            non_mlp_units: plan
-                .units
-                .iter()
-                .filter(|u| !matches!(u, UnitKind::Mlp(_)))
-                .count(),
             plan,
         };
         let result = state.run();
@@ -494,9 +477,9 @@ impl<D: Device> BlockState<'_, D> {
         let run = |op: Op| self.op(op, readers);
         std::thread::scope(|s| -> Result<()> {
             let workers = IoWorkers::start(s, &run);
-            // weight loads run from their step until the first compute that needs them (the
-            // next unit's weights stream during all of this unit's batches, not only the
-            // first); other loads and stores are waited for at the end of their step
+            // weight loads run from their step until the first compute that needs them (they
+            // stream during all batches of the units before, not only the first); other loads
+            // and stores are waited for at the end of their step
             let mut pending: Vec<(WeightKey, Pending)> = Vec::new();
             let mut first_err = None;
             for step in &self.plan.steps {
@@ -559,15 +542,6 @@ impl<D: Device> BlockState<'_, D> {
         Ok(())
     }
 
-    /// The weight slot of unit `unit` of token `token`: MLPs alternate between slots 2 and 3
-    /// (an MLP's weights load beside the MLP before it), the other units between 0 and 1.
-    pub(super) fn unit_slot(&self, token: usize, unit: usize) -> usize {
-        match self.plan.units[unit] {
-            UnitKind::Mlp(layer) => 2 + layer % 2,
-            _ => (token * self.non_mlp_units + self.non_mlp_ordinal[unit]) % 2,
-        }
-    }
-
     fn op<'env>(&self, op: Op, readers: &Readers<'_, 'env>) -> Result<()>
     where
         Self: 'env,
@@ -576,7 +550,7 @@ impl<D: Device> BlockState<'_, D> {
         let name = || op.to_string();
         match op {
             Op::LoadWeight { token, unit } => exec.span(Track::LoadWeight, name, || {
-                let mut slot = lock(&exec.slots[self.unit_slot(token, unit)]);
+                let mut slot = lock(&exec.slots[self.plan.weight_slot(token, unit)]);
                 let placed = &exec.model.units[unit];
                 let file = exec.model.file.as_deref();
                 let weights = slot.load(
@@ -591,7 +565,7 @@ impl<D: Device> BlockState<'_, D> {
                 Ok(())
             }),
             Op::ReleaseWeight { token, unit } => {
-                let mut slot = lock(&exec.slots[self.unit_slot(token, unit)]);
+                let mut slot = lock(&exec.slots[self.plan.weight_slot(token, unit)]);
                 slot.loaded = None;
                 // an MLP slot no later MLP of this token uses gives its buffers back, so that
                 // the output head's panels load with at most the layers' two MLPs' bytes held
@@ -611,7 +585,7 @@ impl<D: Device> BlockState<'_, D> {
             Op::LoadCache(c) => exec.span(Track::LoadCache, name, || self.load_cache(c)),
             Op::StoreCache(c) => exec.span(Track::StoreCache, name, || self.store_cache(c)),
             Op::Compute(c) => exec.span(Track::Compute, name, || {
-                self.compute(c)?;
+                exec.runner.dev.run_unit(|| self.compute(c))?;
                 exec.runner.dev.wait()
             }),
         }
@@ -620,7 +594,7 @@ impl<D: Device> BlockState<'_, D> {
     fn compute(&self, c: Cell) -> Result<()> {
         let r = &self.exec.runner;
         let weights = {
-            let slot = lock(&self.exec.slots[self.unit_slot(c.token, c.unit)]);
+            let slot = lock(&self.exec.slots[self.plan.weight_slot(c.token, c.unit)]);
             match &slot.loaded {
                 Some((t, u, w)) if (*t, *u) == (c.token, c.unit) => w.clone(),
                 _ => {

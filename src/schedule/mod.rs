@@ -4,10 +4,10 @@
 //! without a model; the executor (`crate::exec`) carries it out.
 //!
 //! Loop order (flexgen-notes.md, "Zig-zag block schedule"): for token `i`, for unit `j`, for GPU
-//! batch `k`. A unit's weights are loaded once per token and reused by all `nb` batches, so at
-//! most three units' streamed weights are on the GPU: the one computing and the next, and with
-//! `sep_layer` an MLP's beside the MLP before it (two layers' weights at most, as the cost
-//! model counts).
+//! batch `k`. A unit's weights are loaded once per token and reused by all `nb` batches into
+//! one of four weight slots (MLPs alternate between two, the other units between the other
+//! two), so at most two layers' streamed weights are on the GPU, as the cost model counts;
+//! each load starts as soon as its slot is free.
 
 use std::fmt;
 
@@ -126,6 +126,10 @@ pub struct ZigzagPlan {
     pub units: Vec<UnitKind>,
     /// Steps in order; step 0 is the prologue (first loads only).
     pub steps: Vec<Step>,
+    /// Per unit, its place among the units that are not MLPs.
+    non_mlp_ordinal: Vec<usize>,
+    /// Units per token that are not MLPs.
+    non_mlp_units: usize,
 }
 
 impl ZigzagPlan {
@@ -133,17 +137,28 @@ impl ZigzagPlan {
     /// empty cache) and cache stores only when a later token reads them.
     ///
     /// Placement follows FlexGen: the loads of cell `n + 1` share a step with the compute of
-    /// cell `n`, the stores of cell `n - 1` too; unit `j + 1`'s weights load during the step
-    /// that computes `(j, batch 0)`, so they overlap all `nb` batches of unit `j`, except an
-    /// MLP's that follows another MLP two units back: those load from that MLP's compute, so
-    /// they overlap two units (an MLP's weights are the larger part of a layer, and the
-    /// attention unit before it computes briefly). A load whose
-    /// input is not stored yet (one batch: unit `j`'s output feeds unit `j + 1` of the same
-    /// batch) moves to the first step after that store.
+    /// cell `n`, the stores of cell `n - 1` too. A unit's weights load during the steps from
+    /// the first batch of [`ZigzagPlan::load_trigger`]'s unit on: without `sep_layer` unit
+    /// `j + 1`'s beside all `nb` batches of unit `j`; with it, a layer's attention and MLP a
+    /// layer ahead (beside the three units before each), so a unit that computes longer than
+    /// the next one loads does not leave the disk idle, and one that computes shorter does
+    /// not leave the compute waiting. A load whose input is not stored yet (one batch: unit
+    /// `j`'s output feeds unit `j + 1` of the same batch) moves to the first step after that
+    /// store.
     pub fn new(shape: PlanShape) -> Self {
         let units = UnitKind::sequence(shape.layers, shape.sep_layer, shape.logit_panels);
         let nb = shape.num_batches.max(1);
         let tokens = shape.gen_len.max(1);
+        let non_mlp = |u: &UnitKind| !matches!(u, UnitKind::Mlp(_));
+        let non_mlp_ordinal = units
+            .iter()
+            .scan(0, |n, u| {
+                let at = *n;
+                *n += usize::from(non_mlp(u));
+                Some(at)
+            })
+            .collect();
+        let non_mlp_units = units.iter().filter(|u| non_mlp(u)).count();
         let mut plan = Self {
             shape: PlanShape {
                 num_batches: nb,
@@ -152,7 +167,14 @@ impl ZigzagPlan {
             },
             units,
             steps: Vec::new(),
+            non_mlp_ordinal,
+            non_mlp_units,
         };
+        // per unit, the units of the same token whose loads start beside its first batch
+        let mut triggered: Vec<Vec<usize>> = vec![Vec::new(); plan.units.len()];
+        for unit in 1..plan.units.len() {
+            triggered[plan.load_trigger(unit)].push(unit);
+        }
         let cells: Vec<Cell> = (0..tokens)
             .flat_map(|token| {
                 (0..plan.units.len())
@@ -196,22 +218,16 @@ impl ZigzagPlan {
             }];
             let compute = ready.max(weight) + 1;
             put(Op::Compute(c), compute, &mut placed);
-            // the next unit's weights start loading beside this unit's first batch (an MLP's
-            // beside the MLP two units before it)
+            // weights start loading as soon as their slot is free: beside the first batch of
+            // the unit after the one that held the slot (the next token's input beside the
+            // last unit)
             if c.batch == 0 {
-                let next = if c.unit + 1 < plan.units.len() {
-                    Some((c.token, c.unit + 1))
-                } else if c.token + 1 < tokens {
-                    Some((c.token + 1, 0))
-                } else {
-                    None
-                };
-                // (past the last unit, `loads_early` is false)
-                let early = plan
-                    .loads_early(c.unit + 2)
-                    .then_some((c.token, c.unit + 2));
-                let next = next.filter(|&(_, unit)| !plan.loads_early(unit));
-                for (token, unit) in next.into_iter().chain(early) {
+                let mut loads: Vec<(usize, usize)> =
+                    triggered[c.unit].iter().map(|&u| (c.token, u)).collect();
+                if c.unit + 1 == plan.units.len() && c.token + 1 < tokens {
+                    loads.push((c.token + 1, 0));
+                }
+                for (token, unit) in loads {
                     put(Op::LoadWeight { token, unit }, compute, &mut placed);
                 }
             }
@@ -240,12 +256,34 @@ impl ZigzagPlan {
         plan
     }
 
-    /// Whether unit `unit`'s weights load beside the compute of the unit two before it, not
-    /// the one before: an MLP that follows another MLP two units back (`sep_layer`).
-    pub fn loads_early(&self, unit: usize) -> bool {
-        unit >= 2
-            && matches!(self.units.get(unit), Some(UnitKind::Mlp(_)))
-            && matches!(self.units[unit - 2], UnitKind::Mlp(_))
+    /// The weight slot (0 to 3) that unit `unit` of token `token` streams into: MLPs alternate
+    /// between slots 2 and 3, the other units between 0 and 1, so at most two layers'
+    /// streamed weights are held at once (as the cost model counts).
+    pub fn weight_slot(&self, token: usize, unit: usize) -> usize {
+        match self.units[unit] {
+            UnitKind::Mlp(layer) => 2 + layer % 2,
+            _ => (token * self.non_mlp_units + self.non_mlp_ordinal[unit]) % 2,
+        }
+    }
+
+    /// The unit of the same token that held `unit`'s weight slot before it, if any.
+    pub fn slot_holder_before(&self, unit: usize) -> Option<usize> {
+        let mlp = |u: usize| matches!(self.units[u], UnitKind::Mlp(_));
+        // the second unit back of the same kind (MLP or not) shares the slot
+        (0..unit).rev().filter(|&u| mlp(u) == mlp(unit)).nth(1)
+    }
+
+    /// The unit (of the same token, before `unit` > 0) beside whose first batch `unit`'s
+    /// weights load: the one after the unit that held the slot before (whose release ends
+    /// the step before), so the loads run as far ahead as the slots allow; without a holder
+    /// in the token, three units ahead. With `sep_layer` a layer's attention and MLP load a
+    /// layer ahead (the disk never waits on a unit that computes longer than the next one
+    /// loads); without it, the next layer loads beside this one.
+    pub fn load_trigger(&self, unit: usize) -> usize {
+        match self.slot_holder_before(unit) {
+            Some(holder) => holder + 1,
+            None => unit.saturating_sub(3),
+        }
     }
 
     /// Every operation with its step index, in order.
@@ -380,10 +418,10 @@ mod tests {
         let text = plan.to_string();
         let expected = "\
 step    0: load_weight(i=0, j=0), load_activation(i=0, j=0, k=0); sync
-step    1: load_weight(i=0, j=1), load_activation(i=0, j=0, k=1), compute(i=0, j=0, k=0); sync
+step    1: load_weight(i=0, j=1), load_weight(i=0, j=2), load_activation(i=0, j=0, k=1), compute(i=0, j=0, k=0); sync
 step    2: load_activation(i=0, j=0, k=2), compute(i=0, j=0, k=1), store_activation(i=0, j=0, k=0); sync
 step    3: load_activation(i=0, j=1, k=0), compute(i=0, j=0, k=2), store_activation(i=0, j=0, k=1), release_weight(i=0, j=0); sync
-step    4: load_weight(i=0, j=2), load_activation(i=0, j=1, k=1), compute(i=0, j=1, k=0), store_activation(i=0, j=0, k=2); sync
+step    4: load_weight(i=0, j=3), load_activation(i=0, j=1, k=1), compute(i=0, j=1, k=0), store_activation(i=0, j=0, k=2); sync
 ";
         assert!(text.starts_with(expected), "{text}");
         // the decode token loads the cache the prefill stored, and stores none
@@ -430,53 +468,62 @@ step    4: load_weight(i=0, j=2), load_activation(i=0, j=1, k=1), compute(i=0, j
                 prop_assert!(step.ops.iter().filter(|o| matches!(o, Op::Compute(_))).count() <= 1);
             }
 
-            // at most two units' streamed weights on the GPU at any step, three when an MLP's
-            // load early (then two of them MLPs)
-            let mut resident: HashSet<(usize, usize)> = HashSet::new();
+            // a slot holds one unit's weights at a time (loads go into released slots only),
+            // MLPs in slots 2 and 3 and other units in 0 and 1: at most two MLPs' and two other
+            // units' streamed weights at any step
+            let mut in_slot: HashMap<usize, (usize, usize)> = HashMap::new();
             for step in &plan.steps {
                 for op in &step.ops {
-                    if let Op::LoadWeight { token, unit } = op {
-                        resident.insert((*token, *unit));
+                    if let Op::LoadWeight { token, unit } = *op {
+                        let slot = plan.weight_slot(token, unit);
+                        let mlp = matches!(plan.units[unit], UnitKind::Mlp(_));
+                        prop_assert_eq!(slot >= 2, mlp);
+                        let before = in_slot.insert(slot, (token, unit));
+                        prop_assert!(before.is_none(), "{} into slot {} holding {:?}", op, slot, before);
                     }
                 }
-                let mlps = resident
-                    .iter()
-                    .filter(|&&(_, u)| matches!(plan.units[u], UnitKind::Mlp(_)))
-                    .count();
-                prop_assert!(
-                    resident.len() <= 2 || (shape.sep_layer && resident.len() == 3 && mlps == 2),
-                    "{:?}",
-                    resident
-                );
                 for op in &step.ops {
-                    if let Op::Compute(c) = op {
-                        prop_assert!(resident.contains(&(c.token, c.unit)));
+                    if let Op::Compute(c) = *op {
+                        let slot = plan.weight_slot(c.token, c.unit);
+                        prop_assert_eq!(in_slot.get(&slot), Some(&(c.token, c.unit)));
                     }
-                    if let Op::ReleaseWeight { token, unit } = op {
-                        prop_assert!(resident.remove(&(*token, *unit)));
+                    if let Op::ReleaseWeight { token, unit } = *op {
+                        let slot = plan.weight_slot(token, unit);
+                        prop_assert_eq!(in_slot.remove(&slot), Some((token, unit)));
                     }
                 }
             }
-            prop_assert!(resident.is_empty());
+            prop_assert!(in_slot.is_empty());
 
-            // an MLP after another MLP loads beside that one's first batch; others beside the
-            // unit before
+            // loads in compute order, each beside the first batch of the unit after the one
+            // that held its slot before (the slots' depth, no deeper)
+            let mut last_load = None;
             for (s, op) in plan.ops() {
                 if let Op::LoadWeight { token, unit } = op {
-                    if plan.loads_early(unit) {
-                        prop_assert!(shape.sep_layer);
-                        let beside = Op::Compute(Cell { token, unit: unit - 2, batch: 0 });
-                        prop_assert_eq!(step_of.get(&beside), Some(&s));
-                    } else if unit > 0 {
-                        let beside = Op::Compute(Cell { token, unit: unit - 1, batch: 0 });
-                        prop_assert_eq!(step_of.get(&beside), Some(&s));
+                    prop_assert!(last_load < Some((token, unit)), "{} out of order", op);
+                    last_load = Some((token, unit));
+                    if unit == 0 {
+                        continue;
                     }
+                    let trigger = plan.load_trigger(unit);
+                    prop_assert!(trigger < unit);
+                    if let Some(holder) = plan.slot_holder_before(unit) {
+                        prop_assert_eq!(trigger, holder + 1);
+                    }
+                    let beside = Op::Compute(Cell { token, unit: trigger, batch: 0 });
+                    prop_assert_eq!(step_of.get(&beside), Some(&s));
                 }
             }
-            prop_assert_eq!(
-                (0..units).filter(|&u| plan.loads_early(u)).count(),
-                if shape.sep_layer { shape.layers.saturating_sub(1) } else { 0 }
-            );
+            // with sep_layer a layer's units load a layer ahead, without it the next unit
+            for (unit, kind) in plan.units.iter().enumerate() {
+                let ahead = match (shape.sep_layer, kind) {
+                    (true, UnitKind::Attention(l)) if *l >= 2 => 3,
+                    (true, UnitKind::Mlp(l)) if *l >= 1 => 3,
+                    (false, UnitKind::Layer(_)) => 1,
+                    _ => continue,
+                };
+                prop_assert_eq!(plan.load_trigger(unit), unit - ahead, "{:?}", kind);
+            }
 
             // with three or more batches, every step between prologue and epilogue computes
             if shape.num_batches >= 3 {

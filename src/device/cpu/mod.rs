@@ -823,4 +823,8 @@ impl Device for CpuDevice {
     fn wait(&self) -> Result<()> {
         Ok(())
     }
+
+    fn run_unit<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
 }
