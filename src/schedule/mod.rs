@@ -270,8 +270,9 @@ impl ZigzagPlan {
     /// briefly). Its slot's previous holder, the MLP before that one, is released by then.
     ///
     /// Loading every layer unit as far ahead as its slot allows (a layer ahead) was measured
-    /// too, on SmolLM2 with every weight on disk: no faster (decode step 0.063-0.072 s either
-    /// way, prompts of 16 and 1,024 tokens), for one more unit's weights held.
+    /// too, on SmolLM2 with every weight on disk: the disk idled less but the decode step was
+    /// no shorter, with prompts of 16 and of 1,024 tokens (BENCHMARKS.md, c, session 19), for
+    /// one more unit's weights held.
     pub fn load_trigger(&self, unit: usize) -> usize {
         let mlp = |u: usize| matches!(self.units.get(u), Some(UnitKind::Mlp(_)));
         if unit >= 2 && mlp(unit) && mlp(unit - 2) {
