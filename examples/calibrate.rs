@@ -70,6 +70,7 @@ fn run(cli: Cli) -> Result<()> {
         disk,
         quick,
     } = cli;
+    check_writable(&output)?;
     let started = Instant::now();
     let trials = if quick { 2 } else { 3 };
     let mut notes = vec![format!(
@@ -361,6 +362,34 @@ fn run(cli: Cli) -> Result<()> {
     profile.validate(std::path::Path::new("<calibrated>"))?;
     write_text(&output, &profile.to_toml())?;
     eprintln!("calibration took {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Refuses an output the profile could not be written to (a directory, a missing or
+/// read-only folder) before the measurements, not after them.
+fn check_writable(output: &str) -> Result<()> {
+    if output == "-" {
+        return Ok(());
+    }
+    let path = std::path::Path::new(output);
+    if path.is_dir() {
+        return Err(ferrogen::Error::invalid(
+            "--output",
+            format!("`{output}` is a directory: name a file such as {output}/profile.toml"),
+        ));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let probe = dir.join(format!(".ferrogen-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| {
+        ferrogen::Error::invalid(
+            "--output",
+            format!("cannot write in `{}`: {e}", dir.display()),
+        )
+    })?;
+    let _ = std::fs::remove_file(&probe);
     Ok(())
 }
 

@@ -33,8 +33,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use common::{open_job_input, open_output, positive, print_placement, DeviceArgs, JobArgs};
+use common::{finish_job, job_meta, open_job_input, open_output, positive, print_placement};
 use common::{BackendKind, Counts, Progress};
+use common::{DeviceArgs, JobArgs};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::engine::Engine;
 use ferrogen::generation::{generate_jsonl, GenDefaults, GenOptions, GenSummary};
@@ -96,6 +97,26 @@ struct Args {
 }
 
 impl Args {
+    /// The job's meta record: the flags that change its answers (a record's own fields
+    /// override them, and the record is part of the input's fingerprint).
+    fn meta(&self) -> ferrogen::job::JobMeta {
+        let m = &self.memory;
+        job_meta(
+            "generate",
+            &[
+                ("--max-tokens", self.max_tokens.to_string()),
+                ("--temperature", self.temperature.to_string()),
+                ("--top-p", self.top_p.to_string()),
+                ("--top-k", self.top_k.to_string()),
+                ("--seed", self.seed.to_string()),
+                ("--stop", format!("{:?}", self.stop)),
+                ("--compress-weight", m.compress_weight.to_string()),
+                ("--compress-cache", m.compress_cache.to_string()),
+                ("--f16-cache", m.f16_cache.to_string()),
+            ],
+        )
+    }
+
     /// The job's options: the flags' defaults for what records leave out.
     fn job_options(&self) -> GenOptions {
         let mut job = GenOptions::default();
@@ -190,14 +211,26 @@ fn run_job(a: &Args, input: &str, output: &str) -> ExitCode {
                 "the generation job runs on the engine: drop --backend reference",
             ));
         }
-        let job_input = open_job_input(input, output, &a.job)?;
+        let mut job_input = open_job_input(input, output, &a.job, &a.model, a.meta())?;
         let files = ModelFiles::open(&a.model)?;
         files.tokenizer()?;
+        let context = files.config.max_context();
+        if a.max_tokens > context {
+            return Err(Error::invalid(
+                "--max-tokens",
+                format!(
+                    "{} new tokens do not fit the model's context of {context} tokens (with \
+                     the prompt): give fewer",
+                    a.max_tokens
+                ),
+            ));
+        }
         let engine = open_engine(a, files, a.batch_records, a.prompt_len)?;
-        let out = open_output(output, a.job.resume)?;
-        Ok((engine, job_input, out))
+        let job_output = job_input.output.take();
+        let out = open_output(output, job_output.as_ref(), &job_input.meta, a.job.resume)?;
+        Ok((engine, job_input, out, job_output))
     })();
-    let (engine, job_input, out) = match prepared {
+    let (engine, job_input, out, job_output) = match prepared {
         Ok(p) => p,
         Err(e) => return common::exit_status(Err(e)),
     };
@@ -209,42 +242,39 @@ fn run_job(a: &Args, input: &str, output: &str) -> ExitCode {
     options.skip_records = job_input.answered;
     options.shard = job_input.shard;
     options.progress_every = progress.every();
+    options.interrupt = Some(ferrogen::job::received_signal);
     let reader = BufReader::new(job_input.reader);
-    let summary = match generate_jsonl(&engine, tokenizer, reader, out, &options, |s| {
+    let result = generate_jsonl(&engine, tokenizer, reader, out, &options, |s| {
         progress.update(counts(s))
-    }) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    progress.finish(counts(&summary));
-    let skipped = if summary.skipped > 0 {
-        format!(" ({} answered before, skipped)", summary.skipped)
-    } else {
-        String::new()
-    };
-    eprintln!(
-        "done: {} records{skipped}, {} generated, {} failed; {} prompt tokens, {} new tokens \
-         in {:.2} s = {:.1} generated tokens/s",
-        summary.records,
-        summary.generated,
-        summary.failed,
-        summary.prompt_tokens,
-        summary.new_tokens,
-        summary.seconds,
-        summary.tokens_per_second()
-    );
-    if summary.failed > 0 {
-        ExitCode::from(3)
-    } else {
-        ExitCode::SUCCESS
+    });
+    if let Ok(summary) = &result {
+        progress.finish(counts(summary));
+        let skipped = if summary.skipped > 0 {
+            format!(" ({} answered before, skipped)", summary.skipped)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "done: {} records{skipped}, {} generated, {} failed; {} prompt tokens, {} new \
+             tokens in {:.2} s = {:.1} generated tokens/s",
+            summary.records,
+            summary.generated,
+            summary.failed,
+            summary.prompt_tokens,
+            summary.new_tokens,
+            summary.seconds,
+            summary.tokens_per_second()
+        );
     }
+    let status = finish_job(result.map(|s| s.failed), job_output);
+    // the engine (and its offload files) goes before the process does
+    drop(engine);
+    status
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    ferrogen::job::stop_on_signals();
     match (&args.input, &args.output) {
         (Some(input), Some(output)) => run_job(&args, input, output),
         // clap requires prompts or an input, and an output with an input

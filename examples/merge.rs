@@ -39,6 +39,14 @@ fn run(cli: Cli) -> Result<()> {
         output,
         shards,
     } = cli;
+    // the merged output must not be what it is made of
+    let mut inputs = vec![("the input", std::path::Path::new(&input))];
+    inputs.extend(
+        shards
+            .iter()
+            .map(|s| ("a shard output", std::path::Path::new(s))),
+    );
+    ferrogen::job::refuse_overwriting_inputs("--output", output.as_ref(), &inputs)?;
     let file = std::fs::File::open(&input).map_err(|e| Error::io(&input, e))?;
     let ids = read_ids(BufReader::new(file), &input)?;
     let texts = shards
@@ -52,7 +60,12 @@ fn run(cli: Cli) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let mut merged = Vec::new();
     merge_shards(&ids, &texts, &mut merged)?;
-    std::fs::write(&output, merged).map_err(|e| Error::io(&output, e))?;
+    // whole or not at all: written beside the output under the output's lock, then renamed
+    let out = ferrogen::job::JobOutput::prepare(output.as_ref(), false)?;
+    let mut file = out.open(false)?;
+    std::io::Write::write_all(&mut file, &merged).map_err(|e| Error::io(out.partial(), e))?;
+    drop(file);
+    out.finish()?;
     eprintln!(
         "merged {} records from {} shards into {output}",
         ids.len(),

@@ -37,8 +37,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use common::{open_job_input, open_output, positive, print_placement, DeviceArgs, JobArgs};
+use common::{finish_job, job_meta, open_job_input, open_output, positive, print_placement};
 use common::{BackendKind, Counts, Progress};
+use common::{DeviceArgs, JobArgs};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::engine::{Engine, Placement};
 use ferrogen::format_size;
@@ -99,6 +100,10 @@ struct Args {
     /// Write a Chrome trace (open it in Perfetto) of every load, compute and store.
     #[arg(long, value_name = "FILE.json")]
     trace: Option<PathBuf>,
+    /// Before the job, read every weight once and stop with an error naming the first tensor
+    /// that holds a NaN or an infinity.
+    #[arg(long)]
+    check_weights: bool,
 }
 
 impl Args {
@@ -110,6 +115,23 @@ impl Args {
         options.window = self.window;
         options.stride = self.stride;
         options
+    }
+
+    /// The job's meta record: the flags that change its answers.
+    fn meta(&self) -> ferrogen::job::JobMeta {
+        let m = &self.memory;
+        job_meta(
+            "score",
+            &[
+                ("--per-token", self.per_token.to_string()),
+                ("--window", format!("{:?}", self.window)),
+                ("--stride", format!("{:?}", self.stride)),
+                ("--backend", format!("{:?}", self.backend)),
+                ("--compress-weight", m.compress_weight.to_string()),
+                ("--compress-cache", m.compress_cache.to_string()),
+                ("--f16-cache", m.f16_cache.to_string()),
+            ],
+        )
     }
 
     /// A flag that places memory (the engine's), if any is given.
@@ -156,6 +178,8 @@ struct Job {
     model: Backend,
     input: Box<dyn Read>,
     output: Box<dyn Write>,
+    /// The locked output file (`None` for stdout), renamed into place when the job ends.
+    output_file: Option<ferrogen::job::JobOutput>,
     /// Records answered by an earlier run (`--resume`).
     answered: usize,
     /// Records this run answers.
@@ -166,7 +190,13 @@ struct Job {
 
 /// Opens input, model and output (any failure here exits with status 2).
 fn prepare(args: &Args) -> Result<Job> {
-    let input = open_job_input(&args.input, &args.output, &args.job)?;
+    let mut input = open_job_input(
+        &args.input,
+        &args.output,
+        &args.job,
+        &args.model,
+        args.meta(),
+    )?;
     let model = match args.backend {
         BackendKind::Reference => {
             if let Some(flag) = args.memory_flag() {
@@ -198,10 +228,25 @@ fn prepare(args: &Args) -> Result<Job> {
     };
     // --window and --stride against the model's context, before the output is created
     args.score_options().windows(model.scorer().config())?;
+    if args.check_weights {
+        let files = match &model {
+            Backend::Engine(e) => e.files(),
+            Backend::Reference(_, files) => files,
+        };
+        files.check_finite()?;
+        eprintln!("weights: every value is finite");
+    }
+    let output_file = input.output.take();
     Ok(Job {
         model,
         input: input.reader,
-        output: open_output(&args.output, args.job.resume)?,
+        output: open_output(
+            &args.output,
+            output_file.as_ref(),
+            &input.meta,
+            args.job.resume,
+        )?,
+        output_file,
         answered: input.answered,
         remaining: input.remaining,
         shard: input.shard,
@@ -281,7 +326,8 @@ fn counts(s: &ScoreSummary) -> Counts {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let job = match prepare(&args) {
+    ferrogen::job::stop_on_signals();
+    let mut job = match prepare(&args) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e}");
@@ -297,6 +343,7 @@ fn main() -> ExitCode {
     options.skip_records = job.answered;
     options.shard = job.shard;
     options.progress_every = progress.every();
+    options.interrupt = Some(ferrogen::job::received_signal);
     let result = score_jsonl(
         job.model.scorer(),
         tokenizer,
@@ -307,39 +354,29 @@ fn main() -> ExitCode {
     );
     if let Ok(s) = &result {
         progress.finish(counts(s));
-    }
-    match result {
-        Err(e) => {
+        let skipped = if s.skipped > 0 {
+            format!(" ({} answered before, skipped)", s.skipped)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "done: {} records{skipped}, {} scored, {} failed; {} tokens in {:.2} s = {:.1} \
+             tokens/s; corpus perplexity {:.4} over {} scored tokens",
+            s.records,
+            s.scored,
+            s.failed,
+            s.tokens,
+            s.seconds,
+            s.tokens_per_second(),
+            s.corpus_ppl(),
+            s.scored_tokens
+        );
+        if let Err(e) = report(&args, &job.model) {
             eprintln!("error: {e}");
-            ExitCode::from(1)
-        }
-        Ok(s) => {
-            let skipped = if s.skipped > 0 {
-                format!(" ({} answered before, skipped)", s.skipped)
-            } else {
-                String::new()
-            };
-            eprintln!(
-                "done: {} records{skipped}, {} scored, {} failed; {} tokens in {:.2} s = {:.1} \
-                 tokens/s; corpus perplexity {:.4} over {} scored tokens",
-                s.records,
-                s.scored,
-                s.failed,
-                s.tokens,
-                s.seconds,
-                s.tokens_per_second(),
-                s.corpus_ppl(),
-                s.scored_tokens
-            );
-            if let Err(e) = report(&args, &job.model) {
-                eprintln!("error: {e}");
-                return ExitCode::from(1);
-            }
-            if s.failed > 0 {
-                ExitCode::from(3)
-            } else {
-                ExitCode::SUCCESS
-            }
         }
     }
+    let status = finish_job(result.map(|s| s.failed), job.output_file.take());
+    // the engine (and its offload files) goes before the process does
+    drop(job.model);
+    status
 }

@@ -7,6 +7,12 @@ use crate::error::{Error, Result};
 /// in the error message.
 pub fn parse_size(text: &str, flag: &str) -> Result<u64> {
     let t = text.trim();
+    if t.starts_with('-') {
+        return Err(Error::invalid(
+            flag,
+            format!("`{text}` is negative: a size is at least 0 (e.g. 512MiB, 2GiB)"),
+        ));
+    }
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
@@ -70,6 +76,10 @@ mod tests {
             .to_string();
         assert!(e.contains("--gpu-mem") && e.contains("unit"), "{e}");
         assert!(parse_size("lots", "--x").is_err());
+        for negative in ["-5MiB", " -1", "-0.5GiB"] {
+            let e = parse_size(negative, "--cpu-mem").unwrap_err().to_string();
+            assert!(e.contains("--cpu-mem") && e.contains("negative"), "{e}");
+        }
         assert_eq!(format_size(3 << 29), "1.50 GiB");
     }
 }

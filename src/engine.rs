@@ -26,7 +26,7 @@ use crate::device::recipe::Runner;
 use crate::device::{CacheFormat, CpuDevice, Device, DeviceKind};
 use crate::error::{Error, Result};
 use crate::exec::executor::{Executor, GenControl};
-use crate::exec::weights::{remove_offload, Placer};
+use crate::exec::weights::Placer;
 use crate::exec::{SeqResult, Task, Trace};
 use crate::gpu::{GpuContext, WgpuDevice};
 use crate::layout::{workspace_bytes, RunOptions, WeightFormat, CHUNK_ROWS, LOGIT_ROWS};
@@ -35,7 +35,7 @@ use crate::policy::cost::CacheRowBytes;
 use crate::policy::search::{search, SearchOptions};
 use crate::policy::{CostModel, HardwareProfile, HeadBytes, Policy, Workload};
 use crate::sampling::{Decoding, Sampling};
-use crate::storage::offload::StagingPool;
+use crate::storage::offload::{OffloadDir, StagingPool};
 use crate::storage::{MemoryLedger, Tier};
 
 /// The hardware profile measured on the CI machine (2 cores, lavapipe), used when a search
@@ -207,11 +207,10 @@ trait BlockRunner: Send + Sync {
     fn placed_bytes(&self) -> [u64; 3];
     fn streamed_bytes(&self) -> u64;
     fn reused(&self) -> bool;
+    fn damaged(&self) -> bool;
     fn trace(&self) -> Option<Trace>;
     fn describe(&self) -> String;
     fn is_host(&self) -> bool;
-    /// Closes the offload file (before it is removed).
-    fn close_offload(&mut self);
 }
 
 impl<D: Device> BlockRunner for Executor<D> {
@@ -244,6 +243,9 @@ impl<D: Device> BlockRunner for Executor<D> {
     fn reused(&self) -> bool {
         self.model.reused
     }
+    fn damaged(&self) -> bool {
+        self.model.damaged
+    }
     fn trace(&self) -> Option<Trace> {
         self.trace
             .as_ref()
@@ -255,9 +257,6 @@ impl<D: Device> BlockRunner for Executor<D> {
     fn is_host(&self) -> bool {
         self.runner.dev.is_host()
     }
-    fn close_offload(&mut self) {
-        self.model.file = None;
-    }
 }
 
 /// A model placed across the tiers, ready to score or generate.
@@ -267,8 +266,6 @@ pub struct Engine {
     /// share the device, the weight slots and the budgets).
     block_lock: Mutex<()>,
     files: ModelFiles,
-    offload_dir: Option<PathBuf>,
-    keep_offload: bool,
     /// The cost model the policy search placed the model with (`None`: a policy file): its
     /// workload is the records the placement was sized for, and its memory forms screen a
     /// call's longer records before any work.
@@ -279,6 +276,9 @@ pub struct Engine {
     stats: Mutex<BlockStats>,
     /// Whether scoring shares common prefixes ([`EngineOptions::share_prefixes`]).
     share_prefixes: bool,
+    /// The disk tier's directory: declared last, so dropped after the executor's files (it
+    /// is removed when this run created it and left it empty).
+    _offload_dir: Option<OffloadDir>,
 }
 
 /// How full an engine's blocks were ([`Engine::block_stats`]).
@@ -428,11 +428,12 @@ impl Engine {
             }
             options.gpu_budget = options.cpu_budget;
         }
-        let disk_budget = match &options.offload_dir {
-            Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-                crate::policy::calibrate::free_disk_bytes(dir).unwrap_or(u64::MAX)
-            }
+        let offload_dir = match &options.offload_dir {
+            Some(dir) => Some(OffloadDir::prepare(dir)?),
+            None => None,
+        };
+        let disk_budget = match &offload_dir {
+            Some(dir) => crate::policy::calibrate::free_disk_bytes(dir.path()).unwrap_or(u64::MAX),
             None => 0,
         };
         // disk reads in the chunk size and thread count the profile found best (when given)
@@ -575,6 +576,7 @@ impl Engine {
             )?,
             ledger: &ledger,
             offload_dir: options.offload_dir.as_deref(),
+            keep_offload: options.keep_offload,
         }
         .place()?;
         runner.dev.wait()?;
@@ -595,12 +597,11 @@ impl Engine {
             executor: Box::new(executor),
             block_lock: Mutex::new(()),
             files,
-            offload_dir: options.offload_dir,
-            keep_offload: options.keep_offload,
             searched,
             stats: Mutex::new(BlockStats::default()),
             budgets: [options.gpu_budget, options.cpu_budget, disk_budget],
             share_prefixes: options.share_prefixes,
+            _offload_dir: offload_dir,
         })
     }
 
@@ -643,6 +644,12 @@ impl Engine {
     /// Whether the offloaded weights were reused from an earlier run.
     pub fn reused_offload(&self) -> bool {
         self.executor.reused()
+    }
+
+    /// Whether a kept offload file for this model and placement was found damaged (a
+    /// checksum failed) and written anew.
+    pub fn rewrote_damaged_offload(&self) -> bool {
+        self.executor.damaged()
     }
 
     /// The timeline so far (when opened with `trace`).
@@ -1040,18 +1047,6 @@ impl Engine {
     /// Peak bytes held per tier so far: `[GPU, CPU, disk]`.
     pub fn peaks(&self) -> [u64; 3] {
         Tier::ALL.map(|t| self.executor.ledger().peak(t))
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        if !self.keep_offload {
-            if let Some(dir) = &self.offload_dir {
-                // the file handle goes first, then the files
-                self.executor.close_offload();
-                remove_offload(dir);
-            }
-        }
     }
 }
 

@@ -158,6 +158,14 @@ pub enum Error {
         reason: String,
     },
 
+    /// A job stopped by a signal (SIGINT, SIGTERM or SIGHUP) between batches; its answers so
+    /// far are written.
+    #[error("stopped by signal {signal}: the answers so far are kept (continue with --resume)")]
+    Interrupted {
+        /// The signal's number.
+        signal: i32,
+    },
+
     /// A feature that exists in the interface but is not built yet.
     #[error("{what} is not built yet")]
     NotBuilt {

@@ -74,6 +74,9 @@ pub struct GenOptions {
     pub skip_records: usize,
     /// Generate only this shard's records.
     pub shard: Option<Shard>,
+    /// Asked between batches: a signal's number stops the job with [`Error::Interrupted`],
+    /// the answers so far written (`None`: never stops).
+    pub interrupt: Option<fn() -> Option<i32>>,
 }
 
 impl Default for GenOptions {
@@ -84,6 +87,7 @@ impl Default for GenOptions {
             progress_every: Duration::from_secs(2),
             skip_records: 0,
             shard: None,
+            interrupt: None,
         }
     }
 }
@@ -152,9 +156,13 @@ fn parse_request(
     line: &str,
     defaults: &GenDefaults,
     tokenizer: &TextTokenizer,
-    vocab: usize,
-    eos: Option<u32>,
+    config: &crate::model::ModelConfig,
 ) -> std::result::Result<Request, (Value, String)> {
+    let (vocab, eos, context) = (
+        config.vocab_size(),
+        config.eos_token_id(),
+        config.max_context(),
+    );
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Raw {
@@ -207,6 +215,15 @@ fn parse_request(
     if max_tokens == 0 {
         return Err(fail("max_tokens must be at least 1".into()));
     }
+    // the last new token is predicted from prompt + max_tokens - 1 positions
+    if prompt.len() + max_tokens - 1 > context {
+        return Err(fail(format!(
+            "a prompt of {} tokens and max_tokens {max_tokens} need {} positions, more than \
+             the model's context of {context}: shorten the prompt or lower max_tokens",
+            prompt.len(),
+            prompt.len() + max_tokens - 1
+        )));
+    }
     let stop = raw.stop.unwrap_or_else(|| defaults.stop.clone());
     if stop.iter().any(String::is_empty) {
         return Err(fail("a stop string is empty".into()));
@@ -256,22 +273,18 @@ pub fn generate_jsonl(
     let mut last_report = start;
     let mut summary = GenSummary::default();
     let config = engine.files().config.clone();
-    let eos = config.eos_token_id();
     let io_err = |e: std::io::Error| Error::io("<output>", e);
     let mut pending: Vec<std::result::Result<Request, (Value, String)>> = Vec::new();
     let mut lines = JobLines::new(input, options.shard, options.skip_records);
     loop {
+        if let Some(signal) = options.interrupt.and_then(|f| f()) {
+            return Err(Error::Interrupted { signal });
+        }
         let next = lines.next_line()?;
         (summary.records, summary.skipped) = (lines.records, lines.skipped);
         let at_end = next.is_none();
         if let Some(line) = next {
-            pending.push(parse_request(
-                &line,
-                &options.defaults,
-                tokenizer,
-                config.vocab_size(),
-                eos,
-            ));
+            pending.push(parse_request(&line, &options.defaults, tokenizer, &config));
         }
         if pending.len() >= options.batch_records.max(1) || (at_end && !pending.is_empty()) {
             run_batch(engine, tokenizer, &mut pending, &mut output, &mut summary)?;
@@ -289,7 +302,9 @@ pub fn generate_jsonl(
 }
 
 /// Generates for a batch's requests, longest prompt first, and writes every answer (errors
-/// too) in input order.
+/// too) in input order. Requests run in engine calls whose longest prompt and largest
+/// max_tokens fit the model's context together (each request fits on its own), so that no
+/// request fails because of another.
 fn run_batch(
     engine: &Engine,
     tokenizer: &TextTokenizer,
@@ -298,42 +313,35 @@ fn run_batch(
     summary: &mut GenSummary,
 ) -> Result<()> {
     let io_err = |e: std::io::Error| Error::io("<output>", e);
+    let context = engine.files().config.max_context();
     let mut order: Vec<usize> = (0..pending.len()).filter(|&i| pending[i].is_ok()).collect();
     let request = |i: usize| pending[i].as_ref().ok();
     order.sort_by_key(|&i| std::cmp::Reverse(request(i).map_or(0, |r| r.prompt.len())));
-    let prompts: Vec<&[u32]> = order
-        .iter()
-        .filter_map(|&i| request(i).map(|r| r.prompt.as_slice()))
-        .collect();
-    let decoding: Vec<Decoding> = order
-        .iter()
-        .filter_map(|&i| request(i).map(|r| r.decoding.clone()))
-        .collect();
-    let stops: Vec<&[String]> = order
-        .iter()
-        .filter_map(|&i| request(i).map(|r| r.stop.as_slice()))
-        .collect();
-    // a stop string anywhere in the text so far (decoding fails: not yet)
-    let stop = |k: usize, tokens: &[u32]| -> bool {
-        !stops[k].is_empty()
-            && tokenizer
-                .decode(tokens)
-                .is_ok_and(|text| stops[k].iter().any(|s| text.contains(s.as_str())))
-    };
-    let mut results = vec![None; prompts.len()];
-    let outcome = engine.generate_with_each(&prompts, &decoding, &stop, |first, block| {
-        for (k, r) in block.into_iter().enumerate() {
-            results[first + k] = Some(r);
+    // calls: runs of the order whose first (longest) prompt and largest max_tokens fit
+    let mut calls: Vec<Vec<usize>> = Vec::new();
+    let mut call_need = (0, 0); // (longest prompt, largest max_tokens) of the last call
+    for &i in &order {
+        let Some(r) = request(i) else { continue };
+        let (p, m) = (
+            call_need.0.max(r.prompt.len()),
+            call_need.1.max(r.decoding.max_tokens),
+        );
+        match calls.last_mut() {
+            Some(call) if p + m - 1 <= context => {
+                call.push(i);
+                call_need = (p, m);
+            }
+            _ => {
+                calls.push(vec![i]);
+                call_need = (r.prompt.len(), r.decoding.max_tokens);
+            }
         }
-        ControlFlow::Continue(())
-    });
+    }
     let mut answer: Vec<Option<std::result::Result<_, String>>> = vec![None; pending.len()];
-    for (k, &i) in order.iter().enumerate() {
-        answer[i] = Some(match (&outcome, results[k].take()) {
-            (_, Some(r)) => Ok(r),
-            (Err(e), None) => Err(e.to_string()),
-            (Ok(()), None) => Err("no result".to_string()),
-        });
+    for call in calls {
+        for (i, a) in generate_call(engine, tokenizer, pending, &call) {
+            answer[i] = Some(a);
+        }
     }
     for (p, a) in pending.drain(..).zip(answer) {
         let line = match (p, a) {
@@ -378,6 +386,51 @@ fn run_batch(
         writeln!(output, "{line}").map_err(io_err)?;
     }
     Ok(())
+}
+
+/// One engine call for the requests `call` (indices into `pending`): each one's result or
+/// the call's error.
+fn generate_call(
+    engine: &Engine,
+    tokenizer: &TextTokenizer,
+    pending: &[std::result::Result<Request, (Value, String)>],
+    call: &[usize],
+) -> Vec<(usize, std::result::Result<crate::exec::SeqResult, String>)> {
+    let requests: Vec<&Request> = call
+        .iter()
+        .filter_map(|&i| pending[i].as_ref().ok())
+        .collect();
+    let prompts: Vec<&[u32]> = requests.iter().map(|r| r.prompt.as_slice()).collect();
+    let decoding: Vec<Decoding> = requests.iter().map(|r| r.decoding.clone()).collect();
+    let stops: Vec<&[String]> = requests.iter().map(|r| r.stop.as_slice()).collect();
+    // a stop string anywhere in the text so far (decoding fails: not yet)
+    let stop = |k: usize, tokens: &[u32]| -> bool {
+        !stops[k].is_empty()
+            && tokenizer
+                .decode(tokens)
+                .is_ok_and(|text| stops[k].iter().any(|s| text.contains(s.as_str())))
+    };
+    let mut results = vec![None; prompts.len()];
+    let outcome = engine.generate_with_each(&prompts, &decoding, &stop, |first, block| {
+        for (k, r) in block.into_iter().enumerate() {
+            results[first + k] = Some(r);
+        }
+        ControlFlow::Continue(())
+    });
+    call.iter()
+        .zip(results)
+        .map(|(&i, r)| {
+            let a = match (&outcome, r) {
+                (_, Some(r)) => match r.logprobs.iter().position(|v| !v.is_finite()) {
+                    Some(t) => Err(format!("non-finite log-probability at token {}", t + 1)),
+                    None => Ok(r),
+                },
+                (Err(e), None) => Err(e.to_string()),
+                (Ok(()), None) => Err("no result".to_string()),
+            };
+            (i, a)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -96,6 +96,7 @@ pub mod error;
 pub mod exec;
 pub mod generation;
 pub mod gpu;
+pub mod job;
 pub mod layout;
 pub mod model;
 pub mod policy;

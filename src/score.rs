@@ -70,6 +70,9 @@ pub struct ScoreOptions {
     pub skip_records: usize,
     /// Score only this shard's records (`None`: all of them).
     pub shard: Option<Shard>,
+    /// Asked between batches: a signal's number stops the job with [`Error::Interrupted`],
+    /// the answers so far written (`None`: never stops).
+    pub interrupt: Option<fn() -> Option<i32>>,
 }
 
 /// One of `count` disjoint shards of an input: the records at positions `index`, `index +
@@ -186,6 +189,7 @@ impl Default for ScoreOptions {
             stride: None,
             skip_records: 0,
             shard: None,
+            interrupt: None,
         }
     }
 }
@@ -464,23 +468,49 @@ struct ErrorLine<'a> {
     error: &'a str,
 }
 
-/// One result awaiting output, in input order.
-enum Pending {
-    Failed(RecordError),
-    /// Scored as the batch members `parts` (index, first counted prediction): one, or one per
-    /// rolling window; a `pair` answers with `is_greedy`.
-    InBatch {
-        id: Value,
-        parts: Vec<(usize, usize)>,
-        pair: bool,
-    },
+/// A record awaiting its answer, in input order: failed at once, or being scored window by
+/// window (a long record's windows may span several batches).
+struct Pending {
+    id: Value,
+    /// Why it failed, if it did (its later windows are then not scored).
+    failure: Option<String>,
+    /// A context/continuation pair answers with `is_greedy`.
+    pair: bool,
+    /// Its members in the current batch: (index, first counted prediction).
+    parts: Vec<(usize, usize)>,
+    /// The counted scores of its windows scored so far.
+    scores: TokenScores,
+    /// Whether all its windows are in a batch (so it is answered once they are scored).
+    complete: bool,
+}
+
+impl Pending {
+    fn failed(e: RecordError) -> Self {
+        Self {
+            id: e.id,
+            failure: Some(e.reason),
+            pair: false,
+            parts: Vec::new(),
+            scores: TokenScores::default(),
+            complete: true,
+        }
+    }
+}
+
+/// A job's batch: token sequences (records or their windows) and their total length.
+#[derive(Default)]
+struct Batch {
+    seqs: Vec<Vec<u32>>,
+    tokens: usize,
 }
 
 /// Runs a scoring job from `input` to `output`; `progress` is called every
 /// [`ScoreOptions::progress_every`] with the counts so far. Returns the final summary.
 ///
-/// Only I/O errors on `input` or `output` stop the job: every record-level problem becomes an
-/// error line.
+/// Only I/O errors on `input` or `output`, and a signal ([`ScoreOptions::interrupt`]), stop
+/// the job: every record-level problem becomes an error line, a non-finite log-probability
+/// included. A record longer than a batch is scored window by window over several batches,
+/// so memory stays bounded whatever its length.
 pub fn score_jsonl(
     scorer: &dyn Scorer,
     tokenizer: Result<&TextTokenizer>,
@@ -493,67 +523,168 @@ pub fn score_jsonl(
     let mut last_report = start;
     let mut summary = ScoreSummary::default();
     let mut pending: Vec<Pending> = Vec::new();
-    let mut batch: Vec<Vec<u32>> = Vec::new();
-    let mut batch_len = 0;
+    let mut batch = Batch::default();
     let config = scorer.config().clone();
     let (max_len, stride) = options.windows(&config)?;
     let batch_tokens = options
         .batch_tokens
         .unwrap_or_else(|| scorer.batch_tokens().unwrap_or(0).max(2048));
-    let io_err = |e: std::io::Error| Error::io("<output>", e);
-
     let mut lines = JobLines::new(input, options.shard, options.skip_records);
+    let mut report = |summary: &mut ScoreSummary, force: bool| {
+        summary.seconds = start.elapsed().as_secs_f64();
+        if force || last_report.elapsed() >= options.progress_every {
+            last_report = Instant::now();
+            progress(summary);
+        }
+    };
     loop {
+        if let Some(signal) = options.interrupt.and_then(|f| f()) {
+            flush(
+                scorer,
+                &mut batch,
+                &mut pending,
+                &mut output,
+                options,
+                &mut summary,
+            )?;
+            return Err(Error::Interrupted { signal });
+        }
         let next = lines.next_line()?;
         (summary.records, summary.skipped) = (lines.records, lines.skipped);
-        let at_end = next.is_none();
-        if let Some(line) = next {
-            match prepare(&line, &tokenizer, &config, max_len) {
-                Ok(p) => {
-                    // one pass, or windows when too long for one (prepare fits pairs with a
-                    // context into one)
-                    let windows = if p.tokens.len() <= max_len {
-                        vec![Window {
-                            range: 0..p.tokens.len(),
-                            scored_from: p.scored_from,
-                        }]
-                    } else {
-                        rolling_windows(p.tokens.len(), max_len, stride)?
-                    };
-                    let mut parts = Vec::new();
-                    for w in windows {
-                        batch_len += w.range.len();
-                        parts.push((batch.len(), w.scored_from));
-                        batch.push(p.tokens[w.range].to_vec());
-                    }
-                    pending.push(Pending::InBatch {
-                        id: p.id,
-                        parts,
-                        pair: p.pair,
-                    });
-                }
-                Err(e) => pending.push(Pending::Failed(e)),
-            }
-        }
-        if batch_len >= batch_tokens || (at_end && !pending.is_empty()) {
-            let results = score_batch(scorer, &batch);
-            for p in pending.drain(..) {
-                write_result(&mut output, p, &batch, &results, options, &mut summary)
-                    .map_err(io_err)?;
-            }
-            output.flush().map_err(io_err)?;
-            batch.clear();
-            batch_len = 0;
-        }
-        summary.seconds = start.elapsed().as_secs_f64();
-        if last_report.elapsed() >= options.progress_every {
-            last_report = Instant::now();
-            progress(&summary);
-        }
-        if at_end {
+        let Some(line) = next else {
+            flush(
+                scorer,
+                &mut batch,
+                &mut pending,
+                &mut output,
+                options,
+                &mut summary,
+            )?;
+            report(&mut summary, false);
             return Ok(summary);
+        };
+        let p = match prepare(&line, &tokenizer, &config, max_len) {
+            Ok(p) => p,
+            Err(e) => {
+                pending.push(Pending::failed(e));
+                continue;
+            }
+        };
+        drop(line);
+        // one pass, or windows when too long for one (prepare fits pairs with a context
+        // into one)
+        let windows = if p.tokens.len() <= max_len {
+            vec![Window {
+                range: 0..p.tokens.len(),
+                scored_from: p.scored_from,
+            }]
+        } else {
+            rolling_windows(p.tokens.len(), max_len, stride)?
+        };
+        pending.push(Pending {
+            id: p.id,
+            failure: None,
+            pair: p.pair,
+            parts: Vec::new(),
+            scores: TokenScores::default(),
+            complete: false,
+        });
+        // the record is the last pending one: those before it may be answered and drained
+        // when a batch fills mid-record, it cannot
+        for w in windows {
+            if batch.tokens >= batch_tokens {
+                score_pending(scorer, &mut batch, &mut pending, &mut summary);
+                write_answered(&mut output, &mut pending, options, &mut summary)?;
+                report(&mut summary, false);
+                if let Some(signal) = options.interrupt.and_then(|f| f()) {
+                    return Err(Error::Interrupted { signal });
+                }
+            }
+            let Some(record) = pending.last_mut() else {
+                break;
+            };
+            if record.failure.is_some() {
+                break; // a window failed: the rest are not scored
+            }
+            batch.tokens += w.range.len();
+            record.parts.push((batch.seqs.len(), w.scored_from));
+            batch.seqs.push(p.tokens[w.range].to_vec());
+        }
+        if let Some(record) = pending.last_mut() {
+            record.complete = true;
+        }
+        if batch.tokens >= batch_tokens {
+            flush(
+                scorer,
+                &mut batch,
+                &mut pending,
+                &mut output,
+                options,
+                &mut summary,
+            )?;
+        }
+        report(&mut summary, false);
+    }
+}
+
+/// Scores the batch and writes every record it completes.
+fn flush(
+    scorer: &dyn Scorer,
+    batch: &mut Batch,
+    pending: &mut Vec<Pending>,
+    output: &mut impl Write,
+    options: &ScoreOptions,
+    summary: &mut ScoreSummary,
+) -> Result<()> {
+    score_pending(scorer, batch, pending, summary);
+    write_answered(output, pending, options, summary)
+}
+
+/// Scores the batch, hands each record its windows' counted scores (or its failure), and
+/// empties the batch.
+fn score_pending(
+    scorer: &dyn Scorer,
+    batch: &mut Batch,
+    pending: &mut [Pending],
+    summary: &mut ScoreSummary,
+) {
+    let results = score_batch(scorer, &batch.seqs);
+    for p in pending.iter_mut() {
+        for (index, scored_from) in p.parts.drain(..) {
+            if p.failure.is_some() {
+                continue;
+            }
+            match &results[index] {
+                Ok(s) => {
+                    p.scores.logprobs.extend(&s.logprobs[scored_from..]);
+                    p.scores.greedy.extend(&s.greedy[scored_from..]);
+                    summary.tokens += batch.seqs[index].len();
+                }
+                Err(reason) => p.failure = Some(reason.clone()),
+            }
         }
     }
+    batch.seqs.clear();
+    batch.tokens = 0;
+}
+
+/// Writes the answers of the records at the front of `pending` that are complete, in order,
+/// and flushes them.
+fn write_answered(
+    output: &mut impl Write,
+    pending: &mut Vec<Pending>,
+    options: &ScoreOptions,
+    summary: &mut ScoreSummary,
+) -> Result<()> {
+    let io_err = |e: std::io::Error| Error::io("<output>", e);
+    let done = pending
+        .iter()
+        .position(|p| !p.complete || !p.parts.is_empty())
+        .unwrap_or(pending.len());
+    for p in pending.drain(..done) {
+        write_result(output, p, options, summary).map_err(io_err)?;
+    }
+    output.flush().map_err(io_err)
 }
 
 /// The lines of a job's input that it answers: records (lines that are not blank) of its
@@ -894,69 +1025,51 @@ fn score_batch(
     }
 }
 
+/// The position (among the scored tokens) of the first log-probability that is NaN or
+/// infinite: a model that computes one is broken (a NaN weight, an overflow), and its sum is
+/// no answer.
+fn first_non_finite(logprobs: &[f32]) -> Option<usize> {
+    logprobs.iter().position(|v| !v.is_finite())
+}
+
 fn write_result(
     out: &mut impl Write,
-    pending: Pending,
-    batch: &[Vec<u32>],
-    results: &[std::result::Result<TokenScores, String>],
+    p: Pending,
     options: &ScoreOptions,
     summary: &mut ScoreSummary,
 ) -> std::io::Result<()> {
-    let line = match pending {
-        Pending::Failed(e) => {
-            summary.failed += 1;
-            serde_json::to_string(&ErrorLine {
-                id: &e.id,
-                error: &e.reason,
+    let lps = p.scores.logprobs.as_slice();
+    let failure = p.failure.or_else(|| {
+        first_non_finite(lps).map(|i| format!("non-finite log-probability at token {}", i + 1))
+    });
+    let line = if let Some(reason) = failure {
+        summary.failed += 1;
+        serde_json::to_string(&ErrorLine {
+            id: &p.id,
+            error: &reason,
+        })
+    } else {
+        let logprob: f64 = lps.iter().map(|&v| f64::from(v)).sum();
+        summary.scored += 1;
+        summary.scored_tokens += lps.len();
+        summary.logprob += logprob;
+        let token_logprobs = options.per_token.then_some(lps);
+        if p.pair {
+            serde_json::to_string(&PairLine {
+                id: &p.id,
+                logprob,
+                is_greedy: p.scores.greedy.iter().all(|&g| g),
+                scored_tokens: lps.len(),
+                token_logprobs,
             })
-        }
-        Pending::InBatch { id, parts, pair } => {
-            let mut scores = TokenScores::default();
-            let mut failure = None;
-            for &(index, scored_from) in &parts {
-                match &results[index] {
-                    Ok(s) => {
-                        scores.logprobs.extend(&s.logprobs[scored_from..]);
-                        scores.greedy.extend(&s.greedy[scored_from..]);
-                        summary.tokens += batch[index].len();
-                    }
-                    Err(reason) => {
-                        failure = Some(reason.as_str());
-                        break;
-                    }
-                }
-            }
-            if let Some(reason) = failure {
-                summary.failed += 1;
-                serde_json::to_string(&ErrorLine {
-                    id: &id,
-                    error: reason,
-                })
-            } else {
-                let lps = scores.logprobs.as_slice();
-                let logprob: f64 = lps.iter().map(|&v| f64::from(v)).sum();
-                summary.scored += 1;
-                summary.scored_tokens += lps.len();
-                summary.logprob += logprob;
-                let token_logprobs = options.per_token.then_some(lps);
-                if pair {
-                    serde_json::to_string(&PairLine {
-                        id: &id,
-                        logprob,
-                        is_greedy: scores.greedy.iter().all(|&g| g),
-                        scored_tokens: lps.len(),
-                        token_logprobs,
-                    })
-                } else {
-                    serde_json::to_string(&ScoredLine {
-                        id: &id,
-                        scored_tokens: lps.len(),
-                        logprob,
-                        ppl: (-logprob / lps.len() as f64).exp(),
-                        token_logprobs,
-                    })
-                }
-            }
+        } else {
+            serde_json::to_string(&ScoredLine {
+                id: &p.id,
+                scored_tokens: lps.len(),
+                logprob,
+                ppl: (-logprob / lps.len() as f64).exp(),
+                token_logprobs,
+            })
         }
     }
     .map_err(std::io::Error::other)?;

@@ -346,7 +346,7 @@ fn progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise() {
     // not a terminal: a plain line per report (every batch with --progress-every 0)
     let plain_out = dir.path().join("plain.jsonl").display().to_string();
     let mut args = job(&plain_out).to_vec();
-    args.extend(["--progress-every".into(), "0".into()]);
+    args.extend(["--progress-every".into(), "0.001".into()]);
     let out = Command::new(&args[0]).args(&args[1..]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");

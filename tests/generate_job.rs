@@ -43,21 +43,30 @@ fn tokens(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-/// Runs `generate ... --resume` on `input` into `output` `kills` times, each killed (SIGKILL)
-/// soon after it answered more records (0-10% of `full_run` later, the delays drawn from
-/// `seed`), then once more to the end; returns how many kills left the job unfinished (each
-/// such resume had work to pick up).
+/// Runs `generate ... --resume` on `input` into `output` `kills` times, each stopped by a
+/// signal (`signals` in turn: SIGKILL, or one the job handles) soon after it answered more
+/// records (0-10% of `full_run` later, the delays drawn from `seed`), then once more to the
+/// end; returns how many signals left the job unfinished (each such resume had work to pick
+/// up). A handled signal must end the run with status 128 + its number (or 0 when the run
+/// had finished), its answers so far whole lines, and no file of its own left in `offload`.
 fn kill_and_resume(
     (input, output): (&Path, &Path),
     flags: &[&str],
     (kills, seed): (usize, u64),
     full_run: std::time::Duration,
     total: usize,
+    (signals, offload): (&[i32], Option<&Path>),
 ) -> usize {
-    let lines = || std::fs::read_to_string(output).map_or(0, |t| t.lines().count());
+    let partial = ferrogen::job::partial_path(output);
+    let text = || {
+        std::fs::read_to_string(&partial)
+            .or_else(|_| std::fs::read_to_string(output))
+            .unwrap_or_default()
+    };
+    let lines = || text().lines().count();
     let mut seed = seed;
     let mut mid_run = 0;
-    for _ in 0..kills {
+    for k in 0..kills {
         seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
         let at = full_run.mul_f64(0.1 * (seed >> 11) as f64 / (1u64 << 53) as f64);
         let before = lines();
@@ -70,8 +79,30 @@ fn kill_and_resume(
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         std::thread::sleep(at);
-        child.kill().unwrap();
-        child.wait().unwrap();
+        let signal = signals[k % signals.len()];
+        // SAFETY: a signal to our own child process
+        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        let status = child.wait().unwrap();
+        if signal != libc::SIGKILL {
+            assert!(
+                matches!(status.code(), Some(0)) || status.code() == Some(128 + signal),
+                "signal {signal}: {status:?}"
+            );
+            let t = text();
+            assert!(
+                t.is_empty() || t.ends_with('\n'),
+                "whole lines after signal {signal}"
+            );
+            if let Some(dir) = offload {
+                let left: Vec<_> = std::fs::read_dir(dir)
+                    .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                    .unwrap_or_default();
+                assert!(
+                    left.is_empty(),
+                    "left in the offload dir after signal {signal}: {left:?}"
+                );
+            }
+        }
         if lines() < total {
             mid_run += 1;
         }
@@ -81,6 +112,10 @@ fn kill_and_resume(
         .status()
         .unwrap();
     assert!(status.success());
+    if let Some(dir) = offload {
+        let left = std::fs::read_dir(dir).map_or(0, |d| d.count());
+        assert_eq!(left, 0, "files left in the offload dir at the end");
+    }
     mid_run
 }
 
@@ -276,6 +311,7 @@ fn killed_generation_jobs_resume_to_the_same_answers() {
         (10, 0x2545_f491_4f6c_dd1d),
         full_run,
         600,
+        (&[libc::SIGKILL], None),
     );
     assert!(mid_run >= 3, "only {mid_run} of 10 kills landed mid-run");
     let got = json_lines(&std::fs::read_to_string(&resumed).unwrap());
@@ -287,10 +323,11 @@ fn killed_generation_jobs_resume_to_the_same_answers() {
     }
 }
 
-/// A greedy job with half the weights and all of the f16 cache on disk, killed (SIGKILL) 8
-/// times, each run soon after it answered its first records, and resumed each time: the
-/// offload file and the cache file a killed run leaves behind do not leak into the answers,
-/// which are an uninterrupted run's, every record once, in order.
+/// A greedy job with half the weights and all of the f16 cache on disk, stopped 8 times by
+/// SIGKILL, SIGTERM, SIGINT and SIGHUP in turn, each run soon after it answered its first
+/// records, and resumed each time: a handled signal leaves whole lines and nothing in the
+/// offload directory; the files a killed run leaves behind are swept by the next run and do
+/// not leak into the answers, which are an uninterrupted run's, every record once, in order.
 #[test]
 fn killed_jobs_with_weights_and_f16_cache_on_disk_resume_to_the_same_answers() {
     let dir = tempfile::tempdir().unwrap();
@@ -333,6 +370,10 @@ fn killed_jobs_with_weights_and_f16_cache_on_disk_resume_to_the_same_answers() {
         (8, 0x9e37_79b9_7f4a_7c15),
         full_run,
         records.len(),
+        (
+            &[libc::SIGKILL, libc::SIGTERM, libc::SIGINT, libc::SIGHUP],
+            Some(&offload),
+        ),
     );
     assert!(mid_run >= 3, "only {mid_run} of 8 kills landed mid-run");
     let got = json_lines(&std::fs::read_to_string(&resumed).unwrap());

@@ -421,8 +421,9 @@ fn score_example_offloads_with_a_policy_and_writes_a_trace() {
             "no {cat} span"
         );
     }
+    // (the directory this run created goes too, once empty)
     assert_eq!(
-        std::fs::read_dir(&offload).unwrap().count(),
+        std::fs::read_dir(&offload).map_or(0, |d| d.count()),
         0,
         "offload files left"
     );

@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use ferrogen::device::DeviceKind;
 use ferrogen::engine::{default_profile, EngineOptions, Placement};
+use ferrogen::job::{JobMeta, JobOutput};
 use ferrogen::policy::{HardwareProfile, Policy};
 use ferrogen::score::Shard;
 use ferrogen::{Error, Result};
@@ -49,6 +50,14 @@ pub fn seconds(text: &str) -> std::result::Result<Duration, String> {
         .ok()
         .and_then(|s| Duration::try_from_secs_f64(s).ok())
         .ok_or_else(|| format!("`{text}` is not a number of seconds"))
+}
+
+/// Parses a number of seconds above 0, e.g. `0.5` (a clap value parser).
+pub fn positive_seconds(text: &str) -> std::result::Result<Duration, String> {
+    match seconds(text)? {
+        d if d.is_zero() => Err("must be more than 0 seconds (e.g. 0.5)".into()),
+        d => Ok(d),
+    }
 }
 
 /// Parses `K/N`, shard K (from 0) of N (a clap value parser).
@@ -166,13 +175,19 @@ impl DeviceArgs {
         })
     }
 
+    /// The disk tier's directory: `--offload-dir`, else the system's temp directory (the
+    /// files there are named by process or by model and placement, so runs can share it).
+    pub fn offload_dir(&self) -> PathBuf {
+        self.offload_dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+
     /// Engine options for `placement` under these flags' device, budgets and offload
     /// directory.
     pub fn engine_options(&self, placement: Placement) -> EngineOptions {
         EngineOptions::new(placement)
             .gpu_budget(self.gpu_mem.unwrap_or(u64::MAX))
             .cpu_budget(self.cpu_mem.unwrap_or(u64::MAX))
-            .offload_dir(self.offload_dir.clone())
+            .offload_dir(self.offload_dir())
             .device(self.device)
     }
 }
@@ -192,7 +207,7 @@ pub struct JobArgs {
     #[arg(long, value_name = "N", value_parser = positive, conflicts_with = "shard")]
     pub shards: Option<usize>,
     /// Seconds between progress lines when stderr is not a terminal (a terminal shows a bar).
-    #[arg(long, value_name = "SECONDS", default_value = "2", value_parser = seconds)]
+    #[arg(long, value_name = "SECONDS", default_value = "2", value_parser = positive_seconds)]
     pub progress_every: Duration,
 }
 
@@ -223,8 +238,7 @@ pub const WEIGHT_FORMATS: [(&str, u32, usize); 5] = [
     ("FlexGen 4-bit", 4, 64),
 ];
 
-/// A JSONL job's input, opened for its run: the records this process answers (its shard's,
-/// past those an interrupted run's output already answers when resuming).
+/// A JSONL job's input, opened for its run, and where its answers go.
 pub struct JobInput {
     /// The input, from its start (read twice: stdin is held in memory).
     pub reader: Box<dyn std::io::Read>,
@@ -234,33 +248,68 @@ pub struct JobInput {
     pub answered: usize,
     /// Records of the shard this run answers (the progress display's total).
     pub remaining: usize,
+    /// The output file, locked (`None` for stdout).
+    pub output: Option<JobOutput>,
+    /// What the answers depend on, written beside the output when it is opened.
+    pub meta: JobMeta,
 }
 
-/// Opens `input` (`-`: stdin), checks its ids are unique (an error before any work), finds
-/// this process's shard (`--shard`, else Slurm's or Kubernetes' environment, `--shards` giving
-/// an Indexed Job's count) and, with `--resume`, how many of its records `output` answers
-/// already (cutting a torn last line).
-pub fn open_job_input(input: &str, output: &str, flags: &JobArgs) -> Result<JobInput> {
+/// Opens a JSONL job: refuses an `output` that is the input or the model (through links),
+/// locks it (one job per output), opens `input` (`-`: stdin), checks its ids are unique (an
+/// error before any work), finds this process's shard (`--shard`, else Slurm's or Kubernetes'
+/// environment, `--shards` giving an Indexed Job's count) and, with `--resume`, checks that
+/// the output was made by the same work (`meta`: the job's kind and its answer-changing
+/// flags; the input's and model's fingerprints are added here) and how many of its records
+/// it answers already (cutting a torn last line).
+pub fn open_job_input(
+    input: &str,
+    output: &str,
+    flags: &JobArgs,
+    model: &std::path::Path,
+    mut meta: JobMeta,
+) -> Result<JobInput> {
+    use ferrogen::job::{fingerprint_bytes, fingerprint_file, refuse_overwriting_inputs};
     use ferrogen::score::{read_ids, resume_point};
     use std::io::Read;
-    let (ids, reader): (_, Box<dyn Read>) = if input == "-" {
+    if flags.resume && output == "-" {
+        return Err(Error::invalid("--resume", "needs --output to be a file"));
+    }
+    let job_output = if output == "-" {
+        None
+    } else {
+        let mut inputs = vec![("the model", model)];
+        if input != "-" {
+            inputs.push(("the input", input.as_ref()));
+        }
+        refuse_overwriting_inputs("--output", output.as_ref(), &inputs)?;
+        Some(JobOutput::prepare(output.as_ref(), flags.resume)?)
+    };
+    let (ids, reader, fingerprint): (_, Box<dyn Read>, _) = if input == "-" {
         let mut bytes = Vec::new();
         std::io::stdin()
             .read_to_end(&mut bytes)
             .map_err(|e| Error::io("<stdin>", e))?;
         let ids = read_ids(bytes.as_slice(), "<stdin>")?;
-        (ids, Box::new(std::io::Cursor::new(bytes)))
+        let fingerprint = fingerprint_bytes(&bytes);
+        (ids, Box::new(std::io::Cursor::new(bytes)), fingerprint)
     } else {
         let open = || std::fs::File::open(input).map_err(|e| Error::io(input, e));
         (
             read_ids(std::io::BufReader::new(open()?), input)?,
             Box::new(open()?),
+            fingerprint_file(input.as_ref())?,
         )
     };
+    meta.input = fingerprint;
+    meta.model = ferrogen::model::fingerprint(model)?;
     let shard = match flags.shard {
         Some(s) => Some(s),
         None => Shard::from_env(|v| std::env::var(v).ok(), flags.shards)?,
     };
+    if let Some(s) = shard {
+        meta.flags
+            .insert("--shard".into(), format!("{}/{}", s.index, s.count));
+    }
     let ids: Vec<_> = match shard {
         Some(s) => {
             eprintln!(
@@ -275,40 +324,90 @@ pub fn open_job_input(input: &str, output: &str, flags: &JobArgs) -> Result<JobI
         }
         None => ids,
     };
-    let answered = if flags.resume {
-        if output == "-" {
-            return Err(Error::invalid("--resume", "needs --output to be a file"));
+    let answered = match (&job_output, flags.resume) {
+        (Some(out), true) => {
+            meta.check_resume(output.as_ref())?;
+            let answered = resume_point(out.partial(), &ids)?;
+            eprintln!(
+                "resume: {answered} of {} records already answered in {output}",
+                ids.len()
+            );
+            answered
         }
-        let answered = resume_point(output.as_ref(), &ids)?;
-        eprintln!(
-            "resume: {answered} of {} records already answered in {output}",
-            ids.len()
-        );
-        answered
-    } else {
-        0
+        _ => 0,
     };
     Ok(JobInput {
         reader,
         shard,
         answered,
         remaining: ids.len().saturating_sub(answered),
+        output: job_output,
+        meta,
     })
 }
 
-/// A job's output: stdout for `-`, else the file, created anew, or appended to when resuming.
-pub fn open_output(path: &str, resume: bool) -> Result<Box<dyn std::io::Write>> {
-    Ok(if path == "-" {
-        Box::new(std::io::stdout())
-    } else if resume {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path);
-        Box::new(file.map_err(|e| Error::io(path, e))?)
-    } else {
-        Box::new(std::fs::File::create(path).map_err(|e| Error::io(path, e))?)
+/// A job's output: stdout for `-`, else the locked output's partial file (created anew, or
+/// appended to when resuming), after writing the job's meta file beside the output.
+pub fn open_output(
+    path: &str,
+    output: Option<&JobOutput>,
+    meta: &JobMeta,
+    resume: bool,
+) -> Result<Box<dyn std::io::Write>> {
+    Ok(match output {
+        None => Box::new(std::io::stdout()),
+        Some(out) => {
+            meta.write(path.as_ref())?;
+            Box::new(out.open(resume)?)
+        }
     })
+}
+
+/// A job's meta record before the input and model are fingerprinted: its kind and the flags
+/// that change its answers (`(flag, value as given)`).
+pub fn job_meta(job: &str, flags: &[(&str, String)]) -> JobMeta {
+    JobMeta {
+        job: job.to_string(),
+        input: String::new(),
+        model: String::new(),
+        flags: flags
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    }
+}
+
+/// How a job that ran ends: the output renamed into place when the job finished (its
+/// records answered, some perhaps with errors), else the error reported; the exit status:
+/// 0, 3 when records failed, 128 + the signal's number when stopped by one (the answers so
+/// far kept for `--resume`), 1 for an I/O error.
+pub fn finish_job(result: Result<usize>, output: Option<JobOutput>) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    match result {
+        Ok(failed) => {
+            if let Some(out) = output {
+                if let Err(e) = out.finish() {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+            if failed > 0 {
+                ExitCode::from(3)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(Error::Interrupted { signal }) => {
+            eprintln!(
+                "stopped by signal {signal}: the answers so far are kept; continue with --resume"
+            );
+            ExitCode::from(ferrogen::job::signal_exit_status(signal))
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// A long job's progress on stderr: on a terminal a bar (records done of all, failures,
@@ -525,6 +624,10 @@ mod tests {
             (&["--count", "0"], &["--count", "at least 1"]),
             (&["--count", "three"], &["--count", "`three`"]),
             (&["--progress-every=-1"], &["--progress-every", "`-1`"]),
+            (
+                &["--progress-every", "0"],
+                &["--progress-every", "more than 0"],
+            ),
             (
                 &["--progress-every", "soon"],
                 &["--progress-every", "`soon`"],

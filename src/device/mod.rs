@@ -189,8 +189,16 @@ impl LogitState {
     /// `sum' = sum_a e^(max_a - max') + sum_b e^(max_b - max')`; the argmax moves only to a
     /// strictly larger logit, so the first of equal values stays.
     pub fn merge(&mut self, later: &LogitState) {
-        let max = self.max.max(later.max);
-        if max > f32::NEG_INFINITY {
+        // a NaN logit makes the row's logprobs NaN (f32::max would drop it)
+        let max = if later.max.is_nan() || later.max > self.max {
+            later.max
+        } else {
+            self.max
+        };
+        if max.is_nan() {
+            self.max = max;
+            self.sum = f64::NAN;
+        } else if max > f32::NEG_INFINITY {
             let scaled = |m: f32, s: f64| {
                 if s == 0.0 {
                     0.0

@@ -53,6 +53,7 @@ impl<D: Device> ResidentModel<D> {
             logit_panels: 1,
             ledger: &ledger,
             offload_dir: None,
+            keep_offload: false,
         }
         .place()?;
         dev.wait()?;

@@ -393,11 +393,10 @@ impl<D: Device> Executor<D> {
                 )
             })?;
             let held = self.ledger.reserve(Tier::Disk, bytes, name)?;
-            let path = dir.join(format!(
-                "ferrogen-{}-{}.bin",
-                name.replace(' ', "-"),
-                std::process::id()
-            ));
+            let path = dir.join(crate::storage::offload::private_file_name(&format!(
+                "ferrogen-{}",
+                name.replace(' ', "-")
+            )));
             Ok(Some((OffloadFile::create(&path, bytes)?, held)))
         };
         // the files and their disk reservations live for the block
@@ -418,11 +417,8 @@ impl<D: Device> Executor<D> {
             cache_file,
             plan,
         };
-        let result = state.run();
-        for f in [&state.cache_file, &state.act_file].into_iter().flatten() {
-            let _ = std::fs::remove_file(f.path());
-        }
-        result?;
+        // (the block's files are removed when dropped, whatever the result)
+        state.run()?;
         let mut out = Vec::with_capacity(n);
         for b in state.batches {
             out.extend(b.into_inner().unwrap_or_else(|e| e.into_inner()).results);

@@ -6,9 +6,11 @@
 //! would not fit one device buffer is cut into pieces.
 
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use super::io_workers::{ReadJob, Readers};
 use crate::device::recipe::{
@@ -23,7 +25,7 @@ use crate::model::weights::decode_to_f32;
 use crate::model::{DType, ModelConfig, ModelFiles, TensorSpec, WeightSource};
 use crate::policy::TierSplit;
 use crate::schedule::UnitKind;
-use crate::storage::offload::{align_up, AlignedBuf, OffloadFile, StagingPool};
+use crate::storage::offload::{align_up, private_file_name, AlignedBuf, OffloadFile, StagingPool};
 use crate::storage::{MemoryLedger, Reservation, Tier, WeightPlacer};
 
 /// Rows converted at a time while placing weights (bounds the transient memory).
@@ -228,19 +230,29 @@ impl LookupTable {
     }
 }
 
-/// The offload file's layout version: 2 since f16 weights are stored as f16 (16-bit codes).
-const MANIFEST_VERSION: u32 = 3;
+/// The offload file's layout version: 2 since f16 weights are stored as f16 (16-bit codes), 4
+/// since the model is named by its fingerprint and the file carries checksums.
+const MANIFEST_VERSION: u32 = 4;
 
-/// What the offload file must hold; equal manifests mean the file can be reused.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// What the offload file must hold; equal manifests mean the file can be reused. The file is
+/// named by the manifest's hash, so runs of other models or placements never share one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Manifest {
     version: u32,
+    /// The model's fingerprint ([`crate::model::fingerprint`]).
     model: String,
-    model_bytes: u64,
-    model_modified: u64,
     format: String,
     /// `(tensor, first row, rows, offset, bytes)`.
     pieces: Vec<(String, usize, usize, u64, u64)>,
+}
+
+/// A kept offload file's record beside it: its manifest and, for every region written, the
+/// xxh3 hash of its bytes, checked before the file is reused.
+#[derive(Debug, Serialize, Deserialize)]
+struct OffloadRecord {
+    manifest: Manifest,
+    /// `(offset, bytes, xxh3)` of each segment and of the table's rows.
+    checksums: Vec<(u64, u64, u64)>,
 }
 
 /// A piece to be created: which tensor rows, on which tier, where on disk.
@@ -270,6 +282,8 @@ pub(crate) struct PlacedModel<D: Device> {
     pub placed_bytes: [u64; 3],
     /// Whether an existing offload file was reused.
     pub reused: bool,
+    /// Whether a kept offload file failed its checksums (and was written anew).
+    pub damaged: bool,
     _held: Vec<Reservation>,
 }
 
@@ -284,6 +298,8 @@ pub(crate) struct Placer<'a, D: Device> {
     pub logit_panels: usize,
     pub ledger: &'a Arc<MemoryLedger>,
     pub offload_dir: Option<&'a std::path::Path>,
+    /// Keep the offload file for later runs (named by its manifest, with a record of it).
+    pub keep_offload: bool,
 }
 
 /// The linear weights of a unit before placement: each weight (with its optional bias), its
@@ -625,15 +641,12 @@ impl<D: Device> Placer<'_, D> {
         // the offload file: reuse when it holds exactly these pieces of this model
         let manifest = Manifest {
             version: MANIFEST_VERSION,
-            model: self.files.path.display().to_string(),
-            model_bytes: std::fs::metadata(&self.files.path)
-                .map(|m| m.len())
-                .unwrap_or(0),
-            model_modified: std::fs::metadata(&self.files.path)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_secs()),
+            // (only a file on disk is named by it)
+            model: if disk_cursor > 0 {
+                crate::model::fingerprint(&self.files.path)?
+            } else {
+                String::new()
+            },
             format: format!("{:?}", self.format),
             pieces: pieces
                 .iter()
@@ -657,8 +670,8 @@ impl<D: Device> Placer<'_, D> {
                 )))
                 .collect(),
         };
-        let (file, reused) = if disk_cursor == 0 {
-            (None, false)
+        let (mut file, reused, damaged) = if disk_cursor == 0 {
+            (None, false, false)
         } else {
             let dir = self.offload_dir.ok_or_else(|| {
                 Error::invalid(
@@ -670,12 +683,13 @@ impl<D: Device> Placer<'_, D> {
                 self.ledger
                     .reserve(Tier::Disk, disk_cursor, "offloaded weights")?,
             );
-            let (file, reused) = open_offload(dir, &manifest, disk_cursor)?;
-            (Some(Arc::new(file)), reused)
+            let (file, reused, damaged) = open_offload(dir, &manifest, disk_cursor)?;
+            (Some(file), reused, damaged)
         };
 
         // pass 2: convert each tensor a few rows at a time into its pieces
         let mut staging = AlignedBuf::new(1 << 20);
+        let mut checksums: Vec<(u64, u64, u64)> = Vec::new();
         let mut placed: Vec<PlacedLinear<D>> = tensors
             .iter()
             .map(|t| PlacedLinear {
@@ -704,6 +718,8 @@ impl<D: Device> Placer<'_, D> {
             };
             let disk_starts = disk_segment_starts(p.rows, &seg);
             let skip = p.tier == Tier::Disk && reused;
+            // each disk segment's bytes arrive in order: hashed for the file's record
+            let mut hashers: Vec<Xxh3> = seg.iter().map(|_| Xxh3::new()).collect();
             let chunk_rows = (CONVERT_BYTES / t.row.row_bytes().max(1)).max(1);
             let mut r = 0;
             while r < p.rows && !skip {
@@ -720,15 +736,24 @@ impl<D: Device> Placer<'_, D> {
                                 .write_buffer(&buffers[i], (r * seg[i]) as u64, data)?
                         }
                         Sink::Cpu(v) => v[pos..pos + data.len()].copy_from_slice(data),
-                        Sink::Disk => file.as_ref().map_or(Ok(()), |f| {
-                            f.write_at(p.offset + disk_pos, data, &mut staging)
-                        })?,
+                        Sink::Disk => {
+                            hashers[i].update(data);
+                            file.as_ref().map_or(Ok(()), |f| {
+                                f.write_at(p.offset + disk_pos, data, &mut staging)
+                            })?
+                        }
                     }
                     seg_base += p.rows * seg[i];
                 }
                 r += n;
             }
             source.release(&t.spec.name);
+            if p.tier == Tier::Disk && !skip {
+                for (i, h) in hashers.iter().enumerate() {
+                    let at = p.offset + disk_starts[i];
+                    checksums.push((at, (p.rows * seg[i]) as u64, h.digest()));
+                }
+            }
             let home = match sink {
                 Sink::Gpu(buffers) => PieceHome::Gpu(self.dev.part(t.row, p.rows, buffers)?),
                 Sink::Cpu(v) => PieceHome::Cpu(v),
@@ -754,9 +779,11 @@ impl<D: Device> Placer<'_, D> {
             if let Some(f) = &file {
                 let rows_per_chunk = (CONVERT_BYTES / table_row).max(1);
                 let mut r = table_split.cpu;
+                let mut hasher = Xxh3::new();
                 while r < table_spec.shape[0] {
                     let n = rows_per_chunk.min(table_spec.shape[0] - r);
                     let bytes = source.row_bytes(&table_spec.name, r..r + n)?;
+                    hasher.update(&bytes);
                     f.write_at(
                         table_offset + ((r - table_split.cpu) * table_row) as u64,
                         &bytes,
@@ -764,13 +791,15 @@ impl<D: Device> Placer<'_, D> {
                     )?;
                     r += n;
                 }
+                let bytes = (table_split.disk * table_row) as u64;
+                checksums.push((table_offset, bytes, hasher.digest()));
             }
         }
         source.release(&table_spec.name);
-        if let (Some(f), false) = (&file, reused) {
-            f.sync()?;
-            write_manifest(f.path(), &manifest)?;
+        if let Some(f) = &mut file {
+            finish_offload(f, manifest, checksums, reused, self.keep_offload)?;
         }
+        let file = file.map(Arc::new);
         let table = LookupTable {
             dtype: table_info.dtype,
             width,
@@ -811,6 +840,7 @@ impl<D: Device> Placer<'_, D> {
             file,
             placed_bytes,
             reused,
+            damaged,
             _held: held,
         })
     }
@@ -822,44 +852,106 @@ enum Sink<D: Device> {
     Disk,
 }
 
-const WEIGHTS_FILE: &str = "ferrogen-weights.bin";
-const MANIFEST_FILE: &str = "ferrogen-weights.json";
-
-/// Opens the offload file for `manifest`: the existing one when its manifest matches, else a
-/// new one of `len` bytes. Returns whether it was reused.
-fn open_offload(
-    dir: &std::path::Path,
-    manifest: &Manifest,
-    len: u64,
-) -> Result<(OffloadFile, bool)> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let path = dir.join(WEIGHTS_FILE);
-    let wanted = serde_json::to_string(manifest)
-        .map_err(|e| Error::invalid("offload manifest", e.to_string()))?;
-    let existing = std::fs::read_to_string(dir.join(MANIFEST_FILE)).ok();
-    if existing.as_deref() == Some(wanted.as_str()) {
-        if let Ok(file) = OffloadFile::open(&path) {
-            if file.len() == align_up(len) {
-                return Ok((file, true));
-            }
-        }
-    }
-    // the manifest goes last: a half-written file is never taken for a complete one
-    let _ = std::fs::remove_file(dir.join(MANIFEST_FILE));
-    Ok((OffloadFile::create(&path, len)?, false))
-}
-
-fn write_manifest(weights: &std::path::Path, manifest: &Manifest) -> Result<()> {
-    let path = weights.with_file_name(MANIFEST_FILE);
+/// The kept offload file for `manifest` in `dir` and its record: `ferrogen-weights-{hash}`
+/// with `.bin` and `.json`, the hash that of the manifest.
+fn kept_paths(dir: &Path, manifest: &Manifest) -> Result<(PathBuf, PathBuf)> {
     let text = serde_json::to_string(manifest)
         .map_err(|e| Error::invalid("offload manifest", e.to_string()))?;
-    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+    let stem = format!("ferrogen-weights-{:016x}", xxh3_64(text.as_bytes()));
+    Ok((
+        dir.join(format!("{stem}.bin")),
+        dir.join(format!("{stem}.json")),
+    ))
 }
 
-/// Removes the offload files from `dir` (at exit, unless they are to be kept).
-pub(crate) fn remove_offload(dir: &std::path::Path) {
-    let _ = std::fs::remove_file(dir.join(MANIFEST_FILE));
-    let _ = std::fs::remove_file(dir.join(WEIGHTS_FILE));
+/// Opens the offload file for `manifest` in `dir`: the kept one when its record matches and
+/// every checksum holds, else a new file of `len` bytes private to this process. Returns
+/// whether it was reused, and whether a kept one was found damaged (then its names are
+/// removed, so that no run uses it again).
+fn open_offload(dir: &Path, manifest: &Manifest, len: u64) -> Result<(OffloadFile, bool, bool)> {
+    let (bin, json) = kept_paths(dir, manifest)?;
+    let record = std::fs::read_to_string(&json)
+        .ok()
+        .and_then(|text| serde_json::from_str::<OffloadRecord>(&text).ok())
+        .filter(|r| &r.manifest == manifest);
+    let mut damaged = false;
+    if let Some(record) = record {
+        if let Ok(file) = OffloadFile::open(&bin) {
+            if file.len() == align_up(len) && checksums_hold(&file, &record.checksums)? {
+                return Ok((file, true, false));
+            }
+            damaged = true;
+            let _ = std::fs::remove_file(&json);
+            let _ = std::fs::remove_file(&bin);
+        }
+    }
+    let stem = bin.file_stem().map(|s| s.to_string_lossy().into_owned());
+    let path = dir.join(private_file_name(&stem.unwrap_or_default()));
+    Ok((OffloadFile::create(&path, len)?, false, damaged))
+}
+
+/// Whether every region of `file` hashes to its checksum `(offset, bytes, xxh3)`.
+fn checksums_hold(file: &OffloadFile, checksums: &[(u64, u64, u64)]) -> Result<bool> {
+    let mut staging = AlignedBuf::new(4 << 20);
+    for &(offset, bytes, want) in checksums {
+        let Ok(len) = usize::try_from(bytes) else {
+            return Ok(false);
+        };
+        if offset.checked_add(bytes).is_none_or(|end| end > file.len()) {
+            return Ok(false);
+        }
+        let mut hasher = Xxh3::new();
+        file.read_chunks(offset, len, &mut staging, |_, chunk| {
+            hasher.update(chunk);
+            Ok(())
+        })?;
+        if hasher.digest() != want {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// After a new offload file is written: synced and, when it is to be kept, its record written
+/// beside it and the file renamed to its kept name (a file there, perhaps in use by another
+/// run, is replaced; that run keeps reading its own). A reused file is kept or not as asked.
+fn finish_offload(
+    file: &mut OffloadFile,
+    manifest: Manifest,
+    checksums: Vec<(u64, u64, u64)>,
+    reused: bool,
+    keep: bool,
+) -> Result<()> {
+    let dir = file
+        .path()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let (bin, json) = kept_paths(&dir, &manifest)?;
+    if reused {
+        file.keep(keep, vec![json]);
+        return Ok(());
+    }
+    file.sync()?;
+    if !keep {
+        return Ok(());
+    }
+    let record = OffloadRecord {
+        manifest,
+        checksums,
+    };
+    let text = serde_json::to_string(&record)
+        .map_err(|e| Error::invalid("offload manifest", e.to_string()))?;
+    let tmp = dir.join(private_file_name("ferrogen-record"));
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    let renamed = std::fs::rename(&tmp, &json).map_err(|e| Error::io(&json, e));
+    if renamed.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    renamed?;
+    file.rename(&bin)?;
+    file.keep(true, Vec::new());
+    Ok(())
 }
 
 /// A streamed piece of a linear weight with the slot buffers (one per segment) it goes into.

@@ -108,6 +108,50 @@ impl ModelFiles {
         })
     }
 
+    /// Reads every tensor once and fails naming the first that holds a NaN or an infinity
+    /// (with the element's index): such a model computes non-finite numbers.
+    pub fn check_finite(&self) -> Result<()> {
+        let source = self.weights.as_ref();
+        for name in source.names() {
+            let Some(info) = source.info(&name) else {
+                continue;
+            };
+            let rows = info.shape.first().copied().unwrap_or(1).max(1);
+            let width = info.numel() / rows;
+            // a few MiB of rows at a time
+            let chunk = ((4 << 20) / (width * 4).max(1)).max(1);
+            let mut first = 0;
+            while first < rows {
+                let n = chunk.min(rows - first);
+                let bytes = source.row_bytes(&name, first..first + n)?;
+                let values =
+                    weights::decode_to_f32(info.dtype, &bytes, n * width).ok_or_else(|| {
+                        Error::format(source.path(), format!("tensor `{name}` is cut short"))
+                    })?;
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::format(
+                        source.path(),
+                        format!(
+                            "tensor `{name}` holds {} at element {} (row {}): the model \
+                             computes non-finite numbers; use an intact copy",
+                            values[i],
+                            first * width + i,
+                            first + i / width.max(1)
+                        ),
+                    ));
+                }
+                first += n;
+            }
+            source.release(&name);
+        }
+        Ok(())
+    }
+
+    /// This model's fingerprint ([`fingerprint`]).
+    pub fn fingerprint(&self) -> Result<String> {
+        fingerprint(&self.path)
+    }
+
     /// The name prefix of an OPT checkpoint's tensors: `"model."` (transformers) or `""`.
     pub fn opt_prefix(&self) -> &'static str {
         if self.weights.info("decoder.embed_tokens.weight").is_some() {
@@ -116,4 +160,43 @@ impl ModelFiles {
             "model."
         }
     }
+}
+
+/// A fingerprint of the model at `path` (a file, or a directory and the files in it): each
+/// file's name, size and the xxh3 hash of its first and last MiB, hashed together. It changes
+/// when a file is replaced, resized or rewritten at either end (a GGUF's header and tensor
+/// table, a safetensors header), and costs a few reads whatever the model's size.
+pub fn fingerprint(path: &Path) -> Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    const EDGE: u64 = 1 << 20;
+    let mut files = Vec::new();
+    if path.is_dir() {
+        let entries = std::fs::read_dir(path).map_err(|e| Error::io(path, e))?;
+        for entry in entries.flatten() {
+            if entry.path().is_file() {
+                files.push(entry.path());
+            }
+        }
+        files.sort();
+    } else {
+        files.push(path.to_path_buf());
+    }
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; EDGE as usize];
+    for file in &files {
+        let mut f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+        let len = f.metadata().map_err(|e| Error::io(file, e))?.len();
+        let name = file.file_name().map(|n| n.to_string_lossy().into_owned());
+        hasher.update(name.unwrap_or_default().as_bytes());
+        hasher.update(&len.to_le_bytes());
+        for start in [0, len.saturating_sub(EDGE)] {
+            let n = EDGE.min(len) as usize;
+            f.seek(SeekFrom::Start(start))
+                .map_err(|e| Error::io(file, e))?;
+            f.read_exact(&mut buf[..n])
+                .map_err(|e| Error::io(file, e))?;
+            hasher.update(&buf[..n]);
+        }
+    }
+    Ok(format!("{:016x}", hasher.digest()))
 }

@@ -8,6 +8,30 @@ use serde_json::json;
 use super::gguf::{GgufFile, GgufValue};
 use crate::error::{Error, Result};
 
+/// Byte offsets where `text` may be cut into pieces of about `piece_bytes` (at least that
+/// many, except the last): before a space that has a character other than whitespace on
+/// either side. None for a text of one piece.
+fn word_cuts(text: &str, piece_bytes: usize) -> Vec<usize> {
+    let bytes = text.as_bytes();
+    let mut cuts = Vec::new();
+    let mut at = piece_bytes;
+    while at + 1 < bytes.len() {
+        let is_cut = |i: usize| {
+            bytes[i] == b' '
+                && !bytes[i - 1].is_ascii_whitespace()
+                && !bytes[i + 1].is_ascii_whitespace()
+        };
+        match (at..bytes.len() - 1).find(|&i| is_cut(i)) {
+            Some(cut) => {
+                cuts.push(cut);
+                at = cut + piece_bytes;
+            }
+            None => break,
+        }
+    }
+    cuts
+}
+
 /// A tokenizer for a model's text inputs.
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
@@ -134,16 +158,53 @@ impl TextTokenizer {
         Ok(Self { inner, bos })
     }
 
-    /// Token ids of `text`, with the model's special tokens added as its tokenizer says.
+    /// Token ids of `text`, with the model's special tokens added as its tokenizer says. A
+    /// text of more than a MiB is encoded a piece at a time ([`TextTokenizer::encode_in_pieces`]),
+    /// so that memory stays bounded whatever its length.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_in_pieces(text, 1 << 20)
+    }
+
+    /// Token ids of `text` as [`TextTokenizer::encode`] gives them, the text cut into pieces
+    /// of about `piece_bytes` bytes at word boundaries (before a single space between two
+    /// other characters, where byte-level pre-tokenizers always split), each piece encoded on
+    /// its own and the ids joined. Done only where this tokenizer gives the same ids on a cut
+    /// sample and adds special tokens only in front; otherwise the whole text is encoded at
+    /// once.
+    pub fn encode_in_pieces(&self, text: &str, piece_bytes: usize) -> Result<Vec<u32>> {
+        let cuts = word_cuts(text, piece_bytes.max(1));
+        if cuts.is_empty() || !self.pieces_agree()? {
+            return self.encode_whole(text, true);
+        }
+        let mut ids = Vec::new();
+        let mut from = 0;
+        for (i, &to) in cuts.iter().chain([&text.len()]).enumerate() {
+            ids.extend(self.encode_whole(&text[from..to], i == 0)?);
+            from = to;
+        }
+        Ok(ids)
+    }
+
+    /// Whether encoding in pieces gives what encoding whole does, on a sample.
+    fn pieces_agree(&self) -> Result<bool> {
+        const SAMPLE: &str = "The year 1911, a book. It is: here (and there)!";
+        let whole = self.encode_whole(SAMPLE, true)?;
+        let cut = SAMPLE.find(" book").unwrap_or(0);
+        let mut pieces = self.encode_whole(&SAMPLE[..cut], true)?;
+        pieces.extend(self.encode_whole(&SAMPLE[cut..], false)?);
+        Ok(pieces == whole)
+    }
+
+    /// Ids of `text` in one call, special tokens (and the GGUF's BOS) added when `specials`.
+    fn encode_whole(&self, text: &str, specials: bool) -> Result<Vec<u32>> {
         let encoding = self
             .inner
-            .encode(text, true)
+            .encode(text, specials)
             .map_err(|e| Error::Tokenizer {
                 reason: format!("encoding: {e}"),
             })?;
-        Ok(self
-            .bos
+        let bos = if specials { self.bos } else { None };
+        Ok(bos
             .into_iter()
             .chain(encoding.get_ids().iter().copied())
             .collect())

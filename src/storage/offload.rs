@@ -79,6 +79,25 @@ fn open_read_write(path: &Path, create: bool) -> Result<(File, bool)> {
     Ok((file, false))
 }
 
+/// Takes a `flock` on `file` (exclusive, or shared) without waiting; false when another
+/// process holds a conflicting one.
+#[cfg(unix)]
+pub fn try_lock(file: &File, exclusive: bool) -> bool {
+    use std::os::fd::AsRawFd;
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    // SAFETY: flock on a descriptor this process owns; no memory is touched
+    unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) == 0 }
+}
+
+#[cfg(not(unix))]
+pub fn try_lock(_file: &File, _exclusive: bool) -> bool {
+    true
+}
+
 /// A pool of aligned staging buffers for disk I/O, charged to the CPU budget once.
 pub struct StagingPool {
     free: Mutex<Vec<AlignedBuf>>,
@@ -127,37 +146,67 @@ impl StagingPool {
 }
 
 /// A fixed-size file of the disk tier, read and written at any offset through aligned staging.
+///
+/// A file this process creates is locked (`flock`) while open, so that a sweep by another
+/// process ([`OffloadDir::prepare`]) never takes it for a dead run's, and is removed when
+/// dropped (with its companion files) unless [`OffloadFile::keep`] was called: no exit path,
+/// an error or a signal included, leaves it behind.
 pub struct OffloadFile {
     path: PathBuf,
     file: File,
     direct: bool,
     len: u64,
+    /// Removed with `companions` when dropped.
+    remove_on_drop: bool,
+    companions: Vec<PathBuf>,
 }
 
 impl OffloadFile {
-    /// Creates (or truncates) `path` with room for `len` bytes (rounded up to [`ALIGN`]).
+    /// Creates (or truncates) `path` with room for `len` bytes (rounded up to [`ALIGN`]),
+    /// locked and removed when dropped. A failed size change (a full disk) removes it at once.
     pub fn create(path: &Path, len: u64) -> Result<Self> {
         let (file, direct) = open_read_write(path, true)?;
+        try_lock(&file, true);
         let len = align_up(len);
-        file.set_len(len).map_err(|e| Error::io(path, e))?;
-        Ok(Self {
+        let this = Self {
             path: path.to_path_buf(),
             file,
             direct,
             len,
-        })
+            remove_on_drop: true,
+            companions: Vec::new(),
+        };
+        this.file.set_len(len).map_err(|e| Error::io(path, e))?;
+        Ok(this)
     }
 
-    /// Opens an existing file written by [`OffloadFile::create`].
+    /// Opens an existing file written by [`OffloadFile::create`] (not removed when dropped).
     pub fn open(path: &Path) -> Result<Self> {
         let (file, direct) = open_read_write(path, false)?;
+        try_lock(&file, false);
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         Ok(Self {
             path: path.to_path_buf(),
             file,
             direct,
             len,
+            remove_on_drop: false,
+            companions: Vec::new(),
         })
+    }
+
+    /// Renames the file to `to` (replacing what is there: a reader of the old file keeps
+    /// its bytes).
+    pub fn rename(&mut self, to: &Path) -> Result<()> {
+        std::fs::rename(&self.path, to).map_err(|e| Error::io(to, e))?;
+        self.path = to.to_path_buf();
+        Ok(())
+    }
+
+    /// Whether the file (and `companions`) are removed when it is dropped.
+    pub fn keep(&mut self, keep: bool, companions: Vec<PathBuf>) {
+        self.remove_on_drop = !keep;
+        self.companions = companions;
     }
 
     /// The file's path.
@@ -294,6 +343,120 @@ impl OffloadFile {
     }
 }
 
+impl Drop for OffloadFile {
+    fn drop(&mut self) {
+        if self.remove_on_drop {
+            for path in self.companions.iter().chain([&self.path]) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// The name of a file that only this process uses: `{stem}.pid{PID}.bin`. A sweep
+/// ([`OffloadDir::prepare`]) removes such files of processes that are gone.
+pub fn private_file_name(stem: &str) -> String {
+    format!("{stem}.pid{}.bin", std::process::id())
+}
+
+/// The process id in a [`private_file_name`], if the name is one.
+fn private_file_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("ferrogen-")?.strip_suffix(".bin")?;
+    let at = rest.rfind(".pid")?;
+    rest[at + 4..].parse().ok()
+}
+
+/// Whether process `pid` is alive (or may be: on other systems than Unix, always).
+fn process_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return false;
+        };
+        // SAFETY: signal 0 only checks that the process exists
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// The directory of the disk tier, ready for a run: created when missing (and removed again
+/// at the end when this run created it and left it empty), with the files of runs that died
+/// (killed, so unable to clean up) swept away.
+#[derive(Debug)]
+pub struct OffloadDir {
+    path: PathBuf,
+    created: bool,
+}
+
+impl OffloadDir {
+    /// Checks that `path` is a directory or can be one, and sweeps it.
+    pub fn prepare(path: &Path) -> Result<Self> {
+        let created = match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => false,
+            Ok(_) => {
+                return Err(Error::invalid(
+                    "--offload-dir",
+                    format!(
+                        "`{}` is a file, not a directory: name a directory (created when \
+                         missing)",
+                        path.display()
+                    ),
+                ))
+            }
+            Err(_) => {
+                std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+                true
+            }
+        };
+        let dir = Self {
+            path: path.to_path_buf(),
+            created,
+        };
+        dir.sweep();
+        Ok(dir)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the private files of processes that are gone and hold no lock on them.
+    fn sweep(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.path) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = private_file_pid(&name) else {
+                continue;
+            };
+            if pid == std::process::id() || process_alive(pid) {
+                continue;
+            }
+            let path = entry.path();
+            let unlocked = File::open(&path).is_ok_and(|f| try_lock(&f, true));
+            if unlocked {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
+impl Drop for OffloadDir {
+    fn drop(&mut self) {
+        if self.created {
+            // only when empty: another run's kept files stay
+            let _ = std::fs::remove_dir(&self.path);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,6 +489,58 @@ mod tests {
             file.read_into(0, &mut all, &mut staging).unwrap();
             prop_assert_eq!(all, model);
         }
+    }
+
+    /// Created files go when dropped unless kept; a dead process's private files are swept,
+    /// a live one's and other files are not; a directory this run created goes when empty; a
+    /// file where the directory should be is a clear error.
+    #[test]
+    fn offload_files_are_removed_and_stale_ones_swept() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("offload");
+        let guard = OffloadDir::prepare(&dir).unwrap();
+        let a = OffloadFile::create(&dir.join(private_file_name("ferrogen-x")), 100).unwrap();
+        let mut b = OffloadFile::create(&dir.join("ferrogen-kept.bin"), 100).unwrap();
+        b.keep(true, Vec::new());
+        assert!(a.path().exists());
+        drop(a);
+        drop(b);
+        let names = |d: &Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&dir), ["ferrogen-kept.bin"]);
+        // a dead process's file (pid 2^22 + 1 is above Linux's pid_max)
+        std::fs::write(dir.join("ferrogen-KV-cache.pid4194305.bin"), b"x").unwrap();
+        // this process's own, and a user's file
+        std::fs::write(dir.join(private_file_name("ferrogen-mine")), b"x").unwrap();
+        std::fs::write(dir.join("notes.pid4194305.bin"), b"x").unwrap();
+        drop(guard);
+        assert!(dir.exists(), "not empty: kept");
+        let _again = OffloadDir::prepare(&dir).unwrap();
+        let left = names(&dir);
+        assert!(!left.contains(&"ferrogen-KV-cache.pid4194305.bin".to_string()));
+        assert_eq!(left.len(), 3, "{left:?}");
+        assert_eq!(
+            private_file_pid("ferrogen-weights-0123.pid77.bin"),
+            Some(77)
+        );
+        assert_eq!(private_file_pid("ferrogen-weights-0123456789.bin"), None);
+        // created and left empty: removed
+        let fresh = root.path().join("fresh");
+        drop(OffloadDir::prepare(&fresh).unwrap());
+        assert!(!fresh.exists());
+        let file = root.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let e = OffloadDir::prepare(&file).unwrap_err().to_string();
+        assert!(
+            e.contains("--offload-dir") && e.contains("not a directory"),
+            "{e}"
+        );
     }
 
     #[test]

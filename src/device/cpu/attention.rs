@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 
-use super::math::{dot, exp, max, sum};
+use super::math::{dot, exp, max, max_nan, sum};
 use super::matmul::f16_bits_to_f32;
 use crate::device::RowInfo;
 use crate::layout::kv::unpack_scale;
@@ -247,7 +247,7 @@ multiversion! {
                             *sj = f32::NEG_INFINITY;
                         }
                     }
-                    let m_new = m[qi].max(max(&s));
+                    let m_new = max_nan(m[qi], max(&s));
                     if m_new == f32::NEG_INFINITY {
                         continue; // nothing seen yet
                     }
@@ -267,7 +267,7 @@ multiversion! {
             }
         }
         for (qi, &lq) in l.iter().enumerate() {
-            let inv = if lq > 0.0 { 1.0 / lq } else { 0.0 };
+            let inv = if lq > 0.0 || lq.is_nan() { 1.0 / lq } else { 0.0 };
             acc[qi * d..(qi + 1) * d].iter_mut().for_each(|v| *v *= inv);
         }
         acc

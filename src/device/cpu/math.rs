@@ -47,7 +47,18 @@ pub fn exp(x: f32) -> f32 {
     er * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// `max_i x[i]` (`-inf` when empty).
+/// The larger of `a` and `b`, NaN when either is (`f32::max` returns the other one: a NaN
+/// score or logit would vanish, and a broken model give finite numbers).
+#[inline(always)]
+pub fn max_nan(a: f32, b: f32) -> f32 {
+    if b > a || b.is_nan() {
+        b
+    } else {
+        a
+    }
+}
+
+/// `max_i x[i]` (`-inf` when empty; NaN when any is NaN).
 #[inline(always)]
 pub fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
@@ -55,12 +66,12 @@ pub fn max(x: &[f32]) -> f32 {
     let rest = chunks.remainder();
     for c in chunks {
         for l in 0..LANES {
-            acc[l] = acc[l].max(c[l]);
+            acc[l] = max_nan(acc[l], c[l]);
         }
     }
     rest.iter()
         .chain(&acc)
-        .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+        .fold(f32::NEG_INFINITY, |m, &v| max_nan(m, v))
 }
 
 /// `sum_i x[i]`, in [`LANES`] partial sums.
@@ -124,6 +135,11 @@ mod tests {
         for n in [0, 1, 15, 16, 17, 999, 1000] {
             let x = &x[..n];
             let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            if n > 0 {
+                let mut with_nan = x.to_vec();
+                with_nan[n / 2] = f32::NAN;
+                assert!(max(&with_nan).is_nan(), "a NaN is the max ({n} values)");
+            }
             assert_eq!(max(x), m);
             let want: f64 = x.iter().map(|&v| f64::from(v - 1.0).exp()).sum();
             assert!((sum_exp(x, 1.0) - want).abs() <= 1e-6 * want.max(1.0));

@@ -72,7 +72,7 @@ multiversion! {
     /// the argmax keeps the first of equal values.
     fn fold_row(st: &mut LogitState, row: &[f32], offset: usize, target: Option<u32>) -> () {
         let panel_max = math::max(row);
-        let new_max = st.max.max(panel_max);
+        let new_max = math::max_nan(st.max, panel_max);
         st.sum = st.sum * f64::from(st.max - new_max).exp() + math::sum_exp(row, new_max);
         st.max = new_max;
         if panel_max > st.best.1 {
