@@ -64,7 +64,11 @@ pub enum Error {
     },
 
     /// A tensor stored in an element type ferrogen cannot read.
-    #[error("{}: tensor `{name}` has unsupported type {dtype}", path.display())]
+    #[error(
+        "{}: {dtype} is not supported (tensor {name}); ferrogen reads F32, F16, BF16 and, in \
+         GGUF, Q8_0, Q4_0 and Q4_1",
+        path.display()
+    )]
     UnsupportedDType {
         /// The weight file.
         path: PathBuf,

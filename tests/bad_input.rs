@@ -78,6 +78,36 @@ fn unknown_and_unsupported_dtypes_are_named() {
     }
 }
 
+/// A 16-bit integer tensor (same size as f16) is named with its type when the model opens,
+/// not taken for a missing tensor; a layer count that disagrees with the layer tensors, or
+/// that would size terabytes, is refused before anything is allocated.
+#[test]
+fn unreadable_types_and_lying_layer_counts_are_named() {
+    let dir = copy_fixture("llama-gqa-untied");
+    let tensor = "model.layers.1.mlp.up_proj.weight";
+    edit_safetensors(dir.path(), |h, _| h[tensor]["dtype"] = "I16".into());
+    let msg = ModelFiles::open(dir.path()).err().unwrap().to_string();
+    assert!(
+        msg.contains("I16 is not supported") && msg.contains(tensor),
+        "{msg}"
+    );
+
+    for (layers, needles) in [
+        (1u64, &["model.layers.1.", "1 layers"][..]),
+        (3, &["layer 2 of 3 has no tensors"]),
+        (1 << 40, &["num_hidden_layers", "more than any model"]),
+    ] {
+        let dir = copy_fixture("llama-gqa-untied");
+        let config_path = dir.path().join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        config["num_hidden_layers"] = layers.into();
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let msg = ModelFiles::open(dir.path()).err().unwrap().to_string();
+        assert!(needles.iter().all(|n| msg.contains(n)), "{layers}: {msg}");
+    }
+}
+
 #[test]
 fn wrong_shapes_and_missing_tensors_are_named() {
     let dir = copy_fixture("llama-tied");

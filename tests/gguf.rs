@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::gguf_writer::{permute_rows, write_gguf, Encoding, Meta, Tensor};
+use common::gguf_writer::{permute_rows, write_gguf, write_gguf_pointing, Encoding, Meta, Tensor};
 use common::{expected, fixture_dir, max_abs_diff};
 use ferrogen::cpu::ReferenceModel;
 use ferrogen::model::{ModelConfig, ModelFiles};
@@ -255,6 +255,124 @@ fn unsupported_tensor_type_and_missing_metadata_are_named() {
     assert!(
         matches!(err, Error::Config { .. }) && err.to_string().contains("llama.block_count"),
         "{err}"
+    );
+}
+
+/// A file must describe itself consistently: a layer count that disagrees with the layer
+/// tensors, a count that would size terabytes, a tokenizer with more tokens than the embedding
+/// has rows, a head count of 0 or one that does not divide the width, a tensor whose type was
+/// changed so that its bytes run into the next, one whose offset points at another, and a
+/// dimension of 2^63 are each refused before any allocation with a message that says what is
+/// wrong.
+#[test]
+fn files_that_lie_about_themselves_are_refused() {
+    let with_meta = |key: &str, value: Meta| {
+        let (meta, tensors) = fixture_as_gguf(Encoding::F32);
+        let mut meta: Vec<_> = meta.into_iter().filter(|(k, _)| *k != key).collect();
+        let key: &'static str = Box::leak(key.to_string().into_boxed_str());
+        meta.push((key, value));
+        write_gguf(&meta, &tensors)
+    };
+    let expect = |bytes: &[u8], needles: &[&str]| {
+        let err = open_and_load(bytes).unwrap_err().to_string();
+        assert!(needles.iter().all(|n| err.contains(n)), "{err}");
+    };
+    // the fixture has 2 layers
+    expect(
+        &with_meta("llama.block_count", Meta::U32(1)),
+        &["blk.1.", "layer 1", "1 layers"],
+    );
+    expect(
+        &with_meta("llama.block_count", Meta::U32(3)),
+        &["layer 2 of 3 has no tensors"],
+    );
+    expect(
+        &with_meta("llama.block_count", Meta::U32(1 << 31)),
+        &["num_hidden_layers", "more than any model"],
+    );
+    expect(
+        &with_meta("llama.attention.head_count", Meta::U32(0)),
+        &["head_count` is 0"],
+    );
+    expect(
+        &with_meta("llama.attention.head_count", Meta::U32(7)),
+        &["7 is not a multiple of"],
+    );
+    let (tokens, _) = fixture_vocab();
+    let more: Vec<String> = (0..400)
+        .map(|i| tokens.get(i).cloned().unwrap_or(format!("x{i}")))
+        .collect();
+    expect(
+        &with_meta("tokenizer.ggml.tokens", Meta::StrArray(more)),
+        &["320 rows", "400 tokens"],
+    );
+
+    // a type changed so that the bytes run into the next tensor
+    let (meta, mut tensors) = fixture_as_gguf(Encoding::F16);
+    tensors[0].ggml_type = 0;
+    expect(&write_gguf(&meta, &tensors), &["overlap", &tensors[0].name]);
+    // an offset that points at another tensor
+    let (meta, tensors) = fixture_as_gguf(Encoding::F32);
+    let same = tensors
+        .iter()
+        .position(|t| t.data.len() == tensors[1].data.len() && t.name != tensors[1].name)
+        .unwrap();
+    expect(
+        &write_gguf_pointing(&meta, &tensors, Some((same, 1))),
+        &["overlap"],
+    );
+    // a dimension of 2^63
+    let (meta, mut tensors) = fixture_as_gguf(Encoding::F32);
+    let last = tensors.len() - 1;
+    tensors[last].shape = vec![1 << 63];
+    expect(
+        &write_gguf(&meta, &tensors),
+        &["more bytes than any file holds"],
+    );
+    // a type ferrogen cannot read names the type and the tensor
+    let (meta, mut tensors) = fixture_as_gguf(Encoding::F32);
+    tensors[2].ggml_type = 99;
+    expect(
+        &write_gguf(&meta, &tensors),
+        &["ggml type 99 is not supported", &tensors[2].name],
+    );
+}
+
+/// A tensor whose blocks hold a scale that cannot be represented once scaled (what a tensor
+/// relabelled with another block type reads as) fails with the tensor and its type named.
+#[test]
+fn a_relabelled_quantized_tensor_is_named() {
+    let (meta, mut tensors) = fixture_as_gguf(Encoding::Q4_0);
+    let victim = tensors
+        .iter()
+        .position(|t| t.ggml_type == 2 && t.name.contains("ffn_up"))
+        .unwrap();
+    let blocks = tensors[victim].shape.iter().product::<usize>() / 32;
+    // each Q4_0 block: an f16 scale, then 16 bytes of codes; the scale times -8 overflows f16
+    tensors[victim].data = (0..blocks)
+        .flat_map(|_| {
+            let mut b = vec![0x11u8; 18];
+            b[..2].copy_from_slice(&half::f16::MAX.to_bits().to_le_bytes());
+            b
+        })
+        .collect();
+    let name = tensors[victim].name.clone();
+    let file = write_temp(&write_gguf(&meta, &tensors));
+    let files = ModelFiles::open(file.path()).unwrap();
+    let options =
+        ferrogen::EngineOptions::new(ferrogen::Placement::Policy(ferrogen::Policy::all_on_gpu(1)))
+            .device(ferrogen::DeviceKind::Wgpu);
+    // (WebGPU rows take the scale times -8; without a WebGPU adapter there is nothing to check)
+    let err = match ferrogen::Engine::open_with(files, options) {
+        Err(ferrogen::Error::NoAdapter { .. }) => return,
+        Err(e) => e,
+        Ok(_) => panic!("a scale that overflows was accepted"),
+    };
+    let text = err.to_string();
+    // (named by its Hugging Face name: `blk.0.attn_q.weight` is `model.layers.0.self_attn...`)
+    assert!(
+        text.contains("Q4_0") && text.contains("tensor `") && text.contains("overflows"),
+        "{text} ({name})"
     );
 }
 

@@ -150,9 +150,22 @@ pub fn convert_rows(
             ],
         )
     };
+    // a block whose scale cannot be represented (a tensor labelled with the wrong type)
+    let in_tensor = |e: Error| match e {
+        Error::InvalidArgument { reason, .. } => Error::format(
+            source.path(),
+            format!(
+                "tensor `{}` ({}): {reason}; is its type right? (the file may be damaged)",
+                spec.name, info.dtype
+            ),
+        ),
+        other => other,
+    };
     match (target, info.dtype) {
         (WeightFormat::Native | WeightFormat::Q8, DType::Block(b)) => {
-            return Ok(packed(PackedWeight::from_ggml(b, &bytes, n, k)?));
+            return Ok(packed(
+                PackedWeight::from_ggml(b, &bytes, n, k).map_err(in_tensor)?,
+            ));
         }
         (WeightFormat::Native, DType::F16) => {
             let halves: Vec<u16> = bytes

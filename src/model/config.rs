@@ -230,9 +230,23 @@ impl ModelConfig {
 
     /// Checks that the configuration describes a model ferrogen can run.
     pub fn validate(&self, path: &Path) -> Result<()> {
+        // every count and size is bounded before anything is sized by it (a lying file must
+        // not make the process allocate terabytes)
         let positive = |name: &str, v: usize| {
+            let most = match name {
+                "num_hidden_layers" | "num_attention_heads" | "num_key_value_heads" => 1 << 14,
+                "head_dim" => 1 << 14,
+                "hidden_size" | "word_embed_proj_dim" => 1 << 18,
+                "intermediate_size" | "ffn_dim" => 1 << 20,
+                _ => 1 << 26, // vocab_size, max_position_embeddings
+            };
             if v == 0 {
                 Err(Error::config(path, format!("`{name}` must be positive")))
+            } else if v > most {
+                Err(Error::config(
+                    path,
+                    format!("`{name}` is {v}, more than any model has (at most {most}): a damaged file?"),
+                ))
             } else {
                 Ok(())
             }

@@ -75,8 +75,8 @@ impl GgufValue {
 /// Where one tensor's data lies in the file.
 #[derive(Debug, Clone)]
 struct TensorEntry {
-    /// The element type, or the name of a ggml type ferrogen cannot read.
-    dtype: std::result::Result<DType, String>,
+    /// The element type.
+    dtype: DType,
     /// Row-major shape (GGUF's dims reversed).
     shape: Vec<usize>,
     /// Absolute byte range in the file.
@@ -293,6 +293,50 @@ impl GgufFile {
             })?;
         let heads = self.require_u64("llama.attention.head_count")?;
         let head_dim = self.optional_u64("llama.attention.key_length")?;
+        let hidden = self.require_u64("llama.embedding_length")?;
+        if heads == 0 {
+            return Err(Error::config(
+                &self.path,
+                "`llama.attention.head_count` is 0",
+            ));
+        }
+        if head_dim.is_none() && !hidden.is_multiple_of(heads) {
+            return Err(Error::config(
+                &self.path,
+                format!(
+                    "`llama.embedding_length` {hidden} is not a multiple of \
+                     `llama.attention.head_count` {heads} (and no `llama.attention.key_length` \
+                     gives the head width)"
+                ),
+            ));
+        }
+        if embed.shape.len() != 2 || embed.shape[1] != hidden {
+            return Err(Error::config(
+                &self.path,
+                format!(
+                    "`token_embd.weight` has shape {:?}, not [vocabulary, {hidden}]",
+                    embed.shape
+                ),
+            ));
+        }
+        // the embedding's rows are the vocabulary: every token of the tokenizer needs one
+        // (rows past the tokens, padding, are never looked up)
+        if let Some(tokens) = self
+            .get("tokenizer.ggml.tokens")
+            .and_then(GgufValue::as_array)
+        {
+            if tokens.len() > embed.shape[0] {
+                return Err(Error::config(
+                    &self.path,
+                    format!(
+                        "`token_embd.weight` has {} rows but the tokenizer has {} tokens: the \
+                         vocabulary and the embedding disagree (a damaged or mismatched file)",
+                        embed.shape[0],
+                        tokens.len()
+                    ),
+                ));
+            }
+        }
         if let (Some(rot), Some(hd)) = (
             self.optional_u64("llama.rope.dimension_count")?,
             head_dim.or_else(|| Some(embed.shape.get(1)? / heads.max(1))),
@@ -321,7 +365,7 @@ impl GgufFile {
         };
         let config = LlamaConfig {
             vocab_size: embed.shape[0],
-            hidden_size: self.require_u64("llama.embedding_length")?,
+            hidden_size: hidden,
             intermediate_size: self.require_u64("llama.feed_forward_length")?,
             num_hidden_layers: self.require_u64("llama.block_count")?,
             num_attention_heads: heads,
@@ -340,6 +384,8 @@ impl GgufFile {
         };
         let config = ModelConfig::Llama(config);
         config.validate(&self.path)?;
+        let names: Vec<String> = self.tensors.keys().cloned().collect();
+        check_layer_tensors(&names, config.num_layers(), &self.path)?;
         Ok(config)
     }
 }
@@ -415,26 +461,32 @@ fn parse(bytes: &[u8], path: &Path) -> Result<Parsed> {
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .ok_or_else(|| Error::format(path, format!("tensor `{name}` size overflows")))?;
-        let dtype = match ggml_dtype(ty) {
-            Ok(d) => d,
-            Err(type_name) => {
-                // Kept so that reading it gives a precise error; harmless if never read.
-                let entry = TensorEntry {
-                    dtype: Err(type_name),
-                    shape,
-                    start: 0,
-                    len: 0,
-                };
-                tensors.insert(name, entry);
-                continue;
+        let dtype = ggml_dtype(ty).map_err(|type_name| Error::UnsupportedDType {
+            path: path.to_path_buf(),
+            name: name.clone(),
+            dtype: type_name,
+        })?;
+        let len = match dtype.bytes_for(numel) {
+            Some(len) => len,
+            None if numel.is_multiple_of(dtype.block_len()) => {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor `{name}` has dimensions {dims:?}: {numel} {dtype} elements need \
+                         more bytes than any file holds (a damaged tensor table?)"
+                    ),
+                ))
+            }
+            None => {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor `{name}`: {numel} elements are not whole {dtype} blocks of {}",
+                        dtype.block_len()
+                    ),
+                ))
             }
         };
-        let len = dtype.bytes_for(numel).ok_or_else(|| {
-            Error::format(
-                path,
-                format!("tensor `{name}`: {numel} elements are not whole {dtype} blocks"),
-            )
-        })?;
         let offset = usize::try_from(offset).unwrap_or(usize::MAX);
         if offset % alignment != 0 {
             return Err(Error::format(
@@ -458,7 +510,7 @@ fn parse(bytes: &[u8], path: &Path) -> Result<Parsed> {
             .insert(
                 name.clone(),
                 TensorEntry {
-                    dtype: Ok(dtype),
+                    dtype,
                     shape,
                     start: data_start + offset,
                     len,
@@ -469,7 +521,76 @@ fn parse(bytes: &[u8], path: &Path) -> Result<Parsed> {
             return Err(Error::format(path, format!("tensor `{name}` listed twice")));
         }
     }
+    refuse_overlaps(&tensors, path)?;
     Ok((version, metadata, tensors))
+}
+
+/// Refuses tensors whose byte ranges overlap: a tensor table that lies (a changed type whose
+/// bytes run into the next tensor, an offset that points at another tensor).
+fn refuse_overlaps(tensors: &BTreeMap<String, TensorEntry>, path: &Path) -> Result<()> {
+    let mut ranges: Vec<(&String, usize, usize)> = tensors
+        .iter()
+        .filter(|(_, t)| t.len > 0)
+        .map(|(n, t)| (n, t.start, t.start + t.len))
+        .collect();
+    ranges.sort_by_key(|r| (r.1, r.2));
+    for w in ranges.windows(2) {
+        let ((a, _, a_end), (b, b_start, _)) = (w[0], w[1]);
+        if b_start < a_end {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensors `{a}` and `{b}` overlap ({} bytes): the tensor table does not \
+                     describe the data (a changed type or offset?)",
+                    a_end - b_start
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a model whose tensors do not match its layer count: a layer tensor (`blk.N.` in
+/// GGUF, `layers.N.` in Hugging Face names) of a layer past the count, or a layer with no
+/// tensor at all.
+pub(crate) fn check_layer_tensors(names: &[String], layers: usize, path: &Path) -> Result<()> {
+    let layer_of = |name: &str| -> Option<usize> {
+        let rest = name.strip_prefix("blk.").or_else(|| {
+            name.find("layers.")
+                .filter(|&i| i == 0 || name.as_bytes()[i - 1] == b'.')
+                .map(|i| &name[i + "layers.".len()..])
+        })?;
+        rest.split('.').next()?.parse().ok()
+    };
+    let mut seen = vec![false; layers];
+    for name in names {
+        let Some(layer) = layer_of(name) else {
+            continue;
+        };
+        match seen.get_mut(layer) {
+            Some(s) => *s = true,
+            None => {
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "tensor `{name}` is of layer {layer}, but the model has {layers} layers \
+                         (0 to {}): the layer count and the tensors disagree",
+                        layers.saturating_sub(1)
+                    ),
+                ))
+            }
+        }
+    }
+    if let Some(missing) = seen.iter().position(|&s| !s) {
+        return Err(Error::config(
+            path,
+            format!(
+                "layer {missing} of {layers} has no tensors: the layer count and the tensors \
+                 disagree"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// How to turn a GGUF tensor back into its Hugging Face form.
@@ -589,7 +710,7 @@ impl WeightSource for GgufWeights {
     fn info(&self, name: &str) -> Option<TensorInfo> {
         let entry = &self.file.tensors[&self.by_hf_name.get(name)?.gguf_name];
         Some(TensorInfo {
-            dtype: entry.dtype.clone().ok()?,
+            dtype: entry.dtype,
             shape: entry.shape.clone(),
         })
     }
@@ -610,13 +731,6 @@ impl WeightSource for GgufWeights {
                 name: name.to_string(),
             })?;
         let entry = &self.file.tensors[&hf.gguf_name];
-        if let Err(type_name) = &entry.dtype {
-            return Err(Error::UnsupportedDType {
-                path: self.file.path.clone(),
-                name: hf.gguf_name.clone(),
-                dtype: type_name.clone(),
-            });
-        }
         // In bounds: parse() checked every tensor's range against the file.
         let raw = &self.file.map[entry.start..entry.start + entry.len];
         match hf.unpermute_heads {

@@ -71,6 +71,11 @@ impl ModelFiles {
     fn open_dir(dir: &Path) -> Result<Self> {
         let config = ModelConfig::from_json_file(&dir.join("config.json"))?;
         let weights = safetensors::SafetensorsWeights::open_dir(dir)?;
+        gguf::check_layer_tensors(
+            &weights.names(),
+            config.num_layers(),
+            &dir.join("config.json"),
+        )?;
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = if tokenizer_path.exists() {
             TextTokenizer::from_file(&tokenizer_path).map_err(|e| e.to_string())

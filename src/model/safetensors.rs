@@ -135,6 +135,16 @@ impl Shard {
             };
             Error::format(path, reason)
         })?;
+        // a type ferrogen cannot read is named with its tensor now, not taken for a gap later
+        let mut tensors: Vec<_> = metadata.tensors().into_iter().collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        if let Some((name, info)) = tensors.iter().find(|(_, i)| dtype_of(i.dtype).is_none()) {
+            return Err(Error::UnsupportedDType {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                dtype: format!("{:?}", info.dtype),
+            });
+        }
         Ok(Self {
             path: path.to_path_buf(),
             map,

@@ -25,13 +25,23 @@ pub enum DType {
 }
 
 impl DType {
-    /// Bytes for `n` elements, or `None` when `n` cannot be stored in this type
-    /// (not a whole number of blocks) or overflows.
+    /// Elements per block: 1 for the float types.
+    pub fn block_len(self) -> usize {
+        match self {
+            DType::Block(_) => BLOCK_LEN,
+            _ => 1,
+        }
+    }
+
+    /// Bytes `n` elements take, `None` when `n` is not whole blocks or the size overflows.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
         match self {
             DType::F32 => n.checked_mul(4),
             DType::F16 | DType::BF16 => n.checked_mul(2),
-            DType::Block(b) => n.is_multiple_of(BLOCK_LEN).then(|| b.bytes_for(n)),
+            DType::Block(b) => n
+                .is_multiple_of(BLOCK_LEN)
+                .then(|| (n / BLOCK_LEN).checked_mul(b.block_bytes()))
+                .flatten(),
         }
     }
 }

@@ -30,6 +30,16 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 
 /// Serializes a GGUF v3 file with 32-byte alignment.
 pub fn write_gguf(meta: &[(&str, Meta)], tensors: &[Tensor]) -> Vec<u8> {
+    write_gguf_pointing(meta, tensors, None)
+}
+
+/// [`write_gguf`], with tensor `a`'s offset in the table pointing at tensor `b`'s data when
+/// `alias = Some((a, b))` (a table that lies).
+pub fn write_gguf_pointing(
+    meta: &[(&str, Meta)],
+    tensors: &[Tensor],
+    alias: Option<(usize, usize)>,
+) -> Vec<u8> {
     let mut out = b"GGUF".to_vec();
     out.extend(3u32.to_le_bytes());
     out.extend((tensors.len() as u64).to_le_bytes());
@@ -71,16 +81,26 @@ pub fn write_gguf(meta: &[(&str, Meta)], tensors: &[Tensor]) -> Vec<u8> {
             }
         }
     }
-    let mut offset = 0u64;
-    for t in tensors {
+    let offsets: Vec<u64> = tensors
+        .iter()
+        .scan(0u64, |at, t| {
+            let o = *at;
+            *at += (t.data.len() as u64).div_ceil(32) * 32;
+            Some(o)
+        })
+        .collect();
+    for (i, t) in tensors.iter().enumerate() {
         put_str(&mut out, &t.name);
         out.extend((t.shape.len() as u32).to_le_bytes());
         for d in t.shape.iter().rev() {
             out.extend((*d as u64).to_le_bytes());
         }
         out.extend(t.ggml_type.to_le_bytes());
+        let offset = match alias {
+            Some((a, b)) if a == i => offsets[b],
+            _ => offsets[i],
+        };
         out.extend(offset.to_le_bytes());
-        offset += (t.data.len() as u64).div_ceil(32) * 32;
     }
     while !out.len().is_multiple_of(32) {
         out.push(0);
