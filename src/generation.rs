@@ -22,10 +22,10 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::job::RecordId;
 use crate::model::TextTokenizer;
 use crate::sampling::{Decoding, FinishReason, Sampling};
 use crate::score::{JobLines, Shard};
@@ -121,7 +121,7 @@ impl GenSummary {
 /// A record ready to run.
 #[derive(Debug, Clone, PartialEq)]
 struct Request {
-    id: Value,
+    id: RecordId,
     prompt: Vec<u32>,
     decoding: Decoding,
     stop: Vec<String>,
@@ -129,7 +129,7 @@ struct Request {
 
 #[derive(Serialize)]
 struct Completion<'a> {
-    id: &'a Value,
+    id: &'a RecordId,
     text: &'a str,
     tokens: &'a [u32],
     token_logprobs: &'a [f32],
@@ -138,12 +138,12 @@ struct Completion<'a> {
 
 #[derive(Serialize)]
 struct Failure<'a> {
-    id: &'a Value,
+    id: &'a RecordId,
     error: &'a str,
 }
 
 /// A seed from the job's and a record's id (FNV-1a over the id's JSON, then the job's seed).
-fn derived_seed(job: u64, id: &Value) -> u64 {
+fn derived_seed(job: u64, id: &RecordId) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     for b in id.to_string().bytes().chain(job.to_le_bytes()) {
         h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
@@ -157,7 +157,7 @@ fn parse_request(
     defaults: &GenDefaults,
     tokenizer: &TextTokenizer,
     config: &crate::model::ModelConfig,
-) -> std::result::Result<Request, (Value, String)> {
+) -> std::result::Result<Request, (RecordId, String)> {
     let (vocab, eos, context) = (
         config.vocab_size(),
         config.eos_token_id(),
@@ -166,7 +166,9 @@ fn parse_request(
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Raw {
-        id: Option<Value>,
+        // read through RecordId::of_line, as written; declared for deny_unknown_fields
+        #[serde(rename = "id")]
+        _id: Option<serde::de::IgnoredAny>,
         prompt: Option<String>,
         tokens: Option<Vec<u32>>,
         max_tokens: Option<usize>,
@@ -176,16 +178,15 @@ fn parse_request(
         seed: Option<u64>,
         stop: Option<Vec<String>>,
     }
-    let id_of = || {
-        serde_json::from_str::<Value>(line)
-            .ok()
-            .and_then(|v| v.get("id").cloned())
-            .unwrap_or(Value::Null)
-    };
-    let raw: Raw = serde_json::from_str(line).map_err(|e| (id_of(), format!("bad record: {e}")))?;
-    let id = raw
-        .id
-        .ok_or_else(|| (Value::Null, "the record has no \"id\"".to_string()))?;
+    let id = RecordId::of_line(line);
+    let raw: Raw =
+        serde_json::from_str(line).map_err(|e| (id.clone(), format!("bad record: {e}")))?;
+    if id.is_null() {
+        return Err((id, "the record has no \"id\"".to_string()));
+    }
+    if !id.is_valid() {
+        return Err((id, "`id` must be a string or a number".to_string()));
+    }
     let fail = |reason: String| (id.clone(), reason);
     let prompt = match (raw.prompt, raw.tokens) {
         (Some(p), None) => tokenizer.encode(&p).map_err(|e| fail(e.to_string()))?,
@@ -274,7 +275,7 @@ pub fn generate_jsonl(
     let mut summary = GenSummary::default();
     let config = engine.files().config.clone();
     let io_err = |e: std::io::Error| Error::io("<output>", e);
-    let mut pending: Vec<std::result::Result<Request, (Value, String)>> = Vec::new();
+    let mut pending: Vec<std::result::Result<Request, (RecordId, String)>> = Vec::new();
     let mut lines = JobLines::new(input, options.shard, options.skip_records);
     loop {
         if let Some(signal) = options.interrupt.and_then(|f| f()) {
@@ -308,7 +309,7 @@ pub fn generate_jsonl(
 fn run_batch(
     engine: &Engine,
     tokenizer: &TextTokenizer,
-    pending: &mut Vec<std::result::Result<Request, (Value, String)>>,
+    pending: &mut Vec<std::result::Result<Request, (RecordId, String)>>,
     output: &mut impl Write,
     summary: &mut GenSummary,
 ) -> Result<()> {
@@ -393,7 +394,7 @@ fn run_batch(
 fn generate_call(
     engine: &Engine,
     tokenizer: &TextTokenizer,
-    pending: &[std::result::Result<Request, (Value, String)>],
+    pending: &[std::result::Result<Request, (RecordId, String)>],
     call: &[usize],
 ) -> Vec<(usize, std::result::Result<crate::exec::SeqResult, String>)> {
     let requests: Vec<&Request> = call
@@ -436,12 +437,14 @@ fn generate_call(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn derived_seeds_differ_by_id_and_job() {
-        let a = derived_seed(0, &Value::from("a"));
-        assert_eq!(a, derived_seed(0, &Value::from("a")));
-        assert_ne!(a, derived_seed(0, &Value::from("b")));
-        assert_ne!(a, derived_seed(1, &Value::from("a")));
+        let id = |v: &str| RecordId::from_value(&Value::from(v));
+        let a = derived_seed(0, &id("a"));
+        assert_eq!(a, derived_seed(0, &id("a")));
+        assert_ne!(a, derived_seed(0, &id("b")));
+        assert_ne!(a, derived_seed(1, &id("a")));
     }
 }

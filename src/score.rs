@@ -23,6 +23,7 @@ use serde_json::Value;
 use crate::batch::TokenScores;
 use crate::cpu::ReferenceModel;
 use crate::error::{Error, Result};
+use crate::job::RecordId;
 use crate::model::{ModelConfig, TextTokenizer};
 
 /// Something that computes per-token log-probabilities for a batch of token sequences.
@@ -203,6 +204,19 @@ impl ScoreOptions {
             .window
             .unwrap_or(config.max_context())
             .min(config.max_context());
+        if max_len < 2 {
+            let (flag, why) = match self.window {
+                Some(w) if w < config.max_context() => ("--window", format!("{w} token(s)")),
+                _ => (
+                    "model",
+                    format!("the model's context of {} token(s)", config.max_context()),
+                ),
+            };
+            return Err(Error::invalid(
+                flag,
+                format!("{why} cannot score anything: a window needs 2 tokens at least"),
+            ));
+        }
         let stride = self.stride.unwrap_or(max_len.saturating_sub(1));
         rolling_windows(0, max_len, stride)?;
         Ok((max_len, stride))
@@ -254,7 +268,7 @@ pub(crate) fn per_second(count: usize, seconds: f64) -> f64 {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
     /// The record's id, echoed in its result.
-    pub id: Value,
+    pub id: RecordId,
     /// What to score.
     pub input: RecordInput,
 }
@@ -278,8 +292,8 @@ pub enum RecordInput {
 /// A record that cannot be scored: its id (null if unreadable) and why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordError {
-    /// The id, or `Value::Null`.
-    pub id: Value,
+    /// The id, or `null`.
+    pub id: RecordId,
     /// The reason, shown to the user.
     pub reason: String,
 }
@@ -297,19 +311,20 @@ pub fn parse_record(line: &str) -> std::result::Result<Record, RecordError> {
         context: Option<String>,
         continuation: Option<String>,
     }
-    let fail = |id: &Value, reason: String| RecordError {
+    let fail = |id: &RecordId, reason: String| RecordError {
         id: id.clone(),
         reason,
     };
     let value: Value = serde_json::from_str(line)
-        .map_err(|e| fail(&Value::Null, format!("malformed JSON: {e}")))?;
-    let id = value.get("id").cloned().unwrap_or(Value::Null);
+        .map_err(|e| fail(&RecordId::null(), format!("malformed JSON: {e}")))?;
+    let id = RecordId::of_line(line);
     let raw: Raw =
         serde_json::from_value(value).map_err(|e| fail(&id, format!("bad record: {e}")))?;
-    match &id {
-        Value::String(_) | Value::Number(_) => {}
-        Value::Null => return Err(fail(&id, "record has no `id`".into())),
-        _ => return Err(fail(&id, "`id` must be a string or a number".into())),
+    if id.is_null() {
+        return Err(fail(&id, "record has no `id`".into()));
+    }
+    if !id.is_valid() {
+        return Err(fail(&id, "`id` must be a string or a number".into()));
     }
     if raw.context.is_some() || raw.continuation.is_some() {
         if raw.text.is_some() || raw.tokens.is_some() {
@@ -444,7 +459,7 @@ pub fn rolling_windows(n: usize, max_len: usize, stride: usize) -> Result<Vec<Wi
 
 #[derive(Serialize)]
 struct ScoredLine<'a> {
-    id: &'a Value,
+    id: &'a RecordId,
     scored_tokens: usize,
     logprob: f64,
     ppl: f64,
@@ -454,7 +469,7 @@ struct ScoredLine<'a> {
 
 #[derive(Serialize)]
 struct PairLine<'a> {
-    id: &'a Value,
+    id: &'a RecordId,
     logprob: f64,
     is_greedy: bool,
     scored_tokens: usize,
@@ -464,14 +479,14 @@ struct PairLine<'a> {
 
 #[derive(Serialize)]
 struct ErrorLine<'a> {
-    id: &'a Value,
+    id: &'a RecordId,
     error: &'a str,
 }
 
 /// A record awaiting its answer, in input order: failed at once, or being scored window by
 /// window (a long record's windows may span several batches).
 struct Pending {
-    id: Value,
+    id: RecordId,
     /// Why it failed, if it did (its later windows are then not scored).
     failure: Option<String>,
     /// A context/continuation pair answers with `is_greedy`.
@@ -716,7 +731,10 @@ impl<R: BufRead> JobLines<R> {
     /// The next line to answer, `None` at the end of the input.
     pub(crate) fn next_line(&mut self) -> Result<Option<String>> {
         for (n, line) in self.lines.by_ref() {
-            let line = line.map_err(|e| Error::io(format!("<input line {}>", n + 1), e))?;
+            let mut line = line.map_err(|e| Error::io(format!("<input line {}>", n + 1), e))?;
+            if n == 0 && line.starts_with('\u{feff}') {
+                line.drain(..'\u{feff}'.len_utf8());
+            }
             if line.trim().is_empty() {
                 continue;
             }
@@ -735,20 +753,20 @@ impl<R: BufRead> JobLines<R> {
     }
 }
 
-/// The id of an input line as its answer echoes it (`null` for a line that is not JSON or
-/// has no id).
-fn line_id(line: &str) -> Value {
-    serde_json::from_str::<Value>(line)
-        .ok()
-        .and_then(|v| v.get("id").cloned())
-        .unwrap_or(Value::Null)
+/// `line` without the UTF-8 byte order mark that some editors put at the start of a file
+/// (`n`: the line's index; only the first can carry one).
+pub(crate) fn strip_bom(line: &str, n: usize) -> &str {
+    match n {
+        0 => line.strip_prefix('\u{feff}').unwrap_or(line),
+        _ => line,
+    }
 }
 
 /// The ids of a JSONL input's records (its non-blank lines), in order, after checking that no
 /// id appears twice: a job's answers are matched to its records by id, so a duplicate is an
 /// error naming both lines. Records without a readable id (answered with an error) may
 /// repeat theirs. `name` names the input in errors.
-pub fn read_ids(input: impl BufRead, name: &str) -> Result<Vec<Value>> {
+pub fn read_ids(input: impl BufRead, name: &str) -> Result<Vec<RecordId>> {
     let mut ids = Vec::new();
     let mut seen = std::collections::HashMap::new();
     for (n, line) in input.lines().enumerate() {
@@ -756,9 +774,9 @@ pub fn read_ids(input: impl BufRead, name: &str) -> Result<Vec<Value>> {
         if line.trim().is_empty() {
             continue;
         }
-        let id = line_id(&line);
-        if id.is_string() || id.is_number() {
-            if let Some(first) = seen.insert(id.to_string(), n + 1) {
+        let id = RecordId::of_line(strip_bom(&line, n));
+        if id.is_valid() {
+            if let Some(first) = seen.insert(id.clone(), n + 1) {
                 return Err(Error::invalid(
                     name,
                     format!(
@@ -780,7 +798,7 @@ pub fn read_ids(input: impl BufRead, name: &str) -> Result<Vec<Value>> {
 /// short by a kill: no newline, or not a JSON object) is removed from the file, so that its
 /// record is scored again. A missing file answers nothing; a file that does not match the
 /// input is an error naming the line, and is left as it is.
-pub fn resume_point(path: &std::path::Path, ids: &[Value]) -> Result<usize> {
+pub fn resume_point(path: &std::path::Path, ids: &[RecordId]) -> Result<usize> {
     let text = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
@@ -797,7 +815,7 @@ pub fn resume_point(path: &std::path::Path, ids: &[Value]) -> Result<usize> {
         let value = serde_json::from_str::<Value>(&line)
             .ok()
             .filter(Value::is_object);
-        let Some(value) = value else {
+        if value.is_none() {
             if end + 1 == rest.len() {
                 break; // torn: the last line, and not a whole answer
             }
@@ -810,7 +828,7 @@ pub fn resume_point(path: &std::path::Path, ids: &[Value]) -> Result<usize> {
                 ),
             ));
         };
-        let id = value.get("id").cloned().unwrap_or(Value::Null);
+        let id = RecordId::of_line(&line);
         let want = ids.get(answered);
         if want != Some(&id) {
             return Err(Error::invalid(
@@ -820,7 +838,10 @@ pub fn resume_point(path: &std::path::Path, ids: &[Value]) -> Result<usize> {
                      output is not from this input (drop --resume to start over)",
                     answered + 1,
                     answered + 1,
-                    want.map_or("none (the input is shorter)".to_string(), Value::to_string),
+                    want.map_or(
+                        "none (the input is shorter)".to_string(),
+                        RecordId::to_string
+                    ),
                 ),
             ));
         }
@@ -845,7 +866,11 @@ pub fn resume_point(path: &std::path::Path, ids: &[Value]) -> Result<usize> {
 /// record's id. A missing answer (a shard that stopped early), an answer given twice, or a line
 /// that answers another record is an error naming the shard file and the record; nothing is
 /// written then.
-pub fn merge_shards(ids: &[Value], shards: &[(String, String)], mut out: impl Write) -> Result<()> {
+pub fn merge_shards(
+    ids: &[RecordId],
+    shards: &[(String, String)],
+    mut out: impl Write,
+) -> Result<()> {
     let count = shards.len();
     if count == 0 {
         return Err(Error::invalid("merge", "no shard outputs to merge"));
@@ -868,7 +893,8 @@ pub fn merge_shards(ids: &[Value], shards: &[(String, String)], mut out: impl Wr
         })?;
         let got = serde_json::from_str::<Value>(line)
             .ok()
-            .and_then(|v| v.get("id").cloned())
+            .filter(Value::is_object)
+            .map(|_| RecordId::of_line(line))
             .ok_or_else(|| {
                 Error::invalid(
                     name,
@@ -907,7 +933,7 @@ pub fn merge_shards(ids: &[Value], shards: &[(String, String)], mut out: impl Wr
 /// A record ready to score: its id, its tokens, and from which of its `n - 1` scored positions
 /// its result counts (0, or the first continuation token's for a pair).
 struct Prepared {
-    id: Value,
+    id: RecordId,
     tokens: Vec<u32>,
     scored_from: usize,
     pair: bool,
@@ -1238,7 +1264,10 @@ mod tests {
     fn resuming_cuts_a_torn_line_and_checks_the_ids() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.jsonl");
-        let ids = [json!("a"), Value::Null, json!(7), json!("b")];
+        let ids: Vec<RecordId> = [json!("a"), Value::Null, json!(7), json!("b")]
+            .iter()
+            .map(RecordId::from_value)
+            .collect();
         assert_eq!(resume_point(&path, &ids).unwrap(), 0); // no output yet
         let whole = "{\"id\":\"a\",\"logprob\":-1.5}\n{\"id\":null,\"error\":\"bad\"}\n";
         // a line cut short by a kill, with or without being valid JSON, loses its record only
@@ -1320,8 +1349,11 @@ mod tests {
 
     #[test]
     fn merging_shards_restores_input_order_or_names_what_is_wrong() {
-        let ids = [json!("a"), json!("b"), Value::Null, json!("d"), json!("e")];
-        let answer = |id: &Value| format!("{{\"id\":{id},\"logprob\":-1}}");
+        let ids: Vec<RecordId> = [json!("a"), json!("b"), Value::Null, json!("d"), json!("e")]
+            .iter()
+            .map(RecordId::from_value)
+            .collect();
+        let answer = |id: &RecordId| format!("{{\"id\":{id},\"logprob\":-1}}");
         let shard = |k: usize, n: usize| -> (String, String) {
             let lines: Vec<String> = ids.iter().skip(k).step_by(n).map(answer).collect();
             (format!("out.{k}"), lines.join("\n") + "\n")
@@ -1367,5 +1399,32 @@ mod tests {
         assert!(rolling_windows(10, 8, 0).is_err());
         assert!(rolling_windows(10, 1, 1).is_err());
         assert_eq!(rolling_windows(0, 8, 7).unwrap().len(), 1);
+    }
+
+    /// A model with a context of 1 cannot score: the error names the context, not a flag the
+    /// user did not give; a `--window` of 1 names `--window`.
+    #[test]
+    fn a_context_of_one_names_the_context() {
+        let text = r#"{"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "max_position_embeddings": 1}"#;
+        let config = ModelConfig::from_json_str(text, "c.json".as_ref()).unwrap();
+        let err = ScoreOptions::default()
+            .windows(&config)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("context of 1") && !err.contains("--stride"),
+            "{err}"
+        );
+        let text = text.replace(
+            "\"max_position_embeddings\": 1",
+            "\"max_position_embeddings\": 64",
+        );
+        let config = ModelConfig::from_json_str(&text, "c.json".as_ref()).unwrap();
+        let mut options = ScoreOptions::default();
+        options.window = Some(1);
+        let err = options.windows(&config).unwrap_err().to_string();
+        assert!(err.contains("--window"), "{err}");
     }
 }

@@ -97,10 +97,10 @@ pub struct DeviceArgs {
     #[arg(long, value_name = "auto|cpu|wgpu", default_value = "auto", value_parser = device)]
     pub device: DeviceKind,
     /// GPU memory budget, e.g. 512MiB (an error on the CPU device, whose one memory is RAM).
-    #[arg(long, value_name = "SIZE", value_parser = size)]
+    #[arg(long, value_name = "SIZE", value_parser = size, allow_hyphen_values = true)]
     pub gpu_mem: Option<u64>,
     /// CPU RAM budget, e.g. 2GiB (on the CPU device: all of its memory).
-    #[arg(long, value_name = "SIZE", value_parser = size)]
+    #[arg(long, value_name = "SIZE", value_parser = size, allow_hyphen_values = true)]
     pub cpu_mem: Option<u64>,
     /// Directory for the disk tier's offload file (default: the system's temp directory).
     #[arg(long, value_name = "DIR")]
@@ -556,6 +556,12 @@ pub fn print_placement(engine: &ferrogen::Engine) {
     } else {
         ""
     };
+    if engine.rewrote_damaged_offload() {
+        eprintln!(
+            "offload: the kept file for this model and placement was damaged (a checksum \
+             failed): written anew"
+        );
+    }
     let overlap = if p.overlap { "" } else { ", overlap off" };
     if engine.on_host() {
         eprintln!(
