@@ -94,6 +94,10 @@ struct Args {
     backend: Option<BackendKind>,
     #[command(flatten)]
     memory: DeviceArgs,
+    /// Before the job, read every weight once and stop with an error naming the first tensor
+    /// that holds a NaN or an infinity.
+    #[arg(long)]
+    check_weights: bool,
 }
 
 impl Args {
@@ -214,6 +218,10 @@ fn run_job(a: &Args, input: &str, output: &str) -> ExitCode {
         let mut job_input = open_job_input(input, output, &a.job, &a.model, a.meta())?;
         let files = ModelFiles::open(&a.model)?;
         files.tokenizer()?;
+        if a.check_weights {
+            files.check_finite()?;
+            eprintln!("weights: every value is finite");
+        }
         let context = files.config.max_context();
         if a.max_tokens > context {
             return Err(Error::invalid(

@@ -208,6 +208,7 @@ trait BlockRunner: Send + Sync {
     fn streamed_bytes(&self) -> u64;
     fn reused(&self) -> bool;
     fn damaged(&self) -> bool;
+    fn check_seconds(&self) -> f64;
     fn trace(&self) -> Option<Trace>;
     fn describe(&self) -> String;
     fn is_host(&self) -> bool;
@@ -245,6 +246,9 @@ impl<D: Device> BlockRunner for Executor<D> {
     }
     fn damaged(&self) -> bool {
         self.model.damaged
+    }
+    fn check_seconds(&self) -> f64 {
+        self.model.check_seconds
     }
     fn trace(&self) -> Option<Trace> {
         self.trace
@@ -644,6 +648,11 @@ impl Engine {
     /// Whether the offloaded weights were reused from an earlier run.
     pub fn reused_offload(&self) -> bool {
         self.executor.reused()
+    }
+
+    /// Seconds spent checking the checksums of a reused offload file (0 when none was).
+    pub fn offload_check_seconds(&self) -> f64 {
+        self.executor.check_seconds()
     }
 
     /// Whether a kept offload file for this model and placement was found damaged (a

@@ -22,6 +22,9 @@
 //! - [`exec`]: the executor that carries the plan out, I/O threads overlapped with compute, with
 //!   a Chrome-trace timeline;
 //! - [`engine`]: the entry point: open a model with a policy or budgets, score or generate;
+//! - [`job`]: what keeps a JSONL job's files safe: outputs that are not inputs, one job per
+//!   output (a lock), answers in `OUT.partial` until done, resume records, ids as written,
+//!   and signals that stop a job between batches;
 //! - [`score`]: the JSONL dataset-scoring job behind the `score` example;
 //! - [`parse_size`] and [`format_size`]: byte sizes as the command lines take and print them.
 //!

@@ -537,8 +537,7 @@ pub fn score_jsonl(
     let start = Instant::now();
     let mut last_report = start;
     let mut summary = ScoreSummary::default();
-    let mut pending: Vec<Pending> = Vec::new();
-    let mut batch = Batch::default();
+    let mut queue = Queue::default();
     let config = scorer.config().clone();
     let (max_len, stride) = options.windows(&config)?;
     let batch_tokens = options
@@ -554,34 +553,20 @@ pub fn score_jsonl(
     };
     loop {
         if let Some(signal) = options.interrupt.and_then(|f| f()) {
-            flush(
-                scorer,
-                &mut batch,
-                &mut pending,
-                &mut output,
-                options,
-                &mut summary,
-            )?;
+            queue.flush(scorer, &mut output, options, &mut summary)?;
             return Err(Error::Interrupted { signal });
         }
         let next = lines.next_line()?;
         (summary.records, summary.skipped) = (lines.records, lines.skipped);
         let Some(line) = next else {
-            flush(
-                scorer,
-                &mut batch,
-                &mut pending,
-                &mut output,
-                options,
-                &mut summary,
-            )?;
+            queue.flush(scorer, &mut output, options, &mut summary)?;
             report(&mut summary, false);
             return Ok(summary);
         };
         let p = match prepare(&line, &tokenizer, &config, max_len) {
             Ok(p) => p,
             Err(e) => {
-                pending.push(Pending::failed(e));
+                queue.pending.push(Pending::failed(e));
                 continue;
             }
         };
@@ -596,7 +581,7 @@ pub fn score_jsonl(
         } else {
             rolling_windows(p.tokens.len(), max_len, stride)?
         };
-        pending.push(Pending {
+        queue.pending.push(Pending {
             id: p.id,
             failure: None,
             pair: p.pair,
@@ -607,14 +592,14 @@ pub fn score_jsonl(
         // the record is the last pending one: those before it may be answered and drained
         // when a batch fills mid-record, it cannot
         for w in windows {
-            if batch.tokens >= batch_tokens {
-                score_pending(scorer, &mut batch, &mut pending, &mut summary);
-                write_answered(&mut output, &mut pending, options, &mut summary)?;
+            if queue.batch.tokens >= batch_tokens {
+                queue.flush(scorer, &mut output, options, &mut summary)?;
                 report(&mut summary, false);
                 if let Some(signal) = options.interrupt.and_then(|f| f()) {
                     return Err(Error::Interrupted { signal });
                 }
             }
+            let Queue { batch, pending } = &mut queue;
             let Some(record) = pending.last_mut() else {
                 break;
             };
@@ -625,34 +610,35 @@ pub fn score_jsonl(
             record.parts.push((batch.seqs.len(), w.scored_from));
             batch.seqs.push(p.tokens[w.range].to_vec());
         }
-        if let Some(record) = pending.last_mut() {
+        if let Some(record) = queue.pending.last_mut() {
             record.complete = true;
         }
-        if batch.tokens >= batch_tokens {
-            flush(
-                scorer,
-                &mut batch,
-                &mut pending,
-                &mut output,
-                options,
-                &mut summary,
-            )?;
+        if queue.batch.tokens >= batch_tokens {
+            queue.flush(scorer, &mut output, options, &mut summary)?;
         }
         report(&mut summary, false);
     }
 }
 
-/// Scores the batch and writes every record it completes.
-fn flush(
-    scorer: &dyn Scorer,
-    batch: &mut Batch,
-    pending: &mut Vec<Pending>,
-    output: &mut impl Write,
-    options: &ScoreOptions,
-    summary: &mut ScoreSummary,
-) -> Result<()> {
-    score_pending(scorer, batch, pending, summary);
-    write_answered(output, pending, options, summary)
+/// The records awaiting answers and the batch their windows are in.
+#[derive(Default)]
+struct Queue {
+    batch: Batch,
+    pending: Vec<Pending>,
+}
+
+impl Queue {
+    /// Scores the batch and writes every record it completes.
+    fn flush(
+        &mut self,
+        scorer: &dyn Scorer,
+        output: &mut impl Write,
+        options: &ScoreOptions,
+        summary: &mut ScoreSummary,
+    ) -> Result<()> {
+        score_pending(scorer, &mut self.batch, &mut self.pending, summary);
+        write_answered(output, &mut self.pending, options, summary)
+    }
 }
 
 /// Scores the batch, hands each record its windows' counted scores (or its failure), and
@@ -1422,8 +1408,10 @@ mod tests {
             "\"max_position_embeddings\": 64",
         );
         let config = ModelConfig::from_json_str(&text, "c.json".as_ref()).unwrap();
-        let mut options = ScoreOptions::default();
-        options.window = Some(1);
+        let options = ScoreOptions {
+            window: Some(1),
+            ..ScoreOptions::default()
+        };
         let err = options.windows(&config).unwrap_err().to_string();
         assert!(err.contains("--window"), "{err}");
     }

@@ -44,6 +44,7 @@ const EXAMPLES: [(&str, &[&str]); 12] = [
             "--f16-cache",
             "--no-share-prefixes",
             "--trace",
+            "--check-weights",
         ],
     ),
     (
@@ -71,6 +72,7 @@ const EXAMPLES: [(&str, &[&str]); 12] = [
             "--cpu-mem",
             "--offload-dir",
             "--policy",
+            "--check-weights",
         ],
     ),
     ("merge", &["--input", "--output", "<SHARD.jsonl>"]),

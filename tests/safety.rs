@@ -21,6 +21,20 @@ fn run(example: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Runs `example --model MODEL --input INPUT --output OUTPUT` with `extra` flags.
+fn run_job(example: &str, model: &Path, input: &Path, output: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "--model",
+        s(model),
+        "--input",
+        s(input),
+        "--output",
+        s(output),
+    ];
+    args.extend(extra);
+    run(example, &args)
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -92,17 +106,7 @@ fn outputs_that_are_inputs_are_refused_and_nothing_is_lost() {
     let copy = copy_fixture(FIXTURE);
     let weights = copy.path().join("model.safetensors");
     let model_bytes = std::fs::read(&weights).unwrap();
-    let o = run(
-        "score",
-        &[
-            "--model",
-            s(copy.path()),
-            "--input",
-            s(&input),
-            "--output",
-            s(&weights),
-        ],
-    );
+    let o = run_job("score", copy.path(), &input, &weights, &[]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert_eq!(std::fs::read(&weights).unwrap(), model_bytes);
     // merge into its input, or into a shard
@@ -235,19 +239,7 @@ fn offload_dirs_are_shared_safely_and_damage_is_caught() {
     let model = fixture_dir(FIXTURE);
     let offload = dir.path().join("offload");
     let alone = dir.path().join("alone.jsonl");
-    let o = run(
-        "score",
-        &[
-            "--model",
-            s(&model),
-            "--input",
-            s(&input),
-            "--output",
-            s(&alone),
-            "--device",
-            "cpu",
-        ],
-    );
+    let o = run_job("score", &model, &input, &alone, &["--device", "cpu"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let want = lines(&alone);
     let job = |out: &Path, policy: &Path, extra: &[&str]| {
@@ -334,15 +326,12 @@ fn offload_dirs_are_not_left_behind() {
     let offload = dir.path().join("new-dir");
     let out = dir.path().join("out.jsonl");
     // 10 kB of RAM cannot hold the model: an error after the directory was made
-    let o = run(
+    let o = run_job(
         "score",
+        &model,
+        &input,
+        &out,
         &[
-            "--model",
-            s(&model),
-            "--input",
-            s(&input),
-            "--output",
-            s(&out),
             "--device",
             "cpu",
             "--cpu-mem",
@@ -356,15 +345,12 @@ fn offload_dirs_are_not_left_behind() {
     assert!(!out.exists() && !ferrogen::job::partial_path(&out).exists());
     let file = dir.path().join("a-file");
     std::fs::write(&file, "x").unwrap();
-    let o = run(
+    let o = run_job(
         "score",
+        &model,
+        &input,
+        &out,
         &[
-            "--model",
-            s(&model),
-            "--input",
-            s(&input),
-            "--output",
-            s(&out),
             "--device",
             "cpu",
             "--cpu-mem",
@@ -425,18 +411,7 @@ fn non_finite_numbers_are_errors() {
         }
     }
     let out = dir.path().join("checked.jsonl");
-    let o = run(
-        "score",
-        &[
-            "--model",
-            s(copy.path()),
-            "--input",
-            s(&input),
-            "--output",
-            s(&out),
-            "--check-weights",
-        ],
-    );
+    let o = run_job("score", copy.path(), &input, &out, &["--check-weights"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
         stderr(&o).contains(tensor) && stderr(&o).contains("NaN"),
@@ -451,18 +426,12 @@ fn non_finite_numbers_are_errors() {
     )
     .unwrap();
     let out = dir.path().join("gen.jsonl");
-    let o = run(
+    let o = run_job(
         "generate",
-        &[
-            "--model",
-            s(copy.path()),
-            "--input",
-            s(&prompts),
-            "--output",
-            s(&out),
-            "--device",
-            "cpu",
-        ],
+        copy.path(),
+        &prompts,
+        &out,
+        &["--device", "cpu"],
     );
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(lines(&out)[0]["error"]
@@ -492,18 +461,12 @@ fn a_generation_record_fails_only_for_itself() {
     ];
     std::fs::write(&prompts, text.concat()).unwrap();
     let out = dir.path().join("out.jsonl");
-    let o = run(
+    let o = run_job(
         "generate",
-        &[
-            "--model",
-            s(&fixture_dir(FIXTURE)),
-            "--input",
-            s(&prompts),
-            "--output",
-            s(&out),
-            "--device",
-            "cpu",
-        ],
+        &fixture_dir(FIXTURE),
+        &prompts,
+        &out,
+        &["--device", "cpu"],
     );
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     let got = lines(&out);
@@ -515,20 +478,12 @@ fn a_generation_record_fails_only_for_itself() {
     let big = got[3]["error"].as_str().unwrap();
     assert!(big.contains("context of 64"), "{big}");
     // the flag's default too large for the context: named before any work
-    let o = run(
+    let o = run_job(
         "generate",
-        &[
-            "--model",
-            s(&fixture_dir(FIXTURE)),
-            "--input",
-            s(&prompts),
-            "--output",
-            s(&dir.path().join("o2.jsonl")),
-            "--max-tokens",
-            "1000000000",
-            "--cpu-mem",
-            "64MiB",
-        ],
+        &fixture_dir(FIXTURE),
+        &prompts,
+        &dir.path().join("o2.jsonl"),
+        &["--max-tokens", "1000000000", "--cpu-mem", "64MiB"],
     );
     assert_eq!(o.status.code(), Some(2));
     assert!(
@@ -558,17 +513,7 @@ fn bom_and_ids_as_written() {
     }
     std::fs::write(&input, text).unwrap();
     let out = dir.path().join("out.jsonl");
-    let o = run(
-        "score",
-        &[
-            "--model",
-            s(&fixture_dir(FIXTURE)),
-            "--input",
-            s(&input),
-            "--output",
-            s(&out),
-        ],
-    );
+    let o = run_job("score", &fixture_dir(FIXTURE), &input, &out, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let written = std::fs::read_to_string(&out).unwrap();
     for (line, id) in written.lines().zip(ids) {
@@ -579,18 +524,7 @@ fn bom_and_ids_as_written() {
         assert!(!line.contains("error"), "{line}");
     }
     // and they resume and merge as written
-    let o = run(
-        "score",
-        &[
-            "--model",
-            s(&fixture_dir(FIXTURE)),
-            "--input",
-            s(&input),
-            "--output",
-            s(&out),
-            "--resume",
-        ],
-    );
+    let o = run_job("score", &fixture_dir(FIXTURE), &input, &out, &["--resume"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(std::fs::read_to_string(&out).unwrap(), written);
 }
@@ -625,4 +559,37 @@ fn bad_flags_say_what_is_wrong() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("is a directory"), "{}", stderr(&o));
     assert!(started.elapsed().as_secs() < 5, "refused before measuring");
+}
+
+/// A write that fails for a full disk (here: a file-size limit, `ulimit -f`, with SIGXFSZ
+/// ignored so that the write fails instead of killing the process) leaves no partial offload
+/// file behind, and the job says what failed.
+#[test]
+fn a_full_disk_leaves_no_partial_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = token_input(dir.path(), "in.jsonl", 3);
+    let offload = dir.path().join("offload");
+    std::fs::create_dir(&offload).unwrap();
+    let out = dir.path().join("out.jsonl");
+    let policy = disk_policy(dir.path(), "disk.toml", 0);
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 64; exec {} --model {} --input {} --output {} --device cpu \
+         --policy {} --offload-dir {}",
+        s(&example_binary("score")),
+        s(&fixture_dir(FIXTURE)),
+        s(&input),
+        s(&out),
+        s(&policy),
+        s(&offload)
+    );
+    let o = Command::new("bash").args(["-c", &script]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("ferrogen-weights"), "{}", stderr(&o));
+    let left: Vec<_> = std::fs::read_dir(&offload)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(!out.exists() && !ferrogen::job::partial_path(&out).exists());
 }

@@ -552,9 +552,12 @@ pub fn print_placement(engine: &ferrogen::Engine) {
     eprintln!("device: {}", engine.device());
     let p = engine.policy();
     let reused = if engine.reused_offload() {
-        " (offload file reused)"
+        format!(
+            " (offload file reused, checksums verified in {:.3} s)",
+            engine.offload_check_seconds()
+        )
     } else {
-        ""
+        String::new()
     };
     if engine.rewrote_damaged_offload() {
         eprintln!(

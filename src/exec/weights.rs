@@ -284,6 +284,8 @@ pub(crate) struct PlacedModel<D: Device> {
     pub reused: bool,
     /// Whether a kept offload file failed its checksums (and was written anew).
     pub damaged: bool,
+    /// Seconds spent checking a reused file's checksums.
+    pub check_seconds: f64,
     _held: Vec<Reservation>,
 }
 
@@ -670,8 +672,8 @@ impl<D: Device> Placer<'_, D> {
                 )))
                 .collect(),
         };
-        let (mut file, reused, damaged) = if disk_cursor == 0 {
-            (None, false, false)
+        let (mut file, reused, damaged, check_seconds) = if disk_cursor == 0 {
+            (None, false, false, 0.0)
         } else {
             let dir = self.offload_dir.ok_or_else(|| {
                 Error::invalid(
@@ -683,8 +685,8 @@ impl<D: Device> Placer<'_, D> {
                 self.ledger
                     .reserve(Tier::Disk, disk_cursor, "offloaded weights")?,
             );
-            let (file, reused, damaged) = open_offload(dir, &manifest, disk_cursor)?;
-            (Some(file), reused, damaged)
+            let (file, reused, damaged, checked) = open_offload(dir, &manifest, disk_cursor)?;
+            (Some(file), reused, damaged, checked)
         };
 
         // pass 2: convert each tensor a few rows at a time into its pieces
@@ -841,6 +843,7 @@ impl<D: Device> Placer<'_, D> {
             placed_bytes,
             reused,
             damaged,
+            check_seconds,
             _held: held,
         })
     }
@@ -868,7 +871,11 @@ fn kept_paths(dir: &Path, manifest: &Manifest) -> Result<(PathBuf, PathBuf)> {
 /// every checksum holds, else a new file of `len` bytes private to this process. Returns
 /// whether it was reused, and whether a kept one was found damaged (then its names are
 /// removed, so that no run uses it again).
-fn open_offload(dir: &Path, manifest: &Manifest, len: u64) -> Result<(OffloadFile, bool, bool)> {
+fn open_offload(
+    dir: &Path,
+    manifest: &Manifest,
+    len: u64,
+) -> Result<(OffloadFile, bool, bool, f64)> {
     let (bin, json) = kept_paths(dir, manifest)?;
     let record = std::fs::read_to_string(&json)
         .ok()
@@ -877,8 +884,11 @@ fn open_offload(dir: &Path, manifest: &Manifest, len: u64) -> Result<(OffloadFil
     let mut damaged = false;
     if let Some(record) = record {
         if let Ok(file) = OffloadFile::open(&bin) {
-            if file.len() == align_up(len) && checksums_hold(&file, &record.checksums)? {
-                return Ok((file, true, false));
+            let started = std::time::Instant::now();
+            let intact = file.len() == align_up(len) && checksums_hold(&file, &record.checksums)?;
+            let checked = started.elapsed().as_secs_f64();
+            if intact {
+                return Ok((file, true, false, checked));
             }
             damaged = true;
             let _ = std::fs::remove_file(&json);
@@ -887,7 +897,7 @@ fn open_offload(dir: &Path, manifest: &Manifest, len: u64) -> Result<(OffloadFil
     }
     let stem = bin.file_stem().map(|s| s.to_string_lossy().into_owned());
     let path = dir.join(private_file_name(&stem.unwrap_or_default()));
-    Ok((OffloadFile::create(&path, len)?, false, damaged))
+    Ok((OffloadFile::create(&path, len)?, false, damaged, 0.0))
 }
 
 /// Whether every region of `file` hashes to its checksum `(offset, bytes, xxh3)`.
