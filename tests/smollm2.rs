@@ -103,6 +103,22 @@ fn tokenizer_matches_transformers() {
     }
 }
 
+/// A long text encoded in pieces (as every text over 256 KiB is, so that memory stays
+/// bounded) gives the ids of encoding it whole, whatever the piece size.
+#[test]
+fn long_texts_encode_in_pieces_as_whole() {
+    let Some(m) = smollm2() else { return };
+    let text = std::fs::read_to_string(common::cache_dir().join("britannica-11th.txt"))
+        .expect("britannica-11th.txt (fetched by scripts/fetch-model.sh)");
+    let tok = m.files.tokenizer().unwrap();
+    let whole = tok.encode_in_pieces(&text, usize::MAX).unwrap();
+    assert!(whole.len() > 50_000);
+    for piece in [1_000, 4_096, 65_536] {
+        assert!(tok.encode_in_pieces(&text, piece).unwrap() == whole, "pieces of {piece}");
+    }
+    assert!(tok.encode(&text).unwrap() == whole);
+}
+
 #[test]
 fn britannica_perplexity_matches_transformers() {
     let Some(m) = smollm2() else { return };

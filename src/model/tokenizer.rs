@@ -159,10 +159,10 @@ impl TextTokenizer {
     }
 
     /// Token ids of `text`, with the model's special tokens added as its tokenizer says. A
-    /// text of more than a MiB is encoded a piece at a time ([`TextTokenizer::encode_in_pieces`]),
+    /// text of more than 256 KiB is encoded a piece at a time ([`TextTokenizer::encode_in_pieces`]),
     /// so that memory stays bounded whatever its length.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.encode_in_pieces(text, 1 << 20)
+        self.encode_in_pieces(text, 256 << 10)
     }
 
     /// Token ids of `text` as [`TextTokenizer::encode`] gives them, the text cut into pieces
@@ -176,13 +176,19 @@ impl TextTokenizer {
         if cuts.is_empty() || !self.pieces_agree()? {
             return self.encode_whole(text, true);
         }
-        let mut ids = Vec::new();
-        let mut from = 0;
-        for (i, &to) in cuts.iter().chain([&text.len()]).enumerate() {
-            ids.extend(self.encode_whole(&text[from..to], i == 0)?);
-            from = to;
-        }
-        Ok(ids)
+        // the pieces: [0, cut_0), [cut_0, cut_1), ..., [cut_last, len), encoded on all cores
+        // (a few at a time: rayon's threads) and joined in order
+        use rayon::prelude::*;
+        let bounds: Vec<usize> = std::iter::once(0)
+            .chain(cuts)
+            .chain([text.len()])
+            .collect();
+        let pieces: Vec<Vec<u32>> = bounds
+            .par_windows(2)
+            .enumerate()
+            .map(|(i, w)| self.encode_whole(&text[w[0]..w[1]], i == 0))
+            .collect::<Result<_>>()?;
+        Ok(pieces.concat())
     }
 
     /// Whether encoding in pieces gives what encoding whole does, on a sample.
@@ -220,5 +226,24 @@ impl TextTokenizer {
     /// The id of a token given as its vocabulary string.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cuts fall before a single space between two other characters, at least a piece apart.
+    #[test]
+    fn cuts_are_word_boundaries() {
+        let text = "aa bb  cc dd\nee ff";
+        let cuts = word_cuts(text, 2);
+        for &c in &cuts {
+            assert_eq!(&text[c..c + 1], " ");
+            assert!(!text[c - 1..c].trim().is_empty() && !text[c + 1..c + 2].trim().is_empty());
+        }
+        assert_eq!(cuts, vec![2, 9, 15]);
+        assert!(word_cuts("short", 100).is_empty());
+        assert!(word_cuts("nospacesatall", 2).is_empty());
     }
 }
