@@ -208,6 +208,7 @@ fn counts(s: &GenSummary) -> Counts {
 /// The JSONL job: exit status 2 when it cannot start, 1 on an I/O error during it, 3 when
 /// some records failed.
 fn run_job(a: &Args, input: &str, output: &str) -> ExitCode {
+    ferrogen::job::stop_on_signals();
     let prepared = (|| -> Result<_> {
         if a.backend == Some(BackendKind::Reference) {
             return Err(Error::invalid(
@@ -282,7 +283,6 @@ fn run_job(a: &Args, input: &str, output: &str) -> ExitCode {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    ferrogen::job::stop_on_signals();
     match (&args.input, &args.output) {
         (Some(input), Some(output)) => run_job(&args, input, output),
         // clap requires prompts or an input, and an output with an input

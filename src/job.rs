@@ -429,12 +429,20 @@ impl JobOutput {
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_signal(signal: libc::c_int) {
-    SIGNAL.store(signal, Ordering::SeqCst);
+    // a second signal stops the process at once (the next run sweeps what it leaves)
+    if SIGNAL.swap(signal, Ordering::SeqCst) != 0 {
+        // SAFETY: signal and raise are async-signal-safe
+        unsafe {
+            libc::signal(signal, libc::SIG_DFL);
+            libc::raise(signal);
+        }
+    }
 }
 
 /// Makes SIGINT, SIGTERM and SIGHUP set a flag ([`received_signal`]) instead of killing the
 /// process, so that a job stops between batches, keeps its answers and removes its
-/// temporary files. Call once, at the start of a command-line job.
+/// temporary files; a second signal kills it at once. Call once, at the start of a
+/// command-line job.
 pub fn stop_on_signals() {
     #[cfg(unix)]
     for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
