@@ -114,7 +114,10 @@ fn long_texts_encode_in_pieces_as_whole() {
     let whole = tok.encode_in_pieces(&text, usize::MAX).unwrap();
     assert!(whole.len() > 50_000);
     for piece in [1_000, 4_096, 65_536] {
-        assert!(tok.encode_in_pieces(&text, piece).unwrap() == whole, "pieces of {piece}");
+        assert!(
+            tok.encode_in_pieces(&text, piece).unwrap() == whole,
+            "pieces of {piece}"
+        );
     }
     assert!(tok.encode(&text).unwrap() == whole);
 }

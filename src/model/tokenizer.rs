@@ -179,10 +179,7 @@ impl TextTokenizer {
         // the pieces: [0, cut_0), [cut_0, cut_1), ..., [cut_last, len), encoded on all cores
         // (a few at a time: rayon's threads) and joined in order
         use rayon::prelude::*;
-        let bounds: Vec<usize> = std::iter::once(0)
-            .chain(cuts)
-            .chain([text.len()])
-            .collect();
+        let bounds: Vec<usize> = std::iter::once(0).chain(cuts).chain([text.len()]).collect();
         let pieces: Vec<Vec<u32>> = bounds
             .par_windows(2)
             .enumerate()
