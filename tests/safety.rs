@@ -21,16 +21,21 @@ fn run(example: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// Runs `example --model MODEL --input INPUT --output OUTPUT` with `extra` flags.
-fn run_job(example: &str, model: &Path, input: &Path, output: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
+/// `--model MODEL --input INPUT --output OUTPUT`.
+fn job_args<'a>(model: &'a Path, input: &'a Path, output: &'a Path) -> Vec<&'a str> {
+    vec![
         "--model",
         s(model),
         "--input",
         s(input),
         "--output",
         s(output),
-    ];
+    ]
+}
+
+/// Runs `example --model MODEL --input INPUT --output OUTPUT` with `extra` flags.
+fn run_job(example: &str, model: &Path, input: &Path, output: &Path, extra: &[&str]) -> Output {
+    let mut args = job_args(model, input, output);
     args.extend(extra);
     run(example, &args)
 }
@@ -133,14 +138,7 @@ fn one_job_per_output() {
     let out = dir.path().join("out.jsonl");
     let lock = ferrogen::job::OutputLock::acquire(&out).unwrap();
     let model = fixture_dir(FIXTURE);
-    let args = [
-        "--model",
-        s(&model),
-        "--input",
-        s(&input),
-        "--output",
-        s(&out),
-    ];
+    let args = job_args(&model, &input, &out);
     for extra in [&[][..], &["--resume"]] {
         let mut a = args.to_vec();
         a.extend(extra);
@@ -173,14 +171,7 @@ fn resume_refuses_other_work() {
     let input = token_input(dir.path(), "in.jsonl", 6);
     let out = dir.path().join("out.jsonl");
     let model = fixture_dir(FIXTURE);
-    let args = [
-        "--model",
-        s(&model),
-        "--input",
-        s(&input),
-        "--output",
-        s(&out),
-    ];
+    let args = job_args(&model, &input, &out);
     assert!(run("score", &args).status.success());
     let resume = |extra: &[&str], model: &Path, input: &Path| {
         let mut a = vec![
@@ -326,39 +317,44 @@ fn offload_dirs_are_not_left_behind() {
     let offload = dir.path().join("new-dir");
     let out = dir.path().join("out.jsonl");
     // 10 kB of RAM cannot hold the model: an error after the directory was made
-    let o = run_job(
-        "score",
-        &model,
-        &input,
-        &out,
-        &[
-            "--device",
-            "cpu",
-            "--cpu-mem",
-            "10kB",
-            "--offload-dir",
-            s(&offload),
-        ],
-    );
+    let cpu = |mem: &'static str, offload: &Path| {
+        run_job(
+            "score",
+            &model,
+            &input,
+            &out,
+            &[
+                "--device",
+                "cpu",
+                "--cpu-mem",
+                mem,
+                "--offload-dir",
+                s(offload),
+            ],
+        )
+    };
+    let o = cpu("10kB", &offload);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(!offload.exists(), "the offload directory was left behind");
     assert!(!out.exists() && !ferrogen::job::partial_path(&out).exists());
+    // without --offload-dir the disk tier is the temp directory, as --help says (not 0 B)
+    let tmp = dir.path().join("tmp");
+    let o = Command::new(example_binary("score"))
+        .args(job_args(&model, &input, &out))
+        .args(["--device", "cpu", "--cpu-mem", "10kB"])
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("disk") && !stderr(&o).contains("disk 0 B"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!tmp.exists(), "the temp directory it made was left behind");
     let file = dir.path().join("a-file");
     std::fs::write(&file, "x").unwrap();
-    let o = run_job(
-        "score",
-        &model,
-        &input,
-        &out,
-        &[
-            "--device",
-            "cpu",
-            "--cpu-mem",
-            "64MiB",
-            "--offload-dir",
-            s(&file),
-        ],
-    );
+    let o = cpu("64MiB", &file);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("not a directory"), "{}", stderr(&o));
 }
@@ -536,14 +532,7 @@ fn bad_flags_say_what_is_wrong() {
     let input = token_input(dir.path(), "in.jsonl", 2);
     let out = dir.path().join("out.jsonl");
     let model = fixture_dir(FIXTURE);
-    let base = [
-        "--model",
-        s(&model),
-        "--input",
-        s(&input),
-        "--output",
-        s(&out),
-    ];
+    let base = job_args(&model, &input, &out);
     for (extra, needle) in [
         (&["--cpu-mem", "-5MiB"][..], "negative"),
         (&["--progress-every", "0"], "more than 0"),
