@@ -718,8 +718,8 @@ impl<R: BufRead> JobLines<R> {
     pub(crate) fn next_line(&mut self) -> Result<Option<String>> {
         for (n, line) in self.lines.by_ref() {
             let mut line = line.map_err(|e| Error::io(format!("<input line {}>", n + 1), e))?;
-            if n == 0 && line.starts_with('\u{feff}') {
-                line.drain(..'\u{feff}'.len_utf8());
+            if n == 0 {
+                line = strip_bom(&line, n).to_string();
             }
             if line.trim().is_empty() {
                 continue;

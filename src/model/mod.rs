@@ -71,7 +71,7 @@ impl ModelFiles {
     fn open_dir(dir: &Path) -> Result<Self> {
         let config = ModelConfig::from_json_file(&dir.join("config.json"))?;
         let weights = safetensors::SafetensorsWeights::open_dir(dir)?;
-        gguf::check_layer_tensors(
+        weights::check_layer_tensors(
             &weights.names(),
             config.num_layers(),
             &dir.join("config.json"),

@@ -187,6 +187,49 @@ pub fn decode_to_f32(dtype: DType, bytes: &[u8], n: usize) -> Option<Vec<f32>> {
     })
 }
 
+/// Refuses a model whose tensors do not match its layer count: a layer tensor (`blk.N.` in
+/// GGUF, `layers.N.` in Hugging Face names) of a layer past the count, or a layer with no
+/// tensor at all.
+pub(crate) fn check_layer_tensors(names: &[String], layers: usize, path: &Path) -> Result<()> {
+    let layer_of = |name: &str| -> Option<usize> {
+        let rest = name.strip_prefix("blk.").or_else(|| {
+            name.find("layers.")
+                .filter(|&i| i == 0 || name.as_bytes()[i - 1] == b'.')
+                .map(|i| &name[i + "layers.".len()..])
+        })?;
+        rest.split('.').next()?.parse().ok()
+    };
+    let mut seen = vec![false; layers];
+    for name in names {
+        let Some(layer) = layer_of(name) else {
+            continue;
+        };
+        match seen.get_mut(layer) {
+            Some(s) => *s = true,
+            None => {
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "tensor `{name}` is of layer {layer}, but the model has {layers} layers \
+                         (0 to {}): the layer count and the tensors disagree",
+                        layers.saturating_sub(1)
+                    ),
+                ))
+            }
+        }
+    }
+    if let Some(missing) = seen.iter().position(|&s| !s) {
+        return Err(Error::config(
+            path,
+            format!(
+                "layer {missing} of {layers} has no tensors: the layer count and the tensors \
+                 disagree"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
