@@ -18,12 +18,12 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use common::{positive, size};
-use ferrogen::cpu::ReferenceModel;
 use ferrogen::device::{CpuDevice, DeviceKind, ResidentModel};
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
 use ferrogen::gpu::model::GpuModel;
 use ferrogen::gpu::GpuContext;
 use ferrogen::model::ModelFiles;
+use ferrogen::reference::ReferenceModel;
 use ferrogen::{Error, Result};
 
 fn worst(a: &[f32], b: &[f32]) -> f32 {

@@ -14,8 +14,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use common::{median, positive};
-use ferrogen::cpu::ReferenceModel;
 use ferrogen::model::ModelFiles;
+use ferrogen::reference::ReferenceModel;
 use ferrogen::{Error, Result};
 use ndarray::Array2;
 

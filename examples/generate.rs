@@ -36,10 +36,10 @@ use clap::Parser;
 use common::{finish_job, job_meta, open_job_input, open_output, positive, print_placement};
 use common::{BackendKind, Counts, Progress};
 use common::{DeviceArgs, JobArgs};
-use ferrogen::cpu::ReferenceModel;
 use ferrogen::engine::Engine;
 use ferrogen::generation::{generate_jsonl, GenDefaults, GenOptions, GenSummary};
 use ferrogen::model::ModelFiles;
+use ferrogen::reference::ReferenceModel;
 use ferrogen::{Error, Result};
 
 /// Generation on the engine under memory budgets: for `--prompt` flags, or as a job over a

@@ -9,7 +9,7 @@
 //! - [`model`]: OPT and Llama configurations (Hugging Face `config.json` or GGUF metadata, plus
 //!   built-in shapes), memory-mapped weight sources (safetensors, sharded or not; GGUF with
 //!   F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors), tokenizers, and each architecture's tensor list;
-//! - [`cpu`]: the f32 reference forward pass (ragged prefill, KV-cache decode, log-softmax,
+//! - [`reference`]: the f32 reference forward pass (ragged prefill, KV-cache decode, log-softmax,
 //!   greedy generation), checked against Hugging Face transformers: the oracle for everything;
 //! - [`gpu`]: the WebGPU backend (wgpu): kernels and a whole-model forward with f32, native GGUF
 //!   or FlexGen 4-bit weights and an f32 or 4-bit KV cache on the device;
@@ -33,7 +33,7 @@
 //! with a wildcard arm.
 //!
 //! ```
-//! use ferrogen::cpu::ReferenceModel;
+//! use ferrogen::reference::ReferenceModel;
 //! use ferrogen::model::ModelFiles;
 //!
 //! # fn main() -> ferrogen::Result<()> {
@@ -92,7 +92,6 @@
 
 mod batch;
 mod bytes;
-pub mod cpu;
 pub mod device;
 pub mod engine;
 pub mod error;
@@ -104,6 +103,7 @@ pub mod layout;
 pub mod model;
 pub mod policy;
 pub mod quant;
+pub mod reference;
 pub mod sampling;
 pub mod schedule;
 pub mod score;

@@ -21,10 +21,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::batch::TokenScores;
-use crate::cpu::ReferenceModel;
 use crate::error::{Error, Result};
 use crate::job::RecordId;
 use crate::model::{ModelConfig, TextTokenizer};
+use crate::reference::ReferenceModel;
 
 /// Something that computes per-token log-probabilities for a batch of token sequences.
 pub trait Scorer {

@@ -6,8 +6,8 @@ mod common;
 use std::path::Path;
 
 use common::{copy_fixture, edit_safetensors, fixture_dir};
-use ferrogen::cpu::ReferenceModel;
 use ferrogen::model::ModelFiles;
+use ferrogen::reference::ReferenceModel;
 use ferrogen::Error;
 use proptest::prelude::*;
 

@@ -52,7 +52,7 @@ fn offloaded_scoring_equals_resident() {
 /// streamed from RAM and disk.
 #[test]
 fn greedy_flags_follow_the_reference() {
-    use ferrogen::cpu::ReferenceModel;
+    use ferrogen::reference::ReferenceModel;
     let dir = tempfile::tempdir().unwrap();
     for (device, name) in devices().into_iter().flat_map(|d| FIXTURES.map(|n| (d, n))) {
         let files = ModelFiles::open(&fixture_dir(name)).unwrap();
@@ -118,7 +118,7 @@ fn with_shared_prefixes(seqs: &[Vec<u32>]) -> Vec<Vec<u32>> {
 /// and a 4-bit cache. Turned off, no rows are shared and the numbers are the same.
 #[test]
 fn prefix_groups_score_as_their_members_alone() {
-    use ferrogen::cpu::ReferenceModel;
+    use ferrogen::reference::ReferenceModel;
     let dir = tempfile::tempdir().unwrap();
     for (device, name) in devices().into_iter().flat_map(|d| FIXTURES.map(|n| (d, n))) {
         let files = ModelFiles::open(&fixture_dir(name)).unwrap();

@@ -13,10 +13,10 @@ mod common;
 use std::sync::OnceLock;
 
 use common::{devices, engine, resident, worst_diff};
-use ferrogen::cpu::ReferenceModel;
 use ferrogen::device::DeviceKind;
 use ferrogen::engine::{EngineOptions, Placement};
 use ferrogen::model::ModelFiles;
+use ferrogen::reference::ReferenceModel;
 use ferrogen::storage::Tier;
 use serde::Deserialize;
 

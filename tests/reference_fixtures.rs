@@ -4,8 +4,8 @@
 mod common;
 
 use common::{expected, fixture_dir, max_abs_diff, FIXTURES};
-use ferrogen::cpu::ReferenceModel;
 use ferrogen::model::ModelFiles;
+use ferrogen::reference::ReferenceModel;
 
 /// Per-token tolerance required by the foundation issue.
 const TOLERANCE: f64 = 1e-4;
@@ -94,7 +94,7 @@ fn kv_cache_decode_equals_full_recompute() {
                     let pos = done[i] + j;
                     if pos + 1 < seqs[i].len() {
                         let target = seqs[i][pos + 1] as usize;
-                        let lp = ferrogen::cpu::ops::log_softmax_at(logits.row(row), target);
+                        let lp = ferrogen::reference::ops::log_softmax_at(logits.row(row), target);
                         got[i].push(lp);
                     }
                     row += 1;

@@ -8,11 +8,11 @@
 mod common;
 
 use common::{expected, fixture_dir, gpu_context, max_abs_diff, FIXTURES};
-use ferrogen::cpu::ReferenceModel;
 use ferrogen::device::{CpuDevice, Device, ResidentModel};
 use ferrogen::gpu::model::{GpuOptions, WeightFormat};
 use ferrogen::gpu::{GpuContext, WgpuDevice};
 use ferrogen::model::ModelFiles;
+use ferrogen::reference::ReferenceModel;
 
 /// Runs the generic check `$check` on the CPU device, then on WebGPU when there is an adapter.
 macro_rules! on_every_device {

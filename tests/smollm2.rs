@@ -9,9 +9,9 @@ mod common;
 use std::sync::OnceLock;
 
 use common::{budgets, devices, engine, gpu_context, policy, resident, worst_diff};
-use ferrogen::cpu::ReferenceModel;
 use ferrogen::device::DeviceKind;
 use ferrogen::model::ModelFiles;
+use ferrogen::reference::ReferenceModel;
 use serde::Deserialize;
 
 struct Loaded {

@@ -560,13 +560,13 @@ pub struct GpuRates {
 
 /// Measures the WebGPU device (`trials` timed runs each, after a warm-up).
 pub fn measure_gpu(ctx: &crate::gpu::GpuContext, trials: usize) -> Result<GpuRates> {
-    use crate::cpu::ops::HeadLayout;
     use crate::gpu::kernels::attention::{Attention, RowInfo};
     use crate::gpu::kernels::elementwise::{Elementwise, Op};
     use crate::gpu::kernels::matmul::MatmulF32;
     use crate::gpu::kernels::matmul_q::{GpuPackedWeight, MatmulQ, PackedWeight};
     use crate::gpu::GpuTensor;
     use crate::quant::group4::Group4;
+    use crate::reference::ops::HeadLayout;
 
     let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<Vec<f64>> {
         f()?;

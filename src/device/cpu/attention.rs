@@ -346,9 +346,9 @@ fn weigh_head<'a, const D: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::ops::causal_attention;
     use crate::device::CacheFormat;
     use crate::layout::kv::{dequantize_row, quantize_row};
+    use crate::reference::ops::causal_attention;
     use ndarray::ArrayView2;
     use proptest::prelude::*;
 

@@ -1,5 +1,5 @@
 //! Kernels, one family per file, each with its WGSL source in `shaders/` and a CPU reference
-//! in `crate::cpu::ops` that the tests compare against.
+//! in `crate::reference::ops` that the tests compare against.
 
 pub mod attention;
 pub mod elementwise;

@@ -7,7 +7,6 @@
 
 use std::sync::OnceLock;
 
-use crate::cpu::ops::{self, HeadLayout};
 use crate::gpu::kernels::attention::{Attention, RowInfo};
 use crate::gpu::kernels::elementwise::{Elementwise, Op};
 use crate::gpu::kernels::embedding::Embedding;
@@ -22,6 +21,7 @@ use crate::gpu::{GpuContext, GpuIndices, GpuTensor};
 use crate::layout::Q4Layout;
 use crate::quant::ggml::BlockFormat;
 use crate::quant::group4::Group4;
+use crate::reference::ops::{self, HeadLayout};
 use ndarray::{s, Array1, Array2};
 use proptest::prelude::*;
 
