@@ -25,7 +25,7 @@ use crate::batch::{PrefixGroup, TokenScores};
 use crate::device::recipe::Runner;
 use crate::device::{CacheFormat, CpuDevice, Device, DeviceKind};
 use crate::error::{Error, Result};
-use crate::exec::executor::{Executor, GenControl};
+use crate::exec::state::{Executor, GenControl};
 use crate::exec::weights::Placer;
 use crate::exec::{SeqResult, Task, Trace};
 use crate::gpu::{GpuContext, WgpuDevice};

@@ -3,26 +3,12 @@
 //! activation file) and brought back to the GPU before the next unit; the first unit's
 //! "activations" are the embedding rows, gathered on the CPU.
 
-use super::executor::{lock, BlockState};
+use super::state::{lock, Activation, BlockState};
 use crate::device::recipe::CacheSlot;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::schedule::Cell;
-use crate::storage::{Reservation, Tier};
-
-/// The hidden rows of one batch between units.
-pub(super) enum Activation<D: Device> {
-    /// All rows on the GPU.
-    Gpu(D::Tensor, Reservation),
-    /// Rows split by sequence: the first rows on the GPU, then RAM, then the activation file.
-    Parked {
-        width: usize,
-        rows: [usize; 3],
-        gpu: Option<D::Tensor>,
-        cpu: Vec<f32>,
-        _held: Vec<Reservation>,
-    },
-}
+use crate::storage::Tier;
 
 impl<D: Device> BlockState<'_, D> {
     pub(super) fn load_activation(&self, c: Cell) -> Result<()> {

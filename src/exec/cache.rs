@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use super::executor::{lock, BlockState};
+use super::state::{lock, BlockState, CacheCell};
 use crate::device::cpu::attention::{attend as cpu_attend, KvView};
 use crate::device::recipe::RowBatch;
 use crate::device::Device;
@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::layout::CACHE_MERGE_GAP_BYTES as MERGE_GAP_BYTES;
 use crate::schedule::{Cell, UnitKind};
 use crate::storage::offload::ALIGN;
-use crate::storage::{Reservation, RowSplit, Tier};
+use crate::storage::Tier;
 
 /// Bytes of new cache rows taken from the working cache per write to disk (a multiple of
 /// [`ALIGN`]: the pieces of a span meet at block boundaries, so only a span's ends are
@@ -38,22 +38,6 @@ fn merged_spans(
         }
     }
     out
-}
-
-/// One layer's cache for one batch: sequences on the GPU keep their rows in `gpu`; the
-/// others' rows live in RAM or the cache file and are brought into `working` for a step.
-pub(super) struct CacheCell<D: Device> {
-    /// Sequences per tier (within the batch, in order).
-    pub(super) split: RowSplit,
-    pub(super) gpu: Option<D::Cache>,
-    /// RAM rows per segment (as words, so they view as f32 without copying).
-    pub(super) cpu: Vec<Vec<u32>>,
-    /// With attention on the CPU: the disk sequences' rows, read for one decode step.
-    pub(super) disk_host: Option<(Vec<Vec<u32>>, Reservation)>,
-    pub(super) working: Option<(D::Cache, Option<Reservation>)>,
-    pub(super) _held: Vec<Reservation>,
-    /// Byte offset of this cell's disk rows in the cache file, per segment.
-    pub(super) disk: Vec<u64>,
 }
 
 impl<D: Device> BlockState<'_, D> {

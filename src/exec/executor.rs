@@ -9,57 +9,23 @@
 //! calling thread.
 
 use std::ops::Range;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::activations::Activation;
-use super::cache::CacheCell;
 use super::io_workers::{IoWorkers, Pending, Readers};
-use super::trace::{Trace, Track};
-use super::weights::{PlacedModel, WeightSlot};
+use super::state::{lock, Activation, Batch, BlockState, CacheCell, Executor, GenControl};
+pub use super::state::{SeqResult, Task};
+use super::trace::Track;
+use super::weights::WeightSlot;
 use crate::batch::PrefixGroup;
-use crate::device::recipe::{Linear, RowBatch, Runner, UnitWeights};
+use crate::device::recipe::{Linear, UnitWeights};
 use crate::device::{Device, LogitState};
 use crate::error::{Error, Result};
 use crate::layout::workspace_bytes;
-use crate::policy::Policy;
 use crate::sampling::{Decoding, FinishReason, Sampling};
 use crate::schedule::{Cell, Op, PlanShape, Step, UnitKind, ZigzagPlan};
-use crate::storage::offload::{align_up, OffloadFile, StagingPool};
-use crate::storage::{split_sequences, MemoryLedger, Reservation, RowSplit, Tier};
-
-/// What a block computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Task {
-    /// `ln p(t_i | t_<i)` of every token after the first.
-    Score,
-    /// Greedy generation of this many new tokens per sequence.
-    Generate(usize),
-}
-
-/// One sequence's result.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct SeqResult {
-    /// Scoring: one logprob per token after the first. Generation: the logprob of each new
-    /// token (under the model's distribution, before temperature and filtering).
-    pub logprobs: Vec<f32>,
-    /// Generation: the new tokens. Scoring: the argmax token at each scored position.
-    pub tokens: Vec<u32>,
-    /// Generation: why it stopped.
-    pub finish: Option<FinishReason>,
-}
-
-/// What a generating block needs per sequence: how to choose its tokens and when to stop.
-#[derive(Clone, Copy)]
-pub(crate) struct GenControl<'a> {
-    /// One per sequence of the call.
-    pub decoding: &'a [Decoding],
-    /// The call's index of the block's first sequence.
-    pub first: usize,
-    /// Whether the caller's stop condition holds for sequence `i` of the call, given its new
-    /// tokens so far.
-    pub stop: &'a (dyn Fn(usize, &[u32]) -> bool + Sync),
-}
+use crate::storage::offload::{align_up, OffloadFile};
+use crate::storage::{split_sequences, Reservation, Tier};
 
 /// Whether `op` runs on the calling thread (computes, and weight releases after them).
 fn is_compute_side(op: &Op) -> bool {
@@ -68,111 +34,6 @@ fn is_compute_side(op: &Op) -> bool {
 
 /// A unit's weights for one token: `(token, unit)`.
 type WeightKey = (usize, usize);
-
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// One GPU batch of the block.
-pub(super) struct Batch<D: Device> {
-    /// Sequence indices in the block (a prefix group counts as one sequence: its rows run
-    /// together and stay together on a tier).
-    pub(super) seqs: Range<usize>,
-    /// Tokens so far per sequence (prompt, then generated), with their layout.
-    pub(super) groups: Vec<PrefixGroup>,
-    /// Cache capacity per sequence; the cache holds sequences back to back.
-    pub(super) capacity: Vec<usize>,
-    pub(super) rows: Option<RowBatch<D>>,
-    pub(super) x: Option<Activation<D>>,
-    /// Per row that reads the logits: the vocabulary panels folded so far.
-    pub(super) logits: Vec<LogitState>,
-    /// Generation: per sampled row, its logits so far (the panels' columns in order), and
-    /// their bytes on the ledger.
-    pub(super) sampled: Vec<Vec<f32>>,
-    pub(super) sampled_held: Option<Reservation>,
-    /// Generation: the sequences that stopped (they add no more rows).
-    pub(super) done: Vec<bool>,
-    /// One per member of each group, in order.
-    pub(super) results: Vec<SeqResult>,
-}
-
-impl<D: Device> Batch<D> {
-    pub(super) fn firsts(&self) -> Vec<usize> {
-        self.capacity
-            .iter()
-            .scan(0, |acc, &c| {
-                let f = *acc;
-                *acc += c;
-                Some(f)
-            })
-            .collect()
-    }
-
-    /// Per sequence: `(first cache row, rows cached before token step `token`, rows it adds)`.
-    /// The prefill adds the prompt; decode token `t` adds one row at `prompt + t - 1`, none
-    /// once the sequence has stopped. (The prompt is what the sequence has beyond its
-    /// generated tokens: both grow together under the batch's lock, so this holds whichever
-    /// operation asks.)
-    pub(super) fn cache_rows(&self, token: usize) -> Vec<(usize, usize, usize)> {
-        self.firsts()
-            .into_iter()
-            .enumerate()
-            .map(|(i, first)| {
-                // (generation: one member per group)
-                let prompt = self.groups[i].len() - self.results[i].tokens.len();
-                if token == 0 {
-                    (first, 0, prompt)
-                } else {
-                    (first, prompt + token - 1, usize::from(!self.done[i]))
-                }
-            })
-            .collect()
-    }
-
-    /// The new tokens of token step `token`.
-    pub(super) fn new_tokens(&self, token: usize) -> Vec<&[u32]> {
-        self.groups
-            .iter()
-            .zip(self.cache_rows(token))
-            // (a stopped sequence has no new tokens, and its tokens stopped growing)
-            .map(|(g, (_, before, new))| match new {
-                0 => &[][..],
-                _ => &g.tokens[before..before + new],
-            })
-            .collect()
-    }
-}
-
-/// Everything a block's operations touch, each behind its own lock so that operations on
-/// different batches, layers or weight slots run at the same time.
-pub(super) struct BlockState<'a, D: Device> {
-    pub(super) exec: &'a Executor<D>,
-    pub(super) plan: ZigzagPlan,
-    pub(super) task: Task,
-    /// Generation: choosing and stopping.
-    pub(super) control: Option<GenControl<'a>>,
-    pub(super) batches: Vec<Mutex<Batch<D>>>,
-    /// `[cache layer][batch]`.
-    pub(super) caches: Vec<Vec<Mutex<CacheCell<D>>>>,
-    pub(super) act_split: RowSplit,
-    pub(super) act_file: Option<OffloadFile>,
-    pub(super) act_extent: Vec<u64>,
-    pub(super) cache_file: Option<OffloadFile>,
-}
-
-/// Runs plans over a placed model.
-pub(crate) struct Executor<D: Device> {
-    pub runner: Runner<D>,
-    pub model: PlacedModel<D>,
-    pub policy: Policy,
-    pub ledger: Arc<MemoryLedger>,
-    pub staging: StagingPool,
-    /// Threads reading one unit's disk pieces.
-    pub io_threads: usize,
-    pub slots: [Mutex<WeightSlot<D>>; 4],
-    pub offload_dir: Option<std::path::PathBuf>,
-    pub trace: Option<Mutex<Trace>>,
-}
 
 impl<D: Device> Executor<D> {
     fn span<T>(

@@ -5,6 +5,7 @@
 //! - `executor`: blocks of sequences, the plan's steps, compute and the output unit;
 //! - `cache`: the KV cache over the tiers, and attention on the CPU;
 //! - `activations`: hidden rows between units over the tiers;
+//! - `state`: what the executor holds for the engine's life and for one block;
 //! - `io_workers`: the threads that run loads and stores beside compute, one per track;
 //! - [`trace`]: the timeline.
 
@@ -12,6 +13,7 @@ mod activations;
 mod cache;
 pub(crate) mod executor;
 mod io_workers;
+pub(crate) mod state;
 pub mod trace;
 pub(crate) mod weights;
 

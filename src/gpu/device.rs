@@ -17,7 +17,7 @@ use super::tensor::download_ranges;
 use super::{GpuContext, GpuIndices, GpuTensor};
 use crate::device::{expect, CacheFormat, Device, HostRows, LogitState};
 use crate::error::{Error, Result};
-use crate::layout::{HeadLayout, RowFormat};
+use crate::layout::{HeadLayout, PackedWeight, RowFormat};
 
 /// One row range of a linear weight on the device.
 #[derive(Clone)]
@@ -26,6 +26,41 @@ pub enum WeightPart {
     F32(GpuTensor),
     /// Packed codes and scales.
     Packed(GpuPackedWeight),
+}
+
+impl WeightPart {
+    /// The device part for `rows` rows of `format` held in `buffers` (one per segment): the
+    /// wgpu side of the run-time layout ([`RowFormat`]).
+    fn from_buffers(format: RowFormat, rows: usize, mut buffers: Vec<wgpu::Buffer>) -> Self {
+        match format {
+            RowFormat::F32 { k } => WeightPart::F32(GpuTensor {
+                buffer: buffers.remove(0),
+                shape: vec![rows, k],
+            }),
+            RowFormat::Packed {
+                k,
+                padded_k,
+                group,
+                bits,
+            } => {
+                let scales = buffers.remove(1);
+                let codes = buffers.remove(0);
+                WeightPart::Packed(GpuPackedWeight::from_buffers(
+                    codes,
+                    scales,
+                    PackedWeight {
+                        rows,
+                        k,
+                        padded_k,
+                        group,
+                        bits,
+                        codes: Vec::new(),
+                        scales: Vec::new(),
+                    },
+                ))
+            }
+        }
+    }
 }
 
 /// Keys and values of one layer for a set of sequences: f32 rows, f16 rows or 4-bit groups.
@@ -276,7 +311,7 @@ impl Device for WgpuDevice {
     ) -> Result<WeightPart> {
         // hand the staged writes to the device so they do not pile up
         self.context().queue.submit([]);
-        Ok(super::layout::part(format, rows, segments))
+        Ok(WeightPart::from_buffers(format, rows, segments))
     }
 
     fn rows(&self, rows: &HostRows) -> Result<GpuRows> {

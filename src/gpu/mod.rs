@@ -6,7 +6,6 @@
 pub mod context;
 pub mod device;
 pub(crate) mod kernels;
-pub(crate) mod layout;
 pub mod model;
 pub(crate) mod tensor;
 

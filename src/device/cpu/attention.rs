@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 use super::math::{dot, exp, max, max_nan, sum};
-use super::matmul::f16_bits_to_f32;
+use super::weight_rows::f16_bits_to_f32;
 use crate::device::RowInfo;
 use crate::layout::kv::unpack_scale;
 use crate::layout::{HeadLayout, Q4Layout};

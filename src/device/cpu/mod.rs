@@ -42,6 +42,7 @@ macro_rules! multiversion {
 pub mod attention;
 pub mod math;
 pub mod matmul;
+mod weight_rows;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]
@@ -53,7 +54,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use rayon::prelude::*;
 
 use self::attention::KvView;
-use self::matmul::WeightRows;
+use self::weight_rows::WeightRows;
 use crate::device::{expect, CacheFormat, Device, HostRows, LogitState, RowInfo};
 use crate::error::{Error, Result};
 use crate::layout::kv::quantize_row;

@@ -19,7 +19,7 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::matmul::WeightRows;
+use super::weight_rows::WeightRows;
 use super::x86::mask;
 
 /// Rows of `x` per tile.
