@@ -21,8 +21,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use common::{exit_status, median, positive, WEIGHT_FORMATS};
+use ferrogen::calibrate::synthetic_weight;
 use ferrogen::device::cpu::matmul::{linear_into, WeightRows};
-use ferrogen::policy::calibrate::synthetic_weight;
 use ferrogen::{Error, Result};
 use rayon::prelude::*;
 

@@ -19,9 +19,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use common::{device, exit_status, median, positive, WEIGHT_FORMATS};
+use ferrogen::calibrate::synthetic_weight;
 use ferrogen::device::{CpuDevice, Device, DeviceKind};
 use ferrogen::gpu::{GpuContext, WgpuDevice};
-use ferrogen::policy::calibrate::synthetic_weight;
 use ferrogen::{Error, Result};
 use ndarray::Array2;
 

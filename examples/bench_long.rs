@@ -18,9 +18,10 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use common::{positive, size};
-use ferrogen::device::{CpuDevice, DeviceKind, ResidentModel};
+use ferrogen::device::{CpuDevice, DeviceKind};
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
-use ferrogen::gpu::model::GpuModel;
+use ferrogen::exec::GpuModel;
+use ferrogen::exec::ResidentModel;
 use ferrogen::gpu::GpuContext;
 use ferrogen::model::ModelFiles;
 use ferrogen::reference::ReferenceModel;

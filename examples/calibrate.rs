@@ -21,13 +21,13 @@ use std::time::Instant;
 
 use clap::Parser;
 use common::size;
-use ferrogen::format_size;
-use ferrogen::gpu::{AdapterKind, GpuContext};
-use ferrogen::policy::calibrate::{
+use ferrogen::calibrate::{
     available_memory_bytes, free_disk_bytes, measure_burst_reads, measure_cpu_device_attention,
     measure_cpu_layer_overhead, measure_cpu_linear, measure_disk_reads, measure_gpu,
     measure_matmul, measure_memcpy, write_scratch, write_text, Measured,
 };
+use ferrogen::format_size;
+use ferrogen::gpu::{AdapterKind, GpuContext};
 use ferrogen::policy::hardware::GIB;
 use ferrogen::policy::{ByteSize, HardwareProfile};
 use ferrogen::{Error, Result};

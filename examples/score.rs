@@ -46,7 +46,7 @@ use ferrogen::model::ModelFiles;
 use ferrogen::policy::HardwareProfile;
 use ferrogen::reference::ReferenceModel;
 use ferrogen::score::{score_jsonl, ScoreOptions, ScoreSummary, Scorer, Shard};
-use ferrogen::storage::Tier;
+use ferrogen::Tier;
 use ferrogen::{Error, Result};
 
 /// Scores a JSONL dataset: per-record log-likelihood and perplexity, or lm-eval's

@@ -17,7 +17,7 @@ SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 
 # Lowest floor first; a module's floor is that of its longest listed prefix.
 FLOORS = [
-    ["error", "bytes"],
+    ["error", "bytes", "tier"],
     ["quant", "storage"],
     ["model"],
     ["layout", "batch", "sampling", "schedule", "policy"],
@@ -25,9 +25,9 @@ FLOORS = [
     ["device"],
     ["gpu"],
     ["arch"],
-    ["calibrate", "policy::calibrate"],
     ["plan"],
     ["exec"],
+    ["calibrate"],
     ["engine"],
     ["job"],
     ["score", "generation"],

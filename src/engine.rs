@@ -437,7 +437,7 @@ impl Engine {
             None => None,
         };
         let disk_budget = match &offload_dir {
-            Some(dir) => crate::policy::calibrate::free_disk_bytes(dir.path()).unwrap_or(u64::MAX),
+            Some(dir) => crate::storage::direct::free_disk_bytes(dir.path()).unwrap_or(u64::MAX),
             None => 0,
         };
         // disk reads in the chunk size and thread count the profile found best (when given)
@@ -1059,7 +1059,7 @@ impl Engine {
     }
 }
 
-impl crate::score::Scorer for Engine {
+impl crate::batch::Scorer for Engine {
     fn config(&self) -> &ModelConfig {
         &self.files.config
     }

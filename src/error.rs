@@ -3,7 +3,7 @@
 //! Every variant names what went wrong and, where there is one, the file or input that caused it,
 //! so a message can be shown to a user as it is.
 
-use crate::storage::Tier;
+use crate::tier::Tier;
 use std::path::PathBuf;
 
 /// Result with ferrogen's [`Error`].

@@ -92,6 +92,7 @@
 
 mod batch;
 mod bytes;
+pub mod calibrate;
 pub mod device;
 pub mod engine;
 pub mod error;
@@ -108,6 +109,7 @@ pub mod sampling;
 pub mod schedule;
 pub mod score;
 pub mod storage;
+mod tier;
 
 pub use batch::{PrefixGroup, TokenScores};
 pub use bytes::{format_size, parse_size};
@@ -117,4 +119,4 @@ pub use error::{Error, Result};
 pub use exec::SeqResult;
 pub use model::ModelFiles;
 pub use policy::{HardwareProfile, Policy};
-pub use storage::Tier;
+pub use tier::{Tier, TierSplit};

@@ -20,34 +20,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::batch::Scorer;
 use crate::batch::TokenScores;
 use crate::error::{Error, Result};
 use crate::job::RecordId;
 use crate::model::{ModelConfig, TextTokenizer};
-use crate::reference::ReferenceModel;
-
-/// Something that computes per-token log-probabilities for a batch of token sequences.
-pub trait Scorer {
-    /// The model's configuration (vocabulary and context limits).
-    fn config(&self) -> &ModelConfig;
-    /// For each sequence of `n >= 2` tokens, the `n - 1` values `ln p(t_i | t_<i)` and whether
-    /// each `t_i` is the greedy choice.
-    fn token_scores(&self, batch: &[&[u32]]) -> Result<Vec<TokenScores>>;
-    /// Tokens a call should hold to use the scorer well (an engine's blocks are sized by its
-    /// budgets); `None`: no preference.
-    fn batch_tokens(&self) -> Option<usize> {
-        None
-    }
-}
-
-impl Scorer for ReferenceModel {
-    fn config(&self) -> &ModelConfig {
-        ReferenceModel::config(self)
-    }
-    fn token_scores(&self, batch: &[&[u32]]) -> Result<Vec<TokenScores>> {
-        ReferenceModel::token_scores(self, batch)
-    }
-}
 
 /// Options of a scoring job: start from [`ScoreOptions::default`] and set the fields you need.
 #[derive(Debug, Clone)]

@@ -20,8 +20,8 @@ use ferrogen::device::DeviceKind;
 use ferrogen::engine::{default_profile, EngineOptions, Placement};
 use ferrogen::layout::{RunOptions, WeightFormat};
 use ferrogen::model::ModelFiles;
-use ferrogen::storage::Tier;
 use ferrogen::Error;
+use ferrogen::Tier;
 use proptest::prelude::*;
 
 /// A search placement for `prompt_len`-token records with small staging buffers (one reader

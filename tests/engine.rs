@@ -11,7 +11,7 @@ use common::{
 };
 use ferrogen::device::DeviceKind;
 use ferrogen::engine::{Engine, EngineOptions, Placement};
-use ferrogen::gpu::model::{GpuOptions, WeightFormat};
+use ferrogen::layout::{RunOptions as GpuOptions, WeightFormat};
 use ferrogen::model::ModelFiles;
 
 #[test]
@@ -399,7 +399,7 @@ proptest! {
         p.cpu_cache_compute = cpu_cache_compute && !compress_cache && !f16_cache && c.0 < 100.0;
         let options = EngineOptions::new(Placement::Policy(p.clone())).offload_dir(dir.path().to_path_buf());
         let engine = engine(device, files, options);
-        let tiers = ferrogen::storage::Tier::ALL;
+        let tiers = ferrogen::Tier::ALL;
 
         let want = resident.token_logprobs(&batch);
         let got = engine.token_logprobs(&batch).unwrap();
@@ -503,7 +503,7 @@ fn small_budgets_are_refused_naming_the_tier_and_shortfall() {
         ferrogen::Error::Infeasible {
             tier, short_bytes, ..
         } => {
-            assert_eq!(*tier, ferrogen::storage::Tier::Gpu);
+            assert_eq!(*tier, ferrogen::Tier::Gpu);
             assert!(*short_bytes > 0);
             // the sentence names the tier and the budget the user set
             let text = err.to_string();

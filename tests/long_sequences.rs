@@ -17,7 +17,7 @@ use ferrogen::device::DeviceKind;
 use ferrogen::engine::{EngineOptions, Placement};
 use ferrogen::model::ModelFiles;
 use ferrogen::reference::ReferenceModel;
-use ferrogen::storage::Tier;
+use ferrogen::Tier;
 use serde::Deserialize;
 
 struct Loaded {

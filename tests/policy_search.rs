@@ -133,7 +133,7 @@ fn infeasible_budgets_name_the_short_tier() {
             };
             // 350 GB of weights cannot fit 3 GiB in all: some tier is short by a lot.
             assert!(*short_bytes > 100 << 30, "{e}");
-            assert!(ferrogen::storage::Tier::ALL.contains(tier));
+            assert!(ferrogen::Tier::ALL.contains(tier));
             assert!(e.to_string().contains("short by"), "{e}");
         }
         other => panic!("{other:?}"),

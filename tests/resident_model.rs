@@ -8,9 +8,10 @@
 mod common;
 
 use common::{expected, fixture_dir, gpu_context, max_abs_diff, FIXTURES};
-use ferrogen::device::{CpuDevice, Device, ResidentModel};
-use ferrogen::gpu::model::{GpuOptions, WeightFormat};
+use ferrogen::device::{CpuDevice, Device};
+use ferrogen::exec::ResidentModel;
 use ferrogen::gpu::{GpuContext, WgpuDevice};
+use ferrogen::layout::{RunOptions as GpuOptions, WeightFormat};
 use ferrogen::model::ModelFiles;
 use ferrogen::reference::ReferenceModel;
 

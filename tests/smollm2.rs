@@ -187,7 +187,7 @@ fn resident_models_match_reference_on_britannica() {
 fn engine_with_weights_on_disk_matches_resident() {
     use ferrogen::engine::{EngineOptions, Placement};
     use ferrogen::policy::Policy;
-    use ferrogen::storage::Tier;
+    use ferrogen::Tier;
     let Some(m) = smollm2() else { return };
     let policy = Policy {
         gpu_batch_size: 2,
@@ -380,7 +380,7 @@ impl ferrogen::model::WeightSource for Group4RoundTrip {
 /// amount, and the f16 cache (on the CPU device) next to nothing: under 0.2% of perplexity.
 #[test]
 fn quantized_weights_and_caches_cost_bounded_accuracy() {
-    use ferrogen::gpu::model::{GpuOptions, WeightFormat};
+    use ferrogen::layout::{RunOptions as GpuOptions, WeightFormat};
     let Some(m) = smollm2() else { return };
     let ids = &reference().britannica.tokens[..256];
     let ppl = |lp: &[f32]| (-lp.iter().map(|&v| f64::from(v)).sum::<f64>() / lp.len() as f64).exp();

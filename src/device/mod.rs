@@ -14,12 +14,10 @@
 
 pub mod cpu;
 pub mod recipe;
-pub mod resident;
 
 use std::ops::Range;
 
 pub use cpu::CpuDevice;
-pub use resident::{ResidentCache, ResidentModel};
 
 use crate::error::{Error, Result};
 use crate::layout::{HeadLayout, Q4Layout, RowFormat, RunOptions};

@@ -1,6 +1,6 @@
 //! The Llama and OPT forward pass, written once over [`Device`]: one method per unit of the
 //! schedule (input, attention, MLP, head, logits), with the unit's weights passed in, so the
-//! same code runs resident models ([`crate::device::ResidentModel`]) and streamed ones
+//! same code runs resident models ([`crate::exec::ResidentModel`]) and streamed ones
 //! (`crate::exec`) on every device.
 //!
 //! A batch of sequences is laid out as in the CPU reference: their new tokens stacked as rows.
@@ -414,7 +414,7 @@ impl<D: Device> Runner<D> {
             return f(x, 0..rows);
         }
         let mut out: Option<D::Tensor> = None;
-        for range in crate::gpu::passes(rows, self.chunk_rows) {
+        for range in crate::layout::passes(rows, self.chunk_rows) {
             let part = self.dev.zeros(range.len(), width)?;
             self.dev.copy_rows(&x, range.clone(), &part, 0)?;
             let y = f(part, range.clone())?;

@@ -23,10 +23,10 @@ use crate::model::llama::{LlamaLayerSpec, LlamaSpec};
 use crate::model::opt::{self, OptLayerSpec, OptSpec};
 use crate::model::weights::decode_to_f32;
 use crate::model::{DType, ModelConfig, ModelFiles, TensorSpec, WeightSource};
-use crate::policy::TierSplit;
 use crate::schedule::UnitKind;
 use crate::storage::offload::{align_up, private_file_name, AlignedBuf, OffloadFile, StagingPool};
 use crate::storage::{MemoryLedger, Reservation, Tier, WeightPlacer};
+use crate::tier::TierSplit;
 
 /// Rows converted at a time while placing weights (bounds the transient memory).
 const CONVERT_BYTES: usize = 8 << 20;

@@ -6,7 +6,6 @@
 pub mod context;
 pub mod device;
 pub(crate) mod kernels;
-pub mod model;
 pub(crate) mod tensor;
 
 use wgpu::util::DeviceExt;
@@ -25,19 +24,6 @@ pub(crate) fn grid(groups: usize) -> [u32; 3] {
     let groups = groups.max(1);
     let y = groups.div_ceil(MAX_GROUPS_PER_AXIS);
     [groups.div_ceil(y) as u32, y as u32, 1]
-}
-
-/// `0..len` cut into consecutive ranges of at most `most` (at least 1) items, for kernels
-/// that split a long loop into passes (see [`GpuContext::loop_budget`]); one empty range when
-/// `len` is 0.
-pub(crate) fn passes(len: usize, most: usize) -> Vec<std::ops::Range<usize>> {
-    let most = most.max(1);
-    if len == 0 {
-        return std::iter::once(0..0).collect();
-    }
-    (0..len.div_ceil(most))
-        .map(|p| p * most..((p + 1) * most).min(len))
-        .collect()
 }
 
 /// A compiled compute pipeline (bind group 0, bindings in declaration order).
@@ -140,17 +126,6 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passes_cover_the_range_in_order() {
-        for (len, most) in [(0usize, 5usize), (1, 5), (5, 5), (6, 5), (17, 4), (3, 0)] {
-            let p = passes(len, most);
-            assert_eq!(p.first().map(|r| r.start), Some(0));
-            assert_eq!(p.last().map(|r| r.end), Some(len));
-            assert!(p.windows(2).all(|w| w[0].end == w[1].start));
-            assert!(p.iter().all(|r| r.len() <= most.max(1)));
-        }
-    }
 
     #[test]
     fn grids_cover_every_workgroup() {

@@ -70,3 +70,33 @@ pub(crate) fn workspace_bytes(
     let per_row = 8 * config.hidden_size() + 2 * config.kv_width() + 2 * config.intermediate_size();
     ((rows * per_row + logit_rows * logit_width) * 4) as u64
 }
+
+/// `0..len` cut into consecutive ranges of at most `most` (at least 1) items, for kernels
+/// that split a long loop into passes (a WebGPU device's loop budget) and for chunked
+/// recipes; one empty range when
+/// `len` is 0.
+pub(crate) fn passes(len: usize, most: usize) -> Vec<std::ops::Range<usize>> {
+    let most = most.max(1);
+    if len == 0 {
+        return std::iter::once(0..0).collect();
+    }
+    (0..len.div_ceil(most))
+        .map(|p| p * most..((p + 1) * most).min(len))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_cover_the_range_in_order() {
+        for (len, most) in [(0usize, 5usize), (1, 5), (5, 5), (6, 5), (17, 4), (3, 0)] {
+            let p = passes(len, most);
+            assert_eq!(p.first().map(|r| r.start), Some(0));
+            assert_eq!(p.last().map(|r| r.end), Some(len));
+            assert!(p.windows(2).all(|w| w[0].end == w[1].start));
+            assert!(p.iter().all(|r| r.len() <= most.max(1)));
+        }
+    }
+}

@@ -597,7 +597,7 @@ impl CostModel {
         let rows_per_pass = measured.map_or(0.0, |c| c.rows_per_pass);
         let calls = m.linear_calls as f64 + 1.0 / l;
         let host_call = |r: f64, tflops: f64| {
-            use crate::device::cpu::matmul::{FUSED_X_ROWS, GEMM_MIN_ROWS, PACKED_GEMM_MIN_ROWS};
+            use super::hardware::{FUSED_X_ROWS, GEMM_MIN_ROWS, PACKED_GEMM_MIN_ROWS};
             let gemm_from = if packed {
                 PACKED_GEMM_MIN_ROWS
             } else {

@@ -10,6 +10,22 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::bytes::parse_size;
 use crate::error::{Error, Result};
 
+// The CPU device's linear-kernel switch points (its few-rows kernels below, a GEMM from
+// there on): hardware facts the device follows and the cost model prices.
+
+/// Rows of `x` from which a linear layer of f32 weights runs a GEMM (below, one dot product
+/// per weight row and row of `x`).
+pub const GEMM_MIN_ROWS: usize = 6;
+
+/// Rows of `x` from which a linear layer of packed weights decodes panels and runs a GEMM
+/// (below, the fused kernel decodes each weight row once per 4 rows of `x` and multiplies as
+/// it goes: measured faster up to about 24 rows, where the GEMM's share of the work grows).
+pub const PACKED_GEMM_MIN_ROWS: usize = 24;
+
+/// Rows of `x` that the fused kernel multiplies per pass over a weight row (more rows take
+/// more passes over the same weight rows, which stay in the caches).
+pub const FUSED_X_ROWS: usize = 4;
+
 /// A byte count that TOML may give as `"15GiB"` or as an integer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);

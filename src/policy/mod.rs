@@ -1,7 +1,6 @@
 //! Placement policies and how to choose them: [`Policy`], [`HardwareProfile`], the cost model
 //! ([`cost`]) and the LP search ([`search`](mod@search)).
 
-pub mod calibrate;
 pub mod cost;
 pub mod hardware;
 #[allow(clippy::module_inception)]
@@ -10,5 +9,5 @@ pub mod search;
 
 pub use cost::{CostModel, HeadBytes, Prediction, Workload};
 pub use hardware::{ByteSize, CpuLinear, DiskRead, HardwareProfile};
-pub use policy::{Policy, QuantConfig, TierSplit};
+pub use policy::{Policy, QuantConfig};
 pub use search::{search, SearchOptions, SearchResult};

@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::tier::TierSplit;
 
 /// FlexGen's 4-bit group quantization settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -88,46 +89,6 @@ fn yes() -> bool {
 }
 fn one() -> f64 {
     1.0
-}
-
-/// GPU / CPU / disk fractions (0-1) of one kind of data.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TierSplit {
-    /// On the GPU.
-    pub gpu: f64,
-    /// In CPU RAM.
-    pub cpu: f64,
-    /// On disk.
-    pub disk: f64,
-}
-
-impl TierSplit {
-    fn from_percent(gpu: f64, cpu: f64) -> Self {
-        let (gpu, cpu) = (gpu / 100.0, cpu / 100.0);
-        Self {
-            gpu,
-            cpu,
-            disk: (1.0 - gpu - cpu).max(0.0),
-        }
-    }
-
-    /// Whole items of `n` per tier (GPU, CPU, disk), as the executor places a block's
-    /// sequences: the first `round(gpu * n)` on the GPU, up to `round((gpu + cpu) * n)` in
-    /// RAM, the rest on disk.
-    pub fn whole(&self, n: usize) -> [usize; 3] {
-        let gpu = ((self.gpu * n as f64).round() as usize).min(n);
-        let gpu_cpu = (((self.gpu + self.cpu) * n as f64).round() as usize).clamp(gpu, n);
-        [gpu, gpu_cpu - gpu, n - gpu_cpu]
-    }
-
-    /// The fractions of [`TierSplit::whole`] items of `n` (`self` when `n` is 0).
-    pub fn rounded_to(&self, n: usize) -> Self {
-        if n == 0 {
-            return *self;
-        }
-        let [gpu, cpu, disk] = self.whole(n).map(|k| k as f64 / n as f64);
-        Self { gpu, cpu, disk }
-    }
 }
 
 impl Policy {

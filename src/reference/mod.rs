@@ -263,3 +263,12 @@ fn load_linear(
         bias: bias.map(|b| load_vector(b, source)).transpose()?,
     })
 }
+
+impl crate::batch::Scorer for ReferenceModel {
+    fn config(&self) -> &ModelConfig {
+        ReferenceModel::config(self)
+    }
+    fn token_scores(&self, batch: &[&[u32]]) -> Result<Vec<TokenScores>> {
+        ReferenceModel::token_scores(self, batch)
+    }
+}

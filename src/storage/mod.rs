@@ -1,4 +1,4 @@
-//! Where bytes live: the three [`Tier`]s, byte-exact [`placement`] of weights (by rows) and of
+//! Where bytes live on the three tiers: byte-exact [`placement`] of weights (by rows) and of
 //! the KV cache and activations (by sequence), the disk tier's [`offload`] files read with
 //! aligned direct I/O, the [`ledger`] that keeps every tier inside its budget, and the
 //! allocator setting ([`heap`]) that lets the process's memory follow the ledger.
@@ -13,35 +13,4 @@ pub use ledger::{MemoryLedger, Reservation};
 pub use offload::{AlignedBuf, OffloadFile};
 pub use placement::{split_sequences, RowSplit, WeightPlacer};
 
-use std::fmt;
-
-/// A memory tier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Tier {
-    /// GPU memory (host memory on lavapipe).
-    Gpu,
-    /// CPU RAM.
-    Cpu,
-    /// Files in the offload directory.
-    Disk,
-}
-
-impl Tier {
-    /// All tiers, fastest first.
-    pub const ALL: [Tier; 3] = [Tier::Gpu, Tier::Cpu, Tier::Disk];
-
-    /// Index into per-tier arrays.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl fmt::Display for Tier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Tier::Gpu => "GPU",
-            Tier::Cpu => "CPU",
-            Tier::Disk => "disk",
-        })
-    }
-}
+pub(crate) use crate::tier::Tier;

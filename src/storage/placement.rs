@@ -6,7 +6,7 @@
 use std::ops::Range;
 
 use super::Tier;
-use crate::policy::TierSplit;
+use crate::tier::TierSplit;
 
 /// Rows of one tensor per tier, in order: the first `gpu` rows on the GPU, the next `cpu` in
 /// RAM, the rest on disk.

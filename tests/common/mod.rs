@@ -3,8 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use ferrogen::device::{CpuDevice, Device, DeviceKind, ResidentModel};
+use ferrogen::device::{CpuDevice, Device, DeviceKind};
 use ferrogen::engine::{Engine, EngineOptions};
+use ferrogen::exec::ResidentModel;
 use ferrogen::gpu::{GpuContext, WgpuDevice};
 use ferrogen::layout::RunOptions;
 use ferrogen::model::ModelFiles;

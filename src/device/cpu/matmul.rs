@@ -18,19 +18,7 @@ use rayon::prelude::*;
 use super::math::dot;
 pub use super::weight_rows::WeightRows;
 use super::weight_rows::{codes16, scale_pair};
-
-/// Rows of `x` from which a linear layer of f32 weights runs a GEMM (below, one dot product
-/// per weight row and row of `x`).
-pub const GEMM_MIN_ROWS: usize = 6;
-
-/// Rows of `x` from which a linear layer of packed weights decodes panels and runs a GEMM
-/// (below, the fused kernel decodes each weight row once per 4 rows of `x` and multiplies as
-/// it goes: measured faster up to about 24 rows, where the GEMM's share of the work grows).
-pub const PACKED_GEMM_MIN_ROWS: usize = 24;
-
-/// Rows of `x` that the fused kernel multiplies per pass over a weight row (more rows take
-/// more passes over the same weight rows, which stay in the caches).
-pub const FUSED_X_ROWS: usize = 4;
+use crate::policy::hardware::{GEMM_MIN_ROWS, PACKED_GEMM_MIN_ROWS};
 
 /// f32 values of a decoded weight panel (4 MiB: big enough that the GEMM's per-call costs
 /// stay small, small enough to stay in the caches).

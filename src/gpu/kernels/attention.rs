@@ -2,7 +2,8 @@
 
 use super::expect_len;
 use crate::error::{Error, Result};
-use crate::gpu::{grid, passes, GpuContext, GpuIndices, GpuTensor, Pipeline};
+use crate::gpu::{grid, GpuContext, GpuIndices, GpuTensor, Pipeline};
+use crate::layout::passes;
 use crate::layout::HeadLayout;
 
 /// WGSL source: the f32 cache prelude, then the body shared with the f16 cache's kernel.

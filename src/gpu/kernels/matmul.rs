@@ -3,7 +3,8 @@
 use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
-use crate::gpu::{passes, AdapterKind, GpuContext, GpuTensor, Pipeline};
+use crate::gpu::{AdapterKind, GpuContext, GpuTensor, Pipeline};
+use crate::layout::passes;
 
 /// WGSL source (any k).
 pub const SOURCE: &str = include_str!("../../../shaders/matmul_f32.wgsl");

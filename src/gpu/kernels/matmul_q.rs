@@ -19,7 +19,8 @@ use std::sync::OnceLock;
 use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
-use crate::gpu::{passes, GpuContext, GpuTensor, Pipeline};
+use crate::gpu::{GpuContext, GpuTensor, Pipeline};
+use crate::layout::passes;
 pub use crate::layout::PackedWeight;
 
 /// WGSL source.

@@ -1,16 +1,18 @@
 //! [`ResidentModel`]: every weight of a model on one device, with per-layer KV caches there;
 //! the recipe ([`Runner`]) run unit by unit, as the executor does with streamed weights.
+//! [`GpuModel`] is one on the WebGPU device.
 
-use super::recipe::{CacheSlot, Linear, Runner, UnitWeights};
-use super::Device;
+use super::weights::{LookupTable, Placer};
 use crate::batch::TokenScores;
+use crate::device::recipe::{CacheSlot, Linear, Runner, UnitWeights};
+use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::exec::weights::{LookupTable, Placer};
+use crate::gpu::{GpuContext, WgpuDevice};
 use crate::layout::{RunOptions, WeightFormat};
 use crate::model::{ModelConfig, ModelFiles};
-use crate::policy::TierSplit;
 use crate::storage::offload::AlignedBuf;
 use crate::storage::MemoryLedger;
+use crate::tier::TierSplit;
 
 /// Per-layer KV caches of one batch on the device.
 pub struct ResidentCache<D: Device> {
@@ -269,11 +271,27 @@ impl<D: Device> ResidentModel<D> {
     }
 }
 
-impl<D: Device> crate::score::Scorer for ResidentModel<D> {
+impl<D: Device> crate::batch::Scorer for ResidentModel<D> {
     fn config(&self) -> &ModelConfig {
         &self.runner.config
     }
     fn token_scores(&self, batch: &[&[u32]]) -> Result<Vec<TokenScores>> {
         ResidentModel::token_scores(self, batch)
+    }
+}
+
+/// A model resident on the WebGPU device.
+pub type GpuModel = ResidentModel<WgpuDevice>;
+
+impl ResidentModel<WgpuDevice> {
+    /// Uploads every weight of an opened model, linear weights in `options.weights` (norms
+    /// and biases are f32; embedding lookups read the table from RAM).
+    pub fn load(ctx: GpuContext, files: &ModelFiles, options: RunOptions) -> Result<Self> {
+        Self::new(WgpuDevice::new(ctx)?, files, options)
+    }
+
+    /// The WebGPU context.
+    pub fn context(&self) -> &GpuContext {
+        self.device().context()
     }
 }

@@ -1,5 +1,6 @@
-//! Measuring this machine for a [`HardwareProfile`](super::HardwareProfile): disk reads with O_DIRECT by read size and
-//! thread count, disk writes, memory copies, and CPU matrix-product and attention rates.
+//! Measuring this machine for a [`HardwareProfile`](crate::policy::HardwareProfile): disk reads
+//! with O_DIRECT by read size and thread count, disk writes, memory copies, and CPU
+//! matrix-product and attention rates. It drives the devices, so it sits above them.
 //!
 //! Every figure is the median of several trials, reported with its spread (min-max), because
 //! shared machines are noisy.
@@ -11,9 +12,9 @@ use std::time::Instant;
 
 use ndarray::Array2;
 
-use super::hardware::{BurstRead, CpuLinear, DiskRead, GIB};
 use crate::error::{Error, Result};
 use crate::layout::RowFormat;
+use crate::policy::hardware::{BurstRead, CpuLinear, DiskRead, GIB};
 pub use crate::storage::direct::free_disk_bytes;
 use crate::storage::direct::{drop_cache, open_direct, read_exact_at, write_all_at};
 use crate::storage::offload::{AlignedBuf, ALIGN};
@@ -268,7 +269,8 @@ pub fn measure_burst_reads(
 /// random Llama (hidden 64) scoring 4 sequences of 3 tokens, as (T(9 layers) - T(1 layer)) / 8;
 /// in seconds.
 pub fn measure_cpu_layer_overhead(trials: usize) -> Result<Measured> {
-    use crate::device::{CpuDevice, ResidentModel};
+    use crate::device::CpuDevice;
+    use crate::exec::ResidentModel;
     use crate::model::config::LlamaConfig;
     use crate::model::random::RandomWeights;
     use crate::model::ModelConfig;
