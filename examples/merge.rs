@@ -15,7 +15,7 @@ use std::io::BufReader;
 use std::process::ExitCode;
 
 use clap::Parser;
-use ferrogen::score::{merge_shards, read_ids};
+use ferrogen::job::{merge_shards, read_ids};
 use ferrogen::{Error, Result};
 
 /// Joins the outputs of a sharded job into one output in input order.

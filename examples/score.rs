@@ -42,10 +42,11 @@ use common::{BackendKind, Counts, Progress};
 use common::{DeviceArgs, JobArgs};
 use ferrogen::engine::{Engine, Placement};
 use ferrogen::format_size;
+use ferrogen::job::Shard;
 use ferrogen::model::ModelFiles;
 use ferrogen::policy::HardwareProfile;
 use ferrogen::reference::ReferenceModel;
-use ferrogen::score::{score_jsonl, ScoreOptions, ScoreSummary, Scorer, Shard};
+use ferrogen::score::{score_jsonl, ScoreOptions, ScoreSummary, Scorer};
 use ferrogen::Tier;
 use ferrogen::{Error, Result};
 

@@ -15,7 +15,7 @@
 //! - Records are read in batches; a batch's prompts run longest first (so blocks hold
 //!   prompts of like length), and a record that stopped costs no more compute.
 //! - Answers are written and flushed batch by batch, so an interrupted job keeps them, and
-//!   [`GenOptions::skip_records`] resumes it ([`crate::score::resume_point`]).
+//!   [`GenOptions::skip_records`] resumes it ([`crate::job::resume_point`]).
 
 use std::io::{BufRead, Write};
 use std::ops::ControlFlow;
@@ -26,9 +26,9 @@ use serde::{Deserialize, Serialize};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::job::RecordId;
+use crate::job::{JobLines, Shard};
 use crate::model::TextTokenizer;
 use crate::sampling::{Decoding, FinishReason, Sampling};
-use crate::score::{JobLines, Shard};
 
 /// What a record leaves out.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,7 +114,7 @@ pub struct GenSummary {
 impl GenSummary {
     /// Generated tokens per second of wall time.
     pub fn tokens_per_second(&self) -> f64 {
-        crate::score::per_second(self.new_tokens, self.seconds)
+        crate::job::per_second(self.new_tokens, self.seconds)
     }
 }
 

@@ -11,9 +11,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use ferrogen::device::DeviceKind;
 use ferrogen::engine::{default_profile, EngineOptions, Placement};
+use ferrogen::job::Shard;
 use ferrogen::job::{JobMeta, JobOutput};
 use ferrogen::policy::{HardwareProfile, Policy};
-use ferrogen::score::Shard;
 use ferrogen::{Error, Result};
 
 /// A library error as a clap value parser's message: the reason alone (clap names the flag).
@@ -243,7 +243,7 @@ pub struct JobInput {
     /// The input, from its start (read twice: stdin is held in memory).
     pub reader: Box<dyn std::io::Read>,
     /// This process's shard (the flag, else the scheduler's environment).
-    pub shard: Option<ferrogen::score::Shard>,
+    pub shard: Option<ferrogen::job::Shard>,
     /// Records of the shard already answered in the output (0 unless resuming).
     pub answered: usize,
     /// Records of the shard this run answers (the progress display's total).
@@ -269,7 +269,7 @@ pub fn open_job_input(
     mut meta: JobMeta,
 ) -> Result<JobInput> {
     use ferrogen::job::{fingerprint_bytes, fingerprint_file, refuse_overwriting_inputs};
-    use ferrogen::score::{read_ids, resume_point};
+    use ferrogen::job::{read_ids, resume_point};
     use std::io::Read;
     if flags.resume && output == "-" {
         return Err(Error::invalid("--resume", "needs --output to be a file"));

@@ -1,118 +1,15 @@
-//! What keeps a JSONL job's files safe: an output never overwrites an input, one job at a time
-//! writes an output, answers go to `OUT.partial` until the job is done, a resumed job checks
-//! that it resumes the same work, and a signal stops the job between batches with its answers
-//! kept.
-//!
-//! The files beside an output `OUT` while a job runs:
-//! - `OUT.lock`: the writer's lock (`flock`), holding its process id; removed at exit;
-//! - `OUT.partial`: the answers so far, renamed to `OUT` when the job ends; `--resume`
-//!   continues it (or a finished `OUT`, renamed back to `OUT.partial` first);
-//! - `OUT.meta.json`: what the answers depend on ([`JobMeta`]), kept with the output so that a
-//!   later `--resume` can refuse other work.
+//! An output's files: never an input ([`refuse_overwriting_inputs`]), one writer
+//! ([`OutputLock`]), answers in `OUT.partial` until the end ([`JobOutput`]), and the record of
+//! what they depend on ([`JobMeta`]).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
 
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
 use crate::error::{Error, Result};
-
-/// A record's id exactly as its line gives it: a JSON string or number kept as its text, so
-/// that a number past 2^64, `-0` or `1.50` is echoed as written and two ids that are written
-/// differently stay apart. (Strings compare by their value, whatever their escapes.)
-#[derive(Debug, Clone)]
-pub struct RecordId(Box<RawValue>);
-
-impl RecordId {
-    /// No id (`null`): a line that is not JSON or has no `id`.
-    pub fn null() -> Self {
-        Self(RawValue::from_string("null".into()).unwrap_or_else(|_| unreachable!()))
-    }
-
-    /// The id of a JSON line, `null` when it has none or is not JSON.
-    pub fn of_line(line: &str) -> Self {
-        #[derive(Deserialize)]
-        struct IdOnly {
-            id: Option<Box<RawValue>>,
-        }
-        serde_json::from_str::<IdOnly>(line)
-            .ok()
-            .and_then(|v| v.id)
-            .map_or_else(Self::null, Self)
-    }
-
-    /// An id from a JSON value (a string or a number as serde_json writes it).
-    pub fn from_value(value: &serde_json::Value) -> Self {
-        serde_json::value::to_raw_value(value).map_or_else(|_| Self::null(), Self)
-    }
-
-    /// The id's JSON text, as the line gave it.
-    pub fn text(&self) -> &str {
-        self.0.get().trim()
-    }
-
-    /// Whether the id is a string or a number (a usable id).
-    pub fn is_valid(&self) -> bool {
-        matches!(
-            self.text().as_bytes().first(),
-            Some(b'"' | b'-' | b'0'..=b'9')
-        )
-    }
-
-    /// Whether there is no id.
-    pub fn is_null(&self) -> bool {
-        self.text() == "null"
-    }
-
-    /// What two ids are compared by: a string's value in JSON form, else the text.
-    fn key(&self) -> std::borrow::Cow<'_, str> {
-        let text = self.text();
-        if text.starts_with('"') {
-            if let Ok(s) = serde_json::from_str::<String>(text) {
-                if let Ok(canonical) = serde_json::to_string(&s) {
-                    return canonical.into();
-                }
-            }
-        }
-        text.into()
-    }
-}
-
-impl PartialEq for RecordId {
-    fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
-    }
-}
-
-impl Eq for RecordId {}
-
-impl PartialEq<serde_json::Value> for RecordId {
-    fn eq(&self, other: &serde_json::Value) -> bool {
-        *self == Self::from_value(other)
-    }
-}
-
-impl std::hash::Hash for RecordId {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.key().hash(state);
-    }
-}
-
-impl std::fmt::Display for RecordId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.key())
-    }
-}
-
-impl Serialize for RecordId {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        self.0.serialize(s)
-    }
-}
 
 /// Whether `a` and `b` name the same file (same device and inode, through links). Paths that
 /// do not exist name no file.
@@ -423,50 +320,6 @@ impl JobOutput {
         std::fs::rename(&self.partial, &self.output).map_err(|e| Error::io(&self.output, e))
     }
 }
-
-/// The signal that asked this process to stop (SIGINT, SIGTERM or SIGHUP), 0 for none. A
-/// signal handler can only set a flag: this is that flag, read by [`received_signal`].
-static SIGNAL: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn on_signal(signal: libc::c_int) {
-    // a second signal stops the process at once (the next run sweeps what it leaves)
-    if SIGNAL.swap(signal, Ordering::SeqCst) != 0 {
-        // SAFETY: signal and raise are async-signal-safe
-        unsafe {
-            libc::signal(signal, libc::SIG_DFL);
-            libc::raise(signal);
-        }
-    }
-}
-
-/// Makes SIGINT, SIGTERM and SIGHUP set a flag ([`received_signal`]) instead of killing the
-/// process, so that a job stops between batches, keeps its answers and removes its
-/// temporary files; a second signal kills it at once. Call once, at the start of a
-/// command-line job.
-pub fn stop_on_signals() {
-    #[cfg(unix)]
-    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe
-        unsafe {
-            libc::signal(signal, on_signal as *const () as libc::sighandler_t);
-        }
-    }
-}
-
-/// The signal received since [`stop_on_signals`], if any.
-pub fn received_signal() -> Option<i32> {
-    match SIGNAL.load(Ordering::SeqCst) {
-        0 => None,
-        s => Some(s),
-    }
-}
-
-/// The exit status for a job stopped by `signal`: 128 + its number (130 SIGINT, 143 SIGTERM,
-/// 129 SIGHUP).
-pub fn signal_exit_status(signal: i32) -> u8 {
-    (128 + signal).clamp(0, 255) as u8
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -537,24 +390,6 @@ mod tests {
         // starting anew over an interrupted run's answers is refused
         let e = JobOutput::prepare(&out, false).unwrap_err().to_string();
         assert!(e.contains("--resume"), "{e}");
-    }
-
-    #[test]
-    fn ids_keep_their_text() {
-        let big = RecordId::of_line(r#"{"id": 18446744073709551617, "text": "x"}"#);
-        assert_eq!(big.text(), "18446744073709551617");
-        let bigger = RecordId::of_line(r#"{"id":18446744073709551618}"#);
-        assert_ne!(big, bigger, "ids past 2^64 stay apart");
-        let zero = RecordId::of_line(r#"{"id": 0}"#);
-        let minus_zero = RecordId::of_line(r#"{"id": -0}"#);
-        assert_ne!(zero, minus_zero);
-        assert_eq!(serde_json::to_string(&minus_zero).unwrap(), "-0");
-        let escaped = RecordId::of_line(r#"{"id": "\u0041b"}"#);
-        assert_eq!(escaped, RecordId::from_value(&serde_json::json!("Ab")));
-        assert_eq!(escaped.to_string(), "\"Ab\"");
-        assert!(RecordId::of_line("not json").is_null());
-        assert!(!RecordId::of_line(r#"{"id": true}"#).is_valid());
-        assert!(RecordId::of_line(r#"{"id": -3}"#).is_valid());
     }
 
     #[test]
