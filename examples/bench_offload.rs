@@ -276,7 +276,7 @@ fn run() -> Result<()> {
             ferrogen::layout::WeightFormat::Native
         };
         // the weights' bytes as the executor streams them (GGUF blocks as stored)
-        let bytes_per_value = ferrogen::exec::runtime_bytes_per_value(&open_files(&a)?, format)?;
+        let bytes_per_value = ferrogen::engine::runtime_bytes_per_value(&open_files(&a)?, format)?;
         let on_cpu = a.device == DeviceKind::Cpu;
         let options = EngineOptions::new(Placement::Policy(policy.clone()))
             .gpu_budget(if on_cpu { u64::MAX } else { gpu_mem })

@@ -23,17 +23,16 @@ use std::sync::{Arc, Mutex};
 
 use crate::batch::{PrefixGroup, TokenScores};
 use crate::device::recipe::Runner;
-use crate::device::{CacheFormat, CpuDevice, Device, DeviceKind};
+use crate::device::{CpuDevice, Device, DeviceKind};
 use crate::error::{Error, Result};
+use crate::exec::placer::Placer;
 use crate::exec::state::{Executor, GenControl};
-use crate::exec::weights::Placer;
 use crate::exec::{SeqResult, Task, Trace};
 use crate::gpu::{GpuContext, WgpuDevice};
-use crate::layout::{workspace_bytes, RunOptions, WeightFormat, CHUNK_ROWS, LOGIT_ROWS};
 use crate::model::{ModelConfig, ModelFiles};
-use crate::policy::cost::CacheRowBytes;
-use crate::policy::search::{search, SearchOptions};
-use crate::policy::{CostModel, HardwareProfile, HeadBytes, Policy, Workload};
+use crate::plan::{plan, staging_buffers, PlanRequest};
+pub use crate::plan::{runtime_bytes_per_value, Placement};
+use crate::policy::{CostModel, HardwareProfile, Policy, Workload};
 use crate::sampling::{Decoding, Sampling};
 use crate::storage::offload::{OffloadDir, StagingPool};
 use crate::storage::{MemoryLedger, Tier};
@@ -46,29 +45,6 @@ pub const DEFAULT_PROFILE: &str = include_str!("../policies/lavapipe-2core.toml"
 pub fn default_profile() -> Result<HardwareProfile> {
     toml::from_str(DEFAULT_PROFILE)
         .map_err(|e| Error::invalid("built-in hardware profile", e.to_string()))
-}
-
-/// How the placement is decided.
-#[derive(Debug, Clone)]
-#[allow(clippy::large_enum_variant)] // one per engine, built once
-pub enum Placement {
-    /// As a policy file says (checked against the budgets as memory is allocated).
-    Policy(Policy),
-    /// Found by the LP policy search for this hardware and workload within the budgets.
-    Search {
-        /// The machine's rates (see `calibrate`).
-        hardware: HardwareProfile,
-        /// Typical prompt (record) length in tokens.
-        prompt_len: usize,
-        /// Tokens computed per sequence: 1 for scoring, 1 + new tokens when generating.
-        gen_len: usize,
-        /// Store weights in 4-bit groups.
-        compress_weight: bool,
-        /// Store the KV cache in 4-bit groups.
-        compress_cache: bool,
-        /// Store the KV cache in f16.
-        f16_cache: bool,
-    },
 }
 
 /// How an [`Engine`] is opened.
@@ -322,57 +298,23 @@ impl BlockStats {
     }
 }
 
-/// Rows of logits per chunk for a GPU budget, where the device holds `width` logits per row
-/// at once (the vocabulary, or its panel): 128 rows of the whole vocabulary's worth (up to a
-/// chunk of rows when the device reduces in panels), or fewer so that a chunk takes at most
-/// an eighth of the budget, but not fewer than 64 while a 64-row chunk fits a quarter of it
-/// (on lavapipe, scoring 1,533 SmolLM2 tokens in chunks of 21 rows ran at half the speed of
-/// chunks of 128).
-fn logit_rows(config: &ModelConfig, gpu_budget: u64, width: usize) -> usize {
-    let row = (width.max(1) * 4) as u64;
-    let most = (LOGIT_ROWS * config.vocab_size() / width.max(1)).clamp(LOGIT_ROWS, CHUNK_ROWS);
-    let by_budget = (gpu_budget / 8 / row) as usize;
-    let floor = if 64 * row <= gpu_budget / 4 { 64 } else { 1 };
-    by_budget.clamp(floor, most)
-}
-
-/// Rows of a batch a unit computes at once for a GPU budget: 512, or fewer (by halves, down
-/// to 16) so that their intermediate tensors take at most an eighth of the budget. Prompts
-/// longer than this run in row chunks, so a record's length does not decide what fits.
-fn chunk_rows(config: &ModelConfig, gpu_budget: u64) -> usize {
-    let mut rows = CHUNK_ROWS;
-    while rows > 16 && workspace_bytes(config, rows, 0, 0) > gpu_budget / 8 {
-        rows /= 2;
+/// The device tier's budget: the GPU budget, or on a device that computes in RAM the CPU
+/// budget (a GPU budget there is an error). A finite CPU budget makes freed memory leave the
+/// process, so that its RAM follows the ledger.
+fn device_budget(host: bool, options: &EngineOptions) -> Result<u64> {
+    if options.cpu_budget != u64::MAX {
+        crate::storage::heap::return_freed_memory();
     }
-    rows
-}
-
-/// Bytes per cached token of one layer in each cache format, as the executor stores them.
-fn cache_row_bytes(config: &ModelConfig) -> CacheRowBytes {
-    let row = |compress_cache, f16_cache| {
-        let options = RunOptions {
-            weights: WeightFormat::Native,
-            compress_cache,
-            f16_cache,
-        };
-        CacheFormat::of(config, options).row_bytes() as f64
-    };
-    CacheRowBytes {
-        f32: row(false, false),
-        f16: row(false, true),
-        q4: row(true, false),
+    if !host {
+        return Ok(options.gpu_budget);
     }
-}
-
-/// The staging chunk size and reader threads in use for the ones asked for.
-fn staging_shape(chunk: usize, threads: usize) -> (usize, usize) {
-    (chunk.clamp(64 << 10, 16 << 20), threads.clamp(1, 16))
-}
-
-/// Staging buffers in RAM: one per reader thread and per other I/O operation a step can hold
-/// at once (cache and activation loads and stores, the embedding lookup).
-fn staging_buffers(io_threads: usize) -> usize {
-    io_threads + 4
+    if options.gpu_budget != u64::MAX {
+        return Err(Error::invalid(
+            "--gpu-mem",
+            "the CPU device computes in RAM: budget all of its memory with --cpu-mem",
+        ));
+    }
+    Ok(options.cpu_budget)
 }
 
 impl Engine {
@@ -413,25 +355,9 @@ impl Engine {
     /// Places `files` on `dev` as `options` say. On a device that computes in RAM (the CPU
     /// device) the GPU and CPU tiers are one: `cpu_budget` covers all of it, and a GPU budget
     /// is an error.
-    pub fn open_on<D: Device>(
-        dev: D,
-        files: ModelFiles,
-        mut options: EngineOptions,
-    ) -> Result<Self> {
+    pub fn open_on<D: Device>(dev: D, files: ModelFiles, options: EngineOptions) -> Result<Self> {
         let host = dev.is_host();
-        if options.cpu_budget != u64::MAX {
-            // freed buffers must leave the process for its RAM to follow the ledger
-            crate::storage::heap::return_freed_memory();
-        }
-        if host {
-            if options.gpu_budget != u64::MAX {
-                return Err(Error::invalid(
-                    "--gpu-mem",
-                    "the CPU device computes in RAM: budget all of its memory with --cpu-mem",
-                ));
-            }
-            options.gpu_budget = options.cpu_budget;
-        }
+        let device_budget = device_budget(host, &options)?;
         let offload_dir = match &options.offload_dir {
             Some(dir) => Some(OffloadDir::prepare(dir)?),
             None => None,
@@ -440,158 +366,40 @@ impl Engine {
             Some(dir) => crate::storage::direct::free_disk_bytes(dir.path()).unwrap_or(u64::MAX),
             None => 0,
         };
-        // disk reads in the chunk size and thread count the profile found best (when given)
-        let (mut chunk, mut io_threads) = (options.io_chunk_bytes as usize, options.io_threads);
-        // the output projection streams in panels no larger than a layer; the device holds
-        // `logit_width` logits per row of a chunk of `logit_rows` rows at once
-        let format = WeightFormat::of(match &options.placement {
-            Placement::Policy(p) => p.compress_weight,
-            Placement::Search {
-                compress_weight, ..
-            } => *compress_weight,
-        });
-        // (the widest panels, as without sep_layer, bound what the search counts)
-        let panel_width = |panels: usize| {
-            let vocab = files.config.vocab_size();
-            dev.logit_width(vocab.div_ceil(panels.clamp(1, vocab.max(1))))
+        let request = PlanRequest {
+            placement: &options.placement,
+            budgets: [device_budget, options.cpu_budget, disk_budget],
+            io: (options.io_chunk_bytes as usize, options.io_threads),
+            max_block_sequences: options.max_block_sequences,
         };
-        let logit_width = panel_width(crate::exec::weights::logit_panel_count(
-            &files, format, false,
-        )?);
-        let logit_rows = logit_rows(&files.config, options.gpu_budget, logit_width);
-        // with a search: the cost model it places the model with, kept to screen records
-        // longer than it was told of (`Engine::check_longest`)
-        let (policy, searched) = match options.placement {
-            Placement::Policy(p) => (p, None),
-            Placement::Search {
-                hardware,
-                prompt_len,
-                gen_len,
-                compress_weight,
-                compress_cache,
-                f16_cache,
-            } => {
-                chunk = hardware.io_chunk_bytes as usize;
-                io_threads = hardware.io_threads;
-                let bytes_per_value =
-                    crate::exec::weights::runtime_bytes_per_value(&files, format)?;
-                let hw = if host {
-                    // one memory: the device tier is RAM
-                    hardware.for_host_device(bytes_per_value).with_capacities(
-                        options.cpu_budget,
-                        0,
-                        disk_budget,
-                    )
-                } else {
-                    hardware.with_capacities(options.gpu_budget, options.cpu_budget, disk_budget)
-                };
-                let (chunk, threads) = staging_shape(chunk, io_threads);
-                let head = HeadBytes {
-                    output: (crate::exec::weights::output_weight_bytes(&files, format)?
-                        + crate::exec::weights::projection_weight_bytes(&files, format)?)
-                        as f64,
-                    table: crate::exec::weights::lookup_table_bytes(&files)? as f64,
-                };
-                let logit_bytes = (4 * logit_rows * logit_width) as f64;
-                let workload = Workload {
-                    prompt_len,
-                    gen_len: gen_len.max(1),
-                };
-                let model = CostModel::new(&files.config, hw, workload)
-                    .with_weight_bytes(crate::exec::weights::runtime_bytes_per_value(
-                        &files,
-                        WeightFormat::Native,
-                    )?)
-                    // activations and the uncompressed cache are f32 here
-                    .with_activation_bytes(4.0)
-                    .with_executor_layouts(
-                        crate::exec::weights::runtime_bytes_per_value(
-                            &files,
-                            WeightFormat::Group4,
-                        )?,
-                        cache_row_bytes(&files.config),
-                    )
-                    .with_compute_rows(chunk_rows(&files.config, options.gpu_budget))
-                    .with_executor_bytes(
-                        head,
-                        logit_bytes,
-                        StagingPool::bytes(staging_buffers(threads), chunk) as f64,
-                    );
-                let model = if host { model.on_host_device() } else { model };
-                let found = search(
-                    &model,
-                    &SearchOptions {
-                        compress_weight,
-                        compress_cache,
-                        f16_cache,
-                        // CPU attention beside the device reads an f32 cache
-                        allow_cpu_cache_compute: !compress_cache && !f16_cache,
-                        max_block_size: options.max_block_sequences,
-                        ..SearchOptions::default()
-                    },
-                )?;
-                (found.policy, Some(model))
-            }
-        };
-        let policy = if host { policy.on_host() } else { policy };
-        policy.validate("policy")?;
-        if policy.cpu_cache_compute && (policy.compress_cache || policy.f16_cache) {
-            return Err(Error::invalid(
-                "policy",
-                "cpu_cache_compute with compress_cache or f16_cache: CPU attention beside the \
-                 device reads an f32 cache (FlexGen has the same limit); turn one of them off",
-            ));
-        }
-        if policy.compress_cache && policy.f16_cache {
-            return Err(Error::invalid(
-                "policy",
-                "compress_cache and f16_cache both set: a KV cache has one format (4-bit groups \
-                 or f16); turn one of them off",
-            ));
-        }
-        if policy.attn_sparsity < 1.0 {
-            return Err(Error::NotBuilt {
-                what: "sparse attention (attn_sparsity < 1)".into(),
-            });
-        }
+        let plan = plan(&dev, &files, &request)?;
         let ledger = if host {
             MemoryLedger::unified(options.cpu_budget, disk_budget)
         } else {
-            MemoryLedger::new(options.gpu_budget, options.cpu_budget, disk_budget)
+            MemoryLedger::new(device_budget, options.cpu_budget, disk_budget)
         };
-        let gpu_options = RunOptions {
-            weights: format,
-            compress_cache: policy.compress_cache,
-            f16_cache: policy.f16_cache,
-        };
-        let mut runner = Runner::new(dev, &files.config, gpu_options);
-        runner.logit_rows = logit_rows;
-        runner.chunk_rows = chunk_rows(&files.config, options.gpu_budget);
+        let mut runner = Runner::new(dev, &files.config, plan.run);
+        (runner.logit_rows, runner.chunk_rows) = (plan.logit_rows, plan.chunk_rows);
         let model = Placer {
             dev: &runner.dev,
             files: &files,
-            format: gpu_options.weights,
-            split: policy.weights(),
-            sep_layer: policy.sep_layer,
-            logit_panels: crate::exec::weights::logit_panel_count(
-                &files,
-                format,
-                policy.sep_layer,
-            )?,
+            format: plan.run.weights,
+            split: plan.policy.weights(),
+            sep_layer: plan.policy.sep_layer,
+            logit_panels: plan.logit_panels,
             ledger: &ledger,
             offload_dir: options.offload_dir.as_deref(),
             keep_offload: options.keep_offload,
         }
         .place()?;
         runner.dev.wait()?;
-        let (chunk, io_threads) = staging_shape(chunk, io_threads);
-        let staging = StagingPool::new(&ledger, staging_buffers(io_threads), chunk)?;
+        let (chunk, io_threads) = plan.staging;
         let executor = Executor {
             runner,
             model,
-            policy,
+            policy: plan.policy,
+            staging: StagingPool::new(&ledger, staging_buffers(io_threads), chunk)?,
             ledger,
-            staging,
             io_threads,
             slots: Default::default(),
             offload_dir: options.offload_dir.clone(),
@@ -601,9 +409,9 @@ impl Engine {
             executor: Box::new(executor),
             block_lock: Mutex::new(()),
             files,
-            searched,
+            searched: plan.searched,
             stats: Mutex::new(BlockStats::default()),
-            budgets: [options.gpu_budget, options.cpu_budget, disk_budget],
+            budgets: [device_budget, options.cpu_budget, disk_budget],
             share_prefixes: options.share_prefixes,
             _offload_dir: offload_dir,
         })

@@ -102,6 +102,7 @@ pub mod gpu;
 pub mod job;
 pub mod layout;
 pub mod model;
+mod plan;
 pub mod policy;
 pub mod quant;
 pub mod reference;

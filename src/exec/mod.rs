@@ -1,7 +1,8 @@
 //! The pipelined executor: runs a [`ZigzagPlan`](crate::schedule::ZigzagPlan) over weights
 //! placed across GPU, CPU and disk, with I/O on worker threads overlapped with compute.
 //!
-//! - `weights`: weights placed by rows in the run-time layout, streamed into weight slots;
+//! - `placer`: weights placed by rows in the run-time layout over the tiers, the offload file;
+//! - `weights`: the placed weights, streamed into weight slots;
 //! - `executor`: blocks of sequences, the plan's steps, compute and the output unit;
 //! - `cache`: the KV cache over the tiers, and attention on the CPU;
 //! - `activations`: hidden rows between units over the tiers;
@@ -14,6 +15,7 @@ mod activations;
 mod cache;
 pub(crate) mod executor;
 mod io_workers;
+pub(crate) mod placer;
 mod resident;
 pub(crate) mod state;
 pub mod trace;
@@ -22,4 +24,3 @@ pub(crate) mod weights;
 pub use executor::{SeqResult, Task};
 pub use resident::{GpuModel, ResidentCache, ResidentModel};
 pub use trace::{Span, Trace, Track};
-pub use weights::runtime_bytes_per_value;

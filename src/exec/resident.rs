@@ -2,7 +2,8 @@
 //! the recipe ([`Runner`]) run unit by unit, as the executor does with streamed weights.
 //! [`GpuModel`] is one on the WebGPU device.
 
-use super::weights::{LookupTable, Placer};
+use super::placer::Placer;
+use super::weights::LookupTable;
 use crate::batch::TokenScores;
 use crate::device::recipe::{CacheSlot, Linear, Runner, UnitWeights};
 use crate::device::Device;

@@ -188,6 +188,25 @@ impl Policy {
         if self.quant.bits != 4 || self.quant.group_size == 0 {
             return bad("quant supports bits = 4 with a positive group_size".into());
         }
+        if self.cpu_cache_compute && (self.compress_cache || self.f16_cache) {
+            return bad(
+                "cpu_cache_compute with compress_cache or f16_cache: CPU attention beside the \
+                 device reads an f32 cache (FlexGen has the same limit); turn one of them off"
+                    .into(),
+            );
+        }
+        if self.compress_cache && self.f16_cache {
+            return bad(
+                "compress_cache and f16_cache both set: a KV cache has one format (4-bit groups \
+                 or f16); turn one of them off"
+                    .into(),
+            );
+        }
+        if self.attn_sparsity < 1.0 {
+            return Err(Error::NotBuilt {
+                what: "sparse attention (attn_sparsity < 1)".into(),
+            });
+        }
         if self.cpu_cache_compute && self.cache_gpu_percent >= 100.0 {
             return bad(
                 "cpu_cache_compute is set but the whole KV cache is on the GPU: \

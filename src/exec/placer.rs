@@ -1,0 +1,750 @@
+//! [`Placer`]: a model's weights placed across the tiers. Each linear weight is split by
+//! rows ([`WeightPlacer`]): the GPU rows are uploaded once, the CPU rows kept in RAM and the
+//! disk rows written to one offload file, all in the layout the kernels read
+//! (`crate::layout`), so streaming a weight is a plain copy. A row range that would not fit
+//! one device buffer is cut into pieces. A kept offload file is named by its manifest and
+//! checked against its record before reuse.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+use super::weights::{
+    disk_extent, disk_segment_starts, LookupTable, Piece, PieceHome, PlacedLinear, PlacedModel,
+    PlacedUnit,
+};
+use crate::device::recipe::{
+    AttnWeights, HeadWeights, InputWeights, Linear, MlpWeights, OptNorm, UnitWeights,
+};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::layout::{convert_rows, output_format, RowFormat, WeightFormat};
+use crate::model::llama::{LlamaLayerSpec, LlamaSpec};
+use crate::model::opt::{self, OptLayerSpec, OptSpec};
+use crate::model::{ModelConfig, ModelFiles, TensorSpec, WeightSource};
+use crate::schedule::UnitKind;
+use crate::storage::offload::{align_up, private_file_name, AlignedBuf, OffloadFile};
+use crate::storage::{MemoryLedger, Reservation, Tier, WeightPlacer};
+use crate::tier::TierSplit;
+
+/// Rows converted at a time while placing weights (bounds the transient memory).
+const CONVERT_BYTES: usize = 8 << 20;
+
+/// The offload file's layout version: 2 since f16 weights are stored as f16 (16-bit codes), 4
+/// since the model is named by its fingerprint and the file carries checksums.
+const MANIFEST_VERSION: u32 = 4;
+
+/// What the offload file must hold; equal manifests mean the file can be reused. The file is
+/// named by the manifest's hash, so runs of other models or placements never share one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Manifest {
+    version: u32,
+    /// The model's fingerprint ([`crate::model::fingerprint`]).
+    model: String,
+    format: String,
+    /// `(tensor, first row, rows, offset, bytes)`.
+    pieces: Vec<(String, usize, usize, u64, u64)>,
+}
+
+/// A kept offload file's record beside it: its manifest and, for every region written, the
+/// xxh3 hash of its bytes, checked before the file is reused.
+#[derive(Debug, Serialize, Deserialize)]
+struct OffloadRecord {
+    manifest: Manifest,
+    /// `(offset, bytes, xxh3)` of each segment and of the table's rows.
+    checksums: Vec<(u64, u64, u64)>,
+}
+
+/// A piece to be created: which tensor rows, on which tier, where on disk.
+struct PiecePlan {
+    tensor: usize,
+    first_row: usize,
+    rows: usize,
+    tier: Tier,
+    offset: u64,
+}
+
+/// A tensor to place: a linear weight (index into the plan) or the lookup table.
+struct TensorPlan {
+    spec: TensorSpec,
+    format: WeightFormat,
+    row: RowFormat,
+}
+
+/// Places and loads a model's weights.
+pub(crate) struct Placer<'a, D: Device> {
+    pub dev: &'a D,
+    pub files: &'a ModelFiles,
+    pub format: WeightFormat,
+    pub split: TierSplit,
+    pub sep_layer: bool,
+    /// Panels the output projection is split into, one unit each.
+    pub logit_panels: usize,
+    pub ledger: &'a Arc<MemoryLedger>,
+    pub offload_dir: Option<&'a std::path::Path>,
+    /// Keep the offload file for later runs (named by its manifest, with a record of it).
+    pub keep_offload: bool,
+}
+
+/// The linear weights of a unit before placement: each weight (with its optional bias), its
+/// format and the rows of it the unit holds (all, or a panel of the output projection).
+struct UnitSpec {
+    linears: Vec<(TensorSpec, Option<TensorSpec>, WeightFormat, Range<usize>)>,
+}
+
+/// The output columns of each of `panels` panels of a `vocab`-entry output projection:
+/// panel `p` holds `p * vocab / panels .. (p + 1) * vocab / panels` (none empty, since
+/// `panels` is clamped to `1..=vocab`).
+pub(crate) fn logit_panels(vocab: usize, panels: usize) -> Vec<Range<usize>> {
+    let n = panels.clamp(1, vocab.max(1));
+    (0..n).map(|p| p * vocab / n..(p + 1) * vocab / n).collect()
+}
+
+impl<D: Device> Placer<'_, D> {
+    fn source(&self) -> &dyn WeightSource {
+        self.files.weights.as_ref()
+    }
+
+    /// A norm weight, bias or position table, resident on the device as `[1, n]` (vectors)
+    /// or `[rows, width]`.
+    fn small(&self, spec: &TensorSpec, held: &mut Vec<Reservation>) -> Result<D::Tensor> {
+        let n: usize = spec.shape.iter().product();
+        held.push(self.ledger.reserve(Tier::Gpu, 4 * n as u64, &spec.name)?);
+        let (rows, width) = match spec.shape[..] {
+            [r, w] => (r, w),
+            _ => (1, n),
+        };
+        self.dev.upload(&spec.load_f32(self.source())?, rows, width)
+    }
+
+    fn norm(&self, n: &opt::LayerNorm, held: &mut Vec<Reservation>) -> Result<OptNorm<D>> {
+        Ok(OptNorm {
+            weight: self.small(&n.weight, held)?,
+            bias: self.small(&n.bias, held)?,
+        })
+    }
+
+    /// A linear layer with no rows yet (they are added per piece), its bias resident.
+    fn empty_linear(
+        &self,
+        weight: &TensorSpec,
+        bias: Option<&TensorSpec>,
+        held: &mut Vec<Reservation>,
+    ) -> Result<Linear<D>> {
+        Ok(Linear {
+            parts: Vec::new(),
+            bias: bias.map(|b| self.small(b, held)).transpose()?,
+            out: weight.shape[0],
+        })
+    }
+
+    fn llama_attn(
+        &self,
+        s: &LlamaLayerSpec,
+        held: &mut Vec<Reservation>,
+    ) -> Result<AttnWeights<D>> {
+        Ok(AttnWeights::Llama {
+            norm: self.small(&s.input_layernorm, held)?,
+            q: self.empty_linear(&s.q_proj, None, held)?,
+            k: self.empty_linear(&s.k_proj, None, held)?,
+            v: self.empty_linear(&s.v_proj, None, held)?,
+            o: self.empty_linear(&s.o_proj, None, held)?,
+        })
+    }
+
+    fn llama_mlp(&self, s: &LlamaLayerSpec, held: &mut Vec<Reservation>) -> Result<MlpWeights<D>> {
+        Ok(MlpWeights::Llama {
+            norm: self.small(&s.post_attention_layernorm, held)?,
+            gate: self.empty_linear(&s.gate_proj, None, held)?,
+            up: self.empty_linear(&s.up_proj, None, held)?,
+            down: self.empty_linear(&s.down_proj, None, held)?,
+        })
+    }
+
+    /// An OPT linear: its spec joins `lin`, an empty layer is returned.
+    fn opt_linear(
+        &self,
+        l: &opt::Linear,
+        lin: &mut Vec<(TensorSpec, Option<TensorSpec>)>,
+        held: &mut Vec<Reservation>,
+    ) -> Result<Linear<D>> {
+        lin.push((l.weight.clone(), l.bias.clone()));
+        self.empty_linear(&l.weight, l.bias.as_ref(), held)
+    }
+
+    fn opt_attn(
+        &self,
+        s: &OptLayerSpec,
+        lin: &mut Vec<(TensorSpec, Option<TensorSpec>)>,
+        held: &mut Vec<Reservation>,
+    ) -> Result<AttnWeights<D>> {
+        Ok(AttnWeights::Opt {
+            ln: self.norm(&s.self_attn_layer_norm, held)?,
+            q: self.opt_linear(&s.q_proj, lin, held)?,
+            k: self.opt_linear(&s.k_proj, lin, held)?,
+            v: self.opt_linear(&s.v_proj, lin, held)?,
+            out: self.opt_linear(&s.out_proj, lin, held)?,
+        })
+    }
+
+    fn opt_mlp(
+        &self,
+        s: &OptLayerSpec,
+        lin: &mut Vec<(TensorSpec, Option<TensorSpec>)>,
+        held: &mut Vec<Reservation>,
+    ) -> Result<MlpWeights<D>> {
+        Ok(MlpWeights::Opt {
+            ln: self.norm(&s.final_layer_norm, held)?,
+            fc1: self.opt_linear(&s.fc1, lin, held)?,
+            fc2: self.opt_linear(&s.fc2, lin, held)?,
+        })
+    }
+
+    /// The units in schedule order: their linear weights and resident templates, and the
+    /// embedding table.
+    fn units(
+        &self,
+        held: &mut Vec<Reservation>,
+    ) -> Result<(Vec<UnitSpec>, Vec<UnitWeights<D>>, TensorSpec)> {
+        let f = self.format;
+        let mut specs = Vec::new();
+        let mut templates = Vec::new();
+        let kinds = UnitKind::sequence(
+            self.files.config.num_layers(),
+            self.sep_layer,
+            self.logit_panels,
+        );
+        let panels = logit_panels(self.files.config.vocab_size(), self.logit_panels);
+        // the output projection's panel `p`: its rows, in the output format
+        let panel = |output: &TensorSpec, p: usize, held: &mut Vec<Reservation>| {
+            let cols = panels[p].clone();
+            let unit = UnitSpec {
+                linears: vec![(output.clone(), None, output_format(f), cols.clone())],
+            };
+            Ok::<_, Error>((
+                unit,
+                UnitWeights::Logits(self.empty_linear(output, None, held)?, cols),
+            ))
+        };
+        // every row of a linear weight, in the run-time format
+        let whole = |lin: Vec<(TensorSpec, Option<TensorSpec>)>| UnitSpec {
+            linears: lin
+                .into_iter()
+                .map(|(w, b)| {
+                    let rows = 0..w.shape[0];
+                    (w, b, f, rows)
+                })
+                .collect(),
+        };
+        let table = match &self.files.config {
+            ModelConfig::Llama(c) => {
+                let spec = LlamaSpec::new(c);
+                let output = spec
+                    .lm_head
+                    .clone()
+                    .unwrap_or_else(|| spec.embed_tokens.clone());
+                for kind in kinds {
+                    let (unit, tpl) = match kind {
+                        UnitKind::Embed => {
+                            (whole(Vec::new()), UnitWeights::Embed(InputWeights::Llama))
+                        }
+                        UnitKind::Head => (
+                            whole(Vec::new()),
+                            UnitWeights::Head(HeadWeights::Llama {
+                                norm: self.small(&spec.norm, held)?,
+                            }),
+                        ),
+                        UnitKind::Logits(p) => panel(&output, p, held)?,
+                        UnitKind::Attention(l) | UnitKind::Mlp(l) | UnitKind::Layer(l) => {
+                            let s = &spec.layers[l];
+                            let attn = [&s.q_proj, &s.k_proj, &s.v_proj, &s.o_proj];
+                            let mlp = [&s.gate_proj, &s.up_proj, &s.down_proj];
+                            let (names, tpl): (Vec<&TensorSpec>, UnitWeights<D>) = match kind {
+                                UnitKind::Attention(_) => (
+                                    attn.to_vec(),
+                                    UnitWeights::Attention(self.llama_attn(s, held)?),
+                                ),
+                                UnitKind::Mlp(_) => {
+                                    (mlp.to_vec(), UnitWeights::Mlp(self.llama_mlp(s, held)?))
+                                }
+                                _ => (
+                                    attn.iter().chain(mlp.iter()).copied().collect(),
+                                    UnitWeights::Layer(
+                                        self.llama_attn(s, held)?,
+                                        self.llama_mlp(s, held)?,
+                                    ),
+                                ),
+                            };
+                            let lin = names.into_iter().map(|t| (t.clone(), None)).collect();
+                            (whole(lin), tpl)
+                        }
+                    };
+                    specs.push(unit);
+                    templates.push(tpl);
+                }
+                spec.embed_tokens
+            }
+            ModelConfig::Opt(c) => {
+                let spec = OptSpec::new(c, self.files.opt_prefix());
+                for kind in kinds {
+                    let mut lin: Vec<(TensorSpec, Option<TensorSpec>)> = Vec::new();
+                    let tpl = match kind {
+                        UnitKind::Embed => UnitWeights::Embed(InputWeights::Opt {
+                            positions: self.small(&spec.embed_positions, held)?,
+                            project_in: spec
+                                .project_in
+                                .as_ref()
+                                .map(|w| {
+                                    lin.push((w.clone(), None));
+                                    self.empty_linear(w, None, held)
+                                })
+                                .transpose()?,
+                        }),
+                        UnitKind::Head => {
+                            let final_norm = spec
+                                .final_layer_norm
+                                .as_ref()
+                                .map(|n| self.norm(n, held))
+                                .transpose()?;
+                            let project_out = spec
+                                .project_out
+                                .as_ref()
+                                .map(|w| {
+                                    lin.push((w.clone(), None));
+                                    self.empty_linear(w, None, held)
+                                })
+                                .transpose()?;
+                            UnitWeights::Head(HeadWeights::Opt {
+                                final_norm,
+                                project_out,
+                            })
+                        }
+                        UnitKind::Logits(p) => {
+                            let (unit, tpl) = panel(&spec.embed_tokens, p, held)?;
+                            specs.push(unit);
+                            templates.push(tpl);
+                            continue;
+                        }
+                        UnitKind::Attention(l) => UnitWeights::Attention(self.opt_attn(
+                            &spec.layers[l],
+                            &mut lin,
+                            held,
+                        )?),
+                        UnitKind::Mlp(l) => {
+                            UnitWeights::Mlp(self.opt_mlp(&spec.layers[l], &mut lin, held)?)
+                        }
+                        UnitKind::Layer(l) => {
+                            let a = self.opt_attn(&spec.layers[l], &mut lin, held)?;
+                            UnitWeights::Layer(a, self.opt_mlp(&spec.layers[l], &mut lin, held)?)
+                        }
+                    };
+                    specs.push(whole(lin));
+                    templates.push(tpl);
+                }
+                spec.embed_tokens
+            }
+        };
+        Ok((specs, templates, table))
+    }
+
+    /// Places every weight: uploads GPU rows, keeps CPU rows, writes (or reuses) the offload
+    /// file, charging each tier in `ledger`.
+    pub(crate) fn place(&self) -> Result<PlacedModel<D>> {
+        let source = self.source();
+        let mut held = Vec::new();
+        let (specs, mut templates, table_spec) = self.units(&mut held)?;
+        let max_binding = self.dev.max_buffer_bytes() as usize;
+
+        // pass 1: formats, row splits and pieces (disk pieces get aligned offsets)
+        let mut tensors: Vec<TensorPlan> = Vec::new();
+        let mut pieces: Vec<PiecePlan> = Vec::new();
+        let mut placer = WeightPlacer::new(self.split);
+        let mut disk_cursor = 0u64;
+        for unit in &specs {
+            for (w, _, fmt, rows) in &unit.linears {
+                let (row, _) = convert_rows(source, w, *fmt, 0..1)?;
+                let split = placer.place(rows.len(), row.row_bytes());
+                let t = tensors.len();
+                let per_piece = (max_binding / row.segment_row_bytes()[0].max(1)).max(1);
+                for (tier, range) in split.ranges() {
+                    let (mut first, end) = (rows.start + range.start, rows.start + range.end);
+                    while first < end {
+                        let rows = per_piece.min(end - first);
+                        let offset = if tier == Tier::Disk {
+                            let at = disk_cursor;
+                            disk_cursor += disk_extent(rows, &row.segment_row_bytes());
+                            at
+                        } else {
+                            0
+                        };
+                        pieces.push(PiecePlan {
+                            tensor: t,
+                            first_row: first,
+                            rows,
+                            tier,
+                            offset,
+                        });
+                        first += rows;
+                    }
+                }
+                tensors.push(TensorPlan {
+                    spec: w.clone(),
+                    format: *fmt,
+                    row,
+                });
+            }
+        }
+        // the lookup table: in the file's format, its GPU share kept in RAM (a lookup reads
+        // a few rows, which the CPU gathers)
+        let table_info = source
+            .info(&table_spec.name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: source.path().to_path_buf(),
+                name: table_spec.name.clone(),
+            })?;
+        let width = table_spec.shape[1];
+        let table_row = table_info
+            .dtype
+            .bytes_for(width)
+            .ok_or_else(|| Error::format(source.path(), "embedding rows are not whole blocks"))?;
+        let table_split = crate::storage::split_sequences(
+            table_spec.shape[0],
+            TierSplit {
+                gpu: 0.0,
+                cpu: self.split.gpu + self.split.cpu,
+                disk: self.split.disk,
+            },
+        );
+        let table_offset = disk_cursor;
+        disk_cursor += align_up((table_split.disk * table_row) as u64);
+
+        let mut placed_bytes = placer.placed();
+        placed_bytes[Tier::Cpu.index()] += (table_split.cpu * table_row) as u64;
+        placed_bytes[Tier::Disk.index()] += (table_split.disk * table_row) as u64;
+
+        // the offload file: reuse when it holds exactly these pieces of this model
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            // (only a file on disk is named by it)
+            model: if disk_cursor > 0 {
+                crate::model::fingerprint(&self.files.path)?
+            } else {
+                String::new()
+            },
+            format: format!("{:?}", self.format),
+            pieces: pieces
+                .iter()
+                .filter(|p| p.tier == Tier::Disk)
+                .map(|p| {
+                    let t = &tensors[p.tensor];
+                    (
+                        t.spec.name.clone(),
+                        p.first_row,
+                        p.rows,
+                        p.offset,
+                        disk_extent(p.rows, &t.row.segment_row_bytes()),
+                    )
+                })
+                .chain(std::iter::once((
+                    table_spec.name.clone(),
+                    table_split.cpu,
+                    table_split.disk,
+                    table_offset,
+                    (table_split.disk * table_row) as u64,
+                )))
+                .collect(),
+        };
+        let (mut file, reused, damaged, check_seconds) = if disk_cursor == 0 {
+            (None, false, false, 0.0)
+        } else {
+            let dir = self.offload_dir.ok_or_else(|| {
+                Error::invalid(
+                    "--offload-dir",
+                    "the policy puts weights on disk: give an offload directory",
+                )
+            })?;
+            held.push(
+                self.ledger
+                    .reserve(Tier::Disk, disk_cursor, "offloaded weights")?,
+            );
+            let (file, reused, damaged, checked) = open_offload(dir, &manifest, disk_cursor)?;
+            (Some(file), reused, damaged, checked)
+        };
+
+        // pass 2: convert each tensor a few rows at a time into its pieces
+        let mut staging = AlignedBuf::new(1 << 20);
+        let mut checksums: Vec<(u64, u64, u64)> = Vec::new();
+        let mut placed: Vec<PlacedLinear<D>> = tensors
+            .iter()
+            .map(|t| PlacedLinear {
+                format: t.row,
+                pieces: Vec::new(),
+            })
+            .collect();
+        for p in &pieces {
+            let t = &tensors[p.tensor];
+            let seg = t.row.segment_row_bytes();
+            let bytes = (p.rows * t.row.row_bytes()) as u64;
+            let mut sink = match p.tier {
+                Tier::Gpu => {
+                    held.push(self.ledger.reserve(Tier::Gpu, bytes, &t.spec.name)?);
+                    Sink::<D>::Gpu(
+                        seg.iter()
+                            .map(|s| self.dev.buffer((s * p.rows) as u64))
+                            .collect::<Result<_>>()?,
+                    )
+                }
+                Tier::Cpu => {
+                    held.push(self.ledger.reserve(Tier::Cpu, bytes, &t.spec.name)?);
+                    Sink::Cpu(vec![0u8; bytes as usize])
+                }
+                Tier::Disk => Sink::Disk,
+            };
+            let disk_starts = disk_segment_starts(p.rows, &seg);
+            let skip = p.tier == Tier::Disk && reused;
+            // each disk segment's bytes arrive in order: hashed for the file's record
+            let mut hashers: Vec<Xxh3> = seg.iter().map(|_| Xxh3::new()).collect();
+            let chunk_rows = (CONVERT_BYTES / t.row.row_bytes().max(1)).max(1);
+            let mut r = 0;
+            while r < p.rows && !skip {
+                let n = chunk_rows.min(p.rows - r);
+                let a = p.first_row + r;
+                let (_, segs) = convert_rows(source, &t.spec, t.format, a..a + n)?;
+                let mut seg_base = 0;
+                for (i, data) in segs.iter().enumerate() {
+                    let pos = seg_base + r * seg[i];
+                    let disk_pos = disk_starts[i] + (r * seg[i]) as u64;
+                    match &mut sink {
+                        Sink::Gpu(buffers) => {
+                            self.dev
+                                .write_buffer(&buffers[i], (r * seg[i]) as u64, data)?
+                        }
+                        Sink::Cpu(v) => v[pos..pos + data.len()].copy_from_slice(data),
+                        Sink::Disk => {
+                            hashers[i].update(data);
+                            file.as_ref().map_or(Ok(()), |f| {
+                                f.write_at(p.offset + disk_pos, data, &mut staging)
+                            })?
+                        }
+                    }
+                    seg_base += p.rows * seg[i];
+                }
+                r += n;
+            }
+            source.release(&t.spec.name);
+            if p.tier == Tier::Disk && !skip {
+                for (i, h) in hashers.iter().enumerate() {
+                    let at = p.offset + disk_starts[i];
+                    checksums.push((at, (p.rows * seg[i]) as u64, h.digest()));
+                }
+            }
+            let home = match sink {
+                Sink::Gpu(buffers) => PieceHome::Gpu(self.dev.part(t.row, p.rows, buffers)?),
+                Sink::Cpu(v) => PieceHome::Cpu(v),
+                Sink::Disk => PieceHome::Disk(p.offset),
+            };
+            placed[p.tensor].pieces.push(Piece {
+                first_row: p.first_row,
+                rows: p.rows,
+                home,
+            });
+        }
+
+        // the lookup table
+        held.push(self.ledger.reserve(
+            Tier::Cpu,
+            (table_split.cpu * table_row) as u64,
+            "embedding table",
+        )?);
+        let cpu = source
+            .row_bytes(&table_spec.name, 0..table_split.cpu)?
+            .into_owned();
+        if table_split.disk > 0 && !reused {
+            if let Some(f) = &file {
+                let rows_per_chunk = (CONVERT_BYTES / table_row).max(1);
+                let mut r = table_split.cpu;
+                let mut hasher = Xxh3::new();
+                while r < table_spec.shape[0] {
+                    let n = rows_per_chunk.min(table_spec.shape[0] - r);
+                    let bytes = source.row_bytes(&table_spec.name, r..r + n)?;
+                    hasher.update(&bytes);
+                    f.write_at(
+                        table_offset + ((r - table_split.cpu) * table_row) as u64,
+                        &bytes,
+                        &mut staging,
+                    )?;
+                    r += n;
+                }
+                let bytes = (table_split.disk * table_row) as u64;
+                checksums.push((table_offset, bytes, hasher.digest()));
+            }
+        }
+        source.release(&table_spec.name);
+        if let Some(f) = &mut file {
+            finish_offload(f, manifest, checksums, reused, self.keep_offload)?;
+        }
+        let file = file.map(Arc::new);
+        let table = LookupTable {
+            dtype: table_info.dtype,
+            width,
+            row_bytes: table_row,
+            cpu,
+            cpu_rows: table_split.cpu,
+            disk: (table_split.disk > 0).then_some(table_offset),
+        };
+
+        // units: GPU pieces go into the templates now
+        let mut placed = placed.into_iter();
+        let mut units = Vec::new();
+        for template in templates.iter_mut() {
+            let mut linears = Vec::new();
+            for lin in template.linears_mut() {
+                let mut p = placed.next().ok_or_else(|| {
+                    Error::invalid("placement", "unit layout and tensor list disagree")
+                })?;
+                let mut streamed = Vec::new();
+                for piece in p.pieces.drain(..) {
+                    match piece.home {
+                        PieceHome::Gpu(part) => lin.parts.push((part, piece.first_row)),
+                        _ => streamed.push(piece),
+                    }
+                }
+                p.pieces = streamed;
+                linears.push(p);
+            }
+            units.push(PlacedUnit {
+                template: template.clone(),
+                linears,
+            });
+        }
+        Ok(PlacedModel {
+            units,
+            logit_panels: logit_panels(self.files.config.vocab_size(), self.logit_panels).len(),
+            table,
+            file,
+            placed_bytes,
+            reused,
+            damaged,
+            check_seconds,
+            _held: held,
+        })
+    }
+}
+
+enum Sink<D: Device> {
+    Gpu(Vec<D::Buffer>),
+    Cpu(Vec<u8>),
+    Disk,
+}
+
+/// The kept offload file for `manifest` in `dir` and its record: `ferrogen-weights-{hash}`
+/// with `.bin` and `.json`, the hash that of the manifest.
+fn kept_paths(dir: &Path, manifest: &Manifest) -> Result<(PathBuf, PathBuf)> {
+    let text = serde_json::to_string(manifest)
+        .map_err(|e| Error::invalid("offload manifest", e.to_string()))?;
+    let stem = format!("ferrogen-weights-{:016x}", xxh3_64(text.as_bytes()));
+    Ok((
+        dir.join(format!("{stem}.bin")),
+        dir.join(format!("{stem}.json")),
+    ))
+}
+
+/// Opens the offload file for `manifest` in `dir`: the kept one when its record matches and
+/// every checksum holds, else a new file of `len` bytes private to this process. Returns
+/// whether it was reused, and whether a kept one was found damaged (then its names are
+/// removed, so that no run uses it again).
+fn open_offload(
+    dir: &Path,
+    manifest: &Manifest,
+    len: u64,
+) -> Result<(OffloadFile, bool, bool, f64)> {
+    let (bin, json) = kept_paths(dir, manifest)?;
+    let record = std::fs::read_to_string(&json)
+        .ok()
+        .and_then(|text| serde_json::from_str::<OffloadRecord>(&text).ok())
+        .filter(|r| &r.manifest == manifest);
+    let mut damaged = false;
+    if let Some(record) = record {
+        if let Ok(file) = OffloadFile::open(&bin) {
+            let started = std::time::Instant::now();
+            let intact = file.len() == align_up(len) && checksums_hold(&file, &record.checksums)?;
+            let checked = started.elapsed().as_secs_f64();
+            if intact {
+                return Ok((file, true, false, checked));
+            }
+            damaged = true;
+            let _ = std::fs::remove_file(&json);
+            let _ = std::fs::remove_file(&bin);
+        }
+    }
+    let stem = bin.file_stem().map(|s| s.to_string_lossy().into_owned());
+    let path = dir.join(private_file_name(&stem.unwrap_or_default()));
+    Ok((OffloadFile::create(&path, len)?, false, damaged, 0.0))
+}
+
+/// Whether every region of `file` hashes to its checksum `(offset, bytes, xxh3)`.
+fn checksums_hold(file: &OffloadFile, checksums: &[(u64, u64, u64)]) -> Result<bool> {
+    let mut staging = AlignedBuf::new(4 << 20);
+    for &(offset, bytes, want) in checksums {
+        let Ok(len) = usize::try_from(bytes) else {
+            return Ok(false);
+        };
+        if offset.checked_add(bytes).is_none_or(|end| end > file.len()) {
+            return Ok(false);
+        }
+        let mut hasher = Xxh3::new();
+        file.read_chunks(offset, len, &mut staging, |_, chunk| {
+            hasher.update(chunk);
+            Ok(())
+        })?;
+        if hasher.digest() != want {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// After a new offload file is written: synced and, when it is to be kept, its record written
+/// beside it and the file renamed to its kept name (a file there, perhaps in use by another
+/// run, is replaced; that run keeps reading its own). A reused file is kept or not as asked.
+fn finish_offload(
+    file: &mut OffloadFile,
+    manifest: Manifest,
+    checksums: Vec<(u64, u64, u64)>,
+    reused: bool,
+    keep: bool,
+) -> Result<()> {
+    let dir = file
+        .path()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let (bin, json) = kept_paths(&dir, &manifest)?;
+    if reused {
+        file.keep(keep, vec![json]);
+        return Ok(());
+    }
+    file.sync()?;
+    if !keep {
+        return Ok(());
+    }
+    let record = OffloadRecord {
+        manifest,
+        checksums,
+    };
+    let text = serde_json::to_string(&record)
+        .map_err(|e| Error::invalid("offload manifest", e.to_string()))?;
+    let tmp = dir.join(private_file_name("ferrogen-record"));
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    let renamed = std::fs::rename(&tmp, &json).map_err(|e| Error::io(&json, e));
+    if renamed.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    renamed?;
+    file.rename(&bin)?;
+    file.keep(true, Vec::new());
+    Ok(())
+}
