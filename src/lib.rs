@@ -93,6 +93,8 @@
 mod batch;
 mod bytes;
 pub mod calibrate;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod device;
 pub mod engine;
 pub mod error;

@@ -3,9 +3,6 @@
 //! as plain lines otherwise, with the same answers either way.
 
 mod common;
-// the examples' shared module, whose unit tests (flag parsers, progress display) run here
-#[path = "../examples/common/mod.rs"]
-mod examples_common;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -204,6 +201,56 @@ fn every_example_answers_help_and_suggests_for_a_misspelled_flag() {
                 "{example} {wrong}: {err}"
             );
         }
+    }
+}
+
+/// The installable `ferrogen` binary: its subcommands are the user-facing examples, with the
+/// same flags, and the old example names run the same code.
+#[test]
+fn the_ferrogen_binary_has_a_subcommand_per_command_line() {
+    let ferrogen = env!("CARGO_BIN_EXE_ferrogen");
+    let run = |args: &[&str]| Command::new(ferrogen).args(args).output().unwrap();
+    let help = run(&["--help"]);
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert_eq!(help.status.code(), Some(0), "{text}");
+    let commands = ["score", "generate", "merge", "policy-search", "calibrate"];
+    for command in commands {
+        assert!(
+            text.contains(command),
+            "ferrogen --help lacks {command}: {text}"
+        );
+    }
+    for (example, flags) in EXAMPLES {
+        let command = example.replace('_', "-");
+        if !commands.contains(&command.as_str()) {
+            continue;
+        }
+        let help = run(&[&command, "--help"]);
+        let text = String::from_utf8_lossy(&help.stdout);
+        assert_eq!(
+            help.status.code(),
+            Some(0),
+            "ferrogen {command} --help: {text}"
+        );
+        assert!(
+            text.contains(&format!("Usage: ferrogen {command}")),
+            "{text}"
+        );
+        for flag in flags {
+            assert!(
+                text.contains(flag),
+                "ferrogen {command} --help lacks {flag}"
+            );
+        }
+        let wrong = format!("{}x", flags[0]);
+        let out = run(&[&command, &wrong, "1"]);
+        assert_eq!(out.status.code(), Some(2), "ferrogen {command} {wrong}");
+    }
+    // no subcommand, or an unknown one: status 2 with the list
+    for args in [&[][..], &["scor"][..]] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "ferrogen {args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("score"));
     }
 }
 
