@@ -21,16 +21,16 @@ FLOORS = [
     ["quant", "storage"],
     ["model"],
     ["layout", "batch", "sampling", "schedule", "policy"],
-    ["reference", "cpu"],
+    ["reference"],
     ["device"],
     ["gpu"],
-    ["arch"],
     ["plan"],
     ["exec"],
     ["calibrate"],
     ["engine"],
     ["job"],
     ["score", "generation"],
+    ["cli"],
 ]
 
 

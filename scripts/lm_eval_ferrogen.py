@@ -7,8 +7,8 @@ Run it in place of the `lm-eval` command; it takes the same arguments:
         --model_args model=model.gguf,cpu_mem=1GiB,offload_dir=/mnt/nvme/ferrogen \
         --tasks hellaswag,wikitext
 
-Needs `pip install lm-eval==0.4.13` (the core package: no torch) and the `score` and `generate`
-examples built (`cargo build --release --examples`).
+Needs `pip install lm-eval==0.4.13` (the core package: no torch) and the `ferrogen` command
+line (`cargo install --path .`, or `cargo build --release` for target/release/ferrogen).
 
 How the requests are served: each call writes its requests as one JSONL file, runs one of
 ferrogen's jobs on it once (`score`, or `generate` for generate_until), and reads the answers
@@ -36,14 +36,18 @@ model_args (key=value, comma-separated):
                 cuda:0, is ignored)
   compress_weight, compress_cache, f16_cache, keep_offload
                 true to pass the flag
-  score         the `score` binary (default: target/release/examples/score in this repo)
-  generate      the `generate` binary (default: target/release/examples/generate)
+  ferrogen      the `ferrogen` binary (default: target/release/ferrogen in this repo, else
+                `ferrogen` on the PATH); its `score` and `generate` commands serve the requests
+  score, generate
+                a program to run instead of `ferrogen score` / `ferrogen generate` (the older
+                per-command binaries, such as target/release/examples/score)
   max_gen_toks  new tokens when a request does not say (default 256, as lm-eval's)
   extra_args    more flags for `score`, space-separated
 """
 import json
 import pathlib
 import shlex
+import shutil
 import subprocess
 import tempfile
 
@@ -52,8 +56,18 @@ from lm_eval.api.registry import register_model
 from lm_eval import utils
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-DEFAULT_SCORE = REPO / "target" / "release" / "examples" / "score"
-DEFAULT_GENERATE = REPO / "target" / "release" / "examples" / "generate"
+DEFAULT_FERROGEN = REPO / "target" / "release" / "ferrogen"
+
+
+def ferrogen_binary(given):
+    """The `ferrogen` binary: `given`, else this repo's release build, else the one on PATH."""
+    if given:
+        return str(given)
+    if DEFAULT_FERROGEN.is_file():
+        return str(DEFAULT_FERROGEN)
+    return shutil.which("ferrogen") or str(DEFAULT_FERROGEN)
+
+
 # model_args passed through to `score` as `--flag value` (underscores become dashes)
 VALUE_FLAGS = (
     "gpu_mem",
@@ -82,6 +96,7 @@ class FerrogenLM(LM):
         model=None,
         max_length=None,
         device=None,
+        ferrogen=None,
         score=None,
         generate=None,
         max_gen_toks=256,
@@ -94,13 +109,15 @@ class FerrogenLM(LM):
         if not model:
             raise ValueError("ferrogen: give the model file in --model_args model=PATH")
         self.model = str(model)
-        self.score = pathlib.Path(score) if score else DEFAULT_SCORE
-        if not self.score.is_file():
+        binary = ferrogen_binary(ferrogen)
+        # a command line per job: `ferrogen score`, or a program given for it
+        self.score = [str(score)] if score else [binary, "score"]
+        self.generate = [str(generate)] if generate else [binary, "generate"]
+        if not pathlib.Path(self.score[0]).is_file():
             raise FileNotFoundError(
-                f"ferrogen: no score binary at {self.score}; build it with "
-                "`cargo build --release --example score`, or pass score=PATH in --model_args"
+                f"ferrogen: no binary at {self.score[0]}; build it with `cargo build --release` "
+                "(or `cargo install --path .`), or pass ferrogen=PATH in --model_args"
             )
-        self.generate = pathlib.Path(generate) if generate else DEFAULT_GENERATE
         self.max_gen_toks = int(max_gen_toks)
         self.args = ["--model", self.model]
         if device is not None:
@@ -150,14 +167,15 @@ class FerrogenLM(LM):
         """Runs one `score` job over `records`; returns the answers in input order."""
         return self._run(self.score, self.args, records)
 
-    def _run(self, binary, args, records):
-        """Runs one job of `binary` over `records`; returns the answers in input order."""
+    def _run(self, command, args, records):
+        """Runs one job of `command` (a program and its subcommand) over `records`; returns the
+        answers in input order."""
         if not records:
             return []
-        if not binary.is_file():
+        if not pathlib.Path(command[0]).is_file():
             raise FileNotFoundError(
-                f"ferrogen: no binary at {binary}; build it with `cargo build --release "
-                "--examples`, or pass its path in --model_args"
+                f"ferrogen: no binary at {command[0]}; build it with `cargo build --release`, "
+                "or pass its path in --model_args"
             )
         with tempfile.TemporaryDirectory(prefix="ferrogen-lm-eval-") as tmp:
             inp = pathlib.Path(tmp) / "requests.jsonl"
@@ -165,7 +183,7 @@ class FerrogenLM(LM):
             with open(inp, "w", encoding="utf-8") as f:
                 for r in records:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            cmd = [str(binary), *args, "--input", str(inp), "--output", str(out)]
+            cmd = [*command, *args, "--input", str(inp), "--output", str(out)]
             # the job's progress goes to stderr, shown as it runs
             proc = subprocess.run(cmd, stdout=subprocess.DEVNULL)
             answers = []

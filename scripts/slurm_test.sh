@@ -8,18 +8,16 @@
 #   bash scripts/slurm_test.sh [MODEL] [RECORDS]
 #
 # Needs root (it installs Debian's slurm-wlm and munge when missing and starts the daemons with
-# a configuration of its own under a temporary directory; /etc/slurm is not touched) and the
-# examples built (cargo build --release --examples; FERROGEN_SCORE and FERROGEN_MERGE name
-# other binaries). MODEL defaults to a committed fixture
-# model; RECORDS (default 4000) sizes the dataset so that a task runs for some seconds.
+# a configuration of its own under a temporary directory; /etc/slurm is not touched) and
+# ferrogen built (cargo build --release; FERROGEN names another binary). MODEL defaults to a
+# committed fixture model; RECORDS (default 4000) sizes the dataset so that a task runs for some seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 MODEL=${1:-$REPO/tests/fixtures/opt-pre-ln-proj}
 RECORDS=${2:-4000}
-SCORE=${FERROGEN_SCORE:-$REPO/target/release/examples/score}
-MERGE=${FERROGEN_MERGE:-$REPO/target/release/examples/merge}
-[ -x "$SCORE" ] && [ -x "$MERGE" ] || { echo "slurm_test: build the examples first" >&2; exit 2; }
+FERROGEN=${FERROGEN:-$REPO/target/release/ferrogen}
+[ -x "$FERROGEN" ] || { echo "slurm_test: build ferrogen first (cargo build --release)" >&2; exit 2; }
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     echo "slurm_test: installing slurm-wlm and munge"
@@ -92,13 +90,13 @@ with open(sys.argv[1], "w") as f:
         n = 8 + i * 7 % 33
         f.write(json.dumps({"id": f"r{i}", "tokens": [(i * 31 + j * 17) % 300 + 4 for j in range(n)]}) + "\n")
 EOF
-"$SCORE" --model "$MODEL" --input "$WORK/job/data.jsonl" --output "$WORK/single.jsonl" \
+"$FERROGEN" score --model "$MODEL" --input "$WORK/job/data.jsonl" --output "$WORK/single.jsonl" \
     --device cpu --batch-tokens 64 2>/dev/null
 echo "slurm_test: single-process run: $(wc -l <"$WORK/single.jsonl") answers"
 
 # the array: the deploy script as users run it, sized for this machine (4 tasks, 1 CPU each)
 cd "$WORK/job"
-JOB=$(MODEL=$MODEL DATA=$WORK/job/data.jsonl FERROGEN_SCORE=$SCORE CPU_MEM=400MiB \
+JOB=$(MODEL=$MODEL DATA=$WORK/job/data.jsonl FERROGEN=$FERROGEN CPU_MEM=400MiB \
     SCORE_FLAGS="--batch-tokens 64" \
     sbatch --parsable --array=0-3 --cpus-per-task=1 --mem=500M \
     "$REPO/examples/deploy/score-array.sbatch")
@@ -124,7 +122,7 @@ done
 [ -z "$(squeue -h -j "$JOB")" ] || { echo "slurm_test: the array did not finish" >&2; exit 1; }
 grep -q "resume:" logs/score-"${JOB}"_2.log && echo "slurm_test: task 2 resumed: $(grep 'resume:' logs/score-"${JOB}"_2.log | tail -1)"
 
-"$MERGE" --input data.jsonl --output merged.jsonl scores.shard-{0..3}.jsonl
+"$FERROGEN" merge --input data.jsonl --output merged.jsonl scores.shard-{0..3}.jsonl
 python3 - "$WORK/single.jsonl" merged.jsonl <<'EOF'
 import json, sys
 a = [json.loads(l) for l in open(sys.argv[1])]

@@ -58,11 +58,10 @@ fn lm_eval_with_ferrogen_on_disk_matches_its_hf_backend() {
     let tmp = tempfile::tempdir().unwrap();
     let results = tmp.path().join("results");
     let model_args = format!(
-        "model={},max_length=128,device=cpu,cpu_mem=48MiB,offload_dir={},score={},generate={}",
+        "model={},max_length=128,device=cpu,cpu_mem=48MiB,offload_dir={},ferrogen={}",
         model.display(),
         tmp.path().join("offload").display(),
-        example_binary("score").display(),
-        example_binary("generate").display()
+        env!("CARGO_BIN_EXE_ferrogen"),
     );
     let run = python(
         &py,

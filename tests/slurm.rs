@@ -11,8 +11,6 @@ mod common;
 
 use std::process::Command;
 
-use common::example_binary;
-
 /// Why Slurm cannot run here, if it cannot.
 fn missing() -> Option<String> {
     let have = |cmd: &str| {
@@ -44,8 +42,7 @@ fn a_slurm_job_array_with_a_requeued_task_merges_into_the_single_process_output(
     let out = Command::new("bash")
         .arg("scripts/slurm_test.sh")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("FERROGEN_SCORE", example_binary("score"))
-        .env("FERROGEN_MERGE", example_binary("merge"))
+        .env("FERROGEN", env!("CARGO_BIN_EXE_ferrogen"))
         .output()
         .expect("bash runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
