@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::layout::{convert_rows, output_format, RowFormat, WeightFormat};
 use crate::model::llama::{LlamaLayerSpec, LlamaSpec};
 use crate::model::opt::{self, OptLayerSpec, OptSpec};
-use crate::model::{ModelConfig, ModelFiles, TensorSpec, WeightSource};
+use crate::model::{DType, ModelConfig, ModelFiles, TensorSpec, WeightSource};
 use crate::schedule::UnitKind;
 use crate::storage::offload::{align_up, private_file_name, AlignedBuf, OffloadFile};
 use crate::storage::{MemoryLedger, Reservation, Tier, WeightPlacer};
@@ -353,111 +353,11 @@ impl<D: Device> Placer<'_, D> {
     /// Places every weight: uploads GPU rows, keeps CPU rows, writes (or reuses) the offload
     /// file, charging each tier in `ledger`.
     pub(crate) fn place(&self) -> Result<PlacedModel<D>> {
-        let source = self.source();
         let mut held = Vec::new();
         let (specs, mut templates, table_spec) = self.units(&mut held)?;
-        let max_binding = self.dev.max_buffer_bytes() as usize;
-
-        // pass 1: formats, row splits and pieces (disk pieces get aligned offsets)
-        let mut tensors: Vec<TensorPlan> = Vec::new();
-        let mut pieces: Vec<PiecePlan> = Vec::new();
-        let mut placer = WeightPlacer::new(self.split);
-        let mut disk_cursor = 0u64;
-        for unit in &specs {
-            for (w, _, fmt, rows) in &unit.linears {
-                let (row, _) = convert_rows(source, w, *fmt, 0..1)?;
-                let split = placer.place(rows.len(), row.row_bytes());
-                let t = tensors.len();
-                let per_piece = (max_binding / row.segment_row_bytes()[0].max(1)).max(1);
-                for (tier, range) in split.ranges() {
-                    let (mut first, end) = (rows.start + range.start, rows.start + range.end);
-                    while first < end {
-                        let rows = per_piece.min(end - first);
-                        let offset = if tier == Tier::Disk {
-                            let at = disk_cursor;
-                            disk_cursor += disk_extent(rows, &row.segment_row_bytes());
-                            at
-                        } else {
-                            0
-                        };
-                        pieces.push(PiecePlan {
-                            tensor: t,
-                            first_row: first,
-                            rows,
-                            tier,
-                            offset,
-                        });
-                        first += rows;
-                    }
-                }
-                tensors.push(TensorPlan {
-                    spec: w.clone(),
-                    format: *fmt,
-                    row,
-                });
-            }
-        }
-        // the lookup table: in the file's format, its GPU share kept in RAM (a lookup reads
-        // a few rows, which the CPU gathers)
-        let table_info = source
-            .info(&table_spec.name)
-            .ok_or_else(|| Error::MissingTensor {
-                path: source.path().to_path_buf(),
-                name: table_spec.name.clone(),
-            })?;
-        let width = table_spec.shape[1];
-        let table_row = table_info
-            .dtype
-            .bytes_for(width)
-            .ok_or_else(|| Error::format(source.path(), "embedding rows are not whole blocks"))?;
-        let table_split = crate::storage::split_sequences(
-            table_spec.shape[0],
-            TierSplit {
-                gpu: 0.0,
-                cpu: self.split.gpu + self.split.cpu,
-                disk: self.split.disk,
-            },
-        );
-        let table_offset = disk_cursor;
-        disk_cursor += align_up((table_split.disk * table_row) as u64);
-
-        let mut placed_bytes = placer.placed();
-        placed_bytes[Tier::Cpu.index()] += (table_split.cpu * table_row) as u64;
-        placed_bytes[Tier::Disk.index()] += (table_split.disk * table_row) as u64;
-
-        // the offload file: reuse when it holds exactly these pieces of this model
-        let manifest = Manifest {
-            version: MANIFEST_VERSION,
-            // (only a file on disk is named by it)
-            model: if disk_cursor > 0 {
-                crate::model::fingerprint(&self.files.path)?
-            } else {
-                String::new()
-            },
-            format: format!("{:?}", self.format),
-            pieces: pieces
-                .iter()
-                .filter(|p| p.tier == Tier::Disk)
-                .map(|p| {
-                    let t = &tensors[p.tensor];
-                    (
-                        t.spec.name.clone(),
-                        p.first_row,
-                        p.rows,
-                        p.offset,
-                        disk_extent(p.rows, &t.row.segment_row_bytes()),
-                    )
-                })
-                .chain(std::iter::once((
-                    table_spec.name.clone(),
-                    table_split.cpu,
-                    table_split.disk,
-                    table_offset,
-                    (table_split.disk * table_row) as u64,
-                )))
-                .collect(),
-        };
-        let (mut file, reused, damaged, check_seconds) = if disk_cursor == 0 {
+        // the plan pass: formats, row splits, pieces and where each lies in the offload file
+        let plan = self.plan_pieces(&specs, &table_spec)?;
+        let (mut file, reused, damaged, check_seconds) = if plan.disk_bytes == 0 {
             (None, false, false, 0.0)
         } else {
             let dir = self.offload_dir.ok_or_else(|| {
@@ -468,169 +368,356 @@ impl<D: Device> Placer<'_, D> {
             })?;
             held.push(
                 self.ledger
-                    .reserve(Tier::Disk, disk_cursor, "offloaded weights")?,
+                    .reserve(Tier::Disk, plan.disk_bytes, "offloaded weights")?,
             );
-            let (file, reused, damaged, checked) = open_offload(dir, &manifest, disk_cursor)?;
-            (Some(file), reused, damaged, checked)
+            let manifest = self.manifest(&plan)?;
+            let (file, reused, damaged, checked) = open_offload(dir, &manifest, plan.disk_bytes)?;
+            (Some((file, manifest)), reused, damaged, checked)
         };
-
-        // pass 2: convert each tensor a few rows at a time into its pieces
-        let mut staging = AlignedBuf::new(1 << 20);
-        let mut checksums: Vec<(u64, u64, u64)> = Vec::new();
-        let mut placed: Vec<PlacedLinear<D>> = tensors
+        // the write pass: each tensor converted a few rows at a time into its pieces
+        let mut writer = Writer {
+            file: file.as_ref().map(|(f, _)| f),
+            reused,
+            staging: AlignedBuf::new(1 << 20),
+            checksums: Vec::new(),
+        };
+        let mut placed: Vec<PlacedLinear<D>> = plan
+            .tensors
             .iter()
             .map(|t| PlacedLinear {
                 format: t.row,
                 pieces: Vec::new(),
             })
             .collect();
-        for p in &pieces {
-            let t = &tensors[p.tensor];
-            let seg = t.row.segment_row_bytes();
-            let bytes = (p.rows * t.row.row_bytes()) as u64;
-            let mut sink = match p.tier {
-                Tier::Gpu => {
-                    held.push(self.ledger.reserve(Tier::Gpu, bytes, &t.spec.name)?);
-                    Sink::<D>::Gpu(
-                        seg.iter()
-                            .map(|s| self.dev.buffer((s * p.rows) as u64))
-                            .collect::<Result<_>>()?,
-                    )
-                }
-                Tier::Cpu => {
-                    held.push(self.ledger.reserve(Tier::Cpu, bytes, &t.spec.name)?);
-                    Sink::Cpu(vec![0u8; bytes as usize])
-                }
-                Tier::Disk => Sink::Disk,
-            };
-            let disk_starts = disk_segment_starts(p.rows, &seg);
-            let skip = p.tier == Tier::Disk && reused;
-            // each disk segment's bytes arrive in order: hashed for the file's record
-            let mut hashers: Vec<Xxh3> = seg.iter().map(|_| Xxh3::new()).collect();
-            let chunk_rows = (CONVERT_BYTES / t.row.row_bytes().max(1)).max(1);
-            let mut r = 0;
-            while r < p.rows && !skip {
-                let n = chunk_rows.min(p.rows - r);
-                let a = p.first_row + r;
-                let (_, segs) = convert_rows(source, &t.spec, t.format, a..a + n)?;
-                let mut seg_base = 0;
-                for (i, data) in segs.iter().enumerate() {
-                    let pos = seg_base + r * seg[i];
-                    let disk_pos = disk_starts[i] + (r * seg[i]) as u64;
-                    match &mut sink {
-                        Sink::Gpu(buffers) => {
-                            self.dev
-                                .write_buffer(&buffers[i], (r * seg[i]) as u64, data)?
-                        }
-                        Sink::Cpu(v) => v[pos..pos + data.len()].copy_from_slice(data),
-                        Sink::Disk => {
-                            hashers[i].update(data);
-                            file.as_ref().map_or(Ok(()), |f| {
-                                f.write_at(p.offset + disk_pos, data, &mut staging)
-                            })?
-                        }
-                    }
-                    seg_base += p.rows * seg[i];
-                }
-                r += n;
-            }
-            source.release(&t.spec.name);
-            if p.tier == Tier::Disk && !skip {
-                for (i, h) in hashers.iter().enumerate() {
-                    let at = p.offset + disk_starts[i];
-                    checksums.push((at, (p.rows * seg[i]) as u64, h.digest()));
-                }
-            }
-            let home = match sink {
-                Sink::Gpu(buffers) => PieceHome::Gpu(self.dev.part(t.row, p.rows, buffers)?),
-                Sink::Cpu(v) => PieceHome::Cpu(v),
-                Sink::Disk => PieceHome::Disk(p.offset),
-            };
-            placed[p.tensor].pieces.push(Piece {
-                first_row: p.first_row,
-                rows: p.rows,
-                home,
-            });
+        for p in &plan.pieces {
+            let piece = self.write_piece(p, &plan.tensors[p.tensor], &mut writer, &mut held)?;
+            placed[p.tensor].pieces.push(piece);
         }
-
-        // the lookup table
-        held.push(self.ledger.reserve(
-            Tier::Cpu,
-            (table_split.cpu * table_row) as u64,
-            "embedding table",
-        )?);
-        let cpu = source
-            .row_bytes(&table_spec.name, 0..table_split.cpu)?
-            .into_owned();
-        if table_split.disk > 0 && !reused {
-            if let Some(f) = &file {
-                let rows_per_chunk = (CONVERT_BYTES / table_row).max(1);
-                let mut r = table_split.cpu;
-                let mut hasher = Xxh3::new();
-                while r < table_spec.shape[0] {
-                    let n = rows_per_chunk.min(table_spec.shape[0] - r);
-                    let bytes = source.row_bytes(&table_spec.name, r..r + n)?;
-                    hasher.update(&bytes);
-                    f.write_at(
-                        table_offset + ((r - table_split.cpu) * table_row) as u64,
-                        &bytes,
-                        &mut staging,
-                    )?;
-                    r += n;
-                }
-                let bytes = (table_split.disk * table_row) as u64;
-                checksums.push((table_offset, bytes, hasher.digest()));
-            }
-        }
-        source.release(&table_spec.name);
-        if let Some(f) = &mut file {
-            finish_offload(f, manifest, checksums, reused, self.keep_offload)?;
-        }
-        let file = file.map(Arc::new);
-        let table = LookupTable {
-            dtype: table_info.dtype,
-            width,
-            row_bytes: table_row,
-            cpu,
-            cpu_rows: table_split.cpu,
-            disk: (table_split.disk > 0).then_some(table_offset),
-        };
-
-        // units: GPU pieces go into the templates now
-        let mut placed = placed.into_iter();
-        let mut units = Vec::new();
-        for template in templates.iter_mut() {
-            let mut linears = Vec::new();
-            for lin in template.linears_mut() {
-                let mut p = placed.next().ok_or_else(|| {
-                    Error::invalid("placement", "unit layout and tensor list disagree")
-                })?;
-                let mut streamed = Vec::new();
-                for piece in p.pieces.drain(..) {
-                    match piece.home {
-                        PieceHome::Gpu(part) => lin.parts.push((part, piece.first_row)),
-                        _ => streamed.push(piece),
-                    }
-                }
-                p.pieces = streamed;
-                linears.push(p);
-            }
-            units.push(PlacedUnit {
-                template: template.clone(),
-                linears,
-            });
+        let table = self.write_table(&plan.table, &table_spec, &mut writer, &mut held)?;
+        let checksums = std::mem::take(&mut writer.checksums);
+        drop(writer);
+        if let Some((f, manifest)) = &mut file {
+            finish_offload(f, manifest.clone(), checksums, reused, self.keep_offload)?;
         }
         Ok(PlacedModel {
-            units,
+            units: assemble_units(&mut templates, placed)?,
             logit_panels: logit_panels(self.files.config.vocab_size(), self.logit_panels).len(),
             table,
-            file,
-            placed_bytes,
+            file: file.map(|(f, _)| Arc::new(f)),
+            placed_bytes: plan.placed_bytes,
             reused,
             damaged,
             check_seconds,
             _held: held,
         })
+    }
+
+    /// The plan pass: each unit's linear weights split by rows over the tiers (pieces no larger
+    /// than a device buffer; disk pieces at aligned offsets of the offload file, one after
+    /// another), then the lookup table's rows (its GPU share kept in RAM: a lookup reads a few
+    /// rows, which the CPU gathers), its disk rows after the weights'.
+    fn plan_pieces(&self, specs: &[UnitSpec], table_spec: &TensorSpec) -> Result<PlacementPlan> {
+        let source = self.source();
+        let max_binding = self.dev.max_buffer_bytes() as usize;
+        let mut tensors: Vec<TensorPlan> = Vec::new();
+        let mut pieces: Vec<PiecePlan> = Vec::new();
+        let mut placer = WeightPlacer::new(self.split);
+        let mut disk_cursor = 0u64;
+        for (w, _, fmt, rows) in specs.iter().flat_map(|u| &u.linears) {
+            let (row, _) = convert_rows(source, w, *fmt, 0..1)?;
+            let split = placer.place(rows.len(), row.row_bytes());
+            let t = tensors.len();
+            let per_piece = (max_binding / row.segment_row_bytes()[0].max(1)).max(1);
+            for (tier, range) in split.ranges() {
+                let (mut first, end) = (rows.start + range.start, rows.start + range.end);
+                while first < end {
+                    let rows = per_piece.min(end - first);
+                    let offset = if tier == Tier::Disk {
+                        let at = disk_cursor;
+                        disk_cursor += disk_extent(rows, &row.segment_row_bytes());
+                        at
+                    } else {
+                        0
+                    };
+                    pieces.push(PiecePlan {
+                        tensor: t,
+                        first_row: first,
+                        rows,
+                        tier,
+                        offset,
+                    });
+                    first += rows;
+                }
+            }
+            tensors.push(TensorPlan {
+                spec: w.clone(),
+                format: *fmt,
+                row,
+            });
+        }
+        let info = source
+            .info(&table_spec.name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: source.path().to_path_buf(),
+                name: table_spec.name.clone(),
+            })?;
+        let width = table_spec.shape[1];
+        let row_bytes = info
+            .dtype
+            .bytes_for(width)
+            .ok_or_else(|| Error::format(source.path(), "embedding rows are not whole blocks"))?;
+        let split = crate::storage::split_sequences(
+            table_spec.shape[0],
+            TierSplit {
+                gpu: 0.0,
+                cpu: self.split.gpu + self.split.cpu,
+                disk: self.split.disk,
+            },
+        );
+        let table = TablePlan {
+            name: table_spec.name.clone(),
+            dtype: info.dtype,
+            width,
+            row_bytes,
+            cpu_rows: split.cpu,
+            disk_rows: split.disk,
+            offset: disk_cursor,
+        };
+        disk_cursor += align_up((split.disk * row_bytes) as u64);
+        let mut placed_bytes = placer.placed();
+        placed_bytes[Tier::Cpu.index()] += (split.cpu * row_bytes) as u64;
+        placed_bytes[Tier::Disk.index()] += (split.disk * row_bytes) as u64;
+        Ok(PlacementPlan {
+            tensors,
+            pieces,
+            table,
+            placed_bytes,
+            disk_bytes: disk_cursor,
+        })
+    }
+
+    /// What the offload file of `plan` must hold: an equal manifest means a kept file can be
+    /// reused.
+    fn manifest(&self, plan: &PlacementPlan) -> Result<Manifest> {
+        let table = &plan.table;
+        Ok(Manifest {
+            version: MANIFEST_VERSION,
+            model: crate::model::fingerprint(&self.files.path)?,
+            format: format!("{:?}", self.format),
+            pieces: plan
+                .pieces
+                .iter()
+                .filter(|p| p.tier == Tier::Disk)
+                .map(|p| {
+                    let t = &plan.tensors[p.tensor];
+                    (
+                        t.spec.name.clone(),
+                        p.first_row,
+                        p.rows,
+                        p.offset,
+                        disk_extent(p.rows, &t.row.segment_row_bytes()),
+                    )
+                })
+                .chain(std::iter::once((
+                    table.name.clone(),
+                    table.cpu_rows,
+                    table.disk_rows,
+                    table.offset,
+                    (table.disk_rows * table.row_bytes) as u64,
+                )))
+                .collect(),
+        })
+    }
+
+    /// Converts piece `p` of tensor `t` a few rows at a time into its home: device buffers,
+    /// RAM, or the offload file (skipped when a kept file is reused; each disk segment's bytes
+    /// hashed for the file's record as they go).
+    fn write_piece(
+        &self,
+        p: &PiecePlan,
+        t: &TensorPlan,
+        writer: &mut Writer,
+        held: &mut Vec<Reservation>,
+    ) -> Result<Piece<D>> {
+        let source = self.source();
+        let seg = t.row.segment_row_bytes();
+        let bytes = (p.rows * t.row.row_bytes()) as u64;
+        let mut sink = match p.tier {
+            Tier::Gpu => {
+                held.push(self.ledger.reserve(Tier::Gpu, bytes, &t.spec.name)?);
+                Sink::<D>::Gpu(
+                    seg.iter()
+                        .map(|s| self.dev.buffer((s * p.rows) as u64))
+                        .collect::<Result<_>>()?,
+                )
+            }
+            Tier::Cpu => {
+                held.push(self.ledger.reserve(Tier::Cpu, bytes, &t.spec.name)?);
+                Sink::Cpu(vec![0u8; bytes as usize])
+            }
+            Tier::Disk => Sink::Disk,
+        };
+        let disk_starts = disk_segment_starts(p.rows, &seg);
+        let skip = p.tier == Tier::Disk && writer.reused;
+        let mut hashers: Vec<Xxh3> = seg.iter().map(|_| Xxh3::new()).collect();
+        let chunk_rows = (CONVERT_BYTES / t.row.row_bytes().max(1)).max(1);
+        let mut r = 0;
+        while r < p.rows && !skip {
+            let n = chunk_rows.min(p.rows - r);
+            let a = p.first_row + r;
+            let (_, segs) = convert_rows(source, &t.spec, t.format, a..a + n)?;
+            let mut seg_base = 0;
+            for (i, data) in segs.iter().enumerate() {
+                let pos = seg_base + r * seg[i];
+                let disk_pos = disk_starts[i] + (r * seg[i]) as u64;
+                match &mut sink {
+                    Sink::Gpu(buffers) => {
+                        self.dev
+                            .write_buffer(&buffers[i], (r * seg[i]) as u64, data)?
+                    }
+                    Sink::Cpu(v) => v[pos..pos + data.len()].copy_from_slice(data),
+                    Sink::Disk => {
+                        hashers[i].update(data);
+                        writer.write_at(p.offset + disk_pos, data)?
+                    }
+                }
+                seg_base += p.rows * seg[i];
+            }
+            r += n;
+        }
+        source.release(&t.spec.name);
+        if p.tier == Tier::Disk && !skip {
+            for (i, h) in hashers.iter().enumerate() {
+                let at = p.offset + disk_starts[i];
+                writer
+                    .checksums
+                    .push((at, (p.rows * seg[i]) as u64, h.digest()));
+            }
+        }
+        let home = match sink {
+            Sink::Gpu(buffers) => PieceHome::Gpu(self.dev.part(t.row, p.rows, buffers)?),
+            Sink::Cpu(v) => PieceHome::Cpu(v),
+            Sink::Disk => PieceHome::Disk(p.offset),
+        };
+        Ok(Piece {
+            first_row: p.first_row,
+            rows: p.rows,
+            home,
+        })
+    }
+
+    /// The lookup table as `plan` places it: its RAM rows read now, its disk rows written to
+    /// the offload file (unless a kept file is reused) and hashed.
+    fn write_table(
+        &self,
+        plan: &TablePlan,
+        spec: &TensorSpec,
+        writer: &mut Writer,
+        held: &mut Vec<Reservation>,
+    ) -> Result<LookupTable> {
+        let source = self.source();
+        let cpu_bytes = (plan.cpu_rows * plan.row_bytes) as u64;
+        held.push(
+            self.ledger
+                .reserve(Tier::Cpu, cpu_bytes, "embedding table")?,
+        );
+        let cpu = source.row_bytes(&spec.name, 0..plan.cpu_rows)?.into_owned();
+        if plan.disk_rows > 0 && !writer.reused && writer.file.is_some() {
+            let rows_per_chunk = (CONVERT_BYTES / plan.row_bytes).max(1);
+            let mut r = plan.cpu_rows;
+            let mut hasher = Xxh3::new();
+            while r < spec.shape[0] {
+                let n = rows_per_chunk.min(spec.shape[0] - r);
+                let bytes = source.row_bytes(&spec.name, r..r + n)?;
+                hasher.update(&bytes);
+                let at = plan.offset + ((r - plan.cpu_rows) * plan.row_bytes) as u64;
+                writer.write_at(at, &bytes)?;
+                r += n;
+            }
+            let bytes = (plan.disk_rows * plan.row_bytes) as u64;
+            writer.checksums.push((plan.offset, bytes, hasher.digest()));
+        }
+        source.release(&spec.name);
+        Ok(LookupTable {
+            dtype: plan.dtype,
+            width: plan.width,
+            row_bytes: plan.row_bytes,
+            cpu,
+            cpu_rows: plan.cpu_rows,
+            disk: (plan.disk_rows > 0).then_some(plan.offset),
+        })
+    }
+}
+
+/// The units as the executor runs them: each template's GPU pieces go into it now, its
+/// streamed pieces stay with the unit.
+fn assemble_units<D: Device>(
+    templates: &mut [UnitWeights<D>],
+    placed: Vec<PlacedLinear<D>>,
+) -> Result<Vec<PlacedUnit<D>>> {
+    let mut placed = placed.into_iter();
+    let mut units = Vec::new();
+    for template in templates.iter_mut() {
+        let mut linears = Vec::new();
+        for lin in template.linears_mut() {
+            let mut p = placed.next().ok_or_else(|| {
+                Error::invalid("placement", "unit layout and tensor list disagree")
+            })?;
+            let mut streamed = Vec::new();
+            for piece in p.pieces.drain(..) {
+                match piece.home {
+                    PieceHome::Gpu(part) => lin.parts.push((part, piece.first_row)),
+                    _ => streamed.push(piece),
+                }
+            }
+            p.pieces = streamed;
+            linears.push(p);
+        }
+        units.push(PlacedUnit {
+            template: template.clone(),
+            linears,
+        });
+    }
+    Ok(units)
+}
+
+/// What the plan pass decides: every tensor's pieces and the table's rows.
+struct PlacementPlan {
+    tensors: Vec<TensorPlan>,
+    pieces: Vec<PiecePlan>,
+    table: TablePlan,
+    /// Bytes per tier of linear weights and table.
+    placed_bytes: [u64; 3],
+    /// The offload file's length.
+    disk_bytes: u64,
+}
+
+/// Where the lookup table's rows go: the first `cpu_rows` in RAM, the rest on disk at `offset`.
+struct TablePlan {
+    name: String,
+    dtype: DType,
+    width: usize,
+    row_bytes: usize,
+    cpu_rows: usize,
+    disk_rows: usize,
+    offset: u64,
+}
+
+/// The write pass's offload file (none when nothing is on disk), whether it is a kept file
+/// being reused (then nothing is written), and the checksums of what was written.
+struct Writer<'f> {
+    file: Option<&'f OffloadFile>,
+    reused: bool,
+    staging: AlignedBuf,
+    checksums: Vec<(u64, u64, u64)>,
+}
+
+impl Writer<'_> {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        match self.file {
+            Some(f) => f.write_at(offset, data, &mut self.staging),
+            None => Ok(()),
+        }
     }
 }
 
