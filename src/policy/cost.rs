@@ -292,6 +292,51 @@ impl Batching {
     }
 }
 
+/// The bytes, rows and FLOPs per layer that [`CostModel::terms`] builds its forms from (the
+/// symbols of the formulas beside each term).
+#[derive(Clone, Copy)]
+struct Quantities {
+    /// Prompt length s and tokens computed per sequence n.
+    s: f64,
+    n: f64,
+    /// Layers l.
+    l: f64,
+    /// Sequences per GPU batch, GPU batches per block, sequences per block (bls = gbs nb).
+    gbs: f64,
+    nb: f64,
+    bls: f64,
+    /// The average decode context c = s + n / 2.
+    c: f64,
+    /// Bytes per activation value.
+    act: f64,
+    /// Bytes per weight value, weight values per layer (the head spread over the layers), and
+    /// Bw: one layer's weight bytes.
+    w_bytes: f64,
+    w_values: f64,
+    bw_layer: f64,
+    /// Cached values per token per layer (keys and values), and Bkv: their bytes.
+    kv_values: f64,
+    bkv: f64,
+    /// Cache rows a disk sequence reads per decode step, and writes in prefill and decode.
+    disk_read: f64,
+    disk_write: [f64; 2],
+    /// Bh: one token's hidden row.
+    bh: f64,
+    /// FLOPs per token of the linear layers and of attention (per context token).
+    flin: f64,
+    fatt: f64,
+    /// Weight values the device decodes per second.
+    dequant_rate: f64,
+}
+
+/// The memory peaks of [`Terms`].
+struct Peaks {
+    gpu: [Linear; 2],
+    working_cache: [f64; 2],
+    cpu: [Linear; 2],
+    disk: Linear,
+}
+
 /// All forms for one [`Batching`]: time terms per phase and memory peaks per tier (bytes).
 #[derive(Debug, Clone, Copy)]
 pub struct Terms {
@@ -488,7 +533,21 @@ impl CostModel {
 
     /// The linear forms of every term and peak for one batching choice.
     pub fn terms(&self, b: &Batching) -> Terms {
-        use x::*;
+        let q = self.quantities(b);
+        let (prefill, decode) = self.phase_terms(b, &q);
+        let peaks = self.peaks(b, &q);
+        Terms {
+            prefill,
+            decode,
+            gpu_peak: peaks.gpu,
+            working_cache: peaks.working_cache,
+            cpu_peak: peaks.cpu,
+            disk: peaks.disk,
+        }
+    }
+
+    /// The bytes and FLOPs per layer that every term is built from, for one batching.
+    fn quantities(&self, b: &Batching) -> Quantities {
         let m = &self.shape;
         let hw = &self.hardware;
         let (s, n) = (
@@ -497,21 +556,6 @@ impl CostModel {
         );
         let l = m.layers as f64;
         let (gbs, nb) = (b.gpu_batch_size as f64, b.num_gpu_batches as f64);
-        let bls = gbs * nb;
-        let c = s + n / 2.0; // average decode context
-        let bw = |gib_s: f64| gib_s * GIB; // bytes per second
-        let (ctog_bw, gtoc_bw, gtoc_cache_bw) = (
-            bw(hw.cpu_to_gpu_gib_s),
-            bw(hw.gpu_to_cpu_gib_s),
-            bw(hw.gpu_to_cpu_cache_gib_s),
-        );
-        let (dtoc_bw, ctod_bw, ctod_cache_bw) = (
-            bw(hw.disk_to_cpu_gib_s()),
-            bw(hw.cpu_to_disk_gib_s),
-            bw(hw.cpu_to_disk_cache_gib_s),
-        );
-        let dequant_rate = hw.gpu_dequant_gvalues_s * 1e9;
-
         // Bytes: weights and cache in fp16 (or the executor's sizes when given) or 4-bit
         // groups; activations in fp16 (or the executor's size).
         let act = self.activation_bytes.unwrap_or(FP16);
@@ -535,12 +579,7 @@ impl CostModel {
         let bw_layer = match self.head_bytes {
             Some(head) => m.layer_values * w_bytes + head.output / l,
             None => w_values * w_bytes,
-        }; // Bw
-           // Weights load from disk a unit at a time (attention and MLP apart with sep_layer): a
-           // burst of one unit's bytes, Bw_unit = layer values * bytes per value / units, read at
-           // the profile's rate for bursts of that size (the stream rate when not measured)
-        let units = if b.sep_layer { 2.0 } else { 1.0 };
-        let dtoc_w_bw = bw(hw.disk_burst_gib_s(m.layer_values * w_bytes / units));
+        };
         let kv_values = 2.0 * m.kv_width as f64; // keys and values, per token per layer
         let cache_value_bytes = if b.f16_cache && !b.compress_cache {
             FP16
@@ -561,93 +600,148 @@ impl CostModel {
         // rows between too (unused capacity), so each sequence moves its whole capacity s + n:
         // read = s + n if (s + n - c) Bkv / 2 <= G else c (at the average decode step),
         // write = s + n if (s + n - w) Bkv / 2 <= G else w, w = new rows (s prefill, 1 decode)
+        let c = s + n / 2.0; // average decode context
         let merged = |gap_rows: f64| gap_rows * bkv / 2.0 <= CACHE_MERGE_GAP_BYTES as f64;
         let disk_rows = |rows: f64| if merged(s + n - rows) { s + n } else { rows };
-        let (disk_read, disk_write) = (disk_rows(c), [disk_rows(s), disk_rows(1.0)]);
-        let bh = m.hidden as f64 * act; // Bh
-                                        // Flin = 2 * matrix values (+ the output head spread over layers); Fatt = 4 * q_width
-        let flin = 2.0 * m.layer_values + 2.0 * m.head_macs / l;
-        let fatt = 4.0 * m.q_width as f64 * b.attn_sparsity;
-        let ccc = b.cpu_cache_compute;
+        Quantities {
+            s,
+            n,
+            l,
+            gbs,
+            nb,
+            bls: gbs * nb,
+            c,
+            act,
+            w_bytes,
+            w_values,
+            bw_layer,
+            kv_values,
+            bkv,
+            disk_read: disk_rows(c),
+            disk_write: [disk_rows(s), disk_rows(1.0)],
+            bh: m.hidden as f64 * act, // Bh
+            // Flin = 2 * matrix values (+ the output head spread over layers); Fatt = 4 * q_width
+            flin: 2.0 * m.layer_values + 2.0 * m.head_macs / l,
+            fatt: 4.0 * m.q_width as f64 * b.attn_sparsity,
+            dequant_rate: hw.gpu_dequant_gvalues_s * 1e9,
+        }
+    }
+
+    /// Seconds of one phase's linear layers, `tokens` rows per sequence, at `tflops`.
+    fn matmul_seconds(&self, b: &Batching, q: &Quantities, tokens: f64, tflops: f64) -> f64 {
+        let hw = &self.hardware;
+        let (gbs, nb) = (q.gbs, q.nb);
         // Weight dequantization runs once per GPU batch per layer: nb * values / rate (4-bit
         // groups, and GGUF blocks, which the kernels decode the same way).
-        let dequant_w = if b.compress_weight || w_bytes < FP16 {
-            nb * w_values / dequant_rate
+        let dequant_w = if b.compress_weight || q.w_bytes < FP16 {
+            nb * q.w_values / q.dequant_rate
         } else {
             0.0
         };
-        // Linear layers of one phase: each of the nb GPU batches multiplies `tokens` rows per
-        // sequence, and reads the layer's weights from GPU memory at least once:
-        // nb * max(gbs * tokens * Flin / mm, Bw / bw_gpu) + dequant
-        let matmul = |tokens: f64, tflops: f64| {
-            nb * (gbs * tokens * flin / (tflops * 1e12)).max(bw_layer / bw(hw.gpu_memory_gib_s))
-                + dequant_w
-        };
+        if !self.host_device {
+            // Linear layers of one phase: each of the nb GPU batches multiplies `tokens` rows per
+            // sequence, and reads the layer's weights from GPU memory at least once:
+            // nb * max(gbs * tokens * Flin / mm, Bw / bw_gpu) + dequant
+            return nb
+                * (gbs * tokens * q.flin / (tflops * 1e12))
+                    .max(q.bw_layer / (hw.gpu_memory_gib_s * GIB))
+                + dequant_w;
+        }
         // On the CPU device a GPU batch's gbs * tokens rows run in calls of at most R rows
-        // (compute_rows). A call of r rows either decodes every weight value into panels and
-        // runs the GEMM, values / dequant + r Flin / mm (r at least the device's GEMM
-        // threshold: 6 rows for f32, 24 for packed formats), or streams the weight once per 4
-        // rows of x through the fused kernel, ceil(r / 4) Bw / bw_decode (fewer rows).
-        let packed = w_bytes < 4.0;
+        // (compute_rows), and every call of a layer's kernels also costs a fixed overhead (the
+        // dozen calls' dispatch, measured with almost no data): nb * ceil(gbs tokens / R) *
+        // overhead on top of the calls' own time
+        let rows = gbs * tokens;
+        let per_call = self.compute_rows.map_or(rows, |r| (r as f64).min(rows));
+        let full = (rows / per_call).floor();
+        let calls = nb
+            * (full * self.host_call(q, per_call, tflops)
+                + self.host_call(q, rows - full * per_call, tflops));
+        calls + nb * (rows / per_call.max(1.0)).ceil() * hw.cpu_layer_overhead_s
+    }
+
+    /// Seconds of one call of `r` rows through a layer's linear weights on the CPU device. It
+    /// either decodes every weight value into panels and runs the GEMM, values / dequant +
+    /// r Flin / mm (r at least the device's GEMM threshold: 6 rows for f32, 24 for packed
+    /// formats), or streams the weight once per 4 rows of x through the fused kernel,
+    /// ceil(r / 4) Bw / bw_decode (fewer rows).
+    fn host_call(&self, q: &Quantities, r: f64, tflops: f64) -> f64 {
+        use super::hardware::{FUSED_X_ROWS, GEMM_MIN_ROWS, PACKED_GEMM_MIN_ROWS};
+        let packed = q.w_bytes < 4.0;
+        let gemm_from = if packed {
+            PACKED_GEMM_MIN_ROWS
+        } else {
+            GEMM_MIN_ROWS
+        } as f64;
+        if r <= 0.0 {
+            return 0.0;
+        }
+        if r >= gemm_from {
+            let panels = if packed {
+                q.w_values / q.dequant_rate
+            } else {
+                0.0
+            };
+            return panels + r * q.flin / (tflops * 1e12);
+        }
         // The few-rows path as calibrated for this format: a fixed cost per linear call (the
         // layer's calls, and the output head's spread over the layers) and the rows of x one
-        // pass serves (the kernel's 4 when not measured)
-        let measured = self.hardware.cpu_linear_for(w_bytes);
+        // pass serves (the kernel's 4 when not measured):
+        // calls * call_s + passes * Bw / bw_decode, passes = ceil(r / 4), or
+        // max(1, r / rows_per_pass) when calibrated
+        let measured = self.hardware.cpu_linear_for(q.w_bytes);
         let call_s = measured.map_or(0.0, |c| c.call_s);
         let rows_per_pass = measured.map_or(0.0, |c| c.rows_per_pass);
-        let calls = m.linear_calls as f64 + 1.0 / l;
-        let host_call = |r: f64, tflops: f64| {
-            use super::hardware::{FUSED_X_ROWS, GEMM_MIN_ROWS, PACKED_GEMM_MIN_ROWS};
-            let gemm_from = if packed {
-                PACKED_GEMM_MIN_ROWS
-            } else {
-                GEMM_MIN_ROWS
-            } as f64;
-            if r <= 0.0 {
-                0.0
-            } else if r >= gemm_from {
-                let panels = if packed { w_values / dequant_rate } else { 0.0 };
-                panels + r * flin / (tflops * 1e12)
-            } else {
-                // calls * call_s + passes * Bw / bw_decode, passes = ceil(r / 4), or
-                // max(1, r / rows_per_pass) when calibrated
-                let passes = if rows_per_pass > 0.0 {
-                    (r / rows_per_pass).max(1.0)
-                } else {
-                    (r / FUSED_X_ROWS as f64).ceil()
-                };
-                calls * call_s + passes * bw_layer / bw(hw.gpu_memory_gib_s)
-            }
+        let calls = self.shape.linear_calls as f64 + 1.0 / q.l;
+        let passes = if rows_per_pass > 0.0 {
+            (r / rows_per_pass).max(1.0)
+        } else {
+            (r / FUSED_X_ROWS as f64).ceil()
         };
-        let host_matmul = |tokens: f64, tflops: f64| {
-            let rows = gbs * tokens;
-            let per_call = self.compute_rows.map_or(rows, |r| (r as f64).min(rows));
-            let full = (rows / per_call).floor();
-            nb * (full * host_call(per_call, tflops) + host_call(rows - full * per_call, tflops))
-        };
-        // On the CPU device every call of a layer's kernels also costs a fixed overhead (the
-        // dozen calls' dispatch, measured with almost no data): a GPU batch's gbs * tokens
-        // rows run in ceil(rows / R) calls, so nb * ceil(gbs tokens / R) * overhead
-        let host_overhead = |tokens: f64| {
-            let rows = gbs * tokens;
-            let per_call = self.compute_rows.map_or(rows, |r| (r as f64).min(rows));
-            nb * (rows / per_call.max(1.0)).ceil() * hw.cpu_layer_overhead_s
-        };
-        let matmul = |tokens: f64, tflops: f64| {
-            if self.host_device {
-                host_matmul(tokens, tflops) + host_overhead(tokens)
-            } else {
-                matmul(tokens, tflops)
-            }
-        };
+        calls * call_s + passes * q.bw_layer / (self.hardware.gpu_memory_gib_s * GIB)
+    }
+
+    /// The I/O and compute terms of the prefill and of one decode step, per layer.
+    fn phase_terms(&self, b: &Batching, q: &Quantities) -> (PhaseTerms, PhaseTerms) {
+        use x::*;
+        let hw = &self.hardware;
+        let Quantities {
+            s,
+            c,
+            bls,
+            bw_layer,
+            bkv,
+            bh,
+            fatt,
+            kv_values,
+            disk_read,
+            disk_write,
+            ..
+        } = *q;
+        let bw = |gib_s: f64| gib_s * GIB; // bytes per second
+        let (ctog_bw, gtoc_bw, gtoc_cache_bw) = (
+            bw(hw.cpu_to_gpu_gib_s),
+            bw(hw.gpu_to_cpu_gib_s),
+            bw(hw.gpu_to_cpu_cache_gib_s),
+        );
+        let (dtoc_bw, ctod_bw, ctod_cache_bw) = (
+            bw(hw.disk_to_cpu_gib_s()),
+            bw(hw.cpu_to_disk_gib_s),
+            bw(hw.cpu_to_disk_cache_gib_s),
+        );
+        // Weights load from disk a unit at a time (attention and MLP apart with sep_layer): a
+        // burst of one unit's bytes, Bw_unit = layer values * bytes per value / units, read at
+        // the profile's rate for bursts of that size (the stream rate when not measured)
+        let units = if b.sep_layer { 2.0 } else { 1.0 };
+        let dtoc_w_bw = bw(hw.disk_burst_gib_s(self.shape.layer_values * q.w_bytes / units));
+        let ccc = b.cpu_cache_compute;
         // The cache part attended on the GPU: all of it without delegation, else cg only.
         let gpu_cache: &[usize] = if ccc { &[CG] } else { &[CG, CC, CN] };
         let dequant_kv_per_value = if b.compress_cache {
-            1.0 / dequant_rate
+            1.0 / q.dequant_rate
         } else {
             0.0
         };
-
         let prefill = PhaseTerms {
             // ctog = (Bw (wc + wn) + Bh s bls (hc + hn)) / bw_ctog
             ctog: Linear::of(bw_layer / ctog_bw, &[WC, WN])
@@ -665,11 +759,10 @@ impl CostModel {
             // comp = matmul(s) + bls s^2 Fatt / bmm_p
             // (FlexGen counts the full s x s attention square, and its fitted bmm rate assumes it)
             comp: Linear::constant(
-                matmul(s, hw.gpu_matmul_tflops_prefill)
+                self.matmul_seconds(b, q, s, hw.gpu_matmul_tflops_prefill)
                     + bls * s * s * fatt / (hw.gpu_attention_tflops_prefill * 1e12),
             ),
         };
-
         let attn_gpu = bls * c * fatt / (hw.gpu_attention_tflops_decode * 1e12);
         let attn_cpu = bls * c * fatt / (hw.cpu_attention_tflops * 1e12);
         let decode = PhaseTerms {
@@ -692,12 +785,32 @@ impl CostModel {
                 + Linear::of(bh * bls / ctod_bw, &[HN]),
             // comp = matmul(1) + bls c Fatt / bmm_g (GPU part of cache)
             //        + bls c Fatt / cpu (CPU part, with delegation) + cache dequantization
-            comp: Linear::constant(matmul(1.0, hw.gpu_matmul_tflops_decode))
+            comp: Linear::constant(self.matmul_seconds(b, q, 1.0, hw.gpu_matmul_tflops_decode))
                 + Linear::of(attn_gpu, gpu_cache)
                 + Linear::of(if ccc { attn_cpu } else { 0.0 }, &[CC, CN])
                 + Linear::of(bls * c * kv_values * dequant_kv_per_value, gpu_cache),
         };
+        (prefill, decode)
+    }
 
+    /// The memory peaks: GPU (prefill, decode), the working cache copies, CPU and disk.
+    fn peaks(&self, b: &Batching, q: &Quantities) -> Peaks {
+        use x::*;
+        let m = &self.shape;
+        let Quantities {
+            s,
+            n,
+            l,
+            gbs,
+            nb,
+            bls,
+            act,
+            bw_layer,
+            bkv,
+            bh,
+            ..
+        } = *q;
+        let ccc = b.cpu_cache_compute;
         // Working set of one GPU batch (FlexGen, fp16): attention stage (input, q, k, v, scores)
         // or FFN stage (input, live FFN activations), whichever is larger.
         let (h, qw, kvw) = (m.hidden as f64, m.q_width as f64, m.kv_width as f64);
@@ -756,7 +869,6 @@ impl CostModel {
         } else {
             (run.min(2.0), if ccc { 0.0 } else { run.min(3.0) })
         };
-        let working_cache = [k_prefill * working, k_decode * working];
         // disk weights staged through RAM on their way to the GPU (a host device reads them
         // straight into its weight slots)
         let staged_w = if self.host_device { 0.0 } else { bw_layer };
@@ -782,8 +894,7 @@ impl CostModel {
             + Linear::of(table, &[WN])
             + Linear::of(cache_all, &[CN])
             + Linear::of(bh * s * bls, &[HN]);
-
-        let (gpu_peak, cpu_peak) = if self.host_device {
+        let (gpu, cpu) = if self.host_device {
             // one memory: everything on the device tier, nothing left for a separate CPU tier
             let none = Linear::constant(0.0);
             (
@@ -793,12 +904,10 @@ impl CostModel {
         } else {
             ([gpu_prefill, gpu_decode], [cpu_prefill, cpu_decode])
         };
-        Terms {
-            prefill,
-            decode,
-            gpu_peak,
-            working_cache,
-            cpu_peak,
+        Peaks {
+            gpu,
+            working_cache: [k_prefill * working, k_decode * working],
+            cpu,
             disk,
         }
     }
