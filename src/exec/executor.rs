@@ -25,7 +25,7 @@ use crate::layout::workspace_bytes;
 use crate::sampling::{Decoding, FinishReason, Sampling};
 use crate::schedule::{Cell, Op, PlanShape, Step, UnitKind, ZigzagPlan};
 use crate::storage::offload::{align_up, OffloadFile};
-use crate::storage::{split_sequences, Reservation, Tier};
+use crate::storage::{split_sequences, Reservation, RowSplit, Tier};
 
 /// Whether `op` runs on the calling thread (computes, and weight releases after them).
 fn is_compute_side(op: &Op) -> bool {
@@ -66,6 +66,68 @@ impl<D: Device> Executor<D> {
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
+        // validate
+        let gen_len = self.block_gen_len(seqs, batch_sizes, task, control)?;
+        if gen_len == 0 {
+            let none = SeqResult {
+                finish: Some(FinishReason::Length),
+                ..SeqResult::default()
+            };
+            return Ok(vec![none; seqs.len()]);
+        }
+        // allocate: batches, the compute workspace, KV cache cells, the block's files
+        let plan = ZigzagPlan::new(PlanShape {
+            layers: self.runner.config.num_layers(),
+            num_batches: batch_sizes.len(),
+            gen_len,
+            sep_layer: self.policy.sep_layer,
+            logit_panels: self.model.logit_panels,
+        });
+        let n = seqs.len();
+        let act_split = split_sequences(n, self.policy.activations());
+        let batches = new_batches(seqs, batch_sizes, gen_len);
+        let _workspace = self.reserve_workspace(&batches, batch_sizes)?;
+        let (caches, disk_cache_bytes) = self.allocate_caches(&batches, gen_len > 1)?;
+        let (act_extent, act_bytes) =
+            activation_extents(&batches, &act_split, self.runner.config.hidden_size());
+        // the files and their disk reservations live for the block
+        let unzip = |f: Option<(OffloadFile, Reservation)>| {
+            f.map_or((None, None), |(f, r)| (Some(f), Some(r)))
+        };
+        let (cache_file, _cache_held) = unzip(self.block_file("KV cache", disk_cache_bytes)?);
+        let (act_file, _act_held) = unzip(self.block_file("activations", act_bytes)?);
+        let state = BlockState {
+            exec: self,
+            task,
+            control,
+            batches: batches.into_iter().map(Mutex::new).collect(),
+            caches,
+            act_split,
+            act_file,
+            act_extent,
+            cache_file,
+            plan,
+        };
+        // run (the block's files are removed when dropped, whatever the result)
+        state.run()?;
+        let mut out = Vec::with_capacity(n);
+        for b in state.batches {
+            out.extend(b.into_inner().unwrap_or_else(|e| e.into_inner()).results);
+        }
+        Ok(out)
+    }
+
+    /// The tokens a block computes per sequence (1 when scoring; the longest `max_tokens` of
+    /// the block's sequences when generating), after checking the block: batches that
+    /// partition the sequences into at most nb non-empty batches, prefix groups only when
+    /// scoring, and every sequence long enough and within the context.
+    fn block_gen_len(
+        &self,
+        seqs: &[PrefixGroup],
+        batch_sizes: &[usize],
+        task: Task,
+        control: Option<GenControl<'_>>,
+    ) -> Result<usize> {
         if batch_sizes.len() > self.policy.num_gpu_batches.max(1)
             || batch_sizes.iter().sum::<usize>() != seqs.len()
             || batch_sizes.contains(&0)
@@ -75,7 +137,6 @@ impl<D: Device> Executor<D> {
                 "the batches must partition the sequences into at most nb non-empty batches",
             ));
         }
-        let config = &self.runner.config;
         let gen_len = match task {
             Task::Score => 1,
             _ if seqs.iter().any(|g| g.branches.len() != 1) => {
@@ -95,12 +156,9 @@ impl<D: Device> Executor<D> {
             },
         };
         if gen_len == 0 {
-            let none = SeqResult {
-                finish: Some(FinishReason::Length),
-                ..SeqResult::default()
-            };
-            return Ok(vec![none; seqs.len()]);
+            return Ok(0);
         }
+        let max_context = self.runner.config.max_context();
         for g in seqs {
             // positions go up to the longest member (rows may be more: the cache holds them)
             let longest = g.shared + g.branches.iter().max().copied().unwrap_or(0);
@@ -113,10 +171,10 @@ impl<D: Device> Executor<D> {
                 });
             }
             let need = longest + gen_len - 1;
-            if need > config.max_context() {
+            if need > max_context {
                 return Err(Error::SequenceTooLong {
                     len: need,
-                    max: config.max_context(),
+                    max: max_context,
                 });
             }
             if g.is_empty() {
@@ -127,39 +185,18 @@ impl<D: Device> Executor<D> {
                 });
             }
         }
-        let layers = config.num_layers();
-        let plan = ZigzagPlan::new(PlanShape {
-            layers,
-            num_batches: batch_sizes.len(),
-            gen_len,
-            sep_layer: self.policy.sep_layer,
-            logit_panels: self.model.logit_panels,
-        });
-        let n = seqs.len();
-        let cache_split = split_sequences(n, self.policy.cache());
-        let act_split = split_sequences(n, self.policy.activations());
+        Ok(gen_len)
+    }
 
-        // batches, and the working set one batch's compute needs
-        let mut batches = Vec::new();
-        let mut first = 0;
-        for &size in batch_sizes {
-            let chunk = &seqs[first..first + size];
-            batches.push(Batch {
-                seqs: first..first + chunk.len(),
-                groups: chunk.to_vec(),
-                capacity: chunk.iter().map(|g| g.len() + gen_len - 1).collect(),
-                rows: None,
-                x: None,
-                logits: Vec::new(),
-                sampled: Vec::new(),
-                sampled_held: None,
-                done: vec![false; chunk.len()],
-                results: vec![SeqResult::default(); chunk.iter().map(|g| g.branches.len()).sum()],
-            });
-            first += size;
-        }
-        // a unit computes at most chunk_rows rows at once (decode steps with CPU attention:
-        // one row per sequence of the batch)
+    /// Reserves the working set one batch's compute needs: a unit computes at most
+    /// `chunk_rows` rows at once (decode steps with CPU attention: one row per sequence of the
+    /// batch), with the logits of `logit_rows` rows.
+    fn reserve_workspace(
+        &self,
+        batches: &[Batch<D>],
+        batch_sizes: &[usize],
+    ) -> Result<Reservation> {
+        let config = &self.runner.config;
         let max_rows = batches
             .iter()
             .map(|b| b.groups.iter().map(PrefixGroup::len).sum::<usize>())
@@ -171,28 +208,36 @@ impl<D: Device> Executor<D> {
             0
         };
         let compute_rows = max_rows.min(self.runner.chunk_rows.max(delegated_rows));
-        let _workspace = self.ledger.reserve(
+        let logit_width = self
+            .runner
+            .dev
+            .logit_width(config.vocab_size().div_ceil(self.model.logit_panels.max(1)));
+        self.ledger.reserve(
             Tier::Gpu,
-            workspace_bytes(
-                config,
-                compute_rows,
-                self.runner.logit_rows,
-                self.runner
-                    .dev
-                    .logit_width(config.vocab_size().div_ceil(self.model.logit_panels.max(1))),
-            ),
+            workspace_bytes(config, compute_rows, self.runner.logit_rows, logit_width),
             "one batch's compute workspace",
-        )?;
+        )
+    }
 
-        // KV caches: GPU rows persistent, RAM rows allocated now, disk rows in a cache file
+    /// The block's KV cache cells, `[layer][batch]`, split by sequence over the tiers: GPU
+    /// rows allocated on the device, RAM rows now, disk rows at offsets of the block's cache
+    /// file (whose length is returned). Nothing is held when the block stores no cache
+    /// (scoring: one token).
+    #[allow(clippy::type_complexity)]
+    fn allocate_caches(
+        &self,
+        batches: &[Batch<D>],
+        stores_cache: bool,
+    ) -> Result<(Vec<Vec<Mutex<CacheCell<D>>>>, u64)> {
+        let n = batches.iter().map(|b| b.seqs.len()).sum();
+        let cache_split = split_sequences(n, self.policy.cache());
         let bpr_segments = self.runner.cache_segment_bytes();
         let bpr: u64 = bpr_segments.iter().sum();
-        let stores_cache = gen_len > 1;
         let mut disk_cache_bytes = 0u64;
         let mut caches = Vec::new();
-        for _ in 0..layers {
+        for _ in 0..self.runner.config.num_layers() {
             let mut row = Vec::new();
-            for b in &batches {
+            for b in batches {
                 let split = cache_split.within(b.seqs.clone());
                 let rows_of = |r: Range<usize>| -> usize { b.capacity[r].iter().sum() };
                 let [g, c, d] = split.ranges().map(|(_, r)| rows_of(r));
@@ -231,61 +276,77 @@ impl<D: Device> Executor<D> {
             }
             caches.push(row);
         }
-        let width = config.hidden_size();
-        let mut act_extent = Vec::new();
-        let mut act_bytes = 0u64;
-        for b in &batches {
-            act_extent.push(act_bytes);
-            let split = act_split.within(b.seqs.clone());
-            let rows: usize = b.groups[split.gpu + split.cpu..]
-                .iter()
-                .map(PrefixGroup::len)
-                .sum();
-            act_bytes += align_up((rows * width * 4) as u64);
-        }
-        let file = |name: &str, bytes: u64| -> Result<Option<(OffloadFile, Reservation)>> {
-            if bytes == 0 {
-                return Ok(None);
-            }
-            let dir = self.offload_dir.as_deref().ok_or_else(|| {
-                Error::invalid(
-                    "--offload-dir",
-                    format!("the policy puts the {name} on disk: give an offload directory"),
-                )
-            })?;
-            let held = self.ledger.reserve(Tier::Disk, bytes, name)?;
-            let path = dir.join(crate::storage::offload::private_file_name(&format!(
-                "ferrogen-{}",
-                name.replace(' ', "-")
-            )));
-            Ok(Some((OffloadFile::create(&path, bytes)?, held)))
-        };
-        // the files and their disk reservations live for the block
-        let unzip = |f: Option<(OffloadFile, Reservation)>| {
-            f.map_or((None, None), |(f, r)| (Some(f), Some(r)))
-        };
-        let (cache_file, _cache_held) = unzip(file("KV cache", disk_cache_bytes)?);
-        let (act_file, _act_held) = unzip(file("activations", act_bytes)?);
-        let state = BlockState {
-            exec: self,
-            task,
-            control,
-            batches: batches.into_iter().map(Mutex::new).collect(),
-            caches,
-            act_split,
-            act_file,
-            act_extent,
-            cache_file,
-            plan,
-        };
-        // (the block's files are removed when dropped, whatever the result)
-        state.run()?;
-        let mut out = Vec::with_capacity(n);
-        for b in state.batches {
-            out.extend(b.into_inner().unwrap_or_else(|e| e.into_inner()).results);
-        }
-        Ok(out)
+        Ok((caches, disk_cache_bytes))
     }
+
+    /// A file of the block in the offload directory, `bytes` long and reserved on the disk
+    /// tier (`None` when nothing goes to disk).
+    fn block_file(&self, name: &str, bytes: u64) -> Result<Option<(OffloadFile, Reservation)>> {
+        if bytes == 0 {
+            return Ok(None);
+        }
+        let dir = self.offload_dir.as_deref().ok_or_else(|| {
+            Error::invalid(
+                "--offload-dir",
+                format!("the policy puts the {name} on disk: give an offload directory"),
+            )
+        })?;
+        let held = self.ledger.reserve(Tier::Disk, bytes, name)?;
+        let path = dir.join(crate::storage::offload::private_file_name(&format!(
+            "ferrogen-{}",
+            name.replace(' ', "-")
+        )));
+        Ok(Some((OffloadFile::create(&path, bytes)?, held)))
+    }
+}
+
+/// The block's GPU batches: `batch_sizes[i]` consecutive sequences each, every sequence's
+/// cache capacity its tokens plus the `gen_len - 1` it will add.
+fn new_batches<D: Device>(
+    seqs: &[PrefixGroup],
+    batch_sizes: &[usize],
+    gen_len: usize,
+) -> Vec<Batch<D>> {
+    let mut batches = Vec::new();
+    let mut first = 0;
+    for &size in batch_sizes {
+        let chunk = &seqs[first..first + size];
+        batches.push(Batch {
+            seqs: first..first + chunk.len(),
+            groups: chunk.to_vec(),
+            capacity: chunk.iter().map(|g| g.len() + gen_len - 1).collect(),
+            rows: None,
+            x: None,
+            logits: Vec::new(),
+            sampled: Vec::new(),
+            sampled_held: None,
+            done: vec![false; chunk.len()],
+            results: vec![SeqResult::default(); chunk.iter().map(|g| g.branches.len()).sum()],
+        });
+        first += size;
+    }
+    batches
+}
+
+/// Where each batch's disk activations start in the block's activation file, and its length:
+/// the rows of the batch's sequences past its GPU and RAM ones, `width` f32 values each.
+fn activation_extents<D: Device>(
+    batches: &[Batch<D>],
+    act_split: &RowSplit,
+    width: usize,
+) -> (Vec<u64>, u64) {
+    let mut act_extent = Vec::new();
+    let mut act_bytes = 0u64;
+    for b in batches {
+        act_extent.push(act_bytes);
+        let split = act_split.within(b.seqs.clone());
+        let rows: usize = b.groups[split.gpu + split.cpu..]
+            .iter()
+            .map(PrefixGroup::len)
+            .sum();
+        act_bytes += align_up((rows * width * 4) as u64);
+    }
+    (act_extent, act_bytes)
 }
 
 impl<D: Device> BlockState<'_, D> {
