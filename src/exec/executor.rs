@@ -641,45 +641,8 @@ impl<D: Device> BlockState<'_, D> {
     ) -> Result<()> {
         let r = &self.exec.runner;
         let mut states = std::mem::take(&mut batch.logits);
-        let new = batch.new_tokens(token);
-        // generation: the sequences still going (one row each, their last)
-        let mut active = Vec::new();
-        let (rows, targets) = match self.task {
-            Task::Score => {
-                // each group's scoring rows, offset by the rows before it
-                let (mut rows, mut targets, mut at) = (Vec::new(), Vec::new(), 0);
-                for g in &batch.groups {
-                    let (r, t) = g.scoring_rows();
-                    rows.extend(r.iter().map(|r| r + at));
-                    targets.extend(t);
-                    at += g.len();
-                }
-                (rows, Some(targets))
-            }
-            Task::Generate(_) => {
-                let mut rows = Vec::new();
-                let mut end = 0;
-                for (i, n) in new.iter().map(|t| t.len()).enumerate() {
-                    end += n;
-                    if n > 0 {
-                        active.push(i);
-                        rows.push(end - 1);
-                    }
-                }
-                (rows, None)
-            }
-        };
-        let decoding = |i: usize| -> Decoding {
-            match &self.control {
-                Some(c) => c.decoding[c.first + batch.seqs.start + i].clone(),
-                None => Decoding {
-                    max_tokens: self.plan.shape.gen_len,
-                    sampling: Sampling::GREEDY,
-                    stop_tokens: Vec::new(),
-                },
-            }
-        };
-        let specs: Vec<Decoding> = active.iter().map(|&i| decoding(i)).collect();
+        let (rows, targets, active) = self.logit_rows(batch, token);
+        let specs: Vec<Decoding> = active.iter().map(|&i| self.decoding(batch, i)).collect();
         // the rows drawn from (not greedy) need their logits on the host
         let drawn: Vec<usize> = (0..active.len())
             .filter(|&k| !specs[k].sampling.is_greedy())
@@ -722,66 +685,129 @@ impl<D: Device> BlockState<'_, D> {
             batch.logits = states;
             return Ok(());
         }
+        // the last panel: the scores, or each sequence's next token and whether it stops
         match self.task {
-            Task::Score => {
-                let (flat, argmax): (Vec<f32>, Vec<u32>) = states
-                    .iter()
-                    .map(|s| (s.target_logprob(), s.greedy().0))
-                    .unzip();
-                let mut at = 0;
-                let mut per_member = Vec::new();
-                for g in &batch.groups {
-                    let n = g.scoring_row_count();
-                    per_member.extend(
-                        g.per_member(&flat[at..at + n])
-                            .into_iter()
-                            .zip(g.per_member(&argmax[at..at + n])),
-                    );
-                    at += n;
-                }
-                for (res, (lp, am)) in batch.results.iter_mut().zip(per_member) {
-                    res.logprobs = lp;
-                    res.tokens = am;
-                }
-            }
-            Task::Generate(_) => {
-                let sampled = std::mem::take(&mut batch.sampled);
-                batch.sampled_held = None;
-                let mut drawn_rows = drawn.iter().zip(&sampled);
-                let mut next_drawn = drawn_rows.next();
-                for (k, (&i, spec)) in active.iter().zip(&specs).enumerate() {
-                    let step = batch.results[i].tokens.len();
-                    let (id, lp) = match next_drawn {
-                        Some((&dk, logits)) if dk == k => {
-                            next_drawn = drawn_rows.next();
-                            spec.sampling.pick(logits, step)
-                        }
-                        _ => states[k].greedy(),
-                    };
-                    let res = &mut batch.results[i];
-                    res.tokens.push(id);
-                    res.logprobs.push(lp);
-                    let finish = if spec.stop_tokens.contains(&id) {
-                        Some(FinishReason::Eos)
-                    } else if res.tokens.len() >= spec.max_tokens {
-                        Some(FinishReason::Length)
-                    } else {
-                        match &self.control {
-                            Some(c) if (c.stop)(c.first + batch.seqs.start + i, &res.tokens) => {
-                                Some(FinishReason::Stop)
-                            }
-                            _ => None,
-                        }
-                    };
-                    if finish.is_some() {
-                        res.finish = finish;
-                        batch.done[i] = true;
-                    }
-                    // the next step feeds the new token
-                    batch.groups[i].push(id);
-                }
-            }
+            Task::Score => set_scores(batch, &states),
+            Task::Generate(_) => self.choose_and_stop(batch, &active, &specs, &drawn, &states),
         }
         Ok(())
+    }
+
+    /// The rows of the batch whose logits are read at token step `token`, with their targets
+    /// when scoring (each group's scoring rows, offset by the rows before it); when
+    /// generating, the last row of each sequence still going, and those sequences.
+    fn logit_rows(
+        &self,
+        batch: &Batch<D>,
+        token: usize,
+    ) -> (Vec<usize>, Option<Vec<u32>>, Vec<usize>) {
+        match self.task {
+            Task::Score => {
+                let (mut rows, mut targets, mut at) = (Vec::new(), Vec::new(), 0);
+                for g in &batch.groups {
+                    let (r, t) = g.scoring_rows();
+                    rows.extend(r.iter().map(|r| r + at));
+                    targets.extend(t);
+                    at += g.len();
+                }
+                (rows, Some(targets), Vec::new())
+            }
+            Task::Generate(_) => {
+                let (mut rows, mut active, mut end) = (Vec::new(), Vec::new(), 0);
+                for (i, n) in batch.new_tokens(token).iter().map(|t| t.len()).enumerate() {
+                    end += n;
+                    if n > 0 {
+                        active.push(i);
+                        rows.push(end - 1);
+                    }
+                }
+                (rows, None, active)
+            }
+        }
+    }
+
+    /// How sequence `i` of the batch chooses its tokens and stops (greedy for the plan's
+    /// length without a control).
+    fn decoding(&self, batch: &Batch<D>, i: usize) -> Decoding {
+        match &self.control {
+            Some(c) => c.decoding[c.first + batch.seqs.start + i].clone(),
+            None => Decoding {
+                max_tokens: self.plan.shape.gen_len,
+                sampling: Sampling::GREEDY,
+                stop_tokens: Vec::new(),
+            },
+        }
+    }
+
+    /// Generation, after the last panel: each active sequence's next token (drawn from its
+    /// sampled logits, or the greedy one), then whether it stops (a stop token, its length,
+    /// or the control's stop rule); the token is fed to the next step.
+    fn choose_and_stop(
+        &self,
+        batch: &mut Batch<D>,
+        active: &[usize],
+        specs: &[Decoding],
+        drawn: &[usize],
+        states: &[LogitState],
+    ) {
+        let sampled = std::mem::take(&mut batch.sampled);
+        batch.sampled_held = None;
+        let mut drawn_rows = drawn.iter().zip(&sampled);
+        let mut next_drawn = drawn_rows.next();
+        for (k, (&i, spec)) in active.iter().zip(specs).enumerate() {
+            let step = batch.results[i].tokens.len();
+            let (id, lp) = match next_drawn {
+                Some((&dk, logits)) if dk == k => {
+                    next_drawn = drawn_rows.next();
+                    spec.sampling.pick(logits, step)
+                }
+                _ => states[k].greedy(),
+            };
+            let res = &mut batch.results[i];
+            res.tokens.push(id);
+            res.logprobs.push(lp);
+            let finish = if spec.stop_tokens.contains(&id) {
+                Some(FinishReason::Eos)
+            } else if res.tokens.len() >= spec.max_tokens {
+                Some(FinishReason::Length)
+            } else {
+                match &self.control {
+                    Some(c) if (c.stop)(c.first + batch.seqs.start + i, &res.tokens) => {
+                        Some(FinishReason::Stop)
+                    }
+                    _ => None,
+                }
+            };
+            if finish.is_some() {
+                res.finish = finish;
+                batch.done[i] = true;
+            }
+            // the next step feeds the new token
+            batch.groups[i].push(id);
+        }
+    }
+}
+
+/// Scoring, after the last panel: each member's logprobs and argmax tokens from the folded
+/// logit states of its group's scoring rows.
+fn set_scores<D: Device>(batch: &mut Batch<D>, states: &[LogitState]) {
+    let (flat, argmax): (Vec<f32>, Vec<u32>) = states
+        .iter()
+        .map(|s| (s.target_logprob(), s.greedy().0))
+        .unzip();
+    let mut at = 0;
+    let mut per_member = Vec::new();
+    for g in &batch.groups {
+        let n = g.scoring_row_count();
+        per_member.extend(
+            g.per_member(&flat[at..at + n])
+                .into_iter()
+                .zip(g.per_member(&argmax[at..at + n])),
+        );
+        at += n;
+    }
+    for (res, (lp, am)) in batch.results.iter_mut().zip(per_member) {
+        res.logprobs = lp;
+        res.tokens = am;
     }
 }
