@@ -145,6 +145,40 @@ multiversion! {
     }
 }
 
+/// The tile driver of the AVX-512 few-rows kernels: weight rows `rows` in tiles of `WT` rows
+/// (then single rows at the end), each against the `m` rows of `x` (`x_row` values each) at
+/// most `XT` at a time. `tile(r, take, ahead, x_tile, y)` computes weight rows `r..r + take`
+/// against the `mi = y.len() / take` rows of `x_tile`, `y[i * take + j]` being x row `i0 + i`
+/// against weight row `r + j`, which goes to `out[(r - rows.start + j) * m + i0 + i]`;
+/// `ahead` is the next tile's first row, to prefetch (the tile's own at the end).
+#[cfg(target_arch = "x86_64")]
+fn drive_tiles<const WT: usize, const XT: usize>(
+    rows: std::ops::Range<usize>,
+    m: usize,
+    x: &[f32],
+    x_row: usize,
+    out: &mut [f32],
+    mut tile: impl FnMut(usize, usize, usize, &[f32], &mut [f32]),
+) {
+    let mut tmp = [0.0f32; 64];
+    let mut r = rows.start;
+    while r < rows.end {
+        let take = if rows.end - r >= WT { WT } else { 1 };
+        let ahead = if r + 2 * WT <= rows.end { r + WT } else { r };
+        for i0 in (0..m).step_by(XT) {
+            let mi = (m - i0).min(XT);
+            let y = &mut tmp[..mi * take];
+            tile(r, take, ahead, &x[i0 * x_row..(i0 + mi) * x_row], y);
+            for i in 0..mi {
+                for j in 0..take {
+                    out[(r - rows.start + j) * m + i0 + i] = y[i * take + j];
+                }
+            }
+        }
+        r += take;
+    }
+}
+
 /// Weight rows `rows` against all of `x`, into `out[(r - rows.start) * m + i]`: the AVX-512
 /// kernel where the CPU and the layout allow, else the portable one.
 fn rows_times_x(
@@ -159,48 +193,31 @@ fn rows_times_x(
         if group % 16 == 0 && super::x86::available() {
             use super::x86::packed_rows;
             let shape = (k, group, bits);
-            let mut r = rows.start;
-            let mut tmp = [0.0f32; 16];
-            while r < rows.end {
-                // four weight rows at a time (then one), against at most four rows of x at once
-                let take = if rows.end - r >= 4 { 4 } else { 1 };
-                for i0 in (0..m).step_by(4) {
-                    let mi = (m - i0).min(4);
-                    let xi = &x[i0 * k..(i0 + mi) * k];
-                    let y = &mut tmp[..mi * take];
-                    // SAFETY: AVX-512 is available; packed_row gives whole rows; xi holds mi
-                    // rows of k values and y mi * take results
-                    unsafe {
-                        if take == 4 {
-                            let w4 = [0, 1, 2, 3].map(|j| w.packed_row(r + j));
-                            // the next four rows, to prefetch (the last block's own, again)
-                            let ahead = if r + 8 <= rows.end { r + 4 } else { r };
-                            let n4 = [0, 1, 2, 3].map(|j| w.packed_row(ahead + j));
-                            match mi {
-                                4 => packed_rows::<4, 4>(w4, n4, shape, xi, y),
-                                3 => packed_rows::<4, 3>(w4, n4, shape, xi, y),
-                                2 => packed_rows::<4, 2>(w4, n4, shape, xi, y),
-                                _ => packed_rows::<4, 1>(w4, n4, shape, xi, y),
-                            }
-                        } else {
-                            let w1 = [w.packed_row(r)];
-                            match mi {
-                                4 => packed_rows::<1, 4>(w1, w1, shape, xi, y),
-                                3 => packed_rows::<1, 3>(w1, w1, shape, xi, y),
-                                2 => packed_rows::<1, 2>(w1, w1, shape, xi, y),
-                                _ => packed_rows::<1, 1>(w1, w1, shape, xi, y),
-                            }
+            // four weight rows at a time (then one), against at most four rows of x at once
+            drive_tiles::<4, 4>(rows, m, x, k, out, |r, take, ahead, xi, y| {
+                // SAFETY: AVX-512 is available; packed_row gives whole rows; xi holds mi
+                // rows of k values and y mi * take results
+                unsafe {
+                    if take == 4 {
+                        let w4 = [0, 1, 2, 3].map(|j| w.packed_row(r + j));
+                        let n4 = [0, 1, 2, 3].map(|j| w.packed_row(ahead + j));
+                        match y.len() / take {
+                            4 => packed_rows::<4, 4>(w4, n4, shape, xi, y),
+                            3 => packed_rows::<4, 3>(w4, n4, shape, xi, y),
+                            2 => packed_rows::<4, 2>(w4, n4, shape, xi, y),
+                            _ => packed_rows::<4, 1>(w4, n4, shape, xi, y),
                         }
-                    }
-                    // y[i * take + j] is x row i0 + i against weight row r + j
-                    for i in 0..mi {
-                        for j in 0..take {
-                            out[(r - rows.start + j) * m + i0 + i] = y[i * take + j];
+                    } else {
+                        let w1 = [w.packed_row(r)];
+                        match y.len() {
+                            4 => packed_rows::<1, 4>(w1, w1, shape, xi, y),
+                            3 => packed_rows::<1, 3>(w1, w1, shape, xi, y),
+                            2 => packed_rows::<1, 2>(w1, w1, shape, xi, y),
+                            _ => packed_rows::<1, 1>(w1, w1, shape, xi, y),
                         }
                     }
                 }
-                r += take;
-            }
+            });
             return;
         }
     }
@@ -271,56 +288,40 @@ fn rows_q4(w: &WeightRows, rows: std::ops::Range<usize>, xp: &[f32], m: usize, o
     {
         use super::x86::packed_rows_q4;
         let shape = (padded_k, group);
-        let mut tmp = [0.0f32; 16];
-        let mut r = rows.start;
-        while r < rows.end {
-            let take = if rows.end - r >= 2 { 2 } else { 1 };
-            for i0 in (0..m).step_by(8) {
-                let mi = (m - i0).min(8);
-                let x = &xp[i0 * padded_k..(i0 + mi) * padded_k];
-                let y = &mut tmp[..mi * take];
-                // SAFETY: dot_input checked AVX-512, 4-bit codes and groups of whole 32s;
-                // packed_row gives whole rows; x holds mi rows of padded_k values in dot
-                // order and y mi * take results
-                unsafe {
-                    if take == 2 {
-                        let w2 = [w.packed_row(r), w.packed_row(r + 1)];
-                        // the next two rows, to prefetch (the last pair's own, again)
-                        let ahead = if r + 4 <= rows.end { r + 2 } else { r };
-                        let n2 = [w.packed_row(ahead), w.packed_row(ahead + 1)];
-                        match mi {
-                            8 => packed_rows_q4::<2, 8>(w2, n2, shape, x, y),
-                            7 => packed_rows_q4::<2, 7>(w2, n2, shape, x, y),
-                            6 => packed_rows_q4::<2, 6>(w2, n2, shape, x, y),
-                            5 => packed_rows_q4::<2, 5>(w2, n2, shape, x, y),
-                            4 => packed_rows_q4::<2, 4>(w2, n2, shape, x, y),
-                            3 => packed_rows_q4::<2, 3>(w2, n2, shape, x, y),
-                            2 => packed_rows_q4::<2, 2>(w2, n2, shape, x, y),
-                            _ => packed_rows_q4::<2, 1>(w2, n2, shape, x, y),
-                        }
-                    } else {
-                        let w1 = [w.packed_row(r)];
-                        match mi {
-                            8 => packed_rows_q4::<1, 8>(w1, w1, shape, x, y),
-                            7 => packed_rows_q4::<1, 7>(w1, w1, shape, x, y),
-                            6 => packed_rows_q4::<1, 6>(w1, w1, shape, x, y),
-                            5 => packed_rows_q4::<1, 5>(w1, w1, shape, x, y),
-                            4 => packed_rows_q4::<1, 4>(w1, w1, shape, x, y),
-                            3 => packed_rows_q4::<1, 3>(w1, w1, shape, x, y),
-                            2 => packed_rows_q4::<1, 2>(w1, w1, shape, x, y),
-                            _ => packed_rows_q4::<1, 1>(w1, w1, shape, x, y),
-                        }
+        // two weight rows at a time (then one), against at most eight rows of x at once
+        drive_tiles::<2, 8>(rows, m, xp, padded_k, out, |r, take, ahead, x, y| {
+            // SAFETY: dot_input checked AVX-512, 4-bit codes and groups of whole 32s;
+            // packed_row gives whole rows; x holds mi rows of padded_k values in dot order
+            // and y mi * take results
+            unsafe {
+                if take == 2 {
+                    let w2 = [w.packed_row(r), w.packed_row(r + 1)];
+                    let n2 = [w.packed_row(ahead), w.packed_row(ahead + 1)];
+                    match y.len() / take {
+                        8 => packed_rows_q4::<2, 8>(w2, n2, shape, x, y),
+                        7 => packed_rows_q4::<2, 7>(w2, n2, shape, x, y),
+                        6 => packed_rows_q4::<2, 6>(w2, n2, shape, x, y),
+                        5 => packed_rows_q4::<2, 5>(w2, n2, shape, x, y),
+                        4 => packed_rows_q4::<2, 4>(w2, n2, shape, x, y),
+                        3 => packed_rows_q4::<2, 3>(w2, n2, shape, x, y),
+                        2 => packed_rows_q4::<2, 2>(w2, n2, shape, x, y),
+                        _ => packed_rows_q4::<2, 1>(w2, n2, shape, x, y),
                     }
-                }
-                // y[i * take + j] is x row i0 + i against weight row r + j
-                for i in 0..mi {
-                    for j in 0..take {
-                        out[(r - rows.start + j) * m + i0 + i] = y[i * take + j];
+                } else {
+                    let w1 = [w.packed_row(r)];
+                    match y.len() {
+                        8 => packed_rows_q4::<1, 8>(w1, w1, shape, x, y),
+                        7 => packed_rows_q4::<1, 7>(w1, w1, shape, x, y),
+                        6 => packed_rows_q4::<1, 6>(w1, w1, shape, x, y),
+                        5 => packed_rows_q4::<1, 5>(w1, w1, shape, x, y),
+                        4 => packed_rows_q4::<1, 4>(w1, w1, shape, x, y),
+                        3 => packed_rows_q4::<1, 3>(w1, w1, shape, x, y),
+                        2 => packed_rows_q4::<1, 2>(w1, w1, shape, x, y),
+                        _ => packed_rows_q4::<1, 1>(w1, w1, shape, x, y),
                     }
                 }
             }
-            r += take;
-        }
+        });
         return;
     }
     let _ = (rows, xp, m, out);
