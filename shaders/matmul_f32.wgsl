@@ -5,21 +5,12 @@
 // Indexing: invocation (gx, gy) owns the 4 x 4 output tile rows 4*gy .. 4*gy+3 and columns
 // 4*gx .. 4*gx+3. For each kk in 0..k it loads x[row, kk] for its 4 rows and W[col, kk] for its
 // 4 columns and accumulates the 16 products in registers: no workgroup memory, no barriers
-// (the fast shape on CPU adapters, see anchors.md). Rows and columns past m and n read a
+// (the fast shape on CPU adapters). Rows and columns past m and n read a
 // clamped (valid) address and are never stored.
-// One dispatch covers the k range k_begin .. k_end (a pass, so that no invocation loops past
-// the adapter's budget); passes after the first add to y (ACCUMULATE) instead of storing.
-
-// A pipeline constant, not a uniform: reading y in every dispatch cost the 4-bit kernel 4x on
-// lavapipe; passes after the first run the ACCUMULATE = true compilation.
-override ACCUMULATE: bool = false;
-
-struct Dims { m: u32, k: u32, n: u32, y_stride: u32, y_offset: u32, k_begin: u32, k_end: u32, pad: u32 }
+// Dims, y and the tile store come first from matmul_f32_common.wgsl.
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read> w: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<uniform> dims: Dims;
 
 @compute @workgroup_size(8, 8, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -42,17 +33,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
             acc[r] += x[xb[r] + kk] * wv;
         }
     }
-    for (var r = 0u; r < 4u; r++) {
-        let row = row0 + r;
-        if (row < dims.m) {
-            for (var c = 0u; c < 4u; c++) {
-                if (col0 + c < dims.n) {
-                    let at = row * dims.y_stride + dims.y_offset + col0 + c;
-                    var sum = acc[r][c];
-                    if (ACCUMULATE) { sum += y[at]; }
-                    y[at] = sum;
-                }
-            }
-        }
-    }
+    store_tile4(acc, row0, col0);
 }

@@ -7,16 +7,8 @@
 // y[row * y_stride + y_offset + col]. A dispatch covers k_begin .. k_end (k_begin a multiple
 // of 16); ACCUMULATE adds to y (later passes).
 
-// A pipeline constant, not a uniform: reading y in every dispatch cost the 4-bit kernel 4x on
-// lavapipe; passes after the first run the ACCUMULATE = true compilation.
-override ACCUMULATE: bool = false;
-
-struct Dims { m: u32, k: u32, n: u32, y_stride: u32, y_offset: u32, k_begin: u32, k_end: u32, pad: u32 }
-
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read> w: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<uniform> dims: Dims;
 
 var<workgroup> xs: array<array<f32, 16>, 64>;
 var<workgroup> ws: array<array<f32, 16>, 64>;
@@ -48,18 +40,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         }
         workgroupBarrier();
     }
-    for (var r = 0u; r < 4u; r++) {
-        let row = row_base + lid.y * 4u + r;
-        if (row < dims.m) {
-            for (var c = 0u; c < 4u; c++) {
-                let col = col_base + lid.x * 4u + c;
-                if (col < dims.n) {
-                    let at = row * dims.y_stride + dims.y_offset + col;
-                    var sum = acc[r][c];
-                    if (ACCUMULATE) { sum += y[at]; }
-                    y[at] = sum;
-                }
-            }
-        }
-    }
+    store_tile4(acc, row_base + lid.y * 4u, col_base + lid.x * 4u);
 }

@@ -5,16 +5,8 @@
 // y[row * y_stride + y_offset + col]. Out-of-range rows/columns read clamped rows, never stored.
 // A dispatch covers k_begin .. k_end (multiples of 4); ACCUMULATE adds to y (later passes).
 
-// A pipeline constant, not a uniform: reading y in every dispatch cost the 4-bit kernel 4x on
-// lavapipe; passes after the first run the ACCUMULATE = true compilation.
-override ACCUMULATE: bool = false;
-
-struct Dims { m: u32, k: u32, n: u32, y_stride: u32, y_offset: u32, k_begin: u32, k_end: u32, pad: u32 }
-
 @group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read> w: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<uniform> dims: Dims;
 
 @compute @workgroup_size(8, 8, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -41,17 +33,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
             acc[r] += vec4<f32>(dot(xv, w0), dot(xv, w1), dot(xv, w2), dot(xv, w3));
         }
     }
-    for (var r = 0u; r < 4u; r++) {
-        let row = row0 + r;
-        if (row < dims.m) {
-            for (var c = 0u; c < 4u; c++) {
-                if (col0 + c < dims.n) {
-                    let at = row * dims.y_stride + dims.y_offset + col0 + c;
-                    var sum = acc[r][c];
-                    if (ACCUMULATE) { sum += y[at]; }
-                    y[at] = sum;
-                }
-            }
-        }
-    }
+    store_tile4(acc, row0, col0);
 }

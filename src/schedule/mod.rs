@@ -3,7 +3,7 @@
 //! stores of the previous one) followed by a synchronization. It can be printed and tested
 //! without a model; the executor (`crate::exec`) carries it out.
 //!
-//! Loop order (flexgen-notes.md, "Zig-zag block schedule"): for token `i`, for unit `j`, for GPU
+//! Loop order (FlexGen's, with the batch loop innermost): for token `i`, for unit `j`, for GPU
 //! batch `k`. A unit's weights are loaded once per token and reused by all `nb` batches into
 //! one of four weight slots (MLPs alternate between two, the other units between the other
 //! two): at most three units' streamed weights are on the GPU, the one computing and the next,

@@ -7,11 +7,20 @@ use crate::gpu::{AdapterKind, GpuContext, GpuTensor, Pipeline};
 use crate::layout::passes;
 
 /// WGSL source (any k).
-pub const SOURCE: &str = include_str!("../../../shaders/matmul_f32.wgsl");
+pub const SOURCE: &str = concat!(
+    include_str!("../../../shaders/matmul_f32_common.wgsl"),
+    include_str!("../../../shaders/matmul_f32.wgsl")
+);
 /// WGSL source for k a multiple of 4 (vec4 loads along k).
-pub const SOURCE_VEC4: &str = include_str!("../../../shaders/matmul_f32_vec4.wgsl");
+pub const SOURCE_VEC4: &str = concat!(
+    include_str!("../../../shaders/matmul_f32_common.wgsl"),
+    include_str!("../../../shaders/matmul_f32_vec4.wgsl")
+);
 /// WGSL source of the workgroup-tiled variant for real GPUs.
-pub const SOURCE_TILED: &str = include_str!("../../../shaders/matmul_f32_tiled.wgsl");
+pub const SOURCE_TILED: &str = concat!(
+    include_str!("../../../shaders/matmul_f32_common.wgsl"),
+    include_str!("../../../shaders/matmul_f32_tiled.wgsl")
+);
 
 /// Which f32 kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
