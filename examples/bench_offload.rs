@@ -271,9 +271,9 @@ fn run() -> Result<()> {
             ..Policy::all_on_gpu(a.gbs)
         };
         let format = if a.compress_weight {
-            ferrogen::layout::WeightFormat::Group4
+            ferrogen::WeightFormat::Group4
         } else {
-            ferrogen::layout::WeightFormat::Native
+            ferrogen::WeightFormat::Native
         };
         // the weights' bytes as the executor streams them (GGUF blocks as stored)
         let bytes_per_value = ferrogen::engine::runtime_bytes_per_value(&open_files(&a)?, format)?;

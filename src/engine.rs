@@ -57,7 +57,7 @@ pub struct EngineOptions {
     pub gpu_budget: u64,
     /// CPU budget in bytes (`u64::MAX`: unlimited). A finite one also makes the C allocator
     /// return freed blocks to the system, for the whole process
-    /// ([`crate::storage::heap::return_freed_memory`]).
+    /// (the allocator is told to trim).
     pub cpu_budget: u64,
     /// Where disk-tier data goes; needed when the policy puts anything on disk.
     pub offload_dir: Option<PathBuf>,

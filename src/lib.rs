@@ -3,29 +3,27 @@
 //! Throughput-oriented LLM inference with limited memory: score a dataset or generate for
 //! thousands of prompts with a model that does not fit in GPU memory, or even in RAM.
 //!
-//! Data flows one way: model file -> weights -> placement -> plan -> executor -> results.
-//! What exists today:
+//! Data flows one way: model file -> weights -> plan -> placement -> executor -> results
+//! (ARCHITECTURE.md in the repository maps the floors). The public modules:
 //!
+//! - [`engine`]: the entry point: open a model with a policy or budgets ([`Placement`]), score
+//!   or generate;
+//! - [`score`] and [`generation`]: the JSONL scoring and generation jobs, over [`job`] (shards,
+//!   resume, merge, ids as written, a job's files kept safe, signals);
 //! - [`model`]: OPT and Llama configurations (Hugging Face `config.json` or GGUF metadata, plus
 //!   built-in shapes), memory-mapped weight sources (safetensors, sharded or not; GGUF with
 //!   F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors), tokenizers, and each architecture's tensor list;
-//! - [`reference`]: the f32 reference forward pass (ragged prefill, KV-cache decode, log-softmax,
+//! - [`reference`](mod@reference): the f32 reference forward pass (ragged prefill, KV-cache decode, log-softmax,
 //!   greedy generation), checked against Hugging Face transformers: the oracle for everything;
-//! - [`gpu`]: the WebGPU backend (wgpu): kernels and a whole-model forward with f32, native GGUF
-//!   or FlexGen 4-bit weights and an f32 or 4-bit KV cache on the device;
-//! - [`quant`]: GGUF block formats and FlexGen's 4-bit group format;
-//! - [`policy`]: `Policy`, `HardwareProfile` and its calibration, FlexGen's cost model
-//!   generalized, and the LP policy search;
-//! - [`storage`]: the tiers, byte-exact placement (weights split by rows, KV cache and
-//!   activations by sequence), O_DIRECT offload files and the memory ledger;
+//! - [`policy`]: [`Policy`], [`HardwareProfile`], FlexGen's cost model generalized, and the LP
+//!   policy search; [`calibrate`] measures a machine into a profile;
+//! - [`device`] and [`gpu`]: the compute devices (the native CPU device, WebGPU) behind one
+//!   seam; [`exec`]: the executor, and [`ResidentModel`](exec::ResidentModel) for a model held
+//!   whole on one device;
 //! - [`schedule`]: FlexGen's zig-zag block schedule as a printable, testable plan;
-//! - [`exec`]: the executor that carries the plan out, I/O threads overlapped with compute, with
-//!   a Chrome-trace timeline;
-//! - [`engine`]: the entry point: open a model with a policy or budgets, score or generate;
-//! - [`job`]: what keeps a JSONL job's files safe: outputs that are not inputs, one job per
-//!   output (a lock), answers in `OUT.partial` until done, resume records, ids as written,
-//!   and signals that stop a job between batches;
-//! - [`score`]: the JSONL dataset-scoring job behind the `score` example;
+//! - [`quant`]: GGUF block formats and FlexGen's 4-bit group format;
+//! - [`sampling`]: greedy and sampled token choice, stop reasons;
+//! - `cli` (feature `cli`, on by default): the `ferrogen` command line;
 //! - [`parse_size`] and [`format_size`]: byte sizes as the command lines take and print them.
 //!
 //! The options structs and [`Error`] are `#[non_exhaustive]`: build options with their
@@ -102,7 +100,7 @@ pub mod exec;
 pub mod generation;
 pub mod gpu;
 pub mod job;
-pub mod layout;
+pub(crate) mod layout;
 pub mod model;
 mod plan;
 pub mod policy;
@@ -111,7 +109,7 @@ pub mod reference;
 pub mod sampling;
 pub mod schedule;
 pub mod score;
-pub mod storage;
+pub(crate) mod storage;
 mod tier;
 
 pub use batch::{PrefixGroup, TokenScores};
@@ -120,6 +118,7 @@ pub use device::DeviceKind;
 pub use engine::{BlockStats, Engine, EngineOptions, Placement};
 pub use error::{Error, Result};
 pub use exec::SeqResult;
+pub use layout::{RunOptions, WeightFormat};
 pub use model::ModelFiles;
 pub use policy::{HardwareProfile, Policy};
 pub use tier::{Tier, TierSplit};

@@ -66,7 +66,7 @@ impl Sampling {
     /// before temperature and filtering, as scoring the output would give).
     ///
     /// Sampling: `w_i = e^((l_i - max) / T)` over the candidates (the `top_k` largest logits,
-    /// ties by lower id; those within [`NEGLIGIBLE`] of the largest), sorted by logit; the
+    /// ties by lower id; those within `NEGLIGIBLE` of the largest), sorted by logit; the
     /// nucleus is the shortest prefix whose `w` reach `top_p * sum(w)`; then the token where the
     /// running sum of the nucleus's `w` first exceeds `u * sum`, with `u` the seed's number for
     /// this step.

@@ -43,7 +43,7 @@ pub struct ScoreOptions {
     /// tokens (Hugging Face's strided perplexity); `None`: lm-eval's disjoint rolling windows.
     pub stride: Option<usize>,
     /// Records at the start of the input (of the shard's records, with a shard) already
-    /// answered by an interrupted run of the same job ([`resume_point`]): skipped, not scored
+    /// answered by an interrupted run of the same job ([`resume_point`](crate::job::resume_point)): skipped, not scored
     /// again.
     pub skip_records: usize,
     /// Score only this shard's records (`None`: all of them).

@@ -18,10 +18,10 @@ use common::{
 };
 use ferrogen::device::DeviceKind;
 use ferrogen::engine::{default_profile, EngineOptions, Placement};
-use ferrogen::layout::{RunOptions, WeightFormat};
 use ferrogen::model::ModelFiles;
 use ferrogen::Error;
 use ferrogen::Tier;
+use ferrogen::{RunOptions, WeightFormat};
 use proptest::prelude::*;
 
 /// A search placement for `prompt_len`-token records with small staging buffers (one reader

@@ -11,8 +11,8 @@ use common::{
 };
 use ferrogen::device::DeviceKind;
 use ferrogen::engine::{Engine, EngineOptions, Placement};
-use ferrogen::layout::{RunOptions as GpuOptions, WeightFormat};
 use ferrogen::model::ModelFiles;
+use ferrogen::{RunOptions as GpuOptions, WeightFormat};
 
 #[test]
 fn offloaded_scoring_equals_resident() {

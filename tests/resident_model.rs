@@ -11,9 +11,9 @@ use common::{expected, fixture_dir, gpu_context, max_abs_diff, FIXTURES};
 use ferrogen::device::{CpuDevice, Device};
 use ferrogen::exec::ResidentModel;
 use ferrogen::gpu::{GpuContext, WgpuDevice};
-use ferrogen::layout::{RunOptions as GpuOptions, WeightFormat};
 use ferrogen::model::ModelFiles;
 use ferrogen::reference::ReferenceModel;
+use ferrogen::{RunOptions as GpuOptions, WeightFormat};
 
 /// Runs the generic check `$check` on the CPU device, then on WebGPU when there is an adapter.
 macro_rules! on_every_device {

@@ -380,7 +380,7 @@ impl ferrogen::model::WeightSource for Group4RoundTrip {
 /// amount, and the f16 cache (on the CPU device) next to nothing: under 0.2% of perplexity.
 #[test]
 fn quantized_weights_and_caches_cost_bounded_accuracy() {
-    use ferrogen::layout::{RunOptions as GpuOptions, WeightFormat};
+    use ferrogen::{RunOptions as GpuOptions, WeightFormat};
     let Some(m) = smollm2() else { return };
     let ids = &reference().britannica.tokens[..256];
     let ppl = |lp: &[f32]| (-lp.iter().map(|&v| f64::from(v)).sum::<f64>() / lp.len() as f64).exp();

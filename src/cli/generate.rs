@@ -121,17 +121,18 @@ impl Args {
 
     /// The job's options: the flags' defaults for what records leave out.
     fn job_options(&self) -> GenOptions {
-        let mut job = GenOptions::default();
-        job.defaults = GenDefaults {
-            max_tokens: self.max_tokens,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            seed: self.seed,
-            stop: self.stop.clone(),
-        };
-        job.batch_records = self.batch_records;
-        job
+        GenOptions {
+            defaults: GenDefaults {
+                max_tokens: self.max_tokens,
+                temperature: self.temperature,
+                top_p: self.top_p,
+                top_k: self.top_k,
+                seed: self.seed,
+                stop: self.stop.clone(),
+            },
+            batch_records: self.batch_records,
+            ..GenOptions::default()
+        }
     }
 }
 

@@ -108,12 +108,13 @@ pub(crate) struct Args {
 impl Args {
     /// The scoring options these flags give.
     fn score_options(&self) -> ScoreOptions {
-        let mut options = ScoreOptions::default();
-        options.per_token = self.per_token;
-        options.batch_tokens = self.batch_tokens;
-        options.window = self.window;
-        options.stride = self.stride;
-        options
+        ScoreOptions {
+            per_token: self.per_token,
+            batch_tokens: self.batch_tokens,
+            window: self.window,
+            stride: self.stride,
+            ..ScoreOptions::default()
+        }
     }
 
     /// The job's meta record: the flags that change its answers.

@@ -1,9 +1,9 @@
 //! The JSONL job framework that scoring and generation share: a shard of the input read
-//! line by line ([`Shard`], [`JobLines`]), ids as written ([`RecordId`]), resume and merge
-//! ([`resume_point`], [`merge_shards`]); and what keeps a job's files safe: an output never overwrites an input, one job at a time
-//! writes an output, answers go to `OUT.partial` until the job is done, a resumed job checks
-//! that it resumes the same work, and a signal stops the job between batches with its answers
-//! kept.
+//! line by line ([`Shard`], `JobLines`), ids as written ([`RecordId`]), resume and merge
+//! ([`resume_point`], [`merge_shards`]); and what keeps a job's files safe: an output never
+//! overwrites an input, one job at a time writes an output, answers go to `OUT.partial` until
+//! the job is done, a resumed job checks that it resumes the same work, and a signal stops the
+//! job between batches with its answers kept.
 //!
 //! The files beside an output `OUT` while a job runs:
 //! - `OUT.lock`: the writer's lock (`flock`), holding its process id; removed at exit;

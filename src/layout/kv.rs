@@ -105,8 +105,9 @@ pub fn unpack_scale(word: u32) -> (f32, f32) {
     )
 }
 
-/// Decodes one quantized row back to `kv_heads * head_dim` values.
-pub fn dequantize_row(layout: &Q4Layout, codes: &[u32], scales: &[u32], out: &mut [f32]) {
+/// Decodes one quantized row back to `kv_heads * head_dim` values (the tests' reference).
+#[cfg(test)]
+pub(crate) fn dequantize_row(layout: &Q4Layout, codes: &[u32], scales: &[u32], out: &mut [f32]) {
     for head in 0..layout.kv_heads {
         for e in 0..layout.head_dim {
             let c = head * layout.padded + e;

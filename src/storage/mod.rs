@@ -10,7 +10,7 @@ pub mod offload;
 pub mod placement;
 
 pub use ledger::{MemoryLedger, Reservation};
-pub use offload::{AlignedBuf, OffloadFile};
+pub use offload::OffloadFile;
 pub use placement::{split_sequences, RowSplit, WeightPlacer};
 
 pub(crate) use crate::tier::Tier;

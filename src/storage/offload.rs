@@ -53,10 +53,6 @@ impl AlignedBuf {
     pub fn len(&self) -> usize {
         self.len
     }
-    /// Whether it holds no bytes (never: at least one block).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
     /// Bytes allocated, alignment slack included (what a memory budget is charged).
     pub fn allocated(&self) -> usize {
         self.storage.len()
@@ -215,18 +211,14 @@ impl OffloadFile {
     }
 
     /// Whether I/O bypasses the page cache.
-    pub fn is_direct(&self) -> bool {
+    #[cfg(test)]
+    fn is_direct(&self) -> bool {
         self.direct
     }
 
     /// Size in bytes.
     pub fn len(&self) -> u64 {
         self.len
-    }
-
-    /// Whether the file is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     fn check(&self, offset: u64, len: usize) -> Result<()> {

@@ -120,7 +120,8 @@ pub fn split_sequences(n: usize, split: TierSplit) -> RowSplit {
 }
 
 /// The tier of sequence `i` under a [`split_sequences`] split.
-pub fn tier_of(split: &RowSplit, i: usize) -> Tier {
+#[cfg(test)]
+fn tier_of(split: &RowSplit, i: usize) -> Tier {
     if i < split.gpu {
         Tier::Gpu
     } else if i < split.gpu + split.cpu {

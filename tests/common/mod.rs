@@ -7,9 +7,9 @@ use ferrogen::device::{CpuDevice, Device, DeviceKind};
 use ferrogen::engine::{Engine, EngineOptions};
 use ferrogen::exec::ResidentModel;
 use ferrogen::gpu::{GpuContext, WgpuDevice};
-use ferrogen::layout::RunOptions;
 use ferrogen::model::ModelFiles;
 use ferrogen::policy::Policy;
+use ferrogen::RunOptions;
 use serde::Deserialize;
 
 pub mod gguf_writer;

@@ -47,7 +47,7 @@ pub enum KvView<'a> {
         /// Halves per row.
         stride: usize,
     },
-    /// 4-bit rows ([`Q4Layout`]).
+    /// 4-bit rows (`Q4Layout`).
     Q4 {
         /// Row layout.
         layout: Q4Layout,

@@ -4,7 +4,7 @@
 use crate::layout::RowFormat;
 
 /// A linear weight's rows in their run-time layout, borrowed: f32 rows, or packed codes and
-/// scales ([`crate::layout::PackedWeight`]'s layout).
+/// scales (the run-time `PackedWeight` layout).
 #[derive(Clone, Copy)]
 pub enum WeightRows<'a> {
     /// `[rows, k]` f32.
