@@ -3,7 +3,7 @@
 
 For each seed, make_fixtures.py builds fresh random OPT and Llama checkpoints (other shapes,
 dtypes, tying, pre/post-LN) with float64 reference logprobs; this script scores their token
-sequences and texts with `cargo run --release --example score -- --per-token` and reports the
+sequences and texts with `cargo run --release -- score --per-token` and reports the
 largest per-token difference. Exit status 1 if any exceeds --tolerance.
 
 Usage: python3 scripts/check_against_hf.py [--seeds 1 2 3] [--tolerance 1e-4]
@@ -31,7 +31,7 @@ def check_dir(model_dir, tolerance):
     inp = model_dir / "in.jsonl"
     out = model_dir / "out.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    subprocess.run(["cargo", "run", "--quiet", "--release", "--example", "score", "--",
+    subprocess.run(["cargo", "run", "--quiet", "--release", "--", "score",
                     "--model", str(model_dir), "--input", str(inp), "--output", str(out),
                     "--per-token", "--backend", "reference"], check=True, cwd=HERE.parent)
     worst = 0.0

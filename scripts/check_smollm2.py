@@ -33,7 +33,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         inp, out = pathlib.Path(tmp, "in.jsonl"), pathlib.Path(tmp, "out.jsonl")
         inp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        subprocess.run(["cargo", "run", "--quiet", "--release", "--example", "score", "--",
+        subprocess.run(["cargo", "run", "--quiet", "--release", "--", "score",
                         "--model", os.path.join(args.cache, GGUF), "--input", str(inp),
                         "--output", str(out), "--per-token", "--backend", "reference"],
                        check=True, cwd=ROOT)

@@ -358,10 +358,11 @@ impl Engine {
     pub fn open_on<D: Device>(dev: D, files: ModelFiles, options: EngineOptions) -> Result<Self> {
         let host = dev.is_host();
         let device_budget = device_budget(host, &options)?;
-        let offload_dir = match &options.offload_dir {
-            Some(dir) => Some(OffloadDir::prepare(dir)?),
-            None => None,
-        };
+        let offload_dir = options
+            .offload_dir
+            .as_deref()
+            .map(OffloadDir::prepare)
+            .transpose()?;
         let disk_budget = match &offload_dir {
             Some(dir) => crate::storage::direct::free_disk_bytes(dir.path()).unwrap_or(u64::MAX),
             None => 0,
