@@ -317,6 +317,17 @@ fn device_budget(host: bool, options: &EngineOptions) -> Result<u64> {
     Ok(options.cpu_budget)
 }
 
+/// The disk tier: the offload directory (created when missing) and its free bytes as the
+/// disk budget; none and 0 without a directory.
+fn offload_dir(dir: Option<&Path>) -> Result<(Option<OffloadDir>, u64)> {
+    let Some(dir) = dir else {
+        return Ok((None, 0));
+    };
+    let dir = OffloadDir::prepare(dir)?;
+    let free = crate::storage::direct::free_disk_bytes(dir.path()).unwrap_or(u64::MAX);
+    Ok((Some(dir), free))
+}
+
 impl Engine {
     /// Opens the model at `path` (a GGUF file, or a directory of `config.json` and safetensors:
     /// [`ModelFiles::open`]) on the device
@@ -358,15 +369,7 @@ impl Engine {
     pub fn open_on<D: Device>(dev: D, files: ModelFiles, options: EngineOptions) -> Result<Self> {
         let host = dev.is_host();
         let device_budget = device_budget(host, &options)?;
-        let offload_dir = options
-            .offload_dir
-            .as_deref()
-            .map(OffloadDir::prepare)
-            .transpose()?;
-        let disk_budget = match &offload_dir {
-            Some(dir) => crate::storage::direct::free_disk_bytes(dir.path()).unwrap_or(u64::MAX),
-            None => 0,
-        };
+        let (offload_dir, disk_budget) = offload_dir(options.offload_dir.as_deref())?;
         let request = PlanRequest {
             placement: &options.placement,
             budgets: [device_budget, options.cpu_budget, disk_budget],
