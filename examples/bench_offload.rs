@@ -307,13 +307,13 @@ fn run() -> Result<()> {
         };
         let prediction = if engine.on_host() {
             let hw = hardware.clone().for_host_device(bytes_per_value);
-            CostModel::new(&config, hw, workload)
+            CostModel::new(config.shape(), hw, workload)
                 .with_weight_bytes(bytes_per_value)
                 .with_activation_bytes(4.0)
                 .on_host_device()
                 .predict(&policy.clone().on_host())
         } else {
-            CostModel::new(&config, hardware.clone(), workload)
+            CostModel::new(config.shape(), hardware.clone(), workload)
                 .with_weight_bytes(bytes_per_value)
                 .predict(&policy)
         };

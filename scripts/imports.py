@@ -24,6 +24,7 @@ FLOORS = [
     ["reference"],
     ["device"],
     ["gpu"],
+    ["arch"],
     ["plan"],
     ["exec"],
     ["calibrate"],

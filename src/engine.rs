@@ -21,8 +21,8 @@ use std::ops::{ControlFlow, Range};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::arch::Runner;
 use crate::batch::{PrefixGroup, TokenScores};
-use crate::device::recipe::Runner;
 use crate::device::{CpuDevice, Device, DeviceKind};
 use crate::error::{Error, Result};
 use crate::exec::placer::Placer;

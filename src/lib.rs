@@ -17,6 +17,8 @@
 //!   greedy generation), checked against Hugging Face transformers: the oracle for everything;
 //! - [`policy`]: [`Policy`], [`HardwareProfile`], FlexGen's cost model generalized, and the LP
 //!   policy search; [`calibrate`] measures a machine into a profile;
+//! - [`arch`]: one file per architecture (Llama, OPT): how its tensors form the schedule's
+//!   units, its heads and sizes, and its forward pass over the device seam;
 //! - [`device`] and [`gpu`]: the compute devices (the native CPU device, WebGPU) behind one
 //!   seam; [`exec`]: the executor, and [`ResidentModel`](exec::ResidentModel) for a model held
 //!   whole on one device;
@@ -88,6 +90,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod arch;
 mod batch;
 mod bytes;
 pub mod calibrate;

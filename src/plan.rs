@@ -168,7 +168,7 @@ fn search_policy(
         prompt_len,
         gen_len: gen_len.max(1),
     };
-    let model = CostModel::new(&files.config, hw, workload)
+    let model = CostModel::new(files.config.shape(), hw, workload)
         .with_weight_bytes(runtime_bytes_per_value(files, WeightFormat::Native)?)
         // activations and the uncompressed cache are f32 here
         .with_activation_bytes(4.0)
@@ -235,7 +235,7 @@ fn cache_row_bytes(config: &ModelConfig) -> CacheRowBytes {
             compress_cache,
             f16_cache,
         };
-        CacheFormat::of(config, options).row_bytes() as f64
+        CacheFormat::new(config.head_layout(), options).row_bytes() as f64
     };
     CacheRowBytes {
         f32: row(false, false),

@@ -49,7 +49,7 @@ fn within(predicted: f64, measured: f64, factor: f64) -> bool {
 
 #[test]
 fn opt_30b_published_policy_and_search() {
-    let model = CostModel::new(&builtin_config("opt-30b").unwrap(), t4(), PAPER);
+    let model = CostModel::new(builtin_config("opt-30b").unwrap().shape(), t4(), PAPER);
     // 48 x 3, weights 20/80/0, cache and activations on CPU, CPU attention: 7.32 tokens/s.
     let published = flexgen_policy(48, 3, [20.0, 80.0, 0.0, 100.0, 0.0, 100.0], true);
     let predicted = model.predict(&published).throughput_tok_s;
@@ -68,7 +68,7 @@ fn opt_175b_published_policy_and_search() {
     // As the paper's table states it: 32 x 8, weights 0/50/50, cache and activations on CPU,
     // CPU attention: 0.69 tokens/s.
     let stated = flexgen_policy(32, 8, [0.0, 50.0, 0.0, 100.0, 0.0, 100.0], true);
-    let model = CostModel::new(&config, t4(), PAPER);
+    let model = CostModel::new(config.shape(), t4(), PAPER);
     let prediction = model.predict(&stated);
     assert!(
         within(prediction.throughput_tok_s, 0.69, 1.5),
@@ -81,7 +81,7 @@ fn opt_175b_published_policy_and_search() {
     assert!(prediction.cpu_peak_bytes > t4().cpu_memory.0 as f64);
     let roomy = t4().with_capacities(15 << 30, 1 << 40, 1500 << 30);
     let found = search(
-        &CostModel::new(&config, roomy, PAPER),
+        &CostModel::new(config.shape(), roomy, PAPER),
         &SearchOptions::default(),
     )
     .unwrap();
@@ -100,7 +100,7 @@ fn opt_175b_published_policy_and_search() {
 /// unlimited choice already meets changes nothing.
 #[test]
 fn block_size_limit_bounds_the_search() {
-    let model = CostModel::new(&builtin_config("opt-30b").unwrap(), t4(), PAPER);
+    let model = CostModel::new(builtin_config("opt-30b").unwrap().shape(), t4(), PAPER);
     let free = search(&model, &SearchOptions::default()).unwrap().policy;
     let block = free.block_size();
     assert!(block > 8, "{free:?}");
@@ -122,7 +122,7 @@ fn block_size_limit_bounds_the_search() {
 #[test]
 fn infeasible_budgets_name_the_short_tier() {
     let tiny = t4().with_capacities(1 << 30, 1 << 30, 1 << 30);
-    let model = CostModel::new(&builtin_config("opt-175b").unwrap(), tiny, PAPER);
+    let model = CostModel::new(builtin_config("opt-175b").unwrap().shape(), tiny, PAPER);
     match search(&model, &SearchOptions::default()) {
         Err(e @ Error::Infeasible { .. }) => {
             let Error::Infeasible {
@@ -187,10 +187,10 @@ proptest! {
         let mut options = small_grid();
         options.compress_weight = compress;
         let hw = scaled(&factors);
-        let base = search(&CostModel::new(&config, hw.clone(), workload), &options);
+        let base = search(&CostModel::new(config.shape(), hw.clone(), workload), &options);
         let mut more = factors;
         more[which] *= 2.0;
-        let better = search(&CostModel::new(&config, scaled(&more), workload), &options);
+        let better = search(&CostModel::new(config.shape(), scaled(&more), workload), &options);
         match base {
             Err(Error::Infeasible { .. }) => {}
             Err(e) => prop_assert!(false, "{e}"),
@@ -239,7 +239,7 @@ fn saved_policies_load_and_fit_the_t4() {
             continue;
         };
         let policy = Policy::from_toml_file(&path).unwrap();
-        let cost = CostModel::new(&builtin_config(model).unwrap(), t4(), PAPER);
+        let cost = CostModel::new(builtin_config(model).unwrap().shape(), t4(), PAPER);
         let p = cost.predict(&policy);
         let hw = t4();
         assert!(
@@ -278,7 +278,7 @@ fn host_device_linear_cost_follows_the_kernel_the_device_runs() {
         let hw = hw.for_host_device(bytes_per_value);
         let config = builtin_config("opt-1.3b").unwrap();
         let model = CostModel::new(
-            &config,
+            config.shape(),
             hw,
             Workload {
                 prompt_len: 64,
@@ -364,12 +364,12 @@ fn disk_weight_reads_cost_the_burst_rate_of_a_unit() {
         };
         let b = Batching::of(&policy);
         let terms = |hw: &HardwareProfile| {
-            CostModel::new(&config, hw.clone(), workload)
+            CostModel::new(config.shape(), hw.clone(), workload)
                 .with_weight_bytes(2.0)
                 .terms(&b)
         };
         let (without, with) = (terms(&plain), terms(&bursts));
-        let unit = CostModel::new(&config, plain.clone(), workload)
+        let unit = CostModel::new(config.shape(), plain.clone(), workload)
             .shape
             .layer_values
             * 2.0
@@ -395,7 +395,7 @@ fn cache_bytes_follow_the_cache_format() {
     use ferrogen::policy::cost::{x, Batching};
     let config = builtin_config("opt-1.3b").unwrap();
     let model = CostModel::new(
-        &config,
+        config.shape(),
         t4(),
         Workload {
             prompt_len: 64,
@@ -439,7 +439,7 @@ fn working_cache_copies_follow_the_schedule() {
     let (s, n) = (64usize, 8usize);
     let model = |gen_len| {
         CostModel::new(
-            &config,
+            config.shape(),
             t4(),
             Workload {
                 prompt_len: s,
@@ -510,7 +510,7 @@ fn disk_cache_terms_follow_the_executors_requests() {
     let hw = t4();
     let rows = |s: usize, n: usize| {
         let model = CostModel::new(
-            &config,
+            config.shape(),
             hw.clone(),
             Workload {
                 prompt_len: s,

@@ -82,7 +82,7 @@ fn run(cli: Args) -> Result<()> {
         prompt_len: cli.prompt_len,
         gen_len: cli.gen_len,
     };
-    let model = CostModel::new(&config, hardware, workload);
+    let model = CostModel::new(config.shape(), hardware, workload);
     let started = Instant::now();
     let (policy, prediction, lps) = match cli.evaluate {
         Some(path) => {

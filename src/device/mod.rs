@@ -2,8 +2,8 @@
 //!
 //! A [`Device`] holds tensors, linear weights in their run-time layout, and KV caches, and runs
 //! the handful of operations a transformer layer is made of. The model recipe
-//! ([`recipe::Runner`]: embedding input, attention against a KV cache, MLP, head and logits,
-//! Llama and OPT) is written once over this trait, and the executor (`crate::exec`) drives
+//! (`crate::arch::Runner`: embedding input, attention against a KV cache, MLP, head and
+//! logits, per architecture) is written once over this trait, and the executor (`crate::exec`) drives
 //! the units of the zig-zag schedule through it, on any device:
 //!
 //! - [`CpuDevice`]: native, on all cores, weights multiplied in their packed formats;
@@ -13,7 +13,6 @@
 //! say "in place" write through every clone (as a GPU buffer would).
 
 pub mod cpu;
-pub mod recipe;
 
 use std::ops::Range;
 
@@ -21,7 +20,22 @@ pub use cpu::CpuDevice;
 
 use crate::error::{Error, Result};
 use crate::layout::{HeadLayout, Q4Layout, RowFormat, RunOptions};
-use crate::model::ModelConfig;
+
+/// RoPE tables `[rows, head_dim / 2]` for the given positions, in f64 then rounded (exactly as
+/// the CPU reference): `theta_i = p * base^(-2i/d)`.
+pub fn rope_tables(positions: &[u32], head_dim: usize, base: f64) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(positions.len() * half);
+    let mut sin = Vec::with_capacity(positions.len() * half);
+    for &p in positions {
+        for i in 0..half {
+            let angle = p as f64 / base.powf(2.0 * i as f64 / head_dim as f64);
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
 
 /// Which device computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -69,19 +83,16 @@ pub enum CacheFormat {
 }
 
 impl CacheFormat {
-    /// How `config`'s cache rows are stored under `options` (4-bit groups, f16 or f32).
-    pub fn of(config: &ModelConfig, options: RunOptions) -> Self {
-        let layout = HeadLayout::of(config);
+    /// How the cache rows of a model with attention heads `heads` are stored under `options`
+    /// (4-bit groups, f16 or f32).
+    pub fn new(heads: HeadLayout, options: RunOptions) -> Self {
+        let width = heads.kv_heads * heads.head_dim;
         if options.compress_cache {
-            Self::Q4(Q4Layout::new(layout.kv_heads, layout.head_dim))
+            Self::Q4(Q4Layout::new(heads.kv_heads, heads.head_dim))
         } else if options.f16_cache {
-            Self::F16 {
-                width: config.kv_width(),
-            }
+            Self::F16 { width }
         } else {
-            Self::F32 {
-                width: config.kv_width(),
-            }
+            Self::F32 { width }
         }
     }
 
@@ -122,7 +133,7 @@ pub struct HostRows {
     pub positions: Vec<u32>,
     /// Per row: its sequence's first cache row and the keys it sees.
     pub infos: Vec<RowInfo>,
-    /// RoPE tables `[rows, head_dim / 2]` (Llama), from [`recipe::rope_tables`].
+    /// RoPE tables `[rows, head_dim / 2]` (Llama), from [`rope_tables`].
     pub rope: Option<(Vec<f32>, Vec<f32>)>,
 }
 

@@ -4,7 +4,7 @@
 //! "activations" are the embedding rows, gathered on the CPU.
 
 use super::state::{lock, Activation, BlockState};
-use crate::device::recipe::CacheSlot;
+use crate::arch::CacheSlot;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::schedule::Cell;

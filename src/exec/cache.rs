@@ -6,8 +6,8 @@
 use std::ops::Range;
 
 use super::state::{lock, BlockState, CacheCell};
+use crate::arch::RowBatch;
 use crate::device::cpu::attention::{attend as cpu_attend, KvView};
-use crate::device::recipe::RowBatch;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::layout::CACHE_MERGE_GAP_BYTES as MERGE_GAP_BYTES;

@@ -17,8 +17,8 @@ use super::state::{lock, Activation, Batch, BlockState, CacheCell, Executor, Gen
 pub use super::state::{SeqResult, Task};
 use super::trace::Track;
 use super::weights::WeightSlot;
+use crate::arch::{Linear, UnitWeights};
 use crate::batch::PrefixGroup;
-use crate::device::recipe::{Linear, UnitWeights};
 use crate::device::{Device, LogitState};
 use crate::error::{Error, Result};
 use crate::layout::workspace_bytes;

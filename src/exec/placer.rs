@@ -16,15 +16,11 @@ use super::weights::{
     disk_extent, disk_segment_starts, LookupTable, Piece, PieceHome, PlacedLinear, PlacedModel,
     PlacedUnit,
 };
-use crate::device::recipe::{
-    AttnWeights, HeadWeights, InputWeights, Linear, MlpWeights, OptNorm, UnitWeights,
-};
+use crate::arch::{Linear, PartSpec, PartWeights, UnitWeights};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::layout::{convert_rows, output_format, RowFormat, WeightFormat};
-use crate::model::llama::{LlamaLayerSpec, LlamaSpec};
-use crate::model::opt::{self, OptLayerSpec, OptSpec};
-use crate::model::{DType, ModelConfig, ModelFiles, TensorSpec, WeightSource};
+use crate::model::{DType, ModelFiles, TensorSpec, WeightSource};
 use crate::schedule::UnitKind;
 use crate::storage::offload::{align_up, private_file_name, AlignedBuf, OffloadFile};
 use crate::storage::{MemoryLedger, Reservation, Tier, WeightPlacer};
@@ -120,13 +116,6 @@ impl<D: Device> Placer<'_, D> {
         self.dev.upload(&spec.load_f32(self.source())?, rows, width)
     }
 
-    fn norm(&self, n: &opt::LayerNorm, held: &mut Vec<Reservation>) -> Result<OptNorm<D>> {
-        Ok(OptNorm {
-            weight: self.small(&n.weight, held)?,
-            bias: self.small(&n.bias, held)?,
-        })
-    }
-
     /// A linear layer with no rows yet (they are added per piece), its bias resident.
     fn empty_linear(
         &self,
@@ -141,213 +130,76 @@ impl<D: Device> Placer<'_, D> {
         })
     }
 
-    fn llama_attn(
+    /// A part's small tensors uploaded and its linears empty (their rows come per piece);
+    /// each linear weight present joins `unit`, every row in the run-time format.
+    fn part(
         &self,
-        s: &LlamaLayerSpec,
+        spec: &PartSpec,
+        unit: &mut UnitSpec,
         held: &mut Vec<Reservation>,
-    ) -> Result<AttnWeights<D>> {
-        Ok(AttnWeights::Llama {
-            norm: self.small(&s.input_layernorm, held)?,
-            q: self.empty_linear(&s.q_proj, None, held)?,
-            k: self.empty_linear(&s.k_proj, None, held)?,
-            v: self.empty_linear(&s.v_proj, None, held)?,
-            o: self.empty_linear(&s.o_proj, None, held)?,
-        })
-    }
-
-    fn llama_mlp(&self, s: &LlamaLayerSpec, held: &mut Vec<Reservation>) -> Result<MlpWeights<D>> {
-        Ok(MlpWeights::Llama {
-            norm: self.small(&s.post_attention_layernorm, held)?,
-            gate: self.empty_linear(&s.gate_proj, None, held)?,
-            up: self.empty_linear(&s.up_proj, None, held)?,
-            down: self.empty_linear(&s.down_proj, None, held)?,
-        })
-    }
-
-    /// An OPT linear: its spec joins `lin`, an empty layer is returned.
-    fn opt_linear(
-        &self,
-        l: &opt::Linear,
-        lin: &mut Vec<(TensorSpec, Option<TensorSpec>)>,
-        held: &mut Vec<Reservation>,
-    ) -> Result<Linear<D>> {
-        lin.push((l.weight.clone(), l.bias.clone()));
-        self.empty_linear(&l.weight, l.bias.as_ref(), held)
-    }
-
-    fn opt_attn(
-        &self,
-        s: &OptLayerSpec,
-        lin: &mut Vec<(TensorSpec, Option<TensorSpec>)>,
-        held: &mut Vec<Reservation>,
-    ) -> Result<AttnWeights<D>> {
-        Ok(AttnWeights::Opt {
-            ln: self.norm(&s.self_attn_layer_norm, held)?,
-            q: self.opt_linear(&s.q_proj, lin, held)?,
-            k: self.opt_linear(&s.k_proj, lin, held)?,
-            v: self.opt_linear(&s.v_proj, lin, held)?,
-            out: self.opt_linear(&s.out_proj, lin, held)?,
-        })
-    }
-
-    fn opt_mlp(
-        &self,
-        s: &OptLayerSpec,
-        lin: &mut Vec<(TensorSpec, Option<TensorSpec>)>,
-        held: &mut Vec<Reservation>,
-    ) -> Result<MlpWeights<D>> {
-        Ok(MlpWeights::Opt {
-            ln: self.norm(&s.final_layer_norm, held)?,
-            fc1: self.opt_linear(&s.fc1, lin, held)?,
-            fc2: self.opt_linear(&s.fc2, lin, held)?,
-        })
+    ) -> Result<PartWeights<D>> {
+        let vectors = spec
+            .vectors
+            .iter()
+            .map(|v| v.as_ref().map(|t| self.small(t, held)).transpose())
+            .collect::<Result<_>>()?;
+        let linears = spec
+            .linears
+            .iter()
+            .map(|l| {
+                l.as_ref()
+                    .map(|(w, b)| {
+                        let rows = 0..w.shape[0];
+                        unit.linears.push((w.clone(), b.clone(), self.format, rows));
+                        self.empty_linear(w, b.as_ref(), held)
+                    })
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        Ok(PartWeights { vectors, linears })
     }
 
     /// The units in schedule order: their linear weights and resident templates, and the
-    /// embedding table.
+    /// embedding table, as the model's architecture lists them ([`crate::arch::parts`]).
     fn units(
         &self,
         held: &mut Vec<Reservation>,
     ) -> Result<(Vec<UnitSpec>, Vec<UnitWeights<D>>, TensorSpec)> {
-        let f = self.format;
-        let mut specs = Vec::new();
-        let mut templates = Vec::new();
-        let kinds = UnitKind::sequence(
-            self.files.config.num_layers(),
-            self.sep_layer,
-            self.logit_panels,
-        );
-        let panels = logit_panels(self.files.config.vocab_size(), self.logit_panels);
-        // the output projection's panel `p`: its rows, in the output format
-        let panel = |output: &TensorSpec, p: usize, held: &mut Vec<Reservation>| {
-            let cols = panels[p].clone();
-            let unit = UnitSpec {
-                linears: vec![(output.clone(), None, output_format(f), cols.clone())],
+        let parts = crate::arch::parts(self.files);
+        let config = &self.files.config;
+        let kinds = UnitKind::sequence(config.num_layers(), self.sep_layer, self.logit_panels);
+        let panels = logit_panels(config.vocab_size(), self.logit_panels);
+        let (mut specs, mut templates) = (Vec::new(), Vec::new());
+        for kind in kinds {
+            let mut unit = UnitSpec {
+                linears: Vec::new(),
             };
-            Ok::<_, Error>((
-                unit,
-                UnitWeights::Logits(self.empty_linear(output, None, held)?, cols),
-            ))
-        };
-        // every row of a linear weight, in the run-time format
-        let whole = |lin: Vec<(TensorSpec, Option<TensorSpec>)>| UnitSpec {
-            linears: lin
-                .into_iter()
-                .map(|(w, b)| {
-                    let rows = 0..w.shape[0];
-                    (w, b, f, rows)
-                })
-                .collect(),
-        };
-        let table = match &self.files.config {
-            ModelConfig::Llama(c) => {
-                let spec = LlamaSpec::new(c);
-                let output = spec
-                    .lm_head
-                    .clone()
-                    .unwrap_or_else(|| spec.embed_tokens.clone());
-                for kind in kinds {
-                    let (unit, tpl) = match kind {
-                        UnitKind::Embed => {
-                            (whole(Vec::new()), UnitWeights::Embed(InputWeights::Llama))
-                        }
-                        UnitKind::Head => (
-                            whole(Vec::new()),
-                            UnitWeights::Head(HeadWeights::Llama {
-                                norm: self.small(&spec.norm, held)?,
-                            }),
-                        ),
-                        UnitKind::Logits(p) => panel(&output, p, held)?,
-                        UnitKind::Attention(l) | UnitKind::Mlp(l) | UnitKind::Layer(l) => {
-                            let s = &spec.layers[l];
-                            let attn = [&s.q_proj, &s.k_proj, &s.v_proj, &s.o_proj];
-                            let mlp = [&s.gate_proj, &s.up_proj, &s.down_proj];
-                            let (names, tpl): (Vec<&TensorSpec>, UnitWeights<D>) = match kind {
-                                UnitKind::Attention(_) => (
-                                    attn.to_vec(),
-                                    UnitWeights::Attention(self.llama_attn(s, held)?),
-                                ),
-                                UnitKind::Mlp(_) => {
-                                    (mlp.to_vec(), UnitWeights::Mlp(self.llama_mlp(s, held)?))
-                                }
-                                _ => (
-                                    attn.iter().chain(mlp.iter()).copied().collect(),
-                                    UnitWeights::Layer(
-                                        self.llama_attn(s, held)?,
-                                        self.llama_mlp(s, held)?,
-                                    ),
-                                ),
-                            };
-                            let lin = names.into_iter().map(|t| (t.clone(), None)).collect();
-                            (whole(lin), tpl)
-                        }
-                    };
-                    specs.push(unit);
-                    templates.push(tpl);
+            let template = match kind {
+                UnitKind::Embed => UnitWeights::Embed(self.part(&parts.input, &mut unit, held)?),
+                UnitKind::Attention(l) => {
+                    UnitWeights::Attention(self.part(&parts.layers[l][0], &mut unit, held)?)
                 }
-                spec.embed_tokens
-            }
-            ModelConfig::Opt(c) => {
-                let spec = OptSpec::new(c, self.files.opt_prefix());
-                for kind in kinds {
-                    let mut lin: Vec<(TensorSpec, Option<TensorSpec>)> = Vec::new();
-                    let tpl = match kind {
-                        UnitKind::Embed => UnitWeights::Embed(InputWeights::Opt {
-                            positions: self.small(&spec.embed_positions, held)?,
-                            project_in: spec
-                                .project_in
-                                .as_ref()
-                                .map(|w| {
-                                    lin.push((w.clone(), None));
-                                    self.empty_linear(w, None, held)
-                                })
-                                .transpose()?,
-                        }),
-                        UnitKind::Head => {
-                            let final_norm = spec
-                                .final_layer_norm
-                                .as_ref()
-                                .map(|n| self.norm(n, held))
-                                .transpose()?;
-                            let project_out = spec
-                                .project_out
-                                .as_ref()
-                                .map(|w| {
-                                    lin.push((w.clone(), None));
-                                    self.empty_linear(w, None, held)
-                                })
-                                .transpose()?;
-                            UnitWeights::Head(HeadWeights::Opt {
-                                final_norm,
-                                project_out,
-                            })
-                        }
-                        UnitKind::Logits(p) => {
-                            let (unit, tpl) = panel(&spec.embed_tokens, p, held)?;
-                            specs.push(unit);
-                            templates.push(tpl);
-                            continue;
-                        }
-                        UnitKind::Attention(l) => UnitWeights::Attention(self.opt_attn(
-                            &spec.layers[l],
-                            &mut lin,
-                            held,
-                        )?),
-                        UnitKind::Mlp(l) => {
-                            UnitWeights::Mlp(self.opt_mlp(&spec.layers[l], &mut lin, held)?)
-                        }
-                        UnitKind::Layer(l) => {
-                            let a = self.opt_attn(&spec.layers[l], &mut lin, held)?;
-                            UnitWeights::Layer(a, self.opt_mlp(&spec.layers[l], &mut lin, held)?)
-                        }
-                    };
-                    specs.push(whole(lin));
-                    templates.push(tpl);
+                UnitKind::Mlp(l) => {
+                    UnitWeights::Mlp(self.part(&parts.layers[l][1], &mut unit, held)?)
                 }
-                spec.embed_tokens
-            }
-        };
-        Ok((specs, templates, table))
+                UnitKind::Layer(l) => UnitWeights::Layer(
+                    self.part(&parts.layers[l][0], &mut unit, held)?,
+                    self.part(&parts.layers[l][1], &mut unit, held)?,
+                ),
+                UnitKind::Head => UnitWeights::Head(self.part(&parts.head, &mut unit, held)?),
+                UnitKind::Logits(p) => {
+                    // the output projection's panel `p`: its rows, in the output format
+                    let (output, cols) = (&parts.output, panels[p].clone());
+                    let format = output_format(self.format);
+                    unit.linears
+                        .push((output.clone(), None, format, cols.clone()));
+                    UnitWeights::Logits(self.empty_linear(output, None, held)?, cols)
+                }
+            };
+            specs.push(unit);
+            templates.push(template);
+        }
+        Ok((specs, templates, parts.embedding))
     }
 
     /// Places every weight: uploads GPU rows, keeps CPU rows, writes (or reuses) the offload

@@ -4,8 +4,8 @@
 
 use super::placer::Placer;
 use super::weights::LookupTable;
+use crate::arch::{CacheSlot, Linear, Runner, UnitWeights};
 use crate::batch::TokenScores;
-use crate::device::recipe::{CacheSlot, Linear, Runner, UnitWeights};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, WgpuDevice};

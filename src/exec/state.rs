@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::trace::Trace;
 use super::weights::{PlacedModel, WeightSlot};
+use crate::arch::{RowBatch, Runner};
 use crate::batch::PrefixGroup;
-use crate::device::recipe::{RowBatch, Runner};
 use crate::device::{Device, LogitState};
 use crate::policy::Policy;
 use crate::sampling::{Decoding, FinishReason};

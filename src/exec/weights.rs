@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::io_workers::{ReadJob, Readers};
-use crate::device::recipe::UnitWeights;
+use crate::arch::UnitWeights;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::layout::RowFormat;

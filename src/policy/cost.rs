@@ -1,4 +1,4 @@
-//! FlexGen's cost model, generalized to every [`ModelConfig`], to fp16 or 4-bit weights and
+//! FlexGen's cost model, generalized to every architecture (a [`ModelShape`]), to fp16 or 4-bit weights and
 //! cache, to activations split across tiers, and to CPU attention delegation.
 //!
 //! Every time term and memory peak is a [`Linear`] form over the nine placement fractions
@@ -22,7 +22,6 @@ use super::hardware::{HardwareProfile, GIB};
 use super::policy::{Policy, QuantConfig};
 pub use super::shape::ModelShape;
 use crate::layout::CACHE_MERGE_GAP_BYTES;
-use crate::model::ModelConfig;
 
 /// Prompt and generation lengths of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -299,10 +298,11 @@ pub struct HeadBytes {
 const FP16: f64 = 2.0;
 
 impl CostModel {
-    /// A cost model for `config` on `hardware` running `workload`.
-    pub fn new(config: &ModelConfig, hardware: HardwareProfile, workload: Workload) -> Self {
+    /// A cost model for a model of `shape` (`ModelConfig::shape`) on `hardware` running
+    /// `workload`.
+    pub fn new(shape: ModelShape, hardware: HardwareProfile, workload: Workload) -> Self {
         Self {
-            shape: ModelShape::of(config),
+            shape,
             hardware,
             workload,
             weight_bytes: None,

@@ -8,7 +8,7 @@ use crate::gpu::{grid, GpuContext, GpuTensor, Pipeline};
 pub const SOURCE: &str = include_str!("../../../shaders/rope.wgsl");
 
 /// RoPE applied in place to every head of `x [rows, heads * head_dim]`, with host tables
-/// from [`crate::device::recipe::rope_tables`].
+/// from [`crate::device::rope_tables`].
 pub struct Rope {
     pipeline: Pipeline,
 }

@@ -277,7 +277,7 @@ proptest! {
         // positions up to ~20,000: past any context the tests run
         let positions: Vec<usize> = (0..rows).map(|r| r * 521 + (seed % 9000) as usize).collect();
         let x = random(rows * heads * d, seed);
-        let (cos, sin) = crate::device::recipe::rope_tables(&positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), d, base);
+        let (cos, sin) = crate::device::rope_tables(&positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), d, base);
         let xt = up(ctx, &x, &[rows, heads * d]);
         Rope::new(ctx).run(ctx, &xt, &up(ctx, &cos, &[rows, half]), &up(ctx, &sin, &[rows, half]), d).unwrap();
         let mut want = Array2::from_shape_vec((rows, heads * d), x).unwrap();

@@ -1,7 +1,6 @@
-//! The Llama and OPT forward pass, written once over [`Device`]: one method per unit of the
-//! schedule (input, attention, MLP, head, logits), with the unit's weights passed in, so the
-//! same code runs resident models ([`crate::exec::ResidentModel`]) and streamed ones
-//! (`crate::exec`) on every device.
+//! What every architecture's forward pass shares: a unit's weights as the placer fills them
+//! ([`PartSpec`] -> [`PartWeights`]), linear layers over row parts, a batch of rows against its
+//! cache slots ([`RowBatch`]), and the [`Runner`]'s arch-free machinery (row chunks, logits).
 //!
 //! A batch of sequences is laid out as in the CPU reference: their new tokens stacked as rows.
 //! The caches of a batch hold every sequence's rows back to back (`first` row and capacity
@@ -10,12 +9,11 @@
 
 use std::ops::Range;
 
-use super::{CacheFormat, Device, HostRows, LogitState, RowInfo};
 use crate::batch::PrefixGroup;
+use crate::device::{rope_tables, CacheFormat, Device, HostRows, LogitState, RowInfo};
 use crate::error::{Error, Result};
-use crate::layout::{HeadLayout, RunOptions, CHUNK_ROWS, LOGIT_ROWS};
-use crate::model::opt::{LAYER_NORM_EPS, POSITION_OFFSET};
-use crate::model::ModelConfig;
+use crate::layout::{HeadLayout, RunOptions};
+use crate::model::{ModelConfig, TensorSpec};
 
 /// A linear layer's weight `[out, in]`, as row ranges, and its bias.
 #[derive(Clone)]
@@ -28,162 +26,77 @@ pub struct Linear<D: Device> {
     pub out: usize,
 }
 
-/// OPT's LayerNorm parameters (`[1, width]` each).
-#[derive(Clone)]
-pub struct OptNorm<D: Device> {
-    /// Scale.
-    pub weight: D::Tensor,
-    /// Shift.
-    pub bias: D::Tensor,
+/// Which tensors make up one part of the schedule's units (the input, a layer's attention or
+/// MLP half, the head), as an architecture lists them for the placer: the small tensors kept
+/// resident on the device (norm weights and biases, position tables) and the linear weights
+/// (each with its optional bias), both in the architecture's own order. `None` marks a tensor
+/// this model lacks (OPT's `project_in`), so that positions keep their meaning.
+#[derive(Debug, Clone, Default)]
+pub struct PartSpec {
+    /// Small tensors, resident.
+    pub vectors: Vec<Option<TensorSpec>>,
+    /// Linear weights and their biases, placed by rows over the tiers.
+    pub linears: Vec<Option<(TensorSpec, Option<TensorSpec>)>>,
 }
 
-/// The attention half of a layer: norm, projections.
-#[derive(Clone)]
-pub enum AttnWeights<D: Device> {
-    /// RMSNorm, then q, k, v (RoPE on q and k) and o.
-    Llama {
-        /// RMSNorm weight.
-        norm: D::Tensor,
-        /// Query projection.
-        q: Linear<D>,
-        /// Key projection.
-        k: Linear<D>,
-        /// Value projection.
-        v: Linear<D>,
-        /// Output projection.
-        o: Linear<D>,
-    },
-    /// LayerNorm (before or after the residual), q, k, v and out.
-    Opt {
-        /// The LayerNorm.
-        ln: OptNorm<D>,
-        /// Query projection.
-        q: Linear<D>,
-        /// Key projection.
-        k: Linear<D>,
-        /// Value projection.
-        v: Linear<D>,
-        /// Output projection.
-        out: Linear<D>,
-    },
+impl PartSpec {
+    /// The linear weights present, in order.
+    pub fn weights(&self) -> impl Iterator<Item = &TensorSpec> {
+        self.linears.iter().flatten().map(|(w, _)| w)
+    }
 }
 
-/// The MLP half of a layer.
+/// A [`PartSpec`]'s tensors on a device: the same order, the same gaps.
 #[derive(Clone)]
-pub enum MlpWeights<D: Device> {
-    /// RMSNorm, `down(silu(gate(x)) * up(x))`.
-    Llama {
-        /// RMSNorm weight.
-        norm: D::Tensor,
-        /// Gate projection.
-        gate: Linear<D>,
-        /// Up projection.
-        up: Linear<D>,
-        /// Down projection.
-        down: Linear<D>,
-    },
-    /// LayerNorm, `fc2(relu(fc1(x)))`.
-    Opt {
-        /// The LayerNorm.
-        ln: OptNorm<D>,
-        /// First projection.
-        fc1: Linear<D>,
-        /// Second projection.
-        fc2: Linear<D>,
-    },
+pub struct PartWeights<D: Device> {
+    /// Small tensors (`[1, n]` vectors or `[rows, width]` tables).
+    pub vectors: Vec<Option<D::Tensor>>,
+    /// Linear layers.
+    pub linears: Vec<Option<Linear<D>>>,
 }
 
-/// What turns embedded tokens into the first layer's input.
-#[derive(Clone)]
-pub enum InputWeights<D: Device> {
-    /// The embeddings themselves.
-    Llama,
-    /// Learned positions added, after an optional projection.
-    Opt {
-        /// The position table `[max positions + 2, width]`.
-        positions: D::Tensor,
-        /// `project_in` (when the embedding is narrower than the model).
-        project_in: Option<Linear<D>>,
-    },
+impl<D: Device> PartWeights<D> {
+    /// The linear layers present, in order (the placement's order).
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear<D>> {
+        self.linears.iter_mut().flatten()
+    }
 }
 
-/// What turns the last layer's output into the rows the output projection reads.
-#[derive(Clone)]
-pub enum HeadWeights<D: Device> {
-    /// The final RMSNorm.
-    Llama {
-        /// Its weight.
-        norm: D::Tensor,
-    },
-    /// The final LayerNorm and `project_out`, each when present.
-    Opt {
-        /// The final LayerNorm.
-        final_norm: Option<OptNorm<D>>,
-        /// `project_out`.
-        project_out: Option<Linear<D>>,
-    },
+/// The error for a part whose tensors are not what its architecture lists: a bug, not a user's.
+pub(super) fn malformed(what: &str) -> Error {
+    Error::invalid(
+        "model",
+        format!("{what}: the weights do not match the architecture's list"),
+    )
 }
 
 /// One unit's weights, ready to compute with.
 #[derive(Clone)]
-#[allow(clippy::large_enum_variant)] // a handful per model: the size difference costs nothing
 pub enum UnitWeights<D: Device> {
     /// The input (the embedding lookup itself happens before, on the host).
-    Embed(InputWeights<D>),
+    Embed(PartWeights<D>),
     /// A layer's attention half.
-    Attention(AttnWeights<D>),
+    Attention(PartWeights<D>),
     /// A layer's MLP half.
-    Mlp(MlpWeights<D>),
-    /// A whole layer.
-    Layer(AttnWeights<D>, MlpWeights<D>),
-    /// The head: the final norm (OPT: and `project_out`).
-    Head(HeadWeights<D>),
+    Mlp(PartWeights<D>),
+    /// A whole layer: its attention half, then its MLP half.
+    Layer(PartWeights<D>, PartWeights<D>),
+    /// The head: what turns the last layer's output into the rows the output projection reads.
+    Head(PartWeights<D>),
     /// The rows of the output projection that hold output columns `cols` (a panel of the
     /// vocabulary, or all of it).
     Logits(Linear<D>, Range<usize>),
-}
-
-impl<D: Device> AttnWeights<D> {
-    /// The linear layers, in a fixed order.
-    pub fn linears_mut(&mut self) -> Vec<&mut Linear<D>> {
-        match self {
-            AttnWeights::Llama { q, k, v, o, .. } => vec![q, k, v, o],
-            AttnWeights::Opt { q, k, v, out, .. } => vec![q, k, v, out],
-        }
-    }
-}
-
-impl<D: Device> MlpWeights<D> {
-    /// The linear layers, in a fixed order.
-    pub fn linears_mut(&mut self) -> Vec<&mut Linear<D>> {
-        match self {
-            MlpWeights::Llama { gate, up, down, .. } => vec![gate, up, down],
-            MlpWeights::Opt { fc1, fc2, .. } => vec![fc1, fc2],
-        }
-    }
 }
 
 impl<D: Device> UnitWeights<D> {
     /// The linear layers, in a fixed order (the placement's order).
     pub fn linears_mut(&mut self) -> Vec<&mut Linear<D>> {
         match self {
-            UnitWeights::Embed(InputWeights::Opt {
-                project_in: Some(p),
-                ..
-            }) => vec![p],
-            UnitWeights::Embed(_) => Vec::new(),
-            UnitWeights::Attention(a) => a.linears_mut(),
-            UnitWeights::Mlp(m) => m.linears_mut(),
-            UnitWeights::Layer(a, m) => {
-                let mut v = a.linears_mut();
-                v.extend(m.linears_mut());
-                v
-            }
-            UnitWeights::Head(HeadWeights::Opt {
-                project_out: Some(p),
-                ..
-            }) => vec![p],
-            UnitWeights::Head(_) => Vec::new(),
+            UnitWeights::Embed(p)
+            | UnitWeights::Attention(p)
+            | UnitWeights::Mlp(p)
+            | UnitWeights::Head(p) => p.linears_mut().collect(),
+            UnitWeights::Layer(a, m) => a.linears_mut().chain(m.linears_mut()).collect(),
             UnitWeights::Logits(o, _) => vec![o],
         }
     }
@@ -228,24 +141,9 @@ pub struct RowBatch<D: Device> {
     pub dev: D::Rows,
 }
 
-/// RoPE tables `[rows, head_dim / 2]` for the given positions, in f64 then rounded (exactly as
-/// the CPU reference): `theta_i = p * base^(-2i/d)`.
-pub fn rope_tables(positions: &[u32], head_dim: usize, base: f64) -> (Vec<f32>, Vec<f32>) {
-    let half = head_dim / 2;
-    let mut cos = Vec::with_capacity(positions.len() * half);
-    let mut sin = Vec::with_capacity(positions.len() * half);
-    for &p in positions {
-        for i in 0..half {
-            let angle = p as f64 / base.powf(2.0 * i as f64 / head_dim as f64);
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
-    (cos, sin)
-}
-
-/// A model's recipe on a device: the configuration, options and sizes, with one method per
-/// unit of the forward pass.
+/// A model's recipe on a device: the configuration, options and sizes. The machinery every
+/// architecture shares is here (row batches, chunking, linears, logits); the methods per unit
+/// (input, attention, MLP, head) are in `arch/mod.rs`, which hands each to its architecture.
 #[derive(Clone)]
 pub struct Runner<D: Device> {
     /// The device.
@@ -260,28 +158,22 @@ pub struct Runner<D: Device> {
     /// rows (query tiles for attention, row chunks for the MLP, input and head), so that the
     /// intermediate tensors are bounded by it whatever the record's length.
     pub chunk_rows: usize,
+    /// Attention heads of the model.
+    pub(super) heads: HeadLayout,
+    /// RoPE's base when the architecture rotates queries and keys (`None`: learned or no
+    /// positions).
+    pub(super) rope_base: Option<f64>,
 }
 
 impl<D: Device> Runner<D> {
-    /// The recipe of `config` on `dev`.
-    pub fn new(dev: D, config: &ModelConfig, options: RunOptions) -> Self {
-        Self {
-            dev,
-            options,
-            config: config.clone(),
-            logit_rows: LOGIT_ROWS,
-            chunk_rows: CHUNK_ROWS,
-        }
-    }
-
     /// Attention heads of the model.
     pub fn head_layout(&self) -> HeadLayout {
-        HeadLayout::of(&self.config)
+        self.heads
     }
 
     /// How cache rows are stored.
     pub fn cache_format(&self) -> CacheFormat {
-        CacheFormat::of(&self.config, self.options)
+        CacheFormat::new(self.heads, self.options)
     }
 
     /// An empty cache of `rows` rows for one layer.
@@ -368,8 +260,8 @@ impl<D: Device> Runner<D> {
         mut host: HostRows,
         appends: Vec<(usize, usize, usize)>,
     ) -> Result<RowBatch<D>> {
-        if let ModelConfig::Llama(c) = &self.config {
-            host.rope = Some(rope_tables(&host.positions, c.head_dim(), c.rope_theta));
+        if let Some(base) = self.rope_base {
+            host.rope = Some(rope_tables(&host.positions, self.heads.head_dim, base));
         }
         Ok(RowBatch {
             rows: host.ids.len(),
@@ -404,7 +296,7 @@ impl<D: Device> Runner<D> {
     /// by the batch. Chunks go back into `x` when `f` keeps the width, else into a new tensor.
     /// Attention stays causal: a chunk appends its keys and values to the cache before it
     /// attends, and later chunks see them there.
-    fn by_chunks(
+    pub(super) fn by_chunks(
         &self,
         x: D::Tensor,
         f: impl Fn(D::Tensor, Range<usize>) -> Result<D::Tensor>,
@@ -430,192 +322,6 @@ impl<D: Device> Runner<D> {
             self.dev.copy_rows(&y, 0..range.len(), dest, range.start)?;
         }
         out.ok_or_else(|| Error::invalid("model", "no rows"))
-    }
-
-    /// Embedded tokens `e` -> the first layer's input (OPT: `project_in`, learned positions),
-    /// in row chunks.
-    pub fn input(&self, w: &InputWeights<D>, e: D::Tensor, rb: &RowBatch<D>) -> Result<D::Tensor> {
-        if matches!(w, InputWeights::Llama) {
-            return Ok(e);
-        }
-        self.by_chunks(e, |ec, range| {
-            self.input_rows(w, ec, &rb.host.positions[range])
-        })
-    }
-
-    /// [`Runner::input`] on rows at `row_positions`, unchunked.
-    fn input_rows(
-        &self,
-        w: &InputWeights<D>,
-        e: D::Tensor,
-        row_positions: &[u32],
-    ) -> Result<D::Tensor> {
-        let InputWeights::Opt {
-            positions,
-            project_in,
-        } = w
-        else {
-            return Ok(e);
-        };
-        let x = match project_in {
-            Some(p) => self.linear(&e, p)?,
-            None => e,
-        };
-        // learned positions: rows pos + 2 of the position table, added
-        let shifted: Vec<u32> = row_positions
-            .iter()
-            .map(|&q| q + POSITION_OFFSET as u32)
-            .collect();
-        let p = self.dev.gather(positions, &shifted)?;
-        self.dev.add(&x, &p)?;
-        Ok(x)
-    }
-
-    fn opt_norm(&self, n: &OptNorm<D>, x: &D::Tensor) -> Result<D::Tensor> {
-        self.dev.layer_norm(x, &n.weight, &n.bias, LAYER_NORM_EPS)
-    }
-
-    fn rms_norm(&self, weight: &D::Tensor, x: &D::Tensor) -> Result<D::Tensor> {
-        let ModelConfig::Llama(c) = &self.config else {
-            return Err(Error::invalid("model", "RMSNorm outside a Llama model"));
-        };
-        self.dev.rms_norm(x, weight, c.rms_norm_eps as f32)
-    }
-
-    fn opt_pre_norm(&self) -> bool {
-        matches!(&self.config, ModelConfig::Opt(c) if c.do_layer_norm_before)
-    }
-
-    /// `x + attention(x)` (OPT post-LN: the norm after the residual), appending the rows' keys
-    /// and values to `cache`, in row chunks (query tiles) taken in order.
-    pub fn attention(
-        &self,
-        w: &AttnWeights<D>,
-        x: D::Tensor,
-        cache: &D::Cache,
-        rb: &RowBatch<D>,
-    ) -> Result<D::Tensor> {
-        self.by_chunks(x, |xc, range| {
-            let sub;
-            let rows = if range.len() == rb.rows {
-                rb
-            } else {
-                sub = self.chunk(rb, range)?;
-                &sub
-            };
-            self.attention_with(w, xc, rows, |q, k, v| {
-                self.dev
-                    .attend(cache, &rows.dev, &rows.appends, q, k, v, self.head_layout())
-            })
-        })
-    }
-
-    /// [`Runner::attention`] on all rows at once, with the attention itself done by
-    /// `attend(q, k, v)`, which returns `[rows, heads * head_dim]` (before the output
-    /// projection). The executor's split attention uses it for decode steps.
-    pub fn attention_with(
-        &self,
-        w: &AttnWeights<D>,
-        x: D::Tensor,
-        rb: &RowBatch<D>,
-        attend: impl FnOnce(&D::Tensor, &D::Tensor, &D::Tensor) -> Result<D::Tensor>,
-    ) -> Result<D::Tensor> {
-        let (h, [q, kw, v, out], pre) = match w {
-            AttnWeights::Llama { norm, q, k, v, o } => {
-                (self.rms_norm(norm, &x)?, [q, k, v, o], true)
-            }
-            AttnWeights::Opt { ln, q, k, v, out } => {
-                let pre = self.opt_pre_norm();
-                let h = if pre {
-                    self.opt_norm(ln, &x)?
-                } else {
-                    x.clone()
-                };
-                (h, [q, k, v, out], pre)
-            }
-        };
-        let (qt, kt, vt) = (
-            self.linear(&h, q)?,
-            self.linear(&h, kw)?,
-            self.linear(&h, v)?,
-        );
-        if matches!(self.config, ModelConfig::Llama(_)) {
-            let hd = self.head_layout().head_dim;
-            self.dev.rope(&qt, &rb.dev, hd)?;
-            self.dev.rope(&kt, &rb.dev, hd)?;
-        }
-        let a = attend(&qt, &kt, &vt)?;
-        let o = self.linear(&a, out)?;
-        self.dev.add(&x, &o)?;
-        match w {
-            AttnWeights::Opt { ln, .. } if !pre => self.opt_norm(ln, &x),
-            _ => Ok(x),
-        }
-    }
-
-    /// `x + mlp(x)` (OPT post-LN: the norm after the residual), in row chunks.
-    pub fn mlp(&self, w: &MlpWeights<D>, x: D::Tensor) -> Result<D::Tensor> {
-        self.by_chunks(x, |xc, _| self.mlp_rows(w, xc))
-    }
-
-    fn mlp_rows(&self, w: &MlpWeights<D>, x: D::Tensor) -> Result<D::Tensor> {
-        let dev = &self.dev;
-        match w {
-            MlpWeights::Llama {
-                norm,
-                gate,
-                up,
-                down,
-            } => {
-                let h = self.rms_norm(norm, &x)?;
-                let (g, u) = (self.linear(&h, gate)?, self.linear(&h, up)?);
-                dev.silu_mul(&g, &u)?;
-                let d = self.linear(&g, down)?;
-                dev.add(&x, &d)?;
-                Ok(x)
-            }
-            MlpWeights::Opt { ln, fc1, fc2 } => {
-                let pre = self.opt_pre_norm();
-                let h = if pre {
-                    self.opt_norm(ln, &x)?
-                } else {
-                    x.clone()
-                };
-                let f = self.linear(&h, fc1)?;
-                dev.relu(&f)?;
-                let d = self.linear(&f, fc2)?;
-                dev.add(&x, &d)?;
-                if pre {
-                    Ok(x)
-                } else {
-                    self.opt_norm(ln, &x)
-                }
-            }
-        }
-    }
-
-    /// The last layer's output -> the rows the output projection reads, in row chunks.
-    pub fn head(&self, w: &HeadWeights<D>, x: D::Tensor) -> Result<D::Tensor> {
-        self.by_chunks(x, |xc, _| self.head_rows(w, xc))
-    }
-
-    fn head_rows(&self, w: &HeadWeights<D>, x: D::Tensor) -> Result<D::Tensor> {
-        match w {
-            HeadWeights::Llama { norm } => self.rms_norm(norm, &x),
-            HeadWeights::Opt {
-                final_norm,
-                project_out,
-            } => {
-                let x = match final_norm {
-                    Some(n) => self.opt_norm(n, &x)?,
-                    None => x,
-                };
-                match project_out {
-                    Some(p) => self.linear(&x, p),
-                    None => Ok(x),
-                }
-            }
-        }
     }
 
     /// `x W^T + b`.
@@ -741,4 +447,20 @@ impl<D: Device> Runner<D> {
         self.fold_logits(output, vocab, hidden, row_ids, None, &mut states)?;
         Ok(states.iter().map(LogitState::greedy).collect())
     }
+}
+
+/// A model's tensors grouped as the schedule's units use them: what the placer places, the
+/// planner sizes and the runner computes with, listed by the model's architecture.
+#[derive(Debug, Clone)]
+pub struct ModelParts {
+    /// What turns embedded tokens into the first layer's input.
+    pub input: PartSpec,
+    /// Per decoder layer: its attention half, then its MLP half.
+    pub layers: Vec<[PartSpec; 2]>,
+    /// What turns the last layer's output into the rows the output projection reads.
+    pub head: PartSpec,
+    /// The output projection `[vocab, width]` (streamed in vocabulary panels).
+    pub output: TensorSpec,
+    /// The embedding table `[vocab, width]` (looked up on the host).
+    pub embedding: TensorSpec,
 }
