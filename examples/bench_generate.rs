@@ -21,10 +21,10 @@ use std::time::Instant;
 
 use clap::Parser;
 use common::{exit_status, positive, DeviceArgs};
+use ferrogen::arch::ModelFiles;
 use ferrogen::engine::Engine;
 use ferrogen::exec::trace::Track;
 use ferrogen::format_size;
-use ferrogen::model::ModelFiles;
 use ferrogen::{Error, Result};
 
 /// The process's peak resident set (VmHWM), in bytes.

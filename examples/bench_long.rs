@@ -18,12 +18,12 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use common::{positive, size};
+use ferrogen::arch::ModelFiles;
 use ferrogen::device::{CpuDevice, DeviceKind};
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
 use ferrogen::exec::GpuModel;
 use ferrogen::exec::ResidentModel;
 use ferrogen::gpu::GpuContext;
-use ferrogen::model::ModelFiles;
 use ferrogen::reference::ReferenceModel;
 use ferrogen::{Error, Result};
 

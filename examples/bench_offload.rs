@@ -25,13 +25,13 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use common::{device, median, positive, size};
+use ferrogen::arch::builtin::builtin_config;
+use ferrogen::arch::random::RandomWeights;
+use ferrogen::arch::ModelFiles;
 use ferrogen::device::DeviceKind;
 use ferrogen::engine::{default_profile, Engine, EngineOptions, Placement};
 use ferrogen::exec::{Trace, Track};
 use ferrogen::format_size;
-use ferrogen::model::builtin::builtin_config;
-use ferrogen::model::random::RandomWeights;
-use ferrogen::model::ModelFiles;
 use ferrogen::policy::{CostModel, HardwareProfile, Policy, Workload};
 use ferrogen::{Error, Result};
 

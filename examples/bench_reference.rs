@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use common::{median, positive};
-use ferrogen::model::ModelFiles;
+use ferrogen::arch::ModelFiles;
 use ferrogen::reference::ReferenceModel;
 use ferrogen::{Error, Result};
 use ndarray::Array2;

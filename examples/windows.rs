@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use common::{exit_status, positive};
-use ferrogen::model::ModelFiles;
+use ferrogen::arch::ModelFiles;
 use ferrogen::{Error, Result};
 
 /// Cuts a text into token windows for `score`, as `llama-perplexity` cuts its input.

@@ -2,7 +2,6 @@
 //! tokens stacked into one matrix, sequence after sequence.
 
 use crate::error::{Error, Result};
-use crate::model::ModelConfig;
 
 /// One scored sequence of `n` tokens: for each token `t_i` after the first, `ln p(t_i | t_<i)`
 /// and whether `t_i` is the model's greedy choice there (the first largest logit, as an argmax
@@ -25,20 +24,6 @@ impl TokenScores {
     /// The logprobs of each of `scores`, for the calls that return only those.
     pub(crate) fn logprobs_of(scores: Vec<TokenScores>) -> Vec<Vec<f32>> {
         scores.into_iter().map(|s| s.logprobs).collect()
-    }
-}
-
-/// Something that computes per-token log-probabilities for a batch of token sequences.
-pub trait Scorer {
-    /// The model's configuration (vocabulary and context limits).
-    fn config(&self) -> &ModelConfig;
-    /// For each sequence of `n >= 2` tokens, the `n - 1` values `ln p(t_i | t_<i)` and whether
-    /// each `t_i` is the greedy choice.
-    fn token_scores(&self, batch: &[&[u32]]) -> Result<Vec<TokenScores>>;
-    /// Tokens a call should hold to use the scorer well (an engine's blocks are sized by its
-    /// budgets); `None`: no preference.
-    fn batch_tokens(&self) -> Option<usize> {
-        None
     }
 }
 

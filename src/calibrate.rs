@@ -269,11 +269,11 @@ pub fn measure_burst_reads(
 /// random Llama (hidden 64) scoring 4 sequences of 3 tokens, as (T(9 layers) - T(1 layer)) / 8;
 /// in seconds.
 pub fn measure_cpu_layer_overhead(trials: usize) -> Result<Measured> {
+    use crate::arch::random::RandomWeights;
+    use crate::arch::LlamaConfig;
+    use crate::arch::ModelConfig;
     use crate::device::CpuDevice;
     use crate::exec::ResidentModel;
-    use crate::model::config::LlamaConfig;
-    use crate::model::random::RandomWeights;
-    use crate::model::ModelConfig;
     let config = |layers: usize| {
         ModelConfig::Llama(LlamaConfig {
             vocab_size: 64,

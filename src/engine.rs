@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::arch::Runner;
+use crate::arch::{ModelConfig, ModelFiles};
 use crate::batch::{PrefixGroup, TokenScores};
 use crate::device::{CpuDevice, Device, DeviceKind};
 use crate::error::{Error, Result};
@@ -29,7 +30,6 @@ use crate::exec::placer::Placer;
 use crate::exec::state::{Executor, GenControl};
 use crate::exec::{SeqResult, Task, Trace};
 use crate::gpu::{GpuContext, WgpuDevice};
-use crate::model::{ModelConfig, ModelFiles};
 use crate::plan::{plan, staging_buffers, PlanRequest};
 pub use crate::plan::{runtime_bytes_per_value, Placement};
 use crate::policy::{CostModel, HardwareProfile, Policy, Workload};
@@ -310,8 +310,9 @@ fn device_budget(host: bool, options: &EngineOptions) -> Result<u64> {
     }
     if options.gpu_budget != u64::MAX {
         return Err(Error::invalid(
-            "--gpu-mem",
-            "the CPU device computes in RAM: budget all of its memory with --cpu-mem",
+            "EngineOptions::gpu_budget",
+            "the CPU device computes in RAM: budget all of its memory with \
+             EngineOptions::cpu_budget",
         ));
     }
     Ok(options.cpu_budget)
@@ -654,7 +655,7 @@ impl Engine {
                 short_bytes,
                 detail: format!(
                     "a sequence of {} tokens does not fit even alone in its batch: {detail}; \
-                     or score long records in shorter windows (--window)",
+                     or score long records in shorter windows (ScoreOptions::window)",
                     longest.len(),
                 ),
             }),
@@ -871,7 +872,7 @@ impl Engine {
     }
 }
 
-impl crate::batch::Scorer for Engine {
+impl crate::scorer::Scorer for Engine {
     fn config(&self) -> &ModelConfig {
         &self.files.config
     }

@@ -156,7 +156,7 @@ fn parse_request(
     line: &str,
     defaults: &GenDefaults,
     tokenizer: &TextTokenizer,
-    config: &crate::model::ModelConfig,
+    config: &crate::arch::ModelConfig,
 ) -> std::result::Result<Request, (RecordId, String)> {
     let (vocab, eos, context) = (
         config.vocab_size(),

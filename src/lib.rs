@@ -10,15 +10,16 @@
 //!   or generate;
 //! - [`score`] and [`generation`]: the JSONL scoring and generation jobs, over [`job`] (shards,
 //!   resume, merge, ids as written, a job's files kept safe, signals);
-//! - [`model`]: OPT and Llama configurations (Hugging Face `config.json` or GGUF metadata, plus
-//!   built-in shapes), memory-mapped weight sources (safetensors, sharded or not; GGUF with
-//!   F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors), tokenizers, and each architecture's tensor list;
+//! - [`arch`]: one file per architecture (Llama, OPT): its configuration (Hugging Face
+//!   `config.json`, GGUF metadata), tensor list, how its tensors form the schedule's units,
+//!   heads, cost-model sizes and forward pass over the device seam; [`ModelFiles`] opens a
+//!   model path; built-in shapes and seeded random weights;
+//! - [`model`]: model files as formats: memory-mapped weight sources (safetensors, sharded or
+//!   not; GGUF with F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors) and tokenizers;
 //! - [`reference`](mod@reference): the f32 reference forward pass (ragged prefill, KV-cache decode, log-softmax,
 //!   greedy generation), checked against Hugging Face transformers: the oracle for everything;
 //! - [`policy`]: [`Policy`], [`HardwareProfile`], FlexGen's cost model generalized, and the LP
 //!   policy search; [`calibrate`] measures a machine into a profile;
-//! - [`arch`]: one file per architecture (Llama, OPT): how its tensors form the schedule's
-//!   units, its heads and sizes, and its forward pass over the device seam;
 //! - [`device`] and [`gpu`]: the compute devices (the native CPU device, WebGPU) behind one
 //!   seam; [`exec`]: the executor, and [`ResidentModel`](exec::ResidentModel) for a model held
 //!   whole on one device;
@@ -34,7 +35,7 @@
 //!
 //! ```
 //! use ferrogen::reference::ReferenceModel;
-//! use ferrogen::model::ModelFiles;
+//! use ferrogen::arch::ModelFiles;
 //!
 //! # fn main() -> ferrogen::Result<()> {
 //! // A tiny random Llama checkpoint that ships with the tests.
@@ -61,7 +62,7 @@
 //! ```
 //! use ferrogen::engine::{Engine, EngineOptions, Placement};
 //! use ferrogen::gpu::GpuContext;
-//! use ferrogen::model::ModelFiles;
+//! use ferrogen::arch::ModelFiles;
 //! use ferrogen::policy::Policy;
 //!
 //! # fn main() -> ferrogen::Result<()> {
@@ -112,9 +113,11 @@ pub mod reference;
 pub mod sampling;
 pub mod schedule;
 pub mod score;
+mod scorer;
 pub(crate) mod storage;
 mod tier;
 
+pub use arch::ModelFiles;
 pub use batch::{PrefixGroup, TokenScores};
 pub use bytes::{format_size, parse_size};
 pub use device::DeviceKind;
@@ -122,6 +125,5 @@ pub use engine::{BlockStats, Engine, EngineOptions, Placement};
 pub use error::{Error, Result};
 pub use exec::SeqResult;
 pub use layout::{RunOptions, WeightFormat};
-pub use model::ModelFiles;
 pub use policy::{HardwareProfile, Policy};
 pub use tier::{Tier, TierSplit};

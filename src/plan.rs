@@ -6,11 +6,12 @@
 mod sizes;
 
 pub use sizes::runtime_bytes_per_value;
+pub(crate) use sizes::workspace_bytes;
 
+use crate::arch::{ModelConfig, ModelFiles};
 use crate::device::{CacheFormat, Device};
 use crate::error::Result;
-use crate::layout::{workspace_bytes, RunOptions, WeightFormat, CHUNK_ROWS, LOGIT_ROWS};
-use crate::model::{ModelConfig, ModelFiles};
+use crate::layout::{RunOptions, WeightFormat, CHUNK_ROWS, LOGIT_ROWS};
 use crate::policy::cost::CacheRowBytes;
 use crate::policy::search::{search, SearchOptions};
 use crate::policy::{CostModel, HardwareProfile, HeadBytes, Policy, Workload};

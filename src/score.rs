@@ -20,11 +20,12 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use crate::batch::Scorer;
+use crate::arch::ModelConfig;
 use crate::batch::TokenScores;
 use crate::error::{Error, Result};
 use crate::job::{per_second, JobLines, RecordId, Shard};
-use crate::model::{ModelConfig, TextTokenizer};
+use crate::model::TextTokenizer;
+pub use crate::scorer::Scorer;
 
 /// Options of a scoring job: start from [`ScoreOptions::default`] and set the fields you need.
 #[derive(Debug, Clone)]

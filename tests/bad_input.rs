@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::{copy_fixture, edit_safetensors, fixture_dir};
-use ferrogen::model::ModelFiles;
+use ferrogen::arch::ModelFiles;
 use ferrogen::reference::ReferenceModel;
 use ferrogen::Error;
 use proptest::prelude::*;

@@ -16,9 +16,9 @@ mod common;
 use common::{
     budgets, expected, fixture_dir, gpu_context, resident, try_engine, worst_diff, FIXTURES,
 };
+use ferrogen::arch::ModelFiles;
 use ferrogen::device::DeviceKind;
 use ferrogen::engine::{default_profile, EngineOptions, Placement};
-use ferrogen::model::ModelFiles;
 use ferrogen::Error;
 use ferrogen::Tier;
 use ferrogen::{RunOptions, WeightFormat};

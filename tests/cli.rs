@@ -356,6 +356,36 @@ fn bad_values_and_conflicts_name_their_flags_with_status_2() {
     assert!(String::from_utf8_lossy(&help.stderr).contains("at least 1"));
 }
 
+#[test]
+fn the_library_names_options_and_the_command_line_names_flags() {
+    // the engine refuses a GPU budget on the CPU device naming `EngineOptions::gpu_budget`;
+    // the command line tells its user the flags they typed
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_records(dir.path(), 1);
+    let model = fixture_dir("opt-pre-ln-proj").display().to_string();
+    let output = dir.path().join("out.jsonl").display().to_string();
+    let args = [
+        "--model",
+        &model,
+        "--input",
+        &input,
+        "--output",
+        &output,
+        "--device",
+        "cpu",
+        "--gpu-mem",
+        "1GiB",
+    ];
+    let out = run("score", &args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("invalid --gpu-mem") && err.contains("--cpu-mem"),
+        "{err}"
+    );
+    assert!(!err.contains("EngineOptions"), "{err}");
+}
+
 /// A scoring job over `records` token records of the fixture, in batches of one record.
 fn write_records(dir: &Path, records: usize) -> String {
     let exp = expected("opt-pre-ln-proj");

@@ -9,9 +9,9 @@ mod common;
 use common::{
     devices, engine, expected, fixture_dir, gpu_context, policy, resident, worst_diff, FIXTURES,
 };
+use ferrogen::arch::ModelFiles;
 use ferrogen::device::DeviceKind;
 use ferrogen::engine::{Engine, EngineOptions, Placement};
-use ferrogen::model::ModelFiles;
 use ferrogen::{RunOptions as GpuOptions, WeightFormat};
 
 #[test]
@@ -522,7 +522,10 @@ fn small_budgets_are_refused_naming_the_tier_and_shortfall() {
     )
     .err()
     .expect("weights on disk need an offload directory");
-    assert!(err.to_string().contains("--offload-dir"), "{err}");
+    assert!(
+        err.to_string().contains("EngineOptions::offload_dir"),
+        "{err}"
+    );
 }
 
 /// A block whose sequences need more GPU memory than the budget leaves is run in halves,
@@ -687,9 +690,9 @@ fn calls_from_several_threads_give_the_lone_numbers() {
 /// The tokens and their logprobs are the resident model's, on both devices.
 #[test]
 fn disk_cache_rows_far_apart_move_one_sequence_at_a_time() {
-    use ferrogen::model::config::LlamaConfig;
-    use ferrogen::model::random::RandomWeights;
-    let config = ferrogen::model::ModelConfig::Llama(LlamaConfig {
+    use ferrogen::arch::random::RandomWeights;
+    use ferrogen::arch::LlamaConfig;
+    let config = ferrogen::arch::ModelConfig::Llama(LlamaConfig {
         vocab_size: 64,
         hidden_size: 64,
         intermediate_size: 128,

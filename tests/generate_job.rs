@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{example_binary, expected, fixture_dir};
-use ferrogen::model::ModelFiles;
+use ferrogen::arch::ModelFiles;
 use serde_json::{json, Value};
 
 const FIXTURE: &str = "llama-gqa-untied";

@@ -6,7 +6,7 @@ mod common;
 
 use common::gguf_writer::{permute_rows, write_gguf, write_gguf_pointing, Encoding, Meta, Tensor};
 use common::{expected, fixture_dir, max_abs_diff};
-use ferrogen::model::{ModelConfig, ModelFiles};
+use ferrogen::arch::{ModelConfig, ModelFiles};
 use ferrogen::reference::ReferenceModel;
 use ferrogen::Error;
 use proptest::prelude::*;

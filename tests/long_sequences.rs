@@ -13,9 +13,9 @@ mod common;
 use std::sync::OnceLock;
 
 use common::{devices, engine, resident, worst_diff};
+use ferrogen::arch::ModelFiles;
 use ferrogen::device::DeviceKind;
 use ferrogen::engine::{EngineOptions, Placement};
-use ferrogen::model::ModelFiles;
 use ferrogen::reference::ReferenceModel;
 use ferrogen::Tier;
 use serde::Deserialize;

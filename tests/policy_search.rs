@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use ferrogen::model::builtin::builtin_config;
+use ferrogen::arch::builtin::builtin_config;
 use ferrogen::policy::{
     search, ByteSize, CostModel, CpuLinear, HardwareProfile, Policy, QuantConfig, SearchOptions,
     Workload,

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{expected, fixture_dir, max_abs_diff, FIXTURES};
-use ferrogen::model::ModelFiles;
+use ferrogen::arch::ModelFiles;
 use ferrogen::reference::ReferenceModel;
 
 /// Per-token tolerance required by the foundation issue.
@@ -131,7 +131,7 @@ fn opt_checkpoint_without_model_prefix_loads() {
         *header = serde_json::Value::Object(renamed);
     });
     let files = ModelFiles::open(dir.path()).unwrap();
-    assert_eq!(files.opt_prefix(), "");
+    assert_eq!(ferrogen::arch::opt::prefix(files.weights.as_ref()), "");
     let model = ReferenceModel::load(&files).unwrap();
     let seq = &expected(name).sequences[3];
     let got = model.token_logprobs(&[&seq.tokens]).unwrap();

@@ -8,10 +8,10 @@
 mod common;
 
 use common::{expected, fixture_dir, gpu_context, max_abs_diff, FIXTURES};
+use ferrogen::arch::ModelFiles;
 use ferrogen::device::{CpuDevice, Device};
 use ferrogen::exec::ResidentModel;
 use ferrogen::gpu::{GpuContext, WgpuDevice};
-use ferrogen::model::ModelFiles;
 use ferrogen::reference::ReferenceModel;
 use ferrogen::{RunOptions as GpuOptions, WeightFormat};
 
@@ -114,8 +114,7 @@ fn compressed_weights_match<D: Device>(dev: D) {
         let files = ModelFiles::open(&fixture_dir(name)).unwrap();
         let gpu = load(&dev, &files, WeightFormat::Group4);
         let source = Group4Weights(files.weights.as_ref());
-        let reference =
-            ReferenceModel::from_source(&files.config, &source, files.opt_prefix()).unwrap();
+        let reference = ReferenceModel::from_source(&files.config, &source).unwrap();
         let exp = expected(name);
         let batch: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
         let got = gpu.token_logprobs(&batch).unwrap();

@@ -14,9 +14,9 @@ mod common;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use ferrogen::arch::ModelFiles;
 use ferrogen::device::CpuDevice;
 use ferrogen::engine::{Engine, EngineOptions};
-use ferrogen::model::ModelFiles;
 
 /// `RssAnon` of this process in bytes.
 fn rss_anon() -> Option<u64> {

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{example_binary, expected, fixture_dir};
-use ferrogen::model::ModelFiles;
+use ferrogen::arch::ModelFiles;
 use ferrogen::reference::ReferenceModel;
 use ferrogen::score::{score_jsonl, ScoreOptions, ScoreSummary};
 use serde_json::{json, Value};

@@ -9,8 +9,8 @@ mod common;
 use std::sync::OnceLock;
 
 use common::{budgets, devices, engine, gpu_context, policy, resident, worst_diff};
+use ferrogen::arch::ModelFiles;
 use ferrogen::device::DeviceKind;
-use ferrogen::model::ModelFiles;
 use ferrogen::reference::ReferenceModel;
 use serde::Deserialize;
 
@@ -64,7 +64,7 @@ fn reference() -> Reference {
 #[test]
 fn config_comes_from_gguf_metadata() {
     let Some(m) = smollm2() else { return };
-    let ferrogen::model::ModelConfig::Llama(c) = &m.files.config else {
+    let ferrogen::arch::ModelConfig::Llama(c) = &m.files.config else {
         panic!("SmolLM2 is a Llama")
     };
     assert_eq!(

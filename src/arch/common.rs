@@ -8,12 +8,14 @@
 //! where each sequence's rows live.
 
 use std::ops::Range;
+use std::path::Path;
 
+use crate::arch::ModelConfig;
 use crate::batch::PrefixGroup;
 use crate::device::{rope_tables, CacheFormat, Device, HostRows, LogitState, RowInfo};
 use crate::error::{Error, Result};
 use crate::layout::{HeadLayout, RunOptions};
-use crate::model::{ModelConfig, TensorSpec};
+use crate::model::TensorSpec;
 
 /// A linear layer's weight `[out, in]`, as row ranges, and its bias.
 #[derive(Clone)]
@@ -59,6 +61,28 @@ impl<D: Device> PartWeights<D> {
     /// The linear layers present, in order (the placement's order).
     pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear<D>> {
         self.linears.iter_mut().flatten()
+    }
+}
+
+/// Checks a count or size of a configuration: positive, and no larger than any model has
+/// (a lying file must not make the process allocate terabytes); `path` names the file.
+pub(super) fn bounded(path: &Path, name: &str, v: usize) -> Result<()> {
+    let most = match name {
+        "num_hidden_layers" | "num_attention_heads" | "num_key_value_heads" => 1 << 14,
+        "head_dim" => 1 << 14,
+        "hidden_size" | "word_embed_proj_dim" => 1 << 18,
+        "intermediate_size" | "ffn_dim" => 1 << 20,
+        _ => 1 << 26, // vocab_size, max_position_embeddings
+    };
+    if v == 0 {
+        Err(Error::config(path, format!("`{name}` must be positive")))
+    } else if v > most {
+        Err(Error::config(
+            path,
+            format!("`{name}` is {v}, more than any model has (at most {most}): a damaged file?"),
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -463,4 +487,26 @@ pub struct ModelParts {
     pub output: TensorSpec,
     /// The embedding table `[vocab, width]` (looked up on the host).
     pub embedding: TensorSpec,
+}
+
+impl ModelParts {
+    /// Every tensor, each once: the embedding, the parts' vectors, weights and biases in
+    /// order, and the output projection when it is not the embedding.
+    pub fn tensors(&self) -> Vec<TensorSpec> {
+        let mut out = vec![self.embedding.clone()];
+        let parts = std::iter::once(&self.input)
+            .chain(self.layers.iter().flatten())
+            .chain(std::iter::once(&self.head));
+        for part in parts {
+            out.extend(part.vectors.iter().flatten().cloned());
+            for (w, b) in part.linears.iter().flatten() {
+                out.push(w.clone());
+                out.extend(b.clone());
+            }
+        }
+        if self.output.name != self.embedding.name {
+            out.push(self.output.clone());
+        }
+        out
+    }
 }

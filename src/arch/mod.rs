@@ -7,29 +7,250 @@
 //! filled by the placer into [`PartWeights`]), so the same recipe runs resident models
 //! ([`crate::exec::ResidentModel`]) and streamed ones (`crate::exec`) on every device.
 
+pub mod builtin;
 pub mod common;
 pub mod llama;
 pub mod opt;
+pub mod random;
 
 pub use common::{
     CacheSlot, Linear, ModelParts, PartSpec, PartWeights, RowBatch, Runner, UnitWeights,
 };
 
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use llama::LlamaConfig;
+pub use opt::OptConfig;
+
 use crate::device::Device;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::layout::{HeadLayout, RunOptions, CHUNK_ROWS, LOGIT_ROWS};
-use crate::model::{ModelConfig, ModelFiles};
+use crate::model::gguf::{GgufFile, GgufValue, GgufWeights};
+use crate::model::safetensors::SafetensorsWeights;
+use crate::model::weights::{check_layer_tensors, decode_to_f32};
+use crate::model::{fingerprint, TextTokenizer, WeightSource};
 use crate::policy::cost::ModelShape;
 
-/// The model's tensors grouped as the schedule's units use them.
-pub fn parts(files: &ModelFiles) -> ModelParts {
-    match &files.config {
-        ModelConfig::Llama(c) => llama::parts(c),
-        ModelConfig::Opt(c) => opt::parts(c, files.opt_prefix()),
+/// The configuration of a supported model: one variant per architecture family.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "model_type", rename_all = "lowercase")]
+pub enum ModelConfig {
+    /// Meta's OPT family (facebook/opt-*).
+    Opt(OptConfig),
+    /// The Llama family (Llama 2/3, SmolLM, TinyLlama, ...).
+    Llama(LlamaConfig),
+}
+
+/// Everything a model path holds: configuration, weights, and (when present) a tokenizer.
+pub struct ModelFiles {
+    /// Where the model came from.
+    pub path: PathBuf,
+    /// The architecture and its sizes.
+    pub config: ModelConfig,
+    /// The tensors, lazily read.
+    pub weights: Box<dyn WeightSource>,
+    /// The text tokenizer, or why there is none (records may still be given as token ids).
+    pub tokenizer: std::result::Result<TextTokenizer, String>,
+}
+
+impl ModelFiles {
+    /// Opens a model directory or a `.gguf` file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            Self::open_dir(path)
+        } else {
+            Self::open_gguf(path)
+        }
+    }
+
+    fn open_dir(dir: &Path) -> Result<Self> {
+        let config = ModelConfig::from_json_file(&dir.join("config.json"))?;
+        let weights = SafetensorsWeights::open_dir(dir)?;
+        check_layer_tensors(
+            &weights.names(),
+            config.num_layers(),
+            &dir.join("config.json"),
+        )?;
+        let tokenizer_path = dir.join("tokenizer.json");
+        let tokenizer = if tokenizer_path.exists() {
+            TextTokenizer::from_file(&tokenizer_path).map_err(|e| e.to_string())
+        } else {
+            Err(format!(
+                "{} has no tokenizer.json; give records as token ids",
+                dir.display()
+            ))
+        };
+        Ok(Self {
+            path: dir.to_path_buf(),
+            config,
+            weights: Box::new(weights),
+            tokenizer,
+        })
+    }
+
+    fn open_gguf(path: &Path) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let config = ModelConfig::from_gguf(&file)?;
+        let tokenizer = TextTokenizer::from_gguf(&file).map_err(|e| e.to_string());
+        let weights = config.gguf_weights(file)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            config,
+            weights: Box::new(weights),
+            tokenizer,
+        })
+    }
+
+    /// The tokenizer, or an error saying why text cannot be tokenized.
+    pub fn tokenizer(&self) -> Result<&TextTokenizer> {
+        self.tokenizer.as_ref().map_err(|reason| Error::Tokenizer {
+            reason: reason.clone(),
+        })
+    }
+
+    /// Reads every tensor once and fails naming the first that holds a NaN or an infinity
+    /// (with the element's index): such a model computes non-finite numbers.
+    pub fn check_finite(&self) -> Result<()> {
+        let source = self.weights.as_ref();
+        for name in source.names() {
+            let Some(info) = source.info(&name) else {
+                continue;
+            };
+            let rows = info.shape.first().copied().unwrap_or(1).max(1);
+            let width = info.numel() / rows;
+            // a few MiB of rows at a time
+            let chunk = ((4 << 20) / (width * 4).max(1)).max(1);
+            let mut first = 0;
+            while first < rows {
+                let n = chunk.min(rows - first);
+                let bytes = source.row_bytes(&name, first..first + n)?;
+                let values = decode_to_f32(info.dtype, &bytes, n * width).ok_or_else(|| {
+                    Error::format(source.path(), format!("tensor `{name}` is cut short"))
+                })?;
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::format(
+                        source.path(),
+                        format!(
+                            "tensor `{name}` holds {} at element {} (row {}): the model \
+                             computes non-finite numbers; use an intact copy",
+                            values[i],
+                            first * width + i,
+                            first + i / width.max(1)
+                        ),
+                    ));
+                }
+                first += n;
+            }
+            source.release(&name);
+        }
+        Ok(())
+    }
+
+    /// This model's fingerprint ([`fingerprint`]).
+    pub fn fingerprint(&self) -> Result<String> {
+        fingerprint(&self.path)
+    }
+
+    /// The model's tensors grouped as the schedule's units use them, named as its files
+    /// name them.
+    pub fn parts(&self) -> ModelParts {
+        self.config.parts(Some(self.weights.as_ref()))
     }
 }
 
 impl ModelConfig {
+    /// Reads a Hugging Face `config.json`, naming the file and field in any error.
+    pub fn from_json_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Parses the text of a `config.json` (its `model_type` names the architecture); `path`
+    /// is used in error messages.
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
+        let mut value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
+        let model_type = value
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| Error::config(path, "missing field `model_type`"))?;
+        let config = match model_type {
+            "opt" => serde_json::from_value(value).map(ModelConfig::Opt),
+            "llama" => {
+                llama::lift_rope_parameters(&mut value);
+                serde_json::from_value(value).map(ModelConfig::Llama)
+            }
+            other => {
+                return Err(Error::Unsupported {
+                    what: format!(
+                        "{}: model_type `{other}` (supported: opt, llama)",
+                        path.display()
+                    ),
+                })
+            }
+        }
+        .map_err(|e| Error::config(path, e.to_string()))?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// The configuration a GGUF file's metadata describes (`general.architecture` names the
+    /// architecture), checked against the file's tensors.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let path = file.path();
+        let arch = file
+            .get("general.architecture")
+            .and_then(GgufValue::as_str)
+            .ok_or_else(|| Error::config(path, "missing `general.architecture`"))?;
+        let config = match arch {
+            "llama" => ModelConfig::Llama(llama::from_gguf(file)?),
+            other => {
+                return Err(Error::Unsupported {
+                    what: format!("{}: GGUF architecture `{other}`", path.display()),
+                })
+            }
+        };
+        config.validate(path)?;
+        check_layer_tensors(&file.tensor_names(), config.num_layers(), path)?;
+        Ok(config)
+    }
+
+    /// A GGUF file's tensors under this architecture's Hugging Face names.
+    pub fn gguf_weights(&self, file: GgufFile) -> Result<GgufWeights> {
+        match self {
+            ModelConfig::Llama(c) => {
+                let (heads, kv_heads) = (c.num_attention_heads, c.kv_heads());
+                Ok(GgufWeights::new(file, |g| {
+                    llama::gguf_tensor_name(g, heads, kv_heads)
+                }))
+            }
+            ModelConfig::Opt(_) => Err(Error::Unsupported {
+                what: format!("{}: GGUF for a non-llama model", file.path().display()),
+            }),
+        }
+    }
+
+    /// Checks that the configuration describes a model ferrogen can run; `path` names the
+    /// file in errors.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        match self {
+            ModelConfig::Opt(c) => c.validate(path),
+            ModelConfig::Llama(c) => c.validate(path),
+        }
+    }
+
+    /// The model's tensors grouped as the schedule's units use them, named as `source` names
+    /// them (`None`: as transformers saves them).
+    pub fn parts(&self, source: Option<&dyn WeightSource>) -> ModelParts {
+        match self {
+            ModelConfig::Llama(c) => llama::parts(c),
+            ModelConfig::Opt(c) => opt::parts(c, source.map_or("model.", opt::prefix)),
+        }
+    }
+
     /// The attention heads of the model's layers.
     pub fn head_layout(&self) -> HeadLayout {
         match self {
@@ -43,6 +264,70 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(c) => llama::shape(c),
             ModelConfig::Opt(c) => opt::shape(c),
+        }
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            ModelConfig::Opt(c) => c.vocab_size,
+            ModelConfig::Llama(c) => c.vocab_size,
+        }
+    }
+
+    /// Width of the residual stream.
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            ModelConfig::Opt(c) => c.hidden_size,
+            ModelConfig::Llama(c) => c.hidden_size,
+        }
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        match self {
+            ModelConfig::Opt(c) => c.num_hidden_layers,
+            ModelConfig::Llama(c) => c.num_hidden_layers,
+        }
+    }
+
+    /// Maximum number of positions a sequence may have.
+    pub fn max_context(&self) -> usize {
+        match self {
+            ModelConfig::Opt(c) => c.max_position_embeddings,
+            ModelConfig::Llama(c) => c.max_position_embeddings,
+        }
+    }
+
+    /// Width of the MLP's intermediate layer.
+    pub fn intermediate_size(&self) -> usize {
+        match self {
+            ModelConfig::Opt(c) => c.ffn_dim,
+            ModelConfig::Llama(c) => c.intermediate_size,
+        }
+    }
+
+    /// Width of one cached key (or value) row: heads x head_dim of the K/V projection.
+    pub fn kv_width(&self) -> usize {
+        match self {
+            ModelConfig::Opt(c) => c.hidden_size,
+            ModelConfig::Llama(c) => c.kv_heads() * c.head_dim(),
+        }
+    }
+
+    /// The beginning-of-sequence token, if the configuration names one.
+    pub fn bos_token_id(&self) -> Option<u32> {
+        match self {
+            ModelConfig::Opt(c) => c.bos_token_id,
+            ModelConfig::Llama(c) => c.bos_token_id,
+        }
+    }
+
+    /// End-of-sequence token id, if the configuration names one.
+    pub fn eos_token_id(&self) -> Option<u32> {
+        match self {
+            ModelConfig::Opt(c) => c.eos_token_id,
+            ModelConfig::Llama(c) => c.eos_token_id,
         }
     }
 }
@@ -127,5 +412,43 @@ impl<D: Device> Runner<D> {
             ModelConfig::Llama(c) => llama::head(self, c, w, xc),
             ModelConfig::Opt(_) => opt::head(self, w, xc),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OPT_350M: &str = r#"{"model_type": "opt", "vocab_size": 50272, "hidden_size": 1024,
+        "num_hidden_layers": 24, "ffn_dim": 4096, "num_attention_heads": 16,
+        "max_position_embeddings": 2048, "do_layer_norm_before": false, "word_embed_proj_dim": 512,
+        "activation_function": "relu", "eos_token_id": 2}"#;
+
+    #[test]
+    fn missing_field_is_named_with_the_file() {
+        let text = r#"{"model_type": "llama", "vocab_size": 100, "hidden_size": 64}"#;
+        let err = ModelConfig::from_json_str(text, Path::new("m/config.json")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("m/config.json"), "{msg}");
+        assert!(msg.contains("intermediate_size"), "{msg}");
+    }
+
+    #[test]
+    fn impossible_values_are_rejected() {
+        let gqa = r#"{"model_type": "llama", "vocab_size": 100, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 3}"#;
+        assert!(matches!(
+            ModelConfig::from_json_str(gqa, Path::new("c.json")),
+            Err(Error::Config { .. })
+        ));
+        let zero = OPT_350M.replace("\"num_hidden_layers\": 24", "\"num_hidden_layers\": 0");
+        assert!(ModelConfig::from_json_str(&zero, Path::new("c.json")).is_err());
+        let other = r#"{"model_type": "gpt2"}"#;
+        assert!(matches!(
+            ModelConfig::from_json_str(other, Path::new("c.json")),
+            Err(Error::Unsupported { .. })
+        ));
+        assert!(ModelConfig::from_json_str("{", Path::new("c.json")).is_err());
     }
 }

@@ -209,12 +209,30 @@ pub struct JobArgs {
     pub progress_every: Duration,
 }
 
+/// The library's option names that its errors give, and the flags that set them here.
+const OPTION_FLAGS: [(&str, &str); 4] = [
+    ("EngineOptions::gpu_budget", "--gpu-mem"),
+    ("EngineOptions::cpu_budget", "--cpu-mem"),
+    ("EngineOptions::offload_dir", "--offload-dir"),
+    ("ScoreOptions::window", "--window"),
+];
+
+/// An error as the command line tells it: the library names its options
+/// (`EngineOptions::gpu_budget`), the user of this tool typed flags (`--gpu-mem`).
+pub fn in_flags(e: &Error) -> String {
+    OPTION_FLAGS
+        .iter()
+        .fold(e.to_string(), |text, (option, flag)| {
+            text.replace(option, flag)
+        })
+}
+
 /// The exit status of an example's `run()`: 0, or the error on stderr and status 2.
 pub fn exit_status(result: Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", in_flags(&e));
             std::process::ExitCode::from(2)
         }
     }
@@ -375,7 +393,7 @@ pub fn finish_job(result: Result<usize>, output: Option<JobOutput>) -> std::proc
         Ok(failed) => {
             if let Some(out) = output {
                 if let Err(e) = out.finish() {
-                    eprintln!("error: {e}");
+                    eprintln!("error: {}", in_flags(&e));
                     return ExitCode::from(1);
                 }
             }
@@ -392,7 +410,7 @@ pub fn finish_job(result: Result<usize>, output: Option<JobOutput>) -> std::proc
             ExitCode::from(crate::job::signal_exit_status(signal))
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", in_flags(&e));
             ExitCode::from(1)
         }
     }
@@ -584,6 +602,20 @@ pub fn print_placement(engine: &crate::Engine) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn errors_name_the_flags_that_set_the_options_they_name() {
+        let e = Error::invalid(
+            "EngineOptions::gpu_budget",
+            "budget it with EngineOptions::cpu_budget; or EngineOptions::offload_dir",
+        );
+        let text = in_flags(&e);
+        assert_eq!(
+            text,
+            "invalid --gpu-mem: budget it with --cpu-mem; or --offload-dir"
+        );
+    }
+
     use super::*;
     use clap::Parser;
     use indicatif::InMemoryTerm;

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::common::positive;
-use crate::model::builtin::{builtin_config, BUILTIN_NAMES};
-use crate::model::{ModelConfig, ModelFiles};
+use crate::arch::builtin::{builtin_config, BUILTIN_NAMES};
+use crate::arch::{ModelConfig, ModelFiles};
 use crate::policy::{search, CostModel, HardwareProfile, Policy, SearchOptions, Workload};
 use crate::{Error, Result};
 use clap::Parser;

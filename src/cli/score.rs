@@ -35,12 +35,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use super::common::{finish_job, job_meta, open_job_input, open_output, positive, print_placement};
-use super::common::{BackendKind, Counts, Progress};
+use super::common::{in_flags, BackendKind, Counts, Progress};
 use super::common::{DeviceArgs, JobArgs};
+use crate::arch::ModelFiles;
 use crate::engine::{Engine, Placement};
 use crate::format_size;
 use crate::job::Shard;
-use crate::model::ModelFiles;
 use crate::policy::HardwareProfile;
 use crate::reference::ReferenceModel;
 use crate::score::{score_jsonl, ScoreOptions, ScoreSummary, Scorer};
@@ -329,7 +329,7 @@ pub(crate) fn main(args: Args) -> ExitCode {
     let mut job = match prepare(&args) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", in_flags(&e));
             return ExitCode::from(2);
         }
     };
@@ -371,7 +371,7 @@ pub(crate) fn main(args: Args) -> ExitCode {
             s.scored_tokens
         );
         if let Err(e) = report(&args, &job.model) {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", in_flags(&e));
         }
     }
     let status = finish_job(result.map(|s| s.failed), job.output_file.take());

@@ -21,7 +21,7 @@ use crate::arch::{Linear, UnitWeights};
 use crate::batch::PrefixGroup;
 use crate::device::{Device, LogitState};
 use crate::error::{Error, Result};
-use crate::layout::workspace_bytes;
+use crate::plan::workspace_bytes;
 use crate::sampling::{Decoding, FinishReason, Sampling};
 use crate::schedule::{Cell, Op, PlanShape, Step, UnitKind, ZigzagPlan};
 use crate::storage::offload::{align_up, OffloadFile};
@@ -287,7 +287,7 @@ impl<D: Device> Executor<D> {
         }
         let dir = self.offload_dir.as_deref().ok_or_else(|| {
             Error::invalid(
-                "--offload-dir",
+                "EngineOptions::offload_dir",
                 format!("the policy puts the {name} on disk: give an offload directory"),
             )
         })?;

@@ -16,11 +16,12 @@ use super::weights::{
     disk_extent, disk_segment_starts, LookupTable, Piece, PieceHome, PlacedLinear, PlacedModel,
     PlacedUnit,
 };
+use crate::arch::ModelFiles;
 use crate::arch::{Linear, PartSpec, PartWeights, UnitWeights};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::layout::{convert_rows, output_format, RowFormat, WeightFormat};
-use crate::model::{DType, ModelFiles, TensorSpec, WeightSource};
+use crate::model::{DType, TensorSpec, WeightSource};
 use crate::schedule::UnitKind;
 use crate::storage::offload::{align_up, private_file_name, AlignedBuf, OffloadFile};
 use crate::storage::{MemoryLedger, Reservation, Tier, WeightPlacer};
@@ -160,12 +161,12 @@ impl<D: Device> Placer<'_, D> {
     }
 
     /// The units in schedule order: their linear weights and resident templates, and the
-    /// embedding table, as the model's architecture lists them ([`crate::arch::parts`]).
+    /// embedding table, as the model's architecture lists them ([`crate::arch::ModelFiles::parts`]).
     fn units(
         &self,
         held: &mut Vec<Reservation>,
     ) -> Result<(Vec<UnitSpec>, Vec<UnitWeights<D>>, TensorSpec)> {
-        let parts = crate::arch::parts(self.files);
+        let parts = self.files.parts();
         let config = &self.files.config;
         let kinds = UnitKind::sequence(config.num_layers(), self.sep_layer, self.logit_panels);
         let panels = logit_panels(config.vocab_size(), self.logit_panels);
@@ -214,7 +215,7 @@ impl<D: Device> Placer<'_, D> {
         } else {
             let dir = self.offload_dir.ok_or_else(|| {
                 Error::invalid(
-                    "--offload-dir",
+                    "EngineOptions::offload_dir",
                     "the policy puts weights on disk: give an offload directory",
                 )
             })?;

@@ -5,12 +5,12 @@
 use super::placer::Placer;
 use super::weights::LookupTable;
 use crate::arch::{CacheSlot, Linear, Runner, UnitWeights};
+use crate::arch::{ModelConfig, ModelFiles};
 use crate::batch::TokenScores;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, WgpuDevice};
 use crate::layout::{RunOptions, WeightFormat};
-use crate::model::{ModelConfig, ModelFiles};
 use crate::storage::offload::AlignedBuf;
 use crate::storage::MemoryLedger;
 use crate::tier::TierSplit;
@@ -272,7 +272,7 @@ impl<D: Device> ResidentModel<D> {
     }
 }
 
-impl<D: Device> crate::batch::Scorer for ResidentModel<D> {
+impl<D: Device> crate::scorer::Scorer for ResidentModel<D> {
     fn config(&self) -> &ModelConfig {
         &self.runner.config
     }

@@ -1,6 +1,6 @@
 //! Run-time layouts that every device and tier shares: linear weights' row formats
 //! ([`RowFormat`], [`PackedWeight`]), the 4-bit KV cache row ([`Q4Layout`]), attention heads
-//! ([`HeadLayout`]), and how much working memory a batch's compute takes.
+//! ([`HeadLayout`]), and the row passes of chunked loops.
 
 pub mod kv;
 pub mod packed;
@@ -11,8 +11,6 @@ pub use packed::PackedWeight;
 pub(crate) use rows::output_format;
 pub use rows::{convert_rows, RowFormat, RunOptions, WeightFormat};
 
-use crate::model::ModelConfig;
-
 /// Attention heads of a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeadLayout {
@@ -22,24 +20,6 @@ pub struct HeadLayout {
     pub kv_heads: usize,
     /// Width of one head.
     pub head_dim: usize,
-}
-
-impl HeadLayout {
-    /// The heads of `config`'s layers.
-    pub fn of(config: &ModelConfig) -> Self {
-        match config {
-            ModelConfig::Llama(c) => Self {
-                heads: c.num_attention_heads,
-                kv_heads: c.kv_heads(),
-                head_dim: c.head_dim(),
-            },
-            ModelConfig::Opt(c) => Self {
-                heads: c.num_attention_heads,
-                kv_heads: c.num_attention_heads,
-                head_dim: c.head_dim(),
-            },
-        }
-    }
 }
 
 /// Bytes of a KV cache segment's rows between two sequences' rows on disk up to which one
@@ -54,22 +34,6 @@ pub(crate) const LOGIT_ROWS: usize = 128;
 /// Rows of a batch that one unit computes at once, unless told otherwise (a prompt longer
 /// than this runs in row chunks).
 pub(crate) const CHUNK_ROWS: usize = 512;
-
-/// Bytes of the intermediate tensors of `rows` rows computed at once, at the widest unit,
-/// plus one chunk of `logit_rows` rows of `logit_width` logits (the whole vocabulary, or the
-/// panel a device reduces at once): per row, the chunk's copy of its input and its output,
-/// the normalized input, q, k, v, the attention output and projection (hidden and kv widths),
-/// and the MLP's two intermediate tensors,
-/// `4 * rows * (8 h + 2 kv + 2 ffn) + 4 * logit_rows * logit_width`.
-pub(crate) fn workspace_bytes(
-    config: &ModelConfig,
-    rows: usize,
-    logit_rows: usize,
-    logit_width: usize,
-) -> u64 {
-    let per_row = 8 * config.hidden_size() + 2 * config.kv_width() + 2 * config.intermediate_size();
-    ((rows * per_row + logit_rows * logit_width) * 4) as u64
-}
 
 /// `0..len` cut into consecutive ranges of at most `most` (at least 1) items, for kernels
 /// that split a long loop into passes (a WebGPU device's loop budget) and for chunked

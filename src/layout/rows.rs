@@ -205,8 +205,8 @@ pub fn convert_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::builtin::builtin_config;
-    use crate::model::random::RandomWeights;
+    use crate::arch::builtin::builtin_config;
+    use crate::arch::random::RandomWeights;
 
     /// Rows of an f16 tensor in every target format: f16 kept as 16-bit codes (exactly the
     /// file's values, in half of f32's bytes plus scales), f32 rows, and the quantized formats.

@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use super::config::{LlamaConfig, ModelConfig};
 use super::weights::{DType, TensorInfo, WeightSource};
 use crate::error::{Error, Result};
 use crate::quant::ggml::BlockFormat;
@@ -249,144 +248,30 @@ impl GgufFile {
         self.metadata.get(key)
     }
 
-    fn require_u64(&self, key: &str) -> Result<usize> {
+    /// A required count in the metadata, naming the key when it is missing or bad.
+    pub fn require_u64(&self, key: &str) -> Result<usize> {
         self.get(key)
             .and_then(GgufValue::as_u64)
             .and_then(|v| usize::try_from(v).ok())
             .ok_or_else(|| Error::config(&self.path, format!("missing or bad metadata `{key}`")))
     }
 
-    fn optional_u64(&self, key: &str) -> Result<Option<usize>> {
+    /// An optional count in the metadata (bad when present but not a count).
+    pub fn optional_u64(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
             Some(_) => self.require_u64(key).map(Some),
         }
     }
 
-    /// The model configuration the metadata describes (llama architecture only).
-    pub fn model_config(&self) -> Result<ModelConfig> {
-        let arch = self
-            .get("general.architecture")
-            .and_then(GgufValue::as_str)
-            .ok_or_else(|| Error::config(&self.path, "missing `general.architecture`"))?;
-        if arch != "llama" {
-            return Err(Error::Unsupported {
-                what: format!("{}: GGUF architecture `{arch}`", self.path.display()),
-            });
-        }
-        if let Some(kind) = self
-            .get("llama.rope.scaling.type")
-            .and_then(GgufValue::as_str)
-        {
-            if kind != "none" {
-                return Err(Error::Unsupported {
-                    what: format!("{}: RoPE scaling `{kind}`", self.path.display()),
-                });
-            }
-        }
-        let embed = self
-            .tensors
-            .get("token_embd.weight")
-            .ok_or_else(|| Error::MissingTensor {
-                path: self.path.clone(),
-                name: "token_embd.weight".into(),
-            })?;
-        let heads = self.require_u64("llama.attention.head_count")?;
-        let head_dim = self.optional_u64("llama.attention.key_length")?;
-        let hidden = self.require_u64("llama.embedding_length")?;
-        if heads == 0 {
-            return Err(Error::config(
-                &self.path,
-                "`llama.attention.head_count` is 0",
-            ));
-        }
-        if head_dim.is_none() && !hidden.is_multiple_of(heads) {
-            return Err(Error::config(
-                &self.path,
-                format!(
-                    "`llama.embedding_length` {hidden} is not a multiple of \
-                     `llama.attention.head_count` {heads} (and no `llama.attention.key_length` \
-                     gives the head width)"
-                ),
-            ));
-        }
-        if embed.shape.len() != 2 || embed.shape[1] != hidden {
-            return Err(Error::config(
-                &self.path,
-                format!(
-                    "`token_embd.weight` has shape {:?}, not [vocabulary, {hidden}]",
-                    embed.shape
-                ),
-            ));
-        }
-        // the embedding's rows are the vocabulary: every token of the tokenizer needs one
-        // (rows past the tokens, padding, are never looked up)
-        if let Some(tokens) = self
-            .get("tokenizer.ggml.tokens")
-            .and_then(GgufValue::as_array)
-        {
-            if tokens.len() > embed.shape[0] {
-                return Err(Error::config(
-                    &self.path,
-                    format!(
-                        "`token_embd.weight` has {} rows but the tokenizer has {} tokens: the \
-                         vocabulary and the embedding disagree (a damaged or mismatched file)",
-                        embed.shape[0],
-                        tokens.len()
-                    ),
-                ));
-            }
-        }
-        if let (Some(rot), Some(hd)) = (
-            self.optional_u64("llama.rope.dimension_count")?,
-            head_dim.or_else(|| Some(embed.shape.get(1)? / heads.max(1))),
-        ) {
-            if rot != hd {
-                return Err(Error::Unsupported {
-                    what: format!(
-                        "{}: partial RoPE ({rot} of {hd} dimensions)",
-                        self.path.display()
-                    ),
-                });
-            }
-        }
-        let float = |key: &str, default: f64| {
-            self.get(key)
-                .map(|v| {
-                    v.as_f64()
-                        .ok_or_else(|| Error::config(&self.path, format!("bad metadata `{key}`")))
-                })
-                .unwrap_or(Ok(default))
-        };
-        let token_id = |key: &str| {
-            self.get(key)
-                .and_then(GgufValue::as_u64)
-                .and_then(|v| u32::try_from(v).ok())
-        };
-        let config = LlamaConfig {
-            vocab_size: embed.shape[0],
-            hidden_size: hidden,
-            intermediate_size: self.require_u64("llama.feed_forward_length")?,
-            num_hidden_layers: self.require_u64("llama.block_count")?,
-            num_attention_heads: heads,
-            num_key_value_heads: self.optional_u64("llama.attention.head_count_kv")?,
-            head_dim,
-            max_position_embeddings: self.require_u64("llama.context_length")?,
-            rms_norm_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-6)?,
-            rope_theta: float("llama.rope.freq_base", 10000.0)?,
-            rope_scaling: None,
-            tie_word_embeddings: !self.tensors.contains_key("output.weight"),
-            attention_bias: false,
-            mlp_bias: false,
-            hidden_act: "silu".into(),
-            bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
-            eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
-        };
-        let config = ModelConfig::Llama(config);
-        config.validate(&self.path)?;
-        let names: Vec<String> = self.tensors.keys().cloned().collect();
-        super::weights::check_layer_tensors(&names, config.num_layers(), &self.path)?;
-        Ok(config)
+    /// The shape of tensor `name` (GGUF's own name), if the file holds it.
+    pub fn tensor_shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|t| &t.shape[..])
+    }
+
+    /// The names of the file's tensors (GGUF's own names).
+    pub fn tensor_names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
     }
 }
 
@@ -558,25 +443,22 @@ struct HfTensor {
     unpermute_heads: Option<usize>,
 }
 
-/// The tensors of a llama GGUF file under Hugging Face names, with Q/K rows restored.
+/// The tensors of a GGUF file under Hugging Face names, with Q/K rows restored.
 pub struct GgufWeights {
     file: GgufFile,
     by_hf_name: BTreeMap<String, HfTensor>,
 }
 
 impl GgufWeights {
-    /// Wraps an opened file; `config` gives the head counts for undoing the Q/K permutation.
-    pub fn new(file: GgufFile, config: &ModelConfig) -> Result<Self> {
-        let ModelConfig::Llama(c) = config else {
-            return Err(Error::Unsupported {
-                what: format!("{}: GGUF for a non-llama model", file.path.display()),
-            });
-        };
+    /// Wraps an opened file; `hf_name` maps each GGUF tensor name to its Hugging Face name and,
+    /// for Q and K rows that llama.cpp interleaved, the heads whose permutation to undo (the
+    /// architecture knows both).
+    pub fn new(file: GgufFile, hf_name: impl Fn(&str) -> (String, Option<usize>)) -> Self {
         let by_hf_name = file
             .tensors
             .keys()
             .map(|g| {
-                let (hf, unpermute_heads) = hf_name(g, c.num_attention_heads, c.kv_heads());
+                let (hf, unpermute_heads) = hf_name(g);
                 (
                     hf,
                     HfTensor {
@@ -586,46 +468,13 @@ impl GgufWeights {
                 )
             })
             .collect();
-        Ok(Self { file, by_hf_name })
+        Self { file, by_hf_name }
     }
 
     /// The underlying file (metadata, tokenizer tables).
     pub fn file(&self) -> &GgufFile {
         &self.file
     }
-}
-
-/// Maps a GGUF llama tensor name to its Hugging Face name (other names are kept as they are),
-/// with the head count whose permutation must be undone for Q and K.
-fn hf_name(gguf: &str, heads: usize, kv_heads: usize) -> (String, Option<usize>) {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return (f.to_string(), None);
-    }
-    let Some(rest) = gguf.strip_prefix("blk.") else {
-        return (gguf.to_string(), None);
-    };
-    let Some((layer, part)) = rest.split_once('.') else {
-        return (gguf.to_string(), None);
-    };
-    let (hf_part, unpermute) = match part {
-        "attn_norm.weight" => ("input_layernorm.weight", None),
-        "attn_q.weight" => ("self_attn.q_proj.weight", Some(heads)),
-        "attn_k.weight" => ("self_attn.k_proj.weight", Some(kv_heads)),
-        "attn_v.weight" => ("self_attn.v_proj.weight", None),
-        "attn_output.weight" => ("self_attn.o_proj.weight", None),
-        "ffn_norm.weight" => ("post_attention_layernorm.weight", None),
-        "ffn_gate.weight" => ("mlp.gate_proj.weight", None),
-        "ffn_up.weight" => ("mlp.up_proj.weight", None),
-        "ffn_down.weight" => ("mlp.down_proj.weight", None),
-        _ => return (gguf.to_string(), None),
-    };
-    (format!("model.layers.{layer}.{hf_part}"), unpermute)
 }
 
 /// Undoes llama.cpp's Q/K row permutation. Within each head of `head_dim` rows, HF row
@@ -733,21 +582,5 @@ mod tests {
         }
         assert_eq!(unpermute_rows(&gguf, rows, heads).unwrap(), hf);
         assert!(unpermute_rows(&gguf, rows, 5).is_none());
-    }
-
-    #[test]
-    fn names_map_to_hugging_face() {
-        assert_eq!(
-            hf_name("blk.12.attn_k.weight", 9, 3),
-            (
-                "model.layers.12.self_attn.k_proj.weight".to_string(),
-                Some(3)
-            )
-        );
-        assert_eq!(
-            hf_name("blk.0.ffn_down.weight", 9, 3).0,
-            "model.layers.0.mlp.down_proj.weight"
-        );
-        assert_eq!(hf_name("rope_freqs.weight", 9, 3).0, "rope_freqs.weight");
     }
 }

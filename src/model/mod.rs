@@ -1,21 +1,14 @@
-//! Models on disk: configuration, weight files, tokenizer, and each architecture's tensor list.
-//!
-//! A model path is either a directory as Hugging Face saves it (`config.json`, `*.safetensors`,
-//! optionally `tokenizer.json`) or a single `.gguf` file. [`ModelFiles::open`] reads either.
+//! Model files as formats, whatever the architecture: memory-mapped weight sources
+//! (safetensors, sharded or not; GGUF and its metadata), tokenizers, a tensor's name and
+//! shape, and a model's fingerprint. `crate::arch::ModelFiles` opens a model path with them.
 
-pub mod builtin;
-pub mod config;
 pub mod gguf;
-pub mod llama;
-pub mod opt;
-pub mod random;
 pub mod safetensors;
 pub mod tokenizer;
 pub mod weights;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-pub use config::{LlamaConfig, ModelConfig, OptConfig};
 pub use tokenizer::TextTokenizer;
 pub use weights::{DType, TensorInfo, WeightSource};
 
@@ -42,128 +35,6 @@ impl TensorSpec {
     /// Reads this tensor from `source` as f32, checking its shape.
     pub fn load_f32(&self, source: &dyn WeightSource) -> Result<Vec<f32>> {
         source.load_f32(&self.name, &self.shape)
-    }
-}
-
-/// Everything a model path holds: configuration, weights, and (when present) a tokenizer.
-pub struct ModelFiles {
-    /// Where the model came from.
-    pub path: PathBuf,
-    /// The architecture and its sizes.
-    pub config: ModelConfig,
-    /// The tensors, lazily read.
-    pub weights: Box<dyn WeightSource>,
-    /// The text tokenizer, or why there is none (records may still be given as token ids).
-    pub tokenizer: std::result::Result<TextTokenizer, String>,
-}
-
-impl ModelFiles {
-    /// Opens a model directory or a `.gguf` file.
-    pub fn open(path: &Path) -> Result<Self> {
-        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        if meta.is_dir() {
-            Self::open_dir(path)
-        } else {
-            Self::open_gguf(path)
-        }
-    }
-
-    fn open_dir(dir: &Path) -> Result<Self> {
-        let config = ModelConfig::from_json_file(&dir.join("config.json"))?;
-        let weights = safetensors::SafetensorsWeights::open_dir(dir)?;
-        weights::check_layer_tensors(
-            &weights.names(),
-            config.num_layers(),
-            &dir.join("config.json"),
-        )?;
-        let tokenizer_path = dir.join("tokenizer.json");
-        let tokenizer = if tokenizer_path.exists() {
-            TextTokenizer::from_file(&tokenizer_path).map_err(|e| e.to_string())
-        } else {
-            Err(format!(
-                "{} has no tokenizer.json; give records as token ids",
-                dir.display()
-            ))
-        };
-        Ok(Self {
-            path: dir.to_path_buf(),
-            config,
-            weights: Box::new(weights),
-            tokenizer,
-        })
-    }
-
-    fn open_gguf(path: &Path) -> Result<Self> {
-        let file = gguf::GgufFile::open(path)?;
-        let config = file.model_config()?;
-        let tokenizer = TextTokenizer::from_gguf(&file).map_err(|e| e.to_string());
-        let weights = gguf::GgufWeights::new(file, &config)?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            config,
-            weights: Box::new(weights),
-            tokenizer,
-        })
-    }
-
-    /// The tokenizer, or an error saying why text cannot be tokenized.
-    pub fn tokenizer(&self) -> Result<&TextTokenizer> {
-        self.tokenizer.as_ref().map_err(|reason| Error::Tokenizer {
-            reason: reason.clone(),
-        })
-    }
-
-    /// Reads every tensor once and fails naming the first that holds a NaN or an infinity
-    /// (with the element's index): such a model computes non-finite numbers.
-    pub fn check_finite(&self) -> Result<()> {
-        let source = self.weights.as_ref();
-        for name in source.names() {
-            let Some(info) = source.info(&name) else {
-                continue;
-            };
-            let rows = info.shape.first().copied().unwrap_or(1).max(1);
-            let width = info.numel() / rows;
-            // a few MiB of rows at a time
-            let chunk = ((4 << 20) / (width * 4).max(1)).max(1);
-            let mut first = 0;
-            while first < rows {
-                let n = chunk.min(rows - first);
-                let bytes = source.row_bytes(&name, first..first + n)?;
-                let values =
-                    weights::decode_to_f32(info.dtype, &bytes, n * width).ok_or_else(|| {
-                        Error::format(source.path(), format!("tensor `{name}` is cut short"))
-                    })?;
-                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                    return Err(Error::format(
-                        source.path(),
-                        format!(
-                            "tensor `{name}` holds {} at element {} (row {}): the model \
-                             computes non-finite numbers; use an intact copy",
-                            values[i],
-                            first * width + i,
-                            first + i / width.max(1)
-                        ),
-                    ));
-                }
-                first += n;
-            }
-            source.release(&name);
-        }
-        Ok(())
-    }
-
-    /// This model's fingerprint ([`fingerprint`]).
-    pub fn fingerprint(&self) -> Result<String> {
-        fingerprint(&self.path)
-    }
-
-    /// The name prefix of an OPT checkpoint's tensors: `"model."` (transformers) or `""`.
-    pub fn opt_prefix(&self) -> &'static str {
-        if self.weights.info("decoder.embed_tokens.weight").is_some() {
-            ""
-        } else {
-            "model."
-        }
     }
 }
 

@@ -1,10 +1,10 @@
 //! The model's sizes in the run-time layout, read from its files before anything is placed:
 //! what the cost model counts and how many panels the output projection streams in.
 
-use crate::arch::{self, PartSpec};
+use crate::arch::{ModelConfig, ModelFiles, PartSpec};
 use crate::error::{Error, Result};
 use crate::layout::{convert_rows, output_format, WeightFormat};
-use crate::model::{ModelFiles, TensorSpec};
+use crate::model::TensorSpec;
 
 /// The size of `spec` in the run-time layout for weights in `format`.
 fn runtime_bytes(files: &ModelFiles, spec: &TensorSpec, format: WeightFormat) -> Result<u64> {
@@ -15,7 +15,7 @@ fn runtime_bytes(files: &ModelFiles, spec: &TensorSpec, format: WeightFormat) ->
 /// The output projection's size in the run-time layout for weights in `format` (its own
 /// format: `output_format`).
 pub(crate) fn output_weight_bytes(files: &ModelFiles, format: WeightFormat) -> Result<u64> {
-    runtime_bytes(files, &arch::parts(files).output, output_format(format))
+    runtime_bytes(files, &files.parts().output, output_format(format))
 }
 
 /// The size of the input's and the head's linear weights (OPT's `project_in` and
@@ -23,7 +23,7 @@ pub(crate) fn output_weight_bytes(files: &ModelFiles, format: WeightFormat) -> R
 /// weights in `format`; 0 for models without them. They stream with the input and head
 /// units, across the tiers like a layer's weights.
 pub(crate) fn projection_weight_bytes(files: &ModelFiles, format: WeightFormat) -> Result<u64> {
-    let parts = arch::parts(files);
+    let parts = files.parts();
     parts
         .input
         .weights()
@@ -63,7 +63,7 @@ pub(crate) fn logit_panel_count(
 /// `(bytes, values)` of each of the first layer's linear weights in `format`: the
 /// attention half's, then the MLP half's.
 fn first_layer_weights(files: &ModelFiles, format: WeightFormat) -> Result<[Vec<(u64, usize)>; 2]> {
-    let parts = arch::parts(files);
+    let parts = files.parts();
     let layer = parts
         .layers
         .first()
@@ -78,11 +78,27 @@ fn first_layer_weights(files: &ModelFiles, format: WeightFormat) -> Result<[Vec<
 
 /// The embedding table's size as stored (what the CPU keeps for lookups at most).
 pub(crate) fn lookup_table_bytes(files: &ModelFiles) -> Result<u64> {
-    let name = arch::parts(files).embedding.name;
+    let name = files.parts().embedding.name;
     let source = files.weights.as_ref();
     let info = source.info(&name).ok_or_else(|| Error::MissingTensor {
         path: source.path().to_path_buf(),
         name: name.clone(),
     })?;
     Ok(info.dtype.bytes_for(info.numel()).unwrap_or(0) as u64)
+}
+
+/// Bytes of the intermediate tensors of `rows` rows computed at once, at the widest unit,
+/// plus one chunk of `logit_rows` rows of `logit_width` logits (the whole vocabulary, or the
+/// panel a device reduces at once): per row, the chunk's copy of its input and its output,
+/// the normalized input, q, k, v, the attention output and projection (hidden and kv widths),
+/// and the MLP's two intermediate tensors,
+/// `4 * rows * (8 h + 2 kv + 2 ffn) + 4 * logit_rows * logit_width`.
+pub(crate) fn workspace_bytes(
+    config: &ModelConfig,
+    rows: usize,
+    logit_rows: usize,
+    logit_width: usize,
+) -> u64 {
+    let per_row = 8 * config.hidden_size() + 2 * config.kv_width() + 2 * config.intermediate_size();
+    ((rows * per_row + logit_rows * logit_width) * 4) as u64
 }

@@ -1,13 +1,14 @@
-//! Llama forward pass (see [`crate::model::llama`] for the recipe and tensor names).
+//! Llama forward pass (see [`crate::arch::llama`] for the recipe and tensor names).
 
 use ndarray::{Array1, Array2, Axis};
 
 use super::kv_cache::{KvCache, RaggedBatch};
 use super::ops::{rms_norm, silu_mul, HeadLayout, Linear, Rope};
 use super::{attend, load_linear, load_matrix, load_vector};
+use crate::arch::llama::LlamaSpec;
+use crate::arch::LlamaConfig;
 use crate::error::Result;
-use crate::model::llama::LlamaSpec;
-use crate::model::{LlamaConfig, WeightSource};
+use crate::model::WeightSource;
 
 struct LlamaLayer {
     input_layernorm: Array1<f32>,

@@ -15,11 +15,12 @@ pub use kv_cache::KvCache;
 use kv_cache::RaggedBatch;
 use ops::{causal_attention, HeadLayout, Linear};
 
+use crate::arch::llama::LlamaSpec;
+use crate::arch::opt::OptSpec;
+use crate::arch::{ModelConfig, ModelFiles};
 use crate::batch::TokenScores;
 use crate::error::Result;
-use crate::model::llama::LlamaSpec;
-use crate::model::opt::OptSpec;
-use crate::model::{ModelConfig, ModelFiles, TensorSpec, WeightSource};
+use crate::model::{TensorSpec, WeightSource};
 
 /// Rows of logits computed at once when scoring (bounds memory to `rows x vocab` floats).
 const LOGIT_ROWS: usize = 128;
@@ -38,20 +39,15 @@ enum Arch {
 impl ReferenceModel {
     /// Loads all weights of an opened model, decoding quantized ones exactly to f32.
     pub fn load(files: &ModelFiles) -> Result<Self> {
-        Self::from_source(&files.config, files.weights.as_ref(), files.opt_prefix())
+        Self::from_source(&files.config, files.weights.as_ref())
     }
 
-    /// Loads from a configuration and a weight source (`opt_prefix` as in
-    /// [`ModelFiles::opt_prefix`]; ignored for Llama).
-    pub fn from_source(
-        config: &ModelConfig,
-        source: &dyn WeightSource,
-        opt_prefix: &str,
-    ) -> Result<Self> {
+    /// Loads from a configuration and a weight source.
+    pub fn from_source(config: &ModelConfig, source: &dyn WeightSource) -> Result<Self> {
         let arch = match config {
             ModelConfig::Opt(c) => Arch::Opt(opt::OptModel::load(
                 c,
-                &OptSpec::new(c, opt_prefix),
+                &OptSpec::new(c, crate::arch::opt::prefix(source)),
                 source,
             )?),
             ModelConfig::Llama(c) => {
@@ -264,7 +260,7 @@ fn load_linear(
     })
 }
 
-impl crate::batch::Scorer for ReferenceModel {
+impl crate::scorer::Scorer for ReferenceModel {
     fn config(&self) -> &ModelConfig {
         ReferenceModel::config(self)
     }

@@ -1,13 +1,14 @@
-//! OPT forward pass (see [`crate::model::opt`] for the recipe and tensor names).
+//! OPT forward pass (see [`crate::arch::opt`] for the recipe and tensor names).
 
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 
 use super::kv_cache::{KvCache, RaggedBatch};
 use super::ops::{layer_norm, HeadLayout, Linear};
 use super::{attend, load_linear, load_matrix, load_vector};
+use crate::arch::opt::{self, OptSpec, LAYER_NORM_EPS, POSITION_OFFSET};
+use crate::arch::OptConfig;
 use crate::error::Result;
-use crate::model::opt::{self, OptSpec, LAYER_NORM_EPS, POSITION_OFFSET};
-use crate::model::{OptConfig, WeightSource};
+use crate::model::WeightSource;
 
 struct Norm {
     weight: Array1<f32>,
@@ -15,7 +16,7 @@ struct Norm {
 }
 
 impl Norm {
-    fn load(spec: &opt::LayerNorm, source: &dyn WeightSource) -> Result<Self> {
+    fn load(spec: &opt::LayerNormSpec, source: &dyn WeightSource) -> Result<Self> {
         Ok(Self {
             weight: load_vector(&spec.weight, source)?,
             bias: load_vector(&spec.bias, source)?,
@@ -26,7 +27,7 @@ impl Norm {
     }
 }
 
-fn linear(spec: &opt::Linear, source: &dyn WeightSource) -> Result<Linear> {
+fn linear(spec: &opt::LinearSpec, source: &dyn WeightSource) -> Result<Linear> {
     load_linear(&spec.weight, spec.bias.as_ref(), source)
 }
 

@@ -392,7 +392,7 @@ impl OffloadDir {
             Ok(m) if m.is_dir() => false,
             Ok(_) => {
                 return Err(Error::invalid(
-                    "--offload-dir",
+                    "EngineOptions::offload_dir",
                     format!(
                         "`{}` is a file, not a directory: name a directory (created when \
                          missing)",
@@ -530,7 +530,7 @@ mod tests {
         std::fs::write(&file, b"x").unwrap();
         let e = OffloadDir::prepare(&file).unwrap_err().to_string();
         assert!(
-            e.contains("--offload-dir") && e.contains("not a directory"),
+            e.contains("EngineOptions::offload_dir") && e.contains("not a directory"),
             "{e}"
         );
     }

@@ -3,11 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
+use ferrogen::arch::ModelFiles;
 use ferrogen::device::{CpuDevice, Device, DeviceKind};
 use ferrogen::engine::{Engine, EngineOptions};
 use ferrogen::exec::ResidentModel;
 use ferrogen::gpu::{GpuContext, WgpuDevice};
-use ferrogen::model::ModelFiles;
 use ferrogen::policy::Policy;
 use ferrogen::RunOptions;
 use serde::Deserialize;

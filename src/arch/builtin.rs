@@ -1,7 +1,7 @@
 //! Built-in model shapes for policy search without weight files (`--config NAME`): the published
 //! configurations of OPT (Zhang et al., 2022) and Llama 2/3, as their `config.json` files give them.
 
-use super::config::{LlamaConfig, ModelConfig, OptConfig};
+use super::{LlamaConfig, ModelConfig, OptConfig};
 
 /// Names accepted by [`builtin_config`].
 pub const BUILTIN_NAMES: [&str; 9] = [

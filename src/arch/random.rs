@@ -8,54 +8,13 @@ use std::path::{Path, PathBuf};
 
 use half::f16;
 
-use super::{llama::LlamaSpec, opt::OptSpec, DType, ModelConfig, ModelFiles, TensorInfo};
-use super::{TensorSpec, WeightSource};
+use super::{ModelConfig, ModelFiles};
 use crate::error::{Error, Result};
+use crate::model::{DType, TensorInfo, TensorSpec, WeightSource};
 
-/// Every tensor of `config` (OPT names with transformers' `model.` prefix).
+/// Every tensor of `config` (named as transformers saves them).
 pub fn tensor_specs(config: &ModelConfig) -> Vec<TensorSpec> {
-    let mut out = Vec::new();
-    match config {
-        ModelConfig::Llama(c) => {
-            let s = LlamaSpec::new(c);
-            out.push(s.embed_tokens);
-            for l in s.layers {
-                out.extend([
-                    l.input_layernorm,
-                    l.q_proj,
-                    l.k_proj,
-                    l.v_proj,
-                    l.o_proj,
-                    l.post_attention_layernorm,
-                    l.gate_proj,
-                    l.up_proj,
-                    l.down_proj,
-                ]);
-            }
-            out.push(s.norm);
-            out.extend(s.lm_head);
-        }
-        ModelConfig::Opt(c) => {
-            let s = OptSpec::new(c, "model.");
-            out.push(s.embed_tokens);
-            out.push(s.embed_positions);
-            out.extend(s.project_in);
-            out.extend(s.project_out);
-            if let Some(n) = s.final_layer_norm {
-                out.extend([n.weight, n.bias]);
-            }
-            for l in s.layers {
-                for n in [l.self_attn_layer_norm, l.final_layer_norm] {
-                    out.extend([n.weight, n.bias]);
-                }
-                for lin in [l.q_proj, l.k_proj, l.v_proj, l.out_proj, l.fc1, l.fc2] {
-                    out.push(lin.weight);
-                    out.extend(lin.bias);
-                }
-            }
-        }
-    }
-    out
+    config.parts(None).tensors()
 }
 
 /// f16 weights drawn uniformly from `[-a, a]` with `a = 1 / sqrt(fan_in)` (norm weights near
@@ -155,7 +114,7 @@ impl WeightSource for RandomWeights {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::builtin::builtin_config;
+    use crate::arch::builtin::builtin_config;
 
     #[test]
     fn rows_agree_with_whole_tensors_and_are_seeded() {
