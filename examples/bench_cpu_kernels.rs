@@ -22,7 +22,7 @@ use std::time::Instant;
 use clap::Parser;
 use common::{exit_status, median, positive, WEIGHT_FORMATS};
 use ferrogen::calibrate::synthetic_weight;
-use ferrogen::device::cpu::matmul::{linear_into, WeightRows};
+use ferrogen::internals::{linear_into, WeightRows};
 use ferrogen::{Error, Result};
 use rayon::prelude::*;
 

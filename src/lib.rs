@@ -24,7 +24,7 @@
 //!   seam; [`exec`]: the executor, and [`ResidentModel`](exec::ResidentModel) for a model held
 //!   whole on one device;
 //! - [`schedule`]: FlexGen's zig-zag block schedule as a printable, testable plan;
-//! - [`quant`]: GGUF block formats and FlexGen's 4-bit group format;
+//! - `quant` (inside): GGUF block formats and FlexGen's 4-bit group format, decoded in the kernels;
 //! - [`sampling`]: greedy and sampled token choice, stop reasons;
 //! - `cli` (feature `cli`, on by default): the `ferrogen` command line;
 //! - [`parse_size`] and [`format_size`]: byte sizes as the command lines take and print them.
@@ -108,7 +108,7 @@ pub(crate) mod layout;
 pub mod model;
 mod plan;
 pub mod policy;
-pub mod quant;
+pub(crate) mod quant;
 pub mod reference;
 pub mod sampling;
 pub mod schedule;
@@ -127,3 +127,13 @@ pub use exec::SeqResult;
 pub use layout::{RunOptions, WeightFormat};
 pub use policy::{HardwareProfile, Policy};
 pub use tier::{Tier, TierSplit};
+
+/// The crate's internals that its own tests and benchmarks reach (block formats, the CPU
+/// device's kernels): not part of the API, and may change in any release.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::device::cpu::matmul::{linear_into, WeightRows};
+    pub use crate::model::weights::decode_to_f32;
+    pub use crate::quant::{ggml, group4};
+    pub use crate::reference::ops::log_softmax_at;
+}

@@ -91,15 +91,15 @@ impl ferrogen::model::WeightSource for Group4Weights<'_> {
         let v = self.0.load_f32(name, shape)?;
         if shape.len() == 2 && name.contains("lm_head") && shape[1].is_multiple_of(32) {
             // an untied output projection goes to 8 bits (Q8_0), as `output_format` says
-            let bytes = ferrogen::quant::ggml::quantize_q8_0(&v);
+            let bytes = ferrogen::internals::ggml::quantize_q8_0(&v);
             let mut back = vec![0f32; v.len()];
-            ferrogen::quant::ggml::BlockFormat::Q8_0.decode(&bytes, &mut back);
+            ferrogen::internals::ggml::BlockFormat::Q8_0.decode(&bytes, &mut back);
             return Ok(back);
         }
         if shape.len() != 2 || name.contains("embed") || name.contains("lm_head") {
             return Ok(v);
         }
-        Ok(ferrogen::quant::group4::Group4::quantize(&v, shape, 1, 64)?.dequantize())
+        Ok(ferrogen::internals::group4::Group4::quantize(&v, shape, 1, 64)?.dequantize())
     }
 }
 

@@ -355,13 +355,13 @@ impl ferrogen::model::WeightSource for Group4RoundTrip {
         let inner = self.0.info(name);
         match inner {
             Some(info) if Self::is_layer_linear(name) => {
-                let values = ferrogen::model::weights::decode_to_f32(
+                let values = ferrogen::internals::decode_to_f32(
                     info.dtype,
                     &self.0.bytes(name)?,
                     info.numel(),
                 )
                 .expect("whole tensor");
-                let q = ferrogen::quant::group4::Group4::quantize(&values, &info.shape, 1, 64)?;
+                let q = ferrogen::internals::group4::Group4::quantize(&values, &info.shape, 1, 64)?;
                 Ok(std::borrow::Cow::Owned(
                     bytemuck::cast_slice(&q.dequantize()).to_vec(),
                 ))

@@ -1,16 +1,17 @@
-//! Architectures: one file per model family ([`llama`], [`opt`]) holding how its tensors form
-//! the schedule's units, its attention heads, its sizes for the cost model, and its forward
-//! pass over the [`Device`] seam; [`common`] holds what they share. This file is the
-//! switchboard: each method below hands its work to the model's architecture.
+//! Architectures: one file per model family (`llama.rs`, `opt.rs`) holding what it is: its
+//! configuration (`config.json`, GGUF metadata), tensor list, how its tensors form the
+//! schedule's units, its attention heads, its sizes for the cost model, and its forward pass
+//! over the [`Device`] seam; `common.rs` holds what they share. This file is the switchboard
+//! ([`ModelConfig`], [`ModelFiles`]): each method below hands its work to the architecture.
 //!
 //! A unit's weights reach the forward pass as data ([`PartSpec`] listed by the architecture,
 //! filled by the placer into [`PartWeights`]), so the same recipe runs resident models
 //! ([`crate::exec::ResidentModel`]) and streamed ones (`crate::exec`) on every device.
 
 pub mod builtin;
-pub mod common;
-pub mod llama;
-pub mod opt;
+mod common;
+pub(crate) mod llama;
+pub(crate) mod opt;
 pub mod random;
 
 pub use common::{

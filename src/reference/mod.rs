@@ -4,10 +4,10 @@
 //! [`ReferenceModel`] runs a ragged batch of sequences, each with its own [`KvCache`], so one call
 //! serves prefill (empty caches, whole prompts) and decode (one new token per sequence) alike.
 
-pub mod kv_cache;
-pub mod llama;
-pub mod ops;
-pub mod opt;
+pub(crate) mod kv_cache;
+pub(crate) mod llama;
+pub(crate) mod ops;
+pub(crate) mod opt;
 
 use ndarray::{s, Array1, Array2, ArrayView2};
 

@@ -2,7 +2,7 @@
 //!
 //! Its memory is host RAM: weights stay in their run-time layout (f32, f16 codes, Q8_0,
 //! Q4_0, Q4_1, FlexGen 4-bit) and are multiplied by fused decode-and-multiply kernels
-//! ([`matmul`]); attention runs over (sequence, head, query tile) tasks ([`attention`]).
+//! (`matmul`); attention runs over (sequence, head, query tile) tasks (`attention`).
 //! Compute runs on its own thread pool, so I/O threads sleep on the disk beside it.
 
 /// Defines `fn $name` whose body is compiled three times, for baseline x86-64, AVX2+FMA+F16C
@@ -39,9 +39,9 @@ macro_rules! multiversion {
     };
 }
 
-pub mod attention;
-pub mod math;
-pub mod matmul;
+pub(crate) mod attention;
+pub(crate) mod math;
+pub(crate) mod matmul;
 mod weight_rows;
 #[cfg(target_arch = "x86_64")]
 mod x86;
