@@ -8,13 +8,11 @@
 //!     [--skip 0] > windows.jsonl
 //! ```
 
-mod common;
-
 use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Parser;
-use common::{exit_status, positive};
+use ferrogen::cli::common::{exit_status, positive};
 use ferrogen::arch::ModelFiles;
 use ferrogen::{Error, Result};
 
