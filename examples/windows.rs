@@ -12,8 +12,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Parser;
-use ferrogen::cli::common::{exit_status, positive};
 use ferrogen::arch::ModelFiles;
+use ferrogen::cli::common::{exit_status, positive};
 use ferrogen::{Error, Result};
 
 /// Cuts a text into token windows for `score`, as `llama-perplexity` cuts its input.

@@ -14,19 +14,20 @@
 //! without any adapter from the CPU measurements. A real GPU needs `--gpu-mem` (wgpu does not
 //! report memory sizes). Takes under 60 s.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::common::size;
 use crate::calibrate::{
     available_memory_bytes, free_disk_bytes, measure_burst_reads, measure_cpu_device_attention,
     measure_cpu_layer_overhead, measure_cpu_linear, measure_disk_reads, measure_gpu,
-    measure_matmul, measure_memcpy, write_scratch, write_text, Measured,
+    measure_matmul, measure_memcpy, write_scratch, write_text, GpuRates, Measured,
 };
 use crate::format_size;
 use crate::gpu::{AdapterKind, GpuContext};
+use crate::policy::hardware::BurstRead;
 use crate::policy::hardware::GIB;
-use crate::policy::{ByteSize, HardwareProfile};
+use crate::policy::{ByteSize, CpuLinear, DiskRead, HardwareProfile};
 use crate::{Error, Result};
 use clap::Parser;
 
@@ -58,124 +59,127 @@ pub(crate) struct Args {
     quick: bool,
 }
 
-fn run(cli: Args) -> Result<()> {
-    let Args {
-        offload_dir: dir,
-        output,
-        base,
-        gpu_mem,
-        cpu_mem,
-        disk,
-        quick,
-    } = cli;
-    check_writable(&output)?;
-    let started = Instant::now();
-    let trials = if quick { 2 } else { 3 };
-    let mut notes = vec![format!(
-        "measured by `calibrate` on {} cores; medians of {trials} trials, spreads in these notes",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    )];
-    let mut note = |what: &str, m: &Measured, unit: &str| {
-        let line = format!("{what}: {m} {unit}");
-        eprintln!("{line}");
-        notes.push(line);
-    };
+/// The profile's notes, each also shown as it is measured.
+struct Notes(Vec<String>);
 
+impl Notes {
+    fn line(&mut self, line: String) {
+        eprintln!("{line}");
+        self.0.push(line);
+    }
+
+    fn rate(&mut self, what: &str, m: &Measured, unit: &str) {
+        self.line(format!("{what}: {m} {unit}"));
+    }
+}
+
+/// The disk's rates: writes, reads by size and threads (the best of them), and weight loads
+/// in bursts as the executor (staged reads) and the CPU device (one request) issue them.
+struct DiskRates {
+    write: Measured,
+    reads: Vec<(DiskRead, Measured)>,
+    best: DiskRead,
+    bursts: Vec<(BurstRead, Measured)>,
+    direct_bursts: Vec<(BurstRead, Measured)>,
+}
+
+fn measure_disk(dir: &Path, quick: bool, trials: usize, notes: &mut Notes) -> Result<DiskRates> {
     let file_size = if quick { 128u64 << 20 } else { 512 << 20 };
-    let (scratch, write) = write_scratch(&dir, file_size, trials)?;
+    let (scratch, write) = write_scratch(dir, file_size, trials)?;
     if !scratch.direct {
         eprintln!(
             "warning: {} refuses O_DIRECT; reads drop the page cache instead",
             dir.display()
         );
     }
-    note("disk write, 4 MiB O_DIRECT", &write, "GiB/s");
+    notes.rate("disk write, 4 MiB O_DIRECT", &write, "GiB/s");
     let chunks = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 8 << 20];
     let threads = [1, 2, 4, 8];
-    let rows = measure_disk_reads(&scratch, &chunks, &threads, file_size / 2, trials)?;
-    for (row, m) in &rows {
-        note(
-            &format!(
-                "disk read, {} x {} threads",
-                format_size(row.chunk_bytes),
-                row.threads
-            ),
-            m,
-            "GiB/s",
+    let reads = measure_disk_reads(&scratch, &chunks, &threads, file_size / 2, trials)?;
+    for (row, m) in &reads {
+        let what = format!(
+            "disk read, {} x {} threads",
+            format_size(row.chunk_bytes),
+            row.threads
         );
+        notes.rate(&what, m, "GiB/s");
     }
-    let best = rows
+    let best = reads
         .iter()
         .max_by(|a, b| a.0.gib_s.total_cmp(&b.0.gib_s))
         .map(|(r, _)| *r)
         .ok_or_else(|| Error::invalid("calibrate", "no disk measurement"))?;
+    let sizes = [256 << 10, 1 << 20, 4 << 20, 16 << 20];
     // weight loads as the executor issues them: a unit's weights at a time, in the best row's
     // reads and threads
-    let bursts = measure_burst_reads(
-        &scratch,
-        best.chunk_bytes as usize,
-        best.threads,
-        &[256 << 10, 1 << 20, 4 << 20, 16 << 20],
-        file_size / 4,
-        trials,
-    )?;
+    let (chunk, threads) = (best.chunk_bytes as usize, best.threads);
+    let bursts = measure_burst_reads(&scratch, chunk, threads, &sizes, file_size / 4, trials)?;
     for (row, m) in &bursts {
-        note(
-            &format!(
-                "disk weight loads, bursts of {} ({} reads x {} threads)",
-                format_size(row.burst_bytes),
-                format_size(best.chunk_bytes),
-                best.threads
-            ),
-            m,
-            "GiB/s",
+        let what = format!(
+            "disk weight loads, bursts of {} ({} reads x {} threads)",
+            format_size(row.burst_bytes),
+            format_size(best.chunk_bytes),
+            best.threads
         );
+        notes.rate(&what, m, "GiB/s");
     }
     // and as the CPU device loads them: each burst in one request, no staging
-    let direct_bursts = measure_burst_reads(
-        &scratch,
-        usize::MAX / 2,
-        1,
-        &[256 << 10, 1 << 20, 4 << 20, 16 << 20],
-        file_size / 4,
-        trials,
-    )?;
+    let direct_bursts =
+        measure_burst_reads(&scratch, usize::MAX / 2, 1, &sizes, file_size / 4, trials)?;
     for (row, m) in &direct_bursts {
-        note(
-            &format!(
-                "disk weight loads, bursts of {} in one request",
-                format_size(row.burst_bytes)
-            ),
-            m,
-            "GiB/s",
+        let what = format!(
+            "disk weight loads, bursts of {} in one request",
+            format_size(row.burst_bytes)
         );
+        notes.rate(&what, m, "GiB/s");
     }
-    drop(scratch);
+    Ok(DiskRates {
+        write,
+        reads,
+        best,
+        bursts,
+        direct_bursts,
+    })
+}
 
+/// The CPU's rates: memory copies, f32 matrix products, and the CPU device's attention,
+/// per-layer cost and linear kernels format by format.
+struct CpuRates {
+    memcpy: Measured,
+    matmul_prefill: Measured,
+    matmul_decode: Measured,
+    attention: Measured,
+    layer_overhead: Measured,
+    linear: Vec<CpuLinear>,
+    /// A line per linear kernel (they join the notes last).
+    linear_notes: Vec<String>,
+}
+
+fn measure_cpu(trials: usize, notes: &mut Notes) -> Result<CpuRates> {
     let memcpy = measure_memcpy(256 << 20, trials);
-    note("memory copy", &memcpy, "GiB/s");
-    let mm_prefill = measure_matmul(512, 2048, 2048, trials);
-    note("CPU f32 matmul 512x2048x2048", &mm_prefill, "TFLOP/s");
-    let mm_decode = measure_matmul(8, 2048, 2048, trials);
-    note("CPU f32 matmul 8x2048x2048", &mm_decode, "TFLOP/s");
+    notes.rate("memory copy", &memcpy, "GiB/s");
+    let matmul_prefill = measure_matmul(512, 2048, 2048, trials);
+    notes.rate("CPU f32 matmul 512x2048x2048", &matmul_prefill, "TFLOP/s");
+    let matmul_decode = measure_matmul(8, 2048, 2048, trials);
+    notes.rate("CPU f32 matmul 8x2048x2048", &matmul_decode, "TFLOP/s");
     let attention = measure_cpu_device_attention(32, 9, 64, 1024, trials);
-    note(
+    notes.rate(
         "CPU device decode attention, 32 sequences x 9 heads (GQA 3:1) x 64 over 1024",
         &attention,
         "TFLOP/s",
     );
     let layer_overhead = measure_cpu_layer_overhead(trials)?;
-    note(
+    let in_us = Measured {
+        median: layer_overhead.median * 1e6,
+        min: layer_overhead.min * 1e6,
+        max: layer_overhead.max * 1e6,
+    };
+    notes.rate(
         "CPU device fixed cost of a layer for a GPU batch (tiny Llama, 12 rows)",
-        &Measured {
-            median: layer_overhead.median * 1e6,
-            min: layer_overhead.min * 1e6,
-            max: layer_overhead.max * 1e6,
-        },
+        &in_us,
         "us",
     );
-    // the CPU device's linear kernels, format by format
-    let (mut cpu_linear, mut linear_notes) = (Vec::new(), Vec::new());
+    let (mut linear, mut linear_notes) = (Vec::new(), Vec::new());
     for (name, bits, group) in [
         ("f32", 32, 0),
         ("f16", 16, 64),
@@ -196,62 +200,124 @@ fn run(cli: Args) -> Result<()> {
         );
         eprintln!("{line}");
         linear_notes.push(line);
-        cpu_linear.push(rate);
+        linear.push(rate);
     }
+    Ok(CpuRates {
+        memcpy,
+        matmul_prefill,
+        matmul_decode,
+        attention,
+        layer_overhead,
+        linear,
+        linear_notes,
+    })
+}
 
-    let available = available_memory_bytes().unwrap_or(8 << 30);
-    let free = free_disk_bytes(&dir).unwrap_or(16 << 30);
-    let gpu = match &base {
-        Some(_) => None,
-        None => match GpuContext::new() {
-            Ok(ctx) => {
-                let rates = measure_gpu(&ctx, trials)?;
-                let kind = ctx.kind();
-                Some((rates, kind))
-            }
-            Err(e) => {
-                eprintln!("no WebGPU device ({e}): GPU rows will be the CPU measurements");
-                None
-            }
-        },
+/// The WebGPU device's rates (none with a base profile, or without an adapter).
+fn measure_wgpu(
+    base: bool,
+    trials: usize,
+    notes: &mut Notes,
+) -> Result<Option<(GpuRates, AdapterKind)>> {
+    if base {
+        return Ok(None);
+    }
+    let ctx = match GpuContext::new() {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            eprintln!("no WebGPU device ({e}): GPU rows will be the CPU measurements");
+            return Ok(None);
+        }
     };
-    if let Some((g, _)) = &gpu {
-        note("wgpu upload", &g.upload_gib_s, "GiB/s");
-        note("wgpu download", &g.download_gib_s, "GiB/s");
-        note(
-            "wgpu f32 matmul 512x2048x2048",
-            &g.matmul_prefill_tflops,
-            "TFLOP/s",
-        );
-        note(
-            "wgpu f32 matmul 8x2048x2048",
-            &g.matmul_decode_tflops,
-            "TFLOP/s",
-        );
-        note(
+    let g = measure_gpu(&ctx, trials)?;
+    notes.rate("wgpu upload", &g.upload_gib_s, "GiB/s");
+    notes.rate("wgpu download", &g.download_gib_s, "GiB/s");
+    let rates = [
+        ("wgpu f32 matmul 512x2048x2048", &g.matmul_prefill_tflops),
+        ("wgpu f32 matmul 8x2048x2048", &g.matmul_decode_tflops),
+        (
             "wgpu causal attention, 256 tokens, 8 x 64",
             &g.attention_prefill_tflops,
-            "TFLOP/s",
-        );
-        note(
+        ),
+        (
             "wgpu decode attention, 32 x 8 x 64 over 1024",
             &g.attention_decode_tflops,
-            "TFLOP/s",
-        );
-        note("wgpu copy kernel (read + write)", &g.memory_gib_s, "GiB/s");
-        note(
-            "wgpu 4-bit matvec decode",
-            &g.dequant_gvalues_s,
-            "Gvalues/s",
-        );
+        ),
+    ];
+    for (what, m) in rates {
+        notes.rate(what, m, "TFLOP/s");
     }
-    let mut profile = match (&base, &gpu) {
-        (Some(path), _) => {
-            notes.push(format!("GPU rows and capacities from {}", path.display()));
-            HardwareProfile::from_toml_file(path)?
-        }
-        (None, Some((g, kind))) => {
-            let gpu_memory = match (gpu_mem, kind) {
+    notes.rate("wgpu copy kernel (read + write)", &g.memory_gib_s, "GiB/s");
+    notes.rate(
+        "wgpu 4-bit matvec decode",
+        &g.dequant_gvalues_s,
+        "Gvalues/s",
+    );
+    Ok(Some((g, ctx.kind())))
+}
+
+/// A profile's GPU rows (transfers, matrix products, attention, memory, 4-bit decoding) and
+/// capacities, the CPU and disk rows left for [`run`] to fill.
+struct GpuRows {
+    upload: f64,
+    download: f64,
+    matmul: [f64; 2],
+    attention: [f64; 2],
+    memory_gib_s: f64,
+    dequant_gvalues_s: f64,
+    gpu_memory: u64,
+}
+
+fn gpu_profile(g: GpuRows, cpu_memory: u64, disk_space: u64) -> HardwareProfile {
+    HardwareProfile {
+        name: String::new(),
+        cpu_to_gpu_gib_s: g.upload,
+        gpu_to_cpu_gib_s: g.download,
+        gpu_to_cpu_cache_gib_s: g.download,
+        cpu_to_disk_gib_s: 0.0,
+        cpu_to_disk_cache_gib_s: 0.0,
+        disk_read: Vec::new(),
+        disk_burst_read: Vec::new(),
+        disk_direct_burst_read: Vec::new(),
+        cpu_layer_overhead_s: 0.0,
+        io_chunk_bytes: 0,
+        io_threads: 0,
+        gpu_matmul_tflops_prefill: g.matmul[0],
+        gpu_matmul_tflops_decode: g.matmul[1],
+        gpu_attention_tflops_prefill: g.attention[0],
+        gpu_attention_tflops_decode: g.attention[1],
+        cpu_attention_tflops: 0.0,
+        cpu_matmul_tflops_prefill: 0.0,
+        cpu_matmul_tflops_decode: 0.0,
+        cpu_linear: Vec::new(),
+        gpu_memory_gib_s: g.memory_gib_s,
+        gpu_dequant_gvalues_s: g.dequant_gvalues_s,
+        gpu_memory: ByteSize(g.gpu_memory),
+        cpu_memory: ByteSize(cpu_memory),
+        disk_space: ByteSize(disk_space),
+        notes: Vec::new(),
+    }
+}
+
+/// The profile's GPU rows and capacities: from `--base`, from the WebGPU device, or (without
+/// one) from the CPU's own rates.
+fn base_profile(
+    cli: &Args,
+    gpu: Option<(GpuRates, AdapterKind)>,
+    cpu: &CpuRates,
+    notes: &mut Notes,
+) -> Result<HardwareProfile> {
+    if let Some(path) = &cli.base {
+        notes
+            .0
+            .push(format!("GPU rows and capacities from {}", path.display()));
+        return HardwareProfile::from_toml_file(path);
+    }
+    let available = available_memory_bytes().unwrap_or(8 << 30);
+    let free = free_disk_bytes(&cli.offload_dir).unwrap_or(16 << 30);
+    let rows = match gpu {
+        Some((g, kind)) => {
+            let gpu_memory = match (cli.gpu_mem, kind) {
                 (Some(v), _) => v,
                 (None, AdapterKind::Cpu) => available / 4,
                 (None, AdapterKind::Gpu) => {
@@ -261,104 +327,90 @@ fn run(cli: Args) -> Result<()> {
                     ))
                 }
             };
-            notes.push(
+            notes.0.push(
                 "capacities default to 25% (a CPU adapter's GPU tier) and 50% (CPU) of \
                  MemAvailable, 50% of free disk"
                     .into(),
             );
-            HardwareProfile {
-                name: String::new(),
-                cpu_to_gpu_gib_s: g.upload_gib_s.median,
-                gpu_to_cpu_gib_s: g.download_gib_s.median,
-                gpu_to_cpu_cache_gib_s: g.download_gib_s.median,
-                cpu_to_disk_gib_s: 0.0,
-                cpu_to_disk_cache_gib_s: 0.0,
-                disk_read: Vec::new(),
-                disk_burst_read: Vec::new(),
-                disk_direct_burst_read: Vec::new(),
-                cpu_layer_overhead_s: 0.0,
-                io_chunk_bytes: 0,
-                io_threads: 0,
-                gpu_matmul_tflops_prefill: g.matmul_prefill_tflops.median,
-                gpu_matmul_tflops_decode: g.matmul_decode_tflops.median,
-                gpu_attention_tflops_prefill: g.attention_prefill_tflops.median,
-                gpu_attention_tflops_decode: g.attention_decode_tflops.median,
-                cpu_attention_tflops: 0.0,
-                cpu_matmul_tflops_prefill: 0.0,
-                cpu_matmul_tflops_decode: 0.0,
-                cpu_linear: Vec::new(),
-                gpu_memory_gib_s: g.memory_gib_s.median / 2.0,
-                gpu_dequant_gvalues_s: g.dequant_gvalues_s.median,
-                gpu_memory: ByteSize(gpu_memory),
-                cpu_memory: ByteSize(available / 2),
-                disk_space: ByteSize(free / 2),
-                notes: Vec::new(),
+            GpuRows {
+                upload: g.upload_gib_s.median,
+                download: g.download_gib_s.median,
+                matmul: [
+                    g.matmul_prefill_tflops.median,
+                    g.matmul_decode_tflops.median,
+                ],
+                attention: [
+                    g.attention_prefill_tflops.median,
+                    g.attention_decode_tflops.median,
+                ],
+                memory_gib_s: g.memory_gib_s.median / 2.0,
+                dequant_gvalues_s: g.dequant_gvalues_s.median,
+                gpu_memory,
             }
         }
-        (None, None) => {
-            notes.push(
+        None => {
+            notes.0.push(
                 "no WebGPU device: GPU rows are the CPU measurements (as on lavapipe); \
                  capacities default to 25% (GPU) and 50% (CPU) of MemAvailable, 50% of free disk"
                     .into(),
             );
-            HardwareProfile {
-                name: String::new(),
-                cpu_to_gpu_gib_s: memcpy.median,
-                gpu_to_cpu_gib_s: memcpy.median,
-                gpu_to_cpu_cache_gib_s: memcpy.median,
-                cpu_to_disk_gib_s: 0.0,
-                cpu_to_disk_cache_gib_s: 0.0,
-                disk_read: Vec::new(),
-                disk_burst_read: Vec::new(),
-                disk_direct_burst_read: Vec::new(),
-                cpu_layer_overhead_s: 0.0,
-                io_chunk_bytes: 0,
-                io_threads: 0,
-                gpu_matmul_tflops_prefill: mm_prefill.median,
-                gpu_matmul_tflops_decode: mm_decode.median,
-                gpu_attention_tflops_prefill: mm_prefill.median,
-                gpu_attention_tflops_decode: attention.median,
-                cpu_attention_tflops: 0.0,
-                cpu_matmul_tflops_prefill: 0.0,
-                cpu_matmul_tflops_decode: 0.0,
-                cpu_linear: Vec::new(),
-                gpu_memory_gib_s: memcpy.median,
+            let memcpy = cpu.memcpy.median;
+            GpuRows {
+                upload: memcpy,
+                download: memcpy,
+                matmul: [cpu.matmul_prefill.median, cpu.matmul_decode.median],
+                attention: [cpu.matmul_prefill.median, cpu.attention.median],
+                memory_gib_s: memcpy,
                 // dequantizing reads ~0.56 and writes 2 bytes per value
-                gpu_dequant_gvalues_s: memcpy.median * GIB / 2.6 / 1e9,
-                gpu_memory: ByteSize(available / 4),
-                cpu_memory: ByteSize(available / 2),
-                disk_space: ByteSize(free / 2),
-                notes: Vec::new(),
+                dequant_gvalues_s: memcpy * GIB / 2.6 / 1e9,
+                gpu_memory: available / 4,
             }
         }
     };
+    Ok(gpu_profile(rows, available / 2, free / 2))
+}
+
+fn run(cli: Args) -> Result<()> {
+    check_writable(&cli.output)?;
+    let started = Instant::now();
+    let trials = if cli.quick { 2 } else { 3 };
+    let mut notes = Notes(vec![format!(
+        "measured by `calibrate` on {} cores; medians of {trials} trials, spreads in these notes",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    )]);
+    let disk = measure_disk(&cli.offload_dir, cli.quick, trials, &mut notes)?;
+    let cpu = measure_cpu(trials, &mut notes)?;
+    let gpu = measure_wgpu(cli.base.is_some(), trials, &mut notes)?;
+    let mut profile = base_profile(&cli, gpu, &cpu, &mut notes)?;
     profile.name = format!("calibrated: {}", hostname());
-    profile.cpu_to_disk_gib_s = write.median;
-    profile.cpu_to_disk_cache_gib_s = write.median;
-    profile.disk_read = rows.iter().map(|(r, _)| *r).collect();
-    profile.disk_burst_read = bursts.iter().map(|(r, _)| *r).collect();
-    profile.disk_direct_burst_read = direct_bursts.iter().map(|(r, _)| *r).collect();
-    profile.io_chunk_bytes = best.chunk_bytes;
-    profile.io_threads = best.threads;
-    profile.cpu_attention_tflops = attention.median;
-    profile.cpu_matmul_tflops_prefill = mm_prefill.median;
-    profile.cpu_matmul_tflops_decode = mm_decode.median;
-    profile.cpu_linear = cpu_linear;
-    profile.cpu_layer_overhead_s = layer_overhead.median;
-    notes.extend(linear_notes);
-    if let Some(v) = gpu_mem {
+    profile.cpu_to_disk_gib_s = disk.write.median;
+    profile.cpu_to_disk_cache_gib_s = disk.write.median;
+    profile.disk_read = disk.reads.iter().map(|(r, _)| *r).collect();
+    profile.disk_burst_read = disk.bursts.iter().map(|(r, _)| *r).collect();
+    profile.disk_direct_burst_read = disk.direct_bursts.iter().map(|(r, _)| *r).collect();
+    profile.io_chunk_bytes = disk.best.chunk_bytes;
+    profile.io_threads = disk.best.threads;
+    profile.cpu_attention_tflops = cpu.attention.median;
+    profile.cpu_matmul_tflops_prefill = cpu.matmul_prefill.median;
+    profile.cpu_matmul_tflops_decode = cpu.matmul_decode.median;
+    profile.cpu_linear = cpu.linear;
+    profile.cpu_layer_overhead_s = cpu.layer_overhead.median;
+    notes.0.extend(cpu.linear_notes);
+    if let Some(v) = cli.gpu_mem {
         profile.gpu_memory = ByteSize(v);
     }
-    if let Some(v) = cpu_mem {
+    if let Some(v) = cli.cpu_mem {
         profile.cpu_memory = ByteSize(v);
     }
-    if let Some(v) = disk {
+    if let Some(v) = cli.disk {
         profile.disk_space = ByteSize(v);
     }
-    notes.push(format!("took {:.1} s", started.elapsed().as_secs_f64()));
-    profile.notes = notes;
+    notes
+        .0
+        .push(format!("took {:.1} s", started.elapsed().as_secs_f64()));
+    profile.notes = notes.0;
     profile.validate(std::path::Path::new("<calibrated>"))?;
-    write_text(&output, &profile.to_toml())?;
+    write_text(&cli.output, &profile.to_toml())?;
     eprintln!("calibration took {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
