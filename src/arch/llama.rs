@@ -237,24 +237,6 @@ pub(super) fn from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
             ),
         ));
     }
-    // the embedding's rows are the vocabulary: every token of the tokenizer needs one
-    // (rows past the tokens, padding, are never looked up)
-    if let Some(tokens) = file
-        .get("tokenizer.ggml.tokens")
-        .and_then(GgufValue::as_array)
-    {
-        if tokens.len() > embed[0] {
-            return Err(Error::config(
-                file.path(),
-                format!(
-                    "`token_embd.weight` has {} rows but the tokenizer has {} tokens: the \
-                     vocabulary and the embedding disagree (a damaged or mismatched file)",
-                    embed[0],
-                    tokens.len()
-                ),
-            ));
-        }
-    }
     if let (Some(rot), Some(hd)) = (
         file.optional_u64("llama.rope.dimension_count")?,
         head_dim.or_else(|| Some(embed.get(1)? / heads.max(1))),

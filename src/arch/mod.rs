@@ -216,6 +216,22 @@ impl ModelConfig {
         };
         config.validate(path)?;
         check_layer_tensors(&file.tensor_names(), config.num_layers(), path)?;
+        // the embedding's rows are the vocabulary: every token of the tokenizer needs one
+        // (rows past the tokens, padding, are never looked up)
+        let tokens = file
+            .get("tokenizer.ggml.tokens")
+            .and_then(GgufValue::as_array);
+        if let Some(tokens) = tokens.filter(|t| t.len() > config.vocab_size()) {
+            return Err(Error::config(
+                path,
+                format!(
+                    "`token_embd.weight` has {} rows but the tokenizer has {} tokens: the \
+                     vocabulary and the embedding disagree (a damaged or mismatched file)",
+                    config.vocab_size(),
+                    tokens.len()
+                ),
+            ));
+        }
         Ok(config)
     }
 
