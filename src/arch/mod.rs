@@ -436,10 +436,7 @@ impl<D: Device> Runner<D> {
 mod tests {
     use super::*;
 
-    const OPT_350M: &str = r#"{"model_type": "opt", "vocab_size": 50272, "hidden_size": 1024,
-        "num_hidden_layers": 24, "ffn_dim": 4096, "num_attention_heads": 16,
-        "max_position_embeddings": 2048, "do_layer_norm_before": false, "word_embed_proj_dim": 512,
-        "activation_function": "relu", "eos_token_id": 2}"#;
+    use opt::tests::OPT_350M;
 
     #[test]
     fn missing_field_is_named_with_the_file() {

@@ -439,11 +439,12 @@ pub(super) fn head<D: Device>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::arch::ModelConfig;
 
-    const OPT_350M: &str = r#"{"model_type": "opt", "vocab_size": 50272, "hidden_size": 1024,
+    /// facebook/opt-350m's config.json: projections in and out, no final norm.
+    pub(in crate::arch) const OPT_350M: &str = r#"{"model_type": "opt", "vocab_size": 50272, "hidden_size": 1024,
         "num_hidden_layers": 24, "ffn_dim": 4096, "num_attention_heads": 16,
         "max_position_embeddings": 2048, "do_layer_norm_before": false, "word_embed_proj_dim": 512,
         "activation_function": "relu", "eos_token_id": 2}"#;
