@@ -187,6 +187,37 @@ fn quantized_gguf_tensors_decode_exactly() {
     }
 }
 
+/// Random blocks of every block format, decoded bit for bit as the `gguf` Python package's
+/// `dequantize` does (tests/fixtures/blocks, written by scripts/make_block_fixtures.py).
+#[test]
+fn every_block_format_decodes_as_ggml_does() {
+    use ferrogen::internals::ggml::BlockFormat;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/blocks");
+    let ids = [2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23];
+    for id in ids {
+        let format = BlockFormat::from_ggml_type(id).unwrap();
+        let path = dir.join(format!("{}.bin", format.name()));
+        let bytes = std::fs::read(&path).unwrap();
+        let n = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+        let (blocks, values) = bytes[4..].split_at(n * format.block_bytes());
+        let want: Vec<f32> = values
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(want.len(), n * format.block_len(), "{path:?}");
+        let mut got = vec![f32::NAN; want.len()];
+        format.decode(blocks, &mut got);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g.to_bits(),
+                w.to_bits(),
+                "{} value {i}: {g} vs {w}",
+                format.name()
+            );
+        }
+    }
+}
+
 fn open_and_load(bytes: &[u8]) -> ferrogen::Result<()> {
     let file = write_temp(bytes);
     let files = ModelFiles::open(file.path())?;

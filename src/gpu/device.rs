@@ -31,8 +31,12 @@ pub enum WeightPart {
 impl WeightPart {
     /// The device part for `rows` rows of `format` held in `buffers` (one per segment): the
     /// wgpu side of the run-time layout ([`RowFormat`]).
-    fn from_buffers(format: RowFormat, rows: usize, mut buffers: Vec<wgpu::Buffer>) -> Self {
-        match format {
+    fn from_buffers(
+        format: RowFormat,
+        rows: usize,
+        mut buffers: Vec<wgpu::Buffer>,
+    ) -> Result<Self> {
+        Ok(match format {
             RowFormat::F32 { k } => WeightPart::F32(GpuTensor {
                 buffer: buffers.remove(0),
                 shape: vec![rows, k],
@@ -59,7 +63,17 @@ impl WeightPart {
                     },
                 ))
             }
-        }
+            RowFormat::Blocks { format, .. } => {
+                return Err(Error::invalid(
+                    "device",
+                    format!(
+                        "the WebGPU device has no decoder for GGUF {} weights yet: run this \
+                         model on the CPU device",
+                        format.name()
+                    ),
+                ))
+            }
+        })
     }
 }
 
@@ -311,7 +325,7 @@ impl Device for WgpuDevice {
     ) -> Result<WeightPart> {
         // hand the staged writes to the device so they do not pile up
         self.context().queue.submit([]);
-        Ok(WeightPart::from_buffers(format, rows, segments))
+        WeightPart::from_buffers(format, rows, segments)
     }
 
     fn rows(&self, rows: &HostRows) -> Result<GpuRows> {

@@ -102,9 +102,22 @@ impl PackedWeight {
         })
     }
 
-    /// From GGUF blocks of a weight `[rows, k]` (`k` a multiple of 32).
+    /// Whether [`PackedWeight::from_ggml`] repacks `format` losslessly (Q4_0, Q4_1, Q8_0:
+    /// one f16 scale and offset per 32 codes of 4 or 8 bits).
+    pub fn repacks(format: BlockFormat) -> bool {
+        matches!(
+            format,
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q8_0
+        )
+    }
+
+    /// From GGUF blocks of a weight `[rows, k]` (`k` a multiple of 32; a format that
+    /// [`PackedWeight::repacks`]).
     pub fn from_ggml(format: BlockFormat, bytes: &[u8], rows: usize, k: usize) -> Result<Self> {
-        if !k.is_multiple_of(BLOCK_LEN) || bytes.len() != rows * format.bytes_for(k) {
+        if !Self::repacks(format)
+            || !k.is_multiple_of(BLOCK_LEN)
+            || bytes.len() != rows * format.bytes_for(k)
+        {
             return Err(Error::invalid(
                 "quantized weight",
                 format!("{} bytes for a {rows} x {k} {format:?} weight", bytes.len()),
@@ -142,6 +155,8 @@ impl PackedWeight {
                         codes.push((0..8).fold(0, |acc, i| acc | (code(word * 8 + i) << (4 * i))));
                     }
                 }
+                // refused above
+                _ => unreachable!("{format:?} does not repack"),
             }
         }
         Ok(Self {

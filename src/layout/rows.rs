@@ -22,9 +22,10 @@ use crate::quant::group4::Group4;
 pub enum WeightFormat {
     /// Decoded to f32.
     F32,
-    /// As the file stores them: GGUF Q4_0/Q4_1/Q8_0 blocks run natively (repacked losslessly,
-    /// never requantized), f16 tensors stay f16 (decoded in the kernel); f32 and bf16 tensors
-    /// become f32 (bf16 does not always fit f16's range).
+    /// As the file stores them: GGUF blocks run natively, never requantized (Q4_0/Q4_1/Q8_0
+    /// repacked losslessly into the packed layout, the others kept as their blocks), f16
+    /// tensors stay f16 (decoded in the kernel); f32 and bf16 tensors become f32 (bf16 does
+    /// not always fit f16's range).
     #[default]
     Native,
     /// FlexGen's 4-bit groups of 64 along the input dimension (`--compress-weight`).
@@ -88,6 +89,14 @@ pub enum RowFormat {
         /// Bits per code (4, 8 or 16).
         bits: u32,
     },
+    /// GGUF blocks as the file stores them (the K-quants, Q5_0/Q5_1, IQ4): each row is its
+    /// `k / block_len` blocks, padded with zero bytes to whole 4-byte words.
+    Blocks {
+        /// Values per row (whole blocks).
+        k: usize,
+        /// The block format.
+        format: BlockFormat,
+    },
 }
 
 impl RowFormat {
@@ -102,6 +111,14 @@ impl RowFormat {
                 bits,
                 ..
             } => vec![padded_k * bits as usize / 8, 4 * (padded_k / group)],
+            RowFormat::Blocks { k, format } => vec![format.bytes_for(k).next_multiple_of(4)],
+        }
+    }
+
+    /// Values per row.
+    pub fn k(&self) -> usize {
+        match *self {
+            RowFormat::F32 { k } | RowFormat::Packed { k, .. } | RowFormat::Blocks { k, .. } => k,
         }
     }
 
@@ -162,10 +179,13 @@ pub fn convert_rows(
         other => other,
     };
     match (target, info.dtype) {
-        (WeightFormat::Native | WeightFormat::Q8, DType::Block(b)) => {
+        (WeightFormat::Native | WeightFormat::Q8, DType::Block(b)) if PackedWeight::repacks(b) => {
             return Ok(packed(
                 PackedWeight::from_ggml(b, &bytes, n, k).map_err(in_tensor)?,
             ));
+        }
+        (WeightFormat::Native | WeightFormat::Q8, DType::Block(format)) => {
+            return Ok(as_blocks(format, &bytes, n, k));
         }
         (WeightFormat::Native, DType::F16) => {
             let halves: Vec<u16> = bytes
@@ -200,6 +220,22 @@ pub fn convert_rows(
             vec![bytemuck::cast_slice(&values).to_vec()],
         ),
     })
+}
+
+/// `n` rows of `k` values of GGUF blocks `bytes`, each row padded to whole words.
+pub(crate) fn as_blocks(
+    format: BlockFormat,
+    bytes: &[u8],
+    n: usize,
+    k: usize,
+) -> (RowFormat, Vec<Vec<u8>>) {
+    let row = RowFormat::Blocks { k, format };
+    let (stored, padded) = (format.bytes_for(k), row.row_bytes());
+    let mut out = vec![0u8; n * padded];
+    for (src, dst) in bytes.chunks_exact(stored).zip(out.chunks_exact_mut(padded)) {
+        dst[..stored].copy_from_slice(src);
+    }
+    (row, vec![out])
 }
 
 #[cfg(test)]

@@ -196,21 +196,15 @@ impl<'a> Cursor<'a> {
 
 /// ggml type ids ferrogen reads, and names for the common ones it does not.
 fn ggml_dtype(id: u32) -> std::result::Result<DType, String> {
+    if let Some(format) = BlockFormat::from_ggml_type(id) {
+        return Ok(DType::Block(format));
+    }
     Ok(match id {
         0 => DType::F32,
         1 => DType::F16,
-        2 => DType::Block(BlockFormat::Q4_0),
-        3 => DType::Block(BlockFormat::Q4_1),
-        8 => DType::Block(BlockFormat::Q8_0),
         30 => DType::BF16,
-        6 => return Err("Q5_0".into()),
-        7 => return Err("Q5_1".into()),
-        10 => return Err("Q2_K".into()),
-        11 => return Err("Q3_K".into()),
-        12 => return Err("Q4_K".into()),
-        13 => return Err("Q5_K".into()),
-        14 => return Err("Q6_K".into()),
         15 => return Err("Q8_K".into()),
+        16..=19 | 21 | 22 | 29 => return Err(format!("IQ type {id} (IQ1/IQ2/IQ3)")),
         other => return Err(format!("ggml type {other}")),
     })
 }
@@ -351,9 +345,13 @@ fn parse(bytes: &[u8], path: &Path) -> Result<Parsed> {
             name: name.clone(),
             dtype: type_name,
         })?;
+        // a row (the first dimension in ggml's order) must be whole blocks to be sliced
+        let row_len = dims.first().copied().unwrap_or(1);
         let len = match dtype.bytes_for(numel) {
-            Some(len) => len,
-            None if numel.is_multiple_of(dtype.block_len()) => {
+            Some(len) if row_len.is_multiple_of(dtype.block_len()) => len,
+            _ if numel.is_multiple_of(dtype.block_len())
+                && row_len.is_multiple_of(dtype.block_len()) =>
+            {
                 return Err(Error::format(
                     path,
                     format!(
@@ -362,11 +360,12 @@ fn parse(bytes: &[u8], path: &Path) -> Result<Parsed> {
                     ),
                 ))
             }
-            None => {
+            _ => {
                 return Err(Error::format(
                     path,
                     format!(
-                        "tensor `{name}`: {numel} elements are not whole {dtype} blocks of {}",
+                        "tensor `{name}`: rows of {row_len} elements are not whole {dtype} \
+                         blocks of {}",
                         dtype.block_len()
                     ),
                 ))

@@ -9,7 +9,7 @@ use std::path::Path;
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
-use crate::quant::ggml::{BlockFormat, BLOCK_LEN};
+use crate::quant::ggml::BlockFormat;
 
 /// The element type of a stored tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,7 +20,7 @@ pub enum DType {
     F16,
     /// bfloat16.
     BF16,
-    /// A ggml block format (rows are whole blocks of 32).
+    /// A ggml block format (rows are whole blocks of 32 or 256).
     Block(BlockFormat),
 }
 
@@ -28,7 +28,7 @@ impl DType {
     /// Elements per block: 1 for the float types.
     pub fn block_len(self) -> usize {
         match self {
-            DType::Block(_) => BLOCK_LEN,
+            DType::Block(b) => b.block_len(),
             _ => 1,
         }
     }
@@ -39,8 +39,8 @@ impl DType {
             DType::F32 => n.checked_mul(4),
             DType::F16 | DType::BF16 => n.checked_mul(2),
             DType::Block(b) => n
-                .is_multiple_of(BLOCK_LEN)
-                .then(|| (n / BLOCK_LEN).checked_mul(b.block_bytes()))
+                .is_multiple_of(b.block_len())
+                .then(|| (n / b.block_len()).checked_mul(b.block_bytes()))
                 .flatten(),
         }
     }
@@ -52,7 +52,7 @@ impl std::fmt::Display for DType {
             DType::F32 => write!(f, "F32"),
             DType::F16 => write!(f, "F16"),
             DType::BF16 => write!(f, "BF16"),
-            DType::Block(b) => write!(f, "{b:?}"),
+            DType::Block(b) => write!(f, "{}", b.name()),
         }
     }
 }

@@ -1,20 +1,29 @@
-//! GGUF (ggml) block formats, decoded exactly to f32.
+//! GGUF (ggml) block formats, decoded exactly to f32 (bit for bit as `gguf`'s Python
+//! `dequantize` and ggml's own `dequantize_row_*` compute them: products rounded one at a
+//! time, never fused).
 //!
-//! Each format stores a row in blocks of 32 values; a row's length must be a multiple of 32.
-//! Layouts (little-endian), with `d` and `m` as IEEE half floats:
+//! The legacy formats hold 32 values a block; the K-quants and IQ4_XS 256 (a "super-block"
+//! of 8 or 16 sub-blocks with their own small scales); a row's length is a multiple of the
+//! block. Layouts (little-endian), with `d` and `m` as IEEE half floats; for byte `b = qs[j]`
+//! (j in 0..16), `nib[j] = b & 0xF` and `nib[j + 16] = b >> 4`:
 //! - Q8_0 (34 bytes): `d`, then 32 signed bytes `q`;            `x[i] = d * q[i]`
 //! - Q4_0 (18 bytes): `d`, then 16 bytes of nibbles;             `x[i] = d * (nib[i] - 8)`
 //! - Q4_1 (20 bytes): `d`, `m`, then 16 bytes of nibbles;        `x[i] = d * nib[i] + m`
-//!
-//! where, for byte `b = qs[j]` (j in 0..16), `nib[j] = b & 0xF` and `nib[j + 16] = b >> 4`.
+//! - Q5_0 (22 bytes): `d`, 32 high bits `qh`, 16 bytes of nibbles;
+//!   `x[i] = d * ((nib[i] | bit_i(qh) << 4) - 16)`
+//! - Q5_1 (24 bytes): `d`, `m`, `qh`, nibbles;                   `x[i] = d * (nib[i] | bit_i(qh) << 4) + m`
+//! - IQ4_NL (18 bytes): `d`, nibbles indexing a fixed non-linear table; `x[i] = d * T[nib[i]]`
+//! - the 256-value formats (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS): see [`super::kquant`].
 
 use half::f16;
 
-/// Values per block in every ggml block format here.
+use super::kquant;
+
+/// Values per block of the legacy formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL).
 pub const BLOCK_LEN: usize = 32;
 
 /// A ggml block format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum BlockFormat {
     /// 8-bit symmetric, one f16 scale per block.
     Q8_0,
@@ -22,6 +31,24 @@ pub enum BlockFormat {
     Q4_0,
     /// 4-bit asymmetric, f16 scale and f16 minimum per block.
     Q4_1,
+    /// 5-bit symmetric (offset 16), one f16 scale per block.
+    Q5_0,
+    /// 5-bit asymmetric, f16 scale and f16 minimum per block.
+    Q5_1,
+    /// 2-bit K-quant: 16 sub-blocks of 16 with 4-bit scales and minimums.
+    Q2K,
+    /// 3-bit K-quant: 16 sub-blocks of 16 with 6-bit signed scales.
+    Q3K,
+    /// 4-bit K-quant: 8 sub-blocks of 32 with 6-bit scales and minimums.
+    Q4K,
+    /// 5-bit K-quant: as Q4_K with a fifth bit per value.
+    Q5K,
+    /// 6-bit K-quant: 16 sub-blocks of 16 with 8-bit signed scales.
+    Q6K,
+    /// 4-bit non-linear (a fixed table of 16 levels), one f16 scale per 32.
+    Iq4Nl,
+    /// IQ4_NL's levels in super-blocks of 256 with 6-bit sub-block scales.
+    Iq4Xs,
 }
 
 /// Quantizes `values` (a multiple of [`BLOCK_LEN`] long) to Q8_0 blocks: per block
@@ -47,52 +74,162 @@ pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
 }
 
 impl BlockFormat {
-    /// Bytes of one block of [`BLOCK_LEN`] values.
-    pub const fn block_bytes(self) -> usize {
+    /// The format of ggml type id `id`, or `None` for one not listed here.
+    pub fn from_ggml_type(id: u32) -> Option<Self> {
+        Some(match id {
+            2 => BlockFormat::Q4_0,
+            3 => BlockFormat::Q4_1,
+            6 => BlockFormat::Q5_0,
+            7 => BlockFormat::Q5_1,
+            8 => BlockFormat::Q8_0,
+            10 => BlockFormat::Q2K,
+            11 => BlockFormat::Q3K,
+            12 => BlockFormat::Q4K,
+            13 => BlockFormat::Q5K,
+            14 => BlockFormat::Q6K,
+            20 => BlockFormat::Iq4Nl,
+            23 => BlockFormat::Iq4Xs,
+            _ => return None,
+        })
+    }
+
+    /// The name ggml gives the format (`Q4_K`, `IQ4_XS`).
+    pub const fn name(self) -> &'static str {
         match self {
-            BlockFormat::Q8_0 => 2 + 32,
-            BlockFormat::Q4_0 => 2 + 16,
-            BlockFormat::Q4_1 => 2 + 2 + 16,
+            BlockFormat::Q8_0 => "Q8_0",
+            BlockFormat::Q4_0 => "Q4_0",
+            BlockFormat::Q4_1 => "Q4_1",
+            BlockFormat::Q5_0 => "Q5_0",
+            BlockFormat::Q5_1 => "Q5_1",
+            BlockFormat::Q2K => "Q2_K",
+            BlockFormat::Q3K => "Q3_K",
+            BlockFormat::Q4K => "Q4_K",
+            BlockFormat::Q5K => "Q5_K",
+            BlockFormat::Q6K => "Q6_K",
+            BlockFormat::Iq4Nl => "IQ4_NL",
+            BlockFormat::Iq4Xs => "IQ4_XS",
         }
     }
 
-    /// Bytes needed for `n` values (`n` a multiple of [`BLOCK_LEN`]).
-    pub const fn bytes_for(self, n: usize) -> usize {
-        n / BLOCK_LEN * self.block_bytes()
+    /// Values per block: 32 for the legacy formats, 256 for the K-quants and IQ4_XS.
+    pub const fn block_len(self) -> usize {
+        match self {
+            BlockFormat::Q8_0
+            | BlockFormat::Q4_0
+            | BlockFormat::Q4_1
+            | BlockFormat::Q5_0
+            | BlockFormat::Q5_1
+            | BlockFormat::Iq4Nl => BLOCK_LEN,
+            _ => kquant::SUPER_LEN,
+        }
     }
 
-    /// Decodes `bytes` (whole blocks) into `out`, whose length is `bytes / block_bytes * 32`.
+    /// Bytes of one block.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            BlockFormat::Q8_0 => 2 + 32,
+            BlockFormat::Q4_0 | BlockFormat::Iq4Nl => 2 + 16,
+            BlockFormat::Q4_1 => 2 + 2 + 16,
+            BlockFormat::Q5_0 => 2 + 4 + 16,
+            BlockFormat::Q5_1 => 2 + 2 + 4 + 16,
+            BlockFormat::Q2K => kquant::Q2K_BYTES,
+            BlockFormat::Q3K => kquant::Q3K_BYTES,
+            BlockFormat::Q4K => kquant::Q4K_BYTES,
+            BlockFormat::Q5K => kquant::Q5K_BYTES,
+            BlockFormat::Q6K => kquant::Q6K_BYTES,
+            BlockFormat::Iq4Xs => kquant::IQ4XS_BYTES,
+        }
+    }
+
+    /// Bytes needed for `n` values (`n` a multiple of [`BlockFormat::block_len`]).
+    pub const fn bytes_for(self, n: usize) -> usize {
+        n / self.block_len() * self.block_bytes()
+    }
+
+    /// Where each block keeps its f16 super-scales (`d`, and `dmin` or `m` where the format
+    /// has one), as byte offsets: what a test writing random blocks must keep finite.
+    pub const fn scale_offsets(self) -> &'static [usize] {
+        match self {
+            BlockFormat::Q4_1 | BlockFormat::Q5_1 | BlockFormat::Q4K | BlockFormat::Q5K => &[0, 2],
+            BlockFormat::Q2K => &[80, 82],
+            BlockFormat::Q3K => &[108],
+            BlockFormat::Q6K => &[208],
+            _ => &[0],
+        }
+    }
+
+    /// Decodes `bytes` (whole blocks) into `out`, whose length is
+    /// `bytes / block_bytes * block_len`.
     ///
     /// # Panics
     /// If the lengths disagree; callers check sizes against the file first.
     pub fn decode(self, bytes: &[u8], out: &mut [f32]) {
-        let bb = self.block_bytes();
+        let (bb, bl) = (self.block_bytes(), self.block_len());
         assert_eq!(bytes.len() % bb, 0, "partial ggml block");
-        assert_eq!(out.len(), bytes.len() / bb * BLOCK_LEN, "output length");
-        for (block, x) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(BLOCK_LEN)) {
-            let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-            match self {
-                BlockFormat::Q8_0 => {
-                    for (xi, &q) in x.iter_mut().zip(&block[2..]) {
-                        *xi = d * f32::from(q as i8);
-                    }
-                }
-                BlockFormat::Q4_0 => decode_nibbles(&block[2..], x, |q| d * (q - 8.0)),
-                BlockFormat::Q4_1 => {
-                    let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
-                    decode_nibbles(&block[4..], x, |q| d * q + m)
+        assert_eq!(out.len(), bytes.len() / bb * bl, "output length");
+        for (block, x) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(bl)) {
+            self.decode_block(block, x);
+        }
+    }
+
+    /// Decodes one block (`block_bytes` bytes) into `x` (`block_len` values).
+    #[inline(always)]
+    pub fn decode_block(self, block: &[u8], x: &mut [f32]) {
+        let half = |at: usize| f16::from_le_bytes([block[at], block[at + 1]]).to_f32();
+        let d = half(0);
+        match self {
+            BlockFormat::Q8_0 => {
+                for (xi, &q) in x.iter_mut().zip(&block[2..34]) {
+                    *xi = d * f32::from(q as i8);
                 }
             }
+            BlockFormat::Q4_0 => decode_nibbles(&block[2..18], x, |q| d * (q - 8.0)),
+            BlockFormat::Q4_1 => {
+                let m = half(2);
+                decode_nibbles(&block[4..20], x, |q| d * q + m)
+            }
+            BlockFormat::Iq4Nl => decode_nibbles(&block[2..18], x, |q| {
+                d * f32::from(kquant::IQ4_LEVELS[q as usize])
+            }),
+            BlockFormat::Q5_0 => decode_fives(&block[2..22], x, |q| d * (q - 16.0)),
+            BlockFormat::Q5_1 => {
+                let m = half(2);
+                decode_fives(&block[4..24], x, |q| d * q + m)
+            }
+            BlockFormat::Q2K => kquant::decode_q2_k(block, x),
+            BlockFormat::Q3K => kquant::decode_q3_k(block, x),
+            BlockFormat::Q4K => kquant::decode_q4_k(block, x),
+            BlockFormat::Q5K => kquant::decode_q5_k(block, x),
+            BlockFormat::Q6K => kquant::decode_q6_k(block, x),
+            BlockFormat::Iq4Xs => kquant::decode_iq4_xs(block, x),
         }
     }
 }
 
 /// Low nibbles give values 0..16, high nibbles 16..32.
+#[inline(always)]
 fn decode_nibbles(qs: &[u8], x: &mut [f32], f: impl Fn(f32) -> f32) {
     let (lo, hi) = x.split_at_mut(BLOCK_LEN / 2);
     for ((&b, l), h) in qs.iter().zip(lo).zip(hi) {
         *l = f(f32::from(b & 0x0F));
         *h = f(f32::from(b >> 4));
+    }
+}
+
+/// 5-bit codes: `qh_qs` is the 32 high bits (little-endian, bit `i` for value `i`) then the
+/// nibbles as in [`decode_nibbles`].
+#[inline(always)]
+fn decode_fives(qh_qs: &[u8], x: &mut [f32], f: impl Fn(f32) -> f32) {
+    let qh = u32::from_le_bytes([qh_qs[0], qh_qs[1], qh_qs[2], qh_qs[3]]);
+    let qs = &qh_qs[4..20];
+    for (i, xi) in x.iter_mut().enumerate().take(BLOCK_LEN) {
+        let nib = if i < 16 {
+            qs[i] & 0x0F
+        } else {
+            qs[i - 16] >> 4
+        };
+        let high = ((qh >> i) & 1) as u8;
+        *xi = f(f32::from(nib | (high << 4)));
     }
 }
 

@@ -19,6 +19,7 @@ use super::math::dot;
 pub use super::weight_rows::WeightRows;
 use super::weight_rows::{codes16, scale_pair};
 use crate::policy::hardware::{GEMM_MIN_ROWS, PACKED_GEMM_MIN_ROWS};
+use crate::quant::ggml::BlockFormat;
 
 /// f32 values of a decoded weight panel (4 MiB: big enough that the GEMM's per-call costs
 /// stay small, small enough to stay in the caches).
@@ -69,6 +70,23 @@ fn packed_row<const M: usize>(
     }
 }
 
+/// One row of GGUF blocks against every row of `x [m, k]`: each block is decoded once into
+/// registers (at most 256 values) and multiplied with the same columns of every row of `x`,
+/// `y[i] = sum_b sum_{c in b} x[i, c] * w[c]`.
+#[inline(always)]
+fn blocks_times_x(row: &[u8], format: BlockFormat, k: usize, x: &[f32], m: usize, y: &mut [f32]) {
+    let (bl, bb) = (format.block_len(), format.block_bytes());
+    let mut w = [0.0f32; 256];
+    y[..m].fill(0.0);
+    for (b, block) in row.chunks_exact(bb).enumerate() {
+        let w = &mut w[..bl];
+        format.decode_block(block, w);
+        for (i, yi) in y[..m].iter_mut().enumerate() {
+            *yi += dot(w, &x[i * k + b * bl..i * k + (b + 1) * bl]);
+        }
+    }
+}
+
 /// One weight row against every row of `x`: `y[i] = sum_c x[i, c] * w[c]` for `i < m`.
 #[inline(always)]
 fn row_times_x(w: &WeightRows, r: usize, x: &[f32], m: usize, y: &mut [f32]) {
@@ -79,6 +97,7 @@ fn row_times_x(w: &WeightRows, r: usize, x: &[f32], m: usize, y: &mut [f32]) {
                 y[i] = dot(row, &x[i * k..(i + 1) * k]);
             }
         }
+        WeightRows::Blocks { k, format, .. } => blocks_times_x(w.block_row(r), format, k, x, m, y),
         WeightRows::Packed {
             codes,
             scales,
@@ -380,7 +399,7 @@ fn linear_on(
     }
     let gemm_from = match w {
         WeightRows::F32 { .. } => GEMM_MIN_ROWS,
-        WeightRows::Packed { .. } => PACKED_GEMM_MIN_ROWS,
+        WeightRows::Packed { .. } | WeightRows::Blocks { .. } => PACKED_GEMM_MIN_ROWS,
     };
     if m < gemm_from {
         // rows of W in blocks over the cores; each block's results, transposed into y
@@ -417,7 +436,7 @@ fn linear_on(
     }
     match *w {
         WeightRows::F32 { values, .. } => pool.install(|| gemm(x, m, k, values, n, y, ldy, col)),
-        WeightRows::Packed { .. } => {
+        WeightRows::Packed { .. } | WeightRows::Blocks { .. } => {
             let panel_rows = (PANEL_VALUES / k.max(1)).clamp(16, n.max(16));
             let mut panel = vec![0.0f32; panel_rows.min(n) * k];
             for p0 in (0..n).step_by(panel_rows) {
@@ -582,6 +601,64 @@ mod tests {
         ) {
             check_case(1, n, (k32, odd), kind, seed)?;
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// GGUF blocks kept as stored (K-quants, Q5_0/Q5_1, IQ4): decode (one row of `x`, a
+        /// few) and prefill shapes (the GEMM paths), odd row counts, rows of one or several
+        /// blocks: equal to the f64 product with the weight as the blocks decode.
+        #[test]
+        fn gguf_blocks_match_reference(
+            m in prop_oneof![1usize..3, 3usize..12, 24usize..50],
+            n in 1usize..70,
+            blocks in 1usize..5,
+            format in prop::sample::select(vec![
+                BlockFormat::Q5_0, BlockFormat::Q5_1, BlockFormat::Iq4Nl, BlockFormat::Q2K,
+                BlockFormat::Q3K, BlockFormat::Q4K, BlockFormat::Q5K, BlockFormat::Q6K,
+                BlockFormat::Iq4Xs,
+            ]),
+            seed in 0u64..1000,
+        ) {
+            let k = blocks * format.block_len();
+            let bytes = random_blocks(format, n * blocks, seed);
+            let mut w_ref = vec![0.0f32; n * k];
+            format.decode(&bytes, &mut w_ref);
+            let (row, segs) = crate::layout::rows::as_blocks(format, &bytes, n, k);
+            let words: Vec<u32> = bytemuck::pod_collect_to_vec(&segs[0]);
+            let w = WeightRows::new(row, &[&words]);
+            prop_assert_eq!(w.rows(), n);
+            let val = |i: usize| (((i as u64 * 2654435761 + seed) % 1000) as f32 / 500.0) - 1.0;
+            let x: Vec<f32> = (0..m * k).map(|i| val(i + 77)).collect();
+            check_linear(&w, &w_ref, &x, (m, n, k))?;
+        }
+    }
+
+    /// `count` blocks of `format` with random bytes, their super-scales set so that the
+    /// block's values lie within [-1, 1] (at most one at the edge).
+    fn random_blocks(format: BlockFormat, count: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        };
+        let (bb, bl) = (format.block_bytes(), format.block_len());
+        let mut out = vec![0u8; count * bb];
+        let mut values = vec![0.0f32; bl];
+        for block in out.chunks_exact_mut(bb) {
+            block.iter_mut().for_each(|b| *b = next());
+            for &at in format.scale_offsets() {
+                block[at..at + 2].copy_from_slice(&f16::from_f32(1.0).to_le_bytes());
+            }
+            format.decode_block(block, &mut values);
+            let peak = values.iter().fold(1e-3f32, |a, v| a.max(v.abs()));
+            for &at in format.scale_offsets() {
+                block[at..at + 2].copy_from_slice(&f16::from_f32(1.0 / peak).to_le_bytes());
+            }
+        }
+        out
     }
 
     /// A weight of `kind` ([`packed`]'s, 3 for f32) `[n, k]` with `k = 32 k32` (less 7 when

@@ -458,10 +458,7 @@ impl Device for CpuDevice {
             let guards: Vec<_> = part.segments.iter().map(|s| read(&s.0)).collect();
             let views: Vec<&[u32]> = guards.iter().map(|g| g.words()).collect();
             let w = WeightRows::new(part.format, &views);
-            let rows = match part.format {
-                RowFormat::F32 { .. } => w.rows(),
-                RowFormat::Packed { .. } => w.rows(),
-            };
+            let rows = w.rows();
             expect(w.k() == k && col + rows <= out, "linear", || {
                 format!(
                     "x [{m}, {k}] with weight rows {col}..{} of {out}, k {}",

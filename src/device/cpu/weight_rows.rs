@@ -2,9 +2,10 @@
 //! packed codes shared by the few-rows kernels (`matmul`) and the AVX-512 GEMM (`x86_gemm`).
 
 use crate::layout::RowFormat;
+use crate::quant::ggml::BlockFormat;
 
-/// A linear weight's rows in their run-time layout, borrowed: f32 rows, or packed codes and
-/// scales (the run-time `PackedWeight` layout).
+/// A linear weight's rows in their run-time layout, borrowed: f32 rows, packed codes and
+/// scales (the run-time `PackedWeight` layout), or GGUF blocks as stored.
 #[derive(Clone, Copy)]
 pub enum WeightRows<'a> {
     /// `[rows, k]` f32.
@@ -29,6 +30,15 @@ pub enum WeightRows<'a> {
         /// Bits per code (4, 8 or 16).
         bits: u32,
     },
+    /// GGUF blocks, each row `k / block_len` blocks padded to whole words.
+    Blocks {
+        /// The rows' words.
+        words: &'a [u32],
+        /// Columns (whole blocks).
+        k: usize,
+        /// The block format.
+        format: BlockFormat,
+    },
 }
 
 impl<'a> WeightRows<'a> {
@@ -52,13 +62,38 @@ impl<'a> WeightRows<'a> {
                 group,
                 bits,
             },
+            RowFormat::Blocks { k, format } => WeightRows::Blocks {
+                words: segments[0],
+                k,
+                format,
+            },
         }
     }
 
     /// Columns of the weight.
     pub fn k(&self) -> usize {
         match *self {
-            WeightRows::F32 { k, .. } | WeightRows::Packed { k, .. } => k,
+            WeightRows::F32 { k, .. }
+            | WeightRows::Packed { k, .. }
+            | WeightRows::Blocks { k, .. } => k,
+        }
+    }
+
+    /// Words per row of GGUF blocks of `format` (`k` values, padded to whole words).
+    fn block_row_words(format: BlockFormat, k: usize) -> usize {
+        format.bytes_for(k).div_ceil(4)
+    }
+
+    /// Row `r`'s GGUF blocks (without the padding), for block rows; empty otherwise.
+    #[inline(always)]
+    pub fn block_row(&self, r: usize) -> &'a [u8] {
+        match *self {
+            WeightRows::Blocks { words, k, format } => {
+                let per = Self::block_row_words(format, k);
+                let bytes: &'a [u8] = bytemuck::cast_slice(&words[r * per..(r + 1) * per]);
+                &bytes[..format.bytes_for(k)]
+            }
+            _ => &[],
         }
     }
 
@@ -72,13 +107,16 @@ impl<'a> WeightRows<'a> {
                 bits,
                 ..
             } => codes.len() / (padded_k * bits as usize / 32).max(1),
+            WeightRows::Blocks { words, k, format } => {
+                words.len() / Self::block_row_words(format, k).max(1)
+            }
         }
     }
 
     /// Row `r`'s code words and scale words (empty for f32 rows).
     pub fn packed_row(&self, r: usize) -> (&'a [u32], &'a [u32]) {
         match self.slice(r..r + 1) {
-            WeightRows::F32 { .. } => (&[], &[]),
+            WeightRows::F32 { .. } | WeightRows::Blocks { .. } => (&[], &[]),
             WeightRows::Packed { codes, scales, .. } => (codes, scales),
         }
     }
@@ -108,14 +146,24 @@ impl<'a> WeightRows<'a> {
                     bits,
                 }
             }
+            WeightRows::Blocks { words, k, format } => {
+                let per = Self::block_row_words(format, k);
+                WeightRows::Blocks {
+                    words: &words[rows.start * per..rows.end * per],
+                    k,
+                    format,
+                }
+            }
         }
     }
 
-    /// Decodes row `r` into `out` (`k` values): `code * step + min` per value.
+    /// Decodes row `r` into `out` (`k` values): `code * step + min` per value, or the
+    /// blocks' own decoding.
     #[inline(always)]
     pub fn decode_row(&self, r: usize, out: &mut [f32]) {
         match *self {
             WeightRows::F32 { values, k } => out[..k].copy_from_slice(&values[r * k..(r + 1) * k]),
+            WeightRows::Blocks { k, format, .. } => format.decode(self.block_row(r), &mut out[..k]),
             WeightRows::Packed {
                 codes,
                 scales,

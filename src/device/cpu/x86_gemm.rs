@@ -36,6 +36,9 @@ const KC: usize = 256;
 fn chunk(w: &WeightRows) -> Option<usize> {
     match *w {
         WeightRows::F32 { .. } => Some(KC),
+        // blocks of 32 or 256 values: whole blocks in every chunk
+        WeightRows::Blocks { format, .. } if KC.is_multiple_of(format.block_len()) => Some(KC),
+        WeightRows::Blocks { .. } => None,
         WeightRows::Packed { group, .. } if group == 0 || group % 16 != 0 => None,
         WeightRows::Packed { group, .. } if KC.is_multiple_of(group) => Some(KC),
         WeightRows::Packed { group, .. } => Some(group),
@@ -278,6 +281,12 @@ unsafe fn decode_cols(w: &WeightRows, r: usize, c0: usize, out: &mut [f32]) {
         WeightRows::Packed { group, bits, .. } => {
             let (codes, scales) = w.packed_row(r);
             super::x86::decode_cols(codes, scales, (c0, group, bits), out);
+        }
+        WeightRows::Blocks { format, .. } => {
+            // c0 and out.len() are whole blocks (chunks of KC, rows of whole blocks)
+            let (bl, bb) = (format.block_len(), format.block_bytes());
+            let row = w.block_row(r);
+            format.decode(&row[c0 / bl * bb..(c0 + out.len()) / bl * bb], out);
         }
     }
 }
