@@ -6,6 +6,9 @@ records, computes the same logprobs with transformers (GGUF dequantized, float64
 token agreement and the largest per-token difference per record.
 
 Usage: python3 scripts/check_smollm2.py [--input data/sample.jsonl] [--cache ~/.cache/ferrogen]
+           [--gguf FILE] [--engine "--cpu-mem 40MiB --offload-dir /tmp/off"]
+--gguf checks another GGUF of the model (a requantized one: Q4_K_M, IQ4_XS, ...); --engine runs
+the engine on the default device with those flags instead of the reference backend.
 Needs: pip install torch transformers gguf accelerate; scripts/fetch-model.sh run first.
 """
 import argparse
@@ -27,19 +30,24 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--input", default=str(ROOT / "data/sample.jsonl"))
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/ferrogen"))
+    ap.add_argument("--gguf", default=None, help="a GGUF file (default: the cache's Q4_1)")
+    ap.add_argument("--engine", default=None, help="run the engine with these flags")
     args = ap.parse_args()
+    gguf = pathlib.Path(args.gguf) if args.gguf else pathlib.Path(args.cache, GGUF)
+    backend = ["--backend", "reference"] if args.engine is None else args.engine.split()
     records = [json.loads(l) for l in open(args.input) if l.strip()]
     records = [r for r in records if "text" in r]
     with tempfile.TemporaryDirectory() as tmp:
         inp, out = pathlib.Path(tmp, "in.jsonl"), pathlib.Path(tmp, "out.jsonl")
         inp.write_text("".join(json.dumps(r) + "\n" for r in records))
         subprocess.run(["cargo", "run", "--quiet", "--release", "--", "score",
-                        "--model", os.path.join(args.cache, GGUF), "--input", str(inp),
-                        "--output", str(out), "--per-token", "--backend", "reference"],
+                        "--model", str(gguf), "--input", str(inp),
+                        "--output", str(out), "--per-token", *backend],
                        check=True, cwd=ROOT)
         ours = [json.loads(l) for l in out.read_text().splitlines()]
-    tok = AutoTokenizer.from_pretrained(args.cache, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(args.cache, gguf_file=GGUF, dtype=torch.float64)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float64)
     worst_all = 0.0
     for rec, got in zip(records, ours):
         ids = tok(rec["text"], add_special_tokens=False)["input_ids"]

@@ -15,6 +15,7 @@ use ndarray::Array2;
 use crate::error::{Error, Result};
 use crate::layout::RowFormat;
 use crate::policy::hardware::{BurstRead, CpuLinear, DiskRead, GIB};
+use crate::quant::ggml::BlockFormat;
 pub use crate::storage::direct::free_disk_bytes;
 use crate::storage::direct::{drop_cache, open_direct, read_exact_at, write_all_at};
 use crate::storage::offload::{AlignedBuf, ALIGN};
@@ -402,6 +403,40 @@ pub fn synthetic_weight(
         bits,
     };
     (format, vec![codes, scales])
+}
+
+/// A random `[n, k]` weight of GGUF blocks of `format` kept as stored (`k` whole blocks),
+/// from `seed`: random codes and sub-block scales, small finite f16 super-scales. For
+/// benchmarks, whose speed does not depend on the values.
+pub fn synthetic_blocks(
+    format: BlockFormat,
+    n: usize,
+    k: usize,
+    seed: u64,
+) -> (RowFormat, Vec<Vec<u32>>) {
+    let mut state = seed | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 24) as u8
+    };
+    let bb = format.block_bytes();
+    let mut bytes: Vec<u8> = (0..n * format.bytes_for(k)).map(|_| next()).collect();
+    let scale = half::f16::from_f32(1.0 / 1024.0).to_le_bytes();
+    for block in bytes.chunks_exact_mut(bb) {
+        for &at in format.scale_offsets() {
+            block[at..at + 2].copy_from_slice(&scale);
+        }
+    }
+    let (row, segments) = crate::layout::rows::as_blocks(format, &bytes, n, k);
+    (
+        row,
+        segments
+            .iter()
+            .map(|s| bytemuck::pod_collect_to_vec(s))
+            .collect(),
+    )
 }
 
 /// The CPU device's linear kernel for one weight layout (`bits`, `group` as in

@@ -133,6 +133,7 @@ pub use tier::{Tier, TierSplit};
 #[doc(hidden)]
 pub mod internals {
     pub use crate::device::cpu::matmul::{linear_into, WeightRows};
+    pub use crate::layout::RowFormat;
     pub use crate::model::weights::decode_to_f32;
     pub use crate::quant::{ggml, group4};
     pub use crate::reference::ops::log_softmax_at;

@@ -5,10 +5,11 @@
 mod common;
 
 use common::gguf_writer::{permute_rows, write_gguf, write_gguf_pointing, Encoding, Meta, Tensor};
-use common::{expected, fixture_dir, max_abs_diff};
+use common::{devices, engine, expected, fixture_dir, max_abs_diff, policy, worst_diff};
 use ferrogen::arch::{ModelConfig, ModelFiles};
 use ferrogen::reference::ReferenceModel;
 use ferrogen::Error;
+use ferrogen::{EngineOptions, Placement};
 use proptest::prelude::*;
 
 const FIXTURE: &str = "llama-gqa-untied";
@@ -167,6 +168,7 @@ fn quantized_gguf_tensors_decode_exactly() {
         Encoding::Q8_0,
         Encoding::Q4_0,
         Encoding::Q4_1,
+        Encoding::Q5_0,
     ] {
         let file = write_temp(&fixture_gguf_bytes(encoding));
         let gguf = ModelFiles::open(file.path()).unwrap();
@@ -184,6 +186,28 @@ fn quantized_gguf_tensors_decode_exactly() {
                 "{encoding:?} {name}"
             );
         }
+    }
+}
+
+/// A GGUF whose linear weights are Q5_0 blocks (kept as blocks at run time, as the K-quants
+/// are) scores as the reference decodes it on every device: resident, and with weights
+/// streamed from RAM and disk under a binding budget.
+#[test]
+fn block_weights_run_on_every_device_under_budgets() {
+    let file = write_temp(&fixture_gguf_bytes(Encoding::Q5_0));
+    let exp = expected(FIXTURE);
+    let batch: Vec<&[u32]> = exp.sequences.iter().map(|s| s.tokens.as_slice()).collect();
+    let reference = ReferenceModel::load(&ModelFiles::open(file.path()).unwrap()).unwrap();
+    let want = reference.token_logprobs(&batch).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for device in devices() {
+        let p = policy(1, 2, (0.0, 20.0), (100.0, 0.0), (0.0, 0.0), true, true);
+        let options =
+            EngineOptions::new(Placement::Policy(p)).offload_dir(dir.path().to_path_buf());
+        let engine = engine(device, ModelFiles::open(file.path()).unwrap(), options);
+        let got = engine.token_logprobs(&batch).unwrap();
+        let d = worst_diff(&got, &want);
+        assert!(d < 1e-4, "{device:?}: {d}");
     }
 }
 
@@ -266,16 +290,30 @@ fn unsupported_tensor_type_and_missing_metadata_are_named() {
         .iter_mut()
         .find(|t| t.name == "blk.1.ffn_up.weight")
         .unwrap();
-    victim.ggml_type = 12; // Q4_K
+    victim.ggml_type = 16; // IQ2_XXS
     match open_and_load(&write_gguf(&meta, &tensors)) {
         Err(Error::UnsupportedDType { name, dtype, .. }) => {
             assert_eq!(
                 (name.as_str(), dtype.as_str()),
-                ("blk.1.ffn_up.weight", "Q4_K")
+                ("blk.1.ffn_up.weight", "IQ2_XXS")
             );
         }
         other => panic!("{other:?}"),
     }
+    // a K-quant whose rows (64 values) are not whole super-blocks of 256
+    let (meta, mut tensors) = fixture_as_gguf(Encoding::F32);
+    let victim = tensors
+        .iter_mut()
+        .find(|t| t.name == "blk.1.ffn_up.weight")
+        .unwrap();
+    victim.ggml_type = 12; // Q4_K
+    let err = open_and_load(&write_gguf(&meta, &tensors)).unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "`blk.1.ffn_up.weight`: rows of 64 elements are not whole Q4_K blocks of 256"
+        ),
+        "{err}"
+    );
 
     let (meta, tensors) = fixture_as_gguf(Encoding::F32);
     let meta: Vec<_> = meta

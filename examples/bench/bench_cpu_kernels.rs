@@ -8,7 +8,8 @@
 //!     [--rows 1,8,64,512] [--threads 0]
 //! ```
 //! For each `K = N` and `M`: GFLOP/s of `y = x W^T` for weights in f32, f16, Q8_0, Q4_0/Q4_1
-//! (4-bit codes in groups of 32, one kernel for both) and FlexGen 4-bit (groups of 64). For
+//! (4-bit codes in groups of 32, one kernel for both), FlexGen 4-bit (groups of 64), and GGUF
+//! blocks kept as stored (Q4_K, Q5_K, Q6_K, IQ4_XS, Q5_0; sizes that are whole blocks). For
 //! `M = 1` also the packed weight bytes read per second and their share of the memcpy rate;
 //! for `M = 512` the share of faer's f32 GEMM's GFLOP/s at M = 512. The weights rotate through
 //! enough copies (at least 2 GiB in all, four times the largest last-level cache this
@@ -21,7 +22,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use common::{exit_status, median, positive, WEIGHT_FORMATS};
-use ferrogen::calibrate::synthetic_weight;
+use ferrogen::calibrate::{synthetic_blocks, synthetic_weight};
+use ferrogen::internals::ggml::BlockFormat;
+use ferrogen::internals::RowFormat;
 use ferrogen::internals::{linear_into, WeightRows};
 use ferrogen::{Error, Result};
 use rayon::prelude::*;
@@ -111,48 +114,95 @@ fn run(cli: Cli) -> Result<()> {
             println!("| {kn} | faer f32 GEMM (yardstick) | {m} | {gflops:.1} | | |");
             gflops
         };
+        let pool_bytes: usize = std::env::var("BENCH_ROTATE_MIB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2048)
+            << 20;
+        let copies = |bytes: usize| (pool_bytes / bytes).max(1);
+        let yardsticks = (copy, gemm_at_512);
         for &(name, bits, group) in &WEIGHT_FORMATS {
-            let row_bytes = if bits == 32 {
-                4 * k
-            } else {
-                let padded = k.div_ceil(group) * group;
-                padded * bits as usize / 8 + padded / group * 4
-            };
-            let bytes = n * row_bytes;
-            let pool_bytes: usize = std::env::var("BENCH_ROTATE_MIB")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(2048)
-                << 20;
-            let copies = (pool_bytes / bytes).max(1);
-            let segments: Vec<Vec<Vec<u32>>> = (0..copies)
+            let (format, _) = synthetic_weight(bits, group, 1, k, 0);
+            let segments: Vec<Vec<Vec<u32>>> = (0..copies(n * format.row_bytes()))
                 .map(|c| synthetic_weight(bits, group, n, k, c as u64 + 1).1)
                 .collect();
-            let format = synthetic_weight(bits, group, 1, k, 0).0;
-            for &m in &rows {
-                let x = input(m, k);
-                let mut y = vec![0.0f32; m * n];
-                let s = timed(runs, |call| {
-                    let seg: Vec<&[u32]> = segments[call % copies]
-                        .iter()
-                        .map(|s| s.as_slice())
-                        .collect();
-                    let w = WeightRows::new(format, &seg);
-                    linear_into(&pool, &w, &x, m, &mut y, n, 0);
-                });
-                std::hint::black_box(&y);
-                let gflops = 2.0 * (m * n * k) as f64 / s / 1e9;
-                let gbs = bytes as f64 / s / 1e9;
-                let share = match m {
-                    1 => format!("{:.0}% of memcpy", 100.0 * gbs / copy),
-                    512 => format!("{:.0}% of faer's f32 GEMM", 100.0 * gflops / gemm_at_512),
-                    _ => String::new(),
-                };
-                println!("| {kn} | {name} | {m} | {gflops:.1} | {gbs:.1} | {share} |");
+            let case = Case { name, format, n };
+            case.run(&pool, &segments, &rows, runs, yardsticks);
+        }
+        for &(name, block) in &BLOCK_FORMATS {
+            let Some(block) = BlockFormat::from_ggml_type(block) else {
+                continue;
+            };
+            if !k.is_multiple_of(block.block_len()) {
+                continue;
             }
+            let (format, _) = synthetic_blocks(block, 1, k, 0);
+            let segments: Vec<Vec<Vec<u32>>> = (0..copies(n * format.row_bytes()))
+                .map(|c| synthetic_blocks(block, n, k, c as u64 + 1).1)
+                .collect();
+            let case = Case { name, format, n };
+            case.run(&pool, &segments, &rows, runs, yardsticks);
         }
     }
     Ok(())
+}
+
+/// GGUF block formats kept as stored, by ggml type id: the K-quants and IQ4 of the common
+/// downloads (Q4_K_M, Q5_K_M, Q6_K, IQ4_XS mixes) and Q5_0, their fallback for rows that are
+/// not whole super-blocks.
+const BLOCK_FORMATS: [(&str, u32); 5] = [
+    ("Q4_K", 12),
+    ("Q5_K", 13),
+    ("Q6_K", 14),
+    ("IQ4_XS", 23),
+    ("Q5_0", 6),
+];
+
+/// One weight layout at one size, timed at each `M`.
+struct Case {
+    name: &'static str,
+    format: RowFormat,
+    n: usize,
+}
+
+impl Case {
+    /// Prints a table row per `M`: GFLOP/s, weight bytes per second, and the share of a
+    /// yardstick (`copy` GB/s at M = 1, `gemm` GFLOP/s at M = 512).
+    fn run(
+        &self,
+        pool: &rayon::ThreadPool,
+        segments: &[Vec<Vec<u32>>],
+        rows: &[usize],
+        runs: usize,
+        (copy, gemm): (f64, f64),
+    ) {
+        let (n, k) = (self.n, self.format.k());
+        let bytes = n * self.format.row_bytes();
+        for &m in rows {
+            let x = input(m, k);
+            let mut y = vec![0.0f32; m * n];
+            let s = timed(runs, |call| {
+                let seg: Vec<&[u32]> = segments[call % segments.len()]
+                    .iter()
+                    .map(|s| s.as_slice())
+                    .collect();
+                let w = WeightRows::new(self.format, &seg);
+                linear_into(pool, &w, &x, m, &mut y, n, 0);
+            });
+            std::hint::black_box(&y);
+            let gflops = 2.0 * (m * n * k) as f64 / s / 1e9;
+            let gbs = bytes as f64 / s / 1e9;
+            let share = match m {
+                1 => format!("{:.0}% of memcpy", 100.0 * gbs / copy),
+                512 => format!("{:.0}% of faer's f32 GEMM", 100.0 * gflops / gemm),
+                _ => String::new(),
+            };
+            println!(
+                "| {k} | {} | {m} | {gflops:.1} | {gbs:.1} | {share} |",
+                self.name
+            );
+        }
+    }
 }
 
 /// `m` rows of `k` inputs, the same in every case.

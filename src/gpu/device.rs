@@ -10,6 +10,7 @@ use super::kernels::kv_f16::{GpuF16Cache, KvF16};
 use super::kernels::kv_quant::{GpuQ4Cache, KvQuant};
 use super::kernels::logprob::Logprob;
 use super::kernels::matmul::MatmulF32;
+use super::kernels::matmul_blocks::{GpuBlockWeight, MatmulBlocks};
 use super::kernels::matmul_q::{GpuPackedWeight, MatmulQ};
 use super::kernels::norm::Norm;
 use super::kernels::rope::Rope;
@@ -26,6 +27,8 @@ pub enum WeightPart {
     F32(GpuTensor),
     /// Packed codes and scales.
     Packed(GpuPackedWeight),
+    /// GGUF blocks as stored.
+    Blocks(GpuBlockWeight),
 }
 
 impl WeightPart {
@@ -63,16 +66,12 @@ impl WeightPart {
                     },
                 ))
             }
-            RowFormat::Blocks { format, .. } => {
-                return Err(Error::invalid(
-                    "device",
-                    format!(
-                        "the WebGPU device has no decoder for GGUF {} weights yet: run this \
-                         model on the CPU device",
-                        format.name()
-                    ),
-                ))
-            }
+            RowFormat::Blocks { k, format } => WeightPart::Blocks(GpuBlockWeight {
+                words: buffers.remove(0),
+                rows,
+                k,
+                format,
+            }),
         })
     }
 }
@@ -135,6 +134,7 @@ struct AttentionKernels {
 struct Kernels {
     matmul: MatmulF32,
     matmul_q: MatmulQ,
+    matmul_blocks: MatmulBlocks,
     elementwise: Elementwise,
     norm: Norm,
     embedding: Embedding,
@@ -159,6 +159,7 @@ impl WgpuDevice {
         let kernels = Kernels {
             matmul: MatmulF32::new(&ctx),
             matmul_q: MatmulQ::new(&ctx),
+            matmul_blocks: MatmulBlocks::default(),
             elementwise: Elementwise::new(&ctx)?,
             norm: Norm::new(&ctx),
             embedding: Embedding::new(&ctx),
@@ -359,6 +360,7 @@ impl Device for WgpuDevice {
             match part {
                 WeightPart::F32(w) => self.k().matmul.run(ctx, x, w, &y, *offset)?,
                 WeightPart::Packed(w) => self.k().matmul_q.run(ctx, x, w, &y, *offset)?,
+                WeightPart::Blocks(w) => self.k().matmul_blocks.run(ctx, x, w, &y, *offset)?,
             }
         }
         Ok(y)

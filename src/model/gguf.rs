@@ -204,7 +204,13 @@ fn ggml_dtype(id: u32) -> std::result::Result<DType, String> {
         1 => DType::F16,
         30 => DType::BF16,
         15 => return Err("Q8_K".into()),
-        16..=19 | 21 | 22 | 29 => return Err(format!("IQ type {id} (IQ1/IQ2/IQ3)")),
+        16 => return Err("IQ2_XXS".into()),
+        17 => return Err("IQ2_XS".into()),
+        18 => return Err("IQ3_XXS".into()),
+        19 => return Err("IQ1_S".into()),
+        21 => return Err("IQ3_S".into()),
+        22 => return Err("IQ2_S".into()),
+        29 => return Err("IQ1_M".into()),
         other => return Err(format!("ggml type {other}")),
     })
 }

@@ -93,6 +93,24 @@ impl BlockFormat {
         })
     }
 
+    /// The format's ggml type id (as a GGUF tensor table names it).
+    pub const fn ggml_type(self) -> u32 {
+        match self {
+            BlockFormat::Q4_0 => 2,
+            BlockFormat::Q4_1 => 3,
+            BlockFormat::Q5_0 => 6,
+            BlockFormat::Q5_1 => 7,
+            BlockFormat::Q8_0 => 8,
+            BlockFormat::Q2K => 10,
+            BlockFormat::Q3K => 11,
+            BlockFormat::Q4K => 12,
+            BlockFormat::Q5K => 13,
+            BlockFormat::Q6K => 14,
+            BlockFormat::Iq4Nl => 20,
+            BlockFormat::Iq4Xs => 23,
+        }
+    }
+
     /// The name ggml gives the format (`Q4_K`, `IQ4_XS`).
     pub const fn name(self) -> &'static str {
         match self {
@@ -163,12 +181,32 @@ impl BlockFormat {
     ///
     /// # Panics
     /// If the lengths disagree; callers check sizes against the file first.
+    #[inline(always)]
     pub fn decode(self, bytes: &[u8], out: &mut [f32]) {
         let (bb, bl) = (self.block_bytes(), self.block_len());
         assert_eq!(bytes.len() % bb, 0, "partial ggml block");
         assert_eq!(out.len(), bytes.len() / bb * bl, "output length");
-        for (block, x) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(bl)) {
-            self.decode_block(block, x);
+        self.with_decoder(DecodeAll { bb, bl, bytes, out })
+    }
+
+    /// Runs `job` with a decoder of this format that the compiler sees as one fixed format
+    /// (a loop over blocks then compiles without a format `match` per block, and vectorizes).
+    #[inline(always)]
+    pub fn with_decoder<J: DecodeJob>(self, job: J) -> J::Output {
+        use BlockFormat::*;
+        match self {
+            Q8_0 => job.run(|b: &[u8], x: &mut [f32]| Q8_0.decode_block(b, x)),
+            Q4_0 => job.run(|b: &[u8], x: &mut [f32]| Q4_0.decode_block(b, x)),
+            Q4_1 => job.run(|b: &[u8], x: &mut [f32]| Q4_1.decode_block(b, x)),
+            Q5_0 => job.run(|b: &[u8], x: &mut [f32]| Q5_0.decode_block(b, x)),
+            Q5_1 => job.run(|b: &[u8], x: &mut [f32]| Q5_1.decode_block(b, x)),
+            Iq4Nl => job.run(|b: &[u8], x: &mut [f32]| Iq4Nl.decode_block(b, x)),
+            Q2K => job.run(kquant::decode_q2_k),
+            Q3K => job.run(kquant::decode_q3_k),
+            Q4K => job.run(kquant::decode_q4_k),
+            Q5K => job.run(kquant::decode_q5_k),
+            Q6K => job.run(kquant::decode_q6_k),
+            Iq4Xs => job.run(kquant::decode_iq4_xs),
         }
     }
 
@@ -188,9 +226,9 @@ impl BlockFormat {
                 let m = half(2);
                 decode_nibbles(&block[4..20], x, |q| d * q + m)
             }
-            BlockFormat::Iq4Nl => decode_nibbles(&block[2..18], x, |q| {
-                d * f32::from(kquant::IQ4_LEVELS[q as usize])
-            }),
+            BlockFormat::Iq4Nl => {
+                decode_nibbles(&block[2..18], x, |q| d * kquant::IQ4_LEVELS_F32[q as usize])
+            }
             BlockFormat::Q5_0 => decode_fives(&block[2..22], x, |q| d * (q - 16.0)),
             BlockFormat::Q5_1 => {
                 let m = half(2);
@@ -202,6 +240,38 @@ impl BlockFormat {
             BlockFormat::Q5K => kquant::decode_q5_k(block, x),
             BlockFormat::Q6K => kquant::decode_q6_k(block, x),
             BlockFormat::Iq4Xs => kquant::decode_iq4_xs(block, x),
+        }
+    }
+}
+
+/// Work over blocks of one format, given that format's block decoder
+/// ([`BlockFormat::with_decoder`]).
+pub trait DecodeJob {
+    /// What the work returns.
+    type Output;
+    /// Runs with `decode(block, values)`.
+    fn run<D: Fn(&[u8], &mut [f32]) + Copy>(self, decode: D) -> Self::Output;
+}
+
+/// [`BlockFormat::decode`]'s loop over blocks, for one fixed format.
+struct DecodeAll<'a> {
+    bb: usize,
+    bl: usize,
+    bytes: &'a [u8],
+    out: &'a mut [f32],
+}
+
+impl DecodeJob for DecodeAll<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<D: Fn(&[u8], &mut [f32]) + Copy>(self, decode: D) {
+        for (block, x) in self
+            .bytes
+            .chunks_exact(self.bb)
+            .zip(self.out.chunks_exact_mut(self.bl))
+        {
+            decode(block, x);
         }
     }
 }
@@ -222,15 +292,40 @@ fn decode_nibbles(qs: &[u8], x: &mut [f32], f: impl Fn(f32) -> f32) {
 fn decode_fives(qh_qs: &[u8], x: &mut [f32], f: impl Fn(f32) -> f32) {
     let qh = u32::from_le_bytes([qh_qs[0], qh_qs[1], qh_qs[2], qh_qs[3]]);
     let qs = &qh_qs[4..20];
-    for (i, xi) in x.iter_mut().enumerate().take(BLOCK_LEN) {
-        let nib = if i < 16 {
-            qs[i] & 0x0F
-        } else {
-            qs[i - 16] >> 4
-        };
-        let high = ((qh >> i) & 1) as u8;
-        *xi = f(f32::from(nib | (high << 4)));
+    let (lo, hi) = x.split_at_mut(BLOCK_LEN / 2);
+    for (j, ((l, h), &b)) in lo.iter_mut().zip(hi).zip(qs).enumerate() {
+        let (bl, bh) = ((qh >> j) & 1, (qh >> (j + 16)) & 1);
+        *l = f((u32::from(b & 0x0F) | (bl << 4)) as f32);
+        *h = f((u32::from(b >> 4) | (bh << 4)) as f32);
     }
+}
+
+#[cfg(test)]
+/// `count` blocks of `format` with random bytes, their super-scales set so that the
+/// block's values lie within [-1, 1] (at most one at the edge).
+pub(crate) fn random_blocks(format: BlockFormat, count: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 24) as u8
+    };
+    let (bb, bl) = (format.block_bytes(), format.block_len());
+    let mut out = vec![0u8; count * bb];
+    let mut values = vec![0.0f32; bl];
+    for block in out.chunks_exact_mut(bb) {
+        block.iter_mut().for_each(|b| *b = next());
+        for &at in format.scale_offsets() {
+            block[at..at + 2].copy_from_slice(&f16::from_f32(1.0).to_le_bytes());
+        }
+        format.decode_block(block, &mut values);
+        let peak = values.iter().fold(1e-3f32, |a, v| a.max(v.abs()));
+        for &at in format.scale_offsets() {
+            block[at..at + 2].copy_from_slice(&f16::from_f32(1.0 / peak).to_le_bytes());
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@
 //!   `(qh[32 h + j % 32] >> 2 (j / 32)) & 3`, `q = low | high << 4` minus 32.
 //! - IQ4_XS (136): `d`, `scales_h` (u16: 2 bits a sub-block), `scales_l[4]` (a nibble a
 //!   sub-block), `qs[128]` (sub-block `s`: low nibbles of `qs[16 s..16 s + 16]`, then the
-//!   high ones), levels from [`IQ4_LEVELS`]; scale `(l | h << 4) - 32`.
+//!   high ones), levels from [`IQ4_LEVELS_F32`]; scale `(l | h << 4) - 32`.
 
 use half::f16;
 
@@ -37,8 +37,9 @@ pub const Q6K_BYTES: usize = 128 + 64 + 16 + 2;
 pub const IQ4XS_BYTES: usize = 2 + 2 + 4 + 128;
 
 /// The 16 levels of IQ4_NL and IQ4_XS (a non-uniform grid, denser near zero).
-pub const IQ4_LEVELS: [i8; 16] = [
-    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+pub const IQ4_LEVELS_F32: [f32; 16] = [
+    -127.0, -104.0, -83.0, -65.0, -49.0, -35.0, -22.0, -10.0, 1.0, 13.0, 25.0, 38.0, 53.0, 69.0,
+    89.0, 113.0,
 ];
 
 #[inline(always)]
@@ -63,17 +64,21 @@ pub fn scale_min_k4(s: usize, q: &[u8]) -> (u8, u8) {
 }
 
 /// Q2_K: `x[p] = (d * (scales[p / 16] & 15)) * q - dmin * (scales[p / 16] >> 4)`.
+/// (Loops over runs of 16 values that share a scale, with shifts fixed per run, so that
+/// they vectorize; the same in every decoder here.)
 #[inline(always)]
 pub fn decode_q2_k(block: &[u8], x: &mut [f32]) {
     let (scales, qs) = (&block[..16], &block[16..80]);
     let (d, dmin) = (half(block, 80), half(block, 82));
-    for (p, xp) in x.iter_mut().enumerate().take(SUPER_LEN) {
-        let (h, s, l) = (p / 128, (p / 32) % 4, p % 32);
-        let q = f32::from((qs[32 * h + l] >> (2 * s)) & 3);
-        let sc = scales[p / 16];
-        let dl = d * f32::from(sc & 0x0F);
-        let ml = dmin * f32::from(sc >> 4);
-        *xp = dl * q - ml;
+    // run r = 2 (4 h + s) + half covers p = 128 h + 32 s + 16 half + (0..16)
+    for (r, xr) in x[..SUPER_LEN].chunks_exact_mut(16).enumerate() {
+        let (h, s, hf) = (r / 8, (r / 2) % 4, r % 2);
+        let q = &qs[32 * h + 16 * hf..32 * h + 16 * hf + 16];
+        let dl = d * f32::from(scales[r] & 0x0F);
+        let ml = dmin * f32::from(scales[r] >> 4);
+        for (xp, &b) in xr.iter_mut().zip(q) {
+            *xp = dl * f32::from((b >> (2 * s)) & 3) - ml;
+        }
     }
 }
 
@@ -90,12 +95,18 @@ pub fn decode_q3_k(block: &[u8], x: &mut [f32]) {
         let high = (packed[8 + i % 4] >> (2 * (i / 4))) & 3;
         *dli = d * f32::from(((low | (high << 4)) as i8) - 32);
     }
-    for (p, xp) in x.iter_mut().enumerate().take(SUPER_LEN) {
-        let (h, s, l) = (p / 128, (p / 32) % 4, p % 32);
-        let low = ((qs[32 * h + l] >> (2 * s)) & 3) as i8;
-        let high = (hmask[l] >> (p / 32)) & 1;
-        let q = if high == 1 { low } else { low - 4 };
-        *xp = dl[p / 16] * f32::from(q);
+    for (r, xr) in x[..SUPER_LEN].chunks_exact_mut(16).enumerate() {
+        // run r covers p = 16 r + (0..16): low bits at shift 2 s of qs[32 h + l], the high
+        // bit at bit p / 32 of hmask[l], with l = 16 (r % 2) + (0..16)
+        let (h, s, hf) = (r / 8, (r / 2) % 4, r % 2);
+        let q = &qs[32 * h + 16 * hf..32 * h + 16 * hf + 16];
+        let m = &hmask[16 * hf..16 * hf + 16];
+        let bit = r / 2;
+        for ((xp, &b), &hb) in xr.iter_mut().zip(q).zip(m) {
+            let low = ((b >> (2 * s)) & 3) as i8;
+            let sub = (((hb >> bit) & 1) ^ 1) as i8 * 4;
+            *xp = dl[r] * f32::from(low - sub);
+        }
     }
 }
 
@@ -135,16 +146,21 @@ pub fn decode_q5_k(block: &[u8], x: &mut [f32]) {
 pub fn decode_q6_k(block: &[u8], x: &mut [f32]) {
     let (ql, qh, scales) = (&block[..128], &block[128..192], &block[192..208]);
     let d = half(block, 208);
-    for (p, xp) in x.iter_mut().enumerate().take(SUPER_LEN) {
-        let (h, j) = (p / 128, p % 128);
-        let low = (ql[64 * h + j % 64] >> (4 * (j / 64))) & 0x0F;
-        let high = (qh[32 * h + j % 32] >> (2 * (j / 32))) & 3;
-        let q = ((low | (high << 4)) as i8) - 32;
-        *xp = (d * f32::from(scales[p / 16] as i8)) * f32::from(q);
+    for (r, xr) in x[..SUPER_LEN].chunks_exact_mut(16).enumerate() {
+        // run r covers p = 16 r + (0..16) = 128 h + j: j = 32 t + 16 hf + (0..16)
+        let (h, t, hf) = (r / 8, (r / 2) % 4, r % 2);
+        let lo = 64 * h + 32 * (t % 2) + 16 * hf;
+        let hi = 32 * h + 16 * hf;
+        let dl = d * f32::from(scales[r] as i8);
+        for ((xp, &l), &hb) in xr.iter_mut().zip(&ql[lo..lo + 16]).zip(&qh[hi..hi + 16]) {
+            let low = (l >> (4 * (t / 2))) & 0x0F;
+            let high = (hb >> (2 * t)) & 3;
+            *xp = dl * f32::from(((low | (high << 4)) as i8) - 32);
+        }
     }
 }
 
-/// IQ4_XS: `x[p] = (d * scale[p / 32]) * IQ4_LEVELS[nibble]`.
+/// IQ4_XS: `x[p] = (d * scale[p / 32]) * IQ4_LEVELS_F32[nibble]`.
 #[inline(always)]
 pub fn decode_iq4_xs(block: &[u8], x: &mut [f32]) {
     let d = half(block, 0);
@@ -155,9 +171,10 @@ pub fn decode_iq4_xs(block: &[u8], x: &mut [f32]) {
         let high = ((scales_h >> (2 * s)) & 3) as u8;
         let dl = d * f32::from(((low | (high << 4)) as i8) - 32);
         let q = &qs[16 * s..16 * s + 16];
-        for (l, xp) in x[32 * s..32 * s + 32].iter_mut().enumerate() {
-            let nib = (q[l % 16] >> (4 * (l / 16))) & 0x0F;
-            *xp = dl * f32::from(IQ4_LEVELS[nib as usize]);
+        let (lo, hi) = x[32 * s..32 * s + 32].split_at_mut(16);
+        for ((l, h), &b) in lo.iter_mut().zip(hi).zip(q) {
+            *l = dl * IQ4_LEVELS_F32[usize::from(b & 0x0F)];
+            *h = dl * IQ4_LEVELS_F32[usize::from(b >> 4)];
         }
     }
 }

@@ -143,6 +143,9 @@ pub enum Encoding {
     Q4_0,
     /// 4-bit blocks of 32, asymmetric: `d = (max - min) / 15`, `m = min`, `q = round((x - m) / d)`.
     Q4_1,
+    /// 5-bit blocks of 32 (kept as blocks at run time, not repacked): `d = x_max / -16` for
+    /// the value of largest magnitude, `q = clamp(trunc(x / d + 16.5), 0, 31)`, as ggml.
+    Q5_0,
 }
 
 /// `1 / d`, or 0 for an all-zero block.
@@ -173,6 +176,7 @@ impl Encoding {
             Encoding::Q8_0 => 8,
             Encoding::Q4_0 => 2,
             Encoding::Q4_1 => 3,
+            Encoding::Q5_0 => 6,
         }
     }
 
@@ -230,6 +234,26 @@ impl Encoding {
                     b
                 })
                 .collect(),
+            Encoding::Q5_0 => data
+                .chunks(32)
+                .flat_map(|block| {
+                    let max = block
+                        .iter()
+                        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                    let d = f16::from_f32(max / -16.0);
+                    let inv = if max == 0.0 { 0.0 } else { -16.0 / max };
+                    let q: Vec<u8> = block
+                        .iter()
+                        .map(|v| (v * inv + 16.5).trunc().clamp(0.0, 31.0) as u8)
+                        .collect();
+                    let high = (0..32).fold(0u32, |h, i| h | (u32::from(q[i] >> 4) << i));
+                    let low: Vec<u8> = q.iter().map(|v| v & 15).collect();
+                    let mut b = d.to_le_bytes().to_vec();
+                    b.extend(high.to_le_bytes());
+                    b.extend(pack_nibbles(&low));
+                    b
+                })
+                .collect(),
         }
     }
 
@@ -266,6 +290,18 @@ impl Encoding {
                     let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
                     let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
                     unpack_nibbles(&b[4..]).into_iter().map(move |q| d * q + m)
+                })
+                .collect(),
+            Encoding::Q5_0 => self
+                .encode(data)
+                .chunks(22)
+                .flat_map(|b| {
+                    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    let high = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                    unpack_nibbles(&b[6..])
+                        .into_iter()
+                        .enumerate()
+                        .map(move |(i, q)| d * (q + 16.0 * ((high >> i) & 1) as f32 - 16.0))
                 })
                 .collect(),
         }

@@ -19,7 +19,7 @@ use super::math::dot;
 pub use super::weight_rows::WeightRows;
 use super::weight_rows::{codes16, scale_pair};
 use crate::policy::hardware::{GEMM_MIN_ROWS, PACKED_GEMM_MIN_ROWS};
-use crate::quant::ggml::BlockFormat;
+use crate::quant::ggml::{BlockFormat, DecodeJob};
 
 /// f32 values of a decoded weight panel (4 MiB: big enough that the GEMM's per-call costs
 /// stay small, small enough to stay in the caches).
@@ -73,16 +73,28 @@ fn packed_row<const M: usize>(
 /// One row of GGUF blocks against every row of `x [m, k]`: each block is decoded once into
 /// registers (at most 256 values) and multiplied with the same columns of every row of `x`,
 /// `y[i] = sum_b sum_{c in b} x[i, c] * w[c]`.
-#[inline(always)]
-fn blocks_times_x(row: &[u8], format: BlockFormat, k: usize, x: &[f32], m: usize, y: &mut [f32]) {
-    let (bl, bb) = (format.block_len(), format.block_bytes());
-    let mut w = [0.0f32; 256];
-    y[..m].fill(0.0);
-    for (b, block) in row.chunks_exact(bb).enumerate() {
-        let w = &mut w[..bl];
-        format.decode_block(block, w);
-        for (i, yi) in y[..m].iter_mut().enumerate() {
-            *yi += dot(w, &x[i * k + b * bl..i * k + (b + 1) * bl]);
+struct BlocksTimesX<'a> {
+    row: &'a [u8],
+    format: BlockFormat,
+    k: usize,
+    x: &'a [f32],
+    y: &'a mut [f32],
+}
+
+impl DecodeJob for BlocksTimesX<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<D: Fn(&[u8], &mut [f32]) + Copy>(self, decode: D) {
+        let (bl, bb, k) = (self.format.block_len(), self.format.block_bytes(), self.k);
+        let mut w = [0.0f32; 256];
+        self.y.fill(0.0);
+        for (b, block) in self.row.chunks_exact(bb).enumerate() {
+            let w = &mut w[..bl];
+            decode(block, w);
+            for (i, yi) in self.y.iter_mut().enumerate() {
+                *yi += dot(w, &self.x[i * k + b * bl..i * k + (b + 1) * bl]);
+            }
         }
     }
 }
@@ -97,7 +109,13 @@ fn row_times_x(w: &WeightRows, r: usize, x: &[f32], m: usize, y: &mut [f32]) {
                 y[i] = dot(row, &x[i * k..(i + 1) * k]);
             }
         }
-        WeightRows::Blocks { k, format, .. } => blocks_times_x(w.block_row(r), format, k, x, m, y),
+        WeightRows::Blocks { k, format, .. } => format.with_decoder(BlocksTimesX {
+            row: w.block_row(r),
+            format,
+            k,
+            x,
+            y: &mut y[..m],
+        }),
         WeightRows::Packed {
             codes,
             scales,
@@ -273,6 +291,42 @@ fn dot_input(w: &WeightRows, x: &[f32], m: usize) -> Option<Vec<f32>> {
     None
 }
 
+/// The sums of `x` over runs of 16 that the AVX-512 block kernel needs
+/// ([`super::x86_blocks::run_sums`]), or `None` where it does not run: one row of `x`
+/// against GGUF blocks, on AVX-512.
+fn blocks_input(w: &WeightRows, x: &[f32], m: usize) -> Option<Vec<f32>> {
+    #[cfg(target_arch = "x86_64")]
+    if let WeightRows::Blocks { format, .. } = *w {
+        if m == 1 && super::x86_blocks::supports(format) && super::x86::available() {
+            return Some(super::x86_blocks::run_sums(x));
+        }
+    }
+    let _ = (w, x, m);
+    None
+}
+
+/// GGUF block rows `rows` against one row of `x` whose run sums `sums` [`blocks_input`]
+/// gave, into `out[r - rows.start]`.
+fn rows_blocks_dot(
+    w: &WeightRows,
+    rows: std::ops::Range<usize>,
+    x: &[f32],
+    sums: &Option<Vec<f32>>,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let (WeightRows::Blocks { format, .. }, Some(sums)) = (*w, sums) {
+        for (o, r) in out.iter_mut().zip(rows) {
+            // SAFETY: blocks_input checked AVX-512 and the format; block_row gives the row's
+            // whole blocks, covering x's k values
+            *o = unsafe { super::x86_blocks::block_row_dot(format, w.block_row(r), x, sums) };
+        }
+        return;
+    }
+    let _ = (w, rows, x, sums, out);
+    unreachable!("blocks_input gives sums only for GGUF blocks on x86-64")
+}
+
 /// Packed weight rows `rows` against one row of `x` given as `xp` by [`dot_input`], into
 /// `out[r - rows.start]`.
 fn rows_dot(w: &WeightRows, rows: std::ops::Range<usize>, xp: &[f32], out: &mut [f32]) {
@@ -405,6 +459,7 @@ fn linear_on(
         // rows of W in blocks over the cores; each block's results, transposed into y
         let block = n.div_ceil(pool.current_num_threads() * 8).clamp(16, 1024);
         let x_in_dot_order = dot_input(w, x, m);
+        let x_run_sums = blocks_input(w, x, m);
         let results: Vec<(usize, Vec<f32>)> = pool.install(|| {
             (0..n.div_ceil(block))
                 .into_par_iter()
@@ -412,6 +467,9 @@ fn linear_on(
                     let rows = b * block..((b + 1) * block).min(n);
                     let mut out = vec![0.0; rows.len() * m];
                     match &x_in_dot_order {
+                        _ if x_run_sums.is_some() => {
+                            rows_blocks_dot(w, rows.clone(), x, &x_run_sums, &mut out)
+                        }
                         Some(xp) if m == 1 => rows_dot(w, rows.clone(), xp, &mut out),
                         Some(xp) => rows_q4(w, rows.clone(), xp, m, &mut out),
                         None => rows_times_x(w, rows.clone(), x, m, &mut out),
@@ -621,7 +679,7 @@ mod tests {
             seed in 0u64..1000,
         ) {
             let k = blocks * format.block_len();
-            let bytes = random_blocks(format, n * blocks, seed);
+            let bytes = crate::quant::ggml::random_blocks(format, n * blocks, seed);
             let mut w_ref = vec![0.0f32; n * k];
             format.decode(&bytes, &mut w_ref);
             let (row, segs) = crate::layout::rows::as_blocks(format, &bytes, n, k);
@@ -632,33 +690,6 @@ mod tests {
             let x: Vec<f32> = (0..m * k).map(|i| val(i + 77)).collect();
             check_linear(&w, &w_ref, &x, (m, n, k))?;
         }
-    }
-
-    /// `count` blocks of `format` with random bytes, their super-scales set so that the
-    /// block's values lie within [-1, 1] (at most one at the edge).
-    fn random_blocks(format: BlockFormat, count: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        };
-        let (bb, bl) = (format.block_bytes(), format.block_len());
-        let mut out = vec![0u8; count * bb];
-        let mut values = vec![0.0f32; bl];
-        for block in out.chunks_exact_mut(bb) {
-            block.iter_mut().for_each(|b| *b = next());
-            for &at in format.scale_offsets() {
-                block[at..at + 2].copy_from_slice(&f16::from_f32(1.0).to_le_bytes());
-            }
-            format.decode_block(block, &mut values);
-            let peak = values.iter().fold(1e-3f32, |a, v| a.max(v.abs()));
-            for &at in format.scale_offsets() {
-                block[at..at + 2].copy_from_slice(&f16::from_f32(1.0 / peak).to_le_bytes());
-            }
-        }
-        out
     }
 
     /// A weight of `kind` ([`packed`]'s, 3 for f32) `[n, k]` with `k = 32 k32` (less 7 when

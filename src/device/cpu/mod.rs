@@ -46,6 +46,8 @@ mod weight_rows;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]
+mod x86_blocks;
+#[cfg(target_arch = "x86_64")]
 mod x86_gemm;
 
 use std::ops::Range;

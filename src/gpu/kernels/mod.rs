@@ -8,6 +8,7 @@ pub mod kv_f16;
 pub mod kv_quant;
 pub mod logprob;
 pub mod matmul;
+pub mod matmul_blocks;
 pub mod matmul_q;
 pub mod norm;
 pub mod rope;

@@ -130,6 +130,64 @@ fn matmul_decode_and_prefill_shapes() {
     }
 }
 
+/// GGUF blocks decoded in the kernel, every format: decode (one row of x) and prefill (tiles
+/// of 8 rows with a ragged end) against the f64 product with the blocks as the CPU decodes
+/// them; odd weight row counts (the last workgroup partly idle), rows of several blocks, the
+/// tiny-budget device splitting rows into passes of one block, written at a column offset.
+#[test]
+fn gguf_blocks_decode_in_the_kernel() {
+    use crate::gpu::kernels::matmul_blocks::{GpuBlockWeight, MatmulBlocks};
+    use wgpu::util::DeviceExt;
+    for ctx in both_budgets() {
+        let kernel = MatmulBlocks::default();
+        for id in [2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23] {
+            let format = BlockFormat::from_ggml_type(id).unwrap();
+            let (n, blocks) = (67, if format.block_len() == 32 { 5 } else { 2 });
+            let k = blocks * format.block_len();
+            let bytes = crate::quant::ggml::random_blocks(format, n * blocks, id.into());
+            let mut w = vec![0.0f32; n * k];
+            format.decode(&bytes, &mut w);
+            let (_, segs) = crate::layout::rows::as_blocks(format, &bytes, n, k);
+            let words = ctx
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: None,
+                    contents: &segs[0],
+                    usage: wgpu::BufferUsages::STORAGE,
+                });
+            let weight = GpuBlockWeight {
+                words,
+                rows: n,
+                k,
+                format,
+            };
+            for m in [1, 3, 13] {
+                let x = random(m * k, id.into());
+                let (total, offset) = (n + 3, 2);
+                let y = up(ctx, &vec![f32::NAN; m * total], &[m, total]);
+                kernel
+                    .run(ctx, &up(ctx, &x, &[m, k]), &weight, &y, offset)
+                    .unwrap();
+                let got = y.download(ctx).unwrap();
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|c| f64::from(x[i * k + c]) * f64::from(w[j * k + c]))
+                            .sum();
+                        let g = got[i * total + offset + j];
+                        assert!(
+                            (f64::from(g) - want).abs() <= 1e-5 * k as f64,
+                            "{} m {m} y[{i}, {j}] = {g}, want {want}",
+                            format.name()
+                        );
+                    }
+                    assert!(got[i * total].is_nan() && got[i * total + offset + n].is_nan());
+                }
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
