@@ -361,13 +361,8 @@ pub fn synthetic_weight(
     k: usize,
     seed: u64,
 ) -> (RowFormat, Vec<Vec<u32>>) {
-    let mut state = seed | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state as u32
-    };
+    let mut random = xorshift(seed);
+    let mut next = move || random() as u32;
     if bits == 32 {
         let v: Vec<f32> = (0..n * k)
             .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
@@ -405,6 +400,17 @@ pub fn synthetic_weight(
     (format, vec![codes, scales])
 }
 
+/// Marsaglia's xorshift64 from `seed` (made odd): cheap, seeded bits for synthetic weights.
+fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed | 1;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
 /// A random `[n, k]` weight of GGUF blocks of `format` kept as stored (`k` whole blocks),
 /// from `seed`: random codes and sub-block scales, small finite f16 super-scales. For
 /// benchmarks, whose speed does not depend on the values.
@@ -414,13 +420,8 @@ pub fn synthetic_blocks(
     k: usize,
     seed: u64,
 ) -> (RowFormat, Vec<Vec<u32>>) {
-    let mut state = seed | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 24) as u8
-    };
+    let mut random = xorshift(seed);
+    let mut next = move || (random() >> 24) as u8;
     let bb = format.block_bytes();
     let mut bytes: Vec<u8> = (0..n * format.bytes_for(k)).map(|_| next()).collect();
     let scale = half::f16::from_f32(1.0 / 1024.0).to_le_bytes();
