@@ -311,11 +311,11 @@ fn rows_blocks_dot(
     w: &WeightRows,
     rows: std::ops::Range<usize>,
     x: &[f32],
-    sums: &Option<Vec<f32>>,
+    sums: &[f32],
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if let (WeightRows::Blocks { format, .. }, Some(sums)) = (*w, sums) {
+    if let WeightRows::Blocks { format, .. } = *w {
         for (o, r) in out.iter_mut().zip(rows) {
             // SAFETY: blocks_input checked AVX-512 and the format; block_row gives the row's
             // whole blocks, covering x's k values
@@ -466,13 +466,11 @@ fn linear_on(
                 .map(|b| {
                     let rows = b * block..((b + 1) * block).min(n);
                     let mut out = vec![0.0; rows.len() * m];
-                    match &x_in_dot_order {
-                        _ if x_run_sums.is_some() => {
-                            rows_blocks_dot(w, rows.clone(), x, &x_run_sums, &mut out)
-                        }
-                        Some(xp) if m == 1 => rows_dot(w, rows.clone(), xp, &mut out),
-                        Some(xp) => rows_q4(w, rows.clone(), xp, m, &mut out),
-                        None => rows_times_x(w, rows.clone(), x, m, &mut out),
+                    match (&x_run_sums, &x_in_dot_order) {
+                        (Some(sums), _) => rows_blocks_dot(w, rows.clone(), x, sums, &mut out),
+                        (_, Some(xp)) if m == 1 => rows_dot(w, rows.clone(), xp, &mut out),
+                        (_, Some(xp)) => rows_q4(w, rows.clone(), xp, m, &mut out),
+                        (None, None) => rows_times_x(w, rows.clone(), x, m, &mut out),
                     }
                     (rows.start, out)
                 })

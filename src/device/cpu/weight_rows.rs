@@ -81,7 +81,7 @@ impl<'a> WeightRows<'a> {
 
     /// Words per row of GGUF blocks of `format` (`k` values, padded to whole words).
     fn block_row_words(format: BlockFormat, k: usize) -> usize {
-        format.bytes_for(k).div_ceil(4)
+        RowFormat::Blocks { k, format }.row_bytes() / 4
     }
 
     /// Row `r`'s GGUF blocks (without the padding), for block rows; empty otherwise.

@@ -13,6 +13,7 @@
 use std::arch::x86_64::*;
 
 use super::weight_rows::f16_bits_to_f32;
+use crate::layout::PackedWeight;
 use crate::quant::ggml::BlockFormat;
 use crate::quant::kquant::{scale_min_k4, IQ4_LEVELS_F32};
 
@@ -24,12 +25,10 @@ pub fn run_sums(x: &[f32]) -> Vec<f32> {
     x.chunks_exact(16).map(|c| c.iter().sum()).collect()
 }
 
-/// Whether [`block_row_dot`] runs `format` (every format kept as blocks).
+/// Whether [`block_row_dot`] runs `format`: every format kept as blocks (those the packed
+/// layout does not take).
 pub fn supports(format: BlockFormat) -> bool {
-    !matches!(
-        format,
-        BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q8_0
-    )
+    !PackedWeight::repacks(format)
 }
 
 /// One row of blocks of `format` against `x` (the row's `k` values), `xsum` its

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Pipeline};
-use crate::layout::passes;
+use crate::layout::{passes, RowFormat};
 use crate::quant::ggml::BlockFormat;
 
 /// WGSL source.
@@ -34,7 +34,12 @@ pub struct GpuBlockWeight {
 impl GpuBlockWeight {
     /// Words per row (the blocks' bytes rounded up to whole words).
     pub fn row_words(&self) -> usize {
-        self.format.bytes_for(self.k).div_ceil(4)
+        RowFormat::Blocks {
+            k: self.k,
+            format: self.format,
+        }
+        .row_bytes()
+            / 4
     }
 }
 
