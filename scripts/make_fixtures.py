@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Golden fixtures from Hugging Face transformers: tiny random OPT and Llama checkpoints.
+"""Golden fixtures from Hugging Face transformers: tiny random checkpoints of each architecture
+(OPT; Llama, Llama 3 RoPE scaling, Mistral with a sliding window, Qwen2, Qwen3).
 
 For each model this writes <out>/<name>/ with config.json, *.safetensors (some sharded, some in
 f16 or bf16), sometimes a tokenizer.json, and expected.json holding, computed in float64 from the
@@ -25,7 +26,9 @@ import random
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -141,6 +144,33 @@ def fixed_models():
             num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=48,
             rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
          LlamaForCausalLM, torch.float32, {}),
+        # Llama 3's RoPE scaling, with a short original context so that it matters at 40
+        ("llama3-rope", LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            rope_theta=10000.0, rope_scaling={
+                "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+            tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
+         LlamaForCausalLM, torch.float32, {}),
+        # a window of 8 keys, shorter than the 17- and 40-token sequences
+        ("mistral-window", MistralConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=64, sliding_window=8, tie_word_embeddings=False,
+            bos_token_id=0, eos_token_id=0),
+         MistralForCausalLM, torch.bfloat16, {}),
+        ("qwen2-bias", Qwen2Config(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            rope_theta=1e6, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
+         Qwen2ForCausalLM, torch.float32, dict(tokenizer=True)),
+        ("qwen3-qknorm", Qwen3Config(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            max_position_embeddings=64, rope_theta=1e6, tie_word_embeddings=False,
+            bos_token_id=0, eos_token_id=0),
+         Qwen3ForCausalLM, torch.bfloat16, {}),
     ]
 
 

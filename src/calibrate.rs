@@ -277,23 +277,10 @@ pub fn measure_cpu_layer_overhead(trials: usize) -> Result<Measured> {
     use crate::exec::ResidentModel;
     let config = |layers: usize| {
         ModelConfig::Llama(LlamaConfig {
-            vocab_size: 64,
-            hidden_size: 64,
-            intermediate_size: 128,
-            num_hidden_layers: layers,
-            num_attention_heads: 4,
             num_key_value_heads: Some(2),
-            head_dim: None,
             max_position_embeddings: 64,
             rms_norm_eps: 1e-5,
-            rope_theta: 1e4,
-            rope_scaling: None,
-            tie_word_embeddings: false,
-            attention_bias: false,
-            mlp_bias: false,
-            hidden_act: "silu".into(),
-            bos_token_id: None,
-            eos_token_id: None,
+            ..LlamaConfig::new(64, 64, 128, layers, 4)
         })
     };
     let device = CpuDevice::new(0)?;

@@ -536,7 +536,9 @@ impl Engine {
     /// prefix groups (`group_prefixes`) of at most a batch's token capacity
     /// (or the model's context, when batches are counted in sequences); else one each.
     fn groups(&self, seqs: &[&[u32]], task: Task) -> Vec<(Vec<usize>, PrefixGroup)> {
-        if task == Task::Score && self.share_prefixes {
+        // (a sliding window hides a shared prefix from later rows: no groups there)
+        let windowed = self.files.config.attention_window().is_some();
+        if task == Task::Score && self.share_prefixes && !windowed {
             let context = self.files.config.max_context();
             let most = self
                 .batch_token_capacity(task)

@@ -47,23 +47,13 @@ fn llama(
     theta: f64,
 ) -> ModelConfig {
     ModelConfig::Llama(LlamaConfig {
-        vocab_size: vocab,
-        hidden_size: hidden,
-        intermediate_size: ffn,
-        num_hidden_layers: layers,
-        num_attention_heads: heads,
         num_key_value_heads: Some(kv_heads),
-        head_dim: None,
         max_position_embeddings: context,
         rms_norm_eps: 1e-5,
         rope_theta: theta,
-        rope_scaling: None,
-        tie_word_embeddings: false,
-        attention_bias: false,
-        mlp_bias: false,
-        hidden_act: "silu".into(),
         bos_token_id: Some(1),
         eos_token_id: Some(2),
+        ..LlamaConfig::new(vocab, hidden, ffn, layers, heads)
     })
 }
 

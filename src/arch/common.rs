@@ -184,9 +184,11 @@ pub struct Runner<D: Device> {
     pub chunk_rows: usize,
     /// Attention heads of the model.
     pub(super) heads: HeadLayout,
-    /// RoPE's base when the architecture rotates queries and keys (`None`: learned or no
-    /// positions).
-    pub(super) rope_base: Option<f64>,
+    /// RoPE's inverse frequencies when the architecture rotates queries and keys (`None`:
+    /// learned or no positions).
+    pub(super) rope: Option<Vec<f64>>,
+    /// Keys a query sees, its own included, when every layer has a sliding window.
+    pub(super) window: Option<usize>,
 }
 
 impl<D: Device> Runner<D> {
@@ -267,12 +269,25 @@ impl<D: Device> Runner<D> {
                 }
                 host.ids.push(t);
                 host.positions.push(position as u32);
-                host.infos.push(RowInfo {
+                let mut info = RowInfo {
                     first: slot.first as u32,
                     visible: (slot.filled + i + 1) as u32,
                     skip_from: skip.start as u32,
                     skip_to: skip.end as u32,
-                });
+                };
+                if let Some(window) = self.window {
+                    // a sliding window: the keys before `visible - window` are out of sight
+                    let cut = info.visible.saturating_sub(window as u32);
+                    if cut > 0 && !skip.is_empty() {
+                        return Err(Error::NotBuilt {
+                            what: "prefix groups with a sliding window".into(),
+                        });
+                    }
+                    if cut > 0 {
+                        (info.skip_from, info.skip_to) = (0, cut);
+                    }
+                }
+                host.infos.push(info);
             }
         }
         self.finish_rows(host, appends)
@@ -284,8 +299,8 @@ impl<D: Device> Runner<D> {
         mut host: HostRows,
         appends: Vec<(usize, usize, usize)>,
     ) -> Result<RowBatch<D>> {
-        if let Some(base) = self.rope_base {
-            host.rope = Some(rope_tables(&host.positions, self.heads.head_dim, base));
+        if let Some(inv_freq) = &self.rope {
+            host.rope = Some(rope_tables(&host.positions, inv_freq));
         }
         Ok(RowBatch {
             rows: host.ids.len(),
@@ -346,6 +361,16 @@ impl<D: Device> Runner<D> {
             self.dev.copy_rows(&y, 0..range.len(), dest, range.start)?;
         }
         out.ok_or_else(|| Error::invalid("model", "no rows"))
+    }
+
+    /// RMSNorm of each head of `x [rows, heads * head_dim]` with the one weight
+    /// `w [head_dim]`: the rows seen as `[rows * heads, head_dim]`, normalized, seen back.
+    pub(super) fn head_norm(&self, x: &D::Tensor, w: &D::Tensor, eps: f32) -> Result<D::Tensor> {
+        let [rows, width] = self.dev.dims(x);
+        let d = self.heads.head_dim.max(1);
+        let heads = self.dev.reshape(x, rows * width / d, d)?;
+        let normed = self.dev.rms_norm(&heads, w, eps)?;
+        self.dev.reshape(&normed, rows, width)
     }
 
     /// `x W^T + b`.

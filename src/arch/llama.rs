@@ -1,4 +1,5 @@
-//! Llama: RMSNorm, rotary positions, grouped-query attention, a SwiGLU MLP.
+//! Llama and the families built the same way (Mistral, Qwen2/2.5, Qwen3): RMSNorm, rotary
+//! positions, grouped-query attention, a SwiGLU MLP.
 //!
 //! ```text
 //! x = embed(ids)
@@ -6,6 +7,12 @@
 //!             x = x + down(silu(gate(n2)) * up(n2))                with n2 = rmsnorm2(x)
 //! logits = lm_head(rmsnorm(x))     (lm_head = embed when tied; GQA: kv head = q head / group)
 //! ```
+//!
+//! The families differ only in flags ([`LlamaFamily`]): Qwen2 adds biases to q, k and v;
+//! Qwen3 normalizes each head of q and k (RMSNorm over `head_dim`, before RoPE); Mistral (and
+//! Qwen with `use_sliding_window`) lets a query see only the last `sliding_window` keys;
+//! Llama 3 scales RoPE's long wavelengths (`rope_scaling` type `llama3`; in GGUF the
+//! per-frequency factors of `rope_freqs.weight`).
 //!
 //! Here, in order: its `config.json` and GGUF metadata, its tensors (Hugging Face names; GGUF
 //! names mapped to them), how they form the schedule's units (`parts`), its attention heads,
@@ -24,9 +31,41 @@ use crate::model::gguf::{GgufFile, GgufValue};
 use crate::model::TensorSpec;
 use crate::policy::cost::ModelShape;
 
-/// Llama's `config.json`.
+/// Which member of the Llama-shaped family a configuration describes (its `model_type`, or
+/// GGUF's `general.architecture`): it sets which optional tensors exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LlamaFamily {
+    /// Llama 2/3, SmolLM, TinyLlama...
+    #[default]
+    Llama,
+    /// Mistral (optionally a sliding window on every layer).
+    Mistral,
+    /// Qwen2 and Qwen2.5: biases on q, k and v.
+    Qwen2,
+    /// Qwen3: per-head RMSNorm of q and k.
+    Qwen3,
+}
+
+impl LlamaFamily {
+    /// The family of a `model_type` (or GGUF architecture) name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "llama" => Self::Llama,
+            "mistral" => Self::Mistral,
+            "qwen2" => Self::Qwen2,
+            "qwen3" => Self::Qwen3,
+            _ => return None,
+        })
+    }
+}
+
+/// A Llama-family `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
+    /// Which family (from `model_type`).
+    #[serde(default)]
+    pub family: LlamaFamily,
     /// Vocabulary size.
     pub vocab_size: usize,
     /// Width of the residual stream.
@@ -40,7 +79,7 @@ pub struct LlamaConfig {
     /// Number of key/value heads (grouped-query attention); defaults to `num_attention_heads`.
     #[serde(default)]
     pub num_key_value_heads: Option<usize>,
-    /// Per-head width; defaults to `hidden_size / num_attention_heads`.
+    /// Per-head width; defaults to `hidden_size / num_attention_heads` (128 for Qwen3).
     #[serde(default)]
     pub head_dim: Option<usize>,
     /// Context window.
@@ -52,21 +91,38 @@ pub struct LlamaConfig {
     /// RoPE base frequency.
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
-    /// RoPE scaling; only absent/`null` is supported.
+    /// RoPE scaling: absent/`null`/`default`, `linear` (`factor`) or `llama3` (`factor`,
+    /// `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings`).
     #[serde(default)]
     pub rope_scaling: Option<serde_json::Value>,
+    /// RoPE's per-frequency divisors as a GGUF file stores them (`rope_freqs.weight`, written
+    /// for Llama 3's scaling): `inv_freq_i / factor_i`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_freq_factors: Option<Vec<f64>>,
     /// Whether the output projection shares the token embedding.
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    /// Biases on q/k/v/o projections (unsupported when true).
+    /// Biases on the q, k, v and o projections.
     #[serde(default)]
     pub attention_bias: bool,
-    /// Biases on the MLP projections (unsupported when true).
+    /// Biases on the MLP projections.
     #[serde(default)]
     pub mlp_bias: bool,
     /// MLP activation; only `silu` is supported.
     #[serde(default = "silu")]
     pub hidden_act: String,
+    /// Keys a query sees (its own and the ones before), where the model limits them.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Qwen: whether `sliding_window` applies (to the layers from `max_window_layers` on).
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+    /// Qwen: the first layer with a sliding window (when `use_sliding_window`).
+    #[serde(default)]
+    pub max_window_layers: Option<usize>,
+    /// transformers 5: `full_attention` or `sliding_attention` per layer.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
     /// Beginning-of-sequence token.
     #[serde(default)]
     pub bos_token_id: Option<u32>,
@@ -107,6 +163,18 @@ pub(super) fn lift_rope_parameters(value: &mut serde_json::Value) {
     }
 }
 
+/// Records the family a `model_type` names in `config.json`'s value, with its defaults
+/// that differ from Llama's (Qwen3's head width is 128 unless given).
+pub(super) fn set_family(value: &mut serde_json::Value, model_type: &str) {
+    let Some(obj) = value.as_object_mut() else {
+        return;
+    };
+    obj.insert("family".into(), model_type.into());
+    if model_type == "qwen3" && obj.get("head_dim").is_none_or(|v| v.is_null()) {
+        obj.insert("head_dim".into(), 128.into());
+    }
+}
+
 /// Accepts `2`, `[2, 3]` or `null` for a token id.
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     #[derive(Deserialize)]
@@ -123,6 +191,42 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D:
 }
 
 impl LlamaConfig {
+    /// A plain Llama of these sizes with transformers' defaults for everything else (no
+    /// biases, no window, RoPE base 10000, untied, context 2048).
+    pub fn new(
+        vocab_size: usize,
+        hidden_size: usize,
+        intermediate_size: usize,
+        num_hidden_layers: usize,
+        num_attention_heads: usize,
+    ) -> Self {
+        Self {
+            family: LlamaFamily::Llama,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads: None,
+            head_dim: None,
+            max_position_embeddings: default_llama_context(),
+            rms_norm_eps: default_rms_eps(),
+            rope_theta: default_rope_theta(),
+            rope_scaling: None,
+            rope_freq_factors: None,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            mlp_bias: false,
+            hidden_act: silu(),
+            sliding_window: None,
+            use_sliding_window: None,
+            max_window_layers: None,
+            layer_types: None,
+            bos_token_id: None,
+            eos_token_id: None,
+        }
+    }
+
     /// Number of key/value heads.
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
@@ -131,6 +235,120 @@ impl LlamaConfig {
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+    /// Whether q, k and v have biases (Qwen2 always; the others with `attention_bias`).
+    pub fn qkv_bias(&self) -> bool {
+        self.family == LlamaFamily::Qwen2 || self.attention_bias
+    }
+    /// Whether each head of q and k is RMS-normalized before RoPE (Qwen3).
+    pub fn qk_norm(&self) -> bool {
+        self.family == LlamaFamily::Qwen3
+    }
+
+    /// The sliding window of each layer (`None`: the layer sees every earlier key), as
+    /// transformers decides it: `layer_types` when given; else, for Qwen, `sliding_window`
+    /// from layer `max_window_layers` on when `use_sliding_window`; else `sliding_window` on
+    /// every layer.
+    pub fn layer_windows(&self) -> Vec<Option<usize>> {
+        let n = self.num_hidden_layers;
+        let window = self.sliding_window;
+        if let Some(types) = &self.layer_types {
+            return types
+                .iter()
+                .map(|t| window.filter(|_| t == "sliding_attention"))
+                .collect();
+        }
+        match self.family {
+            LlamaFamily::Qwen2 | LlamaFamily::Qwen3 => {
+                let on = self.use_sliding_window == Some(true);
+                let from = self.max_window_layers.unwrap_or(0);
+                (0..n).map(|l| window.filter(|_| on && l >= from)).collect()
+            }
+            LlamaFamily::Llama | LlamaFamily::Mistral => vec![window; n],
+        }
+    }
+
+    /// The one sliding window of all layers (`None`: none has one).
+    pub fn attention_window(&self) -> Option<usize> {
+        self.layer_windows().first().copied().flatten()
+    }
+
+    /// RoPE's inverse frequencies `inv_freq_i = theta^(-2i/d)`, scaled as the model says:
+    /// GGUF's factors divide them; `linear` divides all by `factor`; `llama3` (with
+    /// `wavelen = 2 pi / inv_freq`, `lo = original / low_freq_factor`,
+    /// `hi = original / high_freq_factor`) divides those with `wavelen > lo` by `factor`,
+    /// keeps those with `wavelen < hi`, and blends between:
+    /// `s = (original / wavelen - low) / (high - low)`, `inv = (1 - s) inv / factor + s inv`.
+    pub fn rope_inv_freq(&self) -> Vec<f64> {
+        let base = crate::device::rope_inv_freq(self.head_dim(), self.rope_theta);
+        if let Some(factors) = &self.rope_freq_factors {
+            return base.iter().zip(factors).map(|(f, d)| f / d).collect();
+        }
+        let Ok(scaling) = self.rope_scaling() else {
+            return base; // validation refuses these
+        };
+        match scaling {
+            RopeScaling::None => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original,
+            } => base
+                .iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < original / high {
+                        f
+                    } else if wavelen > original / low {
+                        f / factor
+                    } else {
+                        let s = (original / wavelen - low) / (high - low);
+                        (1.0 - s) * f / factor + s * f
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// `rope_scaling` parsed, or what is wrong with it.
+    fn rope_scaling(&self) -> std::result::Result<RopeScaling, String> {
+        let Some(v) = self.rope_scaling.as_ref().filter(|v| !v.is_null()) else {
+            return Ok(RopeScaling::None);
+        };
+        let kind = v
+            .get("rope_type")
+            .or_else(|| v.get("type"))
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        let number = |key: &str| -> std::result::Result<f64, String> {
+            v.get(key)
+                .and_then(|x| x.as_f64())
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| format!("rope_scaling `{kind}` needs a positive `{key}`"))
+        };
+        match kind {
+            "default" => Ok(RopeScaling::None),
+            "linear" => Ok(RopeScaling::Linear {
+                factor: number("factor")?,
+            }),
+            "llama3" => {
+                let (low, high) = (number("low_freq_factor")?, number("high_freq_factor")?);
+                if high <= low {
+                    return Err("rope_scaling llama3: high_freq_factor <= low_freq_factor".into());
+                }
+                Ok(RopeScaling::Llama3 {
+                    factor: number("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original: number("original_max_position_embeddings")?,
+                })
+            }
+            other => Err(format!(
+                "rope_scaling type `{other}` is not supported (default, linear, llama3)"
+            )),
+        }
     }
 
     /// Checks that the configuration describes a model ferrogen can run; `path` names the
@@ -166,11 +384,41 @@ impl LlamaConfig {
             ));
         }
         let unsupported = |what: String| Err(Error::Unsupported { what });
-        if c.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            return unsupported(format!("{}: rope_scaling", path.display()));
+        if let Err(why) = c.rope_scaling() {
+            return unsupported(format!("{}: {why}", path.display()));
         }
-        if c.attention_bias || c.mlp_bias {
-            return unsupported(format!("{}: Llama with biases", path.display()));
+        if let Some(f) = &c.rope_freq_factors {
+            if f.len() != c.head_dim() / 2 || f.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "{} RoPE frequency factors for a head of {} (want {} positive ones)",
+                        f.len(),
+                        c.head_dim(),
+                        c.head_dim() / 2
+                    ),
+                ));
+            }
+        }
+        let windows = c.layer_windows();
+        if windows.len() != c.num_hidden_layers {
+            return Err(Error::config(
+                path,
+                format!(
+                    "`layer_types` lists {} layers, not num_hidden_layers {}",
+                    windows.len(),
+                    c.num_hidden_layers
+                ),
+            ));
+        }
+        if windows.iter().any(|w| *w != windows[0]) {
+            return unsupported(format!(
+                "{}: a sliding window on some layers only",
+                path.display()
+            ));
+        }
+        if windows[0] == Some(0) {
+            return Err(Error::config(path, "`sliding_window` must be positive"));
         }
         if c.hidden_act != "silu" {
             return unsupported(format!(
@@ -190,40 +438,71 @@ impl LlamaConfig {
     }
 }
 
-/// The configuration a llama GGUF file's metadata describes (`llama.*` keys), checked against
-/// its embedding table and tokenizer.
-pub(super) fn from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
-    if let Some(kind) = file
-        .get("llama.rope.scaling.type")
+/// RoPE scaling as `rope_scaling` gives it.
+enum RopeScaling {
+    None,
+    Linear {
+        factor: f64,
+    },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original: f64,
+    },
+}
+
+/// The configuration a GGUF file of this family describes (`<arch>.*` keys, `arch` being
+/// `general.architecture`: llama, qwen2 or qwen3), checked against its embedding table.
+pub(super) fn from_gguf(file: &GgufFile, arch: &str) -> Result<LlamaConfig> {
+    let family = LlamaFamily::from_name(arch).ok_or_else(|| Error::Unsupported {
+        what: format!("{}: GGUF architecture `{arch}`", file.path().display()),
+    })?;
+    let key = |k: &str| format!("{arch}.{k}");
+    let rope_scaling = match file
+        .get(&key("rope.scaling.type"))
         .and_then(GgufValue::as_str)
     {
-        if kind != "none" {
+        None | Some("none") => None,
+        Some("linear") => {
+            let factor = file
+                .get(&key("rope.scaling.factor"))
+                .and_then(GgufValue::as_f64)
+                .ok_or_else(|| {
+                    Error::config(file.path(), "linear RoPE scaling without a factor")
+                })?;
+            Some(serde_json::json!({"rope_type": "linear", "factor": factor}))
+        }
+        Some(kind) => {
             return Err(Error::Unsupported {
                 what: format!("{}: RoPE scaling `{kind}`", file.path().display()),
-            });
+            })
         }
-    }
+    };
+    let rope_freq_factors = file
+        .tensor_f32("rope_freqs.weight")?
+        .map(|f| f.into_iter().map(f64::from).collect());
     let embed = file
         .tensor_shape("token_embd.weight")
         .ok_or_else(|| Error::MissingTensor {
             path: file.path().to_path_buf(),
             name: "token_embd.weight".into(),
         })?;
-    let heads = file.require_u64("llama.attention.head_count")?;
-    let head_dim = file.optional_u64("llama.attention.key_length")?;
-    let hidden = file.require_u64("llama.embedding_length")?;
+    let heads = file.require_u64(&key("attention.head_count"))?;
+    let head_dim = file.optional_u64(&key("attention.key_length"))?;
+    let hidden = file.require_u64(&key("embedding_length"))?;
     if heads == 0 {
         return Err(Error::config(
             file.path(),
-            "`llama.attention.head_count` is 0",
+            format!("`{arch}.attention.head_count` is 0"),
         ));
     }
     if head_dim.is_none() && !hidden.is_multiple_of(heads) {
         return Err(Error::config(
             file.path(),
             format!(
-                "`llama.embedding_length` {hidden} is not a multiple of \
-                 `llama.attention.head_count` {heads} (and no `llama.attention.key_length` \
+                "`{arch}.embedding_length` {hidden} is not a multiple of \
+                 `{arch}.attention.head_count` {heads} (and no `{arch}.attention.key_length` \
                  gives the head width)"
             ),
         ));
@@ -238,7 +517,7 @@ pub(super) fn from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
         ));
     }
     if let (Some(rot), Some(hd)) = (
-        file.optional_u64("llama.rope.dimension_count")?,
+        file.optional_u64(&key("rope.dimension_count"))?,
         head_dim.or_else(|| Some(embed.get(1)? / heads.max(1))),
     ) {
         if rot != hd {
@@ -264,33 +543,37 @@ pub(super) fn from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
             .and_then(|v| u32::try_from(v).ok())
     };
     Ok(LlamaConfig {
+        family,
         vocab_size: embed[0],
         hidden_size: hidden,
-        intermediate_size: file.require_u64("llama.feed_forward_length")?,
-        num_hidden_layers: file.require_u64("llama.block_count")?,
+        intermediate_size: file.require_u64(&key("feed_forward_length"))?,
+        num_hidden_layers: file.require_u64(&key("block_count"))?,
         num_attention_heads: heads,
-        num_key_value_heads: file.optional_u64("llama.attention.head_count_kv")?,
+        num_key_value_heads: file.optional_u64(&key("attention.head_count_kv"))?,
         head_dim,
-        max_position_embeddings: file.require_u64("llama.context_length")?,
-        rms_norm_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-6)?,
-        rope_theta: float("llama.rope.freq_base", 10000.0)?,
-        rope_scaling: None,
+        max_position_embeddings: file.require_u64(&key("context_length"))?,
+        rms_norm_eps: float(&key("attention.layer_norm_rms_epsilon"), 1e-6)?,
+        rope_theta: float(&key("rope.freq_base"), 10000.0)?,
+        rope_scaling,
+        rope_freq_factors,
         tie_word_embeddings: file.tensor_shape("output.weight").is_none(),
-        attention_bias: false,
-        mlp_bias: false,
+        attention_bias: file.tensor_shape("blk.0.attn_output.bias").is_some(),
+        mlp_bias: file.tensor_shape("blk.0.ffn_down.bias").is_some(),
         hidden_act: "silu".into(),
+        // llama.cpp runs these families without a window (as it computes them)
+        sliding_window: None,
+        use_sliding_window: None,
+        max_window_layers: None,
+        layer_types: None,
         bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
         eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
     })
 }
 
-/// Maps a GGUF llama tensor name to its Hugging Face name (other names are kept as they are),
-/// with the head count whose permutation must be undone for Q and K.
-pub(super) fn gguf_tensor_name(
-    gguf: &str,
-    heads: usize,
-    kv_heads: usize,
-) -> (String, Option<usize>) {
+/// Maps a GGUF tensor name of this family to its Hugging Face name (other names are kept as
+/// they are), with the head count whose permutation must be undone: llama.cpp interleaves the
+/// rows of Llama's (not Qwen's) Q and K, biases included.
+pub(super) fn gguf_tensor_name(gguf: &str, c: &LlamaConfig) -> (String, Option<usize>) {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -306,19 +589,33 @@ pub(super) fn gguf_tensor_name(
     let Some((layer, part)) = rest.split_once('.') else {
         return (gguf.to_string(), None);
     };
-    let (hf_part, unpermute) = match part {
-        "attn_norm.weight" => ("input_layernorm.weight", None),
-        "attn_q.weight" => ("self_attn.q_proj.weight", Some(heads)),
-        "attn_k.weight" => ("self_attn.k_proj.weight", Some(kv_heads)),
-        "attn_v.weight" => ("self_attn.v_proj.weight", None),
-        "attn_output.weight" => ("self_attn.o_proj.weight", None),
-        "ffn_norm.weight" => ("post_attention_layernorm.weight", None),
-        "ffn_gate.weight" => ("mlp.gate_proj.weight", None),
-        "ffn_up.weight" => ("mlp.up_proj.weight", None),
-        "ffn_down.weight" => ("mlp.down_proj.weight", None),
+    let permuted = matches!(c.family, LlamaFamily::Llama | LlamaFamily::Mistral);
+    let (heads, kv_heads) = if permuted {
+        (Some(c.num_attention_heads), Some(c.kv_heads()))
+    } else {
+        (None, None)
+    };
+    let Some((module, kind)) = part.rsplit_once('.') else {
+        return (gguf.to_string(), None);
+    };
+    let (hf_module, unpermute) = match module {
+        "attn_norm" => ("input_layernorm", None),
+        "attn_q" => ("self_attn.q_proj", heads),
+        "attn_k" => ("self_attn.k_proj", kv_heads),
+        "attn_v" => ("self_attn.v_proj", None),
+        "attn_output" => ("self_attn.o_proj", None),
+        "attn_q_norm" => ("self_attn.q_norm", None),
+        "attn_k_norm" => ("self_attn.k_norm", None),
+        "ffn_norm" => ("post_attention_layernorm", None),
+        "ffn_gate" => ("mlp.gate_proj", None),
+        "ffn_up" => ("mlp.up_proj", None),
+        "ffn_down" => ("mlp.down_proj", None),
         _ => return (gguf.to_string(), None),
     };
-    (format!("model.layers.{layer}.{hf_part}"), unpermute)
+    (
+        format!("model.layers.{layer}.{hf_module}.{kind}"),
+        unpermute,
+    )
 }
 
 /// The tensors of one Llama decoder layer.
@@ -334,6 +631,10 @@ pub struct LlamaLayerSpec {
     pub v_proj: TensorSpec,
     /// `[hidden, heads * head_dim]`.
     pub o_proj: TensorSpec,
+    /// Qwen3: RMSNorm of each query head `[head_dim]`.
+    pub q_norm: Option<TensorSpec>,
+    /// Qwen3: RMSNorm of each key head `[head_dim]`.
+    pub k_norm: Option<TensorSpec>,
     /// RMSNorm before the MLP `[hidden]`.
     pub post_attention_layernorm: TensorSpec,
     /// `[intermediate, hidden]`.
@@ -376,6 +677,12 @@ impl LlamaSpec {
                     k_proj: t(format!("{l}self_attn.k_proj.weight"), &[kv, h]),
                     v_proj: t(format!("{l}self_attn.v_proj.weight"), &[kv, h]),
                     o_proj: t(format!("{l}self_attn.o_proj.weight"), &[h, q]),
+                    q_norm: c
+                        .qk_norm()
+                        .then(|| t(format!("{l}self_attn.q_norm.weight"), &[c.head_dim()])),
+                    k_norm: c
+                        .qk_norm()
+                        .then(|| t(format!("{l}self_attn.k_norm.weight"), &[c.head_dim()])),
                     post_attention_layernorm: t(
                         format!("{l}post_attention_layernorm.weight"),
                         &[h],
@@ -396,28 +703,45 @@ impl LlamaSpec {
     }
 }
 
-/// The units' tensors. Attention: vectors `[input_layernorm]`, linears `[q, k, v, o]`;
-/// MLP: `[post_attention_layernorm]`, `[gate, up, down]`; head: `[norm]`; no input weights.
+/// The bias `[out]` beside a linear weight `[out, in]` (`....weight` -> `....bias`).
+pub fn bias_of(weight: &TensorSpec) -> TensorSpec {
+    let name = weight.name.strip_suffix(".weight").unwrap_or(&weight.name);
+    TensorSpec::new(format!("{name}.bias"), &weight.shape[..1])
+}
+
+/// The units' tensors. Attention: vectors `[input_layernorm, q_norm, k_norm]` (the head norms
+/// `None` but for Qwen3), linears `[q, k, v, o]`; MLP: `[post_attention_layernorm]`,
+/// `[gate, up, down]`; head: `[norm]`; no input weights. Linears carry their biases where the
+/// model has them.
 pub(super) fn parts(c: &LlamaConfig) -> ModelParts {
     let s = LlamaSpec::new(c);
-    let lin = |t: &TensorSpec| Some((t.clone(), None));
+    let lin = |t: &TensorSpec, bias: bool| Some((t.clone(), bias.then(|| bias_of(t))));
+    let (qkv, o, mlp) = (c.qkv_bias(), c.attention_bias, c.mlp_bias);
     let layers = s
         .layers
         .iter()
         .map(|l| {
             [
                 PartSpec {
-                    vectors: vec![Some(l.input_layernorm.clone())],
+                    vectors: vec![
+                        Some(l.input_layernorm.clone()),
+                        l.q_norm.clone(),
+                        l.k_norm.clone(),
+                    ],
                     linears: vec![
-                        lin(&l.q_proj),
-                        lin(&l.k_proj),
-                        lin(&l.v_proj),
-                        lin(&l.o_proj),
+                        lin(&l.q_proj, qkv),
+                        lin(&l.k_proj, qkv),
+                        lin(&l.v_proj, qkv),
+                        lin(&l.o_proj, o),
                     ],
                 },
                 PartSpec {
                     vectors: vec![Some(l.post_attention_layernorm.clone())],
-                    linears: vec![lin(&l.gate_proj), lin(&l.up_proj), lin(&l.down_proj)],
+                    linears: vec![
+                        lin(&l.gate_proj, mlp),
+                        lin(&l.up_proj, mlp),
+                        lin(&l.down_proj, mlp),
+                    ],
                 },
             ]
         })
@@ -466,9 +790,32 @@ pub(super) fn shape(c: &LlamaConfig) -> ModelShape {
         layer_values: layer,
         head_values: tables * c.vocab_size as f64 * h + h,
         head_macs: c.vocab_size as f64 * h,
-        // two RMSNorms per layer and the final one
-        resident_values: (2 * c.num_hidden_layers + 1) as f64 * h,
+        // two RMSNorms per layer and the final one, the head norms and the biases
+        resident_values: (2 * c.num_hidden_layers + 1) as f64 * h
+            + c.num_hidden_layers as f64 * resident_extras(c),
     }
+}
+
+/// Values per layer kept resident beside the RMSNorms: q/k head norms and biases.
+fn resident_extras(c: &LlamaConfig) -> f64 {
+    let (qw, kvw) = (
+        c.num_attention_heads * c.head_dim(),
+        c.kv_heads() * c.head_dim(),
+    );
+    let mut n = 0;
+    if c.qk_norm() {
+        n += 2 * c.head_dim();
+    }
+    if c.qkv_bias() {
+        n += qw + 2 * kvw;
+    }
+    if c.attention_bias {
+        n += c.hidden_size;
+    }
+    if c.mlp_bias {
+        n += 2 * c.intermediate_size + c.hidden_size;
+    }
+    n as f64
 }
 
 /// `x + o(attend(rope(q(n)), rope(k(n)), v(n)))` with `n = rmsnorm(x)`; `attend` returns
@@ -481,13 +828,19 @@ pub(super) fn attention<D: Device>(
     rb: &RowBatch<D>,
     attend: impl FnOnce(&D::Tensor, &D::Tensor, &D::Tensor) -> Result<D::Tensor>,
 ) -> Result<D::Tensor> {
-    let ([Some(norm)], [Some(q), Some(k), Some(v), Some(o)]) = (&w.vectors[..], &w.linears[..])
+    let ([Some(norm), q_norm, k_norm], [Some(q), Some(k), Some(v), Some(o)]) =
+        (&w.vectors[..], &w.linears[..])
     else {
         return Err(malformed("Llama attention"));
     };
-    let n = r.dev.rms_norm(&x, norm, c.rms_norm_eps as f32)?;
-    let (qt, kt, vt) = (r.linear(&n, q)?, r.linear(&n, k)?, r.linear(&n, v)?);
+    let eps = c.rms_norm_eps as f32;
+    let n = r.dev.rms_norm(&x, norm, eps)?;
+    let (mut qt, mut kt, vt) = (r.linear(&n, q)?, r.linear(&n, k)?, r.linear(&n, v)?);
     let head_dim = r.head_layout().head_dim;
+    if let (Some(qn), Some(kn)) = (q_norm, k_norm) {
+        qt = r.head_norm(&qt, qn, eps)?;
+        kt = r.head_norm(&kt, kn, eps)?;
+    }
     r.dev.rope(&qt, &rb.dev, head_dim)?;
     r.dev.rope(&kt, &rb.dev, head_dim)?;
     let a = attend(&qt, &kt, &vt)?;
@@ -564,22 +917,115 @@ mod tests {
         assert!(matches!(scaled, Err(Error::Unsupported { .. })));
     }
 
+    fn config(text: &str) -> LlamaConfig {
+        match ModelConfig::from_json_str(text, Path::new("c.json")) {
+            Ok(ModelConfig::Llama(c)) => c,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn names_map_to_hugging_face() {
+        let llama = LlamaConfig {
+            num_key_value_heads: Some(3),
+            ..LlamaConfig::new(100, 72, 100, 13, 9)
+        };
         assert_eq!(
-            gguf_tensor_name("blk.12.attn_k.weight", 9, 3),
+            gguf_tensor_name("blk.12.attn_k.weight", &llama),
             (
                 "model.layers.12.self_attn.k_proj.weight".to_string(),
                 Some(3)
             )
         );
         assert_eq!(
-            gguf_tensor_name("blk.0.ffn_down.weight", 9, 3).0,
+            gguf_tensor_name("blk.12.attn_q.bias", &llama),
+            ("model.layers.12.self_attn.q_proj.bias".to_string(), Some(9))
+        );
+        assert_eq!(
+            gguf_tensor_name("blk.0.ffn_down.weight", &llama).0,
             "model.layers.0.mlp.down_proj.weight"
         );
         assert_eq!(
-            gguf_tensor_name("rope_freqs.weight", 9, 3).0,
+            gguf_tensor_name("rope_freqs.weight", &llama).0,
             "rope_freqs.weight"
         );
+        // Qwen's rows are stored as transformers has them
+        let qwen = LlamaConfig {
+            family: LlamaFamily::Qwen3,
+            ..llama
+        };
+        assert_eq!(
+            gguf_tensor_name("blk.1.attn_k.weight", &qwen),
+            ("model.layers.1.self_attn.k_proj.weight".to_string(), None)
+        );
+        assert_eq!(
+            gguf_tensor_name("blk.1.attn_k_norm.weight", &qwen).0,
+            "model.layers.1.self_attn.k_norm.weight"
+        );
+    }
+
+    /// Llama 3.1's own scaling (factor 8, 1, 4, 8192; head 128, base 500000) against
+    /// transformers' `_compute_llama3_parameters` (printed in float64).
+    #[test]
+    fn llama3_rope_scaling_follows_transformers() {
+        let c = config(
+            r#"{"model_type": "llama", "vocab_size": 100, "hidden_size": 4096,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 32,
+            "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}}"#,
+        );
+        let f = c.rope_inv_freq();
+        assert_eq!(f.len(), 64);
+        // high frequencies kept, low ones divided by 8, the middle blended
+        let base = crate::device::rope_inv_freq(128, 500000.0);
+        assert_eq!(f[0], base[0]);
+        assert!((f[63] - base[63] / 8.0).abs() < 1e-18);
+        let want_40 = 3.428_102_354_519_069e-5; // transformers: inv_freq[40] after scaling
+        assert!((f[40] / want_40 - 1.0).abs() < 1e-6, "{}", f[40]);
+        let bad = config(
+            r#"{"model_type": "llama", "vocab_size": 100, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}"#,
+        );
+        assert_eq!(
+            bad.rope_inv_freq(),
+            crate::device::rope_inv_freq(16, 10000.0)
+        );
+    }
+
+    #[test]
+    fn families_set_their_flags() {
+        let base = r#""vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 3, "num_attention_heads": 4"#;
+        let qwen2 = config(&format!(
+            r#"{{"model_type": "qwen2", {base},
+            "sliding_window": 32768, "use_sliding_window": false}}"#
+        ));
+        assert!(qwen2.qkv_bias() && !qwen2.qk_norm());
+        assert_eq!(qwen2.attention_window(), None);
+        let qwen3 = config(&format!(r#"{{"model_type": "qwen3", {base}}}"#));
+        assert!(qwen3.qk_norm() && !qwen3.qkv_bias());
+        assert_eq!(qwen3.head_dim(), 128);
+        let mistral = config(&format!(
+            r#"{{"model_type": "mistral", {base}, "sliding_window": 5}}"#
+        ));
+        assert_eq!(mistral.attention_window(), Some(5));
+        // a window on some layers only is refused, not ignored
+        let mixed = ModelConfig::from_json_str(
+            &format!(
+                r#"{{"model_type": "qwen2", {base}, "sliding_window": 8,
+                "use_sliding_window": true, "max_window_layers": 1}}"#
+            ),
+            Path::new("c.json"),
+        );
+        assert!(matches!(mixed, Err(Error::Unsupported { .. })), "{mixed:?}");
+        let yarn = ModelConfig::from_json_str(
+            &format!(
+                r#"{{"model_type": "qwen2", {base},
+                "rope_scaling": {{"type": "yarn", "factor": 4.0}}}}"#
+            ),
+            Path::new("c.json"),
+        );
+        assert!(matches!(yarn, Err(Error::Unsupported { .. })), "{yarn:?}");
     }
 }

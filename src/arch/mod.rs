@@ -40,7 +40,8 @@ use crate::policy::cost::ModelShape;
 pub enum ModelConfig {
     /// Meta's OPT family (facebook/opt-*).
     Opt(OptConfig),
-    /// The Llama family (Llama 2/3, SmolLM, TinyLlama, ...).
+    /// The Llama family (Llama 2/3, SmolLM, TinyLlama, ...) and those built alike: Mistral,
+    /// Qwen2/2.5 and Qwen3 (`LlamaConfig::family`).
     Llama(LlamaConfig),
 }
 
@@ -177,17 +178,19 @@ impl ModelConfig {
         let model_type = value
             .get("model_type")
             .and_then(|v| v.as_str())
-            .ok_or_else(|| Error::config(path, "missing field `model_type`"))?;
-        let config = match model_type {
+            .ok_or_else(|| Error::config(path, "missing field `model_type`"))?
+            .to_string();
+        let config = match model_type.as_str() {
             "opt" => serde_json::from_value(value).map(ModelConfig::Opt),
-            "llama" => {
+            "llama" | "mistral" | "qwen2" | "qwen3" => {
                 llama::lift_rope_parameters(&mut value);
+                llama::set_family(&mut value, &model_type);
                 serde_json::from_value(value).map(ModelConfig::Llama)
             }
             other => {
                 return Err(Error::Unsupported {
                     what: format!(
-                        "{}: model_type `{other}` (supported: opt, llama)",
+                        "{}: model_type `{other}` (supported: opt, llama, mistral, qwen2, qwen3)",
                         path.display()
                     ),
                 })
@@ -207,7 +210,7 @@ impl ModelConfig {
             .and_then(GgufValue::as_str)
             .ok_or_else(|| Error::config(path, "missing `general.architecture`"))?;
         let config = match arch {
-            "llama" => ModelConfig::Llama(llama::from_gguf(file)?),
+            "llama" | "qwen2" | "qwen3" => ModelConfig::Llama(llama::from_gguf(file, arch)?),
             other => {
                 return Err(Error::Unsupported {
                     what: format!("{}: GGUF architecture `{other}`", path.display()),
@@ -238,12 +241,7 @@ impl ModelConfig {
     /// A GGUF file's tensors under this architecture's Hugging Face names.
     pub fn gguf_weights(&self, file: GgufFile) -> Result<GgufWeights> {
         match self {
-            ModelConfig::Llama(c) => {
-                let (heads, kv_heads) = (c.num_attention_heads, c.kv_heads());
-                Ok(GgufWeights::new(file, |g| {
-                    llama::gguf_tensor_name(g, heads, kv_heads)
-                }))
-            }
+            ModelConfig::Llama(c) => Ok(GgufWeights::new(file, |g| llama::gguf_tensor_name(g, c))),
             ModelConfig::Opt(_) => Err(Error::Unsupported {
                 what: format!("{}: GGUF for a non-llama model", file.path().display()),
             }),
@@ -281,6 +279,14 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(c) => llama::shape(c),
             ModelConfig::Opt(c) => opt::shape(c),
+        }
+    }
+
+    /// The sliding window of every layer, keys a query sees with its own (`None`: all).
+    pub fn attention_window(&self) -> Option<usize> {
+        match self {
+            ModelConfig::Llama(c) => c.attention_window(),
+            ModelConfig::Opt(_) => None,
         }
     }
 
@@ -352,9 +358,9 @@ impl ModelConfig {
 impl<D: Device> Runner<D> {
     /// The recipe of `config` on `dev`.
     pub fn new(dev: D, config: &ModelConfig, options: RunOptions) -> Self {
-        let rope_base = match config {
-            ModelConfig::Llama(c) => Some(c.rope_theta),
-            ModelConfig::Opt(_) => None,
+        let (rope, window) = match config {
+            ModelConfig::Llama(c) => (Some(c.rope_inv_freq()), c.attention_window()),
+            ModelConfig::Opt(_) => (None, None),
         };
         Self {
             dev,
@@ -363,7 +369,8 @@ impl<D: Device> Runner<D> {
             logit_rows: LOGIT_ROWS,
             chunk_rows: CHUNK_ROWS,
             heads: config.head_layout(),
-            rope_base,
+            rope,
+            window,
         }
     }
 

@@ -21,20 +21,28 @@ pub use cpu::CpuDevice;
 use crate::error::{Error, Result};
 use crate::layout::{HeadLayout, Q4Layout, RowFormat, RunOptions};
 
-/// RoPE tables `[rows, head_dim / 2]` for the given positions, in f64 then rounded (exactly as
-/// the CPU reference): `theta_i = p * base^(-2i/d)`.
-pub fn rope_tables(positions: &[u32], head_dim: usize, base: f64) -> (Vec<f32>, Vec<f32>) {
-    let half = head_dim / 2;
+/// RoPE tables `[rows, inv_freq.len()]` for the given positions and inverse frequencies, in
+/// f64 then rounded (exactly as the CPU reference): `angle_i = p * inv_freq_i`, with
+/// `inv_freq_i = base^(-2i/d)` before any scaling (the architecture's [`rope_inv_freq`]).
+pub fn rope_tables(positions: &[u32], inv_freq: &[f64]) -> (Vec<f32>, Vec<f32>) {
+    let half = inv_freq.len();
     let mut cos = Vec::with_capacity(positions.len() * half);
     let mut sin = Vec::with_capacity(positions.len() * half);
     for &p in positions {
-        for i in 0..half {
-            let angle = p as f64 / base.powf(2.0 * i as f64 / head_dim as f64);
+        for &f in inv_freq {
+            let angle = p as f64 * f;
             cos.push(angle.cos() as f32);
             sin.push(angle.sin() as f32);
         }
     }
     (cos, sin)
+}
+
+/// RoPE's unscaled inverse frequencies `inv_freq_i = base^(-2i/d)`, `i < d/2`.
+pub fn rope_inv_freq(head_dim: usize, base: f64) -> Vec<f64> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / base.powf(2.0 * i as f64 / head_dim as f64))
+        .collect()
 }
 
 /// Which device computes.
@@ -291,6 +299,8 @@ pub trait Device: Clone + Send + Sync + 'static {
     fn zeros(&self, rows: usize, width: usize) -> Result<Self::Tensor>;
     /// `[rows, width]` of a tensor.
     fn dims(&self, t: &Self::Tensor) -> [usize; 2];
+    /// The same storage seen as `[rows, width]` (as many elements), shared like a clone.
+    fn reshape(&self, t: &Self::Tensor, rows: usize, width: usize) -> Result<Self::Tensor>;
     /// Rows `rows` of `t`, on the host.
     fn download(&self, t: &Self::Tensor, rows: Range<usize>) -> Result<Vec<f32>>;
     /// Writes host rows `data` into `t` from row `at`.

@@ -246,6 +246,16 @@ impl Device for WgpuDevice {
         }
     }
 
+    fn reshape(&self, t: &GpuTensor, rows: usize, width: usize) -> Result<GpuTensor> {
+        expect(rows * width == t.numel(), "reshape", || {
+            format!("{:?} as [{rows}, {width}]", t.shape)
+        })?;
+        Ok(GpuTensor {
+            buffer: t.buffer.clone(),
+            shape: vec![rows, width],
+        })
+    }
+
     fn download(&self, t: &GpuTensor, rows: Range<usize>) -> Result<Vec<f32>> {
         let row = (self.dims(t)[1] * 4) as u64;
         let bytes = download_ranges(

@@ -269,6 +269,20 @@ impl GgufFile {
         self.tensors.get(name).map(|t| &t.shape[..])
     }
 
+    /// A tensor's values as f32 (GGUF's own name; any float or block type), or `None` when
+    /// the file has no such tensor. For small tensors read at open (RoPE frequency factors).
+    pub fn tensor_f32(&self, name: &str) -> Result<Option<Vec<f32>>> {
+        let Some(entry) = self.tensors.get(name) else {
+            return Ok(None);
+        };
+        let numel = entry.shape.iter().product();
+        // In bounds: parse() checked every tensor's range against the file.
+        let raw = &self.map[entry.start..entry.start + entry.len];
+        crate::model::weights::decode_to_f32(entry.dtype, raw, numel)
+            .map(Some)
+            .ok_or_else(|| Error::format(&self.path, format!("tensor `{name}` is cut short")))
+    }
+
     /// The names of the file's tensors (GGUF's own names).
     pub fn tensor_names(&self) -> Vec<String> {
         self.tensors.keys().cloned().collect()

@@ -1,9 +1,10 @@
 //! Text tokenization through the `tokenizers` crate, from `tokenizer.json` or GGUF metadata.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::gguf::{GgufFile, GgufValue};
 use crate::error::{Error, Result};
@@ -32,6 +33,153 @@ fn word_cuts(text: &str, piece_bytes: usize) -> Vec<usize> {
     cuts
 }
 
+/// Llama 3's pre-tokenizer split (also Falcon 3, Pixtral, DBRX...): letters with one leading
+/// non-letter, numbers of up to 3 digits, punctuation runs, newlines, spaces.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's (and Qwen2.5's, Qwen3's): Llama 3's with single digits.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Mistral's Tekken: words split at case changes, single digits.
+const TEKKEN_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The pre-tokenizer (tokenizer.json form) of a GGUF `tokenizer.ggml.pre` name, and whether a
+/// word found whole in the vocabulary is one token without merging (`ignore_merges`, as
+/// llama.cpp and Llama 3's own tokenizer.json do).
+fn byte_level_pre_tokenizer(pre: &str) -> std::result::Result<(Value, bool), String> {
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false,
+                            "trim_offsets": true, "use_regex": true});
+    let split = |regex: &str| {
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated",
+             "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false,
+             "use_regex": false}]})
+    };
+    Ok(match pre {
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "dbrx"
+        | "smaug-bpe" => (split(LLAMA3_SPLIT), true),
+        "qwen2" | "deepseek-r1-qwen" => (split(QWEN2_SPLIT), false),
+        "tekken" => (split(TEKKEN_SPLIT), true),
+        "smollm" => (
+            json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true}, byte_level]}),
+            false,
+        ),
+        "gpt2" | "gpt-2" | "phi-2" | "default" => (byte_level, false),
+        other => {
+            return Err(format!(
+                "pre-tokenizer `{other}` is not supported (llama-bpe, qwen2, tekken, smollm, \
+                 gpt-2, default); give records as token ids instead"
+            ))
+        }
+    })
+}
+
+/// Control (type 3) tokens, matched whole in text and special, and user-defined (4) ones,
+/// matched whole, as added tokens of a tokenizer.json.
+fn added_tokens(tokens: &[&str], types: &[i64]) -> Vec<Value> {
+    tokens
+        .iter()
+        .zip(types)
+        .enumerate()
+        .filter(|(_, (_, &t))| t == 3 || t == 4)
+        .map(|(id, (content, &t))| {
+            json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": t == 3})
+        })
+        .collect()
+}
+
+/// A byte-level BPE tokenizer.json of GGUF tables.
+fn byte_level_spec(
+    tokens: &[&str],
+    types: &[i64],
+    merges: &[&str],
+    pre: &str,
+) -> std::result::Result<Value, String> {
+    let (pre_tokenizer, ignore_merges) = byte_level_pre_tokenizer(pre)?;
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.to_string(), json!(id)))
+        .collect();
+    Ok(json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added_tokens(tokens, types),
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                    "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
+                  "vocab": vocab, "merges": merges},
+    }))
+}
+
+/// The merges a SentencePiece vocabulary implies: every split `l + r` of a token into two
+/// tokens, best first by the whole token's score, then by longer `l`, longer `r` (lengths in
+/// characters), ties in vocabulary order of the token, `l`, `r` (as transformers derives them).
+fn sentencepiece_merges(tokens: &[&str], scores: &[f64], ids: &HashMap<&str, usize>) -> Vec<Value> {
+    let mut merges: Vec<(f64, usize, usize, usize, usize)> = Vec::new();
+    for (t, &score) in tokens.iter().zip(scores) {
+        let mut local = Vec::new();
+        for (at, _) in t.char_indices().skip(1) {
+            let (l, r) = t.split_at(at);
+            if let (Some(&li), Some(&ri)) = (ids.get(l), ids.get(r)) {
+                local.push((score, l.chars().count(), r.chars().count(), li, ri));
+            }
+        }
+        local.sort_by_key(|m| (m.3, m.4));
+        merges.extend(local);
+    }
+    // stable: equal keys keep the order above
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then(b.2.cmp(&a.2)));
+    merges
+        .iter()
+        .map(|m| json!([tokens[m.3], tokens[m.4]]))
+        .collect()
+}
+
+/// A SentencePiece-style BPE tokenizer.json of GGUF tables: spaces as `▁` (one prepended to
+/// the text's first word when `space_prefix`), unknown characters as their UTF-8 bytes
+/// (`<0xE6>`), merges from the scores.
+fn sentencepiece_spec(tokens: &[&str], types: &[i64], scores: &[f64], space_prefix: bool) -> Value {
+    // one id per string: the last of equal strings, as a dict built in order keeps
+    let ids: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, &t)| (t, i)).collect();
+    let vocab: serde_json::Map<String, Value> = ids
+        .iter()
+        .map(|(t, &i)| (t.to_string(), json!(i)))
+        .collect();
+    let unk = types
+        .iter()
+        .position(|&t| t == 2)
+        .map(|i| tokens[i])
+        .or_else(|| ids.contains_key("<unk>").then_some("<unk>"));
+    let scheme = if space_prefix { "first" } else { "never" };
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if space_prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added_tokens(tokens, types),
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}",
+                          "prepend_scheme": scheme, "split": false},
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk,
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab, "merges": sentencepiece_merges(tokens, scores, &ids)},
+    })
+}
+
 /// A tokenizer for a model's text inputs.
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
@@ -49,9 +197,12 @@ impl TextTokenizer {
         Ok(Self { inner, bos: None })
     }
 
-    /// Builds the tokenizer a GGUF file describes: byte-level BPE (`tokenizer.ggml.model =
-    /// "gpt2"`) with the pre-tokenizer its `tokenizer.ggml.pre` names (`smollm`: digits split
-    /// one by one, then GPT-2 byte-level pre-tokenization; `gpt2`/`default`: byte-level only).
+    /// Builds the tokenizer a GGUF file describes, as transformers and llama.cpp read it:
+    /// byte-level BPE (`tokenizer.ggml.model = "gpt2"`) with the pre-tokenizer its
+    /// `tokenizer.ggml.pre` names ([`byte_level_pre_tokenizer`]), or SentencePiece-style BPE
+    /// (`"llama"`: merges derived from the tokens' scores, byte fallback, the `▁` space prefix).
+    /// BOS is prepended when `tokenizer.ggml.add_bos_token` says so (SentencePiece: unless it
+    /// says not to).
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let err = |reason: String| Error::Tokenizer {
             reason: format!("{}: {reason}", file.path().display()),
@@ -60,16 +211,13 @@ impl TextTokenizer {
             .get("tokenizer.ggml.model")
             .and_then(GgufValue::as_str)
             .ok_or_else(|| err("no `tokenizer.ggml.model` metadata".into()))?;
-        if model != "gpt2" {
-            return Err(err(format!(
-                "tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`); \
-                 give records as token ids instead"
-            )));
-        }
-        let strings = |key: &str| -> Result<Vec<&str>> {
+        let array = |key: &str| {
             file.get(key)
                 .and_then(GgufValue::as_array)
-                .ok_or_else(|| err(format!("no `{key}` array")))?
+                .ok_or_else(|| err(format!("no `{key}` array")))
+        };
+        let strings = |key: &str| -> Result<Vec<&str>> {
+            array(key)?
                 .iter()
                 .map(|v| {
                     v.as_str()
@@ -78,7 +226,6 @@ impl TextTokenizer {
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
         let types: Vec<i64> = match file
             .get("tokenizer.ggml.token_type")
             .and_then(GgufValue::as_array)
@@ -92,60 +239,50 @@ impl TextTokenizer {
                 .collect::<Result<_>>()?,
             None => vec![1; tokens.len()],
         };
-        let pre = file
-            .get("tokenizer.ggml.pre")
-            .and_then(GgufValue::as_str)
-            .unwrap_or("default");
-        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false,
-                                "trim_offsets": true, "use_regex": true});
-        let pre_tokenizer = match pre {
-            "smollm" => json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Digits", "individual_digits": true}, byte_level]}),
-            "gpt2" | "default" => byte_level.clone(),
+        let flag = |key: &str| match file.get(key) {
+            Some(GgufValue::Bool(b)) => Some(*b),
+            _ => None,
+        };
+        let (spec, bos_by_default) = match model {
+            "gpt2" => {
+                let pre = file
+                    .get("tokenizer.ggml.pre")
+                    .and_then(GgufValue::as_str)
+                    .unwrap_or("default");
+                let merges = strings("tokenizer.ggml.merges")?;
+                (
+                    byte_level_spec(&tokens, &types, &merges, pre).map_err(err)?,
+                    false,
+                )
+            }
+            "llama" => {
+                let scores = array("tokenizer.ggml.scores")?
+                    .iter()
+                    .map(|v| {
+                        v.as_f64()
+                            .ok_or_else(|| err("`tokenizer.ggml.scores` holds a non-number".into()))
+                    })
+                    .collect::<Result<Vec<f64>>>()?;
+                if scores.len() != tokens.len() {
+                    return Err(err(format!(
+                        "{} scores for {} tokens",
+                        scores.len(),
+                        tokens.len()
+                    )));
+                }
+                let prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+                (sentencepiece_spec(&tokens, &types, &scores, prefix), true)
+            }
             other => {
                 return Err(err(format!(
-                    "pre-tokenizer `{other}` is not supported (smollm, gpt2, default); \
-                     give records as token ids instead"
+                    "tokenizer model `{other}` is not supported (byte-level BPE `gpt2`, \
+                     SentencePiece `llama`); give records as token ids instead"
                 )))
             }
         };
-        let vocab: serde_json::Map<String, serde_json::Value> = tokens
-            .iter()
-            .enumerate()
-            .map(|(id, t)| (t.to_string(), json!(id)))
-            .collect();
-        // Control (3) and user-defined (4) tokens match whole in text, as in tokenizer.json.
-        let added: Vec<serde_json::Value> = tokens
-            .iter()
-            .zip(&types)
-            .enumerate()
-            .filter(|(_, (_, &t))| t == 3 || t == 4)
-            .map(|(id, (content, &t))| {
-                json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-                       "rstrip": false, "normalized": false, "special": t == 3})
-            })
-            .collect();
-        let spec = json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": null,
-            "decoder": byte_level,
-            "model": {"type": "BPE", "dropout": null, "unk_token": null,
-                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                      "vocab": vocab, "merges": merges},
-        });
         let inner = tokenizers::Tokenizer::from_str(&spec.to_string())
-            .map_err(|e| err(format!("building the BPE tokenizer: {e}")))?;
-        let add_bos = matches!(
-            file.get("tokenizer.ggml.add_bos_token"),
-            Some(GgufValue::Bool(true))
-        );
-        let bos = if add_bos {
+            .map_err(|e| err(format!("building the {model} tokenizer: {e}")))?;
+        let bos = if flag("tokenizer.ggml.add_bos_token").unwrap_or(bos_by_default) {
             let id = file
                 .get("tokenizer.ggml.bos_token_id")
                 .and_then(GgufValue::as_u64)

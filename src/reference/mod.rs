@@ -218,6 +218,7 @@ fn attend(
     layer: usize,
     layout: HeadLayout,
     scale: f32,
+    window: Option<usize>,
 ) -> Array2<f32> {
     let mut out = Array2::zeros((batch.total_rows(), layout.heads * layout.head_dim));
     for (i, cache) in caches.iter_mut().enumerate() {
@@ -234,6 +235,7 @@ fn attend(
             batch.past[i],
             layout,
             scale,
+            window,
         );
         out.slice_mut(s![rows, ..]).assign(&o);
     }

@@ -91,13 +91,11 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Tables for the given absolute positions, head width `head_dim` and base `theta`.
-    pub fn new(positions: &[usize], head_dim: usize, theta: f64) -> Self {
-        let half = head_dim / 2;
-        let angle = |r: usize, i: usize| {
-            let inv_freq = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
-            positions[r] as f64 * inv_freq
-        };
+    /// Tables for the given absolute positions and inverse frequencies (one per pair of a
+    /// head's dimensions: [`crate::device::rope_inv_freq`], scaled as the model says).
+    pub fn new(positions: &[usize], inv_freq: &[f64]) -> Self {
+        let half = inv_freq.len();
+        let angle = |r: usize, i: usize| positions[r] as f64 * inv_freq[i];
         let cos = Array2::from_shape_fn((positions.len(), half), |(r, i)| angle(r, i).cos() as f32);
         let sin = Array2::from_shape_fn((positions.len(), half), |(r, i)| angle(r, i).sin() as f32);
         Self { cos, sin }
@@ -137,6 +135,7 @@ pub fn causal_attention(
     past: usize,
     layout: HeadLayout,
     scale: f32,
+    window: Option<usize>,
 ) -> Array2<f32> {
     let HeadLayout {
         heads,
@@ -154,10 +153,13 @@ pub fn causal_attention(
         let mut scores = qh.dot(&kh.t());
         scores *= scale;
         for (i, mut row) in scores.axis_iter_mut(Axis(0)).enumerate() {
-            // softmax over the visible keys 0..=past+i; masked keys get probability 0
+            // softmax over the visible keys 0..=past+i (the last `window` of them when the
+            // model has a sliding window); masked keys get probability 0
             let visible = past + i + 1;
+            let from = window.map_or(0, |w| visible.saturating_sub(w));
             row.slice_mut(s![visible..]).fill(0.0);
-            let mut seen = row.slice_mut(s![..visible]);
+            row.slice_mut(s![..from]).fill(0.0);
+            let mut seen = row.slice_mut(s![from..visible]);
             let max = seen.fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             seen.mapv_inplace(|x| (x - max).exp());
             let sum = seen.sum();
@@ -205,7 +207,7 @@ mod tests {
             kv_heads: 1,
             head_dim: 2,
         };
-        let out = causal_attention(q.view(), k.view(), v.view(), 0, layout, 1.0);
+        let out = causal_attention(q.view(), k.view(), v.view(), 0, layout, 1.0, None);
         assert_eq!(out.row(0).to_vec(), vec![5.0, 7.0]);
         // row 1: softmax([0, 1]) over v
         let p1 = 1.0 / (1.0 + 1f32.exp());
@@ -218,7 +220,7 @@ mod tests {
     #[test]
     fn rope_at_position_zero_is_identity_and_preserves_norm() {
         let mut x = array![[1.0f32, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]];
-        Rope::new(&[0, 5], 4, 10000.0).apply(x.view_mut(), 4);
+        Rope::new(&[0, 5], &crate::device::rope_inv_freq(4, 10000.0)).apply(x.view_mut(), 4);
         assert_eq!(x.row(0).to_vec(), vec![1.0, 2.0, 3.0, 4.0]);
         let n: f32 = x.row(1).iter().map(|v| v * v).sum();
         assert!((n - 30.0).abs() < 1e-4);

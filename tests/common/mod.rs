@@ -79,11 +79,15 @@ pub fn example_binary(name: &str) -> PathBuf {
 }
 
 /// The committed fixture models, made by scripts/make_fixtures.py.
-pub const FIXTURES: [&str; 4] = [
+pub const FIXTURES: [&str; 8] = [
     "opt-pre-ln-proj",
     "opt-post-ln",
     "llama-gqa-untied",
     "llama-tied",
+    "llama3-rope",
+    "mistral-window",
+    "qwen2-bias",
+    "qwen3-qknorm",
 ];
 
 pub fn fixture_dir(name: &str) -> PathBuf {

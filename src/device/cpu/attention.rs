@@ -129,13 +129,10 @@ pub fn attend(q: &[f32], infos: &[RowInfo], kv: KvView, layout: HeadLayout, o: &
     } = layout;
     let qw = heads * d;
     let group = (heads / kv_heads.max(1)).max(1);
-    // tiles: consecutive rows of one sequence (and one branch of a prefix group: the same
-    // skipped keys), at most TILE
+    // tiles: consecutive rows of one sequence, at most TILE (each row skips its own keys)
     let mut tiles = Vec::new();
     let mut start = 0;
-    let same = |a: &RowInfo, b: &RowInfo| {
-        (a.first, a.skip_from, a.skip_to) == (b.first, b.skip_from, b.skip_to)
-    };
+    let same = |a: &RowInfo, b: &RowInfo| a.first == b.first;
     for r in 1..=infos.len() {
         if r == infos.len() || !same(&infos[r], &infos[start]) || r - start == TILE {
             tiles.push(start..r);
@@ -159,7 +156,7 @@ pub fn attend(q: &[f32], infos: &[RowInfo], kv: KvView, layout: HeadLayout, o: &
 }
 
 multiversion! {
-    /// One task: query rows `rows` (one sequence, the same skipped keys), every query head of
+    /// One task: query rows `rows` (one sequence, each with its skipped keys), every query head of
     /// kv head `g`, online softmax over key blocks; returns `[rows, group, d]`.
     fn tile_kv_head(
         q: &[f32],
@@ -179,7 +176,7 @@ multiversion! {
         let scale = 1.0 / (d as f32).sqrt();
         let queries = rows.len() * group;
         let first = infos[rows.start].first as usize;
-        let skip = infos[rows.start].skip_from as usize..infos[rows.start].skip_to as usize;
+        let skip = |r: usize| infos[r].skip_from as usize..infos[r].skip_to as usize;
         let most = rows
             .clone()
             .map(|r| infos[r].visible as usize)
@@ -200,8 +197,8 @@ multiversion! {
         let mut vb = vec![0.0f32; KEY_BLOCK * d];
         for j0 in (0..most).step_by(KEY_BLOCK) {
             let j1 = (j0 + KEY_BLOCK).min(most);
-            if skip.start <= j0 && j1 <= skip.end {
-                continue; // another branch's keys only
+            if rows.clone().all(|r| skip(r).start <= j0 && j1 <= skip(r).end) {
+                continue; // keys no row sees (another branch's, or out of the window)
             }
             // few queries (decode) against an f32 cache read its rows in place; otherwise the
             // block is gathered once for all the tile's queries, keys transposed
@@ -241,7 +238,8 @@ multiversion! {
                     };
                     // keys past the row's visible ones (and the block's end), and skipped
                     // ones, do not count
-                    let seen = |j: usize| j < cnt && !skip.contains(&(j0 + j));
+                    let skipped = skip(r);
+                    let seen = |j: usize| j < cnt && !skipped.contains(&(j0 + j));
                     for (j, sj) in s.iter_mut().enumerate() {
                         if !seen(j) {
                             *sj = f32::NEG_INFINITY;
@@ -366,6 +364,7 @@ mod tests {
         lens: &[(usize, usize)],
         layout: HeadLayout,
         stored: Stored,
+        window: Option<usize>,
     ) -> Result<(), TestCaseError> {
         let (heads, kvh, d) = (layout.heads, layout.kv_heads, layout.head_dim);
         let width = kvh * d;
@@ -437,7 +436,10 @@ mod tests {
         let mut first = 0;
         for &(past, n) in lens {
             for i in 0..n {
-                infos.push(RowInfo::new(first as u32, (past + i + 1) as u32));
+                let mut info = RowInfo::new(first as u32, (past + i + 1) as u32);
+                // a sliding window hides the keys before the last `window`
+                info.skip_to = window.map_or(0, |w| info.visible.saturating_sub(w as u32));
+                infos.push(info);
             }
             first += past + n;
         }
@@ -471,12 +473,12 @@ mod tests {
             let qq =
                 ArrayView2::from_shape((n, heads * d), &q[row * heads * d..(row + n) * heads * d])
                     .unwrap();
-            let want = causal_attention(qq, kk, vv, past, layout, scale);
+            let want = causal_attention(qq, kk, vv, past, layout, scale, window);
             for (i, w) in want.iter().enumerate() {
                 let g = o[row * heads * d + i];
                 prop_assert!(
                     (g - w).abs() < 1e-4,
-                    "lens {lens:?} {stored:?}: {g} vs {w} at {i}"
+                    "lens {lens:?} {stored:?} window {window:?}: {g} vs {w} at {i}"
                 );
             }
             row += n;
@@ -552,6 +554,7 @@ mod tests {
                 0,
                 layout,
                 scale,
+                None,
             );
             for (i, &r) in rows.iter().enumerate() {
                 for c in 0..qw {
@@ -587,9 +590,10 @@ mod tests {
             ),
             shape in prop_oneof![Just((4usize, 2usize, 8usize)), Just((3, 3, 64)), Just((2, 1, 24)), Just((9, 3, 64)), Just((2, 1, 5))],
             stored in prop_oneof![Just(Stored::F32), Just(Stored::F16), Just(Stored::Q4)],
+            window in prop_oneof![Just(None), (1usize..70).prop_map(Some)],
         ) {
             let (heads, kv_heads, head_dim) = shape;
-            check(&lens, HeadLayout { heads, kv_heads, head_dim }, stored)?;
+            check(&lens, HeadLayout { heads, kv_heads, head_dim }, stored, window)?;
         }
     }
 }

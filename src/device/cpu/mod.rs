@@ -349,6 +349,17 @@ impl Device for CpuDevice {
         [t.rows, t.width]
     }
 
+    fn reshape(&self, t: &CpuTensor, rows: usize, width: usize) -> Result<CpuTensor> {
+        expect(rows * width == t.rows * t.width, "reshape", || {
+            format!("[{}, {}] as [{rows}, {width}]", t.rows, t.width)
+        })?;
+        Ok(CpuTensor {
+            data: Arc::clone(&t.data),
+            rows,
+            width,
+        })
+    }
+
     fn download(&self, t: &CpuTensor, rows: Range<usize>) -> Result<Vec<f32>> {
         expect(rows.end <= t.rows, "download", || {
             format!("rows {rows:?} of {}", t.rows)

@@ -335,11 +335,11 @@ proptest! {
         // positions up to ~20,000: past any context the tests run
         let positions: Vec<usize> = (0..rows).map(|r| r * 521 + (seed % 9000) as usize).collect();
         let x = random(rows * heads * d, seed);
-        let (cos, sin) = crate::device::rope_tables(&positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), d, base);
+        let (cos, sin) = crate::device::rope_tables(&positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), &crate::device::rope_inv_freq(d, base));
         let xt = up(ctx, &x, &[rows, heads * d]);
         Rope::new(ctx).run(ctx, &xt, &up(ctx, &cos, &[rows, half]), &up(ctx, &sin, &[rows, half]), d).unwrap();
         let mut want = Array2::from_shape_vec((rows, heads * d), x).unwrap();
-        ops::Rope::new(&positions, d, base).apply(want.view_mut(), d);
+        ops::Rope::new(&positions, &crate::device::rope_inv_freq(d, base)).apply(want.view_mut(), d);
         close(&xt.download(ctx).unwrap(), &want.iter().copied().collect::<Vec<f32>>(), 1e-6, "rope")?;
     }
 
@@ -492,6 +492,8 @@ proptest! {
 /// `seqs[i].0` cached rows and `seqs[i].1` new query rows, all stacked in one cache.
 struct RaggedAttention {
     infos: Vec<RowInfo>,
+    /// Keys a row sees, its own included (a sliding window), or all.
+    window: Option<usize>,
     q: Vec<f32>,
     q_rows: usize,
     cache_rows: usize,
@@ -499,19 +501,27 @@ struct RaggedAttention {
 
 impl RaggedAttention {
     fn new(seqs: &[(usize, usize)], layout: HeadLayout, seed: u64) -> Self {
+        Self::windowed(seqs, layout, seed, None)
+    }
+
+    /// As `new`, each row seeing only the last `window` keys.
+    fn windowed(seqs: &[(usize, usize)], layout: HeadLayout, seed: u64, window: Option<usize>) -> Self {
         let cache_rows: usize = seqs.iter().map(|(p, t)| p + t).sum();
         let q_rows: usize = seqs.iter().map(|(_, t)| t).sum();
         let mut infos = Vec::new();
         let mut first = 0;
         for &(past, t) in seqs {
             for i in 0..t {
-                infos.push(RowInfo::new(first as u32, (past + i + 1) as u32));
+                let mut info = RowInfo::new(first as u32, (past + i + 1) as u32);
+                info.skip_to = window.map_or(0, |w| info.visible.saturating_sub(w as u32));
+                infos.push(info);
             }
             first += past + t;
         }
         let q = random(q_rows * layout.heads * layout.head_dim, seed ^ 11);
         Self {
             infos,
+            window,
             q,
             q_rows,
             cache_rows,
@@ -544,6 +554,7 @@ impl RaggedAttention {
                 past,
                 layout,
                 scale,
+                self.window,
             );
             want.extend(o.iter().copied());
             first += past + t;
@@ -569,19 +580,21 @@ fn ragged_seqs() -> impl Strategy<Value = Vec<(usize, usize)>> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(12))]
 
-    /// A ragged batch mixing short and long sequences, each with a cached prefix, GQA, against
-    /// the CPU reference, at the default loop budget and at a tiny one (many key passes).
+    /// A ragged batch mixing short and long sequences, each with a cached prefix, GQA, with
+    /// and without a sliding window, against the CPU reference, at the default loop budget and
+    /// at a tiny one (many key passes).
     #[test]
     fn attention_matches_cpu(
         seqs in ragged_seqs(),
         kv_heads in 1usize..3, group in 1usize..4, head_dim in prop::sample::select(vec![1usize, 8, 24, 64, 100]),
+        window in prop_oneof![Just(None), (1usize..600).prop_map(Some)],
         seed in any::<u64>(),
     ) {
         for ctx in both_budgets() {
             let layout = HeadLayout { heads: kv_heads * group, kv_heads, head_dim };
             let (qw, kvw) = (layout.heads * head_dim, kv_heads * head_dim);
             let scale = 1.0 / (head_dim as f32).sqrt();
-            let batch = RaggedAttention::new(&seqs, layout, seed);
+            let batch = RaggedAttention::windowed(&seqs, layout, seed, window);
             let rows = batch.cache_rows;
             let (k, v) = (random(rows * kvw, seed), random(rows * kvw, seed ^ 7));
             let want = batch.reference(&seqs, &k, &v, layout, scale);
