@@ -505,7 +505,12 @@ impl RaggedAttention {
     }
 
     /// As `new`, each row seeing only the last `window` keys.
-    fn windowed(seqs: &[(usize, usize)], layout: HeadLayout, seed: u64, window: Option<usize>) -> Self {
+    fn windowed(
+        seqs: &[(usize, usize)],
+        layout: HeadLayout,
+        seed: u64,
+        window: Option<usize>,
+    ) -> Self {
         let cache_rows: usize = seqs.iter().map(|(p, t)| p + t).sum();
         let q_rows: usize = seqs.iter().map(|(_, t)| t).sum();
         let mut infos = Vec::new();
