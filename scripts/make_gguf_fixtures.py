@@ -7,7 +7,9 @@ Each model gets tests/fixtures/gguf/<name>/ holding <MIX>.gguf and <MIX>.json, t
   - "sequences": random token lists (up to 40 tokens) and every token's logprob;
   - "texts": test texts (several scripts, code, digits, runs of whitespace, special tokens) with
     the token ids transformers' GGUF tokenizer gives and their logprobs;
-  - "greedy": a prompt and its greedy continuation.
+  - "greedy": a prompt and its greedy continuation;
+  - "chat": messages, the text the file's chat template renders from them with the assistant's
+    turn opened (transformers' apply_chat_template), and its token ids.
 Rows are 256 wide (hidden, heads x head_dim, intermediate), so that K-quants apply to every
 linear weight (llama-quantize falls back to other types for narrower rows).
 
@@ -57,9 +59,41 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Chat templates in the styles these families ship (ChatML; Llama 2's [INST] with its role
+# check; Llama 3's headers), written here for the fixtures.
+CHATML = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and message.role != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{%- endif %}"
+    "<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+INST = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'].strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ ' ' + message['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+HEADERS = (
+    "{% for message in messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}")
+CHAT = [
+    {"role": "user", "content": "  What is 12 x 7?  "},
+    {"role": "assistant", "content": "84 — ganz einfach."},
+    {"role": "user", "content": "Und auf 日本語?\n"},
+]
+CHAT_WITH_SYSTEM = [{"role": "system", "content": "Answer briefly."}] + CHAT
 
 
-def bpe_tokenizer(d, split, vocab=480):
+def bpe_tokenizer(d, split, chat_template, vocab=480):
     """A byte-level BPE trained on CORPUS with `split` before the byte mapping."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -72,7 +106,7 @@ def bpe_tokenizer(d, split, vocab=480):
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-        "bos_token": None, "add_bos_token": False}))
+        "bos_token": None, "add_bos_token": False, "chat_template": chat_template}))
     return tok.get_vocab_size()
 
 
@@ -87,7 +121,8 @@ def spm_tokenizer(d, vocab=512):
         minloglevel=2)
     os.unlink(f.name)
     (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "legacy": False}))
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "legacy": False,
+        "chat_template": INST}))
     return vocab
 
 
@@ -131,7 +166,7 @@ def logprobs(model, ids):
     return [lp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
 
 
-def expected(gguf, seed, rope=None):
+def expected(gguf, seed, chat, rope=None):
     """What transformers computes from the file. `rope`: the checkpoint's own RoPE parameters,
     where transformers' GGUF reader drops them (Llama 3's scaling, which the file holds as the
     per-frequency factors of `rope_freqs.weight` and llama.cpp applies)."""
@@ -157,30 +192,35 @@ def expected(gguf, seed, rope=None):
     with torch.no_grad():
         g = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
                            eos_token_id=None, pad_token_id=0)
+    text = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
     return {"sequences": sequences, "texts": texts,
-            "greedy": {"prompt": prompt, "new_tokens": g[0, len(prompt):].tolist()}}
+            "greedy": {"prompt": prompt, "new_tokens": g[0, len(prompt):].tolist()},
+            "chat": {"messages": chat, "text": text, "tokens": ids}}
 
 
 def models_():
     shape = dict(hidden_size=256, intermediate_size=256, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
     return [
-        ("llama-spm", "spm", None, LlamaForCausalLM,
+        ("llama-spm", "spm", None, INST, CHAT, LlamaForCausalLM,
          lambda v: LlamaConfig(vocab_size=v, num_hidden_layers=2, tie_word_embeddings=False,
                                **shape),
          ["Q4_K_M", "Q5_K_M", "Q6_K", "Q2_K", "IQ4_XS"]),
-        ("llama3-bpe", "bpe", ("llama-bpe", LLAMA3_SPLIT), LlamaForCausalLM,
+        ("llama3-bpe", "bpe", ("llama-bpe", LLAMA3_SPLIT), HEADERS, CHAT_WITH_SYSTEM,
+         LlamaForCausalLM,
          lambda v: LlamaConfig(vocab_size=v, num_hidden_layers=1, tie_word_embeddings=False,
                                rope_scaling={"rope_type": "llama3", "factor": 8.0,
                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                              "original_max_position_embeddings": 16},
                                **shape),
          ["Q4_K_M"]),
-        ("qwen2-bpe", "bpe", ("qwen2", QWEN2_SPLIT), Qwen2ForCausalLM,
+        ("qwen2-bpe", "bpe", ("qwen2", QWEN2_SPLIT), CHATML, CHAT, Qwen2ForCausalLM,
          lambda v: Qwen2Config(vocab_size=v, num_hidden_layers=1, tie_word_embeddings=False,
                                **shape),
          ["Q4_K_M"]),
-        ("qwen3-bpe", "bpe", ("qwen2", QWEN2_SPLIT), Qwen3ForCausalLM,
+        ("qwen3-bpe", "bpe", ("qwen2", QWEN2_SPLIT), CHATML, CHAT_WITH_SYSTEM,
+         Qwen3ForCausalLM,
          # (transformers reads a Qwen3 GGUF with heads of 128, whatever the file says)
          lambda v: Qwen3Config(vocab_size=v, num_hidden_layers=1, tie_word_embeddings=False,
                                **dict(shape, num_attention_heads=2, num_key_value_heads=1,
@@ -194,13 +234,13 @@ def main():
     ap.add_argument("--out", default="tests/fixtures/gguf")
     ap.add_argument("--llama-cpp", default=os.path.expanduser("~/.cache/ferrogen-peers/llama.cpp"))
     args = ap.parse_args()
-    for i, (name, kind, pre, cls, config, mixes) in enumerate(models_()):
+    for i, (name, kind, pre, template, chat, cls, config, mixes) in enumerate(models_()):
         out = pathlib.Path(args.out) / name
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             hf = pathlib.Path(tmp) / "hf"
             hf.mkdir()
-            vocab = spm_tokenizer(hf) if kind == "spm" else bpe_tokenizer(hf, pre[1])
+            vocab = spm_tokenizer(hf) if kind == "spm" else bpe_tokenizer(hf, pre[1], template)
             gen = torch.Generator().manual_seed(i)
             hf_config = config(vocab)
             rope = hf_config.rope_parameters
@@ -213,7 +253,7 @@ def main():
             for mix in mixes:
                 gguf = out / f"{mix}.gguf"
                 quantize(args.llama_cpp, f32, gguf, mix)
-                exp = expected(gguf, seed=i, rope=rope)
+                exp = expected(gguf, seed=i, chat=chat, rope=rope)
                 exp["model"] = f"{name}/{mix}"
                 (out / f"{mix}.json").write_text(json.dumps(exp) + "\n")
                 print(f"{name} {mix}: {gguf.stat().st_size} bytes, text ids "

@@ -1,8 +1,10 @@
 //! The batch generation job: prompts from JSONL, completions to JSONL, in input order.
 //!
-//! A record is `{"id", "prompt": "..." | "tokens": [..], "max_tokens", "temperature", "top_p",
-//! "top_k", "seed", "stop": ["..."]}`, every field but the id and the prompt optional (the
-//! job's [`GenDefaults`] fill them). Its answer is `{"id", "text", "tokens",
+//! A record is `{"id", "prompt": "..." | "tokens": [..] | "messages": [{"role", "content"}],
+//! "max_tokens", "temperature", "top_p", "top_k", "seed", "stop": ["..."]}`, every field but
+//! the id and the prompt optional (the job's [`GenDefaults`] fill them). Messages are
+//! formatted by the model's chat template with the assistant's turn opened
+//! ([`crate::model::ChatTemplate`]), as transformers' `apply_chat_template` and vLLM do. Its answer is `{"id", "text", "tokens",
 //! "token_logprobs", "finish_reason": "stop" | "length" | "eos"}`, or `{"id", "error"}`.
 //!
 //! - Sampling draws token `t` of a record with the `t`-th number of its seed's stream
@@ -23,11 +25,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::arch::ModelFiles;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::job::RecordId;
 use crate::job::{JobLines, Shard};
-use crate::model::TextTokenizer;
+use crate::model::{ChatMessage, TextTokenizer};
 use crate::sampling::{Decoding, FinishReason, Sampling};
 
 /// What a record leaves out.
@@ -151,13 +154,29 @@ fn derived_seed(job: u64, id: &RecordId) -> u64 {
     h
 }
 
+/// The tokens of a chat: the model's template rendered with the assistant's turn opened, then
+/// tokenized as it stands (the template writes the special tokens).
+fn chat_prompt(
+    files: &ModelFiles,
+    tokenizer: &TextTokenizer,
+    messages: &[ChatMessage],
+) -> std::result::Result<Vec<u32>, String> {
+    if messages.is_empty() {
+        return Err("\"messages\" is empty".into());
+    }
+    let template = files.chat_template().map_err(|e| e.to_string())?;
+    let text = template.render(messages, true).map_err(|e| e.to_string())?;
+    tokenizer.encode_rendered(&text).map_err(|e| e.to_string())
+}
+
 /// Parses one record against the defaults; an error names the field.
 fn parse_request(
     line: &str,
     defaults: &GenDefaults,
     tokenizer: &TextTokenizer,
-    config: &crate::arch::ModelConfig,
+    files: &ModelFiles,
 ) -> std::result::Result<Request, (RecordId, String)> {
+    let config = &files.config;
     let (vocab, eos, context) = (
         config.vocab_size(),
         config.eos_token_id(),
@@ -171,6 +190,7 @@ fn parse_request(
         _id: Option<serde::de::IgnoredAny>,
         prompt: Option<String>,
         tokens: Option<Vec<u32>>,
+        messages: Option<Vec<ChatMessage>>,
         max_tokens: Option<usize>,
         temperature: Option<f32>,
         top_p: Option<f32>,
@@ -188,12 +208,13 @@ fn parse_request(
         return Err((id, "`id` must be a string or a number".to_string()));
     }
     let fail = |reason: String| (id.clone(), reason);
-    let prompt = match (raw.prompt, raw.tokens) {
-        (Some(p), None) => tokenizer.encode(&p).map_err(|e| fail(e.to_string()))?,
-        (None, Some(t)) => t,
+    let prompt = match (raw.prompt, raw.tokens, raw.messages) {
+        (Some(p), None, None) => tokenizer.encode(&p).map_err(|e| fail(e.to_string()))?,
+        (None, Some(t), None) => t,
+        (None, None, Some(m)) => chat_prompt(files, tokenizer, &m).map_err(fail)?,
         _ => {
             return Err(fail(
-                "give one of \"prompt\" (text) or \"tokens\" (ids)".into(),
+                "give one of \"prompt\" (text), \"tokens\" (ids) or \"messages\" (a chat)".into(),
             ))
         }
     };
@@ -273,7 +294,6 @@ pub fn generate_jsonl(
     let start = Instant::now();
     let mut last_report = start;
     let mut summary = GenSummary::default();
-    let config = engine.files().config.clone();
     let io_err = |e: std::io::Error| Error::io("<output>", e);
     let mut pending: Vec<std::result::Result<Request, (RecordId, String)>> = Vec::new();
     let mut lines = JobLines::new(input, options.shard, options.skip_records);
@@ -285,7 +305,12 @@ pub fn generate_jsonl(
         (summary.records, summary.skipped) = (lines.records, lines.skipped);
         let at_end = next.is_none();
         if let Some(line) = next {
-            pending.push(parse_request(&line, &options.defaults, tokenizer, &config));
+            pending.push(parse_request(
+                &line,
+                &options.defaults,
+                tokenizer,
+                engine.files(),
+            ));
         }
         if pending.len() >= options.batch_records.max(1) || (at_end && !pending.is_empty()) {
             run_batch(engine, tokenizer, &mut pending, &mut output, &mut summary)?;

@@ -475,3 +475,61 @@ fn f16_cache_on_disk_generates_as_in_ram() {
         );
     }
 }
+
+/// Chat records (`messages`) through the job on a GGUF file with a chat template: each answers
+/// as the record of its rendered tokens does (the template's text tokenized as transformers
+/// does, tests/fixtures/gguf); a chat the template refuses (Llama 2's role check) and a model
+/// without a template answer with an error naming why, and the job goes on.
+#[test]
+fn chat_records_follow_the_models_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    for model in ["qwen2-bpe", "llama-spm"] {
+        let file = gguf_dir.join(model).join("Q4_K_M.gguf");
+        let exp: Value =
+            serde_json::from_str(&std::fs::read_to_string(file.with_extension("json")).unwrap())
+                .unwrap();
+        let chat = &exp["chat"];
+        let records = [
+            json!({"id": "chat", "messages": chat["messages"], "max_tokens": 6}),
+            json!({"id": "tokens", "tokens": chat["tokens"], "max_tokens": 6}),
+            json!({"id": "lone-assistant", "messages": [{"role": "assistant", "content": "x"}],
+                   "max_tokens": 2}),
+            json!({"id": "empty", "messages": [], "max_tokens": 2}),
+        ];
+        let input = write_input(dir.path(), &format!("{model}.jsonl"), &records);
+        let out = dir.path().join(format!("{model}-out.jsonl"));
+        let mut cmd = Command::new(example_binary("generate"));
+        cmd.arg("--model").arg(&file).arg("--input").arg(&input);
+        cmd.arg("--output").arg(&out).args(["--device", "cpu"]);
+        // 3: finished, some records failed
+        assert_eq!(cmd.status().unwrap().code(), Some(3), "{model}");
+        let lines = json_lines(&std::fs::read_to_string(&out).unwrap());
+        assert_eq!(tokens(&lines[0]), tokens(&lines[1]), "{model}: {lines:?}");
+        assert_eq!(lines[0]["text"], lines[1]["text"], "{model}");
+        let refused = lines[2].get("error").and_then(Value::as_str);
+        if model == "llama-spm" {
+            assert!(
+                refused.is_some_and(|e| e.contains("roles must alternate")),
+                "{lines:?}"
+            );
+        } else {
+            assert!(refused.is_none(), "{model}: {lines:?}");
+        }
+        assert!(
+            lines[3]["error"].as_str().unwrap().contains("empty"),
+            "{lines:?}"
+        );
+    }
+    // a model without a chat template
+    let records = [json!({"id": 1, "messages": [{"role": "user", "content": "hi"}]})];
+    let input = write_input(dir.path(), "plain.jsonl", &records);
+    let out = dir.path().join("plain-out.jsonl");
+    assert_eq!(
+        generate(&input, &out, &[]).status().unwrap().code(),
+        Some(3)
+    );
+    let lines = json_lines(&std::fs::read_to_string(&out).unwrap());
+    let error = lines[0]["error"].as_str().unwrap();
+    assert!(error.contains("no chat template"), "{error}");
+}

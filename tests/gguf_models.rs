@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use common::{devices, engine, max_abs_diff, policy, Expected};
 use ferrogen::arch::ModelFiles;
 use ferrogen::engine::{EngineOptions, Placement};
+use ferrogen::model::ChatMessage;
 use ferrogen::reference::ReferenceModel;
 
 /// Per-token tolerance against transformers (float64 from the same dequantized weights).
@@ -54,6 +55,36 @@ fn texts_tokenize_as_transformers_reads_the_file() {
             let ids = tokenizer.encode(&t.text).unwrap();
             assert_eq!(ids, t.tokens, "{}: {:?}", name(&path), t.text);
         }
+    }
+}
+
+/// What transformers' `apply_chat_template` made of the file's template.
+#[derive(serde::Deserialize)]
+struct Chat {
+    messages: Vec<ChatMessage>,
+    text: String,
+    tokens: Vec<u32>,
+}
+
+#[test]
+fn chat_messages_render_and_tokenize_as_transformers() {
+    for (path, _) in fixtures() {
+        let text = std::fs::read_to_string(path.with_extension("json")).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let chat: Chat = serde_json::from_value(value["chat"].clone()).unwrap();
+        let files = ModelFiles::open(&path).unwrap();
+        let rendered = files
+            .chat_template()
+            .unwrap()
+            .render(&chat.messages, true)
+            .unwrap();
+        assert_eq!(rendered, chat.text, "{}", name(&path));
+        let ids = files
+            .tokenizer()
+            .unwrap()
+            .encode_rendered(&rendered)
+            .unwrap();
+        assert_eq!(ids, chat.tokens, "{}", name(&path));
     }
 }
 

@@ -31,7 +31,7 @@ use crate::layout::{HeadLayout, RunOptions, CHUNK_ROWS, LOGIT_ROWS};
 use crate::model::gguf::{GgufFile, GgufValue, GgufWeights};
 use crate::model::safetensors::SafetensorsWeights;
 use crate::model::weights::{check_layer_tensors, decode_to_f32};
-use crate::model::{fingerprint, TextTokenizer, WeightSource};
+use crate::model::{fingerprint, ChatTemplate, TextTokenizer, WeightSource};
 use crate::policy::cost::ModelShape;
 
 /// The configuration of a supported model: one variant per architecture family.
@@ -55,6 +55,8 @@ pub struct ModelFiles {
     pub weights: Box<dyn WeightSource>,
     /// The text tokenizer, or why there is none (records may still be given as token ids).
     pub tokenizer: std::result::Result<TextTokenizer, String>,
+    /// The chat template, or why there is none (chat records cannot be formatted).
+    pub chat_template: std::result::Result<ChatTemplate, String>,
 }
 
 impl ModelFiles {
@@ -85,11 +87,21 @@ impl ModelFiles {
                 dir.display()
             ))
         };
+        let chat_template = match ChatTemplate::from_dir(dir) {
+            Ok(Some(t)) => Ok(t),
+            Ok(None) => Err(format!(
+                "{} has no chat template (tokenizer_config.json `chat_template` or \
+                 chat_template.jinja); give records as a prompt",
+                dir.display()
+            )),
+            Err(e) => Err(e.to_string()),
+        };
         Ok(Self {
             path: dir.to_path_buf(),
             config,
             weights: Box::new(weights),
             tokenizer,
+            chat_template,
         })
     }
 
@@ -97,12 +109,14 @@ impl ModelFiles {
         let file = GgufFile::open(path)?;
         let config = ModelConfig::from_gguf(&file)?;
         let tokenizer = TextTokenizer::from_gguf(&file).map_err(|e| e.to_string());
+        let chat_template = gguf_chat_template(&file);
         let weights = config.gguf_weights(file)?;
         Ok(Self {
             path: path.to_path_buf(),
             config,
             weights: Box::new(weights),
             tokenizer,
+            chat_template,
         })
     }
 
@@ -111,6 +125,15 @@ impl ModelFiles {
         self.tokenizer.as_ref().map_err(|reason| Error::Tokenizer {
             reason: reason.clone(),
         })
+    }
+
+    /// The chat template, or an error saying why chat messages cannot be formatted.
+    pub fn chat_template(&self) -> Result<&ChatTemplate> {
+        self.chat_template
+            .as_ref()
+            .map_err(|reason| Error::Tokenizer {
+                reason: reason.clone(),
+            })
     }
 
     /// Reads every tensor once and fails naming the first that holds a NaN or an infinity
@@ -161,6 +184,36 @@ impl ModelFiles {
     pub fn parts(&self) -> ModelParts {
         self.config.parts(Some(self.weights.as_ref()))
     }
+}
+
+/// A GGUF file's `tokenizer.chat_template`, with the texts of its BOS and EOS tokens.
+fn gguf_chat_template(file: &GgufFile) -> std::result::Result<ChatTemplate, String> {
+    let source = file
+        .get("tokenizer.chat_template")
+        .and_then(GgufValue::as_str)
+        .ok_or_else(|| {
+            format!(
+                "{} has no `tokenizer.chat_template`; give records as a prompt",
+                file.path().display()
+            )
+        })?;
+    let token = |key: &str| -> String {
+        let tokens = file
+            .get("tokenizer.ggml.tokens")
+            .and_then(GgufValue::as_array);
+        file.get(key)
+            .and_then(GgufValue::as_u64)
+            .and_then(|id| tokens?.get(usize::try_from(id).ok()?)?.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    ChatTemplate::new(
+        source.to_string(),
+        token("tokenizer.ggml.bos_token_id"),
+        token("tokenizer.ggml.eos_token_id"),
+        file.path(),
+    )
+    .map_err(|e| e.to_string())
 }
 
 impl ModelConfig {

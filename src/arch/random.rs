@@ -46,6 +46,7 @@ impl RandomWeights {
             config: config.clone(),
             weights: Box::new(weights),
             tokenizer: Err("random weights have no tokenizer; give records as tokens".into()),
+            chat_template: Err("random weights have no chat template".into()),
         }
     }
 

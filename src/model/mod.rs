@@ -2,6 +2,7 @@
 //! (safetensors, sharded or not; GGUF and its metadata), tokenizers, a tensor's name and
 //! shape, and a model's fingerprint. `crate::arch::ModelFiles` opens a model path with them.
 
+pub mod chat;
 pub mod gguf;
 pub mod safetensors;
 pub mod tokenizer;
@@ -9,6 +10,7 @@ pub mod weights;
 
 use std::path::Path;
 
+pub use chat::{ChatMessage, ChatTemplate};
 pub use tokenizer::TextTokenizer;
 pub use weights::{DType, TensorInfo, WeightSource};
 

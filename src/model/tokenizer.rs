@@ -350,6 +350,12 @@ impl TextTokenizer {
             .collect())
     }
 
+    /// Token ids of a text that carries its own special tokens (a rendered chat template),
+    /// nothing added: as transformers' `apply_chat_template` tokenizes.
+    pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_whole(text, false)
+    }
+
     /// Text of `ids` (special tokens kept).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(|e| Error::Tokenizer {
