@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Golden fixtures from Hugging Face transformers: tiny random checkpoints of each architecture
-(OPT; Llama, Llama 3 RoPE scaling, Mistral with a sliding window, Qwen2, Qwen3).
+(OPT; Llama, Llama 3 RoPE scaling, Mistral with a sliding window, Qwen2, Qwen3, Phi-3).
 
 For each model this writes <out>/<name>/ with config.json, *.safetensors (some sharded, some in
 f16 or bf16), sometimes a tokenizer.json, and expected.json holding, computed in float64 from the
@@ -27,8 +27,8 @@ import random
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+                          OPTConfig, OPTForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -171,6 +171,13 @@ def fixed_models():
             max_position_embeddings=64, rope_theta=1e6, tie_word_embeddings=False,
             bos_token_id=0, eos_token_id=0),
          Qwen3ForCausalLM, torch.bfloat16, {}),
+        # fused qkv and gate_up projections, a window of 12 keys
+        ("phi3-fused", Phi3Config(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            sliding_window=12, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+            pad_token_id=0),
+         Phi3ForCausalLM, torch.float16, {}),
     ]
 
 

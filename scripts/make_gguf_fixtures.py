@@ -19,7 +19,8 @@ The models:
   - llama3-bpe: Llama 3's pre-tokenizer (`llama-bpe`) and RoPE scaling (in GGUF, the
     `rope_freqs.weight` factors), Q4_K_M;
   - qwen2-bpe: Qwen2 (q/k/v biases, `qwen2` pre-tokenizer), Q4_K_M;
-  - qwen3-bpe: Qwen3 (q/k norms), Q4_K_M.
+  - qwen3-bpe: Qwen3 (q/k norms), Q4_K_M;
+  - phi3-spm: Phi-3 (fused qkv and gate_up, a window of 8), SentencePiece, Q4_K_M.
 
 Usage: python3 scripts/make_gguf_fixtures.py [--llama-cpp DIR] [--out tests/fixtures/gguf]
 Needs: pip install torch transformers gguf sentencepiece, and llama.cpp's converter and
@@ -38,7 +39,7 @@ import tempfile
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. It's 2024, and we'll see 3.14159 again!",
@@ -85,6 +86,11 @@ HEADERS = (
     "{{ content }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
     "{% endif %}")
+ROLE_TAGS = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
 CHAT = [
     {"role": "user", "content": "  What is 12 x 7?  "},
     {"role": "assistant", "content": "84 — ganz einfach."},
@@ -110,7 +116,7 @@ def bpe_tokenizer(d, split, chat_template, vocab=480):
     return tok.get_vocab_size()
 
 
-def spm_tokenizer(d, vocab=512):
+def spm_tokenizer(d, chat_template, vocab=512):
     """A SentencePiece BPE with byte fallback trained on CORPUS (tokenizer.model)."""
     import sentencepiece as spm
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
@@ -122,7 +128,7 @@ def spm_tokenizer(d, vocab=512):
     os.unlink(f.name)
     (d / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "legacy": False,
-        "chat_template": INST}))
+        "chat_template": chat_template}))
     return vocab
 
 
@@ -166,14 +172,15 @@ def logprobs(model, ids):
     return [lp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
 
 
-def expected(gguf, seed, chat, rope=None):
-    """What transformers computes from the file. `rope`: the checkpoint's own RoPE parameters,
-    where transformers' GGUF reader drops them (Llama 3's scaling, which the file holds as the
-    per-frequency factors of `rope_freqs.weight` and llama.cpp applies)."""
+def expected(gguf, seed, chat, overrides):
+    """What transformers computes from the file, with `overrides` of the configuration it reads
+    from it: the checkpoint's own values where transformers' GGUF reader drops them (Llama 3's
+    RoPE scaling, which the file holds as the per-frequency factors of `rope_freqs.weight` and
+    llama.cpp applies; Phi-3's sliding window, `phi3.attention.sliding_window`)."""
     d, name = str(gguf.parent), gguf.name
     config = AutoConfig.from_pretrained(d, gguf_file=name)
-    if rope is not None:
-        config.rope_parameters = rope
+    for key, value in overrides.items():
+        setattr(config, key, value)
     model = AutoModelForCausalLM.from_pretrained(
         d, gguf_file=name, config=config, torch_dtype=torch.float64,
         attn_implementation="eager").eval()
@@ -226,6 +233,10 @@ def models_():
                                **dict(shape, num_attention_heads=2, num_key_value_heads=1,
                                       head_dim=128)),
          ["Q4_K_M"]),
+        ("phi3-spm", "spm", None, ROLE_TAGS, CHAT_WITH_SYSTEM, Phi3ForCausalLM,
+         lambda v: Phi3Config(vocab_size=v, num_hidden_layers=1, tie_word_embeddings=False,
+                              sliding_window=8, pad_token_id=0, **shape),
+         ["Q4_K_M"]),
     ]
 
 
@@ -240,11 +251,17 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             hf = pathlib.Path(tmp) / "hf"
             hf.mkdir()
-            vocab = spm_tokenizer(hf) if kind == "spm" else bpe_tokenizer(hf, pre[1], template)
+            if kind == "spm":
+                vocab = spm_tokenizer(hf, template)
+            else:
+                vocab = bpe_tokenizer(hf, pre[1], template)
             gen = torch.Generator().manual_seed(i)
             hf_config = config(vocab)
-            rope = hf_config.rope_parameters
-            rope = rope if rope.get("rope_type", "default") != "default" else None
+            overrides = {}
+            if hf_config.rope_parameters.get("rope_type", "default") != "default":
+                overrides["rope_parameters"] = hf_config.rope_parameters
+            if getattr(hf_config, "sliding_window", None):
+                overrides["sliding_window"] = hf_config.sliding_window
             model = cls(hf_config).float()
             scale_weights(model, gen)
             model.save_pretrained(hf, safe_serialization=True)
@@ -253,7 +270,7 @@ def main():
             for mix in mixes:
                 gguf = out / f"{mix}.gguf"
                 quantize(args.llama_cpp, f32, gguf, mix)
-                exp = expected(gguf, seed=i, chat=chat, rope=rope)
+                exp = expected(gguf, seed=i, chat=chat, overrides=overrides)
                 exp["model"] = f"{name}/{mix}"
                 (out / f"{mix}.json").write_text(json.dumps(exp) + "\n")
                 print(f"{name} {mix}: {gguf.stat().st_size} bytes, text ids "

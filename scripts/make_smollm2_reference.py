@@ -6,7 +6,9 @@ weights), runs it in float64, and writes tests/fixtures/smollm2/reference.json w
   - the token ids of the first 512 tokens of britannica-11th.txt and every token's logprob, and
     the perplexity over them;
   - the greedy continuation of "The capital of France is";
-  - token ids of assorted strings (digits, unicode, whitespace, special tokens) for the tokenizer.
+  - token ids of assorted strings (digits, unicode, whitespace, special tokens) for the tokenizer;
+  - a chat: messages, the text the file's chat template renders from them (apply_chat_template,
+    with the assistant's turn opened), its token ids and its greedy continuation.
 
 Usage: python3 scripts/make_smollm2_reference.py [--cache ~/.cache/ferrogen]
 Needs: pip install torch transformers gguf   (run scripts/fetch-model.sh first)
@@ -59,6 +61,14 @@ def main():
     new_ids = gen[0, len(prompt_ids):].tolist()
     print(f"greedy: {prompt!r} -> {tok.decode(new_ids)!r}")
 
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat_text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    chat_ids = tok(chat_text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        gen = model.generate(torch.tensor([chat_ids]), max_new_tokens=12, do_sample=False)
+    chat_new = gen[0, len(chat_ids):].tolist()
+    print(f"chat: {tok.decode(chat_new)!r}")
+
     out = {
         "source": "transformers %s, torch %s, float64, GGUF dequantized" % (
             __import__("transformers").__version__, torch.__version__),
@@ -67,6 +77,8 @@ def main():
                    "text": tok.decode(new_ids)},
         "tokenizer": [{"text": s, "tokens": tok(s, add_special_tokens=False)["input_ids"]}
                       for s in TOKENIZER_STRINGS],
+        "chat": {"messages": messages, "text": chat_text, "tokens": chat_ids,
+                 "new_tokens": chat_new},
     }
     path = pathlib.Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,14 @@ struct Reference {
     britannica: Britannica,
     greedy: Greedy,
     tokenizer: Vec<TokenizedString>,
+    chat: Chat,
+}
+#[derive(Deserialize)]
+struct Chat {
+    messages: Vec<ferrogen::model::ChatMessage>,
+    text: String,
+    tokens: Vec<u32>,
+    new_tokens: Vec<u32>,
 }
 #[derive(Deserialize)]
 struct Britannica {
@@ -92,6 +100,40 @@ fn reference_greedy_continuation_matches_transformers() {
     let out = m.model.generate_greedy(&[&prompt], 3, None).unwrap();
     assert_eq!(tok.decode(&out[0]).unwrap(), " Paris.\n");
     assert_eq!(out[0], r.new_tokens[..3]);
+}
+
+/// The file's own chat template renders and tokenizes the messages as transformers'
+/// `apply_chat_template` does, and the engine (the default device, weights streamed from disk)
+/// answers with transformers' greedy tokens ("The capital of France is Paris.").
+#[test]
+fn chat_messages_answer_as_transformers() {
+    use ferrogen::engine::{EngineOptions, Placement};
+    let Some(m) = smollm2() else { return };
+    let chat = reference().chat;
+    let text = m
+        .files
+        .chat_template()
+        .unwrap()
+        .render(&chat.messages, true)
+        .unwrap();
+    assert_eq!(text, chat.text);
+    let tok = m.files.tokenizer().unwrap();
+    let ids = tok.encode_rendered(&text).unwrap();
+    assert_eq!(ids, chat.tokens);
+    let dir = tempfile::tempdir().unwrap();
+    let p = policy(1, 1, (0.0, 20.0), (100.0, 0.0), (0.0, 0.0), true, false);
+    let options = EngineOptions::new(Placement::Policy(p)).offload_dir(dir.path().to_path_buf());
+    let files = ModelFiles::open(m.files.path.as_path()).unwrap();
+    let engine = engine(DeviceKind::Cpu, files, options);
+    let out = engine
+        .generate(&[&ids], chat.new_tokens.len(), &[])
+        .unwrap();
+    assert_eq!(out[0].tokens, chat.new_tokens);
+    let answer = tok.decode(&out[0].tokens).unwrap();
+    assert!(
+        answer.starts_with("The capital of France is Paris."),
+        "{answer}"
+    );
 }
 
 #[test]

@@ -9,6 +9,7 @@
 //! ```
 //!
 //! The families differ only in flags ([`LlamaFamily`]): Qwen2 adds biases to q, k and v;
+//! Phi-3 stores q/k/v and gate/up fused (cut into their parts at load, [`fused_cuts`]);
 //! Qwen3 normalizes each head of q and k (RMSNorm over `head_dim`, before RoPE); Mistral (and
 //! Qwen with `use_sliding_window`) lets a query see only the last `sliding_window` keys;
 //! Llama 3 scales RoPE's long wavelengths (`rope_scaling` type `llama3`; in GGUF the
@@ -45,6 +46,9 @@ pub enum LlamaFamily {
     Qwen2,
     /// Qwen3: per-head RMSNorm of q and k.
     Qwen3,
+    /// Phi-3: q, k and v in one `qkv_proj`, gate and up in one `gate_up_proj` (cut into their
+    /// parts at load), a sliding window on every layer.
+    Phi3,
 }
 
 impl LlamaFamily {
@@ -55,6 +59,7 @@ impl LlamaFamily {
             "mistral" => Self::Mistral,
             "qwen2" => Self::Qwen2,
             "qwen3" => Self::Qwen3,
+            "phi3" => Self::Phi3,
             _ => return None,
         })
     }
@@ -99,6 +104,9 @@ pub struct LlamaConfig {
     /// for Llama 3's scaling): `inv_freq_i / factor_i`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_freq_factors: Option<Vec<f64>>,
+    /// The share of each head's dimensions RoPE rotates; only 1 (all) is supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
     /// Whether the output projection shares the token embedding.
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -154,8 +162,10 @@ pub(super) fn lift_rope_parameters(value: &mut serde_json::Value) {
     let Some(params) = obj.get("rope_parameters").cloned() else {
         return;
     };
-    if let Some(theta) = params.get("rope_theta") {
-        obj.entry("rope_theta").or_insert_with(|| theta.clone());
+    for key in ["rope_theta", "partial_rotary_factor"] {
+        if let Some(v) = params.get(key) {
+            obj.entry(key).or_insert_with(|| v.clone());
+        }
     }
     let kind = params.get("rope_type").and_then(|t| t.as_str());
     if kind.is_some_and(|t| t != "default") {
@@ -214,6 +224,7 @@ impl LlamaConfig {
             rope_theta: default_rope_theta(),
             rope_scaling: None,
             rope_freq_factors: None,
+            partial_rotary_factor: None,
             tie_word_embeddings: false,
             attention_bias: false,
             mlp_bias: false,
@@ -264,7 +275,7 @@ impl LlamaConfig {
                 let from = self.max_window_layers.unwrap_or(0);
                 (0..n).map(|l| window.filter(|_| on && l >= from)).collect()
             }
-            LlamaFamily::Llama | LlamaFamily::Mistral => vec![window; n],
+            LlamaFamily::Llama | LlamaFamily::Mistral | LlamaFamily::Phi3 => vec![window; n],
         }
     }
 
@@ -384,6 +395,13 @@ impl LlamaConfig {
             ));
         }
         let unsupported = |what: String| Err(Error::Unsupported { what });
+        if c.partial_rotary_factor.is_some_and(|f| f != 1.0) {
+            return unsupported(format!(
+                "{}: partial RoPE (partial_rotary_factor {:?})",
+                path.display(),
+                c.partial_rotary_factor
+            ));
+        }
         if let Err(why) = c.rope_scaling() {
             return unsupported(format!("{}: {why}", path.display()));
         }
@@ -556,12 +574,19 @@ pub(super) fn from_gguf(file: &GgufFile, arch: &str) -> Result<LlamaConfig> {
         rope_theta: float(&key("rope.freq_base"), 10000.0)?,
         rope_scaling,
         rope_freq_factors,
+        partial_rotary_factor: None,
         tie_word_embeddings: file.tensor_shape("output.weight").is_none(),
         attention_bias: file.tensor_shape("blk.0.attn_output.bias").is_some(),
         mlp_bias: file.tensor_shape("blk.0.ffn_down.bias").is_some(),
         hidden_act: "silu".into(),
-        // llama.cpp runs these families without a window (as it computes them)
-        sliding_window: None,
+        // Phi-3's window as transformers applies it (llama.cpp leaves it out); the other
+        // families' files carry none
+        sliding_window: match family {
+            LlamaFamily::Phi3 => file
+                .optional_u64(&key("attention.sliding_window"))?
+                .filter(|&w| w > 0),
+            _ => None,
+        },
         use_sliding_window: None,
         max_window_layers: None,
         layer_types: None,
@@ -598,7 +623,10 @@ pub(super) fn gguf_tensor_name(gguf: &str, c: &LlamaConfig) -> (String, Option<u
     let Some((module, kind)) = part.rsplit_once('.') else {
         return (gguf.to_string(), None);
     };
+    let phi3 = c.family == LlamaFamily::Phi3;
     let (hf_module, unpermute) = match module {
+        "attn_qkv" if phi3 => ("self_attn.qkv_proj", None),
+        "ffn_up" if phi3 => ("mlp.gate_up_proj", None),
         "attn_norm" => ("input_layernorm", None),
         "attn_q" => ("self_attn.q_proj", heads),
         "attn_k" => ("self_attn.k_proj", kv_heads),
@@ -707,6 +735,39 @@ impl LlamaSpec {
 pub fn bias_of(weight: &TensorSpec) -> TensorSpec {
     let name = weight.name.strip_suffix(".weight").unwrap_or(&weight.name);
     TensorSpec::new(format!("{name}.bias"), &weight.shape[..1])
+}
+
+/// The fused tensors a Phi-3 checkpoint stores and the parts the recipe reads: per layer
+/// `qkv_proj` -> q, k, v and `gate_up_proj` -> gate, up (none for the other families).
+pub(super) fn fused_cuts(c: &LlamaConfig) -> Vec<crate::model::RowCut> {
+    if c.family != LlamaFamily::Phi3 {
+        return Vec::new();
+    }
+    let (q, kv, i) = (
+        c.num_attention_heads * c.head_dim(),
+        c.kv_heads() * c.head_dim(),
+        c.intermediate_size,
+    );
+    (0..c.num_hidden_layers)
+        .flat_map(|n| {
+            let l = format!("model.layers.{n}.");
+            let w = |m: &str| format!("{l}{m}.weight");
+            [
+                (
+                    w("self_attn.qkv_proj"),
+                    vec![
+                        (w("self_attn.q_proj"), q),
+                        (w("self_attn.k_proj"), kv),
+                        (w("self_attn.v_proj"), kv),
+                    ],
+                ),
+                (
+                    w("mlp.gate_up_proj"),
+                    vec![(w("mlp.gate_proj"), i), (w("mlp.up_proj"), i)],
+                ),
+            ]
+        })
+        .collect()
 }
 
 /// The units' tensors. Attention: vectors `[input_layernorm, q_norm, k_norm]` (the head norms

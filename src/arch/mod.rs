@@ -78,6 +78,7 @@ impl ModelFiles {
             config.num_layers(),
             &dir.join("config.json"),
         )?;
+        let weights = config.split_fused(Box::new(weights))?;
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = if tokenizer_path.exists() {
             TextTokenizer::from_file(&tokenizer_path).map_err(|e| e.to_string())
@@ -99,7 +100,7 @@ impl ModelFiles {
         Ok(Self {
             path: dir.to_path_buf(),
             config,
-            weights: Box::new(weights),
+            weights,
             tokenizer,
             chat_template,
         })
@@ -110,11 +111,11 @@ impl ModelFiles {
         let config = ModelConfig::from_gguf(&file)?;
         let tokenizer = TextTokenizer::from_gguf(&file).map_err(|e| e.to_string());
         let chat_template = gguf_chat_template(&file);
-        let weights = config.gguf_weights(file)?;
+        let weights = config.split_fused(Box::new(config.gguf_weights(file)?))?;
         Ok(Self {
             path: path.to_path_buf(),
             config,
-            weights: Box::new(weights),
+            weights,
             tokenizer,
             chat_template,
         })
@@ -235,7 +236,7 @@ impl ModelConfig {
             .to_string();
         let config = match model_type.as_str() {
             "opt" => serde_json::from_value(value).map(ModelConfig::Opt),
-            "llama" | "mistral" | "qwen2" | "qwen3" => {
+            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" => {
                 llama::lift_rope_parameters(&mut value);
                 llama::set_family(&mut value, &model_type);
                 serde_json::from_value(value).map(ModelConfig::Llama)
@@ -243,9 +244,9 @@ impl ModelConfig {
             other => {
                 return Err(Error::Unsupported {
                     what: format!(
-                        "{}: model_type `{other}` (supported: opt, llama, mistral, qwen2, qwen3)",
-                        path.display()
-                    ),
+                    "{}: model_type `{other}` (supported: opt, llama, mistral, qwen2, qwen3, phi3)",
+                    path.display()
+                ),
                 })
             }
         }
@@ -263,7 +264,9 @@ impl ModelConfig {
             .and_then(GgufValue::as_str)
             .ok_or_else(|| Error::config(path, "missing `general.architecture`"))?;
         let config = match arch {
-            "llama" | "qwen2" | "qwen3" => ModelConfig::Llama(llama::from_gguf(file, arch)?),
+            "llama" | "qwen2" | "qwen3" | "phi3" => {
+                ModelConfig::Llama(llama::from_gguf(file, arch)?)
+            }
             other => {
                 return Err(Error::Unsupported {
                     what: format!("{}: GGUF architecture `{other}`", path.display()),
@@ -299,6 +302,19 @@ impl ModelConfig {
                 what: format!("{}: GGUF for a non-llama model", file.path().display()),
             }),
         }
+    }
+
+    /// `weights` with the tensors this architecture stores fused (Phi-3's) seen as their
+    /// parts, as the recipe names them.
+    pub fn split_fused(&self, weights: Box<dyn WeightSource>) -> Result<Box<dyn WeightSource>> {
+        let cuts = match self {
+            ModelConfig::Llama(c) => llama::fused_cuts(c),
+            ModelConfig::Opt(_) => Vec::new(),
+        };
+        if cuts.is_empty() {
+            return Ok(weights);
+        }
+        Ok(Box::new(crate::model::RowSplit::new(weights, cuts)?))
     }
 
     /// Checks that the configuration describes a model ferrogen can run; `path` names the

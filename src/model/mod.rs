@@ -5,12 +5,14 @@
 pub mod chat;
 pub mod gguf;
 pub mod safetensors;
+pub mod split;
 pub mod tokenizer;
 pub mod weights;
 
 use std::path::Path;
 
 pub use chat::{ChatMessage, ChatTemplate};
+pub use split::{RowCut, RowSplit};
 pub use tokenizer::TextTokenizer;
 pub use weights::{DType, TensorInfo, WeightSource};
 

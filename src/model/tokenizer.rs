@@ -141,10 +141,25 @@ fn sentencepiece_merges(tokens: &[&str], scores: &[f64], ids: &HashMap<&str, usi
         .collect()
 }
 
-/// A SentencePiece-style BPE tokenizer.json of GGUF tables: spaces as `▁` (one prepended to
-/// the text's first word when `space_prefix`), unknown characters as their UTF-8 bytes
-/// (`<0xE6>`), merges from the scores.
-fn sentencepiece_spec(tokens: &[&str], types: &[i64], scores: &[f64], space_prefix: bool) -> Value {
+/// Where a SentencePiece vocabulary's `▁` goes in front of the text.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum SpacePrefix {
+    /// Nowhere (`add_space_prefix` false).
+    None,
+    /// Before the first word, unless the text begins with a space (Llama's `Metaspace`).
+    FirstWord,
+    /// Before every piece of text between special tokens, whatever it begins with (Phi-3).
+    EveryPiece,
+}
+
+/// A SentencePiece-style BPE tokenizer.json of GGUF tables: spaces as `▁` (one prepended as
+/// `prefix` says), unknown characters as their UTF-8 bytes (`<0xE6>`), merges from the scores.
+fn sentencepiece_spec(
+    tokens: &[&str],
+    types: &[i64],
+    scores: &[f64],
+    prefix: SpacePrefix,
+) -> Value {
     // one id per string: the last of equal strings, as a dict built in order keeps
     let ids: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, &t)| (t, i)).collect();
     let vocab: serde_json::Map<String, Value> = ids
@@ -156,21 +171,32 @@ fn sentencepiece_spec(tokens: &[&str], types: &[i64], scores: &[f64], space_pref
         .position(|&t| t == 2)
         .map(|i| tokens[i])
         .or_else(|| ids.contains_key("<unk>").then_some("<unk>"));
-    let scheme = if space_prefix { "first" } else { "never" };
+    let (normalizer, pre_tokenizer) = match prefix {
+        SpacePrefix::EveryPiece => (
+            json!({"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "\u{2581}"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]}),
+            Value::Null,
+        ),
+        SpacePrefix::FirstWord | SpacePrefix::None => (
+            Value::Null,
+            json!({"type": "Metaspace", "replacement": "\u{2581}", "split": false,
+                   "prepend_scheme": if prefix == SpacePrefix::None { "never" } else { "first" }}),
+        ),
+    };
     let mut decoders = vec![
         json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
         json!({"type": "ByteFallback"}),
         json!({"type": "Fuse"}),
     ];
-    if space_prefix {
+    if prefix != SpacePrefix::None {
         decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
     }
     json!({
         "version": "1.0", "truncation": null, "padding": null,
         "added_tokens": added_tokens(tokens, types),
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}",
-                          "prepend_scheme": scheme, "split": false},
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": null,
         "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "BPE", "dropout": null, "unk_token": unk,
@@ -271,7 +297,15 @@ impl TextTokenizer {
                     )));
                 }
                 let prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
-                (sentencepiece_spec(&tokens, &types, &scores, prefix), true)
+                // Phi-3 prepends its space to every piece of text (a normalizer), where the
+                // others prepend it to the text's first word (as transformers reads each)
+                let arch = file.get("general.architecture").and_then(GgufValue::as_str);
+                let style = match (prefix, arch) {
+                    (false, _) => SpacePrefix::None,
+                    (true, Some("phi3")) => SpacePrefix::EveryPiece,
+                    (true, _) => SpacePrefix::FirstWord,
+                };
+                (sentencepiece_spec(&tokens, &types, &scores, style), true)
             }
             other => {
                 return Err(err(format!(

@@ -79,7 +79,7 @@ pub fn example_binary(name: &str) -> PathBuf {
 }
 
 /// The committed fixture models, made by scripts/make_fixtures.py.
-pub const FIXTURES: [&str; 8] = [
+pub const FIXTURES: [&str; 9] = [
     "opt-pre-ln-proj",
     "opt-post-ln",
     "llama-gqa-untied",
@@ -88,6 +88,7 @@ pub const FIXTURES: [&str; 8] = [
     "mistral-window",
     "qwen2-bias",
     "qwen3-qknorm",
+    "phi3-fused",
 ];
 
 pub fn fixture_dir(name: &str) -> PathBuf {
