@@ -61,6 +61,29 @@ fn silu_mul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     if (i < params.n) { let g = a[i]; a[i] = g / (1.0 + exp(-g)) * b[i]; }
 }
 
+// a[i] = gelu_tanh(a[i]) * b[i] with gelu_tanh(g) = g / 2 * (1 + tanh(sqrt(2 / pi) * (g +
+// 0.044715 g^3))) (GeGLU as Gemma computes it: a = gate, b = up); the tanh's argument is held
+// to +-10, where tanh is 1 to f32's precision
+@compute @workgroup_size(256)
+fn gelu_tanh_mul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = index(wid, nwg, lid);
+    if (i < params.n) {
+        let g = a[i];
+        let t = tanh(clamp(0.7978845608 * (g + 0.044715 * g * g * g), -10.0, 10.0));
+        a[i] = 0.5 * g * (1.0 + t) * b[i];
+    }
+}
+
+// a[i] *= s, s = bitcast(params.pad0)
+@compute @workgroup_size(256)
+fn scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_id) lid: vec3<u32>) {
+    _ = arrayLength(&b);
+    let i = index(wid, nwg, lid);
+    if (i < params.n) { a[i] *= bitcast<f32>(params.pad0); }
+}
+
 // a[i] = b[i] (a copy, for measuring the device's memory bandwidth)
 @compute @workgroup_size(256)
 fn copy(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

@@ -363,6 +363,11 @@ pub trait Device: Clone + Send + Sync + 'static {
     fn add(&self, x: &Self::Tensor, y: &Self::Tensor) -> Result<()>;
     /// In place: `gate = silu(gate) * up`.
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<()>;
+    /// In place: `gate = gelu_tanh(gate) * up` (GeGLU), with
+    /// `gelu_tanh(g) = g / 2 * (1 + tanh(sqrt(2 / pi) * (g + 0.044715 g^3)))`.
+    fn gelu_tanh_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<()>;
+    /// In place: `x *= s`.
+    fn scale(&self, x: &Self::Tensor, s: f32) -> Result<()>;
     /// In place: `x = max(x, 0)`.
     fn relu(&self, x: &Self::Tensor) -> Result<()>;
     /// In place: rotary embedding (rotate-half) of every `head_dim`-wide head of `x`, with the

@@ -412,6 +412,17 @@ impl Device for WgpuDevice {
             .binary(self.context(), Op::SiluMul, gate, up)
     }
 
+    fn gelu_tanh_mul(&self, gate: &GpuTensor, up: &GpuTensor) -> Result<()> {
+        Self::same_shape(gate, up, "gelu_tanh_mul")?;
+        self.k()
+            .elementwise
+            .binary(self.context(), Op::GeluTanhMul, gate, up)
+    }
+
+    fn scale(&self, x: &GpuTensor, s: f32) -> Result<()> {
+        self.k().elementwise.scale(self.context(), x, s)
+    }
+
     fn relu(&self, x: &GpuTensor) -> Result<()> {
         self.k().elementwise.unary(self.context(), Op::Relu, x)
     }

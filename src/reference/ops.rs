@@ -55,6 +55,16 @@ pub fn rms_norm(x: ArrayView2<f32>, w: &Array1<f32>, eps: f32) -> Array2<f32> {
 }
 
 /// SiLU-gated product, in place: `gate = silu(gate) * up` with `silu(g) = g / (1 + e^-g)`.
+/// GeGLU: `gate = gelu_tanh(gate) * up`, `gelu_tanh(g) = g / 2 * (1 + tanh(sqrt(2 / pi) *
+/// (g + 0.044715 g^3)))` (torch's `gelu(approximate="tanh")`), computed in f64.
+pub fn gelu_tanh_mul(gate: &mut Array2<f32>, up: &Array2<f32>) {
+    gate.zip_mut_with(up, |g, &u| {
+        let x = f64::from(*g);
+        let t = ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh();
+        *g = (0.5 * x * (1.0 + t) * f64::from(u)) as f32;
+    });
+}
+
 pub fn silu_mul(gate: &mut Array2<f32>, up: &Array2<f32>) {
     Zip::from(gate)
         .and(up)

@@ -266,6 +266,16 @@ multiversion! {
 }
 
 multiversion! {
+    /// `g = gelu_tanh(g) * u` element by element (see `Device::gelu_tanh_mul`).
+    fn gelu_tanh_mul_into(g: &mut [f32], u: &[f32]) -> () {
+        for (g, &u) in g.iter_mut().zip(u) {
+            let t = (0.797_884_6 * (*g + 0.044_715 * *g * *g * *g)).tanh();
+            *g = 0.5 * *g * (1.0 + t) * u;
+        }
+    }
+}
+
+multiversion! {
     /// RMSNorm of one row: `out = row / sqrt(mean(row^2) + eps) * w`.
     fn rms_norm_row(row: &[f32], w: &[f32], eps: f32, out: &mut [f32]) -> () {
         let inv = 1.0 / (math::dot(row, row) / row.len() as f32 + eps).sqrt();
@@ -526,6 +536,17 @@ impl Device for CpuDevice {
     fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<()> {
         self.same(gate, up, "silu_mul")?;
         self.zip_mut(gate, up, silu_mul_into);
+        Ok(())
+    }
+
+    fn gelu_tanh_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<()> {
+        self.same(gate, up, "gelu_tanh_mul")?;
+        self.zip_mut(gate, up, gelu_tanh_mul_into);
+        Ok(())
+    }
+
+    fn scale(&self, x: &CpuTensor, s: f32) -> Result<()> {
+        self.rows_mut(x, |_, row| row.iter_mut().for_each(|v| *v *= s));
         Ok(())
     }
 
@@ -837,5 +858,50 @@ impl Device for CpuDevice {
 
     fn run_unit<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::ops;
+    use ndarray::Array2;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// GeGLU (gates up to +-12, where tanh saturates) and scaling against the reference.
+        #[test]
+        fn gelu_tanh_mul_and_scale_match_reference(
+            rows in 1usize..5,
+            width in 1usize..300,
+            seed in any::<u64>(),
+        ) {
+            let dev = CpuDevice::new(0).unwrap();
+            let mut s = seed | 1;
+            let mut next = || {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s % 20001) as f32 / 10000.0 - 1.0
+            };
+            let gate: Vec<f32> = (0..rows * width).map(|_| next() * 12.0).collect();
+            let up: Vec<f32> = (0..rows * width).map(|_| next()).collect();
+            let (g, u) = (
+                dev.upload(&gate, rows, width).unwrap(),
+                dev.upload(&up, rows, width).unwrap(),
+            );
+            dev.gelu_tanh_mul(&g, &u).unwrap();
+            let mut want = Array2::from_shape_vec((rows, width), gate.clone()).unwrap();
+            ops::gelu_tanh_mul(&mut want, &Array2::from_shape_vec((rows, width), up).unwrap());
+            let got = dev.download(&g, 0..rows).unwrap();
+            for (a, b) in got.iter().zip(want.iter()) {
+                prop_assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+            dev.scale(&g, 0.5).unwrap();
+            let halved = dev.download(&g, 0..rows).unwrap();
+            for (h, a) in halved.iter().zip(&got) {
+                prop_assert_eq!(*h, a * 0.5);
+            }
+        }
     }
 }

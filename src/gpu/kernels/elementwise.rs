@@ -20,17 +20,23 @@ pub enum Op {
     Gelu,
     /// `a = silu(a) * b`.
     SiluMul,
+    /// `a = gelu_tanh(a) * b`.
+    GeluTanhMul,
+    /// `a *= s`.
+    Scale,
     /// `a = b`.
     Copy,
 }
 
 impl Op {
-    const ALL: [Op; 6] = [
+    const ALL: [Op; 8] = [
         Op::Add,
         Op::AddBias,
         Op::Relu,
         Op::Gelu,
         Op::SiluMul,
+        Op::GeluTanhMul,
+        Op::Scale,
         Op::Copy,
     ];
     fn entry(self) -> &'static str {
@@ -40,6 +46,8 @@ impl Op {
             Op::Relu => "relu",
             Op::Gelu => "gelu",
             Op::SiluMul => "silu_mul",
+            Op::GeluTanhMul => "gelu_tanh_mul",
+            Op::Scale => "scale",
             Op::Copy => "copy",
         }
     }
@@ -80,10 +88,12 @@ impl Elementwise {
     pub fn binary(&self, ctx: &GpuContext, op: Op, a: &GpuTensor, b: &GpuTensor) -> Result<()> {
         let n = a.numel();
         match op {
-            Op::Add | Op::SiluMul | Op::Copy => expect_len(b, n, "element-wise operand")?,
+            Op::Add | Op::SiluMul | Op::GeluTanhMul | Op::Copy => {
+                expect_len(b, n, "element-wise operand")?
+            }
             Op::AddBias if b.numel() > 0 && n.is_multiple_of(b.numel()) => {}
             Op::AddBias => expect_len(b, n, "bias")?,
-            Op::Relu | Op::Gelu => {
+            Op::Relu | Op::Gelu | Op::Scale => {
                 return Err(crate::error::Error::invalid(
                     "element-wise",
                     format!("{op:?} takes one operand"),
@@ -91,6 +101,22 @@ impl Elementwise {
             }
         }
         self.dispatch(ctx, op, a, b)
+    }
+
+    /// `a *= s` in place.
+    pub fn scale(&self, ctx: &GpuContext, a: &GpuTensor, s: f32) -> Result<()> {
+        let n = a.numel();
+        if n == 0 {
+            return Ok(());
+        }
+        let index = Op::ALL.iter().position(|o| *o == Op::Scale).unwrap_or(0);
+        self.pipelines[index].dispatch(
+            ctx,
+            &[&a.buffer, &self.dummy.buffer],
+            &[n as u32, 0, s.to_bits()],
+            grid(n.div_ceil(256)),
+        );
+        Ok(())
     }
 
     fn dispatch(&self, ctx: &GpuContext, op: Op, a: &GpuTensor, b: &GpuTensor) -> Result<()> {

@@ -268,9 +268,17 @@ proptest! {
         let (a, b) = (random(n, seed), random(n, seed ^ 9));
         let width = (1..=width_seed).rev().find(|w| n % w == 0).unwrap_or(1);
         let bias = random(width, seed ^ 3);
-        for op in [Op::Add, Op::AddBias, Op::Relu, Op::Gelu, Op::SiluMul, Op::Copy] {
-            let at = up(ctx, &a, &[n]);
+        // GeGLU sees gates up to +-12, where tanh saturates
+        let wide: Vec<f32> = a.iter().map(|x| x * 12.0).collect();
+        for op in [Op::Add, Op::AddBias, Op::Relu, Op::Gelu, Op::SiluMul, Op::GeluTanhMul, Op::Scale, Op::Copy] {
+            let at = up(ctx, if op == Op::GeluTanhMul { &wide } else { &a }, &[n]);
             let want: Vec<f32> = match op {
+                Op::Scale => a.iter().map(|x| x * -0.37).collect(),
+                Op::GeluTanhMul => {
+                    let mut g = Array2::from_shape_vec((1, n), wide.clone()).unwrap();
+                    ops::gelu_tanh_mul(&mut g, &Array2::from_shape_vec((1, n), b.clone()).unwrap());
+                    g.iter().copied().collect::<Vec<f32>>()
+                }
                 Op::Add => a.iter().zip(&b).map(|(x, y)| x + y).collect(),
                 Op::Copy => b.clone(),
                 Op::AddBias => a.iter().enumerate().map(|(i, x)| x + bias[i % width]).collect(),
@@ -286,11 +294,13 @@ proptest! {
                 }
             };
             match op {
+                Op::Scale => ew.scale(ctx, &at, -0.37).unwrap(),
                 Op::Relu | Op::Gelu => ew.unary(ctx, op, &at).unwrap(),
                 Op::AddBias => ew.binary(ctx, op, &at, &up(ctx, &bias, &[width])).unwrap(),
                 _ => ew.binary(ctx, op, &at, &up(ctx, &b, &[n])).unwrap(),
             }
-            close(&at.download(ctx).unwrap(), &want, 1e-6, &format!("{op:?}"))?;
+            let tolerance = if op == Op::GeluTanhMul { 1e-5 } else { 1e-6 };
+            close(&at.download(ctx).unwrap(), &want, tolerance, &format!("{op:?}"))?;
         }
     }
 
