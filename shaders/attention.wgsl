@@ -8,7 +8,8 @@
 // info[4r + 2] .. info[4r + 3] are not seen (another branch of a prefix group; an empty range
 // for a plain sequence): row r sees keys j < visible outside it. Query head h reads kv head
 // h / (heads / kv_heads). One invocation per (r, h): t = (wid.y * nwg.x + wid.x) * 64 + lid.x = h * rows + r.
-// Online softmax over the visible keys j: m = running max of s_j = scale * q . k_j,
+// Online softmax over the visible keys j: m = running max of s_j = scale * q . k_j (soft-capped
+// when the model says so),
 // l = sum exp(s_j - m), acc = sum exp(s_j - m) v_j; out = acc / l.
 //
 // d = HEAD_DIM is a pipeline constant (<= 256), so the loops over a head have fixed trip
@@ -25,7 +26,7 @@
 override HEAD_DIM: u32 = 64u;
 
 struct Params { rows: u32, heads: u32, kv_heads: u32, head_dim: u32, scale_bits: u32,
-                key_begin: u32, key_end: u32, flags: u32 }
+                key_begin: u32, key_end: u32, flags: u32, softcap_bits: u32 }
 
 const FIRST: u32 = 1u;
 const LAST: u32 = 2u;
@@ -37,6 +38,14 @@ const LAST: u32 = 2u;
 @group(0) @binding(6) var<uniform> params: Params;
 
 fn chunks() -> u32 { return (HEAD_DIM + 3u) / 4u; }
+
+// Soft-capping (Gemma 2): s -> cap * tanh(s / cap) when softcap_bits holds a cap (0: none).
+// tanh's argument is held to +-10, where tanh is 1 to f32's precision.
+fn softcap(s: f32) -> f32 {
+    if (params.softcap_bits == 0u) { return s; }
+    let cap = bitcast<f32>(params.softcap_bits);
+    return cap * tanh(clamp(s / cap, -10.0, 10.0));
+}
 
 // Whether value 4c + i of a head lies inside it, and its index clamped into the head.
 fn inside(c: u32, i: u32) -> bool { return 4u * c + i < HEAD_DIM; }
@@ -91,6 +100,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         let kb = (first + j) * kvw + g * HEAD_DIM;
         var s = 0.0;
         for (var c = 0u; c < chunks(); c++) { s += dot(qv[c], k4(kb, c)); }
+        s = softcap(s);
         let m_new = max(m, s);
         let correction = exp(m - m_new);
         let p = exp(s - m_new);

@@ -6,8 +6,8 @@
 // key_begin .. key_end with the state carried in o and ml between them, as in attention.wgsl.
 
 struct Params { rows: u32, heads: u32, kv_heads: u32, head_dim: u32, scale_bits: u32,
-                key_begin: u32, key_end: u32, flags: u32, padded: u32, group: u32,
-                p0: u32, p1: u32 }
+                key_begin: u32, key_end: u32, flags: u32, softcap_bits: u32, padded: u32,
+                group: u32, p0: u32 }
 
 // the head width, a pipeline constant so that the per-value loops have fixed trip counts
 override HEAD_DIM: u32 = 64u;
@@ -70,6 +70,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             s += q[qb + e] * decode(k_codes[row * words + c / 8u], c, sm);
         }
         s *= scale;
+        if (params.softcap_bits != 0u) {
+            // soft-capping (Gemma 2): cap * tanh(s / cap), the argument held to +-10
+            let cap = bitcast<f32>(params.softcap_bits);
+            s = cap * tanh(clamp(s / cap, -10.0, 10.0));
+        }
         let m_new = max(m, s);
         let correction = exp(m - m_new);
         let p = exp(s - m_new);

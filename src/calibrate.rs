@@ -552,7 +552,7 @@ pub fn measure_cpu_device_attention(
     let rates = (0..=trials.max(1))
         .map(|_| {
             let t = Instant::now();
-            attend(&q, &infos, view, layout, &mut o);
+            attend(&q, &infos, view, layout, None, &mut o);
             flops / t.elapsed().as_secs_f64() / 1e12
         })
         .skip(1)

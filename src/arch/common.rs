@@ -326,6 +326,7 @@ impl<D: Device> Runner<D> {
             positions: rb.host.positions[range.clone()].to_vec(),
             infos: rb.host.infos[range].to_vec(),
             rope: None,
+            softcap: rb.host.softcap,
         };
         self.finish_rows(host, appends)
     }

@@ -143,6 +143,9 @@ pub struct HostRows {
     pub infos: Vec<RowInfo>,
     /// RoPE tables `[rows, head_dim / 2]` (Llama), from [`rope_tables`].
     pub rope: Option<(Vec<f32>, Vec<f32>)>,
+    /// Attention scores `s` (already scaled) become `cap * tanh(s / cap)` before the softmax
+    /// (Gemma 2's soft-capping); `None`: as they are.
+    pub softcap: Option<f32>,
 }
 
 /// Where one query row's keys are: its sequence's rows `first + j` of the cache for `j` in

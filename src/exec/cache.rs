@@ -140,7 +140,14 @@ impl<D: Device> BlockState<'_, D> {
                 width: kvw,
             };
             let span = (lo - first_row) * qw..(hi - first_row) * qw;
-            cpu_attend(&qh[span.clone()], &local, view, layout, &mut out[span]);
+            cpu_attend(
+                &qh[span.clone()],
+                &local,
+                view,
+                layout,
+                rb.host.softcap,
+                &mut out[span],
+            );
         }
         cell.disk_host = disk;
         dev.write_rows(&a, first_row, &out)?;

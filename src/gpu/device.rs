@@ -353,7 +353,7 @@ impl Device for WgpuDevice {
             None => None,
         };
         Ok(GpuRows {
-            info: RowInfos::upload(ctx, &rows.infos),
+            info: RowInfos::upload(ctx, &rows.infos).soft_capped(rows.softcap),
             rope,
         })
     }

@@ -125,7 +125,7 @@ impl LlamaModel {
             }
             rope.apply(q.view_mut(), c.head_dim());
             rope.apply(k.view_mut(), c.head_dim());
-            let a = attend(batch, &q, &k, &v, caches, i, layout, scale, window);
+            let a = attend(batch, &q, &k, &v, caches, i, layout, scale, window, None);
             x += &layer.o_proj.forward(a.view());
 
             let h = rms_norm(x.view(), &layer.post_attention_layernorm, eps);

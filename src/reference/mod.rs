@@ -219,6 +219,7 @@ fn attend(
     layout: HeadLayout,
     scale: f32,
     window: Option<usize>,
+    softcap: Option<f32>,
 ) -> Array2<f32> {
     let mut out = Array2::zeros((batch.total_rows(), layout.heads * layout.head_dim));
     for (i, cache) in caches.iter_mut().enumerate() {
@@ -236,6 +237,7 @@ fn attend(
             layout,
             scale,
             window,
+            softcap,
         );
         out.slice_mut(s![rows, ..]).assign(&o);
     }

@@ -146,6 +146,7 @@ pub fn causal_attention(
     layout: HeadLayout,
     scale: f32,
     window: Option<usize>,
+    softcap: Option<f32>,
 ) -> Array2<f32> {
     let HeadLayout {
         heads,
@@ -162,6 +163,10 @@ pub fn causal_attention(
         let vh = v.slice(s![.., g * d..(g + 1) * d]);
         let mut scores = qh.dot(&kh.t());
         scores *= scale;
+        if let Some(cap) = softcap {
+            // Gemma 2's soft-capping, in f64
+            scores.mapv_inplace(|s| (f64::from(cap) * (f64::from(s) / f64::from(cap)).tanh()) as f32);
+        }
         for (i, mut row) in scores.axis_iter_mut(Axis(0)).enumerate() {
             // softmax over the visible keys 0..=past+i (the last `window` of them when the
             // model has a sliding window); masked keys get probability 0
@@ -217,7 +222,7 @@ mod tests {
             kv_heads: 1,
             head_dim: 2,
         };
-        let out = causal_attention(q.view(), k.view(), v.view(), 0, layout, 1.0, None);
+        let out = causal_attention(q.view(), k.view(), v.view(), 0, layout, 1.0, None, None);
         assert_eq!(out.row(0).to_vec(), vec![5.0, 7.0]);
         // row 1: softmax([0, 1]) over v
         let p1 = 1.0 / (1.0 + 1f32.exp());

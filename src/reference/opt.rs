@@ -131,7 +131,7 @@ impl OptModel {
             let q = layer.q_proj.forward(h.view());
             let k = layer.k_proj.forward(h.view());
             let v = layer.v_proj.forward(h.view());
-            let a = attend(batch, &q, &k, &v, caches, i, layout, scale, None);
+            let a = attend(batch, &q, &k, &v, caches, i, layout, scale, None, None);
             x += &layer.out_proj.forward(a.view());
             if !pre_ln {
                 x = layer.self_attn_layer_norm.forward(x.view());

@@ -120,8 +120,16 @@ impl KvView<'_> {
 
 /// `o [rows, heads * d]` = causal attention of `q [rows, heads * d]`: row `r` attends to cache
 /// rows `infos[r].first + j` for `j < infos[r].visible` outside `skip_from..skip_to`, query
-/// head `h` reading kv head `h / (heads / kv_heads)`, scores scaled by `1 / sqrt(d)`.
-pub fn attend(q: &[f32], infos: &[RowInfo], kv: KvView, layout: HeadLayout, o: &mut [f32]) {
+/// head `h` reading kv head `h / (heads / kv_heads)`, scores scaled by `1 / sqrt(d)` (then
+/// soft-capped, `s = cap * tanh(s / cap)`, when `softcap` is given).
+pub fn attend(
+    q: &[f32],
+    infos: &[RowInfo],
+    kv: KvView,
+    layout: HeadLayout,
+    softcap: Option<f32>,
+    o: &mut [f32],
+) {
     let HeadLayout {
         heads,
         kv_heads,
@@ -144,7 +152,7 @@ pub fn attend(q: &[f32], infos: &[RowInfo], kv: KvView, layout: HeadLayout, o: &
         .collect();
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|&(t, g)| tile_kv_head(q, infos, kv, layout, tiles[t].clone(), g))
+        .map(|&(t, g)| tile_kv_head(q, infos, kv, layout, softcap, tiles[t].clone(), g))
         .collect();
     // a task's output is [rows][group heads][d]; head h = g * group + i of row r
     for (&(t, g), out) in tasks.iter().zip(results) {
@@ -163,6 +171,7 @@ multiversion! {
         infos: &[RowInfo],
         kv: KvView,
         layout: HeadLayout,
+        softcap: Option<f32>,
         rows: std::ops::Range<usize>,
         g: usize
     ) -> Vec<f32> {
@@ -236,6 +245,11 @@ multiversion! {
                         }
                         None => scores(qv, &kt),
                     };
+                    if let Some(cap) = softcap {
+                        for sj in &mut s[..cnt] {
+                            *sj = cap * (*sj / cap).tanh();
+                        }
+                    }
                     // keys past the row's visible ones (and the block's end), and skipped
                     // ones, do not count
                     let skipped = skip(r);
@@ -365,6 +379,7 @@ mod tests {
         layout: HeadLayout,
         stored: Stored,
         window: Option<usize>,
+        softcap: Option<f32>,
     ) -> Result<(), TestCaseError> {
         let (heads, kvh, d) = (layout.heads, layout.kv_heads, layout.head_dim);
         let width = kvh * d;
@@ -463,7 +478,7 @@ mod tests {
             },
         };
         let mut o = vec![f32::NAN; rows * heads * d];
-        attend(&q, &infos, view, layout, &mut o);
+        attend(&q, &infos, view, layout, softcap, &mut o);
         let (mut row, mut first) = (0, 0);
         let scale = 1.0 / (d as f32).sqrt();
         for &(past, n) in lens {
@@ -473,7 +488,7 @@ mod tests {
             let qq =
                 ArrayView2::from_shape((n, heads * d), &q[row * heads * d..(row + n) * heads * d])
                     .unwrap();
-            let want = causal_attention(qq, kk, vv, past, layout, scale, window);
+            let want = causal_attention(qq, kk, vv, past, layout, scale, window, softcap);
             for (i, w) in want.iter().enumerate() {
                 let g = o[row * heads * d + i];
                 prop_assert!(
@@ -532,6 +547,7 @@ mod tests {
                 width,
             },
             layout,
+            None,
             &mut o,
         );
         let scale = 1.0 / (d as f32).sqrt();
@@ -554,6 +570,7 @@ mod tests {
                 0,
                 layout,
                 scale,
+                None,
                 None,
             );
             for (i, &r) in rows.iter().enumerate() {
@@ -591,9 +608,10 @@ mod tests {
             shape in prop_oneof![Just((4usize, 2usize, 8usize)), Just((3, 3, 64)), Just((2, 1, 24)), Just((9, 3, 64)), Just((2, 1, 5))],
             stored in prop_oneof![Just(Stored::F32), Just(Stored::F16), Just(Stored::Q4)],
             window in prop_oneof![Just(None), (1usize..70).prop_map(Some)],
+            softcap in prop_oneof![Just(None), Just(Some(0.7f32)), Just(Some(50.0f32))],
         ) {
             let (heads, kv_heads, head_dim) = shape;
-            check(&lens, HeadLayout { heads, kv_heads, head_dim }, stored, window)?;
+            check(&lens, HeadLayout { heads, kv_heads, head_dim }, stored, window, softcap)?;
         }
     }
 }

@@ -180,6 +180,7 @@ pub struct CpuCache {
 pub struct CpuRows {
     infos: Vec<RowInfo>,
     rope: Option<(Vec<f32>, Vec<f32>)>,
+    softcap: Option<f32>,
 }
 
 /// The native CPU device (cloning shares its thread pool).
@@ -470,6 +471,7 @@ impl Device for CpuDevice {
         Ok(CpuRows {
             infos: rows.infos.clone(),
             rope: rows.rope.clone(),
+            softcap: rows.softcap,
         })
     }
 
@@ -780,7 +782,7 @@ impl Device for CpuDevice {
         let mut o = vec![0.0f32; q.rows * q.width];
         let qd = read(&q.data);
         self.pool
-            .install(|| attention::attend(&qd, &rows.infos, view, layout, &mut o));
+            .install(|| attention::attend(&qd, &rows.infos, view, layout, rows.softcap, &mut o));
         Ok(CpuTensor::new(o, q.rows, q.width))
     }
 

@@ -27,6 +27,8 @@ pub struct RowInfos {
     pub rows: usize,
     /// The largest `visible` of any row.
     pub max_visible: usize,
+    /// Scores become `cap * tanh(s / cap)` before the softmax (Gemma 2), when given.
+    pub softcap: Option<f32>,
 }
 
 impl RowInfos {
@@ -37,6 +39,15 @@ impl RowInfos {
             indices: GpuIndices::upload(ctx, &flat),
             rows: rows.len(),
             max_visible: rows.iter().map(|r| r.visible as usize).max().unwrap_or(0),
+            softcap: None,
+        }
+    }
+
+    /// These rows with their scores soft-capped at `cap` (or not).
+    pub fn soft_capped(self, cap: Option<f32>) -> Self {
+        Self {
+            softcap: cap,
+            ..self
         }
     }
 }
@@ -79,8 +90,8 @@ pub(crate) fn query_rows(
 }
 
 /// Dispatches an attention pipeline once per pass of at most `per_pass` keys. Its parameters
-/// are rows, heads, kv_heads, head_dim, scale bits, the pass's key range and its FIRST (1) /
-/// LAST (2) flags, then `extra` words; its last two storage bindings are the output (given
+/// are rows, heads, kv_heads, head_dim, scale bits, the pass's key range, its FIRST (1) /
+/// LAST (2) flags and the soft-cap's bits (0: none), then `extra` words; its last two storage bindings are the output (given
 /// last in `buffers`) and the `(m, l)` state between passes (allocated here).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dispatch_passes(
@@ -109,6 +120,7 @@ pub(crate) fn dispatch_passes(
             keys.start as u32,
             keys.end as u32,
             flags,
+            info.softcap.map_or(0, f32::to_bits),
         ];
         params.extend_from_slice(extra);
         pipeline.dispatch(

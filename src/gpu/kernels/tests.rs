@@ -504,6 +504,8 @@ struct RaggedAttention {
     infos: Vec<RowInfo>,
     /// Keys a row sees, its own included (a sliding window), or all.
     window: Option<usize>,
+    /// The scores' soft-cap (Gemma 2), or none.
+    softcap: Option<f32>,
     q: Vec<f32>,
     q_rows: usize,
     cache_rows: usize,
@@ -537,6 +539,7 @@ impl RaggedAttention {
         Self {
             infos,
             window,
+            softcap: None,
             q,
             q_rows,
             cache_rows,
@@ -570,6 +573,7 @@ impl RaggedAttention {
                 layout,
                 scale,
                 self.window,
+                self.softcap,
             );
             want.extend(o.iter().copied());
             first += past + t;
@@ -603,20 +607,22 @@ proptest! {
         seqs in ragged_seqs(),
         kv_heads in 1usize..3, group in 1usize..4, head_dim in prop::sample::select(vec![1usize, 8, 24, 64, 100]),
         window in prop_oneof![Just(None), (1usize..600).prop_map(Some)],
+        softcap in prop_oneof![Just(None), Just(Some(0.7f32)), Just(Some(50.0f32))],
         seed in any::<u64>(),
     ) {
         for ctx in both_budgets() {
             let layout = HeadLayout { heads: kv_heads * group, kv_heads, head_dim };
             let (qw, kvw) = (layout.heads * head_dim, kv_heads * head_dim);
             let scale = 1.0 / (head_dim as f32).sqrt();
-            let batch = RaggedAttention::windowed(&seqs, layout, seed, window);
+            let mut batch = RaggedAttention::windowed(&seqs, layout, seed, window);
+            batch.softcap = softcap;
             let rows = batch.cache_rows;
             let (k, v) = (random(rows * kvw, seed), random(rows * kvw, seed ^ 7));
             let want = batch.reference(&seqs, &k, &v, layout, scale);
             let o = GpuTensor::poisoned(ctx, &[batch.q_rows, qw]).unwrap();
             Attention::new(ctx, head_dim).unwrap().run(ctx, &up(ctx, &batch.q, &[batch.q_rows, qw]),
                 &up(ctx, &k, &[rows, kvw]), &up(ctx, &v, &[rows, kvw]),
-                &Attention::upload_info(ctx, &batch.infos), &o, layout, scale).unwrap();
+                &Attention::upload_info(ctx, &batch.infos).soft_capped(softcap), &o, layout, scale).unwrap();
             close(&o.download(ctx).unwrap(), &want, 1e-5, &format!("attention, loop budget {}", ctx.loop_budget))?;
         }
     }
@@ -634,7 +640,8 @@ proptest! {
         for ctx in both_budgets() {
             let layout = HeadLayout { heads: kv_heads * group, kv_heads, head_dim };
             let (qw, kvw) = (layout.heads * head_dim, kv_heads * head_dim);
-            let batch = RaggedAttention::new(&seqs, layout, seed);
+            let mut batch = RaggedAttention::new(&seqs, layout, seed);
+            batch.softcap = seed.is_multiple_of(2).then_some(2.0); // soft-capped half the time
             let rows = batch.cache_rows;
             let ql = Q4Layout::new(kv_heads, head_dim);
             let (kc, vc) = (GpuQ4Cache::new(ctx, rows, ql).unwrap(), GpuQ4Cache::new(ctx, rows, ql).unwrap());
@@ -652,7 +659,7 @@ proptest! {
             let want = batch.reference(&seqs, &kd, &vd, layout, 0.5);
             let o = GpuTensor::poisoned(ctx, &[batch.q_rows, qw]).unwrap();
             kq.attend(ctx, &up(ctx, &batch.q, &[batch.q_rows, qw]), &kc, &vc,
-                &Attention::upload_info(ctx, &batch.infos), &o, layout, 0.5).unwrap();
+                &Attention::upload_info(ctx, &batch.infos).soft_capped(batch.softcap), &o, layout, 0.5).unwrap();
             close(&o.download(ctx).unwrap(), &want, 1e-5, &format!("q4 attention, loop budget {}", ctx.loop_budget))?;
         }
     }
@@ -670,7 +677,8 @@ proptest! {
         for ctx in both_budgets() {
             let layout = HeadLayout { heads: kv_heads * group, kv_heads, head_dim };
             let (qw, kvw) = (layout.heads * head_dim, kv_heads * head_dim);
-            let batch = RaggedAttention::new(&seqs, layout, seed);
+            let mut batch = RaggedAttention::new(&seqs, layout, seed);
+            batch.softcap = seed.is_multiple_of(2).then_some(2.0); // soft-capped half the time
             let rows = batch.cache_rows;
             let (kc, vc) = (GpuF16Cache::new(ctx, rows, kvw).unwrap(), GpuF16Cache::new(ctx, rows, kvw).unwrap());
             // store every row of every sequence (past and new) at its position
@@ -687,7 +695,7 @@ proptest! {
             let want = batch.reference(&seqs, &value(&kh), &value(&vh), layout, 0.5);
             let o = GpuTensor::poisoned(ctx, &[batch.q_rows, qw]).unwrap();
             kf.attend(ctx, &up(ctx, &batch.q, &[batch.q_rows, qw]), &kc, &vc,
-                &Attention::upload_info(ctx, &batch.infos), &o, layout, 0.5).unwrap();
+                &Attention::upload_info(ctx, &batch.infos).soft_capped(batch.softcap), &o, layout, 0.5).unwrap();
             close(&o.download(ctx).unwrap(), &want, 1e-5, &format!("f16 attention, loop budget {}", ctx.loop_budget))?;
         }
     }
