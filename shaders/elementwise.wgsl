@@ -84,6 +84,17 @@ fn scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
     if (i < params.n) { a[i] *= bitcast<f32>(params.pad0); }
 }
 
+// a[i] = cap * tanh(a[i] / cap), cap = bitcast(params.pad0) (soft-capping); the argument held
+// to +-10, where tanh is 1 to f32's precision
+@compute @workgroup_size(256)
+fn soft_cap(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_id) lid: vec3<u32>) {
+    _ = arrayLength(&b);
+    let i = index(wid, nwg, lid);
+    let cap = bitcast<f32>(params.pad0);
+    if (i < params.n) { a[i] = cap * tanh(clamp(a[i] / cap, -10.0, 10.0)); }
+}
+
 // a[i] = b[i] (a copy, for measuring the device's memory bandwidth)
 @compute @workgroup_size(256)
 fn copy(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

@@ -308,3 +308,58 @@ fn compact_caches_agree_across_devices() {
         );
     }
 }
+
+#[test]
+fn soft_capped_logits_fold_as_capped_by_hand() {
+    on_every_device!(soft_capped_logits);
+}
+
+/// `fold_logits` with a soft-cap (Gemma 2's final logits, `cap * tanh(l / cap)`) against the
+/// capped logits folded on the host: every target's logprob and every argmax.
+fn soft_capped_logits<D: Device>(dev: D) {
+    use ferrogen::device::LogitState;
+    use ferrogen::internals::RowFormat;
+    let (rows, k, vocab) = (3usize, 8usize, 50usize);
+    let value =
+        |i: usize, salt: usize| (((i * 7919 + salt * 104_729) % 2003) as f32 / 100.0) - 10.0;
+    let w: Vec<f32> = (0..vocab * k).map(|i| value(i, 1) / 4.0).collect();
+    let x: Vec<f32> = (0..rows * k).map(|i| value(i, 2) / 10.0).collect();
+    let buffer = dev.buffer((w.len() * 4) as u64).unwrap();
+    dev.write_buffer(&buffer, 0, bytemuck::cast_slice(&w))
+        .unwrap();
+    let part = dev.part(RowFormat::F32 { k }, vocab, vec![buffer]).unwrap();
+    let xt = dev.upload(&x, rows, k).unwrap();
+    let targets: Vec<u32> = vec![3, 17, 49];
+    let cap = 5.0f32;
+    let mut states = vec![LogitState::EMPTY; rows];
+    dev.fold_logits(
+        &xt,
+        &[(part, 0)],
+        0..vocab,
+        Some(&targets),
+        Some(cap),
+        &mut states,
+    )
+    .unwrap();
+    for (r, st) in states.iter().enumerate() {
+        let logits: Vec<f64> = (0..vocab)
+            .map(|c| {
+                let l: f64 = (0..k)
+                    .map(|i| f64::from(x[r * k + i]) * f64::from(w[c * k + i]))
+                    .sum();
+                f64::from(cap) * (l / f64::from(cap)).tanh()
+            })
+            .collect();
+        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let log_z = max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+        let want = logits[targets[r] as usize] - log_z;
+        let got = f64::from(st.target_logprob());
+        assert!(
+            (got - want).abs() < 1e-4,
+            "{}: row {r}: {got} vs {want}",
+            dev.describe()
+        );
+        let best = logits.iter().position(|&l| l == max).unwrap() as u32;
+        assert_eq!(st.greedy().0, best, "{}: row {r}", dev.describe());
+    }
+}

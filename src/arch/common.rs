@@ -189,6 +189,10 @@ pub struct Runner<D: Device> {
     pub(super) rope: Option<Vec<f64>>,
     /// Keys a query sees, its own included, when every layer has a sliding window.
     pub(super) window: Option<usize>,
+    /// Attention scores soft-capped at this (Gemma 2).
+    pub(super) attn_softcap: Option<f32>,
+    /// Logits soft-capped at this (Gemma 2).
+    pub(super) logit_softcap: Option<f32>,
 }
 
 impl<D: Device> Runner<D> {
@@ -302,6 +306,7 @@ impl<D: Device> Runner<D> {
         if let Some(inv_freq) = &self.rope {
             host.rope = Some(rope_tables(&host.positions, inv_freq));
         }
+        host.softcap = self.attn_softcap;
         Ok(RowBatch {
             rows: host.ids.len(),
             dev: self.dev.rows(&host)?,
@@ -440,6 +445,7 @@ impl<D: Device> Runner<D> {
                 &output.parts,
                 cols.clone(),
                 targets.map(|t| &t[at.clone()]),
+                self.logit_softcap,
                 &mut states[at],
             )?;
         }
@@ -482,7 +488,11 @@ impl<D: Device> Runner<D> {
             .map(|(p, c)| (p.clone(), c - cols.start))
             .collect();
         let y = self.dev.linear(&h, &parts, cols.len())?;
-        self.dev.download(&y, 0..row_ids.len())
+        let mut logits = self.dev.download(&y, 0..row_ids.len())?;
+        if let Some(cap) = self.logit_softcap {
+            logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
+        }
+        Ok(logits)
     }
 
     /// The greedy token and its logprob per row of `row_ids` of `hidden`.

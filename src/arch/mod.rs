@@ -440,6 +440,8 @@ impl<D: Device> Runner<D> {
             heads: config.head_layout(),
             rope,
             window,
+            attn_softcap: None,
+            logit_softcap: None,
         }
     }
 

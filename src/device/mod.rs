@@ -381,14 +381,17 @@ pub trait Device: Clone + Send + Sync + 'static {
 
     /// Folds the logits `x W^T` of output columns `cols` into one state per row of `x`:
     /// `parts` are row ranges of `W` with their absolute first column, covering exactly
-    /// `cols`, and `targets` (absolute ids, one per row) say whose logit to keep. A device may
+    /// `cols`, and `targets` (absolute ids, one per row) say whose logit to keep; with
+    /// `softcap`, each logit `l` counts as `cap * tanh(l / cap)` (Gemma 2). A device may
     /// compute the logits a panel at a time, holding at most [`Device::logit_width`] per row.
+    #[allow(clippy::too_many_arguments)]
     fn fold_logits(
         &self,
         x: &Self::Tensor,
         parts: &[(Self::Part, usize)],
         cols: Range<usize>,
         targets: Option<&[u32]>,
+        softcap: Option<f32>,
         states: &mut [LogitState],
     ) -> Result<()>;
 

@@ -456,6 +456,7 @@ impl Device for WgpuDevice {
         parts: &[(Self::Part, usize)],
         cols: Range<usize>,
         targets: Option<&[u32]>,
+        softcap: Option<f32>,
         states: &mut [LogitState],
     ) -> Result<()> {
         let rows = self.dims(x)[0];
@@ -475,6 +476,9 @@ impl Device for WgpuDevice {
             .collect();
         let logits = self.linear(x, &rebased, cols.len())?;
         let ctx = self.context();
+        if let Some(cap) = softcap {
+            self.k().elementwise.soft_cap(ctx, &logits, cap)?;
+        }
         let relative: Vec<u32> = (0..rows)
             .map(|r| {
                 targets

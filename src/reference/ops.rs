@@ -165,7 +165,8 @@ pub fn causal_attention(
         scores *= scale;
         if let Some(cap) = softcap {
             // Gemma 2's soft-capping, in f64
-            scores.mapv_inplace(|s| (f64::from(cap) * (f64::from(s) / f64::from(cap)).tanh()) as f32);
+            scores
+                .mapv_inplace(|s| (f64::from(cap) * (f64::from(s) / f64::from(cap)).tanh()) as f32);
         }
         for (i, mut row) in scores.axis_iter_mut(Axis(0)).enumerate() {
             // softmax over the visible keys 0..=past+i (the last `window` of them when the

@@ -613,6 +613,7 @@ impl Device for CpuDevice {
         parts: &[(CpuPart, usize)],
         cols: Range<usize>,
         targets: Option<&[u32]>,
+        softcap: Option<f32>,
         states: &mut [LogitState],
     ) -> Result<()> {
         let (m, k) = (x.rows, x.width);
@@ -656,6 +657,9 @@ impl Device for CpuDevice {
                     let rows = w.slice(a - col..b - col);
                     matmul::linear_into(&self.pool, &rows, &xd, m, logits, width, a - p0);
                 }
+            }
+            if let Some(cap) = softcap {
+                logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
             }
             self.pool.install(|| {
                 states

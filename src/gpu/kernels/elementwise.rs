@@ -24,12 +24,14 @@ pub enum Op {
     GeluTanhMul,
     /// `a *= s`.
     Scale,
+    /// `a = cap * tanh(a / cap)`.
+    SoftCap,
     /// `a = b`.
     Copy,
 }
 
 impl Op {
-    const ALL: [Op; 8] = [
+    const ALL: [Op; 9] = [
         Op::Add,
         Op::AddBias,
         Op::Relu,
@@ -37,6 +39,7 @@ impl Op {
         Op::SiluMul,
         Op::GeluTanhMul,
         Op::Scale,
+        Op::SoftCap,
         Op::Copy,
     ];
     fn entry(self) -> &'static str {
@@ -48,6 +51,7 @@ impl Op {
             Op::SiluMul => "silu_mul",
             Op::GeluTanhMul => "gelu_tanh_mul",
             Op::Scale => "scale",
+            Op::SoftCap => "soft_cap",
             Op::Copy => "copy",
         }
     }
@@ -93,7 +97,7 @@ impl Elementwise {
             }
             Op::AddBias if b.numel() > 0 && n.is_multiple_of(b.numel()) => {}
             Op::AddBias => expect_len(b, n, "bias")?,
-            Op::Relu | Op::Gelu | Op::Scale => {
+            Op::Relu | Op::Gelu | Op::Scale | Op::SoftCap => {
                 return Err(crate::error::Error::invalid(
                     "element-wise",
                     format!("{op:?} takes one operand"),
@@ -105,15 +109,25 @@ impl Elementwise {
 
     /// `a *= s` in place.
     pub fn scale(&self, ctx: &GpuContext, a: &GpuTensor, s: f32) -> Result<()> {
+        self.with_constant(ctx, Op::Scale, a, s)
+    }
+
+    /// `a = cap * tanh(a / cap)` in place (soft-capping).
+    pub fn soft_cap(&self, ctx: &GpuContext, a: &GpuTensor, cap: f32) -> Result<()> {
+        self.with_constant(ctx, Op::SoftCap, a, cap)
+    }
+
+    /// A unary `op` with one constant (in the parameters' third word).
+    fn with_constant(&self, ctx: &GpuContext, op: Op, a: &GpuTensor, c: f32) -> Result<()> {
         let n = a.numel();
         if n == 0 {
             return Ok(());
         }
-        let index = Op::ALL.iter().position(|o| *o == Op::Scale).unwrap_or(0);
+        let index = Op::ALL.iter().position(|o| *o == op).unwrap_or(0);
         self.pipelines[index].dispatch(
             ctx,
             &[&a.buffer, &self.dummy.buffer],
-            &[n as u32, 0, s.to_bits()],
+            &[n as u32, 0, c.to_bits()],
             grid(n.div_ceil(256)),
         );
         Ok(())

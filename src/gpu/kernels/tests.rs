@@ -270,9 +270,11 @@ proptest! {
         let bias = random(width, seed ^ 3);
         // GeGLU sees gates up to +-12, where tanh saturates
         let wide: Vec<f32> = a.iter().map(|x| x * 12.0).collect();
-        for op in [Op::Add, Op::AddBias, Op::Relu, Op::Gelu, Op::SiluMul, Op::GeluTanhMul, Op::Scale, Op::Copy] {
-            let at = up(ctx, if op == Op::GeluTanhMul { &wide } else { &a }, &[n]);
+        for op in [Op::Add, Op::AddBias, Op::Relu, Op::Gelu, Op::SiluMul, Op::GeluTanhMul, Op::Scale, Op::SoftCap, Op::Copy] {
+            let widened = matches!(op, Op::GeluTanhMul | Op::SoftCap);
+            let at = up(ctx, if widened { &wide } else { &a }, &[n]);
             let want: Vec<f32> = match op {
+                Op::SoftCap => wide.iter().map(|&x| (3.0 * (f64::from(x) / 3.0).tanh()) as f32).collect(),
                 Op::Scale => a.iter().map(|x| x * -0.37).collect(),
                 Op::GeluTanhMul => {
                     let mut g = Array2::from_shape_vec((1, n), wide.clone()).unwrap();
@@ -295,11 +297,12 @@ proptest! {
             };
             match op {
                 Op::Scale => ew.scale(ctx, &at, -0.37).unwrap(),
+                Op::SoftCap => ew.soft_cap(ctx, &at, 3.0).unwrap(),
                 Op::Relu | Op::Gelu => ew.unary(ctx, op, &at).unwrap(),
                 Op::AddBias => ew.binary(ctx, op, &at, &up(ctx, &bias, &[width])).unwrap(),
                 _ => ew.binary(ctx, op, &at, &up(ctx, &b, &[n])).unwrap(),
             }
-            let tolerance = if op == Op::GeluTanhMul { 1e-5 } else { 1e-6 };
+            let tolerance = if widened { 1e-5 } else { 1e-6 };
             close(&at.download(ctx).unwrap(), &want, tolerance, &format!("{op:?}"))?;
         }
     }
