@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Golden fixtures from Hugging Face transformers: tiny random checkpoints of each architecture
-(OPT; Llama, Llama 3 RoPE scaling, Mistral with a sliding window, Qwen2, Qwen3, Phi-3).
+(OPT; Llama, Llama 3 RoPE scaling, Mistral with a sliding window, Qwen2, Qwen3, Phi-3,
+Gemma 2, Gemma 3).
 
 For each model this writes <out>/<name>/ with config.json, *.safetensors (some sharded, some in
 f16 or bf16), sometimes a tokenizer.json, and expected.json holding, computed in float64 from the
@@ -26,7 +27,8 @@ import random
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
+                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           OPTConfig, OPTForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
@@ -58,16 +60,20 @@ def build_tokenizer(path):
 
 
 def scale_weights(model, gen):
+    # Gemma's norms multiply by 1 + w: its weights are drawn around 0, the others' around 1
+    norm_center = 0.0 if model.config.model_type.startswith("gemma") else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1 and ("norm" in name or "layer_norm" in name) and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+                p.copy_(norm_center + 0.2 * torch.randn(p.shape, generator=gen))
             elif p.dim() == 1:
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
             elif "embed_positions" in name:
                 p.copy_(0.5 * torch.randn(p.shape, generator=gen))
             elif "embed_tokens" in name or "lm_head" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
+                # (Gemma scales its embedding by sqrt(hidden) and ties it to the output)
+                spread = 0.25 if norm_center == 0.0 else 1.0
+                p.copy_(spread * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
 
@@ -151,7 +157,7 @@ def fixed_models():
             rope_theta=10000.0, rope_scaling={
                 "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
-            tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
+            tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
          LlamaForCausalLM, torch.float32, {}),
         # a window of 8 keys, shorter than the 17- and 40-token sequences
         ("mistral-window", MistralConfig(
@@ -163,7 +169,7 @@ def fixed_models():
         ("qwen2-bias", Qwen2Config(
             vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            rope_theta=1e6, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
+            rope_theta=1e6, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
          Qwen2ForCausalLM, torch.float32, dict(tokenizer=True)),
         ("qwen3-qknorm", Qwen3Config(
             vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -178,6 +184,25 @@ def fixed_models():
             sliding_window=12, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
             pad_token_id=0),
          Phi3ForCausalLM, torch.float16, {}),
+        # local and global layers in turn (a window of 8), soft-caps low enough to bite, and a
+        # query scalar that is not the head width
+        ("gemma2-softcap", Gemma2Config(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=64, sliding_window=8, query_pre_attn_scalar=24,
+            attn_logit_softcapping=2.0, final_logit_softcapping=5.0, bos_token_id=0,
+            eos_token_id=0, pad_token_id=0),
+         Gemma2ForCausalLM, torch.float32, {}),
+        # five local layers (a window of 8, RoPE base 10^4) to one global (10^6, linear x8)
+        ("gemma3-local-global", Gemma3TextConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=64, sliding_window=8, query_pre_attn_scalar=16,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+            bos_token_id=0, eos_token_id=0, pad_token_id=0),
+         Gemma3ForCausalLM, torch.bfloat16, {}),
     ]
 
 

@@ -20,7 +20,9 @@ The models:
     `rope_freqs.weight` factors), Q4_K_M;
   - qwen2-bpe: Qwen2 (q/k/v biases, `qwen2` pre-tokenizer), Q4_K_M;
   - qwen3-bpe: Qwen3 (q/k norms), Q4_K_M;
-  - phi3-spm: Phi-3 (fused qkv and gate_up, a window of 8), SentencePiece, Q4_K_M.
+  - phi3-spm: Phi-3 (fused qkv and gate_up, a window of 8), SentencePiece, Q4_K_M;
+  - gemma2-spm, gemma3-spm: Gemma 2 (soft-caps, local and global layers) and Gemma 3 (q/k norms,
+    local layers), SentencePiece read as Gemma's, Q4_K_M.
 
 Usage: python3 scripts/make_gguf_fixtures.py [--llama-cpp DIR] [--out tests/fixtures/gguf]
 Needs: pip install torch transformers gguf sentencepiece, and llama.cpp's converter and
@@ -38,7 +40,9 @@ import tempfile
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gemma2Config,
+                          Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
+                          LlamaConfig, LlamaForCausalLM,
                           Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 CORPUS = [
@@ -91,6 +95,11 @@ ROLE_TAGS = (
     "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+GEMMA_TURNS = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
 CHAT = [
     {"role": "user", "content": "  What is 12 x 7?  "},
     {"role": "assistant", "content": "84 — ganz einfach."},
@@ -133,14 +142,18 @@ def spm_tokenizer(d, chat_template, vocab=512):
 
 
 def scale_weights(model, gen):
+    # Gemma's norms multiply by 1 + w (drawn around 0), and it scales its embedding by
+    # sqrt(hidden) (drawn that much smaller)
+    gemma = model.config.model_type.startswith("gemma")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1 and "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+                p.copy_((0.0 if gemma else 1.0) + 0.2 * torch.randn(p.shape, generator=gen))
             elif p.dim() == 1:
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
             elif "embed_tokens" in name or "lm_head" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
+                spread = 1.0 / math.sqrt(p.shape[1]) if gemma else 1.0
+                p.copy_(spread * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
 
@@ -233,6 +246,20 @@ def models_():
                                **dict(shape, num_attention_heads=2, num_key_value_heads=1,
                                       head_dim=128)),
          ["Q4_K_M"]),
+        # local then global layer (a window of 8), soft-caps, a query scalar of the head width
+        # (what llama.cpp assumes below 27B)
+        ("gemma2-spm", "spm", None, GEMMA_TURNS, CHAT, Gemma2ForCausalLM,
+         lambda v: Gemma2Config(vocab_size=v, num_hidden_layers=2, head_dim=64,
+                                query_pre_attn_scalar=64, sliding_window=8,
+                                attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                pad_token_id=0, **shape),
+         ["Q4_K_M"]),
+        # two local layers (a window of 8), q/k norms
+        ("gemma3-spm", "spm", None, GEMMA_TURNS, CHAT, Gemma3ForCausalLM,
+         lambda v: Gemma3TextConfig(vocab_size=v, num_hidden_layers=2, head_dim=64,
+                                    query_pre_attn_scalar=64, sliding_window=8, pad_token_id=0,
+                                    **shape),
+         ["Q4_K_M"]),
         ("phi3-spm", "spm", None, ROLE_TAGS, CHAT_WITH_SYSTEM, Phi3ForCausalLM,
          lambda v: Phi3Config(vocab_size=v, num_hidden_layers=1, tie_word_embeddings=False,
                               sliding_window=8, pad_token_id=0, **shape),
@@ -260,8 +287,11 @@ def main():
             overrides = {}
             if hf_config.rope_parameters.get("rope_type", "default") != "default":
                 overrides["rope_parameters"] = hf_config.rope_parameters
-            if getattr(hf_config, "sliding_window", None):
-                overrides["sliding_window"] = hf_config.sliding_window
+            # (transformers' GGUF reader takes Gemma's defaults for these)
+            for key in ["sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping",
+                        "final_logit_softcapping"]:
+                if getattr(hf_config, key, None):
+                    overrides[key] = getattr(hf_config, key)
             model = cls(hf_config).float()
             scale_weights(model, gen)
             model.save_pretrained(hf, safe_serialization=True)

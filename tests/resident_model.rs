@@ -112,6 +112,13 @@ fn compressed_weights_match<D: Device>(dev: D) {
     let on = dev.describe();
     for name in FIXTURES {
         let files = ModelFiles::open(&fixture_dir(name)).unwrap();
+        let parts = files.parts();
+        if parts.output.name == parts.embedding.name {
+            // a tied output projection runs as Q8_0 while the lookups read the f32 table;
+            // the reference has one table for both, so it cannot mirror that (the engine
+            // tests compare such runs with the resident model on the same device instead)
+            continue;
+        }
         let gpu = load(&dev, &files, WeightFormat::Group4);
         let source = Group4Weights(files.weights.as_ref());
         let reference = ReferenceModel::from_source(&files.config, &source).unwrap();

@@ -35,6 +35,9 @@ pub struct Linear<D: Device> {
 /// this model lacks (OPT's `project_in`), so that positions keep their meaning.
 #[derive(Debug, Clone, Default)]
 pub struct PartSpec {
+    /// An attention part whose rows see only the model's sliding window of keys, rotated by
+    /// its local RoPE ([`LocalAttention`]): Gemma's local layers, every layer of Mistral.
+    pub sliding: bool,
     /// Small tensors, resident.
     pub vectors: Vec<Option<TensorSpec>>,
     /// Linear weights and their biases, placed by rows over the tiers.
@@ -51,6 +54,8 @@ impl PartSpec {
 /// A [`PartSpec`]'s tensors on a device: the same order, the same gaps.
 #[derive(Clone)]
 pub struct PartWeights<D: Device> {
+    /// As [`PartSpec::sliding`].
+    pub sliding: bool,
     /// Small tensors (`[1, n]` vectors or `[rows, width]` tables).
     pub vectors: Vec<Option<D::Tensor>>,
     /// Linear layers.
@@ -163,6 +168,29 @@ pub struct RowBatch<D: Device> {
     pub appends: Vec<(usize, usize, usize)>,
     /// The device side.
     pub dev: D::Rows,
+    /// The same rows as sliding-window layers see them ([`LocalAttention`]), when the model
+    /// has such layers.
+    pub local: Option<Box<RowBatch<D>>>,
+}
+
+impl<D: Device> RowBatch<D> {
+    /// The rows as `part` attends with them: the local ones for a sliding-window layer.
+    pub fn for_part(&self, part: &PartWeights<D>) -> &RowBatch<D> {
+        match (&self.local, part.sliding) {
+            (Some(local), true) => local,
+            _ => self,
+        }
+    }
+}
+
+/// How a model's sliding-window layers attend: a query sees its own key and the `window - 1`
+/// before it, rotated by `inv_freq` (Gemma 3's local RoPE base) or by the model's RoPE.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalAttention {
+    /// Keys a query sees, its own included.
+    pub window: usize,
+    /// RoPE's inverse frequencies on these layers (`None`: the model's own).
+    pub inv_freq: Option<Vec<f64>>,
 }
 
 /// A model's recipe on a device: the configuration, options and sizes. The machinery every
@@ -187,8 +215,8 @@ pub struct Runner<D: Device> {
     /// RoPE's inverse frequencies when the architecture rotates queries and keys (`None`:
     /// learned or no positions).
     pub(super) rope: Option<Vec<f64>>,
-    /// Keys a query sees, its own included, when every layer has a sliding window.
-    pub(super) window: Option<usize>,
+    /// How sliding-window layers attend, when the model has them.
+    pub(super) local: Option<LocalAttention>,
     /// Attention scores soft-capped at this (Gemma 2).
     pub(super) attn_softcap: Option<f32>,
     /// Logits soft-capped at this (Gemma 2).
@@ -273,36 +301,28 @@ impl<D: Device> Runner<D> {
                 }
                 host.ids.push(t);
                 host.positions.push(position as u32);
-                let mut info = RowInfo {
+                host.infos.push(RowInfo {
                     first: slot.first as u32,
                     visible: (slot.filled + i + 1) as u32,
                     skip_from: skip.start as u32,
                     skip_to: skip.end as u32,
-                };
-                if let Some(window) = self.window {
-                    // a sliding window: the keys before `visible - window` are out of sight
-                    let cut = info.visible.saturating_sub(window as u32);
-                    if cut > 0 && !skip.is_empty() {
-                        return Err(Error::NotBuilt {
-                            what: "prefix groups with a sliding window".into(),
-                        });
-                    }
-                    if cut > 0 {
-                        (info.skip_from, info.skip_to) = (0, cut);
-                    }
-                }
-                host.infos.push(info);
+                });
             }
         }
         self.finish_rows(host, appends)
     }
 
-    /// Adds the RoPE tables and the device side.
+    /// Adds the RoPE tables and the device side, and the rows as sliding-window layers see
+    /// them.
     fn finish_rows(
         &self,
         mut host: HostRows,
         appends: Vec<(usize, usize, usize)>,
     ) -> Result<RowBatch<D>> {
+        let local = match &self.local {
+            Some(l) => Some(Box::new(self.local_rows(l, &host, appends.clone())?)),
+            None => None,
+        };
         if let Some(inv_freq) = &self.rope {
             host.rope = Some(rope_tables(&host.positions, inv_freq));
         }
@@ -312,6 +332,40 @@ impl<D: Device> Runner<D> {
             dev: self.dev.rows(&host)?,
             host,
             appends,
+            local,
+        })
+    }
+
+    /// The rows of `global` as a sliding-window layer sees them: the keys before
+    /// `visible - window` out of sight, rotated by the layer's RoPE.
+    fn local_rows(
+        &self,
+        local: &LocalAttention,
+        global: &HostRows,
+        appends: Vec<(usize, usize, usize)>,
+    ) -> Result<RowBatch<D>> {
+        let mut host = global.clone();
+        for info in &mut host.infos {
+            let cut = info.visible.saturating_sub(local.window as u32);
+            if cut > 0 && info.skip_from < info.skip_to {
+                return Err(Error::NotBuilt {
+                    what: "prefix groups with a sliding window".into(),
+                });
+            }
+            if cut > 0 {
+                (info.skip_from, info.skip_to) = (0, cut);
+            }
+        }
+        if let Some(inv_freq) = local.inv_freq.as_ref().or(self.rope.as_ref()) {
+            host.rope = Some(rope_tables(&host.positions, inv_freq));
+        }
+        host.softcap = self.attn_softcap;
+        Ok(RowBatch {
+            rows: host.ids.len(),
+            dev: self.dev.rows(&host)?,
+            host,
+            appends,
+            local: None,
         })
     }
 

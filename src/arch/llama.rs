@@ -186,7 +186,7 @@ pub(super) fn set_family(value: &mut serde_json::Value, model_type: &str) {
 }
 
 /// Accepts `2`, `[2, 3]` or `null` for a token id.
-fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+pub(super) fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum OneOrMany {
@@ -778,12 +778,15 @@ pub(super) fn parts(c: &LlamaConfig) -> ModelParts {
     let s = LlamaSpec::new(c);
     let lin = |t: &TensorSpec, bias: bool| Some((t.clone(), bias.then(|| bias_of(t))));
     let (qkv, o, mlp) = (c.qkv_bias(), c.attention_bias, c.mlp_bias);
+    // a window is on every layer or on none (validation refuses the rest)
+    let sliding = c.attention_window().is_some();
     let layers = s
         .layers
         .iter()
         .map(|l| {
             [
                 PartSpec {
+                    sliding,
                     vectors: vec![
                         Some(l.input_layernorm.clone()),
                         l.q_norm.clone(),
@@ -797,6 +800,7 @@ pub(super) fn parts(c: &LlamaConfig) -> ModelParts {
                     ],
                 },
                 PartSpec {
+                    sliding: false,
                     vectors: vec![Some(l.post_attention_layernorm.clone())],
                     linears: vec![
                         lin(&l.gate_proj, mlp),
@@ -811,6 +815,7 @@ pub(super) fn parts(c: &LlamaConfig) -> ModelParts {
         input: PartSpec::default(),
         layers,
         head: PartSpec {
+            sliding: false,
             vectors: vec![Some(s.norm.clone())],
             linears: Vec::new(),
         },

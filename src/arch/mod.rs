@@ -10,18 +10,21 @@
 
 pub mod builtin;
 mod common;
+pub(crate) mod gemma;
 pub(crate) mod llama;
 pub(crate) mod opt;
 pub mod random;
 
 pub use common::{
-    CacheSlot, Linear, ModelParts, PartSpec, PartWeights, RowBatch, Runner, UnitWeights,
+    CacheSlot, Linear, LocalAttention, ModelParts, PartSpec, PartWeights, RowBatch, Runner,
+    UnitWeights,
 };
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use gemma::GemmaConfig;
 pub use llama::LlamaConfig;
 pub use opt::OptConfig;
 
@@ -43,6 +46,8 @@ pub enum ModelConfig {
     /// The Llama family (Llama 2/3, SmolLM, TinyLlama, ...) and those built alike: Mistral,
     /// Qwen2/2.5 and Qwen3 (`LlamaConfig::family`).
     Llama(LlamaConfig),
+    /// Gemma 2 and Gemma 3 (text).
+    Gemma(GemmaConfig),
 }
 
 /// Everything a model path holds: configuration, weights, and (when present) a tokenizer.
@@ -79,6 +84,14 @@ impl ModelFiles {
             &dir.join("config.json"),
         )?;
         let weights = config.split_fused(Box::new(weights))?;
+        // Gemma's RMSNorms multiply by 1 + w: its checkpoints store w (its GGUFs 1 + w)
+        let weights: Box<dyn WeightSource> = match &config {
+            ModelConfig::Gemma(c) => Box::new(crate::model::ShiftedNorms::new(
+                weights,
+                gemma::GemmaSpec::new(c).norms(),
+            )),
+            _ => weights,
+        };
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = if tokenizer_path.exists() {
             TextTokenizer::from_file(&tokenizer_path).map_err(|e| e.to_string())
@@ -241,12 +254,26 @@ impl ModelConfig {
                 llama::set_family(&mut value, &model_type);
                 serde_json::from_value(value).map(ModelConfig::Llama)
             }
+            "gemma2" | "gemma3_text" => {
+                gemma::lift_gemma_rope(&mut value, &model_type);
+                serde_json::from_value(value).map(ModelConfig::Gemma)
+            }
+            "gemma3" => {
+                return Err(Error::Unsupported {
+                    what: format!(
+                        "{}: the multimodal Gemma 3 checkpoint (use its text model, \
+                         `gemma3_text`, or its GGUF)",
+                        path.display()
+                    ),
+                })
+            }
             other => {
                 return Err(Error::Unsupported {
                     what: format!(
-                    "{}: model_type `{other}` (supported: opt, llama, mistral, qwen2, qwen3, phi3)",
-                    path.display()
-                ),
+                        "{}: model_type `{other}` (supported: opt, llama, mistral, qwen2, qwen3, \
+                         phi3, gemma2, gemma3_text)",
+                        path.display()
+                    ),
                 })
             }
         }
@@ -267,6 +294,7 @@ impl ModelConfig {
             "llama" | "qwen2" | "qwen3" | "phi3" => {
                 ModelConfig::Llama(llama::from_gguf(file, arch)?)
             }
+            "gemma2" | "gemma3" => ModelConfig::Gemma(gemma::from_gguf(file, arch)?),
             other => {
                 return Err(Error::Unsupported {
                     what: format!("{}: GGUF architecture `{other}`", path.display()),
@@ -298,6 +326,7 @@ impl ModelConfig {
     pub fn gguf_weights(&self, file: GgufFile) -> Result<GgufWeights> {
         match self {
             ModelConfig::Llama(c) => Ok(GgufWeights::new(file, |g| llama::gguf_tensor_name(g, c))),
+            ModelConfig::Gemma(_) => Ok(GgufWeights::new(file, gemma::gguf_tensor_name)),
             ModelConfig::Opt(_) => Err(Error::Unsupported {
                 what: format!("{}: GGUF for a non-llama model", file.path().display()),
             }),
@@ -309,7 +338,7 @@ impl ModelConfig {
     pub fn split_fused(&self, weights: Box<dyn WeightSource>) -> Result<Box<dyn WeightSource>> {
         let cuts = match self {
             ModelConfig::Llama(c) => llama::fused_cuts(c),
-            ModelConfig::Opt(_) => Vec::new(),
+            ModelConfig::Opt(_) | ModelConfig::Gemma(_) => Vec::new(),
         };
         if cuts.is_empty() {
             return Ok(weights);
@@ -322,6 +351,7 @@ impl ModelConfig {
     pub fn validate(&self, path: &Path) -> Result<()> {
         match self {
             ModelConfig::Opt(c) => c.validate(path),
+            ModelConfig::Gemma(c) => c.validate(path),
             ModelConfig::Llama(c) => c.validate(path),
         }
     }
@@ -332,6 +362,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(c) => llama::parts(c),
             ModelConfig::Opt(c) => opt::parts(c, source.map_or("model.", opt::prefix)),
+            ModelConfig::Gemma(c) => gemma::parts(c),
         }
     }
 
@@ -340,6 +371,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(c) => llama::head_layout(c),
             ModelConfig::Opt(c) => opt::head_layout(c),
+            ModelConfig::Gemma(c) => gemma::head_layout(c),
         }
     }
 
@@ -348,6 +380,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(c) => llama::shape(c),
             ModelConfig::Opt(c) => opt::shape(c),
+            ModelConfig::Gemma(c) => gemma::shape(c),
         }
     }
 
@@ -355,6 +388,9 @@ impl ModelConfig {
     pub fn attention_window(&self) -> Option<usize> {
         match self {
             ModelConfig::Llama(c) => c.attention_window(),
+            ModelConfig::Gemma(c) => c
+                .sliding_window
+                .filter(|_| (0..c.num_hidden_layers).any(|l| c.is_local(l))),
             ModelConfig::Opt(_) => None,
         }
     }
@@ -363,6 +399,7 @@ impl ModelConfig {
     pub fn vocab_size(&self) -> usize {
         match self {
             ModelConfig::Opt(c) => c.vocab_size,
+            ModelConfig::Gemma(c) => c.vocab_size,
             ModelConfig::Llama(c) => c.vocab_size,
         }
     }
@@ -372,6 +409,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Opt(c) => c.hidden_size,
             ModelConfig::Llama(c) => c.hidden_size,
+            ModelConfig::Gemma(c) => c.hidden_size,
         }
     }
 
@@ -379,6 +417,7 @@ impl ModelConfig {
     pub fn num_layers(&self) -> usize {
         match self {
             ModelConfig::Opt(c) => c.num_hidden_layers,
+            ModelConfig::Gemma(c) => c.num_hidden_layers,
             ModelConfig::Llama(c) => c.num_hidden_layers,
         }
     }
@@ -387,6 +426,7 @@ impl ModelConfig {
     pub fn max_context(&self) -> usize {
         match self {
             ModelConfig::Opt(c) => c.max_position_embeddings,
+            ModelConfig::Gemma(c) => c.max_position_embeddings,
             ModelConfig::Llama(c) => c.max_position_embeddings,
         }
     }
@@ -395,6 +435,7 @@ impl ModelConfig {
     pub fn intermediate_size(&self) -> usize {
         match self {
             ModelConfig::Opt(c) => c.ffn_dim,
+            ModelConfig::Gemma(c) => c.intermediate_size,
             ModelConfig::Llama(c) => c.intermediate_size,
         }
     }
@@ -404,6 +445,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Opt(c) => c.hidden_size,
             ModelConfig::Llama(c) => c.kv_heads() * c.head_dim(),
+            ModelConfig::Gemma(c) => c.kv_heads() * c.head_dim,
         }
     }
 
@@ -411,6 +453,7 @@ impl ModelConfig {
     pub fn bos_token_id(&self) -> Option<u32> {
         match self {
             ModelConfig::Opt(c) => c.bos_token_id,
+            ModelConfig::Gemma(c) => c.bos_token_id,
             ModelConfig::Llama(c) => c.bos_token_id,
         }
     }
@@ -419,6 +462,7 @@ impl ModelConfig {
     pub fn eos_token_id(&self) -> Option<u32> {
         match self {
             ModelConfig::Opt(c) => c.eos_token_id,
+            ModelConfig::Gemma(c) => c.eos_token_id,
             ModelConfig::Llama(c) => c.eos_token_id,
         }
     }
@@ -427,9 +471,29 @@ impl ModelConfig {
 impl<D: Device> Runner<D> {
     /// The recipe of `config` on `dev`.
     pub fn new(dev: D, config: &ModelConfig, options: RunOptions) -> Self {
-        let (rope, window) = match config {
-            ModelConfig::Llama(c) => (Some(c.rope_inv_freq()), c.attention_window()),
+        let (rope, local) = match config {
+            ModelConfig::Llama(c) => (
+                Some(c.rope_inv_freq()),
+                c.attention_window().map(|window| LocalAttention {
+                    window,
+                    inv_freq: None,
+                }),
+            ),
+            ModelConfig::Gemma(c) => (
+                Some(c.rope_inv_freq()),
+                c.sliding_window.map(|window| LocalAttention {
+                    window,
+                    inv_freq: Some(c.local_inv_freq()),
+                }),
+            ),
             ModelConfig::Opt(_) => (None, None),
+        };
+        let (attn_softcap, logit_softcap) = match config {
+            ModelConfig::Gemma(c) => (
+                c.attn_logit_softcapping.map(|v| v as f32),
+                c.final_logit_softcapping.map(|v| v as f32),
+            ),
+            _ => (None, None),
         };
         Self {
             dev,
@@ -439,9 +503,9 @@ impl<D: Device> Runner<D> {
             chunk_rows: CHUNK_ROWS,
             heads: config.head_layout(),
             rope,
-            window,
-            attn_softcap: None,
-            logit_softcap: None,
+            local,
+            attn_softcap,
+            logit_softcap,
         }
     }
 
@@ -450,6 +514,7 @@ impl<D: Device> Runner<D> {
         match &self.config {
             ModelConfig::Llama(_) => Ok(e),
             ModelConfig::Opt(_) => opt::input(self, w, e, rb),
+            ModelConfig::Gemma(c) => gemma::input(self, c, e),
         }
     }
 
@@ -470,7 +535,7 @@ impl<D: Device> Runner<D> {
                 sub = self.chunk(rb, range)?;
                 &sub
             };
-            self.attention_with(w, xc, rows, |q, k, v| {
+            self.attention_with(w, xc, rows, |rows, q, k, v| {
                 self.dev
                     .attend(cache, &rows.dev, &rows.appends, q, k, v, self.heads)
             })
@@ -485,11 +550,14 @@ impl<D: Device> Runner<D> {
         w: &PartWeights<D>,
         x: D::Tensor,
         rb: &RowBatch<D>,
-        attend: impl FnOnce(&D::Tensor, &D::Tensor, &D::Tensor) -> Result<D::Tensor>,
+        attend: impl FnOnce(&RowBatch<D>, &D::Tensor, &D::Tensor, &D::Tensor) -> Result<D::Tensor>,
     ) -> Result<D::Tensor> {
+        let rb = rb.for_part(w);
+        let attend = |q: &D::Tensor, k: &D::Tensor, v: &D::Tensor| attend(rb, q, k, v);
         match &self.config {
             ModelConfig::Llama(c) => llama::attention(self, c, w, x, rb, attend),
             ModelConfig::Opt(c) => opt::attention(self, c, w, x, attend),
+            ModelConfig::Gemma(c) => gemma::attention(self, c, w, x, rb, attend),
         }
     }
 
@@ -498,6 +566,7 @@ impl<D: Device> Runner<D> {
         self.by_chunks(x, |xc, _| match &self.config {
             ModelConfig::Llama(c) => llama::mlp(self, c, w, xc),
             ModelConfig::Opt(c) => opt::mlp(self, c, w, xc),
+            ModelConfig::Gemma(c) => gemma::mlp(self, c, w, xc),
         })
     }
 
@@ -506,6 +575,7 @@ impl<D: Device> Runner<D> {
         self.by_chunks(x, |xc, _| match &self.config {
             ModelConfig::Llama(c) => llama::head(self, c, w, xc),
             ModelConfig::Opt(_) => opt::head(self, w, xc),
+            ModelConfig::Gemma(c) => gemma::head(self, c, w, xc),
         })
     }
 }

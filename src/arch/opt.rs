@@ -261,6 +261,7 @@ pub(super) fn parts(c: &OptConfig, prefix: &str) -> ModelParts {
         .map(|l| {
             [
                 PartSpec {
+                    sliding: false,
                     vectors: norm(Some(&l.self_attn_layer_norm)),
                     linears: vec![
                         lin(&l.q_proj),
@@ -270,6 +271,7 @@ pub(super) fn parts(c: &OptConfig, prefix: &str) -> ModelParts {
                     ],
                 },
                 PartSpec {
+                    sliding: false,
                     vectors: norm(Some(&l.final_layer_norm)),
                     linears: vec![lin(&l.fc1), lin(&l.fc2)],
                 },
@@ -278,11 +280,13 @@ pub(super) fn parts(c: &OptConfig, prefix: &str) -> ModelParts {
         .collect();
     ModelParts {
         input: PartSpec {
+            sliding: false,
             vectors: vec![Some(s.embed_positions.clone())],
             linears: vec![s.project_in.clone().map(|w| (w, None))],
         },
         layers,
         head: PartSpec {
+            sliding: false,
             vectors: norm(s.final_layer_norm.as_ref()),
             linears: vec![s.project_out.clone().map(|w| (w, None))],
         },

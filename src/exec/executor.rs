@@ -579,16 +579,16 @@ impl<D: Device> BlockState<'_, D> {
                     let cell = cache
                         .as_deref_mut()
                         .ok_or_else(|| Error::invalid("executor", "no cache"))?;
-                    r.attention_with(w, x.clone(), &rb, |q, k, v| {
-                        self.cpu_attention(cell, &rb, [q, k, v])
+                    r.attention_with(w, x.clone(), &rb, |rows, q, k, v| {
+                        self.cpu_attention(cell, rows, [q, k, v])
                     })?
                 }
                 UnitWeights::Layer(a, m) if delegated => {
                     let cell = cache
                         .as_deref_mut()
                         .ok_or_else(|| Error::invalid("executor", "no cache"))?;
-                    let y = r.attention_with(a, x.clone(), &rb, |q, k, v| {
-                        self.cpu_attention(cell, &rb, [q, k, v])
+                    let y = r.attention_with(a, x.clone(), &rb, |rows, q, k, v| {
+                        self.cpu_attention(cell, rows, [q, k, v])
                     })?;
                     r.mlp(m, y)?
                 }

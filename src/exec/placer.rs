@@ -157,7 +157,11 @@ impl<D: Device> Placer<'_, D> {
                     .transpose()
             })
             .collect::<Result<_>>()?;
-        Ok(PartWeights { vectors, linears })
+        Ok(PartWeights {
+            sliding: spec.sliding,
+            vectors,
+            linears,
+        })
     }
 
     /// The units in schedule order: their linear weights and resident templates, and the

@@ -12,7 +12,7 @@ pub mod weights;
 use std::path::Path;
 
 pub use chat::{ChatMessage, ChatTemplate};
-pub use split::{RowCut, RowSplit};
+pub use split::{RowCut, RowSplit, ShiftedNorms};
 pub use tokenizer::TextTokenizer;
 pub use weights::{DType, TensorInfo, WeightSource};
 

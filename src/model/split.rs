@@ -123,3 +123,61 @@ impl WeightSource for RowSplit {
         }
     }
 }
+
+/// A weight source whose named 1-D tensors read as `1 + w`, in f32: Gemma's RMSNorm weights
+/// as its Hugging Face checkpoints store them (`w`), seen as its GGUF files store them and as
+/// the recipe multiplies by them (`1 + w`).
+pub struct ShiftedNorms {
+    inner: Box<dyn WeightSource>,
+    names: std::collections::BTreeSet<String>,
+}
+
+impl ShiftedNorms {
+    /// `inner` with each of `names` read as one plus its values.
+    pub fn new(inner: Box<dyn WeightSource>, names: Vec<String>) -> Self {
+        Self {
+            inner,
+            names: names.into_iter().collect(),
+        }
+    }
+}
+
+impl WeightSource for ShiftedNorms {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.inner.names()
+    }
+
+    fn info(&self, name: &str) -> Option<TensorInfo> {
+        let mut info = self.inner.info(name)?;
+        if self.names.contains(name) {
+            info.dtype = super::DType::F32;
+        }
+        Some(info)
+    }
+
+    fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
+        if !self.names.contains(name) {
+            return self.inner.bytes(name);
+        }
+        let info = self.inner.info(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path().to_path_buf(),
+            name: name.to_string(),
+        })?;
+        let raw = self.inner.bytes(name)?;
+        let values = super::weights::decode_to_f32(info.dtype, &raw, info.numel())
+            .ok_or_else(|| Error::format(self.path(), format!("tensor `{name}` is cut short")))?;
+        let shifted: Vec<u8> = values
+            .iter()
+            .flat_map(|v| (1.0 + v).to_le_bytes())
+            .collect();
+        Ok(Cow::Owned(shifted))
+    }
+
+    fn release(&self, name: &str) {
+        self.inner.release(name);
+    }
+}

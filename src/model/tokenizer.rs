@@ -305,7 +305,22 @@ impl TextTokenizer {
                     (true, Some("phi3")) => SpacePrefix::EveryPiece,
                     (true, _) => SpacePrefix::FirstWord,
                 };
-                (sentencepiece_spec(&tokens, &types, &scores, style), true)
+                if arch.is_some_and(|a| a.starts_with("gemma")) {
+                    // Gemma's files spell its tokens of spaces with real spaces (read as
+                    // `▁`s), and its merges follow the tokens' order, not their scores
+                    let respelled: Vec<String> = tokens
+                        .iter()
+                        .map(|t| match t.contains(' ') && t.trim().is_empty() {
+                            true => "\u{2581}".repeat(t.chars().count()),
+                            false => t.to_string(),
+                        })
+                        .collect();
+                    let tokens: Vec<&str> = respelled.iter().map(String::as_str).collect();
+                    let order: Vec<f64> = (0..tokens.len()).map(|i| -(i as f64)).collect();
+                    (sentencepiece_spec(&tokens, &types, &order, style), true)
+                } else {
+                    (sentencepiece_spec(&tokens, &types, &scores, style), true)
+                }
             }
             other => {
                 return Err(err(format!(

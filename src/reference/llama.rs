@@ -3,7 +3,7 @@
 use ndarray::{Array1, Array2, Axis};
 
 use super::kv_cache::{KvCache, RaggedBatch};
-use super::ops::{rms_norm, silu_mul, HeadLayout, Linear, Rope};
+use super::ops::{rms_norm, silu_mul, HeadLayout, Linear, Rope, Scores};
 use super::{attend, load_linear, load_matrix, load_vector};
 use crate::arch::llama::bias_of;
 use crate::arch::llama::LlamaSpec;
@@ -12,7 +12,12 @@ use crate::error::Result;
 use crate::model::{TensorSpec, WeightSource};
 
 /// RMSNorm of each `head_dim`-wide head of every row of `x`, with the one weight `w`.
-fn head_norm(x: &Array2<f32>, w: &Array1<f32>, head_dim: usize, eps: f32) -> Array2<f32> {
+pub(super) fn head_norm(
+    x: &Array2<f32>,
+    w: &Array1<f32>,
+    head_dim: usize,
+    eps: f32,
+) -> Array2<f32> {
     let (rows, width) = x.dim();
     let heads = x
         .to_shape((rows * width / head_dim, head_dim))
@@ -112,7 +117,10 @@ impl LlamaModel {
         };
         let scale = 1.0 / (c.head_dim() as f32).sqrt();
         let rope = Rope::new(&batch.positions(), &c.rope_inv_freq());
-        let window = c.attention_window();
+        let scores = Scores {
+            window: c.attention_window(),
+            ..Scores::scaled(scale)
+        };
         let mut x = self.embed_tokens.select(Axis(0), tokens);
         for (i, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(x.view(), &layer.input_layernorm, eps);
@@ -125,7 +133,7 @@ impl LlamaModel {
             }
             rope.apply(q.view_mut(), c.head_dim());
             rope.apply(k.view_mut(), c.head_dim());
-            let a = attend(batch, &q, &k, &v, caches, i, layout, scale, window, None);
+            let a = attend(batch, &q, &k, &v, caches, i, layout, scores);
             x += &layer.o_proj.forward(a.view());
 
             let h = rms_norm(x.view(), &layer.post_attention_layernorm, eps);

@@ -4,6 +4,7 @@
 //! [`ReferenceModel`] runs a ragged batch of sequences, each with its own [`KvCache`], so one call
 //! serves prefill (empty caches, whole prompts) and decode (one new token per sequence) alike.
 
+pub(crate) mod gemma;
 pub(crate) mod kv_cache;
 pub(crate) mod llama;
 pub(crate) mod ops;
@@ -13,8 +14,9 @@ use ndarray::{s, Array1, Array2, ArrayView2};
 
 pub use kv_cache::KvCache;
 use kv_cache::RaggedBatch;
-use ops::{causal_attention, HeadLayout, Linear};
+use ops::{causal_attention, HeadLayout, Linear, Scores};
 
+use crate::arch::gemma::GemmaSpec;
 use crate::arch::llama::LlamaSpec;
 use crate::arch::opt::OptSpec;
 use crate::arch::{ModelConfig, ModelFiles};
@@ -34,6 +36,7 @@ pub struct ReferenceModel {
 enum Arch {
     Opt(opt::OptModel),
     Llama(llama::LlamaModel),
+    Gemma(gemma::GemmaModel),
 }
 
 impl ReferenceModel {
@@ -52,6 +55,9 @@ impl ReferenceModel {
             )?),
             ModelConfig::Llama(c) => {
                 Arch::Llama(llama::LlamaModel::load(c, &LlamaSpec::new(c), source)?)
+            }
+            ModelConfig::Gemma(c) => {
+                Arch::Gemma(gemma::GemmaModel::load(c, &GemmaSpec::new(c), source)?)
             }
         };
         Ok(Self {
@@ -87,6 +93,7 @@ impl ReferenceModel {
         let hidden = match &self.arch {
             Arch::Opt(m) => m.forward(&layout, &tokens, caches),
             Arch::Llama(m) => m.forward(&layout, &tokens, caches),
+            Arch::Gemma(m) => m.forward(&layout, &tokens, caches),
         };
         for (cache, seq) in caches.iter_mut().zip(batch) {
             cache.advance(seq.len());
@@ -98,12 +105,21 @@ impl ReferenceModel {
         match &self.arch {
             Arch::Opt(m) => m.output_weight(),
             Arch::Llama(m) => m.output_weight(),
+            Arch::Gemma(m) => m.output_weight(),
         }
     }
 
     /// Logits `[rows, vocab]` of final hidden states.
     pub fn logits(&self, hidden: ArrayView2<f32>) -> Array2<f32> {
-        hidden.dot(&self.output_weight().t())
+        let mut logits = hidden.dot(&self.output_weight().t());
+        if let Arch::Gemma(m) = &self.arch {
+            if let Some(cap) = m.logit_softcap() {
+                // Gemma 2's final soft-cap, in f64
+                let cap = f64::from(cap);
+                logits.mapv_inplace(|l| (cap * (f64::from(l) / cap).tanh()) as f32);
+            }
+        }
+        logits
     }
 
     /// For each sequence of `n` tokens, `ln p(t_i | t_<i)` for `i = 1..n` (`n - 1` values),
@@ -217,9 +233,7 @@ fn attend(
     caches: &mut [KvCache],
     layer: usize,
     layout: HeadLayout,
-    scale: f32,
-    window: Option<usize>,
-    softcap: Option<f32>,
+    scores: Scores,
 ) -> Array2<f32> {
     let mut out = Array2::zeros((batch.total_rows(), layout.heads * layout.head_dim));
     for (i, cache) in caches.iter_mut().enumerate() {
@@ -235,9 +249,7 @@ fn attend(
             values,
             batch.past[i],
             layout,
-            scale,
-            window,
-            softcap,
+            scores,
         );
         out.slice_mut(s![rows, ..]).assign(&o);
     }

@@ -132,22 +132,49 @@ impl Rope {
 
 pub use crate::layout::HeadLayout;
 
+/// How attention scores are made: `scale * q . k`, soft-capped at `softcap`
+/// (`cap * tanh(s / cap)`), and the keys a query sees (its own and up to `window - 1` before).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scores {
+    /// The scores' scale (`1 / sqrt(head_dim)` unless the model says otherwise).
+    pub scale: f32,
+    /// A sliding window, or all earlier keys.
+    pub window: Option<usize>,
+    /// Gemma 2's soft-cap, or none.
+    pub softcap: Option<f32>,
+}
+
+impl Scores {
+    /// `scale * q . k` over every earlier key.
+    pub fn scaled(scale: f32) -> Self {
+        Self {
+            scale,
+            window: None,
+            softcap: None,
+        }
+    }
+}
+
 /// Causal attention of one sequence's new rows against its whole cache.
 ///
 /// `q [t, heads * d]` holds the queries of positions `past..past + t`; `k`, `v`
 /// `[past + t, kv_heads * d]` hold every position's keys and values. Query head `h` reads kv head
 /// `h / (heads / kv_heads)`. For query row `i`, `scores_j = scale * q_i . k_j` for `j <= past + i`
-/// (later keys masked), `out_i = sum_j softmax(scores)_j v_j`. Returns `[t, heads * d]`.
+/// (later keys masked, and with a window those before the last `window`; soft-capped as
+/// `scores` says), `out_i = sum_j softmax(scores)_j v_j`. Returns `[t, heads * d]`.
 pub fn causal_attention(
     q: ArrayView2<f32>,
     k: ArrayView2<f32>,
     v: ArrayView2<f32>,
     past: usize,
     layout: HeadLayout,
-    scale: f32,
-    window: Option<usize>,
-    softcap: Option<f32>,
+    scores: Scores,
 ) -> Array2<f32> {
+    let Scores {
+        scale,
+        window,
+        softcap,
+    } = scores;
     let HeadLayout {
         heads,
         kv_heads,
@@ -223,7 +250,7 @@ mod tests {
             kv_heads: 1,
             head_dim: 2,
         };
-        let out = causal_attention(q.view(), k.view(), v.view(), 0, layout, 1.0, None, None);
+        let out = causal_attention(q.view(), k.view(), v.view(), 0, layout, Scores::scaled(1.0));
         assert_eq!(out.row(0).to_vec(), vec![5.0, 7.0]);
         // row 1: softmax([0, 1]) over v
         let p1 = 1.0 / (1.0 + 1f32.exp());

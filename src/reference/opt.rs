@@ -3,7 +3,7 @@
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 
 use super::kv_cache::{KvCache, RaggedBatch};
-use super::ops::{layer_norm, HeadLayout, Linear};
+use super::ops::{layer_norm, HeadLayout, Linear, Scores};
 use super::{attend, load_linear, load_matrix, load_vector};
 use crate::arch::opt::{self, OptSpec, LAYER_NORM_EPS, POSITION_OFFSET};
 use crate::arch::OptConfig;
@@ -131,7 +131,7 @@ impl OptModel {
             let q = layer.q_proj.forward(h.view());
             let k = layer.k_proj.forward(h.view());
             let v = layer.v_proj.forward(h.view());
-            let a = attend(batch, &q, &k, &v, caches, i, layout, scale, None, None);
+            let a = attend(batch, &q, &k, &v, caches, i, layout, Scores::scaled(scale));
             x += &layer.out_proj.forward(a.view());
             if !pre_ln {
                 x = layer.self_attn_layer_norm.forward(x.view());

@@ -79,7 +79,7 @@ pub fn example_binary(name: &str) -> PathBuf {
 }
 
 /// The committed fixture models, made by scripts/make_fixtures.py.
-pub const FIXTURES: [&str; 9] = [
+pub const FIXTURES: [&str; 11] = [
     "opt-pre-ln-proj",
     "opt-post-ln",
     "llama-gqa-untied",
@@ -89,6 +89,8 @@ pub const FIXTURES: [&str; 9] = [
     "qwen2-bias",
     "qwen3-qknorm",
     "phi3-fused",
+    "gemma2-softcap",
+    "gemma3-local-global",
 ];
 
 pub fn fixture_dir(name: &str) -> PathBuf {

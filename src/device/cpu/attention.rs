@@ -360,7 +360,7 @@ mod tests {
     use super::*;
     use crate::device::CacheFormat;
     use crate::layout::kv::{dequantize_row, quantize_row};
-    use crate::reference::ops::causal_attention;
+    use crate::reference::ops::{causal_attention, Scores};
     use ndarray::ArrayView2;
     use proptest::prelude::*;
 
@@ -488,7 +488,18 @@ mod tests {
             let qq =
                 ArrayView2::from_shape((n, heads * d), &q[row * heads * d..(row + n) * heads * d])
                     .unwrap();
-            let want = causal_attention(qq, kk, vv, past, layout, scale, window, softcap);
+            let want = causal_attention(
+                qq,
+                kk,
+                vv,
+                past,
+                layout,
+                Scores {
+                    scale,
+                    window,
+                    softcap,
+                },
+            );
             for (i, w) in want.iter().enumerate() {
                 let g = o[row * heads * d + i];
                 prop_assert!(
@@ -569,9 +580,7 @@ mod tests {
                 ArrayView2::from_shape((len, width), &vm).unwrap(),
                 0,
                 layout,
-                scale,
-                None,
-                None,
+                Scores::scaled(scale),
             );
             for (i, &r) in rows.iter().enumerate() {
                 for c in 0..qw {

@@ -574,9 +574,11 @@ impl RaggedAttention {
                 va.slice(s![first..first + past + t, ..]),
                 past,
                 layout,
-                scale,
-                self.window,
-                self.softcap,
+                ops::Scores {
+                    scale,
+                    window: self.window,
+                    softcap: self.softcap,
+                },
             );
             want.extend(o.iter().copied());
             first += past + t;
