@@ -744,3 +744,44 @@ fn files_window(name: &str) -> bool {
     let files = ModelFiles::open(&fixture_dir(name)).unwrap();
     files.config.attention_window().is_some()
 }
+
+/// Gemma 3's vocabulary of 262,144 tokens on a small body: the output projection (32 MiB of
+/// f16, tied to the embedding) is far larger than the layers and than the GPU budget, and
+/// streams in vocabulary panels like any linear. The engine's logprobs equal the resident
+/// model's on both devices.
+#[test]
+fn a_vocabulary_larger_than_the_budget_streams_in_panels() {
+    use ferrogen::arch::random::RandomWeights;
+    let text = r#"{"model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 64,
+        "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 64,
+        "sliding_window": 4, "query_pre_attn_scalar": 16}"#;
+    let config =
+        ferrogen::arch::ModelConfig::from_json_str(text, std::path::Path::new("c.json")).unwrap();
+    let seqs: Vec<Vec<u32>> = (0..3u32)
+        .map(|s| {
+            (0..12)
+                .map(|i| (s * 104_729 + i * 7_919 + 5) % 262_144)
+                .collect()
+        })
+        .collect();
+    let seqs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let dir = tempfile::tempdir().unwrap();
+    for device in devices() {
+        let files = RandomWeights::model_files(&config, 3);
+        let want = resident(device, &files, GpuOptions::default()).token_logprobs(&seqs);
+        // every weight in RAM and none on the GPU: on WebGPU the output projection streams
+        // to the device a panel at a time, under a GPU budget of a quarter of it
+        let p = policy(3, 1, (0.0, 100.0), (100.0, 0.0), (100.0, 0.0), true, false);
+        let (gpu_budget, _) = common::budgets(device, 16 << 20, 0);
+        let options = EngineOptions::new(Placement::Policy(p))
+            .gpu_budget(gpu_budget)
+            .offload_dir(dir.path().to_path_buf());
+        let engine = engine(device, RandomWeights::model_files(&config, 3), options);
+        let got = engine.token_logprobs(&seqs).unwrap();
+        let d = worst_diff(&got, &want);
+        assert!(d < 1e-4, "{device:?}: {d}");
+        let in_ram = engine.weight_bytes()[1];
+        assert!(in_ram >= 32 << 20, "{device:?}: {in_ram} bytes in RAM");
+    }
+}
