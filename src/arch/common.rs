@@ -15,6 +15,7 @@ use crate::batch::PrefixGroup;
 use crate::device::{rope_tables, CacheFormat, Device, HostRows, LogitState, RowInfo};
 use crate::error::{Error, Result};
 use crate::layout::{HeadLayout, RunOptions};
+use crate::model::gguf::{GgufFile, GgufValue};
 use crate::model::TensorSpec;
 
 /// A linear layer's weight `[out, in]`, as row ranges, and its bias.
@@ -88,6 +89,109 @@ pub(super) fn bounded(path: &Path, name: &str, v: usize) -> Result<()> {
         ))
     } else {
         Ok(())
+    }
+}
+
+/// The sizes of a decoder's configuration that every architecture checks: each positive and
+/// bounded ([`bounded`]), query heads a multiple of key/value heads, heads of an even width
+/// (RoPE rotates pairs).
+pub(super) struct DecoderSizes {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+}
+
+impl DecoderSizes {
+    /// Checks the sizes; `path` names the file in errors.
+    pub(super) fn check(&self, path: &Path) -> Result<()> {
+        let s = self;
+        for (name, v) in [
+            ("vocab_size", s.vocab_size),
+            ("hidden_size", s.hidden_size),
+            ("intermediate_size", s.intermediate_size),
+            ("num_hidden_layers", s.num_hidden_layers),
+            ("num_attention_heads", s.num_attention_heads),
+            ("num_key_value_heads", s.num_key_value_heads),
+            ("head_dim", s.head_dim),
+            ("max_position_embeddings", s.max_position_embeddings),
+        ] {
+            bounded(path, name, v)?;
+        }
+        if !s.num_attention_heads.is_multiple_of(s.num_key_value_heads) {
+            return Err(Error::config(
+                path,
+                format!(
+                    "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                    s.num_attention_heads, s.num_key_value_heads
+                ),
+            ));
+        }
+        if !s.head_dim.is_multiple_of(2) {
+            return Err(Error::config(path, "head_dim must be even for RoPE"));
+        }
+        Ok(())
+    }
+}
+
+/// A GGUF file's metadata under its architecture's prefix (`llama.*`, `gemma2.*`, ...).
+pub(super) struct ArchKeys<'a> {
+    pub file: &'a GgufFile,
+    pub arch: &'a str,
+}
+
+impl ArchKeys<'_> {
+    /// `<arch>.<key>`.
+    pub(super) fn key(&self, key: &str) -> String {
+        format!("{}.{key}", self.arch)
+    }
+    /// A required count.
+    pub(super) fn count(&self, key: &str) -> Result<usize> {
+        self.file.require_u64(&self.key(key))
+    }
+    /// An optional count.
+    pub(super) fn optional(&self, key: &str) -> Result<Option<usize>> {
+        self.file.optional_u64(&self.key(key))
+    }
+    /// An optional number (bad when present but not a number).
+    pub(super) fn float(&self, key: &str) -> Result<Option<f64>> {
+        let key = self.key(key);
+        self.file
+            .get(&key)
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| Error::config(self.file.path(), format!("bad metadata `{key}`")))
+            })
+            .transpose()
+    }
+    /// A token id of the tokenizer's metadata (`tokenizer.ggml.<name>_token_id`).
+    pub(super) fn token_id(&self, name: &str) -> Option<u32> {
+        self.file
+            .get(&format!("tokenizer.ggml.{name}_token_id"))
+            .and_then(GgufValue::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+    }
+    /// The vocabulary: the rows of `token_embd.weight`, whose width must be `hidden`.
+    pub(super) fn vocabulary(&self, hidden: usize) -> Result<usize> {
+        let path = self.file.path();
+        let embed =
+            self.file
+                .tensor_shape("token_embd.weight")
+                .ok_or_else(|| Error::MissingTensor {
+                    path: path.to_path_buf(),
+                    name: "token_embd.weight".into(),
+                })?;
+        if embed.len() != 2 || embed[1] != hidden {
+            return Err(Error::config(
+                path,
+                format!("`token_embd.weight` has shape {embed:?}, not [vocabulary, {hidden}]"),
+            ));
+        }
+        Ok(embed[0])
     }
 }
 

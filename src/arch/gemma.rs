@@ -21,7 +21,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::common::{bounded, malformed, ModelParts, PartSpec, PartWeights, RowBatch, Runner};
+use super::common::{
+    malformed, ArchKeys, DecoderSizes, ModelParts, PartSpec, PartWeights, RowBatch, Runner,
+};
 use super::llama::lift_rope_parameters;
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -244,21 +246,17 @@ impl GemmaConfig {
     /// file in errors.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let c = self;
-        let positive = |name: &str, v: usize| bounded(path, name, v);
-        positive("vocab_size", c.vocab_size)?;
-        positive("hidden_size", c.hidden_size)?;
-        positive("intermediate_size", c.intermediate_size)?;
-        positive("num_hidden_layers", c.num_hidden_layers)?;
-        positive("num_attention_heads", c.num_attention_heads)?;
-        positive("num_key_value_heads", c.kv_heads())?;
-        positive("head_dim", c.head_dim)?;
-        positive("max_position_embeddings", c.max_position_embeddings)?;
-        if !c.num_attention_heads.is_multiple_of(c.kv_heads()) || !c.head_dim.is_multiple_of(2) {
-            return Err(Error::config(
-                path,
-                "num_attention_heads must be a multiple of num_key_value_heads, and head_dim even",
-            ));
+        DecoderSizes {
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: c.kv_heads(),
+            head_dim: c.head_dim,
+            max_position_embeddings: c.max_position_embeddings,
         }
+        .check(path)?;
         let unsupported = |what: String| Err(Error::Unsupported { what });
         if let Err(why) = c.linear_factor() {
             return unsupported(format!("{}: {why}", path.display()));
@@ -305,42 +303,24 @@ pub(super) fn from_gguf(file: &GgufFile, arch: &str) -> Result<GemmaConfig> {
         "gemma2" => GemmaGeneration::Gemma2,
         _ => GemmaGeneration::Gemma3,
     };
-    let key = |k: &str| format!("{arch}.{k}");
-    let float = |k: &str| -> Result<Option<f64>> {
-        file.get(&key(k))
-            .map(|v| {
-                v.as_f64()
-                    .ok_or_else(|| Error::config(file.path(), format!("bad metadata `{arch}.{k}`")))
-            })
-            .transpose()
-    };
-    let embed = file
-        .tensor_shape("token_embd.weight")
-        .ok_or_else(|| Error::MissingTensor {
-            path: file.path().to_path_buf(),
-            name: "token_embd.weight".into(),
-        })?;
-    let hidden = file.require_u64(&key("embedding_length"))?;
-    if embed.len() != 2 || embed[1] != hidden {
-        return Err(Error::config(
-            file.path(),
-            format!("`token_embd.weight` has shape {embed:?}, not [vocabulary, {hidden}]"),
-        ));
-    }
-    let heads = file.require_u64(&key("attention.head_count"))?;
-    let layers = file.require_u64(&key("block_count"))?;
-    let head_dim = file
-        .optional_u64(&key("attention.key_length"))?
+    let keys = ArchKeys { file, arch };
+    let hidden = keys.count("embedding_length")?;
+    let vocab_size = keys.vocabulary(hidden)?;
+    let heads = keys.count("attention.head_count")?;
+    let layers = keys.count("block_count")?;
+    let head_dim = keys
+        .optional("attention.key_length")?
         .unwrap_or(hidden / heads.max(1));
     let is_27b = matches!(
         (generation, layers),
         (GemmaGeneration::Gemma2, 46) | (GemmaGeneration::Gemma3, 62)
     );
     let rope_scaling = match file
-        .get(&key("rope.scaling.type"))
+        .get(&keys.key("rope.scaling.type"))
         .and_then(GgufValue::as_str)
     {
-        Some("linear") => float("rope.scaling.factor")?
+        Some("linear") => keys
+            .float("rope.scaling.factor")?
             .map(|f| serde_json::json!({"rope_type": "linear", "factor": f})),
         None | Some("none") => None,
         Some(other) => {
@@ -349,26 +329,23 @@ pub(super) fn from_gguf(file: &GgufFile, arch: &str) -> Result<GemmaConfig> {
             })
         }
     };
-    let token_id = |k: &str| {
-        file.get(k)
-            .and_then(GgufValue::as_u64)
-            .and_then(|v| u32::try_from(v).ok())
-    };
     Ok(GemmaConfig {
         generation,
-        vocab_size: embed[0],
+        vocab_size,
         hidden_size: hidden,
-        intermediate_size: file.require_u64(&key("feed_forward_length"))?,
+        intermediate_size: keys.count("feed_forward_length")?,
         num_hidden_layers: layers,
         num_attention_heads: heads,
-        num_key_value_heads: file.optional_u64(&key("attention.head_count_kv"))?,
+        num_key_value_heads: keys.optional("attention.head_count_kv")?,
         head_dim,
-        max_position_embeddings: file.require_u64(&key("context_length"))?,
-        rms_norm_eps: float("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-6),
-        rope_theta: float("rope.freq_base")?.unwrap_or(10000.0),
+        max_position_embeddings: keys.count("context_length")?,
+        rms_norm_eps: keys
+            .float("attention.layer_norm_rms_epsilon")?
+            .unwrap_or(1e-6),
+        rope_theta: keys.float("rope.freq_base")?.unwrap_or(10000.0),
         rope_scaling,
         rope_local_base_freq: match generation {
-            GemmaGeneration::Gemma3 => Some(float("rope.freq_base_swa")?.unwrap_or(10000.0)),
+            GemmaGeneration::Gemma3 => Some(keys.float("rope.freq_base_swa")?.unwrap_or(10000.0)),
             GemmaGeneration::Gemma2 => None,
         },
         query_pre_attn_scalar: if is_27b {
@@ -376,23 +353,23 @@ pub(super) fn from_gguf(file: &GgufFile, arch: &str) -> Result<GemmaConfig> {
         } else {
             head_dim as f64
         },
-        sliding_window: file
-            .optional_u64(&key("attention.sliding_window"))?
+        sliding_window: keys
+            .optional("attention.sliding_window")?
             .filter(|&w| w > 0)
             .or(match generation {
                 GemmaGeneration::Gemma2 => Some(4096),
                 GemmaGeneration::Gemma3 => None,
             }),
-        sliding_window_pattern: file.optional_u64(&key("attention.sliding_window_pattern"))?,
+        sliding_window_pattern: keys.optional("attention.sliding_window_pattern")?,
         layer_types: None,
-        final_logit_softcapping: float("final_logit_softcapping")?,
-        attn_logit_softcapping: float("attn_logit_softcapping")?,
+        final_logit_softcapping: keys.float("final_logit_softcapping")?,
+        attn_logit_softcapping: keys.float("attn_logit_softcapping")?,
         hidden_activation: None,
         hidden_act: None,
         tie_word_embeddings: file.tensor_shape("output.weight").is_none(),
         attention_bias: false,
-        bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
-        eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
+        bos_token_id: keys.token_id("bos"),
+        eos_token_id: keys.token_id("eos"),
     })
 }
 

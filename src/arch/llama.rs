@@ -24,7 +24,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::common::{bounded, malformed, ModelParts, PartSpec, PartWeights, RowBatch, Runner};
+use super::common::{
+    malformed, ArchKeys, DecoderSizes, ModelParts, PartSpec, PartWeights, RowBatch, Runner,
+};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::layout::HeadLayout;
@@ -366,28 +368,17 @@ impl LlamaConfig {
     /// file in errors.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let c = self;
-        let positive = |name: &str, v: usize| bounded(path, name, v);
-        positive("vocab_size", c.vocab_size)?;
-        positive("hidden_size", c.hidden_size)?;
-        positive("intermediate_size", c.intermediate_size)?;
-        positive("num_hidden_layers", c.num_hidden_layers)?;
-        positive("num_attention_heads", c.num_attention_heads)?;
-        positive("num_key_value_heads", c.kv_heads())?;
-        positive("head_dim", c.head_dim())?;
-        positive("max_position_embeddings", c.max_position_embeddings)?;
-        if !c.num_attention_heads.is_multiple_of(c.kv_heads()) {
-            return Err(Error::config(
-                path,
-                format!(
-                    "num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                    c.num_attention_heads,
-                    c.kv_heads()
-                ),
-            ));
+        DecoderSizes {
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: c.kv_heads(),
+            head_dim: c.head_dim(),
+            max_position_embeddings: c.max_position_embeddings,
         }
-        if !c.head_dim().is_multiple_of(2) {
-            return Err(Error::config(path, "head_dim must be even for RoPE"));
-        }
+        .check(path)?;
         if c.head_dim.is_none() && !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(Error::config(
                 path,
@@ -476,19 +467,16 @@ pub(super) fn from_gguf(file: &GgufFile, arch: &str) -> Result<LlamaConfig> {
     let family = LlamaFamily::from_name(arch).ok_or_else(|| Error::Unsupported {
         what: format!("{}: GGUF architecture `{arch}`", file.path().display()),
     })?;
-    let key = |k: &str| format!("{arch}.{k}");
+    let keys = ArchKeys { file, arch };
     let rope_scaling = match file
-        .get(&key("rope.scaling.type"))
+        .get(&keys.key("rope.scaling.type"))
         .and_then(GgufValue::as_str)
     {
         None | Some("none") => None,
         Some("linear") => {
-            let factor = file
-                .get(&key("rope.scaling.factor"))
-                .and_then(GgufValue::as_f64)
-                .ok_or_else(|| {
-                    Error::config(file.path(), "linear RoPE scaling without a factor")
-                })?;
+            let factor = keys.float("rope.scaling.factor")?.ok_or_else(|| {
+                Error::config(file.path(), "linear RoPE scaling without a factor")
+            })?;
             Some(serde_json::json!({"rope_type": "linear", "factor": factor}))
         }
         Some(kind) => {
@@ -500,15 +488,9 @@ pub(super) fn from_gguf(file: &GgufFile, arch: &str) -> Result<LlamaConfig> {
     let rope_freq_factors = file
         .tensor_f32("rope_freqs.weight")?
         .map(|f| f.into_iter().map(f64::from).collect());
-    let embed = file
-        .tensor_shape("token_embd.weight")
-        .ok_or_else(|| Error::MissingTensor {
-            path: file.path().to_path_buf(),
-            name: "token_embd.weight".into(),
-        })?;
-    let heads = file.require_u64(&key("attention.head_count"))?;
-    let head_dim = file.optional_u64(&key("attention.key_length"))?;
-    let hidden = file.require_u64(&key("embedding_length"))?;
+    let heads = keys.count("attention.head_count")?;
+    let head_dim = keys.optional("attention.key_length")?;
+    let hidden = keys.count("embedding_length")?;
     if heads == 0 {
         return Err(Error::config(
             file.path(),
@@ -525,53 +507,31 @@ pub(super) fn from_gguf(file: &GgufFile, arch: &str) -> Result<LlamaConfig> {
             ),
         ));
     }
-    if embed.len() != 2 || embed[1] != hidden {
-        return Err(Error::config(
-            file.path(),
-            format!(
-                "`token_embd.weight` has shape {:?}, not [vocabulary, {hidden}]",
-                embed
+    let vocab_size = keys.vocabulary(hidden)?;
+    let rotated = keys.optional("rope.dimension_count")?;
+    let width = head_dim.unwrap_or(hidden / heads);
+    if let Some(rot) = rotated.filter(|&r| r != width) {
+        return Err(Error::Unsupported {
+            what: format!(
+                "{}: partial RoPE ({rot} of {width} dimensions)",
+                file.path().display()
             ),
-        ));
+        });
     }
-    if let (Some(rot), Some(hd)) = (
-        file.optional_u64(&key("rope.dimension_count"))?,
-        head_dim.or_else(|| Some(embed.get(1)? / heads.max(1))),
-    ) {
-        if rot != hd {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "{}: partial RoPE ({rot} of {hd} dimensions)",
-                    file.path().display()
-                ),
-            });
-        }
-    }
-    let float = |key: &str, default: f64| {
-        file.get(key)
-            .map(|v| {
-                v.as_f64()
-                    .ok_or_else(|| Error::config(file.path(), format!("bad metadata `{key}`")))
-            })
-            .unwrap_or(Ok(default))
-    };
-    let token_id = |key: &str| {
-        file.get(key)
-            .and_then(GgufValue::as_u64)
-            .and_then(|v| u32::try_from(v).ok())
-    };
     Ok(LlamaConfig {
         family,
-        vocab_size: embed[0],
+        vocab_size,
         hidden_size: hidden,
-        intermediate_size: file.require_u64(&key("feed_forward_length"))?,
-        num_hidden_layers: file.require_u64(&key("block_count"))?,
+        intermediate_size: keys.count("feed_forward_length")?,
+        num_hidden_layers: keys.count("block_count")?,
         num_attention_heads: heads,
-        num_key_value_heads: file.optional_u64(&key("attention.head_count_kv"))?,
+        num_key_value_heads: keys.optional("attention.head_count_kv")?,
         head_dim,
-        max_position_embeddings: file.require_u64(&key("context_length"))?,
-        rms_norm_eps: float(&key("attention.layer_norm_rms_epsilon"), 1e-6)?,
-        rope_theta: float(&key("rope.freq_base"), 10000.0)?,
+        max_position_embeddings: keys.count("context_length")?,
+        rms_norm_eps: keys
+            .float("attention.layer_norm_rms_epsilon")?
+            .unwrap_or(1e-6),
+        rope_theta: keys.float("rope.freq_base")?.unwrap_or(10000.0),
         rope_scaling,
         rope_freq_factors,
         partial_rotary_factor: None,
@@ -582,16 +542,16 @@ pub(super) fn from_gguf(file: &GgufFile, arch: &str) -> Result<LlamaConfig> {
         // Phi-3's window as transformers applies it (llama.cpp leaves it out); the other
         // families' files carry none
         sliding_window: match family {
-            LlamaFamily::Phi3 => file
-                .optional_u64(&key("attention.sliding_window"))?
+            LlamaFamily::Phi3 => keys
+                .optional("attention.sliding_window")?
                 .filter(|&w| w > 0),
             _ => None,
         },
         use_sliding_window: None,
         max_window_layers: None,
         layer_types: None,
-        bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
-        eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
+        bos_token_id: keys.token_id("bos"),
+        eos_token_id: keys.token_id("eos"),
     })
 }
 
