@@ -317,7 +317,8 @@ pub fn generate_jsonl(
             output.flush().map_err(io_err)?;
         }
         summary.seconds = start.elapsed().as_secs_f64();
-        if last_report.elapsed() >= options.progress_every {
+        // (the last report always comes: it shows every record answered)
+        if at_end || last_report.elapsed() >= options.progress_every {
             last_report = Instant::now();
             progress(&summary);
         }

@@ -425,7 +425,8 @@ pub fn score_jsonl(
         (summary.records, summary.skipped) = (lines.records, lines.skipped);
         let Some(line) = next else {
             queue.flush(scorer, &mut output, options, &mut summary)?;
-            report(&mut summary, false);
+            // the last report always comes: it shows every record answered
+            report(&mut summary, true);
             return Ok(summary);
         };
         let p = match prepare(&line, &tokenizer, &config, max_len) {
