@@ -152,6 +152,38 @@ enum SpacePrefix {
     EveryPiece,
 }
 
+/// The SentencePiece tokenizer.json of an architecture's GGUF tables, read as transformers
+/// reads that architecture's: Phi-3 prepends its space to every piece of text (a normalizer),
+/// the others to the text's first word (when `prefix`); Gemma's files spell its tokens of
+/// spaces with real spaces (read as `▁`s), and its merges follow the tokens' order, not their
+/// scores.
+fn sentencepiece_of(
+    arch: Option<&str>,
+    prefix: bool,
+    tokens: &[&str],
+    types: &[i64],
+    scores: &[f64],
+) -> Value {
+    let style = match (prefix, arch) {
+        (false, _) => SpacePrefix::None,
+        (true, Some("phi3")) => SpacePrefix::EveryPiece,
+        (true, _) => SpacePrefix::FirstWord,
+    };
+    if !arch.is_some_and(|a| a.starts_with("gemma")) {
+        return sentencepiece_spec(tokens, types, scores, style);
+    }
+    let respelled: Vec<String> = tokens
+        .iter()
+        .map(|t| match t.contains(' ') && t.trim().is_empty() {
+            true => "\u{2581}".repeat(t.chars().count()),
+            false => t.to_string(),
+        })
+        .collect();
+    let tokens: Vec<&str> = respelled.iter().map(String::as_str).collect();
+    let order: Vec<f64> = (0..tokens.len()).map(|i| -(i as f64)).collect();
+    sentencepiece_spec(&tokens, types, &order, style)
+}
+
 /// A SentencePiece-style BPE tokenizer.json of GGUF tables: spaces as `▁` (one prepended as
 /// `prefix` says), unknown characters as their UTF-8 bytes (`<0xE6>`), merges from the scores.
 fn sentencepiece_spec(
@@ -297,30 +329,11 @@ impl TextTokenizer {
                     )));
                 }
                 let prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
-                // Phi-3 prepends its space to every piece of text (a normalizer), where the
-                // others prepend it to the text's first word (as transformers reads each)
                 let arch = file.get("general.architecture").and_then(GgufValue::as_str);
-                let style = match (prefix, arch) {
-                    (false, _) => SpacePrefix::None,
-                    (true, Some("phi3")) => SpacePrefix::EveryPiece,
-                    (true, _) => SpacePrefix::FirstWord,
-                };
-                if arch.is_some_and(|a| a.starts_with("gemma")) {
-                    // Gemma's files spell its tokens of spaces with real spaces (read as
-                    // `▁`s), and its merges follow the tokens' order, not their scores
-                    let respelled: Vec<String> = tokens
-                        .iter()
-                        .map(|t| match t.contains(' ') && t.trim().is_empty() {
-                            true => "\u{2581}".repeat(t.chars().count()),
-                            false => t.to_string(),
-                        })
-                        .collect();
-                    let tokens: Vec<&str> = respelled.iter().map(String::as_str).collect();
-                    let order: Vec<f64> = (0..tokens.len()).map(|i| -(i as f64)).collect();
-                    (sentencepiece_spec(&tokens, &types, &order, style), true)
-                } else {
-                    (sentencepiece_spec(&tokens, &types, &scores, style), true)
-                }
+                (
+                    sentencepiece_of(arch, prefix, &tokens, &types, &scores),
+                    true,
+                )
             }
             other => {
                 return Err(err(format!(
