@@ -414,8 +414,16 @@ proptest! {
         // a 4-bit cache rounds each value to one of 16 levels: a last-bit difference in a key
         // (a prefix group's member attends its keys in other blocks than alone) can move it a
         // level (measured: up to 2.8e-4 on logprobs near -30)
-        // (f16 rounds every value to 11 bits: such a difference can move it by half an ulp)
-        let tolerance = if compress_cache || f16_cache { 2e-3 } else { 1e-4 };
+        // (f16 rounds every value to 11 bits: such a difference can move it by half an ulp).
+        // Gemma's norm after attention rescales the attention's output to unit size, so such
+        // a moved level weighs more there (measured: 1.3e-2 on gemma2-softcap, a sequence run
+        // alone against the resident batch, weights and cache in 4 bits)
+        let gemma = name.starts_with("gemma");
+        let tolerance = match (compress_cache, f16_cache) {
+            (true, _) if gemma => 3e-2,
+            (true, _) | (_, true) => 2e-3,
+            _ => 1e-4,
+        };
         prop_assert!(d < tolerance, "{:?} {} scoring {:?}: {}", device, name, p, d);
         // (a sliding window hides a shared prefix: such models share none)
         let windowed = files_window(name);
@@ -435,7 +443,7 @@ proptest! {
             // (as in scoring: with a compact cache a last-bit difference can move a cached
             // value a level; one sequence per batch decodes through the M = 1 kernel, whose
             // sums run in another order than the resident model's batch: measured 1.5e-4)
-            let gen_tolerance = if compress_cache || f16_cache { 2e-3 } else { 1e-4 };
+            let gen_tolerance = tolerance; // (as in scoring)
             prop_assert!(d < gen_tolerance, "{} generated logprobs {:?}: {}", name, p, d);
         }
         // jobs leave nothing behind: after generation every tier holds what it held after
