@@ -420,14 +420,25 @@ impl<D: Device> Runner<D> {
     /// them.
     fn finish_rows(
         &self,
-        mut host: HostRows,
+        host: HostRows,
         appends: Vec<(usize, usize, usize)>,
     ) -> Result<RowBatch<D>> {
         let local = match &self.local {
             Some(l) => Some(Box::new(self.local_rows(l, &host, appends.clone())?)),
             None => None,
         };
-        if let Some(inv_freq) = &self.rope {
+        self.on_device(host, appends, self.rope.as_ref(), local)
+    }
+
+    /// `host` with its RoPE tables (of `inv_freq`) and soft-cap, and its device side.
+    fn on_device(
+        &self,
+        mut host: HostRows,
+        appends: Vec<(usize, usize, usize)>,
+        inv_freq: Option<&Vec<f64>>,
+        local: Option<Box<RowBatch<D>>>,
+    ) -> Result<RowBatch<D>> {
+        if let Some(inv_freq) = inv_freq {
             host.rope = Some(rope_tables(&host.positions, inv_freq));
         }
         host.softcap = self.attn_softcap;
@@ -460,17 +471,8 @@ impl<D: Device> Runner<D> {
                 (info.skip_from, info.skip_to) = (0, cut);
             }
         }
-        if let Some(inv_freq) = local.inv_freq.as_ref().or(self.rope.as_ref()) {
-            host.rope = Some(rope_tables(&host.positions, inv_freq));
-        }
-        host.softcap = self.attn_softcap;
-        Ok(RowBatch {
-            rows: host.ids.len(),
-            dev: self.dev.rows(&host)?,
-            host,
-            appends,
-            local: None,
-        })
+        let inv_freq = local.inv_freq.as_ref().or(self.rope.as_ref());
+        self.on_device(host, appends, inv_freq, None)
     }
 
     /// Rows `range` of a batch as a batch of their own: the same tokens, positions and cache

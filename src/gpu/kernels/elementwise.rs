@@ -119,21 +119,15 @@ impl Elementwise {
 
     /// A unary `op` with one constant (in the parameters' third word).
     fn with_constant(&self, ctx: &GpuContext, op: Op, a: &GpuTensor, c: f32) -> Result<()> {
-        let n = a.numel();
-        if n == 0 {
-            return Ok(());
-        }
-        let index = Op::ALL.iter().position(|o| *o == op).unwrap_or(0);
-        self.pipelines[index].dispatch(
-            ctx,
-            &[&a.buffer, &self.dummy.buffer],
-            &[n as u32, 0, c.to_bits()],
-            grid(n.div_ceil(256)),
-        );
-        Ok(())
+        self.run(ctx, op, a, &self.dummy, c.to_bits())
     }
 
     fn dispatch(&self, ctx: &GpuContext, op: Op, a: &GpuTensor, b: &GpuTensor) -> Result<()> {
+        self.run(ctx, op, a, b, 0)
+    }
+
+    /// `op` over `a` with operand `b`; parameters `[n, b's length, constant]`.
+    fn run(&self, ctx: &GpuContext, op: Op, a: &GpuTensor, b: &GpuTensor, c: u32) -> Result<()> {
         let n = a.numel();
         if n == 0 {
             return Ok(());
@@ -142,7 +136,7 @@ impl Elementwise {
         self.pipelines[index].dispatch(
             ctx,
             &[&a.buffer, &b.buffer],
-            &[n as u32, b.numel() as u32],
+            &[n as u32, b.numel() as u32, c],
             grid(n.div_ceil(256)),
         );
         Ok(())
